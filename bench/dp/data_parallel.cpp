@@ -1,0 +1,75 @@
+#include "bench/dp/data_parallel.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace pb {
+
+DataParallel::DataParallel(Runtime& runtime, const DataParallelOptions& options)
+    : rt_(runtime), dp_comm_(*runtime.groups.dp), options_(options) {
+  const auto bucket_elems = static_cast<std::size_t>(std::max(1.0, options.bucket_mb * 1024.0 * 1024.0 / sizeof(float)));
+  buckets_ = make_buckets(rt_.model.units(), bucket_elems);
+}
+
+std::vector<DataParallel::Bucket> DataParallel::make_buckets(const std::vector<UnitInfo>& units,
+                                                             std::size_t bucket_elems) {
+  // Walk the units in backward order, closing a bucket once it holds at least bucket_elems; a unit
+  // is never split, so a bucket is ready exactly when its lowest unit is.
+  std::vector<Bucket> buckets;
+  Bucket current;
+  for (auto u = units.rbegin(); u != units.rend(); ++u) {
+    current.first = u->offset;
+    current.count += u->numel;
+    if (current.count >= bucket_elems) {
+      buckets.push_back(current);
+      current = Bucket{};
+    }
+  }
+  if (current.count > 0) buckets.push_back(current);
+  return buckets;
+}
+
+void DataParallel::begin_micro_batch(int /*micro*/, bool last) {
+  sync_this_micro_batch_ = last;
+  next_bucket_ = 0;
+}
+
+void DataParallel::launch_ready_buckets(std::size_t ready_from) {
+  // Gradients [ready_from, end) are final: launch every bucket inside that range, in order.
+  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].first >= ready_from) {
+    const Bucket& b = buckets_[next_bucket_++];
+    in_flight_.push_back(dp_comm_.all_reduce_async(rt_.model.grads() + b.first, b.count));
+  }
+}
+
+void DataParallel::grad_ready(int unit) {
+  if (!sync_this_micro_batch_ || !options_.overlap) return;
+  launch_ready_buckets(rt_.model.units()[unit].offset);
+  // MPI progresses a non-blocking collective only inside MPI calls: poke the ones in flight.
+  for (Request& r : in_flight_) r->test();
+}
+
+void DataParallel::finish_gradients() {
+  if (options_.overlap) {
+    launch_ready_buckets(0);  // normally none left: the embedding's grad_ready launched the last
+  } else {
+    for (const Bucket& b : buckets_) dp_comm_.all_reduce(rt_.model.grads() + b.first, b.count);
+  }
+  for (Request& r : in_flight_) r->wait();
+  in_flight_.clear();
+}
+
+double DataParallel::global_grad_sum_squares() {
+  // Every rank holds the same, fully reduced gradient.
+  return rt_.backend.sum_squares(rt_.model.grads(), rt_.model.num_parameters());
+}
+
+void DataParallel::optimizer_step(float grad_scale, int t) {
+  rt_.model.adamw_step(0, rt_.model.num_parameters(), grad_scale, t, rt_.options.lr);
+}
+
+double DataParallel::global_param_sum_squares() {
+  return rt_.backend.sum_squares(rt_.model.params(), rt_.model.num_parameters());
+}
+
+}  // namespace pb

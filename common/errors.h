@@ -1,0 +1,52 @@
+// Exit codes of SPEC section 5 and the checks every library call goes through.
+//
+// A failed check prints rank, host, file:line, the call and the library's message, then aborts the
+// whole job with the code of its class (MPI_Abort), so no rank is left waiting in a collective.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace pb {
+
+enum ExitCode : int {
+  kExitComplete = 0,
+  kExitConfig = 2,       // bad command line or configuration
+  kExitRuntime = 3,      // MPI, CUDA, NCCL, HDF5, out of memory, I/O
+  kExitNumerical = 4,    // NaN or Inf loss or gradient
+  kExitInterrupted = 143 // SIGTERM
+};
+
+// A configuration error found by validation: the message names the option, the value and the rule.
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A failure after validation, with its exit code.
+struct RunError : std::runtime_error {
+  RunError(ExitCode code, const std::string& what) : std::runtime_error(what), code(code) {}
+  ExitCode code;
+};
+
+// Prints "[rank R on HOST] file:line: call failed: message" and aborts the job with `code`.
+[[noreturn]] void abort_job(ExitCode code, const char* file, int line, const std::string& call,
+                            const std::string& message);
+
+std::string mpi_error_string(int code);
+
+}  // namespace pb
+
+#define PB_MPI_CHECK(call)                                                                      \
+  do {                                                                                          \
+    const int pb_mpi_rc_ = (call);                                                              \
+    if (pb_mpi_rc_ != 0 /* MPI_SUCCESS */)                                                      \
+      ::pb::abort_job(::pb::kExitRuntime, __FILE__, __LINE__, #call, ::pb::mpi_error_string(pb_mpi_rc_)); \
+  } while (0)
+
+// HDF5 calls return a negative value (or id) on failure.
+#define PB_HDF5_CHECK(call)                                                                     \
+  ([&]() {                                                                                      \
+    auto pb_h5_rc_ = (call);                                                                    \
+    if (pb_h5_rc_ < 0) ::pb::abort_job(::pb::kExitRuntime, __FILE__, __LINE__, #call, "HDF5 error"); \
+    return pb_h5_rc_;                                                                           \
+  }())

@@ -1,0 +1,47 @@
+#include "common/groups.h"
+
+#include <stdexcept>
+
+namespace pb {
+
+Layout::Coord Layout::coord(int rank) const {
+  Coord c;
+  c.tp = rank % tp;
+  rank /= tp;
+  c.cp = rank % cp;
+  rank /= cp;
+  c.dp = rank % dp;
+  c.pp = rank / dp;
+  return c;
+}
+
+int Layout::rank_of(const Coord& c) const { return c.tp + tp * (c.cp + cp * (c.dp + dp * c.pp)); }
+
+std::string Layout::describe() const {
+  return "pp " + std::to_string(pp) + " × dp " + std::to_string(dp) + " × cp " + std::to_string(cp) +
+         " × tp " + std::to_string(tp);
+}
+
+ProcessGroups make_process_groups(Communicator& world, const Layout& layout) {
+  if (layout.world_size() != world.size()) {
+    throw std::logic_error("layout " + layout.describe() + " does not cover " + std::to_string(world.size()) +
+                           " ranks");
+  }
+  ProcessGroups g;
+  g.layout = layout;
+  g.world = &world;
+  g.coord = layout.coord(world.rank());
+  const Layout::Coord c = g.coord;
+  // Color: the rank with this coordinate zeroed; key: the coordinate itself.
+  auto color_without = [&](Layout::Coord k, int Layout::Coord::*field) {
+    k.*field = 0;
+    return layout.rank_of(k);
+  };
+  g.tp = world.split(color_without(c, &Layout::Coord::tp), c.tp);
+  g.cp = world.split(color_without(c, &Layout::Coord::cp), c.cp);
+  g.dp = world.split(color_without(c, &Layout::Coord::dp), c.dp);
+  g.pp = world.split(color_without(c, &Layout::Coord::pp), c.pp);
+  return g;
+}
+
+}  // namespace pb

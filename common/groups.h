@@ -1,0 +1,34 @@
+// Ranks and process groups of SPEC section 3: r = tp_i + tp·(cp_i + cp·(dp_i + dp·pp_i)).
+// Tensor-parallel peers are consecutive ranks; pipeline stages are farthest apart.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "common/communicator.h"
+
+namespace pb {
+
+struct Layout {
+  int pp = 1, dp = 1, cp = 1, tp = 1;
+
+  struct Coord {
+    int pp = 0, dp = 0, cp = 0, tp = 0;
+  };
+  int world_size() const { return pp * dp * cp * tp; }
+  Coord coord(int rank) const;
+  int rank_of(const Coord& c) const;
+  std::string describe() const;  // "pp 1 × dp 4 × cp 1 × tp 1"
+};
+
+// The communicators of one rank: each contains the ranks that differ only in that coordinate.
+struct ProcessGroups {
+  Layout layout;
+  Layout::Coord coord;
+  Communicator* world = nullptr;  // not owned
+  std::unique_ptr<Communicator> tp, cp, dp, pp;
+};
+
+ProcessGroups make_process_groups(Communicator& world, const Layout& layout);
+
+}  // namespace pb

@@ -1,0 +1,43 @@
+// Run metadata for /system (SPEC section 6): where and on what the run happened.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <mpi.h>
+
+namespace pb {
+
+struct SystemInfo {
+  std::string cluster;
+  int nodes = 1, ranks = 1, ranks_per_node = 1;
+  std::string cpu_model, gpu_model;
+  int64_t gpu_memory_bytes = 0;
+  int gpus_per_node = 0;
+  std::string driver_version, cuda_version, nccl_version;
+  std::string mpi_library, blas_library, hdf5_version, compiler;
+  std::string slurm_job_id, slurm_partition;
+  std::vector<std::string> hostnames;    // per rank
+  std::vector<std::string> environment;  // KEY=VALUE of SLURM_*, NCCL_*, OMP_*, OPENBLAS_*, CUDA_VISIBLE_DEVICES
+};
+
+// Ranks sharing this rank's node (MPI_COMM_TYPE_SHARED) and this rank's index among them.
+struct NodeLocal {
+  int local_rank = 0;
+  int local_size = 1;
+};
+NodeLocal node_local(MPI_Comm world);
+
+// Collective over `world`: gathers hostnames and counts nodes.
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, const std::string& device_name);
+
+// --cluster, else $PARABENCH_CLUSTER, else $SLURM_CLUSTER_NAME, else the host name.
+std::string resolve_cluster_name(const std::string& option);
+
+std::string utc_now_iso8601();
+std::string env_or(const char* name, const std::string& fallback);
+int64_t process_peak_rss_bytes();  // VmHWM
+int online_cores();
+
+}  // namespace pb

@@ -1,0 +1,261 @@
+#include "common/options.h"
+
+#include <CLI/CLI.hpp>
+
+#include <sstream>
+
+#include "common/errors.h"
+
+#ifndef PB_VERSION
+#define PB_VERSION "0.0.0"
+#endif
+
+namespace pb {
+namespace {
+
+struct Preset {
+  const char* name;
+  int layers, hidden, heads, seq, vocab;
+};
+constexpr Preset kPresets[] = {
+    {"tiny", 2, 64, 4, 32, 256},           {"small", 4, 256, 8, 128, 4096},
+    {"gpt2-124m", 12, 768, 12, 1024, 50257}, {"gpt2-350m", 24, 1024, 16, 1024, 50257},
+    {"gpt2-1.5b", 48, 1600, 25, 1024, 50257}, {"block-4k", 4, 4096, 32, 2048, 32000},
+};
+
+std::string join(const std::vector<std::string>& items, const char* sep) {
+  std::string out;
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+[[noreturn]] void reject(const std::string& message) { throw ConfigError(message); }
+
+void require_positive(const char* option, long long value) {
+  if (value < 1) reject(std::string(option) + " " + std::to_string(value) + " must be at least 1");
+}
+
+}  // namespace
+
+bool model_preset(const std::string& name, ModelConfig* out) {
+  for (const Preset& p : kPresets) {
+    if (name == p.name) {
+      *out = ModelConfig{p.name, p.layers, p.hidden, p.heads, p.seq, p.vocab, 4 * p.hidden};
+      return true;
+    }
+  }
+  return false;
+}
+
+std::vector<std::string> model_preset_names() {
+  std::vector<std::string> names;
+  for (const Preset& p : kPresets) names.emplace_back(p.name);
+  return names;
+}
+
+ParseResult parse_options(const std::string& app_name, int argc, char** argv, const Environment& env,
+                          const AppOptions& app_options, Options* o) {
+  Options& opt = *o;
+  opt.app = app_name;
+  opt.world_size = env.world_size;
+  for (int i = 0; i < argc; ++i) opt.argv.emplace_back(argv[i]);
+
+  CLI::App cli{"parabench-" + app_name + ": trains the reference transformer with " + app_name +
+                   " parallelism and measures it (see docs/SPEC.md)",
+               "parabench-" + app_name};
+  cli.set_version_flag("--version", std::string("parabench ") + PB_VERSION);
+  cli.get_formatter()->column_width(34);
+
+  std::string model_name = "small";
+  ModelConfig shape;  // explicit shape options; 0 = from preset
+  std::string backend, comm, dtype;
+  int global_batch = 0, dp = 0, threads = 0;
+  double peak = -1.0;
+
+  cli.add_option("--model", model_name, "model preset: " + join(model_preset_names(), ", "))
+      ->capture_default_str();
+  cli.add_option("--layers", shape.layers, "transformer blocks (overrides the preset)");
+  cli.add_option("--hidden", shape.hidden, "hidden size");
+  cli.add_option("--heads", shape.heads, "attention heads");
+  cli.add_option("--seq", shape.seq, "sequence length");
+  cli.add_option("--vocab", shape.vocab, "vocabulary size");
+  cli.add_option("--ffn", shape.ffn, "MLP width (default 4·hidden)");
+  cli.add_option("--micro-batch", opt.micro_batch, "samples per micro-batch")->capture_default_str();
+  cli.add_option("--global-batch", global_batch, "samples per step (default micro-batch · dp)");
+  cli.add_option("--steps", opt.steps, "training steps")->capture_default_str();
+  cli.add_option("--warmup", opt.warmup, "steps left out of the summary")->capture_default_str();
+  cli.add_option("--seed", opt.seed, "seed of initialisation and data")->capture_default_str();
+  cli.add_option("--lr", opt.lr, "AdamW learning rate")->capture_default_str();
+  cli.add_option("--clip", opt.clip, "gradient-norm clipping (0: off)")->capture_default_str();
+  cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
+  cli.add_option("--comm", comm, "mpi | nccl (default: nccl for cuda with one GPU per rank)");
+  cli.add_option("--dtype", dtype, "fp32 | bf16 (default fp32 on cpu, bf16 on cuda)");
+  cli.add_option("--recompute", opt.recompute, "none | selective | full")->capture_default_str();
+  cli.add_option("--dp", dp, "data-parallel degree (default: derived from the world size)");
+  cli.add_option("--threads", threads, "compute threads per rank (default: cores per rank)");
+  cli.add_option("--out", opt.out, "result directory or .h5 path")->capture_default_str();
+  cli.add_option("--cluster", opt.cluster, "cluster name stored with the run");
+  cli.add_option("--tag", opt.tag, "free text stored with the run");
+  cli.add_option("--peak-tflops", peak, "per-rank peak TFLOP/s for MFU");
+  cli.add_option("--trace", opt.trace, "write a Chrome trace JSON to this path");
+  cli.add_option("--json-log", opt.json_log, "write one JSON object per step to this path");
+  cli.add_flag("--dry-run", opt.dry_run, "validate, print the layout and predicted memory, exit");
+  cli.add_flag("--quiet", opt.quiet, "print only the final PARABENCH_RESULT line");
+  if (app_options.add) app_options.add(cli);
+
+  ParseResult result;
+  try {
+    cli.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    result.message = cli.help();
+    return result;
+  } catch (const CLI::CallForVersion&) {
+    result.message = std::string("parabench ") + PB_VERSION;
+    return result;
+  } catch (const CLI::ParseError& e) {
+    result.exit_code = kExitConfig;
+    result.is_error = true;
+    result.message = std::string(e.what()) + "\nRun with --help for the options.";
+    return result;
+  }
+
+  try {
+    // ---- model ------------------------------------------------------------------------------------
+    if (!model_preset(model_name, &opt.model)) {
+      reject("--model " + model_name + " is not a preset; choose one of " + join(model_preset_names(), ", "));
+    }
+    ModelConfig& m = opt.model;
+    const int preset_hidden = m.hidden;
+    if (shape.layers) m.layers = shape.layers;
+    if (shape.hidden) m.hidden = shape.hidden;
+    if (shape.heads) m.heads = shape.heads;
+    if (shape.seq) m.seq = shape.seq;
+    if (shape.vocab) m.vocab = shape.vocab;
+    if (shape.ffn) m.ffn = shape.ffn;
+    else if (m.hidden != preset_hidden) m.ffn = 4 * m.hidden;
+    for (auto [name, value] : {std::pair{"--layers", m.layers}, {"--hidden", m.hidden}, {"--heads", m.heads},
+                               {"--seq", m.seq}, {"--vocab", m.vocab}, {"--ffn", m.ffn}}) {
+      require_positive(name, value);
+    }
+    if (m.hidden % m.heads != 0) {
+      reject("--hidden " + std::to_string(m.hidden) + " is not divisible by --heads " + std::to_string(m.heads));
+    }
+
+    // ---- schedule of steps --------------------------------------------------------------------------
+    require_positive("--micro-batch", opt.micro_batch);
+    require_positive("--steps", opt.steps);
+    if (opt.warmup < 0) reject("--warmup " + std::to_string(opt.warmup) + " must not be negative");
+    if (opt.warmup >= opt.steps) {
+      reject("--warmup " + std::to_string(opt.warmup) + " must be less than --steps " + std::to_string(opt.steps) +
+             " so that at least one step is measured");
+    }
+    if (!(opt.lr > 0.0)) reject("--lr " + std::to_string(opt.lr) + " must be positive");
+    if (!(opt.clip >= 0.0)) reject("--clip " + std::to_string(opt.clip) + " must be 0 (off) or positive");
+
+    // ---- backend, communicator, precision -------------------------------------------------------------
+    if (backend.empty()) backend = env.cuda_built && env.visible_gpus > 0 ? "cuda" : "cpu";
+    if (backend != "cpu" && backend != "cuda") reject("--backend " + backend + " must be cpu or cuda");
+    if (backend == "cuda" && !env.cuda_built) {
+      reject("--backend cuda is not available: this build has no CUDA backend (configure with --preset cuda)");
+    }
+    if (backend == "cuda" && env.visible_gpus == 0) reject("--backend cuda needs a visible GPU, and none is");
+    opt.backend = backend;
+    const bool own_gpu = backend == "cuda" && env.visible_gpus > 0;
+    if (comm.empty()) comm = own_gpu ? "nccl" : "mpi";
+    if (comm != "mpi" && comm != "nccl") reject("--comm " + comm + " must be mpi or nccl");
+    if (comm == "nccl" && backend != "cuda") reject("--comm nccl needs --backend cuda");
+    opt.comm = comm;
+    if (dtype.empty()) dtype = backend == "cuda" ? "bf16" : "fp32";
+    if (dtype != "fp32" && dtype != "bf16") reject("--dtype " + dtype + " must be fp32 or bf16");
+    if (dtype == "bf16" && backend != "cuda") reject("--dtype bf16 needs --backend cuda; the cpu backend computes in fp32");
+    opt.dtype = dtype;
+    if (opt.recompute != "none" && opt.recompute != "selective" && opt.recompute != "full") {
+      reject("--recompute " + opt.recompute + " must be none, selective or full");
+    }
+    if (opt.recompute != "none") {
+      reject("--recompute " + opt.recompute + " is not implemented yet; only none is (see the project's issues)");
+    }
+
+    // ---- layout -----------------------------------------------------------------------------------------
+    const int model_parallel = app_options.model_parallel_size();
+    if (env.world_size % model_parallel != 0) {
+      reject("the world size " + std::to_string(env.world_size) + " is not divisible by the model-parallel degrees (" +
+             std::to_string(model_parallel) + ")");
+    }
+    const int derived_dp = env.world_size / model_parallel;
+    if (dp != 0 && dp != derived_dp) {
+      reject("--dp " + std::to_string(dp) + " does not match the world size: " + std::to_string(env.world_size) +
+             " ranks / " + std::to_string(model_parallel) + " give dp " + std::to_string(derived_dp));
+    }
+    opt.dp = derived_dp;
+    const int per_step = opt.micro_batch * opt.dp;
+    opt.global_batch = global_batch != 0 ? global_batch : per_step;
+    require_positive("--global-batch", opt.global_batch);
+    if (opt.global_batch % per_step != 0) {
+      reject("--global-batch " + std::to_string(opt.global_batch) + " is not a multiple of --micro-batch " +
+             std::to_string(opt.micro_batch) + " × dp " + std::to_string(opt.dp) + " = " + std::to_string(per_step));
+    }
+    opt.grad_accum = opt.global_batch / per_step;
+
+    if (threads < 0) reject("--threads " + std::to_string(threads) + " must be at least 1");
+    opt.threads = threads != 0 ? threads : std::max(1, env.cores_per_rank);
+    if (peak < 0.0 && peak != -1.0) reject("--peak-tflops must not be negative");
+    opt.peak_tflops = peak;
+    if (opt.out.empty()) reject("--out must not be empty");
+    if (opt.recompute.empty()) reject("--recompute must not be empty");
+
+    if (app_options.validate) app_options.validate(opt);
+
+    if (env.slurm_ntasks > 1 && env.world_size == 1) {
+      reject("SLURM_NTASKS is " + std::to_string(env.slurm_ntasks) +
+             " but MPI sees one rank: the app was built or launched without the cluster's MPI "
+             "(use srun --mpi=pmi2|pmix or the MPI's mpiexec)");
+    }
+  } catch (const ConfigError& e) {
+    result.exit_code = kExitConfig;
+    result.is_error = true;
+    result.message = e.what();
+    return result;
+  }
+  result.run = true;
+  return result;
+}
+
+nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_options) {
+  nlohmann::ordered_json c;
+  c["app"] = o.app;
+  c["model"] = o.model.name;
+  c["layers"] = o.model.layers;
+  c["hidden"] = o.model.hidden;
+  c["heads"] = o.model.heads;
+  c["seq"] = o.model.seq;
+  c["vocab"] = o.model.vocab;
+  c["ffn"] = o.model.ffn;
+  c["micro_batch"] = o.micro_batch;
+  c["global_batch"] = o.global_batch;
+  c["grad_accum"] = o.grad_accum;
+  c["steps"] = o.steps;
+  c["warmup"] = o.warmup;
+  c["seed"] = o.seed;
+  c["lr"] = o.lr;
+  c["clip"] = o.clip;
+  c["backend"] = o.backend;
+  c["comm"] = o.comm;
+  c["dtype"] = o.dtype;
+  c["recompute"] = o.recompute;
+  c["dp"] = o.dp;
+  c["threads"] = o.threads;
+  c["world_size"] = o.world_size;
+  c["out"] = o.out;
+  c["cluster"] = o.cluster;
+  c["tag"] = o.tag;
+  c["peak_tflops"] = o.peak_tflops;
+  c["trace"] = o.trace;
+  c["json_log"] = o.json_log;
+  c["dry_run"] = o.dry_run;
+  c["quiet"] = o.quiet;
+  if (app_options.describe) app_options.describe(c);
+  return c;
+}
+
+}  // namespace pb

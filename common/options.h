@@ -1,0 +1,93 @@
+// The command line of SPEC section 4, parsed with CLI11 and validated identically on every rank
+// before anything is allocated. Apps add their own options through `AppOptions`.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace CLI {
+class App;
+}
+
+namespace pb {
+
+struct ModelConfig {
+  std::string name = "small";
+  int layers = 0, hidden = 0, heads = 0, seq = 0, vocab = 0, ffn = 0;
+  int head_dim() const { return hidden / heads; }
+};
+
+// Looks up a preset of SPEC section 4; false when unknown.
+bool model_preset(const std::string& name, ModelConfig* out);
+std::vector<std::string> model_preset_names();
+
+struct Options {
+  std::string app;
+  ModelConfig model;
+  int micro_batch = 1;
+  int global_batch = 0;  // 0: micro_batch · dp
+  int steps = 10;
+  int warmup = 2;
+  uint64_t seed = 1234;
+  double lr = 3e-4;
+  double clip = 1.0;
+  std::string backend;  // resolved: "cpu" or "cuda"
+  std::string comm;     // resolved: "mpi" or "nccl"
+  std::string dtype;    // resolved: "fp32" or "bf16"
+  std::string recompute = "none";
+  int dp = 0;           // 0 until resolved
+  int threads = 0;      // 0 until resolved
+  std::string out = "results/";
+  std::string cluster;
+  std::string tag;
+  double peak_tflops = -1.0;  // < 0: from the device table
+  std::string trace;
+  std::string json_log;
+  bool dry_run = false;
+  bool quiet = false;
+
+  // Derived by validation.
+  int world_size = 1;
+  int grad_accum = 1;
+  std::vector<std::string> argv;
+
+  int tokens_per_step() const { return global_batch * model.seq; }
+};
+
+// What an app adds: its options on the parser, its checks, and its resolved values for /config.
+struct AppOptions {
+  std::function<void(CLI::App&)> add;
+  // Product of the app's non-data-parallel degrees (tp · pp · cp); dp = world / this.
+  std::function<int()> model_parallel_size = [] { return 1; };
+  std::function<void(const Options&)> validate;       // throws ConfigError
+  std::function<void(nlohmann::ordered_json&)> describe;
+};
+
+// Outcome of parsing: run, or stop now with an exit code (help, version, error) after printing.
+struct ParseResult {
+  bool run = false;
+  int exit_code = 0;
+  std::string message;  // printed by rank 0 only (help text, version, or the error)
+  bool is_error = false;
+};
+
+struct Environment {
+  int world_size = 1;
+  int cores_per_rank = 1;      // cores of this node / ranks on this node
+  bool cuda_built = false;
+  int visible_gpus = 0;
+  int slurm_ntasks = 0;        // SLURM_NTASKS, 0 when unset
+};
+
+// Parses and validates argv (identical on every rank, so every rank reaches the same verdict).
+ParseResult parse_options(const std::string& app, int argc, char** argv, const Environment& env,
+                          const AppOptions& app_options, Options* options);
+
+// Every resolved option under its option name ('_' for '-'), plus app, grad_accum, world_size.
+nlohmann::ordered_json describe_options(const Options& options, const AppOptions& app_options);
+
+}  // namespace pb

@@ -1,0 +1,419 @@
+#include "common/runner.h"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <new>
+#include <numeric>
+#include <sstream>
+
+#include "common/data.h"
+#include "common/errors.h"
+#include "common/metadata.h"
+#include "common/mpi_communicator.h"
+#include "common/results.h"
+#include "kernels/cpu/cpu_backend.h"
+
+#ifndef PB_VERSION
+#define PB_VERSION "0.0.0"
+#endif
+#ifndef PB_GIT_COMMIT
+#define PB_GIT_COMMIT "unknown"
+#endif
+
+namespace pb {
+namespace {
+
+// Set by SIGTERM (Slurm time limit, scancel); checked by every rank after each step.
+volatile std::sig_atomic_t g_stop_requested = 0;
+extern "C" void on_sigterm(int) { g_stop_requested = 1; }
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+double median(std::vector<double> v) {
+  if (v.empty()) return std::nan("");
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Model FLOPs of one step (SPEC section 6): forward + backward (3×) of the matrix products,
+// attention counted as the full S×S product, recomputation never counted.
+struct FlopModel {
+  double flops_per_step;
+  std::string formula;
+};
+FlopModel model_flops(const Options& o) {
+  const double G = o.global_batch, S = o.model.seq, L = o.model.layers, h = o.model.hidden, V = o.model.vocab,
+               f = o.model.ffn;
+  if (o.model.ffn == 4 * o.model.hidden) {
+    return {72.0 * G * S * L * h * h * (1.0 + S / (6.0 * h) + V / (12.0 * h * L)),
+            "72*G*S*L*h^2*(1 + S/(6h) + V/(12*h*L))"};
+  }
+  return {6.0 * G * S * (L * (4.0 * h * h + 2.0 * h * f + 2.0 * S * h) + h * V),
+          "6*G*S*(L*(4h^2 + 2*h*f + 2*S*h) + h*V)"};
+}
+
+// Peak TFLOP/s per rank: --peak-tflops, else the GPU table of SPEC section 6, else 0 (CPU: unknown).
+double resolve_peak_tflops(const Options& o) { return o.peak_tflops >= 0.0 ? o.peak_tflops : 0.0; }
+
+std::string format_mib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2f", bytes / kMiB);
+  return buf;
+}
+
+void print_header(const Options& o, const Layout& layout, const SystemInfo& sys, const Backend& backend,
+                  std::size_t num_params, const std::vector<MemoryEstimate>& predicted) {
+  std::printf("parabench-%s %s (git %s)  cluster %s  %d ranks on %d node(s)\n", o.app.c_str(), PB_VERSION,
+              PB_GIT_COMMIT, sys.cluster.c_str(), o.world_size, sys.nodes);
+  std::printf("backend %s (%s), comm %s, dtype %s, %d thread(s) per rank\n", backend.name().c_str(),
+              backend.device_name().c_str(), o.comm.c_str(), o.dtype.c_str(), o.threads);
+  std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %d ffn %d, %.2fM parameters\n",
+              o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, o.model.vocab,
+              o.model.ffn, num_params / 1e6);
+  std::printf("batch: micro-batch %d × dp %d × grad-accum %d = global batch %d (%d tokens); %d steps, %d warm-up\n",
+              o.micro_batch, o.dp, o.grad_accum, o.global_batch, o.tokens_per_step(), o.steps, o.warmup);
+  std::printf("layout: %s\n", layout.describe().c_str());
+  std::printf("predicted memory per rank (MiB):");
+  for (MemCategory c : all_mem_categories()) {
+    std::printf(" %s %s", mem_category_name(c), format_mib(predicted[0][c]).c_str());
+  }
+  std::printf(" peak_total %s\n", format_mib(predicted[0].peak_total).c_str());
+  bool uniform = std::all_of(predicted.begin(), predicted.end(),
+                             [&](const MemoryEstimate& e) { return e.bytes == predicted[0].bytes; });
+  if (!uniform) std::printf("  (rank 0 shown; ranks differ, see /memory/predicted)\n");
+  std::fflush(stdout);
+}
+
+struct StepRecord {
+  double loss, grad_norm, time_max_s;
+  std::vector<double> rank_times;
+};
+
+class JsonLog {
+ public:
+  explicit JsonLog(const std::string& path) {
+    if (!path.empty()) {
+      out_.open(path);
+      if (!out_) throw RunError(kExitRuntime, "--json-log " + path + ": cannot open for writing");
+    }
+  }
+  void write(const nlohmann::ordered_json& j) {
+    if (out_.is_open()) out_ << j.dump() << '\n' << std::flush;
+  }
+
+ private:
+  std::ofstream out_;
+};
+
+// The steps, the report and the result file, after validation. Throws RunError.
+int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& world) {
+  const int world_rank = world.rank();
+  const bool lead = world_rank == 0;
+  const bool talk = lead && !opt.quiet;
+
+  std::unique_ptr<Backend> backend = make_cpu_backend(opt.threads);
+  opt.peak_tflops = resolve_peak_tflops(opt);
+  const Layout layout = app.layout(opt);
+  ProcessGroups groups = make_process_groups(world, layout);
+
+  const AttentionFootprint attention{
+      backend->attention_saved_floats(opt.micro_batch, opt.model.seq, opt.model.heads),
+      backend->attention_scratch_floats(opt.micro_batch, opt.model.seq, opt.model.heads)};
+  std::vector<MemoryEstimate> predicted;
+  for (int r = 0; r < opt.world_size; ++r) predicted.push_back(app.predict_memory(opt, attention, r));
+
+  SystemInfo sys = collect_system_info(world.handle(), opt.cluster, backend->device_name());
+  if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model), predicted);
+
+  if (opt.dry_run) {
+    if (lead) {
+      std::printf("dry run: configuration valid; predicted memory per rank (MiB)\n  rank");
+      for (MemCategory c : all_mem_categories()) std::printf(" %16s", mem_category_name(c));
+      std::printf(" %16s\n", "peak_total");
+      for (int r = 0; r < opt.world_size; ++r) {
+        const Layout::Coord c = layout.coord(r);
+        std::printf("  %4d", r);
+        for (MemCategory cat : all_mem_categories()) std::printf(" %16s", format_mib(predicted[r][cat]).c_str());
+        std::printf(" %16s   (pp %d dp %d cp %d tp %d)\n", format_mib(predicted[r].peak_total).c_str(), c.pp, c.dp,
+                    c.cp, c.tp);
+      }
+      std::fflush(stdout);
+    }
+    return kExitComplete;
+  }
+
+  // ---- the result file (rank 0), created before any step; every rank learns whether it worked ----
+  std::unique_ptr<ResultWriter> writer;
+  std::string create_error;
+  JsonLog json_log(lead ? opt.json_log : "");
+  if (lead) {
+    try {
+      writer = std::make_unique<ResultWriter>(opt.out, opt.app, opt.cluster, opt.world_size);
+      writer->write_config(describe_options(opt, app.options), opt.argv);
+      writer->write_system(sys);
+    } catch (const RunError& e) {
+      create_error = e.what();
+    }
+  }
+  double create_failed = create_error.empty() ? 0.0 : 1.0;
+  world.all_reduce_host(&create_failed, 1, HostReduce::max);
+  if (create_failed != 0.0) {
+    if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), create_error.c_str());
+    return kExitRuntime;
+  }
+
+  GptModel model(opt.model, *backend, opt.seed, opt.micro_batch);
+  Runtime runtime{opt, groups, *backend, model};
+  std::unique_ptr<Strategy> strategy = app.make_strategy(runtime);
+  SyntheticData data(opt.seed, opt.model.vocab, opt.model.seq);
+  const FlopModel flops = model_flops(opt);
+
+  const int b = opt.micro_batch, S = opt.model.seq;
+  std::vector<int32_t> tokens(static_cast<std::size_t>(b) * S), targets(tokens.size());
+  const float loss_scale = 1.0f / (static_cast<float>(opt.global_batch) * S);  // mean over G·S tokens
+  std::vector<StepRecord> records;
+  std::string status = "complete", error;
+  int exit_code = kExitComplete;
+
+  for (int step = 0; step < opt.steps; ++step) {
+    world.barrier();  // steps start together, so a rank's time is its own work and waiting
+    const double t0 = MPI_Wtime();
+    model.zero_grads();
+    for (int micro = 0; micro < opt.grad_accum; ++micro) {
+      // SPEC 2.3: sample k of the step goes to dp rank (k / b) mod dp in micro-step k / (b · dp).
+      const uint64_t first = static_cast<uint64_t>(step) * opt.global_batch +
+                             static_cast<uint64_t>(micro) * b * opt.dp + static_cast<uint64_t>(groups.coord.dp) * b;
+      data.samples(first, b, tokens.data(), targets.data());
+      strategy->begin_micro_batch(micro, micro == opt.grad_accum - 1);
+      model.forward_backward(tokens.data(), targets.data(), loss_scale, *strategy);
+    }
+    strategy->finish_gradients();
+    double loss = model.take_loss();
+    groups.dp->all_reduce_host(&loss, 1, HostReduce::sum);
+    const double grad_norm = std::sqrt(strategy->global_grad_sum_squares());
+    if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+      status = "failed";
+      error = "numerical failure at step " + std::to_string(step) + ": loss " + std::to_string(loss) +
+              ", grad_norm " + std::to_string(grad_norm);
+      exit_code = kExitNumerical;
+      if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), error.c_str());
+      break;
+    }
+    // torch.nn.utils.clip_grad_norm_: scale by clip / (norm + 1e-6) when the norm exceeds clip.
+    const float grad_scale =
+        opt.clip > 0.0 && grad_norm > opt.clip ? static_cast<float>(opt.clip / (grad_norm + 1e-6)) : 1.0f;
+    strategy->optimizer_step(grad_scale, step + 1);
+    backend->synchronize();
+    const double elapsed = MPI_Wtime() - t0;
+
+    StepRecord rec{loss, grad_norm, 0.0, std::vector<double>(opt.world_size)};
+    world.all_gather_host(&elapsed, rec.rank_times.data(), sizeof(double));
+    rec.time_max_s = *std::max_element(rec.rank_times.begin(), rec.rank_times.end());
+    double peak = static_cast<double>(backend->tracker().snapshot().peak_total);
+    world.all_reduce_host(&peak, 1, HostReduce::max);
+    records.push_back(rec);
+
+    if (lead) {
+      writer->append_step(loss, grad_norm, rec.rank_times);
+      const double tokens_per_s = opt.tokens_per_step() / rec.time_max_s;
+      const double tflops = flops.flops_per_step / rec.time_max_s / opt.world_size / 1e12;
+      if (talk) {
+        std::printf("step %4d/%d  loss %.6f  grad_norm %.4f  time %.4f s  tokens/s %.0f  TFLOP/s/rank %.3f  peak %s MiB%s\n",
+                    step + 1, opt.steps, loss, grad_norm, rec.time_max_s, tokens_per_s, tflops,
+                    format_mib(static_cast<int64_t>(peak)).c_str(), step < opt.warmup ? "  (warm-up)" : "");
+        std::fflush(stdout);
+      }
+      nlohmann::ordered_json j;
+      j["step"] = step + 1;
+      j["loss"] = loss;
+      j["grad_norm"] = grad_norm;
+      j["step_time_s"] = rec.time_max_s;
+      j["tokens_per_s"] = tokens_per_s;
+      j["tflops_per_rank"] = tflops;
+      j["peak_mem_bytes"] = static_cast<int64_t>(peak);
+      j["warmup"] = step < opt.warmup;
+      json_log.write(j);
+    }
+
+    double stop = g_stop_requested ? 1.0 : 0.0;
+    world.all_reduce_host(&stop, 1, HostReduce::max);
+    if (stop != 0.0 && step + 1 < opt.steps) {
+      status = "interrupted";
+      error = "stopped by SIGTERM after step " + std::to_string(step + 1) + " of " + std::to_string(opt.steps);
+      exit_code = kExitInterrupted;
+      if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), error.c_str());
+      break;
+    }
+  }
+
+  // ---- summary over the measured steps (after warm-up; all finished steps if fewer) ---------------
+  std::vector<double> measured;
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    if (static_cast<int>(i) >= opt.warmup) measured.push_back(records[i].time_max_s);
+  }
+  if (measured.empty()) {
+    for (const StepRecord& r : records) measured.push_back(r.time_max_s);
+  }
+  const double step_time = median(measured);
+  const double tokens_per_s = opt.tokens_per_step() / step_time;
+  const double tflops_per_rank = flops.flops_per_step / step_time / opt.world_size / 1e12;
+  const double mfu = opt.peak_tflops > 0.0 ? tflops_per_rank / opt.peak_tflops : std::nan("");
+  const double final_param_norm = std::sqrt(strategy->global_param_sum_squares());
+
+  // ---- memory and communication, gathered per rank ------------------------------------------------
+  const MemorySnapshot snap = backend->tracker().snapshot();
+  auto gather_i64 = [&](int64_t v) {
+    std::vector<int64_t> all(opt.world_size);
+    world.all_gather_host(&v, all.data(), sizeof(int64_t));
+    return all;
+  };
+  auto gather_f64 = [&](double v) {
+    std::vector<double> all(opt.world_size);
+    world.all_gather_host(&v, all.data(), sizeof(double));
+    return all;
+  };
+  std::vector<std::vector<int64_t>> measured_mem;
+  for (MemCategory c : all_mem_categories()) measured_mem.push_back(gather_i64(snap.peak[static_cast<int>(c)]));
+  const std::vector<int64_t> measured_peak = gather_i64(snap.peak_total);
+  const std::vector<int64_t> device_peak = gather_i64(process_peak_rss_bytes());
+  CommStats comm{};
+  for (Communicator* c : {groups.world, groups.tp.get(), groups.cp.get(), groups.dp.get(), groups.pp.get()}) {
+    for (int op = 0; op < kNumCommOps; ++op) {
+      comm[op].calls += c->stats()[op].calls;
+      comm[op].bytes += c->stats()[op].bytes;
+      comm[op].time_s += c->stats()[op].time_s;
+    }
+  }
+  std::vector<std::vector<int64_t>> comm_calls, comm_bytes;
+  std::vector<std::vector<double>> comm_time;
+  for (int op = 0; op < kNumCommOps; ++op) {
+    comm_calls.push_back(gather_i64(comm[op].calls));
+    comm_bytes.push_back(gather_i64(comm[op].bytes));
+    comm_time.push_back(gather_f64(comm[op].time_s));
+  }
+
+  if (!lead) return exit_code;
+
+  nlohmann::ordered_json summary;
+  summary["measured_steps"] = static_cast<int64_t>(measured.size());
+  summary["step_time_s"] = step_time;
+  summary["step_time_s_min"] = measured.empty() ? std::nan("") : *std::min_element(measured.begin(), measured.end());
+  summary["step_time_s_max"] = measured.empty() ? std::nan("") : *std::max_element(measured.begin(), measured.end());
+  summary["tokens_per_s"] = tokens_per_s;
+  summary["model_flops_per_step"] = flops.flops_per_step;
+  summary["model_flops_formula"] = flops.formula;
+  summary["tflops_per_rank"] = tflops_per_rank;
+  summary["peak_tflops_per_rank"] = opt.peak_tflops;
+  summary["mfu"] = mfu;
+  summary["final_loss"] = records.empty() ? std::nan("") : records.back().loss;
+  summary["final_param_norm"] = final_param_norm;
+  writer->write_attributes("/summary", summary);
+  int ci = 0;
+  for (MemCategory c : all_mem_categories()) {
+    std::vector<int64_t> pred;
+    for (const MemoryEstimate& e : predicted) pred.push_back(e[c]);
+    writer->write_i64(std::string("/memory/measured/") + mem_category_name(c), measured_mem[ci++], "bytes");
+    writer->write_i64(std::string("/memory/predicted/") + mem_category_name(c), pred, "bytes");
+  }
+  std::vector<int64_t> pred_peak;
+  for (const MemoryEstimate& e : predicted) pred_peak.push_back(e.peak_total);
+  writer->write_i64("/memory/measured/peak_total", measured_peak, "bytes");
+  writer->write_i64("/memory/predicted/peak_total", pred_peak, "bytes");
+  writer->write_i64("/memory/device_peak_bytes", device_peak, "bytes");
+  for (int op = 0; op < kNumCommOps; ++op) {
+    const std::string base = std::string("/comm/") + comm_op_name(static_cast<CommOp>(op));
+    writer->write_i64(base + "/calls", comm_calls[op], "1");
+    writer->write_i64(base + "/bytes", comm_bytes[op], "bytes");
+    writer->write_f64(base + "/time_s", comm_time[op], "s");
+  }
+  writer->set_status(status, error);
+
+  const int64_t peak_max = *std::max_element(measured_peak.begin(), measured_peak.end());
+  if (talk) {
+    std::printf("\nsummary: %zu measured step(s), status %s\n", measured.size(), status.c_str());
+    std::printf("  %-22s %12.4f   (min %.4f, max %.4f)\n", "step time (s), median", step_time,
+                summary["step_time_s_min"].get<double>(), summary["step_time_s_max"].get<double>());
+    std::printf("  %-22s %12.0f\n", "tokens/s", tokens_per_s);
+    std::printf("  %-22s %12.4f\n", "TFLOP/s per rank", tflops_per_rank);
+    std::printf("  %-22s %12.4f\n", "MFU", mfu);
+    std::printf("  %-22s %12.6f\n", "final loss", summary["final_loss"].get<double>());
+    std::printf("  memory per rank, max over ranks (MiB):   predicted    measured\n");
+    ci = 0;
+    for (MemCategory c : all_mem_categories()) {
+      int64_t pmax = 0;
+      for (const MemoryEstimate& e : predicted) pmax = std::max(pmax, e[c]);
+      const int64_t mmax = *std::max_element(measured_mem[ci].begin(), measured_mem[ci].end());
+      ++ci;
+      std::printf("    %-20s %20s %11s\n", mem_category_name(c), format_mib(pmax).c_str(), format_mib(mmax).c_str());
+    }
+    int64_t ppmax = *std::max_element(pred_peak.begin(), pred_peak.end());
+    std::printf("    %-20s %20s %11s\n", "peak_total", format_mib(ppmax).c_str(), format_mib(peak_max).c_str());
+    std::printf("    %-20s %20s %11s\n", "process (VmHWM)", "",
+                format_mib(*std::max_element(device_peak.begin(), device_peak.end())).c_str());
+    std::printf("  communication (rank 0):");
+    for (int op = 0; op < kNumCommOps; ++op) {
+      if (comm_calls[op][0] > 0) {
+        std::printf(" %s %lld calls %s MiB %.4f s;", comm_op_name(static_cast<CommOp>(op)),
+                    static_cast<long long>(comm_calls[op][0]), format_mib(comm_bytes[op][0]).c_str(),
+                    comm_time[op][0]);
+      }
+    }
+    std::printf("\n  result file: %s\n", writer->path().c_str());
+  }
+  std::printf("PARABENCH_RESULT app=%s ranks=%d step_time_s=%.6g tokens_per_s=%.6g tflops_per_rank=%.6g mfu=%s "
+              "peak_mem_bytes=%lld status=%s file=%s\n",
+              opt.app.c_str(), opt.world_size, step_time, tokens_per_s, tflops_per_rank,
+              std::isnan(mfu) ? "nan" : std::to_string(mfu).c_str(), static_cast<long long>(peak_max), status.c_str(),
+              writer->path().c_str());
+  std::fflush(stdout);
+  return exit_code;
+}
+
+}  // namespace
+
+int run_app(int argc, char** argv, const AppDefinition& app) {
+  int provided = 0;
+  PB_MPI_CHECK(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided));
+  int exit_code = kExitComplete;
+  {
+    MpiCommunicator world(MPI_COMM_WORLD);
+    const NodeLocal local = node_local(MPI_COMM_WORLD);
+    Environment env;
+    env.world_size = world.size();
+    env.cores_per_rank = std::max(1, online_cores() / local.local_size);
+    env.slurm_ntasks = std::atoi(env_or("SLURM_NTASKS", "0").c_str());
+
+    Options opt;
+    const ParseResult parsed = parse_options(app.name, argc, argv, env, app.options, &opt);
+    if (!parsed.run) {
+      if (world.rank() == 0) {
+        std::fprintf(parsed.is_error ? stderr : stdout, parsed.is_error ? "parabench-%s: error: %s\n" : "%s%s\n",
+                     parsed.is_error ? app.name.c_str() : "", parsed.message.c_str());
+      }
+      exit_code = parsed.exit_code;
+    } else {
+      std::signal(SIGTERM, on_sigterm);
+      opt.cluster = resolve_cluster_name(opt.cluster);
+      try {
+        exit_code = train_and_report(app, opt, world);
+      } catch (const RunError& e) {
+        abort_job(e.code, __FILE__, __LINE__, "parabench-" + app.name, e.what());
+      } catch (const std::bad_alloc&) {
+        abort_job(kExitRuntime, __FILE__, __LINE__, "parabench-" + app.name, "out of memory");
+      } catch (const std::exception& e) {
+        abort_job(kExitRuntime, __FILE__, __LINE__, "parabench-" + app.name, e.what());
+      }
+    }
+  }
+  MPI_Finalize();
+  return exit_code;
+}
+
+}  // namespace pb

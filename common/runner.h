@@ -1,0 +1,55 @@
+// The harness every mini-app shares: parse and validate, build the runtime (MPI world, process
+// groups, backend, model), run the steps through the app's Strategy, and report (log lines, HDF5
+// result file, PARABENCH_RESULT line, exit code). An app supplies only its options, its layout and
+// its Strategy; the harness owns warm-up, timing, cross-rank reduction and reporting.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/groups.h"
+#include "common/memory_model.h"
+#include "common/model.h"
+#include "common/options.h"
+#include "kernels/backend.h"
+
+namespace pb {
+
+struct Runtime {
+  const Options& options;
+  ProcessGroups& groups;
+  Backend& backend;
+  GptModel& model;
+};
+
+// How a parallelism strategy takes part in a step. The model calls the UnitHooks during each
+// micro-batch; the harness calls the rest around them.
+class Strategy : public UnitHooks {
+ public:
+  // Before each micro-batch; `last` is the step's last micro-batch (when gradients are synced).
+  virtual void begin_micro_batch(int /*micro*/, bool /*last*/) {}
+  // After the last micro-batch's backward: every gradient this rank owns is final on return.
+  virtual void finish_gradients() = 0;
+  // Σ g² over all gradient elements of the model (across every rank's shard), before clipping.
+  virtual double global_grad_sum_squares() = 0;
+  // AdamW on what this rank owns, with the gradient multiplied by grad_scale; step t ≥ 1.
+  virtual void optimizer_step(float grad_scale, int t) = 0;
+  // Σ p² over all parameters of the model, across every rank's shard.
+  virtual double global_param_sum_squares() = 0;
+};
+
+struct AppDefinition {
+  std::string name;  // "dp"
+  AppOptions options;
+  // Degrees of the layout for validated options (dp derived by the options).
+  std::function<Layout(const Options&)> layout;
+  // The analytic memory of one rank (SPEC section 6, /memory/predicted).
+  std::function<MemoryEstimate(const Options&, const AttentionFootprint&, int rank)> predict_memory;
+  std::function<std::unique_ptr<Strategy>(Runtime&)> make_strategy;
+};
+
+// main() of every app: returns the process exit code (SPEC section 5).
+int run_app(int argc, char** argv, const AppDefinition& app);
+
+}  // namespace pb

@@ -1,0 +1,106 @@
+// The Backend: every tensor operation the reference model needs, behind one interface.
+//
+// Model and strategy code hold tensors only as pointers returned by `alloc` and never read or write
+// their elements on the host: a CUDA backend hands out device pointers and runs the same calls on a
+// stream. Host data crosses the boundary only through `upload`, `download` and the scalar results of
+// reductions. Conventions follow llm.c: outputs first, `d<name>` for gradients, and every backward
+// *accumulates* into the gradients of parameters (dweight, dbias) but *overwrites* the gradient of
+// its input unless it says otherwise. Shapes use B·S = N rows ("tokens"), C = hidden, OC = outputs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "common/memory.h"
+
+namespace pb {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;         // "cpu", "cuda"
+  virtual std::string device_name() const = 0;  // CPU model or GPU model
+
+  // ---- memory: every byte goes through the tracker under a category -----------------------------
+  virtual void* alloc(std::size_t bytes, MemCategory category) = 0;
+  virtual void free(void* ptr) = 0;
+  float* alloc_floats(std::size_t count, MemCategory category) {
+    return static_cast<float*>(alloc(count * sizeof(float), category));
+  }
+  virtual MemoryTracker& tracker() = 0;
+
+  virtual void upload(void* dst, const void* host_src, std::size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, std::size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void zero(void* dst, std::size_t bytes) = 0;
+  virtual void synchronize() = 0;  // wait for queued work (no-op on the CPU)
+
+  // ---- layers (N = B·S rows) ---------------------------------------------------------------------
+  // out (N, OC) = inp (N, C) · weight (C, OC) + bias (OC); bias may be null.
+  virtual void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+                              int N, int C, int OC) = 0;
+  // dinp (N, C) = dout · weightᵀ (overwritten); dweight (C, OC) += inpᵀ · dout; dbias (OC) += Σ dout.
+  // dinp or dbias may be null when not needed.
+  virtual void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                               const float* inp, const float* weight, int N, int C, int OC) = 0;
+
+  // out (N, C) = (inp − mean) · rstd · weight + bias, biased variance, eps 1e-5; saves mean, rstd (N).
+  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                 const float* weight, const float* bias, int N, int C) = 0;
+  // dinp (N, C) += ...; dweight, dbias (C) += ... (all accumulate, so the residual stream can be
+  // passed as dinp).
+  virtual void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                                  const float* inp, const float* weight, const float* mean,
+                                  const float* rstd, int N, int C) = 0;
+
+  // Causal multi-head attention. qkv (B, S, 3C) holds [Q | K | V]; head j owns columns j·d..j·d+d−1
+  // of each block. out (B, S, C). `saved` keeps what backward needs; its size is backend-specific
+  // (`attention_saved_floats`): the CPU keeps the probabilities, a fused kernel only the softmax
+  // statistics.
+  virtual std::size_t attention_saved_floats(int B, int S, int num_heads) const = 0;
+  virtual void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C,
+                                 int num_heads) = 0;
+  // dqkv (B, S, 3C) overwritten. `scratch` holds attention_scratch_floats(B, S, num_heads) floats.
+  virtual std::size_t attention_scratch_floats(int B, int S, int num_heads) const = 0;
+  virtual void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv,
+                                  const float* saved, int B, int S, int C, int num_heads) = 0;
+
+  // gelu_tanh, elementwise over n.
+  virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
+  // dinp = dout · gelu'(inp) (overwritten; dinp may alias dout).
+  virtual void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
+
+  // out = a + b, elementwise (out may alias a or b).
+  virtual void add(float* out, const float* a, const float* b, std::size_t n) = 0;
+  // y += x
+  virtual void accumulate(float* y, const float* x, std::size_t n) = 0;
+
+  // out (B, S, C) = tok[tokens[b, s]] + pos[s].
+  virtual void embedding_forward(float* out, const int32_t* tokens, const float* tok,
+                                 const float* pos, int B, int S, int C) = 0;
+  // dtok (V, C) += scattered dout rows, dpos (S, C) += Σ_b dout; deterministic order.
+  virtual void embedding_backward(float* dtok, float* dpos, const float* dout,
+                                  const int32_t* tokens, int B, int S, int C) = 0;
+
+  // Softmax cross-entropy, fused so that only one copy of the logits exists: for each row,
+  // loss_sum[0] += scale · CE(logits_row, target) (accumulated in double), and the logits are
+  // overwritten in place by dlogits = scale · (softmax − onehot(target)).
+  // loss_sum points to one double of backend memory.
+  virtual void cross_entropy_forward_backward(float* logits_to_dlogits, double* loss_sum,
+                                              const int32_t* targets, int N, int V,
+                                              float scale) = 0;
+
+  // ---- optimizer ---------------------------------------------------------------------------------
+  // Σ x² over n elements, accumulated in double, returned to the host.
+  virtual double sum_squares(const float* x, std::size_t n) = 0;
+  // y *= alpha
+  virtual void scale(float* y, float alpha, std::size_t n) = 0;
+  // AdamW as torch.optim.AdamW, step t ≥ 1; the gradient is multiplied by grad_scale first (clipping).
+  virtual void adamw_update(float* params, const float* grads, float* m, float* v, std::size_t n,
+                            float lr, float beta1, float beta2, float eps, float weight_decay,
+                            int t, float grad_scale) = 0;
+};
+
+}  // namespace pb

@@ -1,0 +1,13 @@
+// The CPU backend: OpenBLAS sgemm for every matrix product, OpenMP loops for the rest.
+#pragma once
+
+#include <memory>
+
+#include "kernels/backend.h"
+
+namespace pb {
+
+// threads: compute threads for BLAS and OpenMP (≥ 1).
+std::unique_ptr<Backend> make_cpu_backend(int threads);
+
+}  // namespace pb

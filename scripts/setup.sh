@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what parabench needs to build and test on a Debian 12 machine (as root).
+# Without root (a cluster login node) it lists what is missing and which modules to load instead.
+set -euo pipefail
+
+debian_packages=(
+  cmake g++ make pkg-config git
+  mpich libmpich-dev
+  libhdf5-dev hdf5-tools
+  libopenblas-dev
+  libcli11-dev nlohmann-json3-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3-numpy python3-h5py python3-torch
+)
+
+missing=()
+for p in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: every package is installed"
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  cat >&2 <<MSG
+setup: cannot install without root on Debian; missing: ${missing[*]}
+On a cluster, load modules that provide: an MPI (e.g. 'module load openmpi' or 'mpich'),
+HDF5 (serial C library), a BLAS (OpenBLAS or MKL), CMake >= 3.25 and a C++17 compiler,
+then configure with CLI11 and nlohmann_json found on CMAKE_PREFIX_PATH (both header-only).
+Tests also need GoogleTest, and python3 with numpy, h5py and torch.
+MSG
+  exit 1
+fi
+
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "setup: done"
