@@ -99,6 +99,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--peak-tflops", peak, "per-rank peak TFLOP/s for MFU");
   cli.add_option("--trace", opt.trace, "write a Chrome trace JSON to this path");
   cli.add_option("--json-log", opt.json_log, "write one JSON object per step to this path");
+  cli.add_option("--dump-gradients", opt.dump_gradients,
+                 "for the reference tests: write losses and the step-0 gradients to this .h5 file");
   cli.add_flag("--dry-run", opt.dry_run, "validate, print the layout and predicted memory, exit");
   cli.add_flag("--quiet", opt.quiet, "print only the final PARABENCH_RESULT line");
   if (app_options.add) app_options.add(cli);

@@ -47,6 +47,7 @@ struct Options {
   double peak_tflops = -1.0;  // < 0: from the device table
   std::string trace;
   std::string json_log;
+  std::string dump_gradients;  // tests only: see write_gradient_dump
   bool dry_run = false;
   bool quiet = false;
 

@@ -267,6 +267,27 @@ void ResultWriter::set_status(const std::string& status, const std::string& erro
   flush();
 }
 
+void write_gradient_dump(const std::string& path, const GradientDump& dump) {
+  hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  if (file < 0) throw RunError(kExitRuntime, "cannot create the gradient dump " + path);
+  for (const auto& [key, value] : dump.attributes.items()) set_json_attr(file, key, value);
+  write_vector(file, "/losses", dump.losses, H5T_NATIVE_DOUBLE, "1");
+  write_vector(file, "/grad_norms", dump.grad_norms, H5T_NATIVE_DOUBLE, "1");
+  hid_t grads = ensure_group(file, "/grads");
+  for (std::size_t i = 0; i < dump.shapes.size(); ++i) {
+    const auto& [name, dims] = dump.shapes[i];
+    std::vector<hsize_t> hdims(dims.begin(), dims.end());
+    hid_t space = PB_HDF5_CHECK(H5Screate_simple(static_cast<int>(hdims.size()), hdims.data(), nullptr));
+    hid_t ds = PB_HDF5_CHECK(H5Dcreate2(grads, name.c_str(), H5T_NATIVE_FLOAT, space, H5P_DEFAULT, H5P_DEFAULT,
+                                        H5P_DEFAULT));
+    PB_HDF5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, dump.grads[i].data()));
+    H5Dclose(ds);
+    H5Sclose(space);
+  }
+  H5Gclose(grads);
+  H5Fclose(file);
+}
+
 void ResultWriter::flush() { PB_HDF5_CHECK(H5Fflush(static_cast<hid_t>(file_), H5F_SCOPE_GLOBAL)); }
 
 }  // namespace pb

@@ -46,4 +46,15 @@ class ResultWriter {
   int64_t steps_ = 0;
 };
 
+// For the reference tests (tests/reference/check_against_torch.py): the run's configuration as
+// root attributes, /losses and /grad_norms per step, and /grads/<name> with the full gradient of
+// every parameter at step 0 (before clipping), in its spec shape.
+struct GradientDump {
+  nlohmann::ordered_json attributes;
+  std::vector<double> losses, grad_norms;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;  // name, dims
+  std::vector<std::vector<float>> grads;                              // same order as shapes
+};
+void write_gradient_dump(const std::string& path, const GradientDump& dump);
+
 }  // namespace pb

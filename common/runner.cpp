@@ -112,6 +112,27 @@ class JsonLog {
   std::ofstream out_;
 };
 
+void write_dump(const Options& opt, const GptModel& model, const std::vector<float>& grads,
+                const std::vector<double>& losses, const std::vector<double>& norms) {
+  GradientDump dump;
+  const ModelConfig& m = opt.model;
+  dump.attributes = {{"layers", m.layers},   {"hidden", m.hidden},           {"heads", m.heads},
+                     {"seq", m.seq},         {"vocab", m.vocab},             {"ffn", m.ffn},
+                     {"micro_batch", opt.micro_batch}, {"global_batch", opt.global_batch},
+                     {"steps", static_cast<int64_t>(losses.size())}, {"seed", opt.seed},
+                     {"lr", opt.lr},         {"clip", opt.clip}};
+  dump.losses = losses;
+  dump.grad_norms = norms;
+  for (const UnitInfo& u : model.units()) {
+    for (const TensorInfo& t : u.tensors) {
+      std::vector<int64_t> dims = t.is_matrix ? std::vector<int64_t>{t.rows, t.cols} : std::vector<int64_t>{t.cols};
+      dump.shapes.emplace_back(t.name, dims);
+      dump.grads.emplace_back(grads.begin() + t.offset, grads.begin() + t.offset + t.numel());
+    }
+  }
+  write_gradient_dump(opt.dump_gradients, dump);
+}
+
 // The steps, the report and the result file, after validation. Throws RunError.
 int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& world) {
   const int world_rank = world.rank();
@@ -179,6 +200,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   std::vector<int32_t> tokens(static_cast<std::size_t>(b) * S), targets(tokens.size());
   const float loss_scale = 1.0f / (static_cast<float>(opt.global_batch) * S);  // mean over G·S tokens
   std::vector<StepRecord> records;
+  std::vector<float> step0_grads;
+  std::vector<double> dump_losses, dump_norms;
   std::string status = "complete", error;
   int exit_code = kExitComplete;
 
@@ -198,6 +221,11 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     double loss = model.take_loss();
     groups.dp->all_reduce_host(&loss, 1, HostReduce::sum);
     const double grad_norm = std::sqrt(strategy->global_grad_sum_squares());
+    if (!opt.dump_gradients.empty()) {
+      if (step == 0) step0_grads = strategy->gather_full_gradients();
+      dump_losses.push_back(loss);
+      dump_norms.push_back(grad_norm);
+    }
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       status = "failed";
       error = "numerical failure at step " + std::to_string(step) + ": loss " + std::to_string(loss) +
@@ -300,6 +328,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   }
 
   if (!lead) return exit_code;
+  if (!opt.dump_gradients.empty()) write_dump(opt, model, step0_grads, dump_losses, dump_norms);
 
   nlohmann::ordered_json summary;
   summary["measured_steps"] = static_cast<int64_t>(measured.size());

@@ -35,6 +35,9 @@ class Strategy : public UnitHooks {
   virtual double global_grad_sum_squares() = 0;
   // AdamW on what this rank owns, with the gradient multiplied by grad_scale; step t ≥ 1.
   virtual void optimizer_step(float grad_scale, int t) = 0;
+  // The full gradient of every parameter, in the model's flat order, on rank 0 of the world
+  // (for --dump-gradients); collective.
+  virtual std::vector<float> gather_full_gradients() = 0;
   // Σ p² over all parameters of the model, across every rank's shard.
   virtual double global_param_sum_squares() = 0;
 };

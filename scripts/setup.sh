@@ -7,10 +7,10 @@ debian_packages=(
   cmake g++ make pkg-config git
   mpich libmpich-dev
   libhdf5-dev hdf5-tools
-  libopenblas-dev
+  libopenblas-dev libopenblas-openmp-dev
   libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy python3-h5py python3-torch
+  python3-numpy python3-h5py python3-torch python3-pytest shellcheck
 )
 
 missing=()

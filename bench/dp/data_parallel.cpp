@@ -68,6 +68,12 @@ void DataParallel::optimizer_step(float grad_scale, int t) {
   rt_.model.adamw_step(0, rt_.model.num_parameters(), grad_scale, t, rt_.options.lr);
 }
 
+std::vector<float> DataParallel::gather_full_gradients() {
+  std::vector<float> host(rt_.model.num_parameters());  // every rank holds the reduced gradient
+  rt_.backend.download(host.data(), rt_.model.grads(), host.size() * sizeof(float));
+  return host;
+}
+
 double DataParallel::global_param_sum_squares() {
   return rt_.backend.sum_squares(rt_.model.params(), rt_.model.num_parameters());
 }

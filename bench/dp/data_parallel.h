@@ -38,6 +38,7 @@ class DataParallel final : public Strategy {
   double global_grad_sum_squares() override;
   void optimizer_step(float grad_scale, int t) override;
   double global_param_sum_squares() override;
+  std::vector<float> gather_full_gradients() override;
 
  private:
   void launch_ready_buckets(std::size_t ready_from);

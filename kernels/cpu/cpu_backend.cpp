@@ -380,14 +380,15 @@ class CpuBackend final : public Backend {
       float* z = logits + static_cast<std::size_t>(n) * V;
       float maxv = z[0];
       for (int i = 1; i < V; ++i) maxv = std::max(maxv, z[i]);
+      const int target = targets[n];
+      const float target_shifted = z[target] - maxv;  // kept before exp can underflow it to 0
       float sum = 0.0f;
       for (int i = 0; i < V; ++i) {
         z[i] = std::exp(z[i] - maxv);  // z now holds unnormalised probabilities
         sum += z[i];
       }
-      const int target = targets[n];
       // CE = log Σ exp(z − max) − (z_target − max) = −log p_target
-      row_loss[n] = -std::log(static_cast<double>(z[target]) / sum);
+      row_loss[n] = std::log(static_cast<double>(sum)) - static_cast<double>(target_shifted);
       const float inv = scale / sum;
       for (int i = 0; i < V; ++i) z[i] *= inv;
       z[target] -= scale;

@@ -16,6 +16,9 @@
 //                                         itself must match the finite differences to 1e-7)
 //   accumulate semantics ............... gradients that accumulate are pre-filled with known values,
 //                                         the test compares (after − before) to the reference
+//   cross-entropy ...................... loss increment and dlogits ≤ 1e-5 vs double, dlogits ≤ 1e-4 vs
+//                                         finite differences; also rows shifted by ±50/±100 and a
+//                                         target logit 120 below the row maximum (CE must stay finite)
 //   AdamW .............................. ≤ 1e-5 on params, m, v and on the update p_new − p_old
 //   threads ............................ threads = 1 vs 2 agree to 1e-6; the same call twice on the
 //                                         same backend is bitwise identical
