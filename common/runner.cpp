@@ -17,6 +17,7 @@
 #include "common/metadata.h"
 #include "common/mpi_communicator.h"
 #include "common/results.h"
+#include "common/timer.h"
 #include "kernels/cpu/cpu_backend.h"
 
 #ifndef PB_VERSION
@@ -191,7 +192,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   }
 
   GptModel model(opt.model, *backend, opt.seed, opt.micro_batch);
-  Runtime runtime{opt, groups, *backend, model};
+  TraceRecorder trace(!opt.trace.empty(), wall_time_s());
+  Runtime runtime{opt, groups, *backend, model, trace};
   std::unique_ptr<Strategy> strategy = app.make_strategy(runtime);
   SyntheticData data(opt.seed, opt.model.vocab, opt.model.seq);
   const FlopModel flops = model_flops(opt);
@@ -206,18 +208,25 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   int exit_code = kExitComplete;
 
   for (int step = 0; step < opt.steps; ++step) {
+    const double t_arrive = wall_time_s();
     world.barrier();  // steps start together, so a rank's time is its own work and waiting
-    const double t0 = MPI_Wtime();
+    const double t0 = wall_time_s();
+    trace.span(TraceTrack::idle, "step barrier", t_arrive, t0);
     model.zero_grads();
     for (int micro = 0; micro < opt.grad_accum; ++micro) {
       // SPEC 2.3: sample k of the step goes to dp rank (k / b) mod dp in micro-step k / (b · dp).
       const uint64_t first = static_cast<uint64_t>(step) * opt.global_batch +
                              static_cast<uint64_t>(micro) * b * opt.dp + static_cast<uint64_t>(groups.coord.dp) * b;
       data.samples(first, b, tokens.data(), targets.data());
+      const double t_micro = wall_time_s();
       strategy->begin_micro_batch(micro, micro == opt.grad_accum - 1);
       model.forward_backward(tokens.data(), targets.data(), loss_scale, *strategy);
+      trace.span(TraceTrack::compute, "forward+backward", t_micro, wall_time_s(),
+                 "{\"step\": " + std::to_string(step + 1) + ", \"micro_batch\": " + std::to_string(micro) + "}");
     }
+    const double t_sync = wall_time_s();
     strategy->finish_gradients();
+    trace.span(TraceTrack::communication, "finish gradients", t_sync, wall_time_s());
     double loss = model.take_loss();
     groups.dp->all_reduce_host(&loss, 1, HostReduce::sum);
     const double grad_norm = std::sqrt(strategy->global_grad_sum_squares());
@@ -237,9 +246,11 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     // torch.nn.utils.clip_grad_norm_: scale by clip / (norm + 1e-6) when the norm exceeds clip.
     const float grad_scale =
         opt.clip > 0.0 && grad_norm > opt.clip ? static_cast<float>(opt.clip / (grad_norm + 1e-6)) : 1.0f;
+    const double t_opt = wall_time_s();
     strategy->optimizer_step(grad_scale, step + 1);
     backend->synchronize();
-    const double elapsed = MPI_Wtime() - t0;
+    trace.span(TraceTrack::compute, "optimizer", t_opt, wall_time_s());
+    const double elapsed = wall_time_s() - t0;
 
     StepRecord rec{loss, grad_norm, 0.0, std::vector<double>(opt.world_size)};
     world.all_gather_host(&elapsed, rec.rank_times.data(), sizeof(double));
@@ -327,6 +338,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     comm_time.push_back(gather_f64(comm[op].time_s));
   }
 
+  if (trace.enabled()) trace.write(world, opt.trace, sys.hostnames);
   if (!lead) return exit_code;
   if (!opt.dump_gradients.empty()) write_dump(opt, model, step0_grads, dump_losses, dump_norms);
 

@@ -12,6 +12,7 @@
 #include "common/memory_model.h"
 #include "common/model.h"
 #include "common/options.h"
+#include "common/trace.h"
 #include "kernels/backend.h"
 
 namespace pb {
@@ -21,6 +22,7 @@ struct Runtime {
   ProcessGroups& groups;
   Backend& backend;
   GptModel& model;
+  TraceRecorder& trace;
 };
 
 // How a parallelism strategy takes part in a step. The model calls the UnitHooks during each

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/timer.h"
+
 namespace pb {
 
 DataParallel::DataParallel(Runtime& runtime, const DataParallelOptions& options)
@@ -37,25 +39,45 @@ void DataParallel::begin_micro_batch(int /*micro*/, bool last) {
 void DataParallel::launch_ready_buckets(std::size_t ready_from) {
   // Gradients [ready_from, end) are final: launch every bucket inside that range, in order.
   while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].first >= ready_from) {
-    const Bucket& b = buckets_[next_bucket_++];
-    in_flight_.push_back(dp_comm_.all_reduce_async(rt_.model.grads() + b.first, b.count));
+    const Bucket& b = buckets_[next_bucket_];
+    in_flight_.push_back({dp_comm_.all_reduce_async(rt_.model.grads() + b.first, b.count), next_bucket_, wall_time_s()});
+    ++next_bucket_;
   }
+}
+
+void DataParallel::trace_completed(InFlight& f) {
+  // The span ends when this rank first saw the bucket complete.
+  if (f.traced) return;
+  f.traced = true;
+  const Bucket& b = buckets_[f.bucket];
+  rt_.trace.span(TraceTrack::communication, "all_reduce bucket " + std::to_string(f.bucket), f.launched_s, wall_time_s(),
+                 "{\"bytes\": " + std::to_string(b.count * sizeof(float)) + "}");
 }
 
 void DataParallel::grad_ready(int unit) {
   if (!sync_this_micro_batch_ || !options_.overlap) return;
   launch_ready_buckets(rt_.model.units()[unit].offset);
   // MPI progresses a non-blocking collective only inside MPI calls: poke the ones in flight.
-  for (Request& r : in_flight_) r->test();
+  for (InFlight& f : in_flight_) {
+    if (f.request->test()) trace_completed(f);
+  }
 }
 
 void DataParallel::finish_gradients() {
   if (options_.overlap) {
     launch_ready_buckets(0);  // normally none left: the embedding's grad_ready launched the last
   } else {
-    for (const Bucket& b : buckets_) dp_comm_.all_reduce(rt_.model.grads() + b.first, b.count);
+    for (std::size_t i = 0; i < buckets_.size(); ++i) {
+      const double t0 = wall_time_s();
+      dp_comm_.all_reduce(rt_.model.grads() + buckets_[i].first, buckets_[i].count);
+      InFlight done{nullptr, i, t0};
+      trace_completed(done);
+    }
   }
-  for (Request& r : in_flight_) r->wait();
+  for (InFlight& f : in_flight_) {
+    f.request->wait();
+    trace_completed(f);
+  }
   in_flight_.clear();
 }
 

@@ -47,7 +47,14 @@ class DataParallel final : public Strategy {
   Communicator& dp_comm_;
   DataParallelOptions options_;
   std::vector<Bucket> buckets_;
-  std::vector<Request> in_flight_;
+  struct InFlight {
+    Request request;
+    std::size_t bucket;
+    double launched_s;
+    bool traced = false;
+  };
+  void trace_completed(InFlight& f);
+  std::vector<InFlight> in_flight_;
   std::size_t next_bucket_ = 0;  // buckets launched so far this step (in order)
   bool sync_this_micro_batch_ = false;
 };

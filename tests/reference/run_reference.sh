@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs parabench-dp on one rank for 5 steps with --dump-gradients and checks the losses and the
+# step-0 gradients against the PyTorch reference (tests/reference/check_against_torch.py).
+# Usage: run_reference.sh PARABENCH_DP PYTHON MODEL-OPTIONS...
+set -euo pipefail
+app=$1 python=$2
+shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mpiexec -n 1 "$app" "$@" --steps 5 --warmup 1 --threads 2 --quiet \
+  --out "$work/run.h5" --dump-gradients "$work/dump.h5"
+"$python" "$here/check_against_torch.py" --dump "$work/dump.h5" --rtol 1e-4
