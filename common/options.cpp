@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <sstream>
 
 #include "common/errors.h"
@@ -84,7 +85,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--global-batch", global_batch, "samples per step (default micro-batch · dp)");
   cli.add_option("--steps", opt.steps, "training steps")->capture_default_str();
   cli.add_option("--warmup", opt.warmup, "steps left out of the summary")->capture_default_str();
-  cli.add_option("--seed", opt.seed, "seed of initialisation and data")->capture_default_str();
+  long long seed = 1234;
+  cli.add_option("--seed", seed, "seed of initialisation and data (≥ 0)")->capture_default_str();
   cli.add_option("--lr", opt.lr, "AdamW learning rate")->capture_default_str();
   cli.add_option("--clip", opt.clip, "gradient-norm clipping (0: off)")->capture_default_str();
   cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
@@ -127,14 +129,15 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
       reject("--model " + model_name + " is not a preset; choose one of " + join(model_preset_names(), ", "));
     }
     ModelConfig& m = opt.model;
-    const int preset_hidden = m.hidden;
-    if (shape.layers) m.layers = shape.layers;
-    if (shape.hidden) m.hidden = shape.hidden;
-    if (shape.heads) m.heads = shape.heads;
-    if (shape.seq) m.seq = shape.seq;
-    if (shape.vocab) m.vocab = shape.vocab;
-    if (shape.ffn) m.ffn = shape.ffn;
-    else if (m.hidden != preset_hidden) m.ffn = 4 * m.hidden;
+    // An option given explicitly overrides the preset, whatever its value (0 is then an error).
+    auto given = [&](const char* name) { return cli.count(name) > 0; };
+    if (given("--layers")) m.layers = shape.layers;
+    if (given("--hidden")) m.hidden = shape.hidden;
+    if (given("--heads")) m.heads = shape.heads;
+    if (given("--seq")) m.seq = shape.seq;
+    if (given("--vocab")) m.vocab = shape.vocab;
+    if (given("--ffn")) m.ffn = shape.ffn;
+    else m.ffn = 4 * m.hidden;
     for (auto [name, value] : {std::pair{"--layers", m.layers}, {"--hidden", m.hidden}, {"--heads", m.heads},
                                {"--seq", m.seq}, {"--vocab", m.vocab}, {"--ffn", m.ffn}}) {
       require_positive(name, value);
@@ -151,8 +154,10 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
       reject("--warmup " + std::to_string(opt.warmup) + " must be less than --steps " + std::to_string(opt.steps) +
              " so that at least one step is measured");
     }
-    if (!(opt.lr > 0.0)) reject("--lr " + std::to_string(opt.lr) + " must be positive");
-    if (!(opt.clip >= 0.0)) reject("--clip " + std::to_string(opt.clip) + " must be 0 (off) or positive");
+    if (!(opt.lr > 0.0 && std::isfinite(opt.lr))) reject("--lr " + std::to_string(opt.lr) + " must be a finite positive number");
+    if (!(opt.clip >= 0.0 && std::isfinite(opt.clip))) {
+      reject("--clip " + std::to_string(opt.clip) + " must be 0 (off) or a finite positive number");
+    }
 
     // ---- backend, communicator, precision -------------------------------------------------------------
     if (backend.empty()) backend = env.cuda_built && env.visible_gpus > 0 ? "cuda" : "cpu";
@@ -185,13 +190,13 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
              std::to_string(model_parallel) + ")");
     }
     const int derived_dp = env.world_size / model_parallel;
-    if (dp != 0 && dp != derived_dp) {
+    if (given("--dp") && dp != derived_dp) {
       reject("--dp " + std::to_string(dp) + " does not match the world size: " + std::to_string(env.world_size) +
              " ranks / " + std::to_string(model_parallel) + " give dp " + std::to_string(derived_dp));
     }
     opt.dp = derived_dp;
     const int per_step = opt.micro_batch * opt.dp;
-    opt.global_batch = global_batch != 0 ? global_batch : per_step;
+    opt.global_batch = given("--global-batch") ? global_batch : per_step;
     require_positive("--global-batch", opt.global_batch);
     if (opt.global_batch % per_step != 0) {
       reject("--global-batch " + std::to_string(opt.global_batch) + " is not a multiple of --micro-batch " +
@@ -199,10 +204,14 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     }
     opt.grad_accum = opt.global_batch / per_step;
 
-    if (threads < 0) reject("--threads " + std::to_string(threads) + " must be at least 1");
-    opt.threads = threads != 0 ? threads : std::max(1, env.cores_per_rank);
-    if (peak < 0.0 && peak != -1.0) reject("--peak-tflops must not be negative");
-    opt.peak_tflops = peak;
+    if (given("--threads")) require_positive("--threads", threads);
+    opt.threads = given("--threads") ? threads : std::max(1, env.cores_per_rank);
+    if (given("--peak-tflops") && !(peak >= 0.0 && std::isfinite(peak))) {
+      reject("--peak-tflops " + std::to_string(peak) + " must be a finite number ≥ 0");
+    }
+    opt.peak_tflops = given("--peak-tflops") ? peak : -1.0;
+    if (seed < 0) reject("--seed " + std::to_string(seed) + " must not be negative");
+    opt.seed = static_cast<uint64_t>(seed);
     if (opt.out.empty()) reject("--out must not be empty");
     if (opt.recompute.empty()) reject("--recompute must not be empty");
 

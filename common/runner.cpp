@@ -63,6 +63,13 @@ FlopModel model_flops(const Options& o) {
 // Peak TFLOP/s per rank: --peak-tflops, else the GPU table of SPEC section 6, else 0 (CPU: unknown).
 double resolve_peak_tflops(const Options& o) { return o.peak_tflops >= 0.0 ? o.peak_tflops : 0.0; }
 
+std::string format_g(double x) {
+  if (std::isnan(x)) return "nan";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.6g", x);
+  return buf;
+}
+
 std::string format_mib(int64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%.2f", bytes / kMiB);
@@ -237,7 +244,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     }
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       status = "failed";
-      error = "numerical failure at step " + std::to_string(step) + ": loss " + std::to_string(loss) +
+      error = "numerical failure at step " + std::to_string(step + 1) + ": loss " + std::to_string(loss) +
               ", grad_norm " + std::to_string(grad_norm);
       exit_code = kExitNumerical;
       if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), error.c_str());
@@ -411,7 +418,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   std::printf("PARABENCH_RESULT app=%s ranks=%d step_time_s=%.6g tokens_per_s=%.6g tflops_per_rank=%.6g mfu=%s "
               "peak_mem_bytes=%lld status=%s file=%s\n",
               opt.app.c_str(), opt.world_size, step_time, tokens_per_s, tflops_per_rank,
-              std::isnan(mfu) ? "nan" : std::to_string(mfu).c_str(), static_cast<long long>(peak_max), status.c_str(),
+              format_g(mfu).c_str(), static_cast<long long>(peak_max), status.c_str(),
               writer->path().c_str());
   std::fflush(stdout);
   return exit_code;

@@ -6,6 +6,7 @@
 #include "common/runner.h"
 
 int main(int argc, char** argv) {
+  constexpr double kMaxBucketMb = 1 << 20;  // 1 TiB: larger means "one bucket" anyway
   pb::DataParallelOptions dp;
   bool no_overlap = false;
 
@@ -16,8 +17,9 @@ int main(int argc, char** argv) {
     cli.add_flag("--no-overlap", no_overlap, "all-reduce the gradients after backward, not during it");
   };
   app.options.validate = [&](const pb::Options&) {
-    if (!(dp.bucket_mb > 0.0)) {
-      throw pb::ConfigError("--bucket-mb " + std::to_string(dp.bucket_mb) + " must be positive");
+    if (!(dp.bucket_mb > 0.0 && dp.bucket_mb <= kMaxBucketMb)) {
+      throw pb::ConfigError("--bucket-mb " + std::to_string(dp.bucket_mb) + " must be positive and at most " +
+                            std::to_string(static_cast<int>(kMaxBucketMb)) + " (MiB)");
     }
     dp.overlap = !no_overlap;
   };

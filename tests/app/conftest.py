@@ -1,0 +1,251 @@
+"""Shared fixtures of the application-level tests: the mini-apps are run as a user runs them,
+through `mpiexec -n RANKS`, and judged by their exit code, their output and their HDF5 result file
+(docs/SPEC.md sections 4 to 6).
+
+Environment:
+  PB_BIN_DIR   folder of the built apps, <PB_BIN_DIR>/<app>/parabench-<app> (default <repo>/build/bench)
+  PB_MPIEXEC   the MPI launcher (default: mpiexec)
+
+Every run gets a clean environment: no SLURM_*, PMI_* or PARABENCH_* variables of the shell that
+started pytest (a test run inside a Slurm allocation must not make the app believe it was started
+by srun), and HDF5_USE_FILE_LOCKING=FALSE so that a test can read a result file that a running app
+still holds open.
+"""
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+# Before h5py opens any file in this process (the SIGTERM test reads a file that is being written).
+os.environ["HDF5_USE_FILE_LOCKING"] = "FALSE"
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BIN_DIR = Path(os.environ.get("PB_BIN_DIR", str(REPO / "build" / "bench")))
+MPIEXEC = os.environ.get("PB_MPIEXEC", "mpiexec")
+DROPPED_ENV_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "PARABENCH_", "HYDRA_", "MPIR_")
+
+RESULT_FIELDS = ["app", "ranks", "step_time_s", "tokens_per_s", "tflops_per_rank", "mfu", "peak_mem_bytes",
+                 "status", "file"]
+
+
+def app_binary(app):
+    path = BIN_DIR / app / f"parabench-{app}"
+    if not path.is_file():
+        pytest.fail(f"{path} does not exist: build it (cmake --build build) or set PB_BIN_DIR")
+    return path
+
+
+def app_environment(extra=None):
+    """The environment of a run: the caller's, cleaned (see the module doc), plus `extra`
+    (a value of None removes that variable)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(DROPPED_ENV_PREFIXES)}
+    env["HDF5_USE_FILE_LOCKING"] = "FALSE"
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def _children_map():
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may hold spaces and parentheses
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid):
+    """Every living descendant of pid (from /proc), parents before children."""
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def rank_pids(launcher_pid, app):
+    """The rank processes of a job started by launcher_pid: its descendants running the app's binary
+    (what Slurm's scancel signals)."""
+    binary = os.path.realpath(app_binary(app))
+    pids = []
+    for pid in descendants(launcher_pid):
+        try:
+            if os.path.realpath(f"/proc/{pid}/exe") == binary:
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def kill_job(proc):
+    """SIGKILL a launcher started in its own session, its process group and every descendant."""
+    victims = descendants(proc.pid)
+    for pid in reversed(victims):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _command(app, ranks, args):
+    return [MPIEXEC, "-n", str(ranks), str(app_binary(app)), *[str(a) for a in args]]
+
+
+def _describe(cmd, rc, out, err):
+    return f"command: {' '.join(cmd)}\nexit code: {rc}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+
+
+@pytest.fixture(scope="session")
+def bin_dir():
+    return BIN_DIR
+
+
+@pytest.fixture(scope="session")
+def run_app(tmp_path_factory):
+    """run_app(app, ranks, args, timeout=60, env=None, cwd=None) -> (returncode, stdout, stderr).
+
+    Runs `mpiexec -n RANKS parabench-APP ARGS` in its own session. A run that does not finish
+    within `timeout` seconds is a hang: the whole job is killed and the test fails. `env` adds to
+    (or with None values removes from) the cleaned environment; `cwd` defaults to an empty
+    scratch folder, so that a run without --out writes nothing into the repository."""
+    default_cwd = tmp_path_factory.mktemp("cwd")
+
+    def run(app, ranks, args, timeout=60, env=None, cwd=None):
+        cmd = _command(app, ranks, args)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=app_environment(env), cwd=str(cwd or default_cwd),
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_job(proc)
+            out, err = proc.communicate()
+            pytest.fail(f"did not finish within {timeout} s (a hang?); killed\n" + _describe(cmd, None, out, err))
+        return proc.returncode, out, err
+
+    run.describe = _describe
+    run.command = _command
+    return run
+
+
+@pytest.fixture
+def start_app(tmp_path):
+    """start_app(app, ranks, args, env=None) -> Popen of mpiexec (own session, text pipes) for tests
+    that act on a running job; every job still running at teardown is killed."""
+    started = []
+
+    def start(app, ranks, args, env=None):
+        proc = subprocess.Popen(_command(app, ranks, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=app_environment(env), cwd=str(tmp_path),
+                                start_new_session=True)
+        proc.cmd = _command(app, ranks, args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            kill_job(proc)
+            proc.communicate()
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    """An empty folder for result files."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def parse_result_line():
+    """parse_result_line(stdout) -> dict of the PARABENCH_RESULT line (SPEC section 5); fails the test
+    unless stdout has exactly one, as its last line, with exactly the spec's fields in order."""
+
+    def parse(stdout):
+        lines = [l for l in stdout.splitlines() if l.startswith("PARABENCH_RESULT")]
+        assert len(lines) == 1, f"expected one PARABENCH_RESULT line, got {len(lines)}:\n{stdout}"
+        assert stdout.rstrip("\n").splitlines()[-1] == lines[0], "PARABENCH_RESULT must be the final line"
+        tokens = lines[0].split(" ")
+        assert tokens[0] == "PARABENCH_RESULT"
+        fields = []
+        for token in tokens[1:]:
+            m = re.fullmatch(r"([a-z_]+)=(\S*)", token)
+            assert m, f"malformed field {token!r} in {lines[0]!r}"
+            fields.append((m.group(1), m.group(2)))
+        assert [k for k, _ in fields] == RESULT_FIELDS, lines[0]
+        return dict(fields)
+
+    return parse
+
+
+def gpt_num_parameters(layers, hidden, seq, vocab, ffn=None):
+    """Parameters of the reference model (SPEC section 2): embeddings, L blocks, final LayerNorm, head."""
+    h, f, L, S, V = hidden, ffn or 4 * hidden, layers, seq, vocab
+    per_layer = (2 * h                    # ln1
+                 + 3 * h * h + 3 * h      # attn.qkv
+                 + h * h + h              # attn.out
+                 + 2 * h                  # ln2
+                 + h * f + f              # mlp.fc1
+                 + f * h + h)             # mlp.fc2
+    return V * h + S * h + L * per_layer + 2 * h + h * V
+
+
+@pytest.fixture(scope="session")
+def num_params():
+    return gpt_num_parameters
+
+
+PRESETS = {  # SPEC section 4
+    "tiny": dict(layers=2, hidden=64, heads=4, seq=32, vocab=256),
+    "small": dict(layers=4, hidden=256, heads=8, seq=128, vocab=4096),
+}
+
+
+@pytest.fixture(scope="session")
+def presets():
+    return PRESETS
+
+
+
+@pytest.fixture(scope="session")
+def job_pids():
+    """job_pids(launcher_pid, app) -> pids of the rank processes of a running job (see rank_pids)."""
+    return rank_pids
+
+
+@pytest.fixture(scope="session")
+def kill():
+    """kill(proc): SIGKILL a job started by start_app, launcher, process group and descendants."""
+    return kill_job
+
+
+@pytest.fixture(scope="session")
+def launcher_version():
+    """The first lines of `mpiexec --version` (MPICH's launcher says "HYDRA build details")."""
+    try:
+        done = subprocess.run([MPIEXEC, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=20)
+        return done.stdout + done.stderr
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
