@@ -1,38 +1,232 @@
 #include "common/memory_model.h"
 
-#include "common/model.h"
+#include <algorithm>
+#include <set>
 
 namespace pb {
 
-MemoryEstimate predict_replicated_model_memory(const Options& o, const AttentionFootprint& attention) {
-  const ModelConfig& m = o.model;
-  const int64_t P = static_cast<int64_t>(gpt_num_parameters(m));
-  const int64_t N = static_cast<int64_t>(o.micro_batch) * m.seq;  // tokens of one micro-batch
-  const int64_t h = m.hidden, f = m.ffn, V = m.vocab, L = m.layers;
-  const int64_t att_saved = static_cast<int64_t>(attention.saved_floats);
-  const int64_t att_scratch = static_cast<int64_t>(attention.scratch_floats);
-  constexpr int64_t kFloat = 4, kInt32 = 4, kDouble = 8;
+ArchSpec arch_from_model(const ModelConfig& m) {
+  ArchSpec a;
+  a.name = m.name;
+  a.layers = m.layers;
+  a.hidden = m.hidden;
+  a.heads = m.heads;
+  a.kv_heads = m.heads;
+  a.ffn = m.ffn;
+  a.vocab = m.vocab;
+  a.seq = m.seq;
+  return a;
+}
 
+MemoryPlan memory_plan_for(const Options& o, bool attention_keeps_probabilities) {
+  MemoryPlan p;
+  p.arch = arch_from_model(o.model);
+  p.precision = o.dtype == "bf16" ? precision_bf16(false) : precision_fp32();
+  p.micro_batch = o.micro_batch;
+  p.recompute = o.recompute;
+  p.attention_keeps_probabilities = attention_keeps_probabilities;
+  return p;
+}
+
+std::vector<int64_t> unit_parameter_counts(const ArchSpec& a) {
+  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, S = a.seq;
+  const int64_t bias = a.biases ? 1 : 0;
+  std::vector<int64_t> units;
+  units.push_back(V * h + (a.learned_positions ? S * h : 0));  // embed.tok, embed.pos
+  const int64_t norms = 2 * (h + bias * h);                     // ln1, ln2: .g and .b
+  const int64_t attention = h * a.qkv_width() + bias * a.qkv_width() + h * h + bias * h;
+  const int64_t mlp = h * a.mlp_in_width() + bias * a.mlp_in_width() + f * h + bias * h;
+  for (int64_t l = 0; l < a.layers; ++l) units.push_back(norms + attention + mlp);
+  units.push_back(h + bias * h + (a.tied_embeddings ? 0 : h * V));  // final_ln, head.w
+  return units;
+}
+
+int64_t total_parameters(const ArchSpec& a) {
+  int64_t total = 0;
+  for (int64_t u : unit_parameter_counts(a)) total += u;
+  return total;
+}
+
+PrecisionSpec precision_fp32() { return PrecisionSpec{}; }
+
+PrecisionSpec precision_bf16(bool bf16_grads) {
+  PrecisionSpec p;
+  p.name = bf16_grads ? "bf16 (bf16 gradients)" : "bf16";
+  p.param_bytes = 2;
+  p.grad_bytes = bf16_grads ? 2 : 4;
+  p.master_bytes = 4;
+  p.optimizer_bytes = 8;
+  p.act_bytes = 2;
+  return p;
+}
+
+bool parse_shard_strategy(const std::string& name, ShardStrategy* out) {
+  if (name == "NO_SHARD" || name == "NO_OP") *out = ShardStrategy::no_shard;
+  else if (name == "ZERO1") *out = ShardStrategy::zero1;
+  else if (name == "SHARD_GRAD_OP") *out = ShardStrategy::shard_grad_op;
+  else if (name == "FULL_SHARD" || name == "FULLY_SHARD") *out = ShardStrategy::full_shard;
+  else if (name == "HYBRID_SHARD") *out = ShardStrategy::hybrid_shard;
+  else return false;
+  return true;
+}
+
+const char* shard_strategy_name(ShardStrategy s) {
+  switch (s) {
+    case ShardStrategy::no_shard: return "NO_SHARD";
+    case ShardStrategy::zero1: return "ZERO1";
+    case ShardStrategy::shard_grad_op: return "SHARD_GRAD_OP";
+    case ShardStrategy::full_shard: return "FULL_SHARD";
+    case ShardStrategy::hybrid_shard: return "HYBRID_SHARD";
+  }
+  return "unknown";
+}
+
+int64_t shard_elements(int64_t numel, int ranks) { return (numel + ranks - 1) / ranks; }
+
+ActivationEstimate predict_activations(const MemoryPlan& p) {
+  const ArchSpec& a = p.arch;
+  const int64_t N = static_cast<int64_t>(p.micro_batch) * a.seq;  // tokens of one micro-batch
+  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, L = a.layers;
+  const int64_t e = p.precision.act_bytes;  // bytes of an activation element
+  constexpr int64_t kStat = 4, kToken = 4, kLoss = 8;  // LayerNorm statistics fp32, tokens int32
+  // Attention's saved state and backward scratch per block (see MemoryPlan).
+  const int64_t rows = static_cast<int64_t>(p.micro_batch) * a.heads * a.seq;
+  const int64_t att_saved = p.attention_keeps_probabilities ? rows * a.seq * e : rows * kStat;
+  const int64_t att_scratch = p.attention_keeps_probabilities ? rows * a.seq * e : rows * kStat;
+
+  // As GptModel::forward_backward allocates them:
+  const int64_t tokens = 2 * N * kToken;  // inputs and targets
+  const int64_t embed_out = N * h * e;
+  // A block: LayerNorm statistics (4N), ln1 out, qkv, attention saved state, attention out, x_mid,
+  // ln2 out, fc1 out, activation out, x_out.
+  const int64_t block_no_att = 4 * N * kStat + e * (N * h + N * a.qkv_width() + N * h + N * h + N * h +
+                                                     N * a.mlp_in_width() + N * f + N * h);
+  const int64_t block_full = block_no_att + att_saved;
+  const int64_t block_out = N * h * e;
+  const int64_t head = 2 * N * kStat + e * (N * h + N * V);  // lnf statistics, lnf out, logits
+
+  ActivationEstimate est;
+  if (p.recompute == "full") {
+    // Forward keeps each block's output; a block's full set exists only while it runs forward, and
+    // again when backward recomputes it (after its saved output is freed: its input stays).
+    est.forward_end_bytes = tokens + embed_out + L * block_out + head;
+    const int64_t backward_peak = tokens + embed_out + (L - 1) * block_out + block_full;
+    est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
+  } else if (p.recompute == "selective") {
+    // Forward drops the attention probabilities; backward recomputes them (and a scratch copy of the
+    // attention output) for one block at a time.
+    est.forward_end_bytes = tokens + embed_out + L * block_no_att + head;
+    const int64_t backward_peak = tokens + embed_out + L * block_no_att + att_saved + N * h * e;
+    est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
+  } else {
+    est.forward_end_bytes = tokens + embed_out + L * block_full + head;
+    est.peak_bytes = est.forward_end_bytes;
+  }
+  est.backward_extra_bytes = est.peak_bytes - est.forward_end_bytes;
+  // Backward scratch: residual, LayerNorm-output and attention-output gradients (N·h each), dqkv,
+  // dfc1 and the attention scratch; plus the loss accumulator (a double).
+  est.workspace_bytes = kLoss + e * (3 * N * h + N * a.qkv_width() + N * a.mlp_in_width()) + att_scratch;
+  return est;
+}
+
+namespace {
+
+// The largest sum of FSDP communication buffers at any point of a step: gathered unit parameters
+// (FULL_SHARD, HYBRID_SHARD: the unit in use, plus the prefetched next one), the unsharded gradient
+// of the unit in backward, and the reduce-scatter output. Replays the order of
+// bench/fsdp/fully_sharded.cpp: forward over units 0..U-1, the last unit kept for its backward,
+// backward over U-1..0.
+int64_t fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& units) {
+  const int n = p.shard_ranks;
+  const int U = static_cast<int>(units.size());
+  const int64_t pb = p.precision.param_bytes, gb = p.precision.grad_bytes;
+  auto padded = [&](int u) { return shard_elements(units[u], n) * n; };
+  const bool gathers = p.shard == ShardStrategy::full_shard || p.shard == ShardStrategy::hybrid_shard;
+  const bool unit_grads = gathers || p.shard == ShardStrategy::shard_grad_op;
+
+  std::set<int> gathered;
+  int64_t current = 0, peak = 0;
+  auto gather = [&](int u) {
+    if (u < 0 || u >= U || !gathers || gathered.count(u)) return;
+    gathered.insert(u);
+    current += padded(u) * pb;
+    peak = std::max(peak, current);
+  };
+  auto release = [&](int u) {
+    if (gathered.erase(u)) current -= padded(u) * pb;
+  };
+  for (int u = 0; u < U; ++u) {  // forward
+    gather(u);
+    if (p.prefetch) gather(u == U - 1 ? U - 2 : u + 1);
+    if (u != U - 1) release(u);
+  }
+  for (int u = U - 1; u >= 0; --u) {  // backward
+    gather(u);
+    if (p.prefetch) gather(u - 1);
+    if (unit_grads) {
+      // unsharded gradient of the unit, then the reduce-scatter output beside it
+      peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
+    }
+    release(u);
+  }
+  if (p.shard == ShardStrategy::zero1) {
+    // Reduce-scatter output of the largest unit after backward.
+    int64_t largest = 0;
+    for (int u = 0; u < U; ++u) largest = std::max(largest, shard_elements(units[u], n) * gb);
+    peak = std::max(peak, largest);
+  }
+  return peak;
+}
+
+}  // namespace
+
+MemoryEstimate predict_memory(const MemoryPlan& p) {
+  const std::vector<int64_t> units = unit_parameter_counts(p.arch);
+  const PrecisionSpec& pr = p.precision;
+  const int n = std::max(1, p.shard_ranks);
+  int64_t full = 0, padded = 0, shard = 0;  // elements: all units, padded to n, one rank's shard
+  for (int64_t u : units) {
+    full += u;
+    padded += shard_elements(u, n) * n;
+    shard += shard_elements(u, n);
+  }
   MemoryEstimate e;
-  e[MemCategory::parameters] = P * kFloat;
-  e[MemCategory::gradients] = P * kFloat;
-  e[MemCategory::optimizer_states] = 2 * P * kFloat;  // AdamW m and v
-  // Activations at the end of forward, as GptModel::forward_backward allocates them:
-  //   tokens and targets (2N int32), embedding output (N·h),
-  //   per block: LayerNorm statistics 4N, ln1 out, qkv (3), attention out, x_mid, ln2 out and
-  //   x_out (8 N·h), fc1 and GELU outputs (2 N·f), and the attention's saved floats;
-  //   head: LayerNorm statistics 2N, its output N·h and the logits N·V.
-  const int64_t per_block = 4 * N + 8 * N * h + 2 * N * f + att_saved;
-  e[MemCategory::activations] = 2 * N * kInt32 + kFloat * (N * h + L * per_block + 2 * N + N * h + N * V);
-  // Backward scratch: residual gradient, LayerNorm-output gradient, attention-output gradient (N·h
-  // each), dqkv (3 N·h), dfc (N·f), attention scratch; plus the loss accumulator (one double).
-  const int64_t backward_scratch = kFloat * (6 * N * h + N * f + att_scratch);
-  e[MemCategory::workspace] = kDouble + backward_scratch;
-  e[MemCategory::comm_buffers] = 0;
-  // Peak: the model state, with every activation of the micro-batch held when backward's scratch
-  // is allocated.
-  e.peak_total = e[MemCategory::parameters] + e[MemCategory::gradients] + e[MemCategory::optimizer_states] +
-                 e[MemCategory::activations] + e[MemCategory::workspace];
+  switch (p.shard) {
+    case ShardStrategy::no_shard:
+      e[MemCategory::parameters] = full * pr.param_bytes;
+      e[MemCategory::gradients] = full * pr.grad_bytes;
+      e[MemCategory::master_parameters] = full * pr.master_bytes;
+      e[MemCategory::optimizer_states] = full * pr.optimizer_bytes;
+      break;
+    case ShardStrategy::zero1:  // optimizer states (and master weights) sharded
+      e[MemCategory::parameters] = padded * pr.param_bytes;
+      e[MemCategory::gradients] = padded * pr.grad_bytes;
+      e[MemCategory::master_parameters] = shard * pr.master_bytes;
+      e[MemCategory::optimizer_states] = shard * pr.optimizer_bytes;
+      break;
+    case ShardStrategy::shard_grad_op:  // ZeRO-2: gradients too
+      e[MemCategory::parameters] = padded * pr.param_bytes;
+      e[MemCategory::gradients] = shard * pr.grad_bytes;
+      e[MemCategory::master_parameters] = shard * pr.master_bytes;
+      e[MemCategory::optimizer_states] = shard * pr.optimizer_bytes;
+      break;
+    case ShardStrategy::full_shard:  // ZeRO-3: parameters too
+    case ShardStrategy::hybrid_shard:
+      e[MemCategory::parameters] = shard * pr.param_bytes;
+      e[MemCategory::gradients] = shard * pr.grad_bytes;
+      e[MemCategory::master_parameters] = shard * pr.master_bytes;
+      e[MemCategory::optimizer_states] = shard * pr.optimizer_bytes;
+      break;
+  }
+  e[MemCategory::comm_buffers] = p.shard == ShardStrategy::no_shard ? 0 : fsdp_comm_peak(p, units);
+  const ActivationEstimate act = predict_activations(p);
+  e[MemCategory::activations] = act.peak_bytes;
+  e[MemCategory::workspace] = act.workspace_bytes;
+  // The activation peak comes while backward holds its scratch; the communication buffers' peak is
+  // added as if it coincided (an upper bound: they are small next to activations at these shapes).
+  e.peak_total = e[MemCategory::parameters] + e[MemCategory::gradients] + e[MemCategory::master_parameters] +
+                 e[MemCategory::optimizer_states] + act.peak_bytes + act.workspace_bytes +
+                 e[MemCategory::comm_buffers];
   return e;
 }
 

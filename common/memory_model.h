@@ -1,11 +1,18 @@
-// The analytic memory model behind /memory/predicted: bytes per category for one rank, written
-// beside the code that allocates them (GptModel::forward_backward, the strategies) so that the two
-// can be checked against each other. docs/memory-model.md derives every term.
+// The analytic memory model behind /memory/predicted and parabench-plan: bytes per category for
+// one rank, written beside the code that allocates them (GptModel::forward_backward, the model
+// states of the strategies) so that the two can be checked against each other in tests.
+// docs/memory-model.md derives every term and names its source.
+//
+// ArchSpec is a superset of the model the apps train (grouped-query attention, gated MLPs and tied
+// embeddings exist only in plans); for the trained model the formulas reduce exactly to what the
+// apps allocate.
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "common/memory.h"
 #include "common/options.h"
@@ -19,15 +26,74 @@ struct MemoryEstimate {
   int64_t operator[](MemCategory c) const { return bytes[static_cast<int>(c)]; }
 };
 
-// What the backend keeps for attention (its own formula: probabilities on the CPU).
-struct AttentionFootprint {
-  std::size_t saved_floats = 0;    // per block, kept from forward to backward
-  std::size_t scratch_floats = 0;  // backward scratch
+// ---- the architecture ------------------------------------------------------------------------------
+struct ArchSpec {
+  std::string name;
+  int64_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, ffn = 0, vocab = 0, seq = 0;
+  bool gated_mlp = false;        // SwiGLU-style: two input projections (gate, up) of width ffn
+  bool tied_embeddings = false;  // the head reuses embed.tok
+  bool learned_positions = true; // embed.pos [S, h] (false: rotary, no parameters)
+  bool biases = true;            // linear biases and LayerNorm .b (false: Llama-style)
+
+  int64_t head_dim() const { return hidden / heads; }
+  int64_t qkv_width() const { return hidden + 2 * kv_heads * head_dim(); }  // [Q | K | V]
+  int64_t mlp_in_width() const { return gated_mlp ? 2 * ffn : ffn; }
+};
+ArchSpec arch_from_model(const ModelConfig& model);  // the trained GPT of SPEC section 2
+
+// Parameters of each unit in forward order: embedding, one entry per block, final LayerNorm + head.
+std::vector<int64_t> unit_parameter_counts(const ArchSpec& arch);
+int64_t total_parameters(const ArchSpec& arch);
+
+// ---- precision -------------------------------------------------------------------------------------
+// Bytes per element of each kind of state. fp32: 4 / 4 / 0 master / 8 AdamW, activations 4.
+// bf16 (mixed precision as SPEC 2.3): bf16 weights 2, fp32 gradients 4 (bf16_grads: 2), fp32 master
+// weights 4, fp32 AdamW 8, activations 2: Megatron's 18 (or ZeRO's 16) bytes per parameter.
+struct PrecisionSpec {
+  std::string name = "fp32";
+  int64_t param_bytes = 4, grad_bytes = 4, master_bytes = 0, optimizer_bytes = 8, act_bytes = 4;
+  int64_t model_state_bytes() const { return param_bytes + grad_bytes + master_bytes + optimizer_bytes; }
+};
+PrecisionSpec precision_fp32();
+PrecisionSpec precision_bf16(bool bf16_grads);
+
+// ---- sharding ----------------------------------------------------------------------------------------
+enum class ShardStrategy { no_shard, zero1, shard_grad_op, full_shard, hybrid_shard };
+// Accepts the names of SPEC section 4 and the aliases NO_OP and FULLY_SHARD.
+bool parse_shard_strategy(const std::string& name, ShardStrategy* out);
+const char* shard_strategy_name(ShardStrategy s);
+// Elements of one rank's shard of a unit of `numel` elements split over `ranks`, padded so that every
+// rank holds the same count: ceil(numel / ranks).
+int64_t shard_elements(int64_t numel, int ranks);
+
+// ---- one rank's plan -----------------------------------------------------------------------------------
+struct MemoryPlan {
+  ArchSpec arch;
+  PrecisionSpec precision;
+  int micro_batch = 1;
+  std::string recompute = "none";  // none | selective | full
+  // Attention's saved state: the CPU backend keeps the probabilities (heads · b · S² per block);
+  // a fused (flash) kernel keeps only the softmax statistics (heads · b · S).
+  bool attention_keeps_probabilities = true;
+  ShardStrategy shard = ShardStrategy::no_shard;
+  int shard_ranks = 1;       // ranks a unit is sharded over (dp, or --shard-group for HYBRID_SHARD)
+  bool prefetch = true;      // FULL_SHARD / HYBRID_SHARD: the next unit is gathered while one computes
 };
 
-// The unsharded fp32 model trained with the micro-batch of `options`, whole on this rank:
-// parameters, gradients and AdamW states of all P parameters, the activations one micro-batch keeps
-// at the end of its forward, and the backward scratch. comm_buffers is the strategy's to add.
-MemoryEstimate predict_replicated_model_memory(const Options& options, const AttentionFootprint& attention);
+// Activations the model keeps for backward at its peak, and the backward scratch, for one
+// micro-batch of the unsharded model (the terms GptModel allocates).
+struct ActivationEstimate {
+  int64_t peak_bytes = 0;            // activations category
+  int64_t forward_end_bytes = 0;     // held when backward starts
+  int64_t workspace_bytes = 0;       // backward scratch + loss accumulator
+  int64_t backward_extra_bytes = 0;  // recomputed tensors above forward_end_bytes during backward (≥ 0 excess)
+};
+ActivationEstimate predict_activations(const MemoryPlan& plan);
+
+// Every category for one rank, and the peak of their sum.
+MemoryEstimate predict_memory(const MemoryPlan& plan);
+
+// The plan of an app's run: its model, dtype, micro-batch and recompute mode (no sharding).
+MemoryPlan memory_plan_for(const Options& options, bool attention_keeps_probabilities);
 
 }  // namespace pb

@@ -58,19 +58,19 @@ std::size_t gpt_num_parameters(const ModelConfig& config) {
 
 // What one block's backward needs, saved by its forward (all under `activations`).
 struct GptModel::BlockActs {
-  float* ln1_mean;  // (N)
-  float* ln1_rstd;  // (N)
-  float* ln1_out;   // (N, h)
-  float* qkv;       // (N, 3h)
-  float* att;       // backend-specific: attention_saved_floats
-  float* att_out;   // (N, h), heads concatenated, before the output projection
-  float* x_mid;     // (N, h), residual stream after attention
-  float* ln2_mean;  // (N)
-  float* ln2_rstd;  // (N)
-  float* ln2_out;   // (N, h)
-  float* fc1_out;   // (N, f), before GELU
-  float* gelu_out;  // (N, f)
-  float* x_out;     // (N, h), the block's output = next block's input
+  float* ln1_mean = nullptr;  // (N)
+  float* ln1_rstd = nullptr;  // (N)
+  float* ln1_out = nullptr;   // (N, h)
+  float* qkv = nullptr;       // (N, 3h)
+  float* att = nullptr;       // backend-specific: attention_saved_floats (not kept by selective recompute)
+  float* att_out = nullptr;   // (N, h), heads concatenated, before the output projection
+  float* x_mid = nullptr;     // (N, h), residual stream after attention
+  float* ln2_mean = nullptr;  // (N)
+  float* ln2_rstd = nullptr;  // (N)
+  float* ln2_out = nullptr;   // (N, h)
+  float* fc1_out = nullptr;   // (N, f), before GELU
+  float* gelu_out = nullptr;  // (N, f)
+  float* x_out = nullptr;     // (N, h), the block's output = next block's input
 };
 
 struct GptModel::HeadActs {
@@ -80,44 +80,50 @@ struct GptModel::HeadActs {
   float* logits;    // (N, V), overwritten by dlogits
 };
 
-GptModel::GptModel(const ModelConfig& config, Backend& backend, uint64_t seed, int micro_batch)
-    : config_(config), backend_(backend), micro_batch_(micro_batch), units_(gpt_units(config)) {
-  num_params_ = units_.back().offset + units_.back().numel;
-  params_ = backend_.alloc_floats(num_params_, MemCategory::parameters);
-  grads_ = backend_.alloc_floats(num_params_, MemCategory::gradients);
-  adam_m_ = backend_.alloc_floats(num_params_, MemCategory::optimizer_states);
-  adam_v_ = backend_.alloc_floats(num_params_, MemCategory::optimizer_states);
-  loss_sum_ = static_cast<double*>(backend_.alloc(sizeof(double), MemCategory::workspace));
+// Backward scratch, shared by all blocks of one micro-batch (under `workspace`).
+struct BackwardScratch {
+  float* dres;    // (N, h): gradient of the residual stream
+  float* dln;     // (N, h): gradient w.r.t. a LayerNorm output
+  float* datt;    // (N, h): gradient w.r.t. the attention output
+  float* dqkv;    // (N, 3h)
+  float* dfc;     // (N, f)
+  float* att;     // attention_scratch_floats
+};
 
-  // SPEC 2.1: every element from (seed, name, global index), generated on the host tensor by tensor.
-  for (const UnitInfo& u : units_) {
-    for (const TensorInfo& t : u.tensors) {
-      std::vector<float> values(t.numel());
-      init_values(values.data(), seed, t.name, config_.layers, 0, values.size());
-      backend_.upload(params_ + t.offset, values.data(), values.size() * sizeof(float));
-    }
-  }
-  backend_.zero(grads_, num_params_ * sizeof(float));
-  backend_.zero(adam_m_, num_params_ * sizeof(float));
-  backend_.zero(adam_v_, num_params_ * sizeof(float));
+void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
+                     float* dst, uint64_t seed, int num_layers) {
+  std::vector<float> values;
+  for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& t, std::size_t index) {
+    values.resize(len);
+    init_values(values.data(), seed, t.name, num_layers, index, len);
+    backend.upload(dst + pos, values.data(), len * sizeof(float));
+  });
+}
+
+void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
+                      float* params, const float* grads, float* m, float* v, float grad_scale, int t, double lr) {
+  constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
+  for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& tensor, std::size_t) {
+    backend.adamw_update(params + pos, grads + pos, m + pos, v + pos, len, static_cast<float>(lr), kBeta1, kBeta2,
+                         kEps, tensor.is_matrix ? kWeightDecay : 0.0f, t, grad_scale);
+  });
+}
+
+GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute)
+    : config_(config), backend_(backend), micro_batch_(micro_batch), units_(gpt_units(config)) {
+  recompute_ = recompute == "full" ? Recompute::full : recompute == "selective" ? Recompute::selective : Recompute::none;
+  num_params_ = units_.back().offset + units_.back().numel;
+  loss_sum_ = static_cast<double*>(backend_.alloc(sizeof(double), MemCategory::workspace));
   backend_.zero(loss_sum_, sizeof(double));
 }
 
-GptModel::~GptModel() {
-  backend_.free(loss_sum_);
-  backend_.free(adam_v_);
-  backend_.free(adam_m_);
-  backend_.free(grads_);
-  backend_.free(params_);
-}
+GptModel::~GptModel() { backend_.free(loss_sum_); }
 
-std::vector<float*> GptModel::unit_tensors(float* base, int unit) const {
+std::vector<float*> GptModel::unit_tensors(const float* base, int unit) const {
   std::vector<float*> out;
-  for (const TensorInfo& t : units_[unit].tensors) out.push_back(base + t.offset);
+  for (const TensorInfo& t : units_[unit].tensors) out.push_back(const_cast<float*>(base) + (t.offset - units_[unit].offset));
   return out;
 }
-
-void GptModel::zero_grads() { backend_.zero(grads_, num_params_ * sizeof(float)); }
 
 double GptModel::take_loss() {
   double loss = 0.0;
@@ -126,9 +132,34 @@ double GptModel::take_loss() {
   return loss;
 }
 
-void GptModel::block_forward(int layer, const float* x_in, BlockActs& a) {
+void GptModel::alloc_block(BlockActs& a, bool with_attention) {
+  const std::size_t N = static_cast<std::size_t>(micro_batch_) * config_.seq, h = config_.hidden, f = config_.ffn;
+  auto act = [&](std::size_t count) { return backend_.alloc_floats(count, MemCategory::activations); };
+  a.ln1_mean = act(N);
+  a.ln1_rstd = act(N);
+  a.ln1_out = act(N * h);
+  a.qkv = act(3 * N * h);
+  a.att = with_attention ? act(backend_.attention_saved_floats(micro_batch_, config_.seq, config_.heads)) : nullptr;
+  a.att_out = act(N * h);
+  a.x_mid = act(N * h);
+  a.ln2_mean = act(N);
+  a.ln2_rstd = act(N);
+  a.ln2_out = act(N * h);
+  a.fc1_out = act(N * f);
+  a.gelu_out = act(N * f);
+  a.x_out = act(N * h);
+}
+
+void GptModel::free_block(BlockActs& a) {
+  for (float* p : {a.x_out, a.gelu_out, a.fc1_out, a.ln2_out, a.ln2_rstd, a.ln2_mean, a.x_mid, a.att_out, a.att,
+                   a.qkv, a.ln1_out, a.ln1_rstd, a.ln1_mean}) {
+    backend_.free(p);
+  }
+  a = BlockActs{};
+}
+
+void GptModel::block_forward(const float* const* w, const float* x_in, BlockActs& a) {
   const int B = micro_batch_, S = config_.seq, h = config_.hidden, f = config_.ffn, N = B * S;
-  const std::vector<float*> w = unit_tensors(params_, 1 + layer);
   Backend& be = backend_;
   // u = LayerNorm(x); qkv = u·Wqkv + b                                  (N, 3h)
   be.layernorm_forward(a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in, w[kLn1G], w[kLn1B], N, h);
@@ -145,15 +176,6 @@ void GptModel::block_forward(int layer, const float* x_in, BlockActs& a) {
   be.matmul_forward(a.x_out, a.gelu_out, w[kFc2W], w[kFc2B], N, f, h);
   be.add(a.x_out, a.x_out, a.x_mid, static_cast<std::size_t>(N) * h);
 }
-
-// Backward scratch, shared by all blocks of one micro-batch (under `workspace`).
-struct BackwardScratch {
-  float* dln;     // (N, h): gradient w.r.t. a LayerNorm output
-  float* datt;    // (N, h): gradient w.r.t. the attention output
-  float* dqkv;    // (N, 3h)
-  float* dfc;     // (N, f)
-  float* att;     // attention_scratch_floats
-};
 
 void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targets_host, float scale,
                                 UnitHooks& hooks) {
@@ -173,36 +195,36 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
   be.upload(targets, targets_host, N * sizeof(int32_t));
 
   hooks.before_forward(0);
-  const std::vector<float*> emb = unit_tensors(params_, 0);
+  const std::vector<float*> emb = unit_tensors(hooks.unit_params(0), 0);
   float* x0 = act(Nh);  // (N, h)
   be.embedding_forward(x0, tokens, emb[kTok], emb[kPos], B, S, h);
   hooks.after_forward(0);
 
+  // Each block keeps what its backward needs: everything (none), everything but the attention
+  // probabilities (selective), or only its output, the next block's input (full).
   std::vector<BlockActs> blocks(L);
   const float* x = x0;
   for (int l = 0; l < L; ++l) {
     hooks.before_forward(1 + l);
+    const std::vector<float*> w = unit_tensors(hooks.unit_params(1 + l), 1 + l);
     BlockActs& ba = blocks[l];
-    ba.ln1_mean = act(N);
-    ba.ln1_rstd = act(N);
-    ba.ln1_out = act(Nh);
-    ba.qkv = act(3 * Nh);
-    ba.att = act(be.attention_saved_floats(B, S, a));
-    ba.att_out = act(Nh);
-    ba.x_mid = act(Nh);
-    ba.ln2_mean = act(N);
-    ba.ln2_rstd = act(N);
-    ba.ln2_out = act(Nh);
-    ba.fc1_out = act(Nf);
-    ba.gelu_out = act(Nf);
-    ba.x_out = act(Nh);
-    block_forward(l, x, ba);
+    alloc_block(ba, /*with_attention=*/true);
+    block_forward(w.data(), x, ba);
+    if (recompute_ == Recompute::selective) {
+      be.free(ba.att);
+      ba.att = nullptr;
+    } else if (recompute_ == Recompute::full) {
+      float* out = ba.x_out;
+      ba.x_out = nullptr;
+      free_block(ba);
+      ba.x_out = out;
+    }
     x = ba.x_out;
     hooks.after_forward(1 + l);
   }
 
   hooks.before_forward(head_unit);
-  const std::vector<float*> hw = unit_tensors(params_, head_unit);
+  const std::vector<float*> hw = unit_tensors(hooks.unit_params(head_unit), head_unit);
   HeadActs ha;
   ha.lnf_mean = act(N);
   ha.lnf_rstd = act(N);
@@ -216,18 +238,22 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
 
   // ---- backward ----------------------------------------------------------------------------------
   BackwardScratch sc;
-  float* dres = scratch(Nh);  // gradient of the residual stream, (N, h)
+  sc.dres = scratch(Nh);
   sc.dln = scratch(Nh);
   sc.datt = scratch(Nh);
   sc.dqkv = scratch(3 * Nh);
   sc.dfc = scratch(Nf);
   sc.att = scratch(be.attention_scratch_floats(B, S, a));
+  float* dres = sc.dres;
 
   hooks.before_backward(head_unit);
-  const std::vector<float*> hg = unit_tensors(grads_, head_unit);
-  be.matmul_backward(sc.dln, hg[kHeadW], nullptr, ha.logits, ha.lnf_out, hw[kHeadW], N, h, V);
-  be.zero(dres, Nh * sizeof(float));
-  be.layernorm_backward(dres, hg[kLnfG], hg[kLnfB], sc.dln, x, hw[kLnfG], ha.lnf_mean, ha.lnf_rstd, N, h);
+  {
+    const std::vector<float*> w = unit_tensors(hooks.unit_params(head_unit), head_unit);
+    const std::vector<float*> g = unit_tensors(hooks.unit_grads(head_unit), head_unit);
+    be.matmul_backward(sc.dln, g[kHeadW], nullptr, ha.logits, ha.lnf_out, w[kHeadW], N, h, V);
+    be.zero(dres, Nh * sizeof(float));
+    be.layernorm_backward(dres, g[kLnfG], g[kLnfB], sc.dln, x, w[kLnfG], ha.lnf_mean, ha.lnf_rstd, N, h);
+  }
   for (float* p : {ha.logits, ha.lnf_out, ha.lnf_rstd, ha.lnf_mean}) be.free(p);
   hooks.after_backward(head_unit);
   hooks.grad_ready(head_unit);
@@ -235,10 +261,22 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
   for (int l = L - 1; l >= 0; --l) {
     const int unit = 1 + l;
     hooks.before_backward(unit);
-    BlockActs& ba = blocks[l];
     const float* x_in = l > 0 ? blocks[l - 1].x_out : x0;
-    const std::vector<float*> w = unit_tensors(params_, unit);
-    const std::vector<float*> g = unit_tensors(grads_, unit);
+    const std::vector<float*> w = unit_tensors(hooks.unit_params(unit), unit);
+    const std::vector<float*> g = unit_tensors(hooks.unit_grads(unit), unit);
+    BlockActs& ba = blocks[l];
+    float* recomputed_out = nullptr;  // selective recompute's copy of the attention output
+    if (recompute_ == Recompute::full) {
+      // Run the block's forward again from its input; its saved output is no longer needed.
+      be.free(ba.x_out);
+      alloc_block(ba, /*with_attention=*/true);
+      block_forward(w.data(), x_in, ba);
+    } else if (recompute_ == Recompute::selective) {
+      // Recompute only the attention scores and softmax (Korthikanti et al. 2022).
+      ba.att = act(be.attention_saved_floats(B, S, a));
+      recomputed_out = act(Nh);
+      be.attention_forward(recomputed_out, ba.att, ba.qkv, B, S, h, a);
+    }
     // dres = d x_out. MLP branch: x_out = x_mid + gelu(ln2(x_mid)·W1 + b1)·W2 + b2
     be.matmul_backward(sc.dfc, g[kFc2W], g[kFc2B], dres, ba.gelu_out, w[kFc2W], N, f, h);
     be.gelu_backward(sc.dfc, ba.fc1_out, sc.dfc, Nf);
@@ -251,16 +289,14 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
     be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, ba.ln1_out, w[kQkvW], N, h, 3 * h);
     // dres = d x_in
     be.layernorm_backward(dres, g[kLn1G], g[kLn1B], sc.dln, x_in, w[kLn1G], ba.ln1_mean, ba.ln1_rstd, N, h);
-    for (float* p : {ba.x_out, ba.gelu_out, ba.fc1_out, ba.ln2_out, ba.ln2_rstd, ba.ln2_mean, ba.x_mid,
-                     ba.att_out, ba.att, ba.qkv, ba.ln1_out, ba.ln1_rstd, ba.ln1_mean}) {
-      be.free(p);
-    }
+    be.free(recomputed_out);
+    free_block(ba);
     hooks.after_backward(unit);
     hooks.grad_ready(unit);
   }
 
   hooks.before_backward(0);
-  const std::vector<float*> eg = unit_tensors(grads_, 0);
+  const std::vector<float*> eg = unit_tensors(hooks.unit_grads(0), 0);
   be.embedding_backward(eg[kTok], eg[kPos], dres, tokens, B, S, h);
   be.free(x0);
   be.free(targets);
@@ -268,25 +304,27 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
   hooks.after_backward(0);
   hooks.grad_ready(0);
 
-  for (float* p : {sc.att, sc.dfc, sc.dqkv, sc.datt, sc.dln, dres}) be.free(p);
+  for (float* p : {sc.att, sc.dfc, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
 }
 
-void GptModel::adamw_step(std::size_t first, std::size_t count, float grad_scale, int t, double lr) {
-  constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
-  const std::size_t last = first + count;
-  for (const UnitInfo& u : units_) {
-    for (const TensorInfo& tensor : u.tensors) {
-      // The part of this tensor inside [first, last).
-      const std::size_t lo = std::max(first, tensor.offset);
-      const std::size_t hi = std::min(last, tensor.offset + tensor.numel());
-      if (lo >= hi) continue;
-      backend_.adamw_update(params_ + lo, grads_ + lo, adam_m_ + lo, adam_v_ + lo, hi - lo,
-                            static_cast<float>(lr), kBeta1, kBeta2, kEps,
-                            tensor.is_matrix ? kWeightDecay : 0.0f, t, grad_scale);
-    }
-  }
+ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed)
+    : backend_(backend), units_(model.units()), n_(model.num_parameters()) {
+  params_ = backend_.alloc_floats(n_, MemCategory::parameters);
+  grads_ = backend_.alloc_floats(n_, MemCategory::gradients);
+  m_ = backend_.alloc_floats(n_, MemCategory::optimizer_states);
+  v_ = backend_.alloc_floats(n_, MemCategory::optimizer_states);
+  init_flat_range(backend_, units_, 0, n_, params_, seed, model.config().layers);
+  for (float* p : {grads_, m_, v_}) backend_.zero(p, n_ * sizeof(float));
 }
 
-double GptModel::param_sum_squares() { return backend_.sum_squares(params_, num_params_); }
+ReplicatedState::~ReplicatedState() {
+  for (float* p : {v_, m_, grads_, params_}) backend_.free(p);
+}
+
+void ReplicatedState::zero_grads() { backend_.zero(grads_, n_ * sizeof(float)); }
+
+void ReplicatedState::adamw(float grad_scale, int t, double lr) {
+  adamw_flat_range(backend_, units_, 0, n_, params_, grads_, m_, v_, grad_scale, t, lr);
+}
 
 }  // namespace pb

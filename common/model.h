@@ -8,6 +8,7 @@
 // under `workspace`. Model code never reads tensor elements on the host.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -37,10 +38,39 @@ struct UnitInfo {
 std::vector<UnitInfo> gpt_units(const ModelConfig& config);
 std::size_t gpt_num_parameters(const ModelConfig& config);
 
-// Called by the model around each unit; strategies hook gradient sync (and later sharding) here.
+// Calls every piece of the tensors that overlaps the flat range [first, first + count) of the
+// model's (unpadded) flat index space: fn(position in the range, length, tensor, index in tensor).
+template <typename Fn>
+void for_each_tensor_piece(const std::vector<UnitInfo>& units, std::size_t first, std::size_t count, Fn&& fn) {
+  const std::size_t last = first + count;
+  for (const UnitInfo& u : units) {
+    if (u.offset >= last || u.offset + u.numel <= first) continue;
+    for (const TensorInfo& t : u.tensors) {
+      const std::size_t lo = std::max(first, t.offset), hi = std::min(last, t.offset + t.numel());
+      if (lo < hi) fn(lo - first, hi - lo, t, lo - t.offset);
+    }
+  }
+}
+
+// SPEC 2.1 values of the flat range [first, first + count) into backend memory at dst.
+void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
+                     float* dst, uint64_t seed, int num_layers);
+
+// AdamW (SPEC 2.3) over the flat range [first, first + count), whose params, grads, m and v start at
+// the given pointers; weight decay on matrices only; gradients multiplied by grad_scale first.
+void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
+                      float* params, const float* grads, float* m, float* v, float grad_scale, int t, double lr);
+
+// Called by the model around each unit, and asked where the unit's parameters and gradient
+// accumulators are: strategies keep them whole, sharded or gathered on demand.
 class UnitHooks {
  public:
   virtual ~UnitHooks() = default;
+  // The unit's parameters (its numel elements, in tensor order); valid from before_forward to
+  // after_forward and from before_backward to after_backward.
+  virtual const float* unit_params(int unit) = 0;
+  // Where the unit's gradients accumulate; valid from before_backward until grad_ready.
+  virtual float* unit_grads(int unit) = 0;
   virtual void before_forward(int /*unit*/) {}
   virtual void after_forward(int /*unit*/) {}
   virtual void before_backward(int /*unit*/) {}
@@ -49,9 +79,11 @@ class UnitHooks {
   virtual void grad_ready(int /*unit*/) {}
 };
 
+// The forward and backward passes of the model for one micro-batch. Holds no parameters: the
+// hooks say where they are.
 class GptModel {
  public:
-  GptModel(const ModelConfig& config, Backend& backend, uint64_t seed, int micro_batch);
+  GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute);
   ~GptModel();
   GptModel(const GptModel&) = delete;
   GptModel& operator=(const GptModel&) = delete;
@@ -61,44 +93,54 @@ class GptModel {
   std::size_t num_parameters() const { return num_params_; }
   int num_units() const { return static_cast<int>(units_.size()); }
 
-  float* params() { return params_; }
-  float* grads() { return grads_; }
-
-  // Sets the gradients to zero (start of a step).
-  void zero_grads();
-
   // One micro-batch: forward, loss and backward. tokens and targets are host arrays (B·S); the
-  // micro-batch adds scale · Σ cross-entropy to the device loss accumulator and accumulates that
-  // loss's gradient into grads().
+  // micro-batch adds scale · Σ cross-entropy to the loss accumulator and accumulates that loss's
+  // gradient into the hooks' unit_grads.
   void forward_backward(const int32_t* tokens, const int32_t* targets, float scale, UnitHooks& hooks);
 
-  // The step's loss so far (scale · Σ CE over its micro-batches) and a reset for the next step.
+  // The step's loss so far (scale · Σ CE over its micro-batches), and a reset for the next step.
   double take_loss();
-
-  // AdamW over the flat range [first, first + count) of params, grads, m, v, tensor by tensor
-  // (weight decay on matrices only), with the gradient multiplied by grad_scale (clipping).
-  void adamw_step(std::size_t first, std::size_t count, float grad_scale, int t, double lr);
-
-  // Σ p² over all parameters (for the final parameter norm).
-  double param_sum_squares();
 
  private:
   struct BlockActs;
   struct HeadActs;
-  void block_forward(int layer, const float* x_in, BlockActs& a);
-  // Pointers to the tensors of a unit, in the order gpt_units lists them.
-  std::vector<float*> unit_tensors(float* base, int unit) const;
+  void alloc_block(BlockActs& a, bool with_attention);
+  void free_block(BlockActs& a);
+  void block_forward(const float* const* w, const float* x_in, BlockActs& a);
+  // Pointers to the tensors of a unit whose parameters (or gradients) start at base.
+  std::vector<float*> unit_tensors(const float* base, int unit) const;
 
   ModelConfig config_;
   Backend& backend_;
   int micro_batch_;
+  enum class Recompute { none, selective, full } recompute_;
   std::vector<UnitInfo> units_;
   std::size_t num_params_ = 0;
-  float* params_ = nullptr;
-  float* grads_ = nullptr;
-  float* adam_m_ = nullptr;
-  float* adam_v_ = nullptr;
-  double* loss_sum_ = nullptr;  // device scalar
+  double* loss_sum_ = nullptr;  // backend scalar
+};
+
+// The whole model state on this rank (data parallelism, NO_SHARD): parameters, gradients and AdamW
+// states of every unit, in flat buffers.
+class ReplicatedState {
+ public:
+  ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed);
+  ~ReplicatedState();
+  ReplicatedState(const ReplicatedState&) = delete;
+  ReplicatedState& operator=(const ReplicatedState&) = delete;
+
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+  std::size_t size() const { return n_; }
+  const float* unit_params(int unit) const { return params_ + units_[unit].offset; }
+  float* unit_grads(int unit) { return grads_ + units_[unit].offset; }
+  void zero_grads();
+  void adamw(float grad_scale, int t, double lr);
+
+ private:
+  Backend& backend_;
+  const std::vector<UnitInfo>& units_;
+  std::size_t n_;
+  float *params_, *grads_, *m_, *v_;
 };
 
 }  // namespace pb

@@ -179,9 +179,6 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (opt.recompute != "none" && opt.recompute != "selective" && opt.recompute != "full") {
       reject("--recompute " + opt.recompute + " must be none, selective or full");
     }
-    if (opt.recompute != "none") {
-      reject("--recompute " + opt.recompute + " is not implemented yet; only none is (see the project's issues)");
-    }
 
     // ---- layout -----------------------------------------------------------------------------------------
     const int model_parallel = app_options.model_parallel_size();
@@ -213,7 +210,6 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (seed < 0) reject("--seed " + std::to_string(seed) + " must not be negative");
     opt.seed = static_cast<uint64_t>(seed);
     if (opt.out.empty()) reject("--out must not be empty");
-    if (opt.recompute.empty()) reject("--recompute must not be empty");
 
     if (app_options.validate) app_options.validate(opt);
 

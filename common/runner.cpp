@@ -152,11 +152,9 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const Layout layout = app.layout(opt);
   ProcessGroups groups = make_process_groups(world, layout);
 
-  const AttentionFootprint attention{
-      backend->attention_saved_floats(opt.micro_batch, opt.model.seq, opt.model.heads),
-      backend->attention_scratch_floats(opt.micro_batch, opt.model.seq, opt.model.heads)};
+  const MemoryPlan plan = memory_plan_for(opt, backend->attention_keeps_probabilities());
   std::vector<MemoryEstimate> predicted;
-  for (int r = 0; r < opt.world_size; ++r) predicted.push_back(app.predict_memory(opt, attention, r));
+  for (int r = 0; r < opt.world_size; ++r) predicted.push_back(app.predict_memory(opt, plan, r));
 
   SystemInfo sys = collect_system_info(world.handle(), opt.cluster, backend->device_name());
   if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model), predicted);
@@ -198,7 +196,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     return kExitRuntime;
   }
 
-  GptModel model(opt.model, *backend, opt.seed, opt.micro_batch);
+  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute);
   TraceRecorder trace(!opt.trace.empty(), wall_time_s());
   Runtime runtime{opt, groups, *backend, model, trace};
   std::unique_ptr<Strategy> strategy = app.make_strategy(runtime);
@@ -219,7 +217,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     world.barrier();  // steps start together, so a rank's time is its own work and waiting
     const double t0 = wall_time_s();
     trace.span(TraceTrack::idle, "step barrier", t_arrive, t0);
-    model.zero_grads();
+    strategy->zero_grads();
     for (int micro = 0; micro < opt.grad_accum; ++micro) {
       // SPEC 2.3: sample k of the step goes to dp rank (k / b) mod dp in micro-step k / (b · dp).
       const uint64_t first = static_cast<uint64_t>(step) * opt.global_batch +

@@ -29,6 +29,8 @@ struct Runtime {
 // micro-batch; the harness calls the rest around them.
 class Strategy : public UnitHooks {
  public:
+  // Start of a step: gradients (this rank's) to zero.
+  virtual void zero_grads() = 0;
   // Before each micro-batch; `last` is the step's last micro-batch (when gradients are synced).
   virtual void begin_micro_batch(int /*micro*/, bool /*last*/) {}
   // After the last micro-batch's backward: every gradient this rank owns is final on return.
@@ -49,8 +51,9 @@ struct AppDefinition {
   AppOptions options;
   // Degrees of the layout for validated options (dp derived by the options).
   std::function<Layout(const Options&)> layout;
-  // The analytic memory of one rank (SPEC section 6, /memory/predicted).
-  std::function<MemoryEstimate(const Options&, const AttentionFootprint&, int rank)> predict_memory;
+  // The analytic memory of one rank (SPEC section 6, /memory/predicted), from the plan of the run
+  // (model, dtype, micro-batch, recompute, the backend's attention) that the app completes.
+  std::function<MemoryEstimate(const Options&, const MemoryPlan&, int rank)> predict_memory;
   std::function<std::unique_ptr<Strategy>(Runtime&)> make_strategy;
 };
 

@@ -60,6 +60,8 @@ class Backend {
   // (`attention_saved_floats`): the CPU keeps the probabilities, a fused kernel only the softmax
   // statistics.
   virtual std::size_t attention_saved_floats(int B, int S, int num_heads) const = 0;
+  // True when `saved` holds the probabilities (B·heads·S² floats) rather than softmax statistics.
+  virtual bool attention_keeps_probabilities() const = 0;
   virtual void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C,
                                  int num_heads) = 0;
   // dqkv (B, S, 3C) overwritten. `scratch` holds attention_scratch_floats(B, S, num_heads) floats.

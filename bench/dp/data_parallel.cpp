@@ -8,7 +8,8 @@
 namespace pb {
 
 DataParallel::DataParallel(Runtime& runtime, const DataParallelOptions& options)
-    : rt_(runtime), dp_comm_(*runtime.groups.dp), options_(options) {
+    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed), dp_comm_(*runtime.groups.dp),
+      options_(options) {
   const auto bucket_elems = static_cast<std::size_t>(std::max(1.0, options.bucket_mb * 1024.0 * 1024.0 / sizeof(float)));
   buckets_ = make_buckets(rt_.model.units(), bucket_elems);
 }
@@ -40,7 +41,7 @@ void DataParallel::launch_ready_buckets(std::size_t ready_from) {
   // Gradients [ready_from, end) are final: launch every bucket inside that range, in order.
   while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].first >= ready_from) {
     const Bucket& b = buckets_[next_bucket_];
-    in_flight_.push_back({dp_comm_.all_reduce_async(rt_.model.grads() + b.first, b.count), next_bucket_, wall_time_s()});
+    in_flight_.push_back({dp_comm_.all_reduce_async(state_.grads() + b.first, b.count), next_bucket_, wall_time_s()});
     ++next_bucket_;
   }
 }
@@ -69,7 +70,7 @@ void DataParallel::finish_gradients() {
   } else {
     for (std::size_t i = 0; i < buckets_.size(); ++i) {
       const double t0 = wall_time_s();
-      dp_comm_.all_reduce(rt_.model.grads() + buckets_[i].first, buckets_[i].count);
+      dp_comm_.all_reduce(state_.grads() + buckets_[i].first, buckets_[i].count);
       InFlight done{nullptr, i, t0};
       trace_completed(done);
     }
@@ -83,21 +84,21 @@ void DataParallel::finish_gradients() {
 
 double DataParallel::global_grad_sum_squares() {
   // Every rank holds the same, fully reduced gradient.
-  return rt_.backend.sum_squares(rt_.model.grads(), rt_.model.num_parameters());
+  return rt_.backend.sum_squares(state_.grads(), rt_.model.num_parameters());
 }
 
 void DataParallel::optimizer_step(float grad_scale, int t) {
-  rt_.model.adamw_step(0, rt_.model.num_parameters(), grad_scale, t, rt_.options.lr);
+  state_.adamw(grad_scale, t, rt_.options.lr);
 }
 
 std::vector<float> DataParallel::gather_full_gradients() {
   std::vector<float> host(rt_.model.num_parameters());  // every rank holds the reduced gradient
-  rt_.backend.download(host.data(), rt_.model.grads(), host.size() * sizeof(float));
+  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
   return host;
 }
 
 double DataParallel::global_param_sum_squares() {
-  return rt_.backend.sum_squares(rt_.model.params(), rt_.model.num_parameters());
+  return rt_.backend.sum_squares(state_.params(), rt_.model.num_parameters());
 }
 
 }  // namespace pb

@@ -32,6 +32,9 @@ class DataParallel final : public Strategy {
   static std::vector<Bucket> make_buckets(const std::vector<UnitInfo>& units, std::size_t bucket_elems);
   const std::vector<Bucket>& buckets() const { return buckets_; }
 
+  const float* unit_params(int unit) override { return state_.unit_params(unit); }
+  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  void zero_grads() override { state_.zero_grads(); }
   void begin_micro_batch(int micro, bool last) override;
   void grad_ready(int unit) override;
   void finish_gradients() override;
@@ -44,6 +47,7 @@ class DataParallel final : public Strategy {
   void launch_ready_buckets(std::size_t ready_from);
 
   Runtime& rt_;
+  ReplicatedState state_;
   Communicator& dp_comm_;
   DataParallelOptions options_;
   std::vector<Bucket> buckets_;

@@ -28,9 +28,9 @@ int main(int argc, char** argv) {
     config["no_overlap"] = no_overlap;
   };
   app.layout = [](const pb::Options& o) { return pb::Layout{1, o.dp, 1, 1}; };
-  app.predict_memory = [](const pb::Options& o, const pb::AttentionFootprint& attention, int /*rank*/) {
-    // Buckets are views of the gradient buffer, so DP adds no communication buffers.
-    return pb::predict_replicated_model_memory(o, attention);
+  app.predict_memory = [](const pb::Options&, const pb::MemoryPlan& plan, int /*rank*/) {
+    // The whole model on every rank; buckets are views of the gradient buffer, so no comm buffers.
+    return pb::predict_memory(plan);
   };
   app.make_strategy = [&](pb::Runtime& runtime) { return std::make_unique<pb::DataParallel>(runtime, dp); };
   return pb::run_app(argc, argv, app);

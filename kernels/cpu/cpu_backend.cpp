@@ -219,6 +219,7 @@ class CpuBackend final : public Backend {
   std::size_t attention_saved_floats(int B, int S, int num_heads) const override {
     return static_cast<std::size_t>(B) * num_heads * S * S;
   }
+  bool attention_keeps_probabilities() const override { return true; }
   std::size_t attention_scratch_floats(int B, int S, int num_heads) const override {
     return static_cast<std::size_t>(B) * num_heads * S * S;  // dP, then dScores in place
   }
