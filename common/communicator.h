@@ -51,7 +51,8 @@ class Communicator {
   // recv (recv_count) = this rank's block of Σ send (size · recv_count).
   virtual void reduce_scatter(const float* send, float* recv, std::size_t recv_count) = 0;
   virtual Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) = 0;
-  // recv (size · send_count) = every rank's send, in rank order.
+  // recv (size · send_count) = every rank's send, in rank order. In place when send is this rank's
+  // block of recv.
   virtual void all_gather(const float* send, float* recv, std::size_t send_count) = 0;
   virtual Request all_gather_async(const float* send, float* recv, std::size_t send_count) = 0;
   // Block j of send (count_per_peer each) goes to rank j; block i of recv comes from rank i.

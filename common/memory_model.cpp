@@ -163,11 +163,11 @@ int64_t fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& units) {
   for (int u = U - 1; u >= 0; --u) {  // backward
     gather(u);
     if (p.prefetch) gather(u - 1);
-    if (unit_grads) {
-      // unsharded gradient of the unit, then the reduce-scatter output beside it
-      peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
-    }
+    // The unit's whole gradient during its backward; after it, the unit's parameters are freed and
+    // the reduce-scatter output sits beside the whole gradient.
+    if (unit_grads) peak = std::max(peak, current + padded(u) * gb);
     release(u);
+    if (unit_grads) peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
   }
   if (p.shard == ShardStrategy::zero1) {
     // Reduce-scatter output of the largest unit after backward.

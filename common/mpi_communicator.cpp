@@ -123,18 +123,23 @@ Request MpiCommunicator::reduce_scatter_async(const float* send, float* recv, st
   return make_request(request, CommOp::reduce_scatter, t0);
 }
 
+// An all-gather whose send buffer is this rank's block of recv runs in place (MPI_IN_PLACE).
+const void* MpiCommunicator::gather_source(const float* send, const float* recv, std::size_t send_count) const {
+  return send == recv + static_cast<std::size_t>(rank_) * send_count ? MPI_IN_PLACE : send;
+}
+
 void MpiCommunicator::all_gather(const float* send, float* recv, std::size_t send_count) {
   ScopedTime t(account(CommOp::all_gather, send_count * size_));
-  PB_MPI_CHECK(MPI_Allgather(send, as_int_count(send_count), MPI_FLOAT, recv, as_int_count(send_count),
-                             MPI_FLOAT, comm_));
+  PB_MPI_CHECK(MPI_Allgather(gather_source(send, recv, send_count), as_int_count(send_count), MPI_FLOAT, recv,
+                             as_int_count(send_count), MPI_FLOAT, comm_));
 }
 
 Request MpiCommunicator::all_gather_async(const float* send, float* recv, std::size_t send_count) {
   account(CommOp::all_gather, send_count * size_);
   const double t0 = MPI_Wtime();
   MPI_Request request;
-  PB_MPI_CHECK(MPI_Iallgather(send, as_int_count(send_count), MPI_FLOAT, recv, as_int_count(send_count),
-                              MPI_FLOAT, comm_, &request));
+  PB_MPI_CHECK(MPI_Iallgather(gather_source(send, recv, send_count), as_int_count(send_count), MPI_FLOAT, recv,
+                              as_int_count(send_count), MPI_FLOAT, comm_, &request));
   return make_request(request, CommOp::all_gather, t0);
 }
 

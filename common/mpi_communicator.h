@@ -40,6 +40,7 @@ class MpiCommunicator final : public Communicator {
  private:
   Request make_request(MPI_Request request, CommOp op, double issue_time);
   CommOpStats& account(CommOp op, std::size_t count);
+  const void* gather_source(const float* send, const float* recv, std::size_t send_count) const;
 
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;

@@ -1,0 +1,243 @@
+#include "bench/fsdp/fully_sharded.h"
+
+#include <algorithm>
+
+namespace pb {
+
+FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options)
+    : rt_(runtime), be_(runtime.backend), options_(options) {
+  Communicator& dp = *rt_.groups.dp;
+  shard_group_ = &dp;
+  if (options_.shard == ShardStrategy::hybrid_shard) {
+    // Shard groups of consecutive dp ranks; the ranks holding the same shard form a replica group.
+    const int g = options_.shard_group;
+    shard_comm_ = dp.split(dp.rank() / g, dp.rank() % g);
+    replicate_comm_ = dp.split(dp.rank() % g, dp.rank() / g);
+    shard_group_ = shard_comm_.get();
+  }
+  // NO_SHARD is the degenerate layout: one "shard" per unit, the whole unit.
+  const bool no_shard = options_.shard == ShardStrategy::no_shard;
+  shard_size_ = no_shard ? 1 : shard_group_->size();
+  shard_rank_ = no_shard ? 0 : shard_group_->rank();
+
+  const std::vector<UnitInfo>& units = rt_.model.units();
+  for (const UnitInfo& u : units) {
+    UnitLayout l;
+    l.numel = u.numel;
+    l.shard = static_cast<std::size_t>(shard_elements(static_cast<int64_t>(u.numel), shard_size_));
+    const std::size_t begin = std::min(u.numel, shard_rank_ * l.shard);
+    l.valid = std::min(u.numel, begin + l.shard) - begin;
+    l.full_offset = full_total_;
+    l.shard_offset = shard_total_;
+    full_total_ += l.shard * shard_size_;
+    shard_total_ += l.shard;
+    layout_.push_back(l);
+  }
+
+  // Persistent state, by strategy (see the header).
+  const std::size_t param_elems = params_sharded() ? shard_total_ : full_total_;
+  const std::size_t grad_elems = grads_sharded() ? shard_total_ : full_total_;
+  params_ = be_.alloc_floats(param_elems, MemCategory::parameters);
+  grads_ = be_.alloc_floats(grad_elems, MemCategory::gradients);
+  adam_m_ = be_.alloc_floats(shard_total_, MemCategory::optimizer_states);
+  adam_v_ = be_.alloc_floats(shard_total_, MemCategory::optimizer_states);
+  be_.zero(params_, param_elems * sizeof(float));  // padding stays zero
+  for (float* p : {grads_, adam_m_, adam_v_}) be_.zero(p, (p == grads_ ? grad_elems : shard_total_) * sizeof(float));
+  for (std::size_t u = 0; u < layout_.size(); ++u) {
+    // SPEC 2.1: every value from its global index, so a shard initialises itself.
+    const UnitLayout& l = layout_[u];
+    if (params_sharded()) {
+      init_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, params_ + l.shard_offset,
+                      rt_.options.seed, rt_.options.model.layers);
+    } else {
+      init_flat_range(be_, units, units[u].offset, l.numel, params_ + l.full_offset, rt_.options.seed,
+                      rt_.options.model.layers);
+    }
+  }
+  gathered_.assign(layout_.size(), nullptr);
+  gathering_.resize(layout_.size());
+  unit_grad_.assign(layout_.size(), nullptr);
+}
+
+FullyShardedDataParallel::~FullyShardedDataParallel() {
+  for (std::size_t u = 0; u < layout_.size(); ++u) release(static_cast<int>(u));
+  for (float* p : {adam_v_, adam_m_, grads_, params_}) be_.free(p);
+}
+
+bool FullyShardedDataParallel::params_sharded() const {
+  return options_.shard == ShardStrategy::full_shard || options_.shard == ShardStrategy::hybrid_shard;
+}
+
+bool FullyShardedDataParallel::grads_sharded() const {
+  return params_sharded() || options_.shard == ShardStrategy::shard_grad_op;
+}
+
+float* FullyShardedDataParallel::shard_params(int u) {
+  const UnitLayout& l = layout_[u];
+  return params_sharded() ? params_ + l.shard_offset : params_ + l.full_offset + shard_rank_ * l.shard;
+}
+
+float* FullyShardedDataParallel::shard_grads(int u) {
+  const UnitLayout& l = layout_[u];
+  return grads_sharded() ? grads_ + l.shard_offset : grads_ + l.full_offset + shard_rank_ * l.shard;
+}
+
+// ---- parameters: whole, or gathered around each use (FULL_SHARD) ------------------------------------
+
+void FullyShardedDataParallel::gather(int u, bool async) {
+  if (u < 0 || u >= static_cast<int>(layout_.size()) || gathered_[u] != nullptr) return;
+  const UnitLayout& l = layout_[u];
+  gathered_[u] = be_.alloc_floats(l.shard * shard_size_, MemCategory::comm_buffers);
+  if (async) {
+    gathering_[u] = shard_group_->all_gather_async(params_ + l.shard_offset, gathered_[u], l.shard);
+  } else {
+    shard_group_->all_gather(params_ + l.shard_offset, gathered_[u], l.shard);
+  }
+}
+
+void FullyShardedDataParallel::wait_gathered(int u) {
+  gather(u, /*async=*/false);
+  if (gathering_[u]) {
+    gathering_[u]->wait();
+    gathering_[u].reset();
+  }
+}
+
+void FullyShardedDataParallel::release(int u) {
+  if (gathering_[u]) {
+    gathering_[u]->wait();
+    gathering_[u].reset();
+  }
+  be_.free(gathered_[u]);
+  gathered_[u] = nullptr;
+}
+
+const float* FullyShardedDataParallel::unit_params(int u) {
+  return params_sharded() ? gathered_[u] : params_ + layout_[u].full_offset;
+}
+
+void FullyShardedDataParallel::before_forward(int u) {
+  if (!params_sharded()) return;
+  const int last = static_cast<int>(layout_.size()) - 1;
+  wait_gathered(u);
+  // Prefetch the next unit to be used: the next in forward or, after the last unit (which stays
+  // gathered for its own backward), the first of backward.
+  if (options_.prefetch) gather(u == last ? last - 1 : u + 1, /*async=*/true);
+}
+
+void FullyShardedDataParallel::after_forward(int u) {
+  if (params_sharded() && u != static_cast<int>(layout_.size()) - 1) release(u);
+}
+
+void FullyShardedDataParallel::before_backward(int u) {
+  if (params_sharded()) {
+    wait_gathered(u);
+    if (options_.prefetch) gather(u - 1, /*async=*/true);
+  }
+  if (grads_sharded()) {
+    // The unit's whole gradient exists only during its backward.
+    const std::size_t whole = layout_[u].shard * shard_size_;
+    unit_grad_[u] = be_.alloc_floats(whole, MemCategory::comm_buffers);
+    be_.zero(unit_grad_[u], whole * sizeof(float));
+  }
+}
+
+void FullyShardedDataParallel::after_backward(int u) {
+  if (params_sharded()) release(u);
+}
+
+// ---- gradients ---------------------------------------------------------------------------------------
+
+float* FullyShardedDataParallel::unit_grads(int u) {
+  return grads_sharded() ? unit_grad_[u] : grads_ + layout_[u].full_offset;
+}
+
+void FullyShardedDataParallel::zero_grads() {
+  be_.zero(grads_, (grads_sharded() ? shard_total_ : full_total_) * sizeof(float));
+}
+
+void FullyShardedDataParallel::reduce_scatter_into_shard(int u, const float* whole) {
+  // shard += this rank's block of Σ_ranks whole
+  const UnitLayout& l = layout_[u];
+  float* block = be_.alloc_floats(l.shard, MemCategory::comm_buffers);
+  shard_group_->reduce_scatter(whole, block, l.shard);
+  if (grads_sharded()) {
+    be_.accumulate(shard_grads(u), block, l.shard);
+  } else {
+    be_.copy(shard_grads(u), block, l.shard * sizeof(float));  // ZERO1: the reduced block in place
+  }
+  be_.free(block);
+}
+
+void FullyShardedDataParallel::grad_ready(int u) {
+  switch (options_.shard) {
+    case ShardStrategy::no_shard:
+      if (last_micro_batch_) rt_.groups.dp->all_reduce(grads_ + layout_[u].full_offset, layout_[u].numel);
+      break;
+    case ShardStrategy::zero1:
+      // Gradients accumulate whole; the last micro-batch reduce-scatters them.
+      if (last_micro_batch_) reduce_scatter_into_shard(u, grads_ + layout_[u].full_offset);
+      break;
+    default:
+      // Every micro-batch reduce-scatters its unit gradient into the shard, then frees it.
+      reduce_scatter_into_shard(u, unit_grad_[u]);
+      be_.free(unit_grad_[u]);
+      unit_grad_[u] = nullptr;
+      break;
+  }
+}
+
+void FullyShardedDataParallel::finish_gradients() {
+  // HYBRID_SHARD: the shard groups hold partial sums of the same shard; add them up.
+  if (replicate_comm_ && replicate_comm_->size() > 1) replicate_comm_->all_reduce(grads_, shard_total_);
+}
+
+double FullyShardedDataParallel::global_grad_sum_squares() {
+  double sum = 0.0;  // over this rank's shards (padding is zero), then over the shard group
+  for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_grads(static_cast<int>(u)), layout_[u].shard);
+  if (options_.shard != ShardStrategy::no_shard) shard_group_->all_reduce_host(&sum, 1, HostReduce::sum);
+  return sum;
+}
+
+double FullyShardedDataParallel::global_param_sum_squares() {
+  double sum = 0.0;
+  for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_params(static_cast<int>(u)), layout_[u].shard);
+  if (options_.shard != ShardStrategy::no_shard) shard_group_->all_reduce_host(&sum, 1, HostReduce::sum);
+  return sum;
+}
+
+// ---- optimizer ---------------------------------------------------------------------------------------
+
+void FullyShardedDataParallel::optimizer_step(float grad_scale, int t) {
+  const std::vector<UnitInfo>& units = rt_.model.units();
+  for (std::size_t u = 0; u < layout_.size(); ++u) {
+    const UnitLayout& l = layout_[u];
+    const int ui = static_cast<int>(u);
+    adamw_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, shard_params(ui),
+                     shard_grads(ui), adam_m_ + l.shard_offset, adam_v_ + l.shard_offset, grad_scale, t,
+                     rt_.options.lr);
+    // ZERO1 and SHARD_GRAD_OP keep whole parameters: every rank's updated shard goes to every rank.
+    if (!params_sharded() && options_.shard != ShardStrategy::no_shard) {
+      shard_group_->all_gather(shard_params(ui), params_ + l.full_offset, l.shard);
+    }
+  }
+}
+
+std::vector<float> FullyShardedDataParallel::gather_full_gradients() {
+  std::vector<float> host(rt_.model.num_parameters());
+  const std::vector<UnitInfo>& units = rt_.model.units();
+  for (std::size_t u = 0; u < layout_.size(); ++u) {
+    const UnitLayout& l = layout_[u];
+    float* whole = be_.alloc_floats(l.shard * shard_size_, MemCategory::workspace);
+    if (options_.shard == ShardStrategy::no_shard) {
+      be_.copy(whole, grads_ + l.full_offset, l.numel * sizeof(float));
+    } else {
+      shard_group_->all_gather(shard_grads(static_cast<int>(u)), whole, l.shard);
+    }
+    be_.download(host.data() + units[u].offset, whole, l.numel * sizeof(float));
+    be_.free(whole);
+  }
+  return host;
+}
+
+}  // namespace pb

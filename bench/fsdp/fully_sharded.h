@@ -1,0 +1,90 @@
+// Sharded data parallelism: ZeRO stages 1-3 (Rajbhandari et al., SC 2020) as PyTorch FSDP names them
+// (Zhao et al., VLDB 2023), with FSDP's hybrid sharding.
+//
+// The sharding unit is one unit of the model (embedding, a block, final LayerNorm + head). A unit of
+// n elements is split over the shard group's G ranks as G shards of ceil(n / G) elements, the last
+// padded with zeros; padding is allocated and counted like everything else.
+//
+//   NO_SHARD       everything whole on every rank; gradients all-reduced per unit (DDP)
+//   ZERO1          optimizer states sharded; gradients reduce-scattered, parameters all-gathered
+//                  after the step
+//   SHARD_GRAD_OP  ZeRO-2: gradients sharded too; each unit's gradient exists whole only during its
+//                  backward, then is reduce-scattered into the shard
+//   FULL_SHARD     ZeRO-3: parameters sharded too; a unit is all-gathered before its forward and again
+//                  before its backward, freed after each, and the next unit's gather is prefetched
+//   HYBRID_SHARD   FULL_SHARD within groups of --shard-group ranks, the shards all-reduced across
+//                  groups
+// Every rank steps AdamW on its shard only; clipping uses the norm over all shards.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "common/memory_model.h"
+#include "common/runner.h"
+
+namespace pb {
+
+struct FsdpOptions {
+  ShardStrategy shard = ShardStrategy::full_shard;
+  int shard_group = 0;  // HYBRID_SHARD: ranks per shard group
+  bool prefetch = true;
+};
+
+class FullyShardedDataParallel final : public Strategy {
+ public:
+  FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options);
+  ~FullyShardedDataParallel() override;
+
+  const float* unit_params(int unit) override;
+  float* unit_grads(int unit) override;
+  void before_forward(int unit) override;
+  void after_forward(int unit) override;
+  void before_backward(int unit) override;
+  void after_backward(int unit) override;
+  void grad_ready(int unit) override;
+
+  void zero_grads() override;
+  void begin_micro_batch(int micro, bool last) override { last_micro_batch_ = last; }
+  void finish_gradients() override;
+  double global_grad_sum_squares() override;
+  void optimizer_step(float grad_scale, int t) override;
+  double global_param_sum_squares() override;
+  std::vector<float> gather_full_gradients() override;
+
+ private:
+  // Where unit u lives: whole (padded) at full_[u], this rank's shard at shard_[u], s_[u] elements
+  // per shard, of which valid_[u] hold real parameters (the rest is padding).
+  struct UnitLayout {
+    std::size_t numel, shard, valid, full_offset, shard_offset;
+  };
+  bool params_sharded() const;
+  bool grads_sharded() const;
+  float* shard_params(int u);  // this rank's shard of the unit's parameters
+  float* shard_grads(int u);   // this rank's shard of the unit's gradients
+  void gather(int u, bool async);
+  void wait_gathered(int u);
+  void release(int u);
+  void reduce_scatter_into_shard(int u, const float* whole);
+
+  Runtime& rt_;
+  Backend& be_;
+  FsdpOptions options_;
+  std::unique_ptr<Communicator> shard_comm_, replicate_comm_;  // HYBRID_SHARD only; else the dp group
+  Communicator* shard_group_;                                  // the ranks a unit is sharded over
+  int shard_rank_, shard_size_;
+  std::vector<UnitLayout> layout_;
+  std::size_t full_total_ = 0, shard_total_ = 0;
+
+  float* params_ = nullptr;  // whole (padded) or this rank's shards, by strategy
+  float* grads_ = nullptr;   // whole (padded) or this rank's shards, by strategy
+  float* adam_m_ = nullptr;  // this rank's shards (NO_SHARD: whole)
+  float* adam_v_ = nullptr;
+  std::vector<float*> gathered_;      // FULL_SHARD: whole parameters of units in use
+  std::vector<Request> gathering_;    // FULL_SHARD: gathers in flight
+  std::vector<float*> unit_grad_;     // SHARD_GRAD_OP, FULL_SHARD: whole gradient during backward
+  bool last_micro_batch_ = true;
+};
+
+}  // namespace pb
