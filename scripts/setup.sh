@@ -10,7 +10,7 @@ debian_packages=(
   libopenblas-dev libopenblas-openmp-dev
   libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy python3-h5py python3-torch python3-pytest shellcheck
+  python3-numpy python3-h5py python3-torch python3-pytest python3-matplotlib shellcheck
 )
 
 missing=()
