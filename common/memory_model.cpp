@@ -180,18 +180,17 @@ int64_t fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& units) {
 
 }  // namespace
 
-MemoryEstimate predict_memory(const MemoryPlan& p) {
-  const std::vector<int64_t> units = unit_parameter_counts(p.arch);
-  const PrecisionSpec& pr = p.precision;
-  const int n = std::max(1, p.shard_ranks);
-  int64_t full = 0, padded = 0, shard = 0;  // elements: all units, padded to n, one rank's shard
+MemoryEstimate predict_model_states(const std::vector<int64_t>& units, const PrecisionSpec& pr, ShardStrategy shard,
+                                    int shard_ranks) {
+  const int n = std::max(1, shard_ranks);
+  int64_t full = 0, padded = 0, own = 0;  // elements: all units, padded to n, one rank's shards
   for (int64_t u : units) {
     full += u;
     padded += shard_elements(u, n) * n;
-    shard += shard_elements(u, n);
+    own += shard_elements(u, n);
   }
   MemoryEstimate e;
-  switch (p.shard) {
+  switch (shard) {
     case ShardStrategy::no_shard:
       e[MemCategory::parameters] = full * pr.param_bytes;
       e[MemCategory::gradients] = full * pr.grad_bytes;
@@ -201,23 +200,29 @@ MemoryEstimate predict_memory(const MemoryPlan& p) {
     case ShardStrategy::zero1:  // optimizer states (and master weights) sharded
       e[MemCategory::parameters] = padded * pr.param_bytes;
       e[MemCategory::gradients] = padded * pr.grad_bytes;
-      e[MemCategory::master_parameters] = shard * pr.master_bytes;
-      e[MemCategory::optimizer_states] = shard * pr.optimizer_bytes;
+      e[MemCategory::master_parameters] = own * pr.master_bytes;
+      e[MemCategory::optimizer_states] = own * pr.optimizer_bytes;
       break;
     case ShardStrategy::shard_grad_op:  // ZeRO-2: gradients too
       e[MemCategory::parameters] = padded * pr.param_bytes;
-      e[MemCategory::gradients] = shard * pr.grad_bytes;
-      e[MemCategory::master_parameters] = shard * pr.master_bytes;
-      e[MemCategory::optimizer_states] = shard * pr.optimizer_bytes;
+      e[MemCategory::gradients] = own * pr.grad_bytes;
+      e[MemCategory::master_parameters] = own * pr.master_bytes;
+      e[MemCategory::optimizer_states] = own * pr.optimizer_bytes;
       break;
     case ShardStrategy::full_shard:  // ZeRO-3: parameters too
     case ShardStrategy::hybrid_shard:
-      e[MemCategory::parameters] = shard * pr.param_bytes;
-      e[MemCategory::gradients] = shard * pr.grad_bytes;
-      e[MemCategory::master_parameters] = shard * pr.master_bytes;
-      e[MemCategory::optimizer_states] = shard * pr.optimizer_bytes;
+      e[MemCategory::parameters] = own * pr.param_bytes;
+      e[MemCategory::gradients] = own * pr.grad_bytes;
+      e[MemCategory::master_parameters] = own * pr.master_bytes;
+      e[MemCategory::optimizer_states] = own * pr.optimizer_bytes;
       break;
   }
+  return e;
+}
+
+MemoryEstimate predict_memory(const MemoryPlan& p) {
+  const std::vector<int64_t> units = unit_parameter_counts(p.arch);
+  MemoryEstimate e = predict_model_states(units, p.precision, p.shard, p.shard_ranks);
   e[MemCategory::comm_buffers] = p.shard == ShardStrategy::no_shard ? 0 : fsdp_comm_peak(p, units);
   const ActivationEstimate act = predict_activations(p);
   e[MemCategory::activations] = act.peak_bytes;

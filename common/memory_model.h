@@ -90,6 +90,12 @@ struct ActivationEstimate {
 };
 ActivationEstimate predict_activations(const MemoryPlan& plan);
 
+// The model-state categories (parameters, master_parameters, gradients, optimizer_states) of one
+// rank for units of the given parameter counts, sharded as `shard` over `shard_ranks` (padding
+// included). ZERO1 and SHARD_GRAD_OP keep whole (padded) parameters on every rank.
+MemoryEstimate predict_model_states(const std::vector<int64_t>& unit_params, const PrecisionSpec& precision,
+                                    ShardStrategy shard, int shard_ranks);
+
 // Every category for one rank, and the peak of their sum.
 MemoryEstimate predict_memory(const MemoryPlan& plan);
 
