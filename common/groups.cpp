@@ -22,6 +22,12 @@ std::string Layout::describe() const {
          " × tp " + std::to_string(tp);
 }
 
+std::vector<const Communicator*> ProcessGroups::all() const {
+  std::vector<const Communicator*> out = {world, tp.get(), cp.get(), dp.get(), pp.get()};
+  for (const auto& c : extra) out.push_back(c.get());
+  return out;
+}
+
 ProcessGroups make_process_groups(Communicator& world, const Layout& layout) {
   if (layout.world_size() != world.size()) {
     throw std::logic_error("layout " + layout.describe() + " does not cover " + std::to_string(world.size()) +

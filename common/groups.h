@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/communicator.h"
 
@@ -27,6 +28,15 @@ struct ProcessGroups {
   Layout::Coord coord;
   Communicator* world = nullptr;  // not owned
   std::unique_ptr<Communicator> tp, cp, dp, pp;
+  // Further communicators a strategy splits off (FSDP's shard and replica groups); owned here so
+  // that their calls, bytes and time are reported with the rest.
+  std::vector<std::unique_ptr<Communicator>> extra;
+  Communicator* adopt(std::unique_ptr<Communicator> comm) {
+    extra.push_back(std::move(comm));
+    return extra.back().get();
+  }
+  // Every communicator of this rank, for accounting.
+  std::vector<const Communicator*> all() const;
 };
 
 ProcessGroups make_process_groups(Communicator& world, const Layout& layout);

@@ -328,7 +328,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const std::vector<int64_t> measured_peak = gather_i64(snap.peak_total);
   const std::vector<int64_t> device_peak = gather_i64(process_peak_rss_bytes());
   CommStats comm{};
-  for (Communicator* c : {groups.world, groups.tp.get(), groups.cp.get(), groups.dp.get(), groups.pp.get()}) {
+  for (const Communicator* c : groups.all()) {
     for (int op = 0; op < kNumCommOps; ++op) {
       comm[op].calls += c->stats()[op].calls;
       comm[op].bytes += c->stats()[op].bytes;

@@ -11,9 +11,8 @@ FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpO
   if (options_.shard == ShardStrategy::hybrid_shard) {
     // Shard groups of consecutive dp ranks; the ranks holding the same shard form a replica group.
     const int g = options_.shard_group;
-    shard_comm_ = dp.split(dp.rank() / g, dp.rank() % g);
-    replicate_comm_ = dp.split(dp.rank() % g, dp.rank() / g);
-    shard_group_ = shard_comm_.get();
+    shard_group_ = rt_.groups.adopt(dp.split(dp.rank() / g, dp.rank() % g));
+    replicate_group_ = rt_.groups.adopt(dp.split(dp.rank() % g, dp.rank() / g));
   }
   // NO_SHARD is the degenerate layout: one "shard" per unit, the whole unit.
   const bool no_shard = options_.shard == ShardStrategy::no_shard;
@@ -189,7 +188,7 @@ void FullyShardedDataParallel::grad_ready(int u) {
 
 void FullyShardedDataParallel::finish_gradients() {
   // HYBRID_SHARD: the shard groups hold partial sums of the same shard; add them up.
-  if (replicate_comm_ && replicate_comm_->size() > 1) replicate_comm_->all_reduce(grads_, shard_total_);
+  if (replicate_group_ != nullptr && replicate_group_->size() > 1) replicate_group_->all_reduce(grads_, shard_total_);
 }
 
 double FullyShardedDataParallel::global_grad_sum_squares() {

@@ -71,8 +71,8 @@ class FullyShardedDataParallel final : public Strategy {
   Runtime& rt_;
   Backend& be_;
   FsdpOptions options_;
-  std::unique_ptr<Communicator> shard_comm_, replicate_comm_;  // HYBRID_SHARD only; else the dp group
-  Communicator* shard_group_;                                  // the ranks a unit is sharded over
+  Communicator* shard_group_;                // the ranks a unit is sharded over: dp, or a hybrid group
+  Communicator* replicate_group_ = nullptr;  // HYBRID_SHARD: the ranks holding the same shard
   int shard_rank_, shard_size_;
   std::vector<UnitLayout> layout_;
   std::size_t full_total_ = 0, shard_total_ = 0;

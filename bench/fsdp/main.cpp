@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   pb::FsdpOptions fsdp;
   std::string shard_name = "FULL_SHARD";
   bool no_prefetch = false;
+  CLI::Option* shard_group_option = nullptr;
 
   pb::AppDefinition app;
   app.name = "fsdp";
@@ -16,8 +17,8 @@ int main(int argc, char** argv) {
     cli.add_option("--shard", shard_name,
                    "NO_SHARD | ZERO1 | SHARD_GRAD_OP | FULL_SHARD | HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)")
         ->capture_default_str();
-    cli.add_option("--shard-group", fsdp.shard_group, "HYBRID_SHARD: ranks per shard group");
-    cli.add_flag("--no-prefetch", no_prefetch, "FULL_SHARD: gather each unit only when it is needed");
+    shard_group_option = cli.add_option("--shard-group", fsdp.shard_group, "HYBRID_SHARD: ranks per shard group");
+    cli.add_flag("--no-prefetch", no_prefetch, "FULL_SHARD, HYBRID_SHARD: gather each unit only when it is needed");
   };
   app.options.validate = [&](const pb::Options& o) {
     if (!pb::parse_shard_strategy(shard_name, &fsdp.shard)) {
@@ -25,9 +26,15 @@ int main(int argc, char** argv) {
                             " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD (or NO_OP, FULLY_SHARD)");
     }
     const bool hybrid = fsdp.shard == pb::ShardStrategy::hybrid_shard;
-    if (hybrid && fsdp.shard_group == 0) throw pb::ConfigError("--shard HYBRID_SHARD needs --shard-group N");
-    if (!hybrid && fsdp.shard_group != 0) {
+    const bool group_given = shard_group_option->count() > 0;
+    if (hybrid && !group_given) throw pb::ConfigError("--shard HYBRID_SHARD needs --shard-group N");
+    if (!hybrid && group_given) {
       throw pb::ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " applies to --shard HYBRID_SHARD only");
+    }
+    const bool gathers = hybrid || fsdp.shard == pb::ShardStrategy::full_shard;
+    if (no_prefetch && !gathers) {
+      throw pb::ConfigError(std::string("--no-prefetch applies to FULL_SHARD and HYBRID_SHARD only, not --shard ") +
+                            pb::shard_strategy_name(fsdp.shard));
     }
     if (hybrid && (fsdp.shard_group < 1 || o.dp % fsdp.shard_group != 0)) {
       throw pb::ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " must divide dp " + std::to_string(o.dp));

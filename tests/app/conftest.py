@@ -249,3 +249,59 @@ def launcher_version():
         return done.stdout + done.stderr
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unknown ({e})"
+
+
+# ---- shared by test_fsdp.py and test_recompute.py --------------------------------------------------
+
+MEMORY_CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states", "activations",
+                     "comm_buffers", "workspace", "peak_total"]
+COMM_OPS = ["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send", "recv", "broadcast"]
+
+
+def read_result(path):
+    """What the equivalence, memory and communication tests compare, from one result file."""
+    import h5py
+
+    def text(value):
+        return value.decode() if isinstance(value, bytes) else value
+
+    with h5py.File(path, "r") as f:
+        return {
+            "status": text(f.attrs["status"]),
+            "config": {k: text(v) for k, v in f["config"].attrs.items()},
+            "loss": f["steps/loss"][()],
+            "grad_norm": f["steps/grad_norm"][()],
+            "param_norm": float(f["summary"].attrs["final_param_norm"]),
+            "measured": {c: f[f"memory/measured/{c}"][()] for c in MEMORY_CATEGORIES},
+            "predicted": {c: f[f"memory/predicted/{c}"][()] for c in MEMORY_CATEGORIES},
+            "calls": {op: f[f"comm/{op}/calls"][()] for op in COMM_OPS},
+            "bytes": {op: f[f"comm/{op}/bytes"][()] for op in COMM_OPS},
+        }
+
+
+@pytest.fixture(scope="session")
+def cached_run(run_app, tmp_path_factory):
+    """cached_run(app, ranks, args, timeout=90) -> read_result(...) of `mpiexec -n RANKS parabench-APP
+    ARGS --quiet --out FILE`, plus "command". Each distinct (app, ranks, args) runs once per session, so
+    that tests of one run's losses, memory and communication (and modules that share a reference run)
+    do not train it again; a run that failed fails every test that asks for it, without running again."""
+    cache = {}
+
+    def run(app, ranks, args, timeout=90):
+        key = (app, ranks, tuple(str(a) for a in args))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{app}-{ranks}ranks") / "run.h5"
+            full = [*args, "--quiet", "--out", path]
+            cmd = run_app.command(app, ranks, full)
+            rc, out, err = run_app(app, ranks, full, timeout=timeout)
+            if rc != 0:
+                cache[key] = run_app.describe(cmd, rc, out, err)
+            else:
+                result = read_result(path)
+                result["command"] = " ".join(str(c) for c in cmd)
+                cache[key] = result
+        if isinstance(cache[key], str):
+            pytest.fail("the run failed\n" + cache[key])
+        return cache[key]
+
+    return run
