@@ -1,0 +1,234 @@
+// The planner's model: presets, the GPU table, and one plan's memory (common/memory_model.h),
+// fit verdict and step-time estimate. Every formula is closed-form, so a plan for 16384 ranks costs
+// what a plan for one does. docs/memory-model.md and README.md give the sources.
+#include "bench/plan/plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+namespace pb::plan {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// Planner-only presets (SPEC section 8), from the published configurations:
+// GPT-3 175B: Brown et al. 2020, table 2.1 (n_layers 96, d_model 12288, n_heads 96, n_ctx 2048),
+//   GPT-2's 50257-token vocabulary, learned positions, biases, the input embedding tied to the head.
+// Llama 3: Meta's config.json of Meta-Llama-3-8B / -70B and Llama-3.1-405B (num_hidden_layers,
+//   hidden_size, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size 128256),
+//   SwiGLU MLP, RMSNorm (a weight, no bias), rotary positions, no biases, untied head, 8192-token
+//   pre-training sequences (The Llama 3 Herd of Models, Dubey et al. 2024, section 3.4).
+struct PlannerPreset {
+  const char* name;
+  int64_t layers, hidden, heads, kv_heads, ffn, vocab, seq;
+  bool gated_mlp, tied_embeddings, learned_positions, biases;
+};
+constexpr PlannerPreset kPlannerPresets[] = {
+    {"gpt3-175b", 96, 12288, 96, 96, 4 * 12288, 50257, 2048, false, true, true, true},
+    {"llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, true, false, false, false},
+    {"llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, true, false, false, false},
+    {"llama3-405b", 126, 16384, 128, 8, 53248, 128256, 8192, true, false, false, false},
+};
+
+// SPEC section 6 peaks; links: NVLink 4 (H100, H200: 450 GB/s per direction) and NVLink 3 (A100:
+// 300 GB/s), one 400 Gb/s NDR (H100, H200) or 200 Gb/s HDR (A100) InfiniBand NIC per GPU, as in DGX
+// systems. Nominal rates: measured bus bandwidth (nccl-tests) is lower; pass it with --link-gbps.
+const GpuSpec kGpus[] = {
+    {"h100", 989.0, 67.0, 3600.0, 400.0},
+    {"h200", 989.0, 67.0, 3600.0, 400.0},
+    {"a100", 312.0, 19.5, 2400.0, 200.0},
+};
+
+// A ring collective over `group_ranks` ranks `stride` apart stays inside a node when the ranks it
+// spans fit in one (groups are aligned, as SPEC 3 numbers ranks).
+double link_for(const PlanConfig& c, int group_ranks, int stride) {
+  if (c.link_gbps > 0) return c.link_gbps;
+  const bool inside_node = static_cast<int64_t>(group_ranks) * stride <= c.gpus_per_node;
+  return inside_node ? c.gpu.intra_node_gbps : c.gpu.inter_node_gbps;
+}
+
+// Ring algorithms: each rank moves 2(n-1)/n (all-reduce) or (n-1)/n (all-gather, reduce-scatter) of
+// the buffer over its link (the bus-bandwidth convention of nccl-tests).
+CommEstimate collective(const PlanConfig& c, const std::string& op, const std::string& what, int64_t bytes,
+                        int group_ranks, int stride, int64_t passes) {
+  CommEstimate e;
+  e.op = op;
+  e.what = what;
+  e.bytes = bytes;
+  e.ranks = group_ranks;
+  e.calls = passes;
+  e.link_gbps = link_for(c, group_ranks, stride);
+  const double n = group_ranks;
+  const double factor = op == "all_reduce" ? 2.0 * (n - 1) / n : (n - 1) / n;
+  const double bytes_per_s = e.link_gbps * 1e9 / 8.0;
+  e.seconds = group_ranks > 1 ? passes * factor * static_cast<double>(bytes) / bytes_per_s : 0.0;
+  return e;
+}
+
+// The collectives of one step (README.md, "Step-time estimate").
+std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
+  const PrecisionSpec& p = c.memory.precision;
+  const int64_t grad_bytes = parameters * p.grad_bytes, weight_bytes = parameters * p.param_bytes;
+  const int64_t micro_steps = c.grad_accum;
+  std::vector<CommEstimate> out;
+  switch (c.memory.shard) {
+    case ShardStrategy::no_shard:  // DDP: one all-reduce of the gradients, on the last micro-batch
+      out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, c.dp, 1, 1));
+      break;
+    case ShardStrategy::zero1:  // gradients reduced to their owner, updated weights gathered back
+      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, c.dp, 1, 1));
+      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, c.dp, 1, 1));
+      break;
+    case ShardStrategy::shard_grad_op:  // gathered once per micro-batch, kept through backward
+      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, c.dp, 1, micro_steps));
+      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, c.dp, 1, micro_steps));
+      break;
+    case ShardStrategy::full_shard:  // gathered for forward and again for backward
+      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, c.dp, 1, 2 * micro_steps));
+      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, c.dp, 1, micro_steps));
+      break;
+    case ShardStrategy::hybrid_shard: {  // FULL_SHARD inside a group, the shards all-reduced across groups
+      const int group = c.memory.shard_ranks, replicas = c.dp / group;
+      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, group, 1, 2 * micro_steps));
+      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, group, 1, micro_steps));
+      out.push_back(collective(c, "all_reduce", "gradient shards", grad_bytes / group, replicas, group, 1));
+      break;
+    }
+  }
+  return out;
+}
+
+std::string format_gib(double bytes) {
+  char text[64];
+  std::snprintf(text, sizeof(text), "%.2f GiB", bytes / kGiB);
+  return text;
+}
+
+}  // namespace
+
+bool arch_preset(const std::string& name, ArchSpec* out) {
+  ModelConfig model;
+  if (model_preset(name, &model)) {
+    *out = arch_from_model(model);
+    return true;
+  }
+  for (const PlannerPreset& p : kPlannerPresets) {
+    if (name != p.name) continue;
+    ArchSpec a;
+    a.name = p.name;
+    a.layers = p.layers;
+    a.hidden = p.hidden;
+    a.heads = p.heads;
+    a.kv_heads = p.kv_heads;
+    a.ffn = p.ffn;
+    a.vocab = p.vocab;
+    a.seq = p.seq;
+    a.gated_mlp = p.gated_mlp;
+    a.tied_embeddings = p.tied_embeddings;
+    a.learned_positions = p.learned_positions;
+    a.biases = p.biases;
+    *out = a;
+    return true;
+  }
+  return false;
+}
+
+std::vector<std::string> arch_preset_names() {
+  std::vector<std::string> names = model_preset_names();
+  for (const PlannerPreset& p : kPlannerPresets) names.emplace_back(p.name);
+  return names;
+}
+
+bool gpu_spec(const std::string& name, GpuSpec* out) {
+  for (const GpuSpec& g : kGpus) {
+    if (name == g.name) {
+      *out = g;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::vector<std::string> gpu_names() {
+  std::vector<std::string> names;
+  for (const GpuSpec& g : kGpus) names.push_back(g.name);
+  return names;
+}
+
+namespace {
+// Forward FLOPs of one block per token: 2 per multiply-add of each weight matrix, and the two S×S
+// attention products (Q·Kᵀ and P·V, 2·S·h each, counted in full as SPEC 6 and Megatron do).
+double attention_core_flops_per_token(const ArchSpec& a) { return 4.0 * a.seq * a.hidden; }
+double block_forward_flops_per_token(const ArchSpec& a) {
+  const double h = a.hidden;
+  return 2.0 * h * a.qkv_width()                  // Q, K, V projections
+         + 2.0 * h * h                            // output projection
+         + 2.0 * h * (a.mlp_in_width() + a.ffn)   // fc1 (gate and up) and fc2
+         + attention_core_flops_per_token(a);     // attention scores and values
+}
+}  // namespace
+
+double model_flops_per_step(const ArchSpec& a, int64_t global_batch) {
+  const double per_token = a.layers * block_forward_flops_per_token(a) + 2.0 * a.hidden * a.vocab;  // + the head
+  return 3.0 * static_cast<double>(global_batch) * a.seq * per_token;  // forward + backward (2× forward)
+}
+
+double recompute_flops_per_step(const ArchSpec& a, int64_t global_batch, const std::string& recompute) {
+  const double tokens = static_cast<double>(global_batch) * a.seq;
+  if (recompute == "full") return tokens * a.layers * block_forward_flops_per_token(a);
+  if (recompute == "selective") return tokens * a.layers * attention_core_flops_per_token(a);
+  return 0.0;
+}
+
+PlanResult evaluate(const PlanConfig& c) {
+  PlanResult r;
+  r.config = c;
+  const MemoryPlan& m = c.memory;
+  if (c.model_states_only()) {
+    // One unit of N parameters: ZeRO's accounting, without activations or buffers.
+    r.parameters = c.params_override;
+    r.per_rank = predict_model_states({c.params_override}, m.precision, m.shard, m.shard_ranks);
+    for (int64_t bytes : r.per_rank.bytes) r.per_rank.peak_total += bytes;
+  } else {
+    r.parameters = total_parameters(m.arch);
+    r.per_rank = predict_memory(m);
+  }
+  r.model_state_bytes = r.per_rank[MemCategory::parameters] + r.per_rank[MemCategory::master_parameters] +
+                        r.per_rank[MemCategory::gradients] + r.per_rank[MemCategory::optimizer_states];
+  r.model_state_bytes_per_param = static_cast<double>(r.model_state_bytes) / static_cast<double>(r.parameters);
+  r.cluster_peak_total = r.per_rank.peak_total * c.ranks;
+
+  if (c.gpu_memory_gib > 0) {
+    r.fit_checked = true;
+    r.capacity_bytes = static_cast<int64_t>(std::llround(c.gpu_memory_gib * kGiB));
+    r.excess_bytes = r.per_rank.peak_total - r.capacity_bytes;
+    r.fits = r.excess_bytes <= 0;
+  }
+
+  if (!c.model_states_only()) {
+    r.has_time = true;
+    r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
+    r.hardware_flops_per_step = r.model_flops_per_step + recompute_flops_per_step(m.arch, c.global_batch, m.recompute);
+    // --mfu is the share of peak the GPUs sustain on what they execute, recomputation included.
+    r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * c.peak_tflops * 1e12 * c.mfu);
+    r.comm = step_collectives(c, r.parameters);
+    for (const CommEstimate& e : r.comm) r.comm_s += e.seconds;
+    r.step_s = c.overlap ? std::max(r.compute_s, r.comm_s) : r.compute_s + r.comm_s;
+    r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;
+  }
+  return r;
+}
+
+std::string fit_message(const PlanResult& r) {
+  if (!r.fit_checked || r.fits) return "";
+  char gpu[32];
+  std::snprintf(gpu, sizeof(gpu), "%g", r.config.gpu_memory_gib);
+  const double percent = 100.0 * static_cast<double>(r.excess_bytes) / static_cast<double>(r.capacity_bytes);
+  char pct[32];
+  std::snprintf(pct, sizeof(pct), "%.1f%%", percent);
+  return "does not fit: needs " + format_gib(static_cast<double>(r.per_rank.peak_total)) + " per rank, " +
+         format_gib(static_cast<double>(r.excess_bytes)) + " (" + pct + ") more than --gpu-memory " + gpu;
+}
+
+}  // namespace pb::plan

@@ -1,0 +1,127 @@
+// parabench-plan: the analytic model behind /memory/predicted as a tool (SPEC section 8). A plan is
+// one model on one layout; it gives per-rank memory by category (common/memory_model.h, the same
+// formulas the apps record), cluster totals, a fit verdict and a labelled step-time estimate.
+// docs/memory-model.md derives the memory formulas; README.md here the time model and the options.
+//
+// Not modelled yet: tp, pp, ep, cp and hybrid layouts (their apps bring their formulas).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/memory_model.h"
+
+namespace pb::plan {
+
+// ---- what the planner knows ------------------------------------------------------------------------
+// The presets of SPEC section 4 (the GPT the apps train) and the planner-only ones of section 8.
+bool arch_preset(const std::string& name, ArchSpec* out);
+std::vector<std::string> arch_preset_names();
+
+// Peak dense TFLOP/s of SPEC section 6 and nominal per-GPU link rates (Gbit/s, one direction).
+struct GpuSpec {
+  std::string name;
+  double peak_bf16_tflops = 0, peak_fp32_tflops = 0;
+  double intra_node_gbps = 0; // NVLink per GPU, one direction
+  double inter_node_gbps = 0; // one InfiniBand NIC per GPU
+};
+bool gpu_spec(const std::string& name, GpuSpec* out);
+std::vector<std::string> gpu_names();
+
+// ---- one resolved plan ---------------------------------------------------------------------------------
+struct PlanConfig {
+  std::string model;          // preset name, or "custom"
+  int64_t params_override = 0;  // --params N: model states only, of N parameters in one unit
+  std::string app;            // dp | fsdp
+  int ranks = 1;              // world size W
+  int gpus_per_node = 8;
+  int dp = 1;                 // dp = W for the dp and fsdp apps
+  MemoryPlan memory;          // arch, precision, micro-batch, recompute, attention, shard, shard ranks
+  std::string backend, dtype, grad_dtype;
+  int64_t global_batch = 1;
+  int64_t grad_accum = 1;
+  bool overlap = true;        // dp: not --no-overlap; fsdp: not --no-prefetch
+  double bucket_mb = 25.0;    // dp only; no effect on memory (buckets are views)
+  GpuSpec gpu;
+  double peak_tflops = 0;     // per rank, for the compute time
+  double mfu = 0.4;           // assumed model-FLOPs utilisation
+  double link_gbps = 0;       // > 0: every collective runs at this rate (--link-gbps)
+  double gpu_memory_gib = 0;  // > 0: check the fit (--gpu-memory)
+  // The sweep values that made this plan from the base command line, as KEY=VALUE.
+  std::vector<std::pair<std::string, std::string>> swept;
+
+  int nodes() const { return (ranks + gpus_per_node - 1) / gpus_per_node; }
+  bool model_states_only() const { return params_override > 0; }
+};
+
+// One collective of the step-time estimate.
+struct CommEstimate {
+  std::string op;       // all_reduce | all_gather | reduce_scatter
+  std::string what;     // "gradients", "parameters", ...
+  int64_t bytes = 0;    // buffer size per call (the full, unsharded tensor; nccl-tests' "size")
+  int ranks = 1;        // ranks in the group
+  int64_t calls = 0;    // whole-model passes per step (the apps issue one call per unit or bucket)
+  double link_gbps = 0; // rate used
+  double seconds = 0;   // per step, all calls
+};
+
+struct PlanResult {
+  PlanConfig config;
+  int64_t parameters = 0;                // of the whole model
+  MemoryEstimate per_rank;               // every category and peak_total, bytes
+  int64_t model_state_bytes = 0;         // parameters + master + gradients + optimizer, one rank
+  double model_state_bytes_per_param = 0;  // model_state_bytes / parameters
+  int64_t cluster_peak_total = 0;        // per_rank.peak_total × ranks (every rank is alike)
+  bool fit_checked = false, fits = true;
+  int64_t capacity_bytes = 0, excess_bytes = 0;  // excess > 0: does not fit by that much
+  // Step-time estimate (none with --params).
+  bool has_time = false;
+  double model_flops_per_step = 0;       // SPEC 6, generalised (model_flops_per_step below)
+  double hardware_flops_per_step = 0;    // + what recomputation runs again (recompute_flops_per_step)
+  double compute_s = 0, comm_s = 0, step_s = 0, tokens_per_s = 0;
+  std::vector<CommEstimate> comm;
+};
+
+// Model FLOPs of one step: 3 × forward matmul FLOPs, attention counted as a full S×S product,
+// recomputation not counted. Reduces to SPEC 6's 72·G·S·L·h²·(1 + S/(6h) + V/(12hL)) for the GPT.
+double model_flops_per_step(const ArchSpec& arch, int64_t global_batch);
+
+// FLOPs that recomputation adds to a step: full, one more forward of every block; selective, the
+// attention products Q·Kᵀ and P·V again. Model FLOPs never count them (SPEC 6); the time does.
+double recompute_flops_per_step(const ArchSpec& arch, int64_t global_batch, const std::string& recompute);
+
+// The whole plan: memory, fit, time. Closed-form: no loop over ranks.
+PlanResult evaluate(const PlanConfig& config);
+
+// "does not fit: needs X GiB per rank, Y GiB (Z%) more than --gpu-memory G", or "" when it fits.
+std::string fit_message(const PlanResult& result);
+
+// ---- the command line ------------------------------------------------------------------------------------
+struct Sweep {
+  std::string key;                  // option name without dashes, e.g. "micro-batch"
+  std::vector<std::string> values;
+};
+
+enum class Format { table, csv, json };
+
+struct PlanRequest {
+  std::vector<PlanConfig> plans;  // one per point of the sweeps' cartesian product (or the one plan)
+  std::vector<Sweep> sweeps;
+  Format format = Format::table;
+  bool require_fit = false;
+};
+
+struct ParseOutcome {
+  bool run = false;        // false: print `message` and exit with `exit_code`
+  int exit_code = 0;
+  std::string message;
+  bool is_error = false;
+};
+
+// Parses and validates the command line (args without the program name) into plans. Errors are
+// exit code 2 with a message that names the option, the value and the rule.
+ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanRequest* request);
+
+}  // namespace pb::plan

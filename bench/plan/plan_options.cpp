@@ -1,0 +1,499 @@
+// The planner's command line: the options of the apps under the same names (SPEC sections 4 and 8),
+// validated like the apps validate theirs (exit 2, a message naming the option, the value and the
+// rule), and --sweep, which re-reads the command line once per point with the swept option replaced,
+// so that a swept plan is exactly the plan of the command written out by hand.
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <set>
+#include <tuple>
+
+#include "bench/plan/plan.h"
+#include "common/errors.h"
+
+#ifndef PB_VERSION
+#define PB_VERSION "0.0.0"
+#endif
+
+namespace pb::plan {
+namespace {
+
+constexpr int64_t kMaxSweepPoints = 100000;
+constexpr int kMaxRanks = 1 << 26;
+// Apps of SPEC section 1 whose formulas the planner does not have yet, and where they come from.
+struct Unmodelled {
+  const char* app;
+  const char* source;
+};
+constexpr Unmodelled kUnmodelledApps[] = {
+    {"tp", "its app (issue 4) brings its formulas"},
+    {"pp", "its app (issue 5) brings its formulas"},
+    {"ep", "its app brings its formulas when it is built"},
+    {"cp", "its app brings its formulas when it is built"},
+    {"hybrid", "it combines the formulas of tp, pp and fsdp once those apps exist"},
+};
+// Options that describe the invocation rather than a plan: never swept.
+const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit"};
+
+// Everything the command line can say, before resolution.
+struct RawOptions {
+  std::string model = "small";
+  double params = 0;
+  int64_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, seq = 0, vocab = 0, ffn = 0;
+  bool gated_mlp = false, tied_embeddings = false;
+  std::string app = "dp";
+  int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
+  int tp = 1, pp = 1, cp = 1, ep = 1;  // accepted so that degree 1 works; above 1 not modelled yet
+  std::string shard = "FULL_SHARD";
+  int shard_group = 0;
+  bool no_prefetch = false, no_overlap = false;
+  double bucket_mb = 25.0;
+  int micro_batch = 1;
+  int64_t global_batch = 0;
+  std::string recompute = "none", dtype, grad_dtype = "fp32", backend = "cuda";
+  std::string gpu = "h100";
+  double peak_tflops = 0, mfu = 0.4, link_gbps = 0, gpu_memory = 0;
+  std::vector<std::string> sweep;
+  std::string format = "table";
+  bool require_fit = false;
+};
+
+std::string join(const std::vector<std::string>& items, const char* sep) {
+  std::string out;
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+std::string str(double v) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%g", v);
+  return text;
+}
+
+[[noreturn]] void reject(const std::string& message) { throw ConfigError(message); }
+
+void require_positive(const char* option, int64_t value) {
+  if (value < 1) reject(std::string(option) + " " + std::to_string(value) + " must be at least 1");
+}
+
+void require_positive_real(const char* option, double value) {
+  if (!(value > 0.0 && std::isfinite(value))) {
+    reject(std::string(option) + " " + str(value) + " must be a finite positive number");
+  }
+}
+
+std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
+  auto cli = std::make_unique<CLI::App>(
+      "parabench-plan: per-rank memory by category, cluster totals and a step-time estimate for any model on "
+      "any layout, from the formulas behind /memory/predicted (docs/memory-model.md)",
+      "parabench-plan");
+  cli->set_version_flag("--version", std::string("parabench ") + PB_VERSION);
+  cli->get_formatter()->column_width(34);
+  // Model.
+  cli->add_option("--model", r.model, "preset: " + join(arch_preset_names(), ", "))->capture_default_str();
+  cli->add_option("--params", r.params,
+                  "planner only: model states (no activations, no time) for this many parameters, e.g. 7.5e9");
+  cli->add_option("--layers", r.layers, "transformer blocks (overrides the preset)");
+  cli->add_option("--hidden", r.hidden, "hidden size");
+  cli->add_option("--heads", r.heads, "attention (query) heads");
+  cli->add_option("--kv-heads", r.kv_heads, "key/value heads, grouped-query attention (default: the preset's)");
+  cli->add_option("--seq", r.seq, "sequence length");
+  cli->add_option("--vocab", r.vocab, "vocabulary size");
+  cli->add_option("--ffn", r.ffn, "MLP width (default 4·hidden, or the preset's)");
+  cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
+  cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
+  // Layout.
+  cli->add_option("--app", r.app, "dp | fsdp (tp, pp, ep, cp, hybrid: not modelled yet)")->capture_default_str();
+  cli->add_option("--gpus", r.gpus, "ranks in the cluster (one per GPU)");
+  cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
+  cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
+  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks)");
+  cli->add_option("--tp", r.tp, "tensor-parallel degree: only 1 (tp is not modelled yet)")->capture_default_str();
+  cli->add_option("--pp", r.pp, "pipeline-parallel degree: only 1 (pp is not modelled yet)")->capture_default_str();
+  cli->add_option("--cp", r.cp, "context-parallel degree: only 1 (cp is not modelled yet)")->capture_default_str();
+  cli->add_option("--ep", r.ep, "expert-parallel degree: only 1 (ep is not modelled yet)")->capture_default_str();
+  cli->add_option("--shard", r.shard,
+                  "fsdp: NO_SHARD|ZERO1|SHARD_GRAD_OP|FULL_SHARD|HYBRID_SHARD (NO_OP, FULLY_SHARD aliases)")
+      ->capture_default_str();
+  cli->add_option("--shard-group", r.shard_group, "fsdp HYBRID_SHARD: ranks a unit is sharded over");
+  cli->add_flag("--no-prefetch", r.no_prefetch, "fsdp: gather one unit at a time, no overlap");
+  cli->add_option("--bucket-mb", r.bucket_mb, "dp: gradient bucket size in MiB (no memory: buckets are views)")
+      ->capture_default_str();
+  cli->add_flag("--no-overlap", r.no_overlap, "dp: all-reduce after backward, not during it");
+  // Batch, precision, backend.
+  cli->add_option("--micro-batch", r.micro_batch, "samples per micro-batch")->capture_default_str();
+  cli->add_option("--global-batch", r.global_batch, "samples per step (default micro-batch · dp)");
+  cli->add_option("--recompute", r.recompute, "none | selective | full")->capture_default_str();
+  cli->add_option("--dtype", r.dtype, "fp32 | bf16 (default bf16 on cuda, fp32 on cpu)");
+  cli->add_option("--grad-dtype", r.grad_dtype, "fp32 | bf16 gradients (bf16 only with --dtype bf16)")
+      ->capture_default_str();
+  cli->add_option("--backend", r.backend, "cuda (flash attention statistics) | cpu (keeps the probabilities)")
+      ->capture_default_str();
+  // Hardware and the time estimate.
+  cli->add_option("--gpu", r.gpu, "GPU of the peak and link table: " + join(gpu_names(), ", "))->capture_default_str();
+  cli->add_option("--peak-tflops", r.peak_tflops, "per-rank peak TFLOP/s (default: the --gpu table for --dtype)");
+  cli->add_option("--mfu", r.mfu, "share of peak sustained on executed FLOPs (the MFU without recomputation)")
+      ->capture_default_str();
+  cli->add_option("--link-gbps", r.link_gbps,
+                  "per-rank bus bandwidth in Gbit/s for every collective (default: NVLink inside a node, the NIC across)");
+  cli->add_option("--gpu-memory", r.gpu_memory, "GiB per GPU: check that peak_total fits");
+  cli->add_flag("--require-fit", r.require_fit, "exit 1 when a plan does not fit --gpu-memory");
+  // Output.
+  cli->add_option("--sweep", r.sweep, "KEY=V1,V2,...: one plan per value (repeat for a cartesian product)");
+  cli->add_option("--format", r.format, "table | csv | json")->capture_default_str();
+  return cli;
+}
+
+// CLI11 reads a vector of arguments from its back.
+void parse_args(CLI::App& cli, std::vector<std::string> args) {
+  std::reverse(args.begin(), args.end());
+  cli.parse(args);
+}
+
+// The resolved, validated plan of a parsed command line.
+// `shard_swept`: a --sweep over shard may keep a --shard-group that only its HYBRID_SHARD points use.
+PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
+  auto given = [&](const char* name) { return cli.count(name) > 0; };
+  PlanConfig c;
+
+  // ---- app ------------------------------------------------------------------------------------------
+  for (const Unmodelled& u : kUnmodelledApps) {
+    if (r.app == u.app) reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp and fsdp)");
+  }
+  for (auto [option, degree, app] : {std::tuple{"--tp", r.tp, "tp"}, {"--pp", r.pp, "pp"}, {"--cp", r.cp, "cp"},
+                                      {"--ep", r.ep, "ep"}}) {
+    if (degree == 1) continue;
+    require_positive(option, degree);
+    for (const Unmodelled& u : kUnmodelledApps) {
+      if (std::string(app) == u.app) {
+        reject(std::string(option) + " " + std::to_string(degree) + ": not modelled yet; " + u.source +
+               " (the planner models dp and fsdp, where every other degree is 1)");
+      }
+    }
+  }
+  if (r.app != "dp" && r.app != "fsdp") {
+    reject("--app " + r.app + " must be dp or fsdp (tp, pp, ep, cp, hybrid: not modelled yet)");
+  }
+  c.app = r.app;
+  for (const char* option : {"--shard", "--shard-group", "--no-prefetch"}) {
+    if (c.app != "fsdp" && given(option)) reject(std::string(option) + " is an option of --app fsdp, not of --app " + c.app);
+  }
+  for (const char* option : {"--bucket-mb", "--no-overlap"}) {
+    if (c.app != "dp" && given(option)) reject(std::string(option) + " is an option of --app dp, not of --app " + c.app);
+  }
+
+  // ---- model ------------------------------------------------------------------------------------------
+  ArchSpec& a = c.memory.arch;
+  if (given("--params")) {
+    for (const char* option : {"--model", "--layers", "--hidden", "--heads", "--kv-heads", "--seq", "--vocab", "--ffn",
+                               "--gated-mlp", "--tied-embeddings"}) {
+      if (given(option)) reject(std::string("--params replaces the model: give either --params or ") + option);
+    }
+    if (!(r.params >= 1 && r.params < 1e18 && r.params == std::floor(r.params))) {
+      reject("--params " + str(r.params) + " must be a whole number of parameters, at least 1");
+    }
+    c.model = "params";
+    c.params_override = static_cast<int64_t>(r.params);
+  } else {
+    ArchSpec preset;
+    if (!arch_preset(r.model, &preset)) {
+      reject("--model " + r.model + " is not a preset; choose one of " + join(arch_preset_names(), ", "));
+    }
+    c.model = r.model;
+    a = preset;
+    // A given shape option overrides the preset; kv-heads and ffn follow heads and hidden where the
+    // preset does (multi-head attention, ffn = 4·hidden), and keep the preset's value otherwise.
+    if (given("--layers")) a.layers = r.layers;
+    if (given("--hidden")) a.hidden = r.hidden;
+    if (given("--heads")) a.heads = r.heads;
+    if (given("--seq")) a.seq = r.seq;
+    if (given("--vocab")) a.vocab = r.vocab;
+    if (given("--kv-heads")) a.kv_heads = r.kv_heads;
+    else if (preset.kv_heads == preset.heads) a.kv_heads = a.heads;
+    if (given("--ffn")) a.ffn = r.ffn;
+    else if (preset.ffn == 4 * preset.hidden) a.ffn = 4 * a.hidden;
+    if (given("--gated-mlp")) a.gated_mlp = r.gated_mlp;
+    if (given("--tied-embeddings")) a.tied_embeddings = r.tied_embeddings;
+    for (auto [name, value] : {std::pair{"--layers", a.layers}, {"--hidden", a.hidden}, {"--heads", a.heads},
+                               {"--kv-heads", a.kv_heads}, {"--seq", a.seq}, {"--vocab", a.vocab}, {"--ffn", a.ffn}}) {
+      require_positive(name, value);
+    }
+    if (a.hidden % a.heads != 0) {
+      reject("--hidden " + std::to_string(a.hidden) + " is not divisible by --heads " + std::to_string(a.heads));
+    }
+    if (a.heads % a.kv_heads != 0) {
+      reject("--heads " + std::to_string(a.heads) + " is not divisible by --kv-heads " + std::to_string(a.kv_heads) +
+             " (each key/value head serves the same number of query heads)");
+    }
+  }
+
+  // ---- ranks ---------------------------------------------------------------------------------------------
+  require_positive("--gpus-per-node", r.gpus_per_node);
+  c.gpus_per_node = r.gpus_per_node;
+  int64_t ranks = 1;
+  if (given("--nodes")) {
+    require_positive("--nodes", r.nodes);
+    ranks = static_cast<int64_t>(r.nodes) * r.gpus_per_node;
+    if (given("--gpus") && r.gpus != ranks) {
+      reject("--gpus " + std::to_string(r.gpus) + " does not match --nodes " + std::to_string(r.nodes) +
+             " × --gpus-per-node " + std::to_string(r.gpus_per_node) + " = " + std::to_string(ranks));
+    }
+  } else if (given("--gpus")) {
+    require_positive("--gpus", r.gpus);
+    ranks = r.gpus;
+  } else if (given("--dp")) {
+    require_positive("--dp", r.dp);
+    ranks = r.dp;
+  }
+  if (ranks > kMaxRanks) {
+    reject("the plan has " + std::to_string(ranks) + " ranks; the planner takes at most " + std::to_string(kMaxRanks));
+  }
+  c.ranks = static_cast<int>(ranks);
+  const std::string ranks_source = given("--nodes") ? "--nodes × --gpus-per-node" : "--gpus";
+  if (given("--dp")) {
+    require_positive("--dp", r.dp);
+    if (c.ranks % r.dp != 0) {
+      reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --dp " + std::to_string(r.dp));
+    }
+    if (r.dp != c.ranks) {
+      reject("--dp " + std::to_string(r.dp) + " leaves a factor " + std::to_string(c.ranks / r.dp) + " of the " +
+             std::to_string(c.ranks) + " ranks (" + ranks_source + ") unused: --app " + c.app +
+             " has no other degree, so dp is the number of ranks");
+    }
+  }
+  c.dp = c.ranks;
+
+  // ---- sharding ---------------------------------------------------------------------------------------
+  MemoryPlan& m = c.memory;
+  if (c.app == "fsdp") {
+    if (!parse_shard_strategy(r.shard, &m.shard)) {
+      reject("--shard " + r.shard + " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD "
+             "(aliases NO_OP, FULLY_SHARD)");
+    }
+    if (m.shard == ShardStrategy::hybrid_shard) {
+      if (!given("--shard-group")) reject("--shard HYBRID_SHARD needs --shard-group N, the ranks a unit is sharded over");
+      require_positive("--shard-group", r.shard_group);
+      if (c.dp % r.shard_group != 0) {
+        reject("--shard-group " + std::to_string(r.shard_group) + " does not divide dp " + std::to_string(c.dp));
+      }
+      m.shard_ranks = r.shard_group;
+    } else {
+      if (given("--shard-group") && !shard_swept) reject("--shard-group is for --shard HYBRID_SHARD only, not " + r.shard);
+      m.shard_ranks = m.shard == ShardStrategy::no_shard ? 1 : c.dp;
+    }
+    m.prefetch = !r.no_prefetch;
+    c.overlap = m.prefetch;
+  } else {
+    m.shard = ShardStrategy::no_shard;
+    m.shard_ranks = 1;
+    if (!(r.bucket_mb > 0 && std::isfinite(r.bucket_mb))) reject("--bucket-mb " + str(r.bucket_mb) + " must be positive");
+    c.bucket_mb = r.bucket_mb;
+    c.overlap = !r.no_overlap;
+  }
+
+  // ---- batch -------------------------------------------------------------------------------------------
+  require_positive("--micro-batch", r.micro_batch);
+  m.micro_batch = r.micro_batch;
+  const int64_t per_step = static_cast<int64_t>(r.micro_batch) * c.dp;
+  c.global_batch = given("--global-batch") ? r.global_batch : per_step;
+  require_positive("--global-batch", c.global_batch);
+  if (c.global_batch % per_step != 0) {
+    reject("--global-batch " + std::to_string(c.global_batch) + " is not a multiple of --micro-batch " +
+           std::to_string(r.micro_batch) + " × dp " + std::to_string(c.dp) + " = " + std::to_string(per_step));
+  }
+  c.grad_accum = c.global_batch / per_step;
+  if (r.recompute != "none" && r.recompute != "selective" && r.recompute != "full") {
+    reject("--recompute " + r.recompute + " must be none, selective or full");
+  }
+  m.recompute = r.recompute;
+
+  // ---- backend and precision ---------------------------------------------------------------------------
+  if (r.backend != "cpu" && r.backend != "cuda") reject("--backend " + r.backend + " must be cpu or cuda");
+  c.backend = r.backend;
+  m.attention_keeps_probabilities = c.backend == "cpu";
+  c.dtype = r.dtype.empty() ? (c.backend == "cuda" ? "bf16" : "fp32") : r.dtype;
+  if (c.dtype != "fp32" && c.dtype != "bf16") reject("--dtype " + c.dtype + " must be fp32 or bf16");
+  if (c.dtype == "bf16" && c.backend != "cuda") {
+    reject("--dtype bf16 needs --backend cuda; the cpu backend computes in fp32");
+  }
+  if (r.grad_dtype != "fp32" && r.grad_dtype != "bf16") reject("--grad-dtype " + r.grad_dtype + " must be fp32 or bf16");
+  if (r.grad_dtype == "bf16" && c.dtype != "bf16") {
+    reject("--grad-dtype bf16 needs --dtype bf16 (fp32 training keeps fp32 gradients)");
+  }
+  c.grad_dtype = r.grad_dtype;
+  m.precision = c.dtype == "bf16" ? precision_bf16(c.grad_dtype == "bf16") : precision_fp32();
+
+  // ---- hardware and time ------------------------------------------------------------------------------
+  if (!gpu_spec(r.gpu, &c.gpu)) reject("--gpu " + r.gpu + " must be one of " + join(gpu_names(), ", "));
+  if (given("--peak-tflops")) require_positive_real("--peak-tflops", r.peak_tflops);
+  const double table_peak = c.dtype == "bf16" ? c.gpu.peak_bf16_tflops : c.gpu.peak_fp32_tflops;
+  c.peak_tflops = given("--peak-tflops") ? r.peak_tflops : table_peak;
+  if (!(r.mfu > 0.0 && r.mfu <= 1.0)) reject("--mfu " + str(r.mfu) + " must be in (0, 1]");
+  c.mfu = r.mfu;
+  if (given("--link-gbps")) require_positive_real("--link-gbps", r.link_gbps);
+  c.link_gbps = given("--link-gbps") ? r.link_gbps : 0.0;
+  if (given("--gpu-memory")) require_positive_real("--gpu-memory", r.gpu_memory);
+  c.gpu_memory_gib = given("--gpu-memory") ? r.gpu_memory : 0.0;
+  return c;
+}
+
+// "micro_batch", "--micro-batch" and "micro-batch" name the same option.
+std::string normalise_key(std::string key) {
+  while (!key.empty() && key.front() == '-') key.erase(key.begin());
+  std::replace(key.begin(), key.end(), '_', '-');
+  return key;
+}
+
+std::vector<std::string> split(const std::string& text, char sep) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t end = text.find(sep, start);
+    parts.push_back(text.substr(start, end == std::string::npos ? std::string::npos : end - start));
+    if (end == std::string::npos) return parts;
+    start = end + 1;
+  }
+}
+
+// Options a sweep can vary: every option of a plan (value options, and flags with true/false).
+std::vector<std::string> sweepable_keys(const CLI::App& cli) {
+  std::vector<std::string> keys;
+  for (const CLI::Option* o : cli.get_options()) {
+    const std::string key = normalise_key(o->get_name());
+    if (!kNotSweepable.count(key)) keys.push_back(key);
+  }
+  return keys;
+}
+
+Sweep parse_sweep(const CLI::App& cli, const std::string& text) {
+  const std::size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0 || eq + 1 == text.size()) {
+    reject("--sweep " + text + " must be KEY=V1,V2,... (e.g. --sweep micro-batch=1,2,4,8)");
+  }
+  Sweep s;
+  s.key = normalise_key(text.substr(0, eq));
+  const std::vector<std::string> keys = sweepable_keys(cli);
+  if (std::find(keys.begin(), keys.end(), s.key) == keys.end()) {
+    reject("--sweep " + text + ": " + s.key + " is not an option a sweep can vary; choose one of " + join(keys, ", "));
+  }
+  s.values = split(text.substr(eq + 1), ',');
+  for (const std::string& v : s.values) {
+    if (v.empty()) reject("--sweep " + text + " has an empty value");
+  }
+  return s;
+}
+
+// The command line without --sweep and without the swept options, which each point then appends.
+std::vector<std::string> strip_options(const CLI::App& cli, const std::vector<std::string>& args,
+                                       const std::vector<std::string>& keys) {
+  std::vector<std::string> out;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    bool dropped = false;
+    for (const std::string& key : keys) {
+      const std::string flag = "--" + key;
+      if (args[i] == flag) {
+        const CLI::Option* o = cli.get_option_no_throw(flag);
+        if (o && o->get_expected_min() > 0) ++i;  // its value is the next argument
+        dropped = true;
+      } else if (args[i].rfind(flag + "=", 0) == 0) {
+        dropped = true;
+      }
+      if (dropped) break;
+    }
+    if (!dropped) out.push_back(args[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanRequest* request) {
+  ParseOutcome outcome;
+  RawOptions raw;
+  std::unique_ptr<CLI::App> cli = make_cli(raw);
+  try {
+    parse_args(*cli, args);
+  } catch (const CLI::CallForHelp&) {
+    outcome.message = cli->help();
+    return outcome;
+  } catch (const CLI::CallForVersion&) {
+    outcome.message = std::string("parabench ") + PB_VERSION;
+    return outcome;
+  } catch (const CLI::ParseError& e) {
+    outcome.exit_code = kExitConfig;
+    outcome.is_error = true;
+    outcome.message = std::string(e.what()) + "\nRun with --help for the options.";
+    return outcome;
+  }
+
+  try {
+    if (raw.format == "table") request->format = Format::table;
+    else if (raw.format == "csv") request->format = Format::csv;
+    else if (raw.format == "json") request->format = Format::json;
+    else reject("--format " + raw.format + " must be table, csv or json");
+    request->require_fit = raw.require_fit;
+
+    request->sweeps.clear();
+    int64_t points = 1;
+    for (const std::string& text : raw.sweep) {
+      Sweep s = parse_sweep(*cli, text);
+      for (const Sweep& earlier : request->sweeps) {
+        if (earlier.key == s.key) reject("--sweep " + s.key + " is given twice; put all its values in one --sweep");
+      }
+      points *= static_cast<int64_t>(s.values.size());
+      if (points > kMaxSweepPoints) reject("the sweeps make more than " + std::to_string(kMaxSweepPoints) + " plans");
+      request->sweeps.push_back(std::move(s));
+    }
+
+    request->plans.clear();
+    if (request->sweeps.empty()) {
+      request->plans.push_back(resolve(*cli, raw, false));
+      return ParseOutcome{true, 0, "", false};
+    }
+
+    std::vector<std::string> stripped_keys = {"sweep"};
+    for (const Sweep& s : request->sweeps) stripped_keys.push_back(s.key);
+    const std::vector<std::string> base = strip_options(*cli, args, stripped_keys);
+    const bool shard_swept = std::any_of(request->sweeps.begin(), request->sweeps.end(),
+                                         [](const Sweep& s) { return s.key == "shard"; });
+    // Odometer over the sweeps' values, the first --sweep varying slowest.
+    std::vector<std::size_t> index(request->sweeps.size(), 0);
+    for (int64_t point = 0; point < points; ++point) {
+      std::vector<std::string> point_args = base;
+      std::vector<std::pair<std::string, std::string>> swept;
+      for (std::size_t k = 0; k < request->sweeps.size(); ++k) {
+        const Sweep& s = request->sweeps[k];
+        point_args.push_back("--" + s.key + "=" + s.values[index[k]]);
+        swept.emplace_back(s.key, s.values[index[k]]);
+      }
+      RawOptions point_raw;
+      std::unique_ptr<CLI::App> point_cli = make_cli(point_raw);
+      std::string where;
+      for (const auto& [key, value] : swept) where += (where.empty() ? "" : ", ") + key + "=" + value;
+      try {
+        parse_args(*point_cli, point_args);
+        request->plans.push_back(resolve(*point_cli, point_raw, shard_swept));
+      } catch (const CLI::ParseError& e) {
+        reject("--sweep " + where + ": " + e.what());
+      } catch (const ConfigError& e) {
+        reject("--sweep " + where + ": " + e.what());
+      }
+      request->plans.back().swept = swept;
+      for (std::size_t k = request->sweeps.size(); k-- > 0;) {
+        if (++index[k] < request->sweeps[k].values.size()) break;
+        index[k] = 0;
+      }
+    }
+  } catch (const ConfigError& e) {
+    outcome.exit_code = kExitConfig;
+    outcome.is_error = true;
+    outcome.message = e.what();
+    return outcome;
+  }
+  outcome.run = true;
+  return outcome;
+}
+
+}  // namespace pb::plan

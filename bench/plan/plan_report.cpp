@@ -1,0 +1,450 @@
+// Table, CSV and JSON output of parabench-plan. Tables show binary units (GiB = 2^30 bytes); CSV and
+// JSON give bytes, so scripts never parse a unit.
+#include "bench/plan/plan_report.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+#ifndef PB_VERSION
+#define PB_VERSION "0.0.0"
+#endif
+
+namespace pb::plan {
+namespace {
+
+struct Unit {
+  const char* name;
+  double bytes;
+};
+constexpr Unit kUnits[] = {{"B", 1.0},
+                           {"KiB", 1024.0},
+                           {"MiB", 1024.0 * 1024.0},
+                           {"GiB", 1024.0 * 1024.0 * 1024.0},
+                           {"TiB", 1024.0 * 1024.0 * 1024.0 * 1024.0},
+                           {"PiB", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0}};
+
+// The largest unit in which `bytes` is at least 1.
+Unit unit_for(double bytes) {
+  Unit chosen = kUnits[0];
+  for (const Unit& u : kUnits) {
+    if (bytes >= u.bytes) chosen = u;
+  }
+  return chosen;
+}
+
+std::string printf_string(const char* format, double value) {
+  char text[64];
+  std::snprintf(text, sizeof(text), format, value);
+  return text;
+}
+
+std::string human_bytes(double bytes) {
+  const Unit u = unit_for(bytes);
+  return printf_string("%.2f ", bytes / u.bytes) + u.name;
+}
+
+std::string in_unit(double bytes, const Unit& u) { return printf_string("%.2f", bytes / u.bytes); }
+
+std::string with_separators(int64_t n) {
+  std::string digits = std::to_string(n), out;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+std::string short_count(double n) {
+  if (n >= 1e12) return printf_string("%.2f T", n / 1e12);
+  if (n >= 1e9) return printf_string("%.2f B", n / 1e9);
+  if (n >= 1e6) return printf_string("%.2f M", n / 1e6);
+  if (n >= 1e3) return printf_string("%.2f K", n / 1e3);
+  return printf_string("%.0f", n);
+}
+
+std::string seconds(double s) { return printf_string("%.3g s", s); }
+
+// Left-aligned first column, right-aligned others, two spaces apart.
+std::string format_columns(const std::vector<std::vector<std::string>>& rows, std::size_t left_aligned = 1) {
+  std::vector<std::size_t> width;
+  auto text_width = [](const std::string& s) {  // UTF-8: count code points, not bytes
+    std::size_t w = 0;
+    for (unsigned char ch : s) w += (ch & 0xC0) != 0x80;
+    return w;
+  };
+  for (const auto& row : rows) {
+    if (width.size() < row.size()) width.resize(row.size(), 0);
+    for (std::size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], text_width(row[i]));
+  }
+  std::string out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      const std::string pad(width[i] - text_width(row[i]), ' ');
+      line += (i ? "  " : "") + (i < left_aligned ? row[i] + pad : pad + row[i]);
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    out += line + "\n";
+  }
+  return out;
+}
+
+std::string precision_text(const PlanConfig& c) {
+  if (c.dtype == "fp32") return "fp32 weights, gradients and AdamW (16 bytes per parameter)";
+  return std::string("bf16 weights, ") + (c.grad_dtype == "bf16" ? "bf16" : "fp32") +
+         " gradients, fp32 master weights and AdamW (" + (c.grad_dtype == "bf16" ? "16" : "18") +
+         " bytes per parameter unsharded)";
+}
+
+std::string layout_text(const PlanConfig& c) {
+  std::string out = "--app " + c.app;
+  if (c.app == "fsdp") {
+    out += " " + std::string(shard_strategy_name(c.memory.shard));
+    if (c.memory.shard == ShardStrategy::hybrid_shard) {
+      out += " (sharded over groups of " + std::to_string(c.memory.shard_ranks) + ", " +
+             std::to_string(c.dp / c.memory.shard_ranks) + " replicas)";
+    }
+    if (c.memory.shard == ShardStrategy::full_shard || c.memory.shard == ShardStrategy::hybrid_shard) {
+      out += c.memory.prefetch ? ", prefetch" : ", no prefetch";
+    }
+  } else {
+    out += c.overlap ? ", all-reduce overlapped with backward" : ", all-reduce after backward";
+  }
+  out += "; " + std::to_string(c.ranks) + " ranks = " + std::to_string(c.nodes()) + " node" +
+         (c.nodes() > 1 ? "s" : "") + " × " + std::to_string(c.gpus_per_node) + " GPUs, dp " + std::to_string(c.dp);
+  return out;
+}
+
+std::string header(const PlanResult& r) {
+  const PlanConfig& c = r.config;
+  std::string out;
+  if (c.model_states_only()) {
+    out += "parabench-plan: " + with_separators(r.parameters) + " parameters (" + short_count(r.parameters) +
+           "), --params: model states only, ZeRO's accounting (no activations, buffers or step time)\n";
+  } else {
+    out += "parabench-plan: " + c.model + ", " + with_separators(r.parameters) + " parameters (" +
+           short_count(r.parameters) + ")\n";
+    out += "model:     " + describe_arch(c.memory.arch) + "\n";
+  }
+  out += "layout:    " + layout_text(c) + "\n";
+  if (!c.model_states_only()) {
+    out += "batch:     micro-batch " + std::to_string(c.memory.micro_batch) + ", global batch " +
+           std::to_string(c.global_batch) + " (grad accum " + std::to_string(c.grad_accum) + "), " +
+           with_separators(c.global_batch * c.memory.arch.seq) + " tokens per step, recompute " + c.memory.recompute + "\n";
+  }
+  out += "precision: " + precision_text(c);
+  if (!c.model_states_only()) {
+    out += "; backend " + c.backend +
+           (c.memory.attention_keeps_probabilities ? " (attention keeps its probabilities)"
+                                                   : " (fused attention keeps softmax statistics only)");
+  }
+  return out + "\n";
+}
+
+std::string time_text(const PlanResult& r) {
+  const PlanConfig& c = r.config;
+  std::string out = "step-time estimate (closed-form, not a measurement; see bench/plan/README.md):\n";
+  const bool recomputes = r.hardware_flops_per_step > r.model_flops_per_step;
+  out += "  compute        " + printf_string("%.3g", r.hardware_flops_per_step) + " FLOPs per step" +
+         (recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation)" : " (model FLOPs)") +
+         " / (" +
+         std::to_string(c.ranks) + " ranks × " + printf_string("%g", c.peak_tflops) + " TFLOP/s × MFU " +
+         printf_string("%g", c.mfu) + ") = " + seconds(r.compute_s) + "\n";
+  for (const CommEstimate& e : r.comm) {
+    out += "  " + e.op + " " + e.what + ": " + human_bytes(static_cast<double>(e.bytes)) + " × " +
+           std::to_string(e.calls) + " per step over " + std::to_string(e.ranks) + " ranks at " +
+           printf_string("%g", e.link_gbps) + " Gb/s = " + seconds(e.seconds) + "\n";
+  }
+  out += "  step           " + seconds(r.step_s) +
+         (c.overlap ? " (communication overlapped with compute: the larger of the two)"
+                    : " (compute + communication, no overlap)") +
+         ", " + printf_string("%.4g", r.tokens_per_s) + " tokens/s\n";
+  return out;
+}
+
+std::string fit_text(const PlanResult& r) {
+  if (!r.fit_checked) return "";
+  if (r.fits) {
+    return "fit: fits --gpu-memory " + printf_string("%g", r.config.gpu_memory_gib) + " (peak " +
+           human_bytes(static_cast<double>(r.per_rank.peak_total)) + " per rank, " +
+           human_bytes(static_cast<double>(-r.excess_bytes)) + " to spare)\n";
+  }
+  return "fit: " + fit_message(r) + "\n";
+}
+
+std::string single_plan_table(const PlanResult& r) {
+  const PlanConfig& c = r.config;
+  std::string out = header(r) + "\n";
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"category", "per rank", "cluster (" + std::to_string(c.ranks) + " ranks)"});
+  for (MemCategory cat : all_mem_categories()) {
+    const double bytes = static_cast<double>(r.per_rank[cat]);
+    rows.push_back({mem_category_name(cat), human_bytes(bytes), human_bytes(bytes * c.ranks)});
+  }
+  rows.push_back({"peak_total", human_bytes(static_cast<double>(r.per_rank.peak_total)),
+                  human_bytes(static_cast<double>(r.cluster_peak_total))});
+  out += format_columns(rows);
+  out += "model state: " + printf_string("%.4g", r.model_state_bytes_per_param) +
+         " bytes per parameter on each rank (" + human_bytes(static_cast<double>(r.model_state_bytes)) + ")\n";
+  if (r.has_time) out += "\n" + time_text(r);
+  const std::string fit = fit_text(r);
+  if (!fit.empty()) out += "\n" + fit;
+  return out;
+}
+
+std::string sweep_table(const PlanRequest& request, const std::vector<PlanResult>& results) {
+  std::string out = header(results.front());
+  std::string swept;
+  for (const Sweep& s : request.sweeps) {
+    std::string values;
+    for (const std::string& v : s.values) values += (values.empty() ? "" : ",") + v;
+    swept += (swept.empty() ? "" : " × ") + s.key + "=" + values;
+  }
+  out += "sweep:     " + swept + " (" + std::to_string(results.size()) +
+         " plans; the lines above describe the first)\n\n";
+
+  double largest = 1;
+  for (const PlanResult& r : results) largest = std::max(largest, static_cast<double>(r.per_rank.peak_total));
+  // GiB unless every peak is smaller: a sweep's small categories stay readable beside its largest.
+  const Unit unit = unit_for(std::min(largest, kUnits[3].bytes));
+  const bool any_time = std::any_of(results.begin(), results.end(), [](const PlanResult& r) { return r.has_time; });
+  const bool any_fit = std::any_of(results.begin(), results.end(), [](const PlanResult& r) { return r.fit_checked; });
+
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::string> head;
+  for (const Sweep& s : request.sweeps) head.push_back(s.key);
+  for (const char* name : {"parameters", "master", "gradients", "optimizer", "activations", "comm", "workspace",
+                           "peak_total"}) {
+    head.push_back(name);
+  }
+  head.push_back("B/param");
+  head.push_back("cluster");
+  if (any_time) {
+    head.push_back("step");
+    head.push_back("tokens/s");
+  }
+  if (any_fit) head.push_back("fits");
+  rows.push_back(head);
+  for (const PlanResult& r : results) {
+    std::vector<std::string> row;
+    for (const auto& kv : r.config.swept) row.push_back(kv.second);
+    for (MemCategory cat : all_mem_categories()) row.push_back(in_unit(static_cast<double>(r.per_rank[cat]), unit));
+    row.push_back(in_unit(static_cast<double>(r.per_rank.peak_total), unit));
+    row.push_back(printf_string("%.4g", r.model_state_bytes_per_param));
+    row.push_back(human_bytes(static_cast<double>(r.cluster_peak_total)));
+    if (any_time) {
+      row.push_back(r.has_time ? seconds(r.step_s) : "-");
+      row.push_back(r.has_time ? printf_string("%.4g", r.tokens_per_s) : "-");
+    }
+    if (any_fit) row.push_back(r.fits ? "yes" : "no");
+    rows.push_back(row);
+  }
+  out += "per rank, " + std::string(unit.name) + "; B/param: model-state bytes per parameter on each rank; "
+         "cluster: peak_total × ranks\n";
+  out += format_columns(rows, request.sweeps.size());
+  std::string notes;
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const std::string message = fit_message(results[i]);
+    if (message.empty()) continue;
+    std::string where;
+    for (const auto& [key, value] : results[i].config.swept) where += (where.empty() ? "" : ", ") + key + "=" + value;
+    notes += "  " + where + ": " + message + "\n";
+  }
+  if (!notes.empty()) out += "\n" + notes;
+  if (any_time) {
+    const PlanConfig& first = results.front().config;
+    out += "\nstep and tokens/s: a closed-form estimate (FLOPs at --mfu " + printf_string("%g", first.mfu) +
+           " of peak, ring collectives at " +
+           (first.link_gbps > 0 ? printf_string("%g Gb/s", first.link_gbps) : std::string("nominal link rates")) +
+           "), not a measurement; see bench/plan/README.md\n";
+  }
+  return out;
+}
+
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string quoted = "\"";
+  for (char ch : s) quoted += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return quoted + "\"";
+}
+
+std::string number(double v) {
+  if (!std::isfinite(v)) return "nan";
+  return printf_string("%.6g", v);
+}
+
+nlohmann::ordered_json config_json(const PlanConfig& c) {
+  nlohmann::ordered_json j;
+  j["model"] = c.model;
+  if (c.model_states_only()) {
+    j["params"] = c.params_override;
+  } else {
+    const ArchSpec& a = c.memory.arch;
+    j["layers"] = a.layers;
+    j["hidden"] = a.hidden;
+    j["heads"] = a.heads;
+    j["kv_heads"] = a.kv_heads;
+    j["ffn"] = a.ffn;
+    j["vocab"] = a.vocab;
+    j["seq"] = a.seq;
+    j["gated_mlp"] = a.gated_mlp;
+    j["tied_embeddings"] = a.tied_embeddings;
+    j["learned_positions"] = a.learned_positions;
+    j["biases"] = a.biases;
+  }
+  j["app"] = c.app;
+  j["shard"] = shard_strategy_name(c.memory.shard);
+  j["shard_ranks"] = c.memory.shard_ranks;
+  j["prefetch"] = c.memory.prefetch;
+  j["ranks"] = c.ranks;
+  j["nodes"] = c.nodes();
+  j["gpus_per_node"] = c.gpus_per_node;
+  j["dp"] = c.dp;
+  j["micro_batch"] = c.memory.micro_batch;
+  j["global_batch"] = c.global_batch;
+  j["grad_accum"] = c.grad_accum;
+  j["recompute"] = c.memory.recompute;
+  j["dtype"] = c.dtype;
+  j["grad_dtype"] = c.grad_dtype;
+  j["backend"] = c.backend;
+  j["attention_keeps_probabilities"] = c.memory.attention_keeps_probabilities;
+  j["gpu"] = c.gpu.name;
+  j["peak_tflops"] = c.peak_tflops;
+  j["mfu"] = c.mfu;
+  j["link_gbps"] = c.link_gbps;
+  j["gpu_memory_gib"] = c.gpu_memory_gib;
+  return j;
+}
+
+}  // namespace
+
+std::string describe_arch(const ArchSpec& a) {
+  std::string out = "L" + std::to_string(a.layers) + " h" + std::to_string(a.hidden) + " a" + std::to_string(a.heads);
+  if (a.kv_heads != a.heads) out += " kv" + std::to_string(a.kv_heads);
+  out += " ffn" + std::to_string(a.ffn) + " V" + std::to_string(a.vocab) + " S" + std::to_string(a.seq);
+  out += a.gated_mlp ? ", gated MLP" : ", GELU MLP";
+  out += a.tied_embeddings ? ", tied embeddings" : ", untied head";
+  out += a.learned_positions ? ", learned positions" : ", rotary positions";
+  out += a.biases ? ", biases" : ", no biases";
+  return out;
+}
+
+std::string render_table(const PlanRequest& request, const std::vector<PlanResult>& results) {
+  if (results.size() == 1 && request.sweeps.empty()) return single_plan_table(results.front());
+  return sweep_table(request, results);
+}
+
+std::string render_csv(const std::vector<PlanResult>& results) {
+  std::vector<std::string> head = {"model", "num_parameters", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab",
+                                   "seq", "gated_mlp", "tied_embeddings", "app", "shard", "shard_ranks", "ranks",
+                                   "nodes", "gpus_per_node", "dp", "micro_batch", "global_batch", "grad_accum",
+                                   "recompute", "dtype", "grad_dtype", "backend"};
+  for (MemCategory cat : all_mem_categories()) head.push_back(std::string(mem_category_name(cat)) + "_bytes");
+  for (const char* name : {"peak_total_bytes", "model_state_bytes_per_param", "cluster_peak_total_bytes",
+                           "gpu_memory_bytes", "fits", "excess_bytes", "model_flops_per_step", "hardware_flops_per_step",
+                           "peak_tflops", "mfu",
+                           "compute_s", "comm_s", "step_s", "tokens_per_s"}) {
+    head.push_back(name);
+  }
+  std::ostringstream out;
+  for (std::size_t i = 0; i < head.size(); ++i) out << (i ? "," : "") << head[i];
+  out << "\n";
+  for (const PlanResult& r : results) {
+    const PlanConfig& c = r.config;
+    const ArchSpec& a = c.memory.arch;
+    const bool shape = !c.model_states_only();
+    auto shape_field = [&](int64_t v) { return shape ? std::to_string(v) : std::string(); };
+    std::vector<std::string> row = {
+        csv_field(c.model), std::to_string(r.parameters), shape_field(a.layers), shape_field(a.hidden),
+        shape_field(a.heads), shape_field(a.kv_heads), shape_field(a.ffn), shape_field(a.vocab), shape_field(a.seq),
+        shape ? (a.gated_mlp ? "true" : "false") : "", shape ? (a.tied_embeddings ? "true" : "false") : "",
+        c.app, shard_strategy_name(c.memory.shard), std::to_string(c.memory.shard_ranks), std::to_string(c.ranks),
+        std::to_string(c.nodes()), std::to_string(c.gpus_per_node), std::to_string(c.dp),
+        std::to_string(c.memory.micro_batch), std::to_string(c.global_batch), std::to_string(c.grad_accum),
+        c.memory.recompute, c.dtype, c.grad_dtype, c.backend};
+    for (MemCategory cat : all_mem_categories()) row.push_back(std::to_string(r.per_rank[cat]));
+    row.push_back(std::to_string(r.per_rank.peak_total));
+    row.push_back(number(r.model_state_bytes_per_param));
+    row.push_back(std::to_string(r.cluster_peak_total));
+    row.push_back(r.fit_checked ? std::to_string(r.capacity_bytes) : "");
+    row.push_back(r.fit_checked ? (r.fits ? "true" : "false") : "");
+    row.push_back(r.fit_checked ? std::to_string(std::max<int64_t>(0, r.excess_bytes)) : "");
+    const double nan = std::nan("");
+    row.push_back(number(r.has_time ? r.model_flops_per_step : nan));
+    row.push_back(number(r.has_time ? r.hardware_flops_per_step : nan));
+    row.push_back(number(c.peak_tflops));
+    row.push_back(number(c.mfu));
+    row.push_back(number(r.has_time ? r.compute_s : nan));
+    row.push_back(number(r.has_time ? r.comm_s : nan));
+    row.push_back(number(r.has_time ? r.step_s : nan));
+    row.push_back(number(r.has_time ? r.tokens_per_s : nan));
+    for (std::size_t i = 0; i < row.size(); ++i) out << (i ? "," : "") << row[i];
+    out << "\n";
+  }
+  return out.str();
+}
+
+std::string render_json(const PlanRequest& request, const std::vector<PlanResult>& results) {
+  nlohmann::ordered_json doc;
+  doc["tool"] = "parabench-plan";
+  doc["version"] = PB_VERSION;
+  doc["units"] = {{"memory", "bytes"}, {"time", "s"}, {"link", "Gbit/s"}};
+  nlohmann::ordered_json sweeps = nlohmann::ordered_json::array();
+  for (const Sweep& s : request.sweeps) sweeps.push_back({{"key", s.key}, {"values", s.values}});
+  doc["sweeps"] = sweeps;
+  nlohmann::ordered_json plans = nlohmann::ordered_json::array();
+  for (const PlanResult& r : results) {
+    const PlanConfig& c = r.config;
+    nlohmann::ordered_json p;
+    nlohmann::ordered_json swept = nlohmann::ordered_json::object();
+    for (const auto& [key, value] : c.swept) swept[key] = value;
+    p["swept"] = swept;
+    p["config"] = config_json(c);
+    p["num_parameters"] = r.parameters;
+    nlohmann::ordered_json per_rank, cluster;
+    for (MemCategory cat : all_mem_categories()) {
+      per_rank[mem_category_name(cat)] = r.per_rank[cat];
+      cluster[mem_category_name(cat)] = r.per_rank[cat] * c.ranks;
+    }
+    per_rank["peak_total"] = r.per_rank.peak_total;
+    cluster["peak_total"] = r.cluster_peak_total;
+    p["memory_per_rank"] = per_rank;
+    p["memory_cluster"] = cluster;
+    p["model_state_bytes"] = r.model_state_bytes;
+    p["model_state_bytes_per_param"] = r.model_state_bytes_per_param;
+    if (r.fit_checked) {
+      p["fit"] = {{"gpu_memory_bytes", r.capacity_bytes},
+                  {"fits", r.fits},
+                  {"excess_bytes", std::max<int64_t>(0, r.excess_bytes)},
+                  {"message", fit_message(r)}};
+    } else {
+      p["fit"] = nullptr;
+    }
+    if (r.has_time) {
+      nlohmann::ordered_json comm = nlohmann::ordered_json::array();
+      for (const CommEstimate& e : r.comm) {
+        comm.push_back({{"op", e.op}, {"what", e.what}, {"bytes", e.bytes}, {"ranks", e.ranks},
+                        {"calls_per_step", e.calls}, {"link_gbps", e.link_gbps}, {"seconds", e.seconds}});
+      }
+      p["time_estimate"] = {{"model_flops_per_step", r.model_flops_per_step},
+                            {"hardware_flops_per_step", r.hardware_flops_per_step},
+                            {"compute_s", r.compute_s},
+                            {"comm_s", r.comm_s},
+                            {"overlap", c.overlap},
+                            {"step_s", r.step_s},
+                            {"tokens_per_s", r.tokens_per_s},
+                            {"collectives", comm}};
+    } else {
+      p["time_estimate"] = nullptr;
+    }
+    plans.push_back(p);
+  }
+  doc["plans"] = plans;
+  return doc.dump(2) + "\n";
+}
+
+}  // namespace pb::plan

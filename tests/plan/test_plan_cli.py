@@ -1,0 +1,148 @@
+"""parabench-plan run as a user runs it: its three output formats parse, a sweep gives one row per
+value, the ZeRO paper's table comes out of one command, bad plans exit 2 with a message that names the
+option and the rule, and a plan that does not fit --gpu-memory says by how much.
+
+Environment: PB_PLAN, the parabench-plan binary (default <repo>/build/bench/plan/parabench-plan).
+"""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PLAN = Path(os.environ.get("PB_PLAN", str(REPO / "build" / "bench" / "plan" / "parabench-plan")))
+CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states", "activations", "comm_buffers",
+              "workspace"]
+LLAMA_405B_ON_1024 = ["--model", "llama3-405b", "--app", "fsdp", "--gpus", "1024", "--shard", "FULL_SHARD",
+                      "--dtype", "bf16"]
+
+
+def plan(*args, timeout=10):
+    if not PLAN.is_file():
+        pytest.fail(f"{PLAN} does not exist: build it (cmake --build build) or set PB_PLAN")
+    return subprocess.run([str(PLAN), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def ok(*args):
+    result = plan(*args)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def csv_rows(*args):
+    return list(csv.DictReader(io.StringIO(ok(*args, "--format", "csv").stdout)))
+
+
+def test_single_plan_table_lists_every_category_and_the_cluster_total():
+    out = ok("--model", "gpt2-124m", "--app", "fsdp", "--gpus", "16").stdout
+    for name in CATEGORIES + ["peak_total", "cluster (16 ranks)", "bytes per parameter", "step-time estimate"]:
+        assert name in out, name
+    assert "not a measurement" in out
+
+
+def test_micro_batch_sweep_gives_four_rows_in_every_format():
+    sweep = ["--sweep", "micro-batch=1,2,4,8"]
+    rows = csv_rows(*LLAMA_405B_ON_1024, *sweep)
+    assert [int(r["micro_batch"]) for r in rows] == [1, 2, 4, 8]
+    activations = [int(r["activations_bytes"]) for r in rows]
+    assert activations == [activations[0] * b for b in (1, 2, 4, 8)]
+    assert len({r["optimizer_states_bytes"] for r in rows}) == 1
+    for r in rows:
+        assert int(r["cluster_peak_total_bytes"]) == int(r["peak_total_bytes"]) * 1024
+        assert int(r["peak_total_bytes"]) >= sum(int(r[c + "_bytes"]) for c in CATEGORIES[:4])
+
+    doc = json.loads(ok(*LLAMA_405B_ON_1024, *sweep, "--format", "json").stdout)
+    assert [p["swept"]["micro-batch"] for p in doc["plans"]] == ["1", "2", "4", "8"]
+    assert doc["sweeps"] == [{"key": "micro-batch", "values": ["1", "2", "4", "8"]}]
+    for p, r in zip(doc["plans"], rows):
+        assert p["memory_per_rank"]["peak_total"] == int(r["peak_total_bytes"])
+        assert p["time_estimate"]["step_s"] > 0
+
+    table = ok(*LLAMA_405B_ON_1024, *sweep).stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("micro-batch "))
+    body = [line.split()[0] for line in table[header + 1:header + 5]]
+    assert body == ["1", "2", "4", "8"]
+    assert not table[header + 5].strip(), "exactly four rows"
+
+
+def test_shard_sweep_reproduces_the_zero_paper_table():
+    # Rajbhandari et al. 2020, figure 1: 7.5B parameters, 64 GPUs, 2 + 2 + 12 bytes per parameter.
+    rows = csv_rows("--params", "7.5e9", "--app", "fsdp", "--gpus", "64", "--grad-dtype", "bf16",
+                    "--sweep", "shard=NO_SHARD,ZERO1,SHARD_GRAD_OP,FULL_SHARD")
+    gigabytes = [round(sum(int(r[c + "_bytes"]) for c in CATEGORIES[:4]) / 1e9, 1) for r in rows]
+    assert gigabytes == [120.0, 31.4, 16.6, 1.9]
+    assert [float(r["model_state_bytes_per_param"]) for r in rows][0] == 16
+
+
+def test_cartesian_product_of_two_sweeps():
+    rows = csv_rows("--model", "llama3-8b", "--app", "fsdp", "--gpus", "64", "--shard-group", "8",
+                    "--sweep", "shard=NO_SHARD,FULL_SHARD,HYBRID_SHARD", "--sweep", "recompute=none,full")
+    assert [(r["shard"], r["recompute"]) for r in rows] == [
+        (s, m) for s in ("NO_SHARD", "FULL_SHARD", "HYBRID_SHARD") for m in ("none", "full")]
+    assert [int(r["shard_ranks"]) for r in rows] == [1, 1, 64, 64, 8, 8]
+
+
+def test_plan_that_does_not_fit_says_by_how_much():
+    result = ok("--model", "llama3-70b", "--app", "fsdp", "--shard", "NO_SHARD", "--gpus", "8", "--gpu-memory", "80")
+    assert "does not fit: needs " in result.stdout
+    assert "more than --gpu-memory 80" in result.stdout
+
+    strict = plan("--model", "llama3-70b", "--app", "fsdp", "--shard", "NO_SHARD", "--gpus", "8",
+                  "--gpu-memory", "80", "--require-fit")
+    assert strict.returncode == 1
+
+    # CSV stays parseable; the verdict goes to stderr, and the row carries it.
+    result = plan(*LLAMA_405B_ON_1024, "--gpu-memory", "80", "--sweep", "recompute=none,full", "--format", "csv")
+    assert result.returncode == 0
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["fits"] for r in rows] == ["false", "true"], "full recomputation brings llama3-405b under 80 GiB"
+    excess = int(rows[0]["excess_bytes"])
+    assert excess == int(rows[0]["peak_total_bytes"]) - 80 * 2**30
+    assert "recompute=none: does not fit: needs" in result.stderr
+    assert "recompute=full" not in result.stderr
+    assert rows[1]["excess_bytes"] == "0"
+
+    fits = ok("--model", "gpt2-124m", "--gpus", "8", "--gpu-memory", "80", "--require-fit")
+    assert "fits --gpu-memory 80" in fits.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "12", "--dp", "8"], "--gpus 12 is not divisible by --dp 8"),
+    (["--app", "fsdp", "--gpus", "12", "--shard", "HYBRID_SHARD", "--shard-group", "5"],
+     "--shard-group 5 does not divide dp 12"),
+    (["--app", "fsdp", "--shard", "HYBRID_SHARD"], "--shard HYBRID_SHARD needs --shard-group"),
+    (["--model", "llama3-8b", "--kv-heads", "5"], "--heads 32 is not divisible by --kv-heads 5"),
+    (["--model", "tiny", "--hidden", "66"], "--hidden 66 is not divisible by --heads 4"),
+    (["--app", "tp"], "--app tp: not modelled yet"),
+    (["--backend", "cpu", "--dtype", "bf16"], "--dtype bf16 needs --backend cuda"),
+    (["--sweep", "colour=red"], "colour is not an option a sweep can vary"),
+    (["--gpus", "8", "--sweep", "micro-batch=1,0"], "--sweep micro-batch=0: --micro-batch 0 must be at least 1"),
+    (["--no-such-option"], "--no-such-option"),
+])
+def test_bad_plans_exit_2_naming_the_option_and_the_rule(args, message):
+    result = plan(*args)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_help_and_version():
+    result = ok("--help")
+    for option in ("--sweep", "--gpu-memory", "--kv-heads", "--shard", "--format", "--params", "--link-gbps"):
+        assert option in result.stdout
+    assert ok("--version").stdout.startswith("parabench ")
+
+
+def test_405b_over_16384_gpus_plans_in_under_a_second():
+    start = time.monotonic()
+    result = ok("--model", "llama3-405b", "--app", "fsdp", "--gpus", "16384", "--format", "json")
+    assert time.monotonic() - start < 1.0
+    (p,) = json.loads(result.stdout)["plans"]
+    assert p["config"]["ranks"] == 16384
+    assert abs(p["num_parameters"] / 405e9 - 1) < 0.01
