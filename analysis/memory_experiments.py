@@ -73,7 +73,7 @@ def run_plan(args, sweep):
 
 def plan_bytes(row, category):
     """A category's per-rank bytes in a planner JSON row (flat or under 'per_rank_bytes')."""
-    for key in ("per_rank_bytes", "per_rank", "memory"):
+    for key in ("memory_per_rank", "per_rank_bytes", "per_rank", "memory"):
         if isinstance(row.get(key), dict) and category in row[key]:
             return int(row[key][category])
     return int(row[category])
@@ -171,10 +171,18 @@ def main():
     if plan is not None:
         plan_labels = labels if args.experiment == "micro-batch" else [s for s in SHARDS if s != "HYBRID_SHARD"]
         text += [f"### Planned: {args.plan_model}, {args.plan_gpus} GPUs, bf16, per rank ({' '.join(args.plan_args)})",
-                 "", plan_table(plan, plan_labels, title, args.experiment), ""]
+                 "", plan_table(plan, plan_labels, args.experiment, args.experiment), ""]
         fig, ax = plt.subplots(figsize=(9, 4.5))
         stacked_bars(ax, plan_labels, [{c: plan_bytes(r, c) for c in CATEGORIES} for r in plan], "GiB per GPU", GIB,
                      f"parabench-plan {args.plan_model} on {args.plan_gpus} GPUs (bf16)", pairs=False)
+        if "--gpu-memory" in args.plan_args:  # what a GPU holds: the bars below the line fit
+            limit = float(args.plan_args[args.plan_args.index("--gpu-memory") + 1])
+            ax.axhline(limit, color="black", linestyle="--", linewidth=1)
+            ax.text(len(plan_labels) - 0.5, limit, f" GPU memory {limit:g} GiB", va="bottom", ha="right", fontsize=8)
+        for i, r in enumerate(plan):  # the peak as a number: small bars stay readable beside large ones
+            total = plan_bytes(r, "peak_total") / GIB
+            ax.text(i, sum(plan_bytes(r, c) for c in CATEGORIES) / GIB, f"{total:,.1f}", ha="center", va="bottom",
+                    fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, f"{args.experiment}_plan.png"), dpi=120)
     with open(os.path.join(args.out, f"{args.experiment}.md"), "w") as f:
