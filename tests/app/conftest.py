@@ -305,3 +305,19 @@ def cached_run(run_app, tmp_path_factory):
         return cache[key]
 
     return run
+
+
+MODEL_STATES = ["parameters", "master_parameters", "gradients", "optimizer_states"]
+OTHER_CATEGORIES = ["activations", "comm_buffers", "workspace", "peak_total"]
+
+
+def assert_memory_matches_prediction(run, what):
+    """SPEC 6 /memory: per rank and category, model states within 1% and the rest within 10%."""
+    for cat in MODEL_STATES + OTHER_CATEGORIES:
+        rtol = 0.01 if cat in MODEL_STATES else 0.10
+        measured, predicted = run["measured"][cat], run["predicted"][cat]
+        assert measured.shape == predicted.shape == (int(run["config"]["world_size"]),), (what, cat)
+        for rank, (m, p) in enumerate(zip(measured.tolist(), predicted.tolist())):
+            assert abs(m - p) <= rtol * p, \
+                f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (off by more than {rtol:.0%})\n" \
+                f"{run['command']}"

@@ -19,6 +19,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
+
 
 def unit_parameter_counts(layers, hidden, seq, vocab, ffn):
     """Parameters of each sharding unit in forward order (SPEC section 2; bench/fsdp): the embedding
@@ -41,8 +43,6 @@ F32 = 4  # bytes
 SHAPE = dict(layers=2, hidden=30, heads=3, seq=16, vocab=67, ffn=99)
 SHAPE_ARGS = [a for k, v in SHAPE.items() for a in (f"--{k}", v)]
 UNITS = unit_parameter_counts(SHAPE["layers"], SHAPE["hidden"], SHAPE["seq"], SHAPE["vocab"], SHAPE["ffn"])
-MODEL_STATES = ["parameters", "master_parameters", "gradients", "optimizer_states"]
-OTHER_CATEGORIES = ["activations", "comm_buffers", "workspace", "peak_total"]
 
 CANONICAL = {"NO_OP": "NO_SHARD", "FULLY_SHARD": "FULL_SHARD"}
 
@@ -119,18 +119,6 @@ def assert_equivalent(got, ref, what):
     rel_norm = abs(got["param_norm"] - ref["param_norm"]) / ref["param_norm"]
     assert rel_norm <= RTOL, f"{what}: final_param_norm {got['param_norm']} differs from {ref['param_norm']} " \
                              f"by {rel_norm:.3g}"
-
-
-def assert_memory_matches_prediction(run, what):
-    """SPEC 6 /memory: per rank and category, model states within 1% and the rest within 10%."""
-    for cat in MODEL_STATES + OTHER_CATEGORIES:
-        rtol = 0.01 if cat in MODEL_STATES else 0.10
-        measured, predicted = run["measured"][cat], run["predicted"][cat]
-        assert measured.shape == predicted.shape == (int(run["config"]["world_size"]),), (what, cat)
-        for rank, (m, p) in enumerate(zip(measured.tolist(), predicted.tolist())):
-            assert abs(m - p) <= rtol * p, \
-                f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (off by more than {rtol:.0%})\n" \
-                f"{run['command']}"
 
 
 # ---- the model shape ---------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
+
 STEPS = 10
 GLOBAL_BATCH = 8
 RTOL = 1e-5
@@ -24,8 +26,6 @@ SHAPE = dict(layers=2, hidden=30, heads=3, seq=16, vocab=67, ffn=99)  # as test_
 SHAPE_ARGS = [a for k, v in SHAPE.items() for a in (f"--{k}", v)]
 TINY = dict(layers=2, hidden=64, heads=4, seq=32, vocab=256, ffn=256)
 MICRO_BATCHES = [1, 2, 4, 8]
-MODEL_STATES = ["parameters", "master_parameters", "gradients", "optimizer_states"]
-OTHER_CATEGORIES = ["activations", "comm_buffers", "workspace", "peak_total"]
 
 # (id, app, ranks, micro-batch, extra); grad_accum = GLOBAL_BATCH / (ranks · micro-batch)
 LAYOUTS = [
@@ -61,18 +61,6 @@ def layout_run(cached_run):
         return cached_run(app, ranks, args)
 
     return get
-
-
-def assert_memory_matches_prediction(run, what):
-    """SPEC 6 /memory: per rank and category, model states within 1% and the rest within 10%."""
-    for cat in MODEL_STATES + OTHER_CATEGORIES:
-        rtol = 0.01 if cat in MODEL_STATES else 0.10
-        measured, predicted = run["measured"][cat], run["predicted"][cat]
-        assert measured.shape == predicted.shape == (int(run["config"]["world_size"]),), (what, cat)
-        for rank, (m, p) in enumerate(zip(measured.tolist(), predicted.tolist())):
-            assert abs(m - p) <= rtol * p, \
-                f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (off by more than {rtol:.0%})\n" \
-                f"{run['command']}"
 
 
 # ---- SPEC 2.4: recomputation changes memory, never the model trained -------------------------------------
