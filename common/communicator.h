@@ -47,6 +47,8 @@ class Communicator {
 
   // In-place sum over the group.
   virtual void all_reduce(float* buf, std::size_t count) = 0;
+  // In-place maximum over the group (vocabulary-parallel softmax).
+  virtual void all_reduce_max(float* buf, std::size_t count) = 0;
   virtual Request all_reduce_async(float* buf, std::size_t count) = 0;
   // recv (recv_count) = this rank's block of Σ send (size · recv_count).
   virtual void reduce_scatter(const float* send, float* recv, std::size_t recv_count) = 0;

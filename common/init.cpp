@@ -56,4 +56,18 @@ void init_values(float* out, uint64_t seed, const std::string& name, int num_lay
   }
 }
 
+void init_values_at(float* out, uint64_t seed, const std::string& name, int num_layers, const uint64_t* indices,
+                    std::size_t count) {
+  const InitRule rule = init_rule(name, num_layers);
+  if (rule.kind != InitKind::uniform) {
+    init_values(out, seed, name, num_layers, 0, count);
+    return;
+  }
+  const uint64_t key = splitmix_mix(seed ^ fnv1a64(name));
+  const double amplitude = rule.std * std::sqrt(3.0);
+  for (std::size_t i = 0; i < count; ++i) {
+    out[i] = static_cast<float>(amplitude * (2.0 * uniform_from_key(key, indices[i]) - 1.0));
+  }
+}
+
 }  // namespace pb

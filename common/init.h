@@ -28,4 +28,8 @@ InitRule init_rule(const std::string& name, int num_layers);
 void init_values(float* out, uint64_t seed, const std::string& name, int num_layers, uint64_t first,
                  std::size_t count);
 
+// Fills out[k] with the element of global index indices[k] of the named tensor.
+void init_values_at(float* out, uint64_t seed, const std::string& name, int num_layers, const uint64_t* indices,
+                    std::size_t count);
+
 }  // namespace pb

@@ -15,17 +15,33 @@
 #include <vector>
 
 #include "common/options.h"
+#include "common/parallel.h"
 #include "kernels/backend.h"
 
 namespace pb {
 
+// How tensor parallelism slices a tensor (ARCHITECTURE.md seam 1: a parameter is a named slice of
+// a global tensor).
+enum class TpSplit {
+  none,         // whole on every tp rank (LayerNorms, row-parallel biases, embed.pos)
+  columns,      // column-parallel: this rank's block of columns (fc1, head.w)
+  rows,         // row-parallel / vocabulary-parallel: this rank's block of rows (attn.out.w, fc2.w, embed.tok)
+  qkv_columns,  // this rank's heads' columns of each of the Q, K and V blocks
+};
+
 struct TensorInfo {
-  std::string name;     // spec name, e.g. "block0.attn.qkv.w"
-  int64_t rows = 1;     // global shape [rows, cols]; a 1-D tensor of n elements is [1, n]
+  std::string name;         // spec name, e.g. "block0.attn.qkv.w"
+  int64_t rows = 1;         // this rank's shape [rows, cols]; a 1-D tensor of n elements is [1, n]
   int64_t cols = 1;
-  std::size_t offset = 0;  // in the model's flat buffer
+  int64_t global_rows = 1;  // the spec's shape
+  int64_t global_cols = 1;
+  TpSplit split = TpSplit::none;
+  int tp_size = 1, tp_rank = 0;
+  std::size_t offset = 0;  // in the model's (this rank's) flat buffer
   std::size_t numel() const { return static_cast<std::size_t>(rows * cols); }
   bool is_matrix = false;  // two or more dimensions: gets weight decay
+  // The global element index (SPEC 2.1: r·C + c of the full tensor) of local element [r][c].
+  uint64_t global_index(int64_t r, int64_t c) const;
 };
 
 struct UnitInfo {
@@ -34,8 +50,9 @@ struct UnitInfo {
   std::vector<TensorInfo> tensors;
 };
 
-// The units of the model in forward order, with offsets in one flat buffer.
-std::vector<UnitInfo> gpt_units(const ModelConfig& config);
+// The units of the model in forward order, with offsets in one flat buffer: the whole model, or
+// tensor-parallel rank tp_rank's slices of it.
+std::vector<UnitInfo> gpt_units(const ModelConfig& config, int tp_size = 1, int tp_rank = 0);
 std::size_t gpt_num_parameters(const ModelConfig& config);
 
 // Calls every piece of the tensors that overlaps the flat range [first, first + count) of the
@@ -83,7 +100,9 @@ class UnitHooks {
 // hooks say where they are.
 class GptModel {
  public:
-  GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute);
+  // tp: this rank's tensor-parallel group (tp.size = 1: the whole model).
+  GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute,
+           const TensorParallel& tp = TensorParallel{});
   ~GptModel();
   GptModel(const GptModel&) = delete;
   GptModel& operator=(const GptModel&) = delete;
@@ -107,12 +126,28 @@ class GptModel {
   void alloc_block(BlockActs& a, bool with_attention);
   void free_block(BlockActs& a);
   void block_forward(const float* const* w, const float* x_in, BlockActs& a);
+  // The input of a column-parallel layer: the rows of this rank (tp = 1, or tp without sequence
+  // parallelism), or every rank's rows gathered into a communication buffer (sequence parallel).
+  const float* column_input(const float* rows);
+  void release_column_input(const float* input, const float* rows);
+  // A row-parallel layer: out = inp · w (+ bias, added once: by tp rank 0), summed over the tp group
+  // into out (N, h), or reduce-scattered into this rank's rows (sequence parallel).
+  void row_parallel_forward(float* out, const float* inp, const float* w, const float* bias, int in_cols);
+  // Backward of the pair: the output gradient of this rank's rows, made whole again (N, h).
+  const float* row_parallel_output_grad(const float* drows);
+  // The input gradient of a column-parallel layer, summed over the tp group (f) into drows.
+  void column_input_grad(float* dfull, float* drows);
+  void head_loss(float* logits, const int32_t* targets, float scale);
   // Pointers to the tensors of a unit whose parameters (or gradients) start at base.
   std::vector<float*> unit_tensors(const float* base, int unit) const;
 
   ModelConfig config_;
   Backend& backend_;
   int micro_batch_;
+  TensorParallel tp_;
+  // Local sizes: N tokens of the micro-batch, rows_ of them in the residual stream on this rank
+  // (N / tp with sequence parallelism), and this rank's heads, FFN width and vocabulary block.
+  int N_, rows_, heads_, hidden_local_, ffn_local_, vocab_local_;
   enum class Recompute { none, selective, full } recompute_;
   std::vector<UnitInfo> units_;
   std::size_t num_params_ = 0;

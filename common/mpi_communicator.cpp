@@ -101,6 +101,11 @@ void MpiCommunicator::all_reduce(float* buf, std::size_t count) {
   PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, as_int_count(count), MPI_FLOAT, MPI_SUM, comm_));
 }
 
+void MpiCommunicator::all_reduce_max(float* buf, std::size_t count) {
+  ScopedTime t(account(CommOp::all_reduce, count));
+  PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, as_int_count(count), MPI_FLOAT, MPI_MAX, comm_));
+}
+
 Request MpiCommunicator::all_reduce_async(float* buf, std::size_t count) {
   account(CommOp::all_reduce, count);
   const double t0 = MPI_Wtime();

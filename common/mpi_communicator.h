@@ -22,6 +22,7 @@ class MpiCommunicator final : public Communicator {
 
   void all_reduce(float* buf, std::size_t count) override;
   Request all_reduce_async(float* buf, std::size_t count) override;
+  void all_reduce_max(float* buf, std::size_t count) override;
   void reduce_scatter(const float* send, float* recv, std::size_t recv_count) override;
   Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) override;
   void all_gather(const float* send, float* recv, std::size_t send_count) override;

@@ -79,10 +79,12 @@ class Backend {
   // y += x
   virtual void accumulate(float* y, const float* x, std::size_t n) = 0;
 
-  // out (B, S, C) = tok[tokens[b, s]] + pos[s].
+  // out (B, S, C) = tok[tokens[b, s]] + pos[s]. A negative token (outside this rank's block of a
+  // vocabulary-parallel table) contributes zeros; pos may be null (not added).
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* tok,
                                  const float* pos, int B, int S, int C) = 0;
-  // dtok (V, C) += scattered dout rows, dpos (S, C) += Σ_b dout; deterministic order.
+  // dtok (V, C) += scattered dout rows (negative tokens skipped), dpos (S, C) += Σ_b dout (dpos may
+  // be null); deterministic order.
   virtual void embedding_backward(float* dtok, float* dpos, const float* dout,
                                   const int32_t* tokens, int B, int S, int C) = 0;
 
@@ -93,6 +95,19 @@ class Backend {
   virtual void cross_entropy_forward_backward(float* logits_to_dlogits, double* loss_sum,
                                               const int32_t* targets, int N, int V,
                                               float scale) = 0;
+
+  // Vocabulary-parallel cross-entropy (Megatron): each rank holds logits (N, V) of its vocabulary
+  // block and targets relative to it (negative when the target is another rank's). Three steps,
+  // with reductions over the tp group between them:
+  //   row_max (N)                                      → all-reduce max
+  //   sums (2N) = [Σ_i exp(z − max) | z_target − max]  → all-reduce sum
+  //   finish: loss_sum += scale · Σ_rows (log sums − target term); logits become
+  //           dlogits = scale · (softmax − onehot).
+  virtual void cross_entropy_row_max(float* row_max, const float* logits, int N, int V) = 0;
+  virtual void cross_entropy_partials(float* sums, const float* logits, const int32_t* targets,
+                                      const float* row_max, int N, int V) = 0;
+  virtual void cross_entropy_finish(float* logits_to_dlogits, double* loss_sum, const int32_t* targets,
+                                    const float* row_max, const float* sums, int N, int V, float scale) = 0;
 
   // ---- optimizer ---------------------------------------------------------------------------------
   // Σ x² over n elements, accumulated in double, returned to the host.

@@ -371,10 +371,11 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
       for (int s = 0; s < S; ++s) {
-        const float* te = tok + static_cast<std::size_t>(tokens[b * S + s]) * C;
-        const float* pe = pos + static_cast<std::size_t>(s) * C;
+        const int32_t t = tokens[b * S + s];
+        const float* te = t >= 0 ? tok + static_cast<std::size_t>(t) * C : nullptr;
+        const float* pe = pos != nullptr ? pos + static_cast<std::size_t>(s) * C : nullptr;
         float* o = out + (static_cast<std::size_t>(b) * S + s) * C;
-        for (int i = 0; i < C; ++i) o[i] = te[i] + pe[i];
+        for (int i = 0; i < C; ++i) o[i] = (te ? te[i] : 0.0f) + (pe ? pe[i] : 0.0f);
       }
     }
   }
@@ -389,11 +390,14 @@ class CpuBackend final : public Backend {
       for (int b = 0; b < B; ++b) {
         for (int s = 0; s < S; ++s) {
           const float* g = dout + (static_cast<std::size_t>(b) * S + s) * C;
-          float* dt = dtok + static_cast<std::size_t>(tokens[b * S + s]) * C;
-          float* dp = dpos + static_cast<std::size_t>(s) * C;
-          for (int c = c0; c < c1; ++c) {
-            dt[c] += g[c];
-            dp[c] += g[c];
+          const int32_t t = tokens[b * S + s];
+          if (t >= 0) {
+            float* dt = dtok + static_cast<std::size_t>(t) * C;
+            for (int c = c0; c < c1; ++c) dt[c] += g[c];
+          }
+          if (dpos != nullptr) {
+            float* dp = dpos + static_cast<std::size_t>(s) * C;
+            for (int c = c0; c < c1; ++c) dp[c] += g[c];
           }
         }
       }
@@ -424,6 +428,48 @@ class CpuBackend final : public Backend {
       z[target] -= scale;
     }
     double total = 0.0;  // summed in row order for reproducibility
+    for (int n = 0; n < N; ++n) total += row_loss[n];
+    *loss_sum += static_cast<double>(scale) * total;
+  }
+
+  void cross_entropy_row_max(float* row_max, const float* logits, int N, int V) override {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const float* z = logits + static_cast<std::size_t>(n) * V;
+      float m = z[0];
+      for (int i = 1; i < V; ++i) m = std::max(m, z[i]);
+      row_max[n] = m;
+    }
+  }
+
+  void cross_entropy_partials(float* sums, const float* logits, const int32_t* targets, const float* row_max, int N,
+                              int V) override {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const float* z = logits + static_cast<std::size_t>(n) * V;
+      const float m = row_max[n];
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int i = 0; i < V; ++i) sum += exp_approx(z[i] - m);
+      sums[n] = sum;
+      sums[N + n] = targets[n] >= 0 ? z[targets[n]] - m : 0.0f;
+    }
+  }
+
+  void cross_entropy_finish(float* logits, double* loss_sum, const int32_t* targets, const float* row_max,
+                            const float* sums, int N, int V, float scale) override {
+    std::vector<double> row_loss(N);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      float* z = logits + static_cast<std::size_t>(n) * V;
+      const float m = row_max[n], inv = scale / sums[n];
+      // CE = log Σ exp(z − max) − (z_target − max), with the sums over every rank's vocabulary block
+      row_loss[n] = std::log(static_cast<double>(sums[n])) - static_cast<double>(sums[N + n]);
+#pragma omp simd
+      for (int i = 0; i < V; ++i) z[i] = exp_approx(z[i] - m) * inv;
+      if (targets[n] >= 0) z[targets[n]] -= scale;
+    }
+    double total = 0.0;
     for (int n = 0; n < N; ++n) total += row_loss[n];
     *loss_sum += static_cast<double>(scale) * total;
   }
