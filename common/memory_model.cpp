@@ -28,16 +28,17 @@ MemoryPlan memory_plan_for(const Options& o, bool attention_keeps_probabilities)
   return p;
 }
 
-std::vector<int64_t> unit_parameter_counts(const ArchSpec& a) {
-  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, S = a.seq;
+std::vector<int64_t> unit_parameter_counts(const ArchSpec& a, int tp) {
+  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, S = a.seq, t = tp;
   const int64_t bias = a.biases ? 1 : 0;
   std::vector<int64_t> units;
-  units.push_back(V * h + (a.learned_positions ? S * h : 0));  // embed.tok, embed.pos
-  const int64_t norms = 2 * (h + bias * h);                     // ln1, ln2: .g and .b
-  const int64_t attention = h * a.qkv_width() + bias * a.qkv_width() + h * h + bias * h;
-  const int64_t mlp = h * a.mlp_in_width() + bias * a.mlp_in_width() + f * h + bias * h;
+  units.push_back(V / t * h + (a.learned_positions ? S * h : 0));  // embed.tok (vocabulary-parallel), embed.pos
+  const int64_t norms = 2 * (h + bias * h);                         // ln1, ln2: .g and .b
+  const int64_t qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
+  const int64_t attention = h * qkv + bias * qkv + h / t * h + bias * h;  // qkv column-, out row-parallel
+  const int64_t mlp = h * mlp_in + bias * mlp_in + f / t * h + bias * h;  // fc1 column-, fc2 row-parallel
   for (int64_t l = 0; l < a.layers; ++l) units.push_back(norms + attention + mlp);
-  units.push_back(h + bias * h + (a.tied_embeddings ? 0 : h * V));  // final_ln, head.w
+  units.push_back(h + bias * h + (a.tied_embeddings ? 0 : h * (V / t)));  // final_ln, head.w (column-parallel)
   return units;
 }
 
@@ -85,25 +86,28 @@ int64_t shard_elements(int64_t numel, int ranks) { return (numel + ranks - 1) / 
 
 ActivationEstimate predict_activations(const MemoryPlan& p) {
   const ArchSpec& a = p.arch;
+  const int64_t t = p.tp;
   const int64_t N = static_cast<int64_t>(p.micro_batch) * a.seq;  // tokens of one micro-batch
+  const int64_t R = p.sequence_parallel ? N / t : N;  // rows of the residual stream on this rank
   const int64_t h = a.hidden, f = a.ffn, V = a.vocab, L = a.layers;
+  const int64_t hl = h / t, fl = f / t, qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
   const int64_t e = p.precision.act_bytes;  // bytes of an activation element
   constexpr int64_t kStat = 4, kToken = 4, kLoss = 8;  // LayerNorm statistics fp32, tokens int32
-  // Attention's saved state and backward scratch per block (see MemoryPlan).
-  const int64_t rows = static_cast<int64_t>(p.micro_batch) * a.heads * a.seq;
+  // Attention's saved state and backward scratch per block, for this rank's heads (see MemoryPlan).
+  const int64_t rows = static_cast<int64_t>(p.micro_batch) * (a.heads / t) * a.seq;
   const int64_t att_saved = p.attention_keeps_probabilities ? rows * a.seq * e : rows * kStat;
-  const int64_t att_scratch = p.attention_keeps_probabilities ? rows * a.seq * e : rows * kStat;
+  const int64_t att_scratch = att_saved;
 
   // As GptModel::forward_backward allocates them:
   const int64_t tokens = 2 * N * kToken;  // inputs and targets
-  const int64_t embed_out = N * h * e;
-  // A block: LayerNorm statistics (4N), ln1 out, qkv, attention saved state, attention out, x_mid,
-  // ln2 out, fc1 out, activation out, x_out.
-  const int64_t block_no_att = 4 * N * kStat + e * (N * h + N * a.qkv_width() + N * h + N * h + N * h +
-                                                     N * a.mlp_in_width() + N * f + N * h);
+  const int64_t embed_out = R * h * e;
+  // A block: LayerNorm statistics (4 per row), ln1 out, qkv, attention saved state, attention out,
+  // x_mid, ln2 out, fc1 out, activation out, x_out. Rows of the residual stream are split by sequence
+  // parallelism; the tensors between a column- and a row-parallel layer by the tp split.
+  const int64_t block_no_att = 4 * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + N * mlp_in + N * fl + R * h);
   const int64_t block_full = block_no_att + att_saved;
-  const int64_t block_out = N * h * e;
-  const int64_t head = 2 * N * kStat + e * (N * h + N * V);  // lnf statistics, lnf out, logits
+  const int64_t block_out = R * h * e;
+  const int64_t head = 2 * R * kStat + e * (R * h + N * (V / t));  // lnf statistics, lnf out, logits
 
   ActivationEstimate est;
   if (p.recompute == "full") {
@@ -116,16 +120,18 @@ ActivationEstimate predict_activations(const MemoryPlan& p) {
     // Forward drops the attention probabilities; backward recomputes them (and a scratch copy of the
     // attention output) for one block at a time.
     est.forward_end_bytes = tokens + embed_out + L * block_no_att + head;
-    const int64_t backward_peak = tokens + embed_out + L * block_no_att + att_saved + N * h * e;
+    const int64_t backward_peak = tokens + embed_out + L * block_no_att + att_saved + N * hl * e;
     est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
   } else {
     est.forward_end_bytes = tokens + embed_out + L * block_full + head;
     est.peak_bytes = est.forward_end_bytes;
   }
   est.backward_extra_bytes = est.peak_bytes - est.forward_end_bytes;
-  // Backward scratch: residual, LayerNorm-output and attention-output gradients (N·h each), dqkv,
-  // dfc1 and the attention scratch; plus the loss accumulator (a double).
-  est.workspace_bytes = kLoss + e * (3 * N * h + N * a.qkv_width() + N * a.mlp_in_width()) + att_scratch;
+  // Backward scratch: the residual gradient (R·h), a column-parallel input's gradient (N·h, and its
+  // reduce-scattered rows with sequence parallelism), the attention-output gradient, dqkv, dfc1 and the
+  // attention scratch; plus the loss accumulator (a double).
+  est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv + N * mlp_in) +
+                        att_scratch;
   return est;
 }
 
@@ -221,9 +227,14 @@ MemoryEstimate predict_model_states(const std::vector<int64_t>& units, const Pre
 }
 
 MemoryEstimate predict_memory(const MemoryPlan& p) {
-  const std::vector<int64_t> units = unit_parameter_counts(p.arch);
+  const std::vector<int64_t> units = unit_parameter_counts(p.arch, p.tp);
   MemoryEstimate e = predict_model_states(units, p.precision, p.shard, p.shard_ranks);
   e[MemCategory::comm_buffers] = p.shard == ShardStrategy::no_shard ? 0 : fsdp_comm_peak(p, units);
+  if (p.sequence_parallel) {
+    // One (B·S, h) buffer at a time: a gathered column-parallel input, a row-parallel output before
+    // its reduce-scatter, or a gathered output gradient.
+    e[MemCategory::comm_buffers] += static_cast<int64_t>(p.micro_batch) * p.arch.seq * p.arch.hidden * p.precision.act_bytes;
+  }
   const ActivationEstimate act = predict_activations(p);
   e[MemCategory::activations] = act.peak_bytes;
   e[MemCategory::workspace] = act.workspace_bytes;

@@ -41,8 +41,10 @@ struct ArchSpec {
 };
 ArchSpec arch_from_model(const ModelConfig& model);  // the trained GPT of SPEC section 2
 
-// Parameters of each unit in forward order: embedding, one entry per block, final LayerNorm + head.
-std::vector<int64_t> unit_parameter_counts(const ArchSpec& arch);
+// Parameters of each unit in forward order: embedding, one entry per block, final LayerNorm + head;
+// with tp > 1, one tensor-parallel rank's slices (LayerNorms, row-parallel biases and the position
+// table are whole on every rank).
+std::vector<int64_t> unit_parameter_counts(const ArchSpec& arch, int tp = 1);
 int64_t total_parameters(const ArchSpec& arch);
 
 // ---- precision -------------------------------------------------------------------------------------
@@ -78,6 +80,8 @@ struct MemoryPlan {
   ShardStrategy shard = ShardStrategy::no_shard;
   int shard_ranks = 1;       // ranks a unit is sharded over (dp, or --shard-group for HYBRID_SHARD)
   bool prefetch = true;      // FULL_SHARD / HYBRID_SHARD: the next unit is gathered while one computes
+  int tp = 1;                // tensor-parallel degree: heads, FFN and vocabulary split tp ways
+  bool sequence_parallel = false;  // LayerNorm and residual activations split tp ways along the sequence
 };
 
 // Activations the model keeps for backward at its peak, and the backward scratch, for one

@@ -196,9 +196,10 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     return kExitRuntime;
   }
 
-  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute);
+  const TensorParallel tp = app.tensor_parallel ? app.tensor_parallel(groups) : TensorParallel{};
+  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute, tp);
   TraceRecorder trace(!opt.trace.empty(), wall_time_s());
-  Runtime runtime{opt, groups, *backend, model, trace};
+  Runtime runtime{opt, groups, *backend, model, trace, tp};
   std::unique_ptr<Strategy> strategy = app.make_strategy(runtime);
   SyntheticData data(opt.seed, opt.model.vocab, opt.model.seq);
   const FlopModel flops = model_flops(opt);

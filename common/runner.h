@@ -23,6 +23,7 @@ struct Runtime {
   Backend& backend;
   GptModel& model;
   TraceRecorder& trace;
+  const TensorParallel& tp;  // the model's tensor-parallel context (size 1 without tp)
 };
 
 // How a parallelism strategy takes part in a step. The model calls the UnitHooks during each
@@ -55,6 +56,8 @@ struct AppDefinition {
   // (model, dtype, micro-batch, recompute, the backend's attention) that the app completes.
   std::function<MemoryEstimate(const Options&, const MemoryPlan&, int rank)> predict_memory;
   std::function<std::unique_ptr<Strategy>(Runtime&)> make_strategy;
+  // The model's tensor-parallel context from this rank's groups (default: none, tp = 1).
+  std::function<TensorParallel(ProcessGroups&)> tensor_parallel;
 };
 
 // main() of every app: returns the process exit code (SPEC section 5).

@@ -1,0 +1,53 @@
+#include "bench/tp/tensor_parallel.h"
+
+#include <stdexcept>
+
+namespace pb {
+namespace {
+// Whole on every rank but computed on its sequence rows only: the LayerNorms' parameters.
+bool is_layernorm(const TensorInfo& t) {
+  return t.name.find("ln1.") != std::string::npos || t.name.find("ln2.") != std::string::npos ||
+         t.name.rfind("final_ln.", 0) == 0;
+}
+}  // namespace
+
+TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime)
+    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed),
+      tp_(runtime.tp) {}
+
+void TensorParallelStrategy::finish_gradients() {
+  // Sequence parallelism: each rank's LayerNorm gradients cover its rows only; sum them.
+  if (tp_.active() && tp_.sequence_parallel) {
+    for (const UnitInfo& u : rt_.model.units()) {
+      for (const TensorInfo& t : u.tensors) {
+        if (is_layernorm(t)) tp_.comm->all_reduce(state_.grads() + t.offset, t.numel());
+      }
+    }
+  }
+  // Data parallelism: the ranks with the same slices (the dp group) sum their gradients.
+  if (rt_.groups.dp->size() > 1) rt_.groups.dp->all_reduce(state_.grads(), state_.size());
+}
+
+double TensorParallelStrategy::sum_squares_over_slices(const float* base) {
+  double sliced = 0.0, whole = 0.0;
+  for (const UnitInfo& u : rt_.model.units()) {
+    for (const TensorInfo& t : u.tensors) {
+      (t.split == TpSplit::none ? whole : sliced) += rt_.backend.sum_squares(base + t.offset, t.numel());
+    }
+  }
+  if (tp_.active()) tp_.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
+  return sliced + whole;
+}
+
+double TensorParallelStrategy::global_grad_sum_squares() { return sum_squares_over_slices(state_.grads()); }
+
+double TensorParallelStrategy::global_param_sum_squares() { return sum_squares_over_slices(state_.params()); }
+
+std::vector<float> TensorParallelStrategy::gather_full_gradients() {
+  if (tp_.active()) throw std::logic_error("--dump-gradients needs --tp 1");  // rejected by validation
+  std::vector<float> host(state_.size());
+  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
+  return host;
+}
+
+}  // namespace pb

@@ -1,0 +1,39 @@
+// Tensor parallelism (Megatron-LM: Shoeybi et al. 2019) with sequence parallelism (Korthikanti et
+// al. 2022), combined with data parallelism.
+//
+// The layers themselves are in the shared model (common/model.cpp), which slices attention heads,
+// the MLP and the vocabulary over the tp group and calls Megatron's f and g operators
+// (common/parallel.h). This strategy owns what is left: each rank's slices of the parameters, the
+// sum of the gradients that sequence parallelism leaves partial (the LayerNorms'), the data-parallel
+// all-reduce, and the norms over slices.
+#pragma once
+
+#include <vector>
+
+#include "common/runner.h"
+
+namespace pb {
+
+class TensorParallelStrategy final : public Strategy {
+ public:
+  explicit TensorParallelStrategy(Runtime& runtime);
+
+  const float* unit_params(int unit) override { return state_.unit_params(unit); }
+  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  void zero_grads() override { state_.zero_grads(); }
+  void finish_gradients() override;
+  double global_grad_sum_squares() override;
+  void optimizer_step(float grad_scale, int t) override { state_.adamw(grad_scale, t, rt_.options.lr); }
+  double global_param_sum_squares() override;
+  std::vector<float> gather_full_gradients() override;
+
+ private:
+  // Σ x² over the model: sliced tensors summed over the tp group, whole ones counted once.
+  double sum_squares_over_slices(const float* base);
+
+  Runtime& rt_;
+  ReplicatedState state_;
+  const TensorParallel tp_;
+};
+
+}  // namespace pb
