@@ -183,8 +183,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     // ---- layout -----------------------------------------------------------------------------------------
     const int model_parallel = app_options.model_parallel_size();
     if (env.world_size % model_parallel != 0) {
-      reject("the world size " + std::to_string(env.world_size) + " is not divisible by the model-parallel degrees (" +
-             std::to_string(model_parallel) + ")");
+      reject("the world size " + std::to_string(env.world_size) + " (MPI ranks) is not divisible by " +
+             app_options.model_parallel_options() + " (product " + std::to_string(model_parallel) + ")");
     }
     const int derived_dp = env.world_size / model_parallel;
     if (given("--dp") && dp != derived_dp) {

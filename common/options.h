@@ -64,6 +64,8 @@ struct AppOptions {
   std::function<void(CLI::App&)> add;
   // Product of the app's non-data-parallel degrees (tp · pp · cp); dp = world / this.
   std::function<int()> model_parallel_size = [] { return 1; };
+  // The options behind that product, for messages ("--tp 4").
+  std::function<std::string()> model_parallel_options = [] { return std::string("the model-parallel degrees"); };
   std::function<void(const Options&)> validate;       // throws ConfigError
   std::function<void(nlohmann::ordered_json&)> describe;
 };

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
                  "split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
   };
   app.options.model_parallel_size = [&] { return std::max(1, tp); };
+  app.options.model_parallel_options = [&] { return "--tp " + std::to_string(tp); };
   app.options.validate = [&](const pb::Options& o) {
     if (tp < 1) throw pb::ConfigError("--tp " + std::to_string(tp) + " must be at least 1");
     require_divisible("--heads", o.model.heads, tp);
