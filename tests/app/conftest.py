@@ -321,3 +321,18 @@ def assert_memory_matches_prediction(run, what):
             assert abs(m - p) <= rtol * p, \
                 f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (off by more than {rtol:.0%})\n" \
                 f"{run['command']}"
+
+
+def check_rejected(run_app, tmp_path, app, ranks, args, names, env=None, timeout=20):
+    """A command line that must be refused: exit 2 within `timeout` s, every one of `names` on stderr,
+    the message printed once (by rank 0), no result line and no file left behind. No --out is given,
+    so a run that went ahead would leave results/ in the scratch folder."""
+    rc, out, err = run_app(app, ranks, args, timeout=timeout, cwd=tmp_path, env=env)
+    what = run_app.describe(run_app.command(app, ranks, args), rc, out, err)
+    assert rc == 2, what
+    for name in [names] if isinstance(names, str) else names:
+        assert name in err, f"stderr does not name {name!r}\n{what}"
+    assert err.count(f"parabench-{app}: error") == 1, f"the message must be printed once, by rank 0\n{what}"
+    assert "PARABENCH_RESULT" not in out, what
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == [], f"a rejected command line left {left}\n{what}"

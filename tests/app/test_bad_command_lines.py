@@ -4,6 +4,8 @@ result file behind. --help and --version exit 0."""
 
 import pytest
 
+from conftest import check_rejected
+
 RANKS = 2
 TIMEOUT = 20
 
@@ -72,31 +74,20 @@ def command_line(args):
     return args if "--model" in args else ["--model", "tiny", *args]
 
 
-def check_rejected(run_app, tmp_path, args, option, ranks=RANKS, env=None):
-    # No --out: a run would write results/ into the scratch folder, which must stay empty.
-    rc, out, err = run_app("dp", ranks, args, timeout=TIMEOUT, cwd=tmp_path, env=env)
-    what = run_app.describe(run_app.command("dp", ranks, args), rc, out, err)
-    assert rc == 2, what
-    assert option in err, f"stderr does not name {option}\n{what}"
-    assert err.count("parabench-dp: error") == 1, f"the message must be printed once, by rank 0\n{what}"
-    assert "PARABENCH_RESULT" not in out, what
-    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert left == [], f"a rejected command line left {left}\n{what}"
-
-
 @pytest.mark.parametrize("args, option", [pytest.param(a, o, id=i) for i, a, o in BAD])
 def test_rejected(args, option, run_app, tmp_path):
-    check_rejected(run_app, tmp_path, command_line(args), option)
+    check_rejected(run_app, tmp_path, "dp", RANKS, command_line(args), option, timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("args, option", [pytest.param(a, o, id=i) for i, a, o in BAD_SENTINELS])
 def test_explicit_out_of_range_value_is_rejected(args, option, run_app, tmp_path):
-    check_rejected(run_app, tmp_path, command_line(args), option)
+    check_rejected(run_app, tmp_path, "dp", RANKS, command_line(args), option, timeout=TIMEOUT)
 
 
 def test_slurm_ntasks_with_one_rank(run_app, tmp_path):
     """SLURM_NTASKS > 1 but a one-rank MPI world: built or launched without the cluster's MPI."""
-    check_rejected(run_app, tmp_path, ["--model", "tiny"], "SLURM_NTASKS", ranks=1, env={"SLURM_NTASKS": "4"})
+    check_rejected(run_app, tmp_path, "dp", 1, ["--model", "tiny"], "SLURM_NTASKS", env={"SLURM_NTASKS": "4"},
+                   timeout=TIMEOUT)
 
 
 def test_slurm_ntasks_matching_the_world_is_fine(run_app, tmp_path):

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
+from conftest import check_rejected, MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
 
 
 def unit_parameter_counts(layers, hidden, seq, vocab, ffn):
@@ -304,15 +304,7 @@ BAD = [
 
 @pytest.mark.parametrize("args, option", [pytest.param(a, o, id=i) for i, a, o in BAD])
 def test_rejected(args, option, run_app, tmp_path):
-    # No --out: a run would write results/ into the scratch folder, which must stay empty.
-    full = ["--model", "tiny", "--steps", "2", "--warmup", "1", *args]
-    rc, out, err = run_app("fsdp", RANKS, full, timeout=20, cwd=tmp_path)
-    what = run_app.describe(run_app.command("fsdp", RANKS, full), rc, out, err)
-    assert rc == 2, what
-    assert option in err, f"stderr does not name {option}\n{what}"
-    assert err.count("parabench-fsdp: error") == 1, f"the message must be printed once, by rank 0\n{what}"
-    assert "PARABENCH_RESULT" not in out, what
-    assert list(tmp_path.iterdir()) == [], what
+    check_rejected(run_app, tmp_path, "fsdp", RANKS, ["--model", "tiny", "--steps", "2", "--warmup", "1", *args], option)
 
 
 def test_help_lists_fsdp_options(run_app, tmp_path):

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
+from conftest import check_rejected, MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
 
 COMM_OPS = ["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send", "recv", "broadcast"]
 STEPS = 10
@@ -302,17 +302,7 @@ BAD = [
 
 @pytest.mark.parametrize("ranks, args, names", [pytest.param(r, a, n, id=i) for i, r, a, n in BAD])
 def test_rejected(ranks, args, names, run_app, tmp_path):
-    # No --out: a run would write results/ into the scratch folder, which must stay empty.
-    full = ["--model", "tiny", "--steps", "2", "--warmup", "1", *args]
-    rc, out, err = run_app("tp", ranks, full, timeout=20, cwd=tmp_path)
-    what = run_app.describe(run_app.command("tp", ranks, full), rc, out, err)
-    assert rc == 2, what
-    for name in names:
-        assert name in err, f"stderr does not name {name!r}\n{what}"
-    assert err.count("parabench-tp: error") == 1, f"the message must be printed once, by rank 0\n{what}"
-    assert "PARABENCH_RESULT" not in out, what
-    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert left == [], f"a rejected command line left {left}\n{what}"
+    check_rejected(run_app, tmp_path, "tp", ranks, ["--model", "tiny", "--steps", "2", "--warmup", "1", *args], names)
 
 
 def test_help_lists_tp_options(run_app, tmp_path):
