@@ -66,12 +66,60 @@ CommEstimate collective(const PlanConfig& c, const std::string& op, const std::s
   return e;
 }
 
-// The collectives of one step (README.md, "Step-time estimate").
+// Tensor parallelism's collectives of one step, over the tp group (consecutive ranks, stride 1), as
+// parabench-tp issues them (bench/tp/README.md, "Communication per step per rank"; tested against
+// the app's /comm). N tokens per micro-batch, m micro-batches per step; activations are e bytes.
+// Without sequence parallelism: per micro-batch 4L + 2 all-reduces of N·h (the embedding's g, two f
+// and two g per block, the head's f). With it: 6L + 3 all-gathers and 4L + 2 reduce-scatters of the
+// whole N·h buffer, and once per step one all-reduce per LayerNorm parameter tensor (h elements,
+// gradient bytes). Both: the vocabulary-parallel cross-entropy's maxima and sums, 3N fp32 values in
+// two all-reduces. Full recomputation runs each block's forward again: 2L more g's (all-reduces), or
+// 2L more all-gathers and reduce-scatters. All are blocking: every one sits on the critical path.
+std::vector<CommEstimate> tp_collectives(const PlanConfig& c) {
+  const MemoryPlan& m = c.memory;
+  const ArchSpec& a = m.arch;
+  const int t = m.tp;
+  std::vector<CommEstimate> out;
+  if (t <= 1) return out;
+  const int64_t N = static_cast<int64_t>(m.micro_batch) * a.seq, L = a.layers, micro_steps = c.grad_accum;
+  const int64_t activation = N * a.hidden * m.precision.act_bytes;  // one (B·S, h) tensor
+  const int64_t recomputed = m.recompute == "full" ? 2 * L : 0;     // forward collectives run again
+  constexpr int64_t kStatBytes = 4;                                  // the softmax statistics are fp32
+  auto blocking = [](CommEstimate e) {
+    e.blocking = true;
+    return e;
+  };
+  if (!m.sequence_parallel) {
+    out.push_back(blocking(collective(c, "all_reduce", "activations (tp f, g)", activation, t, 1,
+                                      (4 * L + 2 + recomputed) * micro_steps)));
+  } else {
+    out.push_back(blocking(collective(c, "all_gather", "activations (sequence-parallel f, g)", activation, t, 1,
+                                      (6 * L + 3 + recomputed) * micro_steps)));
+    out.push_back(blocking(collective(c, "reduce_scatter", "activations (sequence-parallel f, g)", activation, t, 1,
+                                      (4 * L + 2 + recomputed) * micro_steps)));
+  }
+  out.push_back(blocking(collective(c, "all_reduce", "cross-entropy statistics (tp)", 3 * N * kStatBytes, t, 1,
+                                    micro_steps)));
+  if (m.sequence_parallel) {
+    const int64_t norm_tensors = (2 * L + 1) * (a.biases ? 2 : 1);  // ln1, ln2 per block, final: .g (and .b)
+    out.push_back(blocking(collective(c, "all_reduce", "LayerNorm gradients (sequence parallel)",
+                                      a.hidden * m.precision.grad_bytes, t, 1, norm_tensors)));
+  }
+  return out;
+}
+
+// The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local).
 std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
   const PrecisionSpec& p = c.memory.precision;
   const int64_t grad_bytes = parameters * p.grad_bytes, weight_bytes = parameters * p.param_bytes;
   const int64_t micro_steps = c.grad_accum;
   std::vector<CommEstimate> out;
+  if (c.app == "tp") {
+    out = tp_collectives(c);
+    // The dp group: ranks tp apart, holding the same slices; one all-reduce of a rank's gradients.
+    out.push_back(collective(c, "all_reduce", "gradients (dp)", grad_bytes, c.dp, c.tp(), 1));
+    return out;
+  }
   switch (c.memory.shard) {
     case ShardStrategy::no_shard:  // DDP: one all-reduce of the gradients, on the last micro-batch
       out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, c.dp, 1, 1));
@@ -192,7 +240,12 @@ PlanResult evaluate(const PlanConfig& c) {
     for (int64_t bytes : r.per_rank.bytes) r.per_rank.peak_total += bytes;
   } else {
     r.parameters = total_parameters(m.arch);
-    r.per_rank = predict_memory(m);
+    r.per_rank = predict_memory(m);  // with m.tp and m.sequence_parallel: one tp rank's slices
+  }
+  r.rank_parameters = r.parameters;
+  if (!c.model_states_only() && m.tp > 1) {
+    r.rank_parameters = 0;
+    for (int64_t u : unit_parameter_counts(m.arch, m.tp)) r.rank_parameters += u;
   }
   r.model_state_bytes = r.per_rank[MemCategory::parameters] + r.per_rank[MemCategory::master_parameters] +
                         r.per_rank[MemCategory::gradients] + r.per_rank[MemCategory::optimizer_states];
@@ -212,9 +265,14 @@ PlanResult evaluate(const PlanConfig& c) {
     r.hardware_flops_per_step = r.model_flops_per_step + recompute_flops_per_step(m.arch, c.global_batch, m.recompute);
     // --mfu is the share of peak the GPUs sustain on what they execute, recomputation included.
     r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * c.peak_tflops * 1e12 * c.mfu);
-    r.comm = step_collectives(c, r.parameters);
-    for (const CommEstimate& e : r.comm) r.comm_s += e.seconds;
-    r.step_s = c.overlap ? std::max(r.compute_s, r.comm_s) : r.compute_s + r.comm_s;
+    r.comm = step_collectives(c, r.rank_parameters);
+    for (const CommEstimate& e : r.comm) {
+      r.comm_s += e.seconds;
+      if (e.blocking) r.blocking_comm_s += e.seconds;
+    }
+    // Overlapped communication hides behind compute; blocking collectives (tp's) add to it.
+    const double overlappable = r.comm_s - r.blocking_comm_s;
+    r.step_s = c.overlap ? std::max(r.compute_s, overlappable) + r.blocking_comm_s : r.compute_s + r.comm_s;
     r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;
   }
   return r;

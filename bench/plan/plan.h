@@ -3,7 +3,8 @@
 // formulas the apps record), cluster totals, a fit verdict and a labelled step-time estimate.
 // docs/memory-model.md derives the memory formulas; README.md here the time model and the options.
 //
-// Not modelled yet: tp, pp, ep, cp and hybrid layouts (their apps bring their formulas).
+// Modelled: dp, fsdp and tp (tensor parallelism × data parallelism, with or without sequence
+// parallelism). Not modelled yet: pp, ep, cp and hybrid layouts (their apps bring their formulas).
 #pragma once
 
 #include <cstdint>
@@ -34,15 +35,17 @@ std::vector<std::string> gpu_names();
 struct PlanConfig {
   std::string model;          // preset name, or "custom"
   int64_t params_override = 0;  // --params N: model states only, of N parameters in one unit
-  std::string app;            // dp | fsdp
+  std::string app;            // dp | fsdp | tp
   int ranks = 1;              // world size W
   int gpus_per_node = 8;
-  int dp = 1;                 // dp = W for the dp and fsdp apps
-  MemoryPlan memory;          // arch, precision, micro-batch, recompute, attention, shard, shard ranks
+  int dp = 1;                 // dp = W for the dp and fsdp apps, W / tp for the tp app
+  // arch, precision, micro-batch, recompute, attention, shard, shard ranks, and the tp degree
+  // (memory.tp, 1 but for --app tp) and sequence parallelism (memory.sequence_parallel, only with tp > 1)
+  MemoryPlan memory;
   std::string backend, dtype, grad_dtype;
   int64_t global_batch = 1;
   int64_t grad_accum = 1;
-  bool overlap = true;        // dp: not --no-overlap; fsdp: not --no-prefetch
+  bool overlap = true;        // dp, tp: not --no-overlap (tp: the dp all-reduce); fsdp: not --no-prefetch
   double bucket_mb = 25.0;    // dp only; no effect on memory (buckets are views)
   GpuSpec gpu;
   double peak_tflops = 0;     // per rank, for the compute time
@@ -53,6 +56,8 @@ struct PlanConfig {
   std::vector<std::pair<std::string, std::string>> swept;
 
   int nodes() const { return (ranks + gpus_per_node - 1) / gpus_per_node; }
+  int tp() const { return memory.tp; }
+  bool sequence_parallel() const { return memory.sequence_parallel; }
   bool model_states_only() const { return params_override > 0; }
 };
 
@@ -62,14 +67,17 @@ struct CommEstimate {
   std::string what;     // "gradients", "parameters", ...
   int64_t bytes = 0;    // buffer size per call (the full, unsharded tensor; nccl-tests' "size")
   int ranks = 1;        // ranks in the group
-  int64_t calls = 0;    // whole-model passes per step (the apps issue one call per unit or bucket)
+  int64_t calls = 0;    // whole-model passes per step (the apps issue one call per unit or bucket);
+                        // tp: calls per step, the cross-entropy statistics' two (N and 2N floats) as one
   double link_gbps = 0; // rate used
   double seconds = 0;   // per step, all calls
+  bool blocking = false;  // on the critical path whatever the overlap: tp's collectives
 };
 
 struct PlanResult {
   PlanConfig config;
   int64_t parameters = 0;                // of the whole model
+  int64_t rank_parameters = 0;           // a rank's slices before any sharding: P_local of tp, P otherwise
   MemoryEstimate per_rank;               // every category and peak_total, bytes
   int64_t model_state_bytes = 0;         // parameters + master + gradients + optimizer, one rank
   double model_state_bytes_per_param = 0;  // model_state_bytes / parameters
@@ -81,6 +89,7 @@ struct PlanResult {
   double model_flops_per_step = 0;       // SPEC 6, generalised (model_flops_per_step below)
   double hardware_flops_per_step = 0;    // + what recomputation runs again (recompute_flops_per_step)
   double compute_s = 0, comm_s = 0, step_s = 0, tokens_per_s = 0;
+  double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's collectives)
   std::vector<CommEstimate> comm;
 };
 

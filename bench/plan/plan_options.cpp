@@ -28,11 +28,10 @@ struct Unmodelled {
   const char* source;
 };
 constexpr Unmodelled kUnmodelledApps[] = {
-    {"tp", "its app (issue 4) brings its formulas"},
     {"pp", "its app (issue 5) brings its formulas"},
     {"ep", "its app brings its formulas when it is built"},
     {"cp", "its app brings its formulas when it is built"},
-    {"hybrid", "it combines the formulas of tp, pp and fsdp once those apps exist"},
+    {"hybrid", "it combines the formulas of tp, pp and fsdp once pp's app exists"},
 };
 // Options that describe the invocation rather than a plan: never swept.
 const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit"};
@@ -45,7 +44,9 @@ struct RawOptions {
   bool gated_mlp = false, tied_embeddings = false;
   std::string app = "dp";
   int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
-  int tp = 1, pp = 1, cp = 1, ep = 1;  // accepted so that degree 1 works; above 1 not modelled yet
+  int tp = 1;                  // --app tp; 1 for dp and fsdp
+  bool sequence_parallel = false;
+  int pp = 1, cp = 1, ep = 1;  // accepted so that degree 1 works; above 1 not modelled yet
   std::string shard = "FULL_SHARD";
   int shard_group = 0;
   bool no_prefetch = false, no_overlap = false;
@@ -105,12 +106,15 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
   cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
   // Layout.
-  cli->add_option("--app", r.app, "dp | fsdp (tp, pp, ep, cp, hybrid: not modelled yet)")->capture_default_str();
+  cli->add_option("--app", r.app, "dp | fsdp | tp (pp, ep, cp, hybrid: not modelled yet)")->capture_default_str();
   cli->add_option("--gpus", r.gpus, "ranks in the cluster (one per GPU)");
   cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
   cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
-  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks)");
-  cli->add_option("--tp", r.tp, "tensor-parallel degree: only 1 (tp is not modelled yet)")->capture_default_str();
+  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp)");
+  cli->add_option("--tp", r.tp, "tp: tensor-parallel degree, consecutive ranks (dp and fsdp: only 1)")
+      ->capture_default_str();
+  cli->add_flag("--sequence-parallel", r.sequence_parallel,
+                "tp: split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
   cli->add_option("--pp", r.pp, "pipeline-parallel degree: only 1 (pp is not modelled yet)")->capture_default_str();
   cli->add_option("--cp", r.cp, "context-parallel degree: only 1 (cp is not modelled yet)")->capture_default_str();
   cli->add_option("--ep", r.ep, "expert-parallel degree: only 1 (ep is not modelled yet)")->capture_default_str();
@@ -121,7 +125,7 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--no-prefetch", r.no_prefetch, "fsdp: gather one unit at a time, no overlap");
   cli->add_option("--bucket-mb", r.bucket_mb, "dp: gradient bucket size in MiB (no memory: buckets are views)")
       ->capture_default_str();
-  cli->add_flag("--no-overlap", r.no_overlap, "dp: all-reduce after backward, not during it");
+  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp: the gradient all-reduce after backward, not during it");
   // Batch, precision, backend.
   cli->add_option("--micro-batch", r.micro_batch, "samples per micro-batch")->capture_default_str();
   cli->add_option("--global-batch", r.global_batch, "samples per step (default micro-batch · dp)");
@@ -160,33 +164,49 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
 
   // ---- app ------------------------------------------------------------------------------------------
   for (const Unmodelled& u : kUnmodelledApps) {
-    if (r.app == u.app) reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp and fsdp)");
+    if (r.app == u.app) {
+      reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp and tp)");
+    }
   }
-  for (auto [option, degree, app] : {std::tuple{"--tp", r.tp, "tp"}, {"--pp", r.pp, "pp"}, {"--cp", r.cp, "cp"},
-                                      {"--ep", r.ep, "ep"}}) {
+  for (auto [option, degree, app] : {std::tuple{"--pp", r.pp, "pp"}, {"--cp", r.cp, "cp"}, {"--ep", r.ep, "ep"}}) {
     if (degree == 1) continue;
     require_positive(option, degree);
     for (const Unmodelled& u : kUnmodelledApps) {
       if (std::string(app) == u.app) {
         reject(std::string(option) + " " + std::to_string(degree) + ": not modelled yet; " + u.source +
-               " (the planner models dp and fsdp, where every other degree is 1)");
+               " (the planner models dp, fsdp and tp, where every other degree is 1)");
       }
     }
   }
-  if (r.app != "dp" && r.app != "fsdp") {
-    reject("--app " + r.app + " must be dp or fsdp (tp, pp, ep, cp, hybrid: not modelled yet)");
+  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp") {
+    reject("--app " + r.app + " must be dp, fsdp or tp (pp, ep, cp, hybrid: not modelled yet)");
   }
   c.app = r.app;
+  require_positive("--tp", r.tp);
+  if (r.tp > 1 && c.app == "fsdp") {
+    reject("--tp " + std::to_string(r.tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet "
+           "(--app tp models tp × dp)");
+  }
+  if (r.tp > 1 && c.app == "dp") {
+    reject("--tp " + std::to_string(r.tp) +
+           " is a degree of --app tp; --app dp has no tensor parallelism (use --app tp)");
+  }
+  const int tp = c.app == "tp" ? r.tp : 1;
   for (const char* option : {"--shard", "--shard-group", "--no-prefetch"}) {
     if (c.app != "fsdp" && given(option)) reject(std::string(option) + " is an option of --app fsdp, not of --app " + c.app);
   }
-  for (const char* option : {"--bucket-mb", "--no-overlap"}) {
-    if (c.app != "dp" && given(option)) reject(std::string(option) + " is an option of --app dp, not of --app " + c.app);
+  if (c.app != "dp" && given("--bucket-mb")) reject("--bucket-mb is an option of --app dp, not of --app " + c.app);
+  if (c.app == "fsdp" && given("--no-overlap")) {
+    reject("--no-overlap is an option of --app dp and --app tp, not of --app fsdp (use --no-prefetch)");
+  }
+  if (c.app != "tp" && given("--sequence-parallel")) {
+    reject("--sequence-parallel is an option of --app tp, not of --app " + c.app);
   }
 
   // ---- model ------------------------------------------------------------------------------------------
   ArchSpec& a = c.memory.arch;
   if (given("--params")) {
+    if (c.app == "tp") reject("--params has no model shape to slice: --app tp needs --model (and shape options)");
     for (const char* option : {"--model", "--layers", "--hidden", "--heads", "--kv-heads", "--seq", "--vocab", "--ffn",
                                "--gated-mlp", "--tied-embeddings"}) {
       if (given(option)) reject(std::string("--params replaces the model: give either --params or ") + option);
@@ -245,25 +265,35 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     ranks = r.gpus;
   } else if (given("--dp")) {
     require_positive("--dp", r.dp);
-    ranks = r.dp;
+    ranks = static_cast<int64_t>(r.dp) * tp;
+  } else {
+    ranks = tp;  // one tensor-parallel group
   }
   if (ranks > kMaxRanks) {
     reject("the plan has " + std::to_string(ranks) + " ranks; the planner takes at most " + std::to_string(kMaxRanks));
   }
   c.ranks = static_cast<int>(ranks);
   const std::string ranks_source = given("--nodes") ? "--nodes × --gpus-per-node" : "--gpus";
+  if (c.ranks % tp != 0) {
+    reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --tp " + std::to_string(tp) +
+           " (dp = ranks / tp)");
+  }
+  c.dp = c.ranks / tp;
   if (given("--dp")) {
     require_positive("--dp", r.dp);
     if (c.ranks % r.dp != 0) {
       reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --dp " + std::to_string(r.dp));
     }
-    if (r.dp != c.ranks) {
+    if (c.app == "tp" && r.dp != c.dp) {
+      reject("--dp " + std::to_string(r.dp) + " does not match " + ranks_source + " " + std::to_string(c.ranks) +
+             " / --tp " + std::to_string(tp) + " = " + std::to_string(c.dp));
+    }
+    if (r.dp != c.dp) {
       reject("--dp " + std::to_string(r.dp) + " leaves a factor " + std::to_string(c.ranks / r.dp) + " of the " +
              std::to_string(c.ranks) + " ranks (" + ranks_source + ") unused: --app " + c.app +
              " has no other degree, so dp is the number of ranks");
     }
   }
-  c.dp = c.ranks;
 
   // ---- sharding ---------------------------------------------------------------------------------------
   MemoryPlan& m = c.memory;
@@ -285,7 +315,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     }
     m.prefetch = !r.no_prefetch;
     c.overlap = m.prefetch;
-  } else {
+  } else {  // dp and tp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
     m.shard = ShardStrategy::no_shard;
     m.shard_ranks = 1;
     if (!(r.bucket_mb > 0 && std::isfinite(r.bucket_mb))) reject("--bucket-mb " + str(r.bucket_mb) + " must be positive");
@@ -308,6 +338,25 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     reject("--recompute " + r.recompute + " must be none, selective or full");
   }
   m.recompute = r.recompute;
+
+  // ---- tensor parallelism: what parabench-tp validates, and grouped-query attention's key/value heads --
+  if (c.app == "tp") {
+    auto require_divisible = [&](const std::string& option, int64_t value, const char* why) {
+      if (value % tp != 0) {
+        reject(option + " " + std::to_string(value) + " is not divisible by --tp " + std::to_string(tp) + why);
+      }
+    };
+    require_divisible("--heads", a.heads, "");
+    require_divisible("--kv-heads", a.kv_heads, " (each rank holds whole key/value heads; they are not replicated)");
+    require_divisible("--ffn", a.ffn, "");
+    require_divisible("--vocab", a.vocab, " (the vocabulary is split, not padded)");
+    if (r.sequence_parallel) {
+      require_divisible("--micro-batch × --seq", static_cast<int64_t>(r.micro_batch) * a.seq,
+                        " (sequence parallelism splits the micro-batch's tokens)");
+    }
+    m.tp = tp;
+    m.sequence_parallel = r.sequence_parallel && tp > 1;  // as the app: no split at tp 1
+  }
 
   // ---- backend and precision ---------------------------------------------------------------------------
   if (r.backend != "cpu" && r.backend != "cuda") reject("--backend " + r.backend + " must be cpu or cuda");

@@ -111,11 +111,18 @@ std::string layout_text(const PlanConfig& c) {
     if (c.memory.shard == ShardStrategy::full_shard || c.memory.shard == ShardStrategy::hybrid_shard) {
       out += c.memory.prefetch ? ", prefetch" : ", no prefetch";
     }
+  } else if (c.app == "tp") {
+    out += ", tp " + std::to_string(c.tp()) +
+           (c.tp() == 1 ? " (no tensor parallelism)"
+                        : c.sequence_parallel() ? " with sequence parallelism" : " without sequence parallelism") +
+           (c.overlap ? ", dp all-reduce overlapped with backward" : ", dp all-reduce after backward");
   } else {
     out += c.overlap ? ", all-reduce overlapped with backward" : ", all-reduce after backward";
   }
   out += "; " + std::to_string(c.ranks) + " ranks = " + std::to_string(c.nodes()) + " node" +
-         (c.nodes() > 1 ? "s" : "") + " × " + std::to_string(c.gpus_per_node) + " GPUs, dp " + std::to_string(c.dp);
+         (c.nodes() > 1 ? "s" : "") + " × " + std::to_string(c.gpus_per_node) + " GPUs, ";
+  out += c.app == "tp" ? "tp " + std::to_string(c.tp()) + " × dp " + std::to_string(c.dp)
+                       : "dp " + std::to_string(c.dp);
   return out;
 }
 
@@ -127,7 +134,11 @@ std::string header(const PlanResult& r) {
            "), --params: model states only, ZeRO's accounting (no activations, buffers or step time)\n";
   } else {
     out += "parabench-plan: " + c.model + ", " + with_separators(r.parameters) + " parameters (" +
-           short_count(r.parameters) + ")\n";
+           short_count(r.parameters) + ")";
+    if (r.rank_parameters != r.parameters) {
+      out += ", " + with_separators(r.rank_parameters) + " (" + short_count(r.rank_parameters) + ") per tp rank";
+    }
+    out += "\n";
     out += "model:     " + describe_arch(c.memory.arch) + "\n";
   }
   out += "layout:    " + layout_text(c) + "\n";
@@ -157,12 +168,18 @@ std::string time_text(const PlanResult& r) {
   for (const CommEstimate& e : r.comm) {
     out += "  " + e.op + " " + e.what + ": " + human_bytes(static_cast<double>(e.bytes)) + " × " +
            std::to_string(e.calls) + " per step over " + std::to_string(e.ranks) + " ranks at " +
-           printf_string("%g", e.link_gbps) + " Gb/s = " + seconds(e.seconds) + "\n";
+           printf_string("%g", e.link_gbps) + " Gb/s = " + seconds(e.seconds) + (e.blocking ? ", blocking" : "") + "\n";
   }
-  out += "  step           " + seconds(r.step_s) +
-         (c.overlap ? " (communication overlapped with compute: the larger of the two)"
-                    : " (compute + communication, no overlap)") +
-         ", " + printf_string("%.4g", r.tokens_per_s) + " tokens/s\n";
+  std::string how;
+  if (!c.overlap) {
+    how = " (compute + communication, no overlap)";
+  } else if (r.blocking_comm_s > 0) {
+    how = " (the larger of compute and the overlapped communication, + the blocking tp collectives " +
+          seconds(r.blocking_comm_s) + ")";
+  } else {
+    how = " (communication overlapped with compute: the larger of the two)";
+  }
+  out += "  step           " + seconds(r.step_s) + how + ", " + printf_string("%.4g", r.tokens_per_s) + " tokens/s\n";
   return out;
 }
 
@@ -304,6 +321,8 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
   j["nodes"] = c.nodes();
   j["gpus_per_node"] = c.gpus_per_node;
   j["dp"] = c.dp;
+  j["tp"] = c.tp();
+  j["sequence_parallel"] = c.sequence_parallel();
   j["micro_batch"] = c.memory.micro_batch;
   j["global_batch"] = c.global_batch;
   j["grad_accum"] = c.grad_accum;
@@ -339,15 +358,16 @@ std::string render_table(const PlanRequest& request, const std::vector<PlanResul
 }
 
 std::string render_csv(const std::vector<PlanResult>& results) {
-  std::vector<std::string> head = {"model", "num_parameters", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab",
-                                   "seq", "gated_mlp", "tied_embeddings", "app", "shard", "shard_ranks", "ranks",
-                                   "nodes", "gpus_per_node", "dp", "micro_batch", "global_batch", "grad_accum",
-                                   "recompute", "dtype", "grad_dtype", "backend"};
+  std::vector<std::string> head = {"model", "num_parameters", "rank_parameters", "layers", "hidden", "heads",
+                                   "kv_heads", "ffn", "vocab", "seq", "gated_mlp", "tied_embeddings", "app", "shard",
+                                   "shard_ranks", "ranks", "nodes", "gpus_per_node", "dp", "tp", "sequence_parallel",
+                                   "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
+                                   "backend"};
   for (MemCategory cat : all_mem_categories()) head.push_back(std::string(mem_category_name(cat)) + "_bytes");
   for (const char* name : {"peak_total_bytes", "model_state_bytes_per_param", "cluster_peak_total_bytes",
                            "gpu_memory_bytes", "fits", "excess_bytes", "model_flops_per_step", "hardware_flops_per_step",
                            "peak_tflops", "mfu",
-                           "compute_s", "comm_s", "step_s", "tokens_per_s"}) {
+                           "compute_s", "comm_s", "blocking_comm_s", "step_s", "tokens_per_s"}) {
     head.push_back(name);
   }
   std::ostringstream out;
@@ -359,13 +379,14 @@ std::string render_csv(const std::vector<PlanResult>& results) {
     const bool shape = !c.model_states_only();
     auto shape_field = [&](int64_t v) { return shape ? std::to_string(v) : std::string(); };
     std::vector<std::string> row = {
-        csv_field(c.model), std::to_string(r.parameters), shape_field(a.layers), shape_field(a.hidden),
-        shape_field(a.heads), shape_field(a.kv_heads), shape_field(a.ffn), shape_field(a.vocab), shape_field(a.seq),
-        shape ? (a.gated_mlp ? "true" : "false") : "", shape ? (a.tied_embeddings ? "true" : "false") : "",
-        c.app, shard_strategy_name(c.memory.shard), std::to_string(c.memory.shard_ranks), std::to_string(c.ranks),
-        std::to_string(c.nodes()), std::to_string(c.gpus_per_node), std::to_string(c.dp),
-        std::to_string(c.memory.micro_batch), std::to_string(c.global_batch), std::to_string(c.grad_accum),
-        c.memory.recompute, c.dtype, c.grad_dtype, c.backend};
+        csv_field(c.model), std::to_string(r.parameters), std::to_string(r.rank_parameters), shape_field(a.layers),
+        shape_field(a.hidden), shape_field(a.heads), shape_field(a.kv_heads), shape_field(a.ffn), shape_field(a.vocab),
+        shape_field(a.seq), shape ? (a.gated_mlp ? "true" : "false") : "",
+        shape ? (a.tied_embeddings ? "true" : "false") : "", c.app, shard_strategy_name(c.memory.shard),
+        std::to_string(c.memory.shard_ranks), std::to_string(c.ranks), std::to_string(c.nodes()),
+        std::to_string(c.gpus_per_node), std::to_string(c.dp), std::to_string(c.tp()),
+        c.sequence_parallel() ? "true" : "false", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
+        std::to_string(c.grad_accum), c.memory.recompute, c.dtype, c.grad_dtype, c.backend};
     for (MemCategory cat : all_mem_categories()) row.push_back(std::to_string(r.per_rank[cat]));
     row.push_back(std::to_string(r.per_rank.peak_total));
     row.push_back(number(r.model_state_bytes_per_param));
@@ -380,6 +401,7 @@ std::string render_csv(const std::vector<PlanResult>& results) {
     row.push_back(number(c.mfu));
     row.push_back(number(r.has_time ? r.compute_s : nan));
     row.push_back(number(r.has_time ? r.comm_s : nan));
+    row.push_back(number(r.has_time ? r.blocking_comm_s : nan));
     row.push_back(number(r.has_time ? r.step_s : nan));
     row.push_back(number(r.has_time ? r.tokens_per_s : nan));
     for (std::size_t i = 0; i < row.size(); ++i) out << (i ? "," : "") << row[i];
@@ -405,6 +427,7 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
     p["swept"] = swept;
     p["config"] = config_json(c);
     p["num_parameters"] = r.parameters;
+    p["rank_parameters"] = r.rank_parameters;
     nlohmann::ordered_json per_rank, cluster;
     for (MemCategory cat : all_mem_categories()) {
       per_rank[mem_category_name(cat)] = r.per_rank[cat];
@@ -428,12 +451,14 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
       nlohmann::ordered_json comm = nlohmann::ordered_json::array();
       for (const CommEstimate& e : r.comm) {
         comm.push_back({{"op", e.op}, {"what", e.what}, {"bytes", e.bytes}, {"ranks", e.ranks},
-                        {"calls_per_step", e.calls}, {"link_gbps", e.link_gbps}, {"seconds", e.seconds}});
+                        {"calls_per_step", e.calls}, {"link_gbps", e.link_gbps}, {"seconds", e.seconds},
+                        {"blocking", e.blocking}});
       }
       p["time_estimate"] = {{"model_flops_per_step", r.model_flops_per_step},
                             {"hardware_flops_per_step", r.hardware_flops_per_step},
                             {"compute_s", r.compute_s},
                             {"comm_s", r.comm_s},
+                            {"blocking_comm_s", r.blocking_comm_s},
                             {"overlap", c.overlap},
                             {"step_s", r.step_s},
                             {"tokens_per_s", r.tokens_per_s},

@@ -1,11 +1,13 @@
 // parabench-plan's model against the published figures (Megatron-LM's 18 and ZeRO's 16 bytes per
 // parameter, ZeRO's 7.5B-on-64-GPUs table), the division of each shard strategy, the activation
-// terms' scaling, the presets' parameter counts, SPEC 6's FLOP formula, the fit verdict, the
-// validation messages, and speed. Plans are built through the command line, as a user builds them.
+// terms' scaling, the presets' parameter counts, SPEC 6's FLOP formula, tensor parallelism's memory
+// (the tp app's formula) and collectives (bench/tp/README.md), the fit verdict, the validation
+// messages, and speed. Plans are built through the command line, as a user builds them.
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <sstream>
 
 #include "bench/plan/plan.h"
@@ -315,6 +317,170 @@ TEST(Time, RingCollectivesOverTheRightLinks) {
   EXPECT_EQ(fsdp.comm[1].link_gbps, 100.0);
 }
 
+// ---- tensor parallelism --------------------------------------------------------------------------------
+
+TEST(TensorParallel, PlannerUsesTheTpAppsFormula) {
+  // The planner's tp plan is parabench-tp's /memory/predicted: memory_plan_for of the run, with tp and
+  // sequence parallelism set (bench/tp/main.cpp), through common/memory_model.h.
+  for (const char* model : {"tiny", "small"}) {
+    for (const char* recompute : {"none", "selective", "full"}) {
+      for (bool sp : {false, true}) {
+        Options o;
+        ASSERT_TRUE(model_preset(model, &o.model));
+        o.model.ffn = 4 * o.model.hidden;
+        o.dtype = "fp32";
+        o.micro_batch = 2;
+        o.recompute = recompute;
+        MemoryPlan app_plan = memory_plan_for(o, /*attention_keeps_probabilities=*/true);
+        app_plan.tp = 2;
+        app_plan.sequence_parallel = sp;
+        const MemoryEstimate app = predict_memory(app_plan);
+        const PlanResult r = plan_of(std::string("--model ") + model + " --app tp --gpus 4 --tp 2 --backend cpu " +
+                                     "--dtype fp32 --micro-batch 2 --recompute " + recompute +
+                                     (sp ? " --sequence-parallel" : ""));
+        const std::string where = std::string(model) + " " + recompute + (sp ? " sp" : "");
+        for (MemCategory c : all_mem_categories()) {
+          EXPECT_EQ(r.per_rank[c], app[c]) << where << " " << mem_category_name(c);
+        }
+        EXPECT_EQ(r.per_rank.peak_total, app.peak_total) << where;
+        EXPECT_EQ(r.config.dp, 2);
+        EXPECT_EQ(r.config.memory.shard, ShardStrategy::no_shard);
+      }
+    }
+  }
+}
+
+TEST(TensorParallel, ParametersPerRankShrinkAsOneOverTp) {
+  const std::vector<PlanResult> r = plans_of("--model llama3-70b --app tp --gpus 64 --dtype bf16 --sweep tp=1,2,4,8");
+  ASSERT_EQ(r.size(), 4u);
+  for (const PlanResult& p : r) {
+    const int t = p.config.tp();
+    EXPECT_EQ(p.config.dp, 64 / t);
+    int64_t local = 0;
+    for (int64_t u : unit_parameter_counts(p.config.memory.arch, t)) local += u;
+    EXPECT_EQ(p.rank_parameters, local);
+    EXPECT_EQ(bytes(p, MemCategory::parameters), 2 * local);
+    EXPECT_EQ(p.model_state_bytes, 18 * local);
+    // Only the 2L + 1 norm weights are whole on every rank (rotary positions, no biases), so P_local · tp
+    // exceeds P by those copies: 0.013% at tp 8.
+    const ArchSpec& a = p.config.memory.arch;
+    EXPECT_EQ(local * t - p.parameters, (2 * a.layers + 1) * a.hidden * (t - 1)) << "tp " << t;
+    EXPECT_NEAR(p.model_state_bytes_per_param, 18.0 / t, 1e-3 * 18.0 / t) << "tp " << t;
+  }
+  EXPECT_EQ(r[0].rank_parameters, r[0].parameters);
+  // Activations shrink too, but not by tp: without sequence parallelism the residual stream, the
+  // LayerNorm outputs and their statistics stay whole on every rank.
+  for (std::size_t i = 1; i < r.size(); ++i) {
+    EXPECT_LT(bytes(r[i], MemCategory::activations), bytes(r[i - 1], MemCategory::activations));
+    EXPECT_GT(bytes(r[i], MemCategory::activations) * 2, bytes(r[i - 1], MemCategory::activations));
+  }
+}
+
+TEST(TensorParallel, SequenceParallelLowersActivations) {
+  const std::vector<PlanResult> r =
+      plans_of("--model llama3-70b --app tp --gpus 64 --tp 8 --dtype bf16 --sweep sequence-parallel=false,true");
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_FALSE(r[0].config.sequence_parallel());
+  EXPECT_TRUE(r[1].config.sequence_parallel());
+  EXPECT_LT(bytes(r[1], MemCategory::activations), bytes(r[0], MemCategory::activations));
+  EXPECT_EQ(r[1].model_state_bytes, r[0].model_state_bytes);
+  // What sequence parallelism splits, per docs/memory-model.md: per block the four (N, h) tensors and
+  // the LayerNorm statistics (4 values per row), plus the embedding output, the final LayerNorm's
+  // output and statistics (2 per row). Each rank keeps N/t of the N rows.
+  const ArchSpec& a = r[0].config.memory.arch;
+  const int64_t N = a.seq, t = 8, e = 2, h = a.hidden;
+  EXPECT_EQ(bytes(r[0], MemCategory::activations) - bytes(r[1], MemCategory::activations),
+            (N - N / t) * (a.layers * (4 * 4 + 4 * e * h) + 2 * e * h + 2 * 4));
+  // One (B·S, h) buffer for the gathered or reduce-scattered activations.
+  EXPECT_EQ(bytes(r[0], MemCategory::comm_buffers), 0);
+  EXPECT_EQ(bytes(r[1], MemCategory::comm_buffers), N * h * e);
+  // At tp 1 the flag changes nothing, as in the app.
+  const PlanResult one = plan_of("--model llama3-8b --app tp --gpus 8 --tp 1 --sequence-parallel");
+  EXPECT_FALSE(one.config.sequence_parallel());
+  EXPECT_EQ(one.per_rank.bytes, plan_of("--model llama3-8b --app dp --gpus 8").per_rank.bytes);
+}
+
+TEST(TensorParallel, RanksDefaultToOneTpGroup) {
+  const PlanResult one_group = plan_of("--model llama3-8b --app tp --tp 4");
+  EXPECT_EQ(one_group.config.ranks, 4);
+  EXPECT_EQ(one_group.config.dp, 1);
+  const PlanResult with_dp = plan_of("--model llama3-8b --app tp --tp 4 --dp 3");
+  EXPECT_EQ(with_dp.config.ranks, 12);
+  EXPECT_EQ(with_dp.config.dp, 3);
+  EXPECT_EQ(with_dp.config.global_batch, 3);
+}
+
+// The per-step collectives of bench/tp/README.md, "Communication per step per rank".
+TEST(TensorParallel, CollectivesAreTheAppsPerMicroBatchFormulas) {
+  const char* base =
+      "--model small --app tp --gpus 8 --tp 4 --backend cpu --dtype fp32 --micro-batch 2 --global-batch 8";
+  for (bool sp : {false, true}) {
+    const PlanResult r = plan_of(std::string(base) + (sp ? " --sequence-parallel" : ""));
+    const ArchSpec& a = r.config.memory.arch;
+    const int64_t N = 2 * a.seq, h = a.hidden, L = a.layers, m = r.config.grad_accum;
+    ASSERT_EQ(m, 2);
+    std::map<std::string, int64_t> volume, calls;  // bytes × calls and calls per op, tp group only
+    for (const CommEstimate& e : r.comm) {
+      if (e.ranks != 4) continue;
+      EXPECT_TRUE(e.blocking) << e.what;
+      EXPECT_EQ(e.link_gbps, 3600.0) << "a tp group of 4 stays inside a node of 8";
+      volume[e.op] += e.bytes * e.calls;
+      calls[e.op] += e.calls;
+    }
+    if (!sp) {
+      // all_reduce: 4·(N·h·(4L + 2) + 3N) bytes per micro-batch.
+      EXPECT_EQ(volume["all_reduce"], m * 4 * (N * h * (4 * L + 2) + 3 * N));
+      EXPECT_EQ(volume.count("all_gather"), 0u);
+    } else {
+      EXPECT_EQ(volume["all_gather"], m * 4 * N * h * (6 * L + 3));
+      EXPECT_EQ(calls["all_gather"], m * (6 * L + 3));
+      EXPECT_EQ(volume["reduce_scatter"], m * 4 * N * h * (4 * L + 2));
+      EXPECT_EQ(calls["reduce_scatter"], m * (4 * L + 2));
+      // the softmax statistics per micro-batch, and 4L + 2 LayerNorm gradients of h floats per step
+      EXPECT_EQ(volume["all_reduce"], m * 4 * 3 * N + (4 * L + 2) * 4 * h);
+    }
+    // The dp all-reduce: a rank's gradients (P_local), over the 2 ranks 4 apart, once per step.
+    const CommEstimate& dp = r.comm.back();
+    EXPECT_EQ(dp.op, "all_reduce");
+    EXPECT_EQ(dp.ranks, 2);
+    EXPECT_EQ(dp.calls, 1);
+    EXPECT_EQ(dp.bytes, 4 * r.rank_parameters);
+    EXPECT_FALSE(dp.blocking);
+  }
+  // bf16: activations at 2 bytes; full recomputation repeats each block's two forward collectives.
+  const PlanResult bf16 = plan_of("--model llama3-8b --app tp --gpus 16 --tp 8 --dtype bf16 --recompute full");
+  const ArchSpec& a = bf16.config.memory.arch;
+  ASSERT_GE(bf16.comm.size(), 1u);
+  EXPECT_EQ(bf16.comm[0].bytes, 2 * a.seq * a.hidden);
+  EXPECT_EQ(bf16.comm[0].calls, 4 * a.layers + 2 + 2 * a.layers);
+}
+
+TEST(TensorParallel, TpCollectivesBlockTheStep) {
+  // tp 8 inside a node (NVLink), dp 8 across nodes (the NIC); the dp all-reduce overlaps compute, the
+  // tp collectives add to it.
+  const PlanResult r = plan_of("--model llama3-70b --app tp --gpus 64 --tp 8 --sequence-parallel --dtype bf16");
+  double tp_s = 0, dp_s = 0;
+  for (const CommEstimate& e : r.comm) {
+    EXPECT_EQ(e.link_gbps, e.blocking ? 3600.0 : 400.0) << e.what;
+    (e.blocking ? tp_s : dp_s) += e.seconds;
+  }
+  EXPECT_GT(tp_s, 0);
+  EXPECT_GT(dp_s, 0);
+  EXPECT_DOUBLE_EQ(r.blocking_comm_s, tp_s);
+  EXPECT_DOUBLE_EQ(r.step_s, std::max(r.compute_s, dp_s) + tp_s);
+  EXPECT_NEAR(r.compute_s, r.model_flops_per_step / (64 * 989e12 * 0.4), 1e-12 * r.compute_s);
+  const PlanResult serial = plan_of("--model llama3-70b --app tp --gpus 64 --tp 8 --sequence-parallel --no-overlap");
+  EXPECT_DOUBLE_EQ(serial.step_s, serial.compute_s + serial.comm_s);
+  // A tp group wider than a node crosses the NIC.
+  const PlanResult wide = plan_of("--model llama3-70b --app tp --gpus 64 --tp 8 --gpus-per-node 4");
+  EXPECT_EQ(wide.comm.front().link_gbps, 400.0);
+  // Sequence parallelism moves what the all-reduces move (one all-reduce = a reduce-scatter and an
+  // all-gather) plus the LayerNorm outputs that backward gathers again: (6L+3) + (4L+2) halves against
+  // 2·(4L+2), 1.25 times the time at the same link.
+  const PlanResult no_sp = plan_of("--model llama3-70b --app tp --gpus 64 --tp 8");
+  EXPECT_NEAR(r.blocking_comm_s / no_sp.blocking_comm_s, 1.25, 1e-3);
+}
+
 // ---- fit ---------------------------------------------------------------------------------------------------
 
 TEST(Fit, APlanThatDoesNotFitSaysByHowMuch) {
@@ -354,12 +520,33 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--backend cpu --dtype bf16", "--dtype bf16 needs --backend cuda"},
       {"--dtype fp32 --grad-dtype bf16", "--grad-dtype bf16 needs --dtype bf16"},
       {"--recompute some", "--recompute some must be none, selective or full"},
-      {"--app tp", "--app tp: not modelled yet; its app (issue 4) brings its formulas"},
-      {"--app pp", "--app pp: not modelled yet"},
+      {"--app pp", "--app pp: not modelled yet; its app (issue 5) brings its formulas"},
       {"--app ep", "--app ep: not modelled yet"},
-      {"--tp 8", "--tp 8: not modelled yet; its app (issue 4) brings its formulas"},
+      {"--app hybrid", "--app hybrid: not modelled yet"},
+      {"--pp 2", "--pp 2: not modelled yet"},
       {"--pp 0", "--pp 0 must be at least 1"},
-      {"--app zero", "--app zero must be dp or fsdp"},
+      {"--app zero", "--app zero must be dp, fsdp or tp"},
+      // tensor parallelism: what parabench-tp rejects, and GQA's key/value heads
+      {"--tp 8", "--tp 8 is a degree of --app tp; --app dp has no tensor parallelism"},
+      {"--app fsdp --gpus 16 --tp 2", "--tp 2 with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet"},
+      {"--app tp --tp 0", "--tp 0 must be at least 1"},
+      {"--model llama3-70b --app tp --gpus 12 --tp 8", "--gpus 12 is not divisible by --tp 8"},
+      {"--model llama3-70b --app tp --nodes 3 --gpus-per-node 2 --tp 4",
+       "--nodes × --gpus-per-node 6 is not divisible by --tp 4"},
+      {"--model llama3-70b --app tp --gpus 16 --tp 4 --dp 2", "--dp 2 does not match --gpus 16 / --tp 4 = 4"},
+      {"--model llama3-70b --app tp --gpus 48 --tp 3", "--heads 64 is not divisible by --tp 3"},
+      {"--model llama3-8b --app tp --gpus 16 --tp 16", "--kv-heads 8 is not divisible by --tp 16"},
+      {"--model tiny --ffn 250 --app tp --tp 4", "--ffn 250 is not divisible by --tp 4"},
+      {"--model gpt3-175b --app tp --gpus 16 --tp 2",
+       "--vocab 50257 is not divisible by --tp 2 (the vocabulary is split, not padded)"},
+      {"--model tiny --seq 31 --app tp --tp 2 --sequence-parallel",
+       "--micro-batch × --seq 31 is not divisible by --tp 2 (sequence parallelism splits the micro-batch's tokens)"},
+      {"--sequence-parallel", "--sequence-parallel is an option of --app tp, not of --app dp"},
+      {"--app fsdp --sequence-parallel", "--sequence-parallel is an option of --app tp, not of --app fsdp"},
+      {"--app tp --tp 2 --params 1e9", "--params has no model shape to slice: --app tp needs --model"},
+      {"--app tp --bucket-mb 10", "--bucket-mb is an option of --app dp, not of --app tp"},
+      {"--model llama3-70b --app tp --gpus 64 --sweep tp=8,16",
+       "--sweep tp=16: --kv-heads 8 is not divisible by --tp 16"},
       {"--params 7.5e9 --model small", "--params replaces the model"},
       {"--params 0.5", "--params 0.5 must be a whole number"},
       {"--gpu-memory=-3", "--gpu-memory -3 must be a finite positive number"},
@@ -399,6 +586,20 @@ TEST(Sweep, CartesianProductFirstSweepSlowest) {
   }
 }
 
+TEST(Sweep, TpSweepGivesOneRowPerDegree) {
+  PlanRequest request;
+  ASSERT_TRUE(parse_plan_request(words("--model llama3-70b --app tp --gpus 64 --sequence-parallel --sweep tp=1,2,4,8"),
+                                 &request)
+                  .run);
+  ASSERT_EQ(request.plans.size(), 4u);
+  for (std::size_t i = 0; i < 4; ++i) {
+    const int t = 1 << i;
+    EXPECT_EQ(request.plans[i].tp(), t);
+    EXPECT_EQ(request.plans[i].dp, 64 / t);
+    EXPECT_EQ(request.plans[i].sequence_parallel(), t > 1);
+  }
+}
+
 TEST(Sweep, ASweptPlanIsThePlanWrittenOut) {
   const std::vector<PlanResult> swept =
       plans_of("--model llama3-8b --app fsdp --gpus 64 --sweep seq=2048,8192 --sweep tied-embeddings=false,true");
@@ -411,6 +612,22 @@ TEST(Sweep, ASweptPlanIsThePlanWrittenOut) {
 }
 
 // ---- speed -------------------------------------------------------------------------------------------------
+
+TEST(Speed, A405BillionParameterTpPlanOver16384GpusTakesUnderASecond) {
+  const auto start = std::chrono::steady_clock::now();
+  PlanRequest request;
+  ASSERT_TRUE(parse_plan_request(words("--model llama3-405b --app tp --gpus 16384 --tp 8 --sequence-parallel "
+                                       "--recompute full --gpu-memory 80 --format json"),
+                                 &request)
+                  .run);
+  const PlanResult r = evaluate(request.plans.front());
+  const std::string text = render_json(request, {r});
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 1.0);
+  EXPECT_EQ(r.config.dp, 2048);
+  EXPECT_NEAR(static_cast<double>(r.rank_parameters) * 8 / static_cast<double>(r.parameters), 1.0, 1e-3);
+  EXPECT_NE(text.find("\"tp\": 8"), std::string::npos);
+}
 
 TEST(Speed, A405BillionParameterPlanOver16384GpusTakesUnderASecond) {
   const auto start = std::chrono::steady_clock::now();

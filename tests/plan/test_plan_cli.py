@@ -1,8 +1,11 @@
 """parabench-plan run as a user runs it: its three output formats parse, a sweep gives one row per
 value, the ZeRO paper's table comes out of one command, bad plans exit 2 with a message that names the
-option and the rule, and a plan that does not fit --gpu-memory says by how much.
+option and the rule, a plan that does not fit --gpu-memory says by how much, and a tp plan is what
+parabench-tp itself predicts and communicates (its --dry-run table and its result file).
 
-Environment: PB_PLAN, the parabench-plan binary (default <repo>/build/bench/plan/parabench-plan).
+Environment: PB_PLAN, the parabench-plan binary (default <repo>/build/bench/plan/parabench-plan);
+PB_TP, the parabench-tp binary (default <repo>/build/bench/tp/parabench-tp); PB_MPIEXEC, the MPI
+launcher (default mpiexec).
 """
 
 import csv
@@ -15,10 +18,16 @@ from pathlib import Path
 
 import pytest
 
+os.environ["HDF5_USE_FILE_LOCKING"] = "FALSE"
+import h5py  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 PLAN = Path(os.environ.get("PB_PLAN", str(REPO / "build" / "bench" / "plan" / "parabench-plan")))
 CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states", "activations", "comm_buffers",
               "workspace"]
+TP_APP = Path(os.environ.get("PB_TP", str(REPO / "build" / "bench" / "tp" / "parabench-tp")))
+MPIEXEC = os.environ.get("PB_MPIEXEC", "mpiexec")
+DROPPED_ENV_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "PARABENCH_", "HYDRA_", "MPIR_")
 LLAMA_405B_ON_1024 = ["--model", "llama3-405b", "--app", "fsdp", "--gpus", "1024", "--shard", "FULL_SHARD",
                       "--dtype", "bf16"]
 
@@ -37,6 +46,37 @@ def ok(*args):
 
 def csv_rows(*args):
     return list(csv.DictReader(io.StringIO(ok(*args, "--format", "csv").stdout)))
+
+
+def json_plans(*args):
+    return json.loads(ok(*args, "--format", "json").stdout)["plans"]
+
+
+def run_tp_app(*args, ranks=4, timeout=120):
+    """mpiexec -n RANKS parabench-tp ARGS, in an environment without the shell's Slurm or PMI variables."""
+    if not TP_APP.is_file():
+        pytest.fail(f"{TP_APP} does not exist: build it (cmake --build build --target parabench-tp) or set PB_TP")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(DROPPED_ENV_PREFIXES)}
+    env["HDF5_USE_FILE_LOCKING"] = "FALSE"
+    result = subprocess.run([MPIEXEC, "-n", str(ranks), str(TP_APP), *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def dry_run_table(stdout):
+    """{rank: {category: "MiB with two decimals"}} from the table of parabench-tp --dry-run."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("dry run: configuration valid"))
+    names = lines[start + 1].split()
+    assert names[0] == "rank" and names[1:] == CATEGORIES + ["peak_total"], names
+    table = {}
+    for line in lines[start + 2:]:
+        fields = line.split()
+        if not fields or not fields[0].isdigit():
+            break
+        table[int(fields[0])] = dict(zip(names[1:], fields[1:len(names)]))
+    return table
 
 
 def test_single_plan_table_lists_every_category_and_the_cluster_total():
@@ -119,7 +159,15 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--app", "fsdp", "--shard", "HYBRID_SHARD"], "--shard HYBRID_SHARD needs --shard-group"),
     (["--model", "llama3-8b", "--kv-heads", "5"], "--heads 32 is not divisible by --kv-heads 5"),
     (["--model", "tiny", "--hidden", "66"], "--hidden 66 is not divisible by --heads 4"),
-    (["--app", "tp"], "--app tp: not modelled yet"),
+    (["--app", "pp"], "--app pp: not modelled yet"),
+    (["--model", "llama3-70b", "--app", "tp", "--gpus", "48", "--tp", "3"], "--heads 64 is not divisible by --tp 3"),
+    (["--model", "gpt3-175b", "--app", "tp", "--gpus", "16", "--tp", "2"],
+     "--vocab 50257 is not divisible by --tp 2 (the vocabulary is split, not padded)"),
+    (["--model", "llama3-70b", "--app", "tp", "--gpus", "12", "--tp", "8"], "--gpus 12 is not divisible by --tp 8"),
+    (["--model", "llama3-8b", "--app", "tp", "--gpus", "16", "--tp", "16"], "--kv-heads 8 is not divisible by --tp 16"),
+    (["--model", "tiny", "--seq", "31", "--app", "tp", "--tp", "2", "--sequence-parallel"],
+     "--micro-batch × --seq 31 is not divisible by --tp 2"),
+    (["--app", "fsdp", "--gpus", "16", "--tp", "2"], "fsdp with tp > 1 is the hybrid app, not modelled yet"),
     (["--backend", "cpu", "--dtype", "bf16"], "--dtype bf16 needs --backend cuda"),
     (["--sweep", "colour=red"], "colour is not an option a sweep can vary"),
     (["--gpus", "8", "--sweep", "micro-batch=1,0"], "--sweep micro-batch=0: --micro-batch 0 must be at least 1"),
@@ -146,3 +194,86 @@ def test_405b_over_16384_gpus_plans_in_under_a_second():
     (p,) = json.loads(result.stdout)["plans"]
     assert p["config"]["ranks"] == 16384
     assert abs(p["num_parameters"] / 405e9 - 1) < 0.01
+
+
+# ---- tensor parallelism ------------------------------------------------------------------------------------
+
+TINY_TP2 = ["--model", "tiny", "--app", "tp", "--gpus", "4", "--tp", "2", "--backend", "cpu", "--dtype", "fp32"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "small"])
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_tp_plan_is_what_parabench_tp_dry_run_predicts(model, sp):
+    # The same run: 4 ranks, tp 2 × dp 2, the cpu backend in fp32, micro-batch 1.
+    extra = ["--sequence-parallel"] if sp else []
+    table = dry_run_table(run_tp_app("--model", model, "--tp", 2, "--dry-run", *extra).stdout)
+    assert sorted(table) == [0, 1, 2, 3]
+    (p,) = json_plans("--model", model, "--app", "tp", "--gpus", 4, "--tp", 2, "--backend", "cpu", "--dtype", "fp32",
+                      *extra)
+    assert (p["config"]["tp"], p["config"]["dp"], p["config"]["sequence_parallel"]) == (2, 2, sp)
+    planned = p["memory_per_rank"]
+    for rank, row in table.items():
+        for category in CATEGORIES + ["peak_total"]:
+            # The app prints MiB with two decimals (common/runner.cpp); so does this, from the plan's bytes.
+            assert row[category] == f"{planned[category] / 2**20:.2f}", (rank, category)
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--sequence-parallel", "--global-batch", "4"],
+    ["--sequence-parallel", "--recompute", "full", "--global-batch", "4"],
+    ["--recompute", "full"],
+], ids=["no-sp", "sp-accum2", "sp-full-accum2", "no-sp-full"])
+def test_tp_plan_equals_parabench_tp_memory_and_communication_exactly(tmp_path, args):
+    # One step of a real run: /memory/predicted in bytes, and /comm, what the ranks moved, against the
+    # planner's memory and its collectives per step (bytes per call × calls).
+    path = tmp_path / "tp.h5"
+    run_tp_app("--model", "tiny", "--tp", 2, "--steps", 1, "--warmup", 0, "--out", path, "--quiet", *args)
+    (p,) = json_plans(*TINY_TP2, *args)
+    collectives = p["time_estimate"]["collectives"]
+    with h5py.File(path, "r") as f:
+        for category in CATEGORIES + ["peak_total"]:
+            predicted = f[f"memory/predicted/{category}"][()]
+            assert list(predicted) == [p["memory_per_rank"][category]] * 4, category
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            planned = [c for c in collectives if c["op"] == op]
+            volume = sum(c["bytes"] * c["calls_per_step"] for c in planned)
+            # The cross-entropy statistics are one entry for two calls (the maxima, N; the sums, 2N).
+            calls = sum(c["calls_per_step"] * (2 if "cross-entropy" in c["what"] else 1) for c in planned)
+            assert list(f[f"comm/{op}/bytes"][()]) == [volume] * 4, op
+            assert list(f[f"comm/{op}/calls"][()]) == [calls] * 4, op
+
+
+def test_tp_sweep_gives_four_rows_and_parameters_shrink():
+    rows = csv_rows("--model", "llama3-70b", "--app", "tp", "--gpus", "64", "--dtype", "bf16",
+                    "--sweep", "tp=1,2,4,8")
+    assert [(int(r["tp"]), int(r["dp"])) for r in rows] == [(1, 64), (2, 32), (4, 16), (8, 8)]
+    total = int(rows[0]["num_parameters"])
+    for r in rows:
+        tp = int(r["tp"])
+        assert int(r["parameters_bytes"]) == 2 * int(r["rank_parameters"])
+        assert abs(int(r["rank_parameters"]) * tp / total - 1) < 1e-3
+    table = ok("--model", "llama3-70b", "--app", "tp", "--gpus", "64", "--sweep", "tp=1,2,4,8").stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("tp "))
+    assert [line.split()[0] for line in table[header + 1:header + 5]] == ["1", "2", "4", "8"]
+    assert not table[header + 5].strip(), "exactly four rows"
+
+
+def test_sequence_parallel_lowers_activations_not_model_states():
+    off, on = csv_rows("--model", "llama3-70b", "--app", "tp", "--gpus", "64", "--tp", "8",
+                       "--sweep", "sequence-parallel=false,true")
+    assert (off["sequence_parallel"], on["sequence_parallel"]) == ("false", "true")
+    assert int(on["activations_bytes"]) < int(off["activations_bytes"])
+    assert on["optimizer_states_bytes"] == off["optimizer_states_bytes"]
+    out = ok("--model", "llama3-70b", "--app", "tp", "--gpus", "64", "--tp", "8", "--sequence-parallel").stdout
+    assert "tp 8 with sequence parallelism" in out and "tp 8 × dp 8" in out
+    assert "reduce_scatter activations" in out and "blocking" in out
+
+
+def test_405b_tp8_over_16384_gpus_plans_in_under_a_second():
+    start = time.monotonic()
+    result = ok("--model", "llama3-405b", "--app", "tp", "--gpus", "16384", "--tp", "8", "--sequence-parallel",
+                "--format", "json")
+    assert time.monotonic() - start < 1.0
+    (p,) = json.loads(result.stdout)["plans"]
+    assert (p["config"]["ranks"], p["config"]["tp"], p["config"]["dp"]) == (16384, 8, 2048)
