@@ -291,57 +291,83 @@ void GptModel::block_forward(const float* const* w, const float* x_in, BlockActs
   be.add(a.x_out, a.x_out, a.x_mid, static_cast<std::size_t>(R) * h);
 }
 
+// What one micro-batch keeps on a stage between its forward and its backward.
+struct GptModel::MicroBatchState final : GptModel::MicroBatch {
+  void set_output(const float* out) { output_ = out; }
+  Stage stage;
+  int32_t* tokens = nullptr;     // (2N): this rank's tokens, then targets (vocabulary-relative)
+  float* x0 = nullptr;           // (rows, h): the stage's input (embedding output, or a copy of input)
+  std::vector<BlockActs> blocks; // this stage's blocks
+  HeadActs head{};
+  bool has_head = false;
+};
+
 void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targets_host, float scale,
                                 UnitHooks& hooks) {
+  std::unique_ptr<MicroBatch> mb = forward(Stage{}, tokens_host, targets_host, nullptr, scale, hooks);
+  backward(*mb, nullptr, nullptr, hooks);
+}
+
+std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, const int32_t* tokens_host,
+                                                        const int32_t* targets_host, const float* input, float scale,
+                                                        UnitHooks& hooks) {
   Backend& be = backend_;
-  const int L = config_.layers, B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_,
-            fl = ffn_local_, Vl = vocab_local_, N = N_, R = rows_;
+  const int L = config_.layers, B = micro_batch_, S = config_.seq, h = config_.hidden, Vl = vocab_local_, N = N_,
+            R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
-  const std::size_t Nhl = static_cast<std::size_t>(N) * hl, Nfl = static_cast<std::size_t>(N) * fl;
   const int head_unit = L + 1;
   auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
-  auto scratch = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::workspace); };
 
-  // ---- forward -----------------------------------------------------------------------------------
+  auto mb = std::make_unique<MicroBatchState>();
+  mb->stage = stage_in;
+  if (mb->stage.last_unit < 0) mb->stage.last_unit = head_unit;
+  const Stage& stage = mb->stage;
+  const bool has_embedding = stage.first_unit == 0;
+  mb->has_head = stage.last_unit == head_unit;
+
   // Tokens relative to this rank's vocabulary block (−1: another rank's), for the embedding and the loss.
-  std::vector<int32_t> local(2 * static_cast<std::size_t>(N));
-  const int32_t vocab_first = tp_.rank * Vl;
-  for (int i = 0; i < N; ++i) {
-    const int32_t t = tokens_host[i] - vocab_first, y = targets_host[i] - vocab_first;
-    local[i] = t >= 0 && t < Vl ? t : -1;
-    local[N + i] = y >= 0 && y < Vl ? y : -1;
+  if (has_embedding || mb->has_head) {
+    std::vector<int32_t> local(2 * static_cast<std::size_t>(N));
+    const int32_t vocab_first = tp_.rank * Vl;
+    for (int i = 0; i < N; ++i) {
+      const int32_t t = tokens_host[i] - vocab_first, y = targets_host[i] - vocab_first;
+      local[i] = t >= 0 && t < Vl ? t : -1;
+      local[N + i] = y >= 0 && y < Vl ? y : -1;
+    }
+    mb->tokens = static_cast<int32_t*>(be.alloc(2 * N * sizeof(int32_t), MemCategory::activations));
+    be.upload(mb->tokens, local.data(), local.size() * sizeof(int32_t));
   }
-  auto* tokens = static_cast<int32_t*>(be.alloc(2 * N * sizeof(int32_t), MemCategory::activations));
-  const int32_t* targets = tokens + N;
-  be.upload(tokens, local.data(), local.size() * sizeof(int32_t));
 
-  hooks.before_forward(0);
-  float* x0 = act(Rh);  // (rows, h)
-  {
+  mb->x0 = act(Rh);  // (rows, h)
+  if (has_embedding) {
+    hooks.before_forward(0);
     // Vocabulary-parallel embedding: each rank looks up its block (the position table is added once,
     // by rank 0), then the parts are summed (g) or reduce-scattered onto the sequence shards.
     const std::vector<float*> emb = unit_tensors(hooks.unit_params(0), 0);
     const float* pos = tp_.rank == 0 ? emb[kPos] : nullptr;
     if (tp_.sequence_parallel) {
       float* partial = be.alloc_floats(Nh, MemCategory::comm_buffers);
-      be.embedding_forward(partial, tokens, emb[kTok], pos, B, S, h);
-      tp_.scatter_to_sp(partial, x0, Rh);
+      be.embedding_forward(partial, mb->tokens, emb[kTok], pos, B, S, h);
+      tp_.scatter_to_sp(partial, mb->x0, Rh);
       be.free(partial);
     } else {
-      be.embedding_forward(x0, tokens, emb[kTok], pos, B, S, h);
-      tp_.reduce_from_tp(x0, Nh);
+      be.embedding_forward(mb->x0, mb->tokens, emb[kTok], pos, B, S, h);
+      tp_.reduce_from_tp(mb->x0, Nh);
     }
+    hooks.after_forward(0);
+  } else {
+    be.copy(mb->x0, input, Rh * sizeof(float));  // the stage's input, kept for its first block's backward
   }
-  hooks.after_forward(0);
 
   // Each block keeps what its backward needs: everything (none), everything but the attention
   // probabilities (selective), or only its output, the next block's input (full).
-  std::vector<BlockActs> blocks(L);
-  const float* x = x0;
-  for (int l = 0; l < L; ++l) {
+  const int first_block = std::max(stage.first_unit, 1) - 1, end_block = std::min(stage.last_unit, L);
+  mb->blocks.resize(std::max(0, end_block - first_block));
+  const float* x = mb->x0;
+  for (int l = first_block; l < end_block; ++l) {
     hooks.before_forward(1 + l);
     const std::vector<float*> w = unit_tensors(hooks.unit_params(1 + l), 1 + l);
-    BlockActs& ba = blocks[l];
+    BlockActs& ba = mb->blocks[l - first_block];
     alloc_block(ba, /*with_attention=*/true);
     block_forward(w.data(), x, ba);
     if (recompute_ == Recompute::selective) {
@@ -357,9 +383,13 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
     hooks.after_forward(1 + l);
   }
 
+  if (!mb->has_head) {
+    mb->set_output(x);  // the last block's output, kept until backward
+    return mb;
+  }
   hooks.before_forward(head_unit);
   const std::vector<float*> hw = unit_tensors(hooks.unit_params(head_unit), head_unit);
-  HeadActs ha;
+  HeadActs& ha = mb->head;
   ha.lnf_mean = act(R);
   ha.lnf_rstd = act(R);
   ha.lnf_out = act(Rh);
@@ -370,10 +400,24 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
     be.matmul_forward(ha.logits, u, hw[kHeadW], nullptr, N, h, Vl);  // (N, V/tp), column-parallel, no bias
     release_column_input(u, ha.lnf_out);
   }
-  head_loss(ha.logits, targets, scale);
+  head_loss(ha.logits, mb->tokens + N, scale);
   hooks.after_forward(head_unit);
+  return mb;
+}
 
-  // ---- backward ----------------------------------------------------------------------------------
+void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* dinput, UnitHooks& hooks) {
+  auto& mb = static_cast<MicroBatchState&>(micro_batch);
+  Backend& be = backend_;
+  const int L = config_.layers, B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_,
+            fl = ffn_local_, Vl = vocab_local_, N = N_, R = rows_;
+  const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
+  const std::size_t Nhl = static_cast<std::size_t>(N) * hl, Nfl = static_cast<std::size_t>(N) * fl;
+  const int head_unit = L + 1;
+  auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
+  auto scratch = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::workspace); };
+  const Stage& stage = mb.stage;
+  const int first_block = std::max(stage.first_unit, 1) - 1;
+
   BackwardScratch sc;
   sc.dres = scratch(Rh);  // gradient of the residual stream on this rank's rows
   sc.dln = scratch(Nh);   // gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
@@ -383,9 +427,11 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
   sc.dfc = scratch(Nfl);
   sc.att = scratch(be.attention_scratch_floats(B, S, heads_));
   float* dres = sc.dres;
+  const float* x = mb.blocks.empty() ? mb.x0 : mb.blocks.back().x_out;  // the head's input
 
-  hooks.before_backward(head_unit);
-  {
+  if (mb.has_head) {
+    hooks.before_backward(head_unit);
+    HeadActs& ha = mb.head;
     const std::vector<float*> w = unit_tensors(hooks.unit_params(head_unit), head_unit);
     const std::vector<float*> g = unit_tensors(hooks.unit_grads(head_unit), head_unit);
     const float* u = column_input(ha.lnf_out);
@@ -394,18 +440,20 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
     column_input_grad(sc.dln, dln_rows);
     be.zero(dres, Rh * sizeof(float));
     be.layernorm_backward(dres, g[kLnfG], g[kLnfB], dln_rows, x, w[kLnfG], ha.lnf_mean, ha.lnf_rstd, R, h);
+    for (float* p : {ha.logits, ha.lnf_out, ha.lnf_rstd, ha.lnf_mean}) be.free(p);
+    hooks.after_backward(head_unit);
+    hooks.grad_ready(head_unit);
+  } else {
+    be.copy(dres, doutput, Rh * sizeof(float));
   }
-  for (float* p : {ha.logits, ha.lnf_out, ha.lnf_rstd, ha.lnf_mean}) be.free(p);
-  hooks.after_backward(head_unit);
-  hooks.grad_ready(head_unit);
 
-  for (int l = L - 1; l >= 0; --l) {
-    const int unit = 1 + l;
+  for (int i = static_cast<int>(mb.blocks.size()) - 1; i >= 0; --i) {
+    const int l = first_block + i, unit = 1 + l;
     hooks.before_backward(unit);
-    const float* x_in = l > 0 ? blocks[l - 1].x_out : x0;
+    const float* x_in = i > 0 ? mb.blocks[i - 1].x_out : mb.x0;
     const std::vector<float*> w = unit_tensors(hooks.unit_params(unit), unit);
     const std::vector<float*> g = unit_tensors(hooks.unit_grads(unit), unit);
-    BlockActs& ba = blocks[l];
+    BlockActs& ba = mb.blocks[i];
     float* recomputed_out = nullptr;  // selective recompute's copy of the attention output
     if (recompute_ == Recompute::full) {
       // Run the block's forward again from its input; its saved output is no longer needed.
@@ -446,19 +494,25 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
     hooks.grad_ready(unit);
   }
 
-  hooks.before_backward(0);
-  {
+  if (stage.first_unit == 0) {
+    hooks.before_backward(0);
     // Every rank gets the whole position-table gradient (it holds the whole table) and its block of
     // the token table's.
     const std::vector<float*> eg = unit_tensors(hooks.unit_grads(0), 0);
     const float* dx0 = row_parallel_output_grad(dres);
-    be.embedding_backward(eg[kTok], eg[kPos], dx0, tokens, B, S, h);
+    be.embedding_backward(eg[kTok], eg[kPos], dx0, mb.tokens, B, S, h);
     release_column_input(dx0, dres);
+  } else {
+    be.copy(dinput, dres, Rh * sizeof(float));
   }
-  be.free(x0);
-  be.free(tokens);
-  hooks.after_backward(0);
-  hooks.grad_ready(0);
+  be.free(mb.x0);
+  be.free(mb.tokens);
+  mb.x0 = nullptr;
+  mb.tokens = nullptr;
+  if (stage.first_unit == 0) {
+    hooks.after_backward(0);
+    hooks.grad_ready(0);
+  }
 
   if (dln_rows != sc.dln) be.free(dln_rows);
   for (float* p : {sc.att, sc.dfc, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);

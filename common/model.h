@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -117,12 +118,39 @@ class GptModel {
   // gradient into the hooks' unit_grads.
   void forward_backward(const int32_t* tokens, const int32_t* targets, float scale, UnitHooks& hooks);
 
+  // The same in two halves over a contiguous range of units (a pipeline stage), so that a schedule
+  // can run the forwards and backwards of several micro-batches in any order (ARCHITECTURE seam 6).
+  // A stage without the embedding takes its input (rows, h) from `input`; one without the head
+  // leaves its output (rows, h) at `output()` of the returned state, valid until its backward.
+  struct Stage {
+    int first_unit = 0;
+    int last_unit = -1;  // inclusive; -1: the last unit of the model
+  };
+  // What a micro-batch keeps on a stage between its forward and its backward (opaque).
+  class MicroBatch {
+   public:
+    virtual ~MicroBatch() = default;
+    const float* output() const { return output_; }  // stages without the head: (rows, h)
+
+   protected:
+    const float* output_ = nullptr;
+  };
+  std::unique_ptr<MicroBatch> forward(const Stage& stage, const int32_t* tokens, const int32_t* targets,
+                                      const float* input, float scale, UnitHooks& hooks);
+  // Backward of a micro-batch's forward: doutput is the gradient of its output (null on the last
+  // stage); the gradient of its input is written to dinput (rows, h) unless the stage has the
+  // embedding. Frees the micro-batch's activations.
+  void backward(MicroBatch& micro_batch, const float* doutput, float* dinput, UnitHooks& hooks);
+  // Elements of a stage's input or output (rows of this rank × h).
+  std::size_t boundary_elements() const { return static_cast<std::size_t>(rows_) * config_.hidden; }
+
   // The step's loss so far (scale · Σ CE over its micro-batches), and a reset for the next step.
   double take_loss();
 
  private:
   struct BlockActs;
   struct HeadActs;
+  struct MicroBatchState;
   void alloc_block(BlockActs& a, bool with_attention);
   void free_block(BlockActs& a);
   void block_forward(const float* const* w, const float* x_in, BlockActs& a);
