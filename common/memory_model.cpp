@@ -85,11 +85,15 @@ const char* shard_strategy_name(ShardStrategy s) {
 int64_t shard_elements(int64_t numel, int ranks) { return (numel + ranks - 1) / ranks; }
 
 ActivationEstimate predict_activations(const MemoryPlan& p) {
+  return predict_stage_activations(p, p.arch.layers, true, true);
+}
+
+ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks, bool first, bool last) {
   const ArchSpec& a = p.arch;
   const int64_t t = p.tp;
   const int64_t N = static_cast<int64_t>(p.micro_batch) * a.seq;  // tokens of one micro-batch
   const int64_t R = p.sequence_parallel ? N / t : N;  // rows of the residual stream on this rank
-  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, L = a.layers;
+  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, L = blocks;
   const int64_t hl = h / t, fl = f / t, qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
   const int64_t e = p.precision.act_bytes;  // bytes of an activation element
   constexpr int64_t kStat = 4, kToken = 4, kLoss = 8;  // LayerNorm statistics fp32, tokens int32
@@ -99,28 +103,28 @@ ActivationEstimate predict_activations(const MemoryPlan& p) {
   const int64_t att_scratch = att_saved;
 
   // As GptModel::forward_backward allocates them:
-  const int64_t tokens = 2 * N * kToken;  // inputs and targets
-  const int64_t embed_out = R * h * e;
+  const int64_t tokens = first || last ? 2 * N * kToken : 0;  // inputs and targets
+  const int64_t embed_out = R * h * e;  // the embedding's output, or a copy of the stage's input
   // A block: LayerNorm statistics (4 per row), ln1 out, qkv, attention saved state, attention out,
   // x_mid, ln2 out, fc1 out, activation out, x_out. Rows of the residual stream are split by sequence
   // parallelism; the tensors between a column- and a row-parallel layer by the tp split.
   const int64_t block_no_att = 4 * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + N * mlp_in + N * fl + R * h);
   const int64_t block_full = block_no_att + att_saved;
   const int64_t block_out = R * h * e;
-  const int64_t head = 2 * R * kStat + e * (R * h + N * (V / t));  // lnf statistics, lnf out, logits
+  const int64_t head = last ? 2 * R * kStat + e * (R * h + N * (V / t)) : 0;  // lnf statistics, lnf out, logits
 
   ActivationEstimate est;
   if (p.recompute == "full") {
     // Forward keeps each block's output; a block's full set exists only while it runs forward, and
     // again when backward recomputes it (after its saved output is freed: its input stays).
     est.forward_end_bytes = tokens + embed_out + L * block_out + head;
-    const int64_t backward_peak = tokens + embed_out + (L - 1) * block_out + block_full;
+    const int64_t backward_peak = L > 0 ? tokens + embed_out + (L - 1) * block_out + block_full : 0;
     est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
   } else if (p.recompute == "selective") {
     // Forward drops the attention probabilities; backward recomputes them (and a scratch copy of the
     // attention output) for one block at a time.
     est.forward_end_bytes = tokens + embed_out + L * block_no_att + head;
-    const int64_t backward_peak = tokens + embed_out + L * block_no_att + att_saved + N * hl * e;
+    const int64_t backward_peak = L > 0 ? tokens + embed_out + L * block_no_att + att_saved + N * hl * e : 0;
     est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
   } else {
     est.forward_end_bytes = tokens + embed_out + L * block_full + head;

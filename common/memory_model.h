@@ -93,6 +93,9 @@ struct ActivationEstimate {
   int64_t backward_extra_bytes = 0;  // recomputed tensors above forward_end_bytes during backward (≥ 0 excess)
 };
 ActivationEstimate predict_activations(const MemoryPlan& plan);
+// The same for one micro-batch on a pipeline stage (or model chunk) of `blocks` blocks, with the
+// embedding (first) and the head (last) or without; the whole model is (L, true, true).
+ActivationEstimate predict_stage_activations(const MemoryPlan& plan, int64_t blocks, bool first, bool last);
 
 // The model-state categories (parameters, master_parameters, gradients, optimizer_states) of one
 // rank for units of the given parameter counts, sharded as `shard` over `shard_ranks` (padding

@@ -518,13 +518,23 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   for (float* p : {sc.att, sc.dfc, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
 }
 
-ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed)
-    : backend_(backend), units_(model.units()), n_(model.num_parameters()) {
+ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, std::vector<int> units)
+    : backend_(backend), units_(model.units()), held_(std::move(units)), local_offset_(model.units().size(), 0) {
+  if (held_.empty()) {
+    for (int u = 0; u < model.num_units(); ++u) held_.push_back(u);
+  }
+  for (int u : held_) {
+    local_offset_[u] = n_;
+    n_ += units_[u].numel;
+  }
   params_ = backend_.alloc_floats(n_, MemCategory::parameters);
   grads_ = backend_.alloc_floats(n_, MemCategory::gradients);
   m_ = backend_.alloc_floats(n_, MemCategory::optimizer_states);
   v_ = backend_.alloc_floats(n_, MemCategory::optimizer_states);
-  init_flat_range(backend_, units_, 0, n_, params_, seed, model.config().layers);
+  for (int u : held_) {
+    init_flat_range(backend_, units_, units_[u].offset, units_[u].numel, params_ + local_offset_[u], seed,
+                    model.config().layers);
+  }
   for (float* p : {grads_, m_, v_}) backend_.zero(p, n_ * sizeof(float));
 }
 
@@ -535,7 +545,11 @@ ReplicatedState::~ReplicatedState() {
 void ReplicatedState::zero_grads() { backend_.zero(grads_, n_ * sizeof(float)); }
 
 void ReplicatedState::adamw(float grad_scale, int t, double lr) {
-  adamw_flat_range(backend_, units_, 0, n_, params_, grads_, m_, v_, grad_scale, t, lr);
+  for (int u : held_) {
+    const std::size_t at = local_offset_[u];
+    adamw_flat_range(backend_, units_, units_[u].offset, units_[u].numel, params_ + at, grads_ + at, m_ + at, v_ + at,
+                     grad_scale, t, lr);
+  }
 }
 
 }  // namespace pb

@@ -182,11 +182,12 @@ class GptModel {
   double* loss_sum_ = nullptr;  // backend scalar
 };
 
-// The whole model state on this rank (data parallelism, NO_SHARD): parameters, gradients and AdamW
-// states of every unit, in flat buffers.
+// The model state of the units this rank holds, whole (data and tensor parallelism, NO_SHARD: every
+// unit; a pipeline stage: its units): parameters, gradients and AdamW states in flat buffers.
 class ReplicatedState {
  public:
-  ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed);
+  // units: the units held, in increasing order (empty: all of them).
+  ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, std::vector<int> units = {});
   ~ReplicatedState();
   ReplicatedState(const ReplicatedState&) = delete;
   ReplicatedState& operator=(const ReplicatedState&) = delete;
@@ -194,15 +195,24 @@ class ReplicatedState {
   float* params() { return params_; }
   float* grads() { return grads_; }
   std::size_t size() const { return n_; }
-  const float* unit_params(int unit) const { return params_ + units_[unit].offset; }
-  float* unit_grads(int unit) { return grads_ + units_[unit].offset; }
+  const float* unit_params(int unit) const { return params_ + local_offset_[unit]; }
+  float* unit_grads(int unit) { return grads_ + local_offset_[unit]; }
+  // Held tensors, with their offset in this state's buffers (for per-tensor reductions).
+  template <typename Fn>
+  void for_each_tensor(Fn&& fn) const {
+    for (int u : held_) {
+      for (const TensorInfo& t : units_[u].tensors) fn(t, local_offset_[u] + (t.offset - units_[u].offset));
+    }
+  }
   void zero_grads();
   void adamw(float grad_scale, int t, double lr);
 
  private:
   Backend& backend_;
   const std::vector<UnitInfo>& units_;
-  std::size_t n_;
+  std::vector<int> held_;
+  std::vector<std::size_t> local_offset_;  // per unit of the model (unused for units not held)
+  std::size_t n_ = 0;
   float *params_, *grads_, *m_, *v_;
 };
 

@@ -205,7 +205,6 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const FlopModel flops = model_flops(opt);
 
   const int b = opt.micro_batch, S = opt.model.seq;
-  std::vector<int32_t> tokens(static_cast<std::size_t>(b) * S), targets(tokens.size());
   const float loss_scale = 1.0f / (static_cast<float>(opt.global_batch) * S);  // mean over G·S tokens
   std::vector<StepRecord> records;
   std::vector<float> step0_grads;
@@ -219,21 +218,21 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     const double t0 = wall_time_s();
     trace.span(TraceTrack::idle, "step barrier", t_arrive, t0);
     strategy->zero_grads();
-    for (int micro = 0; micro < opt.grad_accum; ++micro) {
+    StepBatches batches;
+    batches.step = step;
+    batches.count = opt.grad_accum;
+    batches.loss_scale = loss_scale;
+    batches.fill = [&](int micro, int32_t* tokens_out, int32_t* targets_out) {
       // SPEC 2.3: sample k of the step goes to dp rank (k / b) mod dp in micro-step k / (b · dp).
       const uint64_t first = static_cast<uint64_t>(step) * opt.global_batch +
                              static_cast<uint64_t>(micro) * b * opt.dp + static_cast<uint64_t>(groups.coord.dp) * b;
-      data.samples(first, b, tokens.data(), targets.data());
-      const double t_micro = wall_time_s();
-      strategy->begin_micro_batch(micro, micro == opt.grad_accum - 1);
-      model.forward_backward(tokens.data(), targets.data(), loss_scale, *strategy);
-      trace.span(TraceTrack::compute, "forward+backward", t_micro, wall_time_s(),
-                 "{\"step\": " + std::to_string(step + 1) + ", \"micro_batch\": " + std::to_string(micro) + "}");
-    }
+      data.samples(first, b, tokens_out, targets_out);
+    };
+    strategy->run_micro_batches(runtime, batches);
     const double t_sync = wall_time_s();
     strategy->finish_gradients();
     trace.span(TraceTrack::communication, "finish gradients", t_sync, wall_time_s());
-    double loss = model.take_loss();
+    double loss = strategy->reduce_loss(model.take_loss());
     groups.dp->all_reduce_host(&loss, 1, HostReduce::sum);
     const double grad_norm = std::sqrt(strategy->global_grad_sum_squares());
     if (!opt.dump_gradients.empty()) {
@@ -424,6 +423,19 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 }
 
 }  // namespace
+
+void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
+  const std::size_t n = static_cast<std::size_t>(rt.options.micro_batch) * rt.options.model.seq;
+  std::vector<int32_t> tokens(n), targets(n);
+  for (int micro = 0; micro < batches.count; ++micro) {
+    batches.fill(micro, tokens.data(), targets.data());
+    const double t0 = wall_time_s();
+    begin_micro_batch(micro, micro == batches.count - 1);
+    rt.model.forward_backward(tokens.data(), targets.data(), batches.loss_scale, *this);
+    rt.trace.span(TraceTrack::compute, "forward+backward", t0, wall_time_s(),
+                  "{\"step\": " + std::to_string(batches.step + 1) + ", \"micro_batch\": " + std::to_string(micro) + "}");
+  }
+}
 
 int run_app(int argc, char** argv, const AppDefinition& app) {
   int provided = 0;

@@ -17,6 +17,8 @@
 
 namespace pb {
 
+struct Runtime;
+
 struct Runtime {
   const Options& options;
   ProcessGroups& groups;
@@ -28,8 +30,23 @@ struct Runtime {
 
 // How a parallelism strategy takes part in a step. The model calls the UnitHooks during each
 // micro-batch; the harness calls the rest around them.
+// One step's micro-batches, as the harness hands them to a schedule.
+struct StepBatches {
+  int step = 0;             // 0-based
+  int count = 1;            // micro-batches of this rank per step (grad accumulation)
+  float loss_scale = 1.0f;  // 1 / (G·S): each micro-batch adds Σ CE · loss_scale
+  // This rank's samples of micro-batch `micro` (SPEC 2.3): (b, S) tokens and targets.
+  std::function<void(int micro, int32_t* tokens, int32_t* targets)> fill;
+};
+
 class Strategy : public UnitHooks {
  public:
+  // Runs the step's micro-batches (ARCHITECTURE seam 6). The default runs them one after another,
+  // forward then backward each, calling begin_micro_batch first; pipeline schedules replace it.
+  virtual void run_micro_batches(Runtime& runtime, const StepBatches& batches);
+  // The step's loss from this rank's part of it (the harness then sums over the dp group); a
+  // pipeline sums over its stages, since only the last one computes the loss.
+  virtual double reduce_loss(double local_loss) { return local_loss; }
   // Start of a step: gradients (this rank's) to zero.
   virtual void zero_grads() = 0;
   // Before each micro-batch; `last` is the step's last micro-batch (when gradients are synced).

@@ -18,11 +18,9 @@ TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime)
 void TensorParallelStrategy::finish_gradients() {
   // Sequence parallelism: each rank's LayerNorm gradients cover its rows only; sum them.
   if (tp_.active() && tp_.sequence_parallel) {
-    for (const UnitInfo& u : rt_.model.units()) {
-      for (const TensorInfo& t : u.tensors) {
-        if (is_layernorm(t)) tp_.comm->all_reduce(state_.grads() + t.offset, t.numel());
-      }
-    }
+    state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
+      if (is_layernorm(t)) tp_.comm->all_reduce(state_.grads() + at, t.numel());
+    });
   }
   // Data parallelism: the ranks with the same slices (the dp group) sum their gradients.
   if (rt_.groups.dp->size() > 1) rt_.groups.dp->all_reduce(state_.grads(), state_.size());
@@ -30,11 +28,9 @@ void TensorParallelStrategy::finish_gradients() {
 
 double TensorParallelStrategy::sum_squares_over_slices(const float* base) {
   double sliced = 0.0, whole = 0.0;
-  for (const UnitInfo& u : rt_.model.units()) {
-    for (const TensorInfo& t : u.tensors) {
-      (t.split == TpSplit::none ? whole : sliced) += rt_.backend.sum_squares(base + t.offset, t.numel());
-    }
-  }
+  state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
+    (t.split == TpSplit::none ? whole : sliced) += rt_.backend.sum_squares(base + at, t.numel());
+  });
   if (tp_.active()) tp_.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
   return sliced + whole;
 }
