@@ -260,6 +260,12 @@ void ResultWriter::write_f64(const std::string& path, const std::vector<double>&
   write_vector(static_cast<hid_t>(file_), path, values, H5T_NATIVE_DOUBLE, units);
 }
 
+void ResultWriter::set_dataset_attribute(const std::string& path, const std::string& name, double value) {
+  hid_t ds = PB_HDF5_CHECK(H5Dopen2(static_cast<hid_t>(file_), path.c_str(), H5P_DEFAULT));
+  set_scalar_attr<double>(ds, name.c_str(), H5T_NATIVE_DOUBLE, value);
+  H5Dclose(ds);
+}
+
 void ResultWriter::set_status(const std::string& status, const std::string& error) {
   hid_t root = static_cast<hid_t>(file_);
   set_string_attr(root, "status", status);

@@ -36,6 +36,8 @@ class ResultWriter {
   // A [ranks] dataset with units, creating parent groups ("/memory/measured/parameters").
   void write_i64(const std::string& path, const std::vector<int64_t>& values, const char* units);
   void write_f64(const std::string& path, const std::vector<double>& values, const char* units);
+  // A numeric attribute on an existing dataset ("/pipeline/bubble_fraction", "theoretical").
+  void set_dataset_attribute(const std::string& path, const std::string& name, double value);
   void set_status(const std::string& status, const std::string& error = "");
   void flush();
 

@@ -344,6 +344,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   }
 
   if (trace.enabled()) trace.write(world, opt.trace, sys.hostnames);
+  strategy->write_results(world, lead ? writer.get() : nullptr);
   if (!lead) return exit_code;
   if (!opt.dump_gradients.empty()) write_dump(opt, model, step0_grads, dump_losses, dump_norms);
 

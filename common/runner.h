@@ -12,6 +12,7 @@
 #include "common/memory_model.h"
 #include "common/model.h"
 #include "common/options.h"
+#include "common/results.h"
 #include "common/trace.h"
 #include "kernels/backend.h"
 
@@ -47,6 +48,9 @@ class Strategy : public UnitHooks {
   // The step's loss from this rank's part of it (the harness then sums over the dp group); a
   // pipeline sums over its stages, since only the last one computes the loss.
   virtual double reduce_loss(double local_loss) { return local_loss; }
+  // The strategy's own results (collective; writer is null except on world rank 0), written after
+  // the summary: /pipeline for pipelines.
+  virtual void write_results(Communicator& /*world*/, ResultWriter* /*writer*/) {}
   // Start of a step: gradients (this rank's) to zero.
   virtual void zero_grads() = 0;
   // Before each micro-batch; `last` is the step's last micro-batch (when gradients are synced).

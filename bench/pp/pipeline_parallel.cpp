@@ -1,0 +1,203 @@
+#include "bench/pp/pipeline_parallel.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "common/timer.h"
+
+namespace pb {
+namespace {
+
+// The units of every chunk of pipeline rank `stage`, in increasing order.
+std::vector<int> held_units(int layers, const PipelineOptions& o, int stage) {
+  std::vector<int> units;
+  for (int chunk = 0; chunk < o.chunks; ++chunk) {
+    const GptModel::Stage s = pipeline_stage_units(layers, o.stages * o.chunks, chunk * o.stages + stage);
+    for (int u = s.first_unit; u <= s.last_unit; ++u) units.push_back(u);
+  }
+  return units;
+}
+
+std::string span_args(int step, int micro, int chunk, int virtual_stage) {
+  return "{\"step\": " + std::to_string(step + 1) + ", \"micro_batch\": " + std::to_string(micro) +
+         ", \"chunk\": " + std::to_string(chunk) + ", \"virtual_stage\": " + std::to_string(virtual_stage) + "}";
+}
+
+}  // namespace
+
+GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k) {
+  const int per = layers / virtual_stages;
+  GptModel::Stage s;
+  s.first_unit = k == 0 ? 0 : 1 + k * per;
+  s.last_unit = k == virtual_stages - 1 ? layers + 1 : (k + 1) * per;
+  return s;
+}
+
+MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOptions& o, int stage, int m) {
+  const int V = o.stages * o.chunks, L = static_cast<int>(plan.arch.layers);
+  const std::vector<int64_t> unit_params = unit_parameter_counts(plan.arch);
+  int64_t params = 0;
+  for (int u : held_units(L, o, stage)) params += unit_params[u];
+  MemoryEstimate e = predict_model_states({params}, plan.precision, ShardStrategy::no_shard, 1);
+
+  // Replay the schedule: a micro-batch's forward leaves its chunk's activations until its backward,
+  // which needs a little more while it runs (recomputation); receive and send buffers of one
+  // boundary (rows × h) each.
+  const int64_t boundary = static_cast<int64_t>(plan.micro_batch) * plan.arch.seq * plan.arch.hidden *
+                           plan.precision.act_bytes;
+  int64_t live = 0, act_peak = 0, comm_peak = 0;
+  int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
+  for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
+    const int k = step.chunk * o.stages + stage;
+    const GptModel::Stage s = pipeline_stage_units(L, V, k);
+    const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
+    const ActivationEstimate a = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
+    if (step.forward) {
+      comm_peak = std::max(comm_peak, sending + (k > 0 ? boundary : 0));  // + the received input
+      live += a.forward_end_bytes;
+      act_peak = std::max(act_peak, live);
+    } else {
+      sending = 0;  // waited for before the backward
+      comm_peak = std::max(comm_peak, boundary * ((k < V - 1) + (k > 0)));  // output gradient in, input gradient out
+      act_peak = std::max(act_peak, live + a.backward_extra_bytes);
+      live -= a.forward_end_bytes;
+      if (k > 0) sending = boundary;
+    }
+  }
+  e[MemCategory::activations] = act_peak;
+  e[MemCategory::workspace] = predict_activations(plan).workspace_bytes;  // every backward's scratch
+  e[MemCategory::comm_buffers] = comm_peak;
+  e.peak_total = 0;
+  for (int64_t bytes : e.bytes) e.peak_total += bytes;  // an upper bound: the peaks may not coincide
+  return e;
+}
+
+PipelineParallel::PipelineParallel(Runtime& runtime, const PipelineOptions& options)
+    : rt_(runtime), options_(options), pp_(*runtime.groups.pp), stages_(options.stages), stage_(pp_.rank()),
+      virtual_stages_(options.stages * options.chunks),
+      state_(runtime.model, runtime.backend, runtime.options.seed,
+             held_units(runtime.options.model.layers, options, runtime.groups.pp->rank())) {}
+
+int PipelineParallel::tag(int micro, int virtual_stage, bool forward) const {
+  return ((micro * virtual_stages_ + virtual_stage) << 1) | (forward ? 0 : 1);
+}
+
+void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches) {
+  Backend& be = rt.backend;
+  GptModel& model = rt.model;
+  const int m = batches.count, L = rt.options.model.layers;
+  const std::size_t n = model.boundary_elements();
+  const std::size_t tokens_per_micro = static_cast<std::size_t>(rt.options.micro_batch) * rt.options.model.seq;
+  std::vector<std::vector<int32_t>> tokens(m), targets(m);  // made on first use
+  std::map<std::pair<int, int>, std::unique_ptr<GptModel::MicroBatch>> held;  // (micro, chunk)
+  std::map<std::pair<int, int>, Request> output_sends;
+  Request input_grad_send;
+  float* input_grad_buffer = nullptr;
+  auto finish_input_grad_send = [&] {
+    if (input_grad_send) input_grad_send->wait();
+    input_grad_send.reset();
+    be.free(input_grad_buffer);
+    input_grad_buffer = nullptr;
+  };
+
+  double busy = 0.0;
+  const double start = wall_time_s();
+  for (const PipelineStep& step : pipeline_schedule(options_.schedule, stages_, stage_, m, options_.chunks)) {
+    const int k = virtual_stage(step.chunk);
+    const bool first = k == 0, last = k == virtual_stages_ - 1;
+    const auto key = std::make_pair(step.micro, step.chunk);
+    if ((first || last) && tokens[step.micro].empty()) {
+      tokens[step.micro].resize(tokens_per_micro);
+      targets[step.micro].resize(tokens_per_micro);
+      batches.fill(step.micro, tokens[step.micro].data(), targets[step.micro].data());
+    }
+    const std::string args = span_args(batches.step, step.micro, step.chunk, k);
+    if (step.forward) {
+      float* input = nullptr;
+      if (!first) {  // the previous virtual stage's output
+        input = be.alloc_floats(n, MemCategory::comm_buffers);
+        const double t0 = wall_time_s();
+        pp_.recv(input, n, rank_of(k - 1), tag(step.micro, k, true));
+        rt.trace.span(TraceTrack::idle, "recv activation", t0, wall_time_s(), args);
+      }
+      const double t0 = wall_time_s();
+      held[key] = model.forward(pipeline_stage_units(L, virtual_stages_, k), tokens[step.micro].data(),
+                                targets[step.micro].data(), input, batches.loss_scale, *this);
+      const double t1 = wall_time_s();
+      busy += t1 - t0;
+      rt.trace.span(TraceTrack::compute, "F" + std::to_string(step.micro), t0, t1, args);
+      be.free(input);
+      if (!last) output_sends[key] = pp_.send_async(held[key]->output(), n, rank_of(k + 1), tag(step.micro, k + 1, true));
+    } else {
+      finish_input_grad_send();
+      float* output_grad = nullptr;
+      if (!last) {  // the next virtual stage's input gradient
+        output_grad = be.alloc_floats(n, MemCategory::comm_buffers);
+        const double t0 = wall_time_s();
+        pp_.recv(output_grad, n, rank_of(k + 1), tag(step.micro, k, false));
+        rt.trace.span(TraceTrack::idle, "recv gradient", t0, wall_time_s(), args);
+      }
+      if (!first) input_grad_buffer = be.alloc_floats(n, MemCategory::comm_buffers);
+      auto send = output_sends.find(key);
+      if (send != output_sends.end()) {  // the output's memory is freed by backward
+        send->second->wait();
+        output_sends.erase(send);
+      }
+      const double t0 = wall_time_s();
+      model.backward(*held[key], output_grad, input_grad_buffer, *this);
+      const double t1 = wall_time_s();
+      busy += t1 - t0;
+      rt.trace.span(TraceTrack::compute, "B" + std::to_string(step.micro), t0, t1, args);
+      held.erase(key);
+      be.free(output_grad);
+      if (!first) input_grad_send = pp_.send_async(input_grad_buffer, n, rank_of(k - 1), tag(step.micro, k - 1, false));
+    }
+  }
+  finish_input_grad_send();
+  for (auto& [key, request] : output_sends) request->wait();
+  const double elapsed = wall_time_s() - start;
+  if (batches.step >= rt.options.warmup) bubble_.push_back(elapsed > 0.0 ? 1.0 - busy / elapsed : 0.0);
+}
+
+double PipelineParallel::reduce_loss(double local_loss) {
+  pp_.all_reduce_host(&local_loss, 1, HostReduce::sum);  // only the last stage has a loss
+  return local_loss;
+}
+
+void PipelineParallel::finish_gradients() {
+  if (rt_.groups.dp->size() > 1) rt_.groups.dp->all_reduce(state_.grads(), state_.size());
+}
+
+double PipelineParallel::global_grad_sum_squares() {
+  double sum = rt_.backend.sum_squares(state_.grads(), state_.size());
+  pp_.all_reduce_host(&sum, 1, HostReduce::sum);  // the stages hold disjoint units
+  return sum;
+}
+
+double PipelineParallel::global_param_sum_squares() {
+  double sum = rt_.backend.sum_squares(state_.params(), state_.size());
+  pp_.all_reduce_host(&sum, 1, HostReduce::sum);
+  return sum;
+}
+
+std::vector<float> PipelineParallel::gather_full_gradients() {
+  if (stages_ > 1) throw std::logic_error("--dump-gradients needs --pp 1");  // rejected by validation
+  std::vector<float> host(state_.size());
+  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
+  return host;
+}
+
+void PipelineParallel::write_results(Communicator& world, ResultWriter* writer) {
+  double mine = 0.0;
+  for (double b : bubble_) mine += b;
+  mine = bubble_.empty() ? 0.0 : mine / static_cast<double>(bubble_.size());
+  std::vector<double> all(world.size());
+  world.all_gather_host(&mine, all.data(), sizeof(double));
+  if (writer == nullptr) return;
+  writer->write_f64("/pipeline/bubble_fraction", all, "1");
+  writer->set_dataset_attribute("/pipeline/bubble_fraction", "theoretical",
+                                theoretical_bubble_fraction(options_.schedule, stages_, rt_.options.grad_accum,
+                                                            options_.chunks));
+}
+
+}  // namespace pb

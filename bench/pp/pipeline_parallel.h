@@ -1,0 +1,64 @@
+// Pipeline parallelism: contiguous layers per stage, activations and their gradients sent
+// point-to-point between stages, the micro-batches of a step (its grad accumulation) run in the
+// order of a schedule (schedule.h), combined with data parallelism.
+//
+// Stage s of p holds blocks [s·L/p, (s+1)·L/p); the first also the embedding, the last the final
+// LayerNorm, the head and the loss. Interleaved: virtual stage k = chunk·p + s holds blocks
+// [k·L/(p·v), (k+1)·L/(p·v)). Each rank measures the compute time of its forward and backward steps;
+// the rest of the schedule's time is the bubble (/pipeline/bubble_fraction).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench/pp/schedule.h"
+#include "common/memory_model.h"
+#include "common/runner.h"
+
+namespace pb {
+
+struct PipelineOptions {
+  int stages = 1;
+  std::string schedule = "1f1b";
+  int chunks = 1;  // --virtual-stages
+};
+
+// The units (embedding 0, blocks 1..L, head L+1) of virtual stage k of `virtual_stages`.
+GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k);
+
+// Predicted memory of pipeline rank `stage`: its units' model state, the activations of the
+// micro-batches its schedule holds at once, the backward scratch and the send/receive buffers.
+MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOptions& pp, int stage, int micro_batches);
+
+class PipelineParallel final : public Strategy {
+ public:
+  PipelineParallel(Runtime& runtime, const PipelineOptions& options);
+
+  const float* unit_params(int unit) override { return state_.unit_params(unit); }
+  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  void zero_grads() override { state_.zero_grads(); }
+  void run_micro_batches(Runtime& runtime, const StepBatches& batches) override;
+  double reduce_loss(double local_loss) override;
+  void finish_gradients() override;
+  double global_grad_sum_squares() override;
+  void optimizer_step(float grad_scale, int t) override { state_.adamw(grad_scale, t, rt_.options.lr); }
+  double global_param_sum_squares() override;
+  std::vector<float> gather_full_gradients() override;
+  void write_results(Communicator& world, ResultWriter* writer) override;
+
+ private:
+  int virtual_stage(int chunk) const { return chunk * stages_ + stage_; }
+  int rank_of(int virtual_stage) const { return virtual_stage % stages_; }
+  int tag(int micro, int virtual_stage, bool forward) const;
+
+  Runtime& rt_;
+  PipelineOptions options_;
+  Communicator& pp_;
+  int stages_, stage_, virtual_stages_;
+  ReplicatedState state_;
+  std::vector<double> bubble_;  // per measured step: idle share of the schedule's time
+};
+
+}  // namespace pb
