@@ -47,20 +47,24 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
                            plan.precision.act_bytes;
   int64_t live = 0, act_peak = 0, comm_peak = 0;
   int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
+  int64_t posted = 0;   // gradient buffers posted after forwards, waiting for their backward
   for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
     const int k = step.chunk * o.stages + stage;
     const GptModel::Stage s = pipeline_stage_units(L, V, k);
     const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
     const ActivationEstimate a = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
     if (step.forward) {
-      comm_peak = std::max(comm_peak, sending + (k > 0 ? boundary : 0));  // + the received input
+      comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0));  // + the received input
+      if (k < V - 1) posted += boundary;
+      comm_peak = std::max(comm_peak, sending + posted);
       live += a.forward_end_bytes;
       act_peak = std::max(act_peak, live);
     } else {
       sending = 0;  // waited for before the backward
-      comm_peak = std::max(comm_peak, boundary * ((k < V - 1) + (k > 0)));  // output gradient in, input gradient out
+      comm_peak = std::max(comm_peak, posted + (k > 0 ? boundary : 0));  // + the input gradient to send
       act_peak = std::max(act_peak, live + a.backward_extra_bytes);
       live -= a.forward_end_bytes;
+      if (k < V - 1) posted -= boundary;
       if (k > 0) sending = boundary;
     }
   }
@@ -91,6 +95,9 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
   std::vector<std::vector<int32_t>> tokens(m), targets(m);  // made on first use
   std::map<std::pair<int, int>, std::unique_ptr<GptModel::MicroBatch>> held;  // (micro, chunk)
   std::map<std::pair<int, int>, Request> output_sends;
+  // The gradient of each forward's output is received into a buffer posted right after that forward,
+  // so a downstream stage's send never waits for this rank to reach the backward.
+  std::map<std::pair<int, int>, std::pair<float*, Request>> output_grads;
   Request input_grad_send;
   float* input_grad_buffer = nullptr;
   auto finish_input_grad_send = [&] {
@@ -127,15 +134,21 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
       busy += t1 - t0;
       rt.trace.span(TraceTrack::compute, "F" + std::to_string(step.micro), t0, t1, args);
       be.free(input);
-      if (!last) output_sends[key] = pp_.send_async(held[key]->output(), n, rank_of(k + 1), tag(step.micro, k + 1, true));
+      if (!last) {
+        output_sends[key] = pp_.send_async(held[key]->output(), n, rank_of(k + 1), tag(step.micro, k + 1, true));
+        float* grad = be.alloc_floats(n, MemCategory::comm_buffers);
+        output_grads[key] = {grad, pp_.recv_async(grad, n, rank_of(k + 1), tag(step.micro, k, false))};
+      }
     } else {
       finish_input_grad_send();
       float* output_grad = nullptr;
       if (!last) {  // the next virtual stage's input gradient
-        output_grad = be.alloc_floats(n, MemCategory::comm_buffers);
+        auto posted = output_grads.find(key);
+        output_grad = posted->second.first;
         const double t0 = wall_time_s();
-        pp_.recv(output_grad, n, rank_of(k + 1), tag(step.micro, k, false));
+        posted->second.second->wait();
         rt.trace.span(TraceTrack::idle, "recv gradient", t0, wall_time_s(), args);
+        output_grads.erase(posted);
       }
       if (!first) input_grad_buffer = be.alloc_floats(n, MemCategory::comm_buffers);
       auto send = output_sends.find(key);
