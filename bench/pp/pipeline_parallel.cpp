@@ -94,11 +94,11 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
   const std::size_t tokens_per_micro = static_cast<std::size_t>(rt.options.micro_batch) * rt.options.model.seq;
   std::vector<std::vector<int32_t>> tokens(m), targets(m);  // made on first use
   std::map<std::pair<int, int>, std::unique_ptr<GptModel::MicroBatch>> held;  // (micro, chunk)
-  std::map<std::pair<int, int>, Request> output_sends;
   // The gradient of each forward's output is received into a buffer posted right after that forward,
   // so a downstream stage's send never waits for this rank to reach the backward.
-  std::map<std::pair<int, int>, std::pair<float*, Request>> output_grads;
-  Request input_grad_send;
+  auto& output_sends = output_sends_;
+  auto& output_grads = output_grads_;
+  Request& input_grad_send = input_grad_send_;
   float* input_grad_buffer = nullptr;
   auto finish_input_grad_send = [&] {
     if (input_grad_send) input_grad_send->wait();
@@ -168,8 +168,21 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
   }
   finish_input_grad_send();
   for (auto& [key, request] : output_sends) request->wait();
+  output_sends.clear();
+  // The schedule ends when the last stage has drained: every stage's window runs to the pipeline's
+  // end (the wait counts as this stage's idle time), so each rank's bubble is measured over the same
+  // span as the theory's.
+  const double t_drained = wall_time_s();
+  pp_.barrier();
+  rt.trace.span(TraceTrack::idle, "pipeline drain", t_drained, wall_time_s());
   const double elapsed = wall_time_s() - start;
   if (batches.step >= rt.options.warmup) bubble_.push_back(elapsed > 0.0 ? 1.0 - busy / elapsed : 0.0);
+}
+
+void PipelineParallel::progress() {
+  for (auto& [key, request] : output_sends_) request->test();
+  for (auto& [key, posted] : output_grads_) posted.second->test();
+  if (input_grad_send_) input_grad_send_->test();
 }
 
 double PipelineParallel::reduce_loss(double local_loss) {

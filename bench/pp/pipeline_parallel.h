@@ -47,14 +47,25 @@ class PipelineParallel final : public Strategy {
   double global_param_sum_squares() override;
   std::vector<float> gather_full_gradients() override;
   void write_results(Communicator& world, ResultWriter* writer) override;
+  // MPI moves a non-blocking message only inside MPI calls: between units, poke the ones in flight,
+  // so that a neighbour does not wait for this stage's whole forward or backward.
+  void before_forward(int) override { progress(); }
+  void before_backward(int) override { progress(); }
 
  private:
   int virtual_stage(int chunk) const { return chunk * stages_ + stage_; }
   int rank_of(int virtual_stage) const { return virtual_stage % stages_; }
   int tag(int micro, int virtual_stage, bool forward) const;
 
+  void progress();
+
   Runtime& rt_;
   PipelineOptions options_;
+  // This step's messages in flight: forward outputs being sent, gradients posted for receipt, the
+  // input gradient being sent.
+  std::map<std::pair<int, int>, Request> output_sends_;
+  std::map<std::pair<int, int>, std::pair<float*, Request>> output_grads_;
+  Request input_grad_send_;
   Communicator& pp_;
   int stages_, stage_, virtual_stages_;
   ReplicatedState state_;

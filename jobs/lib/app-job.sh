@@ -72,7 +72,7 @@ case $PB_LAUNCHER in
   mpiexec)
     ranks=${SLURM_NTASKS:-${PB_RANKS:-$((${PB_NODES:-1} * ${PB_TASKS_PER_NODE:-1}))}}
     launch=(mpiexec -n "$ranks")
-    if mpiexec --version 2>&1 | grep -q "Open MPI"; then
+    if mpiexec --version 2>&1 | grep -qiE "open ?mpi|openrte"; then
       launch+=(--oversubscribe)
       [[ $(id -u) -eq 0 ]] && launch+=(--allow-run-as-root)
     fi

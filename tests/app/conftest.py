@@ -282,9 +282,10 @@ def read_result(path):
 @pytest.fixture(scope="session")
 def cached_run(run_app, tmp_path_factory):
     """cached_run(app, ranks, args, timeout=90) -> read_result(...) of `mpiexec -n RANKS parabench-APP
-    ARGS --quiet --out FILE`, plus "command". Each distinct (app, ranks, args) runs once per session, so
-    that tests of one run's losses, memory and communication (and modules that share a reference run)
-    do not train it again; a run that failed fails every test that asks for it, without running again."""
+    ARGS --quiet --out FILE`, plus "command" and "path" (FILE, for app-specific datasets). Each distinct
+    (app, ranks, args) runs once per session, so that tests of one run's losses, memory and communication
+    (and modules that share a reference run) do not train it again; a run that failed fails every test
+    that asks for it, without running again."""
     cache = {}
 
     def run(app, ranks, args, timeout=90):
@@ -299,6 +300,7 @@ def cached_run(run_app, tmp_path_factory):
             else:
                 result = read_result(path)
                 result["command"] = " ".join(str(c) for c in cmd)
+                result["path"] = path
                 cache[key] = result
         if isinstance(cache[key], str):
             pytest.fail("the run failed\n" + cache[key])
