@@ -199,34 +199,18 @@ MemoryEstimate predict_model_states(const std::vector<int64_t>& units, const Pre
     padded += shard_elements(u, n) * n;
     own += shard_elements(u, n);
   }
+  // ZeRO's stages: each shards one more kind of state (ZERO1: optimizer states and master weights;
+  // SHARD_GRAD_OP: gradients too; FULL_SHARD, HYBRID_SHARD: parameters too). What stays whole is
+  // padded to the shard layout, except under NO_SHARD, which has no layout.
+  const bool opt_sharded = shard != ShardStrategy::no_shard;
+  const bool params_sharded = shard == ShardStrategy::full_shard || shard == ShardStrategy::hybrid_shard;
+  const bool grads_sharded = params_sharded || shard == ShardStrategy::shard_grad_op;
+  const int64_t whole = opt_sharded ? padded : full;
   MemoryEstimate e;
-  switch (shard) {
-    case ShardStrategy::no_shard:
-      e[MemCategory::parameters] = full * pr.param_bytes;
-      e[MemCategory::gradients] = full * pr.grad_bytes;
-      e[MemCategory::master_parameters] = full * pr.master_bytes;
-      e[MemCategory::optimizer_states] = full * pr.optimizer_bytes;
-      break;
-    case ShardStrategy::zero1:  // optimizer states (and master weights) sharded
-      e[MemCategory::parameters] = padded * pr.param_bytes;
-      e[MemCategory::gradients] = padded * pr.grad_bytes;
-      e[MemCategory::master_parameters] = own * pr.master_bytes;
-      e[MemCategory::optimizer_states] = own * pr.optimizer_bytes;
-      break;
-    case ShardStrategy::shard_grad_op:  // ZeRO-2: gradients too
-      e[MemCategory::parameters] = padded * pr.param_bytes;
-      e[MemCategory::gradients] = own * pr.grad_bytes;
-      e[MemCategory::master_parameters] = own * pr.master_bytes;
-      e[MemCategory::optimizer_states] = own * pr.optimizer_bytes;
-      break;
-    case ShardStrategy::full_shard:  // ZeRO-3: parameters too
-    case ShardStrategy::hybrid_shard:
-      e[MemCategory::parameters] = own * pr.param_bytes;
-      e[MemCategory::gradients] = own * pr.grad_bytes;
-      e[MemCategory::master_parameters] = own * pr.master_bytes;
-      e[MemCategory::optimizer_states] = own * pr.optimizer_bytes;
-      break;
-  }
+  e[MemCategory::parameters] = (params_sharded ? own : whole) * pr.param_bytes;
+  e[MemCategory::gradients] = (grads_sharded ? own : whole) * pr.grad_bytes;
+  e[MemCategory::master_parameters] = (opt_sharded ? own : whole) * pr.master_bytes;
+  e[MemCategory::optimizer_states] = (opt_sharded ? own : whole) * pr.optimizer_bytes;
   return e;
 }
 
