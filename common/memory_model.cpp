@@ -21,7 +21,9 @@ ArchSpec arch_from_model(const ModelConfig& m) {
 MemoryPlan memory_plan_for(const Options& o, bool attention_keeps_probabilities) {
   MemoryPlan p;
   p.arch = arch_from_model(o.model);
-  p.precision = o.dtype == "bf16" ? precision_bf16(false) : precision_fp32();
+  // The apps store every tensor in fp32: --dtype bf16 selects the CUDA backend's bf16 matrix
+  // products (fp32 accumulation), not bf16 storage. The planner models bf16 storage (precision_bf16).
+  p.precision = precision_fp32();
   p.micro_batch = o.micro_batch;
   p.recompute = o.recompute;
   p.attention_keeps_probabilities = attention_keeps_probabilities;

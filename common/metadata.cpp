@@ -13,6 +13,7 @@
 #include <set>
 
 #include "common/errors.h"
+#include "kernels/cpu/cpu_backend.h"
 
 extern char** environ;
 
@@ -63,7 +64,7 @@ NodeLocal node_local(MPI_Comm world) {
   return n;
 }
 
-SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, const std::string& device_name) {
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster) {
   SystemInfo s;
   s.cluster = cluster;
   PB_MPI_CHECK(MPI_Comm_size(world, &s.ranks));
@@ -81,7 +82,7 @@ SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, const
   }
   s.nodes = static_cast<int>(unique.size());
 
-  s.cpu_model = device_name;
+  s.cpu_model = cpu_model_name();
   char mpi_version[MPI_MAX_LIBRARY_VERSION_STRING] = {};
   int len = 0;
   MPI_Get_library_version(mpi_version, &len);

@@ -30,7 +30,8 @@ struct NodeLocal {
 NodeLocal node_local(MPI_Comm world);
 
 // Collective over `world`: gathers hostnames and counts nodes.
-SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, const std::string& device_name);
+// The GPU fields stay empty: the runner fills them from the backend.
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster);
 
 // --cluster, else $PARABENCH_CLUSTER, else $SLURM_CLUSTER_NAME, else the host name.
 std::string resolve_cluster_name(const std::string& option);

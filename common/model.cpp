@@ -481,7 +481,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     const float* dy1 = row_parallel_output_grad(dres);
     be.matmul_backward(sc.datt, g[kOutW], g[kOutB], dy1, ba.att_out, w[kOutW], N, hl, h);
     release_column_input(dy1, dres);
-    be.attention_backward(sc.dqkv, sc.att, sc.datt, ba.qkv, ba.att, B, S, hl, heads_);
+    be.attention_backward(sc.dqkv, sc.att, sc.datt, ba.att_out, ba.qkv, ba.att, B, S, hl, heads_);
     const float* u1 = column_input(ba.ln1_out);
     be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, u1, w[kQkvW], N, h, 3 * hl);
     release_column_input(u1, ba.ln1_out);

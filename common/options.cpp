@@ -167,15 +167,25 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     }
     if (backend == "cuda" && env.visible_gpus == 0) reject("--backend cuda needs a visible GPU, and none is");
     opt.backend = backend;
-    const bool own_gpu = backend == "cuda" && env.visible_gpus > 0;
+    // NCCL takes one GPU per rank: ranks that share a GPU communicate through MPI.
+    const bool own_gpu = backend == "cuda" && env.ranks_per_node <= env.visible_gpus;
     if (comm.empty()) comm = own_gpu ? "nccl" : "mpi";
     if (comm != "mpi" && comm != "nccl") reject("--comm " + comm + " must be mpi or nccl");
     if (comm == "nccl" && backend != "cuda") reject("--comm nccl needs --backend cuda");
+    if (comm == "nccl" && !own_gpu) {
+      reject("--comm nccl needs a GPU per rank, and " + std::to_string(env.ranks_per_node) + " ranks share " +
+             std::to_string(env.visible_gpus) + " GPU(s) on this node: use --comm mpi");
+    }
     opt.comm = comm;
     if (dtype.empty()) dtype = backend == "cuda" ? "bf16" : "fp32";
     if (dtype != "fp32" && dtype != "bf16") reject("--dtype " + dtype + " must be fp32 or bf16");
     if (dtype == "bf16" && backend != "cuda") reject("--dtype bf16 needs --backend cuda; the cpu backend computes in fp32");
     opt.dtype = dtype;
+    if (backend == "cuda" && m.hidden / m.heads > env.cuda_max_head_dim) {
+      reject("--hidden " + std::to_string(m.hidden) + " / --heads " + std::to_string(m.heads) + " = head dimension " +
+             std::to_string(m.hidden / m.heads) + ": the CUDA attention takes at most " +
+             std::to_string(env.cuda_max_head_dim));
+    }
     if (opt.recompute != "none" && opt.recompute != "selective" && opt.recompute != "full") {
       reject("--recompute " + opt.recompute + " must be none, selective or full");
     }

@@ -81,8 +81,10 @@ struct ParseResult {
 struct Environment {
   int world_size = 1;
   int cores_per_rank = 1;      // cores of this node / ranks on this node
+  int ranks_per_node = 1;
   bool cuda_built = false;
-  int visible_gpus = 0;
+  int visible_gpus = 0;        // per rank, as CUDA_VISIBLE_DEVICES leaves them
+  int cuda_max_head_dim = 0;   // the CUDA attention's limit (kCudaMaxHeadDim)
   int slurm_ntasks = 0;        // SLURM_NTASKS, 0 when unset
 };
 

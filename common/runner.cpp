@@ -19,6 +19,10 @@
 #include "common/results.h"
 #include "common/timer.h"
 #include "kernels/cpu/cpu_backend.h"
+#ifdef PB_WITH_CUDA
+#include "common/device_communicators.h"
+#include "kernels/cuda/cuda_backend.h"
+#endif
 
 #ifndef PB_VERSION
 #define PB_VERSION "0.0.0"
@@ -60,8 +64,51 @@ FlopModel model_flops(const Options& o) {
           "6*G*S*(L*(4h^2 + 2*h*f + 2*S*h) + h*V)"};
 }
 
-// Peak TFLOP/s per rank: --peak-tflops, else the GPU table of SPEC section 6, else 0 (CPU: unknown).
-double resolve_peak_tflops(const Options& o) { return o.peak_tflops >= 0.0 ? o.peak_tflops : 0.0; }
+// Peak TFLOP/s per rank: --peak-tflops, else the dense peak of the GPU model from the table below for
+// the dtype of the matrix products (bf16 tensor cores, or fp32 without TF32), else 0: MFU is then NaN
+// (CPUs, unknown GPUs).
+double resolve_peak_tflops(const Options& o, const std::string& device_name) {
+  if (o.peak_tflops >= 0.0) return o.peak_tflops;
+  if (o.backend != "cuda") return 0.0;
+  struct Peak {
+    const char* name;  // a substring of the CUDA device name; the first match wins
+    double bf16, fp32;
+  };
+  static const Peak kPeaks[] = {{"H200", 989.0, 67.0},     {"H100 PCIe", 756.0, 51.0}, {"H100 NVL", 835.0, 60.0},
+                                {"H100", 989.0, 67.0},     {"GH200", 989.0, 67.0},     {"A100", 312.0, 19.5}};
+  for (const Peak& p : kPeaks) {
+    if (device_name.find(p.name) != std::string::npos) return o.dtype == "bf16" ? p.bf16 : p.fp32;
+  }
+  return 0.0;
+}
+
+// The CPU backend, or the GPU of this rank: local rank modulo the GPUs it can see.
+std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
+#ifdef PB_WITH_CUDA
+  if (opt.backend == "cuda") return make_cuda_backend(local_rank % cuda_visible_device_count(), opt.dtype == "bf16");
+#else
+  (void)local_rank;
+#endif
+  return make_cpu_backend(opt.threads);
+}
+
+// The communicator the process groups are split from, when it is not `world` itself: with the CUDA
+// backend, NCCL, or MPI staged through pinned host memory (--comm mpi).
+std::unique_ptr<Communicator> make_device_world(const Options& opt, MpiCommunicator& world, Backend& backend) {
+#ifdef PB_WITH_CUDA
+  if (opt.backend == "cuda") {
+    if (opt.comm == "nccl") {
+      MPI_Comm dup;
+      PB_MPI_CHECK(MPI_Comm_dup(world.handle(), &dup));
+      return make_nccl_communicator(dup, cuda_compute_stream(backend));
+    }
+    return make_host_staged_communicator(world.split(0, world.rank()), cuda_compute_stream(backend));
+  }
+#else
+  (void)opt, (void)world, (void)backend;
+#endif
+  return nullptr;
+}
 
 std::string format_g(double x) {
   if (std::isnan(x)) return "nan";
@@ -147,16 +194,26 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const bool lead = world_rank == 0;
   const bool talk = lead && !opt.quiet;
 
-  std::unique_ptr<Backend> backend = make_cpu_backend(opt.threads);
-  opt.peak_tflops = resolve_peak_tflops(opt);
+  std::unique_ptr<Backend> backend = make_backend(opt, node_local(world.handle()).local_rank);
+  opt.peak_tflops = resolve_peak_tflops(opt, backend->device_name());
   const Layout layout = app.layout(opt);
-  ProcessGroups groups = make_process_groups(world, layout);
+  const std::unique_ptr<Communicator> device_world = make_device_world(opt, world, *backend);
+  ProcessGroups groups = make_process_groups(device_world ? *device_world : world, layout);
 
   const MemoryPlan plan = memory_plan_for(opt, backend->attention_keeps_probabilities());
   std::vector<MemoryEstimate> predicted;
   for (int r = 0; r < opt.world_size; ++r) predicted.push_back(app.predict_memory(opt, plan, r));
 
-  SystemInfo sys = collect_system_info(world.handle(), opt.cluster, backend->device_name());
+  SystemInfo sys = collect_system_info(world.handle(), opt.cluster);
+#ifdef PB_WITH_CUDA
+  if (opt.backend == "cuda") {
+    std::size_t free_bytes = 0, total_bytes = 0;
+    PB_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    sys.gpu_model = backend->device_name();
+    sys.gpu_memory_bytes = static_cast<int64_t>(total_bytes);
+    sys.gpus_per_node = cuda_visible_device_count();
+  }
+#endif
   if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model), predicted);
 
   if (opt.dry_run) {
@@ -326,7 +383,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   std::vector<std::vector<int64_t>> measured_mem;
   for (MemCategory c : all_mem_categories()) measured_mem.push_back(gather_i64(snap.peak[static_cast<int>(c)]));
   const std::vector<int64_t> measured_peak = gather_i64(snap.peak_total);
-  const std::vector<int64_t> device_peak = gather_i64(process_peak_rss_bytes());
+  const int64_t device_bytes = backend->device_memory_peak_bytes();
+  const std::vector<int64_t> device_peak = gather_i64(device_bytes >= 0 ? device_bytes : process_peak_rss_bytes());
   CommStats comm{};
   for (const Communicator* c : groups.all()) {
     for (int op = 0; op < kNumCommOps; ++op) {
@@ -449,6 +507,12 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
     env.world_size = world.size();
     env.cores_per_rank = std::max(1, online_cores() / local.local_size);
     env.slurm_ntasks = std::atoi(env_or("SLURM_NTASKS", "0").c_str());
+    env.ranks_per_node = local.local_size;
+#ifdef PB_WITH_CUDA
+    env.cuda_built = true;
+    env.visible_gpus = cuda_visible_device_count();
+    env.cuda_max_head_dim = kCudaMaxHeadDim;
+#endif
 
     Options opt;
     const ParseResult parsed = parse_options(app.name, argc, argv, env, app.options, &opt);

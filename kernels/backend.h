@@ -30,6 +30,10 @@ class Backend {
     return static_cast<float*>(alloc(count * sizeof(float), category));
   }
   virtual MemoryTracker& tracker() = 0;
+  // Peak memory of the device as its driver sees it (the tracked tensors plus caches, libraries and
+  // context), for /memory/device_peak_bytes; −1 when the device is the host (the process's peak
+  // resident set is used instead).
+  virtual int64_t device_memory_peak_bytes() { return -1; }
 
   virtual void upload(void* dst, const void* host_src, std::size_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, std::size_t bytes) = 0;
@@ -64,10 +68,12 @@ class Backend {
   virtual bool attention_keeps_probabilities() const = 0;
   virtual void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C,
                                  int num_heads) = 0;
-  // dqkv (B, S, 3C) overwritten. `scratch` holds attention_scratch_floats(B, S, num_heads) floats.
+  // dqkv (B, S, 3C) overwritten. `scratch` holds attention_scratch_floats(B, S, num_heads) floats;
+  // `out` is the forward's output (a fused kernel needs Σ dout·out per row).
   virtual std::size_t attention_scratch_floats(int B, int S, int num_heads) const = 0;
-  virtual void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv,
-                                  const float* saved, int B, int S, int C, int num_heads) = 0;
+  virtual void attention_backward(float* dqkv, float* scratch, const float* dout, const float* out,
+                                  const float* qkv, const float* saved, int B, int S, int C,
+                                  int num_heads) = 0;
 
   // gelu_tanh, elementwise over n.
   virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;

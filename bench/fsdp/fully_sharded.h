@@ -46,7 +46,7 @@ class FullyShardedDataParallel final : public Strategy {
   void grad_ready(int unit) override;
 
   void zero_grads() override;
-  void begin_micro_batch(int micro, bool last) override { last_micro_batch_ = last; }
+  void begin_micro_batch(int /*micro*/, bool last) override { last_micro_batch_ = last; }
   void finish_gradients() override;
   double global_grad_sum_squares() override;
   void optimizer_step(float grad_scale, int t) override;

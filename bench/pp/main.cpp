@@ -47,6 +47,12 @@ int main(int argc, char** argv) {
                             std::to_string(virtual_stages) + " virtual stages");
     }
     if (pp.stages > 1 && !o.dump_gradients.empty()) throw pb::ConfigError("--dump-gradients needs --pp 1");
+    // NCCL matches point-to-point messages by order, not tag; the schedules post receives ahead of
+    // sends in orders that differ between stages, which only tag-matched MPI handles.
+    if (pp.stages > 1 && o.comm == "nccl") {
+      throw pb::ConfigError("--pp " + std::to_string(pp.stages) + " needs --comm mpi: the pipeline's messages are "
+                            "matched by tag, which NCCL does not do");
+    }
   };
   app.options.describe = [&](nlohmann::ordered_json& config) {
     config["pp"] = pp.stages;

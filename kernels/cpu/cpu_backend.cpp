@@ -50,18 +50,6 @@ inline float exp_approx(float x) {
 inline float tanh_approx(float u) { return 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f); }
 constexpr std::size_t kAlignment = 64;
 
-std::string read_cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      auto pos = line.find(':');
-      if (pos != std::string::npos) return line.substr(pos + 2);
-    }
-  }
-  return "unknown CPU";
-}
-
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads) : threads_(std::max(1, threads)) {
@@ -73,7 +61,7 @@ class CpuBackend final : public Backend {
   }
 
   std::string name() const override { return "cpu"; }
-  std::string device_name() const override { return read_cpu_model(); }
+  std::string device_name() const override { return cpu_model_name(); }
 
   // ---- memory ------------------------------------------------------------------------------------
   void* alloc(std::size_t bytes, MemCategory category) override {
@@ -274,7 +262,7 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv,
+  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* /*out*/, const float* qkv,
                           const float* saved, int B, int S, int C, int num_heads) override {
     const int d = C / num_heads;
     const std::size_t C3 = 3 * static_cast<std::size_t>(C);
@@ -526,6 +514,18 @@ class CpuBackend final : public Backend {
 };
 
 }  // namespace
+
+std::string cpu_model_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      auto pos = line.find(':');
+      if (pos != std::string::npos) return line.substr(pos + 2);
+    }
+  }
+  return "unknown CPU";
+}
 
 std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
 

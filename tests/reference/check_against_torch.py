@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check a C++ training dump against the independent PyTorch reference (gpt_ref.py).
 
-    check_against_torch.py --dump FILE.h5 [--rtol 1e-4]
+    check_against_torch.py --dump FILE.h5 [--rtol 1e-4] [--device cpu|cuda]
 
 FILE.h5 (written by the C++ side) holds the run's configuration as root attributes (layers, hidden,
 heads, seq, vocab, ffn, micro_batch, global_batch, steps, seed, lr, clip), `losses` and `grad_norms`
@@ -48,8 +48,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--dump", required=True, help="HDF5 dump written by the C++ side")
     ap.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    ap.add_argument("--device", default="cpu", help="where the reference runs: cpu (default) or cuda (fp32, TF32 off)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print(f"FAIL: --device {args.device}: torch sees no GPU")
+            return 1
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     try:
         conf, losses, norms, grads_cpp = read_dump(args.dump)
@@ -71,7 +78,8 @@ def main():
         return 1
 
     # Run the reference.
-    trainer = gpt_ref.Trainer(cfg, micro_batch=b, grad_accum=G // b, lr=conf["lr"], clip=conf["clip"])
+    trainer = gpt_ref.Trainer(cfg, micro_batch=b, grad_accum=G // b, lr=conf["lr"], clip=conf["clip"],
+                              device=args.device)
     ref_losses, ref_norms, ref_grads = [], [], None
     for s in range(steps):
         loss, norm, grads = trainer.step(s, capture_grads=(s == 0))

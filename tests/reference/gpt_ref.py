@@ -97,6 +97,9 @@ class Config:
 PRESETS = {
     "tiny": dict(layers=2, hidden=64, heads=4, seq=32, vocab=256),
     "small": dict(layers=4, hidden=256, heads=8, seq=128, vocab=4096),
+    "gpt2-124m": dict(layers=12, hidden=768, heads=12, seq=1024, vocab=50257),
+    "gpt2-350m": dict(layers=24, hidden=1024, heads=16, seq=1024, vocab=50257),
+    "block-4k": dict(layers=4, hidden=4096, heads=32, seq=2048, vocab=32000),
 }
 
 
@@ -133,8 +136,8 @@ class GPT:
     """The reference GPT. Parameters live in an OrderedDict keyed by the spec's names (which contain
     dots, so they cannot be nn.Module attributes); weights are [in, out] and y = x @ W + b."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, device="cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
         self.params = OrderedDict()
         for name, shape, init in param_specs(cfg):
             if init[0] == "uniform":
@@ -143,7 +146,7 @@ class GPT:
                 t = torch.ones(shape, dtype=torch.float32)
             else:
                 t = torch.zeros(shape, dtype=torch.float32)
-            self.params[name] = t.requires_grad_(True)
+            self.params[name] = t.to(self.device).requires_grad_(True)
 
     def forward(self, tokens):
         """tokens: int64 [B, S'] with S' <= seq. Returns logits [B, S', V]."""
@@ -152,7 +155,7 @@ class GPT:
         h, a = cfg.hidden, cfg.heads
         d = h // a
         x = P["embed.tok"][tokens] + P["embed.pos"][:S]
-        causal = torch.ones(S, S, dtype=torch.bool).triu(1)  # True above the diagonal: masked out
+        causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).triu(1)  # True above the diagonal: masked out
         for l in range(cfg.layers):
             p = f"block{l}."
             # Attention: qkv columns are [Q | K | V]; head j owns columns j*d..j*d+d-1 of each block.
@@ -212,9 +215,9 @@ class Trainer:
     """Single-rank training: global batch G = micro_batch * grad_accum; sample k of step s is
     sample s*G + k of the run and belongs to micro-step k // micro_batch."""
 
-    def __init__(self, cfg, micro_batch, grad_accum=1, lr=3e-4, clip=1.0):
+    def __init__(self, cfg, micro_batch, grad_accum=1, lr=3e-4, clip=1.0, device="cpu"):
         self.cfg, self.micro_batch, self.grad_accum, self.clip = cfg, micro_batch, grad_accum, clip
-        self.model = GPT(cfg)
+        self.model = GPT(cfg, device)
         self.data = SyntheticData(cfg.seed, cfg.vocab, cfg.seq)
         params = self.model.params.values()
         decay = [p for p in params if p.dim() >= 2]
@@ -237,7 +240,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss = 0.0
         for m in range(self.grad_accum):
-            toks = self.data.samples(step * G + m * b + np.arange(b))
+            toks = self.data.samples(step * G + m * b + np.arange(b)).to(self.model.device)
             part = self.model.loss_sum(toks[:, :-1], toks[:, 1:]) / (G * S)
             part.backward()
             loss += part.item()
@@ -245,7 +248,7 @@ class Trainer:
         grad_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
         grads = None
         if capture_grads:
-            grads = OrderedDict((n, p.grad.detach().clone()) for n, p in self.model.params.items())
+            grads = OrderedDict((n, p.grad.detach().cpu().clone()) for n, p in self.model.params.items())
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, max_norm=self.clip)
         self.opt.step()

@@ -2,6 +2,8 @@
 # Runs parabench-dp on one rank for 5 steps with --dump-gradients and checks the losses and the
 # step-0 gradients against the PyTorch reference (tests/reference/check_against_torch.py).
 # Usage: run_reference.sh PARABENCH_DP PYTHON MODEL-OPTIONS...
+# PB_REF_RTOL (default 1e-4) and PB_REF_DEVICE (cpu or cuda, where the reference runs) adjust the check:
+# the GPU check runs the app with --backend cuda among its options.
 set -euo pipefail
 app=$1 python=$2
 shift 2
@@ -10,4 +12,5 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mpiexec -n 1 "$app" "$@" --steps 5 --warmup 1 --threads 2 --quiet \
   --out "$work/run.h5" --dump-gradients "$work/dump.h5"
-"$python" "$here/check_against_torch.py" --dump "$work/dump.h5" --rtol 1e-4
+"$python" "$here/check_against_torch.py" --dump "$work/dump.h5" --rtol "${PB_REF_RTOL:-1e-4}" \
+  --device "${PB_REF_DEVICE:-cpu}"

@@ -623,8 +623,8 @@ TEST_F(CpuOps, AttentionBackward) {
     float* d_dqkv = dev.poisoned(n_qkv, MemCategory::gradients);  // overwritten
     float* d_scratch = dev.poisoned(be->attention_scratch_floats(sh.B, sh.S, sh.NH),
                                     MemCategory::workspace);
-    be->attention_backward(d_dqkv, d_scratch, dev.put(dout), d_qkv, d_saved, sh.B, sh.S, sh.C,
-                           sh.NH);
+    be->attention_backward(d_dqkv, d_scratch, dev.put(dout), d_out, d_qkv, d_saved, sh.B, sh.S,
+                           sh.C, sh.NH);
     const FVec got = dev.get(d_dqkv, n_qkv);
     EXPECT_TRUE(close(got, fd, kGradTol, "dqkv vs finite differences"));
     if (sh.S == 1) {  // one key: softmax is constant, so dQ and dK are exactly zero
@@ -982,8 +982,8 @@ std::vector<Vec> run_all_ops(Backend& be) {
   be.attention_forward(att, saved, d_qkv, B, S, C, NH);
   keep(att, nx);
   float* dqkv = dev.poisoned(nqkv);
-  be.attention_backward(dqkv, dev.poisoned(be.attention_scratch_floats(B, S, NH)), d_dx, d_qkv,
-                        saved, B, S, C, NH);
+  be.attention_backward(dqkv, dev.poisoned(be.attention_scratch_floats(B, S, NH)), d_dx, att,
+                        d_qkv, saved, B, S, C, NH);
   keep(dqkv, nqkv);
   // gelu
   float* ge = dev.poisoned(nqkv);

@@ -1,0 +1,452 @@
+#include "common/device_communicators.h"
+
+#include <nccl.h>
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/errors.h"
+#include "common/mpi_communicator.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace pb {
+namespace {
+
+void nccl_check(ncclResult_t status, const char* call, const char* file, int line) {
+  if (status == ncclSuccess) return;
+  throw RunError(kExitRuntime, std::string(file) + ":" + std::to_string(line) + ": " + call +
+                                   " failed: " + ncclGetErrorString(status));
+}
+#define PB_NCCL_CHECK(call) nccl_check((call), #call, __FILE__, __LINE__)
+
+CommOpStats& account(CommStats& stats, CommOp op, std::size_t count) {
+  CommOpStats& s = stats[static_cast<int>(op)];
+  s.calls += 1;
+  s.bytes += static_cast<int64_t>(count * sizeof(float));
+  return s;
+}
+
+// ---- NCCL ----------------------------------------------------------------------------------------
+// A call on the communication stream; complete once `done` has fired, after which the compute stream
+// is made to wait for it.
+class NcclRequest final : public CommRequest {
+ public:
+  NcclRequest(cudaEvent_t done, cudaStream_t compute, CommOpStats* stats)
+      : done_(done), compute_(compute), stats_(stats) {}
+  ~NcclRequest() override {
+    if (!finished_) wait();
+    cudaEventDestroy(done_);
+  }
+  void wait() override {
+    if (finished_) return;
+    const double t0 = MPI_Wtime();
+    PB_CUDA_CHECK(cudaEventSynchronize(done_));
+    finish(t0);
+  }
+  bool test() override {
+    if (finished_) return true;
+    const double t0 = MPI_Wtime();
+    const cudaError_t status = cudaEventQuery(done_);
+    if (status == cudaErrorNotReady) {
+      stats_->time_s += MPI_Wtime() - t0;
+      return false;
+    }
+    PB_CUDA_CHECK(status);
+    finish(t0);
+    return true;
+  }
+
+ private:
+  void finish(double t0) {
+    PB_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
+    stats_->time_s += MPI_Wtime() - t0;
+    finished_ = true;
+  }
+  cudaEvent_t done_;
+  cudaStream_t compute_;
+  CommOpStats* stats_;
+  bool finished_ = false;
+};
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(MPI_Comm comm, cudaStream_t compute) : host_(comm), compute_(compute) {
+    ncclUniqueId id;
+    if (host_.rank() == 0) PB_NCCL_CHECK(ncclGetUniqueId(&id));
+    PB_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, host_.handle()));
+    PB_NCCL_CHECK(ncclCommInitRank(&comm_, host_.size(), id, host_.rank()));
+    PB_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+    PB_CUDA_CHECK(cudaEventCreate(&start_));
+    PB_CUDA_CHECK(cudaEventCreate(&stop_));
+  }
+  ~NcclCommunicator() override {
+    cudaStreamSynchronize(side_);
+    ncclCommDestroy(comm_);
+    cudaEventDestroy(start_);
+    cudaEventDestroy(stop_);
+    cudaStreamDestroy(side_);
+  }
+
+  int rank() const override { return host_.rank(); }
+  int size() const override { return host_.size(); }
+  std::string name() const override { return "nccl"; }
+
+  void all_reduce(float* buf, std::size_t count) override {
+    blocking(CommOp::all_reduce, count, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, comm_, s));
+    });
+  }
+  void all_reduce_max(float* buf, std::size_t count) override {
+    blocking(CommOp::all_reduce, count, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclMax, comm_, s));
+    });
+  }
+  Request all_reduce_async(float* buf, std::size_t count) override {
+    return async(CommOp::all_reduce, count, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, comm_, s));
+    });
+  }
+  void reduce_scatter(const float* send, float* recv, std::size_t recv_count) override {
+    blocking(CommOp::reduce_scatter, recv_count * size(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclReduceScatter(send, recv, recv_count, ncclFloat, ncclSum, comm_, s));
+    });
+  }
+  Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) override {
+    return async(CommOp::reduce_scatter, recv_count * size(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclReduceScatter(send, recv, recv_count, ncclFloat, ncclSum, comm_, s));
+    });
+  }
+  // In place when send is this rank's block of recv, which is NCCL's in-place convention too.
+  void all_gather(const float* send, float* recv, std::size_t send_count) override {
+    blocking(CommOp::all_gather, send_count * size(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllGather(send, recv, send_count, ncclFloat, comm_, s));
+    });
+  }
+  Request all_gather_async(const float* send, float* recv, std::size_t send_count) override {
+    return async(CommOp::all_gather, send_count * size(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllGather(send, recv, send_count, ncclFloat, comm_, s));
+    });
+  }
+  void all_to_all(const float* send, float* recv, std::size_t count_per_peer) override {
+    blocking(CommOp::all_to_all, count_per_peer * size(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclGroupStart());
+      for (int peer = 0; peer < size(); ++peer) {
+        PB_NCCL_CHECK(ncclSend(send + peer * count_per_peer, count_per_peer, ncclFloat, peer, comm_, s));
+        PB_NCCL_CHECK(ncclRecv(recv + peer * count_per_peer, count_per_peer, ncclFloat, peer, comm_, s));
+      }
+      PB_NCCL_CHECK(ncclGroupEnd());
+    });
+  }
+  // NCCL matches point-to-point calls by order, not by tag: callers keep the orders of both sides equal.
+  void send(const float* buf, std::size_t count, int peer, int /*tag*/) override {
+    blocking(CommOp::send, count,
+             [&](cudaStream_t s) { PB_NCCL_CHECK(ncclSend(buf, count, ncclFloat, peer, comm_, s)); });
+  }
+  void recv(float* buf, std::size_t count, int peer, int /*tag*/) override {
+    blocking(CommOp::recv, count,
+             [&](cudaStream_t s) { PB_NCCL_CHECK(ncclRecv(buf, count, ncclFloat, peer, comm_, s)); });
+  }
+  Request send_async(const float* buf, std::size_t count, int peer, int /*tag*/) override {
+    return async(CommOp::send, count,
+                 [&](cudaStream_t s) { PB_NCCL_CHECK(ncclSend(buf, count, ncclFloat, peer, comm_, s)); });
+  }
+  Request recv_async(float* buf, std::size_t count, int peer, int /*tag*/) override {
+    return async(CommOp::recv, count,
+                 [&](cudaStream_t s) { PB_NCCL_CHECK(ncclRecv(buf, count, ncclFloat, peer, comm_, s)); });
+  }
+  void broadcast(float* buf, std::size_t count, int root) override {
+    blocking(CommOp::broadcast, count, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclBroadcast(buf, buf, count, ncclFloat, root, comm_, s));
+    });
+  }
+  void barrier() override {
+    PB_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    host_.barrier();
+  }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm sub;
+    PB_MPI_CHECK(MPI_Comm_split(host_.handle(), color, key, &sub));
+    return std::make_unique<NcclCommunicator>(sub, compute_);
+  }
+  void all_reduce_host(double* values, int count, HostReduce op) override { host_.all_reduce_host(values, count, op); }
+  void all_gather_host(const void* send, void* recv, std::size_t bytes_per_rank) override {
+    host_.all_gather_host(send, recv, bytes_per_rank);
+  }
+
+ private:
+  void blocking(CommOp op, std::size_t count, const std::function<void(cudaStream_t)>& launch) {
+    CommOpStats& s = account(stats_, op, count);
+    PB_CUDA_CHECK(cudaEventRecord(start_, compute_));
+    launch(compute_);
+    PB_CUDA_CHECK(cudaEventRecord(stop_, compute_));
+    PB_CUDA_CHECK(cudaEventSynchronize(stop_));
+    float ms = 0.0f;
+    PB_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
+    s.time_s += ms * 1e-3;
+  }
+  Request async(CommOp op, std::size_t count, const std::function<void(cudaStream_t)>& launch) {
+    CommOpStats& s = account(stats_, op, count);
+    const double t0 = MPI_Wtime();
+    cudaEvent_t ready, done;
+    PB_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    PB_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    PB_CUDA_CHECK(cudaEventRecord(ready, compute_));  // after the work that made the buffers
+    PB_CUDA_CHECK(cudaStreamWaitEvent(side_, ready, 0));
+    PB_CUDA_CHECK(cudaEventDestroy(ready));  // released once recorded work completes
+    launch(side_);
+    PB_CUDA_CHECK(cudaEventRecord(done, side_));
+    s.time_s += MPI_Wtime() - t0;
+    return std::make_unique<NcclRequest>(done, compute_, &s);
+  }
+
+  MpiCommunicator host_;  // bootstrap and host-side control values
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t compute_;
+  cudaStream_t side_ = nullptr;  // non-blocking calls
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+};
+
+// ---- MPI through pinned host memory --------------------------------------------------------------
+class PinnedPool {
+ public:
+  ~PinnedPool() {
+    for (auto& [bytes, ptr] : free_) cudaFreeHost(ptr);
+  }
+  float* take(std::size_t count) {
+    const std::size_t bytes = std::max<std::size_t>(1, count) * sizeof(float);
+    auto hit = free_.find(bytes);
+    if (hit != free_.end()) {
+      float* ptr = hit->second;
+      free_.erase(hit);
+      return ptr;
+    }
+    void* ptr = nullptr;
+    PB_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
+    return static_cast<float*>(ptr);
+  }
+  void give(float* ptr, std::size_t count) {
+    free_.emplace(std::max<std::size_t>(1, count) * sizeof(float), ptr);
+  }
+
+ private:
+  std::multimap<std::size_t, float*> free_;
+};
+
+// A staged non-blocking call: on completion the host copy goes back to the device (for receiving
+// calls) and the pinned buffers return to the pool.
+class StagedRequest final : public CommRequest {
+ public:
+  StagedRequest(Request inner, std::function<void()> finish, CommOpStats* stats)
+      : inner_(std::move(inner)), finish_(std::move(finish)), stats_(stats) {}
+  ~StagedRequest() override {
+    if (finish_) wait();
+  }
+  void wait() override {
+    if (!finish_) return;
+    const double t0 = MPI_Wtime();
+    inner_->wait();
+    complete(t0);
+  }
+  bool test() override {
+    if (!finish_) return true;
+    const double t0 = MPI_Wtime();
+    if (!inner_->test()) {
+      stats_->time_s += MPI_Wtime() - t0;
+      return false;
+    }
+    complete(t0);
+    return true;
+  }
+
+ private:
+  void complete(double t0) {
+    finish_();
+    finish_ = nullptr;
+    stats_->time_s += MPI_Wtime() - t0;
+  }
+  Request inner_;
+  std::function<void()> finish_;
+  CommOpStats* stats_;
+};
+
+class HostStagedCommunicator final : public Communicator {
+ public:
+  HostStagedCommunicator(std::unique_ptr<Communicator> host, cudaStream_t compute)
+      : host_(std::move(host)), compute_(compute), pool_(std::make_shared<PinnedPool>()) {}
+
+  int rank() const override { return host_->rank(); }
+  int size() const override { return host_->size(); }
+  std::string name() const override { return "mpi"; }
+
+  void all_reduce(float* buf, std::size_t count) override {
+    Timed t(account(stats_, CommOp::all_reduce, count));
+    Staged h(*this, count);
+    to_host(h.ptr, buf, count);
+    host_->all_reduce(h.ptr, count);
+    to_device(buf, h.ptr, count);
+  }
+  void all_reduce_max(float* buf, std::size_t count) override {
+    Timed t(account(stats_, CommOp::all_reduce, count));
+    Staged h(*this, count);
+    to_host(h.ptr, buf, count);
+    host_->all_reduce_max(h.ptr, count);
+    to_device(buf, h.ptr, count);
+  }
+  Request all_reduce_async(float* buf, std::size_t count) override {
+    CommOpStats& s = account(stats_, CommOp::all_reduce, count);
+    const double t0 = MPI_Wtime();
+    float* h = pool_->take(count);
+    to_host(h, buf, count);
+    return staged_request(s, t0, host_->all_reduce_async(h, count), {{h, count}}, buf, h, count);
+  }
+  void reduce_scatter(const float* send, float* recv, std::size_t recv_count) override {
+    const std::size_t full = recv_count * size();
+    Timed t(account(stats_, CommOp::reduce_scatter, full));
+    Staged hs(*this, full), hr(*this, recv_count);
+    to_host(hs.ptr, send, full);
+    host_->reduce_scatter(hs.ptr, hr.ptr, recv_count);
+    to_device(recv, hr.ptr, recv_count);
+  }
+  Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) override {
+    const std::size_t full = recv_count * size();
+    CommOpStats& s = account(stats_, CommOp::reduce_scatter, full);
+    const double t0 = MPI_Wtime();
+    float* hs = pool_->take(full);
+    float* hr = pool_->take(recv_count);
+    to_host(hs, send, full);
+    return staged_request(s, t0, host_->reduce_scatter_async(hs, hr, recv_count), {{hs, full}, {hr, recv_count}},
+                          recv, hr, recv_count);
+  }
+  // Staged in place: this rank's block is copied into its place of the host buffer first.
+  void all_gather(const float* send, float* recv, std::size_t send_count) override {
+    const std::size_t full = send_count * size();
+    Timed t(account(stats_, CommOp::all_gather, full));
+    Staged h(*this, full);
+    float* mine = h.ptr + static_cast<std::size_t>(rank()) * send_count;
+    to_host(mine, send, send_count);
+    host_->all_gather(mine, h.ptr, send_count);
+    to_device(recv, h.ptr, full);
+  }
+  Request all_gather_async(const float* send, float* recv, std::size_t send_count) override {
+    const std::size_t full = send_count * size();
+    CommOpStats& s = account(stats_, CommOp::all_gather, full);
+    const double t0 = MPI_Wtime();
+    float* h = pool_->take(full);
+    float* mine = h + static_cast<std::size_t>(rank()) * send_count;
+    to_host(mine, send, send_count);
+    return staged_request(s, t0, host_->all_gather_async(mine, h, send_count), {{h, full}}, recv, h, full);
+  }
+  void all_to_all(const float* send, float* recv, std::size_t count_per_peer) override {
+    const std::size_t full = count_per_peer * size();
+    Timed t(account(stats_, CommOp::all_to_all, full));
+    Staged hs(*this, full), hr(*this, full);
+    to_host(hs.ptr, send, full);
+    host_->all_to_all(hs.ptr, hr.ptr, count_per_peer);
+    to_device(recv, hr.ptr, full);
+  }
+  void send(const float* buf, std::size_t count, int peer, int tag) override {
+    Timed t(account(stats_, CommOp::send, count));
+    Staged h(*this, count);
+    to_host(h.ptr, buf, count);
+    host_->send(h.ptr, count, peer, tag);
+  }
+  void recv(float* buf, std::size_t count, int peer, int tag) override {
+    Timed t(account(stats_, CommOp::recv, count));
+    Staged h(*this, count);
+    host_->recv(h.ptr, count, peer, tag);
+    to_device(buf, h.ptr, count);
+  }
+  Request send_async(const float* buf, std::size_t count, int peer, int tag) override {
+    CommOpStats& s = account(stats_, CommOp::send, count);
+    const double t0 = MPI_Wtime();
+    float* h = pool_->take(count);
+    to_host(h, buf, count);
+    return staged_request(s, t0, host_->send_async(h, count, peer, tag), {{h, count}}, nullptr, nullptr, 0);
+  }
+  Request recv_async(float* buf, std::size_t count, int peer, int tag) override {
+    CommOpStats& s = account(stats_, CommOp::recv, count);
+    const double t0 = MPI_Wtime();
+    float* h = pool_->take(count);
+    return staged_request(s, t0, host_->recv_async(h, count, peer, tag), {{h, count}}, buf, h, count);
+  }
+  void broadcast(float* buf, std::size_t count, int root) override {
+    Timed t(account(stats_, CommOp::broadcast, count));
+    Staged h(*this, count);
+    if (rank() == root) to_host(h.ptr, buf, count);
+    host_->broadcast(h.ptr, count, root);
+    if (rank() != root) to_device(buf, h.ptr, count);
+  }
+  void barrier() override {
+    PB_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    host_->barrier();
+  }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    return std::make_unique<HostStagedCommunicator>(host_->split(color, key), compute_);
+  }
+  void all_reduce_host(double* values, int count, HostReduce op) override { host_->all_reduce_host(values, count, op); }
+  void all_gather_host(const void* send, void* recv, std::size_t bytes_per_rank) override {
+    host_->all_gather_host(send, recv, bytes_per_rank);
+  }
+
+ private:
+  class Timed {
+   public:
+    explicit Timed(CommOpStats& s) : s_(s), t0_(MPI_Wtime()) {}
+    ~Timed() { s_.time_s += MPI_Wtime() - t0_; }
+
+   private:
+    CommOpStats& s_;
+    double t0_;
+  };
+  // A pinned buffer for the duration of a blocking call.
+  struct Staged {
+    Staged(HostStagedCommunicator& c, std::size_t n) : pool(*c.pool_), ptr(pool.take(n)), count(n) {}
+    ~Staged() { pool.give(ptr, count); }
+    PinnedPool& pool;
+    float* ptr;
+    std::size_t count;
+  };
+
+  // After the compute stream's queued work (which produced `src`).
+  void to_host(float* dst, const float* src, std::size_t count) {
+    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToHost, compute_));
+    PB_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+  void to_device(float* dst, const float* src, std::size_t count) {
+    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyHostToDevice, compute_));
+    PB_CUDA_CHECK(cudaStreamSynchronize(compute_));  // the pinned buffer is reused at once
+  }
+
+  Request staged_request(CommOpStats& s, double t0, Request inner,
+                         std::vector<std::pair<float*, std::size_t>> buffers, float* device_dst,
+                         const float* host_src, std::size_t count) {
+    std::shared_ptr<PinnedPool> pool = pool_;
+    auto finish = [this, pool, buffers, device_dst, host_src, count] {
+      if (device_dst != nullptr) to_device(device_dst, host_src, count);
+      for (const auto& [ptr, n] : buffers) pool->give(ptr, n);
+    };
+    s.time_s += MPI_Wtime() - t0;
+    return std::make_unique<StagedRequest>(std::move(inner), std::move(finish), &s);
+  }
+
+  std::unique_ptr<Communicator> host_;
+  cudaStream_t compute_;
+  std::shared_ptr<PinnedPool> pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm, cudaStream_t compute) {
+  return std::make_unique<NcclCommunicator>(comm, compute);
+}
+
+std::unique_ptr<Communicator> make_host_staged_communicator(std::unique_ptr<Communicator> host,
+                                                            cudaStream_t compute) {
+  return std::make_unique<HostStagedCommunicator>(std::move(host), compute);
+}
+
+}  // namespace pb

@@ -1,0 +1,296 @@
+// Every CUDA backend op against the CPU backend on the same random inputs.
+//
+// Outputs are poisoned with NaN on both backends first, so an element a kernel forgets to write
+// fails the comparison; accumulating outputs start from the same random values on both. The error
+// is ‖gpu − cpu‖ / ‖cpu‖: at most 1e-5 in fp32 (cuBLAS without TF32), 1e-2 for the matrix products
+// in bf16. Without a visible GPU every test reports itself skipped.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace pb {
+namespace {
+
+using FVec = std::vector<float>;
+constexpr double kFp32Tol = 1e-5;
+constexpr double kBf16Tol = 1e-2;
+
+// One tensor on both backends.
+struct Twin {
+  float* cpu = nullptr;
+  float* gpu = nullptr;
+  std::size_t n = 0;
+};
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_visible_device_count() == 0) GTEST_SKIP() << "no GPU visible: the CUDA ops are not checked here";
+    cpu_ = make_cpu_backend(2);
+    gpu_ = make_cuda_backend(0, /*bf16_matmul=*/false);
+  }
+
+  FVec random(std::size_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    FVec v(n);
+    for (float& x : v) x = u(rng_);
+    return v;
+  }
+  Twin put(const FVec& host) {
+    Twin t{cpu_->alloc_floats(host.size(), MemCategory::activations),
+           gpu_->alloc_floats(host.size(), MemCategory::activations), host.size()};
+    cpu_->upload(t.cpu, host.data(), host.size() * sizeof(float));
+    gpu_->upload(t.gpu, host.data(), host.size() * sizeof(float));
+    return t;
+  }
+  Twin poisoned(std::size_t n) { return put(FVec(n, std::numeric_limits<float>::quiet_NaN())); }
+  int32_t* put_tokens(Backend& be, const std::vector<int32_t>& tokens) {
+    auto* p = static_cast<int32_t*>(be.alloc(tokens.size() * sizeof(int32_t), MemCategory::activations));
+    be.upload(p, tokens.data(), tokens.size() * sizeof(int32_t));
+    return p;
+  }
+  FVec get(Backend& be, const float* p, std::size_t n) {
+    FVec v(n);
+    be.download(v.data(), p, n * sizeof(float));
+    return v;
+  }
+
+  // ‖gpu − cpu‖ / ‖cpu‖ (infinite when the GPU left a NaN or wrote one).
+  double rel_error(const Twin& t) {
+    const FVec c = get(*cpu_, t.cpu, t.n), g = get(*gpu_, t.gpu, t.n);
+    double diff = 0.0, ref = 0.0;
+    for (std::size_t i = 0; i < t.n; ++i) {
+      if (!std::isfinite(g[i])) return std::numeric_limits<double>::infinity();
+      diff += (static_cast<double>(g[i]) - c[i]) * (static_cast<double>(g[i]) - c[i]);
+      ref += static_cast<double>(c[i]) * c[i];
+    }
+    return ref > 0.0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+  }
+  void expect_close(const Twin& t, const std::string& what, double tol = kFp32Tol) {
+    const double e = rel_error(t);
+    EXPECT_LE(e, tol) << what << ": relative error " << e;
+  }
+
+  std::mt19937 rng_{20261126};
+  std::unique_ptr<Backend> cpu_, gpu_;
+};
+
+TEST_F(CudaOps, MatmulForwardAndBackwardFp32AndBf16) {
+  for (bool bf16 : {false, true}) {
+    gpu_ = make_cuda_backend(0, bf16);
+    const double tol = bf16 ? kBf16Tol : kFp32Tol;
+    for (auto [N, C, OC] : {std::tuple{34, 72, 200}, std::tuple{256, 768, 2304}, std::tuple{7, 5, 3}}) {
+      const std::string shape = (bf16 ? "bf16 " : "fp32 ") + std::to_string(N) + "x" + std::to_string(C) + "x" +
+                                std::to_string(OC);
+      Twin inp = put(random(std::size_t(N) * C)), w = put(random(std::size_t(C) * OC)), b = put(random(OC));
+      Twin out = poisoned(std::size_t(N) * OC);
+      cpu_->matmul_forward(out.cpu, inp.cpu, w.cpu, b.cpu, N, C, OC);
+      gpu_->matmul_forward(out.gpu, inp.gpu, w.gpu, b.gpu, N, C, OC);
+      expect_close(out, "matmul_forward with bias " + shape, tol);
+      Twin out2 = poisoned(std::size_t(N) * OC);
+      cpu_->matmul_forward(out2.cpu, inp.cpu, w.cpu, nullptr, N, C, OC);
+      gpu_->matmul_forward(out2.gpu, inp.gpu, w.gpu, nullptr, N, C, OC);
+      expect_close(out2, "matmul_forward without bias " + shape, tol);
+
+      Twin dout = put(random(std::size_t(N) * OC)), dinp = poisoned(std::size_t(N) * C);
+      Twin dw = put(random(std::size_t(C) * OC)), db = put(random(OC));  // accumulated into
+      cpu_->matmul_backward(dinp.cpu, dw.cpu, db.cpu, dout.cpu, inp.cpu, w.cpu, N, C, OC);
+      gpu_->matmul_backward(dinp.gpu, dw.gpu, db.gpu, dout.gpu, inp.gpu, w.gpu, N, C, OC);
+      expect_close(dinp, "matmul_backward dinp " + shape, tol);
+      expect_close(dw, "matmul_backward dweight " + shape, tol);
+      expect_close(db, "matmul_backward dbias " + shape, kFp32Tol);  // a fp32 matrix-vector product
+      Twin dw2 = put(random(std::size_t(C) * OC));
+      cpu_->matmul_backward(nullptr, dw2.cpu, nullptr, dout.cpu, inp.cpu, w.cpu, N, C, OC);
+      gpu_->matmul_backward(nullptr, dw2.gpu, nullptr, dout.gpu, inp.gpu, w.gpu, N, C, OC);
+      expect_close(dw2, "matmul_backward dweight only " + shape, tol);
+    }
+  }
+}
+
+TEST_F(CudaOps, LayerNormForwardAndBackward) {
+  for (auto [N, C] : {std::pair{34, 72}, std::pair{300, 768}, std::pair{3, 5}}) {
+    const std::string shape = std::to_string(N) + "x" + std::to_string(C);
+    FVec x = random(std::size_t(N) * C, -3.0f, 3.0f);
+    Twin inp = put(x), w = put(random(C)), b = put(random(C));
+    Twin out = poisoned(std::size_t(N) * C), mean = poisoned(N), rstd = poisoned(N);
+    cpu_->layernorm_forward(out.cpu, mean.cpu, rstd.cpu, inp.cpu, w.cpu, b.cpu, N, C);
+    gpu_->layernorm_forward(out.gpu, mean.gpu, rstd.gpu, inp.gpu, w.gpu, b.gpu, N, C);
+    expect_close(out, "layernorm_forward out " + shape);
+    expect_close(mean, "layernorm_forward mean " + shape);
+    expect_close(rstd, "layernorm_forward rstd " + shape);
+    // The backward runs on each backend's own statistics; all three outputs accumulate.
+    Twin dout = put(random(std::size_t(N) * C)), dinp = put(random(std::size_t(N) * C));
+    Twin dw = put(random(C)), db = put(random(C));
+    cpu_->layernorm_backward(dinp.cpu, dw.cpu, db.cpu, dout.cpu, inp.cpu, w.cpu, mean.cpu, rstd.cpu, N, C);
+    gpu_->layernorm_backward(dinp.gpu, dw.gpu, db.gpu, dout.gpu, inp.gpu, w.gpu, mean.gpu, rstd.gpu, N, C);
+    expect_close(dinp, "layernorm_backward dinp " + shape);
+    expect_close(dw, "layernorm_backward dweight " + shape);
+    expect_close(db, "layernorm_backward dbias " + shape);
+  }
+}
+
+TEST_F(CudaOps, FusedAttentionForwardAndBackward) {
+  // Head dimensions 24, 64 and 128 (the limit); sequences that cross 32-key tiles unevenly.
+  for (auto [B, S, C, NH] : {std::tuple{2, 70, 72, 3}, std::tuple{1, 33, 128, 2}, std::tuple{2, 130, 256, 2},
+                             std::tuple{1, 1, 16, 4}}) {
+    const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
+                              std::to_string(NH);
+    const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
+    Twin qkv = put(random(nqkv, -2.0f, 2.0f));
+    Twin out = poisoned(nout);
+    float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+    float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+    cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
+    gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
+    expect_close(out, "attention_forward " + shape);
+
+    Twin dout = put(random(nout)), dqkv = poisoned(nqkv);
+    float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+    float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+    cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
+    gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+    expect_close(dqkv, "attention_backward dqkv " + shape);
+
+    // Bitwise reproducible: the same call again gives the same bits.
+    Twin again = poisoned(nqkv);
+    gpu_->attention_backward(again.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+    const FVec first = get(*gpu_, dqkv.gpu, nqkv), second = get(*gpu_, again.gpu, nqkv);
+    EXPECT_EQ(0, std::memcmp(first.data(), second.data(), nqkv * sizeof(float))) << "attention_backward " << shape;
+  }
+  // The attention keeps statistics, not probabilities: no S×S buffer.
+  EXPECT_FALSE(gpu_->attention_keeps_probabilities());
+  EXPECT_EQ(gpu_->attention_saved_floats(2, 4096, 32), std::size_t(2) * 32 * 4096);
+}
+
+TEST_F(CudaOps, ElementwiseOps) {
+  const std::size_t n = 100003;
+  Twin x = put(random(n, -5.0f, 5.0f)), y = put(random(n)), dout = put(random(n));
+  Twin g = poisoned(n);
+  cpu_->gelu_forward(g.cpu, x.cpu, n);
+  gpu_->gelu_forward(g.gpu, x.gpu, n);
+  expect_close(g, "gelu_forward");
+  Twin dg = poisoned(n);
+  cpu_->gelu_backward(dg.cpu, x.cpu, dout.cpu, n);
+  gpu_->gelu_backward(dg.gpu, x.gpu, dout.gpu, n);
+  expect_close(dg, "gelu_backward");
+  Twin sum = poisoned(n);
+  cpu_->add(sum.cpu, x.cpu, y.cpu, n);
+  gpu_->add(sum.gpu, x.gpu, y.gpu, n);
+  expect_close(sum, "add");
+  cpu_->accumulate(y.cpu, x.cpu, n);
+  gpu_->accumulate(y.gpu, x.gpu, n);
+  expect_close(y, "accumulate");
+  cpu_->scale(y.cpu, -0.37f, n);
+  gpu_->scale(y.gpu, -0.37f, n);
+  expect_close(y, "scale");
+  EXPECT_NEAR(cpu_->sum_squares(x.cpu, n), gpu_->sum_squares(x.gpu, n), 1e-9 * cpu_->sum_squares(x.cpu, n));
+  EXPECT_EQ(gpu_->sum_squares(x.gpu, 0), 0.0);
+}
+
+TEST_F(CudaOps, EmbeddingForwardAndBackward) {
+  const int B = 3, S = 37, C = 72, V = 67;
+  std::vector<int32_t> tokens(B * S);
+  std::uniform_int_distribution<int32_t> tok(-5, V - 1);  // negatives: another rank's vocabulary block
+  for (int32_t& t : tokens) t = tok(rng_);
+  tokens[0] = tokens[1] = tokens[2] = 7;  // repeated tokens: several rows into one gradient row
+  int32_t* tc = put_tokens(*cpu_, tokens);
+  int32_t* tg = put_tokens(*gpu_, tokens);
+  Twin table = put(random(std::size_t(V) * C)), pos = put(random(std::size_t(S) * C));
+  for (bool with_pos : {true, false}) {
+    Twin out = poisoned(std::size_t(B) * S * C);
+    cpu_->embedding_forward(out.cpu, tc, table.cpu, with_pos ? pos.cpu : nullptr, B, S, C);
+    gpu_->embedding_forward(out.gpu, tg, table.gpu, with_pos ? pos.gpu : nullptr, B, S, C);
+    expect_close(out, with_pos ? "embedding_forward" : "embedding_forward without positions");
+  }
+  Twin dout = put(random(std::size_t(B) * S * C));
+  Twin dtok = put(random(std::size_t(V) * C)), dpos = put(random(std::size_t(S) * C));
+  cpu_->embedding_backward(dtok.cpu, dpos.cpu, dout.cpu, tc, B, S, C);
+  gpu_->embedding_backward(dtok.gpu, dpos.gpu, dout.gpu, tg, B, S, C);
+  expect_close(dtok, "embedding_backward dtok");
+  expect_close(dpos, "embedding_backward dpos");
+}
+
+TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
+  for (auto [N, V] : {std::pair{34, 67}, std::pair{64, 50257}}) {
+    const std::string shape = std::to_string(N) + "x" + std::to_string(V);
+    std::vector<int32_t> targets(N);
+    std::uniform_int_distribution<int32_t> t(0, V - 1);
+    for (int32_t& x : targets) x = t(rng_);
+    int32_t* tc = put_tokens(*cpu_, targets);
+    int32_t* tg = put_tokens(*gpu_, targets);
+    FVec z = random(std::size_t(N) * V, -8.0f, 8.0f);
+    z[5] = 120.0f;  // one dominant logit: the other probabilities underflow
+    const float scale = 1.0f / (3.0f * N);
+    auto loss_on = [&](Backend& be, double initial) {
+      auto* p = static_cast<double*>(be.alloc(sizeof(double), MemCategory::activations));
+      be.upload(p, &initial, sizeof(double));
+      return p;
+    };
+    auto read_loss = [&](Backend& be, const double* p) {
+      double v = 0.0;
+      be.download(&v, p, sizeof(double));
+      return v;
+    };
+
+    Twin logits = put(z);
+    double* lc = loss_on(*cpu_, 0.25);
+    double* lg = loss_on(*gpu_, 0.25);  // accumulated into
+    cpu_->cross_entropy_forward_backward(logits.cpu, lc, tc, N, V, scale);
+    gpu_->cross_entropy_forward_backward(logits.gpu, lg, tg, N, V, scale);
+    expect_close(logits, "cross_entropy dlogits " + shape);
+    EXPECT_NEAR(read_loss(*cpu_, lc), read_loss(*gpu_, lg), 1e-6 * std::abs(read_loss(*cpu_, lc))) << shape;
+
+    // The vocabulary-parallel steps on one rank (no reductions between them).
+    Twin logits2 = put(z), row_max = poisoned(N), sums = poisoned(2 * std::size_t(N));
+    cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V);
+    gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V);
+    expect_close(row_max, "cross_entropy_row_max " + shape);
+    cpu_->cross_entropy_partials(sums.cpu, logits2.cpu, tc, row_max.cpu, N, V);
+    gpu_->cross_entropy_partials(sums.gpu, logits2.gpu, tg, row_max.gpu, N, V);
+    expect_close(sums, "cross_entropy_partials " + shape);
+    double* lc2 = loss_on(*cpu_, 0.0);
+    double* lg2 = loss_on(*gpu_, 0.0);
+    cpu_->cross_entropy_finish(logits2.cpu, lc2, tc, row_max.cpu, sums.cpu, N, V, scale);
+    gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, scale);
+    expect_close(logits2, "cross_entropy_finish dlogits " + shape);
+    EXPECT_NEAR(read_loss(*cpu_, lc2), read_loss(*gpu_, lg2), 1e-6 * std::abs(read_loss(*cpu_, lc2))) << shape;
+  }
+}
+
+TEST_F(CudaOps, AdamW) {
+  const std::size_t n = 70001;
+  Twin p = put(random(n)), g = put(random(n, -0.1f, 0.1f)), m = put(random(n, -0.01f, 0.01f));
+  Twin v = put(random(n, 0.0f, 1e-4f));
+  for (int t = 1; t <= 3; ++t) {
+    cpu_->adamw_update(p.cpu, g.cpu, m.cpu, v.cpu, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+    gpu_->adamw_update(p.gpu, g.gpu, m.gpu, v.gpu, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+  }
+  expect_close(p, "adamw params");
+  expect_close(m, "adamw m");
+  expect_close(v, "adamw v");
+}
+
+TEST_F(CudaOps, CachingAllocatorReportsToTheTracker) {
+  MemoryTracker& tr = gpu_->tracker();
+  const int64_t before = tr.current(MemCategory::gradients);
+  void* a = gpu_->alloc(1000, MemCategory::gradients);
+  EXPECT_EQ(tr.current(MemCategory::gradients), before + 1000);
+  gpu_->free(a);
+  EXPECT_EQ(tr.current(MemCategory::gradients), before);
+  void* b = gpu_->alloc(1000, MemCategory::optimizer_states);
+  EXPECT_EQ(a, b) << "a freed block of the same size is reused";
+  gpu_->zero(b, 1000);
+  gpu_->free(b);
+  EXPECT_GT(gpu_->device_memory_peak_bytes(), 0);
+}
+
+}  // namespace
+}  // namespace pb
