@@ -3,6 +3,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <functional>
 #include <map>
 #include <string>
@@ -38,7 +39,11 @@ class NcclRequest final : public CommRequest {
   NcclRequest(cudaEvent_t done, cudaStream_t compute, CommOpStats* stats)
       : done_(done), compute_(compute), stats_(stats) {}
   ~NcclRequest() override {
-    if (!finished_) wait();
+    try {
+      wait();  // a request is never left in flight
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "parabench: a NCCL request failed while being released: %s\n", e.what());
+    }
     cudaEventDestroy(done_);
   }
   void wait() override {
@@ -178,6 +183,8 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // Waits for the collective so that its GPU time is known: the host drains the compute stream's
+  // queue here, a cost tensor parallelism pays per collective (the price of exact /comm times).
   void blocking(CommOp op, std::size_t count, const std::function<void(cudaStream_t)>& launch) {
     CommOpStats& s = account(stats_, op, count);
     PB_CUDA_CHECK(cudaEventRecord(start_, compute_));
@@ -243,7 +250,11 @@ class StagedRequest final : public CommRequest {
   StagedRequest(Request inner, std::function<void()> finish, CommOpStats* stats)
       : inner_(std::move(inner)), finish_(std::move(finish)), stats_(stats) {}
   ~StagedRequest() override {
-    if (finish_) wait();
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "parabench: a staged MPI request failed while being released: %s\n", e.what());
+    }
   }
   void wait() override {
     if (!finish_) return;

@@ -43,8 +43,9 @@ constexpr int kReduceThreads = 1024;  // single-block final reductions
 constexpr float kLayerNormEps = 1e-5f;
 constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
 
+// Blocks for n threads; at least one, so that an empty tensor is a valid (idle) launch.
 unsigned blocks_for(std::size_t n, int threads = kThreads) {
-  return static_cast<unsigned>((n + threads - 1) / threads);
+  return static_cast<unsigned>(std::max<std::size_t>(1, (n + threads - 1) / threads));
 }
 
 // ---- reductions ----------------------------------------------------------------------------------
@@ -335,9 +336,14 @@ __device__ void load_kv_tile(float* Ks, float* Vs, const float* base, int k0, in
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
   for (int i = threadIdx.x; i < kAttKeys * d; i += blockDim.x) {
     const int j = i / d, k = i % d, key = k0 + j;
-    const float* row = base + static_cast<std::size_t>(key) * C3;
-    Ks[j * stride + k] = key < S ? row[C + k] : 0.0f;
-    Vs[j * stride + k] = key < S ? row[2 * C + k] : 0.0f;
+    float kv = 0.0f, vv = 0.0f;  // keys beyond S: zeros, never read past the tensor
+    if (key < S) {
+      const float* row = base + static_cast<std::size_t>(key) * C3;
+      kv = row[C + k];
+      vv = row[2 * C + k];
+    }
+    Ks[j * stride + k] = kv;
+    Vs[j * stride + k] = vv;
   }
 }
 
@@ -560,6 +566,7 @@ constexpr std::size_t kAllocAlignment = 256;
 
 class CudaBackend final : public Backend {
  public:
+  // One device per process: the backend makes `device` current once, and every call assumes it.
   CudaBackend(int device, bool bf16_matmul)
       : device_(device), compute_type_(bf16_matmul ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F) {
     PB_CUDA_CHECK(cudaSetDevice(device_));
@@ -663,6 +670,7 @@ class CudaBackend final : public Backend {
   // ---- LayerNorm ---------------------------------------------------------------------------------
   void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
                          const float* bias, int N, int C) override {
+    if (N == 0) return;
     layernorm_forward_kernel<<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
         out, mean, rstd, inp, weight, bias, N, C);
     PB_LAUNCH_CHECK();
@@ -670,6 +678,7 @@ class CudaBackend final : public Backend {
 
   void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                           const float* weight, const float* mean, const float* rstd, int N, int C) override {
+    if (N == 0) return;
     layernorm_backward_input_kernel<<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
         dinp, dout, inp, weight, mean, rstd, N, C);
     PB_LAUNCH_CHECK();
@@ -694,7 +703,8 @@ class CudaBackend final : public Backend {
   }
 
   void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C, int num_heads) override {
-    check_head_dim(C, num_heads);
+    check_attention_shape(B, C, num_heads);
+    if (B == 0 || S == 0) return;
     const dim3 grid((S + kAttRows - 1) / kAttRows, B * num_heads);
     attention_forward_kernel<<<grid, kAttWarps * 32, attention_row_smem(C / num_heads, false), stream_>>>(
         out, saved, qkv, S, C, num_heads);
@@ -703,7 +713,8 @@ class CudaBackend final : public Backend {
 
   void attention_backward(float* dqkv, float* scratch_d, const float* dout, const float* out, const float* qkv,
                           const float* saved, int B, int S, int C, int num_heads) override {
-    check_head_dim(C, num_heads);
+    check_attention_shape(B, C, num_heads);
+    if (B == 0 || S == 0) return;
     const int d = C / num_heads;
     const std::size_t rows = static_cast<std::size_t>(B) * num_heads * S;
     attention_backward_dot_kernel<<<blocks_for(rows * 32), kThreads, 0, stream_>>>(scratch_d, dout, out, B, S, C,
@@ -763,22 +774,26 @@ class CudaBackend final : public Backend {
   // ---- loss --------------------------------------------------------------------------------------
   void cross_entropy_forward_backward(float* logits, double* loss_sum, const int32_t* targets, int N, int V,
                                       float scale) override {
+    if (N == 0) return;
     double* row_loss = static_cast<double*>(scratch(sizeof(double) * N));
     cross_entropy_kernel<<<N, kThreads, 0, stream_>>>(logits, row_loss, targets, V, scale);
     PB_LAUNCH_CHECK();
     sum_rows(loss_sum, row_loss, N, scale);
   }
   void cross_entropy_row_max(float* row_max, const float* logits, int N, int V) override {
+    if (N == 0) return;
     cross_entropy_row_max_kernel<<<N, kThreads, 0, stream_>>>(row_max, logits, V);
     PB_LAUNCH_CHECK();
   }
   void cross_entropy_partials(float* sums, const float* logits, const int32_t* targets, const float* row_max, int N,
                               int V) override {
+    if (N == 0) return;
     cross_entropy_partials_kernel<<<N, kThreads, 0, stream_>>>(sums, logits, targets, row_max, N, V);
     PB_LAUNCH_CHECK();
   }
   void cross_entropy_finish(float* logits, double* loss_sum, const int32_t* targets, const float* row_max,
                             const float* sums, int N, int V, float scale) override {
+    if (N == 0) return;
     double* row_loss = static_cast<double*>(scratch(sizeof(double) * N));
     cross_entropy_finish_kernel<<<N, kThreads, 0, stream_>>>(logits, row_loss, targets, row_max, sums, N, V, scale);
     PB_LAUNCH_CHECK();
@@ -830,10 +845,14 @@ class CudaBackend final : public Backend {
     PB_LAUNCH_CHECK();
   }
 
-  static void check_head_dim(int C, int heads) {
+  static void check_attention_shape(int B, int C, int heads) {
     if (C / heads > kCudaMaxHeadDim) {
       throw RunError(kExitConfig, "the CUDA attention takes head dimensions up to " + std::to_string(kCudaMaxHeadDim) +
                                       ", not " + std::to_string(C / heads));
+    }
+    if (static_cast<int64_t>(B) * heads > 65535) {  // the grid's y dimension
+      throw RunError(kExitConfig, "the CUDA attention takes micro-batch × heads up to 65535, not " +
+                                      std::to_string(static_cast<int64_t>(B) * heads));
     }
   }
 

@@ -11,6 +11,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
@@ -134,6 +135,13 @@ TEST_F(CudaOps, LayerNormForwardAndBackward) {
     expect_close(dinp, "layernorm_backward dinp " + shape);
     expect_close(dw, "layernorm_backward dweight " + shape);
     expect_close(db, "layernorm_backward dbias " + shape);
+    // Bitwise reproducible parameter gradients (sums over rows in a fixed order).
+    auto param_grads = [&] {
+      Twin dw0 = put(FVec(C, 0.0f)), db0 = put(FVec(C, 0.0f));
+      gpu_->layernorm_backward(dinp.gpu, dw0.gpu, db0.gpu, dout.gpu, inp.gpu, w.gpu, mean.gpu, rstd.gpu, N, C);
+      return std::pair{get(*gpu_, dw0.gpu, C), get(*gpu_, db0.gpu, C)};
+    };
+    EXPECT_EQ(param_grads(), param_grads()) << "layernorm_backward twice " << shape;
   }
 }
 
@@ -216,6 +224,11 @@ TEST_F(CudaOps, EmbeddingForwardAndBackward) {
   gpu_->embedding_backward(dtok.gpu, dpos.gpu, dout.gpu, tg, B, S, C);
   expect_close(dtok, "embedding_backward dtok");
   expect_close(dpos, "embedding_backward dpos");
+  // Bitwise reproducible: one writer per element, rows added in token order.
+  Twin d1 = put(FVec(std::size_t(V) * C, 0.0f)), d2 = put(FVec(std::size_t(V) * C, 0.0f));
+  gpu_->embedding_backward(d1.gpu, nullptr, dout.gpu, tg, B, S, C);
+  gpu_->embedding_backward(d2.gpu, nullptr, dout.gpu, tg, B, S, C);
+  EXPECT_EQ(get(*gpu_, d1.gpu, d1.n), get(*gpu_, d2.gpu, d2.n)) << "embedding_backward twice";
 }
 
 TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
@@ -248,7 +261,11 @@ TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
     expect_close(logits, "cross_entropy dlogits " + shape);
     EXPECT_NEAR(read_loss(*cpu_, lc), read_loss(*gpu_, lg), 1e-6 * std::abs(read_loss(*cpu_, lc))) << shape;
 
-    // The vocabulary-parallel steps on one rank (no reductions between them).
+    // The vocabulary-parallel steps on one rank (no reductions between them); a fifth of the targets
+    // belong to another rank's vocabulary block (negative).
+    for (std::size_t i = 0; i < targets.size(); i += 5) targets[i] = -1;
+    tc = put_tokens(*cpu_, targets);
+    tg = put_tokens(*gpu_, targets);
     Twin logits2 = put(z), row_max = poisoned(N), sums = poisoned(2 * std::size_t(N));
     cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V);
     gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V);
@@ -263,6 +280,16 @@ TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
     expect_close(logits2, "cross_entropy_finish dlogits " + shape);
     EXPECT_NEAR(read_loss(*cpu_, lc2), read_loss(*gpu_, lg2), 1e-6 * std::abs(read_loss(*cpu_, lc2))) << shape;
   }
+}
+
+TEST_F(CudaOps, CopyZeroUploadDownload) {
+  const std::size_t n = 4099;
+  const FVec x = random(n);
+  Twin a = put(x), b = poisoned(n);
+  gpu_->copy(b.gpu, a.gpu, n * sizeof(float));
+  EXPECT_EQ(get(*gpu_, b.gpu, n), x);
+  gpu_->zero(b.gpu, n * sizeof(float));
+  EXPECT_EQ(get(*gpu_, b.gpu, n), FVec(n, 0.0f));
 }
 
 TEST_F(CudaOps, AdamW) {
