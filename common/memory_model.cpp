@@ -122,13 +122,13 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
     est.forward_end_bytes = tokens + embed_out + L * block_out + head;
     const int64_t backward_peak = L > 0 ? tokens + embed_out + (L - 1) * block_out + block_full : 0;
     est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
-  } else if (p.recompute == "selective") {
+  } else if (p.recompute == "selective" && p.attention_keeps_probabilities) {
     // Forward drops the attention probabilities; backward recomputes them (and a scratch copy of the
     // attention output) for one block at a time.
     est.forward_end_bytes = tokens + embed_out + L * block_no_att + head;
     const int64_t backward_peak = L > 0 ? tokens + embed_out + L * block_no_att + att_saved + N * hl * e : 0;
     est.peak_bytes = std::max(est.forward_end_bytes, backward_peak);
-  } else {
+  } else {  // none; and selective with a fused attention, which keeps no probabilities to drop
     est.forward_end_bytes = tokens + embed_out + L * block_full + head;
     est.peak_bytes = est.forward_end_bytes;
   }

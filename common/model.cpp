@@ -370,7 +370,9 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     BlockActs& ba = mb->blocks[l - first_block];
     alloc_block(ba, /*with_attention=*/true);
     block_forward(w.data(), x, ba);
-    if (recompute_ == Recompute::selective) {
+    if (recompute_ == Recompute::selective && be.attention_keeps_probabilities()) {
+      // A fused attention keeps only per-row statistics: nothing worth recomputing (as Megatron-LM
+      // with flash attention), so selective recomputation drops the probabilities only.
       be.free(ba.att);
       ba.att = nullptr;
     } else if (recompute_ == Recompute::full) {
@@ -460,7 +462,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
       be.free(ba.x_out);
       alloc_block(ba, /*with_attention=*/true);
       block_forward(w.data(), x_in, ba);
-    } else if (recompute_ == Recompute::selective) {
+    } else if (recompute_ == Recompute::selective && ba.att == nullptr) {
       // Recompute only the attention scores and softmax (Korthikanti et al. 2022).
       ba.att = act(be.attention_saved_floats(B, S, heads_));
       recomputed_out = act(Nhl);

@@ -22,6 +22,8 @@ LAYOUTS = [
     ("dp", 2, ["--comm", "mpi", "--micro-batch", "2"]),
     ("dp", 4, ["--comm", "mpi", "--micro-batch", "1"]),
     ("dp", 4, ["--comm", "mpi", "--micro-batch", "1", "--no-overlap"]),
+    ("dp", 2, ["--comm", "mpi", "--micro-batch", "2", "--recompute", "selective"]),
+    ("dp", 2, ["--comm", "mpi", "--micro-batch", "2", "--recompute", "full"]),
     ("fsdp", 1, ["--comm", "nccl", "--micro-batch", "4", "--shard", "FULL_SHARD"]),
     ("fsdp", 2, ["--comm", "mpi", "--micro-batch", "2", "--shard", "FULL_SHARD"]),
     ("fsdp", 4, ["--comm", "mpi", "--micro-batch", "1", "--shard", "FULL_SHARD"]),
@@ -52,7 +54,7 @@ def test_matches_single_rank_loss_curve(cached_run, baseline, layout):
     assert run["loss"][-1] < run["loss"][0], "the loss falls"
 
 
-@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[6], LAYOUTS[9], LAYOUTS[10]], ids=ident)
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay[1] > 1], ids=ident)
 def test_memory_matches_prediction(cached_run, layout):
     app, ranks, extra = layout
     assert_memory_matches_prediction(cached_run(app, ranks, [*FP32, *extra], timeout=180), ident(layout))
