@@ -1,7 +1,7 @@
 # Sourced by jobs/submit and jobs/run-local: the sweeps of SPEC.md section 7 as lists of points.
 # A point is one run: an app, an allocation (nodes x ranks per node), a label and the app arguments
 # the sweep sets; the user's app arguments (after --) are added to every point. The caller defines
-# die() and has sourced the cluster profile (PB_*) before sweep_points.
+# die(), then calls sweep_parse, load_profile (sources jobs/clusters/<name>.env) and sweep_points.
 #
 #   micro-batch     --micro-batch over --values (default 1,2,4,8), one job size; app fsdp unless --app
 #   shard           parabench-fsdp --shard over --values (default all five strategies), one job size
@@ -9,8 +9,8 @@
 #                   batch: fsdp FULL_SHARD, tp and pp of degree --tp/--pp (default ranks per node)
 #   weak-scaling    rank counts (--ranks, --nodes) at a fixed micro-batch per rank: the global
 #                   batch grows with the data-parallel degree
-#   strong-scaling  the same rank counts at one global batch: micro-batch x the largest rank count
-#                   (their least common multiple)
+#   strong-scaling  the same rank counts at one global batch: micro-batch x the least common
+#                   multiple of the rank counts (the largest, for powers of two)
 # shellcheck shell=bash disable=SC2034  # the sweep_* and point_* variables are the caller's
 
 sweep_names=(micro-batch shard strategy weak-scaling strong-scaling)
