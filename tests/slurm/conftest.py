@@ -64,8 +64,10 @@ class Slurm:
     def __init__(self, root):
         self.root = root
         self.conf = root / "slurm.conf"
-        self.logs = {"munged": root / "munge" / "munged.log", "slurmctld": root / "log" / "slurmctld.log",
-                     "slurmd": root / "log" / "slurmd.log"}
+        # Each daemon's stdout and stderr (munged logs there in the foreground; slurmctld and slurmd
+        # print what goes wrong before their log files open), then the Slurm log files.
+        self.logs = [root / "log" / f"{name}.stdout" for name in DAEMONS]
+        self.logs += [root / "log" / "slurmctld.log", root / "log" / "slurmd.log"]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(DROPPED_ENV_PREFIXES)}
         self.env.update(SLURM_CONF=str(self.conf), PB_BUILD_DIR=str(BUILD_DIR), HDF5_USE_FILE_LOCKING="FALSE")
         self.procs = {}
@@ -85,7 +87,7 @@ class Slurm:
         for name, proc in self.procs.items():
             state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
             parts.append(f"{name} (pid {proc.pid}) {state}")
-        for name, path in self.logs.items():
+        for path in self.logs:
             parts.append(f"--- end of {path} ---\n{tail(path)}")
         return "\n".join(parts)
 
@@ -101,7 +103,7 @@ class Slurm:
         # As root, munged wants --force; -F keeps it in the foreground, our child.
         self.spawn("munged", [find_program("munged"), "-F", "--force", f"--key-file={key}",
                               f"--socket={socket_path}", f"--pid-file={munge / 'munged.pid'}",
-                              f"--log-file={self.logs['munged']}", f"--seed-file={munge / 'munged.seed'}"])
+                              f"--seed-file={munge / 'munged.seed'}"])
         self.wait_for(lambda: socket_path.exists(), 15, "munged to create its socket")
 
         self.conf.write_text(f"""\
@@ -119,8 +121,8 @@ StateSaveLocation={self.root / 'state'}
 SlurmdSpoolDir={self.root / 'spool'}
 SlurmctldPidFile={self.root / 'slurmctld.pid'}
 SlurmdPidFile={self.root / 'slurmd.pid'}
-SlurmctldLogFile={self.logs['slurmctld']}
-SlurmdLogFile={self.logs['slurmd']}
+SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}
+SlurmdLogFile={self.root / 'log' / 'slurmd.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
