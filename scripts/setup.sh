@@ -10,7 +10,8 @@ debian_packages=(
   libopenblas-dev libopenblas-openmp-dev
   libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy python3-h5py python3-torch python3-pytest python3-matplotlib shellcheck
+  python3-numpy python3-h5py python3-torch python3-pytest python3-matplotlib python3-pandas shellcheck
+  slurm-wlm munge
 )
 
 missing=()
@@ -29,7 +30,8 @@ setup: cannot install without root on Debian; missing: ${missing[*]}
 On a cluster, load modules that provide: an MPI (e.g. 'module load openmpi' or 'mpich'),
 HDF5 (serial C library), a BLAS (OpenBLAS or MKL), CMake >= 3.25 and a C++17 compiler,
 then configure with CLI11 and nlohmann_json found on CMAKE_PREFIX_PATH (both header-only).
-Tests also need GoogleTest, and python3 with numpy, h5py and torch.
+Tests also need GoogleTest, and python3 with numpy, h5py, pandas, matplotlib and torch; the
+Slurm test (slurm-wlm, munge) skips itself without root.
 MSG
   exit 1
 fi

@@ -1,5 +1,7 @@
 # Sourced by jobs/<app>.sbatch with $app set: loads the cluster profile, records the job, the
 # modules and the environment next to the result, and starts one rank per task (SPEC.md section 7).
+# Inside a Slurm job the ranks start with the profile's launcher; outside one (jobs/run-local
+# --sweep, 'bash jobs/<app>.sbatch') with mpiexec, PB_RANKS ranks (default PB_NODES x PB_TASKS_PER_NODE).
 # shellcheck shell=bash
 : "${app:?jobs/lib/app-job.sh needs app=<name>}"
 root=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
@@ -35,8 +37,10 @@ if [[ -n ${PB_MODULES:-} ]]; then
   fi
 fi
 
-bin=${PB_BIN:-build/bench/$app/parabench-$app}
-[[ -x $bin ]] || die "$root/$bin not found: run cmake --build build first"
+build_dir=${PB_BUILD_DIR:-build}
+bin=${PB_BIN:-$build_dir/bench/$app/parabench-$app}
+[[ $bin == /* ]] || bin=$root/$bin
+[[ -x $bin ]] || die "$bin not found: run cmake --build ${PB_BUILD_DIR:-build} first (in $root)"
 has_option --out "$@" && die "give the result directory as PB_OUT=DIR, not --out"
 
 job_id=${SLURM_JOB_ID:-local-$(date -u +%Y%m%dT%H%M%SZ)-$$}
@@ -63,7 +67,9 @@ elif [[ ${PB_GPUS_PER_NODE:-0} -gt 0 && -n ${SLURM_JOB_ID:-} && -z ${SLURM_GPUS_
 fi
 env | sort >"$out/environment.txt"
 
-case $PB_LAUNCHER in
+launcher=$PB_LAUNCHER
+[[ -n ${SLURM_JOB_ID:-} ]] || launcher=mpiexec  # no allocation for srun to start ranks in
+case $launcher in
   srun)
     launch=(srun)
     [[ -n ${PB_SRUN_MPI:-} ]] && launch+=("--mpi=$PB_SRUN_MPI")

@@ -1,0 +1,206 @@
+"""Reads parabench result files (docs/SPEC.md section 6, schema version 1) into flat records, one
+per run, for analysis.report: what ran (app, strategy, model, ranks, batch), where (cluster, nodes),
+how fast (the /summary), and its memory per category next to the prediction (max over ranks).
+
+A file that is not a readable parabench result of schema version 1 raises ResultError with the
+reason; a run that did not complete is still read (status, error, finished steps), without the
+numbers it never wrote.
+"""
+
+import math
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")  # before h5py: read files a job still writes
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+SCHEMA = "parabench"
+SCHEMA_VERSION = 1
+CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states", "activations",
+              "comm_buffers", "workspace"]
+PEAK = "peak_total"
+PRESETS = {  # SPEC section 4: (layers, hidden, heads, seq, vocab); ffn = 4 hidden
+    "tiny": (2, 64, 4, 32, 256), "small": (4, 256, 8, 128, 4096), "gpt2-124m": (12, 768, 12, 1024, 50257),
+    "gpt2-350m": (24, 1024, 16, 1024, 50257), "gpt2-1.5b": (48, 1600, 25, 1024, 50257),
+    "block-4k": (4, 4096, 32, 2048, 32000),
+}
+# /config options that say how a run was made or where it wrote, not what it computed: runs that
+# differ only in these are the same configuration (the cross-cluster comparison matches on the rest).
+NOT_CONFIGURATION = {"cluster", "out", "tag", "trace", "json_log", "quiet", "dry_run", "dump_gradients",
+                     "threads", "backend", "comm", "peak_tflops", "steps", "warmup", "seed", "model"}
+APP_ORDER = ["dp", "fsdp", "tp", "pp", "ep", "cp", "hybrid"]
+SHARD_ORDER = ["NO_SHARD", "ZERO1", "SHARD_GRAD_OP", "FULL_SHARD", "HYBRID_SHARD"]
+
+
+class ResultError(Exception):
+    """A file that is not a readable parabench result of a supported schema version."""
+
+
+def plain(value):
+    """An HDF5 attribute as a Python str, int, float or bool (strings may come back as bytes)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def attrs(node):
+    return {k: plain(v) for k, v in node.attrs.items()} if node is not None else {}
+
+
+def result_files(paths):
+    """The files named, with directories searched recursively for *.h5; raises ResultError for a
+    path that does not exist or a directory without result files."""
+    files = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(path.rglob("*.h5"))
+            if not found:
+                raise ResultError(f"{path}: no *.h5 files in this directory")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ResultError(f"{path}: no such file or directory")
+    return list(dict.fromkeys(files))  # each once, in order
+
+
+def model_label(config):
+    """The preset name when the shape is a preset's, else the shape (L, h, a, S, V, and f when not 4h)."""
+    shape = tuple(config.get(k) for k in ("layers", "hidden", "heads", "seq", "vocab"))
+    ffn = config.get("ffn")
+    for name, preset in PRESETS.items():
+        if shape == preset and ffn in (None, 4 * preset[1]):
+            return name
+    label = "L{} h{} a{} S{} V{}".format(*shape)
+    return label if ffn in (None, 4 * (shape[1] or 0)) else f"{label} f{ffn}"
+
+
+def strategy_label(config):
+    """How the app split the work, in the words of its options: FULL_SHARD, tp4+sp, pp4 1f1b, ..."""
+    app = config.get("app", "?")
+    if app == "fsdp":
+        label = config.get("shard", "fsdp")
+        if label == "HYBRID_SHARD" and config.get("shard_group"):
+            label += f" g{config['shard_group']}"
+        if config.get("no_prefetch"):
+            label += " no-prefetch"
+    elif app == "tp":
+        label = f"tp{config.get('tp', '?')}" + ("+sp" if config.get("sequence_parallel") else "")
+    elif app == "pp":
+        label = f"pp{config.get('pp', '?')} {config.get('schedule', '')}".rstrip()
+        if config.get("schedule") == "interleaved":
+            label += f" v{config.get('virtual_stages', '?')}"
+    elif app == "dp":
+        label = "dp" + (" no-overlap" if config.get("no_overlap") else "")
+    else:
+        label = app
+    if config.get("recompute", "none") != "none":
+        label += f" recompute={config['recompute']}"
+    return label
+
+
+def strategy_order(app, strategy):
+    """A sort key: apps in SPEC order, shard strategies from least to most sharded."""
+    app_index = APP_ORDER.index(app) if app in APP_ORDER else len(APP_ORDER)
+    first = strategy.split()[0]
+    shard_index = SHARD_ORDER.index(first) if first in SHARD_ORDER else len(SHARD_ORDER)
+    degree = int(re.search(r"\d+", first).group()) if re.search(r"\d+", first) else 0
+    return (app_index, shard_index, degree, strategy)
+
+
+def configuration_key(config):
+    """What must be equal for two runs to be the same configuration, as a hashable tuple."""
+    return tuple(sorted((k, v) for k, v in config.items() if k not in NOT_CONFIGURATION))
+
+
+def max_over_ranks(group, category):
+    if group is None or category not in group:
+        return None
+    data = np.asarray(group[category][()])
+    return int(data.max()) if data.size else None
+
+
+def load(path):
+    """One run as a flat dict (see the module doc); raises ResultError."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ResultError(f"cannot open as HDF5 ({e}); not an HDF5 file, or a truncated or corrupt one") from None
+    try:
+        with f:
+            return _read(f, path)
+    except ResultError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ResultError(f"cannot read ({type(e).__name__}: {e}); a truncated or corrupt file") from None
+
+
+def _read(f, path):
+    root = attrs(f)
+    if root.get("schema") != SCHEMA:
+        raise ResultError(f"not a parabench result (schema = {root.get('schema')!r})")
+    version = root.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ResultError(f"schema_version {version!r} is not supported: this report reads schema version "
+                          f"{SCHEMA_VERSION} (docs/SPEC.md section 6); use the analysis/ of the parabench "
+                          f"that wrote the file")
+    if "config" not in f or "system" not in f:
+        raise ResultError("no /config or /system group")
+    config, system = attrs(f["config"]), attrs(f["system"])
+    for key in ("app", "world_size", "micro_batch", "global_batch"):
+        if key not in config:
+            raise ResultError(f"/config has no attribute {key!r}")
+    status = root.get("status", "")
+    loss = f["steps/loss"][()] if "steps/loss" in f else np.empty(0)
+    tag = config.get("tag", "") or ""
+    sweep = re.search(r"(?:^|\s)sweep=(\S+)", tag)
+    run = {
+        "file": str(path),
+        "status": status,
+        "error": root.get("error", ""),
+        "created": root.get("created", ""),
+        "cluster": system.get("cluster") or config.get("cluster") or "?",
+        "app": config["app"],
+        "strategy": strategy_label(config),
+        "model": model_label(config),
+        "ranks": int(config["world_size"]),
+        "nodes": system.get("nodes"),
+        "micro_batch": int(config["micro_batch"]),
+        "global_batch": int(config["global_batch"]),
+        "grad_accum": config.get("grad_accum"),
+        "dtype": config.get("dtype", ""),
+        "recompute": config.get("recompute", "none"),
+        "backend": config.get("backend", ""),
+        "tag": tag,
+        "sweep": sweep.group(1) if sweep else "",
+        "steps": config.get("steps"),
+        "finished_steps": int(loss.shape[0]),
+        "device": system.get("gpu_model") or system.get("cpu_model") or "",
+        "slurm_job_id": system.get("slurm_job_id", ""),
+        "key": configuration_key(config),
+    }
+    summary = attrs(f["summary"]) if "summary" in f else {}
+    if status == "complete":
+        missing = [k for k in ("step_time_s", "tokens_per_s") if k not in summary]
+        if missing:
+            raise ResultError(f"status is complete but /summary lacks {', '.join(missing)}")
+        if "memory/measured" not in f or "memory/predicted" not in f:
+            raise ResultError("status is complete but /memory/measured or /memory/predicted is missing")
+    for key in ("step_time_s", "step_time_s_min", "step_time_s_max", "tokens_per_s", "tflops_per_rank", "mfu",
+                "final_loss"):
+        value = summary.get(key)
+        run[key] = float(value) if value is not None else math.nan
+    measured, predicted = f.get("memory/measured"), f.get("memory/predicted")
+    for category in CATEGORIES + [PEAK]:
+        run[f"measured_{category}"] = max_over_ranks(measured, category)
+        run[f"predicted_{category}"] = max_over_ranks(predicted, category)
+    return run

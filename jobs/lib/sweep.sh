@@ -1,0 +1,303 @@
+# Sourced by jobs/submit and jobs/run-local: the sweeps of SPEC.md section 7 as lists of points.
+# A point is one run: an app, an allocation (nodes x ranks per node), a label and the app arguments
+# the sweep sets; the user's app arguments (after --) are added to every point. The caller defines
+# die(), then calls sweep_parse, load_profile (sources jobs/clusters/<name>.env) and sweep_points.
+#
+#   micro-batch     --micro-batch over --values (default 1,2,4,8), one job size; app fsdp unless --app
+#   shard           parabench-fsdp --shard over --values (default all five strategies), one job size
+#   strategy        the apps of --values (default dp,fsdp,tp,pp) at one model, job size and global
+#                   batch: fsdp FULL_SHARD, tp and pp of degree --tp/--pp (default ranks per node)
+#   weak-scaling    rank counts (--ranks, --nodes) at a fixed micro-batch per rank: the global
+#                   batch grows with the data-parallel degree
+#   strong-scaling  the same rank counts at one global batch: micro-batch x the least common
+#                   multiple of the rank counts (the largest, for powers of two)
+# shellcheck shell=bash disable=SC2034  # the sweep_* and point_* variables are the caller's
+
+sweep_names=(micro-batch shard strategy weak-scaling strong-scaling)
+sweep_apps=(dp fsdp tp pp)
+shard_strategies=(NO_SHARD ZERO1 SHARD_GRAD_OP FULL_SHARD HYBRID_SHARD)
+
+# The options that both jobs/submit and jobs/run-local --sweep take, for their --help.
+sweep_options_help() {
+  cat <<EOF
+  SWEEP              one of: ${sweep_names[*]}
+  --cluster PROFILE  jobs/clusters/PROFILE.env: allocation, launcher, modules
+  --app APP          micro-batch and scaling sweeps: the app (default fsdp, resp. dp)
+  --values LIST      comma-separated values of the sweep: micro-batch: micro-batches (1,2,4,8);
+                     shard: strategies ($(IFS=,; echo "${shard_strategies[*]}"));
+                     strategy: apps (dp,fsdp,tp,pp)
+  --ranks LIST       scaling sweeps: rank counts, each at most one node's ranks or whole nodes
+                     (default 1, 2, 4, ... up to PB_MAX_NODES nodes of PB_TASKS_PER_NODE ranks)
+  --nodes LIST       scaling sweeps: node counts instead, whole nodes each
+  --tp N, --pp N     strategy sweep: tensor and pipeline degree (default PB_TASKS_PER_NODE)
+  --tag TEXT         added to the tag each point stores (sweep=SWEEP point=LABEL)
+  --out DIR          the sweep's directory (default results/sweeps/SWEEP_CLUSTER_<UTC time>)
+  --dry-run          print what would run, run nothing
+EOF
+}
+
+# True when the app arguments (after $1) contain option $1, as "--opt value" or "--opt=value".
+has_option() {
+  local opt=$1 arg
+  shift
+  for arg in "$@"; do
+    [[ $arg == "$opt" || $arg == "$opt="* ]] && return 0
+  done
+  return 1
+}
+
+# Prints the value of option $1 in the app arguments (after $1); nothing when it is not there.
+option_value() {
+  local opt=$1
+  shift
+  while [[ $# -gt 0 ]]; do
+    case $1 in
+      "$opt") [[ $# -ge 2 ]] && echo "$2"; return 0 ;;
+      "$opt="*) echo "${1#*=}"; return 0 ;;
+    esac
+    shift
+  done
+}
+
+# Splits a comma-separated list into the array named $2; dies on an empty item or a duplicate.
+split_list() {
+  local -n list_out=$2
+  local item seen=" "
+  IFS=, read -r -a list_out <<<"$1"
+  [[ ${#list_out[@]} -gt 0 ]] || die "empty list '$1'"
+  for item in "${list_out[@]}"; do
+    [[ -n $item ]] || die "empty item in the list '$1'"
+    [[ $seen != *" $item "* ]] || die "'$item' appears twice in '$1'"
+    seen+="$item "
+  done
+}
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
+gcd() {
+  local a=$1 b=$2 t
+  while ((b > 0)); do t=$((a % b)) a=$b b=$t; done
+  echo "$a"
+}
+
+# Parses the sweep command line into sweep, profile_name, sweep_* and app_args (after --).
+# $1 is the caller's usage function.
+sweep_parse() {
+  local usage_fn=$1 opt value
+  shift
+  sweep='' profile_name=${PB_CLUSTER:-} sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
+  sweep_tp='' sweep_pp='' sweep_tag='' sweep_out='' dry_run=0
+  app_args=()
+  while [[ $# -gt 0 ]]; do
+    opt=$1
+    case $opt in
+      -h|--help) "$usage_fn"; exit 0 ;;
+      --dry-run) dry_run=1; shift; continue ;;
+      --) shift; app_args=("$@"); break ;;
+      --*=*) value=${opt#*=}; opt=${opt%%=*}; shift ;;
+      --*)
+        [[ $# -ge 2 ]] || die "$opt needs a value (see --help)"
+        value=$2; shift 2 ;;
+      -*) die "unknown option $opt (app arguments go after --; see --help)" ;;
+      *)
+        [[ -z $sweep ]] || die "unexpected argument $opt (app arguments go after --; see --help)"
+        sweep=$opt; shift; continue ;;
+    esac
+    case $opt in
+      --cluster) profile_name=$value ;;
+      --app) sweep_app=$value ;;
+      --values) sweep_values=$value ;;
+      --ranks) sweep_ranks=$value ;;
+      --nodes) sweep_nodes=$value ;;
+      --tp) sweep_tp=$value ;;
+      --pp) sweep_pp=$value ;;
+      --tag) sweep_tag=$value ;;
+      --out) sweep_out=$value ;;
+      *) die "unknown option $opt (app arguments go after --; see --help)" ;;
+    esac
+  done
+  [[ -n $sweep ]] || { "$usage_fn" >&2; exit 2; }
+  [[ " ${sweep_names[*]} " == *" $sweep "* ]] || die "unknown sweep '$sweep'; known sweeps: ${sweep_names[*]}"
+  if [[ -n $sweep_app ]]; then
+    [[ " ${sweep_apps[*]} " == *" $sweep_app "* ]] || die "unknown app '$sweep_app'; known apps: ${sweep_apps[*]}"
+  fi
+  local own
+  for own in --out --tag; do
+    has_option "$own" "${app_args[@]}" && die "$own is set by the sweep; give it before -- (see --help)"
+  done
+  return 0
+}
+
+# Loads jobs/clusters/$profile_name.env (from the repository $1) and checks what the sweeps read.
+load_profile() {
+  local repo=$1 known
+  [[ -n $profile_name ]] || die "name the cluster profile: --cluster NAME (profiles: $(profile_names "$repo"))"
+  [[ $profile_name =~ ^[A-Za-z0-9._-]+$ && -f $repo/jobs/clusters/$profile_name.env ]] || {
+    known=$(profile_names "$repo")
+    die "unknown cluster '$profile_name': no jobs/clusters/$profile_name.env (profiles: $known)"
+  }
+  # shellcheck source-path=SCRIPTDIR source=../clusters/local.env
+  source "$repo/jobs/clusters/$profile_name.env"
+  : "${PB_CLUSTER_NAME:=$profile_name}" "${PB_NODES:=1}" "${PB_MAX_NODES:=$PB_NODES}" "${PB_TASKS_PER_NODE:=1}"
+  : "${PB_GPUS_PER_NODE:=0}" "${PB_TIME:=00:30:00}"
+  local var
+  for var in PB_NODES PB_MAX_NODES PB_TASKS_PER_NODE; do
+    is_count "${!var}" || die "$var=${!var} in jobs/clusters/$profile_name.env is not a positive number"
+  done
+  [[ $PB_GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "PB_GPUS_PER_NODE=$PB_GPUS_PER_NODE in jobs/clusters/$profile_name.env is not a number"
+}
+
+profile_names() {
+  local f names=()
+  for f in "$1"/jobs/clusters/*.env; do
+    names+=("$(basename "$f" .env)")
+  done
+  echo "${names[*]}"
+}
+
+# The points, in order: point_label, point_app, point_nodes, point_tasks (ranks per node) and
+# point_args (the app arguments, shell-quoted; eval "args=($point_args)" gives them back).
+add_point() {
+  local label=$1 app=$2 nodes=$3 tasks=$4 quoted
+  shift 4
+  local args=("$@" --tag "sweep=$sweep point=$label${sweep_tag:+ $sweep_tag}" "${app_args[@]}")
+  printf -v quoted '%q ' "${args[@]}"
+  point_label+=("$label") point_app+=("$app") point_nodes+=("$nodes") point_tasks+=("$tasks")
+  point_args+=("${quoted% }")
+}
+
+# Nodes and ranks per node of a job of $1 ranks, into alloc_nodes and alloc_tasks.
+allocation() {
+  local ranks=$1
+  if ((ranks <= PB_TASKS_PER_NODE)); then
+    alloc_nodes=1 alloc_tasks=$ranks
+  elif ((ranks % PB_TASKS_PER_NODE == 0)); then
+    alloc_nodes=$((ranks / PB_TASKS_PER_NODE)) alloc_tasks=$PB_TASKS_PER_NODE
+    ((alloc_nodes <= PB_MAX_NODES)) ||
+      die "$ranks ranks take $alloc_nodes nodes; profile $profile_name allows PB_MAX_NODES=$PB_MAX_NODES"
+  else
+    die "$ranks ranks is neither at most one node ($PB_TASKS_PER_NODE ranks) nor whole nodes of $profile_name"
+  fi
+}
+
+# The rank counts of a scaling sweep, into the array scaling_ranks.
+scaling_points() {
+  local list=() item n
+  scaling_ranks=()
+  if [[ -n $sweep_ranks && -n $sweep_nodes ]]; then
+    die "give --ranks or --nodes, not both"
+  elif [[ -n $sweep_ranks ]]; then
+    split_list "$sweep_ranks" list
+    for item in "${list[@]}"; do
+      is_count "$item" || die "--ranks: '$item' is not a positive number"
+      scaling_ranks+=("$item")
+    done
+  elif [[ -n $sweep_nodes ]]; then
+    split_list "$sweep_nodes" list
+    for item in "${list[@]}"; do
+      is_count "$item" || die "--nodes: '$item' is not a positive number"
+      scaling_ranks+=($((item * PB_TASKS_PER_NODE)))
+    done
+  else  # one GPU, two, four, ... a whole node, then 2, 4, ... nodes
+    for ((n = 1; n < PB_TASKS_PER_NODE; n *= 2)); do scaling_ranks+=("$n"); done
+    for ((n = 1; n <= PB_MAX_NODES; n *= 2)); do scaling_ranks+=($((n * PB_TASKS_PER_NODE))); done
+  fi
+  [[ ${#scaling_ranks[@]} -ge 2 ]] || die "a scaling sweep needs two rank counts or more, got '${scaling_ranks[*]}' (profile $profile_name: PB_TASKS_PER_NODE=$PB_TASKS_PER_NODE, PB_MAX_NODES=$PB_MAX_NODES); give --ranks or --nodes"
+}
+
+# Fills the point arrays for $sweep from the profile and the options.
+sweep_points() {
+  point_label=() point_app=() point_nodes=() point_tasks=() point_args=()
+  local values=() value nodes=$PB_NODES tasks=$PB_TASKS_PER_NODE
+  local ranks=$((PB_NODES * PB_TASKS_PER_NODE)) micro_batch
+  micro_batch=$(option_value --micro-batch "${app_args[@]}")
+  micro_batch=${micro_batch:-1}
+  is_count "$micro_batch" || die "--micro-batch $micro_batch is not a positive number"
+  if [[ $sweep != *-scaling && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
+    die "--ranks and --nodes apply to the scaling sweeps; the $sweep sweep runs on PB_NODES=$PB_NODES nodes of $profile_name"
+  fi
+  if [[ $sweep != strategy && ( -n $sweep_tp || -n $sweep_pp ) ]]; then
+    die "--tp and --pp apply to the strategy sweep; give the $sweep sweep's app options after --"
+  fi
+
+  case $sweep in
+    micro-batch)
+      has_option --micro-batch "${app_args[@]}" && die "the micro-batch sweep sets --micro-batch; use --values"
+      split_list "${sweep_values:-1,2,4,8}" values
+      for value in "${values[@]}"; do
+        is_count "$value" || die "--values: micro-batch '$value' is not a positive number"
+        add_point "b$value" "${sweep_app:-fsdp}" "$nodes" "$tasks" --micro-batch "$value"
+      done
+      ;;
+    shard)
+      [[ -z $sweep_app || $sweep_app == fsdp ]] || die "the shard sweep runs fsdp, not $sweep_app"
+      has_option --shard "${app_args[@]}" && die "the shard sweep sets --shard; use --values"
+      has_option --shard-group "${app_args[@]}" && die "the shard sweep sets --shard-group (HYBRID_SHARD)"
+      # HYBRID_SHARD shards within a node and replicates across nodes; on one node, within halves.
+      local group=$tasks
+      ((nodes > 1)) || group=$((ranks / 2))
+      if [[ -n $sweep_values ]]; then
+        split_list "$sweep_values" values
+      elif ((group >= 2 && ranks / group >= 2)); then
+        values=("${shard_strategies[@]}")
+      else
+        values=("${shard_strategies[@]:0:4}")
+        echo "note: HYBRID_SHARD left out: $ranks ranks make no two shard groups of two ranks or more" >&2
+      fi
+      for value in "${values[@]}"; do
+        [[ " ${shard_strategies[*]} " == *" $value "* ]] || die "--values: unknown shard strategy '$value'; known: ${shard_strategies[*]}"
+        if [[ $value == HYBRID_SHARD ]]; then
+          ((group >= 2 && ranks / group >= 2)) || die "HYBRID_SHARD needs two shard groups of two ranks or more; $ranks ranks have none"
+          add_point "$value" fsdp "$nodes" "$tasks" --shard "$value" --shard-group "$group"
+        else
+          add_point "$value" fsdp "$nodes" "$tasks" --shard "$value"
+        fi
+      done
+      ;;
+    strategy)
+      [[ -z $sweep_app ]] || die "the strategy sweep compares the apps of --values; --app does not apply"
+      local tp=${sweep_tp:-$((tasks < ranks ? tasks : ranks))} pp=${sweep_pp:-$((tasks < ranks ? tasks : ranks))}
+      is_count "$tp" || die "--tp $tp is not a positive number"
+      is_count "$pp" || die "--pp $pp is not a positive number"
+      local global_batch=()  # one global batch for every strategy: what plain dp takes
+      has_option --global-batch "${app_args[@]}" || global_batch=(--global-batch $((micro_batch * ranks)))
+      split_list "${sweep_values:-dp,fsdp,tp,pp}" values
+      for value in "${values[@]}"; do
+        case $value in
+          dp) add_point dp dp "$nodes" "$tasks" "${global_batch[@]}" ;;
+          fsdp) add_point fsdp fsdp "$nodes" "$tasks" --shard FULL_SHARD "${global_batch[@]}" ;;
+          tp) add_point "tp$tp" tp "$nodes" "$tasks" --tp "$tp" "${global_batch[@]}" ;;
+          pp) add_point "pp$pp" pp "$nodes" "$tasks" --pp "$pp" "${global_batch[@]}" ;;
+          *) die "--values: unknown app '$value'; known apps: ${sweep_apps[*]}" ;;
+        esac
+      done
+      ;;
+    weak-scaling|strong-scaling)
+      [[ -z $sweep_values ]] || die "the scaling sweeps take --ranks or --nodes, not --values"
+      scaling_points
+      local common=1 extra=()  # the least common multiple: every data-parallel degree divides it
+      for value in "${scaling_ranks[@]}"; do common=$((common * value / $(gcd "$common" "$value"))); done
+      if [[ $sweep == strong-scaling ]] && ! has_option --global-batch "${app_args[@]}"; then
+        extra=(--global-batch $((micro_batch * common)))
+      fi
+      [[ $sweep == weak-scaling ]] && has_option --global-batch "${app_args[@]}" &&
+        die "the weak-scaling sweep lets the global batch grow with the ranks; drop --global-batch"
+      for value in "${scaling_ranks[@]}"; do
+        allocation "$value"
+        add_point "r$value" "${sweep_app:-dp}" "$alloc_nodes" "$alloc_tasks" "${extra[@]}"
+      done
+      ;;
+  esac
+}
+
+# Writes the points as a table, one line per point, to file $1 (the sweep's points.tsv).
+write_points() {
+  local i
+  {
+    printf 'index\tlabel\tapp\tnodes\tranks_per_node\targs\n'
+    for i in "${!point_label[@]}"; do
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "${point_label[i]}" "${point_app[i]}" "${point_nodes[i]}" \
+        "${point_tasks[i]}" "${point_args[i]}"
+    done
+  } >"$1"
+}

@@ -1,0 +1,176 @@
+"""jobs/submit under a real Slurm (the `slurm` fixture of conftest.py): two sweeps are submitted
+with the `local` profile as a user submits them, run to the end, and judged by Slurm's record of
+the jobs and by what each point left: its result file, the job record, the environment and the
+launch command (SPEC.md section 7).
+
+  micro-batch     one job array of three points (micro-batch 1, 2, 4) at 4 ranks
+  strong-scaling  three job arrays (1, 2 and 4 ranks) chained one after another, one global batch
+"""
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import REPO
+
+# A model small enough for 2 cores; 3 steps, 1 of them warm-up.
+APP_ARGS = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "64",
+            "--steps", "3", "--warmup", "1"]
+MICRO_BATCHES = [1, 2, 4]
+SCALING_RANKS = [1, 2, 4]
+WAIT_S = 150  # for all six points; each takes a few seconds
+
+
+def text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def scontrol_jobs(slurm, job):
+    """Slurm's records of a job (one per array task) as dicts of scontrol's KEY=VALUE fields."""
+    done = slurm.run("scontrol", "-o", "show", "job", job)
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in done.stdout.splitlines() if line.strip()]
+
+
+def submit(slurm, sweep_dir, sweep, *options):
+    cmd = [REPO / "jobs" / "submit", sweep, "--cluster", "local", "--out", sweep_dir, *options, "--", *APP_ARGS]
+    done = slurm.run(*cmd)
+    assert "submit: job " in done.stderr, done.stderr
+    lines = (sweep_dir / "jobs.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["job", "script", "labels"]
+    return [dict(zip(["job", "script", "labels"], line.split("\t"))) for line in lines[1:]]
+
+
+def outputs(sweep_dirs):
+    parts = []
+    for d in sweep_dirs:
+        for path in sorted(Path(d).glob("slurm-*.out")):
+            parts.append(f"--- {path} ---\n{path.read_text(errors='replace')}")
+    return "\n".join(parts) or "(no job output yet)"
+
+
+@pytest.fixture(scope="module")
+def sweeps(slurm, tmp_path_factory):
+    """Submits both sweeps, waits for every job to leave the queue, and returns what was submitted."""
+    base = tmp_path_factory.mktemp("sweeps")
+    dirs = {"micro-batch": base / "micro-batch", "strong-scaling": base / "strong-scaling"}
+    jobs = {
+        "micro-batch": submit(slurm, dirs["micro-batch"], "micro-batch",
+                              "--values", ",".join(map(str, MICRO_BATCHES))),
+        "strong-scaling": submit(slurm, dirs["strong-scaling"], "strong-scaling",
+                                 "--ranks", ",".join(map(str, SCALING_RANKS))),
+    }
+    ids = [j["job"] for js in jobs.values() for j in js]
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        queue = slurm.run("squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)).stdout.strip()
+        if not queue:
+            break
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", *ids], env=slurm.env, capture_output=True, timeout=20)
+            pytest.fail(f"the sweeps did not finish within {WAIT_S} s; still queued:\n{queue}\n"
+                        + outputs(dirs.values()) + "\n" + slurm.diagnostics())
+        time.sleep(1)
+    records = {j["job"]: scontrol_jobs(slurm, j["job"]) for js in jobs.values() for j in js}
+    failed = [r for rs in records.values() for r in rs if (r.get("JobState"), r.get("ExitCode")) != ("COMPLETED", "0:0")]
+    if failed:
+        pytest.fail("jobs did not complete:\n" + "\n".join(
+            f"job {r.get('JobId')} (array {r.get('ArrayJobId')} task {r.get('ArrayTaskId')}): "
+            f"{r.get('JobState')} exit {r.get('ExitCode')}" for r in failed)
+            + "\n" + outputs(dirs.values()) + "\n" + slurm.diagnostics())
+    return {"dirs": dirs, "jobs": jobs, "records": records}
+
+
+def point_result(point_dir):
+    """The one result file of a point, read: attributes, config, system, environment."""
+    files = sorted(point_dir.glob("*.h5"))
+    assert len(files) == 1, f"{point_dir} holds {[f.name for f in files]}, not one result file"
+    with h5py.File(files[0], "r") as f:
+        return {
+            "status": text(f.attrs["status"]),
+            "config": {k: text(v) for k, v in f["config"].attrs.items()},
+            "system": {k: text(v) for k, v in f["system"].attrs.items()},
+            "environment": [text(e) for e in f["system/environment"][()]],
+            "measured_steps": int(f["summary"].attrs["measured_steps"]),
+        }
+
+
+def check_point(point_dir, record, label, sweep, ranks):
+    """What every point of a sweep must leave next to its result (SPEC 7), under its own job."""
+    job, array, task = record["JobId"], record["ArrayJobId"], record["ArrayTaskId"]
+    result = point_result(point_dir)
+    assert result["status"] == "complete"
+    assert result["measured_steps"] == 2
+    assert result["system"]["cluster"] == "local"
+    assert result["system"]["slurm_job_id"] == job
+    assert result["system"]["slurm_partition"] == "debug"
+    assert result["config"]["world_size"] == ranks
+    assert result["config"]["tag"] == f"sweep={sweep} point={label}"
+    assert f"SLURM_ARRAY_JOB_ID={array}" in result["environment"]
+    assert f"SLURM_ARRAY_TASK_ID={task}" in result["environment"]
+
+    record_text = (point_dir / "slurm_job.txt").read_text()
+    assert f"JobId={job} " in record_text and f"ArrayJobId={array} " in record_text
+    environment = (point_dir / "environment.txt").read_text().splitlines()
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in environment
+    assert f"SLURM_JOB_ID={job}" in environment
+    assert (point_dir / "cluster.env").read_text() == (REPO / "jobs" / "clusters" / "local.env").read_text()
+    # The local profile starts ranks with srun and the pmi2 plugin, as a cluster would.
+    command = (point_dir / "command.txt").read_text()
+    assert command.startswith("srun --mpi=pmi2 "), command
+    assert f"--out {point_dir}" in command
+    return result
+
+
+def intervals(records):
+    """(start, end) of each record, in scontrol's second resolution, by start."""
+    return sorted((r["StartTime"], r["EndTime"]) for r in records)
+
+
+def test_micro_batch_sweep_runs_as_one_job_array(sweeps):
+    jobs = sweeps["jobs"]["micro-batch"]
+    sweep_dir = sweeps["dirs"]["micro-batch"]
+    labels = [f"b{b}" for b in MICRO_BATCHES]
+    assert len(jobs) == 1 and jobs[0]["labels"].split() == labels
+
+    script = (sweep_dir / jobs[0]["script"]).read_text()
+    assert f"#SBATCH --array=0-{len(labels) - 1}%1\n" in script  # local: one point at a time
+    assert "#SBATCH --nodes=1\n" in script and "#SBATCH --ntasks-per-node=4\n" in script
+    assert "--gpus-per-task" not in script and "--gpus-per-node" not in script  # no GPUs in profile local
+
+    records = sweeps["records"][jobs[0]["job"]]
+    assert sorted(int(r["ArrayTaskId"]) for r in records) == list(range(len(labels)))
+    assert {r["ArrayJobId"] for r in records} == {jobs[0]["job"]}
+    assert all(r["NumTasks"] == "4" for r in records)
+    for record in records:
+        index = int(record["ArrayTaskId"])
+        result = check_point(sweep_dir / labels[index], record, labels[index], "micro-batch", 4)
+        assert result["config"]["micro_batch"] == MICRO_BATCHES[index]
+        out = (sweep_dir / f"slurm-{record['ArrayJobId']}_{index}.out").read_text()
+        assert re.search(r"^PARABENCH_RESULT app=fsdp ranks=4 .* status=complete ", out, re.M), out
+    spans = intervals(records)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), \
+        f"points of the array overlapped (throttle %1): {spans}"
+
+
+def test_strong_scaling_sweep_runs_one_array_per_size_in_order(sweeps):
+    jobs = sweeps["jobs"]["strong-scaling"]
+    sweep_dir = sweeps["dirs"]["strong-scaling"]
+    assert [j["labels"] for j in jobs] == [f"r{r}" for r in SCALING_RANKS]
+    global_batch = max(SCALING_RANKS)  # micro-batch 1 x the largest rank count
+    spans = []
+    for job, ranks in zip(jobs, SCALING_RANKS):
+        script = (sweep_dir / job["script"]).read_text()
+        assert "#SBATCH --array=0-0%1\n" in script
+        assert f"#SBATCH --ntasks-per-node={ranks}\n" in script
+        (record,) = sweeps["records"][job["job"]]
+        assert record["NumTasks"] == str(ranks)
+        result = check_point(sweep_dir / job["labels"], record, job["labels"], "strong-scaling", ranks)
+        assert result["config"]["global_batch"] == global_batch
+        assert result["config"]["grad_accum"] == global_batch // ranks
+        spans.append((record["StartTime"], record["EndTime"]))
+    # PB_ARRAY_PARALLEL=1 chains the arrays: each starts after the one before has ended.
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
