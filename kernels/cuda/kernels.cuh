@@ -1,0 +1,540 @@
+// The CUDA kernels of the CUDA backend (kernels/cuda/cuda_backend.cu launches them).
+//
+// Kept apart from the host code so that tests/unit/test_cuda_kernels_emulated.cpp can run the very
+// same kernels on the CPU through a small emulation of CUDA's execution model (threads, warps, shared
+// memory, barriers and shuffles): their indexing, synchronisation and arithmetic are checked on every
+// machine, not only where a GPU is lent. Every reduction runs in a fixed order, no atomics.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#ifndef PB_DYNAMIC_SHARED  // the emulation defines its own
+#define PB_DYNAMIC_SHARED(name) extern __shared__ float name[]
+#endif
+
+namespace pb {
+namespace kernels {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr float kLayerNormEps = 1e-5f;
+constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
+
+// ---- reductions ----------------------------------------------------------------------------------
+template <typename T>
+__device__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+__device__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Sum (or max) over the block, returned to every thread; blockDim.x a multiple of 32. Ends with a
+// barrier, so it can be called again in the same kernel.
+template <typename T, bool kMax = false>
+__device__ T block_reduce(T v) {
+  __shared__ T partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if constexpr (kMax) {
+    v = warp_max(v);
+  } else {
+    v = warp_sum(v);
+  }
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < warps ? partial[lane] : (kMax ? T(-INFINITY) : T(0));
+    if constexpr (kMax) {
+      w = warp_max(w);
+    } else {
+      w = warp_sum(w);
+    }
+    if (lane == 0) partial[0] = w;
+  }
+  __syncthreads();
+  const T result = partial[0];
+  __syncthreads();
+  return result;
+}
+
+// ---- elementwise ---------------------------------------------------------------------------------
+__global__ void broadcast_rows_kernel(float* out, const float* row, std::size_t rows, int cols) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < rows * cols) out[i] = row[i % cols];
+}
+
+__global__ void fill_kernel(float* out, float value, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = value;
+}
+
+__global__ void gelu_forward_kernel(float* out, const float* inp, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float x = inp[i];
+  out[i] = 0.5f * x * (1.0f + tanhf(kGeluK * (x + 0.044715f * x * x * x)));
+}
+
+__global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float x = inp[i];
+  const float th = tanhf(kGeluK * (x + 0.044715f * x * x * x));
+  const float grad = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluK * (1.0f + 3.0f * 0.044715f * x * x);
+  dinp[i] = grad * dout[i];
+}
+
+__global__ void add_kernel(float* out, const float* a, const float* b, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = a[i] + b[i];
+}
+
+__global__ void accumulate_kernel(float* y, const float* x, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}
+
+__global__ void scale_kernel(float* y, float alpha, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) y[i] *= alpha;
+}
+
+// ---- LayerNorm: one warp per row -----------------------------------------------------------------
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                                         const float* bias, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const float* x = inp + static_cast<std::size_t>(row) * C;
+  float* y = out + static_cast<std::size_t>(row) * C;
+  float sum = 0.0f;
+  for (int i = lane; i < C; i += 32) sum += x[i];
+  const float m = warp_sum(sum) / C;
+  float var = 0.0f;  // biased variance
+  for (int i = lane; i < C; i += 32) var += (x[i] - m) * (x[i] - m);
+  var = warp_sum(var) / C;
+  const float s = 1.0f / sqrtf(var + kLayerNormEps);
+  for (int i = lane; i < C; i += 32) y[i] = (x[i] - m) * s * weight[i] + bias[i];
+  if (lane == 0) {
+    mean[row] = m;
+    rstd[row] = s;
+  }
+}
+
+// dinp += rstd · (g − mean(g) − x̂ · mean(g·x̂)), g = dout·weight
+__global__ void layernorm_backward_input_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
+                                                const float* mean, const float* rstd, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const std::size_t off = static_cast<std::size_t>(row) * C;
+  const float m = mean[row], s = rstd[row];
+  float g_mean = 0.0f, gx_mean = 0.0f;
+  for (int i = lane; i < C; i += 32) {
+    const float g = dout[off + i] * weight[i];
+    g_mean += g;
+    gx_mean += g * (inp[off + i] - m) * s;
+  }
+  g_mean = warp_sum(g_mean) / C;
+  gx_mean = warp_sum(gx_mean) / C;
+  for (int i = lane; i < C; i += 32) {
+    const float xhat = (inp[off + i] - m) * s;
+    dinp[off + i] += s * (dout[off + i] * weight[i] - g_mean - xhat * gx_mean);
+  }
+}
+
+// Column sums over a chunk of rows: partial[chunk][c] = Σ dout·x̂, partial[chunks + chunk][c] = Σ dout.
+__global__ void layernorm_param_partials_kernel(float* partial, const float* dout, const float* inp,
+                                                const float* mean, const float* rstd, int N, int C,
+                                                int rows_per_chunk) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+  if (c >= C) return;
+  const int r1 = min(N, (chunk + 1) * rows_per_chunk);
+  float dw = 0.0f, db = 0.0f;
+  for (int r = chunk * rows_per_chunk; r < r1; ++r) {
+    const std::size_t i = static_cast<std::size_t>(r) * C + c;
+    dw += dout[i] * (inp[i] - mean[r]) * rstd[r];
+    db += dout[i];
+  }
+  partial[static_cast<std::size_t>(chunk) * C + c] = dw;
+  partial[static_cast<std::size_t>(gridDim.y + chunk) * C + c] = db;
+}
+
+__global__ void layernorm_param_finish_kernel(float* dweight, float* dbias, const float* partial, int chunks, int C) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float dw = 0.0f, db = 0.0f;
+  for (int k = 0; k < chunks; ++k) {  // chunks in order: deterministic
+    dw += partial[static_cast<std::size_t>(k) * C + c];
+    db += partial[static_cast<std::size_t>(chunks + k) * C + c];
+  }
+  dweight[c] += dw;
+  dbias[c] += db;
+}
+
+// ---- embedding -----------------------------------------------------------------------------------
+__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* tok, const float* pos, int N,
+                                         int S, int C) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(N) * C) return;
+  const int n = static_cast<int>(i / C), c = static_cast<int>(i % C);
+  const int32_t t = tokens[n];
+  float v = t >= 0 ? tok[static_cast<std::size_t>(t) * C + c] : 0.0f;
+  if (pos != nullptr) v += pos[static_cast<std::size_t>(n % S) * C + c];
+  out[i] = v;
+}
+
+// Thread (c, p) owns column c of the token rows t ≡ p (mod kTokenPartitions) and adds the rows of
+// dout in token order: every element has one writer, so the sums are deterministic without atomics.
+constexpr int kTokenPartitions = 32;
+__global__ void embedding_backward_tok_kernel(float* dtok, const float* dout, const int32_t* tokens, int N, int C) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x, p = blockIdx.y;
+  if (c >= C) return;
+  for (int n = 0; n < N; ++n) {
+    const int32_t t = tokens[n];
+    if (t >= 0 && t % kTokenPartitions == p) dtok[static_cast<std::size_t>(t) * C + c] += dout[static_cast<std::size_t>(n) * C + c];
+  }
+}
+
+__global__ void embedding_backward_pos_kernel(float* dpos, const float* dout, int B, int S, int C) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(S) * C) return;
+  float acc = 0.0f;
+  for (int b = 0; b < B; ++b) acc += dout[static_cast<std::size_t>(b) * S * C + i];
+  dpos[i] += acc;
+}
+
+// ---- cross-entropy: one block per row ------------------------------------------------------------
+__global__ void cross_entropy_kernel(float* logits, double* row_loss, const int32_t* targets, int V, float scale) {
+  float* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+  const int target = targets[blockIdx.x];
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, z[i]);
+  m = block_reduce<float, true>(m);
+  const float target_shifted = z[target] - m;  // read by every thread before the barrier below
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - m);
+  sum = block_reduce<float>(sum);
+  if (threadIdx.x == 0) row_loss[blockIdx.x] = log(static_cast<double>(sum)) - static_cast<double>(target_shifted);
+  const float inv = scale / sum;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = expf(z[i] - m) * inv - (i == target ? scale : 0.0f);
+}
+
+__global__ void cross_entropy_row_max_kernel(float* row_max, const float* logits, int V) {
+  const float* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, z[i]);
+  m = block_reduce<float, true>(m);
+  if (threadIdx.x == 0) row_max[blockIdx.x] = m;
+}
+
+__global__ void cross_entropy_partials_kernel(float* sums, const float* logits, const int32_t* targets,
+                                              const float* row_max, int N, int V) {
+  const int n = blockIdx.x;
+  const float* z = logits + static_cast<std::size_t>(n) * V;
+  const float m = row_max[n];
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - m);
+  sum = block_reduce<float>(sum);
+  if (threadIdx.x == 0) {
+    sums[n] = sum;
+    sums[N + n] = targets[n] >= 0 ? z[targets[n]] - m : 0.0f;
+  }
+}
+
+__global__ void cross_entropy_finish_kernel(float* logits, double* row_loss, const int32_t* targets,
+                                            const float* row_max, const float* sums, int N, int V, float scale) {
+  const int n = blockIdx.x;
+  float* z = logits + static_cast<std::size_t>(n) * V;
+  const float m = row_max[n], inv = scale / sums[n];
+  const int target = targets[n];
+  if (threadIdx.x == 0) row_loss[n] = log(static_cast<double>(sums[n])) - static_cast<double>(sums[N + n]);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = expf(z[i] - m) * inv - (i == target ? scale : 0.0f);
+}
+
+// loss_sum[0] += scale · Σ row_loss, one block, fixed order.
+__global__ void sum_rows_kernel(double* loss_sum, const double* row_loss, int N, float scale) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) acc += row_loss[i];
+  acc = block_reduce<double>(acc);
+  if (threadIdx.x == 0) loss_sum[0] += static_cast<double>(scale) * acc;
+}
+
+// ---- optimizer -----------------------------------------------------------------------------------
+constexpr std::size_t kSumChunk = std::size_t{1} << 14;
+__global__ void sum_squares_partial_kernel(double* partial, const float* x, std::size_t n) {
+  const std::size_t begin = blockIdx.x * kSumChunk, end = min(n, begin + kSumChunk);
+  double acc = 0.0;
+  for (std::size_t i = begin + threadIdx.x; i < end; i += blockDim.x) acc += static_cast<double>(x[i]) * x[i];
+  acc = block_reduce<double>(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void sum_doubles_kernel(double* out, const double* partial, std::size_t n) {
+  double acc = 0.0;
+  for (std::size_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+  acc = block_reduce<double>(acc);
+  if (threadIdx.x == 0) out[0] = acc;
+}
+
+// torch.optim.AdamW (non-fused): decoupled decay, then the bias-corrected step.
+__global__ void adamw_kernel(float* params, const float* grads, float* m, float* v, std::size_t n, float beta1,
+                             float beta2, float eps, float step_size, float bias2_sqrt, float decay,
+                             float grad_scale) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float g = grads[i] * grad_scale;
+  const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+  const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+  m[i] = mi;
+  v[i] = vi;
+  params[i] = params[i] * decay - step_size * mi / (sqrtf(vi) / bias2_sqrt + eps);
+}
+
+// ---- fused causal attention ----------------------------------------------------------------------
+// Flash-attention style: nothing of size S×S is stored. The forward keeps the log-sum-exp of each
+// query row; the backward recomputes the probabilities tile by tile from it. A warp owns a query row
+// (lane j scores key j of a 32-key tile; the output's head dimensions are split over the lanes);
+// K and V tiles sit in shared memory with an odd row stride, so the lanes' rows fall in distinct banks.
+constexpr int kAttKeys = 32;        // keys per tile (one per lane)
+constexpr int kAttWarps = 4;        // warps per block in the row kernels
+constexpr int kAttRowsPerWarp = 2;  // query rows per warp
+constexpr int kAttRows = kAttWarps * kAttRowsPerWarp;
+constexpr int kAttMaxHeadDim = 128;
+constexpr int kAttDimsPerLane = kAttMaxHeadDim / 32;
+
+__host__ __device__ inline int att_stride(int d) { return d | 1; }
+
+__device__ void load_kv_tile(float* Ks, float* Vs, const float* base, int k0, int S, int C, int d, int stride) {
+  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+  for (int i = threadIdx.x; i < kAttKeys * d; i += blockDim.x) {
+    const int j = i / d, k = i % d, key = k0 + j;
+    float kv = 0.0f, vv = 0.0f;  // keys beyond S: zeros, never read past the tensor
+    if (key < S) {
+      const float* row = base + static_cast<std::size_t>(key) * C3;
+      kv = row[C + k];
+      vv = row[2 * C + k];
+    }
+    Ks[j * stride + k] = kv;
+    Vs[j * stride + k] = vv;
+  }
+}
+
+// out (B, S, C); lse (B, H, S) = max + log Σ exp of each query row's scaled scores.
+__global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, int S, int C, int H) {
+  PB_DYNAMIC_SHARED(smem);
+  const int d = C / H, stride = att_stride(d);
+  float* Ks = smem;
+  float* Vs = Ks + kAttKeys * stride;
+  float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+  const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
+    const int t = q0 + i / d;
+    Qs[i] = t < S ? base[static_cast<std::size_t>(t) * C3 + i % d] : 0.0f;
+  }
+  float m[kAttRowsPerWarp], l[kAttRowsPerWarp], o[kAttRowsPerWarp][kAttDimsPerLane];
+#pragma unroll
+  for (int r = 0; r < kAttRowsPerWarp; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kAttDimsPerLane; ++k) o[r][k] = 0.0f;
+  }
+  const int last_row = min(S - 1, q0 + kAttRows - 1);
+  for (int k0 = 0; k0 <= last_row; k0 += kAttKeys) {
+    __syncthreads();  // the previous tile is consumed (and Q is loaded)
+    load_kv_tile(Ks, Vs, base, k0, S, C, d, stride);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kAttRowsPerWarp; ++r) {
+      const int row = warp * kAttRowsPerWarp + r, t = q0 + row, key = k0 + lane;
+      if (t >= S || k0 > t) continue;  // uniform over the warp
+      float s = -INFINITY;
+      if (key <= t) {
+        const float* q = Qs + row * d;
+        const float* kr = Ks + lane * stride;
+        float dot = 0.0f;
+        for (int k = 0; k < d; ++k) dot += q[k] * kr[k];
+        s = dot * scale;
+      }
+      const float m_new = fmaxf(m[r], warp_max(s));  // finite: key k0 ≤ t is in this tile
+      const float p = key <= t ? expf(s - m_new) : 0.0f;
+      const float alpha = expf(m[r] - m_new);  // 0 on the first tile
+      l[r] = l[r] * alpha + warp_sum(p);
+#pragma unroll
+      for (int k = 0; k < kAttDimsPerLane; ++k) o[r][k] *= alpha;
+      for (int j = 0; j < kAttKeys; ++j) {
+        const float pj = __shfl_sync(kFull, p, j);
+#pragma unroll
+        for (int k = 0; k < kAttDimsPerLane; ++k) {
+          const int dim = lane + 32 * k;
+          if (dim < d) o[r][k] += pj * Vs[j * stride + dim];
+        }
+      }
+      m[r] = m_new;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kAttRowsPerWarp; ++r) {
+    const int t = q0 + warp * kAttRowsPerWarp + r;
+    if (t >= S) continue;
+    float* ot = out + (static_cast<std::size_t>(b) * S + t) * C + h * d;
+#pragma unroll
+    for (int k = 0; k < kAttDimsPerLane; ++k) {
+      const int dim = lane + 32 * k;
+      if (dim < d) ot[dim] = o[r][k] / l[r];
+    }
+    if (lane == 0) lse[static_cast<std::size_t>(bh) * S + t] = m[r] + logf(l[r]);
+  }
+}
+
+// D (B, H, S) = Σ_dims dout · out per query row (= Σ_keys P · dP): one warp per row.
+__global__ void attention_backward_dot_kernel(float* D, const float* dout, const float* out, int B, int S, int C,
+                                              int H) {
+  const std::size_t w = blockIdx.x * static_cast<std::size_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= static_cast<std::size_t>(B) * H * S) return;
+  const int d = C / H, t = static_cast<int>(w % S), bh = static_cast<int>(w / S), b = bh / H, h = bh % H;
+  const std::size_t off = (static_cast<std::size_t>(b) * S + t) * C + h * d;
+  float acc = 0.0f;
+  for (int k = lane; k < d; k += 32) acc += dout[off + k] * out[off + k];
+  acc = warp_sum(acc);
+  if (lane == 0) D[w] = acc;
+}
+
+// dQ of each query row: Σ_keys P·(dP − D)·scale · k.
+__global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+                                             const float* D, int S, int C, int H) {
+  PB_DYNAMIC_SHARED(smem);
+  const int d = C / H, stride = att_stride(d);
+  float* Ks = smem;
+  float* Vs = Ks + kAttKeys * stride;
+  float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
+  float* dOs = Qs + kAttRows * d;      // (kAttRows, d)
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+  const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const float* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
+    const int t = q0 + i / d;
+    Qs[i] = t < S ? base[static_cast<std::size_t>(t) * C3 + i % d] : 0.0f;
+    dOs[i] = t < S ? dbase[static_cast<std::size_t>(t) * C + i % d] : 0.0f;
+  }
+  float dq[kAttRowsPerWarp][kAttDimsPerLane] = {};
+  const int last_row = min(S - 1, q0 + kAttRows - 1);
+  for (int k0 = 0; k0 <= last_row; k0 += kAttKeys) {
+    __syncthreads();
+    load_kv_tile(Ks, Vs, base, k0, S, C, d, stride);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kAttRowsPerWarp; ++r) {
+      const int row = warp * kAttRowsPerWarp + r, t = q0 + row, key = k0 + lane;
+      if (t >= S || k0 > t) continue;
+      float ds = 0.0f;
+      if (key <= t) {
+        const float* q = Qs + row * d;
+        const float* g = dOs + row * d;
+        const float* kr = Ks + lane * stride;
+        const float* vr = Vs + lane * stride;
+        float s = 0.0f, dp = 0.0f;
+        for (int k = 0; k < d; ++k) {
+          s += q[k] * kr[k];
+          dp += g[k] * vr[k];
+        }
+        const std::size_t stat = static_cast<std::size_t>(bh) * S + t;
+        const float p = expf(s * scale - lse[stat]);
+        ds = p * (dp - D[stat]) * scale;
+      }
+      for (int j = 0; j < kAttKeys; ++j) {
+        const float dsj = __shfl_sync(kFull, ds, j);
+#pragma unroll
+        for (int k = 0; k < kAttDimsPerLane; ++k) {
+          const int dim = lane + 32 * k;
+          if (dim < d) dq[r][k] += dsj * Ks[j * stride + dim];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kAttRowsPerWarp; ++r) {
+    const int t = q0 + warp * kAttRowsPerWarp + r;
+    if (t >= S) continue;
+    float* dqt = dqkv + (static_cast<std::size_t>(b) * S + t) * C3 + h * d;
+#pragma unroll
+    for (int k = 0; k < kAttDimsPerLane; ++k) {
+      const int dim = lane + 32 * k;
+      if (dim < d) dqt[dim] = dq[r][k];
+    }
+  }
+}
+
+// dK and dV of a 32-key tile: one warp, lane j owns key j's rows of dK and dV (in shared memory)
+// and walks the query rows that can see the tile.
+__global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+                                              const float* D, int S, int C, int H) {
+  PB_DYNAMIC_SHARED(smem);
+  const int d = C / H, stride = att_stride(d);
+  float* Ks = smem;
+  float* Vs = Ks + kAttKeys * stride;
+  float* dKs = Vs + kAttKeys * stride;
+  float* dVs = dKs + kAttKeys * stride;
+  float* q = dVs + kAttKeys * stride;  // (d)
+  float* g = q + d;                    // (d): dout row
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kAttKeys, lane = threadIdx.x;
+  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+  const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const float* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  load_kv_tile(Ks, Vs, base, k0, S, C, d, stride);
+  for (int i = lane; i < kAttKeys * stride; i += 32) dKs[i] = dVs[i] = 0.0f;
+  const int key = k0 + lane;
+  const float* kr = Ks + lane * stride;
+  const float* vr = Vs + lane * stride;
+  float* dkr = dKs + lane * stride;
+  float* dvr = dVs + lane * stride;
+  for (int t = k0; t < S; ++t) {
+    __syncwarp();
+    for (int k = lane; k < d; k += 32) {
+      q[k] = base[static_cast<std::size_t>(t) * C3 + k];
+      g[k] = dbase[static_cast<std::size_t>(t) * C + k];
+    }
+    __syncwarp();
+    if (key > t) continue;  // also keys beyond S, since t < S
+    float s = 0.0f, dp = 0.0f;
+    for (int k = 0; k < d; ++k) {
+      s += q[k] * kr[k];
+      dp += g[k] * vr[k];
+    }
+    const std::size_t stat = static_cast<std::size_t>(bh) * S + t;
+    const float p = expf(s * scale - lse[stat]);
+    const float ds = p * (dp - D[stat]) * scale;
+    for (int k = 0; k < d; ++k) {
+      dvr[k] += p * g[k];
+      dkr[k] += ds * q[k];
+    }
+  }
+  __syncwarp();
+  for (int j = 0; j < kAttKeys && k0 + j < S; ++j) {
+    float* row = dqkv + (static_cast<std::size_t>(b) * S + k0 + j) * C3 + h * d;
+    for (int k = lane; k < d; k += 32) {
+      row[C + k] = dKs[j * stride + k];
+      row[2 * C + k] = dVs[j * stride + k];
+    }
+  }
+}
+
+// Dynamic shared memory of the attention kernels for head dimension d.
+inline std::size_t attention_row_smem(int d, bool with_dout) {
+  return sizeof(float) * (2 * kAttKeys * att_stride(d) + (with_dout ? 2 : 1) * kAttRows * d);
+}
+inline std::size_t attention_dkv_smem(int d) { return sizeof(float) * (4 * kAttKeys * att_stride(d) + 2 * d); }
+
+}  // namespace kernels
+}  // namespace pb

@@ -1,0 +1,224 @@
+// The CUDA backend's kernels (kernels/cuda/kernels.cuh), run on the CPU through tests/unit/cuda_emulation.h
+// with the launch configurations of kernels/cuda/cuda_backend.cu, against the CPU backend.
+//
+// This checks the kernels' indexing, barriers, shuffles and arithmetic on every machine; the GPU run
+// of the same comparisons (tests/gpu/test_cuda_ops.cpp, with cuBLAS, streams and the allocator) needs
+// a GPU. Outputs start as NaN, so an element a kernel does not write fails; the error is
+// ‖kernel − cpu‖ / ‖cpu‖ ≤ 1e-5.
+#include "tests/unit/cuda_emulation.h"
+// The emulation first: the kernels then compile as plain C++.
+#include "kernels/cuda/kernels.cuh"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/cpu_backend.h"
+
+namespace pb {
+namespace {
+
+using emu::launch;
+using FVec = std::vector<float>;
+namespace k = kernels;
+
+constexpr double kTol = 1e-5;
+constexpr int kThreads = 256;  // as cuda_backend.cu
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+unsigned blocks_for(std::size_t n, int threads = kThreads) {
+  return static_cast<unsigned>(std::max<std::size_t>(1, (n + threads - 1) / threads));
+}
+
+double rel_error(const FVec& got, const FVec& ref) {
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    diff += (static_cast<double>(got[i]) - ref[i]) * (static_cast<double>(got[i]) - ref[i]);
+    norm += static_cast<double>(ref[i]) * ref[i];
+  }
+  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+#define EXPECT_CLOSE(got, ref, what) EXPECT_LE(rel_error(got, ref), kTol) << (what)
+
+class EmulatedKernels : public ::testing::Test {
+ protected:
+  FVec random(std::size_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    FVec v(n);
+    for (float& x : v) x = u(rng_);
+    return v;
+  }
+  std::mt19937 rng_{42};
+  std::unique_ptr<Backend> cpu_ = make_cpu_backend(1);
+};
+
+TEST_F(EmulatedKernels, LayerNorm) {
+  const int N = 37, C = 72;
+  const FVec x = random(std::size_t(N) * C, -3.0f, 3.0f), w = random(C), b = random(C);
+  FVec out(x.size(), kNaN), mean(N, kNaN), rstd(N, kNaN), ref_out(x.size()), ref_mean(N), ref_rstd(N);
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_forward_kernel, out.data(),
+         mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
+  cpu_->layernorm_forward(ref_out.data(), ref_mean.data(), ref_rstd.data(), x.data(), w.data(), b.data(), N, C);
+  EXPECT_CLOSE(out, ref_out, "layernorm forward");
+  EXPECT_CLOSE(mean, ref_mean, "layernorm mean");
+  EXPECT_CLOSE(rstd, ref_rstd, "layernorm rstd");
+
+  const FVec dout = random(x.size()), dinp0 = random(x.size()), dw0 = random(C), db0 = random(C);
+  FVec dinp = dinp0, dw = dw0, db = db0, ref_dinp = dinp0, ref_dw = dw0, ref_db = db0;
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_backward_input_kernel,
+         dinp.data(), dout.data(), x.data(), w.data(), mean.data(), rstd.data(), N, C);
+  const int max_chunks = 8, rows_per_chunk = (N + max_chunks - 1) / max_chunks;
+  const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  FVec partial(2 * std::size_t(chunks) * C, kNaN);
+  launch(dim3(blocks_for(C), chunks), dim3(kThreads), 0, k::layernorm_param_partials_kernel, partial.data(),
+         dout.data(), x.data(), mean.data(), rstd.data(), N, C, rows_per_chunk);
+  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel, dw.data(), db.data(),
+         partial.data(), chunks, C);
+  cpu_->layernorm_backward(ref_dinp.data(), ref_dw.data(), ref_db.data(), dout.data(), x.data(), w.data(),
+                           ref_mean.data(), ref_rstd.data(), N, C);
+  EXPECT_CLOSE(dinp, ref_dinp, "layernorm backward dinp (accumulated)");
+  EXPECT_CLOSE(dw, ref_dw, "layernorm backward dweight");
+  EXPECT_CLOSE(db, ref_db, "layernorm backward dbias");
+}
+
+// Forward and backward of the fused attention, with cuda_backend.cu's grids and shared memory.
+void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu) {
+  const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
+                            std::to_string(H);
+  const int d = C / H;
+  const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C, rows = std::size_t(B) * H * S;
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  FVec qkv(nqkv), dout(nout);
+  for (float& x : qkv) x = u(rng);
+  for (float& x : dout) x = u(rng) / 2;
+
+  FVec out(nout, kNaN), lse(rows, kNaN), ref_out(nout), probs(cpu.attention_saved_floats(B, S, H));
+  const dim3 rows_grid((S + k::kAttRows - 1) / k::kAttRows, B * H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_forward_kernel,
+         out.data(), lse.data(), qkv.data(), S, C, H);
+  cpu.attention_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H);
+  EXPECT_CLOSE(out, ref_out, "attention forward " + shape);
+
+  FVec dqkv(nqkv, kNaN), D(rows, kNaN), ref_dqkv(nqkv), scratch(cpu.attention_scratch_floats(B, S, H));
+  launch(dim3(blocks_for(rows * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel, D.data(), dout.data(),
+         out.data(), B, S, C, H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel,
+         dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
+  launch(dim3((S + k::kAttKeys - 1) / k::kAttKeys, B * H), dim3(32), k::attention_dkv_smem(d),
+         k::attention_backward_dkv_kernel, dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
+  cpu.attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
+                         S, C, H);
+  EXPECT_CLOSE(dqkv, ref_dqkv, "attention backward dqkv " + shape);
+}
+
+TEST_F(EmulatedKernels, FusedAttention) {
+  check_attention(2, 70, 72, 3, rng_, *cpu_);   // head dimension 24, S across tiles
+  check_attention(1, 33, 128, 2, rng_, *cpu_);  // 64
+  check_attention(1, 40, 256, 2, rng_, *cpu_);  // 128, the limit
+  check_attention(1, 1, 16, 4, rng_, *cpu_);    // one token
+}
+
+TEST_F(EmulatedKernels, Embedding) {
+  const int B = 2, S = 13, C = 40, V = 67, N = B * S;
+  std::vector<int32_t> tokens(N);
+  std::uniform_int_distribution<int32_t> t(-3, V - 1);
+  for (int32_t& x : tokens) x = t(rng_);
+  tokens[0] = tokens[1] = tokens[5] = 7;
+  const FVec table = random(std::size_t(V) * C), pos = random(std::size_t(S) * C);
+  FVec out(std::size_t(N) * C, kNaN), ref_out(out.size());
+  launch(dim3(blocks_for(out.size())), dim3(kThreads), 0, k::embedding_forward_kernel, out.data(), tokens.data(),
+         table.data(), pos.data(), N, S, C);
+  cpu_->embedding_forward(ref_out.data(), tokens.data(), table.data(), pos.data(), B, S, C);
+  EXPECT_CLOSE(out, ref_out, "embedding forward");
+
+  const FVec dout = random(out.size()), dtok0 = random(table.size()), dpos0 = random(pos.size());
+  FVec dtok = dtok0, dpos = dpos0, ref_dtok = dtok0, ref_dpos = dpos0;
+  launch(dim3(blocks_for(C), k::kTokenPartitions), dim3(kThreads), 0, k::embedding_backward_tok_kernel, dtok.data(),
+         dout.data(), tokens.data(), N, C);
+  launch(dim3(blocks_for(pos.size())), dim3(kThreads), 0, k::embedding_backward_pos_kernel, dpos.data(), dout.data(),
+         B, S, C);
+  cpu_->embedding_backward(ref_dtok.data(), ref_dpos.data(), dout.data(), tokens.data(), B, S, C);
+  EXPECT_CLOSE(dtok, ref_dtok, "embedding backward dtok");
+  EXPECT_CLOSE(dpos, ref_dpos, "embedding backward dpos");
+}
+
+TEST_F(EmulatedKernels, CrossEntropy) {
+  const int N = 9, V = 300;
+  const float scale = 0.03f;
+  std::vector<int32_t> targets(N);
+  std::uniform_int_distribution<int32_t> t(0, V - 1);
+  for (int32_t& x : targets) x = t(rng_);
+  FVec z = random(std::size_t(N) * V, -8.0f, 8.0f);
+  z[3] = 120.0f;  // a dominant logit
+
+  FVec logits = z, ref_logits = z;
+  std::vector<double> row_loss(N);
+  double loss = 0.5, ref_loss = 0.5;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel, logits.data(), row_loss.data(), targets.data(), V, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
+  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, scale);
+  EXPECT_CLOSE(logits, ref_logits, "cross-entropy dlogits");
+  EXPECT_NEAR(loss, ref_loss, 1e-6 * std::abs(ref_loss));
+
+  // Vocabulary-parallel steps; some targets in another rank's block.
+  targets[0] = targets[4] = -1;
+  FVec logits2 = z, ref_logits2 = z, row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N);
+  double loss2 = 0.0, ref_loss2 = 0.0;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel, row_max.data(), logits2.data(), V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel, sums.data(), logits2.data(), targets.data(),
+         row_max.data(), N, V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel, logits2.data(), row_loss.data(), targets.data(),
+         row_max.data(), sums.data(), N, V, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss2, row_loss.data(), N, scale);
+  cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V);
+  cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V);
+  cpu_->cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V,
+                             scale);
+  EXPECT_CLOSE(row_max, ref_max, "cross-entropy row max");
+  EXPECT_CLOSE(sums, ref_sums, "cross-entropy partial sums");
+  EXPECT_CLOSE(logits2, ref_logits2, "cross-entropy finish dlogits");
+  EXPECT_NEAR(loss2, ref_loss2, 1e-6 * std::abs(ref_loss2));
+}
+
+TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
+  const std::size_t n = (std::size_t{1} << 14) * 2 + 77;  // three chunks, the last one short
+  const FVec x = random(n, -4.0f, 4.0f);
+  const std::size_t chunks = (n + k::kSumChunk - 1) / k::kSumChunk;
+  std::vector<double> partial(chunks + 1, std::nan(""));
+  launch(dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0, k::sum_squares_partial_kernel, partial.data(),
+         x.data(), n);
+  launch(dim3(1), dim3(1024), 0, k::sum_doubles_kernel, partial.data() + chunks, partial.data(), chunks);
+  EXPECT_NEAR(partial[chunks], cpu_->sum_squares(x.data(), n), 1e-12 * partial[chunks]);
+
+  const std::size_t m = 1000;
+  FVec p = random(m), g = random(m, -0.1f, 0.1f), mo = random(m, -0.01f, 0.01f), v = random(m, 0.0f, 1e-4f);
+  FVec rp = p, rm = mo, rv = v;
+  const float lr = 3e-4f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 0.5f;
+  for (int t = 1; t <= 3; ++t) {
+    const float bias1 = 1.0f - std::pow(b1, static_cast<float>(t)), bias2 = 1.0f - std::pow(b2, static_cast<float>(t));
+    launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::adamw_kernel, p.data(), g.data(), mo.data(), v.data(), m, b1,
+           b2, eps, lr / bias1, std::sqrt(bias2), 1.0f - lr * wd, clip);
+    cpu_->adamw_update(rp.data(), g.data(), rm.data(), rv.data(), m, lr, b1, b2, eps, wd, t, clip);
+  }
+  EXPECT_CLOSE(p, rp, "adamw params");
+  EXPECT_CLOSE(mo, rm, "adamw m");
+  EXPECT_CLOSE(v, rv, "adamw v");
+
+  FVec gelu(m, kNaN), ref_gelu(m), dgelu(m, kNaN), ref_dgelu(m);
+  const FVec xs = random(m, -5.0f, 5.0f);
+  launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::gelu_forward_kernel, gelu.data(), xs.data(), m);
+  launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::gelu_backward_kernel, dgelu.data(), xs.data(), g.data(), m);
+  cpu_->gelu_forward(ref_gelu.data(), xs.data(), m);
+  cpu_->gelu_backward(ref_dgelu.data(), xs.data(), g.data(), m);
+  EXPECT_CLOSE(gelu, ref_gelu, "gelu forward");
+  EXPECT_CLOSE(dgelu, ref_dgelu, "gelu backward");
+}
+
+}  // namespace
+}  // namespace pb
