@@ -213,9 +213,9 @@ class CudaBackend final : public Backend {
     attention_backward_dq_kernel<<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
         dqkv, dout, qkv, saved, scratch_d, S, C, num_heads);
     PB_LAUNCH_CHECK();
-    const dim3 keys_grid((S + kAttKeys - 1) / kAttKeys, B * num_heads);
-    attention_backward_dkv_kernel<<<keys_grid, 32, attention_dkv_smem(d), stream_>>>(dqkv, dout, qkv, saved,
-                                                                                      scratch_d, S, C, num_heads);
+    const dim3 keys_grid((S + kDkvKeys - 1) / kDkvKeys, B * num_heads);
+    attention_backward_dkv_kernel<<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
+        dqkv, dout, qkv, saved, scratch_d, S, C, num_heads);
     PB_LAUNCH_CHECK();
   }
 

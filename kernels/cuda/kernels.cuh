@@ -306,9 +306,11 @@ constexpr int kAttDimsPerLane = kAttMaxHeadDim / 32;
 
 __host__ __device__ inline int att_stride(int d) { return d | 1; }
 
-__device__ void load_kv_tile(float* Ks, float* Vs, const float* base, int k0, int S, int C, int d, int stride) {
+// Rows k0..k0+keys−1 of K and V (zeros beyond S) into shared memory, by every thread of the block.
+__device__ void load_kv_tile(float* Ks, float* Vs, const float* base, int k0, int keys, int S, int C, int d,
+                             int stride) {
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  for (int i = threadIdx.x; i < kAttKeys * d; i += blockDim.x) {
+  for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
     const int j = i / d, k = i % d, key = k0 + j;
     float kv = 0.0f, vv = 0.0f;  // keys beyond S: zeros, never read past the tensor
     if (key < S) {
@@ -348,7 +350,7 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* qk
   const int last_row = min(S - 1, q0 + kAttRows - 1);
   for (int k0 = 0; k0 <= last_row; k0 += kAttKeys) {
     __syncthreads();  // the previous tile is consumed (and Q is loaded)
-    load_kv_tile(Ks, Vs, base, k0, S, C, d, stride);
+    load_kv_tile(Ks, Vs, base, k0, kAttKeys, S, C, d, stride);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kAttRowsPerWarp; ++r) {
@@ -431,7 +433,7 @@ __global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, con
   const int last_row = min(S - 1, q0 + kAttRows - 1);
   for (int k0 = 0; k0 <= last_row; k0 += kAttKeys) {
     __syncthreads();
-    load_kv_tile(Ks, Vs, base, k0, S, C, d, stride);
+    load_kv_tile(Ks, Vs, base, k0, kAttKeys, S, C, d, stride);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kAttRowsPerWarp; ++r) {
@@ -475,57 +477,72 @@ __global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, con
   }
 }
 
-// dK and dV of a 32-key tile: one warp, lane j owns key j's rows of dK and dV (in shared memory)
-// and walks the query rows that can see the tile.
+// dK and dV of a tile of kDkvKeys keys: each warp owns 16 keys, two lanes per key (lane j and j + 16
+// each hold half of the head dimension of key j's dK and dV rows in registers). The block walks the
+// query rows that can see its keys, one row at a time: the row's q and dout in shared memory, the
+// score and dP of each key as two half dot products joined by one shuffle.
+constexpr int kDkvKeysPerWarp = 16;
+constexpr int kDkvWarps = 4;
+constexpr int kDkvKeys = kDkvKeysPerWarp * kDkvWarps;
+constexpr int kDkvHalfDim = kAttMaxHeadDim / 2;
+
 __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
                                               const float* D, int S, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
-  const int d = C / H, stride = att_stride(d);
-  float* Ks = smem;
-  float* Vs = Ks + kAttKeys * stride;
-  float* dKs = Vs + kAttKeys * stride;
-  float* dVs = dKs + kAttKeys * stride;
-  float* q = dVs + kAttKeys * stride;  // (d)
-  float* g = q + d;                    // (d): dout row
-  const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kAttKeys, lane = threadIdx.x;
+  const int d = C / H, stride = att_stride(d), half = (d + 1) / 2;
+  float* Ks = smem;  // (kDkvKeys, stride)
+  float* Vs = Ks + kDkvKeys * stride;
+  float* q = Vs + kDkvKeys * stride;  // (d): the query row
+  float* g = q + d;                   // (d): its output gradient
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kDkvKeys;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
+  const int lo = lane / kDkvKeysPerWarp * half, hi = min(d, lo + half);       // its dimensions
+  const int warp_first_key = k0 + warp * kDkvKeysPerWarp;
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
   const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
   const float* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
-  load_kv_tile(Ks, Vs, base, k0, S, C, d, stride);
-  for (int i = lane; i < kAttKeys * stride; i += 32) dKs[i] = dVs[i] = 0.0f;
-  const int key = k0 + lane;
-  const float* kr = Ks + lane * stride;
-  const float* vr = Vs + lane * stride;
-  float* dkr = dKs + lane * stride;
-  float* dvr = dVs + lane * stride;
+  load_kv_tile(Ks, Vs, base, k0, kDkvKeys, S, C, d, stride);
+  const float* kr = Ks + j * stride;
+  const float* vr = Vs + j * stride;
+  float dk[kDkvHalfDim], dv[kDkvHalfDim];
+#pragma unroll
+  for (int k = 0; k < kDkvHalfDim; ++k) dk[k] = dv[k] = 0.0f;
   for (int t = k0; t < S; ++t) {
-    __syncwarp();
-    for (int k = lane; k < d; k += 32) {
+    __syncthreads();  // the tile is loaded; the previous row is consumed
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
       q[k] = base[static_cast<std::size_t>(t) * C3 + k];
       g[k] = dbase[static_cast<std::size_t>(t) * C + k];
     }
-    __syncwarp();
-    if (key > t) continue;  // also keys beyond S, since t < S
+    __syncthreads();
+    if (t < warp_first_key) continue;  // none of this warp's keys is visible from row t (uniform)
     float s = 0.0f, dp = 0.0f;
-    for (int k = 0; k < d; ++k) {
+    for (int k = lo; k < hi; ++k) {
       s += q[k] * kr[k];
       dp += g[k] * vr[k];
     }
+    s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
+    dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
+    if (key > t) continue;  // masked (also keys beyond S, since t < S)
     const std::size_t stat = static_cast<std::size_t>(bh) * S + t;
     const float p = expf(s * scale - lse[stat]);
     const float ds = p * (dp - D[stat]) * scale;
-    for (int k = 0; k < d; ++k) {
-      dvr[k] += p * g[k];
-      dkr[k] += ds * q[k];
+#pragma unroll
+    for (int k = 0; k < kDkvHalfDim; ++k) {
+      if (lo + k < hi) {
+        dv[k] += p * g[lo + k];
+        dk[k] += ds * q[lo + k];
+      }
     }
   }
-  __syncwarp();
-  for (int j = 0; j < kAttKeys && k0 + j < S; ++j) {
-    float* row = dqkv + (static_cast<std::size_t>(b) * S + k0 + j) * C3 + h * d;
-    for (int k = lane; k < d; k += 32) {
-      row[C + k] = dKs[j * stride + k];
-      row[2 * C + k] = dVs[j * stride + k];
+  if (key >= S) return;
+  float* row = dqkv + (static_cast<std::size_t>(b) * S + key) * C3 + h * d;
+#pragma unroll
+  for (int k = 0; k < kDkvHalfDim; ++k) {
+    if (lo + k < hi) {
+      row[C + lo + k] = dk[k];
+      row[2 * C + lo + k] = dv[k];
     }
   }
 }
@@ -534,7 +551,7 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
 inline std::size_t attention_row_smem(int d, bool with_dout) {
   return sizeof(float) * (2 * kAttKeys * att_stride(d) + (with_dout ? 2 : 1) * kAttRows * d);
 }
-inline std::size_t attention_dkv_smem(int d) { return sizeof(float) * (4 * kAttKeys * att_stride(d) + 2 * d); }
+inline std::size_t attention_dkv_smem(int d) { return sizeof(float) * (2 * kDkvKeys * att_stride(d) + 2 * d); }
 
 }  // namespace kernels
 }  // namespace pb

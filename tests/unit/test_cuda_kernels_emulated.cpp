@@ -110,7 +110,7 @@ void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu
          out.data(), B, S, C, H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel,
          dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
-  launch(dim3((S + k::kAttKeys - 1) / k::kAttKeys, B * H), dim3(32), k::attention_dkv_smem(d),
+  launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
          k::attention_backward_dkv_kernel, dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
   cpu.attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
                          S, C, H);
