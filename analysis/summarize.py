@@ -15,15 +15,16 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or as analysis.summarize
 try:
     import h5py
     import numpy as np
+
+    from analysis.results import SCHEMA, SCHEMA_VERSION, ResultError, plain
 except ImportError as e:
     sys.exit(f"summarize: error: {e}; install analysis/requirements.txt (h5py, numpy) "
              f"for {sys.executable}, or run it with a python3 that has them")
 
-SCHEMA = "parabench"
-SCHEMA_VERSION = 1
 MIB = 2**20
 
 # (CSV name, table heading, table format)
@@ -42,21 +43,6 @@ COLUMNS = [
     ("mfu", "MFU", "{:.1%}"),
     ("peak_mem_mib", "peak mem MiB", "{:.1f}"),
 ]
-
-
-class ResultError(Exception):
-    """A file that is not a readable parabench result of a supported schema version."""
-
-
-def plain(value):
-    """An HDF5 attribute as a Python str, int or float (strings may come back as bytes)."""
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    if isinstance(value, (bytes, np.bytes_)):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def attr(node, name):

@@ -294,18 +294,10 @@ class HostStagedCommunicator final : public Communicator {
   std::string name() const override { return "mpi"; }
 
   void all_reduce(float* buf, std::size_t count) override {
-    Timed t(account(stats_, CommOp::all_reduce, count));
-    Staged h(*this, count);
-    to_host(h.ptr, buf, count);
-    host_->all_reduce(h.ptr, count);
-    to_device(buf, h.ptr, count);
+    in_place(CommOp::all_reduce, buf, count, [&](float* host) { host_->all_reduce(host, count); });
   }
   void all_reduce_max(float* buf, std::size_t count) override {
-    Timed t(account(stats_, CommOp::all_reduce, count));
-    Staged h(*this, count);
-    to_host(h.ptr, buf, count);
-    host_->all_reduce_max(h.ptr, count);
-    to_device(buf, h.ptr, count);
+    in_place(CommOp::all_reduce, buf, count, [&](float* host) { host_->all_reduce_max(host, count); });
   }
   Request all_reduce_async(float* buf, std::size_t count) override {
     CommOpStats& s = account(stats_, CommOp::all_reduce, count);
@@ -421,6 +413,16 @@ class HostStagedCommunicator final : public Communicator {
     float* ptr;
     std::size_t count;
   };
+
+  // A blocking in-place call on a host copy of `buf`: down, the call, up.
+  template <typename Call>
+  void in_place(CommOp op, float* buf, std::size_t count, Call call) {
+    Timed t(account(stats_, op, count));
+    Staged h(*this, count);
+    to_host(h.ptr, buf, count);
+    call(h.ptr);
+    to_device(buf, h.ptr, count);
+  }
 
   // After the compute stream's queued work (which produced `src`).
   void to_host(float* dst, const float* src, std::size_t count) {

@@ -9,15 +9,8 @@ cd "$root" || exit 2
 
 die() { echo "$app.sbatch: error: $*" >&2; exit 2; }
 
-# True when the app arguments already contain option $1 (as "--opt value" or "--opt=value").
-has_option() {
-  local opt=$1 arg
-  shift
-  for arg in "$@"; do
-    [[ $arg == "$opt" || $arg == "$opt="* ]] && return 0
-  done
-  return 1
-}
+# shellcheck source-path=SCRIPTDIR source=options.sh
+source "$(dirname "${BASH_SOURCE[0]}")/options.sh"
 
 cluster=${PB_CLUSTER:-local}
 profile=jobs/clusters/$cluster.env

@@ -36,15 +36,8 @@ sweep_options_help() {
 EOF
 }
 
-# True when the app arguments (after $1) contain option $1, as "--opt value" or "--opt=value".
-has_option() {
-  local opt=$1 arg
-  shift
-  for arg in "$@"; do
-    [[ $arg == "$opt" || $arg == "$opt="* ]] && return 0
-  done
-  return 1
-}
+# shellcheck source-path=SCRIPTDIR source=options.sh
+source "$(dirname "${BASH_SOURCE[0]}")/options.sh"
 
 # Prints the value of option $1 in the app arguments (after $1); nothing when it is not there.
 option_value() {

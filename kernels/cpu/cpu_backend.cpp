@@ -2,8 +2,8 @@
 //
 // Every loop that reduces across rows (bias and LayerNorm parameter gradients, embedding gradients)
 // is parallelised over the output columns and runs the rows in order, so a run with the same
-// thread count is bitwise reproducible. Freed blocks are kept in a per-size cache, because the
-// same shapes come back every step; the tracker counts what the model holds, not the cache.
+// thread count is bitwise reproducible. Memory comes from a per-size cache of freed blocks
+// (kernels/block_cache.h).
 #include "kernels/cpu/cpu_backend.h"
 
 #include <cblas.h>
@@ -14,11 +14,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <map>
 #include <new>
 #include <stdexcept>
-#include <unordered_map>
 #include <vector>
+
+#include "kernels/block_cache.h"
 
 namespace pb {
 namespace {
@@ -52,42 +52,24 @@ constexpr std::size_t kAlignment = 64;
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) : threads_(std::max(1, threads)) {
+  explicit CpuBackend(int threads)
+      : threads_(std::max(1, threads)),
+        blocks_(kAlignment, [](std::size_t bytes) {
+          void* ptr = std::aligned_alloc(kAlignment, bytes);
+          if (ptr == nullptr) throw std::bad_alloc();
+          return ptr;
+        }, [](void* ptr) { std::free(ptr); }) {
     openblas_set_num_threads(threads_);
     omp_set_num_threads(threads_);
-  }
-  ~CpuBackend() override {
-    for (auto& [size, ptr] : cache_) std::free(ptr);
   }
 
   std::string name() const override { return "cpu"; }
   std::string device_name() const override { return cpu_model_name(); }
 
   // ---- memory ------------------------------------------------------------------------------------
-  void* alloc(std::size_t bytes, MemCategory category) override {
-    const std::size_t rounded = std::max<std::size_t>(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
-    void* ptr = nullptr;
-    auto hit = cache_.find(rounded);
-    if (hit != cache_.end()) {
-      ptr = hit->second;
-      cache_.erase(hit);
-    } else {
-      ptr = std::aligned_alloc(kAlignment, rounded);
-      if (ptr == nullptr) throw std::bad_alloc();
-    }
-    live_[ptr] = Block{bytes, rounded, category};
-    tracker_.on_alloc(category, bytes);
-    return ptr;
-  }
-  void free(void* ptr) override {
-    if (ptr == nullptr) return;
-    auto it = live_.find(ptr);
-    if (it == live_.end()) throw std::logic_error("cpu backend: free of a pointer it did not allocate");
-    tracker_.on_free(it->second.category, it->second.bytes);
-    cache_.emplace(it->second.rounded, ptr);
-    live_.erase(it);
-  }
-  MemoryTracker& tracker() override { return tracker_; }
+  void* alloc(std::size_t bytes, MemCategory category) override { return blocks_.alloc(bytes, category); }
+  void free(void* ptr) override { blocks_.free(ptr); }
+  MemoryTracker& tracker() override { return blocks_.tracker(); }
 
   void upload(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
@@ -502,15 +484,8 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  struct Block {
-    std::size_t bytes;
-    std::size_t rounded;
-    MemCategory category;
-  };
   int threads_;
-  MemoryTracker tracker_;
-  std::unordered_map<void*, Block> live_;
-  std::multimap<std::size_t, void*> cache_;
+  BlockCache blocks_;
 };
 
 }  // namespace

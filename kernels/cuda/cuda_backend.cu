@@ -11,12 +11,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
 #include "common/errors.h"
+#include "kernels/block_cache.h"
 #include "kernels/cuda/kernels.cuh"
 
 namespace pb {
@@ -57,7 +56,10 @@ class CudaBackend final : public Backend {
  public:
   // One device per process: the backend makes `device` current once, and every call assumes it.
   CudaBackend(int device, bool bf16_matmul)
-      : device_(device), compute_type_(bf16_matmul ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F) {
+      : device_(device),
+        compute_type_(bf16_matmul ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F),
+        blocks_(kAllocAlignment, [this](std::size_t bytes) { return device_malloc(bytes); },
+                [](void* ptr) { cudaFree(ptr); }) {
     PB_CUDA_CHECK(cudaSetDevice(device_));
     cudaDeviceProp prop{};
     PB_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
@@ -74,8 +76,7 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
-    for (auto& [size, ptr] : cache_) cudaFree(ptr);
-    for (auto& [ptr, block] : live_) cudaFree(ptr);
+    blocks_.release_live();  // the cached ones go with blocks_
     cudaFree(scratch_);
     cudaFree(ones_);
     cudaFreeHost(host_double_);
@@ -87,30 +88,11 @@ class CudaBackend final : public Backend {
   std::string device_name() const override { return name_; }
   cudaStream_t stream() const { return stream_; }
 
-  // ---- memory: a per-size cache over cudaMalloc ----------------------------------------------------
-  void* alloc(std::size_t bytes, MemCategory category) override {
-    const std::size_t rounded = std::max(kAllocAlignment, (bytes + kAllocAlignment - 1) / kAllocAlignment * kAllocAlignment);
-    void* ptr = nullptr;
-    auto hit = cache_.find(rounded);
-    if (hit != cache_.end()) {
-      ptr = hit->second;
-      cache_.erase(hit);
-    } else {
-      ptr = device_malloc(rounded);
-    }
-    live_[ptr] = Block{bytes, rounded, category};
-    tracker_.on_alloc(category, bytes);
-    return ptr;
-  }
-  void free(void* ptr) override {
-    if (ptr == nullptr) return;
-    auto it = live_.find(ptr);
-    if (it == live_.end()) throw std::logic_error("cuda backend: free of a pointer it did not allocate");
-    tracker_.on_free(it->second.category, it->second.bytes);
-    cache_.emplace(it->second.rounded, ptr);  // reuse is ordered by the one compute stream
-    live_.erase(it);
-  }
-  MemoryTracker& tracker() override { return tracker_; }
+  // ---- memory: a per-size cache over cudaMalloc (kernels/block_cache.h); reuse of a freed block is
+  // ordered by the one compute stream ---------------------------------------------------------------
+  void* alloc(std::size_t bytes, MemCategory category) override { return blocks_.alloc(bytes, category); }
+  void free(void* ptr) override { blocks_.free(ptr); }
+  MemoryTracker& tracker() override { return blocks_.tracker(); }
   int64_t device_memory_peak_bytes() override {
     sample_device_memory();
     return device_peak_;
@@ -316,12 +298,6 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  struct Block {
-    std::size_t bytes;
-    std::size_t rounded;
-    MemCategory category;
-  };
-
   void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* A, int lda,
             const float* B, int ldb, float beta, float* C, int ldc) {
     const float alpha = 1.0f;
@@ -352,14 +328,13 @@ class CudaBackend final : public Backend {
     if (status == cudaErrorMemoryAllocation) {
       cudaGetLastError();
       PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      for (auto& [size, cached] : cache_) PB_CUDA_CHECK(cudaFree(cached));
-      cache_.clear();
+      blocks_.release_cached();
       status = cudaMalloc(&ptr, bytes);
     }
     if (status == cudaErrorMemoryAllocation) {
       cudaGetLastError();
       throw RunError(kExitRuntime, "CUDA out of memory: " + std::to_string(bytes) + " bytes requested with " +
-                                       std::to_string(tracker_.current_total()) + " bytes in use");
+                                       std::to_string(blocks_.tracker().current_total()) + " bytes in use");
     }
     PB_CUDA_CHECK(status);
     sample_device_memory();
@@ -408,9 +383,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  MemoryTracker tracker_;
-  std::unordered_map<void*, Block> live_;
-  std::multimap<std::size_t, void*> cache_;
+  BlockCache blocks_;  // its destructor frees the cached blocks, after the stream is drained
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   float* ones_ = nullptr;
