@@ -144,6 +144,17 @@ def load(path):
         raise ResultError(f"cannot read ({type(e).__name__}: {e}); a truncated or corrupt file") from None
 
 
+def finished_rows(f, name):
+    """The rows of a per-step dataset that hold finished steps. A file still running (or killed) before
+    its first step has its per-step datasets allocated for every step and filled with NaN; the
+    attribute /steps/finished says how many rows hold data (docs/SPEC.md section 6)."""
+    if name not in f:
+        return np.empty(0)
+    data = f[name][()]
+    finished = f["steps"].attrs.get("finished") if "steps" in f else None
+    return data if finished is None else data[:int(finished)]
+
+
 def _read(f, path):
     root = attrs(f)
     if root.get("schema") != SCHEMA:
@@ -160,7 +171,7 @@ def _read(f, path):
         if key not in config:
             raise ResultError(f"/config has no attribute {key!r}")
     status = root.get("status", "")
-    loss = f["steps/loss"][()] if "steps/loss" in f else np.empty(0)
+    loss = finished_rows(f, "steps/loss")
     tag = config.get("tag", "") or ""
     sweep = re.search(r"(?:^|\s)sweep=(\S+)", tag)
     run = {

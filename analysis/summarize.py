@@ -20,7 +20,7 @@ try:
     import h5py
     import numpy as np
 
-    from analysis.results import SCHEMA, SCHEMA_VERSION, ResultError, plain
+    from analysis.results import SCHEMA, SCHEMA_VERSION, ResultError, finished_rows, plain
 except ImportError as e:
     sys.exit(f"summarize: error: {e}; install analysis/requirements.txt (h5py, numpy) "
              f"for {sys.executable}, or run it with a python3 that has them")
@@ -56,7 +56,7 @@ def measured_step_time(f, config):
     """Median over the measured steps of the slowest rank's step time, from /steps/time_s."""
     if "steps/time_s" not in f:
         return None
-    times = np.asarray(f["steps/time_s"], dtype=float)
+    times = np.asarray(finished_rows(f, "steps/time_s"), dtype=float)
     if times.ndim == 1:
         times = times[:, None]
     warmup = attr(config, "warmup") or 0

@@ -6,6 +6,14 @@
 #include <cstdio>
 
 namespace pb {
+namespace {
+std::function<void(const std::string&)>& abort_hook() {
+  static std::function<void(const std::string&)> hook;
+  return hook;
+}
+}  // namespace
+
+void set_abort_hook(std::function<void(const std::string&)> hook) { abort_hook() = std::move(hook); }
 
 std::string mpi_error_string(int code) {
   char text[MPI_MAX_ERROR_STRING];
@@ -24,6 +32,10 @@ void abort_job(ExitCode code, const char* file, int line, const std::string& cal
   std::fprintf(stderr, "parabench: [rank %d on %s] %s:%d: %s failed: %s\n", rank, host, file, line,
                call.c_str(), message.c_str());
   std::fflush(stderr);
+  // Taken before it runs, so that a failure inside the hook does not run it again.
+  const std::function<void(const std::string&)> hook = std::move(abort_hook());
+  abort_hook() = nullptr;
+  if (hook) hook(call + " failed: " + message);
   if (initialized) MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
 }

@@ -4,6 +4,7 @@
 // whole job with the code of its class (MPI_Abort), so no rank is left waiting in a collective.
 #pragma once
 
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -14,7 +15,9 @@ enum ExitCode : int {
   kExitConfig = 2,       // bad command line or configuration
   kExitRuntime = 3,      // MPI, CUDA, NCCL, HDF5, out of memory, I/O
   kExitNumerical = 4,    // NaN or Inf loss or gradient
-  kExitInterrupted = 143 // SIGTERM
+  kExitHangup = 129,     // SIGHUP (128 + 1), as a shell reports it
+  kExitInterrupt = 130,  // SIGINT (Ctrl-C)
+  kExitInterrupted = 143 // SIGTERM (Slurm's time limit, scancel)
 };
 
 // A configuration error found by validation: the message names the option, the value and the rule.
@@ -28,9 +31,14 @@ struct RunError : std::runtime_error {
   ExitCode code;
 };
 
-// Prints "[rank R on HOST] file:line: call failed: message" and aborts the job with `code`.
+// Prints "[rank R on HOST] file:line: call failed: message", runs the abort hook (once), and aborts
+// the job with `code`.
 [[noreturn]] void abort_job(ExitCode code, const char* file, int line, const std::string& call,
                             const std::string& message);
+
+// The last word of this process before abort_job ends the job: the runner of rank 0 marks its result
+// file failed with the message. The one piece of process-wide state, as an abort handler must be.
+void set_abort_hook(std::function<void(const std::string& message)> hook);
 
 std::string mpi_error_string(int code);
 
@@ -42,11 +50,3 @@ std::string mpi_error_string(int code);
     if (pb_mpi_rc_ != 0 /* MPI_SUCCESS */)                                                      \
       ::pb::abort_job(::pb::kExitRuntime, __FILE__, __LINE__, #call, ::pb::mpi_error_string(pb_mpi_rc_)); \
   } while (0)
-
-// HDF5 calls return a negative value (or id) on failure.
-#define PB_HDF5_CHECK(call)                                                                     \
-  ([&]() {                                                                                      \
-    auto pb_h5_rc_ = (call);                                                                    \
-    if (pb_h5_rc_ < 0) ::pb::abort_job(::pb::kExitRuntime, __FILE__, __LINE__, #call, "HDF5 error"); \
-    return pb_h5_rc_;                                                                           \
-  }())

@@ -42,6 +42,65 @@ int64_t process_peak_rss_bytes() {
   return 0;
 }
 
+namespace {
+
+// A cgroup limit file: a byte count, or -1 for "max" (no limit) and for what cannot be read.
+int64_t read_cgroup_bytes(const std::string& path) {
+  std::ifstream in(path);
+  std::string text;
+  if (!(in >> text) || text == "max") return -1;
+  const long long v = std::atoll(text.c_str());
+  // cgroup v1 reports "no limit" as a page-rounded 2^63 - 1.
+  return v > 0 && v < (int64_t{1} << 62) ? v : -1;
+}
+
+}  // namespace
+
+int64_t host_memory_available_bytes(std::string* source) {
+  int64_t best = -1;
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("MemAvailable:", 0) == 0) {
+        best = std::atoll(line.c_str() + 13) * 1024;  // kB
+        *source = "MemAvailable";
+      }
+    }
+  }
+  std::ifstream cgroups("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(cgroups, line)) {
+    // "0::/path" (v2) or "N:memory:/path" (v1)
+    const std::size_t first = line.find(':'), second = line.find(':', first + 1);
+    if (first == std::string::npos || second == std::string::npos) continue;
+    const std::string controllers = line.substr(first + 1, second - first - 1);
+    std::string path = line.substr(second + 1);
+    const bool v2 = line.compare(0, first, "0") == 0 && controllers.empty();
+    const bool v1 = controllers.find("memory") != std::string::npos;
+    if (!v2 && !v1) continue;
+    const std::string root = v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory";
+    const char* limit_file = v2 ? "memory.max" : "memory.limit_in_bytes";
+    const char* usage_file = v2 ? "memory.current" : "memory.usage_in_bytes";
+    while (true) {  // this cgroup and every one above it
+      const std::string dir = root + (path == "/" ? "" : path);
+      const int64_t limit = read_cgroup_bytes(dir + "/" + limit_file);
+      const int64_t usage = read_cgroup_bytes(dir + "/" + usage_file);
+      if (limit > 0) {
+        const int64_t left = std::max<int64_t>(0, limit - std::max<int64_t>(0, usage));
+        if (best < 0 || left < best) {
+          best = left;
+          *source = "cgroup " + path + " " + limit_file;
+        }
+      }
+      if (path.empty() || path == "/") break;
+      const std::size_t slash = path.rfind('/');
+      path = slash == 0 ? "/" : path.substr(0, slash);
+    }
+  }
+  return best;
+}
+
 int online_cores() {
   const long n = sysconf(_SC_NPROCESSORS_ONLN);
   return n > 0 ? static_cast<int>(n) : 1;

@@ -39,6 +39,11 @@ std::string resolve_cluster_name(const std::string& option);
 std::string utc_now_iso8601();
 std::string env_or(const char* name, const std::string& fallback);
 int64_t process_peak_rss_bytes();  // VmHWM
+
+// Host memory this node can still give: the smaller of MemAvailable and, for this process's memory
+// cgroup and each cgroup above it (v2, or v1's memory controller), its limit less its usage. `source`
+// says which bounded it ("MemAvailable", "cgroup /slurm/uid_0/job_12 memory.max"); -1 when unknown.
+int64_t host_memory_available_bytes(std::string* source);
 int online_cores();
 
 }  // namespace pb

@@ -2,10 +2,12 @@
 
 #include <CLI/CLI.hpp>
 
+#include <climits>
 #include <cmath>
 #include <sstream>
 
 #include "common/errors.h"
+#include "common/results.h"
 
 #ifndef PB_VERSION
 #define PB_VERSION "0.0.0"
@@ -34,6 +36,52 @@ std::string join(const std::vector<std::string>& items, const char* sep) {
 
 void require_positive(const char* option, long long value) {
   if (value < 1) reject(std::string(option) + " " + std::to_string(value) + " must be at least 1");
+}
+
+// The seed as the spec's 64-bit integer: decimal digits only, at most 2^64 - 1 (no wrapping, no clamping).
+uint64_t parse_seed(const std::string& text) {
+  const std::string rule = "--seed " + text + " must be an integer from 0 to 18446744073709551615";
+  if (text.empty() || text.size() > 20 || text.find_first_not_of("0123456789") != std::string::npos) reject(rule);
+  uint64_t value = 0;
+  for (char c : text) {
+    if (__builtin_mul_overflow(value, uint64_t{10}, &value) ||
+        __builtin_add_overflow(value, static_cast<uint64_t>(c - '0'), &value)) {
+      reject(rule);
+    }
+  }
+  return value;
+}
+
+// Every size the apps and the memory model derive from the options is a sum of a few dozen products
+// of these factors, times at most 18 bytes. Each product is checked here in 64 bits and kept under
+// 2^50 elements, so that no later sum or byte count can overflow (2^50 · 2^5 bytes · 2^6 terms < 2^63).
+constexpr int64_t kMaxElements = int64_t{1} << 50;
+
+int64_t checked_product(const std::string& what, std::initializer_list<std::pair<const char*, int64_t>> factors) {
+  int64_t product = 1;
+  std::string named;
+  for (const auto& [name, value] : factors) named += std::string(named.empty() ? "" : " × ") + name + " " + std::to_string(value);
+  for (const auto& [name, value] : factors) {
+    if (__builtin_mul_overflow(product, value, &product) || product > kMaxElements) {
+      reject("the configuration is too large: " + what + " (" + named + ") exceeds 2^50 elements");
+    }
+  }
+  return product;
+}
+
+void check_derived_sizes(const Options& o) {
+  const ModelConfig& m = o.model;
+  const int64_t b = o.micro_batch, S = m.seq, h = m.hidden, a = m.heads, f = m.ffn, V = m.vocab, L = m.layers;
+  checked_product("the token embedding", {{"--vocab", V}, {"--hidden", h}});
+  checked_product("the position embedding", {{"--seq", S}, {"--hidden", h}});
+  checked_product("the blocks' weights", {{"--layers", L}, {"--hidden", h}, {"4·--hidden + 2·--ffn", 4 * h + 2 * f}});
+  checked_product("the logits of a micro-batch", {{"--micro-batch", b}, {"--seq", S}, {"--vocab", V}});
+  checked_product("the activations of a micro-batch", {{"--layers", L}, {"--micro-batch", b}, {"--seq", S},
+                                                       {"16·--hidden + 2·--ffn", 16 * h + 2 * f}});
+  checked_product("the attention probabilities", {{"--layers", L}, {"--micro-batch", b}, {"--heads", a},
+                                                  {"--seq", S}, {"--seq", S}});
+  checked_product("the tokens of a step", {{"--global-batch", o.global_batch}, {"--seq", S}});
+  checked_product("the data of a run", {{"--steps", o.steps}, {"--global-batch", o.global_batch}, {"--seq + 1", S + 1}});
 }
 
 }  // namespace
@@ -85,8 +133,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--global-batch", global_batch, "samples per step (default micro-batch · dp)");
   cli.add_option("--steps", opt.steps, "training steps")->capture_default_str();
   cli.add_option("--warmup", opt.warmup, "steps left out of the summary")->capture_default_str();
-  long long seed = 1234;
-  cli.add_option("--seed", seed, "seed of initialisation and data (≥ 0)")->capture_default_str();
+  std::string seed = "1234";
+  cli.add_option("--seed", seed, "seed of initialisation and data (0 to 2^64 - 1)")->capture_default_str();
   cli.add_option("--lr", opt.lr, "AdamW learning rate")->capture_default_str();
   cli.add_option("--clip", opt.clip, "gradient-norm clipping (0: off)")->capture_default_str();
   cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
@@ -105,6 +153,11 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
                  "for the reference tests: write losses and the step-0 gradients to this .h5 file");
   cli.add_flag("--dry-run", opt.dry_run, "validate, print the layout and predicted memory, exit");
   cli.add_flag("--quiet", opt.quiet, "print only the final PARABENCH_RESULT line");
+  cli.add_flag("--overwrite", opt.overwrite,
+               "replace an existing --out X.h5 (never the file of a run still in progress)");
+  bool no_memory_check = false;
+  cli.add_flag("--no-memory-check", no_memory_check,
+               "run even when the predicted peak memory per rank exceeds what the rank can use");
   if (app_options.add) app_options.add(cli);
 
   ParseResult result;
@@ -136,8 +189,14 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (given("--heads")) m.heads = shape.heads;
     if (given("--seq")) m.seq = shape.seq;
     if (given("--vocab")) m.vocab = shape.vocab;
-    if (given("--ffn")) m.ffn = shape.ffn;
-    else m.ffn = 4 * m.hidden;
+    if (given("--ffn")) {
+      m.ffn = shape.ffn;
+    } else if (m.hidden > INT_MAX / 4) {
+      reject("--hidden " + std::to_string(m.hidden) + " is too large: the default --ffn 4 × hidden exceeds " +
+             std::to_string(INT_MAX));
+    } else {
+      m.ffn = 4 * m.hidden;
+    }
     for (auto [name, value] : {std::pair{"--layers", m.layers}, {"--hidden", m.hidden}, {"--heads", m.heads},
                                {"--seq", m.seq}, {"--vocab", m.vocab}, {"--ffn", m.ffn}}) {
       require_positive(name, value);
@@ -202,14 +261,19 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
              " ranks / " + std::to_string(model_parallel) + " give dp " + std::to_string(derived_dp));
     }
     opt.dp = derived_dp;
-    const int per_step = opt.micro_batch * opt.dp;
-    opt.global_batch = given("--global-batch") ? global_batch : per_step;
+    const int64_t per_step = int64_t{opt.micro_batch} * opt.dp;
+    if (!given("--global-batch") && per_step > INT_MAX) {
+      reject("--micro-batch " + std::to_string(opt.micro_batch) + " × dp " + std::to_string(opt.dp) + " = " +
+             std::to_string(per_step) + " samples per step exceeds " + std::to_string(INT_MAX) +
+             " (the global batch)");
+    }
+    opt.global_batch = given("--global-batch") ? global_batch : static_cast<int>(per_step);
     require_positive("--global-batch", opt.global_batch);
     if (opt.global_batch % per_step != 0) {
       reject("--global-batch " + std::to_string(opt.global_batch) + " is not a multiple of --micro-batch " +
              std::to_string(opt.micro_batch) + " × dp " + std::to_string(opt.dp) + " = " + std::to_string(per_step));
     }
-    opt.grad_accum = opt.global_batch / per_step;
+    opt.grad_accum = static_cast<int>(opt.global_batch / per_step);
 
     if (given("--threads")) require_positive("--threads", threads);
     opt.threads = given("--threads") ? threads : std::max(1, env.cores_per_rank);
@@ -217,9 +281,19 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
       reject("--peak-tflops " + std::to_string(peak) + " must be a finite number ≥ 0");
     }
     opt.peak_tflops = given("--peak-tflops") ? peak : -1.0;
-    if (seed < 0) reject("--seed " + std::to_string(seed) + " must not be negative");
-    opt.seed = static_cast<uint64_t>(seed);
+    opt.seed = parse_seed(seed);
     if (opt.out.empty()) reject("--out must not be empty");
+    for (const auto& [name, value] : {std::pair{"--out", &opt.out}, {"--trace", &opt.trace}, {"--json-log", &opt.json_log}}) {
+      for (char c : *value) {
+        if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) reject(std::string(name) + " must not contain control characters");
+      }
+    }
+    if (int64_t{opt.steps} * env.world_size > kMaxStepEntries) {
+      reject("--steps " + std::to_string(opt.steps) + " × " + std::to_string(env.world_size) +
+             " ranks exceeds the result file's " + std::to_string(kMaxStepEntries) + " per-step time entries");
+    }
+    check_derived_sizes(opt);
+    opt.memory_check = !no_memory_check;
 
     if (app_options.validate) app_options.validate(opt);
 
@@ -271,6 +345,8 @@ nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_
   c["json_log"] = o.json_log;
   c["dry_run"] = o.dry_run;
   c["quiet"] = o.quiet;
+  c["overwrite"] = o.overwrite;
+  c["memory_check"] = o.memory_check;
   if (app_options.describe) app_options.describe(c);
   return c;
 }

@@ -50,13 +50,15 @@ struct Options {
   std::string dump_gradients;  // tests only: see write_gradient_dump
   bool dry_run = false;
   bool quiet = false;
+  bool overwrite = false;     // --out X.h5 may replace an existing file (not one a running run holds)
+  bool memory_check = true;   // refuse a run whose predicted peak does not fit (--no-memory-check: off)
 
   // Derived by validation.
   int world_size = 1;
   int grad_accum = 1;
   std::vector<std::string> argv;
 
-  int tokens_per_step() const { return global_batch * model.seq; }
+  int64_t tokens_per_step() const { return int64_t{global_batch} * model.seq; }
 };
 
 // What an app adds: its options on the parser, its checks, and its resolved values for /config.

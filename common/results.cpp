@@ -1,10 +1,15 @@
 #include "common/results.h"
 
+#include <fcntl.h>
 #include <hdf5.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <ctime>
 
@@ -18,7 +23,47 @@
 #endif
 
 namespace pb {
+
+std::string hdf5_error_reason() {
+  const int saved_errno = errno;
+  std::vector<std::string> descriptions;  // innermost first
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_UPWARD,
+      [](unsigned, const H5E_error2_t* e, void* data) -> herr_t {
+        if (e->desc) static_cast<std::vector<std::string>*>(data)->push_back(e->desc);
+        return 0;
+      },
+      &descriptions);
+  H5Eclear2(H5E_DEFAULT);
+  // The sec2 driver says "..., errno = 28, error message = 'No space left on device', ...".
+  const std::string marker = "error message = '";
+  for (const std::string& d : descriptions) {
+    const std::size_t at = d.find(marker);
+    if (at == std::string::npos) continue;
+    const std::size_t begin = at + marker.size();
+    return d.substr(begin, d.find('\'', begin) - begin);
+  }
+  if (!descriptions.empty()) return descriptions.front();
+  return saved_errno != 0 ? std::strerror(saved_errno) : "HDF5 error";
+}
+
 namespace {
+
+// HDF5 calls return a negative value (or id) on failure; here that throws, so that the writer can
+// mark its file failed and the runner can stop every rank together.
+#define PB_H5(call)                                                                                \
+  ([&]() {                                                                                         \
+    auto pb_h5_rc_ = (call);                                                                       \
+    if (pb_h5_rc_ < 0) throw RunError(kExitRuntime, hdf5_error_reason() + " (in " #call ")");           \
+    return pb_h5_rc_;                                                                              \
+  }())
+
+// The byte range a running writer locks (an open-file-description lock, released by the kernel
+// when the process ends however it ends). Far past any data, so HDF5's own locking is not disturbed.
+constexpr off_t kLockOffset = off_t{1} << 62;
+
+// Room reserved past the file's end after the header, for what the end of a run writes.
+int64_t end_of_run_reserve_bytes(int ranks) { return (int64_t{256} << 10) + int64_t{64} * 8 * ranks; }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -44,125 +89,204 @@ std::string sanitize(std::string s) {
   return s;
 }
 
-hid_t ensure_group(hid_t file, const std::string& path) {
-  // Creates every missing group along path ("/a/b/c").
-  hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
-  H5Pset_create_intermediate_group(lcpl, 1);
-  hid_t g;
-  if (H5Lexists(file, path.c_str(), H5P_DEFAULT) > 0) {
-    g = H5Gopen2(file, path.c_str(), H5P_DEFAULT);
-  } else {
-    g = H5Gcreate2(file, path.c_str(), lcpl, H5P_DEFAULT, H5P_DEFAULT);
+// Takes the in-use lock on `path` through a descriptor of its own; -1 when another process holds it.
+// Where the file system has no such locks (some network file systems), the file counts as free.
+int lock_in_use(const std::string& path, bool* held_elsewhere) {
+  *held_elsewhere = false;
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return -1;
+  struct flock lock {};
+  lock.l_type = F_WRLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = kLockOffset;
+  lock.l_len = 1;
+  if (fcntl(fd, F_OFD_SETLK, &lock) != 0) {
+    *held_elsewhere = errno == EAGAIN || errno == EACCES;
+    ::close(fd);
+    return -1;
   }
-  H5Pclose(lcpl);
-  if (g < 0) throw RunError(kExitRuntime, "HDF5: cannot create group " + path);
-  return g;
+  return fd;
+}
+
+hid_t ensure_group(hid_t file, const std::string& path) {
+  // Opens or creates each group along path ("/a/b/c").
+  hid_t group = PB_H5(H5Gopen2(file, "/", H5P_DEFAULT));
+  std::size_t begin = 1;
+  while (begin < path.size()) {
+    const std::size_t end = std::min(path.find('/', begin), path.size());
+    const std::string name = path.substr(begin, end - begin);
+    const htri_t exists = H5Lexists(group, name.c_str(), H5P_DEFAULT);
+    const hid_t next = exists > 0 ? H5Gopen2(group, name.c_str(), H5P_DEFAULT)
+                                  : H5Gcreate2(group, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Gclose(group);
+    group = PB_H5(next);
+    begin = end + 1;
+  }
+  return group;
 }
 
 void set_string_attr(hid_t obj, const char* name, const std::string& value) {
-  if (H5Aexists(obj, name) > 0) PB_HDF5_CHECK(H5Adelete(obj, name));
-  hid_t type = PB_HDF5_CHECK(H5Tcopy(H5T_C_S1));
-  PB_HDF5_CHECK(H5Tset_size(type, H5T_VARIABLE));
-  PB_HDF5_CHECK(H5Tset_cset(type, H5T_CSET_UTF8));
-  hid_t space = PB_HDF5_CHECK(H5Screate(H5S_SCALAR));
-  hid_t attr = PB_HDF5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT));
+  if (PB_H5(H5Aexists(obj, name)) > 0) PB_H5(H5Adelete(obj, name));
+  hid_t type = PB_H5(H5Tcopy(H5T_C_S1));
+  PB_H5(H5Tset_size(type, H5T_VARIABLE));
+  PB_H5(H5Tset_cset(type, H5T_CSET_UTF8));
+  hid_t space = PB_H5(H5Screate(H5S_SCALAR));
+  hid_t attr = PB_H5(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT));
   const char* data = value.c_str();
-  PB_HDF5_CHECK(H5Awrite(attr, type, &data));
-  H5Aclose(attr);
+  PB_H5(H5Awrite(attr, type, &data));
+  PB_H5(H5Aclose(attr));
   H5Sclose(space);
   H5Tclose(type);
 }
 
+// Writes a scalar in place when the attribute exists with this type (no new space), else creates it.
 template <typename T>
 void set_scalar_attr(hid_t obj, const char* name, hid_t type, T value) {
-  if (H5Aexists(obj, name) > 0) PB_HDF5_CHECK(H5Adelete(obj, name));
-  hid_t space = PB_HDF5_CHECK(H5Screate(H5S_SCALAR));
-  hid_t attr = PB_HDF5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT));
-  PB_HDF5_CHECK(H5Awrite(attr, type, &value));
-  H5Aclose(attr);
+  if (PB_H5(H5Aexists(obj, name)) > 0) {
+    hid_t attr = PB_H5(H5Aopen(obj, name, H5P_DEFAULT));
+    hid_t existing = H5Aget_type(attr);
+    const bool same = existing >= 0 && H5Tequal(existing, type) > 0;
+    if (existing >= 0) H5Tclose(existing);
+    if (same) {
+      const herr_t rc = H5Awrite(attr, type, &value);
+      H5Aclose(attr);
+      PB_H5(rc);
+      return;
+    }
+    H5Aclose(attr);
+    PB_H5(H5Adelete(obj, name));
+  }
+  hid_t space = PB_H5(H5Screate(H5S_SCALAR));
+  hid_t attr = PB_H5(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT));
+  PB_H5(H5Awrite(attr, type, &value));
+  PB_H5(H5Aclose(attr));
   H5Sclose(space);
 }
 
 void set_json_attr(hid_t obj, const std::string& name, const nlohmann::ordered_json& v) {
   if (v.is_string()) set_string_attr(obj, name.c_str(), v.get<std::string>());
   else if (v.is_boolean()) set_scalar_attr<int64_t>(obj, name.c_str(), H5T_NATIVE_INT64, v.get<bool>() ? 1 : 0);
-  else if (v.is_number_integer()) set_scalar_attr<int64_t>(obj, name.c_str(), H5T_NATIVE_INT64, v.get<int64_t>());
+  else if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+    set_scalar_attr<uint64_t>(obj, name.c_str(), H5T_NATIVE_UINT64, v.get<uint64_t>());
+  } else if (v.is_number_integer()) set_scalar_attr<int64_t>(obj, name.c_str(), H5T_NATIVE_INT64, v.get<int64_t>());
   else if (v.is_number()) set_scalar_attr<double>(obj, name.c_str(), H5T_NATIVE_DOUBLE, v.get<double>());
   else set_string_attr(obj, name.c_str(), v.dump());
 }
 
 void write_strings(hid_t parent, const char* name, const std::vector<std::string>& values) {
-  hid_t type = PB_HDF5_CHECK(H5Tcopy(H5T_C_S1));
-  PB_HDF5_CHECK(H5Tset_size(type, H5T_VARIABLE));
-  PB_HDF5_CHECK(H5Tset_cset(type, H5T_CSET_UTF8));
+  hid_t type = PB_H5(H5Tcopy(H5T_C_S1));
+  PB_H5(H5Tset_size(type, H5T_VARIABLE));
+  PB_H5(H5Tset_cset(type, H5T_CSET_UTF8));
   hsize_t dims[1] = {values.size()};
-  hid_t space = PB_HDF5_CHECK(H5Screate_simple(1, dims, nullptr));
-  hid_t ds = PB_HDF5_CHECK(H5Dcreate2(parent, name, type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+  hid_t space = PB_H5(H5Screate_simple(1, dims, nullptr));
+  hid_t ds = PB_H5(H5Dcreate2(parent, name, type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
   std::vector<const char*> ptrs;
   for (const auto& s : values) ptrs.push_back(s.c_str());
-  if (!values.empty()) PB_HDF5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()));
+  if (!values.empty()) PB_H5(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()));
   set_string_attr(ds, "units", "1");
-  H5Dclose(ds);
+  PB_H5(H5Dclose(ds));
   H5Sclose(space);
   H5Tclose(type);
 }
 
-// An extensible dataset [0, cols...] growing along its first axis.
-void create_extensible(hid_t parent, const char* name, int rank, hsize_t cols, const char* units) {
-  hsize_t dims[2] = {0, cols};
-  hsize_t maxdims[2] = {H5S_UNLIMITED, cols};
-  hsize_t chunk[2] = {64, cols};
-  hid_t space = PB_HDF5_CHECK(H5Screate_simple(rank, dims, maxdims));
-  hid_t dcpl = PB_HDF5_CHECK(H5Pcreate(H5P_DATASET_CREATE));
-  PB_HDF5_CHECK(H5Pset_chunk(dcpl, rank, chunk));
-  hid_t ds = PB_HDF5_CHECK(H5Dcreate2(parent, name, H5T_NATIVE_DOUBLE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT));
+// A per-step dataset [steps, cols...] of doubles, allocated in full now (one chunk, filled with NaN),
+// growing along its first axis up to `steps`. Its extent is the number of finished steps from step 1
+// on; before step 1 it is `steps` (a chunk is only kept while the extent reaches into it), and the
+// attribute /steps/finished says how many rows hold data.
+void create_step_dataset(hid_t parent, const char* name, int rank, hsize_t steps, hsize_t cols, const char* units) {
+  hsize_t dims[2] = {steps, cols};
+  hid_t space = PB_H5(H5Screate_simple(rank, dims, dims));
+  hid_t dcpl = PB_H5(H5Pcreate(H5P_DATASET_CREATE));
+  PB_H5(H5Pset_chunk(dcpl, rank, dims));
+  PB_H5(H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY));
+  PB_H5(H5Pset_fill_time(dcpl, H5D_FILL_TIME_ALLOC));
+  const double nan = std::nan("");
+  PB_H5(H5Pset_fill_value(dcpl, H5T_NATIVE_DOUBLE, &nan));
+  hid_t ds = PB_H5(H5Dcreate2(parent, name, H5T_NATIVE_DOUBLE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT));
   set_string_attr(ds, "units", units);
-  H5Dclose(ds);
+  PB_H5(H5Dclose(ds));
   H5Pclose(dcpl);
   H5Sclose(space);
 }
 
-void append_row(hid_t file, const char* path, int64_t row, const double* values, hsize_t cols, int rank) {
-  hid_t ds = PB_HDF5_CHECK(H5Dopen2(file, path, H5P_DEFAULT));
-  hsize_t new_dims[2] = {static_cast<hsize_t>(row + 1), cols};
-  PB_HDF5_CHECK(H5Dset_extent(ds, new_dims));
-  hid_t fspace = PB_HDF5_CHECK(H5Dget_space(ds));
+void set_row_count(hid_t file, const char* path, hsize_t rows, hsize_t cols) {
+  hid_t ds = PB_H5(H5Dopen2(file, path, H5P_DEFAULT));
+  hsize_t dims[2] = {rows, cols};
+  const herr_t rc = H5Dset_extent(ds, dims);
+  H5Dclose(ds);
+  PB_H5(rc);
+}
+
+void write_row(hid_t file, const char* path, int64_t row, const double* values, hsize_t cols, int rank) {
+  hid_t ds = PB_H5(H5Dopen2(file, path, H5P_DEFAULT));
+  hsize_t dims[2] = {static_cast<hsize_t>(row + 1), cols};
+  PB_H5(H5Dset_extent(ds, dims));
+  hid_t fspace = PB_H5(H5Dget_space(ds));
   hsize_t start[2] = {static_cast<hsize_t>(row), 0};
   hsize_t count[2] = {1, cols};
-  PB_HDF5_CHECK(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr));
-  hid_t mspace = PB_HDF5_CHECK(H5Screate_simple(rank, count, nullptr));
-  PB_HDF5_CHECK(H5Dwrite(ds, H5T_NATIVE_DOUBLE, mspace, fspace, H5P_DEFAULT, values));
+  PB_H5(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr));
+  hid_t mspace = PB_H5(H5Screate_simple(rank, count, nullptr));
+  PB_H5(H5Dwrite(ds, H5T_NATIVE_DOUBLE, mspace, fspace, H5P_DEFAULT, values));
   H5Sclose(mspace);
   H5Sclose(fspace);
-  H5Dclose(ds);
+  PB_H5(H5Dclose(ds));
 }
 
 template <typename T>
 void write_vector(hid_t file, const std::string& path, const std::vector<T>& values, hid_t type, const char* units) {
   const std::size_t slash = path.rfind('/');
-  hid_t parent = slash == 0 ? H5Gopen2(file, "/", H5P_DEFAULT) : ensure_group(file, path.substr(0, slash));
+  hid_t parent = slash == 0 ? PB_H5(H5Gopen2(file, "/", H5P_DEFAULT)) : ensure_group(file, path.substr(0, slash));
   const std::string name = path.substr(slash + 1);
-  if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) > 0) PB_HDF5_CHECK(H5Ldelete(parent, name.c_str(), H5P_DEFAULT));
+  if (PB_H5(H5Lexists(parent, name.c_str(), H5P_DEFAULT)) > 0) PB_H5(H5Ldelete(parent, name.c_str(), H5P_DEFAULT));
   hsize_t dims[1] = {values.size()};
-  hid_t space = PB_HDF5_CHECK(H5Screate_simple(1, dims, nullptr));
-  hid_t ds = PB_HDF5_CHECK(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-  PB_HDF5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()));
+  hid_t space = PB_H5(H5Screate_simple(1, dims, nullptr));
+  hid_t ds = PB_H5(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+  PB_H5(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()));
   set_string_attr(ds, "units", units);
-  H5Dclose(ds);
+  PB_H5(H5Dclose(ds));
   H5Sclose(space);
   H5Gclose(parent);
 }
 
 }  // namespace
 
-ResultWriter::ResultWriter(const std::string& out, const std::string& app, const std::string& cluster, int ranks)
-    : ranks_(ranks) {
-  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors are reported by PB_HDF5_CHECK
+template <typename Fn>
+void ResultWriter::guarded(const std::string& what, Fn&& fn) {
+  if (broken_) return;
+  try {
+    fn(static_cast<hid_t>(file_));
+    PB_H5(H5Fflush(static_cast<hid_t>(file_), H5F_SCOPE_GLOBAL));
+  } catch (const RunError& e) {
+    broken_ = true;
+    throw RunError(kExitRuntime, "result file " + path_ + ": " + what + " failed: " + e.what());
+  }
+}
+
+ResultWriter::ResultWriter(const ResultFileRequest& request)
+    : ranks_(request.ranks), capacity_(request.steps) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors are reported by the writer's checks
+  const std::string& out = request.out;
   std::string base;
   if (ends_with(out, ".h5")) {
     path_ = out;
     const std::size_t slash = out.rfind('/');
-    if (slash != std::string::npos) make_directories(out.substr(0, slash));
+    if (slash != std::string::npos && slash > 0) make_directories(out.substr(0, slash));
+    struct stat st {};
+    if (stat(path_.c_str(), &st) == 0) {
+      if (S_ISDIR(st.st_mode)) throw RunError(kExitConfig, "--out " + path_ + " is a directory, not a .h5 file");
+      if (!request.overwrite) {
+        throw RunError(kExitConfig, "--out " + path_ + " exists; choose another path, or add --overwrite to replace it");
+      }
+      bool held = false;
+      const int fd = lock_in_use(path_, &held);
+      if (held) {
+        throw RunError(kExitRuntime, "--out " + path_ + " is the result file of a run still in progress; not replaced");
+      }
+      const bool removed = unlink(path_.c_str()) == 0;
+      const int unlink_errno = errno;
+      if (fd >= 0) ::close(fd);
+      if (!removed) throw RunError(kExitRuntime, "--overwrite: cannot remove " + path_ + ": " + std::strerror(unlink_errno));
+    }
   } else {
     make_directories(out);
     std::time_t now = std::time(nullptr);
@@ -171,48 +295,76 @@ ResultWriter::ResultWriter(const std::string& out, const std::string& app, const
     char stamp[32];
     std::strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
     const std::string job = env_or("SLURM_JOB_ID", "local");
-    base = (ends_with(out, "/") ? out : out + "/") + app + "_" + sanitize(cluster) + "_" + stamp + "_" + sanitize(job);
+    base = (ends_with(out, "/") ? out : out + "/") + request.app + "_" + sanitize(request.cluster) + "_" + stamp + "_" +
+           sanitize(job);
     path_ = base + ".h5";
   }
-  // A directory gets a fresh name (never overwrite another run); an explicit .h5 path is replaced.
-  const unsigned flags = base.empty() ? H5F_ACC_TRUNC : H5F_ACC_EXCL;
-  file_ = H5Fcreate(path_.c_str(), flags, H5P_DEFAULT, H5P_DEFAULT);
+  // Exclusive creation (open with O_EXCL): an existing file, another run's included, is never truncated.
+  // A directory gets a fresh name; an explicit path that appeared since the check above is an error.
+  file_ = H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
   for (int attempt = 1; file_ < 0 && !base.empty() && attempt < 100; ++attempt) {
     path_ = base + "-" + std::to_string(attempt) + ".h5";
-    file_ = H5Fcreate(path_.c_str(), flags, H5P_DEFAULT, H5P_DEFAULT);
+    file_ = H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
   }
-  if (file_ < 0) throw RunError(kExitRuntime, "cannot create the result file " + path_);
+  if (file_ < 0) {
+    const std::string reason = hdf5_error_reason();
+    struct stat st {};
+    if (base.empty() && stat(path_.c_str(), &st) == 0) {
+      throw RunError(kExitConfig, "--out " + path_ + " was created by another process just now; not replaced");
+    }
+    throw RunError(kExitRuntime, "cannot create the result file " + path_ + ": " + reason);
+  }
+  bool held = false;
+  lock_fd_ = lock_in_use(path_, &held);
 
-  hid_t root = static_cast<hid_t>(file_);
-  set_string_attr(root, "schema", "parabench");
-  set_scalar_attr<int64_t>(root, "schema_version", H5T_NATIVE_INT64, kSchemaVersion);
-  set_string_attr(root, "software_version", PB_VERSION);
-  set_string_attr(root, "git_commit", PB_GIT_COMMIT);
-  set_string_attr(root, "created", utc_now_iso8601());
-  set_string_attr(root, "status", "running");
-  set_string_attr(root, "error", "");
-
-  hid_t steps = ensure_group(root, "/steps");
-  create_extensible(steps, "loss", 1, 1, "1");
-  create_extensible(steps, "grad_norm", 1, 1, "1");
-  create_extensible(steps, "time_s", 2, static_cast<hsize_t>(ranks_), "s");
-  H5Gclose(steps);
-  flush();
+  try {
+    guarded("creating it", [&](hid_t root) {
+      set_string_attr(root, "schema", "parabench");
+      set_scalar_attr<int64_t>(root, "schema_version", H5T_NATIVE_INT64, kSchemaVersion);
+      set_string_attr(root, "software_version", PB_VERSION);
+      set_string_attr(root, "git_commit", PB_GIT_COMMIT);
+      set_string_attr(root, "created", utc_now_iso8601());
+      set_string_attr(root, "status", "running");
+      set_string_attr(root, "error", "");
+      hid_t steps = ensure_group(root, "/steps");
+      const hsize_t capacity = static_cast<hsize_t>(capacity_);
+      create_step_dataset(steps, "loss", 1, capacity, 1, "1");
+      create_step_dataset(steps, "grad_norm", 1, capacity, 1, "1");
+      create_step_dataset(steps, "time_s", 2, capacity, static_cast<hsize_t>(ranks_), "s");
+      set_scalar_attr<int64_t>(steps, "finished", H5T_NATIVE_INT64, 0);
+      H5Gclose(steps);
+    });
+  } catch (...) {
+    discard();
+    throw;
+  }
 }
 
-ResultWriter::~ResultWriter() {
+ResultWriter::~ResultWriter() { close(); }
+
+void ResultWriter::close() noexcept {
   if (file_ >= 0) H5Fclose(static_cast<hid_t>(file_));
+  file_ = -1;
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+  lock_fd_ = -1;
+}
+
+void ResultWriter::discard() noexcept {
+  const bool created = file_ >= 0;
+  close();
+  if (created) unlink(path_.c_str());
 }
 
 void ResultWriter::write_config(const nlohmann::ordered_json& config, const std::vector<std::string>& argv) {
-  hid_t g = ensure_group(static_cast<hid_t>(file_), "/config");
-  for (const auto& [key, value] : config.items()) set_json_attr(g, key, value);
-  write_strings(g, "argv", argv);
-  H5Gclose(g);
+  guarded("writing /config", [&](hid_t f) {
+    hid_t g = ensure_group(f, "/config");
+    for (const auto& [key, value] : config.items()) set_json_attr(g, key, value);
+    write_strings(g, "argv", argv);
+    H5Gclose(g);
+  });
 }
 
 void ResultWriter::write_system(const SystemInfo& s) {
-  hid_t g = ensure_group(static_cast<hid_t>(file_), "/system");
   nlohmann::ordered_json a;
   a["cluster"] = s.cluster;
   a["nodes"] = s.nodes;
@@ -231,51 +383,94 @@ void ResultWriter::write_system(const SystemInfo& s) {
   a["compiler"] = s.compiler;
   a["slurm_job_id"] = s.slurm_job_id;
   a["slurm_partition"] = s.slurm_partition;
-  for (const auto& [key, value] : a.items()) set_json_attr(g, key, value);
-  write_strings(g, "hostnames", s.hostnames);
-  write_strings(g, "environment", s.environment);
-  H5Gclose(g);
+  guarded("writing /system", [&](hid_t f) {
+    hid_t g = ensure_group(f, "/system");
+    for (const auto& [key, value] : a.items()) set_json_attr(g, key, value);
+    write_strings(g, "hostnames", s.hostnames);
+    write_strings(g, "environment", s.environment);
+    H5Gclose(g);
+  });
+}
+
+void ResultWriter::commit_header() {
+  guarded("creating it", [](hid_t) {});  // the flush
+  if (broken_) return;
+  // Blocks past the end of the file, allocated without changing its size: HDF5 grows the file into
+  // them at the end of the run. File systems without fallocate (some network ones) reserve nothing.
+  struct stat st {};
+  if (lock_fd_ < 0 || fstat(lock_fd_, &st) != 0) return;
+  if (fallocate(lock_fd_, FALLOC_FL_KEEP_SIZE, st.st_size, end_of_run_reserve_bytes(ranks_)) != 0) {
+    if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return;
+    broken_ = true;
+    throw RunError(kExitRuntime, "result file " + path_ + ": reserving room for the summary failed: " +
+                                     std::strerror(errno));
+  }
 }
 
 void ResultWriter::append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s) {
-  hid_t f = static_cast<hid_t>(file_);
-  append_row(f, "/steps/loss", steps_, &loss, 1, 1);
-  append_row(f, "/steps/grad_norm", steps_, &grad_norm, 1, 1);
-  append_row(f, "/steps/time_s", steps_, rank_times_s.data(), static_cast<hsize_t>(ranks_), 2);
+  if (steps_ >= capacity_) throw RunError(kExitRuntime, "result file " + path_ + ": more steps than allocated");
+  guarded("writing step " + std::to_string(steps_ + 1), [&](hid_t f) {
+    write_row(f, "/steps/loss", steps_, &loss, 1, 1);
+    write_row(f, "/steps/grad_norm", steps_, &grad_norm, 1, 1);
+    write_row(f, "/steps/time_s", steps_, rank_times_s.data(), static_cast<hsize_t>(ranks_), 2);
+    hid_t g = PB_H5(H5Gopen2(f, "/steps", H5P_DEFAULT));
+    set_scalar_attr<int64_t>(g, "finished", H5T_NATIVE_INT64, steps_ + 1);
+    H5Gclose(g);
+  });
   ++steps_;
-  flush();
 }
 
 void ResultWriter::write_attributes(const std::string& group, const nlohmann::ordered_json& attrs) {
-  hid_t g = ensure_group(static_cast<hid_t>(file_), group);
-  for (const auto& [key, value] : attrs.items()) set_json_attr(g, key, value);
-  H5Gclose(g);
+  guarded("writing " + group, [&](hid_t f) {
+    hid_t g = ensure_group(f, group);
+    for (const auto& [key, value] : attrs.items()) set_json_attr(g, key, value);
+    H5Gclose(g);
+  });
 }
 
 void ResultWriter::write_i64(const std::string& path, const std::vector<int64_t>& values, const char* units) {
-  write_vector(static_cast<hid_t>(file_), path, values, H5T_NATIVE_INT64, units);
+  guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_INT64, units); });
 }
 
 void ResultWriter::write_f64(const std::string& path, const std::vector<double>& values, const char* units) {
-  write_vector(static_cast<hid_t>(file_), path, values, H5T_NATIVE_DOUBLE, units);
+  guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_DOUBLE, units); });
 }
 
 void ResultWriter::set_dataset_attribute(const std::string& path, const std::string& name, double value) {
-  hid_t ds = PB_HDF5_CHECK(H5Dopen2(static_cast<hid_t>(file_), path.c_str(), H5P_DEFAULT));
-  set_scalar_attr<double>(ds, name.c_str(), H5T_NATIVE_DOUBLE, value);
-  H5Dclose(ds);
+  guarded("writing " + path, [&](hid_t f) {
+    hid_t ds = PB_H5(H5Dopen2(f, path.c_str(), H5P_DEFAULT));
+    set_scalar_attr<double>(ds, name.c_str(), H5T_NATIVE_DOUBLE, value);
+    H5Dclose(ds);
+  });
 }
 
 void ResultWriter::set_status(const std::string& status, const std::string& error) {
-  hid_t root = static_cast<hid_t>(file_);
-  set_string_attr(root, "status", status);
-  set_string_attr(root, "error", error);
-  flush();
+  guarded("setting its status to " + status, [&](hid_t f) {
+    // Before step 1 the per-step datasets span every step; now they hold the finished ones.
+    if (steps_ == 0) {
+      set_row_count(f, "/steps/loss", 0, 1);
+      set_row_count(f, "/steps/grad_norm", 0, 1);
+      set_row_count(f, "/steps/time_s", 0, static_cast<hsize_t>(ranks_));
+    }
+    set_string_attr(f, "status", status);
+    set_string_attr(f, "error", error);
+  });
+}
+
+void ResultWriter::mark_failed(const std::string& error) noexcept {
+  if (file_ < 0) return;
+  const bool was_broken = broken_;
+  broken_ = false;  // one last try: the status is worth a write even after a failed one
+  try {
+    set_status("failed", error);
+  } catch (...) {
+  }
+  broken_ = broken_ || was_broken;
 }
 
 void write_gradient_dump(const std::string& path, const GradientDump& dump) {
   hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-  if (file < 0) throw RunError(kExitRuntime, "cannot create the gradient dump " + path);
+  if (file < 0) throw RunError(kExitRuntime, "cannot create the gradient dump " + path + ": " + hdf5_error_reason());
   for (const auto& [key, value] : dump.attributes.items()) set_json_attr(file, key, value);
   write_vector(file, "/losses", dump.losses, H5T_NATIVE_DOUBLE, "1");
   write_vector(file, "/grad_norms", dump.grad_norms, H5T_NATIVE_DOUBLE, "1");
@@ -283,17 +478,14 @@ void write_gradient_dump(const std::string& path, const GradientDump& dump) {
   for (std::size_t i = 0; i < dump.shapes.size(); ++i) {
     const auto& [name, dims] = dump.shapes[i];
     std::vector<hsize_t> hdims(dims.begin(), dims.end());
-    hid_t space = PB_HDF5_CHECK(H5Screate_simple(static_cast<int>(hdims.size()), hdims.data(), nullptr));
-    hid_t ds = PB_HDF5_CHECK(H5Dcreate2(grads, name.c_str(), H5T_NATIVE_FLOAT, space, H5P_DEFAULT, H5P_DEFAULT,
-                                        H5P_DEFAULT));
-    PB_HDF5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, dump.grads[i].data()));
+    hid_t space = PB_H5(H5Screate_simple(static_cast<int>(hdims.size()), hdims.data(), nullptr));
+    hid_t ds = PB_H5(H5Dcreate2(grads, name.c_str(), H5T_NATIVE_FLOAT, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    PB_H5(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, dump.grads[i].data()));
     H5Dclose(ds);
     H5Sclose(space);
   }
   H5Gclose(grads);
-  H5Fclose(file);
+  PB_H5(H5Fclose(file));
 }
-
-void ResultWriter::flush() { PB_HDF5_CHECK(H5Fflush(static_cast<hid_t>(file_), H5F_SCOPE_GLOBAL)); }
 
 }  // namespace pb

@@ -1,7 +1,11 @@
 // The HDF5 result file of SPEC section 6 (schema version 1), written by rank 0.
 //
-// Created at start with status "running", extended and flushed after every step, and marked
-// complete, failed (with error) or interrupted at the end, so a killed job keeps its finished steps.
+// Created exclusively at start with status "running" (never over a file that exists unless the run
+// says --overwrite, never over the file of a run still in progress), with the per-step datasets
+// allocated in full, so that a full disk is found before step 1 and no later step needs new space.
+// Extended and flushed after every step, and marked complete, failed (with error) or interrupted at
+// the end, so a killed job keeps its finished steps. Every write and flush is checked: a failure
+// throws RunError naming the file and the operating system's reason ("No space left on device").
 #pragma once
 
 #include <cstdint>
@@ -16,19 +20,38 @@ namespace pb {
 
 inline constexpr int kSchemaVersion = 1;
 
+// The most per-step time entries (steps × ranks) a result file holds: /steps/time_s is one chunk,
+// allocated at creation, and HDF5 chunks stay below 4 GiB.
+inline constexpr int64_t kMaxStepEntries = int64_t{1} << 27;
+
+// Where a run writes its result file and how.
+struct ResultFileRequest {
+  std::string out;       // a directory (a name <app>_<cluster>_<UTC time>_<job id>.h5 is made in it) or a .h5 path
+  std::string app, cluster;
+  int ranks = 1;
+  int64_t steps = 1;     // per-step datasets are allocated for this many steps
+  bool overwrite = false;  // an explicit .h5 path that exists may be replaced (not one a running run holds)
+};
+
 class ResultWriter {
  public:
-  // Creates the file: `out` is a directory (a name <app>_<cluster>_<UTC time>_<job id>.h5 is made in it)
-  // or a path ending in .h5. Throws RunError on failure.
-  ResultWriter(const std::string& out, const std::string& app, const std::string& cluster, int ranks);
+  // Creates the file and its per-step datasets. Throws RunError: kExitConfig when `out` names a file
+  // that exists (without overwrite) or a directory, kExitRuntime for the rest (I/O, a running run's file).
+  explicit ResultWriter(const ResultFileRequest& request);
   ~ResultWriter();
   ResultWriter(const ResultWriter&) = delete;
   ResultWriter& operator=(const ResultWriter&) = delete;
 
   const std::string& path() const { return path_; }
+  // A write has failed: the file keeps what was flushed before, and later writes are skipped.
+  bool broken() const { return broken_; }
 
   void write_config(const nlohmann::ordered_json& config, const std::vector<std::string>& argv);
   void write_system(const SystemInfo& system);
+  // After config and system: flushes, and reserves room on the file system for what the end of the
+  // run writes (summary, memory, communication), so that a disk that fills during the run still takes
+  // them. Throws RunError (disk full) before step 1.
+  void commit_header();
   // Appends one step: loss, grad_norm and each rank's wall time; flushes the file.
   void append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s);
   // Attributes of a group ("/summary"): numbers and strings.
@@ -38,14 +61,25 @@ class ResultWriter {
   void write_f64(const std::string& path, const std::vector<double>& values, const char* units);
   // A numeric attribute on an existing dataset ("/pipeline/bubble_fraction", "theoretical").
   void set_dataset_attribute(const std::string& path, const std::string& name, double value);
+  // The end of the run: the per-step datasets cut to the finished steps, status and error set, flushed.
   void set_status(const std::string& status, const std::string& error = "");
-  void flush();
+  // For the failure path: set_status("failed", error) that never throws (the file may be why we fail).
+  void mark_failed(const std::string& error) noexcept;
+  // Closes and removes the file (creation failed before any step).
+  void discard() noexcept;
 
  private:
+  template <typename Fn>
+  void guarded(const std::string& what, Fn&& fn);
+  void close() noexcept;
+
   long long file_ = -1;  // hid_t
+  int lock_fd_ = -1;     // holds the lock that tells other runs this file is in use
   std::string path_;
   int ranks_;
+  int64_t capacity_;     // steps the per-step datasets were allocated for
   int64_t steps_ = 0;
+  bool broken_ = false;
 };
 
 // For the reference tests (tests/reference/check_against_torch.py): the run's configuration as
@@ -58,5 +92,9 @@ struct GradientDump {
   std::vector<std::vector<float>> grads;                              // same order as shapes
 };
 void write_gradient_dump(const std::string& path, const GradientDump& dump);
+
+// The reason of the last failed HDF5 call: the operating system's message where the HDF5 error stack
+// has one ("No space left on device"), else HDF5's innermost description. Clears the stack.
+std::string hdf5_error_reason();
 
 }  // namespace pb

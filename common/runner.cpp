@@ -1,12 +1,15 @@
 #include "common/runner.h"
 
+#include <hdf5.h>
 #include <mpi.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <new>
 #include <numeric>
@@ -34,9 +37,38 @@
 namespace pb {
 namespace {
 
-// Set by SIGTERM (Slurm time limit, scancel); checked by every rank after each step.
-volatile std::sig_atomic_t g_stop_requested = 0;
-extern "C" void on_sigterm(int) { g_stop_requested = 1; }
+// The first of SIGTERM (Slurm's time limit, scancel), SIGINT (Ctrl-C) and SIGHUP (a closed terminal)
+// that arrived; every rank checks it after each step, and the ranks stop together.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop_signal == 0) g_stop_signal = sig;
+}
+
+void install_stop_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaction(sig, &action, nullptr);
+}
+
+const char* signal_name(int sig) {
+  switch (sig) {
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    case SIGHUP: return "SIGHUP";
+  }
+  return "a signal";
+}
+
+// Exit code of a run stopped by a signal: 128 + its number, as a shell reports it (SPEC section 5).
+ExitCode signal_exit_code(int sig) {
+  return sig == SIGINT ? kExitInterrupt : sig == SIGHUP ? kExitHangup : kExitInterrupted;
+}
+
+// What the ranks agree on after each step (the maximum over ranks wins): go on, stop for a signal
+// (its number), or stop because rank 0 could not write its outputs.
+constexpr double kStopWriteFailed = 1000.0;
 
 constexpr double kMiB = 1024.0 * 1024.0;
 
@@ -132,8 +164,8 @@ void print_header(const Options& o, const Layout& layout, const SystemInfo& sys,
   std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %d ffn %d, %.2fM parameters\n",
               o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, o.model.vocab,
               o.model.ffn, num_params / 1e6);
-  std::printf("batch: micro-batch %d × dp %d × grad-accum %d = global batch %d (%d tokens); %d steps, %d warm-up\n",
-              o.micro_batch, o.dp, o.grad_accum, o.global_batch, o.tokens_per_step(), o.steps, o.warmup);
+  std::printf("batch: micro-batch %d × dp %d × grad-accum %d = global batch %d (%lld tokens); %d steps, %d warm-up\n",
+              o.micro_batch, o.dp, o.grad_accum, o.global_batch, static_cast<long long>(o.tokens_per_step()), o.steps, o.warmup);
   std::printf("layout: %s\n", layout.describe().c_str());
   std::printf("predicted memory per rank (MiB):");
   for (MemCategory c : all_mem_categories()) {
@@ -151,21 +183,89 @@ struct StepRecord {
   std::vector<double> rank_times;
 };
 
-class JsonLog {
+// An output file of rank 0 (--trace, --json-log), opened before step 1 so that a bad path fails
+// before any work; every write is flushed and checked, and a failure names the file and the reason.
+class OutputFile {
  public:
-  explicit JsonLog(const std::string& path) {
-    if (!path.empty()) {
-      out_.open(path);
-      if (!out_) throw RunError(kExitRuntime, "--json-log " + path + ": cannot open for writing");
-    }
+  OutputFile(const char* option, const std::string& path) : option_(option), path_(path) {
+    if (path.empty()) return;
+    file_ = std::fopen(path.c_str(), "w");
+    if (file_ == nullptr) fail("cannot open it for writing");
   }
-  void write(const nlohmann::ordered_json& j) {
-    if (out_.is_open()) out_ << j.dump() << '\n' << std::flush;
+  ~OutputFile() {
+    if (file_ != nullptr) std::fclose(file_);
+  }
+  OutputFile(const OutputFile&) = delete;
+  OutputFile& operator=(const OutputFile&) = delete;
+  bool is_open() const { return file_ != nullptr; }
+  // Appends `text` and flushes it to the file system.
+  void write(const std::string& text) {
+    if (file_ == nullptr) return;
+    errno = 0;
+    if (std::fwrite(text.data(), 1, text.size(), file_) != text.size() || std::fflush(file_) != 0) fail("write failed");
+  }
+  void close() {
+    if (file_ == nullptr) return;
+    const int rc = std::fclose(file_);
+    file_ = nullptr;
+    if (rc != 0) fail("closing it failed");
   }
 
  private:
-  std::ofstream out_;
+  [[noreturn]] void fail(const char* what) {
+    const std::string reason = errno != 0 ? std::strerror(errno) : "unknown error";
+    if (file_ != nullptr) std::fclose(file_);
+    file_ = nullptr;
+    throw RunError(kExitRuntime, std::string(option_) + " " + path_ + ": " + what + ": " + reason);
+  }
+  const char* option_;
+  std::string path_;
+  std::FILE* file_ = nullptr;
 };
+
+std::string format_gib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2f GiB", bytes / (kMiB * 1024.0));
+  return buf;
+}
+
+// The memory check of SPEC section 5: each rank's predicted peak against what it can use, the GPU's
+// free memory shared by the ranks on it, or the node's available host memory shared by the node's
+// ranks. Collective; every rank returns the same verdict: empty when every rank fits (or nothing is
+// known), else the message naming the worst rank and both numbers.
+std::string check_memory_fits(const Options& opt, MpiCommunicator& world, const std::vector<MemoryEstimate>& predicted) {
+  const NodeLocal local = node_local(world.handle());
+  std::string source;
+  int64_t available = -1;
+  int sharing = local.local_size;
+#ifdef PB_WITH_CUDA
+  if (opt.backend == "cuda") {
+    std::size_t free_bytes = 0, total_bytes = 0;
+    PB_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    available = static_cast<int64_t>(free_bytes);
+    const int gpus = std::max(1, cuda_visible_device_count());
+    sharing = (local.local_size + gpus - 1) / gpus;
+    source = "free memory of the GPU";
+  }
+#endif
+  if (opt.backend != "cuda") available = host_memory_available_bytes(&source);
+  const int64_t per_rank = available < 0 ? -1 : available / std::max(1, sharing);
+  std::vector<int64_t> budgets(opt.world_size);
+  world.all_gather_host(&per_rank, budgets.data(), sizeof(int64_t));
+  int worst = -1;
+  double worst_ratio = 1.0;
+  for (int r = 0; r < opt.world_size; ++r) {
+    if (budgets[r] < 0) continue;
+    const double ratio = static_cast<double>(predicted[r].peak_total) / std::max<int64_t>(1, budgets[r]);
+    if (ratio > worst_ratio) worst = r, worst_ratio = ratio;
+  }
+  if (worst < 0) return "";
+  return "the predicted peak memory of rank " + std::to_string(worst) + ", " + format_gib(predicted[worst].peak_total) +
+         ", exceeds the " + format_gib(budgets[worst]) + " it can use (" +
+         (world.rank() == worst ? source : std::string("its node's available memory")) + " shared by " +
+         std::to_string(sharing) + " rank(s)); reduce --micro-batch, the model or the ranks per node, "
+         "use --recompute, or add --no-memory-check to run anyway";
+}
 
 void write_dump(const Options& opt, const GptModel& model, const std::vector<float>& grads,
                 const std::vector<double>& losses, const std::vector<double>& norms) {
@@ -186,6 +286,40 @@ void write_dump(const Options& opt, const GptModel& model, const std::vector<flo
     }
   }
   write_gradient_dump(opt.dump_gradients, dump);
+}
+
+// Every rank ends with rank 0's exit code, which can still change while rank 0 writes the summary.
+int rank0_exit_code(MpiCommunicator& world, int exit_code) {
+  double code = world.rank() == 0 ? exit_code : -1.0;
+  world.all_reduce_host(&code, 1, HostReduce::max);
+  return static_cast<int>(code);
+}
+
+// /summary, /memory and /comm of rank 0's file. Throws RunError.
+void write_summary(ResultWriter& writer, const nlohmann::ordered_json& summary,
+                   const std::vector<MemoryEstimate>& predicted, const std::vector<std::vector<int64_t>>& measured_mem,
+                   const std::vector<int64_t>& measured_peak, const std::vector<int64_t>& device_peak,
+                   const std::vector<std::vector<int64_t>>& comm_calls, const std::vector<std::vector<int64_t>>& comm_bytes,
+                   const std::vector<std::vector<double>>& comm_time) {
+  writer.write_attributes("/summary", summary);
+  int ci = 0;
+  for (MemCategory c : all_mem_categories()) {
+    std::vector<int64_t> pred;
+    for (const MemoryEstimate& e : predicted) pred.push_back(e[c]);
+    writer.write_i64(std::string("/memory/measured/") + mem_category_name(c), measured_mem[ci++], "bytes");
+    writer.write_i64(std::string("/memory/predicted/") + mem_category_name(c), pred, "bytes");
+  }
+  std::vector<int64_t> pred_peak;
+  for (const MemoryEstimate& e : predicted) pred_peak.push_back(e.peak_total);
+  writer.write_i64("/memory/measured/peak_total", measured_peak, "bytes");
+  writer.write_i64("/memory/predicted/peak_total", pred_peak, "bytes");
+  writer.write_i64("/memory/device_peak_bytes", device_peak, "bytes");
+  for (int op = 0; op < kNumCommOps; ++op) {
+    const std::string base = std::string("/comm/") + comm_op_name(static_cast<CommOp>(op));
+    writer.write_i64(base + "/calls", comm_calls[op], "1");
+    writer.write_i64(base + "/bytes", comm_bytes[op], "bytes");
+    writer.write_f64(base + "/time_s", comm_time[op], "s");
+  }
 }
 
 // The steps, the report and the result file, after validation. Throws RunError.
@@ -216,6 +350,9 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 #endif
   if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model), predicted);
 
+  // ---- the memory check: before the model allocates anything ------------------------------------
+  const std::string does_not_fit = check_memory_fits(opt, world, predicted);
+
   if (opt.dry_run) {
     if (lead) {
       std::printf("dry run: configuration valid; predicted memory per rank (MiB)\n  rank");
@@ -228,30 +365,54 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
         std::printf(" %16s   (pp %d dp %d cp %d tp %d)\n", format_mib(predicted[r].peak_total).c_str(), c.pp, c.dp,
                     c.cp, c.tp);
       }
+      std::printf("memory: %s\n", does_not_fit.empty() ? "fits (every rank's predicted peak within what it can use)"
+                                                        : ("does not fit: " + does_not_fit).c_str());
       std::fflush(stdout);
+    }
+    if (!does_not_fit.empty() && opt.memory_check) {
+      if (lead) std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), does_not_fit.c_str());
+      return kExitConfig;
     }
     return kExitComplete;
   }
+  if (!does_not_fit.empty()) {
+    if (opt.memory_check) {
+      if (lead) std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), does_not_fit.c_str());
+      return kExitConfig;
+    }
+    if (lead) std::fprintf(stderr, "parabench-%s: warning (--no-memory-check): %s\n", opt.app.c_str(), does_not_fit.c_str());
+  }
 
-  // ---- the result file (rank 0), created before any step; every rank learns whether it worked ----
-  std::unique_ptr<ResultWriter> writer;
+  // ---- the outputs of rank 0, created and checked before any step; every rank learns the verdict -----
+  std::shared_ptr<ResultWriter> writer;
+  std::unique_ptr<OutputFile> json_log, trace_file;
   std::string create_error;
-  JsonLog json_log(lead ? opt.json_log : "");
+  int create_code = kExitComplete;
   if (lead) {
     try {
-      writer = std::make_unique<ResultWriter>(opt.out, opt.app, opt.cluster, opt.world_size);
+      writer = std::make_shared<ResultWriter>(
+          ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size, opt.steps, opt.overwrite});
       writer->write_config(describe_options(opt, app.options), opt.argv);
       writer->write_system(sys);
+      writer->commit_header();
+      json_log = std::make_unique<OutputFile>("--json-log", opt.json_log);
+      trace_file = std::make_unique<OutputFile>("--trace", opt.trace);
     } catch (const RunError& e) {
       create_error = e.what();
+      create_code = e.code;
+      if (writer) writer->discard();
+      writer.reset();
     }
   }
-  double create_failed = create_error.empty() ? 0.0 : 1.0;
+  double create_failed = create_code;
   world.all_reduce_host(&create_failed, 1, HostReduce::max);
   if (create_failed != 0.0) {
-    if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), create_error.c_str());
-    return kExitRuntime;
+    if (lead) std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), create_error.c_str());
+    return static_cast<int>(create_failed);
   }
+  // From here a failure of this process (a failed MPI, CUDA or HDF5 call, out of memory) marks the
+  // file failed with its message before the job is aborted.
+  if (lead) set_abort_hook([writer](const std::string& message) { writer->mark_failed(message); });
 
   const TensorParallel tp = app.tensor_parallel ? app.tensor_parallel(groups) : TensorParallel{};
   GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute, tp);
@@ -268,6 +429,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   std::vector<double> dump_losses, dump_norms;
   std::string status = "complete", error;
   int exit_code = kExitComplete;
+  std::string write_error;  // rank 0: the first failed write of its outputs
 
   for (int step = 0; step < opt.steps; ++step) {
     const double t_arrive = wall_time_s();
@@ -322,7 +484,11 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     records.push_back(rec);
 
     if (lead) {
-      writer->append_step(loss, grad_norm, rec.rank_times);
+      try {
+        writer->append_step(loss, grad_norm, rec.rank_times);
+      } catch (const RunError& e) {
+        if (write_error.empty()) write_error = e.what();
+      }
       const double tokens_per_s = opt.tokens_per_step() / rec.time_max_s;
       const double tflops = flops.flops_per_step / rec.time_max_s / opt.world_size / 1e12;
       if (talk) {
@@ -340,15 +506,28 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
       j["tflops_per_rank"] = tflops;
       j["peak_mem_bytes"] = static_cast<int64_t>(peak);
       j["warmup"] = step < opt.warmup;
-      json_log.write(j);
+      try {
+        json_log->write(j.dump() + "\n");
+      } catch (const RunError& e) {
+        if (write_error.empty()) write_error = e.what();
+      }
     }
 
-    double stop = g_stop_requested ? 1.0 : 0.0;
+    double stop = !write_error.empty() ? kStopWriteFailed : static_cast<double>(g_stop_signal);
     world.all_reduce_host(&stop, 1, HostReduce::max);
+    if (stop == kStopWriteFailed) {
+      status = "failed";
+      error = "stopped after step " + std::to_string(step + 1) + " of " + std::to_string(opt.steps) + ": " + write_error;
+      exit_code = kExitRuntime;
+      if (lead) std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), error.c_str());
+      break;
+    }
     if (stop != 0.0 && step + 1 < opt.steps) {
+      const int sig = static_cast<int>(stop);
       status = "interrupted";
-      error = "stopped by SIGTERM after step " + std::to_string(step + 1) + " of " + std::to_string(opt.steps);
-      exit_code = kExitInterrupted;
+      error = std::string("stopped by ") + signal_name(sig) + " after step " + std::to_string(step + 1) + " of " +
+              std::to_string(opt.steps);
+      exit_code = signal_exit_code(sig);
       if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), error.c_str());
       break;
     }
@@ -401,9 +580,23 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     comm_time.push_back(gather_f64(comm[op].time_s));
   }
 
-  if (trace.enabled()) trace.write(world, opt.trace, sys.hostnames);
-  strategy->write_results(world, lead ? writer.get() : nullptr);
-  if (!lead) return exit_code;
+  if (trace.enabled()) {
+    try {
+      const std::string text = trace.gather(world, sys.hostnames);
+      if (lead) {
+        trace_file->write(text);
+        trace_file->close();
+      }
+    } catch (const RunError& e) {
+      if (write_error.empty()) write_error = e.what();
+    }
+  }
+  try {
+    strategy->write_results(world, lead ? writer.get() : nullptr);
+  } catch (const RunError& e) {  // rank 0's writes, after the strategy's collectives
+    if (write_error.empty()) write_error = e.what();
+  }
+  if (!lead) return rank0_exit_code(world, exit_code);
   if (!opt.dump_gradients.empty()) write_dump(opt, model, step0_grads, dump_losses, dump_norms);
 
   nlohmann::ordered_json summary;
@@ -419,26 +612,36 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   summary["mfu"] = mfu;
   summary["final_loss"] = records.empty() ? std::nan("") : records.back().loss;
   summary["final_param_norm"] = final_param_norm;
-  writer->write_attributes("/summary", summary);
-  int ci = 0;
-  for (MemCategory c : all_mem_categories()) {
-    std::vector<int64_t> pred;
-    for (const MemoryEstimate& e : predicted) pred.push_back(e[c]);
-    writer->write_i64(std::string("/memory/measured/") + mem_category_name(c), measured_mem[ci++], "bytes");
-    writer->write_i64(std::string("/memory/predicted/") + mem_category_name(c), pred, "bytes");
+  try {
+    write_summary(*writer, summary, predicted, measured_mem, measured_peak, device_peak, comm_calls, comm_bytes, comm_time);
+  } catch (const RunError& e) {
+    if (write_error.empty()) write_error = e.what();
   }
-  std::vector<int64_t> pred_peak;
-  for (const MemoryEstimate& e : predicted) pred_peak.push_back(e.peak_total);
-  writer->write_i64("/memory/measured/peak_total", measured_peak, "bytes");
-  writer->write_i64("/memory/predicted/peak_total", pred_peak, "bytes");
-  writer->write_i64("/memory/device_peak_bytes", device_peak, "bytes");
-  for (int op = 0; op < kNumCommOps; ++op) {
-    const std::string base = std::string("/comm/") + comm_op_name(static_cast<CommOp>(op));
-    writer->write_i64(base + "/calls", comm_calls[op], "1");
-    writer->write_i64(base + "/bytes", comm_bytes[op], "bytes");
-    writer->write_f64(base + "/time_s", comm_time[op], "s");
+  try {
+    json_log->close();
+  } catch (const RunError& e) {
+    if (write_error.empty()) write_error = e.what();
   }
-  writer->set_status(status, error);
+  if (!write_error.empty() && exit_code != kExitRuntime) {  // a failure at the end: the steps are measured
+    status = "failed";
+    error = write_error;
+    exit_code = kExitRuntime;
+    std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), error.c_str());
+  }
+  if (writer->broken()) {
+    writer->mark_failed(error);
+  } else {
+    try {
+      writer->set_status(status, error);
+    } catch (const RunError& e) {
+      // The summary is lost; the steps flushed so far stay readable.
+      status = "failed";
+      error = e.what();
+      exit_code = kExitRuntime;
+      std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), error.c_str());
+      writer->mark_failed(error);
+    }
+  }
 
   const int64_t peak_max = *std::max_element(measured_peak.begin(), measured_peak.end());
   if (talk) {
@@ -450,7 +653,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     std::printf("  %-22s %12.4f\n", "MFU", mfu);
     std::printf("  %-22s %12.6f\n", "final loss", summary["final_loss"].get<double>());
     std::printf("  memory per rank, max over ranks (MiB):   predicted    measured\n");
-    ci = 0;
+    int ci = 0;
     for (MemCategory c : all_mem_categories()) {
       int64_t pmax = 0;
       for (const MemoryEstimate& e : predicted) pmax = std::max(pmax, e[c]);
@@ -458,7 +661,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
       ++ci;
       std::printf("    %-20s %20s %11s\n", mem_category_name(c), format_mib(pmax).c_str(), format_mib(mmax).c_str());
     }
-    int64_t ppmax = *std::max_element(pred_peak.begin(), pred_peak.end());
+    int64_t ppmax = 0;
+    for (const MemoryEstimate& e : predicted) ppmax = std::max(ppmax, e.peak_total);
     std::printf("    %-20s %20s %11s\n", "peak_total", format_mib(ppmax).c_str(), format_mib(peak_max).c_str());
     std::printf("    %-20s %20s %11s\n", "process (VmHWM)", "",
                 format_mib(*std::max_element(device_peak.begin(), device_peak.end())).c_str());
@@ -478,7 +682,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
               format_g(mfu).c_str(), static_cast<long long>(peak_max), status.c_str(),
               writer->path().c_str());
   std::fflush(stdout);
-  return exit_code;
+  set_abort_hook(nullptr);
+  return rank0_exit_code(world, exit_code);
 }
 
 }  // namespace
@@ -497,6 +702,9 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
 }
 
 int run_app(int argc, char** argv, const AppDefinition& app) {
+  // HDF5 closes open files at exit; on the abort path (MPI_Abort calls exit) that would touch a file
+  // in an error state and crash. The result writer closes its file itself.
+  H5dont_atexit();
   int provided = 0;
   PB_MPI_CHECK(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided));
   int exit_code = kExitComplete;
@@ -523,7 +731,7 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
       }
       exit_code = parsed.exit_code;
     } else {
-      std::signal(SIGTERM, on_sigterm);
+      install_stop_handlers();
       opt.cluster = resolve_cluster_name(opt.cluster);
       try {
         exit_code = train_and_report(app, opt, world);

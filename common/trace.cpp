@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <fstream>
 
 #include <nlohmann/json.hpp>
 
@@ -25,8 +24,7 @@ void TraceRecorder::span(TraceTrack track, const std::string& name, double start
   if (enabled_) spans_.push_back(Span{track, name, args, start_s, end_s});
 }
 
-void TraceRecorder::write(Communicator& world, const std::string& path,
-                          const std::vector<std::string>& hostnames) const {
+std::string TraceRecorder::gather(Communicator& world, const std::vector<std::string>& hostnames) const {
   // This rank's events as JSON text, gathered to every rank padded to the longest.
   nlohmann::json events = nlohmann::json::array();
   const int rank = world.rank();
@@ -49,7 +47,7 @@ void TraceRecorder::write(Communicator& world, const std::string& path,
   padded.resize(width, '\0');
   std::vector<char> all(width * world.size());
   world.all_gather_host(padded.data(), all.data(), width);
-  if (rank != 0) return;
+  if (rank != 0) return "";
 
   nlohmann::json trace;
   trace["displayTimeUnit"] = "ms";
@@ -66,10 +64,7 @@ void TraceRecorder::write(Communicator& world, const std::string& path,
     const char* text = all.data() + width * r;
     for (auto& e : nlohmann::json::parse(text)) out.push_back(std::move(e));
   }
-  std::ofstream file(path);
-  if (!file) throw RunError(kExitRuntime, "--trace " + path + ": cannot open for writing");
-  file << trace.dump() << '\n';
-  if (!file) throw RunError(kExitRuntime, "--trace " + path + ": write failed");
+  return trace.dump() + "\n";
 }
 
 }  // namespace pb

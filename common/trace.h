@@ -18,8 +18,9 @@ class TraceRecorder {
   bool enabled() const { return enabled_; }
   // A span [start_s, end_s) in MPI_Wtime seconds; `args` is a JSON object text or empty.
   void span(TraceTrack track, const std::string& name, double start_s, double end_s, const std::string& args = "");
-  // Collective over `world`: rank 0 writes every rank's spans to path. Throws RunError on I/O failure.
-  void write(Communicator& world, const std::string& path, const std::vector<std::string>& hostnames) const;
+  // Collective over `world`: every rank's spans as the trace's JSON text on rank 0 (empty elsewhere),
+  // for rank 0 to write to the --trace file it opened before the first step.
+  std::string gather(Communicator& world, const std::vector<std::string>& hostnames) const;
 
  private:
   struct Span {

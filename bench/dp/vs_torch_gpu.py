@@ -57,7 +57,7 @@ def main():
         h5 = out / f"parabench_{model}.h5"
         rc = run([*launcher, "-n", 1, args.bin, "--model", model, "--micro-batch", mb, "--backend", "cuda",
                   "--dtype", "bf16", "--steps", args.steps + args.warmup, "--warmup", args.warmup, "--quiet",
-                  "--out", h5], out / f"parabench_{model}.log")
+                  "--out", h5, "--overwrite"], out / f"parabench_{model}.log")
         if rc != 0:
             failed = True
             continue

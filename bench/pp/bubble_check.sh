@@ -21,7 +21,7 @@ fi
 model=(--layers 8 --hidden 256 --heads 4 --seq 128 --vocab 64 --ffn 1024 --micro-batch 1 --threads 1)
 for schedule in gpipe 1f1b; do
   "${launch[@]}" build-bubble/bench/pp/parabench-pp "${model[@]}" --pp 4 --schedule "$schedule" --global-batch 8 \
-    --steps 6 --warmup 2 --quiet --out "$out/$schedule.h5" --trace "$out/$schedule.json" >"$out/$schedule.log" 2>&1
+    --steps 6 --warmup 2 --quiet --out "$out/$schedule.h5" --overwrite --trace "$out/$schedule.json" >"$out/$schedule.log" 2>&1
   "${PB_PYTHON:-python3}" - "$out/$schedule.h5" "$schedule" <<'PY'
 import sys, h5py
 f = h5py.File(sys.argv[1], "r")

@@ -11,5 +11,5 @@ chunks=1
 [[ $schedule == interleaved ]] && chunks=2
 mpiexec -n 4 "${PB_BUILD_DIR:-$repo/build}/bench/pp/parabench-pp" --model tiny --layers 8 --hidden 128 --seq 64 \
   --pp 4 --schedule "$schedule" --virtual-stages "$chunks" --global-batch 8 --steps 3 --warmup 1 --quiet \
-  --trace "$out/pp_$schedule.json" --out "$out/pp_$schedule.h5" "$@"
+  --trace "$out/pp_$schedule.json" --out "$out/pp_$schedule.h5" --overwrite "$@"
 cd "$repo" && "${PB_PYTHON:-/usr/bin/python3}" -m analysis.timeline "$out/pp_$schedule.json" --out "$out/pp_$schedule.png"

@@ -325,6 +325,18 @@ def assert_memory_matches_prediction(run, what):
                 f"{run['command']}"
 
 
+def finished_steps(path):
+    """Steps a result file holds so far (its /steps attribute `finished`, SPEC section 6); 0 while the
+    file does not exist or cannot be read (mid-write)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["steps"].attrs["finished"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def check_rejected(run_app, tmp_path, app, ranks, args, names, env=None, timeout=20):
     """A command line that must be refused: exit 2 within `timeout` s, every one of `names` on stderr,
     the message printed once (by rank 0), no result line and no file left behind. No --out is given,

@@ -23,18 +23,11 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import finished_steps
+
 RANKS = 2
 STEPS = 200  # the small model takes ~0.2 s per step on 2 ranks: far longer than the test waits
 WARMUP = 1
-
-
-def finished_steps(path):
-    """Steps in the result file so far; 0 while it does not exist or cannot be read (mid-write)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return f["steps/loss"].shape[0]
-    except (OSError, KeyError, ValueError):
-        return 0
 
 
 @pytest.mark.parametrize("target", ["every-rank", "one-rank", "mpiexec"])
