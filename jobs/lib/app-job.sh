@@ -13,6 +13,7 @@ die() { echo "$app.sbatch: error: $*" >&2; exit 2; }
 source "$(dirname "${BASH_SOURCE[0]}")/options.sh"
 
 cluster=${PB_CLUSTER:-local}
+check_profile_name PB_CLUSTER "$cluster"  # a name in jobs/clusters/, never a path
 profile=jobs/clusters/$cluster.env
 [[ -f $profile ]] || die "cluster profile $root/$profile not found (PB_CLUSTER=$cluster; submit from the repository root)"
 # shellcheck source-path=SCRIPTDIR source=clusters/local.env disable=SC1091
@@ -21,9 +22,9 @@ source "$profile"
 
 if [[ -n ${PB_MODULES:-} ]]; then
   if command -v module >/dev/null 2>&1; then
+    read -r -d '' -a modules <<<"$PB_MODULES" || true  # a blank-separated list, not globbed
     set +u  # module scripts read unset variables
-    # shellcheck disable=SC2086  # PB_MODULES is a space-separated list
-    module load $PB_MODULES || die "module load $PB_MODULES failed"
+    module load "${modules[@]}" || die "module load $PB_MODULES failed"
     set -u
   else
     echo "$app.sbatch: warning: no 'module' command; not loading: $PB_MODULES" >&2
@@ -38,6 +39,7 @@ has_option --out "$@" && die "give the result directory as PB_OUT=DIR, not --out
 
 job_id=${SLURM_JOB_ID:-local-$(date -u +%Y%m%dT%H%M%SZ)-$$}
 out=${PB_OUT:-results/$job_id}
+check_text PB_OUT "$out"
 mkdir -p "$out"
 
 # The job's record, next to its result file.

@@ -21,7 +21,8 @@ shard_strategies=(NO_SHARD ZERO1 SHARD_GRAD_OP FULL_SHARD HYBRID_SHARD)
 sweep_options_help() {
   cat <<EOF
   SWEEP              one of: ${sweep_names[*]}
-  --cluster PROFILE  jobs/clusters/PROFILE.env: allocation, launcher, modules
+  --cluster PROFILE  jobs/clusters/PROFILE.env: allocation, launcher, modules; a name
+                     ([A-Za-z0-9._-], not starting with '.'), not a path
   --app APP          micro-batch and scaling sweeps: the app (default fsdp, resp. dp)
   --values LIST      comma-separated values of the sweep: micro-batch: micro-batches (1,2,4,8);
                      shard: strategies ($(IFS=,; echo "${shard_strategies[*]}"));
@@ -78,7 +79,7 @@ gcd() {
 sweep_parse() {
   local usage_fn=$1 opt value
   shift
-  sweep='' profile_name=${PB_CLUSTER:-} sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
+  sweep='' profile_name=${PB_CLUSTER:-} profile_from=PB_CLUSTER sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
   sweep_tp='' sweep_pp='' sweep_tag='' sweep_out='' dry_run=0
   app_args=()
   while [[ $# -gt 0 ]]; do
@@ -91,13 +92,15 @@ sweep_parse() {
       --*)
         [[ $# -ge 2 ]] || die "$opt needs a value (see --help)"
         value=$2; shift 2 ;;
-      -*) die "unknown option $opt (app arguments go after --; see --help)" ;;
+      -*) check_text option "$opt"; die "unknown option $opt (app arguments go after --; see --help)" ;;
       *)
+        check_text SWEEP "$opt"
         [[ -z $sweep ]] || die "unexpected argument $opt (app arguments go after --; see --help)"
         sweep=$opt; shift; continue ;;
     esac
+    check_text "$opt" "$value"  # every value may end up in a script or a path
     case $opt in
-      --cluster) profile_name=$value ;;
+      --cluster) profile_name=$value profile_from=--cluster ;;
       --app) sweep_app=$value ;;
       --values) sweep_values=$value ;;
       --ranks) sweep_ranks=$value ;;
@@ -106,7 +109,7 @@ sweep_parse() {
       --pp) sweep_pp=$value ;;
       --tag) sweep_tag=$value ;;
       --out) sweep_out=$value ;;
-      *) die "unknown option $opt (app arguments go after --; see --help)" ;;
+      *) check_text option "$opt"; die "unknown option $opt (app arguments go after --; see --help)" ;;
     esac
   done
   [[ -n $sweep ]] || { "$usage_fn" >&2; exit 2; }
@@ -122,10 +125,12 @@ sweep_parse() {
 }
 
 # Loads jobs/clusters/$profile_name.env (from the repository $1) and checks what the sweeps read.
+# The profile is found by name (--cluster NAME or PB_CLUSTER, given as $profile_from), never by path.
 load_profile() {
   local repo=$1 known
   [[ -n $profile_name ]] || die "name the cluster profile: --cluster NAME (profiles: $(profile_names "$repo"))"
-  [[ $profile_name =~ ^[A-Za-z0-9._-]+$ && -f $repo/jobs/clusters/$profile_name.env ]] || {
+  check_profile_name "${profile_from:---cluster}" "$profile_name"
+  [[ -f $repo/jobs/clusters/$profile_name.env ]] || {
     known=$(profile_names "$repo")
     die "unknown cluster '$profile_name': no jobs/clusters/$profile_name.env (profiles: $known)"
   }
@@ -138,6 +143,10 @@ load_profile() {
     is_count "${!var}" || die "$var=${!var} in jobs/clusters/$profile_name.env is not a positive number"
   done
   [[ $PB_GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "PB_GPUS_PER_NODE=$PB_GPUS_PER_NODE in jobs/clusters/$profile_name.env is not a number"
+  # What ends up in paths and rendered scripts (PB_SBATCH_ARGS: jobs/submit checks each word).
+  for var in PB_CLUSTER_NAME PB_PARTITION PB_ACCOUNT PB_BUILD_DIR; do
+    check_text "$var in jobs/clusters/$profile_name.env" "${!var:-}"
+  done
 }
 
 profile_names() {
