@@ -20,14 +20,29 @@ a .csv beside it:
 A file that cannot be read (corrupt, truncated), is not a parabench result or has a schema version
 other than 1 is an error: every such file is named on stderr with the reason and nothing is written
 (exit 1). With --skip-bad the report is written from the other files and lists the ones left out.
+
+DIR is created if missing; an existing DIR (an earlier report) is written into, its report files
+replaced once the new report is complete. A DIR that exists and is not a directory, or that cannot
+be created or written (permissions, a read-only file system, a path through a file), is an error:
+one line on stderr naming DIR and the reason, nothing written (exit 1).
+
+Text from the result files and the command line (cluster, app, strategy, model, dtype, device,
+backend, error messages, file names) is escaped: in report.md Markdown and HTML characters are
+backslash-escaped or written as entities and control characters shown as escapes (\\n, \\t, \\x1b),
+so that it shows as written and cannot end a table row or start a heading, a link or a tag.
 """
 
 import argparse
+import errno
+import hashlib
 import html
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
+import tempfile
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -79,43 +94,119 @@ def what_ran(app, strategy):
 
 
 def slug(*parts):
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(str(p) for p in parts)).strip("_")
+    """A file name from parts of user text: [A-Za-z0-9.=-] runs joined by _, at most 120 characters
+    (a longer one is cut and ends with a hash of the whole, so that it stays unique)."""
+    name = re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(str(p) for p in parts)).strip("_")
+    if len(name) > 120:
+        digest = hashlib.sha1("\0".join(str(p) for p in parts).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        name = f"{name[:109]}_{digest}"
+    return name
+
+
+def mpl(text):
+    """User text for a matplotlib label: on one line (one_line), and a $ is a dollar, not the start of
+    mathtext (which fails on most text that has two)."""
+    return one_line(text).replace("$", r"\$")
+
+
+# ---- escaping user text ------------------------------------------------------------------------------
+# User text is anything that comes from a result file or the command line. It is shown as written,
+# on one line: in both report.md and report.html each control character (U+0000-U+001F,
+# U+007F-U+009F), line or paragraph separator (U+2028, U+2029) and bidirectional override
+# (U+202A-U+202E, U+2066-U+2069) is shown as an escape, \n \r \t or \xNN / \uNNNN. In report.md
+# the characters that Markdown or HTML would read as markup are then escaped (md_text). Text the
+# report writes itself is Markup: Markdown put in report.md as it is, and `code` and **bold** of it
+# turned into HTML.
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+SHOWN = {"\n": r"\n", "\r": r"\r", "\t": r"\t"}
+# Backslash-escaped in report.md: \ ` * [ ] | # ~ $ always, _ unless inside a word (snake_case
+# stays readable: CommonMark and GitHub take no emphasis there), the : of :// and the . of a
+# www. that starts a word (no autolinks); < > & become &lt; &gt; &amp;.
+MD_SPECIAL = re.compile(r"[\\`*\[\]|#~$]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|:(?=//)|(?i:(?<=\bwww)\.)")
+MD_ENTITY = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+# What would make a paragraph that starts with user text a list item (or a setext underline) in
+# report.md: its last character is escaped. (# > < | and leading spaces cannot start one there.)
+MD_BLOCK_START = re.compile(r"[-+=]|\d{1,9}[.)](?=\s|$)")
+
+
+class Markup(str):
+    """Markdown the report writes itself: in report.md as it is; in report.html `code` and **bold**."""
+
+
+def one_line(text):
+    """User text with its control characters shown as escapes (see above): one line, in any output."""
+    def shown(m):
+        c = m.group()
+        return SHOWN.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return CONTROL.sub(shown, str(text))
+
+
+def md_text(text):
+    """User text as Markdown that shows it as written: one line, no markup, no HTML, no | to end a
+    table cell."""
+    text = re.sub("[&<>]", lambda m: MD_ENTITY[m.group()], one_line(text))
+    return MD_SPECIAL.sub(lambda m: "\\" + m.group(), text)
+
+
+def md_inline(parts):
+    return "".join(p if isinstance(p, Markup) else md_text(p) for p in parts)
+
+
+def html_inline(parts):
+    """Markup with its `code` and **bold** as HTML, user text escaped (and never read as markup)."""
+    template, values = [], []
+    for p in parts:
+        if isinstance(p, Markup):
+            template.append(p)
+        else:
+            template.append(f"\0{len(values)}\0")
+            values.append(html.escape(one_line(p)))
+    out = html.escape("".join(template))
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub("\0(\\d+)\0", lambda m: values[int(m.group(1))], out)
 
 
 # ---- the document: blocks rendered as Markdown and as HTML -------------------------------------------
 
 class Document:
+    """Headings and paragraphs are parts: Markup, or anything else as user text; table cells, headers
+    and image captions are all user text."""
+
     def __init__(self):
         self.blocks = []
 
-    def heading(self, level, text):
-        self.blocks.append(("h", level, text))
+    def heading(self, level, *parts):
+        self.blocks.append(("h", level, parts))
 
-    def para(self, text):
-        self.blocks.append(("p", text))
+    def para(self, *parts):
+        self.blocks.append(("p", parts))
 
     def table(self, headers, rows, numeric=()):
         """numeric: the indices of right-aligned columns."""
         self.blocks.append(("table", headers, rows, set(numeric)))
 
     def image(self, path, alt):
+        """path: plots/<slug>.png, made here."""
         self.blocks.append(("img", path, alt))
 
     def markdown(self):
         out = []
         for block in self.blocks:
             if block[0] == "h":
-                out.append("#" * block[1] + " " + block[2])
+                out.append("#" * block[1] + " " + md_inline(block[2]))
             elif block[0] == "p":
-                out.append(block[1])
+                text = md_inline(block[1]).lstrip()
+                out.append(MD_BLOCK_START.sub(lambda m: m.group()[:-1] + "\\" + m.group()[-1], text, count=1)
+                           if MD_BLOCK_START.match(text) else text)
             elif block[0] == "img":
-                out.append(f"![{block[2]}]({block[1]})")
+                out.append(f"![{md_text(block[2])}]({block[1]})")
             else:
                 _, headers, rows, numeric = block
-                cell = lambda c: str(c).replace("|", "\\|")
-                lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+                lines = ["| " + " | ".join(md_text(h) for h in headers) + " |",
                          "|" + "|".join("---:" if i in numeric else "---" for i in range(len(headers))) + "|"]
-                lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+                lines += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in rows]
                 out.append("\n".join(lines))
             out.append("")
         return "\n".join(out)
@@ -126,20 +217,20 @@ class Document:
                "table{border-collapse:collapse;margin:1em 0;font-size:90%}"
                "th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f0f0f0}td.n{text-align:right}"
                "img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}</style></head><body>"]
-        inline = lambda t: re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(t))
+        text = lambda t: html.escape(one_line(t))
         for block in self.blocks:
             if block[0] == "h":
-                out.append(f"<h{block[1]}>{inline(block[2])}</h{block[1]}>")
+                out.append(f"<h{block[1]}>{html_inline(block[2])}</h{block[1]}>")
             elif block[0] == "p":
-                out.append(f"<p>{inline(block[1])}</p>")
+                out.append(f"<p>{html_inline(block[1])}</p>")
             elif block[0] == "img":
-                out.append(f"<p><img src=\"{html.escape(block[1])}\" alt=\"{html.escape(block[2])}\"></p>")
+                out.append(f"<p><img src=\"{html.escape(block[1])}\" alt=\"{text(block[2])}\"></p>")
             else:
                 _, headers, rows, numeric = block
-                out.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr>")
+                out.append("<table><tr>" + "".join(f"<th>{text(h)}</th>" for h in headers) + "</tr>")
                 for row in rows:
                     out.append("<tr>" + "".join(
-                        f"<td class=\"n\">{html.escape(str(c))}</td>" if i in numeric else f"<td>{html.escape(str(c))}</td>"
+                        f"<td class=\"n\">{text(c)}</td>" if i in numeric else f"<td>{text(c)}</td>"
                         for i, c in enumerate(row)) + "</tr>")
                 out.append("</table>")
         out.append("</body></html>")
@@ -204,9 +295,10 @@ def memory_csv(points, labels, label_name):
 # ---- sections ---------------------------------------------------------------------------------------
 
 class Report:
-    def __init__(self, complete, others, bad, out, baseline, inputs):
+    def __init__(self, complete, others, bad, baseline, inputs):
         self.runs, self.others, self.bad = complete, others, bad
-        self.out, self.plots = Path(out), Path(out) / "plots"
+        self.out = self.plots = None  # where write() puts it
+        self.names = set()
         self.doc = Document()
         self.inputs = inputs
         clusters = sorted(set(complete["cluster"]) | set(others["cluster"]))
@@ -219,18 +311,24 @@ class Report:
         self.figures = 0
 
     def save(self, fig, name, data):
-        """Writes plots/<name>.png and the numbers it shows as plots/<name>.csv; returns the png path."""
-        png = self.plots / f"{name}.png"
+        """Writes plots/<name>.png and the numbers it shows as plots/<name>.csv; returns the png path.
+        Names made from distinct user text can be equal (a|b, a<b): the second is name_2, and so on."""
+        unique, n = name, 1
+        while unique in self.names:
+            n += 1
+            unique = f"{name}_{n}"
+        self.names.add(unique)
+        png = self.plots / f"{unique}.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        data.to_csv(self.plots / f"{name}.csv", index=False)
+        data.to_csv(self.plots / f"{unique}.csv", index=False)  # pandas writes through the csv module: quoted
         self.figures += 1
         return f"plots/{png.name}"
 
-    def write(self):
-        self.plots.mkdir(parents=True, exist_ok=True)
-        for old in list(self.plots.glob("*.png")) + list(self.plots.glob("*.csv")):
-            old.unlink()  # the plots of an earlier report in this folder
+    def write(self, folder):
+        """Writes the whole report into folder, an empty one (Output.staging)."""
+        self.out, self.plots = Path(folder), Path(folder) / "plots"
+        self.plots.mkdir()
         self.header()
         self.summary()
         self.cross_cluster()
@@ -242,17 +340,19 @@ class Report:
         self.not_complete()
         self.left_out()
         title = "parabench report"
-        (self.out / "report.md").write_text(self.doc.markdown())
-        (self.out / "report.html").write_text(self.doc.html(title))
+        # errors=backslashreplace: a file name that is not UTF-8 (surrogates from the command line) as \udcff
+        (self.out / "report.md").write_text(self.doc.markdown(), encoding="utf-8", errors="backslashreplace")
+        (self.out / "report.html").write_text(self.doc.html(title), encoding="utf-8", errors="backslashreplace")
 
     def header(self):
         d = self.doc
         d.heading(1, "parabench report")
         n_all = len(self.runs) + len(self.others)
         d.para(f"{n_all} run(s) from {len(self.clusters)} cluster(s), {len(self.runs)} complete; "
-               f"written {datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} by `python3 -m analysis.report "
-               f"{' '.join(self.inputs)}`. Memory is the maximum over ranks; step time the median over the "
-               f"measured steps of the slowest rank (SPEC.md section 6).")
+               f"written {datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} by ",
+               Markup("`python3 -m analysis.report`"), " from ", " ".join(shlex.quote(i) for i in self.inputs),
+               ". Memory is the maximum over ranks; step time the median over the measured steps of the slowest "
+               "rank (SPEC.md section 6).")
         rows = []
         for cluster in self.clusters:
             mine = self.runs[self.runs["cluster"] == cluster]
@@ -272,7 +372,7 @@ class Report:
         runs = self.runs.assign(short=short_paths(self.runs))
         for (cluster, app), g in runs.groupby(["cluster", "app"], sort=True):
             g = g.sort_values(["model", "order", "ranks", "micro_batch", "global_batch"])
-            d.heading(3, f"{cluster}: {app}")
+            d.heading(3, cluster, ": ", app)
             rows = [[r.strategy, r.model, r.ranks, fmt(r.nodes, ""), r.micro_batch, r.global_batch, r.dtype,
                      fmt(r.step_time_s, "s"), fmt(r.tokens_per_s, "rate"), fmt(r.tflops_per_rank, "tflops"),
                      fmt(r.mfu, "pct"), fmt(r.measured_peak_total, "mib"), fmt(r.predicted_peak_total, "mib"),
@@ -303,10 +403,10 @@ class Report:
                    "is every /config option but cluster, out, tag, trace, json_log, quiet, threads, backend, comm, "
                    "peak_tflops, steps, warmup and seed; the model is compared by its shape.")
             return
-        d.para(f"Configurations that ran on two clusters or more: every /config option equal but where and how the "
-               f"run was made (cluster, backend, comm, threads, steps, seed, output). Values are medians over repeated "
-               f"runs; ratios are to the baseline cluster **{self.baseline}**: tokens/s above 1× is faster, peak "
-               f"memory above 1× is more.")
+        d.para("Configurations that ran on two clusters or more: every /config option equal but where and how the "
+               "run was made (cluster, backend, comm, threads, steps, seed, output). Values are medians over repeated "
+               "runs; ratios are to the baseline cluster ", Markup("**"), self.baseline, Markup("**"),
+               ": tokens/s above 1× is faster, peak memory above 1× is more.")
         headers = ["app", "strategy", "model", "ranks", "micro-batch", "global batch", "dtype"]
         headers += [f"{c} tokens/s" for c in clusters]
         headers += [f"{c} / {self.baseline} tokens/s" for c in others]
@@ -336,7 +436,7 @@ class Report:
                             "peak_ratio": ratio(c, "peak")})
         d.table(headers, rows, numeric=[3, 4, 5] + list(range(7, len(headers))))
         pd.DataFrame(csv).to_csv(self.out / "cross_cluster.csv", index=False)
-        d.para("The same numbers, one row per configuration and cluster: `cross_cluster.csv`.")
+        d.para(Markup("The same numbers, one row per configuration and cluster: `cross_cluster.csv`."))
 
     def memory_by_strategy(self):
         d = self.doc
@@ -352,9 +452,9 @@ class Report:
             cluster, model, ranks, micro_batch, global_batch, dtype = key
             unit, scale = ("GiB", GIB) if max(p[0][PEAK] for p in points) >= 4 * GIB else ("MiB", MIB)
             fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(labels) + 4), 4.8))
-            stacked_bars(ax, labels, points, f"{unit} per rank (max over ranks)", scale,
-                         f"{cluster}: {model}, {ranks} ranks, micro-batch {micro_batch}, global batch {global_batch}, "
-                         f"{dtype}")
+            stacked_bars(ax, [mpl(label) for label in labels], points, f"{unit} per rank (max over ranks)", scale,
+                         mpl(f"{cluster}: {model}, {ranks} ranks, micro-batch {micro_batch}, global batch "
+                             f"{global_batch}, {dtype}"))
             ax.tick_params(axis="x", labelrotation=15 if len(labels) > 4 else 0)
             ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the note above the tallest bar
             fig.tight_layout()
@@ -366,8 +466,8 @@ class Report:
             d.para("Needs two strategies or more at one cluster, model, rank count, micro-batch and global batch "
                    "(the shard and strategy sweeps).")
         else:
-            d.para("Left bar of each pair: measured; right, hatched: the app's prediction; the black tick is "
-                   "`peak_total`, the peak of the sum at any instant (not the sum of the peaks).")
+            d.para(Markup("Left bar of each pair: measured; right, hatched: the app's prediction; the black tick "
+                          "is `peak_total`, the peak of the sum at any instant (not the sum of the peaks)."))
 
     def memory_by_micro_batch(self):
         d = self.doc
@@ -384,7 +484,7 @@ class Report:
             unit, scale = ("GiB", GIB) if max(p[0][PEAK] for p in points) >= 4 * GIB else ("MiB", MIB)
             fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(labels) + 4), 4.8))
             stacked_bars(ax, labels, points, f"{unit} per rank (max over ranks)", scale,
-                         f"{cluster}: parabench-{app} {strategy}, {model}, {ranks} ranks, {dtype}")
+                         mpl(f"{cluster}: parabench-{app} {strategy}, {model}, {ranks} ranks, {dtype}"))
             ax.set_ylim(top=ax.get_ylim()[1] * 1.08)
             fig.tight_layout()
             name = slug("memory_micro_batch", cluster, app, strategy, model, f"{ranks}ranks", dtype)
@@ -432,9 +532,9 @@ class Report:
             label = f"{s['cluster']} {what_ran(s['app'], s['strategy'])} {s['model']}: {s['kind']}, {s['what']}"
             color = f"C{i % 10}"
             marker = "o" if s["kind"] == "strong" else "s"
-            left.plot(ranks, tps, marker=marker, color=color, label=label)
+            left.plot(ranks, tps, marker=marker, color=color, label=mpl(label))
             left.plot(ranks, tps[0] * ranks / ranks[0], linestyle=":", color=color, linewidth=1)
-            right.plot(ranks, 100 * efficiency, marker=marker, color=color, label=label)
+            right.plot(ranks, 100 * efficiency, marker=marker, color=color, label=mpl(label))
             for r, t, e in zip(ranks, tps, efficiency):
                 rows.append([s["cluster"], s["app"], s["strategy"], s["model"], s["kind"], s["what"], int(r),
                              fmt(t, "rate"), fmt(e, "pct")])
@@ -492,11 +592,12 @@ class Report:
                                 "step_time_s_min": lo, "step_time_s_max": hi,
                                 "tokens_per_s": float(s["tokens_per_s"].median()) if len(s) else math.nan})
                 x = [i + (j - (len(clusters) - 1) / 2) * width for i in range(len(strategies))]
-                ax.bar(x, heights, width * 0.95, yerr=[low, high], capsize=3, color=f"C{j}", label=cluster)
+                ax.bar(x, heights, width * 0.95, yerr=[low, high], capsize=3, color=f"C{j}", label=mpl(cluster))
             ax.set_xticks(range(len(strategies)))
-            ax.set_xticklabels([s for _, _, s in strategies], rotation=15 if len(strategies) > 4 else 0)
+            ax.set_xticklabels([mpl(s) for _, _, s in strategies], rotation=15 if len(strategies) > 4 else 0)
             ax.set_ylabel("step time s (median; bars: min to max step)")
-            ax.set_title(f"{model}, {ranks} ranks, micro-batch {micro_batch}, global batch {global_batch}, {dtype}")
+            ax.set_title(mpl(f"{model}, {ranks} ranks, micro-batch {micro_batch}, global batch {global_batch}, "
+                             f"{dtype}"))
             ax.legend(fontsize=8)
             fig.tight_layout()
             name = slug("step_time", model, f"{ranks}ranks", f"b{micro_batch}", f"G{global_batch}", dtype)
@@ -529,6 +630,103 @@ class Report:
         d.table(["file", "reason"], [[path, reason] for path, reason in self.bad])
 
 
+# ---- the output folder -------------------------------------------------------------------------------
+
+class Output:
+    """The --out folder. The report is written into a hidden staging folder inside it and moved into
+    place only once complete, so that an error leaves nothing half-written: no new folder (those made
+    here are removed again), and an earlier report there as it was. Errors end the report with one
+    line on stderr, "report: error: --out DIR: <reason>", and exit code 1 (SystemExit)."""
+
+    REPORT_FILES = ("cross_cluster.csv", "report.html", "report.md")  # report.md last: it links the rest
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.shown = one_line(path)
+        self.created = []  # folders made here, outermost first
+        self.staging = None
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            raise SystemExit(f"report: error: --out {self.shown}: File exists and is not a directory; nothing "
+                             f"written (--out names the folder the report goes to)")
+        try:
+            missing, parent = [], self.path
+            while not os.path.lexists(parent) and parent != parent.parent:
+                missing.append(parent)
+                parent = parent.parent
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # a/.. once a is made
+                    if not folder.is_dir():
+                        raise
+                    continue
+                self.created.append(folder)
+            self.staging = Path(tempfile.mkdtemp(prefix=".report-", dir=self.path))
+        except OSError as e:
+            self.discard()
+            raise SystemExit(self.error(e)) from None
+
+    def error(self, e, installing=False):
+        """The line for OSError e: the reason, and the path it concerns where that is not DIR itself."""
+        reason = e.strerror or str(e)
+        where = Path(os.fsdecode(e.filename)) if isinstance(e.filename, (str, bytes, os.PathLike)) else None
+        if where is not None and self.staging is not None:
+            try:  # a file of the report: named as it would be in DIR
+                where = self.path / where.relative_to(self.staging)
+            except ValueError:
+                pass
+        if where is not None and (where == self.path or where.parent == self.path and
+                                  where.name.startswith(".report-")):
+            where = None
+        if isinstance(e, NotADirectoryError) and where is not None and where != self.path:
+            detail = f" ({one_line(where)} is not a directory)"
+        else:
+            detail = f" ({one_line(where)})" if where is not None else ""
+        outcome = "the report there may be incomplete" if installing else "nothing written"
+        return f"report: error: --out {self.shown}: {reason}{detail}; {outcome}"
+
+    def install(self):
+        """Moves the staged report into DIR, replacing an earlier one: its plots/*.png and *.csv and
+        report files (cross_cluster.csv too when this report has none); nothing else there."""
+        plots = self.path / "plots"
+        try:
+            plots.mkdir(exist_ok=True)
+        except OSError as e:
+            raise SystemExit(self.error(e)) from None
+        try:
+            new = {p.name: p for p in (self.staging / "plots").iterdir()}
+            for old in list(plots.glob("*.png")) + list(plots.glob("*.csv")):
+                if old.name not in new:
+                    old.unlink()  # the plots of an earlier report in this folder
+            for name, staged in sorted(new.items()):
+                os.replace(staged, plots / name)
+            for name in self.REPORT_FILES:
+                if (self.staging / name).exists():
+                    os.replace(self.staging / name, self.path / name)
+                elif os.path.lexists(self.path / name):
+                    (self.path / name).unlink()  # an earlier report's, that this one does not have
+        except OSError as e:
+            raise SystemExit(self.error(e, installing=True)) from None
+        self.close()
+
+    def close(self):
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    def discard(self):
+        """Removes the staging folder and the folders made here (when still empty)."""
+        self.close()
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m analysis.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -539,11 +737,19 @@ def main(argv=None):
     parser.add_argument("--skip-bad", action="store_true",
                         help="write the report from the readable files and list the others, instead of failing")
     args = parser.parse_args(argv)
-    complete, others, bad = read_runs(args.results, args.skip_bad)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(complete, others, bad, out, args.baseline, args.results)
-    report.write()
+    output = Output(args.out)  # first: a --out that cannot be written fails before the results are read
+    try:
+        complete, others, bad = read_runs(args.results, args.skip_bad)
+        report = Report(complete, others, bad, args.baseline, args.results)
+        try:
+            report.write(output.staging)
+        except OSError as e:
+            raise SystemExit(output.error(e)) from None
+        output.install()
+    except BaseException:
+        output.discard()
+        raise
+    out = output.path
     print(f"report: {len(complete)} complete and {len(others)} other run(s) from {len(report.clusters)} cluster(s)"
           f"{f', {len(bad)} file(s) left out' if bad else ''}; wrote {out / 'report.md'}, {out / 'report.html'} "
           f"and {report.figures} plot(s) in {out / 'plots'}")
