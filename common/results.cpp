@@ -24,6 +24,8 @@
 
 namespace pb {
 
+void disable_hdf5_exit_handler() { H5dont_atexit(); }
+
 std::string hdf5_error_reason() {
   const int saved_errno = errno;
   std::vector<std::string> descriptions;  // innermost first

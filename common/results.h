@@ -93,6 +93,10 @@ struct GradientDump {
 };
 void write_gradient_dump(const std::string& path, const GradientDump& dump);
 
+// First thing in main: HDF5 closes open files at exit, and on the abort path (MPI_Abort calls exit)
+// that would touch a file in an error state and crash. The result writer closes its file itself.
+void disable_hdf5_exit_handler();
+
 // The reason of the last failed HDF5 call: the operating system's message where the HDF5 error stack
 // has one ("No space left on device"), else HDF5's innermost description. Clears the stack.
 std::string hdf5_error_reason();

@@ -1,16 +1,14 @@
 #include "common/runner.h"
 
-#include <hdf5.h>
 #include <mpi.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <new>
 #include <numeric>
 #include <sstream>
@@ -702,9 +700,7 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
 }
 
 int run_app(int argc, char** argv, const AppDefinition& app) {
-  // HDF5 closes open files at exit; on the abort path (MPI_Abort calls exit) that would touch a file
-  // in an error state and crash. The result writer closes its file itself.
-  H5dont_atexit();
+  disable_hdf5_exit_handler();
   int provided = 0;
   PB_MPI_CHECK(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided));
   int exit_code = kExitComplete;
