@@ -134,7 +134,7 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--steps", opt.steps, "training steps")->capture_default_str();
   cli.add_option("--warmup", opt.warmup, "steps left out of the summary")->capture_default_str();
   std::string seed = "1234";
-  cli.add_option("--seed", seed, "seed of initialisation and data (0 to 2^64 - 1)")->capture_default_str();
+  cli.add_option("--seed", seed, "seed of initialisation and data (0 to 2^64 - 1)")->type_name("UINT64")->capture_default_str();
   cli.add_option("--lr", opt.lr, "AdamW learning rate")->capture_default_str();
   cli.add_option("--clip", opt.clip, "gradient-norm clipping (0: off)")->capture_default_str();
   cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
@@ -151,7 +151,7 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--json-log", opt.json_log, "write one JSON object per step to this path");
   cli.add_option("--dump-gradients", opt.dump_gradients,
                  "for the reference tests: write losses and the step-0 gradients to this .h5 file");
-  cli.add_flag("--dry-run", opt.dry_run, "validate, print the layout and predicted memory, exit");
+  cli.add_flag("--dry-run", opt.dry_run, "validate, print the layout, the predicted memory and whether it fits, exit");
   cli.add_flag("--quiet", opt.quiet, "print only the final PARABENCH_RESULT line");
   cli.add_flag("--overwrite", opt.overwrite,
                "replace an existing --out X.h5 (never the file of a run still in progress)");
