@@ -302,17 +302,21 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
     path_ = base + ".h5";
   }
   // Exclusive creation (open with O_EXCL): an existing file, another run's included, is never truncated.
-  // A directory gets a fresh name; an explicit path that appeared since the check above is an error.
-  file_ = H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
-  for (int attempt = 1; file_ < 0 && !base.empty() && attempt < 100; ++attempt) {
+  // A directory gets the first name not taken; an explicit path that appeared since the check above is
+  // an error. A failed creation (a full disk) leaves nothing behind.
+  struct stat st {};
+  for (int attempt = 1; !base.empty() && stat(path_.c_str(), &st) == 0; ++attempt) {
+    if (attempt == 100) throw RunError(kExitRuntime, "cannot find a free file name like " + base + ".h5");
     path_ = base + "-" + std::to_string(attempt) + ".h5";
-    file_ = H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
   }
+  file_ = H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
   if (file_ < 0) {
     const std::string reason = hdf5_error_reason();
-    struct stat st {};
-    if (base.empty() && stat(path_.c_str(), &st) == 0) {
-      throw RunError(kExitConfig, "--out " + path_ + " was created by another process just now; not replaced");
+    if (stat(path_.c_str(), &st) == 0) {
+      if (st.st_size > 0) {
+        throw RunError(kExitConfig, "--out " + path_ + " was created by another process just now; not replaced");
+      }
+      unlink(path_.c_str());  // the empty file that O_EXCL made before HDF5 could write
     }
     throw RunError(kExitRuntime, "cannot create the result file " + path_ + ": " + reason);
   }

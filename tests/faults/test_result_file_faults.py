@@ -36,7 +36,7 @@ def wait_for_steps(proc, path, n, kill, timeout=60):
         time.sleep(0.05)
 
 
-def test_disk_full_at_creation_fails_before_step_1(run_app, small_disk):
+def test_disk_full_at_creation_fails_before_step_1(run_app, small_disk, fill):
     # 2000 steps × 2 ranks need about 64 KiB of per-step data, allocated when the file is created.
     disk = small_disk("64k")
     path = disk / "run.h5"
@@ -47,6 +47,11 @@ def test_disk_full_at_creation_fails_before_step_1(run_app, small_disk):
         assert "No space left on device" in err and str(path) in err, what
         assert "step    1" not in out and "PARABENCH_RESULT" not in out, what
         assert not path.exists(), f"a half-created file was left behind\n{what}"
+    # A disk with no room for a single block: not one file per name tried is left behind.
+    fill(disk)
+    rc, out, err = run_app("dp", 1, [*TINY, "--steps", 3, "--out", disk], timeout=60)
+    assert rc == 3 and "No space left on device" in err, f"exit {rc}\n{out}\n{err}"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
 def test_disk_filled_during_the_run_keeps_every_step(start_app, small_disk, fill, kill, parse_result_line):
