@@ -252,6 +252,13 @@ void write_vector(hid_t file, const std::string& path, const std::vector<T>& val
 
 }  // namespace
 
+bool result_file_in_use(const std::string& path) {
+  bool held = false;
+  const int fd = lock_in_use(path, &held);
+  if (fd >= 0) ::close(fd);
+  return held;
+}
+
 template <typename Fn>
 void ResultWriter::guarded(const std::string& what, Fn&& fn) {
   if (broken_) return;

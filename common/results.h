@@ -93,6 +93,9 @@ struct GradientDump {
 };
 void write_gradient_dump(const std::string& path, const GradientDump& dump);
 
+// True when `path` is the result file of a run in progress (it holds the writer's lock).
+bool result_file_in_use(const std::string& path);
+
 // First thing in main: HDF5 closes open files at exit, and on the abort path (MPI_Abort calls exit)
 // that would touch a file in an error state and crash. The result writer closes its file itself.
 void disable_hdf5_exit_handler();

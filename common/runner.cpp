@@ -1,6 +1,7 @@
 #include "common/runner.h"
 
 #include <mpi.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -181,12 +182,34 @@ struct StepRecord {
   std::vector<double> rank_times;
 };
 
+// The same file: the same path, or the same inode where both exist.
+bool same_file(const std::string& a, const std::string& b) {
+  if (a.empty() || b.empty()) return false;
+  if (a == b) return true;
+  struct stat sa {}, sb {};
+  return stat(a.c_str(), &sa) == 0 && stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 // An output file of rank 0 (--trace, --json-log), opened before step 1 so that a bad path fails
 // before any work; every write is flushed and checked, and a failure names the file and the reason.
 class OutputFile {
  public:
-  OutputFile(const char* option, const std::string& path) : option_(option), path_(path) {
+  // `taken`: the files this run already writes, by option; an output that is one of them, or the
+  // result file of a run in progress, is refused (exit 2) rather than truncated.
+  OutputFile(const char* option, const std::string& path,
+             const std::vector<std::pair<const char*, std::string>>& taken)
+      : option_(option), path_(path) {
     if (path.empty()) return;
+    for (const auto& [other_option, other] : taken) {
+      if (same_file(path, other)) {
+        throw RunError(kExitConfig, std::string(option) + " " + path + " is the file of " + other_option + " too");
+      }
+    }
+    if (result_file_in_use(path)) {
+      throw RunError(kExitConfig, std::string(option) + " " + path + " is the result file of a run in progress");
+    }
+    struct stat st {};
+    created_ = stat(path.c_str(), &st) != 0;
     file_ = std::fopen(path.c_str(), "w");
     if (file_ == nullptr) fail("cannot open it for writing");
   }
@@ -196,6 +219,13 @@ class OutputFile {
   OutputFile(const OutputFile&) = delete;
   OutputFile& operator=(const OutputFile&) = delete;
   bool is_open() const { return file_ != nullptr; }
+  // Closes it, and removes it if this run created it (the run stopped before step 1).
+  void discard() noexcept {
+    if (file_ == nullptr) return;
+    std::fclose(file_);
+    file_ = nullptr;
+    if (created_) std::remove(path_.c_str());
+  }
   // Appends `text` and flushes it to the file system.
   void write(const std::string& text) {
     if (file_ == nullptr) return;
@@ -219,6 +249,7 @@ class OutputFile {
   const char* option_;
   std::string path_;
   std::FILE* file_ = nullptr;
+  bool created_ = false;
 };
 
 std::string format_gib(int64_t bytes) {
@@ -393,11 +424,20 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
       writer->write_config(describe_options(opt, app.options), opt.argv);
       writer->write_system(sys);
       writer->commit_header();
-      json_log = std::make_unique<OutputFile>("--json-log", opt.json_log);
-      trace_file = std::make_unique<OutputFile>("--trace", opt.trace);
+      json_log = std::make_unique<OutputFile>(
+          "--json-log", opt.json_log,
+          std::vector<std::pair<const char*, std::string>>{{"--out", writer->path()}, {"--dump-gradients", opt.dump_gradients}});
+      trace_file = std::make_unique<OutputFile>(
+          "--trace", opt.trace,
+          std::vector<std::pair<const char*, std::string>>{
+              {"--out", writer->path()}, {"--json-log", opt.json_log}, {"--dump-gradients", opt.dump_gradients}});
+      if (same_file(opt.dump_gradients, writer->path())) {
+        throw RunError(kExitConfig, "--dump-gradients " + opt.dump_gradients + " is the file of --out too");
+      }
     } catch (const RunError& e) {
       create_error = e.what();
       create_code = e.code;
+      if (json_log) json_log->discard();
       if (writer) writer->discard();
       writer.reset();
     }

@@ -189,3 +189,30 @@ def test_a_run_killed_before_its_first_step_reads_as_no_steps(start_app, kill, t
     done = subprocess.run([sys.executable, str(REPO / "analysis" / "summarize.py"), str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "running" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("outputs, message", [
+    ({"--json-log": "run.h5"}, "--json-log {d}/run.h5 is the file of --out too"),
+    ({"--trace": "run.h5"}, "--trace {d}/run.h5 is the file of --out too"),
+    ({"--json-log": "steps.json", "--trace": "./steps.json"}, "--trace ./steps.json is the file of --json-log too"),
+])
+def test_two_outputs_on_one_file_are_refused(outputs, message, run_app, tmp_path):
+    # Opening the trace or the log over the result file truncated it under the running writer.
+    args = [*TINY, "--steps", 2, "--quiet", "--out", tmp_path / "run.h5"]
+    for option, name in outputs.items():
+        args += [option, name if name.startswith("./") else tmp_path / name]
+    rc, out, err = run_app("dp", 1, args, cwd=tmp_path)
+    what = f"exit {rc}\n{out}\n{err}"
+    assert rc == 2 and message.format(d=tmp_path) in err, what
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}\n{what}"
+
+
+def test_a_trace_over_a_running_runs_file_is_refused(start_app, run_app, kill, tmp_path):
+    path = tmp_path / "run.h5"
+    first = start_app("dp", 1, [*SMALL, "--steps", 30, "--quiet", "--out", path])
+    wait_for_steps(first, path, 1, kill)
+    rc, out, err = run_app("dp", 1, [*TINY, "--steps", 2, "--quiet", "--out", tmp_path / "other.h5",
+                                     "--trace", path])
+    assert rc == 2 and "is the result file of a run in progress" in err, f"exit {rc}\n{out}\n{err}"
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and status_of(path)["status"] == "complete", f"{out}\n{err}"
