@@ -49,6 +49,9 @@ void install_stop_handlers() {
   sigemptyset(&action.sa_mask);
   action.sa_flags = SA_RESTART;
   for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaction(sig, &action, nullptr);
+  // A file-size limit (ulimit -f) makes a write fail with EFBIG, reported like any failed write,
+  // instead of ending the process without a word.
+  std::signal(SIGXFSZ, SIG_IGN);
 }
 
 const char* signal_name(int sig) {
