@@ -54,6 +54,17 @@ int64_t read_cgroup_bytes(const std::string& path) {
   return v > 0 && v < (int64_t{1} << 62) ? v : -1;
 }
 
+// One counter of a memory.stat file ("inactive_file 123"); 0 when absent.
+int64_t read_cgroup_stat(const std::string& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string name;
+  long long value = 0;
+  while (in >> name >> value) {
+    if (name == key) return value;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int64_t host_memory_available_bytes(std::string* source) {
@@ -85,7 +96,9 @@ int64_t host_memory_available_bytes(std::string* source) {
     while (true) {  // this cgroup and every one above it
       const std::string dir = root + (path == "/" ? "" : path);
       const int64_t limit = read_cgroup_bytes(dir + "/" + limit_file);
-      const int64_t usage = read_cgroup_bytes(dir + "/" + usage_file);
+      // Usage counts the page cache; its inactive part is reclaimed before the limit is enforced.
+      const int64_t usage = read_cgroup_bytes(dir + "/" + usage_file) -
+                            read_cgroup_stat(dir + "/memory.stat", v2 ? "inactive_file" : "total_inactive_file");
       if (limit > 0) {
         const int64_t left = std::max<int64_t>(0, limit - std::max<int64_t>(0, usage));
         if (best < 0 || left < best) {

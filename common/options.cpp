@@ -81,6 +81,10 @@ void check_derived_sizes(const Options& o) {
   checked_product("the attention probabilities", {{"--layers", L}, {"--micro-batch", b}, {"--heads", a},
                                                   {"--seq", S}, {"--seq", S}});
   checked_product("the tokens of a step", {{"--global-batch", o.global_batch}, {"--seq", S}});
+  if (b * S > INT_MAX) {
+    reject("--micro-batch " + std::to_string(b) + " × --seq " + std::to_string(S) + " = " + std::to_string(b * S) +
+           " tokens per micro-batch exceeds " + std::to_string(INT_MAX));
+  }
   checked_product("the data of a run", {{"--steps", o.steps}, {"--global-batch", o.global_batch}, {"--seq + 1", S + 1}});
 }
 

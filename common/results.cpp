@@ -191,15 +191,16 @@ void write_strings(hid_t parent, const char* name, const std::vector<std::string
   H5Tclose(type);
 }
 
-// A per-step dataset [steps, cols...] of doubles, allocated in full now (one chunk, filled with NaN),
-// growing along its first axis up to `steps`. Its extent is the number of finished steps from step 1
-// on; before step 1 it is `steps` (a chunk is only kept while the extent reaches into it), and the
-// attribute /steps/finished says how many rows hold data.
+// A per-step dataset [steps, cols...] of doubles, allocated in full now (filled with NaN) in chunks of
+// at most 1 MiB (HDF5's default chunk cache). It spans every step while the run goes on (the
+// attribute /steps/finished says how many rows hold data) and is cut to the finished steps at the end.
 void create_step_dataset(hid_t parent, const char* name, int rank, hsize_t steps, hsize_t cols, const char* units) {
   hsize_t dims[2] = {steps, cols};
+  const hsize_t chunk_rows = std::max<hsize_t>(1, std::min<hsize_t>(steps, (hsize_t{1} << 17) / cols));
+  hsize_t chunk[2] = {chunk_rows, cols};
   hid_t space = PB_H5(H5Screate_simple(rank, dims, dims));
   hid_t dcpl = PB_H5(H5Pcreate(H5P_DATASET_CREATE));
-  PB_H5(H5Pset_chunk(dcpl, rank, dims));
+  PB_H5(H5Pset_chunk(dcpl, rank, chunk));
   PB_H5(H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY));
   PB_H5(H5Pset_fill_time(dcpl, H5D_FILL_TIME_ALLOC));
   const double nan = std::nan("");
@@ -221,8 +222,6 @@ void set_row_count(hid_t file, const char* path, hsize_t rows, hsize_t cols) {
 
 void write_row(hid_t file, const char* path, int64_t row, const double* values, hsize_t cols, int rank) {
   hid_t ds = PB_H5(H5Dopen2(file, path, H5P_DEFAULT));
-  hsize_t dims[2] = {static_cast<hsize_t>(row + 1), cols};
-  PB_H5(H5Dset_extent(ds, dims));
   hid_t fspace = PB_H5(H5Dget_space(ds));
   hsize_t start[2] = {static_cast<hsize_t>(row), 0};
   hsize_t count[2] = {1, cols};
@@ -286,15 +285,12 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
       if (!request.overwrite) {
         throw RunError(kExitConfig, "--out " + path_ + " exists; choose another path, or add --overwrite to replace it");
       }
-      bool held = false;
-      const int fd = lock_in_use(path_, &held);
-      if (held) {
+      if (result_file_in_use(path_)) {
         throw RunError(kExitRuntime, "--out " + path_ + " is the result file of a run still in progress; not replaced");
       }
-      const bool removed = unlink(path_.c_str()) == 0;
-      const int unlink_errno = errno;
-      if (fd >= 0) ::close(fd);
-      if (!removed) throw RunError(kExitRuntime, "--overwrite: cannot remove " + path_ + ": " + std::strerror(unlink_errno));
+      // The new file is made beside it and renamed over it by publish(): a run that fails before its
+      // first step leaves the old file as it was.
+      open_path_ = path_ + ".partial-" + std::to_string(getpid());
     }
   } else {
     make_directories(out);
@@ -308,27 +304,41 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
            sanitize(job);
     path_ = base + ".h5";
   }
-  // Exclusive creation (open with O_EXCL): an existing file, another run's included, is never truncated.
-  // A directory gets the first name not taken; an explicit path that appeared since the check above is
-  // an error. A failed creation (a full disk) leaves nothing behind.
-  struct stat st {};
-  for (int attempt = 1; !base.empty() && stat(path_.c_str(), &st) == 0; ++attempt) {
-    if (attempt == 100) throw RunError(kExitRuntime, "cannot find a free file name like " + base + ".h5");
-    path_ = base + "-" + std::to_string(attempt) + ".h5";
+  if (open_path_.empty()) open_path_ = path_;
+
+  // Exclusive creation (O_EXCL) by this process, so that an existing file, another run's included, is
+  // never truncated, and the file this run removes on failure is its own. A directory gets the first
+  // name not taken; an explicit path that appeared since the check above is an error. The in-use lock
+  // is taken on the new file before HDF5 opens it.
+  for (int attempt = 1;; ++attempt) {
+    lock_fd_ = open(open_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (lock_fd_ >= 0) break;
+    const int err = errno;
+    if (err == EEXIST && !base.empty() && attempt < 100) {
+      path_ = open_path_ = base + "-" + std::to_string(attempt) + ".h5";
+      continue;
+    }
+    if (err == EEXIST && base.empty() && open_path_ == path_) {
+      throw RunError(kExitConfig, "--out " + path_ + " was created by another process just now; not replaced");
+    }
+    throw RunError(kExitRuntime, "cannot create the result file " + open_path_ + ": " + std::strerror(err));
   }
-  file_ = H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
+  created_ = true;
+  struct flock lock {};
+  lock.l_type = F_WRLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = kLockOffset;
+  lock.l_len = 1;
+  if (fcntl(lock_fd_, F_OFD_SETLK, &lock) != 0) {
+    std::fprintf(stderr, "parabench: warning: %s: cannot take the in-use lock (%s): other runs will not see that "
+                         "this file is in use\n", path_.c_str(), std::strerror(errno));
+  }
+  file_ = H5Fcreate(open_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
   if (file_ < 0) {
     const std::string reason = hdf5_error_reason();
-    if (stat(path_.c_str(), &st) == 0) {
-      if (st.st_size > 0) {
-        throw RunError(kExitConfig, "--out " + path_ + " was created by another process just now; not replaced");
-      }
-      unlink(path_.c_str());  // the empty file that O_EXCL made before HDF5 could write
-    }
-    throw RunError(kExitRuntime, "cannot create the result file " + path_ + ": " + reason);
+    discard();
+    throw RunError(kExitRuntime, "cannot create the result file " + open_path_ + ": " + reason);
   }
-  bool held = false;
-  lock_fd_ = lock_in_use(path_, &held);
 
   try {
     guarded("creating it", [&](hid_t root) {
@@ -353,19 +363,56 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
   }
 }
 
-ResultWriter::~ResultWriter() { close(); }
+ResultWriter::~ResultWriter() {
+  if (open_path_ != path_) {  // an --overwrite run that never reached publish(): the old file stays
+    discard();
+    return;
+  }
+  try {
+    close();
+  } catch (const RunError&) {
+    // reported by an explicit close(); a destructor has no one to tell
+  }
+}
 
-void ResultWriter::close() noexcept {
+void ResultWriter::close() {
+  if (file_ < 0 && lock_fd_ < 0) return;
+  std::string failure;
+  // After a failed write the file is left as its last good flush made it: closing would write the
+  // failed metadata again, and a partial write of it can make the file unreadable.
+  if (file_ >= 0 && !broken_) {
+    if (H5Fclose(static_cast<hid_t>(file_)) < 0) failure = "closing it failed: " + hdf5_error_reason();
+  }
+  file_ = -1;
+  if (lock_fd_ >= 0) {
+    struct stat st {};
+    if (failure.empty() && !broken_ && fsync(lock_fd_) != 0) failure = std::string("fsync failed: ") + std::strerror(errno);
+    // The room reserved past the end that the summary did not use goes back to the file system.
+    if (reserved_ && fstat(lock_fd_, &st) == 0) {
+      fallocate(lock_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, st.st_size, end_of_run_reserve_bytes(ranks_));
+    }
+    ::close(lock_fd_);
+  }
+  lock_fd_ = -1;
+  if (!failure.empty()) throw RunError(kExitRuntime, "result file " + path_ + ": " + failure);
+}
+
+void ResultWriter::discard() noexcept {
   if (file_ >= 0) H5Fclose(static_cast<hid_t>(file_));
   file_ = -1;
   if (lock_fd_ >= 0) ::close(lock_fd_);
   lock_fd_ = -1;
+  if (created_) unlink(open_path_.c_str());
+  created_ = false;
 }
 
-void ResultWriter::discard() noexcept {
-  const bool created = file_ >= 0;
-  close();
-  if (created) unlink(path_.c_str());
+void ResultWriter::publish() {
+  if (open_path_ == path_) return;
+  if (rename(open_path_.c_str(), path_.c_str()) != 0) {
+    broken_ = true;
+    throw RunError(kExitRuntime, "--overwrite: cannot replace " + path_ + ": " + std::strerror(errno));
+  }
+  open_path_ = path_;
 }
 
 void ResultWriter::write_config(const nlohmann::ordered_json& config, const std::vector<std::string>& argv) {
@@ -408,16 +455,27 @@ void ResultWriter::write_system(const SystemInfo& s) {
 void ResultWriter::commit_header() {
   guarded("creating it", [](hid_t) {});  // the flush
   if (broken_) return;
-  // Blocks past the end of the file, allocated without changing its size: HDF5 grows the file into
-  // them at the end of the run. File systems without fallocate (some network ones) reserve nothing.
-  struct stat st {};
-  if (lock_fd_ < 0 || fstat(lock_fd_, &st) != 0) return;
-  if (fallocate(lock_fd_, FALLOC_FL_KEEP_SIZE, st.st_size, end_of_run_reserve_bytes(ranks_)) != 0) {
-    if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return;
+  if (fsync(lock_fd_) != 0) {
     broken_ = true;
-    throw RunError(kExitRuntime, "result file " + path_ + ": reserving room for the summary failed: " +
-                                     std::strerror(errno));
+    throw RunError(kExitRuntime, "result file " + path_ + ": fsync failed: " + std::strerror(errno));
   }
+  // Blocks past the end of the file, allocated without changing its size: HDF5 grows the file into
+  // them at the end of the run.
+  struct stat st {};
+  if (fstat(lock_fd_, &st) != 0) return;
+  if (fallocate(lock_fd_, FALLOC_FL_KEEP_SIZE, st.st_size, end_of_run_reserve_bytes(ranks_)) == 0) {
+    reserved_ = true;
+    return;
+  }
+  if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+    std::fprintf(stderr, "parabench: warning: %s: this file system reserves no room for the summary (%s): a disk "
+                         "that fills during the run keeps the steps, not the summary\n", path_.c_str(),
+                 std::strerror(errno));
+    return;
+  }
+  broken_ = true;
+  throw RunError(kExitRuntime, "result file " + path_ + ": reserving room for the summary failed: " +
+                                   std::strerror(errno));
 }
 
 void ResultWriter::append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s) {
@@ -459,26 +517,22 @@ void ResultWriter::set_dataset_attribute(const std::string& path, const std::str
 
 void ResultWriter::set_status(const std::string& status, const std::string& error) {
   guarded("setting its status to " + status, [&](hid_t f) {
-    // Before step 1 the per-step datasets span every step; now they hold the finished ones.
-    if (steps_ == 0) {
-      set_row_count(f, "/steps/loss", 0, 1);
-      set_row_count(f, "/steps/grad_norm", 0, 1);
-      set_row_count(f, "/steps/time_s", 0, static_cast<hsize_t>(ranks_));
-    }
+    // During the run the per-step datasets span every step; now they hold the finished ones.
+    const hsize_t rows = static_cast<hsize_t>(steps_);
+    set_row_count(f, "/steps/loss", rows, 1);
+    set_row_count(f, "/steps/grad_norm", rows, 1);
+    set_row_count(f, "/steps/time_s", rows, static_cast<hsize_t>(ranks_));
     set_string_attr(f, "status", status);
     set_string_attr(f, "error", error);
   });
 }
 
 void ResultWriter::mark_failed(const std::string& error) noexcept {
-  if (file_ < 0) return;
-  const bool was_broken = broken_;
-  broken_ = false;  // one last try: the status is worth a write even after a failed one
+  if (file_ < 0 || broken_) return;  // a file whose write failed is not touched again (see close)
   try {
     set_status("failed", error);
   } catch (...) {
   }
-  broken_ = broken_ || was_broken;
 }
 
 void write_gradient_dump(const std::string& path, const GradientDump& dump) {

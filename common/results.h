@@ -3,7 +3,7 @@
 // Created exclusively at start with status "running" (never over a file that exists unless the run
 // says --overwrite, never over the file of a run still in progress), with the per-step datasets
 // allocated in full, so that a full disk is found before step 1 and no later step needs new space.
-// Extended and flushed after every step, and marked complete, failed (with error) or interrupted at
+// Written and flushed after every step, and marked complete, failed (with error) or interrupted at
 // the end, so a killed job keeps its finished steps. Every write and flush is checked: a failure
 // throws RunError naming the file and the operating system's reason ("No space left on device").
 #pragma once
@@ -42,8 +42,9 @@ class ResultWriter {
   ResultWriter(const ResultWriter&) = delete;
   ResultWriter& operator=(const ResultWriter&) = delete;
 
+  // The file's name (during an --overwrite run, the name it takes at publish()).
   const std::string& path() const { return path_; }
-  // A write has failed: the file keeps what was flushed before, and later writes are skipped.
+  // A write has failed: the file keeps what was flushed before, and is not written again.
   bool broken() const { return broken_; }
 
   void write_config(const nlohmann::ordered_json& config, const std::vector<std::string>& argv);
@@ -63,19 +64,27 @@ class ResultWriter {
   void set_dataset_attribute(const std::string& path, const std::string& name, double value);
   // The end of the run: the per-step datasets cut to the finished steps, status and error set, flushed.
   void set_status(const std::string& status, const std::string& error = "");
-  // For the failure path: set_status("failed", error) that never throws (the file may be why we fail).
+  // For the failure path: set_status("failed", error) that never throws; nothing on a broken file.
   void mark_failed(const std::string& error) noexcept;
+  // After the outputs are checked, before step 1: with --overwrite, the new file takes the old one's
+  // name (until then the old file is untouched). Throws RunError.
+  void publish();
+  // Closes the file, synced to the file system, and returns the unused reservation; throws RunError
+  // when the close or the sync fails (write-back errors of network file systems show up here).
+  void close();
   // Closes and removes the file (creation failed before any step).
   void discard() noexcept;
 
  private:
   template <typename Fn>
   void guarded(const std::string& what, Fn&& fn);
-  void close() noexcept;
 
   long long file_ = -1;  // hid_t
-  int lock_fd_ = -1;     // holds the lock that tells other runs this file is in use
+  int lock_fd_ = -1;     // this run's descriptor: the in-use lock, fsync and the reservation
   std::string path_;
+  std::string open_path_;  // path_, or the name beside it that an --overwrite run writes until publish()
+  bool created_ = false;   // open_path_ was created by this writer (discard removes it)
+  bool reserved_ = false;  // room past the end was reserved
   int ranks_;
   int64_t capacity_;     // steps the per-step datasets were allocated for
   int64_t steps_ = 0;

@@ -267,35 +267,47 @@ std::string format_gib(int64_t bytes) {
 // known), else the message naming the worst rank and both numbers.
 std::string check_memory_fits(const Options& opt, MpiCommunicator& world, const std::vector<MemoryEstimate>& predicted) {
   const NodeLocal local = node_local(world.handle());
-  std::string source;
+  // What each rank can use, by how many ranks share it, and where the number came from.
+  struct Budget {
+    int64_t bytes = -1;  // -1: unknown
+    int64_t sharing = 1;
+    int64_t source = 0;  // index into kSources
+  };
+  static const char* const kSources[] = {"MemAvailable of its node", "its memory cgroup's limit less usage",
+                                         "the free memory of its GPU"};
+  Budget mine;
+  mine.sharing = local.local_size;
   int64_t available = -1;
-  int sharing = local.local_size;
 #ifdef PB_WITH_CUDA
   if (opt.backend == "cuda") {
     std::size_t free_bytes = 0, total_bytes = 0;
     PB_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     available = static_cast<int64_t>(free_bytes);
     const int gpus = std::max(1, cuda_visible_device_count());
-    sharing = (local.local_size + gpus - 1) / gpus;
-    source = "free memory of the GPU";
+    mine.sharing = (local.local_size + gpus - 1) / gpus;  // ranks on a GPU, when each rank sees them all
+    mine.source = 2;
   }
 #endif
-  if (opt.backend != "cuda") available = host_memory_available_bytes(&source);
-  const int64_t per_rank = available < 0 ? -1 : available / std::max(1, sharing);
-  std::vector<int64_t> budgets(opt.world_size);
-  world.all_gather_host(&per_rank, budgets.data(), sizeof(int64_t));
+  if (opt.backend != "cuda") {
+    std::string source;
+    available = host_memory_available_bytes(&source);
+    mine.source = source == "MemAvailable" ? 0 : 1;
+  }
+  mine.bytes = available < 0 ? -1 : available / std::max<int64_t>(1, mine.sharing);
+  std::vector<Budget> budgets(opt.world_size);
+  world.all_gather_host(&mine, budgets.data(), sizeof(Budget));
   int worst = -1;
   double worst_ratio = 1.0;
   for (int r = 0; r < opt.world_size; ++r) {
-    if (budgets[r] < 0) continue;
-    const double ratio = static_cast<double>(predicted[r].peak_total) / std::max<int64_t>(1, budgets[r]);
+    if (budgets[r].bytes < 0) continue;
+    const double ratio = static_cast<double>(predicted[r].peak_total) / std::max<int64_t>(1, budgets[r].bytes);
     if (ratio > worst_ratio) worst = r, worst_ratio = ratio;
   }
   if (worst < 0) return "";
+  const Budget& b = budgets[worst];
   return "the predicted peak memory of rank " + std::to_string(worst) + ", " + format_gib(predicted[worst].peak_total) +
-         ", exceeds the " + format_gib(budgets[worst]) + " it can use (" +
-         (world.rank() == worst ? source : std::string("its node's available memory")) + " shared by " +
-         std::to_string(sharing) + " rank(s)); reduce --micro-batch, the model or the ranks per node, "
+         ", exceeds the " + format_gib(b.bytes) + " it can use (" + kSources[b.source] + " shared by " +
+         std::to_string(b.sharing) + " rank(s)); reduce --micro-batch, the model or the ranks per node, "
          "use --recompute, or add --no-memory-check to run anyway";
 }
 
@@ -437,9 +449,11 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
       if (same_file(opt.dump_gradients, writer->path())) {
         throw RunError(kExitConfig, "--dump-gradients " + opt.dump_gradients + " is the file of --out too");
       }
+      writer->publish();
     } catch (const RunError& e) {
       create_error = e.what();
       create_code = e.code;
+      if (trace_file) trace_file->discard();
       if (json_log) json_log->discard();
       if (writer) writer->discard();
       writer.reset();
@@ -682,6 +696,15 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
       std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), error.c_str());
       writer->mark_failed(error);
     }
+  }
+
+  try {
+    writer->close();
+  } catch (const RunError& e) {
+    status = "failed";
+    error = e.what();
+    exit_code = kExitRuntime;
+    std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), error.c_str());
   }
 
   const int64_t peak_max = *std::max_element(measured_peak.begin(), measured_peak.end());

@@ -130,6 +130,17 @@ def test_an_existing_file_is_replaced_only_with_overwrite(run_app, tmp_path):
     assert len(list(tmp_path.glob("dp_*.h5"))) == 1
 
 
+def test_overwrite_keeps_the_old_file_when_the_run_fails_before_step_1(run_app, tmp_path):
+    # The new file is written beside the old one and takes its name only once every output is open.
+    path = tmp_path / "keep.h5"
+    path.write_text("an earlier run\n")
+    rc, out, err = run_app("dp", 1, [*TINY, "--steps", 2, "--quiet", "--overwrite", "--out", path,
+                                     "--json-log", tmp_path / "missing" / "steps.jsonl"])
+    assert rc == 3 and "--json-log" in err, f"exit {rc}\n{out}\n{err}"
+    assert path.read_text() == "an earlier run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.h5"]
+
+
 def test_an_unwritable_trace_fails_before_step_1_on_every_try(run_app, tmp_path):
     # Before: opened after the last step, so the run was wasted, and with 4 ranks the message was
     # sometimes lost in the abort. Now checked with the result file, before any step.

@@ -78,7 +78,7 @@ ResultFileRequest request(const std::string& path, int64_t steps) {
   return q;
 }
 
-TEST(ResultWriter, PerStepDatasetsSpanEveryStepUntilTheFirstThenTheFinishedOnes) {
+TEST(ResultWriter, PerStepDatasetsSpanEveryStepWhileRunningThenTheFinishedOnes) {
   const std::string path = scratch_path("extent.h5");
   {
     ResultWriter w(request(path, 5));
@@ -92,8 +92,12 @@ TEST(ResultWriter, PerStepDatasetsSpanEveryStepUntilTheFirstThenTheFinishedOnes)
     w.append_step(2.25, 1.0, {0.1, 0.2});
     Reopened during = reopen(path);
     EXPECT_EQ(during.finished, 2);
-    EXPECT_EQ(during.loss, (std::vector<double>{2.5, 2.25}));
+    ASSERT_EQ(during.loss.size(), 5u);
+    EXPECT_EQ(during.loss[0], 2.5);
+    EXPECT_EQ(during.loss[1], 2.25);
+    EXPECT_TRUE(std::isnan(during.loss[2]));
     w.set_status("interrupted", "stopped by SIGTERM after step 2 of 5");
+    w.close();
   }
   Reopened after = reopen(path);
   EXPECT_EQ(after.status, "interrupted");
@@ -123,6 +127,7 @@ TEST(ResultWriter, AnExistingFileIsRefusedAndKept) {
   {
     ResultWriter w(replace);
     w.commit_header();
+    w.publish();
     EXPECT_TRUE(result_file_in_use(path));  // while the writer holds it
   }
   EXPECT_FALSE(result_file_in_use(path));
@@ -163,9 +168,47 @@ TEST(ResultWriter, AFailedWriteAfterTheStepsNamesTheReasonAndKeepsTheSteps) {
     EXPECT_TRUE(w.broken());
     w.mark_failed(message);
   }
+  // The file is left as its last good flush made it: running, two steps in rows allocated for four.
   Reopened after = reopen(path);
+  EXPECT_EQ(after.status, "running");
   EXPECT_EQ(after.finished, 2);
-  EXPECT_EQ(after.loss, (std::vector<double>{3.0, 2.0}));
+  ASSERT_EQ(after.loss.size(), 4u);
+  EXPECT_EQ(after.loss[0], 3.0);
+  EXPECT_EQ(after.loss[1], 2.0);
+  std::remove(path.c_str());
+}
+
+TEST(ResultWriter, OverwriteLeavesTheOldFileUntilPublished) {
+  const std::string path = scratch_path("publish.h5");
+  {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    std::fputs("old", f);
+    std::fclose(f);
+  }
+  ResultFileRequest replace = request(path, 3);
+  replace.overwrite = true;
+  {
+    ResultWriter w(replace);
+    w.commit_header();
+    struct stat st {};
+    ASSERT_EQ(stat(path.c_str(), &st), 0);
+    EXPECT_EQ(st.st_size, 3) << "the old file changed before publish()";
+    w.discard();  // a run that failed before step 1
+  }
+  struct stat st {};
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 3);
+  {
+    ResultWriter w(replace);
+    w.commit_header();
+    w.publish();
+    w.append_step(1.0, 1.0, {0.1, 0.2});
+    w.set_status("complete");
+    w.close();
+  }
+  Reopened after = reopen(path);
+  EXPECT_EQ(after.status, "complete");
+  EXPECT_EQ(after.loss, (std::vector<double>{1.0}));
   std::remove(path.c_str());
 }
 
