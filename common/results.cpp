@@ -91,23 +91,15 @@ std::string sanitize(std::string s) {
   return s;
 }
 
-// Takes the in-use lock on `path` through a descriptor of its own; -1 when another process holds it.
-// Where the file system has no such locks (some network file systems), the file counts as free.
-int lock_in_use(const std::string& path, bool* held_elsewhere) {
-  *held_elsewhere = false;
-  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return -1;
+// The in-use lock: a write lock on one byte at kLockOffset, on the open file description of `fd`.
+// False (errno set) when another process holds it, or where the file system has no such locks.
+bool take_in_use_lock(int fd) {
   struct flock lock {};
   lock.l_type = F_WRLCK;
   lock.l_whence = SEEK_SET;
   lock.l_start = kLockOffset;
   lock.l_len = 1;
-  if (fcntl(fd, F_OFD_SETLK, &lock) != 0) {
-    *held_elsewhere = errno == EAGAIN || errno == EACCES;
-    ::close(fd);
-    return -1;
-  }
-  return fd;
+  return fcntl(fd, F_OFD_SETLK, &lock) == 0;
 }
 
 hid_t ensure_group(hid_t file, const std::string& path) {
@@ -252,9 +244,10 @@ void write_vector(hid_t file, const std::string& path, const std::vector<T>& val
 }  // namespace
 
 bool result_file_in_use(const std::string& path) {
-  bool held = false;
-  const int fd = lock_in_use(path, &held);
-  if (fd >= 0) ::close(fd);
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool held = !take_in_use_lock(fd) && (errno == EAGAIN || errno == EACCES);
+  ::close(fd);  // releases the lock this probe took
   return held;
 }
 
@@ -324,12 +317,7 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
     throw RunError(kExitRuntime, "cannot create the result file " + open_path_ + ": " + std::strerror(err));
   }
   created_ = true;
-  struct flock lock {};
-  lock.l_type = F_WRLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = kLockOffset;
-  lock.l_len = 1;
-  if (fcntl(lock_fd_, F_OFD_SETLK, &lock) != 0) {
+  if (!take_in_use_lock(lock_fd_)) {
     std::fprintf(stderr, "parabench: warning: %s: cannot take the in-use lock (%s): other runs will not see that "
                          "this file is in use\n", path_.c_str(), std::strerror(errno));
   }
