@@ -221,7 +221,6 @@ class OutputFile {
   }
   OutputFile(const OutputFile&) = delete;
   OutputFile& operator=(const OutputFile&) = delete;
-  bool is_open() const { return file_ != nullptr; }
   // Closes it, and removes it if this run created it (the run stopped before step 1).
   void discard() noexcept {
     if (file_ == nullptr) return;
@@ -265,8 +264,8 @@ std::string format_gib(int64_t bytes) {
 // free memory shared by the ranks on it, or the node's available host memory shared by the node's
 // ranks. Collective; every rank returns the same verdict: empty when every rank fits (or nothing is
 // known), else the message naming the worst rank and both numbers.
-std::string check_memory_fits(const Options& opt, MpiCommunicator& world, const std::vector<MemoryEstimate>& predicted) {
-  const NodeLocal local = node_local(world.handle());
+std::string check_memory_fits(const Options& opt, MpiCommunicator& world, const NodeLocal& local,
+                              const std::vector<MemoryEstimate>& predicted) {
   // What each rank can use, by how many ranks share it, and where the number came from.
   struct Budget {
     int64_t bytes = -1;  // -1: unknown
@@ -372,7 +371,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const bool lead = world_rank == 0;
   const bool talk = lead && !opt.quiet;
 
-  std::unique_ptr<Backend> backend = make_backend(opt, node_local(world.handle()).local_rank);
+  const NodeLocal local = node_local(world.handle());
+  std::unique_ptr<Backend> backend = make_backend(opt, local.local_rank);
   opt.peak_tflops = resolve_peak_tflops(opt, backend->device_name());
   const Layout layout = app.layout(opt);
   const std::unique_ptr<Communicator> device_world = make_device_world(opt, world, *backend);
@@ -395,7 +395,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model), predicted);
 
   // ---- the memory check: before the model allocates anything ------------------------------------
-  const std::string does_not_fit = check_memory_fits(opt, world, predicted);
+  const std::string does_not_fit = check_memory_fits(opt, world, local, predicted);
 
   if (opt.dry_run) {
     if (lead) {

@@ -28,6 +28,12 @@ std::string scratch_path(const char* name) {
   return path;
 }
 
+void write_text(const std::string& path, const char* text) {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  std::fputs(text, f);
+  std::fclose(f);
+}
+
 struct Reopened {
   std::string status, error;
   int64_t finished = -1;
@@ -107,11 +113,7 @@ TEST(ResultWriter, PerStepDatasetsSpanEveryStepWhileRunningThenTheFinishedOnes) 
 
 TEST(ResultWriter, AnExistingFileIsRefusedAndKept) {
   const std::string path = scratch_path("exists.h5");
-  {
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    std::fputs("keep me", f);
-    std::fclose(f);
-  }
+  write_text(path, "keep me");
   try {
     ResultWriter w(request(path, 3));
     FAIL() << "an existing file was not refused";
@@ -180,11 +182,7 @@ TEST(ResultWriter, AFailedWriteAfterTheStepsNamesTheReasonAndKeepsTheSteps) {
 
 TEST(ResultWriter, OverwriteLeavesTheOldFileUntilPublished) {
   const std::string path = scratch_path("publish.h5");
-  {
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    std::fputs("old", f);
-    std::fclose(f);
-  }
+  write_text(path, "old");
   ResultFileRequest replace = request(path, 3);
   replace.overwrite = true;
   {
