@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "common/parallel.h"
+
 namespace pb {
 
 Layout::Coord Layout::coord(int rank) const {
@@ -19,11 +21,13 @@ int Layout::rank_of(const Coord& c) const { return c.tp + tp * (c.cp + cp * (c.d
 
 std::string Layout::describe() const {
   return "pp " + std::to_string(pp) + " × dp " + std::to_string(dp) + " × cp " + std::to_string(cp) +
-         " × tp " + std::to_string(tp);
+         " × tp " + std::to_string(tp) + (ep > 1 ? " (ep " + std::to_string(ep) + " within dp)" : "");
 }
 
 std::vector<const Communicator*> ProcessGroups::all() const {
   std::vector<const Communicator*> out = {world, tp.get(), cp.get(), dp.get(), pp.get()};
+  if (ep) out.push_back(ep.get());
+  if (expert_dp) out.push_back(expert_dp.get());
   for (const auto& c : extra) out.push_back(c.get());
   return out;
 }
@@ -47,7 +51,32 @@ ProcessGroups make_process_groups(Communicator& world, const Layout& layout) {
   g.cp = world.split(color_without(c, &Layout::Coord::cp), c.cp);
   g.dp = world.split(color_without(c, &Layout::Coord::dp), c.dp);
   g.pp = world.split(color_without(c, &Layout::Coord::pp), c.pp);
+  if (layout.ep > 1) {
+    if (layout.dp % layout.ep != 0) {
+      throw std::logic_error("ep " + std::to_string(layout.ep) + " does not divide dp " + std::to_string(layout.dp));
+    }
+    // Split the dp group: ep groups of consecutive dp ranks, and across them the holders of the same experts.
+    g.ep = g.dp->split(c.dp / layout.ep, c.dp % layout.ep);
+    g.expert_dp = g.dp->split(c.dp % layout.ep, c.dp / layout.ep);
+  }
   return g;
+}
+
+ModelParallel make_model_parallel(ProcessGroups& groups) {
+  ModelParallel mp;
+  if (groups.layout.tp > 1) {
+    mp.tp.comm = groups.tp.get();
+    mp.tp.size = groups.tp->size();
+    mp.tp.rank = groups.tp->rank();
+    mp.tp.sequence_parallel = groups.layout.sequence_parallel;
+  }
+  if (groups.ep) {
+    mp.ep.comm = groups.ep.get();
+    mp.ep.expert_dp = groups.expert_dp.get();
+    mp.ep.size = groups.ep->size();
+    mp.ep.rank = groups.ep->rank();
+  }
+  return mp;
 }
 
 }  // namespace pb

@@ -1,5 +1,6 @@
 // Ranks and process groups of SPEC section 3: r = tp_i + tp·(cp_i + cp·(dp_i + dp·pp_i)).
-// Tensor-parallel peers are consecutive ranks; pipeline stages are farthest apart.
+// Tensor-parallel peers are consecutive ranks; pipeline stages are farthest apart. Expert
+// parallelism subdivides each data-parallel group into groups of ep consecutive dp ranks.
 #pragma once
 
 #include <memory>
@@ -12,6 +13,8 @@ namespace pb {
 
 struct Layout {
   int pp = 1, dp = 1, cp = 1, tp = 1;
+  int ep = 1;  // expert-parallel degree: divides dp; adds no ranks
+  bool sequence_parallel = false;  // tp > 1: LayerNorm and residual activations split along the sequence
 
   struct Coord {
     int pp = 0, dp = 0, cp = 0, tp = 0;
@@ -28,6 +31,9 @@ struct ProcessGroups {
   Layout::Coord coord;
   Communicator* world = nullptr;  // not owned
   std::unique_ptr<Communicator> tp, cp, dp, pp;
+  // ep > 1: the ep consecutive dp ranks that share out the experts, and the dp / ep ranks that hold
+  // the same experts (expert_dp, the same position in every ep group); null otherwise.
+  std::unique_ptr<Communicator> ep, expert_dp;
   // Further communicators a strategy splits off (FSDP's shard and replica groups); owned here so
   // that their calls, bytes and time are reported with the rest.
   std::vector<std::unique_ptr<Communicator>> extra;

@@ -44,6 +44,17 @@ std::vector<int64_t> unit_parameter_counts(const ArchSpec& a, int tp) {
   return units;
 }
 
+std::vector<int64_t> unit_parameter_counts(const MemoryPlan& p) {
+  std::vector<int64_t> units = unit_parameter_counts(p.arch, p.tp);
+  if (p.mlp_parameters >= 0) {
+    const ArchSpec& a = p.arch;
+    const int64_t bias = a.biases ? 1 : 0, mlp_in = a.mlp_in_width() / p.tp;
+    const int64_t dense = a.hidden * mlp_in + bias * mlp_in + a.ffn / p.tp * a.hidden + bias * a.hidden;
+    for (std::size_t u = 1; u + 1 < units.size(); ++u) units[u] += p.mlp_parameters - dense;
+  }
+  return units;
+}
+
 int64_t total_parameters(const ArchSpec& a) {
   int64_t total = 0;
   for (int64_t u : unit_parameter_counts(a)) total += u;
@@ -107,10 +118,16 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   // As GptModel::forward_backward allocates them:
   const int64_t tokens = first || last ? 2 * N * kToken : 0;  // inputs and targets
   const int64_t embed_out = R * h * e;  // the embedding's output, or a copy of the stage's input
+  // The MLP part: the dense MLP keeps fc1's output and its activation; another part says its own.
+  const int64_t mlp_acts = p.mlp_activation_bytes >= 0 ? p.mlp_activation_bytes : e * (N * mlp_in + N * fl);
+  // Its backward scratch: dfc1 (and, with sequence parallelism, its input gradient before the
+  // reduce-scatter).
+  const int64_t mlp_scratch =
+      p.mlp_workspace_bytes >= 0 ? p.mlp_workspace_bytes : e * (N * mlp_in + (p.sequence_parallel ? N * h : 0));
   // A block: LayerNorm statistics (4 per row), ln1 out, qkv, attention saved state, attention out,
-  // x_mid, ln2 out, fc1 out, activation out, x_out. Rows of the residual stream are split by sequence
+  // x_mid, ln2 out, the MLP's, x_out. Rows of the residual stream are split by sequence
   // parallelism; the tensors between a column- and a row-parallel layer by the tp split.
-  const int64_t block_no_att = 4 * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + N * mlp_in + N * fl + R * h);
+  const int64_t block_no_att = 4 * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + R * h) + mlp_acts;
   const int64_t block_full = block_no_att + att_saved;
   const int64_t block_out = R * h * e;
   const int64_t head = last ? 2 * R * kStat + e * (R * h + N * (V / t)) : 0;  // lnf statistics, lnf out, logits
@@ -134,10 +151,11 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   }
   est.backward_extra_bytes = est.peak_bytes - est.forward_end_bytes;
   // Backward scratch: the residual gradient (R·h), a column-parallel input's gradient (N·h, and its
-  // reduce-scattered rows with sequence parallelism), the attention-output gradient, dqkv, dfc1 and the
-  // attention scratch; plus the loss accumulator (a double).
-  est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv + N * mlp_in) +
-                        att_scratch;
+  // reduce-scattered rows with sequence parallelism), the attention-output gradient, dqkv and the
+  // attention scratch, held through the backward, and the MLP part's scratch during its backward;
+  // plus the loss accumulator (a double).
+  est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv) +
+                        att_scratch + mlp_scratch;
   return est;
 }
 
@@ -217,7 +235,7 @@ MemoryEstimate predict_model_states(const std::vector<int64_t>& units, const Pre
 }
 
 MemoryEstimate predict_memory(const MemoryPlan& p) {
-  const std::vector<int64_t> units = unit_parameter_counts(p.arch, p.tp);
+  const std::vector<int64_t> units = unit_parameter_counts(p);
   MemoryEstimate e = predict_model_states(units, p.precision, p.shard, p.shard_ranks);
   e[MemCategory::comm_buffers] = p.shard == ShardStrategy::no_shard ? 0 : fsdp_comm_peak(p, units);
   if (p.sequence_parallel) {
@@ -225,6 +243,7 @@ MemoryEstimate predict_memory(const MemoryPlan& p) {
     // its reduce-scatter, or a gathered output gradient.
     e[MemCategory::comm_buffers] += static_cast<int64_t>(p.micro_batch) * p.arch.seq * p.arch.hidden * p.precision.act_bytes;
   }
+  e[MemCategory::comm_buffers] += p.mlp_comm_bytes;
   const ActivationEstimate act = predict_activations(p);
   e[MemCategory::activations] = act.peak_bytes;
   e[MemCategory::workspace] = act.workspace_bytes;

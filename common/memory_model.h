@@ -82,6 +82,12 @@ struct MemoryPlan {
   bool prefetch = true;      // FULL_SHARD / HYBRID_SHARD: the next unit is gathered while one computes
   int tp = 1;                // tensor-parallel degree: heads, FFN and vocabulary split tp ways
   bool sequence_parallel = false;  // LayerNorm and residual activations split tp ways along the sequence
+  // A strategy's MLP part in place of the dense MLP (bench/ep's mixture of experts): what it keeps
+  // per block for backward and the scratch of its backward, in bytes; < 0: the dense MLP's.
+  int64_t mlp_activation_bytes = -1;
+  int64_t mlp_workspace_bytes = -1;
+  int64_t mlp_parameters = -1;    // this rank's MLP parameters per block (experts it holds, routers)
+  int64_t mlp_comm_bytes = 0;     // the part's communication buffers at their peak (dispatch, combine)
 };
 
 // Activations the model keeps for backward at its peak, and the backward scratch, for one
@@ -102,6 +108,10 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& plan, int64_t blo
 // included). ZERO1 and SHARD_GRAD_OP keep whole (padded) parameters on every rank.
 MemoryEstimate predict_model_states(const std::vector<int64_t>& unit_params, const PrecisionSpec& precision,
                                     ShardStrategy shard, int shard_ranks);
+
+// The parameters of each unit of one rank for a plan: those of its tp slices, with the MLP part's
+// in place of the dense MLP's.
+std::vector<int64_t> unit_parameter_counts(const MemoryPlan& plan);
 
 // Every category for one rank, and the peak of their sum.
 MemoryEstimate predict_memory(const MemoryPlan& plan);

@@ -10,9 +10,9 @@ namespace pb {
 namespace {
 
 // Tensor order inside a block unit (gpt_units lists them so).
-enum BlockTensor {
-  kLn1G, kLn1B, kQkvW, kQkvB, kOutW, kOutB, kLn2G, kLn2B, kFc1W, kFc1B, kFc2W, kFc2B, kNumBlockTensors
-};
+// A block unit's tensors: these eight, then the MLP part's (w + kMlp).
+enum BlockTensor { kLn1G, kLn1B, kQkvW, kQkvB, kOutW, kOutB, kLn2G, kLn2B, kMlp };
+enum DenseMlpTensor { kFc1W, kFc1B, kFc2W, kFc2B };
 enum EmbedTensor { kTok, kPos };
 enum HeadTensor { kLnfG, kLnfB, kHeadW };
 
@@ -35,20 +35,24 @@ uint64_t TensorInfo::global_index(int64_t r, int64_t c) const {
   return static_cast<uint64_t>(gr * global_cols + gc);
 }
 
-std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank) {
-  const int64_t h = m.hidden, f = m.ffn, V = m.vocab, S = m.seq;
-  struct Spec {
-    const char* name;
-    int64_t rows, cols;
-    TpSplit split;
-  };
+namespace {
+std::vector<TensorSpec> dense_mlp_tensors(const ModelConfig& m) {
+  const int64_t h = m.hidden, f = m.ffn;
+  using T = TpSplit;
+  return {{"mlp.fc1.w", h, f, T::columns}, {"mlp.fc1.b", 1, f, T::columns},
+          {"mlp.fc2.w", f, h, T::rows},    {"mlp.fc2.b", 1, h, T::none}};
+}
+}  // namespace
+
+std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const MlpPart* mlp) {
+  const int64_t h = m.hidden, V = m.vocab, S = m.seq;
   std::vector<UnitInfo> units;
   std::size_t offset = 0;
-  auto add_unit = [&](const std::string& name, const std::string& prefix, std::vector<Spec> specs) {
+  auto add_unit = [&](const std::string& name, const std::string& prefix, const std::vector<TensorSpec>& specs) {
     UnitInfo u;
     u.name = name;
     u.offset = offset;
-    for (const Spec& sp : specs) {
+    for (const TensorSpec& sp : specs) {
       TensorInfo t;
       t.name = prefix + sp.name;
       t.global_rows = sp.rows;
@@ -58,6 +62,7 @@ std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank) {
       t.split = tp > 1 ? sp.split : TpSplit::none;
       t.tp_size = tp;
       t.tp_rank = tp_rank;
+      t.expert = sp.expert;
       t.is_matrix = sp.rows > 1;
       t.offset = offset;
       offset += t.numel();
@@ -67,40 +72,190 @@ std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank) {
     units.push_back(std::move(u));
   };
   using T = TpSplit;
+  std::vector<TensorSpec> block = {{"ln1.g", 1, h, T::none},          {"ln1.b", 1, h, T::none},
+                                   {"attn.qkv.w", h, 3 * h, T::qkv_columns}, {"attn.qkv.b", 1, 3 * h, T::qkv_columns},
+                                   {"attn.out.w", h, h, T::rows},      {"attn.out.b", 1, h, T::none},
+                                   {"ln2.g", 1, h, T::none},          {"ln2.b", 1, h, T::none}};
+  for (const TensorSpec& t : mlp ? mlp->tensors() : dense_mlp_tensors(m)) block.push_back(t);
   add_unit("embed", "embed.", {{"tok", V, h, T::rows}, {"pos", S, h, T::none}});
-  for (int l = 0; l < m.layers; ++l) {
-    add_unit("block" + std::to_string(l), "block" + std::to_string(l) + ".",
-             {{"ln1.g", 1, h, T::none},          {"ln1.b", 1, h, T::none},
-              {"attn.qkv.w", h, 3 * h, T::qkv_columns}, {"attn.qkv.b", 1, 3 * h, T::qkv_columns},
-              {"attn.out.w", h, h, T::rows},      {"attn.out.b", 1, h, T::none},
-              {"ln2.g", 1, h, T::none},          {"ln2.b", 1, h, T::none},
-              {"mlp.fc1.w", h, f, T::columns},    {"mlp.fc1.b", 1, f, T::columns},
-              {"mlp.fc2.w", f, h, T::rows},       {"mlp.fc2.b", 1, h, T::none}});
-  }
+  for (int l = 0; l < m.layers; ++l) add_unit("block" + std::to_string(l), "block" + std::to_string(l) + ".", block);
   add_unit("head", "", {{"final_ln.g", 1, h, T::none}, {"final_ln.b", 1, h, T::none}, {"head.w", h, V, T::columns}});
   return units;
 }
 
-std::size_t gpt_num_parameters(const ModelConfig& config) {
+std::size_t gpt_num_parameters(const ModelConfig& config, const MlpPart* mlp) {
   const auto units = gpt_units(config);
-  return units.back().offset + units.back().numel;
+  std::size_t n = units.back().offset + units.back().numel;
+  if (mlp) {  // the dense MLP's parameters replaced by the part's
+    int64_t dense = 0;
+    for (const TensorSpec& t : dense_mlp_tensors(config)) dense += t.rows * t.cols;
+    n += static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(mlp->global_parameters() - dense);
+  }
+  return n;
 }
+
+// ---- tensor- and sequence-parallel plumbing of a layer (identities at tp = 1) --------------------------
+
+// Megatron's f and g around a column-parallel / row-parallel pair, with sequence parallelism's
+// all-gather and reduce-scatter in their place when it is on. N tokens of the micro-batch, `rows` of
+// them in the residual stream on this rank (N / tp with sequence parallelism).
+class TpLayers {
+ public:
+  TpLayers(Backend& backend, const TensorParallel& tp, int N, int rows, int hidden)
+      : be_(backend), tp_(tp), N_(N), rows_(rows), h_(hidden) {}
+
+  // The input of a column-parallel layer: the rows of this rank (tp = 1, or tp without sequence
+  // parallelism), or every rank's rows gathered into a communication buffer (sequence parallel).
+  const float* column_input(const float* rows) const {
+    if (!tp_.sequence_parallel) return rows;  // f: identity in forward
+    float* full = be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::comm_buffers);
+    tp_.gather_from_sp(rows, full, static_cast<std::size_t>(rows_) * h_);
+    return full;
+  }
+  void release_column_input(const float* input, const float* rows) const {
+    if (input != rows) be_.free(const_cast<float*>(input));
+  }
+  // A row-parallel layer: out = inp · w (+ bias, added once: by tp rank 0), summed over the tp group
+  // into out (N, h), or reduce-scattered into this rank's rows (sequence parallel).
+  void row_parallel_forward(float* out, const float* inp, const float* w, const float* bias, int in_cols) const {
+    const float* once = tp_.rank == 0 ? bias : nullptr;  // the sum over ranks adds the bias once
+    if (!tp_.sequence_parallel) {
+      be_.matmul_forward(out, inp, w, once, N_, in_cols, h_);
+      tp_.reduce_from_tp(out, static_cast<std::size_t>(N_) * h_);  // g
+      return;
+    }
+    float* partial = be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::comm_buffers);
+    be_.matmul_forward(partial, inp, w, once, N_, in_cols, h_);
+    tp_.scatter_to_sp(partial, out, static_cast<std::size_t>(rows_) * h_);
+    be_.free(partial);
+  }
+  // Backward of the pair: the output gradient of this rank's rows, made whole again (N, h).
+  const float* row_parallel_output_grad(const float* drows) const {
+    return column_input(drows);  // backward of reduce-scatter: all-gather (g's backward: identity)
+  }
+  // The input gradient of a column-parallel layer, summed over the tp group (f) into drows.
+  void column_input_grad(float* dfull, float* drows) const {
+    if (tp_.sequence_parallel) {
+      tp_.scatter_to_sp(dfull, drows, static_cast<std::size_t>(rows_) * h_);  // backward of all-gather
+    } else {
+      tp_.copy_to_tp_backward(dfull, static_cast<std::size_t>(N_) * h_);  // f
+    }
+  }
+  // Where a column-parallel layer's input gradient (N, h) goes before column_input_grad: drows itself
+  // without sequence parallelism, else a scratch buffer (free with release_full_grad).
+  float* full_grad(float* drows) const {
+    return tp_.sequence_parallel ? be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::workspace) : drows;
+  }
+  void release_full_grad(float* dfull, float* drows) const {
+    if (dfull != drows) be_.free(dfull);
+  }
+
+ private:
+  Backend& be_;
+  const TensorParallel& tp_;
+  int N_, rows_, h_;
+};
+
+namespace {
+
+// The MLP of SPEC section 2: gelu_tanh(u·fc1.w + fc1.b)·fc2.w + fc2.b, fc1 column- and fc2
+// row-parallel over the tp group.
+class DenseMlp final : public MlpPart {
+ public:
+  DenseMlp(const ModelConfig& m, Backend& backend, const TpLayers& tp, int N, int tp_size)
+      : m_(m), be_(backend), tp_(tp), N_(N), fl_(m.ffn / tp_size) {}
+
+  std::vector<TensorSpec> tensors() const override { return dense_mlp_tensors(m_); }
+  int64_t global_parameters() const override {
+    return 2 * int64_t{m_.hidden} * m_.ffn + m_.ffn + m_.hidden;
+  }
+
+  struct Saved final : PartState {
+    explicit Saved(Backend& backend) : be(backend) {}
+    ~Saved() override {
+      be.free(gelu_out);
+      be.free(fc1_out);
+    }
+    Backend& be;
+    float* fc1_out = nullptr;   // (N, f/tp), before GELU
+    float* gelu_out = nullptr;  // (N, f/tp)
+  };
+
+  std::unique_ptr<PartState> forward(int, const float* const* w, const float* u, float* out) override {
+    const std::size_t Nf = static_cast<std::size_t>(N_) * fl_;
+    auto s = std::make_unique<Saved>(be_);
+    s->fc1_out = be_.alloc_floats(Nf, MemCategory::activations);
+    s->gelu_out = be_.alloc_floats(Nf, MemCategory::activations);
+    const float* u_full = tp_.column_input(u);
+    be_.matmul_forward(s->fc1_out, u_full, w[kFc1W], w[kFc1B], N_, m_.hidden, fl_);
+    tp_.release_column_input(u_full, u);
+    be_.gelu_forward(s->gelu_out, s->fc1_out, Nf);
+    tp_.row_parallel_forward(out, s->gelu_out, w[kFc2W], w[kFc2B], fl_);
+    return s;
+  }
+
+  void backward(int, PartState& state, const float* const* w, float* const* g, const float* u, const float* dout,
+                float* du) override {
+    auto& s = static_cast<Saved&>(state);
+    const std::size_t Nf = static_cast<std::size_t>(N_) * fl_;
+    float* dfc = be_.alloc_floats(Nf, MemCategory::workspace);
+    const float* dy = tp_.row_parallel_output_grad(dout);
+    be_.matmul_backward(dfc, g[kFc2W], g[kFc2B], dy, s.gelu_out, w[kFc2W], N_, fl_, m_.hidden);
+    tp_.release_column_input(dy, dout);
+    be_.gelu_backward(dfc, s.fc1_out, dfc, Nf);
+    const float* u_full = tp_.column_input(u);
+    float* du_full = tp_.full_grad(du);
+    be_.matmul_backward(du_full, g[kFc1W], g[kFc1B], dfc, u_full, w[kFc1W], N_, m_.hidden, fl_);
+    tp_.release_column_input(u_full, u);
+    tp_.column_input_grad(du_full, du);
+    tp_.release_full_grad(du_full, du);
+    be_.free(dfc);
+  }
+
+ private:
+  const ModelConfig& m_;
+  Backend& be_;
+  const TpLayers& tp_;
+  int N_, fl_;
+};
+
+// The backend's fused (or plain) attention.
+class BackendAttention final : public AttentionCore {
+ public:
+  explicit BackendAttention(Backend& backend) : be_(backend) {}
+  std::size_t saved_floats(int B, int S, int heads) const override { return be_.attention_saved_floats(B, S, heads); }
+  bool keeps_probabilities() const override { return be_.attention_keeps_probabilities(); }
+  std::size_t scratch_floats(int B, int S, int heads) const override {
+    return be_.attention_scratch_floats(B, S, heads);
+  }
+  void forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) override {
+    be_.attention_forward(out, saved, qkv, B, S, C, heads);
+  }
+  void backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
+                const float* saved, int B, int S, int C, int heads) override {
+    be_.attention_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads);
+  }
+
+ private:
+  Backend& be_;
+};
+
+}  // namespace
 
 // What one block's backward needs, saved by its forward (all under `activations`).
 struct GptModel::BlockActs {
-  float* ln1_mean = nullptr;  // (N)
-  float* ln1_rstd = nullptr;  // (N)
-  float* ln1_out = nullptr;   // (N, h)
-  float* qkv = nullptr;       // (N, 3h)
-  float* att = nullptr;       // backend-specific: attention_saved_floats (not kept by selective recompute)
-  float* att_out = nullptr;   // (N, h), heads concatenated, before the output projection
-  float* x_mid = nullptr;     // (N, h), residual stream after attention
-  float* ln2_mean = nullptr;  // (N)
-  float* ln2_rstd = nullptr;  // (N)
-  float* ln2_out = nullptr;   // (N, h)
-  float* fc1_out = nullptr;   // (N, f), before GELU
-  float* gelu_out = nullptr;  // (N, f)
-  float* x_out = nullptr;     // (N, h), the block's output = next block's input
+  float* ln1_mean = nullptr;  // (rows)
+  float* ln1_rstd = nullptr;  // (rows)
+  float* ln1_out = nullptr;   // (rows, h)
+  float* qkv = nullptr;       // (N, 3h/tp)
+  float* att = nullptr;       // the attention core's saved state (not kept by selective recompute)
+  float* att_out = nullptr;   // (N, h/tp), heads concatenated, before the output projection
+  float* x_mid = nullptr;     // (rows, h), residual stream after attention
+  float* ln2_mean = nullptr;  // (rows)
+  float* ln2_rstd = nullptr;  // (rows)
+  float* ln2_out = nullptr;   // (rows, h)
+  std::unique_ptr<PartState> mlp;  // the MLP part's saved state
+  float* x_out = nullptr;     // (rows, h), the block's output = next block's input
 };
 
 struct GptModel::HeadActs {
@@ -111,14 +266,15 @@ struct GptModel::HeadActs {
 };
 
 // Backward scratch, shared by all blocks of one micro-batch (under `workspace`).
-struct BackwardScratch {
-  float* dres;    // (N, h): gradient of the residual stream
-  float* dln;     // (N, h): gradient w.r.t. a LayerNorm output
-  float* datt;    // (N, h): gradient w.r.t. the attention output
-  float* dqkv;    // (N, 3h)
-  float* dfc;     // (N, f)
-  float* att;     // attention_scratch_floats
+struct GptModel::BackwardScratch {
+  float* dres;      // (rows, h): gradient of the residual stream
+  float* dln;       // (N, h): gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
+  float* dln_rows;  // (rows, h): the same reduced onto this rank's rows (dln without sequence parallelism)
+  float* datt;      // (N, h/tp): gradient w.r.t. the attention output
+  float* dqkv;      // (N, 3h/tp)
+  float* att;       // the attention core's scratch
 };
+
 
 void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
                      float* dst, uint64_t seed, int num_layers) {
@@ -150,17 +306,21 @@ void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std:
 }
 
 GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute,
-                   const TensorParallel& tp)
-    : config_(config), backend_(backend), micro_batch_(micro_batch), tp_(tp),
-      units_(gpt_units(config, tp.size, tp.rank)) {
+                   const ModelParallel& mp, BlockParts parts)
+    : config_(config), backend_(backend), micro_batch_(micro_batch), tp_(mp.tp) {
   recompute_ = recompute == "full" ? Recompute::full : recompute == "selective" ? Recompute::selective : Recompute::none;
-  num_params_ = units_.back().offset + units_.back().numel;
   N_ = micro_batch * config.seq;
   rows_ = tp_.sequence_parallel ? N_ / tp_.size : N_;
   heads_ = config.heads / tp_.size;
   hidden_local_ = config.hidden / tp_.size;
-  ffn_local_ = config.ffn / tp_.size;
   vocab_local_ = config.vocab / tp_.size;
+  tp_layers_ = std::make_unique<TpLayers>(backend_, tp_, N_, rows_, config.hidden);
+  if (parts.mlp == nullptr) own_mlp_ = std::make_unique<DenseMlp>(config_, backend_, *tp_layers_, N_, tp_.size);
+  if (parts.attention == nullptr) own_attention_ = std::make_unique<BackendAttention>(backend_);
+  mlp_ = parts.mlp ? parts.mlp : own_mlp_.get();
+  attention_ = parts.attention ? parts.attention : own_attention_.get();
+  units_ = gpt_units(config, tp_.size, tp_.rank, mlp_);
+  num_params_ = units_.back().offset + units_.back().numel;
   loss_sum_ = static_cast<double*>(backend_.alloc(sizeof(double), MemCategory::workspace));
   backend_.zero(loss_sum_, sizeof(double));
 }
@@ -178,46 +338,6 @@ double GptModel::take_loss() {
   backend_.download(&loss, loss_sum_, sizeof(double));
   backend_.zero(loss_sum_, sizeof(double));
   return loss;
-}
-
-// ---- tensor- and sequence-parallel plumbing (identities at tp = 1) ----------------------------------
-
-const float* GptModel::column_input(const float* rows) {
-  if (!tp_.sequence_parallel) return rows;  // f: identity in forward
-  float* full = backend_.alloc_floats(static_cast<std::size_t>(N_) * config_.hidden, MemCategory::comm_buffers);
-  tp_.gather_from_sp(rows, full, static_cast<std::size_t>(rows_) * config_.hidden);
-  return full;
-}
-
-void GptModel::release_column_input(const float* input, const float* rows) {
-  if (input != rows) backend_.free(const_cast<float*>(input));
-}
-
-void GptModel::row_parallel_forward(float* out, const float* inp, const float* w, const float* bias, int in_cols) {
-  const int h = config_.hidden;
-  const float* once = tp_.rank == 0 ? bias : nullptr;  // the sum over ranks adds the bias once
-  if (!tp_.sequence_parallel) {
-    backend_.matmul_forward(out, inp, w, once, N_, in_cols, h);
-    tp_.reduce_from_tp(out, static_cast<std::size_t>(N_) * h);  // g
-    return;
-  }
-  float* partial = backend_.alloc_floats(static_cast<std::size_t>(N_) * h, MemCategory::comm_buffers);
-  backend_.matmul_forward(partial, inp, w, once, N_, in_cols, h);
-  tp_.scatter_to_sp(partial, out, static_cast<std::size_t>(rows_) * h);
-  backend_.free(partial);
-}
-
-const float* GptModel::row_parallel_output_grad(const float* drows) {
-  return column_input(drows);  // backward of reduce-scatter: all-gather (g's backward: identity)
-}
-
-void GptModel::column_input_grad(float* dfull, float* drows) {
-  const std::size_t h = config_.hidden;
-  if (tp_.sequence_parallel) {
-    tp_.scatter_to_sp(dfull, drows, static_cast<std::size_t>(rows_) * h);  // backward of all-gather
-  } else {
-    tp_.copy_to_tp_backward(dfull, static_cast<std::size_t>(N_) * h);  // f
-  }
 }
 
 void GptModel::head_loss(float* logits, const int32_t* targets, float scale) {
@@ -241,55 +361,79 @@ void GptModel::head_loss(float* logits, const int32_t* targets, float scale) {
 
 // ---- blocks ------------------------------------------------------------------------------------------
 
-void GptModel::alloc_block(BlockActs& a, bool with_attention) {
-  const std::size_t N = N_, R = rows_, h = config_.hidden, hl = hidden_local_, fl = ffn_local_;
-  auto act = [&](std::size_t count) { return backend_.alloc_floats(count, MemCategory::activations); };
+void GptModel::attention_forward(const float* const* w, const float* u, BlockActs& a, float* out) {
+  const int B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_, N = N_;
+  Backend& be = backend_;
+  // qkv = u·Wqkv + b, column-parallel: this rank's heads                                        (N, 3h/tp)
+  const float* u_full = tp_layers_->column_input(u);
+  be.matmul_forward(a.qkv, u_full, w[kQkvW], w[kQkvB], N, h, 3 * hl);
+  tp_layers_->release_column_input(u_full, u);
+  // o = causal softmax(Q Kᵀ/√d) V for this rank's heads                                        (N, h/tp)
+  attention_->forward(a.att_out, a.att, a.qkv, B, S, hl, heads_);
+  // out = o·Wout + b: row-parallel, summed over the group
+  tp_layers_->row_parallel_forward(out, a.att_out, w[kOutW], w[kOutB], hl);
+}
+
+void GptModel::attention_backward(const float* const* w, float* const* g, const float* u, BlockActs& a,
+                                  const float* dout, float* du, BackwardScratch& sc) {
+  const int B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_, N = N_;
+  Backend& be = backend_;
+  const float* dy = tp_layers_->row_parallel_output_grad(dout);
+  be.matmul_backward(sc.datt, g[kOutW], g[kOutB], dy, a.att_out, w[kOutW], N, hl, h);
+  tp_layers_->release_column_input(dy, dout);
+  attention_->backward(sc.dqkv, sc.att, sc.datt, a.att_out, a.qkv, a.att, B, S, hl, heads_);
+  const float* u_full = tp_layers_->column_input(u);
+  be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, u_full, w[kQkvW], N, h, 3 * hl);
+  tp_layers_->release_column_input(u_full, u);
+  tp_layers_->column_input_grad(sc.dln, du);
+}
+
+void GptModel::block_forward(int layer, const float* const* w, const float* x_in, BlockActs& a) {
+  const std::size_t N = N_, R = rows_, h = config_.hidden, hl = hidden_local_;
+  Backend& be = backend_;
+  auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
   a.ln1_mean = act(R);
   a.ln1_rstd = act(R);
   a.ln1_out = act(R * h);
   a.qkv = act(3 * N * hl);
-  a.att = with_attention ? act(backend_.attention_saved_floats(micro_batch_, config_.seq, heads_)) : nullptr;
+  a.att = act(attention_->saved_floats(micro_batch_, config_.seq, heads_));
   a.att_out = act(N * hl);
   a.x_mid = act(R * h);
   a.ln2_mean = act(R);
   a.ln2_rstd = act(R);
   a.ln2_out = act(R * h);
-  a.fc1_out = act(N * fl);
-  a.gelu_out = act(N * fl);
   a.x_out = act(R * h);
+  // x_mid = x + attention(LayerNorm1(x))
+  be.layernorm_forward(a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in, w[kLn1G], w[kLn1B], rows_, config_.hidden);
+  attention_forward(w, a.ln1_out, a, a.x_mid);
+  be.add(a.x_mid, a.x_mid, x_in, R * h);
+  // x_out = x_mid + mlp(LayerNorm2(x_mid))
+  be.layernorm_forward(a.ln2_out, a.ln2_mean, a.ln2_rstd, a.x_mid, w[kLn2G], w[kLn2B], rows_, config_.hidden);
+  a.mlp = mlp_->forward(layer, w + kMlp, a.ln2_out, a.x_out);
+  be.add(a.x_out, a.x_out, a.x_mid, R * h);
+}
+
+void GptModel::block_backward(int layer, const float* const* w, float* const* g, const float* x_in, BlockActs& a,
+                              BackwardScratch& sc) {
+  Backend& be = backend_;
+  const int R = rows_, h = config_.hidden;
+  // dres = ∂x_out. MLP branch, then LayerNorm2's backward accumulates into dres: dres = ∂x_mid.
+  mlp_->backward(layer, *a.mlp, w + kMlp, g + kMlp, a.ln2_out, sc.dres, sc.dln_rows);
+  be.layernorm_backward(sc.dres, g[kLn2G], g[kLn2B], sc.dln_rows, a.x_mid, w[kLn2G], a.ln2_mean, a.ln2_rstd, R, h);
+  // Attention branch, then LayerNorm1's backward: dres = ∂x_in.
+  attention_backward(w, g, a.ln1_out, a, sc.dres, sc.dln_rows, sc);
+  be.layernorm_backward(sc.dres, g[kLn1G], g[kLn1B], sc.dln_rows, x_in, w[kLn1G], a.ln1_mean, a.ln1_rstd, R, h);
 }
 
 void GptModel::free_block(BlockActs& a) {
-  for (float* p : {a.x_out, a.gelu_out, a.fc1_out, a.ln2_out, a.ln2_rstd, a.ln2_mean, a.x_mid, a.att_out, a.att,
-                   a.qkv, a.ln1_out, a.ln1_rstd, a.ln1_mean}) {
+  a.mlp.reset();
+  for (float* p : {a.x_out, a.ln2_out, a.ln2_rstd, a.ln2_mean, a.x_mid, a.att_out, a.att, a.qkv, a.ln1_out,
+                   a.ln1_rstd, a.ln1_mean}) {
     backend_.free(p);
   }
   a = BlockActs{};
 }
 
-void GptModel::block_forward(const float* const* w, const float* x_in, BlockActs& a) {
-  const int B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_, fl = ffn_local_, N = N_,
-            R = rows_;
-  Backend& be = backend_;
-  // u = LayerNorm(x) on this rank's rows; qkv = u·Wqkv + b, column-parallel: this rank's heads  (N, 3h/tp)
-  be.layernorm_forward(a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in, w[kLn1G], w[kLn1B], R, h);
-  const float* u1 = column_input(a.ln1_out);
-  be.matmul_forward(a.qkv, u1, w[kQkvW], w[kQkvB], N, h, 3 * hl);
-  release_column_input(u1, a.ln1_out);
-  // o = causal softmax(Q Kᵀ/√d) V for this rank's heads                                        (N, h/tp)
-  be.attention_forward(a.att_out, a.att, a.qkv, B, S, hl, heads_);
-  // x_mid = x + o·Wout + b: row-parallel, summed over the group
-  row_parallel_forward(a.x_mid, a.att_out, w[kOutW], w[kOutB], hl);
-  be.add(a.x_mid, a.x_mid, x_in, static_cast<std::size_t>(R) * h);
-  // x_out = x_mid + gelu(LayerNorm(x_mid)·W1 + b1)·W2 + b2: fc1 column-, fc2 row-parallel
-  be.layernorm_forward(a.ln2_out, a.ln2_mean, a.ln2_rstd, a.x_mid, w[kLn2G], w[kLn2B], R, h);
-  const float* u2 = column_input(a.ln2_out);
-  be.matmul_forward(a.fc1_out, u2, w[kFc1W], w[kFc1B], N, h, fl);
-  release_column_input(u2, a.ln2_out);
-  be.gelu_forward(a.gelu_out, a.fc1_out, static_cast<std::size_t>(N) * fl);
-  row_parallel_forward(a.x_out, a.gelu_out, w[kFc2W], w[kFc2B], fl);
-  be.add(a.x_out, a.x_out, a.x_mid, static_cast<std::size_t>(R) * h);
-}
 
 // What one micro-batch keeps on a stage between its forward and its backward.
 struct GptModel::MicroBatchState final : GptModel::MicroBatch {
@@ -368,9 +512,8 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     hooks.before_forward(1 + l);
     const std::vector<float*> w = unit_tensors(hooks.unit_params(1 + l), 1 + l);
     BlockActs& ba = mb->blocks[l - first_block];
-    alloc_block(ba, /*with_attention=*/true);
-    block_forward(w.data(), x, ba);
-    if (recompute_ == Recompute::selective && be.attention_keeps_probabilities()) {
+    block_forward(l, w.data(), x, ba);
+    if (recompute_ == Recompute::selective && attention_->keeps_probabilities()) {
       // A fused attention keeps only per-row statistics: nothing worth recomputing (as Megatron-LM
       // with flash attention), so selective recomputation drops the probabilities only.
       be.free(ba.att);
@@ -398,9 +541,9 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
   ha.logits = act(static_cast<std::size_t>(N) * Vl);
   be.layernorm_forward(ha.lnf_out, ha.lnf_mean, ha.lnf_rstd, x, hw[kLnfG], hw[kLnfB], R, h);
   {
-    const float* u = column_input(ha.lnf_out);
+    const float* u = tp_layers_->column_input(ha.lnf_out);
     be.matmul_forward(ha.logits, u, hw[kHeadW], nullptr, N, h, Vl);  // (N, V/tp), column-parallel, no bias
-    release_column_input(u, ha.lnf_out);
+    tp_layers_->release_column_input(u, ha.lnf_out);
   }
   head_loss(ha.logits, mb->tokens + N, scale);
   hooks.after_forward(head_unit);
@@ -411,9 +554,10 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   auto& mb = static_cast<MicroBatchState&>(micro_batch);
   Backend& be = backend_;
   const int L = config_.layers, B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_,
-            fl = ffn_local_, Vl = vocab_local_, N = N_, R = rows_;
+            Vl = vocab_local_, N = N_, R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
-  const std::size_t Nhl = static_cast<std::size_t>(N) * hl, Nfl = static_cast<std::size_t>(N) * fl;
+  const std::size_t Nhl = static_cast<std::size_t>(N) * hl;
+  const TpLayers& tpl = *tp_layers_;
   const int head_unit = L + 1;
   auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
   auto scratch = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::workspace); };
@@ -423,11 +567,11 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   BackwardScratch sc;
   sc.dres = scratch(Rh);  // gradient of the residual stream on this rank's rows
   sc.dln = scratch(Nh);   // gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
-  float* dln_rows = tp_.sequence_parallel ? scratch(Rh) : sc.dln;
+  sc.dln_rows = tp_.sequence_parallel ? scratch(Rh) : sc.dln;
+  float* dln_rows = sc.dln_rows;
   sc.datt = scratch(Nhl);
   sc.dqkv = scratch(3 * Nhl);
-  sc.dfc = scratch(Nfl);
-  sc.att = scratch(be.attention_scratch_floats(B, S, heads_));
+  sc.att = scratch(attention_->scratch_floats(B, S, heads_));
   float* dres = sc.dres;
   const float* x = mb.blocks.empty() ? mb.x0 : mb.blocks.back().x_out;  // the head's input
 
@@ -436,10 +580,10 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     HeadActs& ha = mb.head;
     const std::vector<float*> w = unit_tensors(hooks.unit_params(head_unit), head_unit);
     const std::vector<float*> g = unit_tensors(hooks.unit_grads(head_unit), head_unit);
-    const float* u = column_input(ha.lnf_out);
+    const float* u = tpl.column_input(ha.lnf_out);
     be.matmul_backward(sc.dln, g[kHeadW], nullptr, ha.logits, u, w[kHeadW], N, h, Vl);
-    release_column_input(u, ha.lnf_out);
-    column_input_grad(sc.dln, dln_rows);
+    tpl.release_column_input(u, ha.lnf_out);
+    tpl.column_input_grad(sc.dln, dln_rows);
     be.zero(dres, Rh * sizeof(float));
     be.layernorm_backward(dres, g[kLnfG], g[kLnfB], dln_rows, x, w[kLnfG], ha.lnf_mean, ha.lnf_rstd, R, h);
     for (float* p : {ha.logits, ha.lnf_out, ha.lnf_rstd, ha.lnf_mean}) be.free(p);
@@ -460,36 +604,15 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     if (recompute_ == Recompute::full) {
       // Run the block's forward again from its input; its saved output is no longer needed.
       be.free(ba.x_out);
-      alloc_block(ba, /*with_attention=*/true);
-      block_forward(w.data(), x_in, ba);
+      ba.x_out = nullptr;
+      block_forward(l, w.data(), x_in, ba);
     } else if (recompute_ == Recompute::selective && ba.att == nullptr) {
       // Recompute only the attention scores and softmax (Korthikanti et al. 2022).
-      ba.att = act(be.attention_saved_floats(B, S, heads_));
+      ba.att = act(attention_->saved_floats(B, S, heads_));
       recomputed_out = act(Nhl);
-      be.attention_forward(recomputed_out, ba.att, ba.qkv, B, S, hl, heads_);
+      attention_->forward(recomputed_out, ba.att, ba.qkv, B, S, hl, heads_);
     }
-    // dres = d x_out. MLP branch: x_out = x_mid + gelu(ln2(x_mid)·W1 + b1)·W2 + b2
-    const float* dy2 = row_parallel_output_grad(dres);
-    be.matmul_backward(sc.dfc, g[kFc2W], g[kFc2B], dy2, ba.gelu_out, w[kFc2W], N, fl, h);
-    release_column_input(dy2, dres);
-    be.gelu_backward(sc.dfc, ba.fc1_out, sc.dfc, Nfl);
-    const float* u2 = column_input(ba.ln2_out);
-    be.matmul_backward(sc.dln, g[kFc1W], g[kFc1B], sc.dfc, u2, w[kFc1W], N, h, fl);
-    release_column_input(u2, ba.ln2_out);
-    column_input_grad(sc.dln, dln_rows);
-    // LayerNorm backward accumulates into dres: dres = d x_mid (residual + MLP branch)
-    be.layernorm_backward(dres, g[kLn2G], g[kLn2B], dln_rows, ba.x_mid, w[kLn2G], ba.ln2_mean, ba.ln2_rstd, R, h);
-    // Attention branch: x_mid = x_in + attn(ln1(x_in))·Wout + bout
-    const float* dy1 = row_parallel_output_grad(dres);
-    be.matmul_backward(sc.datt, g[kOutW], g[kOutB], dy1, ba.att_out, w[kOutW], N, hl, h);
-    release_column_input(dy1, dres);
-    be.attention_backward(sc.dqkv, sc.att, sc.datt, ba.att_out, ba.qkv, ba.att, B, S, hl, heads_);
-    const float* u1 = column_input(ba.ln1_out);
-    be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, u1, w[kQkvW], N, h, 3 * hl);
-    release_column_input(u1, ba.ln1_out);
-    column_input_grad(sc.dln, dln_rows);
-    // dres = d x_in
-    be.layernorm_backward(dres, g[kLn1G], g[kLn1B], dln_rows, x_in, w[kLn1G], ba.ln1_mean, ba.ln1_rstd, R, h);
+    block_backward(l, w.data(), g.data(), x_in, ba, sc);
     be.free(recomputed_out);
     free_block(ba);
     hooks.after_backward(unit);
@@ -501,9 +624,9 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     // Every rank gets the whole position-table gradient (it holds the whole table) and its block of
     // the token table's.
     const std::vector<float*> eg = unit_tensors(hooks.unit_grads(0), 0);
-    const float* dx0 = row_parallel_output_grad(dres);
+    const float* dx0 = tpl.row_parallel_output_grad(dres);
     be.embedding_backward(eg[kTok], eg[kPos], dx0, mb.tokens, B, S, h);
-    release_column_input(dx0, dres);
+    tpl.release_column_input(dx0, dres);
   } else {
     be.copy(dinput, dres, Rh * sizeof(float));
   }
@@ -517,7 +640,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   }
 
   if (dln_rows != sc.dln) be.free(dln_rows);
-  for (float* p : {sc.att, sc.dfc, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
+  for (float* p : {sc.att, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
 }
 
 ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, std::vector<int> units)

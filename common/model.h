@@ -6,6 +6,11 @@
 // order, so a strategy can address "the gradients of unit u" or "a bucket of the last N bytes" as a
 // range. Forward saves what backward needs under `activations`; backward frees it and uses scratch
 // under `workspace`. Model code never reads tensor elements on the host.
+//
+// A block is two parts between LayerNorms and residuals (SPEC section 2), each a forward/backward
+// pair in model.cpp: attention (its projections around an AttentionCore) and the MLP (an MlpPart).
+// A strategy swaps the MLP (expert parallelism: a mixture of experts) or the attention core (context
+// parallelism) by handing the model its own part; nothing else in the model changes.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +43,9 @@ struct TensorInfo {
   int64_t global_cols = 1;
   TpSplit split = TpSplit::none;
   int tp_size = 1, tp_rank = 0;
+  // An expert's tensor (whole, held only by the expert-parallel rank that owns expert `expert`);
+  // -1 for every other tensor.
+  int expert = -1;
   std::size_t offset = 0;  // in the model's (this rank's) flat buffer
   std::size_t numel() const { return static_cast<std::size_t>(rows * cols); }
   bool is_matrix = false;  // two or more dimensions: gets weight decay
@@ -51,10 +59,70 @@ struct UnitInfo {
   std::vector<TensorInfo> tensors;
 };
 
+// A tensor of a block part as the part declares it: its spec name within the block ("mlp.fc1.w"),
+// its global shape, how tensor parallelism slices it, and the expert it belongs to (-1: none).
+struct TensorSpec {
+  std::string name;
+  int64_t rows = 1, cols = 1;
+  TpSplit split = TpSplit::none;
+  int expert = -1;
+};
+
+// What a part keeps from its forward for its backward (activations, freed with it).
+class PartState {
+ public:
+  virtual ~PartState() = default;
+};
+
+// The MLP half of a block: x_out = x_mid + mlp(u), u = LayerNorm2(x_mid) on this rank's rows.
+// The dense MLP of SPEC section 2 is the default (`dense_mlp`); bench/ep replaces it by a mixture of
+// experts. One part serves every block; `layer` says which.
+class MlpPart {
+ public:
+  virtual ~MlpPart() = default;
+  // This rank's tensors of the part in one block, in unit order, and the parameters of the whole
+  // part in one block (every rank's, for the parameter count).
+  virtual std::vector<TensorSpec> tensors() const = 0;
+  virtual int64_t global_parameters() const = 0;
+  // The weights of matrix products one token goes through in the part's forward (2 FLOPs each), and
+  // that count as a formula term, for the model FLOPs (SPEC 6): the dense MLP's 2·h·f; a mixture of
+  // experts' k·2·h·f + h·E. Empty: the model's default formula applies.
+  virtual std::string flops_term() const { return ""; }
+  virtual double matmul_weights_per_token() const { return 0.0; }
+  // out (rows, h) = mlp(u) (overwritten); w: the part's tensors of block `layer`. The returned state
+  // holds what backward needs.
+  virtual std::unique_ptr<PartState> forward(int layer, const float* const* w, const float* u, float* out) = 0;
+  // du (rows, h) = ∂/∂u of the loss (overwritten) from dout (rows, h); g: the part's gradients (+=).
+  virtual void backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u,
+                        const float* dout, float* du) = 0;
+};
+
+// The attention core of a block: o = causal softmax(Q Kᵀ/√d) V per head, from qkv (B, S, 3·C) of
+// this rank's heads (C = their width). The default runs the backend's attention; context parallelism
+// replaces it by one that exchanges keys and values.
+class AttentionCore {
+ public:
+  virtual ~AttentionCore() = default;
+  virtual std::size_t saved_floats(int B, int S, int heads) const = 0;
+  virtual bool keeps_probabilities() const = 0;
+  virtual std::size_t scratch_floats(int B, int S, int heads) const = 0;
+  virtual void forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) = 0;
+  virtual void backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
+                        const float* saved, int B, int S, int C, int heads) = 0;
+};
+
+// The parts a strategy supplies (null: the default).
+struct BlockParts {
+  MlpPart* mlp = nullptr;
+  AttentionCore* attention = nullptr;
+};
+
 // The units of the model in forward order, with offsets in one flat buffer: the whole model, or
-// tensor-parallel rank tp_rank's slices of it.
-std::vector<UnitInfo> gpt_units(const ModelConfig& config, int tp_size = 1, int tp_rank = 0);
-std::size_t gpt_num_parameters(const ModelConfig& config);
+// tensor-parallel rank tp_rank's slices of it; a block's MLP tensors are `mlp`'s (null: dense).
+std::vector<UnitInfo> gpt_units(const ModelConfig& config, int tp_size = 1, int tp_rank = 0,
+                                const MlpPart* mlp = nullptr);
+// Every parameter of the model (every rank's slices and experts).
+std::size_t gpt_num_parameters(const ModelConfig& config, const MlpPart* mlp = nullptr);
 
 // Calls every piece of the tensors that overlaps the flat range [first, first + count) of the
 // model's (unpadded) flat index space: fn(position in the range, length, tensor, index in tensor).
@@ -97,13 +165,16 @@ class UnitHooks {
   virtual void grad_ready(int /*unit*/) {}
 };
 
+class TpLayers;
+
 // The forward and backward passes of the model for one micro-batch. Holds no parameters: the
 // hooks say where they are.
 class GptModel {
  public:
-  // tp: this rank's tensor-parallel group (tp.size = 1: the whole model).
+  // mp: this rank's model-parallel groups (tp.size = 1: the whole model); parts: the strategy's
+  // replacements for the block's MLP or attention core (not owned; null: the defaults).
   GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute,
-           const TensorParallel& tp = TensorParallel{});
+           const ModelParallel& mp = ModelParallel{}, BlockParts parts = BlockParts{});
   ~GptModel();
   GptModel(const GptModel&) = delete;
   GptModel& operator=(const GptModel&) = delete;
@@ -151,20 +222,19 @@ class GptModel {
   struct BlockActs;
   struct HeadActs;
   struct MicroBatchState;
-  void alloc_block(BlockActs& a, bool with_attention);
+  struct BackwardScratch;
+  // One block, as SPEC section 2 writes it: x_mid = x + attention(LayerNorm1(x)), x_out = x_mid +
+  // mlp(LayerNorm2(x_mid)). The forward saves into `a`; the backward takes dres = ∂x_out and leaves
+  // ∂x_in in it.
+  void block_forward(int layer, const float* const* w, const float* x_in, BlockActs& a);
+  void block_backward(int layer, const float* const* w, float* const* g, const float* x_in, BlockActs& a,
+                      BackwardScratch& sc);
+  // The attention part: out (rows, h) = o·Wout + b with o the core's output on u's projections.
+  void attention_forward(const float* const* w, const float* u, BlockActs& a, float* out);
+  // du (rows, h) overwritten from dout (rows, h); gradients accumulated.
+  void attention_backward(const float* const* w, float* const* g, const float* u, BlockActs& a, const float* dout,
+                          float* du, BackwardScratch& sc);
   void free_block(BlockActs& a);
-  void block_forward(const float* const* w, const float* x_in, BlockActs& a);
-  // The input of a column-parallel layer: the rows of this rank (tp = 1, or tp without sequence
-  // parallelism), or every rank's rows gathered into a communication buffer (sequence parallel).
-  const float* column_input(const float* rows);
-  void release_column_input(const float* input, const float* rows);
-  // A row-parallel layer: out = inp · w (+ bias, added once: by tp rank 0), summed over the tp group
-  // into out (N, h), or reduce-scattered into this rank's rows (sequence parallel).
-  void row_parallel_forward(float* out, const float* inp, const float* w, const float* bias, int in_cols);
-  // Backward of the pair: the output gradient of this rank's rows, made whole again (N, h).
-  const float* row_parallel_output_grad(const float* drows);
-  // The input gradient of a column-parallel layer, summed over the tp group (f) into drows.
-  void column_input_grad(float* dfull, float* drows);
   void head_loss(float* logits, const int32_t* targets, float scale);
   // Pointers to the tensors of a unit whose parameters (or gradients) start at base.
   std::vector<float*> unit_tensors(const float* base, int unit) const;
@@ -173,9 +243,14 @@ class GptModel {
   Backend& backend_;
   int micro_batch_;
   TensorParallel tp_;
+  std::unique_ptr<TpLayers> tp_layers_;  // the tensor- and sequence-parallel plumbing of a layer
+  std::unique_ptr<MlpPart> own_mlp_;
+  std::unique_ptr<AttentionCore> own_attention_;
+  MlpPart* mlp_;
+  AttentionCore* attention_;
   // Local sizes: N tokens of the micro-batch, rows_ of them in the residual stream on this rank
-  // (N / tp with sequence parallelism), and this rank's heads, FFN width and vocabulary block.
-  int N_, rows_, heads_, hidden_local_, ffn_local_, vocab_local_;
+  // (N / tp with sequence parallelism), and this rank's heads, their width and its vocabulary block.
+  int N_, rows_, heads_, hidden_local_, vocab_local_;
   enum class Recompute { none, selective, full } recompute_;
   std::vector<UnitInfo> units_;
   std::size_t num_params_ = 0;

@@ -12,6 +12,7 @@
 #include <cstddef>
 
 #include "common/communicator.h"
+#include "common/groups.h"
 
 namespace pb {
 
@@ -41,5 +42,27 @@ struct TensorParallel {
     comm->reduce_scatter(full, shard, shard_elems);
   }
 };
+
+// Expert parallelism (GShard, Lepikhin et al. 2020): the experts of every MoE layer are shared out
+// over the ep group, E / ep whole experts per rank, and tokens travel to their experts' ranks and back
+// by all-to-all. With ep = 1 every rank holds every expert and nothing travels.
+struct ExpertParallel {
+  Communicator* comm = nullptr;       // the ep group: ep consecutive data-parallel ranks; null when ep = 1
+  Communicator* expert_dp = nullptr;  // the ranks that hold this rank's experts (dp / ep); null when ep = 1
+  int size = 1;
+  int rank = 0;
+
+  bool active() const { return size > 1; }
+};
+
+// Every model-parallel context of one rank, built once by the harness from the layout and its process
+// groups, and passed to the model and the strategy: tensor (and sequence) parallelism and expert
+// parallelism (context parallelism will join them).
+struct ModelParallel {
+  TensorParallel tp;
+  ExpertParallel ep;
+};
+
+ModelParallel make_model_parallel(ProcessGroups& groups);
 
 }  // namespace pb

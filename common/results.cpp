@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <cstring>
 #include <ctime>
 
@@ -226,19 +227,28 @@ void write_row(hid_t file, const char* path, int64_t row, const double* values, 
 }
 
 template <typename T>
-void write_vector(hid_t file, const std::string& path, const std::vector<T>& values, hid_t type, const char* units) {
+void write_vector(hid_t file, const std::string& path, const std::vector<T>& values, hid_t type, const char* units,
+                  const std::vector<int64_t>& shape) {
   const std::size_t slash = path.rfind('/');
   hid_t parent = slash == 0 ? PB_H5(H5Gopen2(file, "/", H5P_DEFAULT)) : ensure_group(file, path.substr(0, slash));
   const std::string name = path.substr(slash + 1);
   if (PB_H5(H5Lexists(parent, name.c_str(), H5P_DEFAULT)) > 0) PB_H5(H5Ldelete(parent, name.c_str(), H5P_DEFAULT));
-  hsize_t dims[1] = {values.size()};
-  hid_t space = PB_H5(H5Screate_simple(1, dims, nullptr));
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  if (dims.empty()) dims.push_back(values.size());
+  hid_t space = PB_H5(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr));
   hid_t ds = PB_H5(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
   PB_H5(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()));
   set_string_attr(ds, "units", units);
   PB_H5(H5Dclose(ds));
   H5Sclose(space);
   H5Gclose(parent);
+}
+
+void check_shape(const std::string& path, std::size_t count, const std::vector<int64_t>& shape) {
+  if (shape.empty()) return;
+  std::size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<std::size_t>(d);
+  if (n != count) throw std::logic_error(path + ": " + std::to_string(count) + " values for its shape");
 }
 
 }  // namespace
@@ -487,12 +497,16 @@ void ResultWriter::write_attributes(const std::string& group, const nlohmann::or
   });
 }
 
-void ResultWriter::write_i64(const std::string& path, const std::vector<int64_t>& values, const char* units) {
-  guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_INT64, units); });
+void ResultWriter::write_i64(const std::string& path, const std::vector<int64_t>& values, const char* units,
+                             const std::vector<int64_t>& shape) {
+  check_shape(path, values.size(), shape);
+  guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_INT64, units, shape); });
 }
 
-void ResultWriter::write_f64(const std::string& path, const std::vector<double>& values, const char* units) {
-  guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_DOUBLE, units); });
+void ResultWriter::write_f64(const std::string& path, const std::vector<double>& values, const char* units,
+                             const std::vector<int64_t>& shape) {
+  check_shape(path, values.size(), shape);
+  guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_DOUBLE, units, shape); });
 }
 
 void ResultWriter::set_dataset_attribute(const std::string& path, const std::string& name, double value) {
@@ -527,8 +541,8 @@ void write_gradient_dump(const std::string& path, const GradientDump& dump) {
   hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
   if (file < 0) throw RunError(kExitRuntime, "cannot create the gradient dump " + path + ": " + hdf5_error_reason());
   for (const auto& [key, value] : dump.attributes.items()) set_json_attr(file, key, value);
-  write_vector(file, "/losses", dump.losses, H5T_NATIVE_DOUBLE, "1");
-  write_vector(file, "/grad_norms", dump.grad_norms, H5T_NATIVE_DOUBLE, "1");
+  write_vector(file, "/losses", dump.losses, H5T_NATIVE_DOUBLE, "1", {});
+  write_vector(file, "/grad_norms", dump.grad_norms, H5T_NATIVE_DOUBLE, "1", {});
   hid_t grads = ensure_group(file, "/grads");
   for (std::size_t i = 0; i < dump.shapes.size(); ++i) {
     const auto& [name, dims] = dump.shapes[i];

@@ -57,9 +57,12 @@ class ResultWriter {
   void append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s);
   // Attributes of a group ("/summary"): numbers and strings.
   void write_attributes(const std::string& group, const nlohmann::ordered_json& attrs);
-  // A [ranks] dataset with units, creating parent groups ("/memory/measured/parameters").
-  void write_i64(const std::string& path, const std::vector<int64_t>& values, const char* units);
-  void write_f64(const std::string& path, const std::vector<double>& values, const char* units);
+  // A [ranks] dataset with units, creating parent groups ("/memory/measured/parameters"); or of the
+  // given shape (row-major values, e.g. [steps, layers, experts]).
+  void write_i64(const std::string& path, const std::vector<int64_t>& values, const char* units,
+                 const std::vector<int64_t>& shape = {});
+  void write_f64(const std::string& path, const std::vector<double>& values, const char* units,
+                 const std::vector<int64_t>& shape = {});
   // A numeric attribute on an existing dataset ("/pipeline/bubble_fraction", "theoretical").
   void set_dataset_attribute(const std::string& path, const std::string& name, double value);
   // The end of the run: the per-step datasets cut to the finished steps, status and error set, flushed.

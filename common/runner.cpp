@@ -87,9 +87,13 @@ struct FlopModel {
   double flops_per_step;
   std::string formula;
 };
-FlopModel model_flops(const Options& o) {
+FlopModel model_flops(const Options& o, const MlpPart* mlp) {
   const double G = o.global_batch, S = o.model.seq, L = o.model.layers, h = o.model.hidden, V = o.model.vocab,
                f = o.model.ffn;
+  if (mlp != nullptr && !mlp->flops_term().empty()) {  // a replaced MLP: its own matrix products per token
+    return {6.0 * G * S * (L * (4.0 * h * h + mlp->matmul_weights_per_token() + 2.0 * S * h) + h * V),
+            "6*G*S*(L*(4h^2 + " + mlp->flops_term() + " + 2*S*h) + h*V)"};
+  }
   if (o.model.ffn == 4 * o.model.hidden) {
     return {72.0 * G * S * L * h * h * (1.0 + S / (6.0 * h) + V / (12.0 * h * L)),
             "72*G*S*L*h^2*(1 + S/(6h) + V/(12*h*L))"};
@@ -310,8 +314,8 @@ std::string check_memory_fits(const Options& opt, MpiCommunicator& world, const 
          "use --recompute, or add --no-memory-check to run anyway";
 }
 
-void write_dump(const Options& opt, const GptModel& model, const std::vector<float>& grads,
-                const std::vector<double>& losses, const std::vector<double>& norms) {
+void write_dump(const Options& opt, const AppOptions& app_options, const GptModel& model,
+                const std::vector<float>& grads, const std::vector<double>& losses, const std::vector<double>& norms) {
   GradientDump dump;
   const ModelConfig& m = opt.model;
   dump.attributes = {{"layers", m.layers},   {"hidden", m.hidden},           {"heads", m.heads},
@@ -319,6 +323,13 @@ void write_dump(const Options& opt, const GptModel& model, const std::vector<flo
                      {"micro_batch", opt.micro_batch}, {"global_batch", opt.global_batch},
                      {"steps", static_cast<int64_t>(losses.size())}, {"seed", opt.seed},
                      {"lr", opt.lr},         {"clip", opt.clip}};
+  if (app_options.describe) {  // the app's own options (experts, top_k, ...) for the reference
+    nlohmann::ordered_json extra;
+    app_options.describe(extra);
+    for (const auto& [key, value] : extra.items()) {
+      if (value.is_number() || value.is_boolean()) dump.attributes[key] = value;
+    }
+  }
   dump.losses = losses;
   dump.grad_norms = norms;
   for (const UnitInfo& u : model.units()) {
@@ -377,6 +388,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const Layout layout = app.layout(opt);
   const std::unique_ptr<Communicator> device_world = make_device_world(opt, world, *backend);
   ProcessGroups groups = make_process_groups(device_world ? *device_world : world, layout);
+  const ModelParallel mp = make_model_parallel(groups);
+  const BlockParts parts = app.block_parts ? app.block_parts(opt, *backend, mp) : BlockParts{};
 
   const MemoryPlan plan = memory_plan_for(opt, backend->attention_keeps_probabilities());
   std::vector<MemoryEstimate> predicted;
@@ -392,7 +405,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     sys.gpus_per_node = cuda_visible_device_count();
   }
 #endif
-  if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model), predicted);
+  if (talk) print_header(opt, layout, sys, *backend, gpt_num_parameters(opt.model, parts.mlp), predicted);
 
   // ---- the memory check: before the model allocates anything ------------------------------------
   const std::string does_not_fit = check_memory_fits(opt, world, local, predicted);
@@ -469,13 +482,12 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   // file failed with its message before the job is aborted.
   if (lead) set_abort_hook([writer](const std::string& message) { writer->mark_failed(message); });
 
-  const TensorParallel tp = app.tensor_parallel ? app.tensor_parallel(groups) : TensorParallel{};
-  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute, tp);
+  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute, mp, parts);
   TraceRecorder trace(!opt.trace.empty(), wall_time_s());
-  Runtime runtime{opt, groups, *backend, model, trace, tp};
+  Runtime runtime{opt, groups, *backend, model, trace, mp};
   std::unique_ptr<Strategy> strategy = app.make_strategy(runtime);
   SyntheticData data(opt.seed, opt.model.vocab, opt.model.seq);
-  const FlopModel flops = model_flops(opt);
+  const FlopModel flops = model_flops(opt, parts.mlp);
 
   const int b = opt.micro_batch, S = opt.model.seq;
   const float loss_scale = 1.0f / (static_cast<float>(opt.global_batch) * S);  // mean over G·S tokens
@@ -652,7 +664,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     if (write_error.empty()) write_error = e.what();
   }
   if (!lead) return rank0_exit_code(world, exit_code);
-  if (!opt.dump_gradients.empty()) write_dump(opt, model, step0_grads, dump_losses, dump_norms);
+  if (!opt.dump_gradients.empty()) write_dump(opt, app.options, model, step0_grads, dump_losses, dump_norms);
 
   nlohmann::ordered_json summary;
   summary["measured_steps"] = static_cast<int64_t>(measured.size());
@@ -667,6 +679,9 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   summary["mfu"] = mfu;
   summary["final_loss"] = records.empty() ? std::nan("") : records.back().loss;
   summary["final_param_norm"] = final_param_norm;
+  nlohmann::ordered_json strategy_summary = nlohmann::ordered_json::object();
+  strategy->summary_attributes(strategy_summary);
+  for (const auto& [key, value] : strategy_summary.items()) summary[key] = value;
   try {
     write_summary(*writer, summary, predicted, measured_mem, measured_peak, device_peak, comm_calls, comm_bytes, comm_time);
   } catch (const RunError& e) {
@@ -716,6 +731,9 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     std::printf("  %-22s %12.4f\n", "TFLOP/s per rank", tflops_per_rank);
     std::printf("  %-22s %12.4f\n", "MFU", mfu);
     std::printf("  %-22s %12.6f\n", "final loss", summary["final_loss"].get<double>());
+    for (const auto& [key, value] : strategy_summary.items()) {
+      if (value.is_number()) std::printf("  %-22s %12.4f\n", key.c_str(), value.get<double>());
+    }
     std::printf("  memory per rank, max over ranks (MiB):   predicted    measured\n");
     int ci = 0;
     for (MemCategory c : all_mem_categories()) {

@@ -26,7 +26,7 @@ struct Runtime {
   Backend& backend;
   GptModel& model;
   TraceRecorder& trace;
-  const TensorParallel& tp;  // the model's tensor-parallel context (size 1 without tp)
+  const ModelParallel& mp;  // the model-parallel groups of this rank (tp, ep; size 1 where unused)
 };
 
 // How a parallelism strategy takes part in a step. The model calls the UnitHooks during each
@@ -51,6 +51,9 @@ class Strategy : public UnitHooks {
   // The strategy's own results (collective; writer is null except on world rank 0), written after
   // the summary: /pipeline for pipelines.
   virtual void write_results(Communicator& /*world*/, ResultWriter* /*writer*/) {}
+  // The strategy's own /summary attributes (numbers), also printed in rank 0's summary lines: the
+  // experts' load imbalance for ep. Called on world rank 0 after write_results.
+  virtual void summary_attributes(nlohmann::ordered_json& /*summary*/) {}
   // Start of a step: gradients (this rank's) to zero.
   virtual void zero_grads() = 0;
   // Before each micro-batch; `last` is the step's last micro-batch (when gradients are synced).
@@ -77,8 +80,10 @@ struct AppDefinition {
   // (model, dtype, micro-batch, recompute, the backend's attention) that the app completes.
   std::function<MemoryEstimate(const Options&, const MemoryPlan&, int rank)> predict_memory;
   std::function<std::unique_ptr<Strategy>(Runtime&)> make_strategy;
-  // The model's tensor-parallel context from this rank's groups (default: none, tp = 1).
-  std::function<TensorParallel(ProcessGroups&)> tensor_parallel;
+  // The block parts the app replaces (default: none, the dense MLP and the backend's attention), made
+  // once the model-parallel groups exist; the app keeps them alive until run_app returns. Must not
+  // allocate backend memory (the memory check runs after it).
+  std::function<BlockParts(const Options&, Backend&, const ModelParallel&)> block_parts;
 };
 
 // main() of every app: returns the process exit code (SPEC section 5).

@@ -43,14 +43,10 @@ int main(int argc, char** argv) {
     config["tp"] = tp;
     config["sequence_parallel"] = sequence_parallel;
   };
-  app.layout = [&](const pb::Options& o) { return pb::Layout{1, o.dp, 1, tp}; };
-  app.tensor_parallel = [&](pb::ProcessGroups& groups) {
-    pb::TensorParallel ctx;
-    ctx.comm = groups.tp.get();
-    ctx.size = groups.tp->size();
-    ctx.rank = groups.tp->rank();
-    ctx.sequence_parallel = sequence_parallel && tp > 1;
-    return ctx;
+  app.layout = [&](const pb::Options& o) {
+    pb::Layout layout{1, o.dp, 1, tp};
+    layout.sequence_parallel = sequence_parallel && tp > 1;
+    return layout;
   };
   app.predict_memory = [&](const pb::Options&, const pb::MemoryPlan& base, int /*rank*/) {
     pb::MemoryPlan plan = base;

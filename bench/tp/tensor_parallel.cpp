@@ -13,7 +13,7 @@ bool is_layernorm(const TensorInfo& t) {
 
 TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime)
     : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed),
-      tp_(runtime.tp) {}
+      tp_(runtime.mp.tp) {}
 
 void TensorParallelStrategy::finish_gradients() {
   // Sequence parallelism: each rank's LayerNorm gradients cover its rows only; sum them.
