@@ -115,6 +115,52 @@ class Backend {
   virtual void cross_entropy_finish(float* logits_to_dlogits, double* loss_sum, const int32_t* targets,
                                     const float* row_max, const float* sums, int N, int V, float scale) = 0;
 
+  // ---- mixture of experts (SPEC section 9): N tokens, E experts, k chosen per token ------------------
+  // An assignment (n, j) is token n's j-th chosen expert (1 ≤ k ≤ E). Dispatch and combine buffers
+  // are (E, C, h): expert e's C slots of h values, slot s of expert e at row e·C + s, with the
+  // capacity of moe_assign at most C. Integer outputs (int32) are overwritten; a slot of −1 marks a
+  // dropped assignment. Callers order the accumulating calls: moe_router_backward overwrites dlogits
+  // before moe_aux_loss adds to them.
+  //
+  // Router, from logits (N, E): probs (N, E) = softmax over all E (the auxiliary loss uses it);
+  // expert (N, k) = the indices of the k largest logits, largest first (ties: the lower index first);
+  // gate (N, k) = softmax over those k logits, in the same order.
+  virtual void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E,
+                                  int k) = 0;
+  // Its backward: dlogits (N, E) overwritten with the gradient of the gates' softmax,
+  // dlogits[n, expert[n, j]] = gate[n, j] · (dgate[n, j] − Σ_i gate[n, i] · dgate[n, i]), zero elsewhere.
+  virtual void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert,
+                                   int N, int E, int k) = 0;
+  // Capacity: walking the assignments in (n, j) order, slot[n, j] = the number of assignments expert
+  // expert[n, j] has kept so far if that is below `capacity`, else −1 (dropped). counts (2E) =
+  // [kept per expert | routed per expert (kept + dropped)].
+  virtual void moe_assign(int32_t* slot, int32_t* counts, const int32_t* expert, int N, int E, int k,
+                          int capacity) = 0;
+  // Switch Transformer load-balancing loss with f_e = routed[e] / (N·k) (routed = counts + E, held
+  // constant) and P_e = (1/N) Σ_n probs[n, e]: aux_sum[0] += coef · E · Σ_e f_e · P_e (in double), and
+  // dlogits (N, E) += grad_scale · ∂(coef · E · Σ_e f_e · P_e)/∂logits through the softmax, i.e. with
+  // c_e = grad_scale · coef · E · f_e / N: dlogits[n, i] += probs[n, i] · (c_i − Σ_e c_e · probs[n, e]).
+  virtual void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N,
+                            int E, int k, float coef, float grad_scale) = 0;
+  // Dispatch: buf (E, C, h) = zero, then buf[expert[n, j], slot[n, j]] = inp[n] (h values) for every
+  // kept assignment.
+  virtual void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E,
+                            int k, int C, int h) = 0;
+  // Its backward: dinp (N, h) overwritten, dinp[n] = Σ_j over kept assignments, in j order, of
+  // dbuf[expert[n, j], slot[n, j]].
+  virtual void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot,
+                                     int N, int E, int k, int C, int h) = 0;
+  // Combine: out (N, h) overwritten, out[n] = Σ_j over kept assignments, in j order, of
+  // gate[n, j] · buf[expert[n, j], slot[n, j]] (zero when all of token n's are dropped).
+  virtual void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert,
+                           const int32_t* slot, int N, int E, int k, int C, int h) = 0;
+  // Its backward, both overwritten: dbuf (E, C, h) = zero, then dbuf[expert[n, j], slot[n, j]] =
+  // gate[n, j] · dout[n] for kept assignments; dgate (N, k) = dout[n] · buf[expert[n, j], slot[n, j]]
+  // (a dot product over h, accumulated in double), 0 for dropped ones.
+  virtual void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf,
+                                    const float* gate, const int32_t* expert, const int32_t* slot, int N, int E,
+                                    int k, int C, int h) = 0;
+
   // ---- optimizer ---------------------------------------------------------------------------------
   // Σ x² over n elements, accumulated in double, returned to the host.
   virtual double sum_squares(const float* x, std::size_t n) = 0;

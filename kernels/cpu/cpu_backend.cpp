@@ -444,6 +444,41 @@ class CpuBackend final : public Backend {
     *loss_sum += static_cast<double>(scale) * total;
   }
 
+  // ---- mixture of experts: kernels/cpu/moe_ops.cpp -----------------------------------------------
+  void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E,
+                          int k) override {
+    cpu::moe_router_forward(expert, gate, probs, logits, N, E, k);
+  }
+  void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert, int N,
+                           int E, int k) override {
+    cpu::moe_router_backward(dlogits, dgate, gate, expert, N, E, k);
+  }
+  void moe_assign(int32_t* slot, int32_t* counts, const int32_t* expert, int N, int E, int k,
+                  int capacity) override {
+    cpu::moe_assign(slot, counts, expert, N, E, k, capacity);
+  }
+  void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E, int k,
+                    float coef, float grad_scale) override {
+    cpu::moe_aux_loss(dlogits, aux_sum, probs, counts, N, E, k, coef, grad_scale);
+  }
+  void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
+                    int C, int h) override {
+    cpu::moe_dispatch(buf, inp, expert, slot, N, E, k, C, h);
+  }
+  void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot, int N, int E,
+                             int k, int C, int h) override {
+    cpu::moe_dispatch_backward(dinp, dbuf, expert, slot, N, E, k, C, h);
+  }
+  void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert, const int32_t* slot, int N,
+                   int E, int k, int C, int h) override {
+    cpu::moe_combine(out, buf, gate, expert, slot, N, E, k, C, h);
+  }
+  void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf, const float* gate,
+                            const int32_t* expert, const int32_t* slot, int N, int E, int k, int C,
+                            int h) override {
+    cpu::moe_combine_backward(dbuf, dgate, dout, buf, gate, expert, slot, N, E, k, C, h);
+  }
+
   // ---- optimizer ---------------------------------------------------------------------------------
   double sum_squares(const float* x, std::size_t n) override {
     // Fixed chunks summed in order, so the result does not depend on the thread count.

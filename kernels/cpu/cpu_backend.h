@@ -1,6 +1,7 @@
 // The CPU backend: OpenBLAS sgemm for every matrix product, OpenMP loops for the rest.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -13,5 +14,24 @@ std::unique_ptr<Backend> make_cpu_backend(int threads);
 
 // The host CPU's model name (/proc/cpuinfo), for the result file's /system.
 std::string cpu_model_name();
+
+// The mixture-of-experts ops of the CPU backend (kernels/cpu/moe_ops.cpp): the CPU backend's
+// overrides of the Backend calls of the same name, whose comments in kernels/backend.h are the contract.
+namespace cpu {
+void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E, int k);
+void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert, int N, int E,
+                         int k);
+void moe_assign(int32_t* slot, int32_t* counts, const int32_t* expert, int N, int E, int k, int capacity);
+void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E, int k,
+                  float coef, float grad_scale);
+void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
+                  int C, int h);
+void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot, int N, int E,
+                           int k, int C, int h);
+void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert, const int32_t* slot, int N,
+                 int E, int k, int C, int h);
+void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf, const float* gate,
+                          const int32_t* expert, const int32_t* slot, int N, int E, int k, int C, int h);
+}  // namespace cpu
 
 }  // namespace pb

@@ -271,6 +271,66 @@ class CudaBackend final : public Backend {
     sum_rows(loss_sum, row_loss, N, scale);
   }
 
+  // ---- mixture of experts -------------------------------------------------------------------------
+  void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E,
+                          int k) override {
+    moe_router_forward_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(expert, gate, probs, logits, N, E, k);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert, int N,
+                           int E, int k) override {
+    moe_router_backward_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(dlogits, dgate, gate, expert, N, E, k);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_assign(int32_t* slot, int32_t* counts, const int32_t* expert, int N, int E, int k,
+                  int capacity) override {
+    moe_assign_kernel<<<blocks_for(E), kThreads, 0, stream_>>>(slot, counts, expert, N, E, k, capacity);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E, int k,
+                    float coef, float grad_scale) override {
+    if (N == 0) return;  // no tokens: no loss, as on the CPU
+    double* prob_sum = static_cast<double*>(scratch(sizeof(double) * E));
+    moe_prob_sums_kernel<<<blocks_for(E), kThreads, 0, stream_>>>(prob_sum, probs, N, E);
+    PB_LAUNCH_CHECK();
+    moe_aux_loss_sum_kernel<<<1, kThreads, 0, stream_>>>(aux_sum, prob_sum, counts, N, E, k, coef);
+    PB_LAUNCH_CHECK();
+    moe_aux_loss_grad_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(dlogits, probs, counts, N, E, k, coef,
+                                                                       grad_scale);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
+                    int C, int h) override {
+    PB_CUDA_CHECK(cudaMemsetAsync(buf, 0, sizeof(float) * E * static_cast<std::size_t>(C) * h, stream_));
+    moe_dispatch_kernel<<<blocks_for(static_cast<std::size_t>(N) * k * h), kThreads, 0, stream_>>>(
+        buf, inp, expert, slot, N, k, C, h);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot, int N,
+                             int /*E*/, int k, int C, int h) override {
+    moe_dispatch_backward_kernel<<<blocks_for(static_cast<std::size_t>(N) * h), kThreads, 0, stream_>>>(
+        dinp, dbuf, expert, slot, N, k, C, h);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert, const int32_t* slot, int N,
+                   int /*E*/, int k, int C, int h) override {
+    moe_combine_kernel<<<blocks_for(static_cast<std::size_t>(N) * h), kThreads, 0, stream_>>>(out, buf, gate, expert,
+                                                                                                slot, N, k, C, h);
+    PB_LAUNCH_CHECK();
+  }
+  void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf, const float* gate,
+                            const int32_t* expert, const int32_t* slot, int N, int E, int k, int C,
+                            int h) override {
+    PB_CUDA_CHECK(cudaMemsetAsync(dbuf, 0, sizeof(float) * E * static_cast<std::size_t>(C) * h, stream_));
+    const std::size_t assignments = static_cast<std::size_t>(N) * k;
+    moe_combine_backward_dbuf_kernel<<<blocks_for(assignments * h), kThreads, 0, stream_>>>(dbuf, dout, gate, expert,
+                                                                                             slot, N, k, C, h);
+    PB_LAUNCH_CHECK();
+    moe_combine_backward_dgate_kernel<<<blocks_for(assignments * 32), kThreads, 0, stream_>>>(  // a warp each
+        dgate, dout, buf, expert, slot, N, k, C, h);
+    PB_LAUNCH_CHECK();
+  }
+
   // ---- optimizer ---------------------------------------------------------------------------------
   double sum_squares(const float* x, std::size_t n) override {
     const std::size_t chunks = std::max<std::size_t>(1, (n + kSumChunk - 1) / kSumChunk);

@@ -261,6 +261,202 @@ __global__ void sum_rows_kernel(double* loss_sum, const double* row_loss, int N,
   if (threadIdx.x == 0) loss_sum[0] += static_cast<double>(scale) * acc;
 }
 
+// ---- mixture of experts (SPEC section 9) ---------------------------------------------------------
+// Routing is small (N·E values) and runs one thread per token. The capacity walk is first come, first
+// served in (n, j) order, so each expert's thread scans every assignment in that order and numbers its
+// own: one writer per slot and per count. Dispatch and combine run one thread per element of a token's
+// row (or of an assignment's); each expert slot has at most one writer, so nothing needs atomics.
+
+// Offset of slot s of expert e in a (E, C, h) buffer.
+__host__ __device__ inline std::size_t moe_slot_row(int32_t e, int32_t s, int C, int h) {
+  return (static_cast<std::size_t>(e) * C + static_cast<std::size_t>(s)) * h;
+}
+
+// Whether expert i is among the first j chosen.
+__device__ inline bool moe_is_chosen(const int32_t* chosen, int j, int i) {
+  for (int q = 0; q < j; ++q) {
+    if (chosen[q] == i) return true;
+  }
+  return false;
+}
+
+// probs (N, E) = softmax over all E logits; expert (N, k) = the top k, largest first, ties to the lower
+// index; gate (N, k) = softmax over the chosen logits. One thread per token.
+__global__ void moe_router_forward_kernel(int32_t* expert, float* gate, float* probs, const float* logits, int N,
+                                          int E, int k) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const float* z = logits + static_cast<std::size_t>(n) * E;
+  float* p = probs + static_cast<std::size_t>(n) * E;
+  int32_t* chosen = expert + static_cast<std::size_t>(n) * k;
+  float* g = gate + static_cast<std::size_t>(n) * k;
+  float zmax = z[0];
+  for (int i = 1; i < E; ++i) zmax = fmaxf(zmax, z[i]);
+  float sum = 0.0f;
+  for (int i = 0; i < E; ++i) {
+    p[i] = expf(z[i] - zmax);
+    sum += p[i];
+  }
+  for (int i = 0; i < E; ++i) p[i] /= sum;
+  // pick j: the largest logit not chosen yet; the strict ">" keeps the lower index on a tie
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int i = 0; i < E; ++i) {
+      if (moe_is_chosen(chosen, j, i)) continue;
+      if (best < 0 || z[i] > z[best]) best = i;
+    }
+    chosen[j] = best;
+  }
+  const float gmax = z[chosen[0]];  // the first pick is the largest chosen logit
+  float gsum = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    g[j] = expf(z[chosen[j]] - gmax);
+    gsum += g[j];
+  }
+  for (int j = 0; j < k; ++j) g[j] /= gsum;
+}
+
+// dlogits (N, E) = the gates' softmax backward at the chosen experts, zero elsewhere. One thread per token.
+__global__ void moe_router_backward_kernel(float* dlogits, const float* dgate, const float* gate,
+                                           const int32_t* expert, int N, int E, int k) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  float* dz = dlogits + static_cast<std::size_t>(n) * E;
+  const float* g = gate + static_cast<std::size_t>(n) * k;
+  const float* dg = dgate + static_cast<std::size_t>(n) * k;
+  const int32_t* chosen = expert + static_cast<std::size_t>(n) * k;
+  float gdg = 0.0f;
+  for (int j = 0; j < k; ++j) gdg += g[j] * dg[j];
+  for (int i = 0; i < E; ++i) dz[i] = 0.0f;
+  for (int j = 0; j < k; ++j) dz[chosen[j]] = g[j] * (dg[j] - gdg);
+}
+
+// One thread per expert: its assignments in (n, j) order keep slots 0, 1, ... while below the capacity.
+__global__ void moe_assign_kernel(int32_t* slot, int32_t* counts, const int32_t* expert, int N, int E, int k,
+                                  int capacity) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  int32_t kept = 0, routed = 0;
+  const std::size_t assignments = static_cast<std::size_t>(N) * k;
+  for (std::size_t a = 0; a < assignments; ++a) {
+    if (expert[a] != e) continue;
+    ++routed;
+    slot[a] = kept < capacity ? kept++ : -1;
+  }
+  counts[e] = kept;
+  counts[E + e] = routed;
+}
+
+// prob_sum (E) = Σ_n probs[n, e] in double, rows in order; one thread per expert.
+__global__ void moe_prob_sums_kernel(double* prob_sum, const float* probs, int N, int E) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  double acc = 0.0;
+  for (int n = 0; n < N; ++n) acc += probs[static_cast<std::size_t>(n) * E + e];
+  prob_sum[e] = acc;
+}
+
+// aux_sum[0] += coef · E · Σ_e f_e · P_e, f_e = routed_e / (N·k), P_e = prob_sum_e / N; one block.
+__global__ void moe_aux_loss_sum_kernel(double* aux_sum, const double* prob_sum, const int32_t* counts, int N, int E,
+                                        int k, float coef) {
+  const double assignments = static_cast<double>(N) * k;
+  double acc = 0.0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) acc += counts[E + e] / assignments * (prob_sum[e] / N);
+  acc = block_reduce<double>(acc);
+  if (threadIdx.x == 0) aux_sum[0] += static_cast<double>(coef) * E * acc;
+}
+
+// dlogits[n, i] += p_i · (c_i − Σ_e c_e·p_e), c_e = grad_scale · coef · E · f_e / N; one thread per token.
+__global__ void moe_aux_loss_grad_kernel(float* dlogits, const float* probs, const int32_t* counts, int N, int E,
+                                         int k, float coef, float grad_scale) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const float* p = probs + static_cast<std::size_t>(n) * E;
+  float* dz = dlogits + static_cast<std::size_t>(n) * E;
+  const double assignments = static_cast<double>(N) * k;
+  const double c_scale = static_cast<double>(grad_scale) * (static_cast<double>(coef) * E);  // c_e = c_scale · f_e / N
+  double cp = 0.0;
+  for (int e = 0; e < E; ++e) cp += c_scale * (counts[E + e] / assignments) / N * p[e];
+  for (int i = 0; i < E; ++i) {
+    const double c = c_scale * (counts[E + i] / assignments) / N;
+    dz[i] += static_cast<float>(p[i] * (c - cp));
+  }
+}
+
+// buf[expert, slot] = inp[n] for kept assignments, one thread per element of an assignment's row
+// (buf zeroed before).
+__global__ void moe_dispatch_kernel(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N,
+                                    int k, int C, int h) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(N) * k * h) return;
+  const std::size_t a = i / h;
+  const int c = static_cast<int>(i % h);
+  if (slot[a] < 0) return;  // dropped
+  buf[moe_slot_row(expert[a], slot[a], C, h) + c] = inp[a / k * h + c];
+}
+
+// dinp[n] = Σ_j dbuf[expert, slot] over kept assignments in j order; one thread per element of dinp.
+__global__ void moe_dispatch_backward_kernel(float* dinp, const float* dbuf, const int32_t* expert,
+                                             const int32_t* slot, int N, int k, int C, int h) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(N) * h) return;
+  const std::size_t n = i / h;
+  const int c = static_cast<int>(i % h);
+  float acc = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const std::size_t a = n * k + j;
+    if (slot[a] >= 0) acc += dbuf[moe_slot_row(expert[a], slot[a], C, h) + c];
+  }
+  dinp[i] = acc;
+}
+
+// out[n] = Σ_j gate · buf[expert, slot] over kept assignments in j order; one thread per element of out.
+__global__ void moe_combine_kernel(float* out, const float* buf, const float* gate, const int32_t* expert,
+                                   const int32_t* slot, int N, int k, int C, int h) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(N) * h) return;
+  const std::size_t n = i / h;
+  const int c = static_cast<int>(i % h);
+  float acc = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const std::size_t a = n * k + j;
+    if (slot[a] >= 0) acc += gate[a] * buf[moe_slot_row(expert[a], slot[a], C, h) + c];
+  }
+  out[i] = acc;
+}
+
+// dbuf[expert, slot] = gate · dout[n] for kept assignments, one thread per element of an assignment's
+// row (dbuf zeroed before).
+__global__ void moe_combine_backward_dbuf_kernel(float* dbuf, const float* dout, const float* gate,
+                                                 const int32_t* expert, const int32_t* slot, int N, int k, int C,
+                                                 int h) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(N) * k * h) return;
+  const std::size_t a = i / h;
+  const int c = static_cast<int>(i % h);
+  if (slot[a] < 0) return;
+  dbuf[moe_slot_row(expert[a], slot[a], C, h) + c] = gate[a] * dout[a / k * h + c];
+}
+
+// dgate[a] = dout[n] · buf[expert, slot] in double (0 for a dropped assignment); one warp per assignment.
+__global__ void moe_combine_backward_dgate_kernel(float* dgate, const float* dout, const float* buf,
+                                                  const int32_t* expert, const int32_t* slot, int N, int k, int C,
+                                                  int h) {
+  const std::size_t a = blockIdx.x * static_cast<std::size_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (a >= static_cast<std::size_t>(N) * k) return;  // uniform over the warp
+  if (slot[a] < 0) {                                  // uniform over the warp
+    if (lane == 0) dgate[a] = 0.0f;
+    return;
+  }
+  const float* y = buf + moe_slot_row(expert[a], slot[a], C, h);
+  const float* g = dout + a / k * h;
+  double acc = 0.0;
+  for (int c = lane; c < h; c += 32) acc += static_cast<double>(g[c]) * y[c];
+  acc = warp_sum(acc);
+  if (lane == 0) dgate[a] = static_cast<float>(acc);
+}
+
 // ---- optimizer -----------------------------------------------------------------------------------
 constexpr std::size_t kSumChunk = std::size_t{1} << 14;
 __global__ void sum_squares_partial_kernel(double* partial, const float* x, std::size_t n) {

@@ -20,6 +20,11 @@
 //                                         finite differences; also rows shifted by ±50/±100 and a
 //                                         target logit 120 below the row maximum (CE must stay finite)
 //   AdamW .............................. ≤ 1e-5 on params, m, v and on the update p_new − p_old
+//   mixture of experts ................. expert choices, slots and counts exactly (ties: the lower
+//                                         index; capacities N, ceil(k·N/E), 1 and 0, where 0 drops
+//                                         every assignment), dispatch bitwise, the rest as above; E = 3
+//                                         and 5, k = 1..E, odd h; outputs of dropped assignments and of
+//                                         empty slots exactly 0
 //   threads ............................ threads = 1 vs 2 agree to 1e-6; the same call twice on the
 //                                         same backend is bitwise identical
 #include <gtest/gtest.h>
@@ -53,6 +58,7 @@ constexpr double kGradTol = 1e-4;   // backward vs finite differences / analytic
 constexpr double kRefSelfTol = 1e-7;  // analytic double gradient vs finite differences
 constexpr double kFdStep = 1e-6;
 const float kPoison = std::numeric_limits<float>::quiet_NaN();
+constexpr int32_t kIntPoison = -123456789;
 constexpr double kPi = 3.141592653589793238462643383279502884;
 
 // ---- host helpers ------------------------------------------------------------------------------
@@ -168,6 +174,14 @@ struct Dev {
     auto* p = static_cast<int32_t*>(raw(host.size() * sizeof(int32_t), MemCategory::activations));
     if (!host.empty()) be.upload(p, host.data(), host.size() * sizeof(int32_t));
     return p;
+  }
+  // int32 outputs are poisoned with a value no op writes.
+  int32_t* poisoned_ints(std::size_t n) { return put_ints(std::vector<int32_t>(n, kIntPoison)); }
+  std::vector<int32_t> get_ints(const int32_t* p, std::size_t n) {
+    be.synchronize();
+    std::vector<int32_t> host(n);
+    if (n) be.download(host.data(), p, n * sizeof(int32_t));
+    return host;
   }
   double* put_double(double value) {
     auto* p = static_cast<double*>(raw(sizeof(double), MemCategory::activations));
@@ -340,6 +354,120 @@ void ref_adamw(Vec& p, const Vec& g_in, Vec& m, Vec& v, double lr, double b1, do
     v[i] = b2 * v[i] + (1 - b2) * g * g;
     p[i] -= lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
   }
+}
+
+// ---- mixture of experts (backend.h "mixture of experts", SPEC section 9) ------------------------
+
+struct RefRoute {
+  std::vector<int32_t> expert;  // (N, k)
+  Vec gate;                     // (N, k)
+  Vec probs;                    // (N, E)
+};
+
+// gate (N, k) = softmax over the logits of the given experts, in their order.
+Vec ref_moe_gates(const Vec& logits, const std::vector<int32_t>& expert, int N, int E, int k) {
+  Vec gate(std::size_t(N) * k);
+  for (int n = 0; n < N; ++n) {
+    const double* z = &logits[std::size_t(n) * E];
+    const int32_t* e = &expert[std::size_t(n) * k];
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int j = 0; j < k; ++j) mx = std::max(mx, z[e[j]]);
+    double s = 0;
+    for (int j = 0; j < k; ++j) s += std::exp(z[e[j]] - mx);
+    for (int j = 0; j < k; ++j) gate[std::size_t(n) * k + j] = std::exp(z[e[j]] - mx) / s;
+  }
+  return gate;
+}
+
+// probs (N, E) = softmax over every row.
+Vec ref_softmax_rows(const Vec& logits, int N, int E) {
+  Vec p(logits.size());
+  for (int n = 0; n < N; ++n) {
+    const double* z = &logits[std::size_t(n) * E];
+    const double mx = *std::max_element(z, z + E);
+    double s = 0;
+    for (int i = 0; i < E; ++i) s += std::exp(z[i] - mx);
+    for (int i = 0; i < E; ++i) p[std::size_t(n) * E + i] = std::exp(z[i] - mx) / s;
+  }
+  return p;
+}
+
+// Top k by a stable sort of the expert indices on their logit, largest first: equal logits keep the
+// lower index first.
+RefRoute ref_moe_router(const Vec& logits, int N, int E, int k) {
+  RefRoute r;
+  r.expert.resize(std::size_t(N) * k);
+  for (int n = 0; n < N; ++n) {
+    const double* z = &logits[std::size_t(n) * E];
+    std::vector<int32_t> order(E);
+    for (int i = 0; i < E; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] > z[b]; });
+    std::copy(order.begin(), order.begin() + k, r.expert.begin() + std::size_t(n) * k);
+  }
+  r.gate = ref_moe_gates(logits, r.expert, N, E, k);
+  r.probs = ref_softmax_rows(logits, N, E);
+  return r;
+}
+
+struct RefAssign {
+  std::vector<int32_t> slot;    // (N, k)
+  std::vector<int32_t> counts;  // (2E) = [kept | routed]
+};
+
+// Capacity without a running counter: an assignment's slot is the number of earlier assignments (in
+// (n, j) order) to its expert, kept when that is below the capacity; kept = min(routed, capacity).
+RefAssign ref_moe_assign(const std::vector<int32_t>& expert, int N, int E, int k, int capacity) {
+  const std::size_t A = std::size_t(N) * k;
+  RefAssign r{std::vector<int32_t>(A), std::vector<int32_t>(2 * std::size_t(E), 0)};
+  for (std::size_t a = 0; a < A; ++a) {
+    const auto earlier = std::count(expert.begin(), expert.begin() + a, expert[a]);
+    r.slot[a] = earlier < capacity ? int32_t(earlier) : -1;
+  }
+  for (int e = 0; e < E; ++e) {
+    r.counts[E + e] = int32_t(std::count(expert.begin(), expert.end(), e));
+    r.counts[e] = std::min(r.counts[E + e], std::max(capacity, 0));
+  }
+  return r;
+}
+
+// coef · E · Σ_e f_e · P_e with f_e = routed_e / (N·k) and P_e the mean over rows of softmax(logits).
+double ref_moe_aux_loss(const Vec& logits, const std::vector<int32_t>& counts, int N, int E, int k, double coef) {
+  const Vec p = ref_softmax_rows(logits, N, E);
+  double total = 0;
+  for (int e = 0; e < E; ++e) {
+    double P = 0;
+    for (int n = 0; n < N; ++n) P += p[std::size_t(n) * E + e];
+    total += double(counts[E + e]) / (double(N) * k) * (P / N);
+  }
+  return coef * E * total;
+}
+
+// buf (E, C, h): zero, and token n's row in the slot of each of its kept assignments.
+Vec ref_moe_dispatch(const Vec& inp, const std::vector<int32_t>& expert, const std::vector<int32_t>& slot, int N,
+                     int E, int k, int C, int h) {
+  Vec buf(std::size_t(E) * C * h, 0.0);
+  for (int n = 0; n < N; ++n)
+    for (int j = 0; j < k; ++j) {
+      const std::size_t a = std::size_t(n) * k + j;
+      if (slot[a] < 0) continue;
+      for (int c = 0; c < h; ++c)
+        buf[(std::size_t(expert[a]) * C + slot[a]) * h + c] = inp[std::size_t(n) * h + c];
+    }
+  return buf;
+}
+
+// out (N, h) = Σ over token n's kept assignments of gate · its slot's row.
+Vec ref_moe_combine(const Vec& buf, const Vec& gate, const std::vector<int32_t>& expert,
+                    const std::vector<int32_t>& slot, int N, int k, int C, int h) {
+  Vec out(std::size_t(N) * h, 0.0);
+  for (int n = 0; n < N; ++n)
+    for (int j = 0; j < k; ++j) {
+      const std::size_t a = std::size_t(n) * k + j;
+      if (slot[a] < 0) continue;
+      for (int c = 0; c < h; ++c)
+        out[std::size_t(n) * h + c] += gate[a] * buf[(std::size_t(expert[a]) * C + slot[a]) * h + c];
+    }
+  return out;
 }
 
 // ---- fixture -----------------------------------------------------------------------------------
@@ -912,6 +1040,359 @@ TEST_F(CpuOps, AdamwUpdate) {
 }
 
 // =================================================================================================
+// mixture of experts: router, capacity, auxiliary loss, dispatch and combine
+// =================================================================================================
+
+struct MoeShape { int N, E, k, h; };
+// E = 3 and 5; k = 1, 2, 3 and k = E; h odd; N prime, and a single token.
+const MoeShape kMoeShapes[] = {{37, 5, 2, 7}, {17, 3, 1, 13}, {29, 5, 3, 11},
+                               {13, 3, 3, 5}, {11, 5, 5, 9},  {1, 3, 2, 3}};
+
+std::string moe_str(const MoeShape& sh, int capacity = -1) {
+  std::string s = shape_str("N=%d E=%d k=%d h=%d", sh.N, sh.E, sh.k, sh.h);
+  return capacity < 0 ? s : s + " capacity=" + std::to_string(capacity);
+}
+
+// Router logits with a load imbalance: expert 0 is favoured on two tokens of three, so the capacity
+// ceil(k·N/E) drops some of its assignments.
+FVec moe_logits(std::mt19937& rng, int N, int E) {
+  FVec z = rand_floats(rng, std::size_t(N) * E, -2.0f, 2.0f);
+  for (int n = 0; n < N; ++n)
+    if (n % 3 != 2) z[std::size_t(n) * E] += 1.5f;
+  return z;
+}
+
+// No limit (N: an expert gets at most one copy of each token), the capacity of factor 1, 1, and 0
+// (every assignment dropped: the capacity is the limit).
+std::vector<int> moe_capacities(const MoeShape& sh) { return {sh.N, (sh.k * sh.N + sh.E - 1) / sh.E, 1, 0}; }
+
+// Bitwise equality of a float output with a reference that is exact (copies and zeros).
+::testing::AssertionResult same(const FVec& got, const Vec& ref, const std::string& what) {
+  if (got.size() != ref.size()) return ::testing::AssertionFailure() << what << ": size " << got.size();
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!(double(got[i]) == ref[i])) {
+      return ::testing::AssertionFailure() << what << ": element " << i << " is " << got[i] << ", expected "
+                                           << ref[i];
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// close(), or, when the reference is all zeros (every assignment dropped, or k = 1 where the gate is
+// constant), an output of exact zeros.
+template <typename T>
+::testing::AssertionResult close_or_zero(const std::vector<T>& got, const Vec& ref, double tol,
+                                         const std::string& what) {
+  if (std::any_of(ref.begin(), ref.end(), [](double x) { return x != 0; })) return close(got, ref, tol, what);
+  return same(FVec(got.begin(), got.end()), ref, what + " (all zero)");
+}
+
+// Whether token n has at least one kept assignment.
+bool any_kept(const std::vector<int32_t>& slot, int n, int k) {
+  for (int j = 0; j < k; ++j)
+    if (slot[std::size_t(n) * k + j] >= 0) return true;
+  return false;
+}
+
+TEST_F(CpuOps, MoeRouterForward) {
+  std::mt19937 rng(81);
+  for (const auto& sh : kMoeShapes) {
+    SCOPED_TRACE(moe_str(sh));
+    const std::size_t nA = std::size_t(sh.N) * sh.k, nP = std::size_t(sh.N) * sh.E;
+    const FVec logits = moe_logits(rng, sh.N, sh.E);
+    int32_t* d_expert = dev.poisoned_ints(nA);
+    float* d_gate = dev.poisoned(nA);
+    float* d_probs = dev.poisoned(nP);
+    be->moe_router_forward(d_expert, d_gate, d_probs, dev.put(logits), sh.N, sh.E, sh.k);
+    const RefRoute ref = ref_moe_router(to_double(logits), sh.N, sh.E, sh.k);
+    EXPECT_EQ(dev.get_ints(d_expert, nA), ref.expert);
+    EXPECT_TRUE(close(dev.get(d_gate, nA), ref.gate, kFwdTol, "gate"));
+    EXPECT_TRUE(close(dev.get(d_probs, nP), ref.probs, kFwdTol, "probs"));
+  }
+}
+
+// Equal logits: the lower expert index first, also where the tie straddles the k-th place; rows far
+// above and below 0 (exp over- and underflows in fp32 without the shift by the maximum).
+TEST_F(CpuOps, MoeRouterTiesAndLargeLogits) {
+  const int N = 6, E = 5;
+  const FVec logits = {1, 3, 3, 0, 3,                  // three-way tie for first
+                       0, 0, 0, 0, 0,                  // all equal
+                       2, 1, 1, 5, 1,                  // tie below the first pick
+                       99, 104, 99, 104, 102,          // ties, exp(104) overflows fp32
+                       -200, -100, -100, -300, -250,   // ties, exp(−200) underflows
+                       0.5f, 0.5f, 0.25f, 0.5f, 0.75f};
+  const int32_t order[N][E] = {{1, 2, 4, 0, 3}, {0, 1, 2, 3, 4}, {3, 0, 1, 2, 4},
+                               {1, 3, 4, 0, 2}, {1, 2, 0, 4, 3}, {4, 0, 1, 3, 2}};
+  for (int k : {1, 2, 3, E}) {
+    SCOPED_TRACE("k=" + std::to_string(k));
+    const std::size_t nA = std::size_t(N) * k;
+    int32_t* d_expert = dev.poisoned_ints(nA);
+    float* d_gate = dev.poisoned(nA);
+    float* d_probs = dev.poisoned(std::size_t(N) * E);
+    be->moe_router_forward(d_expert, d_gate, d_probs, dev.put(logits), N, E, k);
+    const std::vector<int32_t> got = dev.get_ints(d_expert, nA);
+    for (int n = 0; n < N; ++n)
+      for (int j = 0; j < k; ++j) EXPECT_EQ(got[std::size_t(n) * k + j], order[n][j]) << "row " << n << " pick " << j;
+    const RefRoute ref = ref_moe_router(to_double(logits), N, E, k);
+    EXPECT_EQ(got, ref.expert);
+    EXPECT_TRUE(close(dev.get(d_gate, nA), ref.gate, kFwdTol, "gate"));
+    EXPECT_TRUE(close(dev.get(d_probs, std::size_t(N) * E), ref.probs, kFwdTol, "probs"));
+  }
+}
+
+TEST_F(CpuOps, MoeRouterBackward) {
+  std::mt19937 rng(82);
+  for (const auto& sh : kMoeShapes) {
+    SCOPED_TRACE(moe_str(sh));
+    const std::size_t nA = std::size_t(sh.N) * sh.k, nP = std::size_t(sh.N) * sh.E;
+    const FVec logits = moe_logits(rng, sh.N, sh.E), dgate = rand_floats(rng, nA);
+    int32_t* d_expert = dev.poisoned_ints(nA);
+    float* d_gate = dev.poisoned(nA);
+    be->moe_router_forward(d_expert, d_gate, dev.poisoned(nP), dev.put(logits), sh.N, sh.E, sh.k);
+    const std::vector<int32_t> expert = dev.get_ints(d_expert, nA);
+
+    // L = <dgate, gates(logits)> with the choice of experts held (random logits are far from a tie).
+    Vec Z = to_double(logits);
+    const Vec DG = to_double(dgate);
+    const Vec fd = numeric_grad(Z, [&] { return dot(DG, ref_moe_gates(Z, expert, sh.N, sh.E, sh.k)); });
+    const Vec G = ref_moe_gates(Z, expert, sh.N, sh.E, sh.k);
+    Vec an(nP, 0.0);
+    for (int n = 0; n < sh.N; ++n) {
+      double gdg = 0;
+      for (int j = 0; j < sh.k; ++j) gdg += G[std::size_t(n) * sh.k + j] * DG[std::size_t(n) * sh.k + j];
+      for (int j = 0; j < sh.k; ++j) {
+        const std::size_t a = std::size_t(n) * sh.k + j;
+        an[std::size_t(n) * sh.E + expert[a]] = G[a] * (DG[a] - gdg);
+      }
+    }
+    ASSERT_TRUE(close_or_zero(an, fd, kRefSelfTol, "reference dlogits"));
+
+    float* d_dlogits = dev.poisoned(nP, MemCategory::gradients);  // overwritten
+    be->moe_router_backward(d_dlogits, dev.put(dgate), d_gate, d_expert, sh.N, sh.E, sh.k);
+    const FVec got = dev.get(d_dlogits, nP);
+    EXPECT_TRUE(close_or_zero(got, fd, kGradTol, "dlogits vs finite differences"));
+    EXPECT_TRUE(close_or_zero(got, an, kGradTol, "dlogits vs analytic"));
+    for (int n = 0; n < sh.N; ++n)  // the experts not chosen get exactly nothing
+      for (int e = 0; e < sh.E; ++e) {
+        const auto* row = &expert[std::size_t(n) * sh.k];
+        if (std::find(row, row + sh.k, e) == row + sh.k) {
+          EXPECT_EQ(got[std::size_t(n) * sh.E + e], 0.0f);
+        }
+      }
+  }
+}
+
+TEST_F(CpuOps, MoeAssignCapacity) {
+  // By hand: E = 3, k = 2, capacity 2; expert 0 is routed four times, expert 1 three times.
+  {
+    const std::vector<int32_t> expert = {0, 1, 0, 2, 1, 0, 0, 1};
+    int32_t* d_slot = dev.poisoned_ints(expert.size());
+    int32_t* d_counts = dev.poisoned_ints(6);
+    be->moe_assign(d_slot, d_counts, dev.put_ints(expert), 4, 3, 2, 2);
+    EXPECT_EQ(dev.get_ints(d_slot, expert.size()), (std::vector<int32_t>{0, 0, 1, 0, 1, -1, -1, -1}));
+    EXPECT_EQ(dev.get_ints(d_counts, 6), (std::vector<int32_t>{2, 2, 1, 4, 3, 1}));
+  }
+  std::mt19937 rng(83);
+  for (const auto& sh : kMoeShapes) {
+    const std::vector<int32_t> expert = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k).expert;
+    const std::size_t nA = expert.size();
+    for (int capacity : moe_capacities(sh)) {
+      SCOPED_TRACE(moe_str(sh, capacity));
+      int32_t* d_slot = dev.poisoned_ints(nA);
+      int32_t* d_counts = dev.poisoned_ints(2 * std::size_t(sh.E));
+      be->moe_assign(d_slot, d_counts, dev.put_ints(expert), sh.N, sh.E, sh.k, capacity);
+      const std::vector<int32_t> slot = dev.get_ints(d_slot, nA), counts = dev.get_ints(d_counts, 2 * sh.E);
+      const RefAssign ref = ref_moe_assign(expert, sh.N, sh.E, sh.k, capacity);
+      EXPECT_EQ(slot, ref.slot);
+      EXPECT_EQ(counts, ref.counts);
+      const auto dropped = std::count(slot.begin(), slot.end(), -1);
+      if (capacity == 0) {
+        EXPECT_EQ(dropped, std::ptrdiff_t(nA)) << "capacity 0 keeps nothing";
+      }
+      if (capacity == sh.N) {
+        EXPECT_EQ(dropped, 0) << "capacity N keeps everything";
+      }
+      if (sh.N == 37 && capacity == (sh.k * sh.N + sh.E - 1) / sh.E) {
+        EXPECT_GT(dropped, 0) << "the imbalanced logits should overflow expert 0";
+      }
+    }
+  }
+}
+
+TEST_F(CpuOps, MoeAuxLoss) {
+  std::mt19937 rng(84);
+  const float coef = 0.37f, grad_scale = 0.25f;
+  for (const auto& sh : kMoeShapes) {
+    SCOPED_TRACE(moe_str(sh));
+    const std::size_t nP = std::size_t(sh.N) * sh.E;
+    const FVec logits = moe_logits(rng, sh.N, sh.E);
+    Vec Z = to_double(logits);
+    const RefRoute route = ref_moe_router(Z, sh.N, sh.E, sh.k);
+    // capacity of factor 1: kept < routed for some expert, and f_e must use routed
+    const std::vector<int32_t> counts =
+        ref_moe_assign(route.expert, sh.N, sh.E, sh.k, (sh.k * sh.N + sh.E - 1) / sh.E).counts;
+    if (sh.N == 37) {
+      ASSERT_NE(counts[0], counts[sh.E]) << "kept and routed should differ for expert 0";
+    }
+
+    const FVec probs(route.probs.begin(), route.probs.end());
+    // dlogits starts at the size of the increments (~1e-4), so that after − before keeps their digits
+    const FVec pre = rand_floats(rng, nP, -1e-3f, 1e-3f);
+    const double initial = 0.5;
+    float* d_dlogits = dev.put(pre, MemCategory::gradients);  // accumulates
+    double* d_aux = dev.put_double(initial);                    // accumulates
+    be->moe_aux_loss(d_dlogits, d_aux, dev.put(probs), dev.put_ints(counts), sh.N, sh.E, sh.k, coef, grad_scale);
+    const double ref_loss = ref_moe_aux_loss(Z, counts, sh.N, sh.E, sh.k, coef);
+    EXPECT_NEAR(dev.get_double(d_aux) - initial, ref_loss, kFwdTol * ref_loss) << "aux_sum increment";
+
+    const Vec inc = delta(dev.get(d_dlogits, nP), pre);
+    if (sh.k == sh.E) {
+      // every expert routed N times: f_e = 1/E, the loss is coef whatever the logits, no gradient
+      EXPECT_NEAR(ref_loss, coef, 1e-12);
+      for (std::size_t i = 0; i < nP; ++i) EXPECT_LE(std::fabs(inc[i]), 1e-7) << i;
+      continue;
+    }
+    const Vec fd = numeric_grad(Z, [&] { return grad_scale * ref_moe_aux_loss(Z, counts, sh.N, sh.E, sh.k, coef); });
+    // dlogits[n, i] = p_i · (c_i − Σ_e c_e·p_e), c_e = grad_scale · coef · E · f_e / N
+    Vec an(nP);
+    for (int n = 0; n < sh.N; ++n) {
+      const double* p = &route.probs[std::size_t(n) * sh.E];
+      Vec c(sh.E);
+      double cp = 0;
+      for (int e = 0; e < sh.E; ++e) {
+        c[e] = double(grad_scale) * coef * sh.E * (double(counts[sh.E + e]) / (double(sh.N) * sh.k)) / sh.N;
+        cp += c[e] * p[e];
+      }
+      for (int i = 0; i < sh.E; ++i) an[std::size_t(n) * sh.E + i] = p[i] * (c[i] - cp);
+    }
+    ASSERT_TRUE(close(an, fd, kRefSelfTol, "reference dlogits"));
+    EXPECT_TRUE(close(inc, fd, kGradTol, "dlogits increment vs finite differences"));
+    EXPECT_TRUE(close(inc, an, kGradTol, "dlogits increment vs analytic"));
+  }
+}
+
+// Dispatch and combine for every shape and capacity. The buffers hold C = capacity + 1 slots, so
+// every expert has slots that no assignment fills: dispatch must zero them, combine must not read
+// them (the expert outputs there are random, as an MLP's bias makes them).
+TEST_F(CpuOps, MoeDispatchCombineForward) {
+  std::mt19937 rng(85);
+  for (const auto& sh : kMoeShapes) {
+    const RefRoute route = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k);
+    const FVec gate(route.gate.begin(), route.gate.end());
+    for (int capacity : moe_capacities(sh)) {
+      SCOPED_TRACE(moe_str(sh, capacity));
+      const int C = capacity + 1;
+      const std::size_t nX = std::size_t(sh.N) * sh.h, nB = std::size_t(sh.E) * C * sh.h;
+      const std::vector<int32_t> slot = ref_moe_assign(route.expert, sh.N, sh.E, sh.k, capacity).slot;
+      const int32_t* d_expert = dev.put_ints(route.expert);
+      const int32_t* d_slot = dev.put_ints(slot);
+
+      const FVec inp = rand_floats(rng, nX);
+      float* d_buf = dev.poisoned(nB);
+      be->moe_dispatch(d_buf, dev.put(inp), d_expert, d_slot, sh.N, sh.E, sh.k, C, sh.h);
+      EXPECT_TRUE(same(dev.get(d_buf, nB),
+                       ref_moe_dispatch(to_double(inp), route.expert, slot, sh.N, sh.E, sh.k, C, sh.h), "buf"));
+
+      const FVec y = rand_floats(rng, nB);  // the experts' outputs, every slot
+      float* d_out = dev.poisoned(nX);
+      be->moe_combine(d_out, dev.put(y), dev.put(gate), d_expert, d_slot, sh.N, sh.E, sh.k, C, sh.h);
+      const FVec out = dev.get(d_out, nX);
+      EXPECT_TRUE(close_or_zero(out, ref_moe_combine(to_double(y), route.gate, route.expert, slot, sh.N, sh.k, C, sh.h),
+                                kFwdTol, "out"));
+      for (int n = 0; n < sh.N; ++n) {
+        if (any_kept(slot, n, sh.k)) continue;
+        for (int c = 0; c < sh.h; ++c) EXPECT_EQ(out[std::size_t(n) * sh.h + c], 0.0f) << "all dropped: token " << n;
+      }
+    }
+  }
+}
+
+TEST_F(CpuOps, MoeDispatchBackward) {
+  std::mt19937 rng(86);
+  for (const auto& sh : kMoeShapes) {
+    const RefRoute route = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k);
+    for (int capacity : moe_capacities(sh)) {
+      SCOPED_TRACE(moe_str(sh, capacity));
+      const int C = capacity + 1;
+      const std::size_t nX = std::size_t(sh.N) * sh.h, nB = std::size_t(sh.E) * C * sh.h;
+      const std::vector<int32_t> slot = ref_moe_assign(route.expert, sh.N, sh.E, sh.k, capacity).slot;
+      const FVec inp = rand_floats(rng, nX), dbuf = rand_floats(rng, nB);
+
+      Vec X = to_double(inp);
+      const Vec DB = to_double(dbuf);
+      const Vec fd = numeric_grad(
+          X, [&] { return dot(DB, ref_moe_dispatch(X, route.expert, slot, sh.N, sh.E, sh.k, C, sh.h)); });
+      Vec an(nX, 0.0);
+      for (std::size_t a = 0; a < slot.size(); ++a) {
+        if (slot[a] < 0) continue;
+        const std::size_t n = a / sh.k;
+        for (int c = 0; c < sh.h; ++c) an[n * sh.h + c] += DB[(std::size_t(route.expert[a]) * C + slot[a]) * sh.h + c];
+      }
+      ASSERT_TRUE(close_or_zero(an, fd, kRefSelfTol, "reference dinp"));
+
+      float* d_dinp = dev.poisoned(nX, MemCategory::gradients);  // overwritten
+      be->moe_dispatch_backward(d_dinp, dev.put(dbuf), dev.put_ints(route.expert), dev.put_ints(slot), sh.N, sh.E,
+                                sh.k, C, sh.h);
+      const FVec got = dev.get(d_dinp, nX);
+      EXPECT_TRUE(close_or_zero(got, fd, kGradTol, "dinp vs finite differences"));
+      EXPECT_TRUE(close_or_zero(got, an, kGradTol, "dinp vs analytic"));
+    }
+  }
+}
+
+TEST_F(CpuOps, MoeCombineBackward) {
+  std::mt19937 rng(87);
+  for (const auto& sh : kMoeShapes) {
+    const RefRoute route = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k);
+    const FVec gate(route.gate.begin(), route.gate.end());
+    for (int capacity : moe_capacities(sh)) {
+      SCOPED_TRACE(moe_str(sh, capacity));
+      const int C = capacity + 1;
+      const std::size_t nX = std::size_t(sh.N) * sh.h, nB = std::size_t(sh.E) * C * sh.h, nA = gate.size();
+      const std::vector<int32_t> slot = ref_moe_assign(route.expert, sh.N, sh.E, sh.k, capacity).slot;
+      const FVec y = rand_floats(rng, nB), dout = rand_floats(rng, nX);
+
+      // L = <dout, combine(y, gate)>, differentiated in the expert outputs y and in the gates
+      Vec Y = to_double(y), G = to_double(gate);
+      const Vec DO = to_double(dout);
+      auto L = [&] { return dot(DO, ref_moe_combine(Y, G, route.expert, slot, sh.N, sh.k, C, sh.h)); };
+      const Vec fd_dbuf = numeric_grad(Y, L), fd_dgate = numeric_grad(G, L);
+      Vec an_dbuf(nB, 0.0), an_dgate(nA, 0.0);
+      std::vector<bool> filled(std::size_t(sh.E) * C, false);
+      for (std::size_t a = 0; a < nA; ++a) {
+        if (slot[a] < 0) continue;
+        const std::size_t n = a / sh.k, row = std::size_t(route.expert[a]) * C + slot[a];
+        filled[row] = true;
+        for (int c = 0; c < sh.h; ++c) {
+          an_dbuf[row * sh.h + c] = G[a] * DO[n * sh.h + c];
+          an_dgate[a] += DO[n * sh.h + c] * Y[row * sh.h + c];
+        }
+      }
+      ASSERT_TRUE(close_or_zero(an_dbuf, fd_dbuf, kRefSelfTol, "reference dbuf"));
+      ASSERT_TRUE(close_or_zero(an_dgate, fd_dgate, kRefSelfTol, "reference dgate"));
+
+      float* d_dbuf = dev.poisoned(nB, MemCategory::gradients);  // overwritten
+      float* d_dgate = dev.poisoned(nA, MemCategory::gradients);  // overwritten
+      be->moe_combine_backward(d_dbuf, d_dgate, dev.put(dout), dev.put(y), dev.put(gate), dev.put_ints(route.expert),
+                               dev.put_ints(slot), sh.N, sh.E, sh.k, C, sh.h);
+      const FVec got_dbuf = dev.get(d_dbuf, nB), got_dgate = dev.get(d_dgate, nA);
+      EXPECT_TRUE(close_or_zero(got_dbuf, fd_dbuf, kGradTol, "dbuf vs finite differences"));
+      EXPECT_TRUE(close_or_zero(got_dbuf, an_dbuf, kGradTol, "dbuf vs analytic"));
+      EXPECT_TRUE(close_or_zero(got_dgate, fd_dgate, kGradTol, "dgate vs finite differences"));
+      EXPECT_TRUE(close_or_zero(got_dgate, an_dgate, kGradTol, "dgate vs analytic"));
+      for (std::size_t a = 0; a < nA; ++a)
+        if (slot[a] < 0) {
+          EXPECT_EQ(got_dgate[a], 0.0f) << "dropped assignment " << a;
+        }
+      for (std::size_t row = 0; row < filled.size(); ++row) {
+        if (filled[row]) continue;
+        for (int c = 0; c < sh.h; ++c) EXPECT_EQ(got_dbuf[row * sh.h + c], 0.0f) << "empty slot row " << row;
+      }
+    }
+  }
+}
+
+// =================================================================================================
 // threads: 1 and 2 agree; the same call twice is bitwise identical
 // =================================================================================================
 
@@ -1017,6 +1498,55 @@ std::vector<Vec> run_all_ops(Backend& be) {
   keep(p, nw);
   keep(m, nw);
   keep(v, nw);
+  // mixture of experts: the routing and the slots computed on the host, the capacity of factor 1
+  const int E = 5, k = 2, capacity = (k * N + E - 1) / E;
+  const std::size_t nA = std::size_t(N) * k, nP = std::size_t(N) * E, nB = std::size_t(E) * capacity * C;
+  const FVec router_logits = rand_floats(rng, nP, -2.0f, 2.0f);
+  const RefRoute route = ref_moe_router(to_double(router_logits), N, E, k);
+  const RefAssign assign = ref_moe_assign(route.expert, N, E, k, capacity);
+  const FVec gate(route.gate.begin(), route.gate.end()), probs(route.probs.begin(), route.probs.end());
+  const int32_t* d_expert = dev.put_ints(route.expert);
+  const int32_t* d_slot = dev.put_ints(assign.slot);
+  const float* d_gate = dev.put(gate);
+  auto keep_ints = [&](const int32_t* q, std::size_t n) {
+    const std::vector<int32_t> h = dev.get_ints(q, n);
+    res.emplace_back(h.begin(), h.end());
+  };
+  int32_t* expert = dev.poisoned_ints(nA);
+  float* rgate = dev.poisoned(nA);
+  float* rprobs = dev.poisoned(nP);
+  be.moe_router_forward(expert, rgate, rprobs, dev.put(router_logits), N, E, k);
+  keep_ints(expert, nA);
+  keep(rgate, nA);
+  keep(rprobs, nP);
+  float* dlogits = dev.poisoned(nP);
+  be.moe_router_backward(dlogits, dev.put(rand_floats(rng, nA)), d_gate, d_expert, N, E, k);
+  keep(dlogits, nP);
+  int32_t* slot = dev.poisoned_ints(nA);
+  int32_t* counts = dev.poisoned_ints(2 * E);
+  be.moe_assign(slot, counts, d_expert, N, E, k, capacity);
+  keep_ints(slot, nA);
+  keep_ints(counts, 2 * E);
+  float* aux_dlogits = dev.put(FVec(nP, 0.0f));
+  double* aux = dev.put_double(0.0);
+  be.moe_aux_loss(aux_dlogits, aux, dev.put(probs), dev.put_ints(assign.counts), N, E, k, 0.01f, 0.5f);
+  keep(aux_dlogits, nP);
+  res.push_back({dev.get_double(aux)});
+  float* buf = dev.poisoned(nB);
+  be.moe_dispatch(buf, d_x, d_expert, d_slot, N, E, k, capacity, C);
+  keep(buf, nB);
+  float* moe_dinp = dev.poisoned(nx);
+  const float* d_ybuf = dev.put(rand_floats(rng, nB));
+  be.moe_dispatch_backward(moe_dinp, d_ybuf, d_expert, d_slot, N, E, k, capacity, C);
+  keep(moe_dinp, nx);
+  float* moe_out = dev.poisoned(nx);
+  be.moe_combine(moe_out, d_ybuf, d_gate, d_expert, d_slot, N, E, k, capacity, C);
+  keep(moe_out, nx);
+  float* dbuf = dev.poisoned(nB);
+  float* dgate = dev.poisoned(nA);
+  be.moe_combine_backward(dbuf, dgate, d_dx, d_ybuf, d_gate, d_expert, d_slot, N, E, k, capacity, C);
+  keep(dbuf, nB);
+  keep(dgate, nA);
   return res;
 }
 
@@ -1025,7 +1555,10 @@ const char* const kRunAllNames[] = {
     "layernorm mean",   "layernorm rstd", "layernorm dinp", "layernorm dweight",
     "layernorm dbias",  "attention out",  "attention dqkv", "gelu out",       "gelu dinp",
     "embedding out",    "embedding dtok", "embedding dpos", "cross-entropy dlogits",
-    "cross-entropy loss_sum", "sum_squares", "adamw params", "adamw m",     "adamw v"};
+    "cross-entropy loss_sum", "sum_squares", "adamw params", "adamw m",     "adamw v",
+    "moe router expert", "moe router gate", "moe router probs", "moe router dlogits", "moe slot",
+    "moe counts",       "moe aux dlogits", "moe aux_sum",    "moe dispatch buf", "moe dispatch dinp",
+    "moe combine out",  "moe combine dbuf", "moe combine dgate"};
 
 TEST(CpuThreads, OneAndTwoThreadsAgreeAndRunsAreDeterministic) {
   // One backend at a time: a BLAS thread count may be process-wide.

@@ -4,7 +4,7 @@
 // This checks the kernels' indexing, barriers, shuffles and arithmetic on every machine; the GPU run
 // of the same comparisons (tests/gpu/test_cuda_ops.cpp, with cuBLAS, streams and the allocator) needs
 // a GPU. Outputs start as NaN, so an element a kernel does not write fails; the error is
-// ‖kernel − cpu‖ / ‖cpu‖ ≤ 1e-5.
+// ‖kernel − cpu‖ / ‖cpu‖ ≤ 1e-5 (integer outputs, such as the mixture of experts' routing, exactly).
 #include "tests/unit/cuda_emulation.h"
 // The emulation first: the kernels then compile as plain C++.
 #include "kernels/cuda/kernels.cuh"
@@ -218,6 +218,117 @@ TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
   cpu_->gelu_backward(ref_dgelu.data(), xs.data(), g.data(), m);
   EXPECT_CLOSE(gelu, ref_gelu, "gelu forward");
   EXPECT_CLOSE(dgelu, ref_dgelu, "gelu backward");
+}
+
+// The mixture-of-experts kernels with cuda_backend.cu's launches, against the CPU backend
+// (kernels/cpu/moe_ops.cpp): integer outputs and the dispatched copies compared exactly, the rest to
+// kTol. Buffers that the backend zeroes with cudaMemsetAsync before a scatter kernel are zeroed here.
+// The buffers hold C = capacity + 1 slots, so some are always left empty.
+void check_moe(int N, int E, int k, int h, int capacity, std::mt19937& rng, Backend& cpu) {
+  const std::string shape = "N" + std::to_string(N) + " E" + std::to_string(E) + " k" + std::to_string(k) + " h" +
+                            std::to_string(h) + " capacity " + std::to_string(capacity);
+  const int C = capacity + 1;
+  const std::size_t nA = std::size_t(N) * k, nP = std::size_t(N) * E, nX = std::size_t(N) * h,
+                    nB = std::size_t(E) * C * h;
+  const int32_t kIntPoison = -123456789;
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  auto random = [&](std::size_t n) {
+    FVec v(n);
+    for (float& x : v) x = u(rng);
+    return v;
+  };
+  // Logits favouring expert 0 (so that a small capacity drops), with a row of ties and a tied pair.
+  FVec logits = random(nP);
+  for (int n = 0; n < N; ++n) logits[std::size_t(n) * E] += n % 3 != 2 ? 1.5f : 0.0f;
+  for (int e = 0; e < E; ++e) logits[e] = 0.5f;
+  if (N > 1) logits[E + E - 1] = logits[E + 1] = 3.0f;
+
+  // router forward and backward
+  std::vector<int32_t> expert(nA, kIntPoison), ref_expert(nA);
+  FVec gate(nA, kNaN), probs(nP, kNaN), ref_gate(nA), ref_probs(nP);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_forward_kernel, expert.data(), gate.data(),
+         probs.data(), logits.data(), N, E, k);
+  cpu.moe_router_forward(ref_expert.data(), ref_gate.data(), ref_probs.data(), logits.data(), N, E, k);
+  EXPECT_EQ(expert, ref_expert) << "router expert " << shape;
+  EXPECT_CLOSE(gate, ref_gate, "router gate " + shape);
+  EXPECT_CLOSE(probs, ref_probs, "router probs " + shape);
+
+  const FVec dgate = random(nA);
+  FVec dlogits(nP, kNaN), ref_dlogits(nP);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_backward_kernel, dlogits.data(), dgate.data(),
+         ref_gate.data(), ref_expert.data(), N, E, k);
+  cpu.moe_router_backward(ref_dlogits.data(), dgate.data(), ref_gate.data(), ref_expert.data(), N, E, k);
+  EXPECT_CLOSE(dlogits, ref_dlogits, "router dlogits " + shape);
+
+  // capacity
+  std::vector<int32_t> slot(nA, kIntPoison), counts(2 * std::size_t(E), kIntPoison), ref_slot(nA), ref_counts(2 * E);
+  launch(dim3(blocks_for(E)), dim3(kThreads), 0, k::moe_assign_kernel, slot.data(), counts.data(), ref_expert.data(),
+         N, E, k, capacity);
+  cpu.moe_assign(ref_slot.data(), ref_counts.data(), ref_expert.data(), N, E, k, capacity);
+  EXPECT_EQ(slot, ref_slot) << "slot " << shape;
+  EXPECT_EQ(counts, ref_counts) << "counts " << shape;
+
+  // auxiliary loss: the increments of dlogits and of aux_sum
+  const float coef = 0.37f, grad_scale = 0.25f;
+  const FVec pre = random(nP);
+  FVec aux_dlogits = pre, ref_aux_dlogits = pre;
+  std::vector<double> prob_sum(E, std::nan(""));
+  double aux = 0.5, ref_aux = 0.5;
+  launch(dim3(blocks_for(E)), dim3(kThreads), 0, k::moe_prob_sums_kernel, prob_sum.data(), ref_probs.data(), N, E);
+  launch(dim3(1), dim3(kThreads), 0, k::moe_aux_loss_sum_kernel, &aux, prob_sum.data(), ref_counts.data(), N, E, k,
+         coef);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_aux_loss_grad_kernel, aux_dlogits.data(), ref_probs.data(),
+         ref_counts.data(), N, E, k, coef, grad_scale);
+  cpu.moe_aux_loss(ref_aux_dlogits.data(), &ref_aux, ref_probs.data(), ref_counts.data(), N, E, k, coef, grad_scale);
+  EXPECT_NEAR(aux, ref_aux, 1e-12 * std::abs(ref_aux)) << "aux_sum " << shape;
+  FVec inc(nP), ref_inc(nP);
+  for (std::size_t i = 0; i < nP; ++i) {
+    inc[i] = aux_dlogits[i] - pre[i];
+    ref_inc[i] = ref_aux_dlogits[i] - pre[i];
+  }
+  EXPECT_CLOSE(inc, ref_inc, "aux dlogits increment " + shape);
+
+  // dispatch and its backward
+  const FVec inp = random(nX);
+  FVec buf(nB, 0.0f), ref_buf(nB);  // zeroed: cudaMemsetAsync
+  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_dispatch_kernel, buf.data(), inp.data(),
+         ref_expert.data(), ref_slot.data(), N, k, C, h);
+  cpu.moe_dispatch(ref_buf.data(), inp.data(), ref_expert.data(), ref_slot.data(), N, E, k, C, h);
+  EXPECT_EQ(buf, ref_buf) << "dispatch buf " << shape;
+
+  const FVec dbuf = random(nB);
+  FVec dinp(nX, kNaN), ref_dinp(nX);
+  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_dispatch_backward_kernel, dinp.data(), dbuf.data(),
+         ref_expert.data(), ref_slot.data(), N, k, C, h);
+  cpu.moe_dispatch_backward(ref_dinp.data(), dbuf.data(), ref_expert.data(), ref_slot.data(), N, E, k, C, h);
+  EXPECT_CLOSE(dinp, ref_dinp, "dispatch dinp " + shape);
+
+  // combine and its backward; y: the experts' outputs, every slot
+  const FVec y = random(nB), dout = random(nX);
+  FVec out(nX, kNaN), ref_out(nX);
+  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_combine_kernel, out.data(), y.data(), ref_gate.data(),
+         ref_expert.data(), ref_slot.data(), N, k, C, h);
+  cpu.moe_combine(ref_out.data(), y.data(), ref_gate.data(), ref_expert.data(), ref_slot.data(), N, E, k, C, h);
+  EXPECT_CLOSE(out, ref_out, "combine out " + shape);
+
+  FVec cdbuf(nB, 0.0f), dgate_out(nA, kNaN), ref_cdbuf(nB), ref_dgate(nA);  // dbuf zeroed: cudaMemsetAsync
+  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_combine_backward_dbuf_kernel, cdbuf.data(), dout.data(),
+         ref_gate.data(), ref_expert.data(), ref_slot.data(), N, k, C, h);
+  launch(dim3(blocks_for(nA * 32)), dim3(kThreads), 0, k::moe_combine_backward_dgate_kernel, dgate_out.data(),
+         dout.data(), y.data(), ref_expert.data(), ref_slot.data(), N, k, C, h);
+  cpu.moe_combine_backward(ref_cdbuf.data(), ref_dgate.data(), dout.data(), y.data(), ref_gate.data(),
+                           ref_expert.data(), ref_slot.data(), N, E, k, C, h);
+  EXPECT_CLOSE(cdbuf, ref_cdbuf, "combine dbuf " + shape);
+  EXPECT_CLOSE(dgate_out, ref_dgate, "combine dgate " + shape);
+}
+
+TEST_F(EmulatedKernels, MixtureOfExperts) {
+  check_moe(37, 5, 2, 7, 37, rng_, *cpu_);  // no limit (capacity N)
+  check_moe(37, 5, 2, 7, 15, rng_, *cpu_);  // capacity factor 1: expert 0 overflows
+  check_moe(29, 5, 3, 45, 1, rng_, *cpu_);  // h > 32: each lane of dgate's warp sums several columns
+  check_moe(13, 3, 3, 5, 0, rng_, *cpu_);   // k = E, every assignment dropped
+  check_moe(17, 3, 1, 13, 6, rng_, *cpu_);  // k = 1
+  check_moe(1, 5, 5, 3, 1, rng_, *cpu_);    // one token, k = E
 }
 
 }  // namespace
