@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs parabench-dp on one rank for 5 steps with --dump-gradients and checks the losses and the
-# step-0 gradients against the PyTorch reference (tests/reference/check_against_torch.py).
-# Usage: run_reference.sh PARABENCH_DP PYTHON MODEL-OPTIONS...
+# Runs a parabench app (parabench-dp, parabench-ep, ...) on one rank for 5 steps with --dump-gradients
+# and checks the losses, the grad norms, the step-0 gradients and, when the result file has /moe, the
+# MoE routing statistics and aux loss against the PyTorch reference (tests/reference/check_against_torch.py).
+# Usage: run_reference.sh APP PYTHON MODEL-OPTIONS...   (e.g. --experts 4 --top-k 2 --capacity-factor 1.25 for ep)
 # PB_REF_RTOL (default 1e-4) and PB_REF_DEVICE (cpu or cuda, where the reference runs) adjust the check:
 # the GPU check runs the app with --backend cuda among its options.
 set -euo pipefail
@@ -13,4 +14,4 @@ trap 'rm -rf "$work"' EXIT
 mpiexec -n 1 "$app" "$@" --steps 5 --warmup 1 --threads 2 --quiet \
   --out "$work/run.h5" --dump-gradients "$work/dump.h5"
 "$python" "$here/check_against_torch.py" --dump "$work/dump.h5" --rtol "${PB_REF_RTOL:-1e-4}" \
-  --device "${PB_REF_DEVICE:-cpu}"
+  --device "${PB_REF_DEVICE:-cpu}" --result "$work/run.h5"

@@ -1,0 +1,54 @@
+// Expert parallelism (GShard, Lepikhin et al. 2020; Switch Transformer, Fedus et al. 2021) combined
+// with data parallelism.
+//
+// Every rank trains on its own samples (dp = world size). Attention, embeddings, LayerNorms and
+// routers are replicated; each rank of an ep group (ep consecutive dp ranks) holds E/ep whole experts,
+// and the MoE MLP (bench/ep/moe.cpp) moves tokens to them by all-to-all. The strategy owns the model
+// state, the gradient reductions (replicated tensors over the dp group, experts over the dp / ep
+// ranks that hold the same experts), the norms over both, and the routing statistics.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "bench/ep/moe.h"
+#include "common/runner.h"
+
+namespace pb {
+
+class ExpertParallelStrategy final : public Strategy {
+ public:
+  ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe);
+
+  const float* unit_params(int unit) override { return state_.unit_params(unit); }
+  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  void zero_grads() override { state_.zero_grads(); }
+  void finish_gradients() override;
+  double global_grad_sum_squares() override;
+  void optimizer_step(float grad_scale, int t) override;
+  double global_param_sum_squares() override;
+  std::vector<float> gather_full_gradients() override;
+  void write_results(Communicator& world, ResultWriter* writer) override;
+  void summary_attributes(nlohmann::ordered_json& summary) override;
+
+ private:
+  // A run of consecutive tensors of one kind in the flat buffers: replicated, or experts.
+  struct Run {
+    std::size_t first = 0, count = 0;
+    bool experts = false;
+  };
+  // Σ x² over the model: experts summed over the ep group, replicated tensors counted once.
+  double sum_squares(const float* base);
+  // max / mean of the tokens per expert, summed over the finished steps, for the worst layer.
+  double imbalance() const;
+
+  Runtime& rt_;
+  MoeMlp& moe_;
+  ReplicatedState state_;
+  std::vector<Run> runs_;
+  MoeStepStats pending_;  // this step's statistics over the global batch, kept once the step finishes
+  std::vector<int64_t> kept_, dropped_;  // [steps, layers, experts], [steps, layers]
+  std::vector<double> aux_loss_;         // [steps]
+};
+
+}  // namespace pb

@@ -1,0 +1,266 @@
+#include "bench/ep/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace pb {
+namespace {
+// The router, then each local expert's four tensors.
+constexpr int kRouter = 0, kFc1W = 0, kFc1B = 1, kFc2W = 2, kFc2B = 3, kPerExpert = 4;
+}  // namespace
+
+int moe_capacity(const MoeOptions& moe, int64_t tokens) {
+  if (moe.capacity_factor <= 0.0) return static_cast<int>(tokens);
+  const double c = std::ceil(moe.capacity_factor * moe.top_k * static_cast<double>(tokens) / moe.experts);
+  return static_cast<int>(std::min<double>(c, static_cast<double>(tokens)));
+}
+
+// What one block's MoE keeps from forward to backward (activations), freed with it.
+struct MoeMlp::Saved final : PartState {
+  explicit Saved(Backend& backend) : be(backend) {}
+  ~Saved() override {
+    for (void* p : {static_cast<void*>(combined), static_cast<void*>(gelu_out), static_cast<void*>(fc1_out),
+                    static_cast<void*>(expert_in), static_cast<void*>(counts), static_cast<void*>(slot),
+                    static_cast<void*>(expert), static_cast<void*>(gate), static_cast<void*>(probs)}) {
+      be.free(p);
+    }
+  }
+  Backend& be;
+  float* probs = nullptr;      // (N, E): full router softmax (auxiliary loss)
+  float* gate = nullptr;       // (N, k)
+  int32_t* expert = nullptr;   // (N, k)
+  int32_t* slot = nullptr;     // (N, k): slot in the expert's buffer, −1 dropped
+  int32_t* counts = nullptr;   // (2E): kept, routed
+  float* expert_in = nullptr;  // (E/ep, ep·C, h): the local experts' input slots
+  float* fc1_out = nullptr;    // (E/ep, ep·C, f)
+  float* gelu_out = nullptr;   // (E/ep, ep·C, f)
+  float* combined = nullptr;   // (E, C, h): every expert's output for this rank's slots
+};
+
+MoeMlp::MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend, const ExpertParallel& ep,
+               int micro_batch, float loss_scale)
+    : model_(model), moe_(moe), be_(backend), ep_(ep), loss_scale_(loss_scale) {
+  N_ = micro_batch * model.seq;
+  E_ = moe.experts;
+  k_ = moe.top_k;
+  El_ = E_ / ep.size;
+  C_ = moe_capacity(moe, N_);
+  h_ = model.hidden;
+  f_ = model.ffn;
+  kept_.assign(static_cast<std::size_t>(model.layers) * E_, 0);
+  dropped_.assign(model.layers, 0);
+}
+
+MoeMlp::~MoeMlp() = default;
+
+std::vector<TensorSpec> MoeMlp::tensors() const {
+  const int64_t h = h_, f = f_;
+  std::vector<TensorSpec> t = {{"moe.router.w", h, E_, TpSplit::none, -1}};
+  for (int i = 0; i < El_; ++i) {
+    const int e = ep_.rank * El_ + i;  // ranks hold consecutive experts
+    const std::string p = "moe.expert" + std::to_string(e) + ".";
+    t.push_back({p + "fc1.w", h, f, TpSplit::none, e});
+    t.push_back({p + "fc1.b", 1, f, TpSplit::none, e});
+    t.push_back({p + "fc2.w", f, h, TpSplit::none, e});
+    t.push_back({p + "fc2.b", 1, h, TpSplit::none, e});
+  }
+  return t;
+}
+
+int64_t MoeMlp::global_parameters() const {
+  const int64_t h = h_, f = f_;
+  return h * E_ + E_ * (2 * h * f + f + h);
+}
+
+void MoeMlp::to_experts(float* dst, const float* src) const {
+  const std::size_t block = static_cast<std::size_t>(C_) * h_;
+  for (int r = 0; r < ep_.size; ++r) {
+    for (int i = 0; i < El_; ++i) {
+      be_.copy(dst + (static_cast<std::size_t>(i) * ep_.size + r) * block,
+               src + (static_cast<std::size_t>(r) * El_ + i) * block, block * sizeof(float));
+    }
+  }
+}
+
+void MoeMlp::from_experts(float* dst, const float* src) const {
+  const std::size_t block = static_cast<std::size_t>(C_) * h_;
+  for (int r = 0; r < ep_.size; ++r) {
+    for (int i = 0; i < El_; ++i) {
+      be_.copy(dst + (static_cast<std::size_t>(r) * El_ + i) * block,
+               src + (static_cast<std::size_t>(i) * ep_.size + r) * block, block * sizeof(float));
+    }
+  }
+}
+
+std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const float* u, float* out) {
+  const std::size_t N = N_, E = E_, k = k_, slots = static_cast<std::size_t>(E_) * C_;  // slots of all experts
+  const int rows = ep_.size * C_;  // a local expert's input rows
+  auto s = std::make_unique<Saved>(be_);
+  auto act = [&](std::size_t n) { return be_.alloc_floats(n, MemCategory::activations); };
+  auto ints = [&](std::size_t n) { return static_cast<int32_t*>(be_.alloc(n * sizeof(int32_t), MemCategory::activations)); };
+  s->probs = act(N * E);
+  s->gate = act(N * k);
+  s->expert = ints(N * k);
+  s->slot = ints(N * k);
+  s->counts = ints(2 * E);
+  s->expert_in = act(slots * h_);
+  s->fc1_out = act(slots * f_);
+  s->gelu_out = act(slots * f_);
+  s->combined = act(slots * h_);
+
+  // Route: logits (fp32) → top-k, gates, full softmax; then the capacity decides each slot.
+  float* logits = be_.alloc_floats(N * E, MemCategory::workspace);
+  be_.matmul_forward(logits, u, w[kRouter], nullptr, N_, h_, E_);
+  be_.moe_router_forward(s->expert, s->gate, s->probs, logits, N_, E_, k_);
+  be_.free(logits);
+  be_.moe_assign(s->slot, s->counts, s->expert, N_, E_, k_, C_);
+
+  // Dispatch to the experts' ranks.
+  if (ep_.active()) {
+    float* send = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    be_.moe_dispatch(send, u, s->expert, s->slot, N_, E_, k_, C_, h_);
+    float* recv = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    ep_.comm->all_to_all(send, recv, static_cast<std::size_t>(El_) * C_ * h_);
+    be_.free(send);
+    to_experts(s->expert_in, recv);
+    be_.free(recv);
+  } else {
+    be_.moe_dispatch(s->expert_in, u, s->expert, s->slot, N_, E_, k_, C_, h_);
+  }
+
+  // The local experts, each the model's MLP over its slots (empty slots hold zeros; their outputs are
+  // never combined and their gradients are zero).
+  float* expert_out = ep_.active() ? be_.alloc_floats(slots * h_, MemCategory::comm_buffers) : s->combined;
+  for (int i = 0; i < El_; ++i) {
+    const float* const* we = w + 1 + kPerExpert * i;
+    const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;
+    be_.matmul_forward(s->fc1_out + mid, s->expert_in + in, we[kFc1W], we[kFc1B], rows, h_, f_);
+    be_.gelu_forward(s->gelu_out + mid, s->fc1_out + mid, static_cast<std::size_t>(rows) * f_);
+    be_.matmul_forward(expert_out + in, s->gelu_out + mid, we[kFc2W], we[kFc2B], rows, f_, h_);
+  }
+
+  // Combine: the outputs go back to the tokens' ranks, weighted by the gates.
+  if (ep_.active()) {
+    float* send = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    from_experts(send, expert_out);
+    be_.free(expert_out);
+    ep_.comm->all_to_all(send, s->combined, static_cast<std::size_t>(El_) * C_ * h_);
+    be_.free(send);
+  }
+  be_.moe_combine(out, s->combined, s->gate, s->expert, s->slot, N_, E_, k_, C_, h_);
+  return s;
+}
+
+void MoeMlp::backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u,
+                      const float* dout, float* du) {
+  auto& s = static_cast<Saved&>(state);
+  const std::size_t N = N_, E = E_, k = k_, slots = static_cast<std::size_t>(E_) * C_;
+  const int rows = ep_.size * C_;
+  auto scratch = [&](std::size_t n) { return be_.alloc_floats(n, MemCategory::workspace); };
+
+  // Routing statistics, once per micro-batch and block.
+  std::vector<int32_t> counts(2 * E);
+  be_.download(counts.data(), s.counts, counts.size() * sizeof(int32_t));
+  for (std::size_t e = 0; e < E; ++e) {
+    kept_[static_cast<std::size_t>(layer) * E + e] += counts[e];
+    dropped_[layer] += counts[E + e] - counts[e];
+  }
+
+  // Combine's backward: the gates' gradient, and each slot's output gradient.
+  float* dgate = scratch(N * k);
+  float* dcombined = scratch(slots * h_);
+  be_.moe_combine_backward(dcombined, dgate, dout, s.combined, s.gate, s.expert, s.slot, N_, E_, k_, C_, h_);
+  float* dexpert_out = dcombined;  // (E/ep, ep·C, h)
+  if (ep_.active()) {
+    float* recv = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    ep_.comm->all_to_all(dcombined, recv, static_cast<std::size_t>(El_) * C_ * h_);
+    be_.free(dcombined);
+    dexpert_out = scratch(slots * h_);
+    to_experts(dexpert_out, recv);
+    be_.free(recv);
+  }
+
+  // The local experts' backward.
+  float* dfc = scratch(static_cast<std::size_t>(rows) * f_);
+  float* dexpert_in = scratch(slots * h_);
+  for (int i = 0; i < El_; ++i) {
+    const float* const* we = w + 1 + kPerExpert * i;
+    float* const* ge = g + 1 + kPerExpert * i;
+    const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;
+    be_.matmul_backward(dfc, ge[kFc2W], ge[kFc2B], dexpert_out + in, s.gelu_out + mid, we[kFc2W], rows, f_, h_);
+    be_.gelu_backward(dfc, s.fc1_out + mid, dfc, static_cast<std::size_t>(rows) * f_);
+    be_.matmul_backward(dexpert_in + in, ge[kFc1W], ge[kFc1B], dfc, s.expert_in + in, we[kFc1W], rows, h_, f_);
+  }
+  be_.free(dfc);
+  be_.free(dexpert_out);
+
+  // Back to the tokens' ranks: the dispatch's backward sums each token's kept choices.
+  if (ep_.active()) {
+    float* send = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    from_experts(send, dexpert_in);
+    be_.free(dexpert_in);
+    float* ddispatch = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    ep_.comm->all_to_all(send, ddispatch, static_cast<std::size_t>(El_) * C_ * h_);
+    be_.free(send);
+    be_.moe_dispatch_backward(du, ddispatch, s.expert, s.slot, N_, E_, k_, C_, h_);
+    be_.free(ddispatch);
+  } else {
+    be_.moe_dispatch_backward(du, dexpert_in, s.expert, s.slot, N_, E_, k_, C_, h_);
+    be_.free(dexpert_in);
+  }
+
+  // The router: the gates' softmax, the auxiliary loss, and the router's input gradient added to du.
+  float* dlogits = scratch(N * E);
+  be_.moe_router_backward(dlogits, dgate, s.gate, s.expert, N_, E_, k_);
+  if (moe_.aux_loss > 0.0) {
+    // This micro-batch's share of the objective: b/G = loss_scale · N.
+    auto* sum = static_cast<double*>(be_.alloc(sizeof(double), MemCategory::workspace));
+    be_.zero(sum, sizeof(double));
+    be_.moe_aux_loss(dlogits, sum, s.probs, s.counts, N_, E_, k_, static_cast<float>(moe_.aux_loss),
+                     loss_scale_ * static_cast<float>(N_));
+    double value = 0.0;
+    be_.download(&value, sum, sizeof(double));
+    be_.free(sum);
+    aux_sum_ += value;
+  }
+  float* du_router = scratch(N * h_);
+  be_.matmul_backward(du_router, g[kRouter], nullptr, dlogits, u, w[kRouter], N_, h_, E_);
+  be_.accumulate(du, du_router, N * h_);
+  be_.free(du_router);
+  be_.free(dlogits);
+  be_.free(dgate);
+}
+
+void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep) {
+  const ArchSpec& a = plan.arch;
+  const int64_t N = static_cast<int64_t>(plan.micro_batch) * a.seq, E = moe.experts, k = moe.top_k;
+  const int64_t h = a.hidden, f = a.ffn, C = moe_capacity(moe, N), slots = E * C;
+  const int64_t bias = a.biases ? 1 : 0, e = plan.precision.act_bytes;
+  constexpr int64_t kIndex = 4;  // int32 expert indices, slots and counts
+  // The router, and E/ep experts, each the model's MLP.
+  plan.mlp_parameters = h * E + E / ep * (a.mlp_in_width() * h + bias * a.mlp_in_width() + f * h + bias * h);
+  // Kept per block: full softmax (N, E), gates (N, k), expert indices and slots (N, k), counts (2E),
+  // the local experts' input slots, fc1 output and activation (ep·C rows each of E/ep experts: E·C),
+  // and the combined expert outputs (E, C, h).
+  plan.mlp_activation_bytes = e * (N * E + N * k + 2 * slots * h + 2 * slots * f) + kIndex * (2 * N * k + 2 * E);
+  // Backward: the gates' gradient, then the larger of (the experts' output and input gradients and one
+  // expert's dfc1) and (the router logits' gradient and its input gradient); the auxiliary loss's sum.
+  plan.mlp_workspace_bytes =
+      e * N * k + std::max(e * (2 * slots * h + ep * C * f), e * (N * E + N * h) + (moe.aux_loss > 0.0 ? 8 : 0));
+  // ep > 1: two (E, C, h) buffers around each all-to-all.
+  plan.mlp_comm_bytes = ep > 1 ? 2 * slots * h * e : 0;
+}
+
+MoeStepStats MoeMlp::take_step_stats() {
+  MoeStepStats st;
+  st.kept = kept_;
+  st.dropped = dropped_;
+  st.aux_loss = aux_sum_ * static_cast<double>(loss_scale_) * N_;  // (b/G) Σ aux
+  aux_sum_ = 0.0;
+  std::fill(kept_.begin(), kept_.end(), 0);
+  std::fill(dropped_.begin(), dropped_.end(), 0);
+  return st;
+}
+
+}  // namespace pb

@@ -1,0 +1,90 @@
+// The mixture-of-experts MLP of SPEC section 9 (Switch Transformer, Fedus et al. 2021; GShard,
+// Lepikhin et al. 2020), with its experts shared out over the expert-parallel group.
+//
+// Per block and micro-batch of N = b·S tokens (u: LayerNorm2's output, (N, h)):
+//   route     logits = u·router.w (N, E); top-k experts per token, gates = softmax over the k logits
+//   assign    the first C assignments of each expert in (token, choice) order are kept, the rest
+//             dropped (C = ceil(capacity_factor·k·N/E), at most N; capacity factor 0: C = N)
+//   dispatch  kept tokens copied into expert slots (E, C, h); all-to-all over the ep group sends
+//             expert e's slots to the rank that holds it (ranks hold E/ep consecutive experts)
+//   experts   each local expert's MLP over its ep·C slots (C from each rank of the group)
+//   combine   all-to-all back; out[n] = Σ over kept choices of gate · expert output
+// Backward runs the same way in reverse: two more all-to-alls per block and micro-batch.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/memory_model.h"
+#include "common/model.h"
+#include "common/parallel.h"
+
+namespace pb {
+
+struct MoeOptions {
+  int experts = 8;
+  int top_k = 2;
+  double capacity_factor = 1.0;  // 0: no capacity limit (dropless)
+  double aux_loss = 0.0;         // Switch Transformer load-balancing coefficient; 0: none
+};
+
+// Expert slots per micro-batch: C = min(N, ceil(capacity_factor · k · N / E)); N when the factor is 0.
+int moe_capacity(const MoeOptions& moe, int64_t tokens);
+
+// What the MoE layers routed during one step, on this rank: the channel from the model's MLP part to
+// the strategy, which sums it over the data-parallel group and records it.
+struct MoeStepStats {
+  std::vector<int64_t> kept;     // [layers, experts]: kept assignments
+  std::vector<int64_t> dropped;  // [layers]: assignments dropped by capacity
+  double aux_loss = 0.0;         // the auxiliary term added to the objective: (b/G) Σ_micro-batches Σ_layers aux
+};
+
+class MoeMlp final : public MlpPart {
+ public:
+  // loss_scale: 1 / (G·S), the weight of one token in the step's objective.
+  MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend, const ExpertParallel& ep, int micro_batch,
+         float loss_scale);
+  ~MoeMlp() override;
+
+  std::vector<TensorSpec> tensors() const override;
+  int64_t global_parameters() const override;
+  std::string flops_term() const override { return "k*2*h*f + h*E"; }
+  double matmul_weights_per_token() const override {
+    return static_cast<double>(k_) * 2.0 * h_ * f_ + static_cast<double>(h_) * E_;
+  }
+  std::unique_ptr<PartState> forward(int layer, const float* const* w, const float* u, float* out) override;
+  void backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u,
+                const float* dout, float* du) override;
+
+  int experts() const { return E_; }
+  int capacity() const { return C_; }
+  int local_experts() const { return El_; }
+  // The statistics since the last call (counted in backward, once per micro-batch and block, so that
+  // recomputation does not count twice), and a reset.
+  MoeStepStats take_step_stats();
+
+ private:
+  struct Saved;
+  // Rows of the ep ranks' slots for the local experts: all-to-all output [rank][local expert][C] to
+  // [local expert][rank][C] (to_experts), and back (from_experts).
+  void to_experts(float* dst, const float* src) const;
+  void from_experts(float* dst, const float* src) const;
+
+  ModelConfig model_;
+  MoeOptions moe_;
+  Backend& be_;
+  ExpertParallel ep_;
+  int N_, E_, k_, El_, C_, h_, f_;
+  float loss_scale_;
+  double aux_sum_ = 0.0;  // Σ coef·E·Σ_e f_e·P_e since the last take
+  std::vector<int64_t> kept_, dropped_;
+};
+
+// The memory model of the part (what MoeMlp allocates), completing an app's or the planner's plan:
+// this rank's MLP parameters per block, its activations, backward scratch and all-to-all buffers.
+// tokens = b·S of one micro-batch; ep ranks share the experts.
+void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep);
+
+}  // namespace pb
