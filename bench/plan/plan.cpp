@@ -108,12 +108,44 @@ std::vector<CommEstimate> tp_collectives(const PlanConfig& c) {
   return out;
 }
 
+// Expert parallelism's collectives of one step, as parabench-ep issues them (bench/ep/README.md,
+// "Communication per step per rank"). ep > 1: per micro-batch and block, two all-to-alls in forward
+// (dispatch, combine) and two in backward, two more per block with full recomputation, each of the
+// (E, C, h) slot buffer, over the ep group (consecutive ranks): blocking, the experts wait for their
+// tokens. Once per step: the replicated parameters' gradients all-reduced over dp (the app's L + 1
+// runs of its flat buffer, one pass here), and the experts' over the dp/ep ranks holding the same
+// experts (ep apart; L runs), overlapped with backward unless --no-overlap.
+std::vector<CommEstimate> ep_collectives(const PlanConfig& c, int64_t rank_parameters) {
+  const MemoryPlan& m = c.memory;
+  const ArchSpec& a = m.arch;
+  const int64_t N = static_cast<int64_t>(m.micro_batch) * a.seq, L = a.layers, E = c.moe.experts;
+  // This rank's expert parameters: its MLP part per block (plan_moe_memory) less the router's h·E.
+  const int64_t experts = L * (m.mlp_parameters - a.hidden * E), replicated = rank_parameters - experts;
+  std::vector<CommEstimate> out;
+  if (c.ep > 1) {
+    const int64_t calls = (4 * L + (m.recompute == "full" ? 2 * L : 0)) * c.grad_accum;
+    CommEstimate e = collective(c, "all_to_all", "expert slots (ep dispatch, combine)",
+                                E * moe_capacity(c.moe, N) * a.hidden * m.precision.act_bytes, c.ep, 1, calls);
+    e.blocking = true;
+    out.push_back(e);
+  }
+  if (c.dp > 1) {
+    out.push_back(collective(c, "all_reduce", "replicated gradients (dp)", replicated * m.precision.grad_bytes, c.dp, 1, 1));
+  }
+  if (c.dp / c.ep > 1) {
+    out.push_back(collective(c, "all_reduce", "expert gradients (dp/ep)", experts * m.precision.grad_bytes,
+                             c.dp / c.ep, c.ep, 1));
+  }
+  return out;
+}
+
 // The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local).
 std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
   const PrecisionSpec& p = c.memory.precision;
   const int64_t grad_bytes = parameters * p.grad_bytes, weight_bytes = parameters * p.param_bytes;
   const int64_t micro_steps = c.grad_accum;
   std::vector<CommEstimate> out;
+  if (c.is_moe()) return ep_collectives(c, parameters);
   if (c.app == "tp") {
     out = tp_collectives(c);
     // The dp group: ranks tp apart, holding the same slices; one all-reduce of a rank's gradients.
@@ -204,21 +236,57 @@ std::vector<std::string> gpu_names() {
   return names;
 }
 
+int64_t PlanConfig::capacity() const {
+  return is_moe() ? moe_capacity(moe, static_cast<int64_t>(memory.micro_batch) * memory.arch.seq) : 0;
+}
+
 namespace {
 // Forward FLOPs of one block per token: 2 per multiply-add of each weight matrix, and the two S×S
 // attention products (Q·Kᵀ and P·V, 2·S·h each, counted in full as SPEC 6 and Megatron do).
 double attention_core_flops_per_token(const ArchSpec& a) { return 4.0 * a.seq * a.hidden; }
-double block_forward_flops_per_token(const ArchSpec& a) {
+double attention_part_flops_per_token(const ArchSpec& a) {
   const double h = a.hidden;
   return 2.0 * h * a.qkv_width()                  // Q, K, V projections
          + 2.0 * h * h                            // output projection
-         + 2.0 * h * (a.mlp_in_width() + a.ffn)   // fc1 (gate and up) and fc2
          + attention_core_flops_per_token(a);     // attention scores and values
+}
+// One MLP (the dense one, or one expert) over one token: fc1 (gate and up) and fc2.
+double mlp_flops_per_token(const ArchSpec& a) { return 2.0 * a.hidden * (a.mlp_in_width() + a.ffn); }
+double block_forward_flops_per_token(const ArchSpec& a) {
+  return attention_part_flops_per_token(a) + mlp_flops_per_token(a);
+}
+double head_flops_per_token(const ArchSpec& a) { return 2.0 * a.hidden * a.vocab; }
+// MoE: the router's logits, x·router.w (h × E).
+double router_flops_per_token(const ArchSpec& a, const MoeOptions& moe) { return 2.0 * a.hidden * moe.experts; }
+// What one MoE block executes forward for one micro-batch of N tokens: attention and the router per
+// token, the experts over the E·C slots (every slot computed, empty or not: the padded exchange).
+double moe_block_forward_flops_per_micro_batch(const ArchSpec& a, const MoeOptions& moe, int micro_batch) {
+  const int64_t N = static_cast<int64_t>(micro_batch) * a.seq;
+  const double slots = static_cast<double>(moe.experts) * moe_capacity(moe, N);
+  return static_cast<double>(N) * (attention_part_flops_per_token(a) + router_flops_per_token(a, moe)) +
+         slots * mlp_flops_per_token(a);
 }
 }  // namespace
 
+double moe_model_flops_per_step(const ArchSpec& a, const MoeOptions& moe, int64_t global_batch) {
+  const double block = attention_part_flops_per_token(a) + router_flops_per_token(a, moe) +
+                       moe.top_k * mlp_flops_per_token(a);  // k experts per token in place of the dense MLP
+  return 3.0 * static_cast<double>(global_batch) * a.seq * (a.layers * block + head_flops_per_token(a));
+}
+
+double moe_hardware_flops_per_step(const ArchSpec& a, const MoeOptions& moe, int64_t global_batch, int micro_batch,
+                                   const std::string& recompute) {
+  const double micro_batches = static_cast<double>(global_batch) / micro_batch;  // over all ranks
+  const double tokens = static_cast<double>(global_batch) * a.seq;
+  const double blocks = micro_batches * a.layers * moe_block_forward_flops_per_micro_batch(a, moe, micro_batch);
+  double flops = 3.0 * (blocks + tokens * head_flops_per_token(a));
+  if (recompute == "full") flops += blocks;
+  if (recompute == "selective") flops += tokens * a.layers * attention_core_flops_per_token(a);
+  return flops;
+}
+
 double model_flops_per_step(const ArchSpec& a, int64_t global_batch) {
-  const double per_token = a.layers * block_forward_flops_per_token(a) + 2.0 * a.hidden * a.vocab;  // + the head
+  const double per_token = a.layers * block_forward_flops_per_token(a) + head_flops_per_token(a);
   return 3.0 * static_cast<double>(global_batch) * a.seq * per_token;  // forward + backward (2× forward)
 }
 
@@ -240,12 +308,18 @@ PlanResult evaluate(const PlanConfig& c) {
     for (int64_t bytes : r.per_rank.bytes) r.per_rank.peak_total += bytes;
   } else {
     r.parameters = total_parameters(m.arch);
+    if (c.is_moe()) {  // the router and all E experts in every block: the plan of one ep rank holding them all
+      MemoryPlan whole = m;
+      plan_moe_memory(whole, c.moe, 1);
+      r.parameters = 0;
+      for (int64_t u : unit_parameter_counts(whole)) r.parameters += u;
+    }
     r.per_rank = predict_memory(m);  // with m.tp and m.sequence_parallel: one tp rank's slices
   }
   r.rank_parameters = r.parameters;
-  if (!c.model_states_only() && m.tp > 1) {
-    r.rank_parameters = 0;
-    for (int64_t u : unit_parameter_counts(m.arch, m.tp)) r.rank_parameters += u;
+  if (!c.model_states_only() && (m.tp > 1 || c.is_moe())) {
+    r.rank_parameters = 0;  // tp: a rank's slices; ep: the replicated parameters and its E/ep experts
+    for (int64_t u : unit_parameter_counts(m)) r.rank_parameters += u;
   }
   r.model_state_bytes = r.per_rank[MemCategory::parameters] + r.per_rank[MemCategory::master_parameters] +
                         r.per_rank[MemCategory::gradients] + r.per_rank[MemCategory::optimizer_states];
@@ -261,8 +335,15 @@ PlanResult evaluate(const PlanConfig& c) {
 
   if (!c.model_states_only()) {
     r.has_time = true;
-    r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
-    r.hardware_flops_per_step = r.model_flops_per_step + recompute_flops_per_step(m.arch, c.global_batch, m.recompute);
+    if (c.is_moe()) {
+      r.model_flops_per_step = moe_model_flops_per_step(m.arch, c.moe, c.global_batch);
+      r.hardware_flops_per_step =
+          moe_hardware_flops_per_step(m.arch, c.moe, c.global_batch, m.micro_batch, m.recompute);
+    } else {
+      r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
+      r.hardware_flops_per_step =
+          r.model_flops_per_step + recompute_flops_per_step(m.arch, c.global_batch, m.recompute);
+    }
     // --mfu is the share of peak the GPUs sustain on what they execute, recomputation included.
     r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * c.peak_tflops * 1e12 * c.mfu);
     r.comm = step_collectives(c, r.rank_parameters);
@@ -270,7 +351,7 @@ PlanResult evaluate(const PlanConfig& c) {
       r.comm_s += e.seconds;
       if (e.blocking) r.blocking_comm_s += e.seconds;
     }
-    // Overlapped communication hides behind compute; blocking collectives (tp's) add to it.
+    // Overlapped communication hides behind compute; blocking collectives (tp's, ep's) add to it.
     const double overlappable = r.comm_s - r.blocking_comm_s;
     r.step_s = c.overlap ? std::max(r.compute_s, overlappable) + r.blocking_comm_s : r.compute_s + r.comm_s;
     r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;

@@ -3,8 +3,10 @@
 // formulas the apps record), cluster totals, a fit verdict and a labelled step-time estimate.
 // docs/memory-model.md derives the memory formulas; README.md here the time model and the options.
 //
-// Modelled: dp, fsdp and tp (tensor parallelism × data parallelism, with or without sequence
-// parallelism). Not modelled yet: pp, ep, cp and hybrid layouts (their apps bring their formulas).
+// Modelled: dp, fsdp, tp (tensor parallelism × data parallelism, with or without sequence
+// parallelism) and ep (the mixture-of-experts model of bench/ep, expert parallelism × data
+// parallelism; its memory is bench/ep's plan_moe_memory). Not modelled yet: pp, cp and hybrid layouts
+// (their apps bring their formulas).
 #pragma once
 
 #include <cstdint>
@@ -12,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/ep/moe.h"
 #include "common/memory_model.h"
 
 namespace pb::plan {
@@ -35,12 +38,15 @@ std::vector<std::string> gpu_names();
 struct PlanConfig {
   std::string model;          // preset name, or "custom"
   int64_t params_override = 0;  // --params N: model states only, of N parameters in one unit
-  std::string app;            // dp | fsdp | tp
+  std::string app;            // dp | fsdp | tp | ep
   int ranks = 1;              // world size W
   int gpus_per_node = 8;
-  int dp = 1;                 // dp = W for the dp and fsdp apps, W / tp for the tp app
+  int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for the tp app
+  int ep = 1;                 // --app ep: expert-parallel degree (groups of ep consecutive dp ranks); else 1
+  MoeOptions moe;             // --app ep: experts, top-k, capacity factor, auxiliary loss
   // arch, precision, micro-batch, recompute, attention, shard, shard ranks, and the tp degree
-  // (memory.tp, 1 but for --app tp) and sequence parallelism (memory.sequence_parallel, only with tp > 1)
+  // (memory.tp, 1 but for --app tp) and sequence parallelism (memory.sequence_parallel, only with tp > 1);
+  // --app ep: the MoE part's terms (memory.mlp_*, set by plan_moe_memory)
   MemoryPlan memory;
   std::string backend, dtype, grad_dtype;
   int64_t global_batch = 1;
@@ -59,25 +65,30 @@ struct PlanConfig {
   int tp() const { return memory.tp; }
   bool sequence_parallel() const { return memory.sequence_parallel; }
   bool model_states_only() const { return params_override > 0; }
+  bool is_moe() const { return app == "ep"; }
+  // --app ep: expert slots per expert and micro-batch (bench/ep's moe_capacity of b·S tokens).
+  int64_t capacity() const;
 };
 
 // One collective of the step-time estimate.
 struct CommEstimate {
-  std::string op;       // all_reduce | all_gather | reduce_scatter
+  std::string op;       // all_reduce | all_gather | reduce_scatter | all_to_all
   std::string what;     // "gradients", "parameters", ...
   int64_t bytes = 0;    // buffer size per call (the full, unsharded tensor; nccl-tests' "size")
   int ranks = 1;        // ranks in the group
   int64_t calls = 0;    // whole-model passes per step (the apps issue one call per unit or bucket);
-                        // tp: calls per step, the cross-entropy statistics' two (N and 2N floats) as one
+                        // tp: calls per step, the cross-entropy statistics' two (N and 2N floats) as one;
+                        // ep: the all-to-alls' calls per step; its all-reduces one pass each (L + 1 and L calls)
   double link_gbps = 0; // rate used
   double seconds = 0;   // per step, all calls
-  bool blocking = false;  // on the critical path whatever the overlap: tp's collectives
+  bool blocking = false;  // on the critical path whatever the overlap: tp's collectives, ep's all-to-alls
 };
 
 struct PlanResult {
   PlanConfig config;
-  int64_t parameters = 0;                // of the whole model
-  int64_t rank_parameters = 0;           // a rank's slices before any sharding: P_local of tp, P otherwise
+  int64_t parameters = 0;                // of the whole model (ep: the router and all E experts per block)
+  int64_t rank_parameters = 0;           // a rank's slices before any sharding: P_local of tp, ep's
+                                         // replicated parameters and E/ep experts per block, P otherwise
   MemoryEstimate per_rank;               // every category and peak_total, bytes
   int64_t model_state_bytes = 0;         // parameters + master + gradients + optimizer, one rank
   double model_state_bytes_per_param = 0;  // model_state_bytes / parameters
@@ -89,7 +100,7 @@ struct PlanResult {
   double model_flops_per_step = 0;       // SPEC 6, generalised (model_flops_per_step below)
   double hardware_flops_per_step = 0;    // + what recomputation runs again (recompute_flops_per_step)
   double compute_s = 0, comm_s = 0, step_s = 0, tokens_per_s = 0;
-  double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's collectives)
+  double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's, ep's collectives)
   std::vector<CommEstimate> comm;
 };
 
@@ -100,6 +111,15 @@ double model_flops_per_step(const ArchSpec& arch, int64_t global_batch);
 // FLOPs that recomputation adds to a step: full, one more forward of every block; selective, the
 // attention products Q·Kᵀ and P·V again. Model FLOPs never count them (SPEC 6); the time does.
 double recompute_flops_per_step(const ArchSpec& arch, int64_t global_batch, const std::string& recompute);
+
+// --app ep (the mixture of experts of bench/ep): each block's MLP is a router (2·h·E FLOPs per token
+// forward) and k expert MLPs per token, in place of one dense MLP. Model FLOPs count the k experts of
+// every token (dropped assignments included); what the GPUs execute (the time) counts the experts over
+// their E·C slots per micro-batch (capacity padding; dropped assignments not at all), and recomputation
+// as above (full: the MoE block's forward again, slots included; selective: attention only).
+double moe_model_flops_per_step(const ArchSpec& arch, const MoeOptions& moe, int64_t global_batch);
+double moe_hardware_flops_per_step(const ArchSpec& arch, const MoeOptions& moe, int64_t global_batch, int micro_batch,
+                                   const std::string& recompute);
 
 // The whole plan: memory, fit, time. Closed-form: no loop over ranks.
 PlanResult evaluate(const PlanConfig& config);

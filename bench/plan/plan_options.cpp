@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <set>
 #include <tuple>
@@ -29,7 +30,6 @@ struct Unmodelled {
 };
 constexpr Unmodelled kUnmodelledApps[] = {
     {"pp", "its app (issue 5) brings its formulas"},
-    {"ep", "its app brings its formulas when it is built"},
     {"cp", "its app brings its formulas when it is built"},
     {"hybrid", "it combines the formulas of tp, pp and fsdp once pp's app exists"},
 };
@@ -46,7 +46,10 @@ struct RawOptions {
   int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
   int tp = 1;                  // --app tp; 1 for dp and fsdp
   bool sequence_parallel = false;
-  int pp = 1, cp = 1, ep = 1;  // accepted so that degree 1 works; above 1 not modelled yet
+  int pp = 1, cp = 1;         // accepted so that degree 1 works; above 1 not modelled yet
+  int ep = 1;                 // --app ep; 1 for the other apps
+  int experts = 8, top_k = 2;  // --app ep: parabench-ep's options and defaults
+  double capacity_factor = 1.0, aux_loss = 0.0;
   std::string shard = "FULL_SHARD";
   int shard_group = 0;
   bool no_prefetch = false, no_overlap = false;
@@ -106,7 +109,7 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
   cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
   // Layout.
-  cli->add_option("--app", r.app, "dp | fsdp | tp (pp, ep, cp, hybrid: not modelled yet)")->capture_default_str();
+  cli->add_option("--app", r.app, "dp | fsdp | tp | ep (pp, cp, hybrid: not modelled yet)")->capture_default_str();
   cli->add_option("--gpus", r.gpus, "ranks in the cluster (one per GPU)");
   cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
   cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
@@ -117,7 +120,15 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
                 "tp: split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
   cli->add_option("--pp", r.pp, "pipeline-parallel degree: only 1 (pp is not modelled yet)")->capture_default_str();
   cli->add_option("--cp", r.cp, "context-parallel degree: only 1 (cp is not modelled yet)")->capture_default_str();
-  cli->add_option("--ep", r.ep, "expert-parallel degree: only 1 (ep is not modelled yet)")->capture_default_str();
+  cli->add_option("--ep", r.ep, "ep: expert-parallel degree, groups of N consecutive dp ranks share the experts "
+                  "(other apps: only 1)")->capture_default_str();
+  cli->add_option("--experts", r.experts, "ep: experts per MoE layer (E)")->capture_default_str();
+  cli->add_option("--top-k", r.top_k, "ep: experts per token (k)")->capture_default_str();
+  cli->add_option("--capacity-factor", r.capacity_factor,
+                  "ep: expert capacity C = ceil(factor·k·b·S/E) per micro-batch; 0: no limit (dropless)")
+      ->capture_default_str();
+  cli->add_option("--aux-loss", r.aux_loss, "ep: Switch Transformer load-balancing loss coefficient (0: none)")
+      ->capture_default_str();
   cli->add_option("--shard", r.shard,
                   "fsdp: NO_SHARD|ZERO1|SHARD_GRAD_OP|FULL_SHARD|HYBRID_SHARD (NO_OP, FULLY_SHARD aliases)")
       ->capture_default_str();
@@ -125,7 +136,7 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--no-prefetch", r.no_prefetch, "fsdp: gather one unit at a time, no overlap");
   cli->add_option("--bucket-mb", r.bucket_mb, "dp: gradient bucket size in MiB (no memory: buckets are views)")
       ->capture_default_str();
-  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp: the gradient all-reduce after backward, not during it");
+  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp, ep: the gradient all-reduce after backward, not during it");
   // Batch, precision, backend.
   cli->add_option("--micro-batch", r.micro_batch, "samples per micro-batch")->capture_default_str();
   cli->add_option("--global-batch", r.global_batch, "samples per step (default micro-batch · dp)");
@@ -165,31 +176,39 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   // ---- app ------------------------------------------------------------------------------------------
   for (const Unmodelled& u : kUnmodelledApps) {
     if (r.app == u.app) {
-      reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp and tp)");
+      reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp, tp and ep)");
     }
   }
-  for (auto [option, degree, app] : {std::tuple{"--pp", r.pp, "pp"}, {"--cp", r.cp, "cp"}, {"--ep", r.ep, "ep"}}) {
+  for (auto [option, degree, app] : {std::tuple{"--pp", r.pp, "pp"}, {"--cp", r.cp, "cp"}}) {
     if (degree == 1) continue;
     require_positive(option, degree);
     for (const Unmodelled& u : kUnmodelledApps) {
       if (std::string(app) == u.app) {
         reject(std::string(option) + " " + std::to_string(degree) + ": not modelled yet; " + u.source +
-               " (the planner models dp, fsdp and tp, where every other degree is 1)");
+               " (the planner models dp, fsdp, tp and ep, where every other degree is 1)");
       }
     }
   }
-  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp") {
-    reject("--app " + r.app + " must be dp, fsdp or tp (pp, ep, cp, hybrid: not modelled yet)");
+  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp" && r.app != "ep") {
+    reject("--app " + r.app + " must be dp, fsdp, tp or ep (pp, cp, hybrid: not modelled yet)");
   }
   c.app = r.app;
   require_positive("--tp", r.tp);
+  require_positive("--ep", r.ep);
   if (r.tp > 1 && c.app == "fsdp") {
     reject("--tp " + std::to_string(r.tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet "
            "(--app tp models tp × dp)");
   }
-  if (r.tp > 1 && c.app == "dp") {
-    reject("--tp " + std::to_string(r.tp) +
-           " is a degree of --app tp; --app dp has no tensor parallelism (use --app tp)");
+  if (r.tp > 1 && (c.app == "dp" || c.app == "ep")) {
+    reject("--tp " + std::to_string(r.tp) + " is a degree of --app tp; --app " + c.app +
+           " has no tensor parallelism (use --app tp)");
+  }
+  if (r.ep > 1 && c.app != "ep") {
+    reject("--ep " + std::to_string(r.ep) + " is a degree of --app ep; --app " + c.app +
+           " has no expert parallelism (use --app ep)");
+  }
+  for (const char* option : {"--experts", "--top-k", "--capacity-factor", "--aux-loss"}) {
+    if (c.app != "ep" && given(option)) reject(std::string(option) + " is an option of --app ep, not of --app " + c.app);
   }
   const int tp = c.app == "tp" ? r.tp : 1;
   for (const char* option : {"--shard", "--shard-group", "--no-prefetch"}) {
@@ -197,7 +216,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   }
   if (c.app != "dp" && given("--bucket-mb")) reject("--bucket-mb is an option of --app dp, not of --app " + c.app);
   if (c.app == "fsdp" && given("--no-overlap")) {
-    reject("--no-overlap is an option of --app dp and --app tp, not of --app fsdp (use --no-prefetch)");
+    reject("--no-overlap is an option of --app dp, tp and ep, not of --app fsdp (use --no-prefetch)");
   }
   if (c.app != "tp" && given("--sequence-parallel")) {
     reject("--sequence-parallel is an option of --app tp, not of --app " + c.app);
@@ -207,6 +226,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   ArchSpec& a = c.memory.arch;
   if (given("--params")) {
     if (c.app == "tp") reject("--params has no model shape to slice: --app tp needs --model (and shape options)");
+    if (c.app == "ep") reject("--params has no MLP to split into experts: --app ep needs --model (and shape options)");
     for (const char* option : {"--model", "--layers", "--hidden", "--heads", "--kv-heads", "--seq", "--vocab", "--ffn",
                                "--gated-mlp", "--tied-embeddings"}) {
       if (given(option)) reject(std::string("--params replaces the model: give either --params or ") + option);
@@ -315,7 +335,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     }
     m.prefetch = !r.no_prefetch;
     c.overlap = m.prefetch;
-  } else {  // dp and tp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
+  } else {  // dp, tp and ep: no sharding; every rank of a dp group holds the same (tp: sliced) model states
     m.shard = ShardStrategy::no_shard;
     m.shard_ranks = 1;
     if (!(r.bucket_mb > 0 && std::isfinite(r.bucket_mb))) reject("--bucket-mb " + str(r.bucket_mb) + " must be positive");
@@ -385,6 +405,40 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   c.link_gbps = given("--link-gbps") ? r.link_gbps : 0.0;
   if (given("--gpu-memory")) require_positive_real("--gpu-memory", r.gpu_memory);
   c.gpu_memory_gib = given("--gpu-memory") ? r.gpu_memory : 0.0;
+
+  // ---- expert parallelism: what parabench-ep validates; its memory model completes the plan --------------
+  if (c.app == "ep") {
+    MoeOptions& moe = c.moe;
+    moe.experts = r.experts;
+    moe.top_k = r.top_k;
+    moe.capacity_factor = r.capacity_factor;
+    moe.aux_loss = r.aux_loss;
+    const std::string E = std::to_string(moe.experts);
+    require_positive("--experts", moe.experts);
+    if (moe.top_k < 1 || moe.top_k > moe.experts) {
+      reject("--top-k " + std::to_string(moe.top_k) + " must be between 1 and --experts " + E);
+    }
+    if (!(moe.capacity_factor >= 0.0) || moe.capacity_factor > 1e6) {
+      reject("--capacity-factor " + str(moe.capacity_factor) + " must be 0 (no limit) or positive (at most 1e6)");
+    }
+    if (!(moe.aux_loss >= 0.0) || moe.aux_loss > 1e6) {
+      reject("--aux-loss " + str(moe.aux_loss) + " must be 0 (none) or positive (at most 1e6)");
+    }
+    if (moe.experts % r.ep != 0) {
+      reject("--experts " + E + " is not divisible by --ep " + std::to_string(r.ep) +
+             " (each rank of an ep group holds E/ep whole experts)");
+    }
+    if (c.dp % r.ep != 0) {
+      reject("--ep " + std::to_string(r.ep) + " does not divide the data-parallel degree " + std::to_string(c.dp) +
+             " (ep groups are consecutive dp ranks)");
+    }
+    if (static_cast<int64_t>(r.micro_batch) * a.seq > std::numeric_limits<int>::max()) {
+      reject("--micro-batch × --seq " + std::to_string(static_cast<int64_t>(r.micro_batch) * a.seq) +
+             " is too many tokens per micro-batch for the expert slots");
+    }
+    c.ep = r.ep;
+    plan_moe_memory(m, moe, c.ep);  // bench/ep's model: the router, E/ep experts, their activations and buffers
+  }
   return c;
 }
 

@@ -116,13 +116,27 @@ std::string layout_text(const PlanConfig& c) {
            (c.tp() == 1 ? " (no tensor parallelism)"
                         : c.sequence_parallel() ? " with sequence parallelism" : " without sequence parallelism") +
            (c.overlap ? ", dp all-reduce overlapped with backward" : ", dp all-reduce after backward");
+  } else if (c.is_moe()) {
+    const MoeOptions& moe = c.moe;
+    out += ", ep " + std::to_string(c.ep) + ": " + std::to_string(moe.experts) + " experts, top-" +
+           std::to_string(moe.top_k) + ", " + std::to_string(moe.experts / c.ep) + " per rank; capacity factor " +
+           printf_string("%g", moe.capacity_factor) +
+           (moe.capacity_factor > 0 ? "" : " (no limit)") + ": " + std::to_string(c.capacity()) +
+           " slots per expert and micro-batch; aux-loss " + printf_string("%g", moe.aux_loss) +
+           (c.overlap ? "; all-reduces overlapped with backward" : "; all-reduces after backward");
   } else {
     out += c.overlap ? ", all-reduce overlapped with backward" : ", all-reduce after backward";
   }
   out += "; " + std::to_string(c.ranks) + " ranks = " + std::to_string(c.nodes()) + " node" +
          (c.nodes() > 1 ? "s" : "") + " × " + std::to_string(c.gpus_per_node) + " GPUs, ";
-  out += c.app == "tp" ? "tp " + std::to_string(c.tp()) + " × dp " + std::to_string(c.dp)
-                       : "dp " + std::to_string(c.dp);
+  if (c.app == "tp") {
+    out += "tp " + std::to_string(c.tp()) + " × dp " + std::to_string(c.dp);
+  } else if (c.is_moe()) {
+    out += "dp " + std::to_string(c.dp) + " in " + std::to_string(c.dp / c.ep) + " ep group" +
+           (c.dp / c.ep > 1 ? "s" : "") + " of " + std::to_string(c.ep);
+  } else {
+    out += "dp " + std::to_string(c.dp);
+  }
   return out;
 }
 
@@ -136,7 +150,8 @@ std::string header(const PlanResult& r) {
     out += "parabench-plan: " + c.model + ", " + with_separators(r.parameters) + " parameters (" +
            short_count(r.parameters) + ")";
     if (r.rank_parameters != r.parameters) {
-      out += ", " + with_separators(r.rank_parameters) + " (" + short_count(r.rank_parameters) + ") per tp rank";
+      out += ", " + with_separators(r.rank_parameters) + " (" + short_count(r.rank_parameters) + ") per " +
+             (c.is_moe() ? "rank (replicated + its experts)" : "tp rank");
     }
     out += "\n";
     out += "model:     " + describe_arch(c.memory.arch) + "\n";
@@ -160,8 +175,16 @@ std::string time_text(const PlanResult& r) {
   const PlanConfig& c = r.config;
   std::string out = "step-time estimate (closed-form, not a measurement; see bench/plan/README.md):\n";
   const bool recomputes = r.hardware_flops_per_step > r.model_flops_per_step;
-  out += "  compute        " + printf_string("%.3g", r.hardware_flops_per_step) + " FLOPs per step" +
-         (recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation)" : " (model FLOPs)") +
+  std::string flops_note;
+  if (c.is_moe()) {  // hardware: the experts over their E·C slots; model: k experts per token
+    flops_note = " (executed: experts over " + std::to_string(c.moe.experts) + " × " + std::to_string(c.capacity()) +
+                 " slots per micro-batch" + (c.memory.recompute != "none" ? ", + recomputation" : "") + "; model FLOPs " +
+                 printf_string("%.3g", r.model_flops_per_step) + ", k experts per token and the router)";
+  } else {
+    flops_note = recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation)"
+                            : " (model FLOPs)";
+  }
+  out += "  compute        " + printf_string("%.3g", r.hardware_flops_per_step) + " FLOPs per step" + flops_note +
          " / (" +
          std::to_string(c.ranks) + " ranks × " + printf_string("%g", c.peak_tflops) + " TFLOP/s × MFU " +
          printf_string("%g", c.mfu) + ") = " + seconds(r.compute_s) + "\n";
@@ -174,8 +197,8 @@ std::string time_text(const PlanResult& r) {
   if (!c.overlap) {
     how = " (compute + communication, no overlap)";
   } else if (r.blocking_comm_s > 0) {
-    how = " (the larger of compute and the overlapped communication, + the blocking tp collectives " +
-          seconds(r.blocking_comm_s) + ")";
+    how = std::string(" (the larger of compute and the overlapped communication, + the blocking ") +
+          (c.is_moe() ? "all-to-alls " : "tp collectives ") + seconds(r.blocking_comm_s) + ")";
   } else {
     how = " (communication overlapped with compute: the larger of the two)";
   }
@@ -323,6 +346,13 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
   j["dp"] = c.dp;
   j["tp"] = c.tp();
   j["sequence_parallel"] = c.sequence_parallel();
+  j["ep"] = c.ep;
+  if (c.is_moe()) {
+    j["moe"] = {{"experts", c.moe.experts}, {"top_k", c.moe.top_k}, {"capacity_factor", c.moe.capacity_factor},
+                {"capacity", c.capacity()}, {"aux_loss", c.moe.aux_loss}};
+  } else {
+    j["moe"] = nullptr;
+  }
   j["micro_batch"] = c.memory.micro_batch;
   j["global_batch"] = c.global_batch;
   j["grad_accum"] = c.grad_accum;
@@ -361,7 +391,7 @@ std::string render_csv(const std::vector<PlanResult>& results) {
   std::vector<std::string> head = {"model", "num_parameters", "rank_parameters", "layers", "hidden", "heads",
                                    "kv_heads", "ffn", "vocab", "seq", "gated_mlp", "tied_embeddings", "app", "shard",
                                    "shard_ranks", "ranks", "nodes", "gpus_per_node", "dp", "tp", "sequence_parallel",
-                                   "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
+                                   "ep", "experts", "top_k", "capacity_factor", "capacity", "aux_loss", "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
                                    "backend"};
   for (MemCategory cat : all_mem_categories()) head.push_back(std::string(mem_category_name(cat)) + "_bytes");
   for (const char* name : {"peak_total_bytes", "model_state_bytes_per_param", "cluster_peak_total_bytes",
@@ -385,7 +415,10 @@ std::string render_csv(const std::vector<PlanResult>& results) {
         shape ? (a.tied_embeddings ? "true" : "false") : "", c.app, shard_strategy_name(c.memory.shard),
         std::to_string(c.memory.shard_ranks), std::to_string(c.ranks), std::to_string(c.nodes()),
         std::to_string(c.gpus_per_node), std::to_string(c.dp), std::to_string(c.tp()),
-        c.sequence_parallel() ? "true" : "false", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
+        c.sequence_parallel() ? "true" : "false", std::to_string(c.ep),
+        c.is_moe() ? std::to_string(c.moe.experts) : "", c.is_moe() ? std::to_string(c.moe.top_k) : "",
+        c.is_moe() ? number(c.moe.capacity_factor) : "", c.is_moe() ? std::to_string(c.capacity()) : "",
+        c.is_moe() ? number(c.moe.aux_loss) : "", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
         std::to_string(c.grad_accum), c.memory.recompute, c.dtype, c.grad_dtype, c.backend};
     for (MemCategory cat : all_mem_categories()) row.push_back(std::to_string(r.per_rank[cat]));
     row.push_back(std::to_string(r.per_rank.peak_total));

@@ -1,8 +1,9 @@
 // parabench-plan's model against the published figures (Megatron-LM's 18 and ZeRO's 16 bytes per
 // parameter, ZeRO's 7.5B-on-64-GPUs table), the division of each shard strategy, the activation
 // terms' scaling, the presets' parameter counts, SPEC 6's FLOP formula, tensor parallelism's memory
-// (the tp app's formula) and collectives (bench/tp/README.md), the fit verdict, the validation
-// messages, and speed. Plans are built through the command line, as a user builds them.
+// (the tp app's formula) and collectives (bench/tp/README.md), expert parallelism's memory (bench/ep's
+// plan_moe_memory, called here as parabench-ep calls it), collectives (bench/ep/README.md) and MoE
+// FLOPs, the fit verdict, the validation messages, and speed. Plans are built through the command line, as a user builds them.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -481,6 +482,183 @@ TEST(TensorParallel, TpCollectivesBlockTheStep) {
   EXPECT_NEAR(r.blocking_comm_s / no_sp.blocking_comm_s, 1.25, 1e-3);
 }
 
+// ---- expert parallelism -----------------------------------------------------------------------------------
+
+// The MoE model's parameters as bench/ep/README.md counts them (GELU experts, biases, learned positions):
+// P_rep = V·h + S·h + L·(4h + 3h² + 3h + h² + h + h·E) + 2h + h·V replicated, 2h·f + f + h per expert.
+int64_t replicated_moe_parameters(const ArchSpec& a, int64_t E) {
+  const int64_t h = a.hidden, L = a.layers;
+  return a.vocab * h + a.seq * h + L * (4 * h + 3 * h * h + 3 * h + h * h + h + h * E) + 2 * h + h * a.vocab;
+}
+int64_t expert_parameters(const ArchSpec& a) { return 2 * a.hidden * a.ffn + a.ffn + a.hidden; }
+
+TEST(ExpertParallel, PlannerUsesTheEpAppsFormula) {
+  // parabench-ep's /memory/predicted: memory_plan_for of the run, completed by plan_moe_memory
+  // (bench/ep/main.cpp), through common/memory_model.h.
+  for (const char* model : {"tiny", "small"}) {
+    for (int ep : {1, 2, 4}) {
+      for (double capacity : {0.0, 1.0, 1.25}) {
+        for (const char* recompute : {"none", "selective", "full"}) {
+          for (double aux : {0.0, 0.01}) {
+            Options o;
+            ASSERT_TRUE(model_preset(model, &o.model));
+            o.model.ffn = 4 * o.model.hidden;
+            o.dtype = "fp32";
+            o.micro_batch = 2;
+            o.recompute = recompute;
+            MoeOptions moe;
+            moe.experts = 8;
+            moe.top_k = 2;
+            moe.capacity_factor = capacity;
+            moe.aux_loss = aux;
+            MemoryPlan app_plan = memory_plan_for(o, /*attention_keeps_probabilities=*/true);
+            plan_moe_memory(app_plan, moe, ep);
+            const MemoryEstimate app = predict_memory(app_plan);
+            std::ostringstream command;
+            command << "--model " << model << " --app ep --gpus 4 --ep " << ep << " --experts 8 --top-k 2"
+                    << " --capacity-factor " << capacity << " --aux-loss " << aux << " --backend cpu --dtype fp32"
+                    << " --micro-batch 2 --recompute " << recompute;
+            const PlanResult r = plan_of(command.str());
+            for (MemCategory c : all_mem_categories()) {
+              EXPECT_EQ(r.per_rank[c], app[c]) << command.str() << ": " << mem_category_name(c);
+            }
+            EXPECT_EQ(r.per_rank.peak_total, app.peak_total) << command.str();
+            EXPECT_EQ(r.config.dp, 4);
+            EXPECT_EQ(r.config.ep, ep);
+            EXPECT_EQ(r.config.capacity(), moe_capacity(moe, 2 * o.model.seq));
+            // Parameters: the whole MoE model, and a rank's share (replicated + its E/ep experts).
+            const ArchSpec& a = r.config.memory.arch;
+            const int64_t rep = replicated_moe_parameters(a, 8), expert = expert_parameters(a);
+            EXPECT_EQ(r.parameters, rep + a.layers * 8 * expert) << command.str();
+            EXPECT_EQ(r.rank_parameters, rep + a.layers * (8 / ep) * expert) << command.str();
+            EXPECT_EQ(bytes(r, MemCategory::parameters), 4 * r.rank_parameters) << command.str();
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ExpertParallel, MixtralsParameterCount) {
+  // Mixtral 8x7B (Jiang et al. 2024) is llama3-8b's block (h 4096, 32 heads, 8 key/value heads, SwiGLU
+  // ffn 14336, RMSNorm, no biases, untied head) with 8 experts, top-2 and a 32000-token vocabulary:
+  // 46.7B parameters, 12.9B of them active per token.
+  const PlanResult r = plan_of("--model llama3-8b --vocab 32000 --app ep --gpus 8 --ep 8 --experts 8 --top-k 2");
+  EXPECT_NEAR(static_cast<double>(r.parameters) / 46.7e9, 1.0, 1e-3) << r.parameters;
+  const ArchSpec& a = r.config.memory.arch;
+  const int64_t expert = 3 * a.hidden * a.ffn, L = a.layers;
+  EXPECT_EQ(r.rank_parameters, r.parameters - L * 7 * expert) << "one expert per rank";
+  EXPECT_NEAR(static_cast<double>(r.parameters - L * 6 * expert) / 12.9e9, 1.0, 1e-2) << "active: 2 of 8 experts";
+}
+
+TEST(ExpertParallel, ExpertsDivideModelStatesNotTheRest) {
+  const std::vector<PlanResult> r = plans_of("--model llama3-8b --app ep --gpus 64 --experts 16 --top-k 2 "
+                                             "--sweep ep=1,2,4,8,16");
+  ASSERT_EQ(r.size(), 5u);
+  const ArchSpec& a = r[0].config.memory.arch;
+  const int64_t expert = a.mlp_in_width() * a.hidden + a.ffn * a.hidden;  // gated, no biases
+  for (const PlanResult& p : r) {
+    const int ep = p.config.ep;
+    EXPECT_EQ(p.parameters, r[0].parameters);
+    EXPECT_EQ(r[0].rank_parameters - p.rank_parameters, a.layers * (16 - 16 / ep) * expert) << "ep " << ep;
+    EXPECT_EQ(p.model_state_bytes, 18 * p.rank_parameters) << "ep " << ep;
+    // Activations and workspace do not depend on ep (E·C slots on every rank); the all-to-all buffers do.
+    EXPECT_EQ(bytes(p, MemCategory::activations), bytes(r[0], MemCategory::activations));
+    EXPECT_EQ(bytes(p, MemCategory::comm_buffers) > 0, ep > 1);
+  }
+  // E experts of llama3-8b's MLP: 16 × 32 × 3 × 4096 × 14336 expert parameters besides the rest.
+  EXPECT_EQ(r[0].parameters - total_parameters(a), a.layers * (15 * expert + a.hidden * 16));
+}
+
+// The per-step collectives of bench/ep/README.md, "Communication per step per rank".
+TEST(ExpertParallel, CollectivesAreTheAppsFormulas) {
+  for (const char* recompute : {"none", "full"}) {
+    const PlanResult r = plan_of(std::string("--model small --app ep --gpus 8 --ep 2 --experts 8 --top-k 2 "
+                                             "--backend cpu --dtype fp32 --micro-batch 2 --global-batch 32 "
+                                             "--recompute ") + recompute);
+    const ArchSpec& a = r.config.memory.arch;
+    const int64_t h = a.hidden, L = a.layers, m = r.config.grad_accum, N = 2 * a.seq, E = 8;
+    ASSERT_EQ(m, 2);
+    const int64_t C = (2 * N + E - 1) / E;  // ceil(1.0 · k · N / E)
+    EXPECT_EQ(r.config.capacity(), C);
+    ASSERT_EQ(r.comm.size(), 3u);
+    const CommEstimate& a2a = r.comm[0];
+    EXPECT_EQ(a2a.op, "all_to_all");
+    EXPECT_EQ(a2a.bytes, 4 * E * C * h);
+    EXPECT_EQ(a2a.calls, (std::string(recompute) == "full" ? 6 : 4) * m * L);
+    EXPECT_EQ(a2a.ranks, 2);
+    EXPECT_TRUE(a2a.blocking);
+    EXPECT_EQ(a2a.link_gbps, 3600.0);
+    EXPECT_EQ(r.comm[1].op, "all_reduce");
+    EXPECT_EQ(r.comm[1].bytes, 4 * replicated_moe_parameters(a, E));
+    EXPECT_EQ(r.comm[1].ranks, 8);
+    EXPECT_EQ(r.comm[2].op, "all_reduce");
+    EXPECT_EQ(r.comm[2].bytes, 4 * L * (E / 2) * expert_parameters(a));
+    EXPECT_EQ(r.comm[2].ranks, 4);
+    for (std::size_t i = 1; i < 3; ++i) {
+      EXPECT_EQ(r.comm[i].calls, 1) << "one pass of the flat gradient buffer";
+      EXPECT_FALSE(r.comm[i].blocking);
+    }
+    EXPECT_EQ(r.comm[1].bytes + r.comm[2].bytes, 4 * r.rank_parameters);
+    EXPECT_DOUBLE_EQ(r.step_s, std::max(r.compute_s, r.comm[1].seconds + r.comm[2].seconds) + a2a.seconds);
+  }
+  // ep 1: no token moves, the experts are all-reduced over dp. ep = dp: no expert all-reduce.
+  const PlanResult one = plan_of("--model small --app ep --gpus 4 --ep 1");
+  ASSERT_EQ(one.comm.size(), 2u);
+  EXPECT_EQ(one.comm[0].op, "all_reduce");
+  EXPECT_EQ(one.comm[1].ranks, 4);
+  const PlanResult all = plan_of("--model small --app ep --gpus 4 --ep 4");
+  ASSERT_EQ(all.comm.size(), 2u);
+  EXPECT_EQ(all.comm[0].op, "all_to_all");
+  EXPECT_EQ(all.comm[1].ranks, 4);
+  EXPECT_EQ(all.comm[1].bytes, 4 * replicated_moe_parameters(all.config.memory.arch, 8))
+      << "bf16 by default, with fp32 gradients: 4 bytes per replicated parameter";
+  // bf16: the slots move at 2 bytes; dropless (capacity factor 0): C = N, E/(c·k) times the data.
+  const PlanResult bf16 = plan_of("--model small --app ep --gpus 4 --ep 2 --capacity-factor 0");
+  const ArchSpec& a = bf16.config.memory.arch;
+  EXPECT_EQ(bf16.comm[0].bytes, 2 * 8 * a.seq * a.hidden);
+  EXPECT_EQ(bf16.comm[0].calls, 4 * a.layers);
+  // --no-overlap: compute, then every collective.
+  const PlanResult serial = plan_of("--model small --app ep --gpus 4 --ep 2 --no-overlap");
+  EXPECT_DOUBLE_EQ(serial.step_s, serial.compute_s + serial.comm_s);
+  // An ep group wider than a node crosses the NIC; the dp/ep group (ranks ep apart) too.
+  const PlanResult wide = plan_of("--model small --app ep --gpus 16 --ep 16 --experts 16 --gpus-per-node 8");
+  EXPECT_EQ(wide.comm[0].link_gbps, 400.0);
+}
+
+TEST(ExpertParallel, ModelFlopsCountKExpertsAndTheRouter) {
+  // The app's model FLOPs for its MoE (common/runner.cpp with MoeMlp's term): 6·G·S·(L·(4h² + k·2h·f + h·E
+  // + 2·S·h) + h·V), forward and backward, k experts per token in place of the dense MLP, and the router.
+  const PlanResult r = plan_of("--model gpt2-124m --app ep --gpus 8 --ep 4 --experts 8 --top-k 2 --micro-batch 2");
+  const ArchSpec& a = r.config.memory.arch;
+  const double G = 16, S = a.seq, L = a.layers, h = a.hidden, f = a.ffn, V = a.vocab, E = 8, k = 2;
+  const double app = 6 * G * S * (L * (4 * h * h + k * 2 * h * f + h * E + 2 * S * h) + h * V);
+  EXPECT_NEAR(r.model_flops_per_step / app, 1.0, 1e-12);
+  // k = 1 of one expert is the dense model plus the router (6·G·S·L·h).
+  ArchSpec dense = a;
+  MoeOptions one;
+  one.experts = 1;
+  one.top_k = 1;
+  EXPECT_NEAR(moe_model_flops_per_step(a, one, 16) / (model_flops_per_step(dense, 16) + 6 * G * S * L * h), 1.0, 1e-12);
+  // Capacity factor 1 with k·N/E whole: E·C = k·N slots, so the GPUs execute the model FLOPs.
+  EXPECT_DOUBLE_EQ(r.hardware_flops_per_step, r.model_flops_per_step);
+  // Dropless: every expert computes N slots, (E − k)·N more than the routed ones, per micro-batch and block.
+  const PlanResult dropless =
+      plan_of("--model gpt2-124m --app ep --gpus 8 --ep 4 --experts 8 --top-k 2 --micro-batch 2 --capacity-factor 0");
+  const double N = 2 * S, micro_batches = G / 2;
+  EXPECT_DOUBLE_EQ(dropless.model_flops_per_step, r.model_flops_per_step);
+  EXPECT_NEAR(dropless.hardware_flops_per_step - r.model_flops_per_step,
+              3 * micro_batches * L * (E - k) * N * 4 * h * f, 1e-9 * r.model_flops_per_step);
+  // Full recomputation: one more forward of the blocks (what they execute); selective: attention only.
+  const std::vector<PlanResult> rec = plans_of(
+      "--model gpt2-124m --app ep --gpus 8 --ep 4 --experts 8 --top-k 2 --micro-batch 2 --sweep recompute=selective,full");
+  ASSERT_EQ(rec.size(), 2u);
+  EXPECT_NEAR(rec[0].hardware_flops_per_step - r.model_flops_per_step, G * S * L * 4 * S * h, 1e3);
+  const double block = G * S * L * (8 * h * h + 4 * S * h + 2 * h * E + k * 4 * h * f);
+  EXPECT_NEAR(rec[1].hardware_flops_per_step - r.model_flops_per_step, block, 1e-9 * block);
+  EXPECT_DOUBLE_EQ(rec[1].model_flops_per_step, r.model_flops_per_step);
+}
+
 // ---- fit ---------------------------------------------------------------------------------------------------
 
 TEST(Fit, APlanThatDoesNotFitSaysByHowMuch) {
@@ -521,11 +699,33 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--dtype fp32 --grad-dtype bf16", "--grad-dtype bf16 needs --dtype bf16"},
       {"--recompute some", "--recompute some must be none, selective or full"},
       {"--app pp", "--app pp: not modelled yet; its app (issue 5) brings its formulas"},
-      {"--app ep", "--app ep: not modelled yet"},
       {"--app hybrid", "--app hybrid: not modelled yet"},
       {"--pp 2", "--pp 2: not modelled yet"},
       {"--pp 0", "--pp 0 must be at least 1"},
-      {"--app zero", "--app zero must be dp, fsdp or tp"},
+      {"--app zero", "--app zero must be dp, fsdp, tp or ep"},
+      // expert parallelism: what parabench-ep rejects, and options of other apps
+      {"--app ep --gpus 4 --experts 6 --ep 4", "--experts 6 is not divisible by --ep 4"},
+      {"--app ep --gpus 6 --ep 4", "--ep 4 does not divide the data-parallel degree 6"},
+      {"--app ep --nodes 1 --gpus-per-node 6 --dp 6 --ep 4", "--ep 4 does not divide the data-parallel degree 6"},
+      {"--app ep --top-k 0", "--top-k 0 must be between 1 and --experts 8"},
+      {"--app ep --experts 4 --top-k 5", "--top-k 5 must be between 1 and --experts 4"},
+      {"--app ep --experts 0", "--experts 0 must be at least 1"},
+      {"--app ep --ep 0", "--ep 0 must be at least 1"},
+      {"--app ep --capacity-factor=-1", "--capacity-factor -1 must be 0 (no limit) or positive"},
+      {"--app ep --aux-loss=-0.5", "--aux-loss -0.5 must be 0 (none) or positive"},
+      {"--app ep --gpus 4 --tp 2", "--tp 2 is a degree of --app tp; --app ep has no tensor parallelism"},
+      {"--app ep --gpus 4 --pp 2", "--pp 2: not modelled yet"},
+      {"--app ep --shard FULL_SHARD", "--shard is an option of --app fsdp, not of --app ep"},
+      {"--app ep --sequence-parallel", "--sequence-parallel is an option of --app tp, not of --app ep"},
+      {"--app ep --bucket-mb 10", "--bucket-mb is an option of --app dp, not of --app ep"},
+      {"--app ep --params 1e9", "--params has no MLP to split into experts: --app ep needs --model"},
+      {"--gpus 4 --ep 2", "--ep 2 is a degree of --app ep; --app dp has no expert parallelism"},
+      {"--app tp --tp 2 --ep 2", "--ep 2 is a degree of --app ep; --app tp has no expert parallelism"},
+      {"--experts 4", "--experts is an option of --app ep, not of --app dp"},
+      {"--app fsdp --top-k 1", "--top-k is an option of --app ep, not of --app fsdp"},
+      {"--app tp --capacity-factor 2", "--capacity-factor is an option of --app ep, not of --app tp"},
+      {"--aux-loss 0.01", "--aux-loss is an option of --app ep, not of --app dp"},
+      {"--app ep --gpus 8 --sweep ep=2,3", "--sweep ep=3: --experts 8 is not divisible by --ep 3"},
       // tensor parallelism: what parabench-tp rejects, and GQA's key/value heads
       {"--tp 8", "--tp 8 is a degree of --app tp; --app dp has no tensor parallelism"},
       {"--app fsdp --gpus 16 --tp 2", "--tp 2 with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet"},

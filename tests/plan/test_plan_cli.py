@@ -1,10 +1,11 @@
 """parabench-plan run as a user runs it: its three output formats parse, a sweep gives one row per
 value, the ZeRO paper's table comes out of one command, bad plans exit 2 with a message that names the
-option and the rule, a plan that does not fit --gpu-memory says by how much, and a tp plan is what
-parabench-tp itself predicts and communicates (its --dry-run table and its result file).
+option and the rule, a plan that does not fit --gpu-memory says by how much, and a tp or ep plan is
+what parabench-tp or parabench-ep itself predicts and communicates (its --dry-run table and its result
+file).
 
-Environment: PB_PLAN, the parabench-plan binary (default <repo>/build/bench/plan/parabench-plan);
-PB_TP, the parabench-tp binary (default <repo>/build/bench/tp/parabench-tp); PB_MPIEXEC, the MPI
+Environment: PB_PLAN, PB_TP, PB_EP, the parabench-plan, parabench-tp and parabench-ep binaries (default
+<PB_BIN_DIR>/<app>/parabench-<app>, PB_BIN_DIR defaulting to <repo>/build/bench); PB_MPIEXEC, the MPI
 launcher (default mpiexec).
 """
 
@@ -22,10 +23,12 @@ os.environ["HDF5_USE_FILE_LOCKING"] = "FALSE"
 import h5py  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-PLAN = Path(os.environ.get("PB_PLAN", str(REPO / "build" / "bench" / "plan" / "parabench-plan")))
+BIN_DIR = Path(os.environ.get("PB_BIN_DIR", str(REPO / "build" / "bench")))
+PLAN = Path(os.environ.get("PB_PLAN", str(BIN_DIR / "plan" / "parabench-plan")))
 CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states", "activations", "comm_buffers",
               "workspace"]
-TP_APP = Path(os.environ.get("PB_TP", str(REPO / "build" / "bench" / "tp" / "parabench-tp")))
+TP_APP = Path(os.environ.get("PB_TP", str(BIN_DIR / "tp" / "parabench-tp")))
+EP_APP = Path(os.environ.get("PB_EP", str(BIN_DIR / "ep" / "parabench-ep")))
 MPIEXEC = os.environ.get("PB_MPIEXEC", "mpiexec")
 DROPPED_ENV_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "PARABENCH_", "HYDRA_", "MPIR_")
 LLAMA_405B_ON_1024 = ["--model", "llama3-405b", "--app", "fsdp", "--gpus", "1024", "--shard", "FULL_SHARD",
@@ -52,20 +55,29 @@ def json_plans(*args):
     return json.loads(ok(*args, "--format", "json").stdout)["plans"]
 
 
-def run_tp_app(*args, ranks=4, timeout=120):
-    """mpiexec -n RANKS parabench-tp ARGS, in an environment without the shell's Slurm or PMI variables."""
-    if not TP_APP.is_file():
-        pytest.fail(f"{TP_APP} does not exist: build it (cmake --build build --target parabench-tp) or set PB_TP")
+def run_app(app, *args, ranks=4, timeout=120):
+    """mpiexec -n RANKS APP ARGS, in an environment without the shell's Slurm or PMI variables."""
+    if not app.is_file():
+        pytest.fail(f"{app} does not exist: build it (cmake --build build --target {app.name}) or set "
+                    f"PB_{app.name.split('-')[-1].upper()} or PB_BIN_DIR")
     env = {k: v for k, v in os.environ.items() if not k.startswith(DROPPED_ENV_PREFIXES)}
     env["HDF5_USE_FILE_LOCKING"] = "FALSE"
-    result = subprocess.run([MPIEXEC, "-n", str(ranks), str(TP_APP), *map(str, args)], capture_output=True, text=True,
+    result = subprocess.run([MPIEXEC, "-n", str(ranks), str(app), *map(str, args)], capture_output=True, text=True,
                             timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
 
+def run_tp_app(*args, ranks=4, timeout=120):
+    return run_app(TP_APP, *args, ranks=ranks, timeout=timeout)
+
+
+def run_ep_app(*args, ranks=4, timeout=120):
+    return run_app(EP_APP, *args, ranks=ranks, timeout=timeout)
+
+
 def dry_run_table(stdout):
-    """{rank: {category: "MiB with two decimals"}} from the table of parabench-tp --dry-run."""
+    """{rank: {category: "MiB with two decimals"}} from the table of an app's --dry-run."""
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("dry run: configuration valid"))
     names = lines[start + 1].split()
@@ -172,6 +184,19 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--sweep", "colour=red"], "colour is not an option a sweep can vary"),
     (["--gpus", "8", "--sweep", "micro-batch=1,0"], "--sweep micro-batch=0: --micro-batch 0 must be at least 1"),
     (["--no-such-option"], "--no-such-option"),
+    (["--app", "ep", "--gpus", "4", "--experts", "6", "--ep", "4"], "--experts 6 is not divisible by --ep 4"),
+    (["--app", "ep", "--gpus", "6", "--ep", "4"], "--ep 4 does not divide the data-parallel degree 6"),
+    (["--app", "ep", "--top-k", "9"], "--top-k 9 must be between 1 and --experts 8"),
+    (["--app", "ep", "--top-k", "0"], "--top-k 0 must be between 1 and --experts 8"),
+    (["--app", "ep", "--capacity-factor=-0.5"], "--capacity-factor -0.5 must be 0 (no limit) or positive"),
+    (["--app", "ep", "--aux-loss=-1"], "--aux-loss -1 must be 0 (none) or positive"),
+    (["--app", "ep", "--gpus", "4", "--tp", "2"], "--tp 2 is a degree of --app tp; --app ep has no tensor parallelism"),
+    (["--app", "ep", "--gpus", "4", "--pp", "2"], "--pp 2: not modelled yet"),
+    (["--app", "ep", "--shard", "FULL_SHARD"], "--shard is an option of --app fsdp, not of --app ep"),
+    (["--gpus", "4", "--ep", "2"], "--ep 2 is a degree of --app ep; --app dp has no expert parallelism"),
+    (["--app", "fsdp", "--experts", "4"], "--experts is an option of --app ep, not of --app fsdp"),
+    (["--app", "tp", "--tp", "2", "--capacity-factor", "1.5"],
+     "--capacity-factor is an option of --app ep, not of --app tp"),
 ])
 def test_bad_plans_exit_2_naming_the_option_and_the_rule(args, message):
     result = plan(*args)
@@ -277,3 +302,74 @@ def test_405b_tp8_over_16384_gpus_plans_in_under_a_second():
     assert time.monotonic() - start < 1.0
     (p,) = json.loads(result.stdout)["plans"]
     assert (p["config"]["ranks"], p["config"]["tp"], p["config"]["dp"]) == (16384, 8, 2048)
+
+
+# ---- expert parallelism ------------------------------------------------------------------------------------
+
+TINY_EP = ["--model", "tiny", "--app", "ep", "--gpus", 4, "--backend", "cpu", "--dtype", "fp32"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "small"])
+@pytest.mark.parametrize("args", [
+    ["--ep", 1, "--capacity-factor", "1.0"],
+    ["--ep", 1, "--capacity-factor", "0"],
+    ["--ep", 2, "--capacity-factor", "1.0"],
+    ["--ep", 2, "--capacity-factor", "0"],
+    ["--ep", 4, "--experts", 4, "--top-k", 1, "--capacity-factor", "1.25", "--aux-loss", "0.01", "--micro-batch", 2,
+     "--recompute", "full"],
+], ids=["ep1-c1", "ep1-c0", "ep2-c1", "ep2-c0", "ep4-E4-k1-c1.25-aux-full"])
+def test_ep_plan_is_what_parabench_ep_dry_run_predicts(model, args):
+    # The same run: 4 ranks (dp 4 in groups of ep), the cpu backend in fp32.
+    table = dry_run_table(run_ep_app("--model", model, "--dry-run", *args).stdout)
+    assert sorted(table) == [0, 1, 2, 3]
+    (p,) = json_plans("--model", model, "--app", "ep", "--gpus", 4, "--backend", "cpu", "--dtype", "fp32", *args)
+    assert (p["config"]["dp"], p["config"]["ep"]) == (4, args[1])
+    planned = p["memory_per_rank"]
+    for rank, row in table.items():
+        for category in CATEGORIES + ["peak_total"]:
+            assert row[category] == f"{planned[category] / 2**20:.2f}", (rank, category)
+
+
+@pytest.mark.parametrize("args", [
+    ["--ep", 2, "--global-batch", 8, "--recompute", "full"],
+    ["--ep", 1, "--capacity-factor", "0"],
+    ["--ep", 4, "--aux-loss", "0.01", "--micro-batch", 2],
+], ids=["ep2-accum2-full", "ep1-dropless", "ep4-aux"])
+def test_ep_plan_equals_parabench_ep_memory_and_communication_exactly(tmp_path, args):
+    # One step of a real run: /memory/predicted in bytes, and /comm against the planner's collectives:
+    # the all-to-alls call by call; the all-reduces as bytes (the planner's one pass each), and the calls
+    # of the app's flat gradient buffer, L + 1 runs of replicated and L of expert gradients (README).
+    path = tmp_path / "ep.h5"
+    run_ep_app("--model", "tiny", "--steps", 1, "--warmup", 0, "--out", path, "--quiet", *args)
+    (p,) = json_plans(*TINY_EP, *args)
+    collectives = p["time_estimate"]["collectives"]
+    layers, dp, ep = p["config"]["layers"], p["config"]["dp"], p["config"]["ep"]
+    with h5py.File(path, "r") as f:
+        for category in CATEGORIES + ["peak_total"]:
+            assert list(f[f"memory/predicted/{category}"][()]) == [p["memory_per_rank"][category]] * 4, category
+        a2a = [c for c in collectives if c["op"] == "all_to_all"]
+        assert len(a2a) == (1 if ep > 1 else 0)
+        assert list(f["comm/all_to_all/bytes"][()]) == [sum(c["bytes"] * c["calls_per_step"] for c in a2a)] * 4
+        assert list(f["comm/all_to_all/calls"][()]) == [sum(c["calls_per_step"] for c in a2a)] * 4
+        reduces = [c for c in collectives if c["op"] == "all_reduce"]
+        assert list(f["comm/all_reduce/bytes"][()]) == [sum(c["bytes"] * c["calls_per_step"] for c in reduces)] * 4
+        calls = (layers + 1 if dp > 1 else 0) + (layers if dp // ep > 1 else 0)
+        assert list(f["comm/all_reduce/calls"][()]) == [calls] * 4
+        if dp // ep > 1:  # both kinds all-reduced: every gradient of the rank, once
+            assert sum(c["bytes"] for c in reduces) == 4 * p["rank_parameters"]
+
+
+def test_ep_table_sweep_and_csv():
+    out = ok("--model", "llama3-8b", "--app", "ep", "--gpus", "64", "--experts", "16", "--ep", "8").stdout
+    assert "--app ep, ep 8: 16 experts, top-2, 2 per rank" in out
+    assert "dp 64 in 8 ep groups of 8" in out
+    assert "all_to_all expert slots" in out and "blocking" in out
+    rows = csv_rows("--model", "llama3-8b", "--app", "ep", "--gpus", "64", "--experts", "16", "--sweep", "ep=1,2,4,8,16")
+    assert [int(r["ep"]) for r in rows] == [1, 2, 4, 8, 16]
+    assert {r["experts"] for r in rows} == {"16"} and {r["top_k"] for r in rows} == {"2"}
+    assert len({r["num_parameters"] for r in rows}) == 1
+    rank_parameters = [int(r["rank_parameters"]) for r in rows]
+    assert rank_parameters == sorted(rank_parameters, reverse=True) and len(set(rank_parameters)) == 5
+    assert len({r["activations_bytes"] for r in rows}) == 1, "every rank computes E·C slots whatever ep"
+    (dense,) = csv_rows("--model", "llama3-8b", "--gpus", "64")
+    assert dense["ep"] == "1" and dense["experts"] == ""
