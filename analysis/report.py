@@ -13,7 +13,8 @@ a .csv beside it:
      batch sizes, dtype, ...: every /config option but where and how the run was made), with each
      cluster's ratio to the baseline cluster (default: the first by name);
   3. plots: memory by category per strategy and against micro-batch (stacked bars, measured beside
-     predicted), tokens/s and scaling efficiency against ranks, step time per strategy;
+     predicted), tokens/s and scaling efficiency against ranks, step time per strategy, and for
+     each parabench-ep run the tokens per expert of every layer (the load balance of its experts);
   4. the runs that did not complete (running, failed, interrupted), listed apart and used nowhere
      else.
 
@@ -51,7 +52,10 @@ try:
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on a cluster or in a test
     import matplotlib.pyplot as plt
+    import numpy as np
     import pandas as pd
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
 
     from analysis.memory_experiments import stacked_bars
     from analysis.results import CATEGORIES, PEAK, ResultError, load, result_files, strategy_order
@@ -337,6 +341,7 @@ class Report:
         self.memory_by_micro_batch()
         self.scaling()
         self.step_time_by_strategy()
+        self.moe_load_balance()
         self.not_complete()
         self.left_out()
         title = "parabench report"
@@ -373,13 +378,16 @@ class Report:
         for (cluster, app), g in runs.groupby(["cluster", "app"], sort=True):
             g = g.sort_values(["model", "order", "ranks", "micro_batch", "global_batch"])
             d.heading(3, cluster, ": ", app)
+            moe = app == "ep"  # the app's own load-balance numbers (/summary)
             rows = [[r.strategy, r.model, r.ranks, fmt(r.nodes, ""), r.micro_batch, r.global_batch, r.dtype,
                      fmt(r.step_time_s, "s"), fmt(r.tokens_per_s, "rate"), fmt(r.tflops_per_rank, "tflops"),
-                     fmt(r.mfu, "pct"), fmt(r.measured_peak_total, "mib"), fmt(r.predicted_peak_total, "mib"),
-                     r.short] for r in g.itertuples()]
+                     fmt(r.mfu, "pct"), fmt(r.measured_peak_total, "mib"), fmt(r.predicted_peak_total, "mib")]
+                    + ([fmt(r.moe_imbalance, "ratio"), fmt(r.moe_dropped_fraction, "pct")] if moe else [])
+                    + [r.short] for r in g.itertuples()]
             d.table(["strategy", "model", "ranks", "nodes", "micro-batch", "global batch", "dtype", "step time s",
-                     "tokens/s", "TFLOP/s/rank", "MFU", "peak MiB measured", "peak MiB predicted", "file"],
-                    rows, numeric=(2, 3, 4, 5, 7, 8, 9, 10, 11, 12))
+                     "tokens/s", "TFLOP/s/rank", "MFU", "peak MiB measured", "peak MiB predicted"]
+                    + (["MoE imbalance", "dropped"] if moe else []) + ["file"],
+                    rows, numeric=(2, 3, 4, 5, 7, 8, 9, 10, 11, 12) + ((13, 14) if moe else ()))
 
     def cross_cluster(self):
         d = self.doc
@@ -607,6 +615,111 @@ class Report:
         if not made:
             d.para("Needs two strategies or two clusters or more at one model, rank count, micro-batch and "
                    "global batch.")
+
+    PANELS_MAX = 8  # layers shown as one bar chart each; more layers are one heatmap
+
+    def moe_load_balance(self):
+        """Per complete parabench-ep run: tokens per expert of each layer summed over the finished steps."""
+        d = self.doc
+        d.heading(3, "Tokens per expert (mixture-of-experts load balance)")
+        runs = self.runs.assign(short=short_paths(self.runs))
+        runs = runs[runs["app"] == "ep"]
+        if runs.empty:
+            d.para("Needs complete parabench-ep runs.")
+            return
+        runs = runs.sort_values(["cluster", "model", "order", "ranks", "micro_batch", "global_batch", "file"])
+        rows, absent = [], []
+        for r in runs.itertuples():
+            moe = r.moe if isinstance(r.moe, dict) else None
+            what = [r.cluster, r.strategy, r.model, r.ranks, r.micro_batch, r.global_batch]
+            if moe is None or 0 in (moe["steps"], moe["layers"], moe["experts"]):
+                absent.append(r.short)
+                rows.append(what + [moe["steps"] if moe else 0, DASH, DASH, DASH, r.short])
+                continue
+            worst = int(np.nanargmax(moe["layer_imbalance"])) if np.isfinite(moe["layer_imbalance"]).any() else None
+            rows.append(what + [moe["steps"],
+                                DASH if worst is None else f"{fmt(moe['imbalance'], 'ratio')} (layer {worst})",
+                                fmt(moe["dropped_fraction"], "pct"),
+                                fmt(float(np.mean(moe["aux_loss"])) if len(moe["aux_loss"]) else math.nan, "s"),
+                                r.short])
+            path = self.moe_plot(r, moe)
+            d.image(path, f"tokens per expert, {r.cluster} {r.strategy} {r.model} {r.ranks} ranks, {r.short}")
+        d.para(Markup("Tokens per expert: the kept assignments routed to each expert (over the global batch), summed "
+                      "over the run's finished steps (`/moe/tokens_per_expert`), one panel per layer, the most loaded "
+                      "expert in red and the layer's mean dashed; for more than "
+                      f"{self.PANELS_MAX} layers a heatmap of tokens ÷ the layer's mean. Imbalance is max ÷ mean "
+                      "(1× balanced, E× every token on one expert), of the worst layer in the table; dropped is the "
+                      "share of assignments over the capacity; aux loss the load-balancing term "
+                      "(bench/ep/README.md)."))
+        d.table(["cluster", "strategy", "model", "ranks", "micro-batch", "global batch", "steps", "imbalance",
+                 "dropped", "aux loss (mean)", "file"], rows, numeric=(3, 4, 5, 6, 8, 9))
+        if absent:
+            d.para(Markup("No routing statistics (no `/moe/tokens_per_expert`, or an empty one) in: "),
+                   ", ".join(absent), Markup("."))
+
+    def moe_plot(self, r, moe):
+        tokens, layers, experts = moe["tokens"], moe["layers"], moe["experts"]
+        dropped = moe["dropped"]
+        means = tokens.sum(axis=1) / experts
+        assigned = tokens.sum(axis=1) + (dropped if dropped is not None else 0)
+        title = (mpl(f"{r.cluster}: {r.strategy}, {r.model}, {r.ranks} ranks, micro-batch {r.micro_batch}, "
+                     f"global batch {r.global_batch}") + "\n" + f"tokens per expert summed over {moe['steps']} "
+                 f"step(s); imbalance (max/mean, worst layer) {fmt(moe['imbalance'], 'ratio')}")
+        if layers <= self.PANELS_MAX:
+            columns = min(layers, 4)
+            lines = math.ceil(layers / columns)
+            fig, axes = plt.subplots(lines, columns, squeeze=False, sharey=True,
+                                     figsize=(max(7.0, columns * max(3.2, 0.25 * experts + 1.5)), 2.9 * lines + 0.9))
+            for layer in range(layers):
+                ax = axes[layer // columns][layer % columns]
+                counts = tokens[layer]
+                colors = ["C3" if c == counts.max() and counts.max() > means[layer] else "C0" for c in counts]
+                ax.bar(np.arange(experts), counts, color=colors, width=0.8)
+                ax.axhline(means[layer], color="black", linestyle="--", linewidth=1)
+                note = f"layer {layer}: max/mean {fmt(moe['layer_imbalance'][layer], 'ratio')}"
+                if dropped is not None and dropped[layer] > 0:
+                    note += f", dropped {fmt(dropped[layer] / assigned[layer], 'pct')}"
+                ax.set_title(note, fontsize=9)
+                ax.set_xlabel("expert")
+                if experts <= 16:
+                    ax.set_xticks(range(experts))
+                else:
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(-0.6, experts - 0.4)
+                if layer % columns == 0:
+                    ax.set_ylabel("tokens (dashed: mean)")
+                ax.grid(True, axis="y", alpha=0.3)
+            for extra in range(layers, lines * columns):
+                axes[extra // columns][extra % columns].set_visible(False)
+            fig.suptitle(title, fontsize=10)
+        else:
+            fig, ax = plt.subplots(figsize=(max(7.0, 0.22 * experts + 3.5), max(4.0, 0.22 * layers + 1.6)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = tokens / means[:, None]
+            high = max(2.0, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 2.0)
+            image = ax.imshow(ratio, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                              norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=high))
+            fig.colorbar(image, ax=ax, label="tokens ÷ the layer's mean (1: balanced)")
+            ax.set_yticks(range(layers))
+            ax.set_yticklabels([f"{layer} ({fmt(moe['layer_imbalance'][layer], 'ratio')})" for layer in range(layers)],
+                               fontsize=7 if layers > 24 else 8)
+            ax.set_ylabel("layer (max/mean)")
+            ax.set_xlabel("expert")
+            if experts <= 16:
+                ax.set_xticks(range(experts))
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        csv = [{"cluster": r.cluster, "strategy": r.strategy, "model": r.model, "ranks": r.ranks, "file": r.short,
+                "steps": moe["steps"], "layer": layer, "expert": expert, "tokens": int(tokens[layer, expert]),
+                "layer_mean": float(means[layer]), "layer_imbalance": float(moe["layer_imbalance"][layer]),
+                "layer_dropped": int(dropped[layer]) if dropped is not None else None,
+                "imbalance": moe["imbalance"]}
+               for layer in range(layers) for expert in range(experts)]
+        name = slug("moe_tokens_per_expert", r.cluster, r.strategy, r.model, f"{r.ranks}ranks", f"b{r.micro_batch}",
+                    f"G{r.global_batch}", r.dtype)
+        return self.save(fig, name, pd.DataFrame(csv))
 
     def not_complete(self):
         d = self.doc

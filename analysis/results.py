@@ -1,6 +1,7 @@
 """Reads parabench result files (docs/SPEC.md section 6, schema version 1) into flat records, one
 per run, for analysis.report: what ran (app, strategy, model, ranks, batch), where (cluster, nodes),
-how fast (the /summary), and its memory per category next to the prediction (max over ranks).
+how fast (the /summary), and its memory per category next to the prediction (max over ranks); for
+parabench-ep also the routing statistics of /moe over the finished steps (read_moe).
 
 A file that is not a readable parabench result of schema version 1 raises ResultError with the
 reason; a run that did not complete is still read (status, error, finished steps), without the
@@ -100,6 +101,14 @@ def strategy_label(config):
             label += f" v{config.get('virtual_stages', '?')}"
     elif app == "dp":
         label = "dp" + (" no-overlap" if config.get("no_overlap") else "")
+    elif app == "ep":  # ep4 E8 k2 cf1, ep2 E4 k1 dropless aux0.01
+        label = f"ep{config.get('ep', '?')} E{config.get('experts', '?')} k{config.get('top_k', '?')}"
+        number = lambda x: f"{x:g}" if isinstance(x, (int, float)) else str(x)  # 1.0 as 1, 0.01 as 0.01
+        capacity = config.get("capacity_factor")
+        if capacity is not None:
+            label += " dropless" if capacity == 0 else f" cf{number(capacity)}"
+        if config.get("aux_loss"):
+            label += f" aux{number(config['aux_loss'])}"
     else:
         label = app
     if config.get("recompute", "none") != "none":
@@ -155,6 +164,42 @@ def finished_rows(f, name):
     return data if finished is None else data[:int(finished)]
 
 
+def read_moe(f):
+    """parabench-ep's routing statistics over the finished steps (finished_rows), or None when the file
+    has no /moe/tokens_per_expert (a run killed before its end writes none: /moe is written last).
+
+    tokens [layers, experts]: kept assignments per expert summed over the steps; dropped [layers] or
+    None; aux_loss [steps]; steps; layer_imbalance [layers]: max/mean of tokens per layer (NaN for a
+    layer without tokens); imbalance: the worst layer's (the file's /moe/tokens_per_expert attribute
+    `imbalance` for a complete run); dropped_fraction: dropped / (kept + dropped), NaN without
+    /moe/dropped or assignments."""
+    if "moe/tokens_per_expert" not in f:
+        return None
+    tokens = np.asarray(finished_rows(f, "moe/tokens_per_expert"))
+    if tokens.ndim != 3 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ResultError(f"/moe/tokens_per_expert is {tokens.dtype} of shape {tokens.shape}, not integers "
+                          f"[steps, layers, experts]")
+    steps, layers, experts = tokens.shape
+    total = tokens.sum(axis=0, dtype=np.int64)
+    dropped = None
+    if "moe/dropped" in f:
+        rows = np.asarray(finished_rows(f, "moe/dropped"))
+        if rows.ndim != 2 or rows.shape[1] != layers:
+            raise ResultError(f"/moe/dropped has shape {rows.shape}, not [steps, {layers}]")
+        dropped = rows.sum(axis=0, dtype=np.int64)
+    aux = np.asarray(finished_rows(f, "moe/aux_loss"), dtype=float).reshape(-1)
+    sums = total.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        layer_imbalance = np.where(sums > 0, total.max(axis=1, initial=0) * experts / np.maximum(sums, 1), np.nan)
+    assigned = int(sums.sum()) + (int(dropped.sum()) if dropped is not None else 0)
+    return {
+        "steps": int(steps), "layers": int(layers), "experts": int(experts), "tokens": total, "dropped": dropped,
+        "aux_loss": aux, "layer_imbalance": layer_imbalance,
+        "imbalance": float(np.nanmax(layer_imbalance)) if np.isfinite(layer_imbalance).any() else math.nan,
+        "dropped_fraction": (int(dropped.sum()) / assigned if dropped is not None and assigned else math.nan),
+    }
+
+
 def _read(f, path):
     root = attrs(f)
     if root.get("schema") != SCHEMA:
@@ -207,9 +252,10 @@ def _read(f, path):
         if "memory/measured" not in f or "memory/predicted" not in f:
             raise ResultError("status is complete but /memory/measured or /memory/predicted is missing")
     for key in ("step_time_s", "step_time_s_min", "step_time_s_max", "tokens_per_s", "tflops_per_rank", "mfu",
-                "final_loss"):
+                "final_loss", "moe_imbalance", "moe_dropped_fraction"):
         value = summary.get(key)
         run[key] = float(value) if value is not None else math.nan
+    run["moe"] = read_moe(f) if config["app"] == "ep" else None
     measured, predicted = f.get("memory/measured"), f.get("memory/predicted")
     for category in CATEGORIES + [PEAK]:
         run[f"measured_{category}"] = max_over_ranks(measured, category)

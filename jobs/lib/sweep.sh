@@ -5,8 +5,10 @@
 #
 #   micro-batch     --micro-batch over --values (default 1,2,4,8), one job size; app fsdp unless --app
 #   shard           parabench-fsdp --shard over --values (default all five strategies), one job size
-#   strategy        the apps of --values (default dp,fsdp,tp,pp) at one model, job size and global
-#                   batch: fsdp FULL_SHARD, tp and pp of degree --tp/--pp (default ranks per node)
+#   strategy        the apps of --values (default dp,fsdp,tp,pp,ep) at one model, job size and global
+#                   batch: fsdp FULL_SHARD, tp and pp of degree --tp/--pp (default ranks per node), ep
+#                   with --experts/--top-k (default 8, 2) and degree --ep (default the largest that
+#                   divides both the ranks per node and the experts)
 #   weak-scaling    rank counts (--ranks, --nodes) at a fixed micro-batch per rank: the global
 #                   batch grows with the data-parallel degree
 #   strong-scaling  the same rank counts at one global batch: micro-batch x the least common
@@ -14,7 +16,7 @@
 # shellcheck shell=bash disable=SC2034  # the sweep_* and point_* variables are the caller's
 
 sweep_names=(micro-batch shard strategy weak-scaling strong-scaling)
-sweep_apps=(dp fsdp tp pp)
+sweep_apps=(dp fsdp tp pp ep)
 shard_strategies=(NO_SHARD ZERO1 SHARD_GRAD_OP FULL_SHARD HYBRID_SHARD)
 
 # The options that both jobs/submit and jobs/run-local --sweep take, for their --help.
@@ -26,11 +28,15 @@ sweep_options_help() {
   --app APP          micro-batch and scaling sweeps: the app (default fsdp, resp. dp)
   --values LIST      comma-separated values of the sweep: micro-batch: micro-batches (1,2,4,8);
                      shard: strategies ($(IFS=,; echo "${shard_strategies[*]}"));
-                     strategy: apps (dp,fsdp,tp,pp)
+                     strategy: apps (dp,fsdp,tp,pp,ep)
   --ranks LIST       scaling sweeps: rank counts, each at most one node's ranks or whole nodes
                      (default 1, 2, 4, ... up to PB_MAX_NODES nodes of PB_TASKS_PER_NODE ranks)
   --nodes LIST       scaling sweeps: node counts instead, whole nodes each
   --tp N, --pp N     strategy sweep: tensor and pipeline degree (default PB_TASKS_PER_NODE)
+  --ep N             strategy sweep: expert-parallel degree (default the largest that divides
+                     both PB_TASKS_PER_NODE and the experts)
+  --experts E, --top-k K
+                     strategy sweep: ep's experts per layer and experts per token (default 8, 2)
   --tag TEXT         added to the tag each point stores (sweep=SWEEP point=LABEL)
   --out DIR          the sweep's directory (default results/sweeps/SWEEP_CLUSTER_<UTC time>)
   --dry-run          print what would run, run nothing
@@ -80,7 +86,7 @@ sweep_parse() {
   local usage_fn=$1 opt value
   shift
   sweep='' profile_name=${PB_CLUSTER:-} profile_from=PB_CLUSTER sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
-  sweep_tp='' sweep_pp='' sweep_tag='' sweep_out='' dry_run=0
+  sweep_tp='' sweep_pp='' sweep_ep='' sweep_experts='' sweep_top_k='' sweep_tag='' sweep_out='' dry_run=0
   app_args=()
   while [[ $# -gt 0 ]]; do
     opt=$1
@@ -107,6 +113,9 @@ sweep_parse() {
       --nodes) sweep_nodes=$value ;;
       --tp) sweep_tp=$value ;;
       --pp) sweep_pp=$value ;;
+      --ep) sweep_ep=$value ;;
+      --experts) sweep_experts=$value ;;
+      --top-k) sweep_top_k=$value ;;
       --tag) sweep_tag=$value ;;
       --out) sweep_out=$value ;;
       *) check_text option "$opt"; die "unknown option $opt (app arguments go after --; see --help)" ;;
@@ -218,8 +227,8 @@ sweep_points() {
   if [[ $sweep != *-scaling && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
     die "--ranks and --nodes apply to the scaling sweeps; the $sweep sweep runs on PB_NODES=$PB_NODES nodes of $profile_name"
   fi
-  if [[ $sweep != strategy && ( -n $sweep_tp || -n $sweep_pp ) ]]; then
-    die "--tp and --pp apply to the strategy sweep; give the $sweep sweep's app options after --"
+  if [[ $sweep != strategy && -n $sweep_tp$sweep_pp$sweep_ep$sweep_experts$sweep_top_k ]]; then
+    die "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep; give the $sweep sweep's app options after --"
   fi
 
   case $sweep in
@@ -263,13 +272,26 @@ sweep_points() {
       is_count "$pp" || die "--pp $pp is not a positive number"
       local global_batch=()  # one global batch for every strategy: what plain dp takes
       has_option --global-batch "${app_args[@]}" || global_batch=(--global-batch $((micro_batch * ranks)))
-      split_list "${sweep_values:-dp,fsdp,tp,pp}" values
+      split_list "${sweep_values:-dp,fsdp,tp,pp,ep}" values
+      # ep: a mixture of experts; its all-to-all within a node, as tp's all-reduces. The ep groups are
+      # consecutive dp ranks (dp = ranks), so the degree divides the ranks per node and the experts.
+      local experts=${sweep_experts:-8} top_k=${sweep_top_k:-2} ep own
+      is_count "$experts" || die "--experts $experts is not a positive number"
+      is_count "$top_k" || die "--top-k $top_k is not a positive number"
+      ep=${sweep_ep:-$(gcd $((tasks < ranks ? tasks : ranks)) "$experts")}
+      is_count "$ep" || die "--ep $ep is not a positive number"
+      if [[ " ${values[*]} " == *" ep "* ]]; then
+        for own in --ep --experts --top-k; do
+          has_option "$own" "${app_args[@]}" && die "the strategy sweep sets ep's $own; give the sweep's $own N before --"
+        done
+      fi
       for value in "${values[@]}"; do
         case $value in
           dp) add_point dp dp "$nodes" "$tasks" "${global_batch[@]}" ;;
           fsdp) add_point fsdp fsdp "$nodes" "$tasks" --shard FULL_SHARD "${global_batch[@]}" ;;
           tp) add_point "tp$tp" tp "$nodes" "$tasks" --tp "$tp" "${global_batch[@]}" ;;
           pp) add_point "pp$pp" pp "$nodes" "$tasks" --pp "$pp" "${global_batch[@]}" ;;
+          ep) add_point "ep$ep" ep "$nodes" "$tasks" --experts "$experts" --top-k "$top_k" --ep "$ep" "${global_batch[@]}" ;;
           *) die "--values: unknown app '$value'; known apps: ${sweep_apps[*]}" ;;
         esac
       done

@@ -66,7 +66,9 @@ def test_example_profile_renders_the_allocation():
     ("micro-batch", ["--cluster", "example"]),
     ("shard", ["--cluster", "local"]),
     ("strategy", ["--cluster", "example"]),
+    ("strategy", ["--cluster", "local", "--values", "ep", "--ep", "2", "--experts", "4", "--top-k", "1"]),
     ("weak-scaling", ["--cluster", "example", "--app", "fsdp"]),
+    ("micro-batch", ["--cluster", "example", "--app", "ep"]),
     ("strong-scaling", ["--cluster", "local", "--app", "tp"]),
 ])
 def test_rendered_scripts_pass_bash_n_and_shellcheck(sweep, options, tmp_path):
@@ -118,7 +120,8 @@ def test_shard_and_strategy_points():
     (script,) = dry_run("strategy", "--cluster", "local", app_args=["--micro-batch", "2"]).values()
     got = [(app, label, args.split(" --tag")[0]) for app, label, args in points(script)]
     assert got == [("dp", "dp", "--global-batch 8"), ("fsdp", "fsdp", "--shard FULL_SHARD --global-batch 8"),
-                   ("tp", "tp4", "--tp 4 --global-batch 8"), ("pp", "pp4", "--pp 4 --global-batch 8")]
+                   ("tp", "tp4", "--tp 4 --global-batch 8"), ("pp", "pp4", "--pp 4 --global-batch 8"),
+                   ("ep", "ep4", "--experts 8 --top-k 2 --ep 4 --global-batch 8")]
     (script,) = dry_run("strategy", "--cluster", "local", "--values", "tp,pp", "--tp", "2", "--pp", "2").values()
     assert [label for _, label, _ in points(script)] == ["tp2", "pp2"]
 
@@ -127,11 +130,20 @@ def test_shard_and_strategy_points():
     (["nosuch", "--cluster", "local"], "unknown sweep 'nosuch'; known sweeps: micro-batch shard strategy"),
     (["shard", "--cluster", "nosuch"], "unknown cluster 'nosuch': no jobs/clusters/nosuch.env (profiles: example local)"),
     (["shard"], "name the cluster profile: --cluster NAME"),
-    (["micro-batch", "--cluster", "local", "--app", "ep"], "unknown app 'ep'; known apps: dp fsdp tp pp"),
+    (["micro-batch", "--cluster", "local", "--app", "cp"], "unknown app 'cp'; known apps: dp fsdp tp pp ep"),
     (["micro-batch", "--cluster", "local", "--values", "1,0"], "micro-batch '0' is not a positive number"),
     (["micro-batch", "--cluster", "local", "--values", "1,2,1"], "'1' appears twice"),
     (["shard", "--cluster", "local", "--values", "ZERO3"], "unknown shard strategy 'ZERO3'"),
-    (["strategy", "--cluster", "local", "--values", "dp,ep"], "unknown app 'ep'"),
+    (["strategy", "--cluster", "local", "--values", "dp,cp"], "unknown app 'cp'; known apps: dp fsdp tp pp ep"),
+    (["micro-batch", "--cluster", "local", "--ep", "2"],
+     "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep"),
+    (["weak-scaling", "--cluster", "local", "--experts", "4"], "--ep, --experts and --top-k apply to the strategy sweep"),
+    (["strategy", "--cluster", "local", "--ep", "0"], "--ep 0 is not a positive number"),
+    (["strategy", "--cluster", "local", "--experts", "many"], "--experts many is not a positive number"),
+    (["strategy", "--cluster", "local", "--top-k", "-1"], "--top-k -1 is not a positive number"),
+    (["strategy", "--cluster", "local", "--", "--experts", "4"],
+     "the strategy sweep sets ep's --experts; give the sweep's --experts N before --"),
+    (["strategy", "--cluster", "local", "--values", "ep", "--", "--ep=2"], "the strategy sweep sets ep's --ep"),
     (["micro-batch", "--cluster", "local", "--", "--micro-batch", "2"], "sets --micro-batch; use --values"),
     (["shard", "--cluster", "local", "--", "--out", "x"], "--out is set by the sweep"),
     (["weak-scaling", "--cluster", "local", "--ranks", "1,8"], "8 ranks take 2 nodes; profile local allows PB_MAX_NODES=1"),
@@ -150,6 +162,82 @@ def test_wrong_command_lines_exit_2_and_name_the_problem(args, message):
         assert done.returncode == 2, f"{cmd}: {done.returncode}\n{done.stderr}"
         assert message in done.stderr, f"{cmd}:\n{done.stderr}"
         assert done.stdout == "", f"{cmd} printed a script for a wrong command line"
+
+
+def test_strategy_sweep_ep_degree_and_moe_options():
+    """ep's degree, like tp's and pp's, defaults to the ranks per node, here as the largest that also
+    divides the experts (ep groups hold E/ep whole experts); --ep, --experts and --top-k set them."""
+    def ep_point(*options, cluster="example"):
+        (script,) = dry_run("strategy", "--cluster", cluster, "--values", "ep", *options).values()
+        ((app, label, args),) = points(script)
+        assert app == "ep"
+        return label, args.split(" --tag")[0]
+
+    assert ep_point() == ("ep4", "--experts 8 --top-k 2 --ep 4 --global-batch 4")  # 4 ranks per node
+    assert ep_point("--experts", "6") == ("ep2", "--experts 6 --top-k 2 --ep 2 --global-batch 4")
+    assert ep_point("--experts", "3", "--top-k", "1") == ("ep1", "--experts 3 --top-k 1 --ep 1 --global-batch 4")
+    assert ep_point("--ep", "2", "--experts", "16") == ("ep2", "--experts 16 --top-k 2 --ep 2 --global-batch 4")
+    # The app, not the sweep, judges a degree that does not divide (as for --tp 3).
+    assert ep_point("--ep", "3") == ("ep3", "--experts 8 --top-k 2 --ep 3 --global-batch 4")
+    # Other MoE options after -- reach the ep point; the ep-only sweep then takes them as they are.
+    (script,) = dry_run("strategy", "--cluster", "local", "--values", "ep",
+                        app_args=["--capacity-factor", "0", "--aux-loss", "0.01"]).values()
+    assert points(script)[0][2].endswith(" --capacity-factor 0 --aux-loss 0.01")
+    # --app ep in the other sweeps: the app's own defaults, options after --.
+    (script,) = dry_run("micro-batch", "--cluster", "local", "--app", "ep", "--values", "1,2",
+                        app_args=["--experts", "4", "--ep", "2"]).values()
+    assert [(a, l) for a, l, _ in points(script)] == [("ep", "b1"), ("ep", "b2")]
+    assert points(script)[1][2] == r"--micro-batch 2 --tag sweep=micro-batch\ point=b2 --experts 4 --ep 2"
+    assert "exec bash " in script and "/jobs/$app.sbatch" in script
+
+
+def test_every_app_of_the_sweeps_has_its_sbatch_script():
+    """jobs/<app>.sbatch for each app a sweep can name, with its own job name and app."""
+    done = run(["bash", "-c", "die() { exit 2; }; source jobs/lib/sweep.sh; echo \"${sweep_apps[*]}\""])
+    apps = done.stdout.split()
+    assert "ep" in apps and done.returncode == 0, done.stderr
+    for app in apps:
+        script = (REPO / "jobs" / f"{app}.sbatch").read_text()
+        assert os.access(REPO / "jobs" / f"{app}.sbatch", os.X_OK)
+        assert f"#SBATCH --job-name=parabench-{app}\n" in script
+        assert re.search(rf"^export app={app}$", script, flags=re.M)
+        assert f"bench/{app}/parabench-{app}" in script
+        shellcheck = shutil.which("shellcheck")
+        if shellcheck:
+            done = subprocess.run([shellcheck, "-x", f"jobs/{app}.sbatch"], cwd=REPO, capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout
+
+
+def test_run_local_strategy_sweep_runs_ep_through_its_sbatch_script(tmp_path):
+    out = tmp_path / "sweep"
+    done = run([RUN_LOCAL, "--sweep", "strategy", "--values", "ep", "--experts", "4", "--out", out, "--", *TINY],
+               timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "[1/1] ep4: ep on 4 rank(s)" in done.stderr and "1 of 1 point(s) complete" in done.stderr
+    point = out / "ep4"
+    (result,) = point.glob("*.h5")
+    with h5py.File(result, "r") as f:
+        assert f.attrs["status"] == "complete"
+        config = f["config"].attrs
+        assert (config["app"], config["world_size"], config["ep"], config["experts"], config["top_k"]) == \
+            ("ep", 4, 4, 4, 2)
+        assert config["global_batch"] == 4 and config["tag"] == "sweep=strategy point=ep4"
+        assert f["moe/tokens_per_expert"].shape == (2, 2, 4)  # steps, layers, experts
+        assert f["system"].attrs["cluster"] == "local"
+    command = (point / "command.txt").read_text()
+    assert command.startswith("mpiexec -n 4 ") and "/bench/ep/parabench-ep " in command
+    assert "--experts 4 --top-k 2 --ep 4 " in command
+    assert (point / "cluster.env").is_file() and (point / "environment.txt").is_file()
+    assert "PARABENCH_RESULT app=ep ranks=4" in (out / "ep4.out").read_text()
+
+
+def test_run_local_runs_ep(tmp_path):
+    result = tmp_path / "ep.h5"
+    done = run([RUN_LOCAL, "ep", "-n", "2", "--", *TINY, "--experts", "4", "--ep", "2", "--out", result])
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^run-local: mpiexec -n 2 \S+/bench/ep/parabench-ep --cluster local ", done.stderr, re.M)
+    with h5py.File(result, "r") as f:
+        assert f.attrs["status"] == "complete" and f["config"].attrs["ep"] == 2
 
 
 def test_run_local_sweep_runs_each_point_through_its_sbatch_script(tmp_path):

@@ -5,6 +5,7 @@ launch command (SPEC.md section 7).
 
   micro-batch     one job array of three points (micro-batch 1, 2, 4) at 4 ranks
   strong-scaling  three job arrays (1, 2 and 4 ranks) chained one after another, one global batch
+  strategy        its ep point alone (--values ep): parabench-ep, 8 experts over ep groups of 4 ranks
 """
 
 import re
@@ -22,7 +23,7 @@ APP_ARGS = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "-
             "--steps", "3", "--warmup", "1"]
 MICRO_BATCHES = [1, 2, 4]
 SCALING_RANKS = [1, 2, 4]
-WAIT_S = 150  # for all six points; each takes a few seconds
+WAIT_S = 150  # for all seven points; each takes a few seconds
 
 
 def text(value):
@@ -56,12 +57,14 @@ def outputs(sweep_dirs):
 def sweeps(slurm, tmp_path_factory):
     """Submits both sweeps, waits for every job to leave the queue, and returns what was submitted."""
     base = tmp_path_factory.mktemp("sweeps")
-    dirs = {"micro-batch": base / "micro-batch", "strong-scaling": base / "strong-scaling"}
+    dirs = {"micro-batch": base / "micro-batch", "strong-scaling": base / "strong-scaling",
+            "strategy": base / "strategy"}
     jobs = {
         "micro-batch": submit(slurm, dirs["micro-batch"], "micro-batch",
                               "--values", ",".join(map(str, MICRO_BATCHES))),
         "strong-scaling": submit(slurm, dirs["strong-scaling"], "strong-scaling",
                                  "--ranks", ",".join(map(str, SCALING_RANKS))),
+        "strategy": submit(slurm, dirs["strategy"], "strategy", "--values", "ep"),
     }
     ids = [j["job"] for js in jobs.values() for j in js]
     deadline = time.monotonic() + WAIT_S
@@ -174,3 +177,22 @@ def test_strong_scaling_sweep_runs_one_array_per_size_in_order(sweeps):
         spans.append((record["StartTime"], record["EndTime"]))
     # PB_ARRAY_PARALLEL=1 chains the arrays: each starts after the one before has ended.
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
+def test_strategy_sweep_runs_ep_as_the_other_apps(sweeps):
+    (job,) = sweeps["jobs"]["strategy"]
+    sweep_dir = sweeps["dirs"]["strategy"]
+    assert job["labels"] == "ep4"  # the degree: the ranks per node, which divide the 8 experts
+    script = (sweep_dir / job["script"]).read_text()
+    assert "#SBATCH --ntasks-per-node=4\n" in script and "app=ep label=ep4 " in script
+    (record,) = sweeps["records"][job["job"]]
+    result = check_point(sweep_dir / "ep4", record, "ep4", "strategy", 4)
+    config = result["config"]
+    assert (config["app"], config["ep"], config["experts"], config["top_k"], config["global_batch"]) == \
+        ("ep", 4, 8, 2, 4)
+    assert "/bench/ep/parabench-ep " in (sweep_dir / "ep4" / "command.txt").read_text()
+    (path,) = (sweep_dir / "ep4").glob("*.h5")
+    with h5py.File(path, "r") as f:
+        assert f["moe/tokens_per_expert"].shape == (3, 2, 8)  # steps, layers, experts
+    out = (sweep_dir / f"slurm-{record['ArrayJobId']}_0.out").read_text()
+    assert re.search(r"^PARABENCH_RESULT app=ep ranks=4 .* status=complete ", out, re.M), out
