@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The GPU machine's check, in one call (about 7 minutes on an H100/H200; it must stay under 10):
+# The GPU machine's check, in one call (about 8 minutes on an H100/H200; it must stay under 10):
 #   1. builds the cuda preset (build-cuda/: CUDA backend, NCCL; sm_80 and sm_90);
-#   2. the `gpu` tests: every CUDA op against the CPU backend (tests/gpu/test_cuda_ops.cpp);
-#   3. the model in fp32 (rtol 1e-4) and in bf16 (rtol 1e-2) against the PyTorch reference on the GPU;
+#   2. the `gpu` tests: every CUDA op, the mixture-of-experts ops included, against the CPU backend
+#      (tests/gpu/test_cuda_ops.cpp);
+#   3. the model in fp32 (rtol 1e-4) and in bf16 (rtol 1e-2) against the PyTorch reference on the GPU,
+#      and the mixture-of-experts model (parabench-ep, one rank: 4 experts, top-2, capacity factor 1.0,
+#      auxiliary loss) in fp32 against the PyTorch MoE, routing statistics exactly (reference-moe);
 #   4. every app on the GPU against the single-rank loss curve: ranks sharing the GPU through
-#      --comm mpi, one rank through NCCL (tests/gpu/test_gpu_apps.py);
+#      --comm mpi, one rank through NCCL; parabench-ep against its own single-rank run, tokens per
+#      expert exactly (tests/gpu/test_gpu_apps.py);
 #   5. parabench-dp against PyTorch eager (SDPA) and torch.compile on the same GPU, bf16, gpt2-124m at
 #      micro-batch 16 and block-4k at micro-batch 2: one table (bench/dp/vs_torch_gpu.py).
 # Every stage runs even if an earlier one failed (except after a failed build); logs go to $OUT
@@ -55,17 +59,20 @@ fi
 stage ops build-cuda/tests/test_cuda_ops --gtest_output="xml:$out/test_cuda_ops.xml"
 
 dp=build-cuda/bench/dp/parabench-dp
+ep=build-cuda/bench/ep/parabench-ep
 tiny=(--layers 2 --hidden 64 --heads 4 --seq 32 --vocab 256 --micro-batch 2 --global-batch 4)
 awkward=(--layers 3 --hidden 72 --heads 3 --seq 17 --vocab 67 --ffn 200 --micro-batch 3 --global-batch 6)
-reference() {  # reference DTYPE RTOL MODEL-OPTIONS...
-  local dtype=$1 rtol=$2
-  shift 2
-  PB_REF_DEVICE=cuda PB_REF_RTOL=$rtol tests/reference/run_reference.sh "$dp" "$python" "$@" --backend cuda \
+moe=(--experts 4 --top-k 2 --capacity-factor 1.0 --aux-loss 0.01)
+reference() {  # reference APP DTYPE RTOL MODEL-OPTIONS...
+  local app=$1 dtype=$2 rtol=$3
+  shift 3
+  PB_REF_DEVICE=cuda PB_REF_RTOL=$rtol tests/reference/run_reference.sh "$app" "$python" "$@" --backend cuda \
     --dtype "$dtype" --comm mpi
 }
-stage reference-fp32 reference fp32 1e-4 "${tiny[@]}"
-stage reference-fp32-b reference fp32 1e-4 "${awkward[@]}"
-stage reference-bf16 reference bf16 1e-2 "${tiny[@]}"
+stage reference-fp32 reference "$dp" fp32 1e-4 "${tiny[@]}"
+stage reference-fp32-b reference "$dp" fp32 1e-4 "${awkward[@]}"
+stage reference-bf16 reference "$dp" bf16 1e-2 "${tiny[@]}"
+stage reference-moe reference "$ep" fp32 1e-4 "${tiny[@]}" "${moe[@]}"
 
 stage apps env PB_BIN_DIR="$repo/build-cuda/bench" "$python" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_apps.py
 

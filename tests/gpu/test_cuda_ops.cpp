@@ -3,10 +3,14 @@
 // Outputs are poisoned with NaN on both backends first, so an element a kernel forgets to write
 // fails the comparison; accumulating outputs start from the same random values on both. The error
 // is ‖gpu − cpu‖ / ‖cpu‖: at most 1e-5 in fp32 (cuBLAS without TF32), 1e-2 for the matrix products
-// in bf16. Without a visible GPU every test reports itself skipped.
+// in bf16. Integer outputs (the mixture of experts' expert indices, slots and counts) are poisoned
+// with a value no op writes and must match exactly. Without a visible GPU every test reports itself
+// skipped.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -21,13 +25,21 @@ namespace pb {
 namespace {
 
 using FVec = std::vector<float>;
+using IVec = std::vector<int32_t>;
 constexpr double kFp32Tol = 1e-5;
 constexpr double kBf16Tol = 1e-2;
+constexpr int32_t kIntPoison = -123456789;  // no valid expert index, slot (≥ −1) or count (≥ 0)
 
 // One tensor on both backends.
 struct Twin {
   float* cpu = nullptr;
   float* gpu = nullptr;
+  std::size_t n = 0;
+};
+// One int32 tensor on both backends.
+struct IntTwin {
+  int32_t* cpu = nullptr;
+  int32_t* gpu = nullptr;
   std::size_t n = 0;
 };
 
@@ -63,6 +75,24 @@ class CudaOps : public ::testing::Test {
     be.download(v.data(), p, n * sizeof(float));
     return v;
   }
+  IntTwin put_ints(const IVec& host) { return {put_tokens(*cpu_, host), put_tokens(*gpu_, host), host.size()}; }
+  IntTwin poisoned_ints(std::size_t n) { return put_ints(IVec(n, kIntPoison)); }
+  IVec get_ints(Backend& be, const int32_t* p, std::size_t n) {
+    IVec v(n);
+    be.download(v.data(), p, n * sizeof(int32_t));
+    return v;
+  }
+  // A double on one backend (a loss sum that an op accumulates into), and its value.
+  double* put_double(Backend& be, double initial) {
+    auto* p = static_cast<double*>(be.alloc(sizeof(double), MemCategory::activations));
+    be.upload(p, &initial, sizeof(double));
+    return p;
+  }
+  double get_double(Backend& be, const double* p) {
+    double v = 0.0;
+    be.download(&v, p, sizeof(double));
+    return v;
+  }
 
   // ‖gpu − cpu‖ / ‖cpu‖ (infinite when the GPU left a NaN or wrote one).
   double rel_error(const Twin& t) {
@@ -78,6 +108,23 @@ class CudaOps : public ::testing::Test {
   void expect_close(const Twin& t, const std::string& what, double tol = kFp32Tol) {
     const double e = rel_error(t);
     EXPECT_LE(e, tol) << what << ": relative error " << e;
+  }
+  // Integer outputs: element for element (the poison, left by an unwritten element, never matches).
+  void expect_same_ints(const IntTwin& t, const std::string& what) {
+    EXPECT_EQ(get_ints(*gpu_, t.gpu, t.n), get_ints(*cpu_, t.cpu, t.n)) << what;
+  }
+  // Bit for bit (copies and zeros); a NaN left by an unwritten element never compares equal.
+  void expect_identical(const Twin& t, const std::string& what) {
+    const FVec c = get(*cpu_, t.cpu, t.n), g = get(*gpu_, t.gpu, t.n);
+    std::size_t bad = 0, first = t.n;
+    for (std::size_t i = 0; i < t.n; ++i) {
+      if (!(g[i] == c[i]) || std::signbit(g[i]) != std::signbit(c[i])) {
+        if (bad++ == 0) first = i;
+      }
+    }
+    EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << t.n << " elements differ, the first at " << first
+                       << " (gpu " << (first < t.n ? g[first] : 0.0f) << ", cpu " << (first < t.n ? c[first] : 0.0f)
+                       << ")";
   }
 
   std::mt19937 rng_{20261126};
@@ -279,6 +326,167 @@ TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
     gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, scale);
     expect_close(logits2, "cross_entropy_finish dlogits " + shape);
     EXPECT_NEAR(read_loss(*cpu_, lc2), read_loss(*gpu_, lg2), 1e-6 * std::abs(read_loss(*cpu_, lc2))) << shape;
+  }
+}
+
+// ---- mixture of experts (kernels/backend.h; SPEC section 9) ------------------------------------------
+// N prime, and N > 256 (several blocks of the one-thread-per-token kernels); E = 1, 3, 5, 8, 40, and 300
+// (several blocks of moe_assign's one thread per expert); k = 1, 2, 3, 4 and k = E; h odd, h > 32 (each
+// lane of dgate's warp sums several columns) and h = 256.
+struct MoeShape {
+  int N, E, k, h;
+};
+const MoeShape kMoeShapes[] = {{37, 5, 2, 7}, {17, 3, 1, 13},  {29, 5, 3, 45},   {13, 3, 3, 5},   {1, 5, 5, 3},
+                               {9, 1, 1, 4},  {64, 8, 2, 256}, {515, 40, 4, 33}, {101, 300, 2, 5}};
+
+std::string moe_str(const MoeShape& sh) {
+  return "N" + std::to_string(sh.N) + " E" + std::to_string(sh.E) + " k" + std::to_string(sh.k) + " h" +
+         std::to_string(sh.h);
+}
+
+// (capacity, C): no limit (N: an expert takes each token at most once), the capacity of factor 1 with C
+// equal to it (as the app runs) and with spare slots, 1, and 0 (every assignment dropped). C ≥ capacity
+// slots per expert; unused slots are always left, so the zeroing of dispatch and combine's backward shows.
+std::vector<std::pair<int, int>> moe_capacities(const MoeShape& sh) {
+  const int factor1 = (sh.k * sh.N + sh.E - 1) / sh.E;
+  return {{sh.N, sh.N}, {factor1, factor1}, {factor1, factor1 + 3}, {1, 2}, {0, 1}};
+}
+
+TEST_F(CudaOps, MixtureOfExperts) {
+  bool saw_drops = false, saw_all_kept = false;
+  for (const MoeShape& sh : kMoeShapes) {
+    const int N = sh.N, E = sh.E, k = sh.k, h = sh.h;
+    const std::string shape = moe_str(sh);
+    const std::size_t nA = std::size_t(N) * k, nP = std::size_t(N) * E, nX = std::size_t(N) * h;
+
+    // Logits in [−2, 2), expert 0 favoured on two tokens of three (so that a capacity of factor 1
+    // drops), every fourth token's drawn from {0, 0.5, 1} (ties, also across the k-th place).
+    FVec z = random(nP, -2.0f, 2.0f);
+    std::uniform_int_distribution<int> level(0, 2);
+    for (int n = 0; n < N; ++n) {
+      float* row = z.data() + std::size_t(n) * E;
+      if (n % 4 == 3) {
+        for (int e = 0; e < E; ++e) row[e] = 0.5f * level(rng_);
+      }
+      if (n % 3 != 2) row[0] += 1.5f;
+    }
+
+    // Router: each backend's outputs feed its own later ops (the integer ones are equal or failed here).
+    Twin logits = put(z), gate = poisoned(nA), probs = poisoned(nP);
+    IntTwin expert = poisoned_ints(nA);
+    cpu_->moe_router_forward(expert.cpu, gate.cpu, probs.cpu, logits.cpu, N, E, k);
+    gpu_->moe_router_forward(expert.gpu, gate.gpu, probs.gpu, logits.gpu, N, E, k);
+    expect_same_ints(expert, "moe_router_forward expert " + shape);
+    expect_close(gate, "moe_router_forward gate " + shape);
+    expect_close(probs, "moe_router_forward probs " + shape);
+
+    Twin dgate = put(random(nA)), dlogits = poisoned(nP);  // overwritten
+    cpu_->moe_router_backward(dlogits.cpu, dgate.cpu, gate.cpu, expert.cpu, N, E, k);
+    gpu_->moe_router_backward(dlogits.gpu, dgate.gpu, gate.gpu, expert.gpu, N, E, k);
+    expect_close(dlogits, "moe_router_backward dlogits " + shape);
+
+    const auto capacities = moe_capacities(sh);
+    for (std::size_t ci = 0; ci < capacities.size(); ++ci) {
+      const int capacity = capacities[ci].first, C = capacities[ci].second;
+      const std::string what = shape + " capacity " + std::to_string(capacity) + " C " + std::to_string(C);
+      const std::size_t nB = std::size_t(E) * C * h;
+
+      // Capacity: slots and counts, both overwritten.
+      IntTwin slot = poisoned_ints(nA), counts = poisoned_ints(2 * std::size_t(E));
+      cpu_->moe_assign(slot.cpu, counts.cpu, expert.cpu, N, E, k, capacity);
+      gpu_->moe_assign(slot.gpu, counts.gpu, expert.gpu, N, E, k, capacity);
+      expect_same_ints(slot, "moe_assign slot " + what);
+      expect_same_ints(counts, "moe_assign counts " + what);
+      const IVec slots = get_ints(*gpu_, slot.gpu, nA);
+      const bool dropped = std::count(slots.begin(), slots.end(), -1) > 0;
+      (dropped ? saw_drops : saw_all_kept) = true;
+
+      // Auxiliary loss, accumulating into dlogits and aux_sum: from zeros (the increment alone) ...
+      const float coef = 0.37f;
+      Twin aux_dz = put(FVec(nP, 0.0f));
+      double* aux_c = put_double(*cpu_, 0.25);
+      double* aux_g = put_double(*gpu_, 0.25);
+      cpu_->moe_aux_loss(aux_dz.cpu, aux_c, probs.cpu, counts.cpu, N, E, k, coef, 0.25f);
+      gpu_->moe_aux_loss(aux_dz.gpu, aux_g, probs.gpu, counts.gpu, N, E, k, coef, 0.25f);
+      expect_close(aux_dz, "moe_aux_loss dlogits from zero " + what);
+      const double ref_aux = get_double(*cpu_, aux_c), gpu_aux = get_double(*gpu_, aux_g);
+      EXPECT_NEAR(ref_aux, gpu_aux, 1e-6 * std::abs(ref_aux)) << "moe_aux_loss aux_sum " << what;
+      EXPECT_GT(ref_aux, 0.25) << what;
+      // ... and, once, onto the router's gradient (the app's order), at a grad_scale that makes the
+      // two terms of a similar size.
+      if (ci == 0) {
+        cpu_->moe_aux_loss(dlogits.cpu, aux_c, probs.cpu, counts.cpu, N, E, k, coef, static_cast<float>(N));
+        gpu_->moe_aux_loss(dlogits.gpu, aux_g, probs.gpu, counts.gpu, N, E, k, coef, static_cast<float>(N));
+        expect_close(dlogits, "moe_router_backward + moe_aux_loss dlogits " + what);
+        EXPECT_NEAR(get_double(*cpu_, aux_c), get_double(*gpu_, aux_g), 1e-6 * get_double(*cpu_, aux_c)) << what;
+      }
+
+      // Dispatch: buf zeroed, kept tokens copied (exact); its backward overwrites dinp.
+      Twin inp = put(random(nX)), buf = poisoned(nB);
+      cpu_->moe_dispatch(buf.cpu, inp.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+      gpu_->moe_dispatch(buf.gpu, inp.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+      expect_identical(buf, "moe_dispatch buf " + what);
+      Twin dbuf = put(random(nB)), dinp = poisoned(nX);
+      cpu_->moe_dispatch_backward(dinp.cpu, dbuf.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+      gpu_->moe_dispatch_backward(dinp.gpu, dbuf.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+      expect_close(dinp, "moe_dispatch_backward dinp " + what);
+
+      // Combine of the experts' outputs y (every slot holds values), and its backward: dbuf zeroed
+      // and scattered, dgate overwritten (0 for a dropped assignment).
+      Twin y = put(random(nB)), out = poisoned(nX);
+      cpu_->moe_combine(out.cpu, y.cpu, gate.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+      gpu_->moe_combine(out.gpu, y.gpu, gate.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+      expect_close(out, "moe_combine out " + what);
+      Twin dout = put(random(nX)), cdbuf = poisoned(nB), cdgate = poisoned(nA);
+      cpu_->moe_combine_backward(cdbuf.cpu, cdgate.cpu, dout.cpu, y.cpu, gate.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+      gpu_->moe_combine_backward(cdbuf.gpu, cdgate.gpu, dout.gpu, y.gpu, gate.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+      expect_close(cdbuf, "moe_combine_backward dbuf " + what);
+      expect_close(cdgate, "moe_combine_backward dgate " + what);
+      // Bitwise reproducible: dgate's warp sums in a fixed order.
+      Twin again = poisoned(nA), again_dbuf = poisoned(nB);
+      gpu_->moe_combine_backward(again_dbuf.gpu, again.gpu, dout.gpu, y.gpu, gate.gpu, expert.gpu, slot.gpu, N, E, k, C,
+                                 h);
+      const FVec first = get(*gpu_, cdgate.gpu, nA), second = get(*gpu_, again.gpu, nA);
+      EXPECT_EQ(0, std::memcmp(first.data(), second.data(), nA * sizeof(float))) << "moe_combine_backward " << what;
+    }
+  }
+  EXPECT_TRUE(saw_drops && saw_all_kept) << "the cases cover capacities that drop and that keep every assignment";
+}
+
+// Equal logits: the lower expert index first, also where the tie straddles the k-th place; rows far
+// above and below 0 (exp over- and underflows in fp32 without the shift by the maximum). The rows of
+// tests/unit/test_cpu_ops.cpp (MoeRouterTiesAndLargeLogits), with their expected order.
+TEST_F(CudaOps, MixtureOfExpertsRouterTiesAndLargeLogits) {
+  const int N = 6, E = 5;
+  const FVec z = {1, 3, 3, 0, 3,                  // three-way tie for first
+                  0, 0, 0, 0, 0,                  // all equal
+                  2, 1, 1, 5, 1,                  // tie below the first pick
+                  99, 104, 99, 104, 102,          // ties, exp(104) overflows fp32
+                  -200, -100, -100, -300, -250,   // ties, exp(−200) underflows
+                  0.5f, 0.5f, 0.25f, 0.5f, 0.75f};
+  const int32_t order[N][E] = {{1, 2, 4, 0, 3}, {0, 1, 2, 3, 4}, {3, 0, 1, 2, 4},
+                               {1, 3, 4, 0, 2}, {1, 2, 0, 4, 3}, {4, 0, 1, 3, 2}};
+  Twin logits = put(z);
+  for (int k : {1, 2, 3, E}) {
+    const std::string what = "ties k" + std::to_string(k);
+    const std::size_t nA = std::size_t(N) * k, nP = std::size_t(N) * E;
+    Twin gate = poisoned(nA), probs = poisoned(nP);
+    IntTwin expert = poisoned_ints(nA);
+    cpu_->moe_router_forward(expert.cpu, gate.cpu, probs.cpu, logits.cpu, N, E, k);
+    gpu_->moe_router_forward(expert.gpu, gate.gpu, probs.gpu, logits.gpu, N, E, k);
+    expect_same_ints(expert, "moe_router_forward expert " + what);
+    const IVec got = get_ints(*gpu_, expert.gpu, nA);
+    for (int n = 0; n < N; ++n) {
+      for (int j = 0; j < k; ++j) {
+        EXPECT_EQ(got[std::size_t(n) * k + j], order[n][j]) << what << " row " << n << " pick " << j;
+      }
+    }
+    expect_close(gate, "moe_router_forward gate " + what);
+    expect_close(probs, "moe_router_forward probs " + what);
+    Twin dgate = put(random(nA)), dlogits = poisoned(nP);
+    cpu_->moe_router_backward(dlogits.cpu, dgate.cpu, gate.cpu, expert.cpu, N, E, k);
+    gpu_->moe_router_backward(dlogits.gpu, dgate.gpu, gate.gpu, expert.gpu, N, E, k);
+    expect_close(dlogits, "moe_router_backward dlogits " + what);
   }
 }
 

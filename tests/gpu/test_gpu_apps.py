@@ -4,8 +4,15 @@ Several ranks share the one GPU through --comm mpi (device buffers staged throug
 memory); NCCL is checked with one rank, since it refuses two ranks on one GPU. The baseline is the
 single-rank CUDA run in fp32; every layout's losses and final parameter norm must agree within 1e-5.
 bf16 (bf16 tensor-core matrix products, fp32 accumulation) must train, and stay within 1e-2 of fp32.
+
+parabench-ep trains the mixture-of-experts model (SPEC section 9), so its baseline is the single-rank
+parabench-ep run, at the same micro-batch (the capacity applies per micro-batch of b·S tokens): ep 2
+and ep 2 × dp 2 through --comm mpi and one rank through NCCL must agree with it within 1e-5 (losses,
+grad norms, auxiliary loss, final parameter norm) and route exactly alike (/moe/tokens_per_expert and
+/moe/dropped equal), at a capacity that drops assignments.
 """
 
+import h5py
 import numpy as np
 import pytest
 
@@ -34,6 +41,29 @@ LAYOUTS = [
 ]
 
 
+# parabench-ep: E = 4 experts, top-2, capacity factor 1.0 (C = 32 of the 64 tokens of a micro-batch, so
+# the untrained router's assignments overflow some experts), the load-balancing loss on.
+EP_MODEL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "32", "--vocab", "256",
+            "--global-batch", "8", "--micro-batch", "2", "--steps", "6", "--warmup", "1", "--backend", "cuda",
+            "--dtype", "fp32", "--experts", "4", "--top-k", "2", "--capacity-factor", "1.0", "--aux-loss", "0.01"]
+EP_LAYOUTS = [
+    ("ep", 1, ["--comm", "nccl"]),
+    ("ep", 2, ["--comm", "mpi", "--ep", "2"]),
+    ("ep", 4, ["--comm", "mpi", "--ep", "2"]),  # ep 2 × dp 2
+]
+
+
+def arguments(layout):
+    app, _, extra = layout
+    return [*(EP_MODEL if app == "ep" else FP32), *extra]
+
+
+def moe_of(run):
+    with h5py.File(run["path"], "r") as f:
+        return {"kept": f["moe/tokens_per_expert"][()], "dropped": f["moe/dropped"][()],
+                "aux": f["moe/aux_loss"][()]}
+
+
 @pytest.fixture(scope="module")
 def baseline(cached_run):
     return cached_run("dp", 1, [*FP32, "--comm", "mpi", "--micro-batch", "8"], timeout=120)
@@ -54,10 +84,35 @@ def test_matches_single_rank_loss_curve(cached_run, baseline, layout):
     assert run["loss"][-1] < run["loss"][0], "the loss falls"
 
 
-@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay[1] > 1], ids=ident)
-def test_memory_matches_prediction(cached_run, layout):
+@pytest.fixture(scope="module")
+def ep_baseline(cached_run):
+    return cached_run("ep", 1, [*EP_MODEL, "--comm", "mpi"], timeout=120)
+
+
+@pytest.mark.parametrize("layout", EP_LAYOUTS, ids=ident)
+def test_ep_matches_single_rank_loss_curve_and_routing(cached_run, ep_baseline, layout):
     app, ranks, extra = layout
-    assert_memory_matches_prediction(cached_run(app, ranks, [*FP32, *extra], timeout=180), ident(layout))
+    run = cached_run(app, ranks, arguments(layout), timeout=180)
+    assert run["status"] == "complete"
+    np.testing.assert_allclose(run["loss"], ep_baseline["loss"], rtol=RTOL, err_msg=run["command"])
+    np.testing.assert_allclose(run["grad_norm"], ep_baseline["grad_norm"], rtol=RTOL, err_msg=run["command"])
+    assert run["param_norm"] == pytest.approx(ep_baseline["param_norm"], rel=RTOL), run["command"]
+    assert run["loss"][-1] < run["loss"][0], "the loss falls"
+    got, ref = moe_of(run), moe_of(ep_baseline)
+    assert got["kept"].shape == ref["kept"].shape == (6, 2, 4), run["command"]
+    assert np.array_equal(got["kept"], ref["kept"]), \
+        f"{run['command']}\ntokens per expert differ\n{got['kept']}\n{ref['kept']}"
+    assert np.array_equal(got["dropped"], ref["dropped"]), \
+        f"{run['command']}\ndropped differ\n{got['dropped']}\n{ref['dropped']}"
+    np.testing.assert_allclose(got["aux"], ref["aux"], rtol=RTOL, err_msg=run["command"])
+    assert ref["dropped"].sum() > 0, "capacity factor 1.0 drops assignments of the untrained router"
+    assert np.all(ref["aux"] > 0)
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS + EP_LAYOUTS if lay[1] > 1], ids=ident)
+def test_memory_matches_prediction(cached_run, layout):
+    app, ranks, _ = layout
+    assert_memory_matches_prediction(cached_run(app, ranks, arguments(layout), timeout=180), ident(layout))
 
 
 def test_same_layout_twice_is_bitwise_identical(cached_run, run_app, tmp_path):
