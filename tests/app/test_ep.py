@@ -129,6 +129,14 @@ def test_routing_statistics(moe, reference):
     assert float(m["summary"]["moe_dropped_fraction"]) == pytest.approx(dropped_fraction, rel=1e-12)
 
 
+def test_dp_given_or_derived(cached_run):
+    """--dp given explicitly trains exactly what the derived dp does (bitwise: the same layout)."""
+    derived = cached_run("ep", 4, run_args(4, 2, 1.0, 2))
+    given = cached_run("ep", 4, ["--dp", 4, *run_args(4, 2, 1.0, 2)])
+    assert int(given["config"]["dp"]) == 4
+    assert np.array_equal(derived["loss"], given["loss"]) and np.array_equal(derived["grad_norm"], given["grad_norm"])
+
+
 def test_capacity_drops_tokens(reference):
     """Capacity factor 1.0 with k = 1 and E = 4 drops assignments of the untrained router."""
     assert moe_of(reference(4, 1, 1.0))["dropped"].sum() > 0
@@ -169,6 +177,11 @@ def test_memory_matches_prediction(layout, cached_run):
     layout_id, ranks, ep, recompute = layout
     got = cached_run("ep", ranks, run_args(4, 2, 1.0, ep, recompute))
     assert_memory_matches_prediction(got, layout_id)
+    # The MoE's terms are exact (bench/ep/README.md); peak_total is an upper bound (docs/memory-model.md 8).
+    for cat in ["parameters", "gradients", "optimizer_states", "activations", "workspace", "comm_buffers"]:
+        assert np.array_equal(got["measured"][cat], got["predicted"][cat]), \
+            f"{layout_id} {cat}: measured {got['measured'][cat]}, predicted {got['predicted'][cat]}"
+    assert np.all(got["measured"]["peak_total"] <= got["predicted"]["peak_total"]), layout_id
     replicated, experts = params(4, ep)
     assert np.all(got["measured"]["parameters"] == F32 * (replicated + experts)), layout_id
     assert np.all(got["predicted"]["parameters"] == F32 * (replicated + experts)), layout_id
