@@ -70,6 +70,12 @@ ModelParallel make_model_parallel(ProcessGroups& groups) {
     mp.tp.rank = groups.tp->rank();
     mp.tp.sequence_parallel = groups.layout.sequence_parallel;
   }
+  if (groups.layout.cp > 1) {
+    mp.cp.comm = groups.cp.get();
+    mp.cp.size = groups.cp->size();
+    mp.cp.rank = groups.cp->rank();
+    mp.cp.zigzag = groups.layout.cp_zigzag;
+  }
   if (groups.ep) {
     mp.ep.comm = groups.ep.get();
     mp.ep.expert_dp = groups.expert_dp.get();

@@ -15,6 +15,7 @@ struct Layout {
   int pp = 1, dp = 1, cp = 1, tp = 1;
   int ep = 1;  // expert-parallel degree: divides dp; adds no ranks
   bool sequence_parallel = false;  // tp > 1: LayerNorm and residual activations split along the sequence
+  bool cp_zigzag = false;          // cp > 1: each rank holds chunks i and 2·cp − 1 − i of 2·cp (else chunk i of cp)
 
   struct Coord {
     int pp = 0, dp = 0, cp = 0, tp = 0;

@@ -104,16 +104,18 @@ ActivationEstimate predict_activations(const MemoryPlan& p) {
 ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks, bool first, bool last) {
   const ArchSpec& a = p.arch;
   const int64_t t = p.tp;
-  const int64_t N = static_cast<int64_t>(p.micro_batch) * a.seq;  // tokens of one micro-batch
+  const int64_t S = a.seq / p.cp;                                 // tokens of a sequence on this rank
+  const int64_t N = static_cast<int64_t>(p.micro_batch) * S;      // tokens of one micro-batch
   const int64_t R = p.sequence_parallel ? N / t : N;  // rows of the residual stream on this rank
   const int64_t h = a.hidden, f = a.ffn, V = a.vocab, L = blocks;
   const int64_t hl = h / t, fl = f / t, qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
   const int64_t e = p.precision.act_bytes;  // bytes of an activation element
   constexpr int64_t kStat = 4, kToken = 4, kLoss = 8;  // LayerNorm statistics fp32, tokens int32
   // Attention's saved state and backward scratch per block, for this rank's heads (see MemoryPlan).
-  const int64_t rows = static_cast<int64_t>(p.micro_batch) * (a.heads / t) * a.seq;
-  const int64_t att_saved = p.attention_keeps_probabilities ? rows * a.seq * e : rows * kStat;
-  const int64_t att_scratch = att_saved;
+  const int64_t rows = static_cast<int64_t>(p.micro_batch) * (a.heads / t) * S;
+  const int64_t backend_att = p.attention_keeps_probabilities ? rows * S * e : rows * kStat;
+  const int64_t att_saved = p.attention_saved_bytes >= 0 ? p.attention_saved_bytes : backend_att;
+  const int64_t att_scratch = p.attention_scratch_bytes >= 0 ? p.attention_scratch_bytes : backend_att;
 
   // As GptModel::forward_backward allocates them:
   const int64_t tokens = first || last ? 2 * N * kToken : 0;  // inputs and targets
@@ -154,8 +156,14 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   // reduce-scattered rows with sequence parallelism), the attention-output gradient, dqkv and the
   // attention scratch, held through the backward, and the MLP part's scratch during its backward;
   // plus the loss accumulator (a double).
+  // With context parallelism the embedding's backward also holds the gradient of this rank's rows of
+  // the position table (S/cp · h) for a moment, and full recomputation runs the attention core's
+  // forward inside backward: whichever is largest comes on top of what backward holds.
+  const int64_t cp_positions = p.cp > 1 && first && a.learned_positions ? S * h * e : 0;
+  const int64_t recomputed_forward = p.recompute == "full" ? p.attention_forward_bytes : 0;
   est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv) +
-                        att_scratch + mlp_scratch;
+                        att_scratch + p.attention_persistent_bytes +
+                        std::max({mlp_scratch, cp_positions, recomputed_forward});
   return est;
 }
 
@@ -243,7 +251,7 @@ MemoryEstimate predict_memory(const MemoryPlan& p) {
     // its reduce-scatter, or a gathered output gradient.
     e[MemCategory::comm_buffers] += static_cast<int64_t>(p.micro_batch) * p.arch.seq * p.arch.hidden * p.precision.act_bytes;
   }
-  e[MemCategory::comm_buffers] += p.mlp_comm_bytes;
+  e[MemCategory::comm_buffers] += p.mlp_comm_bytes + p.attention_comm_bytes;
   const ActivationEstimate act = predict_activations(p);
   e[MemCategory::activations] = act.peak_bytes;
   e[MemCategory::workspace] = act.workspace_bytes;

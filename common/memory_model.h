@@ -88,6 +88,17 @@ struct MemoryPlan {
   int64_t mlp_workspace_bytes = -1;
   int64_t mlp_parameters = -1;    // this rank's MLP parameters per block (experts it holds, routers)
   int64_t mlp_comm_bytes = 0;     // the part's communication buffers at their peak (dispatch, combine)
+  // Context parallelism: each rank holds S / cp tokens of every sequence; its attention core (bench/cp)
+  // states its own terms per block in bytes (< 0: the backend attention's): what it keeps for backward,
+  // its backward scratch, what it holds all the time (positions), what its forward needs while it runs
+  // (counted with full recomputation, when that forward runs inside backward), and its communication
+  // buffers at their peak.
+  int cp = 1;
+  int64_t attention_saved_bytes = -1;
+  int64_t attention_scratch_bytes = -1;
+  int64_t attention_persistent_bytes = 0;
+  int64_t attention_forward_bytes = 0;
+  int64_t attention_comm_bytes = 0;
 };
 
 // Activations the model keeps for backward at its peak, and the backward scratch, for one

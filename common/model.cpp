@@ -307,9 +307,10 @@ void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std:
 
 GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute,
                    const ModelParallel& mp, BlockParts parts)
-    : config_(config), backend_(backend), micro_batch_(micro_batch), tp_(mp.tp) {
+    : config_(config), backend_(backend), micro_batch_(micro_batch), tp_(mp.tp), cp_(mp.cp) {
   recompute_ = recompute == "full" ? Recompute::full : recompute == "selective" ? Recompute::selective : Recompute::none;
-  N_ = micro_batch * config.seq;
+  seq_local_ = config.seq / cp_.size;
+  N_ = micro_batch * seq_local_;
   rows_ = tp_.sequence_parallel ? N_ / tp_.size : N_;
   heads_ = config.heads / tp_.size;
   hidden_local_ = config.hidden / tp_.size;
@@ -362,7 +363,7 @@ void GptModel::head_loss(float* logits, const int32_t* targets, float scale) {
 // ---- blocks ------------------------------------------------------------------------------------------
 
 void GptModel::attention_forward(const float* const* w, const float* u, BlockActs& a, float* out) {
-  const int B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_, N = N_;
+  const int B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_, N = N_;
   Backend& be = backend_;
   // qkv = u·Wqkv + b, column-parallel: this rank's heads                                        (N, 3h/tp)
   const float* u_full = tp_layers_->column_input(u);
@@ -376,7 +377,7 @@ void GptModel::attention_forward(const float* const* w, const float* u, BlockAct
 
 void GptModel::attention_backward(const float* const* w, float* const* g, const float* u, BlockActs& a,
                                   const float* dout, float* du, BackwardScratch& sc) {
-  const int B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_, N = N_;
+  const int B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_, N = N_;
   Backend& be = backend_;
   const float* dy = tp_layers_->row_parallel_output_grad(dout);
   be.matmul_backward(sc.datt, g[kOutW], g[kOutB], dy, a.att_out, w[kOutW], N, hl, h);
@@ -396,7 +397,7 @@ void GptModel::block_forward(int layer, const float* const* w, const float* x_in
   a.ln1_rstd = act(R);
   a.ln1_out = act(R * h);
   a.qkv = act(3 * N * hl);
-  a.att = act(attention_->saved_floats(micro_batch_, config_.seq, heads_));
+  a.att = act(attention_->saved_floats(micro_batch_, seq_local_, heads_));
   a.att_out = act(N * hl);
   a.x_mid = act(R * h);
   a.ln2_mean = act(R);
@@ -456,7 +457,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
                                                         const int32_t* targets_host, const float* input, float scale,
                                                         UnitHooks& hooks) {
   Backend& be = backend_;
-  const int L = config_.layers, B = micro_batch_, S = config_.seq, h = config_.hidden, Vl = vocab_local_, N = N_,
+  const int L = config_.layers, B = micro_batch_, S = seq_local_, h = config_.hidden, Vl = vocab_local_, N = N_,
             R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
   const int head_unit = L + 1;
@@ -488,7 +489,16 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     // Vocabulary-parallel embedding: each rank looks up its block (the position table is added once,
     // by rank 0), then the parts are summed (g) or reduce-scattered onto the sequence shards.
     const std::vector<float*> emb = unit_tensors(hooks.unit_params(0), 0);
-    const float* pos = tp_.rank == 0 ? emb[kPos] : nullptr;
+    // Context parallelism: the rows of this rank's positions, chunk by chunk.
+    float* pos_rows = cp_.active() ? be.alloc_floats(static_cast<std::size_t>(S) * h, MemCategory::workspace) : nullptr;
+    if (pos_rows != nullptr) {
+      std::size_t at = 0;
+      for (const ContextParallel::Chunk& c : cp_.chunks(config_.seq)) {
+        be.copy(pos_rows + at, emb[kPos] + static_cast<std::size_t>(c.first) * h, sizeof(float) * c.length * h);
+        at += static_cast<std::size_t>(c.length) * h;
+      }
+    }
+    const float* pos = tp_.rank != 0 ? nullptr : pos_rows ? pos_rows : emb[kPos];
     if (tp_.sequence_parallel) {
       float* partial = be.alloc_floats(Nh, MemCategory::comm_buffers);
       be.embedding_forward(partial, mb->tokens, emb[kTok], pos, B, S, h);
@@ -498,6 +508,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
       be.embedding_forward(mb->x0, mb->tokens, emb[kTok], pos, B, S, h);
       tp_.reduce_from_tp(mb->x0, Nh);
     }
+    be.free(pos_rows);
     hooks.after_forward(0);
   } else {
     be.copy(mb->x0, input, Rh * sizeof(float));  // the stage's input, kept for its first block's backward
@@ -553,7 +564,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
 void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* dinput, UnitHooks& hooks) {
   auto& mb = static_cast<MicroBatchState&>(micro_batch);
   Backend& be = backend_;
-  const int L = config_.layers, B = micro_batch_, S = config_.seq, h = config_.hidden, hl = hidden_local_,
+  const int L = config_.layers, B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_,
             Vl = vocab_local_, N = N_, R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
   const std::size_t Nhl = static_cast<std::size_t>(N) * hl;
@@ -625,7 +636,19 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     // the token table's.
     const std::vector<float*> eg = unit_tensors(hooks.unit_grads(0), 0);
     const float* dx0 = tpl.row_parallel_output_grad(dres);
-    be.embedding_backward(eg[kTok], eg[kPos], dx0, mb.tokens, B, S, h);
+    if (cp_.active()) {  // the gradient of this rank's positions' rows, added to theirs
+      float* dpos = scratch(static_cast<std::size_t>(S) * h);
+      be.zero(dpos, sizeof(float) * S * h);
+      be.embedding_backward(eg[kTok], dpos, dx0, mb.tokens, B, S, h);
+      std::size_t at = 0;
+      for (const ContextParallel::Chunk& c : cp_.chunks(config_.seq)) {
+        be.accumulate(eg[kPos] + static_cast<std::size_t>(c.first) * h, dpos + at, static_cast<std::size_t>(c.length) * h);
+        at += static_cast<std::size_t>(c.length) * h;
+      }
+      be.free(dpos);
+    } else {
+      be.embedding_backward(eg[kTok], eg[kPos], dx0, mb.tokens, B, S, h);
+    }
     tpl.release_column_input(dx0, dres);
   } else {
     be.copy(dinput, dres, Rh * sizeof(float));

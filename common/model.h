@@ -116,6 +116,13 @@ struct BlockParts {
   MlpPart* mlp = nullptr;
   AttentionCore* attention = nullptr;
 };
+// The same, owned: made by the app for the harness, which keeps them until the model and the strategy
+// are gone and before the backend goes (a part may hold backend memory).
+struct OwnedBlockParts {
+  std::unique_ptr<MlpPart> mlp;
+  std::unique_ptr<AttentionCore> attention;
+  BlockParts view() const { return BlockParts{mlp.get(), attention.get()}; }
+};
 
 // The units of the model in forward order, with offsets in one flat buffer: the whole model, or
 // tensor-parallel rank tp_rank's slices of it; a block's MLP tensors are `mlp`'s (null: dense).
@@ -184,7 +191,9 @@ class GptModel {
   std::size_t num_parameters() const { return num_params_; }
   int num_units() const { return static_cast<int>(units_.size()); }
 
-  // One micro-batch: forward, loss and backward. tokens and targets are host arrays (B·S); the
+  // One micro-batch: forward, loss and backward. tokens and targets are host arrays (B·S/cp: with
+  // context parallelism, each sequence's tokens at this rank's positions, in the order of
+  // ContextParallel::positions); the
   // micro-batch adds scale · Σ cross-entropy to the loss accumulator and accumulates that loss's
   // gradient into the hooks' unit_grads.
   void forward_backward(const int32_t* tokens, const int32_t* targets, float scale, UnitHooks& hooks);
@@ -212,6 +221,8 @@ class GptModel {
   // stage); the gradient of its input is written to dinput (rows, h) unless the stage has the
   // embedding. Frees the micro-batch's activations.
   void backward(MicroBatch& micro_batch, const float* doutput, float* dinput, UnitHooks& hooks);
+  // Tokens of one sequence on this rank (S / cp).
+  int seq_local() const { return seq_local_; }
   // Elements of a stage's input or output (rows of this rank × h).
   std::size_t boundary_elements() const { return static_cast<std::size_t>(rows_) * config_.hidden; }
 
@@ -243,6 +254,7 @@ class GptModel {
   Backend& backend_;
   int micro_batch_;
   TensorParallel tp_;
+  ContextParallel cp_;
   std::unique_ptr<TpLayers> tp_layers_;  // the tensor- and sequence-parallel plumbing of a layer
   std::unique_ptr<MlpPart> own_mlp_;
   std::unique_ptr<AttentionCore> own_attention_;
@@ -250,7 +262,7 @@ class GptModel {
   AttentionCore* attention_;
   // Local sizes: N tokens of the micro-batch, rows_ of them in the residual stream on this rank
   // (N / tp with sequence parallelism), and this rank's heads, their width and its vocabulary block.
-  int N_, rows_, heads_, hidden_local_, vocab_local_;
+  int seq_local_, N_, rows_, heads_, hidden_local_, vocab_local_;
   enum class Recompute { none, selective, full } recompute_;
   std::vector<UnitInfo> units_;
   std::size_t num_params_ = 0;

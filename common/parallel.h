@@ -10,6 +10,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <vector>
 
 #include "common/communicator.h"
 #include "common/groups.h"
@@ -55,12 +57,44 @@ struct ExpertParallel {
   bool active() const { return size > 1; }
 };
 
+// Context parallelism: every sequence split over the cp group by position, S / cp tokens per rank, as
+// contiguous chunks: one per rank (contiguous), or two, chunks i and 2·cp − 1 − i of 2·cp (zigzag,
+// which balances the causal attention's work). Its attention core (bench/cp) exchanges keys and values.
+struct ContextParallel {
+  Communicator* comm = nullptr;  // the cp group; null when cp = 1
+  int size = 1;
+  int rank = 0;
+  bool zigzag = false;
+
+  struct Chunk {
+    int first = 0, length = 0;  // global positions first .. first + length − 1
+  };
+  bool active() const { return size > 1; }
+  // The chunks of positions rank `r` holds of a sequence of `seq` tokens, in the order it holds them.
+  std::vector<Chunk> chunks(int seq, int r) const {
+    if (size == 1) return {{0, seq}};
+    if (!zigzag) return {{r * (seq / size), seq / size}};
+    const int c = seq / (2 * size);
+    return {{r * c, c}, {(2 * size - 1 - r) * c, c}};
+  }
+  std::vector<Chunk> chunks(int seq) const { return chunks(seq, rank); }
+  // This rank's tokens' global positions, in the order it holds them.
+  std::vector<int32_t> positions(int seq, int r) const {
+    std::vector<int32_t> out;
+    for (const Chunk& c : chunks(seq, r)) {
+      for (int i = 0; i < c.length; ++i) out.push_back(c.first + i);
+    }
+    return out;
+  }
+};
+
 // Every model-parallel context of one rank, built once by the harness from the layout and its process
-// groups, and passed to the model and the strategy: tensor (and sequence) parallelism and expert
-// parallelism (context parallelism will join them).
+// groups, and passed to the model and the strategy: tensor (and sequence) parallelism, expert and
+// context parallelism.
 struct ModelParallel {
   TensorParallel tp;
   ExpertParallel ep;
+  ContextParallel cp;
 };
 
 ModelParallel make_model_parallel(ProcessGroups& groups);

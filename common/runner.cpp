@@ -389,7 +389,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const std::unique_ptr<Communicator> device_world = make_device_world(opt, world, *backend);
   ProcessGroups groups = make_process_groups(device_world ? *device_world : world, layout);
   const ModelParallel mp = make_model_parallel(groups);
-  const BlockParts parts = app.block_parts ? app.block_parts(opt, *backend, mp) : BlockParts{};
+  const OwnedBlockParts owned_parts = app.block_parts ? app.block_parts(opt, *backend, mp) : OwnedBlockParts{};
+  const BlockParts parts = owned_parts.view();
 
   const MemoryPlan plan = memory_plan_for(opt, backend->attention_keeps_probabilities());
   std::vector<MemoryEstimate> predicted;
@@ -771,15 +772,34 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 }  // namespace
 
 void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
-  const std::size_t n = static_cast<std::size_t>(rt.options.micro_batch) * rt.options.model.seq;
+  const int b = rt.options.micro_batch, S = rt.options.model.seq;
+  const std::size_t n = static_cast<std::size_t>(b) * S;
   std::vector<int32_t> tokens(n), targets(n);
+  // Context parallelism: the model takes each sequence's tokens at this rank's positions.
+  const ContextParallel& cp = rt.mp.cp;
+  const std::vector<int32_t> positions = cp.active() ? cp.positions(S, cp.rank) : std::vector<int32_t>{};
+  std::vector<int32_t> local_tokens(cp.active() ? b * positions.size() : 0), local_targets(local_tokens.size());
   for (int micro = 0; micro < batches.count; ++micro) {
     batches.fill(micro, tokens.data(), targets.data());
+    if (cp.active()) {
+      for (int i = 0; i < b; ++i) {
+        for (std::size_t j = 0; j < positions.size(); ++j) {
+          local_tokens[i * positions.size() + j] = tokens[static_cast<std::size_t>(i) * S + positions[j]];
+          local_targets[i * positions.size() + j] = targets[static_cast<std::size_t>(i) * S + positions[j]];
+        }
+      }
+      tokens.swap(local_tokens);
+      targets.swap(local_targets);
+    }
     const double t0 = wall_time_s();
     begin_micro_batch(micro, micro == batches.count - 1);
     rt.model.forward_backward(tokens.data(), targets.data(), batches.loss_scale, *this);
     rt.trace.span(TraceTrack::compute, "forward+backward", t0, wall_time_s(),
                   "{\"step\": " + std::to_string(batches.step + 1) + ", \"micro_batch\": " + std::to_string(micro) + "}");
+    if (cp.active()) {  // back to whole sequences for the next fill
+      tokens.swap(local_tokens);
+      targets.swap(local_targets);
+    }
   }
 }
 

@@ -81,9 +81,9 @@ struct AppDefinition {
   std::function<MemoryEstimate(const Options&, const MemoryPlan&, int rank)> predict_memory;
   std::function<std::unique_ptr<Strategy>(Runtime&)> make_strategy;
   // The block parts the app replaces (default: none, the dense MLP and the backend's attention), made
-  // once the model-parallel groups exist; the app keeps them alive until run_app returns. Must not
-  // allocate backend memory (the memory check runs after it).
-  std::function<BlockParts(const Options&, Backend&, const ModelParallel&)> block_parts;
+  // once the model-parallel groups exist and owned by the harness (the app may keep a pointer for its
+  // strategy). Must not allocate backend memory (the memory check runs after it).
+  std::function<OwnedBlockParts(const Options&, Backend&, const ModelParallel&)> block_parts;
 };
 
 // main() of every app: returns the process exit code (SPEC section 5).

@@ -12,7 +12,7 @@
 int main(int argc, char** argv) {
   int ep = 1;
   pb::MoeOptions moe;
-  std::unique_ptr<pb::MoeMlp> mlp;
+  pb::MoeMlp* mlp = nullptr;  // owned by the harness
 
   pb::AppDefinition app;
   app.name = "ep";
@@ -75,12 +75,14 @@ int main(int argc, char** argv) {
   };
   app.block_parts = [&](const pb::Options& o, pb::Backend& backend, const pb::ModelParallel& mp) {
     const float loss_scale = 1.0f / (static_cast<float>(o.global_batch) * o.model.seq);
-    mlp = std::make_unique<pb::MoeMlp>(o.model, moe, backend, mp.ep, o.micro_batch, loss_scale);
-    return pb::BlockParts{mlp.get(), nullptr};
+    pb::OwnedBlockParts parts;
+    auto part = std::make_unique<pb::MoeMlp>(o.model, moe, backend, mp.ep, o.micro_batch, loss_scale);
+    mlp = part.get();
+    parts.mlp = std::move(part);
+    return parts;
   };
   app.make_strategy = [&](pb::Runtime& runtime) {
     return std::make_unique<pb::ExpertParallelStrategy>(runtime, *mlp);
   };
-  const int code = pb::run_app(argc, argv, app);
-  return code;
+  return pb::run_app(argc, argv, app);
 }
