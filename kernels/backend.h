@@ -115,6 +115,43 @@ class Backend {
   virtual void cross_entropy_finish(float* logits_to_dlogits, double* loss_sum, const int32_t* targets,
                                     const float* row_max, const float* sums, int N, int V, float scale) = 0;
 
+  // ---- context parallelism: attention split by position over blocks of keys ----------------------
+  // Queries are rows of (B, Sq) tokens and keys and values rows of (B, Sk) tokens; head j owns columns
+  // j·d..j·d+d−1 (d = C / heads) of a row. Row i of sample b starts at q + (b·Sq + i)·q_stride (keys and
+  // values alike with kv_stride), so q, k and v can point into a (B, S, 3C) qkv buffer (stride 3C) or a
+  // packed (B, S, 2C) key-value buffer (stride 2C, v = k + C). pos_q (Sq) and pos_k (Sk) are the tokens'
+  // global positions (int32, backend memory, the same for every sample): key j is visible to query i
+  // when pos_k[j] ≤ pos_q[i] (the causal mask of SPEC section 2 by position).
+  //
+  // out (B, Sq, C) = per head, softmax over the visible keys of q·kᵀ/√d, times v (overwritten; 0 for a
+  // query that sees no key); lse (B, heads, Sq) = log Σ_visible exp(q·kᵀ/√d) (−inf when none).
+  virtual void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                       int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k,
+                                       int B, int Sq, int Sk, int C, int heads) = 0;
+  // Merges a block's partial result (out_b, lse_b) into the running one (out, lse), per row and head:
+  // with m = max(lse, lse_b), w = e^(lse − m), w_b = e^(lse_b − m): out = (w·out + w_b·out_b) / (w + w_b),
+  // lse = m + log(w + w_b). A side at −inf contributes nothing; both at −inf leave out and lse unchanged.
+  virtual void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq,
+                               int C, int heads) = 0;
+  // delta (B, heads, Sq) = Σ over the head's d columns of dout·out, per row (overwritten; dout and out
+  // are (B, Sq, C), like the forward's out): the term
+  // the softmax's backward needs, from the final (merged) output.
+  virtual void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C,
+                                     int heads) = 0;
+  // Backward of the whole attention one key block at a time (FlashAttention's), from the final lse and
+  // delta: with P = exp(q·kᵀ/√d − lse) over the visible keys (0 elsewhere) and dP = dout·vᵀ,
+  //   dq += (P ∘ (dP − delta))·k / √d,   dk += (P ∘ (dP − delta))ᵀ·q / √d,   dv += Pᵀ·dout
+  // (all accumulate; dq rows q_stride apart as q, dk and dv kv_stride apart as k and v). The merge's
+  // backward is in it: each block's share of the final softmax is P.
+  virtual void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
+                                        const float* delta, const float* q, const float* k, const float* v,
+                                        int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k,
+                                        int B, int Sq, int Sk, int C, int heads) = 0;
+  // A 2-D copy: `rows` rows of `cols` floats from src (rows src_stride floats apart) to dst (dst_stride
+  // apart); both strides at least cols, and the regions do not overlap.
+  virtual void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
+                       std::size_t cols) = 0;
+
   // ---- mixture of experts (SPEC section 9): N tokens, E experts, k chosen per token ------------------
   // An assignment (n, j) is token n's j-th chosen expert (1 ≤ k ≤ E). Dispatch and combine buffers
   // are (E, C, h): expert e's C slots of h values, slot s of expert e at row e·C + s, with the

@@ -19,35 +19,16 @@
 #include <vector>
 
 #include "kernels/block_cache.h"
+#include "kernels/cpu/fast_math.h"
 
 namespace pb {
 namespace {
 
 constexpr float kLayerNormEps = 1e-5f;
 
-// exp(x) in plain arithmetic (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial,
-// within 2 ulp), so that loops calling it vectorise; libm's expf and tanhf are scalar calls and
-// cost a fifth of a training step. Below −87.3 the result flushes to 0.
-inline float exp_approx(float x) {
-  x = std::min(88.3762626647949f, std::max(-87.3365447505531f, x));
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // x = n·ln2 + r, |r| ≤ ln2/2
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e_r * scale;
-}
+using cpu::exp_approx;  // kernels/cpu/fast_math.h
+using cpu::tanh_approx;
 
-// tanh(u) = 1 − 2 / (exp(2u) + 1): exact limits ±1, absolute error ~1e-7 near 0.
-inline float tanh_approx(float u) { return 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f); }
 constexpr std::size_t kAlignment = 64;
 
 class CpuBackend final : public Backend {
@@ -442,6 +423,32 @@ class CpuBackend final : public Backend {
     double total = 0.0;
     for (int n = 0; n < N; ++n) total += row_loss[n];
     *loss_sum += static_cast<double>(scale) * total;
+  }
+
+  // ---- context parallelism: kernels/cpu/cp_ops.cpp ----------------------------------------------
+  void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v, int q_stride,
+                               int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
+                               int heads) override {
+    cpu::attention_block_forward(out, lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk, C, heads);
+  }
+  void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq, int C,
+                       int heads) override {
+    cpu::attention_merge(out, lse, out_b, lse_b, B, Sq, C, heads);
+  }
+  void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C,
+                             int heads) override {
+    cpu::attention_block_delta(delta, dout, out, B, Sq, C, heads);
+  }
+  void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
+                                const float* delta, const float* q, const float* k, const float* v, int q_stride,
+                                int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk,
+                                int C, int heads) override {
+    cpu::attention_block_backward(dq, dk, dv, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk,
+                                  C, heads);
+  }
+  void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
+               std::size_t cols) override {
+    cpu::copy_2d(dst, dst_stride, src, src_stride, rows, cols);
   }
 
   // ---- mixture of experts: kernels/cpu/moe_ops.cpp -----------------------------------------------

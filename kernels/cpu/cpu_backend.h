@@ -1,6 +1,7 @@
 // The CPU backend: OpenBLAS sgemm for every matrix product, OpenMP loops for the rest.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -15,9 +16,22 @@ std::unique_ptr<Backend> make_cpu_backend(int threads);
 // The host CPU's model name (/proc/cpuinfo), for the result file's /system.
 std::string cpu_model_name();
 
-// The mixture-of-experts ops of the CPU backend (kernels/cpu/moe_ops.cpp): the CPU backend's
-// overrides of the Backend calls of the same name, whose comments in kernels/backend.h are the contract.
+// The context-parallel attention ops of the CPU backend (kernels/cpu/cp_ops.cpp) and its mixture-of-experts
+// ops (kernels/cpu/moe_ops.cpp): the CPU backend's overrides of the Backend calls of the same name, whose
+// comments in kernels/backend.h are the contract.
 namespace cpu {
+void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v, int q_stride,
+                             int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
+                             int heads);
+void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq, int C, int heads);
+void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C, int heads);
+void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
+                              const float* delta, const float* q, const float* k, const float* v, int q_stride,
+                              int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
+                              int heads);
+void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
+             std::size_t cols);
+
 void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E, int k);
 void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert, int N, int E,
                          int k);

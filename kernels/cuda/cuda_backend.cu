@@ -71,6 +71,8 @@ class CudaBackend final : public Backend {
     const int dkv_smem = static_cast<int>(attention_dkv_smem(kCudaMaxHeadDim));
     PB_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        dkv_smem));
+    PB_CUDA_CHECK(cudaFuncSetAttribute(attention_block_backward_dkv_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem));
     PB_CUDA_CHECK(cudaMallocHost(&host_double_, sizeof(double)));
     sample_device_memory();
   }
@@ -269,6 +271,60 @@ class CudaBackend final : public Backend {
     cross_entropy_finish_kernel<<<N, kThreads, 0, stream_>>>(logits, row_loss, targets, row_max, sums, N, V, scale);
     PB_LAUNCH_CHECK();
     sum_rows(loss_sum, row_loss, N, scale);
+  }
+
+  // ---- context parallelism: the fused attention's kernels by position, over one block of keys ------
+  void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v, int q_stride,
+                               int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
+                               int heads) override {
+    check_attention_shape(B, C, heads);
+    if (B == 0 || Sq == 0) return;
+    const dim3 grid((Sq + kAttRows - 1) / kAttRows, B * heads);
+    attention_block_forward_kernel<<<grid, kAttWarps * 32, attention_row_smem(C / heads, false), stream_>>>(
+        out, lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    PB_LAUNCH_CHECK();
+  }
+  void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq, int C,
+                       int heads) override {
+    const std::size_t warps = static_cast<std::size_t>(B) * Sq * heads;
+    if (warps == 0) return;
+    attention_merge_kernel<<<blocks_for(warps * 32), kThreads, 0, stream_>>>(out, lse, out_b, lse_b, B, Sq, C, heads);
+    PB_LAUNCH_CHECK();
+  }
+  void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C,
+                             int heads) override {
+    const std::size_t rows = static_cast<std::size_t>(B) * heads * Sq;
+    if (rows == 0) return;
+    attention_backward_dot_kernel<<<blocks_for(rows * 32), kThreads, 0, stream_>>>(delta, dout, out, B, Sq, C, heads);
+    PB_LAUNCH_CHECK();
+  }
+  void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
+                                const float* delta, const float* q, const float* k, const float* v, int q_stride,
+                                int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk,
+                                int C, int heads) override {
+    check_attention_shape(B, C, heads);
+    if (B == 0 || Sq == 0 || Sk == 0) return;  // nothing to add
+    const int d = C / heads;
+    // two kernels, each gradient row with one writer: dq per query row, dk and dv per key row
+    const dim3 rows_grid((Sq + kAttRows - 1) / kAttRows, B * heads);
+    attention_block_backward_dq_kernel<<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
+        dq, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    PB_LAUNCH_CHECK();
+    const dim3 keys_grid((Sk + kDkvKeys - 1) / kDkvKeys, B * heads);
+    attention_block_backward_dkv_kernel<<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
+        dk, dv, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    PB_LAUNCH_CHECK();
+  }
+  void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
+               std::size_t cols) override {
+    if (rows == 0 || cols == 0) return;
+    const std::size_t width = cols * sizeof(float);
+    if (rows == 1) {  // a single row: any strides (cudaMemcpy2D wants pitches of at least the width)
+      PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, width, cudaMemcpyDeviceToDevice, stream_));
+      return;
+    }
+    PB_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_stride * sizeof(float), src, src_stride * sizeof(float), width, rows,
+                                    cudaMemcpyDeviceToDevice, stream_));
   }
 
   // ---- mixture of experts -------------------------------------------------------------------------

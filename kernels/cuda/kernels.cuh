@@ -743,7 +743,280 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
   }
 }
 
-// Dynamic shared memory of the attention kernels for head dimension d.
+// ---- context parallelism: attention by position over a block of keys ------------------------------
+// The fused attention's kernels generalised (kernels/backend.h, "context parallelism"): query rows
+// q_stride floats apart and key-value rows kv_stride apart (a qkv buffer or a packed key-value one), the
+// mask from the tokens' positions (key j visible to query i when pos_k[j] ≤ pos_q[i]) instead of their
+// indices, a query that sees no key of the block (out 0, lse −inf), and gradients that accumulate. The
+// tiles and warps are the fused kernels' (attention_row_smem, attention_dkv_smem). Positions need not be
+// sorted, so no tile is skipped by its index; a warp skips a tile (or a query row) in which none of its
+// keys is visible.
+
+// Rows k0..k0+keys−1 of a block's K and V (zeros beyond Sk) into shared memory, by every thread of the block.
+__device__ void load_block_kv_tile(float* Ks, float* Vs, const float* k, const float* v, int k0, int keys, int Sk,
+                                   int kv_stride, int d, int stride) {
+  for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
+    const int j = i / d, c = i % d, key = k0 + j;
+    float kv = 0.0f, vv = 0.0f;  // keys beyond Sk: zeros, never read past the block
+    if (key < Sk) {
+      const std::size_t row = static_cast<std::size_t>(key) * kv_stride;
+      kv = k[row + c];
+      vv = v[row + c];
+    }
+    Ks[j * stride + c] = kv;
+    Vs[j * stride + c] = vv;
+  }
+}
+
+// out (B, Sq, C) overwritten; lse (B, H, Sq) = max + log Σ exp of each query row's visible scaled scores.
+// Grid ((Sq + kAttRows − 1) / kAttRows, B·H), kAttWarps warps, attention_row_smem(d, false).
+__global__ void attention_block_forward_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+                                               int q_stride, int kv_stride, const int32_t* pos_q,
+                                               const int32_t* pos_k, int Sq, int Sk, int C, int H) {
+  PB_DYNAMIC_SHARED(smem);
+  const int d = C / H, stride = att_stride(d);
+  float* Ks = smem;
+  float* Vs = Ks + kAttKeys * stride;
+  float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;  // sample b, head h
+  const float* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const float* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
+    const int t = q0 + i / d;
+    Qs[i] = t < Sq ? qb[static_cast<std::size_t>(t) * q_stride + i % d] : 0.0f;
+  }
+  float m[kAttRowsPerWarp], l[kAttRowsPerWarp], o[kAttRowsPerWarp][kAttDimsPerLane];
+#pragma unroll
+  for (int r = 0; r < kAttRowsPerWarp; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kAttDimsPerLane; ++c) o[r][c] = 0.0f;
+  }
+  for (int k0 = 0; k0 < Sk; k0 += kAttKeys) {
+    __syncthreads();  // the previous tile is consumed (and Q is loaded)
+    load_block_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, Sk, kv_stride, d, stride);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kAttRowsPerWarp; ++r) {
+      const int row = warp * kAttRowsPerWarp + r, t = q0 + row, key = k0 + lane;
+      if (t >= Sq) continue;  // uniform over the warp
+      const bool visible = key < Sk && pos_k[key] <= pos_q[t];
+      if (warp_max(visible ? 1.0f : 0.0f) == 0.0f) continue;  // no key of the tile visible from row t (uniform)
+      float s = -INFINITY;
+      if (visible) {
+        const float* qr = Qs + row * d;
+        const float* kr = Ks + lane * stride;
+        float dot = 0.0f;
+        for (int c = 0; c < d; ++c) dot += qr[c] * kr[c];
+        s = dot * scale;
+      }
+      const float m_new = fmaxf(m[r], warp_max(s));  // finite: a key of this tile is visible
+      const float p = visible ? expf(s - m_new) : 0.0f;
+      const float alpha = expf(m[r] - m_new);  // 0 while nothing was visible
+      l[r] = l[r] * alpha + warp_sum(p);
+#pragma unroll
+      for (int c = 0; c < kAttDimsPerLane; ++c) o[r][c] *= alpha;
+      for (int j = 0; j < kAttKeys; ++j) {
+        const float pj = __shfl_sync(kFull, p, j);
+#pragma unroll
+        for (int c = 0; c < kAttDimsPerLane; ++c) {
+          const int dim = lane + 32 * c;
+          if (dim < d) o[r][c] += pj * Vs[j * stride + dim];
+        }
+      }
+      m[r] = m_new;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kAttRowsPerWarp; ++r) {
+    const int t = q0 + warp * kAttRowsPerWarp + r;
+    if (t >= Sq) continue;
+    const bool any = l[r] > 0.0f;  // else the row saw no key: out 0, lse −inf
+    float* ot = out + (static_cast<std::size_t>(b) * Sq + t) * C + h * d;
+#pragma unroll
+    for (int c = 0; c < kAttDimsPerLane; ++c) {
+      const int dim = lane + 32 * c;
+      if (dim < d) ot[dim] = any ? o[r][c] / l[r] : 0.0f;
+    }
+    if (lane == 0) lse[static_cast<std::size_t>(bh) * Sq + t] = any ? m[r] + logf(l[r]) : -INFINITY;
+  }
+}
+
+// Merges (out_b, lse_b) into (out, lse): one warp per (sample, query row, head), the weights in double.
+// A side at −inf contributes nothing (the other side's values are taken as they are).
+__global__ void attention_merge_kernel(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq,
+                                       int C, int H) {
+  const std::size_t w = blockIdx.x * static_cast<std::size_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= static_cast<std::size_t>(B) * Sq * H) return;  // uniform over the warp
+  const int d = C / H, h = static_cast<int>(w % H);
+  const std::size_t n = w / H, b = n / Sq, t = n % Sq;  // row n = b·Sq + t
+  const std::size_t s = (b * H + h) * Sq + t, o = n * C + static_cast<std::size_t>(h) * d;
+  const double la = lse[s], lb = lse_b[s];
+  __syncwarp();  // every lane has read lse before lane 0 writes it
+  if (lb == -INFINITY) return;  // the block saw nothing: out and lse stay (also when both are −inf)
+  if (la == -INFINITY) {        // nothing so far: the block's result as it is
+    for (int c = lane; c < d; c += 32) out[o + c] = out_b[o + c];
+    if (lane == 0) lse[s] = lse_b[s];
+    return;
+  }
+  const double m = fmax(la, lb), wa = exp(la - m), wb = exp(lb - m), sum = wa + wb;
+  const float ca = static_cast<float>(wa / sum), cb = static_cast<float>(wb / sum);
+  for (int c = lane; c < d; c += 32) out[o + c] = ca * out[o + c] + cb * out_b[o + c];
+  if (lane == 0) lse[s] = static_cast<float>(m + log(sum));
+}
+
+// dq += Σ_visible keys P·(dP − delta)·k / √d of each query row, with P = exp(q·k/√d − lse). The grid and
+// shared memory of attention_block_forward_kernel, with attention_row_smem(d, true).
+__global__ void attention_block_backward_dq_kernel(float* dq, const float* dout, const float* lse, const float* delta,
+                                                   const float* q, const float* k, const float* v, int q_stride,
+                                                   int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int Sq,
+                                                   int Sk, int C, int H) {
+  PB_DYNAMIC_SHARED(smem);
+  const int d = C / H, stride = att_stride(d);
+  float* Ks = smem;
+  float* Vs = Ks + kAttKeys * stride;
+  float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
+  float* dOs = Qs + kAttRows * d;      // (kAttRows, d)
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
+  const float* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const float* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const float* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
+    const int t = q0 + i / d;
+    Qs[i] = t < Sq ? qb[static_cast<std::size_t>(t) * q_stride + i % d] : 0.0f;
+    dOs[i] = t < Sq ? gb[static_cast<std::size_t>(t) * C + i % d] : 0.0f;
+  }
+  float acc[kAttRowsPerWarp][kAttDimsPerLane] = {};
+  for (int k0 = 0; k0 < Sk; k0 += kAttKeys) {
+    __syncthreads();
+    load_block_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, Sk, kv_stride, d, stride);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kAttRowsPerWarp; ++r) {
+      const int row = warp * kAttRowsPerWarp + r, t = q0 + row, key = k0 + lane;
+      if (t >= Sq) continue;  // uniform over the warp
+      const std::size_t stat = static_cast<std::size_t>(bh) * Sq + t;
+      const float L = lse[stat];
+      // L = −inf: the row sees no key in any block (and none here)
+      const bool visible = key < Sk && pos_k[key] <= pos_q[t] && L > -INFINITY;
+      if (warp_max(visible ? 1.0f : 0.0f) == 0.0f) continue;  // uniform
+      float ds = 0.0f;
+      if (visible) {
+        const float* qr = Qs + row * d;
+        const float* g = dOs + row * d;
+        const float* kr = Ks + lane * stride;
+        const float* vr = Vs + lane * stride;
+        float s = 0.0f, dp = 0.0f;
+        for (int c = 0; c < d; ++c) {
+          s += qr[c] * kr[c];
+          dp += g[c] * vr[c];
+        }
+        const float p = expf(s * scale - L);
+        ds = p * (dp - delta[stat]) * scale;
+      }
+      for (int j = 0; j < kAttKeys; ++j) {
+        const float dsj = __shfl_sync(kFull, ds, j);
+#pragma unroll
+        for (int c = 0; c < kAttDimsPerLane; ++c) {
+          const int dim = lane + 32 * c;
+          if (dim < d) acc[r][c] += dsj * Ks[j * stride + dim];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kAttRowsPerWarp; ++r) {
+    const int t = q0 + warp * kAttRowsPerWarp + r;
+    if (t >= Sq) continue;
+    float* dqt = dq + (static_cast<std::size_t>(b) * Sq + t) * q_stride + h * d;
+#pragma unroll
+    for (int c = 0; c < kAttDimsPerLane; ++c) {
+      const int dim = lane + 32 * c;
+      if (dim < d) dqt[dim] += acc[r][c];
+    }
+  }
+}
+
+// dk += Σ_queries P·(dP − delta)·q / √d and dv += Σ_queries P·dout of a tile of kDkvKeys keys, the layout
+// of attention_backward_dkv_kernel (two lanes per key, each half of the head dimension); the block walks
+// every query row, since any may see its keys. Grid ((Sk + kDkvKeys − 1) / kDkvKeys, B·H), kDkvWarps
+// warps, attention_dkv_smem(d).
+__global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, const float* dout, const float* lse,
+                                                    const float* delta, const float* q, const float* k,
+                                                    const float* v, int q_stride, int kv_stride,
+                                                    const int32_t* pos_q, const int32_t* pos_k, int Sq, int Sk, int C,
+                                                    int H) {
+  PB_DYNAMIC_SHARED(smem);
+  const int d = C / H, stride = att_stride(d), half = (d + 1) / 2;
+  float* Ks = smem;  // (kDkvKeys, stride)
+  float* Vs = Ks + kDkvKeys * stride;
+  float* qs = Vs + kDkvKeys * stride;  // (d): the query row
+  float* gs = qs + d;                  // (d): its output gradient
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kDkvKeys;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
+  const int lo = lane / kDkvKeysPerWarp * half, hi = min(d, lo + half);       // its dimensions
+  const float* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
+  const float* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const float* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const float* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  load_block_kv_tile(Ks, Vs, kb, vb, k0, kDkvKeys, Sk, kv_stride, d, stride);
+  const float* kr = Ks + j * stride;
+  const float* vr = Vs + j * stride;
+  const int32_t my_pos = key < Sk ? pos_k[key] : 0;
+  float dk_acc[kDkvHalfDim], dv_acc[kDkvHalfDim];
+#pragma unroll
+  for (int c = 0; c < kDkvHalfDim; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
+  for (int t = 0; t < Sq; ++t) {
+    __syncthreads();  // the tile is loaded; the previous row is consumed
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+      qs[c] = qb[static_cast<std::size_t>(t) * q_stride + c];
+      gs[c] = gb[static_cast<std::size_t>(t) * C + c];
+    }
+    __syncthreads();
+    const std::size_t stat = static_cast<std::size_t>(bh) * Sq + t;
+    const float L = lse[stat];
+    const bool visible = key < Sk && my_pos <= pos_q[t] && L > -INFINITY;
+    if (warp_max(visible ? 1.0f : 0.0f) == 0.0f) continue;  // none of this warp's keys is visible (uniform)
+    float s = 0.0f, dp = 0.0f;
+    for (int c = lo; c < hi; ++c) {
+      s += qs[c] * kr[c];
+      dp += gs[c] * vr[c];
+    }
+    s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
+    dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
+    if (!visible) continue;
+    const float p = expf(s * scale - L);
+    const float ds = p * (dp - delta[stat]) * scale;
+#pragma unroll
+    for (int c = 0; c < kDkvHalfDim; ++c) {
+      if (lo + c < hi) {
+        dv_acc[c] += p * gs[lo + c];
+        dk_acc[c] += ds * qs[lo + c];
+      }
+    }
+  }
+  if (key >= Sk) return;
+  const std::size_t row = (static_cast<std::size_t>(b) * Sk + key) * kv_stride + h * d;
+#pragma unroll
+  for (int c = 0; c < kDkvHalfDim; ++c) {
+    if (lo + c < hi) {
+      dk[row + lo + c] += dk_acc[c];
+      dv[row + lo + c] += dv_acc[c];
+    }
+  }
+}
+
+// Dynamic shared memory of the attention kernels (the fused and the block ones) for head dimension d.
 inline std::size_t attention_row_smem(int d, bool with_dout) {
   return sizeof(float) * (2 * kAttKeys * att_stride(d) + (with_dout ? 2 : 1) * kAttRows * d);
 }

@@ -4,8 +4,8 @@
 // fails the comparison; accumulating outputs start from the same random values on both. The error
 // is ‖gpu − cpu‖ / ‖cpu‖: at most 1e-5 in fp32 (cuBLAS without TF32), 1e-2 for the matrix products
 // in bf16. Integer outputs (the mixture of experts' expert indices, slots and counts) are poisoned
-// with a value no op writes and must match exactly. Without a visible GPU every test reports itself
-// skipped.
+// with a value no op writes and must match exactly; a log-sum-exp is −inf exactly where the CPU's is.
+// Without a visible GPU every test reports itself skipped.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -112,6 +112,24 @@ class CudaOps : public ::testing::Test {
   // Integer outputs: element for element (the poison, left by an unwritten element, never matches).
   void expect_same_ints(const IntTwin& t, const std::string& what) {
     EXPECT_EQ(get_ints(*gpu_, t.gpu, t.n), get_ints(*cpu_, t.cpu, t.n)) << what;
+  }
+  // A log-sum-exp: −inf exactly where the CPU's is (a query that sees no key), the finite entries to tol.
+  void expect_close_lse(const Twin& t, const std::string& what, double tol = kFp32Tol) {
+    const FVec c = get(*cpu_, t.cpu, t.n), g = get(*gpu_, t.gpu, t.n);
+    double diff = 0.0, ref = 0.0;
+    std::size_t mismatched = 0;
+    for (std::size_t i = 0; i < t.n; ++i) {
+      const bool c_none = std::isinf(c[i]) && c[i] < 0, g_none = std::isinf(g[i]) && g[i] < 0;
+      if (c_none || g_none || !std::isfinite(g[i])) {
+        mismatched += c_none != g_none || (!g_none && !std::isfinite(g[i]));
+        continue;
+      }
+      diff += (static_cast<double>(g[i]) - c[i]) * (static_cast<double>(g[i]) - c[i]);
+      ref += static_cast<double>(c[i]) * c[i];
+    }
+    EXPECT_EQ(mismatched, 0u) << what << ": −inf where the CPU's is not, or the other way round, or not finite";
+    const double e = ref > 0.0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+    EXPECT_LE(e, tol) << what << ": relative error " << e;
   }
   // Bit for bit (copies and zeros); a NaN left by an unwritten element never compares equal.
   void expect_identical(const Twin& t, const std::string& what) {
@@ -223,6 +241,129 @@ TEST_F(CudaOps, FusedAttentionForwardAndBackward) {
   // The attention keeps statistics, not probabilities: no S×S buffer.
   EXPECT_FALSE(gpu_->attention_keeps_probabilities());
   EXPECT_EQ(gpu_->attention_saved_floats(2, 4096, 32), std::size_t(2) * 32 * 4096);
+}
+
+// ---- context parallelism (kernels/backend.h) ------------------------------------------------------------
+// One rank of a zigzag context-parallel group over S = 4·half tokens: its queries at {0..half−1} ∪
+// {3·half..4·half−1} with its own keys and values in its qkv buffer (stride 3C), the middle block packed
+// (stride 2C; the first half of the queries sees none of it) and a block in the future of every query (out
+// 0, lse −inf). The whole flash-style pass on both backends, each feeding its own results on: forward per
+// block, merge, delta, every block's backward accumulating into random gradients.
+std::vector<int32_t> cp_span(int first, int last) {
+  std::vector<int32_t> p;
+  for (int i = first; i <= last; ++i) p.push_back(i);
+  return p;
+}
+
+TEST_F(CudaOps, ContextParallelAttention) {
+  // head dimensions 24, 64, 128 (the limit), 3; query and key counts that cross the 8-row, 32- and 64-key tiles
+  for (auto [B, half, C, NH] : {std::tuple{2, 35, 72, 3}, std::tuple{1, 65, 128, 2}, std::tuple{2, 20, 256, 2},
+                                std::tuple{3, 3, 15, 5}}) {
+    const std::string shape = "B" + std::to_string(B) + " half " + std::to_string(half) + " C" + std::to_string(C) +
+                              " heads " + std::to_string(NH);
+    const int Sq = 2 * half, Sk = 2 * half, Sf = 5;
+    std::vector<int32_t> pos_q = cp_span(0, half - 1), pos_mid = cp_span(half, 3 * half - 1);
+    for (int32_t p : cp_span(3 * half, 4 * half - 1)) pos_q.push_back(p);
+    const std::vector<int32_t> pos_future = cp_span(4 * half, 4 * half + Sf - 1);
+    const IntTwin d_pos_q = put_ints(pos_q), d_pos_mid = put_ints(pos_mid), d_pos_future = put_ints(pos_future);
+    const std::size_t nqkv = std::size_t(B) * Sq * 3 * C, nout = std::size_t(B) * Sq * C;
+    const std::size_t nkv = std::size_t(B) * Sk * 2 * C, nkvf = std::size_t(B) * Sf * 2 * C;
+    const std::size_t nstat = std::size_t(B) * NH * Sq;
+    Twin qkv = put(random(nqkv, -2.0f, 2.0f)), kv = put(random(nkv, -2.0f, 2.0f));
+    Twin kvf = put(random(nkvf, -2.0f, 2.0f));
+    // blocks: (k, v, stride, positions, Sk) on each backend
+    struct Blk {
+      const float* k;
+      const float* v;
+      int stride;
+      const int32_t* pos;
+      int S;
+    };
+    auto blocks = [&](bool gpu) {
+      const float* q = gpu ? qkv.gpu : qkv.cpu;
+      const float* m = gpu ? kv.gpu : kv.cpu;
+      const float* f = gpu ? kvf.gpu : kvf.cpu;
+      return std::vector<Blk>{{q + C, q + 2 * C, 3 * C, gpu ? d_pos_q.gpu : d_pos_q.cpu, Sq},
+                              {m, m + C, 2 * C, gpu ? d_pos_mid.gpu : d_pos_mid.cpu, Sk},
+                              {f, f + C, 2 * C, gpu ? d_pos_future.gpu : d_pos_future.cpu, Sf}};
+    };
+    const char* names[] = {"own block", "middle block", "future block"};
+
+    // forward: block 0 into (out, lse), the others into (out_b, lse_b), each merged in
+    Twin out = poisoned(nout), lse = poisoned(nstat);
+    for (int i = 0; i < 3; ++i) {
+      const std::string what = std::string(names[i]) + " " + shape;
+      Twin ob = poisoned(nout), lb = poisoned(nstat);
+      Twin& o = i == 0 ? out : ob;
+      Twin& l = i == 0 ? lse : lb;
+      for (bool gpu : {false, true}) {
+        Backend& be = gpu ? *gpu_ : *cpu_;
+        const Blk blk = blocks(gpu)[i];
+        be.attention_block_forward(gpu ? o.gpu : o.cpu, gpu ? l.gpu : l.cpu, gpu ? qkv.gpu : qkv.cpu, blk.k, blk.v,
+                                   3 * C, blk.stride, gpu ? d_pos_q.gpu : d_pos_q.cpu, blk.pos, B, Sq, blk.S, C, NH);
+      }
+      if (i == 2) {  // every query in its past: exactly 0 and −inf
+        EXPECT_EQ(get(*gpu_, o.gpu, nout), FVec(nout, 0.0f)) << "attention_block_forward out " << what;
+        EXPECT_EQ(get(*gpu_, l.gpu, nstat), FVec(nstat, -std::numeric_limits<float>::infinity())) << what;
+      } else {
+        expect_close(o, "attention_block_forward out " + what);
+        expect_close_lse(l, "attention_block_forward lse " + what);
+      }
+      if (i == 0) continue;
+      cpu_->attention_merge(out.cpu, lse.cpu, ob.cpu, lb.cpu, B, Sq, C, NH);
+      gpu_->attention_merge(out.gpu, lse.gpu, ob.gpu, lb.gpu, B, Sq, C, NH);
+      expect_close(out, "attention_merge out " + what);
+      expect_close_lse(lse, "attention_merge lse " + what);
+    }
+
+    // backward: delta from the merged out, then every block's, accumulating
+    Twin dout = put(random(nout)), delta = poisoned(nstat);
+    cpu_->attention_block_delta(delta.cpu, dout.cpu, out.cpu, B, Sq, C, NH);
+    gpu_->attention_block_delta(delta.gpu, dout.gpu, out.gpu, B, Sq, C, NH);
+    expect_close(delta, "attention_block_delta " + shape);
+    const FVec dqkv0 = random(nqkv), dkv0 = random(nkv), dkvf0 = random(nkvf);
+    auto backward = [&](Backend& be, bool gpu, float* dqkv, float* dkv, float* dkvf) {
+      float* dk[3] = {dqkv + C, dkv, dkvf};
+      const std::vector<Blk> blks = blocks(gpu);
+      for (int i = 0; i < 3; ++i) {
+        be.attention_block_backward(dqkv, dk[i], dk[i] + C, gpu ? dout.gpu : dout.cpu,
+                                    gpu ? lse.gpu : lse.cpu, gpu ? delta.gpu : delta.cpu, gpu ? qkv.gpu : qkv.cpu,
+                                    blks[i].k, blks[i].v, 3 * C, blks[i].stride, gpu ? d_pos_q.gpu : d_pos_q.cpu,
+                                    blks[i].pos, B, Sq, blks[i].S, C, NH);
+      }
+    };
+    Twin dqkv = put(dqkv0), dkv = put(dkv0), dkvf = put(dkvf0);
+    backward(*cpu_, false, dqkv.cpu, dkv.cpu, dkvf.cpu);
+    backward(*gpu_, true, dqkv.gpu, dkv.gpu, dkvf.gpu);
+    expect_close(dqkv, "attention_block_backward dq and the own dk, dv " + shape);
+    expect_close(dkv, "attention_block_backward dk, dv of the middle block " + shape);
+    EXPECT_EQ(get(*gpu_, dkvf.gpu, nkvf), dkvf0) << "the future block's dk, dv: nothing added " << shape;
+
+    // bitwise reproducible: the same calls again from the same start
+    Twin again_q = put(dqkv0), again_kv = put(dkv0), again_f = put(dkvf0);
+    backward(*gpu_, true, again_q.gpu, again_kv.gpu, again_f.gpu);
+    EXPECT_EQ(get(*gpu_, again_q.gpu, nqkv), get(*gpu_, dqkv.gpu, nqkv)) << "attention_block_backward twice " << shape;
+    EXPECT_EQ(get(*gpu_, again_kv.gpu, nkv), get(*gpu_, dkv.gpu, nkv)) << "attention_block_backward twice " << shape;
+  }
+}
+
+// copy_2d: the copied rows and columns bit for bit, every other float of dst unchanged (on both backends).
+TEST_F(CudaOps, Copy2d) {
+  struct Copy {
+    std::size_t rows, cols, src_stride, dst_stride;
+  };
+  for (const Copy& cp : {Copy{5, 7, 10, 9}, Copy{300, 1536, 2304, 1536}, Copy{300, 1536, 1536, 2304},
+                         Copy{64, 64, 64, 64}, Copy{1, 5, 2, 3}, Copy{3, 1, 2, 4}, Copy{0, 5, 6, 6},
+                         Copy{4, 0, 6, 6}}) {
+    const std::string what = "copy_2d rows " + std::to_string(cp.rows) + " cols " + std::to_string(cp.cols) +
+                             " strides " + std::to_string(cp.src_stride) + ", " + std::to_string(cp.dst_stride);
+    const std::size_t extra = 2;  // rows of dst past the copied ones
+    Twin src = put(random((cp.rows + extra) * std::max(cp.src_stride, cp.cols)));
+    Twin dst = put(random((cp.rows + extra) * std::max(cp.dst_stride, cp.cols)));
+    cpu_->copy_2d(dst.cpu, cp.dst_stride, src.cpu, cp.src_stride, cp.rows, cp.cols);
+    gpu_->copy_2d(dst.gpu, cp.dst_stride, src.gpu, cp.src_stride, cp.rows, cp.cols);
+    expect_identical(dst, what);
+  }
 }
 
 TEST_F(CudaOps, ElementwiseOps) {

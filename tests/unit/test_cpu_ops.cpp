@@ -25,6 +25,16 @@
 //                                         every assignment), dispatch bitwise, the rest as above; E = 3
 //                                         and 5, k = 1..E, odd h; outputs of dropped assignments and of
 //                                         empty slots exactly 0
+//   context parallelism ................ attention by position over key blocks (zigzag chunks, blocks
+//                                         entirely in the future (out 0, lse −inf) and in the past,
+//                                         unsorted and repeated positions, Sq ≠ Sk, strides 3C and 2C and
+//                                         NaN-padded ones) ≤ 1e-5 vs double; blocks merged over several
+//                                         splits of the keys = attention over all keys, and = the
+//                                         backend's attention_forward at positions 0..S−1; the merge's
+//                                         −inf cases exactly; the block backward over 2–4 blocks (delta
+//                                         from the merged out) vs finite differences of the merged output
+//                                         and vs attention_backward for one full block; padding of
+//                                         strided gradients and around copy_2d's rows never written
 //   threads ............................ threads = 1 vs 2 agree to 1e-6; the same call twice on the
 //                                         same backend is bitwise identical
 #include <gtest/gtest.h>
@@ -1393,6 +1403,575 @@ TEST_F(CpuOps, MoeCombineBackward) {
 }
 
 // =================================================================================================
+// context parallelism: attention by position over blocks of keys, merged through the log-sum-exp
+// =================================================================================================
+
+const double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Attention of queries q (B, Sq, C) over keys k and values v (B, Sk, C) with the mask by position (key j
+// visible to query i when pos_k[j] ≤ pos_q[i]), in float64: out (B, Sq, C), 0 for a query that sees no
+// key; lse (B, heads, Sq) = log Σ_visible exp(q·k/√d), −inf there.
+struct RefBlockAttention {
+  Vec out, lse;
+};
+RefBlockAttention ref_block_attention(const Vec& q, const Vec& k, const Vec& v, const std::vector<int32_t>& pos_q,
+                                      const std::vector<int32_t>& pos_k, int B, int C, int NH) {
+  const int Sq = static_cast<int>(pos_q.size()), Sk = static_cast<int>(pos_k.size()), d = C / NH;
+  const double sc = 1.0 / std::sqrt(static_cast<double>(d));
+  RefBlockAttention r{Vec(std::size_t(B) * Sq * C, 0.0), Vec(std::size_t(B) * NH * Sq, kNegInf)};
+  Vec s(Sk);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < NH; ++h)
+      for (int i = 0; i < Sq; ++i) {
+        const double* qi = &q[(std::size_t(b) * Sq + i) * C + std::size_t(h) * d];
+        double mx = kNegInf;
+        for (int j = 0; j < Sk; ++j) {
+          if (pos_k[j] > pos_q[i]) continue;
+          const double* kj = &k[(std::size_t(b) * Sk + j) * C + std::size_t(h) * d];
+          double a = 0;
+          for (int c = 0; c < d; ++c) a += qi[c] * kj[c];
+          s[j] = a * sc;
+          mx = std::max(mx, s[j]);
+        }
+        if (mx == kNegInf) continue;  // no visible key
+        double sum = 0;
+        for (int j = 0; j < Sk; ++j)
+          if (pos_k[j] <= pos_q[i]) sum += std::exp(s[j] - mx);
+        double* o = &r.out[(std::size_t(b) * Sq + i) * C + std::size_t(h) * d];
+        for (int j = 0; j < Sk; ++j) {
+          if (pos_k[j] > pos_q[i]) continue;
+          const double* vj = &v[(std::size_t(b) * Sk + j) * C + std::size_t(h) * d];
+          for (int c = 0; c < d; ++c) o[c] += std::exp(s[j] - mx) / sum * vj[c];
+        }
+        r.lse[(std::size_t(b) * NH + h) * Sq + i] = mx + std::log(sum);
+      }
+  return r;
+}
+
+// Writes compact rows (n, cols) into buf at column `col` of rows `stride` floats apart.
+template <typename T>
+void place_rows(std::vector<T>& buf, const std::vector<T>& rows, int cols, int stride, int col) {
+  const std::size_t n = rows.size() / cols;
+  for (std::size_t r = 0; r < n; ++r)
+    std::copy_n(rows.begin() + r * cols, cols, buf.begin() + r * stride + col);
+}
+// The compact rows (n, cols) at column `col` of a buffer of rows `stride` floats apart.
+template <typename T>
+std::vector<T> take_rows(const std::vector<T>& buf, std::size_t n, int cols, int stride, int col) {
+  std::vector<T> rows(n * cols);
+  for (std::size_t r = 0; r < n; ++r)
+    std::copy_n(buf.begin() + r * stride + col, cols, rows.begin() + r * cols);
+  return rows;
+}
+
+// Key blocks concatenated along the sequence: (B, Σ Sk, C) from blocks (B, Sk_i, C).
+Vec concat_blocks(const std::vector<Vec>& blocks, const std::vector<int>& lengths, int B, int C) {
+  int total = 0;
+  for (int s : lengths) total += s;
+  Vec all(std::size_t(B) * total * C);
+  for (int b = 0; b < B; ++b) {
+    int off = 0;
+    for (std::size_t i = 0; i < blocks.size(); ++i) {
+      std::copy_n(blocks[i].begin() + std::size_t(b) * lengths[i] * C, std::size_t(lengths[i]) * C,
+                  all.begin() + (std::size_t(b) * total + off) * C);
+      off += lengths[i];
+    }
+  }
+  return all;
+}
+
+std::vector<int32_t> positions(std::initializer_list<std::pair<int, int>> ranges) {  // [first, last] ranges
+  std::vector<int32_t> p;
+  for (auto [first, last] : ranges)
+    for (int i = first; i <= last; ++i) p.push_back(i);
+  return p;
+}
+
+// lse: −inf exactly where the reference is −inf; the finite entries to `tol` (relative L2 over them).
+::testing::AssertionResult close_lse(const FVec& got, const Vec& ref, double tol, const std::string& what) {
+  FVec got_finite;
+  Vec ref_finite;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (ref[i] == kNegInf) {
+      if (got[i] != -std::numeric_limits<float>::infinity()) {
+        return ::testing::AssertionFailure() << what << ": element " << i << " is " << got[i] << ", expected -inf";
+      }
+      continue;
+    }
+    got_finite.push_back(got[i]);
+    ref_finite.push_back(ref[i]);
+  }
+  if (ref_finite.empty()) return ::testing::AssertionSuccess();
+  return close(got_finite, ref_finite, tol, what);
+}
+
+// Whether query i sees any key.
+bool sees_any(const std::vector<int32_t>& pos_k, int32_t pos_q) {
+  return std::any_of(pos_k.begin(), pos_k.end(), [&](int32_t p) { return p <= pos_q; });
+}
+
+// Forward cases: q from a (B, Sq, 3C + q_pad) buffer; k and v from the same buffer (`shared`: the diagonal
+// block, pos_k = pos_q) or from a packed (B, Sk, 2C + kv_pad) one. Every float that is not data is NaN, so
+// a read outside a row's columns shows in the output.
+struct CpCase {
+  const char* name;
+  int B, C, NH;
+  std::vector<int32_t> pos_q, pos_k;
+  bool shared;
+  int q_pad, kv_pad;
+};
+const CpCase kCpForwardCases[] = {
+    {"zigzag diagonal (stride 3C)", 2, 15, 5, positions({{0, 3}, {12, 15}}), positions({{0, 3}, {12, 15}}), true, 0, 0},
+    {"zigzag, the middle chunk (stride 3C and 2C)", 2, 72, 3, positions({{0, 3}, {12, 15}}), positions({{4, 11}}),
+     false, 0, 0},
+    {"keys in the future of every query", 3, 21, 3, positions({{0, 6}}), positions({{7, 11}}), false, 0, 0},
+    {"keys in the past of every query (padded strides)", 1, 21, 7, positions({{10, 16}}), positions({{0, 9}}), false,
+     5, 3},
+    {"unsorted, repeated positions, Sq < Sk (padded strides)", 2, 15, 3, {5, 2, 9, 9, 0, 13},
+     {3, 9, 1, 14, 6, 2, 9, 11, 0}, false, 1, 2},
+    {"Sq > Sk, odd heads", 3, 35, 7, positions({{0, 16}}), {16, 3, 8}, false, 0, 0},
+    {"one query, one key", 1, 8, 2, {4}, {4}, true, 0, 0},
+};
+
+TEST_F(CpuOps, AttentionBlockForward) {
+  std::mt19937 rng(91);
+  for (const CpCase& cs : kCpForwardCases) {
+    SCOPED_TRACE(cs.name);
+    const int B = cs.B, C = cs.C, NH = cs.NH, Sq = int(cs.pos_q.size()), Sk = int(cs.pos_k.size());
+    const std::size_t nq = std::size_t(B) * Sq * C, nk = std::size_t(B) * Sk * C, nstat = std::size_t(B) * NH * Sq;
+    const FVec q = rand_floats(rng, nq, -2.0f, 2.0f), kk = rand_floats(rng, nk, -2.0f, 2.0f),
+               vv = rand_floats(rng, nk, -2.0f, 2.0f);
+    const int q_stride = 3 * C + cs.q_pad, kv_stride = cs.shared ? q_stride : 2 * C + cs.kv_pad;
+    FVec qbuf(std::size_t(B) * Sq * q_stride, kPoison), kvbuf(std::size_t(B) * Sk * kv_stride, kPoison);
+    place_rows(qbuf, q, C, q_stride, 0);
+    if (cs.shared) {
+      place_rows(qbuf, kk, C, q_stride, C);
+      place_rows(qbuf, vv, C, q_stride, 2 * C);
+    } else {
+      place_rows(kvbuf, kk, C, kv_stride, 0);
+      place_rows(kvbuf, vv, C, kv_stride, C);
+    }
+    float* d_q = dev.put(qbuf);
+    float* d_kv = cs.shared ? d_q + C : dev.put(kvbuf);
+    float* d_out = dev.poisoned(nq);
+    float* d_lse = dev.poisoned(nstat);
+    be->attention_block_forward(d_out, d_lse, d_q, d_kv, d_kv + C, q_stride, kv_stride, dev.put_ints(cs.pos_q),
+                                dev.put_ints(cs.pos_k), B, Sq, Sk, C, NH);
+    const RefBlockAttention ref =
+        ref_block_attention(to_double(q), to_double(kk), to_double(vv), cs.pos_q, cs.pos_k, B, C, NH);
+    const FVec out = dev.get(d_out, nq), lse = dev.get(d_lse, nstat);
+    EXPECT_TRUE(close_or_zero(out, ref.out, kFwdTol, "out"));
+    EXPECT_TRUE(close_lse(lse, ref.lse, kFwdTol, "lse"));
+    // a query that sees no key: out exactly 0 (lse −inf is checked above)
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < Sq; ++i) {
+        if (sees_any(cs.pos_k, cs.pos_q[i])) continue;
+        for (int c = 0; c < C; ++c) EXPECT_EQ(out[(std::size_t(b) * Sq + i) * C + c], 0.0f) << "query " << i;
+      }
+  }
+}
+
+// The running result of a context-parallel forward: block 0's, then every further block merged in.
+struct DevKvBlock {
+  std::vector<int32_t> pos;
+  const float* k;
+  const float* v;
+  float* dk;
+  float* dv;
+  int stride;
+};
+void cp_forward(Backend& be, Dev& dev, float* out, float* lse, const float* q, int q_stride, const int32_t* d_pos_q,
+                const std::vector<DevKvBlock>& blocks, int B, int Sq, int C, int NH) {
+  float* out_b = dev.poisoned(std::size_t(B) * Sq * C);
+  float* lse_b = dev.poisoned(std::size_t(B) * NH * Sq);
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    const DevKvBlock& kv = blocks[i];
+    const int Sk = int(kv.pos.size());
+    be.attention_block_forward(i == 0 ? out : out_b, i == 0 ? lse : lse_b, q, kv.k, kv.v, q_stride, kv.stride,
+                               d_pos_q, dev.put_ints(kv.pos), B, Sq, Sk, C, NH);
+    if (i > 0) be.attention_merge(out, lse, out_b, lse_b, B, Sq, C, NH);
+  }
+}
+
+// Queries at zigzag positions of a 16-token sequence against every key, the keys split into blocks in
+// several ways and orders (one whose first block is invisible to some queries: the merge starts from −inf).
+TEST_F(CpuOps, AttentionMergeOverKeySplitsEqualsFullAttention) {
+  std::mt19937 rng(92);
+  const int S = 16;
+  const std::vector<std::vector<std::vector<int32_t>>> splits = {
+      {positions({{0, 3}, {12, 15}}), positions({{4, 11}})},
+      {positions({{4, 11}}), positions({{0, 3}, {12, 15}})},
+      {positions({{0, 5}}), positions({{6, 10}}), positions({{11, 15}})},
+      {positions({{13, 15}}), positions({{7, 12}}), positions({{0, 6}})},
+      {positions({{0, 15}})},
+  };
+  for (auto [B, C, NH] : {std::tuple{2, 15, 5}, std::tuple{1, 72, 3}, std::tuple{3, 21, 7}}) {
+    const std::vector<int32_t> pos_q = positions({{0, 3}, {12, 15}});
+    const int Sq = int(pos_q.size());
+    const std::size_t nq = std::size_t(B) * Sq * C, nstat = std::size_t(B) * NH * Sq;
+    // the whole sequence's keys and values, (B, S, C) each
+    const FVec q = rand_floats(rng, nq, -2.0f, 2.0f);
+    const FVec k = rand_floats(rng, std::size_t(B) * S * C, -2.0f, 2.0f), v = rand_floats(rng, k.size(), -2.0f, 2.0f);
+    const RefBlockAttention ref =
+        ref_block_attention(to_double(q), to_double(k), to_double(v), pos_q, positions({{0, S - 1}}), B, C, NH);
+    for (std::size_t si = 0; si < splits.size(); ++si) {
+      SCOPED_TRACE(shape_str("B=%d C=%d heads=%d split #%d", B, C, NH, int(si)));
+      std::vector<DevKvBlock> blocks;
+      for (const auto& pos : splits[si]) {  // each block packed (B, Sk, 2C)
+        const int Sk = int(pos.size());
+        FVec kv(std::size_t(B) * Sk * 2 * C);
+        for (int b = 0; b < B; ++b)
+          for (int j = 0; j < Sk; ++j)
+            for (int c = 0; c < C; ++c) {
+              kv[(std::size_t(b) * Sk + j) * 2 * C + c] = k[(std::size_t(b) * S + pos[j]) * C + c];
+              kv[(std::size_t(b) * Sk + j) * 2 * C + C + c] = v[(std::size_t(b) * S + pos[j]) * C + c];
+            }
+        float* d_kv = dev.put(kv);
+        blocks.push_back({pos, d_kv, d_kv + C, nullptr, nullptr, 2 * C});
+      }
+      float* d_out = dev.poisoned(nq);
+      float* d_lse = dev.poisoned(nstat);
+      cp_forward(*be, dev, d_out, d_lse, dev.put(q), C, dev.put_ints(pos_q), blocks, B, Sq, C, NH);
+      EXPECT_TRUE(close(dev.get(d_out, nq), ref.out, kFwdTol, "merged out"));
+      EXPECT_TRUE(close_lse(dev.get(d_lse, nstat), ref.lse, kFwdTol, "merged lse"));
+    }
+  }
+}
+
+// Positions 0..S−1 and one block of every key: the backend's causal attention_forward; also with the keys
+// split in two and merged.
+TEST_F(CpuOps, AttentionBlockForwardMatchesAttentionForward) {
+  std::mt19937 rng(93);
+  for (const auto& sh : kAttnShapes) {
+    SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH));
+    const std::size_t n_out = std::size_t(sh.B) * sh.S * sh.C, nstat = std::size_t(sh.B) * sh.NH * sh.S;
+    float* d_qkv = dev.put(rand_floats(rng, std::size_t(sh.B) * sh.S * 3 * sh.C, -2.0f, 2.0f));
+    float* d_ref = dev.poisoned(n_out);
+    be->attention_forward(d_ref, dev.poisoned(be->attention_saved_floats(sh.B, sh.S, sh.NH)), d_qkv, sh.B, sh.S,
+                          sh.C, sh.NH);
+    const FVec ref = dev.get(d_ref, n_out);
+    const std::vector<int32_t> pos = positions({{0, sh.S - 1}});
+    const int32_t* d_pos = dev.put_ints(pos);
+    float* d_out = dev.poisoned(n_out);
+    float* d_lse = dev.poisoned(nstat);
+    be->attention_block_forward(d_out, d_lse, d_qkv, d_qkv + sh.C, d_qkv + 2 * sh.C, 3 * sh.C, 3 * sh.C, d_pos, d_pos,
+                                sh.B, sh.S, sh.S, sh.C, sh.NH);
+    EXPECT_TRUE(close(dev.get(d_out, n_out), to_double(ref), 1e-5, "one block vs attention_forward"));
+    if (sh.S < 2) continue;
+    // the keys split at the middle: each block is a slice of the same qkv buffer, stride 3C
+    const int half = sh.S / 2;
+    const std::size_t off = std::size_t(half) * 3 * sh.C;
+    std::vector<DevKvBlock> blocks = {
+        {positions({{0, half - 1}}), d_qkv + sh.C, d_qkv + 2 * sh.C, nullptr, nullptr, 3 * sh.C},
+        {positions({{half, sh.S - 1}}), d_qkv + off + sh.C, d_qkv + off + 2 * sh.C, nullptr, nullptr, 3 * sh.C}};
+    // the blocks hold B samples each of S/2 rows, so sample b's rows are B-strided: one sample at a time
+    for (int b = 0; b < sh.B; ++b) {
+      float* q_b = d_qkv + std::size_t(b) * sh.S * 3 * sh.C;
+      std::vector<DevKvBlock> bb = blocks;
+      for (DevKvBlock& blk : bb) {
+        blk.k += std::size_t(b) * sh.S * 3 * sh.C;
+        blk.v += std::size_t(b) * sh.S * 3 * sh.C;
+      }
+      float* o_b = dev.poisoned(std::size_t(sh.S) * sh.C);
+      float* l_b = dev.poisoned(std::size_t(sh.NH) * sh.S);
+      cp_forward(*be, dev, o_b, l_b, q_b, 3 * sh.C, d_pos, bb, 1, sh.S, sh.C, sh.NH);
+      const FVec ref_b(ref.begin() + std::size_t(b) * sh.S * sh.C, ref.begin() + std::size_t(b + 1) * sh.S * sh.C);
+      EXPECT_TRUE(close(dev.get(o_b, std::size_t(sh.S) * sh.C), to_double(ref_b), 1e-5,
+                        "two blocks merged vs attention_forward, sample " + std::to_string(b)));
+    }
+  }
+}
+
+// The merge's cases one by one, against the formula in double: both finite (close and 100 apart, large),
+// one side −inf (the other side's values exactly: the −inf side's out is NaN here and contributes nothing),
+// both −inf (out and lse unchanged, whatever out holds).
+TEST_F(CpuOps, AttentionMergeInfinities) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const int B = 2, Sq = 3, C = 10, NH = 2, d = C / NH;
+  // (lse, lse_b) per (b, h, i) in (B, heads, Sq) order
+  const FVec lse = {0.5f, -inf, 1.0f, -inf, 300.0f, -2.0f, 3.0f, 0.0f, -inf, 7.0f, 100.0f, -inf};
+  const FVec lse_b = {1.5f, 2.0f, -inf, -inf, 300.5f, -2.0f, 2.0f, 100.0f, -inf, -1.0f, 0.0f, 4.0f};
+  std::mt19937 rng(94);
+  FVec out = rand_floats(rng, std::size_t(B) * Sq * C), out_b = rand_floats(rng, out.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < NH; ++h)
+      for (int i = 0; i < Sq; ++i) {
+        const std::size_t s = (std::size_t(b) * NH + h) * Sq + i, o = (std::size_t(b) * Sq + i) * C + h * d;
+        if (lse[s] == -inf) std::fill_n(out.begin() + o, d, kPoison);
+        if (lse_b[s] == -inf) std::fill_n(out_b.begin() + o, d, kPoison);
+      }
+  auto bits_equal = [](float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; };
+  float* d_out = dev.put(out);
+  float* d_lse = dev.put(lse);
+  be->attention_merge(d_out, d_lse, dev.put(out_b), dev.put(lse_b), B, Sq, C, NH);
+  const FVec got = dev.get(d_out, out.size()), got_lse = dev.get(d_lse, lse.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < NH; ++h)
+      for (int i = 0; i < Sq; ++i) {
+        const std::size_t s = (std::size_t(b) * NH + h) * Sq + i, o = (std::size_t(b) * Sq + i) * C + h * d;
+        SCOPED_TRACE(shape_str("b=%d h=%d i=%d", b, h, i));
+        if (lse_b[s] == -inf) {  // unchanged, also when both are −inf
+          EXPECT_EQ(got_lse[s], lse[s]);
+          for (int c = 0; c < d; ++c) EXPECT_TRUE(bits_equal(got[o + c], out[o + c])) << got[o + c];
+        } else if (lse[s] == -inf) {  // the block's result exactly
+          EXPECT_EQ(got_lse[s], lse_b[s]);
+          for (int c = 0; c < d; ++c) EXPECT_EQ(got[o + c], out_b[o + c]);
+        } else {
+          const double m = std::max<double>(lse[s], lse_b[s]), w = std::exp(lse[s] - m), wb = std::exp(lse_b[s] - m);
+          EXPECT_NEAR(got_lse[s], m + std::log(w + wb), 1e-6 * std::abs(m) + 1e-6);
+          for (int c = 0; c < d; ++c) EXPECT_NEAR(got[o + c], (w * out[o + c] + wb * out_b[o + c]) / (w + wb), 1e-6);
+        }
+      }
+}
+
+TEST_F(CpuOps, AttentionBlockDelta) {
+  std::mt19937 rng(95);
+  for (auto [B, Sq, C, NH] : {std::tuple{2, 17, 72, 3}, std::tuple{1, 1, 8, 2}, std::tuple{3, 5, 15, 5}}) {
+    SCOPED_TRACE(shape_str("B=%d Sq=%d C=%d heads=%d", B, Sq, C, NH));
+    const int d = C / NH;
+    const std::size_t n = std::size_t(B) * Sq * C, nstat = std::size_t(B) * NH * Sq;
+    const FVec dout = rand_floats(rng, n), out = rand_floats(rng, n);
+    Vec ref(nstat, 0.0);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < NH; ++h)
+        for (int i = 0; i < Sq; ++i)
+          for (int c = 0; c < d; ++c) {
+            const std::size_t o = (std::size_t(b) * Sq + i) * C + std::size_t(h) * d + c;
+            ref[(std::size_t(b) * NH + h) * Sq + i] += double(dout[o]) * out[o];
+          }
+    float* d_delta = dev.poisoned(nstat);  // overwritten
+    be->attention_block_delta(d_delta, dev.put(dout), dev.put(out), B, Sq, C, NH);
+    EXPECT_TRUE(close(dev.get(d_delta, nstat), ref, kFwdTol, "delta"));
+  }
+}
+
+// The flash-style backward over key blocks, from the point of view of one rank of a context-parallel
+// group: its queries at pos_q (q, and its own keys and values when `own`, in a (B, Sq, 3C + pad) qkv
+// buffer), the other blocks packed (B, Sk, 2C + pad). Forward: block by block, merged; delta from the final
+// out; then every block's backward accumulates into dq and its own dk, dv. All against central finite
+// differences of L = <dout, attention over every key> in double.
+struct CpBackwardCase {
+  const char* name;
+  int B, C, NH;
+  std::vector<int32_t> pos_q;
+  bool own;
+  std::vector<std::vector<int32_t>> remote;
+  int q_pad, kv_pad;
+};
+const CpBackwardCase kCpBackwardCases[] = {
+    {"zigzag rank 0 of 2", 2, 15, 5, positions({{0, 3}, {12, 15}}), true, {positions({{4, 11}})}, 0, 0},
+    {"zigzag rank 1 of 2, the others split: past, future", 1, 72, 3, positions({{4, 11}}), true,
+     {positions({{0, 3}}), positions({{12, 15}})}, 0, 0},
+    {"zigzag rank 0 of 4, three remote blocks (padded strides)", 2, 21, 7, positions({{0, 1}, {14, 15}}), true,
+     {positions({{2, 3}, {12, 13}}), positions({{4, 5}, {10, 11}}), positions({{6, 9}})}, 3, 1},
+    {"no own block: some queries see nothing", 2, 15, 3, positions({{0, 3}, {12, 15}}), false,
+     {positions({{4, 7}}), positions({{8, 11}})}, 0, 0},
+};
+
+TEST_F(CpuOps, AttentionBlockBackwardVsFiniteDifferences) {
+  std::mt19937 rng(96);
+  const float kGuard = 777.0f;  // the gradient buffers' padding: never written
+  for (const CpBackwardCase& cs : kCpBackwardCases) {
+    SCOPED_TRACE(cs.name);
+    const int B = cs.B, C = cs.C, NH = cs.NH, Sq = int(cs.pos_q.size());
+    const int q_stride = 3 * C + cs.q_pad;
+    const std::size_t nq = std::size_t(B) * Sq * C, nstat = std::size_t(B) * NH * Sq;
+    // the blocks' keys and values (compact), in the order of the forward: own first, then the remote ones
+    std::vector<std::vector<int32_t>> pos_blocks;
+    if (cs.own) pos_blocks.push_back(cs.pos_q);
+    for (const auto& p : cs.remote) pos_blocks.push_back(p);
+    const std::size_t nblocks = pos_blocks.size();
+    std::vector<int> lengths;
+    for (const auto& p : pos_blocks) lengths.push_back(int(p.size()));
+    std::vector<int32_t> pos_all;
+    for (const auto& p : pos_blocks) pos_all.insert(pos_all.end(), p.begin(), p.end());
+    const FVec q = rand_floats(rng, nq, -2.0f, 2.0f), dout = rand_floats(rng, nq);
+    std::vector<FVec> ks, vs;
+    for (int len : lengths) {
+      ks.push_back(rand_floats(rng, std::size_t(B) * len * C, -2.0f, 2.0f));
+      vs.push_back(rand_floats(rng, std::size_t(B) * len * C, -2.0f, 2.0f));
+    }
+
+    // finite differences of L in q and every block's k and v
+    Vec Q = to_double(q);
+    const Vec DO = to_double(dout);
+    std::vector<Vec> K, V;
+    for (std::size_t i = 0; i < nblocks; ++i) {
+      K.push_back(to_double(ks[i]));
+      V.push_back(to_double(vs[i]));
+    }
+    auto L = [&] {
+      return dot(DO, ref_block_attention(Q, concat_blocks(K, lengths, B, C), concat_blocks(V, lengths, B, C),
+                                         cs.pos_q, pos_all, B, C, NH)
+                         .out);
+    };
+    const Vec fd_q = numeric_grad(Q, L);
+    std::vector<Vec> fd_k, fd_v;
+    for (std::size_t i = 0; i < nblocks; ++i) {
+      fd_k.push_back(numeric_grad(K[i], L));
+      fd_v.push_back(numeric_grad(V[i], L));
+    }
+
+    // device buffers: inputs padded with NaN, gradients pre-filled (they accumulate) with guard padding
+    FVec qkv(std::size_t(B) * Sq * q_stride, kPoison), dqkv(qkv.size(), kGuard);
+    place_rows(qkv, q, C, q_stride, 0);
+    if (cs.own) {
+      place_rows(qkv, ks[0], C, q_stride, C);
+      place_rows(qkv, vs[0], C, q_stride, 2 * C);
+    }
+    for (int c = 0; c < 3; ++c) place_rows(dqkv, rand_floats(rng, nq), C, q_stride, c * C);
+    float* d_qkv = dev.put(qkv);
+    float* d_dqkv = dev.put(dqkv, MemCategory::gradients);
+    std::vector<DevKvBlock> blocks;
+    std::vector<FVec> dkv_before;
+    if (cs.own) blocks.push_back({cs.pos_q, d_qkv + C, d_qkv + 2 * C, d_dqkv + C, d_dqkv + 2 * C, q_stride});
+    for (std::size_t i = cs.own ? 1 : 0; i < nblocks; ++i) {
+      const int kv_stride = 2 * C + cs.kv_pad;
+      FVec kv(std::size_t(B) * lengths[i] * kv_stride, kPoison), dkv(kv.size(), kGuard);
+      place_rows(kv, ks[i], C, kv_stride, 0);
+      place_rows(kv, vs[i], C, kv_stride, C);
+      for (int c = 0; c < 2; ++c)
+        place_rows(dkv, rand_floats(rng, std::size_t(B) * lengths[i] * C), C, kv_stride, c * C);
+      float* d_kv = dev.put(kv);
+      float* d_dkv = dev.put(dkv, MemCategory::gradients);
+      blocks.push_back({pos_blocks[i], d_kv, d_kv + C, d_dkv, d_dkv + C, kv_stride});
+      dkv_before.push_back(dkv);
+    }
+
+    // forward, delta, then each block's backward
+    const int32_t* d_pos_q = dev.put_ints(cs.pos_q);
+    float* d_out = dev.poisoned(nq);
+    float* d_lse = dev.poisoned(nstat);
+    cp_forward(*be, dev, d_out, d_lse, d_qkv, q_stride, d_pos_q, blocks, B, Sq, C, NH);
+    float* d_dout = dev.put(dout);
+    float* d_delta = dev.poisoned(nstat);
+    be->attention_block_delta(d_delta, d_dout, d_out, B, Sq, C, NH);
+    for (const DevKvBlock& kv : blocks) {
+      be->attention_block_backward(d_dqkv, kv.dk, kv.dv, d_dout, d_lse, d_delta, d_qkv, kv.k, kv.v, q_stride,
+                                   kv.stride, d_pos_q, dev.put_ints(kv.pos), B, Sq, int(kv.pos.size()), C, NH);
+    }
+
+    // the final out and delta against the reference
+    const RefBlockAttention ref = ref_block_attention(Q, concat_blocks(K, lengths, B, C),
+                                                      concat_blocks(V, lengths, B, C), cs.pos_q, pos_all, B, C, NH);
+    EXPECT_TRUE(close(dev.get(d_out, nq), ref.out, kFwdTol, "merged out"));
+    EXPECT_TRUE(close_lse(dev.get(d_lse, nstat), ref.lse, kFwdTol, "merged lse"));
+    Vec ref_delta(nstat, 0.0);
+    const int d = C / NH;
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < NH; ++h)
+        for (int i = 0; i < Sq; ++i)
+          for (int c = 0; c < d; ++c) {
+            const std::size_t o = (std::size_t(b) * Sq + i) * C + std::size_t(h) * d + c;
+            ref_delta[(std::size_t(b) * NH + h) * Sq + i] += DO[o] * ref.out[o];
+          }
+    EXPECT_TRUE(close(dev.get(d_delta, nstat), ref_delta, kFwdTol, "delta"));
+
+    // the gradients' increments against the finite differences; padding untouched
+    const FVec dqkv_after = dev.get(d_dqkv, dqkv.size());
+    const std::size_t nrows_q = std::size_t(B) * Sq;
+    EXPECT_TRUE(close(delta(take_rows(dqkv_after, nrows_q, C, q_stride, 0), take_rows(dqkv, nrows_q, C, q_stride, 0)),
+                      fd_q, kGradTol, "dq"));
+    for (int c = 1; c < 3; ++c) {
+      const Vec inc =
+          delta(take_rows(dqkv_after, nrows_q, C, q_stride, c * C), take_rows(dqkv, nrows_q, C, q_stride, c * C));
+      if (cs.own) {
+        EXPECT_TRUE(close(inc, c == 1 ? fd_k[0] : fd_v[0], kGradTol, c == 1 ? "own dk" : "own dv"));
+      } else {
+        EXPECT_TRUE(same(FVec(inc.begin(), inc.end()), Vec(inc.size(), 0.0), "dk, dv columns without an own block"));
+      }
+    }
+    for (std::size_t r = 0; r < nrows_q; ++r)
+      for (int c = 3 * C; c < q_stride; ++c) EXPECT_EQ(dqkv_after[r * q_stride + c], kGuard) << "dqkv padding";
+    for (std::size_t i = cs.own ? 1 : 0, r = 0; i < nblocks; ++i, ++r) {
+      SCOPED_TRACE("remote block " + std::to_string(r));
+      const int kv_stride = blocks[i].stride;
+      const std::size_t nrows = std::size_t(B) * lengths[i];
+      const FVec after = dev.get(blocks[i].dk, dkv_before[r].size());
+      const FVec& before = dkv_before[r];
+      const Vec inc_k = delta(take_rows(after, nrows, C, kv_stride, 0), take_rows(before, nrows, C, kv_stride, 0));
+      const Vec inc_v = delta(take_rows(after, nrows, C, kv_stride, C), take_rows(before, nrows, C, kv_stride, C));
+      EXPECT_TRUE(close_or_zero(inc_k, fd_k[i], kGradTol, "dk"));
+      EXPECT_TRUE(close_or_zero(inc_v, fd_v[i], kGradTol, "dv"));
+      for (std::size_t row = 0; row < nrows; ++row)
+        for (int c = 2 * C; c < kv_stride; ++c) EXPECT_EQ(after[row * kv_stride + c], kGuard) << "dkv padding";
+    }
+  }
+}
+
+// Positions 0..S−1 and one block of every key, q, k and v in the qkv buffer: the backend's
+// attention_backward, with dqkv starting from zeros (the block backward accumulates).
+TEST_F(CpuOps, AttentionBlockBackwardMatchesAttentionBackward) {
+  std::mt19937 rng(97);
+  for (const auto& sh : kAttnShapes) {
+    SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH));
+    const std::size_t n_qkv = std::size_t(sh.B) * sh.S * 3 * sh.C, n_out = std::size_t(sh.B) * sh.S * sh.C;
+    const std::size_t nstat = std::size_t(sh.B) * sh.NH * sh.S;
+    float* d_qkv = dev.put(rand_floats(rng, n_qkv, -2.0f, 2.0f));
+    float* d_dout = dev.put(rand_floats(rng, n_out));
+    float* d_out = dev.poisoned(n_out);
+    float* d_saved = dev.poisoned(be->attention_saved_floats(sh.B, sh.S, sh.NH));
+    be->attention_forward(d_out, d_saved, d_qkv, sh.B, sh.S, sh.C, sh.NH);
+    float* d_ref = dev.poisoned(n_qkv);
+    be->attention_backward(d_ref, dev.poisoned(be->attention_scratch_floats(sh.B, sh.S, sh.NH)), d_dout, d_out, d_qkv,
+                           d_saved, sh.B, sh.S, sh.C, sh.NH);
+
+    const int32_t* d_pos = dev.put_ints(positions({{0, sh.S - 1}}));
+    const int s3 = 3 * sh.C;
+    float* d_bout = dev.poisoned(n_out);
+    float* d_lse = dev.poisoned(nstat);
+    float* d_delta = dev.poisoned(nstat);
+    float* d_dqkv = dev.put(FVec(n_qkv, 0.0f));
+    be->attention_block_forward(d_bout, d_lse, d_qkv, d_qkv + sh.C, d_qkv + 2 * sh.C, s3, s3, d_pos, d_pos, sh.B,
+                                sh.S, sh.S, sh.C, sh.NH);
+    be->attention_block_delta(d_delta, d_dout, d_bout, sh.B, sh.S, sh.C, sh.NH);
+    be->attention_block_backward(d_dqkv, d_dqkv + sh.C, d_dqkv + 2 * sh.C, d_dout, d_lse, d_delta, d_qkv,
+                                 d_qkv + sh.C, d_qkv + 2 * sh.C, s3, s3, d_pos, d_pos, sh.B, sh.S, sh.S, sh.C, sh.NH);
+    const FVec ref = dev.get(d_ref, n_qkv);
+    EXPECT_TRUE(close(dev.get(d_dqkv, n_qkv), to_double(ref), 1e-5, "dqkv vs attention_backward"));
+  }
+}
+
+// copy_2d: the copied rows and columns exactly; every other float of dst (between and after the rows, and
+// beyond `rows`) unchanged, NaN included.
+TEST_F(CpuOps, Copy2d) {
+  std::mt19937 rng(98);
+  struct Copy {
+    std::size_t rows, cols, src_stride, dst_stride;
+  };
+  for (const Copy& cp : {Copy{5, 7, 10, 9}, Copy{6, 8, 8, 8}, Copy{4, 6, 18, 12}, Copy{4, 12, 12, 18},
+                         Copy{1, 5, 5, 5}, Copy{3, 1, 2, 4}, Copy{0, 5, 6, 6}, Copy{4, 0, 6, 6}}) {
+    SCOPED_TRACE(shape_str("rows=%d cols=%d src_stride=%d dst_stride=%d", int(cp.rows), int(cp.cols),
+                           int(cp.src_stride), int(cp.dst_stride)));
+    const std::size_t extra_rows = 2;  // dst continues past the copied rows
+    const FVec src = rand_floats(rng, (cp.rows + extra_rows) * cp.src_stride);
+    FVec dst = rand_floats(rng, (cp.rows + extra_rows) * cp.dst_stride);
+    for (std::size_t i = 0; i < dst.size(); i += 3) dst[i] = kPoison;
+    float* d_dst = dev.put(dst);
+    be->copy_2d(d_dst, cp.dst_stride, dev.put(src), cp.src_stride, cp.rows, cp.cols);
+    const FVec got = dev.get(d_dst, dst.size());
+    for (std::size_t i = 0; i < dst.size(); ++i) {
+      const std::size_t r = i / cp.dst_stride, c = i % cp.dst_stride;
+      const float want = r < cp.rows && c < cp.cols ? src[r * cp.src_stride + c] : dst[i];
+      EXPECT_EQ(0, std::memcmp(&got[i], &want, sizeof(float))) << "element " << i << ": " << got[i] << " vs " << want;
+    }
+  }
+  // the exchange of context parallelism: k and v of a (B, S, 3C) qkv buffer into a packed (B, S, 2C) one, back
+  const int N = 2 * 17, C = 24;
+  const FVec qkv = rand_floats(rng, std::size_t(N) * 3 * C);
+  float* d_qkv = dev.put(qkv);
+  float* d_kv = dev.poisoned(std::size_t(N) * 2 * C);
+  be->copy_2d(d_kv, 2 * C, d_qkv + C, 3 * C, N, 2 * C);
+  const FVec kv = dev.get(d_kv, std::size_t(N) * 2 * C);
+  EXPECT_EQ(kv, take_rows(qkv, N, 2 * C, 3 * C, C));
+  float* d_back = dev.put(FVec(qkv.size(), 0.0f));
+  be->copy_2d(d_back + C, 3 * C, d_kv, 2 * C, N, 2 * C);
+  FVec want(qkv.size(), 0.0f);
+  place_rows(want, kv, 2 * C, 3 * C, C);
+  EXPECT_EQ(dev.get(d_back, qkv.size()), want);
+}
+
+// =================================================================================================
 // threads: 1 and 2 agree; the same call twice is bitwise identical
 // =================================================================================================
 
@@ -1547,6 +2126,40 @@ std::vector<Vec> run_all_ops(Backend& be) {
   be.moe_combine_backward(dbuf, dgate, d_dx, d_ybuf, d_gate, d_expert, d_slot, N, E, k, capacity, C);
   keep(dbuf, nB);
   keep(dgate, nA);
+  // context parallelism: queries at zigzag positions against their own block (in qkv, stride 3C) and a
+  // packed key-value block (stride 2C) of the positions between, merged; delta; both blocks' backward
+  std::vector<int32_t> cp_pos_q, cp_pos_k;
+  for (int i = 0; i < S; ++i) cp_pos_q.push_back(i < S / 2 ? i : 2 * S - 1 - (i - S / 2));
+  for (int i = 0; i < S; ++i) cp_pos_k.push_back(S / 2 + i);
+  const int32_t* d_pos_q = dev.put_ints(cp_pos_q);
+  const int32_t* d_pos_k = dev.put_ints(cp_pos_k);
+  const std::size_t nkv = std::size_t(N) * 2 * C, nstat = std::size_t(B) * NH * S;
+  float* d_kv = dev.put(rand_floats(rng, nkv, -2.0f, 2.0f));
+  float* cp_out = dev.poisoned(nx);
+  float* cp_lse = dev.poisoned(nstat);
+  be.attention_block_forward(cp_out, cp_lse, d_qkv, d_qkv + C, d_qkv + 2 * C, OC, OC, d_pos_q, d_pos_q, B, S, S, C, NH);
+  keep(cp_out, nx);
+  keep(cp_lse, nstat);
+  float* cp_out_b = dev.poisoned(nx);
+  float* cp_lse_b = dev.poisoned(nstat);
+  be.attention_block_forward(cp_out_b, cp_lse_b, d_qkv, d_kv, d_kv + C, OC, 2 * C, d_pos_q, d_pos_k, B, S, S, C, NH);
+  be.attention_merge(cp_out, cp_lse, cp_out_b, cp_lse_b, B, S, C, NH);
+  keep(cp_out, nx);
+  keep(cp_lse, nstat);
+  float* cp_delta = dev.poisoned(nstat);
+  be.attention_block_delta(cp_delta, d_dx, cp_out, B, S, C, NH);
+  keep(cp_delta, nstat);
+  float* cp_dqkv = dev.put(FVec(nqkv, 0.0f));
+  float* cp_dkv = dev.put(FVec(nkv, 0.0f));
+  be.attention_block_backward(cp_dqkv, cp_dqkv + C, cp_dqkv + 2 * C, d_dx, cp_lse, cp_delta, d_qkv, d_qkv + C,
+                              d_qkv + 2 * C, OC, OC, d_pos_q, d_pos_q, B, S, S, C, NH);
+  be.attention_block_backward(cp_dqkv, cp_dkv, cp_dkv + C, d_dx, cp_lse, cp_delta, d_qkv, d_kv, d_kv + C, OC, 2 * C,
+                              d_pos_q, d_pos_k, B, S, S, C, NH);
+  keep(cp_dqkv, nqkv);
+  keep(cp_dkv, nkv);
+  float* cp_copy = dev.poisoned(nkv);
+  be.copy_2d(cp_copy, 2 * C, d_qkv + C, OC, N, 2 * C);
+  keep(cp_copy, nkv);
   return res;
 }
 
@@ -1558,7 +2171,9 @@ const char* const kRunAllNames[] = {
     "cross-entropy loss_sum", "sum_squares", "adamw params", "adamw m",     "adamw v",
     "moe router expert", "moe router gate", "moe router probs", "moe router dlogits", "moe slot",
     "moe counts",       "moe aux dlogits", "moe aux_sum",    "moe dispatch buf", "moe dispatch dinp",
-    "moe combine out",  "moe combine dbuf", "moe combine dgate"};
+    "moe combine out",  "moe combine dbuf", "moe combine dgate", "cp block out",  "cp block lse",
+    "cp merged out",    "cp merged lse",  "cp delta",       "cp dqkv",        "cp dkv",
+    "cp copy_2d"};
 
 TEST(CpuThreads, OneAndTwoThreadsAgreeAndRunsAreDeterministic) {
   // One backend at a time: a BLAS thread count may be process-wide.

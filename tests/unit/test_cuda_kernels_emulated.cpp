@@ -4,7 +4,8 @@
 // This checks the kernels' indexing, barriers, shuffles and arithmetic on every machine; the GPU run
 // of the same comparisons (tests/gpu/test_cuda_ops.cpp, with cuBLAS, streams and the allocator) needs
 // a GPU. Outputs start as NaN, so an element a kernel does not write fails; the error is
-// ‖kernel − cpu‖ / ‖cpu‖ ≤ 1e-5 (integer outputs, such as the mixture of experts' routing, exactly).
+// ‖kernel − cpu‖ / ‖cpu‖ ≤ 1e-5 (integer outputs, such as the mixture of experts' routing, exactly; a
+// log-sum-exp is −inf exactly where the CPU's is). copy_2d is cudaMemcpy2DAsync, no kernel: the GPU test has it.
 #include "tests/unit/cuda_emulation.h"
 // The emulation first: the kernels then compile as plain C++.
 #include "kernels/cuda/kernels.cuh"
@@ -15,6 +16,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
@@ -122,6 +124,157 @@ TEST_F(EmulatedKernels, FusedAttention) {
   check_attention(1, 33, 128, 2, rng_, *cpu_);  // 64
   check_attention(1, 40, 256, 2, rng_, *cpu_);  // 128, the limit
   check_attention(1, 1, 16, 4, rng_, *cpu_);    // one token
+}
+
+// ---- context parallelism: attention by position over key blocks ----------------------------------------
+// One case: queries at pos_q in a (B, Sq, 3C + q_pad) buffer; block 1's keys and values at pos_k, in the
+// same buffer (`shared`, pos_k = pos_q) or packed (B, Sk, 2C + kv_pad); block 2 packed at pos_k2 (merged
+// into block 1's result). Every input float that is not data is NaN (a read outside a row's columns shows);
+// gradient buffers start from the same random values (they accumulate) with a guard in their padding.
+struct BlockCase {
+  const char* name;
+  int B, C, H;
+  std::vector<int32_t> pos_q, pos_k, pos_k2;
+  bool shared;
+  int q_pad, kv_pad;
+};
+
+std::vector<int32_t> span(int first, int last) {  // first..last
+  std::vector<int32_t> p;
+  for (int i = first; i <= last; ++i) p.push_back(i);
+  return p;
+}
+std::vector<int32_t> join(std::vector<int32_t> a, const std::vector<int32_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// lse: −inf exactly where the CPU's is, the finite entries to kTol.
+void expect_close_lse(const FVec& got, const FVec& ref, const std::string& what) {
+  FVec g, r;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (std::isinf(ref[i]) && ref[i] < 0) {
+      EXPECT_TRUE(std::isinf(got[i]) && got[i] < 0) << what << ": element " << i << " is " << got[i];
+      continue;
+    }
+    g.push_back(got[i]);
+    r.push_back(ref[i]);
+  }
+  EXPECT_CLOSE(g, r, what);
+}
+
+void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu) {
+  SCOPED_TRACE(cs.name);
+  const int B = cs.B, C = cs.C, H = cs.H, d = C / H;
+  const int Sq = static_cast<int>(cs.pos_q.size()), Sk = static_cast<int>(cs.pos_k.size());
+  const int Sk2 = static_cast<int>(cs.pos_k2.size());
+  const int qs = 3 * C + cs.q_pad, kvs = cs.shared ? qs : 2 * C + cs.kv_pad, kvs2 = 2 * C + cs.kv_pad;
+  const std::size_t nout = std::size_t(B) * Sq * C, nstat = std::size_t(B) * H * Sq;
+  const float kGuard = 777.0f;
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  // A (rows, stride) buffer with random values in columns [0, cols) and `fill` elsewhere.
+  auto strided = [&](std::size_t rows, int stride, int cols, float fill) {
+    FVec buf(rows * stride, fill);
+    for (std::size_t r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) buf[r * stride + c] = u(rng) / (fill == kGuard ? 2 : 1);
+    return buf;
+  };
+  FVec qbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, kNaN);
+  FVec kvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, kNaN);
+  const FVec kv2 = strided(std::size_t(B) * Sk2, kvs2, 2 * C, kNaN);
+  const float* q = qbuf.data();
+  const float* k = cs.shared ? q + C : kvbuf.data();
+  const float* v = k + C;
+
+  // forward of block 1, overwriting out and lse
+  FVec out(nout, kNaN), lse(nstat, kNaN), ref_out(nout, kNaN), ref_lse(nstat, kNaN);
+  const dim3 rows_grid((Sq + k::kAttRows - 1) / k::kAttRows, B * H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_block_forward_kernel,
+         out.data(), lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+  cpu.attention_block_forward(ref_out.data(), ref_lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), B,
+                              Sq, Sk, C, H);
+  EXPECT_CLOSE(out, ref_out, "block forward out");
+  expect_close_lse(lse, ref_lse, "block forward lse");
+
+  // block 2 (on the CPU), merged into block 1's result by the kernel and by the CPU
+  FVec out2(nout, kNaN), lse2(nstat, kNaN);
+  cpu.attention_block_forward(out2.data(), lse2.data(), q, kv2.data(), kv2.data() + C, qs, kvs2, cs.pos_q.data(),
+                              cs.pos_k2.data(), B, Sq, Sk2, C, H);
+  // a side at −inf contributes nothing: its out is NaN here (kept only where both sides are −inf)
+  auto is_neg_inf = [](float x) { return std::isinf(x) && x < 0; };
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Sq; ++i) {
+        const std::size_t s = (std::size_t(b) * H + h) * Sq + i, o = (std::size_t(b) * Sq + i) * C + h * d;
+        if (is_neg_inf(ref_lse[s]) && !is_neg_inf(lse2[s])) std::fill_n(ref_out.begin() + o, d, kNaN);
+        if (is_neg_inf(lse2[s])) std::fill_n(out2.begin() + o, d, kNaN);
+      }
+  FVec merged = ref_out, merged_lse = ref_lse;
+  launch(dim3(blocks_for(std::size_t(B) * Sq * H * 32)), dim3(kThreads), 0, k::attention_merge_kernel, merged.data(),
+         merged_lse.data(), out2.data(), lse2.data(), B, Sq, C, H);
+  cpu.attention_merge(ref_out.data(), ref_lse.data(), out2.data(), lse2.data(), B, Sq, C, H);
+  EXPECT_CLOSE(merged, ref_out, "merge out");
+  expect_close_lse(merged_lse, ref_lse, "merge lse");
+
+  // delta from the merged out: the fused attention's row-dot kernel, as cuda_backend.cu launches it
+  FVec dout(nout), delta(nstat, kNaN), ref_delta(nstat, kNaN);
+  for (float& x : dout) x = u(rng) / 2;
+  launch(dim3(blocks_for(nstat * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel, delta.data(), dout.data(),
+         ref_out.data(), B, Sq, C, H);
+  cpu.attention_block_delta(ref_delta.data(), dout.data(), ref_out.data(), B, Sq, C, H);
+  EXPECT_CLOSE(delta, ref_delta, "delta");
+
+  // backward of block 1 from the CPU's final lse and delta, accumulating into dq and its dk, dv
+  FVec dqbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, kGuard);
+  FVec dkvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, kGuard);
+  FVec ref_dqbuf = dqbuf, ref_dkvbuf = dkvbuf;
+  auto grads = [&](FVec& dqb, FVec& dkvb) {
+    float* dq = dqb.data();
+    float* dk = cs.shared ? dq + C : dkvb.data();
+    return std::tuple{dq, dk, dk + C};
+  };
+  auto [dq, dk, dv] = grads(dqbuf, dkvbuf);
+  auto [ref_dq, ref_dk, ref_dv] = grads(ref_dqbuf, ref_dkvbuf);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_block_backward_dq_kernel, dq,
+         dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C,
+         H);
+  launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
+         k::attention_block_backward_dkv_kernel, dk, dv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
+         kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+  cpu.attention_block_backward(ref_dq, ref_dk, ref_dv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
+                               kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
+  EXPECT_CLOSE(dqbuf, ref_dqbuf, "block backward dq (and the own block's dk, dv)");
+  if (!cs.shared) {
+    EXPECT_CLOSE(dkvbuf, ref_dkvbuf, "block backward dk, dv");
+  }
+  // the padding of the gradient buffers: never written
+  auto guard_kept = [&](const FVec& buf, int stride, int cols) {
+    for (std::size_t i = 0; i < buf.size(); ++i)
+      if (static_cast<int>(i % stride) >= cols && buf[i] != kGuard) return false;
+    return true;
+  };
+  EXPECT_TRUE(guard_kept(dqbuf, qs, cs.shared ? 3 * C : C)) << "dq padding written";
+  if (!cs.shared) {
+    EXPECT_TRUE(guard_kept(dkvbuf, kvs, 2 * C)) << "dk, dv padding written";
+  }
+}
+
+TEST_F(EmulatedKernels, ContextParallelAttention) {
+  const BlockCase cases[] = {
+      // zigzag halves of an 80-token sequence: block 1 the middle (the first 20 queries see nothing in it),
+      // block 2 the queries' own positions; head dimension 24; rows and keys across tiles
+      {"zigzag, middle block, stride 3C and 2C", 2, 72, 3, join(span(0, 19), span(60, 79)), span(20, 59),
+       join(span(0, 19), span(60, 79)), false, 0, 0},
+      // the diagonal block in the qkv buffer (stride 3C), head dimension 64; block 2 in the future of all
+      {"zigzag diagonal, stride 3C", 1, 128, 2, join(span(0, 4), span(35, 39)), join(span(0, 4), span(35, 39)),
+       span(40, 45), true, 0, 0},
+      // head dimension 128 (the limit), 70 keys (two dK/dV blocks) in the past, unsorted; padded strides
+      {"past, unsorted, d = 128, padded strides", 1, 256, 2, {90, 75, 80, 99, 71, 72, 96, 85, 70},
+       join(span(35, 69), span(0, 34)), {95, 3, 71, 88}, false, 3, 5},
+      // every key of block 1 in the future (out 0, lse −inf), block 2 too for some queries (both −inf)
+      {"future block, tiny head", 2, 16, 4, span(0, 4), span(5, 7), {2, 9}, false, 0, 0},
+  };
+  for (const BlockCase& cs : cases) check_block_attention(cs, rng_, *cpu_);
 }
 
 TEST_F(EmulatedKernels, Embedding) {
