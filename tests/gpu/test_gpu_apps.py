@@ -4,6 +4,7 @@ Several ranks share the one GPU through --comm mpi (device buffers staged throug
 memory); NCCL is checked with one rank, since it refuses two ranks on one GPU. The baseline is the
 single-rank CUDA run in fp32; every layout's losses and final parameter norm must agree within 1e-5.
 bf16 (bf16 tensor-core matrix products, fp32 accumulation) must train, and stay within 1e-2 of fp32.
+parabench-cp runs each of its attention algorithms (the block-attention kernels) against the same baseline.
 
 parabench-ep trains the mixture-of-experts model (SPEC section 9), so its baseline is the single-rank
 parabench-ep run, at the same micro-batch (the capacity applies per micro-batch of b·S tokens): ep 2
@@ -38,6 +39,11 @@ LAYOUTS = [
     ("fsdp", 4, ["--comm", "mpi", "--micro-batch", "1", "--shard", "ZERO1"]),
     ("tp", 2, ["--comm", "mpi", "--micro-batch", "4", "--tp", "2", "--sequence-parallel"]),
     ("pp", 2, ["--comm", "mpi", "--micro-batch", "2", "--pp", "2", "--schedule", "1f1b"]),
+    # context parallelism: each algorithm once (ring zigzag cp 2; allgather contiguous cp 4; alltoall cp 2 × dp 2)
+    ("cp", 2, ["--comm", "mpi", "--micro-batch", "4", "--cp", "2", "--cp-algo", "ring"]),
+    ("cp", 4, ["--comm", "mpi", "--micro-batch", "4", "--cp", "4", "--cp-algo", "allgather", "--cp-layout",
+               "contiguous"]),
+    ("cp", 4, ["--comm", "mpi", "--micro-batch", "2", "--cp", "2", "--cp-algo", "alltoall"]),
 ]
 
 

@@ -1,0 +1,383 @@
+#include "bench/cp/context_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <ctime>
+
+#include "common/timer.h"
+
+namespace pb {
+
+bool parse_cp_algo(const std::string& name, CpAlgo* out) {
+  if (name == "ring") *out = CpAlgo::ring;
+  else if (name == "allgather") *out = CpAlgo::allgather;
+  else if (name == "alltoall") *out = CpAlgo::alltoall;
+  else return false;
+  return true;
+}
+
+const char* cp_algo_name(CpAlgo algo) {
+  switch (algo) {
+    case CpAlgo::ring: return "ring";
+    case CpAlgo::allgather: return "allgather";
+    case CpAlgo::alltoall: return "alltoall";
+  }
+  return "unknown";
+}
+
+namespace {
+// Adds the time of the attention arithmetic in a scope to a running sum. On a GPU: wall time, with the
+// backend synchronised at both ends (the device's work, not the host's enqueueing). On the CPU: the
+// process's CPU time, so that ranks sharing cores (oversubscribed, as on a small test machine)
+// measure their own work rather than their share of the cores.
+class Stopwatch {
+ public:
+  Stopwatch(Backend& backend, double& sum) : be_(backend), sum_(sum), cpu_(backend.name() == "cpu") {
+    be_.synchronize();
+    t0_ = now();
+  }
+  ~Stopwatch() {
+    be_.synchronize();
+    sum_ += now() - t0_;
+  }
+  Stopwatch(const Stopwatch&) = delete;
+  Stopwatch& operator=(const Stopwatch&) = delete;
+
+ private:
+  double now() const {
+    if (!cpu_) return wall_time_s();
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+  Backend& be_;
+  double& sum_;
+  bool cpu_;
+  double t0_ = 0.0;
+};
+}  // namespace
+
+ContextAttention::ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden)
+    : be_(backend), cp_(cp), algo_(algo), seq_(seq), hidden_(hidden) {}
+
+ContextAttention::~ContextAttention() { be_.free(positions_); }
+
+double ContextAttention::take_time_s() {
+  const double t = time_s_;
+  time_s_ = 0.0;
+  return t;
+}
+
+// ---- what the model allocates for the core ----------------------------------------------------------
+// ring, allgather: the forward keeps the log-sum-exp (B, heads, S/cp) beside the output; backward's
+// scratch is delta, the same shape. alltoall keeps, for whole sequences of its heads/cp heads, Q|K|V,
+// the output and the backend attention's saved state; its scratch is their gradients and the backend
+// attention's scratch.
+
+std::size_t ContextAttention::saved_floats(int B, int S, int heads) const {
+  if (algo_ != CpAlgo::alltoall) return static_cast<std::size_t>(B) * heads * S;
+  const std::size_t rows = static_cast<std::size_t>(B) * seq_, Cl = hidden_ / cp_.size;
+  return rows * 4 * Cl + be_.attention_saved_floats(B, seq_, heads / cp_.size);
+}
+
+bool ContextAttention::keeps_probabilities() const {
+  return algo_ == CpAlgo::alltoall && be_.attention_keeps_probabilities();
+}
+
+std::size_t ContextAttention::scratch_floats(int B, int S, int heads) const {
+  if (algo_ != CpAlgo::alltoall) return static_cast<std::size_t>(B) * heads * S;
+  const std::size_t rows = static_cast<std::size_t>(B) * seq_, Cl = hidden_ / cp_.size;
+  return rows * 4 * Cl + be_.attention_scratch_floats(B, seq_, heads / cp_.size);
+}
+
+const int32_t* ContextAttention::positions_of(int rank) {
+  const std::size_t S = seq_ / cp_.size;
+  if (positions_ == nullptr) {
+    std::vector<int32_t> all;
+    for (int r = 0; r < cp_.size; ++r) {
+      const std::vector<int32_t> p = cp_.positions(seq_, r);
+      all.insert(all.end(), p.begin(), p.end());
+    }
+    positions_ = static_cast<int32_t*>(be_.alloc(all.size() * sizeof(int32_t), MemCategory::workspace));
+    be_.upload(positions_, all.data(), all.size() * sizeof(int32_t));
+  }
+  return positions_ + static_cast<std::size_t>(rank) * S;
+}
+
+void ContextAttention::forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) {
+  switch (algo_) {
+    case CpAlgo::ring: ring_forward(out, saved, qkv, B, S, C, heads); break;
+    case CpAlgo::allgather: allgather_forward(out, saved, qkv, B, S, C, heads); break;
+    case CpAlgo::alltoall: alltoall_forward(out, saved, qkv, B, S, C, heads); break;
+  }
+}
+
+void ContextAttention::backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
+                                const float* saved, int B, int S, int C, int heads) {
+  switch (algo_) {
+    case CpAlgo::ring: ring_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
+    case CpAlgo::allgather: allgather_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
+    case CpAlgo::alltoall: alltoall_backward(dqkv, scratch, dout, saved, B, S, C, heads); break;
+  }
+}
+
+// ---- ring and allgather: blocks of keys, merged by log-sum-exp ------------------------------------------
+
+void ContextAttention::attend_block(float* out, float* lse, bool first, const float* q, const float* kv, int origin,
+                                    int B, int S, int C, int heads) {
+  const int32_t* pos_q = positions_of(cp_.rank);
+  const int32_t* pos_k = positions_of(origin);
+  if (first) {
+    Stopwatch watch(be_, time_s_);
+    be_.attention_block_forward(out, lse, q, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k, B, S, S, C, heads);
+    return;
+  }
+  const std::size_t rows = static_cast<std::size_t>(B) * S;
+  float* out_b = be_.alloc_floats(rows * C, MemCategory::workspace);
+  float* lse_b = be_.alloc_floats(rows * heads, MemCategory::workspace);
+  {
+    Stopwatch watch(be_, time_s_);
+    be_.attention_block_forward(out_b, lse_b, q, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k, B, S, S, C, heads);
+    be_.attention_merge(out, lse, out_b, lse_b, B, S, C, heads);
+  }
+  be_.free(lse_b);
+  be_.free(out_b);
+}
+
+void ContextAttention::ring_forward(float* out, float* lse, const float* qkv, int B, int S, int C, int heads) {
+  const int n = cp_.size, next = (cp_.rank + 1) % n, prev = (cp_.rank + n - 1) % n;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  float* cur = be_.alloc_floats(block, MemCategory::comm_buffers);  // K|V of the block in hand
+  float* nxt = be_.alloc_floats(block, MemCategory::comm_buffers);  // the one arriving
+  be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  for (int s = 0; s < n; ++s) {
+    Request send, recv;
+    if (s + 1 < n) {  // pass the block on while attending to it
+      recv = cp_.comm->recv_async(nxt, block, prev, s);
+      send = cp_.comm->send_async(cur, block, next, s);
+    }
+    attend_block(out, lse, s == 0, qkv, cur, (cp_.rank + n - s) % n, B, S, C, heads);
+    if (s + 1 < n) {
+      send->wait();
+      recv->wait();
+      std::swap(cur, nxt);
+    }
+  }
+  be_.free(nxt);
+  be_.free(cur);
+}
+
+void ContextAttention::ring_backward(float* dqkv, float* delta, const float* dout, const float* out,
+                                     const float* qkv, const float* lse, int B, int S, int C, int heads) {
+  const int n = cp_.size, next = (cp_.rank + 1) % n, prev = (cp_.rank + n - 1) % n;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  const int32_t* pos_q = positions_of(cp_.rank);
+  be_.zero(dqkv, rows * 3 * C * sizeof(float));
+  be_.attention_block_delta(delta, dout, out, B, S, C, heads);
+  float* cur = be_.alloc_floats(block, MemCategory::comm_buffers);   // K|V of the block in hand
+  float* nxt = be_.alloc_floats(block, MemCategory::comm_buffers);
+  float* dcur = be_.alloc_floats(block, MemCategory::comm_buffers);  // its dK|dV, accumulating on the way
+  float* dnxt = be_.alloc_floats(block, MemCategory::comm_buffers);
+  be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  be_.zero(dcur, block * sizeof(float));
+  for (int s = 0; s < n; ++s) {
+    const int origin = (cp_.rank + n - s) % n;
+    Request kv_send, kv_recv;
+    if (s + 1 < n) {  // the next block's K|V travels while this one is differentiated
+      kv_recv = cp_.comm->recv_async(nxt, block, prev, 2 * s);
+      kv_send = cp_.comm->send_async(cur, block, next, 2 * s);
+    }
+    const int32_t* pos_k = positions_of(origin);
+    {
+      Stopwatch watch(be_, time_s_);
+      be_.attention_block_backward(dqkv, dcur, dcur + C, dout, lse, delta, qkv, cur, cur + C, 3 * C, 2 * C, pos_q,
+                                   pos_k, B, S, S, C, heads);
+    }
+    // The block's gradient goes on with it (after the last block: home to its owner, the next rank).
+    Request g_send = cp_.comm->send_async(dcur, block, next, 2 * s + 1);
+    Request g_recv = cp_.comm->recv_async(dnxt, block, prev, 2 * s + 1);
+    g_send->wait();
+    g_recv->wait();
+    std::swap(dcur, dnxt);
+    if (s + 1 < n) {
+      kv_send->wait();
+      kv_recv->wait();
+      std::swap(cur, nxt);
+    }
+  }
+  // dcur is this rank's own dK|dV now, complete.
+  be_.copy_2d(dqkv + C, 3 * C, dcur, 2 * C, rows, 2 * C);
+  for (float* p : {dnxt, dcur, nxt, cur}) be_.free(p);
+}
+
+void ContextAttention::allgather_forward(float* out, float* lse, const float* qkv, int B, int S, int C, int heads) {
+  const int n = cp_.size;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  float* mine = be_.alloc_floats(block, MemCategory::comm_buffers);
+  float* all = be_.alloc_floats(block * n, MemCategory::comm_buffers);  // every rank's K|V, rank-major
+  be_.copy_2d(mine, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  cp_.comm->all_gather(mine, all, block);
+  be_.free(mine);
+  for (int r = 0; r < n; ++r) attend_block(out, lse, r == 0, qkv, all + r * block, r, B, S, C, heads);
+  be_.free(all);
+}
+
+void ContextAttention::allgather_backward(float* dqkv, float* delta, const float* dout, const float* out,
+                                          const float* qkv, const float* lse, int B, int S, int C, int heads) {
+  const int n = cp_.size;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  const int32_t* pos_q = positions_of(cp_.rank);
+  be_.zero(dqkv, rows * 3 * C * sizeof(float));
+  be_.attention_block_delta(delta, dout, out, B, S, C, heads);
+  // The keys and values are gathered again rather than kept from the forward.
+  float* mine = be_.alloc_floats(block, MemCategory::comm_buffers);
+  float* all = be_.alloc_floats(block * n, MemCategory::comm_buffers);
+  be_.copy_2d(mine, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  cp_.comm->all_gather(mine, all, block);
+  be_.free(mine);
+  float* dall = be_.alloc_floats(block * n, MemCategory::comm_buffers);  // dK|dV of every rank's block
+  be_.zero(dall, block * n * sizeof(float));
+  for (int r = 0; r < n; ++r) {
+    const float* kv = all + r * block;
+    float* dkv = dall + r * block;
+    const int32_t* pos_k = positions_of(r);
+    Stopwatch watch(be_, time_s_);
+    be_.attention_block_backward(dqkv, dkv, dkv + C, dout, lse, delta, qkv, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k,
+                                 B, S, S, C, heads);
+  }
+  be_.free(all);
+  float* dmine = be_.alloc_floats(block, MemCategory::comm_buffers);
+  cp_.comm->reduce_scatter(dall, dmine, block);  // each block's gradient, summed over the ranks' queries
+  be_.free(dall);
+  be_.copy_2d(dqkv + C, 3 * C, dmine, 2 * C, rows, 2 * C);
+  be_.free(dmine);
+}
+
+// ---- alltoall (Ulysses) ----------------------------------------------------------------------------------
+// Buffers exchanged by all-to-all are rank-major: block r holds (B, S/cp) rows of rank r's tokens
+// (received) or of rank r's heads (sent). `width` floats per row: Cl = C/cp for outputs, 3·Cl for Q|K|V.
+
+void ContextAttention::sequence_to_heads(float* full, const float* recv, int B, int S, int width) const {
+  // recv: [rank][b][its positions][width] → full: [b][global position][width]
+  for (int r = 0; r < cp_.size; ++r) {
+    std::size_t at = 0;  // the position's index among rank r's
+    for (const ContextParallel::Chunk& c : cp_.chunks(seq_, r)) {
+      for (int b = 0; b < B; ++b) {
+        be_.copy(full + (static_cast<std::size_t>(b) * seq_ + c.first) * width,
+                 recv + ((static_cast<std::size_t>(r) * B + b) * S + at) * width,
+                 static_cast<std::size_t>(c.length) * width * sizeof(float));
+      }
+      at += c.length;
+    }
+  }
+}
+
+void ContextAttention::heads_to_sequence(float* send, const float* full, int B, int S, int width) const {
+  for (int r = 0; r < cp_.size; ++r) {
+    std::size_t at = 0;
+    for (const ContextParallel::Chunk& c : cp_.chunks(seq_, r)) {
+      for (int b = 0; b < B; ++b) {
+        be_.copy(send + ((static_cast<std::size_t>(r) * B + b) * S + at) * width,
+                 full + (static_cast<std::size_t>(b) * seq_ + c.first) * width,
+                 static_cast<std::size_t>(c.length) * width * sizeof(float));
+      }
+      at += c.length;
+    }
+  }
+}
+
+void ContextAttention::alltoall_forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) {
+  const int n = cp_.size, Cl = C / n, Hl = heads / n;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, full_rows = static_cast<std::size_t>(B) * seq_;
+  float* qkv_full = saved;                         // (B, S_full, 3·Cl): this rank's heads' Q|K|V
+  float* out_full = saved + full_rows * 3 * Cl;    // (B, S_full, Cl)
+  float* att = out_full + full_rows * Cl;          // the backend attention's saved state
+  // Q|K|V of this rank's tokens, head group r's columns to rank r.
+  float* send = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  for (int r = 0; r < n; ++r) {
+    float* dst = send + r * rows * 3 * Cl;
+    for (int part = 0; part < 3; ++part) {  // Q, K, V
+      be_.copy_2d(dst + part * Cl, 3 * Cl, qkv + part * C + r * Cl, 3 * C, rows, Cl);
+    }
+  }
+  float* recv = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  cp_.comm->all_to_all(send, recv, rows * 3 * Cl);
+  be_.free(send);
+  sequence_to_heads(qkv_full, recv, B, S, 3 * Cl);
+  be_.free(recv);
+  {
+    Stopwatch watch(be_, time_s_);
+    be_.attention_forward(out_full, att, qkv_full, B, seq_, Cl, Hl);
+  }
+  // The outputs back to the tokens' ranks, every head group's columns side by side.
+  float* send_out = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  heads_to_sequence(send_out, out_full, B, S, Cl);
+  float* recv_out = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  cp_.comm->all_to_all(send_out, recv_out, rows * Cl);
+  be_.free(send_out);
+  for (int r = 0; r < n; ++r) be_.copy_2d(out + r * Cl, C, recv_out + r * rows * Cl, Cl, rows, Cl);
+  be_.free(recv_out);
+}
+
+void ContextAttention::alltoall_backward(float* dqkv, float* scratch, const float* dout, const float* saved, int B,
+                                         int S, int C, int heads) {
+  const int n = cp_.size, Cl = C / n, Hl = heads / n;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, full_rows = static_cast<std::size_t>(B) * seq_;
+  const float* qkv_full = saved;
+  const float* out_full = saved + full_rows * 3 * Cl;
+  const float* att = out_full + full_rows * Cl;
+  float* dout_full = scratch;                     // (B, S_full, Cl)
+  float* dqkv_full = scratch + full_rows * Cl;    // (B, S_full, 3·Cl)
+  float* att_scratch = dqkv_full + full_rows * 3 * Cl;
+  float* send = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  for (int r = 0; r < n; ++r) be_.copy_2d(send + r * rows * Cl, Cl, dout + r * Cl, C, rows, Cl);
+  float* recv = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  cp_.comm->all_to_all(send, recv, rows * Cl);
+  be_.free(send);
+  sequence_to_heads(dout_full, recv, B, S, Cl);
+  be_.free(recv);
+  {
+    Stopwatch watch(be_, time_s_);
+    be_.attention_backward(dqkv_full, att_scratch, dout_full, out_full, qkv_full, att, B, seq_, Cl, Hl);
+  }
+  float* send_d = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  heads_to_sequence(send_d, dqkv_full, B, S, 3 * Cl);
+  float* recv_d = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  cp_.comm->all_to_all(send_d, recv_d, rows * 3 * Cl);
+  be_.free(send_d);
+  for (int r = 0; r < n; ++r) {
+    const float* src = recv_d + r * rows * 3 * Cl;
+    for (int part = 0; part < 3; ++part) be_.copy_2d(dqkv + part * C + r * Cl, 3 * C, src + part * Cl, 3 * Cl, rows, Cl);
+  }
+  be_.free(recv_d);
+}
+
+// ---- the memory model --------------------------------------------------------------------------------------
+
+void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
+  const ArchSpec& a = plan.arch;
+  const int64_t e = plan.precision.act_bytes, S = a.seq / cp, B = plan.micro_batch, C = a.hidden, H = a.heads;
+  const int64_t rows = B * S;
+  constexpr int64_t kStat = 4;
+  plan.cp = cp;
+  if (cp == 1) return;  // the backend's attention
+  if (algo == CpAlgo::alltoall) {
+    const int64_t Cl = C / cp, Hl = H / cp, full = B * a.seq;
+    const int64_t backend = plan.attention_keeps_probabilities ? B * Hl * a.seq * a.seq * e : B * Hl * a.seq * kStat;
+    plan.attention_saved_bytes = full * 4 * Cl * e + backend;
+    plan.attention_scratch_bytes = full * 4 * Cl * e + backend;
+    // Two (S/cp, 3C) buffers around the Q|K|V and dQ|dK|dV exchanges.
+    plan.attention_comm_bytes = 2 * rows * 3 * C * e;
+    return;
+  }
+  plan.attention_keeps_probabilities = false;  // the log-sum-exp only: nothing for selective recomputation
+  plan.attention_saved_bytes = B * H * S * kStat;    // lse
+  plan.attention_scratch_bytes = B * H * S * kStat;  // delta
+  plan.attention_persistent_bytes = a.seq * 4;       // every rank's positions, int32
+  plan.attention_forward_bytes = rows * C * e + B * H * S * kStat;  // a block's output and lse before the merge
+  // ring: backward's K|V and dK|dV, the block in hand and the one arriving (4 · (S/cp, 2C));
+  // allgather: every rank's K|V and their gradients (2 · (S, 2C)).
+  plan.attention_comm_bytes = algo == CpAlgo::ring ? 4 * rows * 2 * C * e : 2 * cp * rows * 2 * C * e;
+}
+
+}  // namespace pb

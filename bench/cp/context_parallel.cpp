@@ -1,0 +1,65 @@
+#include "bench/cp/context_parallel.h"
+
+#include <algorithm>
+
+namespace pb {
+
+ContextParallelStrategy::ContextParallelStrategy(Runtime& runtime, ContextAttention* attention)
+    : rt_(runtime), attention_(attention), state_(runtime.model, runtime.backend, runtime.options.seed) {
+  // The ranks of one tp and pp position: dp × cp (the whole world of this app).
+  const ProcessGroups& g = runtime.groups;
+  data_ranks_ = runtime.groups.adopt(
+      g.world->split(g.coord.pp * g.layout.tp + g.coord.tp, g.layout.rank_of(g.coord)));
+}
+
+double ContextParallelStrategy::reduce_loss(double local_loss) {
+  // Each cp rank's loss covers its tokens; the harness then sums over dp.
+  if (rt_.mp.cp.active()) rt_.mp.cp.comm->all_reduce_host(&local_loss, 1, HostReduce::sum);
+  return local_loss;
+}
+
+void ContextParallelStrategy::finish_gradients() {
+  if (data_ranks_->size() > 1) data_ranks_->all_reduce(state_.grads(), state_.size());
+}
+
+void ContextParallelStrategy::optimizer_step(float grad_scale, int t) {
+  state_.adamw(grad_scale, t, rt_.options.lr);
+  if (attention_ != nullptr) times_.push_back(attention_->take_time_s());  // the step is done
+}
+
+std::vector<float> ContextParallelStrategy::gather_full_gradients() {
+  std::vector<float> host(state_.size());  // every rank holds the whole, summed gradient
+  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
+  return host;
+}
+
+void ContextParallelStrategy::write_results(Communicator& world, ResultWriter* writer) {
+  if (attention_ == nullptr) return;
+  const int ranks = world.size();
+  const std::size_t steps = times_.size();
+  all_times_.assign(steps * ranks, 0.0);
+  std::vector<double> row(ranks);
+  for (std::size_t s = 0; s < steps; ++s) {
+    world.all_gather_host(&times_[s], row.data(), sizeof(double));
+    std::copy(row.begin(), row.end(), all_times_.begin() + static_cast<std::ptrdiff_t>(s * ranks));
+  }
+  if (writer == nullptr) return;
+  writer->write_f64("/cp/attention_time_s", all_times_, "s", {static_cast<int64_t>(steps), ranks});
+}
+
+void ContextParallelStrategy::summary_attributes(nlohmann::ordered_json& summary) {
+  if (attention_ == nullptr || all_times_.empty()) return;
+  // The load balance of the causal attention: the slowest rank's attention time over the fastest's,
+  // summed over the measured steps (after warm-up; all steps if there are no more).
+  const int ranks = rt_.options.world_size;
+  const std::size_t steps = all_times_.size() / ranks;
+  const std::size_t first = steps > static_cast<std::size_t>(rt_.options.warmup) ? rt_.options.warmup : 0;
+  std::vector<double> total(ranks, 0.0);
+  for (std::size_t s = first; s < steps; ++s) {
+    for (int r = 0; r < ranks; ++r) total[r] += all_times_[s * ranks + r];
+  }
+  const auto [lo, hi] = std::minmax_element(total.begin(), total.end());
+  summary["cp_attention_time_ratio"] = *lo > 0.0 ? *hi / *lo : 0.0;
+}
+
+}  // namespace pb
