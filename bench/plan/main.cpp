@@ -1,5 +1,5 @@
 // parabench-plan: per-rank memory by category, cluster totals, a fit verdict and a step-time estimate
-// for any model on a dp, fsdp, tp or ep layout of any size (SPEC section 8; README.md). No MPI, no device:
+// for any model on a dp, fsdp, tp, ep or cp layout of any size (SPEC section 8; README.md). No MPI, no device:
 // every number is closed-form.
 //
 // Exit codes: 0 plans printed; 1 --require-fit and a plan does not fit --gpu-memory; 2 a bad command

@@ -48,8 +48,9 @@ double link_for(const PlanConfig& c, int group_ranks, int stride) {
   return inside_node ? c.gpu.intra_node_gbps : c.gpu.inter_node_gbps;
 }
 
-// Ring algorithms: each rank moves 2(n-1)/n (all-reduce) or (n-1)/n (all-gather, reduce-scatter) of
-// the buffer over its link (the bus-bandwidth convention of nccl-tests).
+// Ring algorithms: each rank moves 2(n-1)/n (all-reduce) or (n-1)/n (all-gather, reduce-scatter,
+// all-to-all) of the buffer over its link (the bus-bandwidth convention of nccl-tests); a send_recv
+// moves its message once each way, the send and the receive in the link's two directions at once.
 CommEstimate collective(const PlanConfig& c, const std::string& op, const std::string& what, int64_t bytes,
                         int group_ranks, int stride, int64_t passes) {
   CommEstimate e;
@@ -60,7 +61,7 @@ CommEstimate collective(const PlanConfig& c, const std::string& op, const std::s
   e.calls = passes;
   e.link_gbps = link_for(c, group_ranks, stride);
   const double n = group_ranks;
-  const double factor = op == "all_reduce" ? 2.0 * (n - 1) / n : (n - 1) / n;
+  const double factor = op == "all_reduce" ? 2.0 * (n - 1) / n : op == "send_recv" ? 1.0 : (n - 1) / n;
   const double bytes_per_s = e.link_gbps * 1e9 / 8.0;
   e.seconds = group_ranks > 1 ? passes * factor * static_cast<double>(bytes) / bytes_per_s : 0.0;
   return e;
@@ -139,6 +140,73 @@ std::vector<CommEstimate> ep_collectives(const PlanConfig& c, int64_t rank_param
   return out;
 }
 
+// Context parallelism's exchanges of one step, as parabench-cp issues them (bench/cp/context_attention.cpp;
+// README.md, "Step-time estimate"), over the cp group (cp consecutive ranks, stride 1), when cp > 1.
+// Per micro-batch and block, with rows = b·S/cp of this rank's tokens and kv = qkv_width − h the
+// width of a row's K|V (2h for the GPT; GQA's narrower K|V moves fewer bytes):
+//   ring       (cp − 1) K|V hops in forward (again in backward with --recompute full), (cp − 1) K|V hops
+//              and cp dK|dV hops in backward, each a send_recv of rows·kv elements. A K|V hop runs
+//              beside the attention of the block in hand (forward: 4·rows·(S/cp)·h FLOPs; backward
+//              twice that) and only what exceeds it is on the critical path; the dK|dV hop follows its
+//              block's backward and blocks.
+//   allgather  one all-gather of every rank's K|V (b·S·kv elements) in forward, again in backward (and
+//              in the recomputed forward), and one reduce-scatter of their gradients; blocking.
+//   alltoall   (Ulysses) forward: Q|K|V to heads (rows·qkv_width elements sent) and the output back
+//              (rows·h); backward the same two; the forward's two again with --recompute full, and with
+//              selective where the core keeps the probabilities (the cpu backend); blocking.
+// Once per step: every gradient all-reduced over the dp × cp ranks (all of them), overlapped with
+// backward unless --no-overlap (the app all-reduces after backward: --no-overlap models it).
+std::vector<CommEstimate> cp_collectives(const PlanConfig& c, int64_t parameters) {
+  const MemoryPlan& m = c.memory;
+  const ArchSpec& a = m.arch;
+  const int n = c.cp;
+  const int64_t L = a.layers, micro_steps = c.grad_accum, e = m.precision.act_bytes, h = a.hidden;
+  const int64_t S = a.seq / n, rows = static_cast<int64_t>(m.micro_batch) * S, kv = a.qkv_width() - h;
+  const bool full = m.recompute == "full";
+  std::vector<CommEstimate> out;
+  auto blocking = [&](const std::string& op, const std::string& what, int64_t bytes, int64_t calls_per_layer) {
+    CommEstimate est = collective(c, op, what, bytes, n, 1, calls_per_layer * L * micro_steps);
+    est.blocking = true;
+    return est;
+  };
+  if (n > 1) {
+    switch (c.cp_algo) {
+      case CpAlgo::ring: {
+        const double flops_per_s = c.peak_tflops * 1e12 * c.mfu;
+        const double block_forward_s = 4.0 * static_cast<double>(rows) * S * h / flops_per_s;
+        auto hop = [&](const std::string& what, int64_t calls_per_layer, double beside_s) {
+          CommEstimate est = blocking("send_recv", what, rows * kv * e, calls_per_layer);
+          if (est.calls > 0) est.hidden_s = est.calls * std::min(est.seconds / est.calls, beside_s);
+          return est;
+        };
+        out.push_back(hop(full ? "K|V blocks, forward and recomputed forward (ring)" : "K|V blocks, forward (ring)",
+                          (n - 1) * (full ? 2 : 1), block_forward_s));
+        out.push_back(hop("K|V blocks, backward (ring)", n - 1, 2 * block_forward_s));
+        out.push_back(hop("dK|dV blocks (ring, after each block's backward)", n, 0.0));
+        break;
+      }
+      case CpAlgo::allgather: {
+        const int64_t gathered = static_cast<int64_t>(m.micro_batch) * a.seq * kv * e;
+        out.push_back(blocking("all_gather", "K|V of every cp rank (allgather)", gathered, full ? 3 : 2));
+        out.push_back(blocking("reduce_scatter", "dK|dV of every cp rank (allgather)", gathered, 1));
+        break;
+      }
+      case CpAlgo::alltoall: {
+        const bool again = full || (m.recompute == "selective" && c.backend == "cpu");
+        const int64_t calls = again ? 3 : 2;
+        out.push_back(blocking("all_to_all", "Q|K|V and dQ|dK|dV, sequence <-> heads (Ulysses)",
+                               rows * a.qkv_width() * e, calls));
+        out.push_back(blocking("all_to_all", "attention output and its gradient (Ulysses)", rows * h * e, calls));
+        break;
+      }
+    }
+  }
+  if (c.ranks > 1) {
+    out.push_back(collective(c, "all_reduce", "gradients (dp × cp)", parameters * m.precision.grad_bytes, c.ranks, 1, 1));
+  }
+  return out;
+}
+
 // The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local).
 std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
   const PrecisionSpec& p = c.memory.precision;
@@ -146,6 +214,7 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
   const int64_t micro_steps = c.grad_accum;
   std::vector<CommEstimate> out;
   if (c.is_moe()) return ep_collectives(c, parameters);
+  if (c.is_cp()) return cp_collectives(c, parameters);
   if (c.app == "tp") {
     out = tp_collectives(c);
     // The dp group: ranks tp apart, holding the same slices; one all-reduce of a rank's gradients.
@@ -297,6 +366,17 @@ double recompute_flops_per_step(const ArchSpec& a, int64_t global_batch, const s
   return 0.0;
 }
 
+double cp_hardware_flops_per_step(const PlanConfig& c) {
+  const ArchSpec& a = c.memory.arch;
+  const std::string& recompute = c.memory.recompute;
+  double flops = model_flops_per_step(a, c.global_batch);
+  const bool keeps_probabilities = c.backend == "cpu" && (c.cp == 1 || c.cp_algo == CpAlgo::alltoall);
+  if (recompute == "full" || (recompute == "selective" && keeps_probabilities)) {
+    flops += recompute_flops_per_step(a, c.global_batch, recompute);
+  }
+  return flops;
+}
+
 PlanResult evaluate(const PlanConfig& c) {
   PlanResult r;
   r.config = c;
@@ -339,6 +419,9 @@ PlanResult evaluate(const PlanConfig& c) {
       r.model_flops_per_step = moe_model_flops_per_step(m.arch, c.moe, c.global_batch);
       r.hardware_flops_per_step =
           moe_hardware_flops_per_step(m.arch, c.moe, c.global_batch, m.micro_batch, m.recompute);
+    } else if (c.is_cp()) {
+      r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
+      r.hardware_flops_per_step = cp_hardware_flops_per_step(c);
     } else {
       r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
       r.hardware_flops_per_step =
@@ -347,13 +430,15 @@ PlanResult evaluate(const PlanConfig& c) {
     // --mfu is the share of peak the GPUs sustain on what they execute, recomputation included.
     r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * c.peak_tflops * 1e12 * c.mfu);
     r.comm = step_collectives(c, r.rank_parameters);
+    double overlappable = 0;  // what may hide behind the whole step's compute (the gradient collectives)
     for (const CommEstimate& e : r.comm) {
       r.comm_s += e.seconds;
-      if (e.blocking) r.blocking_comm_s += e.seconds;
+      if (e.blocking) r.blocking_comm_s += e.seconds - e.hidden_s;  // cp's ring: less what hides beside its block
+      else overlappable += e.seconds;
     }
-    // Overlapped communication hides behind compute; blocking collectives (tp's, ep's) add to it.
-    const double overlappable = r.comm_s - r.blocking_comm_s;
-    r.step_s = c.overlap ? std::max(r.compute_s, overlappable) + r.blocking_comm_s : r.compute_s + r.comm_s;
+    // Overlapped communication hides behind compute; blocking collectives (tp's, ep's, cp's) add to it.
+    r.step_s = c.overlap ? std::max(r.compute_s, overlappable) + r.blocking_comm_s
+                         : r.compute_s + overlappable + r.blocking_comm_s;
     r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;
   }
   return r;

@@ -4,8 +4,9 @@
 // docs/memory-model.md derives the memory formulas; README.md here the time model and the options.
 //
 // Modelled: dp, fsdp, tp (tensor parallelism × data parallelism, with or without sequence
-// parallelism) and ep (the mixture-of-experts model of bench/ep, expert parallelism × data
-// parallelism; its memory is bench/ep's plan_moe_memory). Not modelled yet: pp, cp and hybrid layouts
+// parallelism), ep (the mixture-of-experts model of bench/ep, expert parallelism × data
+// parallelism; its memory is bench/ep's plan_moe_memory) and cp (context parallelism × data
+// parallelism; its memory is bench/cp's plan_cp_memory). Not modelled yet: pp and hybrid layouts
 // (their apps bring their formulas).
 #pragma once
 
@@ -14,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/cp/context_attention.h"
 #include "bench/ep/moe.h"
 #include "common/memory_model.h"
 
@@ -38,15 +40,19 @@ std::vector<std::string> gpu_names();
 struct PlanConfig {
   std::string model;          // preset name, or "custom"
   int64_t params_override = 0;  // --params N: model states only, of N parameters in one unit
-  std::string app;            // dp | fsdp | tp | ep
+  std::string app;            // dp | fsdp | tp | ep | cp
   int ranks = 1;              // world size W
   int gpus_per_node = 8;
-  int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for the tp app
+  int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for the tp app, W / cp for cp
   int ep = 1;                 // --app ep: expert-parallel degree (groups of ep consecutive dp ranks); else 1
   MoeOptions moe;             // --app ep: experts, top-k, capacity factor, auxiliary loss
+  int cp = 1;                 // --app cp: context-parallel degree (groups of cp consecutive ranks); else 1
+  CpAlgo cp_algo = CpAlgo::ring;  // --app cp: how the cp ranks exchange keys and values
+  bool cp_zigzag = true;      // --app cp: zigzag (2·cp chunks, rank i holds i and 2cp−1−i) or contiguous
   // arch, precision, micro-batch, recompute, attention, shard, shard ranks, and the tp degree
   // (memory.tp, 1 but for --app tp) and sequence parallelism (memory.sequence_parallel, only with tp > 1);
-  // --app ep: the MoE part's terms (memory.mlp_*, set by plan_moe_memory)
+  // --app ep: the MoE part's terms (memory.mlp_*, set by plan_moe_memory); --app cp: the attention
+  // core's terms (memory.cp, memory.attention_*, set by plan_cp_memory)
   MemoryPlan memory;
   std::string backend, dtype, grad_dtype;
   int64_t global_batch = 1;
@@ -66,22 +72,28 @@ struct PlanConfig {
   bool sequence_parallel() const { return memory.sequence_parallel; }
   bool model_states_only() const { return params_override > 0; }
   bool is_moe() const { return app == "ep"; }
+  bool is_cp() const { return app == "cp"; }
+  const char* cp_layout() const { return cp_zigzag ? "zigzag" : "contiguous"; }
   // --app ep: expert slots per expert and micro-batch (bench/ep's moe_capacity of b·S tokens).
   int64_t capacity() const;
 };
 
 // One collective of the step-time estimate.
 struct CommEstimate {
-  std::string op;       // all_reduce | all_gather | reduce_scatter | all_to_all
+  std::string op;       // all_reduce | all_gather | reduce_scatter | all_to_all | send_recv (cp's ring: each
+                        // call one send to the next rank and one receive from the previous, at once)
   std::string what;     // "gradients", "parameters", ...
   int64_t bytes = 0;    // buffer size per call (the full, unsharded tensor; nccl-tests' "size")
   int ranks = 1;        // ranks in the group
   int64_t calls = 0;    // whole-model passes per step (the apps issue one call per unit or bucket);
                         // tp: calls per step, the cross-entropy statistics' two (N and 2N floats) as one;
-                        // ep: the all-to-alls' calls per step; its all-reduces one pass each (L + 1 and L calls)
+                        // ep: the all-to-alls' calls per step; its all-reduces one pass each (L + 1 and L calls);
+                        // cp: calls per step (send_recv: the sends, as many as the receives)
   double link_gbps = 0; // rate used
   double seconds = 0;   // per step, all calls
-  bool blocking = false;  // on the critical path whatever the overlap: tp's collectives, ep's all-to-alls
+  bool blocking = false;  // on the critical path whatever the overlap: tp's collectives, ep's all-to-alls, cp's
+  double hidden_s = 0;  // of `seconds`, what hides behind the attention of the block in hand (cp's ring K|V
+                        // hops: each hop's transfer beside one block's attention); the rest is blocking
 };
 
 struct PlanResult {
@@ -100,7 +112,8 @@ struct PlanResult {
   double model_flops_per_step = 0;       // SPEC 6, generalised (model_flops_per_step below)
   double hardware_flops_per_step = 0;    // + what recomputation runs again (recompute_flops_per_step)
   double compute_s = 0, comm_s = 0, step_s = 0, tokens_per_s = 0;
-  double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's, ep's collectives)
+  double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's, ep's, cp's
+                                         // collectives; cp ring: less what hides behind block attention)
   std::vector<CommEstimate> comm;
 };
 
@@ -120,6 +133,13 @@ double recompute_flops_per_step(const ArchSpec& arch, int64_t global_batch, cons
 double moe_model_flops_per_step(const ArchSpec& arch, const MoeOptions& moe, int64_t global_batch);
 double moe_hardware_flops_per_step(const ArchSpec& arch, const MoeOptions& moe, int64_t global_batch, int micro_batch,
                                    const std::string& recompute);
+
+// --app cp (bench/cp): model FLOPs are the dense model's (context parallelism does not change the
+// math). What the GPUs execute adds recomputation as the app runs it: full, one more forward of every
+// block; selective, the attention products again only where the attention keeps its probabilities
+// (cp 1: the backend's, the cpu backend; cp > 1: the alltoall core on the cpu backend): ring and
+// allgather keep log-sum-exp statistics, a fused kernel its softmax statistics, nothing to recompute.
+double cp_hardware_flops_per_step(const PlanConfig& config);
 
 // The whole plan: memory, fit, time. Closed-form: no loop over ranks.
 PlanResult evaluate(const PlanConfig& config);

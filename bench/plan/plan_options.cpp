@@ -30,7 +30,6 @@ struct Unmodelled {
 };
 constexpr Unmodelled kUnmodelledApps[] = {
     {"pp", "its app (issue 5) brings its formulas"},
-    {"cp", "its app brings its formulas when it is built"},
     {"hybrid", "it combines the formulas of tp, pp and fsdp once pp's app exists"},
 };
 // Options that describe the invocation rather than a plan: never swept.
@@ -46,7 +45,9 @@ struct RawOptions {
   int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
   int tp = 1;                  // --app tp; 1 for dp and fsdp
   bool sequence_parallel = false;
-  int pp = 1, cp = 1;         // accepted so that degree 1 works; above 1 not modelled yet
+  int pp = 1;                 // accepted so that degree 1 works; above 1 not modelled yet
+  int cp = 1;                 // --app cp; 1 for the other apps
+  std::string cp_algo = "ring", cp_layout = "zigzag";  // --app cp: parabench-cp's options and defaults
   int ep = 1;                 // --app ep; 1 for the other apps
   int experts = 8, top_k = 2;  // --app ep: parabench-ep's options and defaults
   double capacity_factor = 1.0, aux_loss = 0.0;
@@ -109,17 +110,21 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
   cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
   // Layout.
-  cli->add_option("--app", r.app, "dp | fsdp | tp | ep (pp, cp, hybrid: not modelled yet)")->capture_default_str();
+  cli->add_option("--app", r.app, "dp | fsdp | tp | ep | cp (pp, hybrid: not modelled yet)")->capture_default_str();
   cli->add_option("--gpus", r.gpus, "ranks in the cluster (one per GPU)");
   cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
   cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
-  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp)");
+  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp, or / --cp)");
   cli->add_option("--tp", r.tp, "tp: tensor-parallel degree, consecutive ranks (dp and fsdp: only 1)")
       ->capture_default_str();
   cli->add_flag("--sequence-parallel", r.sequence_parallel,
                 "tp: split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
   cli->add_option("--pp", r.pp, "pipeline-parallel degree: only 1 (pp is not modelled yet)")->capture_default_str();
-  cli->add_option("--cp", r.cp, "context-parallel degree: only 1 (cp is not modelled yet)")->capture_default_str();
+  cli->add_option("--cp", r.cp, "cp: context-parallel degree, each sequence split over N consecutive ranks "
+                  "(other apps: only 1)")->capture_default_str();
+  cli->add_option("--cp-algo", r.cp_algo, "cp: ring | allgather | alltoall (DeepSpeed-Ulysses)")->capture_default_str();
+  cli->add_option("--cp-layout", r.cp_layout,
+                  "cp: zigzag (rank i holds chunks i and 2N-1-i of 2N) | contiguous")->capture_default_str();
   cli->add_option("--ep", r.ep, "ep: expert-parallel degree, groups of N consecutive dp ranks share the experts "
                   "(other apps: only 1)")->capture_default_str();
   cli->add_option("--experts", r.experts, "ep: experts per MoE layer (E)")->capture_default_str();
@@ -136,7 +141,7 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--no-prefetch", r.no_prefetch, "fsdp: gather one unit at a time, no overlap");
   cli->add_option("--bucket-mb", r.bucket_mb, "dp: gradient bucket size in MiB (no memory: buckets are views)")
       ->capture_default_str();
-  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp, ep: the gradient all-reduce after backward, not during it");
+  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp, ep, cp: the gradient all-reduce after backward, not during it");
   // Batch, precision, backend.
   cli->add_option("--micro-batch", r.micro_batch, "samples per micro-batch")->capture_default_str();
   cli->add_option("--global-batch", r.global_batch, "samples per step (default micro-batch · dp)");
@@ -179,27 +184,28 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
       reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp, tp and ep)");
     }
   }
-  for (auto [option, degree, app] : {std::tuple{"--pp", r.pp, "pp"}, {"--cp", r.cp, "cp"}}) {
+  for (auto [option, degree, app] : {std::tuple{"--pp", r.pp, "pp"}}) {
     if (degree == 1) continue;
     require_positive(option, degree);
     for (const Unmodelled& u : kUnmodelledApps) {
       if (std::string(app) == u.app) {
         reject(std::string(option) + " " + std::to_string(degree) + ": not modelled yet; " + u.source +
-               " (the planner models dp, fsdp, tp and ep, where every other degree is 1)");
+               " (the planner models dp, fsdp, tp, ep and cp, where every other degree is 1)");
       }
     }
   }
-  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp" && r.app != "ep") {
-    reject("--app " + r.app + " must be dp, fsdp, tp or ep (pp, cp, hybrid: not modelled yet)");
+  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp" && r.app != "ep" && r.app != "cp") {
+    reject("--app " + r.app + " must be dp, fsdp, tp, ep or cp (pp, hybrid: not modelled yet)");
   }
   c.app = r.app;
   require_positive("--tp", r.tp);
   require_positive("--ep", r.ep);
+  require_positive("--cp", r.cp);
   if (r.tp > 1 && c.app == "fsdp") {
     reject("--tp " + std::to_string(r.tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet "
            "(--app tp models tp × dp)");
   }
-  if (r.tp > 1 && (c.app == "dp" || c.app == "ep")) {
+  if (r.tp > 1 && (c.app == "dp" || c.app == "ep" || c.app == "cp")) {
     reject("--tp " + std::to_string(r.tp) + " is a degree of --app tp; --app " + c.app +
            " has no tensor parallelism (use --app tp)");
   }
@@ -210,13 +216,33 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   for (const char* option : {"--experts", "--top-k", "--capacity-factor", "--aux-loss"}) {
     if (c.app != "ep" && given(option)) reject(std::string(option) + " is an option of --app ep, not of --app " + c.app);
   }
+  if (r.cp > 1 && c.app != "cp") {
+    reject("--cp " + std::to_string(r.cp) + " is a degree of --app cp; --app " + c.app +
+           " has no context parallelism (use --app cp)");
+  }
+  for (const char* option : {"--cp-algo", "--cp-layout"}) {
+    if (c.app != "cp" && given(option)) reject(std::string(option) + " is an option of --app cp, not of --app " + c.app);
+  }
+  if (c.app == "cp") {  // what parabench-cp validates first (bench/cp/main.cpp)
+    if (!parse_cp_algo(r.cp_algo, &c.cp_algo)) {
+      reject("--cp-algo " + r.cp_algo + " must be ring, allgather or alltoall");
+    }
+    if (r.cp_layout != "zigzag" && r.cp_layout != "contiguous") {
+      reject("--cp-layout " + r.cp_layout + " must be zigzag or contiguous");
+    }
+    c.cp = r.cp;
+    c.cp_zigzag = r.cp_layout == "zigzag";
+  }
   const int tp = c.app == "tp" ? r.tp : 1;
+  // The degree beside dp: ranks = dp × model_parallel (tp's or cp's consecutive ranks).
+  const int model_parallel = c.app == "cp" ? c.cp : tp;
+  const std::string model_parallel_option = c.app == "cp" ? "--cp" : "--tp";
   for (const char* option : {"--shard", "--shard-group", "--no-prefetch"}) {
     if (c.app != "fsdp" && given(option)) reject(std::string(option) + " is an option of --app fsdp, not of --app " + c.app);
   }
   if (c.app != "dp" && given("--bucket-mb")) reject("--bucket-mb is an option of --app dp, not of --app " + c.app);
   if (c.app == "fsdp" && given("--no-overlap")) {
-    reject("--no-overlap is an option of --app dp, tp and ep, not of --app fsdp (use --no-prefetch)");
+    reject("--no-overlap is an option of --app dp, tp, ep and cp, not of --app fsdp (use --no-prefetch)");
   }
   if (c.app != "tp" && given("--sequence-parallel")) {
     reject("--sequence-parallel is an option of --app tp, not of --app " + c.app);
@@ -227,6 +253,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   if (given("--params")) {
     if (c.app == "tp") reject("--params has no model shape to slice: --app tp needs --model (and shape options)");
     if (c.app == "ep") reject("--params has no MLP to split into experts: --app ep needs --model (and shape options)");
+    if (c.app == "cp") reject("--params has no sequence to split: --app cp needs --model (and shape options)");
     for (const char* option : {"--model", "--layers", "--hidden", "--heads", "--kv-heads", "--seq", "--vocab", "--ffn",
                                "--gated-mlp", "--tied-embeddings"}) {
       if (given(option)) reject(std::string("--params replaces the model: give either --params or ") + option);
@@ -285,28 +312,29 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     ranks = r.gpus;
   } else if (given("--dp")) {
     require_positive("--dp", r.dp);
-    ranks = static_cast<int64_t>(r.dp) * tp;
+    ranks = static_cast<int64_t>(r.dp) * model_parallel;
   } else {
-    ranks = tp;  // one tensor-parallel group
+    ranks = model_parallel;  // one tensor- or context-parallel group
   }
   if (ranks > kMaxRanks) {
     reject("the plan has " + std::to_string(ranks) + " ranks; the planner takes at most " + std::to_string(kMaxRanks));
   }
   c.ranks = static_cast<int>(ranks);
   const std::string ranks_source = given("--nodes") ? "--nodes × --gpus-per-node" : "--gpus";
-  if (c.ranks % tp != 0) {
-    reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --tp " + std::to_string(tp) +
-           " (dp = ranks / tp)");
+  if (c.ranks % model_parallel != 0) {
+    const std::string degree = model_parallel_option.substr(2);
+    reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by " + model_parallel_option + " " +
+           std::to_string(model_parallel) + " (dp = ranks / " + degree + ")");
   }
-  c.dp = c.ranks / tp;
+  c.dp = c.ranks / model_parallel;
   if (given("--dp")) {
     require_positive("--dp", r.dp);
     if (c.ranks % r.dp != 0) {
       reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --dp " + std::to_string(r.dp));
     }
-    if (c.app == "tp" && r.dp != c.dp) {
+    if ((c.app == "tp" || c.app == "cp") && r.dp != c.dp) {
       reject("--dp " + std::to_string(r.dp) + " does not match " + ranks_source + " " + std::to_string(c.ranks) +
-             " / --tp " + std::to_string(tp) + " = " + std::to_string(c.dp));
+             " / " + model_parallel_option + " " + std::to_string(model_parallel) + " = " + std::to_string(c.dp));
     }
     if (r.dp != c.dp) {
       reject("--dp " + std::to_string(r.dp) + " leaves a factor " + std::to_string(c.ranks / r.dp) + " of the " +
@@ -335,7 +363,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     }
     m.prefetch = !r.no_prefetch;
     c.overlap = m.prefetch;
-  } else {  // dp, tp and ep: no sharding; every rank of a dp group holds the same (tp: sliced) model states
+  } else {  // dp, tp, ep and cp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
     m.shard = ShardStrategy::no_shard;
     m.shard_ranks = 1;
     if (!(r.bucket_mb > 0 && std::isfinite(r.bucket_mb))) reject("--bucket-mb " + str(r.bucket_mb) + " must be positive");
@@ -438,6 +466,21 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     }
     c.ep = r.ep;
     plan_moe_memory(m, moe, c.ep);  // bench/ep's model: the router, E/ep experts, their activations and buffers
+  }
+
+  // ---- context parallelism: what parabench-cp validates; its memory model completes the plan -----------
+  if (c.app == "cp") {
+    const int chunks = c.cp_zigzag ? 2 * c.cp : c.cp;
+    if (a.seq % chunks != 0) {
+      reject("--seq " + std::to_string(a.seq) + " is not divisible by " + std::to_string(chunks) + " (--cp-layout " +
+             c.cp_layout() + " splits each sequence into " + (c.cp_zigzag ? "2 × --cp" : "--cp") + " chunks)");
+    }
+    if (c.cp_algo == CpAlgo::alltoall && a.heads % c.cp != 0) {
+      reject("--heads " + std::to_string(a.heads) + " is not divisible by --cp " + std::to_string(c.cp) +
+             " (--cp-algo alltoall gives each rank heads/cp heads)");
+    }
+    // bench/cp's model: this rank's S/cp tokens, the attention core's saved state, scratch and buffers.
+    plan_cp_memory(m, c.cp_algo, c.cp);
   }
   return c;
 }

@@ -124,6 +124,10 @@ std::string layout_text(const PlanConfig& c) {
            (moe.capacity_factor > 0 ? "" : " (no limit)") + ": " + std::to_string(c.capacity()) +
            " slots per expert and micro-batch; aux-loss " + printf_string("%g", moe.aux_loss) +
            (c.overlap ? "; all-reduces overlapped with backward" : "; all-reduces after backward");
+  } else if (c.is_cp()) {
+    out += ", cp " + std::to_string(c.cp) + " (" + cp_algo_name(c.cp_algo) + ", " + c.cp_layout() + "): " +
+           std::to_string(c.memory.arch.seq / c.cp) + " tokens of each sequence per rank" +
+           (c.overlap ? "; all-reduce overlapped with backward" : "; all-reduce after backward");
   } else {
     out += c.overlap ? ", all-reduce overlapped with backward" : ", all-reduce after backward";
   }
@@ -134,6 +138,8 @@ std::string layout_text(const PlanConfig& c) {
   } else if (c.is_moe()) {
     out += "dp " + std::to_string(c.dp) + " in " + std::to_string(c.dp / c.ep) + " ep group" +
            (c.dp / c.ep > 1 ? "s" : "") + " of " + std::to_string(c.ep);
+  } else if (c.is_cp()) {
+    out += "cp " + std::to_string(c.cp) + " × dp " + std::to_string(c.dp);
   } else {
     out += "dp " + std::to_string(c.dp);
   }
@@ -164,9 +170,13 @@ std::string header(const PlanResult& r) {
   }
   out += "precision: " + precision_text(c);
   if (!c.model_states_only()) {
-    out += "; backend " + c.backend +
-           (c.memory.attention_keeps_probabilities ? " (attention keeps its probabilities)"
-                                                   : " (fused attention keeps softmax statistics only)");
+    out += "; backend " + c.backend;
+    if (c.is_cp() && c.cp > 1 && c.cp_algo != CpAlgo::alltoall) {
+      out += std::string(" (the ") + cp_algo_name(c.cp_algo) + " core keeps log-sum-exp statistics only)";
+    } else {
+      out += c.memory.attention_keeps_probabilities ? " (attention keeps its probabilities)"
+                                                    : " (fused attention keeps softmax statistics only)";
+    }
   }
   return out + "\n";
 }
@@ -181,8 +191,10 @@ std::string time_text(const PlanResult& r) {
                  " slots per micro-batch" + (c.memory.recompute != "none" ? ", + recomputation" : "") + "; model FLOPs " +
                  printf_string("%.3g", r.model_flops_per_step) + ", k experts per token and the router)";
   } else {
-    flops_note = recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation)"
-                            : " (model FLOPs)";
+    flops_note = recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation"
+                            : " (model FLOPs";
+    if (c.is_cp() && c.cp > 1) flops_note += "; each sequence's attention split over cp " + std::to_string(c.cp);
+    flops_note += ")";
   }
   out += "  compute        " + printf_string("%.3g", r.hardware_flops_per_step) + " FLOPs per step" + flops_note +
          " / (" +
@@ -191,14 +203,16 @@ std::string time_text(const PlanResult& r) {
   for (const CommEstimate& e : r.comm) {
     out += "  " + e.op + " " + e.what + ": " + human_bytes(static_cast<double>(e.bytes)) + " × " +
            std::to_string(e.calls) + " per step over " + std::to_string(e.ranks) + " ranks at " +
-           printf_string("%g", e.link_gbps) + " Gb/s = " + seconds(e.seconds) + (e.blocking ? ", blocking" : "") + "\n";
+           printf_string("%g", e.link_gbps) + " Gb/s = " + seconds(e.seconds) + (e.blocking ? ", blocking" : "") +
+           (e.hidden_s > 0 ? " (" + seconds(e.hidden_s) + " of it hidden beside block attention)" : "") + "\n";
   }
   std::string how;
   if (!c.overlap) {
     how = " (compute + communication, no overlap)";
   } else if (r.blocking_comm_s > 0) {
     how = std::string(" (the larger of compute and the overlapped communication, + the blocking ") +
-          (c.is_moe() ? "all-to-alls " : "tp collectives ") + seconds(r.blocking_comm_s) + ")";
+          (c.is_moe() ? "all-to-alls " : c.is_cp() ? "cp exchanges " : "tp collectives ") +
+          seconds(r.blocking_comm_s) + ")";
   } else {
     how = " (communication overlapped with compute: the larger of the two)";
   }
@@ -347,6 +361,9 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
   j["tp"] = c.tp();
   j["sequence_parallel"] = c.sequence_parallel();
   j["ep"] = c.ep;
+  j["cp"] = c.cp;
+  j["cp_algo"] = c.is_cp() ? nlohmann::ordered_json(cp_algo_name(c.cp_algo)) : nlohmann::ordered_json(nullptr);
+  j["cp_layout"] = c.is_cp() ? nlohmann::ordered_json(c.cp_layout()) : nlohmann::ordered_json(nullptr);
   if (c.is_moe()) {
     j["moe"] = {{"experts", c.moe.experts}, {"top_k", c.moe.top_k}, {"capacity_factor", c.moe.capacity_factor},
                 {"capacity", c.capacity()}, {"aux_loss", c.moe.aux_loss}};
@@ -391,7 +408,8 @@ std::string render_csv(const std::vector<PlanResult>& results) {
   std::vector<std::string> head = {"model", "num_parameters", "rank_parameters", "layers", "hidden", "heads",
                                    "kv_heads", "ffn", "vocab", "seq", "gated_mlp", "tied_embeddings", "app", "shard",
                                    "shard_ranks", "ranks", "nodes", "gpus_per_node", "dp", "tp", "sequence_parallel",
-                                   "ep", "experts", "top_k", "capacity_factor", "capacity", "aux_loss", "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
+                                   "ep", "experts", "top_k", "capacity_factor", "capacity", "aux_loss", "cp", "cp_algo",
+                                   "cp_layout", "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
                                    "backend"};
   for (MemCategory cat : all_mem_categories()) head.push_back(std::string(mem_category_name(cat)) + "_bytes");
   for (const char* name : {"peak_total_bytes", "model_state_bytes_per_param", "cluster_peak_total_bytes",
@@ -418,7 +436,8 @@ std::string render_csv(const std::vector<PlanResult>& results) {
         c.sequence_parallel() ? "true" : "false", std::to_string(c.ep),
         c.is_moe() ? std::to_string(c.moe.experts) : "", c.is_moe() ? std::to_string(c.moe.top_k) : "",
         c.is_moe() ? number(c.moe.capacity_factor) : "", c.is_moe() ? std::to_string(c.capacity()) : "",
-        c.is_moe() ? number(c.moe.aux_loss) : "", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
+        c.is_moe() ? number(c.moe.aux_loss) : "", std::to_string(c.cp), c.is_cp() ? cp_algo_name(c.cp_algo) : "",
+        c.is_cp() ? c.cp_layout() : "", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
         std::to_string(c.grad_accum), c.memory.recompute, c.dtype, c.grad_dtype, c.backend};
     for (MemCategory cat : all_mem_categories()) row.push_back(std::to_string(r.per_rank[cat]));
     row.push_back(std::to_string(r.per_rank.peak_total));
@@ -485,7 +504,7 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
       for (const CommEstimate& e : r.comm) {
         comm.push_back({{"op", e.op}, {"what", e.what}, {"bytes", e.bytes}, {"ranks", e.ranks},
                         {"calls_per_step", e.calls}, {"link_gbps", e.link_gbps}, {"seconds", e.seconds},
-                        {"blocking", e.blocking}});
+                        {"blocking", e.blocking}, {"hidden_s", e.hidden_s}});
       }
       p["time_estimate"] = {{"model_flops_per_step", r.model_flops_per_step},
                             {"hardware_flops_per_step", r.hardware_flops_per_step},

@@ -3,7 +3,9 @@
 // terms' scaling, the presets' parameter counts, SPEC 6's FLOP formula, tensor parallelism's memory
 // (the tp app's formula) and collectives (bench/tp/README.md), expert parallelism's memory (bench/ep's
 // plan_moe_memory, called here as parabench-ep calls it), collectives (bench/ep/README.md) and MoE
-// FLOPs, the fit verdict, the validation messages, and speed. Plans are built through the command line, as a user builds them.
+// FLOPs, context parallelism's memory (bench/cp's plan_cp_memory, called as parabench-cp calls it),
+// exchanges (bench/cp/context_attention.cpp) and FLOPs, the fit verdict, the validation messages, and
+// speed. Plans are built through the command line, as a user builds them.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -659,6 +661,233 @@ TEST(ExpertParallel, ModelFlopsCountKExpertsAndTheRouter) {
   EXPECT_DOUBLE_EQ(rec[1].model_flops_per_step, r.model_flops_per_step);
 }
 
+// ---- context parallelism -----------------------------------------------------------------------------------
+
+constexpr CpAlgo kCpAlgos[] = {CpAlgo::ring, CpAlgo::allgather, CpAlgo::alltoall};
+
+TEST(ContextParallel, PlannerUsesTheCpAppsFormula) {
+  // parabench-cp's /memory/predicted and --dry-run: memory_plan_for of the run, completed by
+  // plan_cp_memory (bench/cp/main.cpp), through common/memory_model.h. The layout changes which
+  // positions a rank holds, not how many: the same bytes.
+  for (const char* model : {"tiny", "small"}) {
+    for (int cp : {1, 2, 4}) {
+      for (CpAlgo algo : kCpAlgos) {
+        for (const char* layout : {"zigzag", "contiguous"}) {
+          for (const char* recompute : {"none", "selective", "full"}) {
+            for (const char* backend : {"cpu", "cuda"}) {
+              Options o;
+              ASSERT_TRUE(model_preset(model, &o.model));
+              o.dtype = "fp32";
+              o.micro_batch = 2;
+              o.recompute = recompute;
+              MemoryPlan app_plan = memory_plan_for(o, /*attention_keeps_probabilities=*/std::string(backend) == "cpu");
+              plan_cp_memory(app_plan, algo, cp);
+              const MemoryEstimate app = predict_memory(app_plan);
+              std::ostringstream command;
+              command << "--model " << model << " --app cp --gpus 8 --cp " << cp << " --cp-algo " << cp_algo_name(algo)
+                      << " --cp-layout " << layout << " --backend " << backend << " --dtype fp32 --micro-batch 2"
+                      << " --recompute " << recompute;
+              const PlanResult r = plan_of(command.str());
+              for (MemCategory c : all_mem_categories()) {
+                EXPECT_EQ(r.per_rank[c], app[c]) << command.str() << ": " << mem_category_name(c);
+              }
+              EXPECT_EQ(r.per_rank.peak_total, app.peak_total) << command.str();
+              EXPECT_EQ(r.config.cp, cp);
+              EXPECT_EQ(r.config.dp, 8 / cp);
+              EXPECT_EQ(r.config.memory.cp, cp);
+              EXPECT_EQ(r.config.cp_algo, algo);
+              EXPECT_EQ(r.config.cp_zigzag, std::string(layout) == "zigzag");
+              // Every rank holds every parameter.
+              EXPECT_EQ(r.parameters, total_parameters(r.config.memory.arch));
+              EXPECT_EQ(r.rank_parameters, r.parameters);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ContextParallel, RanksAreCpTimesDp) {
+  const PlanResult one_group = plan_of("--model small --app cp --cp 4");
+  EXPECT_EQ(one_group.config.ranks, 4) << "without --gpus, one cp group";
+  EXPECT_EQ(one_group.config.dp, 1);
+  const PlanResult with_dp = plan_of("--model small --app cp --cp 4 --dp 3");
+  EXPECT_EQ(with_dp.config.ranks, 12);
+  const PlanResult nodes = plan_of("--model small --app cp --nodes 2 --gpus-per-node 8 --cp 4 --micro-batch 2");
+  EXPECT_EQ(nodes.config.dp, 4);
+  EXPECT_EQ(nodes.config.global_batch, 8) << "micro-batch × dp: the cp ranks share their samples";
+  EXPECT_EQ(plan_of("--model small --app cp --gpus 8").config.cp, 1);
+}
+
+TEST(ContextParallel, ActivationsFallWithCpModelStatesDoNot) {
+  const std::vector<PlanResult> r =
+      plans_of("--model llama3-8b --app cp --gpus 64 --recompute full --sweep cp=1,2,4,8,16");
+  ASSERT_EQ(r.size(), 5u);
+  for (std::size_t i = 1; i < r.size(); ++i) {
+    EXPECT_EQ(r[i].model_state_bytes, r[0].model_state_bytes) << "every rank holds every parameter";
+    EXPECT_LT(bytes(r[i], MemCategory::activations), bytes(r[i - 1], MemCategory::activations)) << r[i].config.cp;
+    EXPECT_GT(bytes(r[i], MemCategory::comm_buffers), 0) << r[i].config.cp;
+  }
+  EXPECT_EQ(bytes(r[0], MemCategory::comm_buffers), 0);
+  // At cp 1 the app runs the backend's attention: the plan is the dense data-parallel plan.
+  const PlanResult dense = plan_of("--model llama3-8b --app dp --gpus 64 --recompute full");
+  EXPECT_EQ(r[0].per_rank.bytes, dense.per_rank.bytes);
+  EXPECT_EQ(r[0].per_rank.peak_total, dense.per_rank.peak_total);
+}
+
+// The per-step exchanges of parabench-cp (bench/cp/context_attention.cpp), per micro-batch and block,
+// with rows = b·S/cp, and the gradient all-reduce once per step over dp × cp.
+TEST(ContextParallel, ExchangesAreTheAppsPerMicroBatchFormulas) {
+  for (int cp : {2, 4}) {
+    for (CpAlgo algo : kCpAlgos) {
+      for (const char* recompute : {"none", "selective", "full"}) {
+        for (const char* backend : {"cpu", "cuda"}) {
+          std::ostringstream command;
+          command << "--model small --app cp --gpus 8 --cp " << cp << " --cp-algo " << cp_algo_name(algo)
+                  << " --backend " << backend << " --dtype fp32 --micro-batch 2 --global-batch " << 2 * (8 / cp) * 3
+                  << " --recompute " << recompute;
+          const PlanResult r = plan_of(command.str());
+          const ArchSpec& a = r.config.memory.arch;
+          const int64_t h = a.hidden, L = a.layers, m = r.config.grad_accum, rows = 2 * a.seq / cp;
+          ASSERT_EQ(m, 3) << command.str();
+          const bool full = std::string(recompute) == "full";
+          const bool cpu_selective = std::string(recompute) == "selective" && std::string(backend) == "cpu";
+          std::map<std::string, std::pair<int64_t, int64_t>> by_op;  // op: (calls, bytes) per step
+          for (const CommEstimate& e : r.comm) {
+            if (e.op == "all_reduce") continue;
+            EXPECT_EQ(e.ranks, cp) << command.str();
+            EXPECT_TRUE(e.blocking) << command.str();
+            by_op[e.op].first += e.calls;
+            by_op[e.op].second += e.calls * e.bytes;
+          }
+          std::map<std::string, std::pair<int64_t, int64_t>> expected;
+          switch (algo) {
+            case CpAlgo::ring: {
+              const int64_t calls = (3 * cp - 2 + (full ? cp - 1 : 0)) * L * m;
+              expected["send_recv"] = {calls, calls * 4 * rows * 2 * h};
+              break;
+            }
+            case CpAlgo::allgather: {
+              const int64_t gathers = (full ? 3 : 2) * L * m, buffer = 4 * 2 * a.seq * 2 * h;
+              expected["all_gather"] = {gathers, gathers * buffer};
+              expected["reduce_scatter"] = {L * m, L * m * buffer};
+              break;
+            }
+            case CpAlgo::alltoall: {
+              const int64_t per_layer = full || cpu_selective ? 3 : 2;  // forward's 1 + 1 of each, + recomputation
+              expected["all_to_all"] = {2 * per_layer * L * m, per_layer * L * m * (4 * rows * 3 * h + 4 * rows * h)};
+              break;
+            }
+          }
+          EXPECT_EQ(by_op, expected) << command.str();
+          // The gradients of every parameter, over all 8 ranks (dp × cp), once, overlapped.
+          const CommEstimate& grads = r.comm.back();
+          EXPECT_EQ(grads.op, "all_reduce");
+          EXPECT_EQ(grads.bytes, 4 * r.parameters);
+          EXPECT_EQ(grads.ranks, 8);
+          EXPECT_EQ(grads.calls, 1);
+          EXPECT_FALSE(grads.blocking);
+        }
+      }
+    }
+  }
+  // cp 1: the backend's attention, only the all-reduce; one rank: nothing at all.
+  const PlanResult one = plan_of("--model small --app cp --gpus 4 --cp 1");
+  ASSERT_EQ(one.comm.size(), 1u);
+  EXPECT_EQ(one.comm[0].ranks, 4);
+  EXPECT_TRUE(plan_of("--model small --app cp --gpus 1").comm.empty());
+  // bf16: activations move at 2 bytes, gradients at their --grad-dtype.
+  const PlanResult bf16 = plan_of("--model small --app cp --gpus 4 --cp 2 --cp-algo allgather");
+  const ArchSpec& a = bf16.config.memory.arch;
+  EXPECT_EQ(bf16.comm[0].bytes, 2 * a.seq * 2 * a.hidden);
+  EXPECT_EQ(bf16.comm.back().bytes, 4 * bf16.parameters);
+  // Grouped-query attention: only the kv heads' K|V travel; Ulysses sends Q|K|V of the qkv width.
+  const PlanResult gqa = plan_of("--model llama3-8b --app cp --gpus 8 --cp 8 --seq 8192");
+  const ArchSpec& g = gqa.config.memory.arch;
+  EXPECT_EQ(gqa.comm[0].bytes, 2 * (8192 / 8) * 2 * g.kv_heads * g.head_dim());
+  const PlanResult ulysses = plan_of("--model llama3-8b --app cp --gpus 8 --cp 8 --cp-algo alltoall");
+  EXPECT_EQ(ulysses.comm[0].bytes, 2 * (8192 / 8) * g.qkv_width());
+  // A cp group wider than a node crosses the NIC.
+  EXPECT_EQ(plan_of("--model llama3-8b --app cp --gpus 16 --cp 16").comm[0].link_gbps, 400.0);
+  EXPECT_EQ(plan_of("--model llama3-8b --app cp --gpus 16 --cp 8").comm[0].link_gbps, 3600.0);
+}
+
+TEST(ContextParallel, RingHopsHideBesideTheBlockAttention) {
+  // Each K|V hop runs beside one block's attention (forward 4·rows·(S/cp)·h FLOPs, backward twice that):
+  // only what exceeds it blocks. dK|dV hops, allgather's and alltoall's collectives block whole.
+  const std::string base = "--model llama3-8b --app cp --gpus 64 --cp 8 --peak-tflops 1000 --mfu 0.5 --link-gbps ";
+  const PlanResult slow = plan_of(base + "1");
+  const ArchSpec& a = slow.config.memory.arch;
+  const double rows = a.seq / 8, block_forward_s = 4 * rows * (a.seq / 8) * a.hidden / (1000e12 * 0.5);
+  ASSERT_EQ(slow.comm.size(), 4u);
+  EXPECT_EQ(slow.comm[0].op, "send_recv");
+  EXPECT_NEAR(slow.comm[0].hidden_s, slow.comm[0].calls * block_forward_s, 1e-9 * slow.comm[0].hidden_s);
+  EXPECT_NEAR(slow.comm[1].hidden_s, slow.comm[1].calls * 2 * block_forward_s, 1e-9 * slow.comm[1].hidden_s);
+  EXPECT_EQ(slow.comm[2].hidden_s, 0.0) << "dK|dV hops follow the block's backward";
+  EXPECT_NEAR(slow.comm[0].seconds / slow.comm[0].calls, slow.comm[0].bytes * 8 / 1e9, 1e-12)
+      << "a send_recv moves its message once over the link";
+  const PlanResult fast = plan_of(base + "1e9");
+  for (std::size_t i = 0; i < 2; ++i) EXPECT_DOUBLE_EQ(fast.comm[i].hidden_s, fast.comm[i].seconds) << i;
+  for (const PlanResult* r : {&slow, &fast}) {
+    double blocking = 0;
+    for (std::size_t i = 0; i < 3; ++i) blocking += r->comm[i].seconds - r->comm[i].hidden_s;
+    EXPECT_NEAR(r->blocking_comm_s, blocking, 1e-12 * blocking);
+    EXPECT_DOUBLE_EQ(r->step_s, std::max(r->compute_s, r->comm[3].seconds) + r->blocking_comm_s);
+  }
+  const PlanResult serial = plan_of(base + "1 --no-overlap");
+  EXPECT_DOUBLE_EQ(serial.step_s, serial.compute_s + serial.comm[3].seconds + serial.blocking_comm_s);
+  const PlanResult gather = plan_of("--model llama3-8b --app cp --gpus 64 --cp 8 --cp-algo allgather");
+  EXPECT_DOUBLE_EQ(gather.blocking_comm_s, gather.comm[0].seconds + gather.comm[1].seconds);
+}
+
+TEST(ContextParallel, FlopsAreTheDenseModelsRecomputationAsTheAppRunsIt) {
+  for (int cp : {1, 2, 4}) {
+    for (CpAlgo algo : kCpAlgos) {
+      for (const char* recompute : {"none", "selective", "full"}) {
+        for (const char* backend : {"cpu", "cuda"}) {
+          std::ostringstream command;
+          command << "--model gpt2-124m --app cp --gpus 8 --cp " << cp << " --cp-algo " << cp_algo_name(algo)
+                  << " --backend " << backend << " --dtype fp32 --micro-batch 2 --recompute " << recompute;
+          const PlanResult r = plan_of(command.str());
+          const ArchSpec& a = r.config.memory.arch;
+          EXPECT_DOUBLE_EQ(r.model_flops_per_step, model_flops_per_step(a, 2 * 8 / cp)) << command.str();
+          // Selective recomputation reruns attention only where it kept its probabilities.
+          const bool keeps = std::string(backend) == "cpu" && (cp == 1 || algo == CpAlgo::alltoall);
+          const std::string mode = recompute;
+          const double extra = mode == "full" || (mode == "selective" && keeps)
+                                   ? recompute_flops_per_step(a, r.config.global_batch, mode) : 0.0;
+          EXPECT_DOUBLE_EQ(r.hardware_flops_per_step, r.model_flops_per_step + extra) << command.str();
+          EXPECT_NEAR(r.compute_s, r.hardware_flops_per_step / (8 * 67e12 * 0.4), 1e-12 * r.compute_s);
+        }
+      }
+    }
+  }
+  // The same tokens per step on the same ranks: cp and dp give the same compute.
+  const PlanResult dp = plan_of("--model gpt2-124m --app dp --gpus 8 --micro-batch 2 --global-batch 16");
+  const PlanResult cp = plan_of("--model gpt2-124m --app cp --gpus 8 --cp 4 --micro-batch 2 --global-batch 16");
+  EXPECT_DOUBLE_EQ(cp.model_flops_per_step, dp.model_flops_per_step);
+  EXPECT_DOUBLE_EQ(cp.compute_s, dp.compute_s);
+}
+
+TEST(ContextParallel, ReportsNameTheLayout) {
+  PlanRequest request;
+  ASSERT_TRUE(parse_plan_request(words("--model small --app cp --gpus 8 --cp 4 --cp-algo alltoall "
+                                       "--cp-layout contiguous"), &request).run);
+  const PlanResult r = evaluate(request.plans.front());
+  const std::string table = render_table(request, {r});
+  EXPECT_NE(table.find("--app cp, cp 4 (alltoall, contiguous): 32 tokens of each sequence per rank"), std::string::npos)
+      << table;
+  EXPECT_NE(table.find("cp 4 × dp 2"), std::string::npos) << table;
+  EXPECT_NE(table.find("all_to_all Q|K|V"), std::string::npos) << table;
+  const std::string json = render_json(request, {r});
+  EXPECT_NE(json.find("\"cp_algo\": \"alltoall\""), std::string::npos);
+  EXPECT_NE(json.find("\"cp_layout\": \"contiguous\""), std::string::npos);
+  const std::string csv = render_csv({r});
+  EXPECT_NE(csv.find(",cp,cp_algo,cp_layout,"), std::string::npos);
+  EXPECT_NE(csv.find(",4,alltoall,contiguous,"), std::string::npos);
+}
+
 // ---- fit ---------------------------------------------------------------------------------------------------
 
 TEST(Fit, APlanThatDoesNotFitSaysByHowMuch) {
@@ -702,7 +931,7 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--app hybrid", "--app hybrid: not modelled yet"},
       {"--pp 2", "--pp 2: not modelled yet"},
       {"--pp 0", "--pp 0 must be at least 1"},
-      {"--app zero", "--app zero must be dp, fsdp, tp or ep"},
+      {"--app zero", "--app zero must be dp, fsdp, tp, ep or cp"},
       // expert parallelism: what parabench-ep rejects, and options of other apps
       {"--app ep --gpus 4 --experts 6 --ep 4", "--experts 6 is not divisible by --ep 4"},
       {"--app ep --gpus 6 --ep 4", "--ep 4 does not divide the data-parallel degree 6"},
@@ -726,6 +955,33 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--app tp --capacity-factor 2", "--capacity-factor is an option of --app ep, not of --app tp"},
       {"--aux-loss 0.01", "--aux-loss is an option of --app ep, not of --app dp"},
       {"--app ep --gpus 8 --sweep ep=2,3", "--sweep ep=3: --experts 8 is not divisible by --ep 3"},
+      {"--app ep --cp 2", "--cp 2 is a degree of --app cp; --app ep has no context parallelism (use --app cp)"},
+      // context parallelism: what parabench-cp rejects, and options of other apps
+      {"--model tiny --app cp --cp 3", "--seq 32 is not divisible by 6 (--cp-layout zigzag splits each sequence into "
+                                       "2 × --cp chunks)"},
+      {"--model tiny --app cp --cp 3 --cp-layout contiguous",
+       "--seq 32 is not divisible by 3 (--cp-layout contiguous splits each sequence into --cp chunks)"},
+      {"--model tiny --seq 33 --app cp", "--seq 33 is not divisible by 2 (--cp-layout zigzag"},
+      {"--model tiny --app cp --gpus 8 --cp 8 --cp-algo alltoall",
+       "--heads 4 is not divisible by --cp 8 (--cp-algo alltoall gives each rank heads/cp heads)"},
+      {"--app cp --cp-algo tree", "--cp-algo tree must be ring, allgather or alltoall"},
+      {"--app cp --cp-layout striped", "--cp-layout striped must be zigzag or contiguous"},
+      {"--app cp --cp 0", "--cp 0 must be at least 1"},
+      {"--app cp --gpus 6 --cp 4", "--gpus 6 is not divisible by --cp 4 (dp = ranks / cp)"},
+      {"--app cp --gpus 8 --cp 2 --dp 2", "--dp 2 does not match --gpus 8 / --cp 2 = 4"},
+      {"--app cp --cp 2 --tp 2", "--tp 2 is a degree of --app tp; --app cp has no tensor parallelism"},
+      {"--app cp --cp 2 --pp 2", "--pp 2: not modelled yet"},
+      {"--app cp --cp 2 --ep 2", "--ep 2 is a degree of --app ep; --app cp has no expert parallelism"},
+      {"--app cp --shard FULL_SHARD", "--shard is an option of --app fsdp, not of --app cp"},
+      {"--app cp --experts 4", "--experts is an option of --app ep, not of --app cp"},
+      {"--app cp --sequence-parallel", "--sequence-parallel is an option of --app tp, not of --app cp"},
+      {"--app cp --bucket-mb 10", "--bucket-mb is an option of --app dp, not of --app cp"},
+      {"--app cp --params 1e9", "--params has no sequence to split: --app cp needs --model"},
+      {"--gpus 4 --cp 2", "--cp 2 is a degree of --app cp; --app dp has no context parallelism (use --app cp)"},
+      {"--app tp --tp 2 --cp 2", "--cp 2 is a degree of --app cp; --app tp has no context parallelism"},
+      {"--app fsdp --cp-algo ring", "--cp-algo is an option of --app cp, not of --app fsdp"},
+      {"--cp-layout contiguous", "--cp-layout is an option of --app cp, not of --app dp"},
+      {"--model tiny --app cp --gpus 8 --sweep cp=2,8 --cp-algo alltoall", "--sweep cp=8: --heads 4 is not divisible"},
       // tensor parallelism: what parabench-tp rejects, and GQA's key/value heads
       {"--tp 8", "--tp 8 is a degree of --app tp; --app dp has no tensor parallelism"},
       {"--app fsdp --gpus 16 --tp 2", "--tp 2 with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet"},

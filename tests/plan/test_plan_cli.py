@@ -1,10 +1,10 @@
 """parabench-plan run as a user runs it: its three output formats parse, a sweep gives one row per
 value, the ZeRO paper's table comes out of one command, bad plans exit 2 with a message that names the
-option and the rule, a plan that does not fit --gpu-memory says by how much, and a tp or ep plan is
-what parabench-tp or parabench-ep itself predicts and communicates (its --dry-run table and its result
-file).
+option and the rule, a plan that does not fit --gpu-memory says by how much, and a tp, ep or cp plan
+is what parabench-tp, parabench-ep or parabench-cp itself predicts and communicates (its --dry-run table
+and its result file).
 
-Environment: PB_PLAN, PB_TP, PB_EP, the parabench-plan, parabench-tp and parabench-ep binaries (default
+Environment: PB_PLAN, PB_TP, PB_EP, PB_CP, the parabench-plan, -tp, -ep and -cp binaries (default
 <PB_BIN_DIR>/<app>/parabench-<app>, PB_BIN_DIR defaulting to <repo>/build/bench); PB_MPIEXEC, the MPI
 launcher (default mpiexec).
 """
@@ -29,6 +29,7 @@ CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states"
               "workspace"]
 TP_APP = Path(os.environ.get("PB_TP", str(BIN_DIR / "tp" / "parabench-tp")))
 EP_APP = Path(os.environ.get("PB_EP", str(BIN_DIR / "ep" / "parabench-ep")))
+CP_APP = Path(os.environ.get("PB_CP", str(BIN_DIR / "cp" / "parabench-cp")))
 MPIEXEC = os.environ.get("PB_MPIEXEC", "mpiexec")
 DROPPED_ENV_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "PARABENCH_", "HYDRA_", "MPIR_")
 LLAMA_405B_ON_1024 = ["--model", "llama3-405b", "--app", "fsdp", "--gpus", "1024", "--shard", "FULL_SHARD",
@@ -74,6 +75,10 @@ def run_tp_app(*args, ranks=4, timeout=120):
 
 def run_ep_app(*args, ranks=4, timeout=120):
     return run_app(EP_APP, *args, ranks=ranks, timeout=timeout)
+
+
+def run_cp_app(*args, ranks=4, timeout=120):
+    return run_app(CP_APP, *args, ranks=ranks, timeout=timeout)
 
 
 def dry_run_table(stdout):
@@ -197,6 +202,23 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--app", "fsdp", "--experts", "4"], "--experts is an option of --app ep, not of --app fsdp"),
     (["--app", "tp", "--tp", "2", "--capacity-factor", "1.5"],
      "--capacity-factor is an option of --app ep, not of --app tp"),
+    (["--model", "tiny", "--app", "cp", "--gpus", "6", "--cp", "3"],
+     "--seq 32 is not divisible by 6 (--cp-layout zigzag splits each sequence into 2 × --cp chunks)"),
+    (["--model", "tiny", "--seq", "30", "--app", "cp", "--gpus", "4", "--cp", "4", "--cp-layout", "contiguous"],
+     "--seq 30 is not divisible by 4 (--cp-layout contiguous splits each sequence into --cp chunks)"),
+    (["--model", "tiny", "--app", "cp", "--gpus", "8", "--cp", "8", "--cp-algo", "alltoall"],
+     "--heads 4 is not divisible by --cp 8 (--cp-algo alltoall gives each rank heads/cp heads)"),
+    (["--app", "cp", "--cp-algo", "tree"], "--cp-algo tree must be ring, allgather or alltoall"),
+    (["--app", "cp", "--cp-layout", "striped"], "--cp-layout striped must be zigzag or contiguous"),
+    (["--app", "cp", "--gpus", "6", "--cp", "4"], "--gpus 6 is not divisible by --cp 4 (dp = ranks / cp)"),
+    (["--app", "cp", "--cp", "2", "--tp", "2"], "--tp 2 is a degree of --app tp; --app cp has no tensor parallelism"),
+    (["--app", "cp", "--cp", "2", "--pp", "2"], "--pp 2: not modelled yet"),
+    (["--app", "cp", "--cp", "2", "--ep", "2"], "--ep 2 is a degree of --app ep; --app cp has no expert parallelism"),
+    (["--app", "cp", "--shard", "FULL_SHARD"], "--shard is an option of --app fsdp, not of --app cp"),
+    (["--app", "cp", "--experts", "4"], "--experts is an option of --app ep, not of --app cp"),
+    (["--gpus", "4", "--cp", "2"], "--cp 2 is a degree of --app cp; --app dp has no context parallelism"),
+    (["--app", "fsdp", "--cp-algo", "ring"], "--cp-algo is an option of --app cp, not of --app fsdp"),
+    (["--app", "tp", "--tp", "2", "--cp-layout", "contiguous"], "--cp-layout is an option of --app cp, not of --app tp"),
 ])
 def test_bad_plans_exit_2_naming_the_option_and_the_rule(args, message):
     result = plan(*args)
@@ -373,3 +395,105 @@ def test_ep_table_sweep_and_csv():
     assert len({r["activations_bytes"] for r in rows}) == 1, "every rank computes E·C slots whatever ep"
     (dense,) = csv_rows("--model", "llama3-8b", "--gpus", "64")
     assert dense["ep"] == "1" and dense["experts"] == ""
+
+
+# ---- context parallelism -----------------------------------------------------------------------------------
+
+TINY_CP = ["--model", "tiny", "--app", "cp", "--gpus", 4, "--backend", "cpu", "--dtype", "fp32"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "small"])
+@pytest.mark.parametrize("args", [
+    ["--cp", 2],
+    ["--cp", 4, "--cp-layout", "contiguous"],
+    ["--cp", 4, "--recompute", "full"],
+    ["--cp", 2, "--cp-algo", "allgather", "--cp-layout", "contiguous"],
+    ["--cp", 4, "--cp-algo", "allgather", "--recompute", "full", "--micro-batch", 2],
+    ["--cp", 2, "--cp-algo", "alltoall", "--recompute", "selective"],
+    ["--cp", 4, "--cp-algo", "alltoall", "--cp-layout", "contiguous", "--recompute", "full"],
+    ["--cp", 1, "--cp-algo", "alltoall"],
+], ids=["ring-cp2", "ring-cp4-contiguous", "ring-cp4-full", "allgather-cp2-contiguous", "allgather-cp4-full-mb2",
+        "alltoall-cp2-selective", "alltoall-cp4-contiguous-full", "cp1"])
+def test_cp_plan_is_what_parabench_cp_dry_run_predicts(model, args):
+    # The same run: 4 ranks (cp consecutive ranks × dp), the cpu backend in fp32.
+    table = dry_run_table(run_cp_app("--model", model, "--dry-run", *args).stdout)
+    assert sorted(table) == [0, 1, 2, 3]
+    (p,) = json_plans("--model", model, "--app", "cp", "--gpus", 4, "--backend", "cpu", "--dtype", "fp32", *args)
+    cp = args[1]
+    assert (p["config"]["cp"], p["config"]["dp"]) == (cp, 4 // cp)
+    planned = p["memory_per_rank"]
+    for rank, row in table.items():
+        for category in CATEGORIES + ["peak_total"]:
+            assert row[category] == f"{planned[category] / 2**20:.2f}", (rank, category)
+
+
+# Per micro-batch and block, rows = b·S/cp, floats of 4 bytes (bench/plan/README.md, "Step-time estimate").
+def cp_formula(algo, cp, b, seq, hidden, layers, micro_steps, recompute):
+    """{op: (calls, bytes)} per step per rank as /comm counts them, from the app's exchanges."""
+    rows, h, full = b * seq // cp, hidden, recompute == "full"
+    if algo == "ring":  # (cp - 1) K|V hops forward (again with full recomputation), (cp - 1) + cp backward
+        hops = 3 * cp - 2 + (cp - 1 if full else 0)
+        calls = [("send", hops, 4 * rows * 2 * h), ("recv", hops, 4 * rows * 2 * h)]
+    elif algo == "allgather":
+        calls = [("all_gather", 3 if full else 2, 4 * b * seq * 2 * h), ("reduce_scatter", 1, 4 * b * seq * 2 * h)]
+    else:  # alltoall on the cpu backend, which keeps the probabilities: selective recomputation runs it again
+        n = 3 if recompute in ("full", "selective") else 2
+        calls = [("all_to_all", n, 4 * rows * 3 * h), ("all_to_all", n, 4 * rows * h)]
+    out = {}
+    for op, count, size in calls:
+        total_calls, total_bytes = out.get(op, (0, 0))
+        out[op] = (total_calls + count * layers * micro_steps, total_bytes + count * size * layers * micro_steps)
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ["--cp-algo", "ring"],
+    ["--cp-algo", "ring", "--recompute", "full", "--global-batch", 4, "--cp-layout", "contiguous"],
+    ["--cp-algo", "allgather"],
+    ["--cp-algo", "allgather", "--recompute", "full", "--global-batch", 4],
+    ["--cp-algo", "alltoall", "--recompute", "selective"],
+    ["--cp-algo", "alltoall", "--recompute", "full", "--micro-batch", 2],
+], ids=["ring", "ring-full-accum2-contiguous", "allgather", "allgather-full-accum2", "alltoall-selective",
+        "alltoall-full-mb2"])
+def test_cp_plan_equals_parabench_cp_memory_and_communication_exactly(tmp_path, args):
+    # One step of a real run at cp 2 × dp 2: /memory/predicted in bytes, and /comm (calls and bytes of
+    # every operation) against the planner's exchanges and against the formula written out.
+    path = tmp_path / "cp.h5"
+    run_cp_app("--model", "tiny", "--cp", 2, "--steps", 1, "--warmup", 0, "--out", path, "--quiet", *args)
+    (p,) = json_plans(*TINY_CP, "--cp", 2, *args)
+    config = p["config"]
+    collectives = p["time_estimate"]["collectives"]
+    planned = {}
+    for c in collectives:
+        for op in (("send", "recv") if c["op"] == "send_recv" else (c["op"],)):
+            calls, volume = planned.get(op, (0, 0))
+            planned[op] = (calls + c["calls_per_step"], volume + c["calls_per_step"] * c["bytes"])
+    expected = cp_formula(config["cp_algo"], 2, config["micro_batch"], config["seq"], config["hidden"],
+                          config["layers"], config["grad_accum"], config["recompute"])
+    expected["all_reduce"] = (1, 4 * p["num_parameters"])  # every gradient over dp × cp = 4 ranks
+    assert planned == expected
+    with h5py.File(path, "r") as f:
+        for category in CATEGORIES + ["peak_total"]:
+            assert list(f[f"memory/predicted/{category}"][()]) == [p["memory_per_rank"][category]] * 4, category
+        for op in f["comm"]:
+            calls, volume = expected.get(op, (0, 0))
+            assert list(f[f"comm/{op}/calls"][()]) == [calls] * 4, op
+            assert list(f[f"comm/{op}/bytes"][()]) == [volume] * 4, op
+
+
+def test_cp_table_sweep_and_csv():
+    out = ok("--model", "llama3-8b", "--seq", "32768", "--app", "cp", "--gpus", "64", "--cp", "8").stdout
+    assert "--app cp, cp 8 (ring, zigzag): 4096 tokens of each sequence per rank" in out
+    assert "cp 8 × dp 8" in out
+    assert "send_recv K|V blocks, forward (ring)" in out and "hidden beside block attention" in out
+    assert "send_recv dK|dV blocks" in out and "all_reduce gradients (dp × cp)" in out
+    rows = csv_rows("--model", "llama3-8b", "--seq", "32768", "--app", "cp", "--gpus", "64",
+                    "--sweep", "cp=1,2,4,8", "--sweep", "cp-algo=ring,allgather,alltoall")
+    assert [(int(r["cp"]), r["cp_algo"]) for r in rows] == [
+        (cp, a) for cp in (1, 2, 4, 8) for a in ("ring", "allgather", "alltoall")]
+    assert {r["cp_layout"] for r in rows} == {"zigzag"}
+    assert len({r["optimizer_states_bytes"] for r in rows}) == 1, "every rank holds every parameter"
+    ring = [int(r["activations_bytes"]) for r in rows if r["cp_algo"] == "ring"]
+    assert ring == sorted(ring, reverse=True) and len(set(ring)) == 4
+    (dense,) = csv_rows("--model", "llama3-8b", "--gpus", "64")
+    assert dense["cp"] == "1" and dense["cp_algo"] == "" and dense["cp_layout"] == ""
