@@ -13,8 +13,11 @@ a .csv beside it:
      batch sizes, dtype, ...: every /config option but where and how the run was made), with each
      cluster's ratio to the baseline cluster (default: the first by name);
   3. plots: memory by category per strategy and against micro-batch (stacked bars, measured beside
-     predicted), tokens/s and scaling efficiency against ranks, step time per strategy, and for
-     each parabench-ep run the tokens per expert of every layer (the load balance of its experts);
+     predicted), memory per rank against sequence length for parabench-cp runs of one model at growing
+     sequence length and cp (the sequence sweep), tokens/s and scaling efficiency against ranks, step
+     time per strategy, for each parabench-ep run the tokens per expert of every layer (the load
+     balance of its experts) and for each parabench-cp run the attention time of every rank (the
+     load balance of its sequence chunks);
   4. the runs that did not complete (running, failed, interrupted), listed apart and used nowhere
      else.
 
@@ -339,9 +342,11 @@ class Report:
         self.doc.heading(2, "3. Plots")
         self.memory_by_strategy()
         self.memory_by_micro_batch()
+        self.memory_by_sequence()
         self.scaling()
         self.step_time_by_strategy()
         self.moe_load_balance()
+        self.cp_load_balance()
         self.not_complete()
         self.left_out()
         title = "parabench report"
@@ -378,16 +383,19 @@ class Report:
         for (cluster, app), g in runs.groupby(["cluster", "app"], sort=True):
             g = g.sort_values(["model", "order", "ranks", "micro_batch", "global_batch"])
             d.heading(3, cluster, ": ", app)
-            moe = app == "ep"  # the app's own load-balance numbers (/summary)
+            # the app's own load-balance numbers (/summary): ep's experts, cp's attention per rank
+            extra = {"ep": (["MoE imbalance", "dropped"],
+                            lambda r: [fmt(r.moe_imbalance, "ratio"), fmt(r.moe_dropped_fraction, "pct")]),
+                     "cp": (["attention slowest/fastest rank"], lambda r: [fmt(r.cp_attention_time_ratio, "ratio")]),
+                     }.get(app, ([], lambda r: []))
             rows = [[r.strategy, r.model, r.ranks, fmt(r.nodes, ""), r.micro_batch, r.global_batch, r.dtype,
                      fmt(r.step_time_s, "s"), fmt(r.tokens_per_s, "rate"), fmt(r.tflops_per_rank, "tflops"),
                      fmt(r.mfu, "pct"), fmt(r.measured_peak_total, "mib"), fmt(r.predicted_peak_total, "mib")]
-                    + ([fmt(r.moe_imbalance, "ratio"), fmt(r.moe_dropped_fraction, "pct")] if moe else [])
-                    + [r.short] for r in g.itertuples()]
+                    + extra[1](r) + [r.short] for r in g.itertuples()]
             d.table(["strategy", "model", "ranks", "nodes", "micro-batch", "global batch", "dtype", "step time s",
                      "tokens/s", "TFLOP/s/rank", "MFU", "peak MiB measured", "peak MiB predicted"]
-                    + (["MoE imbalance", "dropped"] if moe else []) + ["file"],
-                    rows, numeric=(2, 3, 4, 5, 7, 8, 9, 10, 11, 12) + ((13, 14) if moe else ()))
+                    + extra[0] + ["file"],
+                    rows, numeric=(2, 3, 4, 5, 7, 8, 9, 10, 11, 12) + tuple(range(13, 13 + len(extra[0]))))
 
     def cross_cluster(self):
         d = self.doc
@@ -506,6 +514,112 @@ class Report:
         if not made:
             d.para("Needs two micro-batches or more of one strategy at one cluster, model and rank count "
                    "(the micro-batch sweep).")
+
+    def sequence_series(self):
+        """Long-context series: complete parabench-cp runs of one cluster, model shape but the sequence
+        length, cp algorithm and layout, data-parallel degree, micro-batch, dtype and recomputation at
+        two sequence lengths or more (the sequence sweep: S and cp grow together). Each point is one
+        (sequence length, cp degree), the median of its runs."""
+        runs = self.runs.assign(short=short_paths(self.runs))
+        runs = runs[runs["app"] == "cp"]
+        if runs.empty:
+            return []
+        cp = [max(int(c), 1) for c in runs["cp"]]  # a float column where other apps' runs have none
+        runs = runs.assign(cp=cp, dp=[int(r) // c for r, c in zip(runs["ranks"], cp)], seq=[int(x) for x in runs["seq"]])
+        keys = ["cluster", "model_without_seq", "cp_algo", "cp_layout", "dp", "micro_batch", "dtype", "recompute"]
+        series = []
+        for key, g in runs.groupby(keys, sort=True):
+            if g["seq"].nunique() < 2:
+                continue
+            points = []
+            for (seq, cp), p in g.groupby(["seq", "cp"], sort=True):
+                measured, predicted = memory_point(p)
+                points.append({"seq": int(seq), "cp": int(cp), "ranks": int(p["ranks"].iloc[0]), "runs": len(p),
+                               "measured": measured, "predicted": predicted,
+                               "tokens_per_s": float(p["tokens_per_s"].median()),
+                               "step_time_s": float(p["step_time_s"].median()),
+                               "files": ", ".join(p["short"])})
+            series.append({**dict(zip(keys, key)), "points": points})
+        return series
+
+    def memory_by_sequence(self):
+        d = self.doc
+        d.heading(3, "Memory against sequence length (context parallelism)")
+        series = self.sequence_series()
+        if not series:
+            d.para("Needs complete parabench-cp runs of one model at two sequence lengths or more (the sequence "
+                   "sweep, where the cp degree grows with the sequence).")
+            return
+        rows = []
+        for s in series:
+            points = s["points"]
+            peak = max(max(p["measured"][PEAK], p["predicted"][PEAK]) for p in points)
+            unit, scale = ("GiB", GIB) if peak >= 4 * GIB else ("MiB", MIB)
+            what = f"cp {s['cp_algo']} {s['cp_layout']}" + (f" recompute={s['recompute']}" if s["recompute"] != "none"
+                                                             else "")
+            title = (f"{s['cluster']}: parabench-{what}, {s['model_without_seq']}, dp {s['dp']}, micro-batch "
+                     f"{s['micro_batch']}, {s['dtype']}")
+            fig, (left, right) = plt.subplots(1, 2, figsize=(max(13.0, 1.2 * len(points) + 9), 4.8),
+                                              gridspec_kw={"width_ratios": [1, 1.15]})
+            seqs = [p["seq"] for p in points]
+            for category, marker, color in ((PEAK, "o", "black"), ("activations", "s", "#55a868")):
+                left.plot(seqs, [p["measured"][category] / scale for p in points], marker=marker, color=color,
+                          label=f"{category} measured")
+                left.plot(seqs, [p["predicted"][category] / scale for p in points], marker=marker, color=color,
+                          linestyle="--", markerfacecolor="none", label=f"{category} predicted")
+            for p in points:
+                left.annotate(f"cp {p['cp']}", (p["seq"], p["measured"][PEAK] / scale), textcoords="offset points",
+                              xytext=(0, -15), ha="center", fontsize=8)
+            left.set_xscale("log", base=2)
+            left.set_xticks(sorted(set(seqs)))
+            left.set_xticklabels([str(x) for x in sorted(set(seqs))])
+            left.set_xlabel("sequence length (tokens)")
+            left.set_ylabel(f"{unit} per rank (max over ranks)")
+            left.set_ylim(0, left.get_ylim()[1] * 1.4)  # from 0: flat looks flat; room for the legend on top
+            left.grid(True, alpha=0.3)
+            left.legend(fontsize=8, loc="upper center", ncol=2)
+            left.set_title("peak and activations per rank (dashed: predicted)", fontsize=10)
+            labels = [f"S={p['seq']}\ncp {p['cp']}" for p in points]
+            stacked_bars(right, labels, [(p["measured"], p["predicted"]) for p in points],
+                         f"{unit} per rank (max over ranks)", scale, "by category")
+            right.set_ylim(top=right.get_ylim()[1] * 1.08)
+            fig.suptitle(mpl(title), fontsize=10)
+            fig.tight_layout()
+            csv = []
+            for p in points:
+                for c in CATEGORIES + [PEAK]:
+                    csv.append({"cluster": s["cluster"], "model": s["model_without_seq"], "cp_algo": s["cp_algo"],
+                                "cp_layout": s["cp_layout"], "dp": s["dp"], "micro_batch": s["micro_batch"],
+                                "seq": p["seq"], "cp": p["cp"], "ranks": p["ranks"], "runs": p["runs"], "category": c,
+                                "measured_bytes": int(round(p["measured"][c])),
+                                "predicted_bytes": int(round(p["predicted"][c]))})
+            name = slug("memory_sequence", s["cluster"], s["model_without_seq"], s["cp_algo"], s["cp_layout"],
+                        f"dp{s['dp']}", f"b{s['micro_batch']}", s["dtype"],
+                        *([f"recompute={s['recompute']}"] if s["recompute"] != "none" else []))
+            path = self.save(fig, name, pd.DataFrame(csv))
+            d.image(path, f"memory against sequence length, {s['cluster']} {what} {s['model_without_seq']}")
+            first, last = points[0], points[-1]
+            change = lambda c: (last["measured"][c] / first["measured"][c] if first["measured"][c] else math.nan)
+            d.para(f"{s['cluster']}, {what}, {s['model_without_seq']}: the sequence grows "
+                   f"{first['seq']} → {last['seq']} ({fmt(last['seq'] / first['seq'], 'ratio')}) with cp "
+                   f"{first['cp']} → {last['cp']}; peak per rank {fmt(first['measured'][PEAK], 'mib')} → "
+                   f"{fmt(last['measured'][PEAK], 'mib')} MiB ({fmt(change(PEAK), 'ratio')}), activations "
+                   f"{fmt(first['measured']['activations'], 'mib')} → {fmt(last['measured']['activations'], 'mib')} "
+                   f"MiB ({fmt(change('activations'), 'ratio')}), measured, max over ranks.")
+            for p in points:
+                rows.append([s["cluster"], what, s["model_without_seq"], s["micro_batch"], p["seq"], p["cp"],
+                             p["ranks"], f"{p['seq'] / p['cp']:g}",
+                             fmt(p["measured"][PEAK], "mib"), fmt(p["predicted"][PEAK], "mib"),
+                             fmt(p["measured"]["activations"], "mib"), fmt(p["predicted"]["activations"], "mib"),
+                             fmt(p["tokens_per_s"], "rate"), p["files"]])
+        d.para(Markup("Left: `peak_total` (black) and activations (green) per rank against the sequence length, "
+                      "measured (solid) and predicted (dashed), from 0, each point labelled with its cp degree: "
+                      "when the sequence and cp grow together, every rank holds the same share of the sequence and "
+                      "the lines stay flat. Right: the same points by category, measured (left bar) beside "
+                      "predicted (right, hatched)."))
+        d.table(["cluster", "strategy", "model", "micro-batch", "sequence", "cp", "ranks", "tokens per rank (S ÷ cp)",
+                 "peak MiB measured", "peak MiB predicted", "activations MiB measured", "activations MiB predicted",
+                 "tokens/s", "file"], rows, numeric=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12))
 
     def scaling_series(self):
         """Scaling series: runs of one cluster, strategy, model, micro-batch and dtype at two rank counts
@@ -718,6 +832,87 @@ class Report:
                 "imbalance": moe["imbalance"]}
                for layer in range(layers) for expert in range(experts)]
         name = slug("moe_tokens_per_expert", r.cluster, r.strategy, r.model, f"{r.ranks}ranks", f"b{r.micro_batch}",
+                    f"G{r.global_batch}", r.dtype)
+        return self.save(fig, name, pd.DataFrame(csv))
+
+    def cp_load_balance(self):
+        """Per complete parabench-cp run: each rank's time in the attention core (/cp/attention_time_s)."""
+        d = self.doc
+        d.heading(3, "Attention time per rank (context-parallel load balance)")
+        runs = self.runs.assign(short=short_paths(self.runs))
+        runs = runs[runs["app"] == "cp"]
+        if runs.empty:
+            d.para("Needs complete parabench-cp runs.")
+            return
+        runs = runs.sort_values(["cluster", "model", "order", "ranks", "micro_batch", "global_batch", "file"])
+        rows, single, absent = [], [], []
+        for r in runs.itertuples():
+            cp = r.cp_attention if isinstance(r.cp_attention, dict) else None
+            what = [r.cluster, r.strategy, r.model, r.ranks, r.micro_batch, r.global_batch]
+            if cp is None or cp["steps"] == 0:
+                (single if r.cp == 1 else absent).append(r.short)
+                rows.append(what + [cp["steps"] if cp else 0, DASH, DASH, DASH, DASH, r.short])
+                continue
+            slowest, fastest = int(np.argmax(cp["total"])), int(np.argmin(cp["total"]))
+            rows.append(what + [cp["steps"], fmt(float(cp["per_step"].mean()) * 1e3, "s"),
+                                f"{slowest} ({fmt(cp['per_step'][slowest] * 1e3, 's')})",
+                                f"{fastest} ({fmt(cp['per_step'][fastest] * 1e3, 's')})",
+                                fmt(cp["ratio"], "ratio"), r.short])
+            path = self.cp_plot(r, cp)
+            d.image(path, f"attention time per rank, {r.cluster} {r.strategy} {r.model} {r.ranks} ranks, {r.short}")
+        d.para(Markup("Attention time per rank: each rank's wall time in the attention core "
+                      "(`/cp/attention_time_s`: its share of the causal attention and the exchange of keys and "
+                      "values), the mean over the run's finished steps after warm-up (all finished steps of a run "
+                      "that did not get past warm-up), the slowest rank in red, the fastest in green, the mean "
+                      "dashed; bars span each rank's fastest to slowest step. Slowest ÷ fastest is the ratio of "
+                      "their sums over those steps (1× balanced), the app's `cp_attention_time_ratio`. With "
+                      "`--cp-layout contiguous` the rank holding the end of the sequence does the most causal "
+                      "work; zigzag gives each rank chunks i and 2·cp−1−i to balance it."))
+        d.table(["cluster", "strategy", "model", "ranks", "micro-batch", "global batch", "steps",
+                 "attention ms/step (mean)", "slowest rank (ms)", "fastest rank (ms)", "slowest ÷ fastest", "file"],
+                rows, numeric=(3, 4, 5, 6, 7, 10))
+        if single:
+            d.para(Markup("cp 1 (one rank per sequence, no exchange, no `/cp/attention_time_s`): "),
+                   ", ".join(single), Markup("."))
+        if absent:
+            d.para(Markup("No attention times (no `/cp/attention_time_s`, or no finished step in it) in: "),
+                   ", ".join(absent), Markup("."))
+
+    def cp_plot(self, r, cp):
+        ranks = cp["ranks"]
+        degree = int(r.cp) if not missing(r.cp) and int(r.cp) >= 1 else ranks
+        per_step = cp["per_step"]
+        scale, unit = (1e3, "ms") if float(np.nanmax(cp["step_max"])) < 1 else (1.0, "s")
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * ranks + 3), 4.6))
+        x = np.arange(ranks)
+        slowest, fastest = int(np.argmax(cp["total"])), int(np.argmin(cp["total"]))
+        colors = ["C3" if i == slowest else "C2" if i == fastest else "C0" for i in range(ranks)]
+        ax.bar(x, per_step * scale, color=colors, width=0.8,
+               yerr=[(per_step - cp["step_min"]) * scale, (cp["step_max"] - per_step) * scale], capsize=2,
+               error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
+        ax.axhline(float(per_step.mean()) * scale, color="black", linestyle="--", linewidth=1)
+        groups = ranks // degree if degree else 1
+        for g in range(1, groups):  # cp groups: consecutive ranks
+            ax.axvline(g * degree - 0.5, color="0.5", linestyle=":", linewidth=1)
+        if ranks <= 32:
+            ax.set_xticks(x)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.6, ranks - 0.4)
+        ax.set_xlabel("rank" + (f" (dotted: cp groups of {degree})" if groups > 1 else ""))
+        ax.set_ylabel(f"attention {unit} per step (dashed: mean)")
+        ax.grid(True, axis="y", alpha=0.3)
+        steps = f"{cp['steps']} step(s)" + (f" after {cp['skipped']} warm-up" if cp["skipped"] else "")
+        ax.set_title(mpl(f"{r.cluster}: {r.strategy}, {r.model}, {r.ranks} ranks, micro-batch {r.micro_batch}, "
+                         f"global batch {r.global_batch}") + "\n" + f"attention time per rank, mean of {steps}; "
+                     f"slowest ÷ fastest rank {fmt(cp['ratio'], 'ratio')}", fontsize=9)
+        fig.tight_layout()
+        csv = [{"cluster": r.cluster, "strategy": r.strategy, "model": r.model, "ranks": r.ranks, "file": r.short,
+                "steps": cp["steps"], "warmup_skipped": cp["skipped"], "rank": i, "cp_group": i // degree,
+                "cp_rank": i % degree, "attention_s_total": float(cp["total"][i]),
+                "attention_s_per_step": float(per_step[i]), "attention_s_step_min": float(cp["step_min"][i]),
+                "attention_s_step_max": float(cp["step_max"][i]), "ratio": cp["ratio"]} for i in range(ranks)]
+        name = slug("cp_attention", r.cluster, r.strategy, r.model, f"{r.ranks}ranks", f"b{r.micro_batch}",
                     f"G{r.global_batch}", r.dtype)
         return self.save(fig, name, pd.DataFrame(csv))
 

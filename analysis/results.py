@@ -1,7 +1,8 @@
 """Reads parabench result files (docs/SPEC.md section 6, schema version 1) into flat records, one
 per run, for analysis.report: what ran (app, strategy, model, ranks, batch), where (cluster, nodes),
 how fast (the /summary), and its memory per category next to the prediction (max over ranks); for
-parabench-ep also the routing statistics of /moe over the finished steps (read_moe).
+parabench-ep also the routing statistics of /moe over the finished steps (read_moe), for parabench-cp
+each rank's attention time of /cp over the finished steps after warm-up (read_cp).
 
 A file that is not a readable parabench result of schema version 1 raises ResultError with the
 reason; a run that did not complete is still read (status, error, finished steps), without the
@@ -73,14 +74,17 @@ def result_files(paths):
     return list(dict.fromkeys(files))  # each once, in order
 
 
-def model_label(config):
-    """The preset name when the shape is a preset's, else the shape (L, h, a, S, V, and f when not 4h)."""
-    shape = tuple(config.get(k) for k in ("layers", "hidden", "heads", "seq", "vocab"))
+def model_label(config, seq=True):
+    """The preset name when the shape is a preset's, else the shape (L, h, a, S, V, and f when not 4h).
+    seq=False: the shape but the sequence length (the model of a sequence sweep, whose S varies), a
+    preset's name when the rest is the preset's."""
+    keys = ("layers", "hidden", "heads", "seq", "vocab") if seq else ("layers", "hidden", "heads", "vocab")
+    shape = tuple(config.get(k) for k in keys)
     ffn = config.get("ffn")
     for name, preset in PRESETS.items():
-        if shape == preset and ffn in (None, 4 * preset[1]):
+        if shape == (preset if seq else preset[:3] + preset[4:]) and ffn in (None, 4 * preset[1]):
             return name
-    label = "L{} h{} a{} S{} V{}".format(*shape)
+    label = ("L{} h{} a{} S{} V{}" if seq else "L{} h{} a{} V{}").format(*shape)
     return label if ffn in (None, 4 * (shape[1] or 0)) else f"{label} f{ffn}"
 
 
@@ -109,6 +113,8 @@ def strategy_label(config):
             label += " dropless" if capacity == 0 else f" cf{number(capacity)}"
         if config.get("aux_loss"):
             label += f" aux{number(config['aux_loss'])}"
+    elif app == "cp":  # cp4 ring zigzag
+        label = f"cp{config.get('cp', '?')} {config.get('cp_algo', '')} {config.get('cp_layout', '')}".rstrip()
     else:
         label = app
     if config.get("recompute", "none") != "none":
@@ -200,6 +206,36 @@ def read_moe(f):
     }
 
 
+def read_cp(f, ranks, warmup):
+    """parabench-cp's attention time per rank, or None when the file has no /cp/attention_time_s (cp 1
+    writes none; a run killed before its end has its finished rows).
+
+    The steps used are the finished ones (finished_rows) after the first `warmup`, where more than
+    `warmup` finished, else all of them (a run killed during warm-up). total [ranks]: each rank's
+    seconds in the attention core summed over those steps; per_step [ranks]: total / steps; step_min,
+    step_max [ranks]: its fastest and slowest step; ratio: the slowest rank's total over the fastest's
+    (the app's /summary cp_attention_time_ratio for a complete run; NaN without steps or with a rank
+    at 0 s); steps, skipped (warm-up steps left out)."""
+    if "cp/attention_time_s" not in f:
+        return None
+    times = np.asarray(finished_rows(f, "cp/attention_time_s"))
+    if times.ndim != 2 or not np.issubdtype(times.dtype, np.floating) or times.shape[1] != ranks:
+        raise ResultError(f"/cp/attention_time_s is {times.dtype} of shape {times.shape}, not floats "
+                          f"[steps, {ranks} ranks]")
+    skipped = warmup if times.shape[0] > warmup else 0
+    used = times[skipped:]
+    total = used.sum(axis=0)
+    steps = int(used.shape[0])
+    fastest = float(total.min()) if steps else math.nan
+    ratio = float(total.max()) / fastest if steps and np.isfinite(total).all() and fastest > 0 else math.nan
+    return {
+        "steps": steps, "skipped": int(skipped), "ranks": int(ranks), "total": total,
+        "per_step": total / steps if steps else total,
+        "step_min": used.min(axis=0) if steps else total, "step_max": used.max(axis=0) if steps else total,
+        "ratio": ratio,
+    }
+
+
 def _read(f, path):
     root = attrs(f)
     if root.get("schema") != SCHEMA:
@@ -252,10 +288,19 @@ def _read(f, path):
         if "memory/measured" not in f or "memory/predicted" not in f:
             raise ResultError("status is complete but /memory/measured or /memory/predicted is missing")
     for key in ("step_time_s", "step_time_s_min", "step_time_s_max", "tokens_per_s", "tflops_per_rank", "mfu",
-                "final_loss", "moe_imbalance", "moe_dropped_fraction"):
+                "final_loss", "moe_imbalance", "moe_dropped_fraction", "cp_attention_time_ratio"):
         value = summary.get(key)
         run[key] = float(value) if value is not None else math.nan
     run["moe"] = read_moe(f) if config["app"] == "ep" else None
+    # parabench-cp: the degree, its algorithm and layout, and the shape but the sequence length (the
+    # model of a sequence sweep, where S grows with cp).
+    run["seq"] = config.get("seq")
+    run["model_without_seq"] = model_label(config, seq=False)
+    run["cp"] = int(config.get("cp", 1)) if config["app"] == "cp" else None
+    run["cp_algo"], run["cp_layout"] = config.get("cp_algo", ""), config.get("cp_layout", "")
+    warmup = config.get("warmup", 0)
+    run["cp_attention"] = (read_cp(f, run["ranks"], int(warmup) if isinstance(warmup, (int, float)) else 0)
+                           if config["app"] == "cp" else None)
     measured, predicted = f.get("memory/measured"), f.get("memory/predicted")
     for category in CATEGORIES + [PEAK]:
         run[f"measured_{category}"] = max_over_ranks(measured, category)

@@ -5,18 +5,22 @@
 #
 #   micro-batch     --micro-batch over --values (default 1,2,4,8), one job size; app fsdp unless --app
 #   shard           parabench-fsdp --shard over --values (default all five strategies), one job size
-#   strategy        the apps of --values (default dp,fsdp,tp,pp,ep) at one model, job size and global
-#                   batch: fsdp FULL_SHARD, tp and pp of degree --tp/--pp (default ranks per node), ep
-#                   with --experts/--top-k (default 8, 2) and degree --ep (default the largest that
-#                   divides both the ranks per node and the experts)
+#   strategy        the apps of --values (default dp,fsdp,tp,pp,ep,cp) at one model, job size and
+#                   global batch: fsdp FULL_SHARD, tp and pp of degree --tp/--pp (default ranks per
+#                   node), ep with --experts/--top-k (default 8, 2) and degree --ep (default the largest
+#                   that divides both the ranks per node and the experts), cp of degree --cp (default
+#                   the largest that divides the ranks per node and splits the sequence evenly)
+#   sequence        parabench-cp at the sequence lengths of --values (default 1024,2048,4096,8192)
+#                   with the cp degree growing with them (--cp, default 1, 2, 4, ... up to the largest
+#                   job of the profile), dp 1: each point runs on its cp ranks, one job size per point
 #   weak-scaling    rank counts (--ranks, --nodes) at a fixed micro-batch per rank: the global
 #                   batch grows with the data-parallel degree
 #   strong-scaling  the same rank counts at one global batch: micro-batch x the least common
 #                   multiple of the rank counts (the largest, for powers of two)
 # shellcheck shell=bash disable=SC2034  # the sweep_* and point_* variables are the caller's
 
-sweep_names=(micro-batch shard strategy weak-scaling strong-scaling)
-sweep_apps=(dp fsdp tp pp ep)
+sweep_names=(micro-batch shard strategy sequence weak-scaling strong-scaling)
+sweep_apps=(dp fsdp tp pp ep cp)
 shard_strategies=(NO_SHARD ZERO1 SHARD_GRAD_OP FULL_SHARD HYBRID_SHARD)
 
 # The options that both jobs/submit and jobs/run-local --sweep take, for their --help.
@@ -28,7 +32,8 @@ sweep_options_help() {
   --app APP          micro-batch and scaling sweeps: the app (default fsdp, resp. dp)
   --values LIST      comma-separated values of the sweep: micro-batch: micro-batches (1,2,4,8);
                      shard: strategies ($(IFS=,; echo "${shard_strategies[*]}"));
-                     strategy: apps (dp,fsdp,tp,pp,ep)
+                     strategy: apps (dp,fsdp,tp,pp,ep,cp);
+                     sequence: growing sequence lengths (1024,2048,4096,8192)
   --ranks LIST       scaling sweeps: rank counts, each at most one node's ranks or whole nodes
                      (default 1, 2, 4, ... up to PB_MAX_NODES nodes of PB_TASKS_PER_NODE ranks)
   --nodes LIST       scaling sweeps: node counts instead, whole nodes each
@@ -37,6 +42,10 @@ sweep_options_help() {
                      both PB_TASKS_PER_NODE and the experts)
   --experts E, --top-k K
                      strategy sweep: ep's experts per layer and experts per token (default 8, 2)
+  --cp N             strategy sweep: context-parallel degree (default the largest that divides
+                     PB_TASKS_PER_NODE and splits --seq into 2N chunks, N with --cp-layout contiguous)
+  --cp LIST          sequence sweep: the cp degree of each sequence length (default 1, 2, 4, ...
+                     up to PB_MAX_NODES x PB_TASKS_PER_NODE); each point runs on its cp ranks
   --tag TEXT         added to the tag each point stores (sweep=SWEEP point=LABEL)
   --out DIR          the sweep's directory (default results/sweeps/SWEEP_CLUSTER_<UTC time>)
   --dry-run          print what would run, run nothing
@@ -80,13 +89,58 @@ gcd() {
   echo "$a"
 }
 
+# The sequence length and heads of the model the app arguments describe, into model_seq and
+# model_heads: --seq and --heads where given, else the --model preset's (SPEC.md section 4; default
+# small); 0 where unknown (a preset this script does not know, a value that is not a number: the app
+# judges those).
+model_shape() {
+  local model seq heads
+  model=$(option_value --model "${app_args[@]}")
+  case ${model:-small} in
+    tiny) model_seq=32 model_heads=4 ;;
+    small) model_seq=128 model_heads=8 ;;
+    gpt2-124m) model_seq=1024 model_heads=12 ;;
+    gpt2-350m) model_seq=1024 model_heads=16 ;;
+    gpt2-1.5b) model_seq=1024 model_heads=25 ;;
+    block-4k) model_seq=2048 model_heads=32 ;;
+    *) model_seq=0 model_heads=0 ;;
+  esac
+  seq=$(option_value --seq "${app_args[@]}")
+  heads=$(option_value --heads "${app_args[@]}")
+  [[ -z $seq ]] || { is_count "$seq" && model_seq=$seq || model_seq=0; }
+  [[ -z $heads ]] || { is_count "$heads" && model_heads=$heads || model_heads=0; }
+}
+
+# True when parabench-cp takes degree $1 for sequence length $2 (0: unknown, taken) and model_heads:
+# --cp-layout zigzag (the default) splits each sequence into 2 x cp chunks, contiguous into cp;
+# --cp-algo alltoall gives each rank heads/cp heads. Sets cp_rule to the rule a refused degree breaks.
+cp_takes() {
+  local cp=$1 seq=$2 layout algo chunks
+  layout=$(option_value --cp-layout "${app_args[@]}")
+  algo=$(option_value --cp-algo "${app_args[@]}")
+  local split="2 x cp"
+  chunks=$((2 * cp))
+  if [[ $layout == contiguous ]]; then
+    chunks=$cp split=cp
+  fi
+  if ((seq > 0 && seq % chunks != 0)); then
+    cp_rule="sequence length $seq is not divisible by $chunks (--cp-layout ${layout:-zigzag} splits each sequence into $split chunks)"
+    return 1
+  fi
+  if [[ $algo == alltoall ]] && ((model_heads > 0 && model_heads % cp != 0)); then
+    cp_rule="--heads $model_heads is not divisible by cp $cp (--cp-algo alltoall gives each rank heads/cp heads)"
+    return 1
+  fi
+  return 0
+}
+
 # Parses the sweep command line into sweep, profile_name, sweep_* and app_args (after --).
 # $1 is the caller's usage function.
 sweep_parse() {
   local usage_fn=$1 opt value
   shift
   sweep='' profile_name=${PB_CLUSTER:-} profile_from=PB_CLUSTER sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
-  sweep_tp='' sweep_pp='' sweep_ep='' sweep_experts='' sweep_top_k='' sweep_tag='' sweep_out='' dry_run=0
+  sweep_tp='' sweep_pp='' sweep_ep='' sweep_cp='' sweep_experts='' sweep_top_k='' sweep_tag='' sweep_out='' dry_run=0
   app_args=()
   while [[ $# -gt 0 ]]; do
     opt=$1
@@ -114,6 +168,7 @@ sweep_parse() {
       --tp) sweep_tp=$value ;;
       --pp) sweep_pp=$value ;;
       --ep) sweep_ep=$value ;;
+      --cp) sweep_cp=$value ;;
       --experts) sweep_experts=$value ;;
       --top-k) sweep_top_k=$value ;;
       --tag) sweep_tag=$value ;;
@@ -224,11 +279,16 @@ sweep_points() {
   micro_batch=$(option_value --micro-batch "${app_args[@]}")
   micro_batch=${micro_batch:-1}
   is_count "$micro_batch" || die "--micro-batch $micro_batch is not a positive number"
-  if [[ $sweep != *-scaling && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
+  if [[ $sweep == sequence && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
+    die "--ranks and --nodes apply to the scaling sweeps; each point of the sequence sweep runs on its cp ranks (--cp)"
+  elif [[ $sweep != *-scaling && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
     die "--ranks and --nodes apply to the scaling sweeps; the $sweep sweep runs on PB_NODES=$PB_NODES nodes of $profile_name"
   fi
   if [[ $sweep != strategy && -n $sweep_tp$sweep_pp$sweep_ep$sweep_experts$sweep_top_k ]]; then
     die "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep; give the $sweep sweep's app options after --"
+  fi
+  if [[ $sweep != strategy && $sweep != sequence && -n $sweep_cp ]]; then
+    die "--cp applies to the strategy sweep (a degree) and the sequence sweep (a list of degrees); give the $sweep sweep's app options after --"
   fi
 
   case $sweep in
@@ -272,7 +332,7 @@ sweep_points() {
       is_count "$pp" || die "--pp $pp is not a positive number"
       local global_batch=()  # one global batch for every strategy: what plain dp takes
       has_option --global-batch "${app_args[@]}" || global_batch=(--global-batch $((micro_batch * ranks)))
-      split_list "${sweep_values:-dp,fsdp,tp,pp,ep}" values
+      split_list "${sweep_values:-dp,fsdp,tp,pp,ep,cp}" values
       # ep: a mixture of experts; its all-to-all within a node, as tp's all-reduces. The ep groups are
       # consecutive dp ranks (dp = ranks), so the degree divides the ranks per node and the experts.
       local experts=${sweep_experts:-8} top_k=${sweep_top_k:-2} ep own
@@ -285,6 +345,21 @@ sweep_points() {
           has_option "$own" "${app_args[@]}" && die "the strategy sweep sets ep's $own; give the sweep's $own N before --"
         done
       fi
+      # cp: each sequence split over cp consecutive ranks, its exchange of keys and values within a
+      # node; the degree divides the ranks per node and splits the sequence into equal chunks.
+      local cp=$sweep_cp
+      if [[ -n $cp ]]; then
+        is_count "$cp" || die "--cp $cp is not a positive number"
+      elif [[ " ${values[*]} " == *" cp "* ]]; then
+        model_shape
+        local limit=$((tasks < ranks ? tasks : ranks))
+        for ((cp = limit; cp > 1; cp--)); do
+          ((limit % cp == 0)) && cp_takes "$cp" "$model_seq" && break
+        done
+      fi
+      if [[ " ${values[*]} " == *" cp "* ]]; then
+        has_option --cp "${app_args[@]}" && die "the strategy sweep sets cp's --cp; give the sweep's --cp N before --"
+      fi
       for value in "${values[@]}"; do
         case $value in
           dp) add_point dp dp "$nodes" "$tasks" "${global_batch[@]}" ;;
@@ -292,9 +367,49 @@ sweep_points() {
           tp) add_point "tp$tp" tp "$nodes" "$tasks" --tp "$tp" "${global_batch[@]}" ;;
           pp) add_point "pp$pp" pp "$nodes" "$tasks" --pp "$pp" "${global_batch[@]}" ;;
           ep) add_point "ep$ep" ep "$nodes" "$tasks" --experts "$experts" --top-k "$top_k" --ep "$ep" "${global_batch[@]}" ;;
+          cp) add_point "cp$cp" cp "$nodes" "$tasks" --cp "$cp" "${global_batch[@]}" ;;
           *) die "--values: unknown app '$value'; known apps: ${sweep_apps[*]}" ;;
         esac
       done
+      ;;
+    sequence)
+      # Long context: one model at growing sequence lengths, the cp degree growing with them, so that
+      # each rank holds the same share of the sequence (values that double with cp 1, 2, 4, ...).
+      [[ -z $sweep_app || $sweep_app == cp ]] || die "the sequence sweep runs cp, not $sweep_app"
+      has_option --seq "${app_args[@]}" && die "the sequence sweep sets --seq; use --values"
+      has_option --cp "${app_args[@]}" && die "the sequence sweep sets --cp; give the sweep's --cp LIST before --"
+      has_option --dp "${app_args[@]}" && die "the sequence sweep runs dp 1 (each point on its cp ranks); drop --dp"
+      split_list "${sweep_values:-1024,2048,4096,8192}" values
+      local degrees=() largest=$((PB_MAX_NODES * PB_TASKS_PER_NODE)) previous=0 i cp capped=()
+      if [[ -n $sweep_cp ]]; then
+        IFS=, read -r -a degrees <<<"$sweep_cp"
+        [[ ${#degrees[@]} -eq ${#values[@]} && $sweep_cp != *, ]] ||
+          die "--cp $sweep_cp: give one cp degree per sequence length of --values (${#values[@]})"
+        for cp in "${degrees[@]}"; do
+          is_count "$cp" || die "--cp: '$cp' is not a positive number"
+        done
+      fi
+      model_shape
+      for i in "${!values[@]}"; do
+        value=${values[i]}
+        is_count "$value" || die "--values: sequence length '$value' is not a positive number"
+        ((value > previous)) || die "--values: sequence lengths grow from point to point; $value follows $previous"
+        previous=$value
+        if [[ -n $sweep_cp ]]; then
+          cp=${degrees[i]}
+        else  # 1, 2, 4, ... no more than the largest job of the profile
+          cp=$((1 << (i < 40 ? i : 40)))
+          if ((cp > largest)); then
+            cp=$largest
+            capped+=("$value")
+          fi
+        fi
+        cp_takes "$cp" "$value" || die "--values: cp $cp does not fit: $cp_rule; give other --values or --cp"
+        allocation "$cp"
+        add_point "s$value-cp$cp" cp "$alloc_nodes" "$alloc_tasks" --seq "$value" --cp "$cp"
+      done
+      [[ ${#capped[@]} -eq 0 ]] ||
+        echo "note: cp stays at $largest (PB_MAX_NODES=$PB_MAX_NODES x PB_TASKS_PER_NODE=$PB_TASKS_PER_NODE of $profile_name) for sequence length(s) ${capped[*]}: their ranks hold more of the sequence" >&2
       ;;
     weak-scaling|strong-scaling)
       [[ -z $sweep_values ]] || die "the scaling sweeps take --ranks or --nodes, not --values"

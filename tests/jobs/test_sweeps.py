@@ -70,6 +70,9 @@ def test_example_profile_renders_the_allocation():
     ("weak-scaling", ["--cluster", "example", "--app", "fsdp"]),
     ("micro-batch", ["--cluster", "example", "--app", "ep"]),
     ("strong-scaling", ["--cluster", "local", "--app", "tp"]),
+    ("strategy", ["--cluster", "local", "--values", "cp", "--cp", "2"]),
+    ("sequence", ["--cluster", "example"]),
+    ("sequence", ["--cluster", "local", "--values", "64,128", "--cp", "2,4"]),
 ])
 def test_rendered_scripts_pass_bash_n_and_shellcheck(sweep, options, tmp_path):
     awkward = "it's \"$(not run)\" `either`"  # an app argument that needs quoting
@@ -121,7 +124,8 @@ def test_shard_and_strategy_points():
     got = [(app, label, args.split(" --tag")[0]) for app, label, args in points(script)]
     assert got == [("dp", "dp", "--global-batch 8"), ("fsdp", "fsdp", "--shard FULL_SHARD --global-batch 8"),
                    ("tp", "tp4", "--tp 4 --global-batch 8"), ("pp", "pp4", "--pp 4 --global-batch 8"),
-                   ("ep", "ep4", "--experts 8 --top-k 2 --ep 4 --global-batch 8")]
+                   ("ep", "ep4", "--experts 8 --top-k 2 --ep 4 --global-batch 8"),
+                   ("cp", "cp4", "--cp 4 --global-batch 8")]
     (script,) = dry_run("strategy", "--cluster", "local", "--values", "tp,pp", "--tp", "2", "--pp", "2").values()
     assert [label for _, label, _ in points(script)] == ["tp2", "pp2"]
 
@@ -130,11 +134,11 @@ def test_shard_and_strategy_points():
     (["nosuch", "--cluster", "local"], "unknown sweep 'nosuch'; known sweeps: micro-batch shard strategy"),
     (["shard", "--cluster", "nosuch"], "unknown cluster 'nosuch': no jobs/clusters/nosuch.env (profiles: example local)"),
     (["shard"], "name the cluster profile: --cluster NAME"),
-    (["micro-batch", "--cluster", "local", "--app", "cp"], "unknown app 'cp'; known apps: dp fsdp tp pp ep"),
+    (["micro-batch", "--cluster", "local", "--app", "hybrid"], "unknown app 'hybrid'; known apps: dp fsdp tp pp ep cp"),
     (["micro-batch", "--cluster", "local", "--values", "1,0"], "micro-batch '0' is not a positive number"),
     (["micro-batch", "--cluster", "local", "--values", "1,2,1"], "'1' appears twice"),
     (["shard", "--cluster", "local", "--values", "ZERO3"], "unknown shard strategy 'ZERO3'"),
-    (["strategy", "--cluster", "local", "--values", "dp,cp"], "unknown app 'cp'; known apps: dp fsdp tp pp ep"),
+    (["strategy", "--cluster", "local", "--values", "dp,sp"], "unknown app 'sp'; known apps: dp fsdp tp pp ep cp"),
     (["micro-batch", "--cluster", "local", "--ep", "2"],
      "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep"),
     (["weak-scaling", "--cluster", "local", "--experts", "4"], "--ep, --experts and --top-k apply to the strategy sweep"),
@@ -152,6 +156,38 @@ def test_shard_and_strategy_points():
     (["micro-batch", "--cluster", "local", "--nodes", "2"], "--ranks and --nodes apply to the scaling sweeps"),
     (["shard", "--cluster", "local", "--bogus", "1"], "unknown option --bogus"),
     (["shard", "--cluster", "local", "--time", "soon"], "--time soon is not a Slurm time"),
+    # cp in the strategy sweep, and the sequence sweep
+    (["strategy", "--cluster", "local", "--cp", "0"], "--cp 0 is not a positive number"),
+    (["strategy", "--cluster", "local", "--", "--cp", "2"],
+     "the strategy sweep sets cp's --cp; give the sweep's --cp N before --"),
+    (["micro-batch", "--cluster", "local", "--cp", "2"],
+     "--cp applies to the strategy sweep (a degree) and the sequence sweep (a list of degrees)"),
+    (["weak-scaling", "--cluster", "local", "--cp", "2"], "--cp applies to the strategy sweep"),
+    (["sequence", "--cluster", "local", "--values", "2048,1024"],
+     "--values: sequence lengths grow from point to point; 1024 follows 2048"),
+    (["sequence", "--cluster", "local", "--values", "1024,1024"], "'1024' appears twice"),
+    (["sequence", "--cluster", "local", "--values", "0,16"], "sequence length '0' is not a positive number"),
+    (["sequence", "--cluster", "local", "--values", "16,30"],
+     "--values: cp 2 does not fit: sequence length 30 is not divisible by 4 (--cp-layout zigzag splits each "
+     "sequence into 2 x cp chunks)"),
+    (["sequence", "--cluster", "local", "--values", "16,31", "--", "--cp-layout", "contiguous", "--model", "tiny"],
+     "--values: cp 2 does not fit: sequence length 31 is not divisible by 2 (--cp-layout contiguous splits each "
+     "sequence into cp chunks)"),
+    (["sequence", "--cluster", "local", "--values", "64,128,256", "--", "--cp-algo", "alltoall", "--heads", "2"],
+     "--values: cp 4 does not fit: --heads 2 is not divisible by cp 4 (--cp-algo alltoall"),
+    (["sequence", "--cluster", "local", "--values", "64,128", "--cp", "1"],
+     "--cp 1: give one cp degree per sequence length of --values (2)"),
+    (["sequence", "--cluster", "local", "--values", "64,128", "--cp", "1,x"], "--cp: 'x' is not a positive number"),
+    (["sequence", "--cluster", "local", "--values", "64,128", "--cp", "1,8"],
+     "8 ranks take 2 nodes; profile local allows PB_MAX_NODES=1"),
+    (["sequence", "--cluster", "example", "--values", "64,120", "--cp", "1,6"], "6 ranks is neither at most one node"),
+    (["sequence", "--cluster", "local", "--", "--seq", "64"], "the sequence sweep sets --seq; use --values"),
+    (["sequence", "--cluster", "local", "--", "--cp=2"], "the sequence sweep sets --cp; give the sweep's --cp LIST"),
+    (["sequence", "--cluster", "local", "--", "--dp", "2"], "the sequence sweep runs dp 1 (each point on its cp ranks)"),
+    (["sequence", "--cluster", "local", "--app", "dp"], "the sequence sweep runs cp, not dp"),
+    (["sequence", "--cluster", "local", "--ranks", "1,2"],
+     "--ranks and --nodes apply to the scaling sweeps; each point of the sequence sweep runs on its cp ranks"),
+    (["sequence", "--cluster", "local", "--ep", "2"], "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep"),
 ])
 def test_wrong_command_lines_exit_2_and_name_the_problem(args, message):
     for tool in (SUBMIT, RUN_LOCAL):
@@ -189,6 +225,78 @@ def test_strategy_sweep_ep_degree_and_moe_options():
     assert [(a, l) for a, l, _ in points(script)] == [("ep", "b1"), ("ep", "b2")]
     assert points(script)[1][2] == r"--micro-batch 2 --tag sweep=micro-batch\ point=b2 --experts 4 --ep 2"
     assert "exec bash " in script and "/jobs/$app.sbatch" in script
+
+
+def test_strategy_sweep_cp_degree():
+    """cp's degree, like tp's and pp's, defaults to the ranks per node, here as the largest that divides
+    them and splits the sequence into 2 x cp equal chunks (zigzag; cp chunks with --cp-layout
+    contiguous; alltoall also needs heads divisible by cp). The sequence length and heads are those of
+    --seq/--heads, else of the --model preset (default small: S128, 8 heads)."""
+    def cp_point(*options, app_args=(), cluster="example"):
+        (script,) = dry_run("strategy", "--cluster", cluster, "--values", "cp", *options, app_args=app_args).values()
+        ((app, label, args),) = points(script)
+        assert app == "cp"
+        return label, args.split(" --tag")[0]
+
+    assert cp_point() == ("cp4", "--cp 4 --global-batch 4")  # 4 ranks per node, small: 128 % 8 == 0
+    assert cp_point(app_args=["--seq", "12"]) == ("cp2", "--cp 2 --global-batch 4")  # 12 % 8 != 0, 12 % 4 == 0
+    assert cp_point(app_args=["--seq", "12", "--cp-layout", "contiguous"]) == ("cp4", "--cp 4 --global-batch 4")
+    assert cp_point(app_args=["--seq=9"]) == ("cp1", "--cp 1 --global-batch 4")  # odd: no split
+    assert cp_point(app_args=["--model", "tiny", "--cp-algo", "alltoall"]) == ("cp4", "--cp 4 --global-batch 4")
+    assert cp_point(app_args=["--model", "tiny", "--cp-algo", "alltoall", "--heads", "2"]) == \
+        ("cp2", "--cp 2 --global-batch 4")
+    assert cp_point(app_args=["--model", "gpt2-1.5b", "--cp-algo", "alltoall"])[0] == "cp1"  # 25 heads
+    # The micro-batch sets the global batch of every strategy; a degree given is passed as it is.
+    assert cp_point("--cp", "3", app_args=["--micro-batch", "2"]) == ("cp3", "--cp 3 --global-batch 8")
+    # Other cp options after -- reach the point as they are.
+    (script,) = dry_run("strategy", "--cluster", "local", "--values", "cp",
+                        app_args=["--cp-algo", "allgather", "--cp-layout", "contiguous"]).values()
+    assert points(script)[0][2].endswith(" --cp-algo allgather --cp-layout contiguous")
+    # --app cp in the other sweeps: the app's own defaults, options after --.
+    (script,) = dry_run("micro-batch", "--cluster", "local", "--app", "cp", "--values", "1,2",
+                        app_args=["--cp", "2"]).values()
+    assert [(a, l) for a, l, _ in points(script)] == [("cp", "b1"), ("cp", "b2")]
+
+
+def sequence_points(*options, app_args=(), cluster="example"):
+    """(label, nodes, ranks per node, args without the tag) of each point of a sequence sweep, in the
+    order of the arrays (one per allocation) and their tasks."""
+    found = []
+    scripts = dry_run("sequence", "--cluster", cluster, *options, app_args=app_args)
+    for name in sorted(scripts, key=lambda n: int(re.search(r"\d+", n).group())):
+        d = dict(x.split("=", 1) for x in directives(scripts[name]) if "=" in x)
+        tasks = points(scripts[name])
+        assert d["--array"].split("%")[0] == f"0-{len(tasks) - 1}"
+        for app, label, args in tasks:
+            assert app == "cp"
+            found.append((label, int(d["--nodes"]), int(d["--ntasks-per-node"]), args.split(" --tag")[0]))
+    return found
+
+
+def test_sequence_sweep_grows_the_sequence_and_cp_together():
+    """Point i runs parabench-cp at the i-th sequence length with cp 2^i on cp ranks (dp 1): every rank
+    holds the same share of the sequence when the lengths double."""
+    assert sequence_points(app_args=["--model", "gpt2-124m", "--micro-batch", "2"]) == [
+        ("s1024-cp1", 1, 1, "--seq 1024 --cp 1"), ("s2048-cp2", 1, 2, "--seq 2048 --cp 2"),
+        ("s4096-cp4", 1, 4, "--seq 4096 --cp 4"), ("s8192-cp8", 2, 4, "--seq 8192 --cp 8")]  # example: 4 per node
+    # The micro-batch and the other options after -- go to every point; no --global-batch: dp is 1.
+    (script,) = dry_run("sequence", "--cluster", "example", "--values", "16",
+                        app_args=["--model", "tiny", "--micro-batch", "2", "--cp-algo", "allgather"]).values()
+    assert points(script)[0][2] == (r"--seq 16 --cp 1 --tag sweep=sequence\ point=s16-cp1 --model tiny "
+                                    r"--micro-batch 2 --cp-algo allgather")
+    # --cp: a degree per length (here one node of 4 for both: one array of two points)
+    assert sequence_points("--values", "64,128", "--cp", "4,4", cluster="local") == [
+        ("s64-cp4", 1, 4, "--seq 64 --cp 4"), ("s128-cp4", 1, 4, "--seq 128 --cp 4")]
+    # Not more ranks than the largest job of the profile (local: 1 node of 4): cp stays there, and says so.
+    done = run([SUBMIT, "sequence", "--cluster", "local", "--dry-run", "--values", "16,32,64,128,256"])
+    assert done.returncode == 0, done.stderr
+    assert re.findall(r"label=(\S+)", done.stdout) == ["s16-cp1", "s32-cp2", "s64-cp4", "s128-cp4", "s256-cp4"]
+    assert ("note: cp stays at 4 (PB_MAX_NODES=1 x PB_TASKS_PER_NODE=4 of local) for sequence length(s) 128 256"
+            in done.stderr)
+    assert "note:" not in run([SUBMIT, "sequence", "--cluster", "local", "--dry-run", "--values", "16,32"]).stderr
+    # contiguous splits into cp chunks: 3 over cp 1 fits, as zigzag's 2 chunks would not
+    assert sequence_points("--values", "3,6,12", app_args=["--cp-layout", "contiguous"])[::2] == \
+        [("s3-cp1", 1, 1, "--seq 3 --cp 1"), ("s12-cp4", 1, 4, "--seq 12 --cp 4")]
 
 
 def test_every_app_of_the_sweeps_has_its_sbatch_script():
@@ -229,6 +337,59 @@ def test_run_local_strategy_sweep_runs_ep_through_its_sbatch_script(tmp_path):
     assert "--experts 4 --top-k 2 --ep 4 " in command
     assert (point / "cluster.env").is_file() and (point / "environment.txt").is_file()
     assert "PARABENCH_RESULT app=ep ranks=4" in (out / "ep4.out").read_text()
+
+
+def test_run_local_strategy_sweep_runs_cp_through_its_sbatch_script(tmp_path):
+    out = tmp_path / "sweep"
+    done = run([RUN_LOCAL, "--sweep", "strategy", "--values", "cp", "--out", out, "--", *TINY, "--cp-layout",
+                "contiguous"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "[1/1] cp4: cp on 4 rank(s)" in done.stderr and "1 of 1 point(s) complete" in done.stderr
+    point = out / "cp4"
+    (result,) = point.glob("*.h5")
+    with h5py.File(result, "r") as f:
+        assert f.attrs["status"] == "complete"
+        config = f["config"].attrs
+        assert (config["app"], config["world_size"], config["cp"], config["dp"], config["seq"]) == ("cp", 4, 4, 1, 16)
+        assert (config["cp_algo"], config["cp_layout"]) == ("ring", "contiguous")
+        assert config["global_batch"] == 4 and config["tag"] == "sweep=strategy point=cp4"
+        assert f["cp/attention_time_s"].shape == (2, 4)  # steps, ranks
+        assert f["system"].attrs["cluster"] == "local"
+    command = (point / "command.txt").read_text()
+    assert command.startswith("mpiexec -n 4 ") and "/bench/cp/parabench-cp " in command
+    assert "--cp 4 --global-batch 4 " in command
+    assert (point / "cluster.env").is_file() and (point / "environment.txt").is_file()
+    assert "PARABENCH_RESULT app=cp ranks=4" in (out / "cp4.out").read_text()
+
+
+def test_run_local_sequence_sweep_runs_each_point_on_its_cp_ranks(tmp_path):
+    out = tmp_path / "sweep"
+    shape = [a for a in TINY]
+    del shape[shape.index("--seq"):shape.index("--seq") + 2]
+    done = run([RUN_LOCAL, "--sweep", "sequence", "--values", "16,32,64", "--out", out, "--", *shape], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "3 of 3 point(s) complete" in done.stderr
+    assert [line.split("\t")[:5] for line in (out / "points.tsv").read_text().splitlines()[1:]] == [
+        ["0", "s16-cp1", "cp", "1", "1"], ["1", "s32-cp2", "cp", "1", "2"], ["2", "s64-cp4", "cp", "1", "4"]]
+    for seq, cp in ((16, 1), (32, 2), (64, 4)):
+        label = f"s{seq}-cp{cp}"
+        (result,) = (out / label).glob("*.h5")
+        with h5py.File(result, "r") as f:
+            config = f["config"].attrs
+            assert f.attrs["status"] == "complete"
+            assert (config["seq"], config["cp"], config["world_size"], config["dp"]) == (seq, cp, cp, 1)
+            assert config["global_batch"] == 1 and config["tag"] == f"sweep=sequence point={label}"
+            assert ("cp" in f) == (cp > 1)  # cp 1 writes no /cp
+        assert (out / label / "command.txt").read_text().startswith(f"mpiexec -n {cp} ")
+
+
+def test_run_local_runs_cp(tmp_path):
+    result = tmp_path / "cp.h5"
+    done = run([RUN_LOCAL, "cp", "-n", "2", "--", *TINY, "--cp", "2", "--out", result])
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^run-local: mpiexec -n 2 \S+/bench/cp/parabench-cp --cluster local ", done.stderr, re.M)
+    with h5py.File(result, "r") as f:
+        assert f.attrs["status"] == "complete" and f["config"].attrs["cp"] == 2
 
 
 def test_run_local_runs_ep(tmp_path):

@@ -1,11 +1,14 @@
-"""jobs/submit under a real Slurm (the `slurm` fixture of conftest.py): two sweeps are submitted
+"""jobs/submit under a real Slurm (the `slurm` fixture of conftest.py): four sweeps are submitted
 with the `local` profile as a user submits them, run to the end, and judged by Slurm's record of
 the jobs and by what each point left: its result file, the job record, the environment and the
 launch command (SPEC.md section 7).
 
   micro-batch     one job array of three points (micro-batch 1, 2, 4) at 4 ranks
   strong-scaling  three job arrays (1, 2 and 4 ranks) chained one after another, one global batch
-  strategy        its ep point alone (--values ep): parabench-ep, 8 experts over ep groups of 4 ranks
+  strategy        its ep and cp points (--values ep,cp): parabench-ep, 8 experts over ep groups of 4
+                  ranks, and parabench-cp, each sequence split over 4 ranks, in one array
+  sequence        parabench-cp at sequence 16 and 32 with cp 1 and 2: two chained arrays of 1 and 2
+                  ranks
 """
 
 import re
@@ -23,7 +26,8 @@ APP_ARGS = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "-
             "--steps", "3", "--warmup", "1"]
 MICRO_BATCHES = [1, 2, 4]
 SCALING_RANKS = [1, 2, 4]
-WAIT_S = 150  # for all seven points; each takes a few seconds
+SEQUENCES = [(16, 1), (32, 2)]  # (sequence length, cp degree = ranks) of the sequence sweep
+WAIT_S = 240  # for all ten points; each takes a few seconds
 
 
 def text(value):
@@ -36,8 +40,8 @@ def scontrol_jobs(slurm, job):
     return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in done.stdout.splitlines() if line.strip()]
 
 
-def submit(slurm, sweep_dir, sweep, *options):
-    cmd = [REPO / "jobs" / "submit", sweep, "--cluster", "local", "--out", sweep_dir, *options, "--", *APP_ARGS]
+def submit(slurm, sweep_dir, sweep, *options, app_args=APP_ARGS):
+    cmd = [REPO / "jobs" / "submit", sweep, "--cluster", "local", "--out", sweep_dir, *options, "--", *app_args]
     done = slurm.run(*cmd)
     assert "submit: job " in done.stderr, done.stderr
     lines = (sweep_dir / "jobs.tsv").read_text().splitlines()
@@ -55,16 +59,19 @@ def outputs(sweep_dirs):
 
 @pytest.fixture(scope="module")
 def sweeps(slurm, tmp_path_factory):
-    """Submits both sweeps, waits for every job to leave the queue, and returns what was submitted."""
+    """Submits the sweeps, waits for every job to leave the queue, and returns what was submitted."""
     base = tmp_path_factory.mktemp("sweeps")
     dirs = {"micro-batch": base / "micro-batch", "strong-scaling": base / "strong-scaling",
-            "strategy": base / "strategy"}
+            "strategy": base / "strategy", "sequence": base / "sequence"}
+    no_seq = APP_ARGS[:APP_ARGS.index("--seq")] + APP_ARGS[APP_ARGS.index("--seq") + 2:]  # the sweep sets it
     jobs = {
         "micro-batch": submit(slurm, dirs["micro-batch"], "micro-batch",
                               "--values", ",".join(map(str, MICRO_BATCHES))),
         "strong-scaling": submit(slurm, dirs["strong-scaling"], "strong-scaling",
                                  "--ranks", ",".join(map(str, SCALING_RANKS))),
-        "strategy": submit(slurm, dirs["strategy"], "strategy", "--values", "ep"),
+        "strategy": submit(slurm, dirs["strategy"], "strategy", "--values", "ep,cp"),
+        "sequence": submit(slurm, dirs["sequence"], "sequence", "--values", ",".join(str(s) for s, _ in SEQUENCES),
+                           app_args=no_seq),
     }
     ids = [j["job"] for js in jobs.values() for j in js]
     deadline = time.monotonic() + WAIT_S
@@ -182,10 +189,11 @@ def test_strong_scaling_sweep_runs_one_array_per_size_in_order(sweeps):
 def test_strategy_sweep_runs_ep_as_the_other_apps(sweeps):
     (job,) = sweeps["jobs"]["strategy"]
     sweep_dir = sweeps["dirs"]["strategy"]
-    assert job["labels"] == "ep4"  # the degree: the ranks per node, which divide the 8 experts
+    # ep's degree: the ranks per node, which divide the 8 experts; cp's: they split 16 into 8 chunks
+    assert job["labels"] == "ep4 cp4"
     script = (sweep_dir / job["script"]).read_text()
     assert "#SBATCH --ntasks-per-node=4\n" in script and "app=ep label=ep4 " in script
-    (record,) = sweeps["records"][job["job"]]
+    record = next(r for r in sweeps["records"][job["job"]] if r["ArrayTaskId"] == "0")
     result = check_point(sweep_dir / "ep4", record, "ep4", "strategy", 4)
     config = result["config"]
     assert (config["app"], config["ep"], config["experts"], config["top_k"], config["global_batch"]) == \
@@ -196,3 +204,46 @@ def test_strategy_sweep_runs_ep_as_the_other_apps(sweeps):
         assert f["moe/tokens_per_expert"].shape == (3, 2, 8)  # steps, layers, experts
     out = (sweep_dir / f"slurm-{record['ArrayJobId']}_0.out").read_text()
     assert re.search(r"^PARABENCH_RESULT app=ep ranks=4 .* status=complete ", out, re.M), out
+
+
+def test_strategy_sweep_runs_cp_in_the_same_array(sweeps):
+    (job,) = sweeps["jobs"]["strategy"]
+    sweep_dir = sweeps["dirs"]["strategy"]
+    script = (sweep_dir / job["script"]).read_text()
+    assert "#SBATCH --array=0-1%1\n" in script and "app=cp label=cp4 " in script
+    record = next(r for r in sweeps["records"][job["job"]] if r["ArrayTaskId"] == "1")
+    assert record["NumTasks"] == "4"
+    result = check_point(sweep_dir / "cp4", record, "cp4", "strategy", 4)
+    config = result["config"]
+    assert (config["app"], config["cp"], config["dp"], config["cp_algo"], config["cp_layout"], config["global_batch"]) \
+        == ("cp", 4, 1, "ring", "zigzag", 4)
+    assert "/bench/cp/parabench-cp " in (sweep_dir / "cp4" / "command.txt").read_text()
+    (path,) = (sweep_dir / "cp4").glob("*.h5")
+    with h5py.File(path, "r") as f:
+        assert f["cp/attention_time_s"].shape == (3, 4)  # steps, ranks
+        assert f["summary"].attrs["cp_attention_time_ratio"] >= 1
+    out = (sweep_dir / f"slurm-{record['ArrayJobId']}_1.out").read_text()
+    assert re.search(r"^PARABENCH_RESULT app=cp ranks=4 .* status=complete ", out, re.M), out
+
+
+def test_sequence_sweep_grows_sequence_and_cp_in_chained_arrays(sweeps):
+    jobs = sweeps["jobs"]["sequence"]
+    sweep_dir = sweeps["dirs"]["sequence"]
+    labels = [f"s{seq}-cp{cp}" for seq, cp in SEQUENCES]
+    assert [j["labels"] for j in jobs] == labels  # one array per job size
+    spans = []
+    for job, label, (seq, cp) in zip(jobs, labels, SEQUENCES):
+        script = (sweep_dir / job["script"]).read_text()
+        assert "#SBATCH --array=0-0%1\n" in script and "#SBATCH --nodes=1\n" in script
+        assert f"#SBATCH --ntasks-per-node={cp}\n" in script
+        assert f"app=cp label={label} args=(--seq {seq} --cp {cp} " in script
+        (record,) = sweeps["records"][job["job"]]
+        assert record["NumTasks"] == str(cp)
+        result = check_point(sweep_dir / label, record, label, "sequence", cp)
+        config = result["config"]
+        assert (config["seq"], config["cp"], config["dp"], config["global_batch"]) == (seq, cp, 1, 1)
+        (path,) = (sweep_dir / label).glob("*.h5")
+        with h5py.File(path, "r") as f:
+            assert ("cp" in f) == (cp > 1)  # cp 1 writes no /cp
+        spans.append((record["StartTime"], record["EndTime"]))
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
