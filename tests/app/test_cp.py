@@ -73,6 +73,14 @@ def test_same_layout_twice_is_bitwise_identical(cached_run):
     assert np.array_equal(first["loss"], again["loss"]) and first["param_norm"] == again["param_norm"]
 
 
+def test_dp_given_or_derived(cached_run):
+    """--dp given explicitly trains exactly what the derived dp does (bitwise: the same layout)."""
+    derived = cached_run("cp", 4, args_of("ring", "zigzag", 2))
+    given = cached_run("cp", 4, ["--dp", 2, *args_of("ring", "zigzag", 2)])
+    assert int(given["config"]["dp"]) == 2
+    assert np.array_equal(derived["loss"], given["loss"]) and np.array_equal(derived["grad_norm"], given["grad_norm"])
+
+
 def expected_comm(algo, ranks, cp, recompute):
     """bench/cp/README.md: per micro-batch and layer, rows = b·S/cp tokens of 2h (K|V) or 3h (Q|K|V)."""
     L, h, S = SHAPE["layers"], SHAPE["hidden"], SHAPE["seq"]
