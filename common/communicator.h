@@ -63,6 +63,10 @@ class Communicator {
   virtual void recv(float* buf, std::size_t count, int peer, int tag) = 0;
   virtual Request send_async(const float* buf, std::size_t count, int peer, int tag) = 0;
   virtual Request recv_async(float* buf, std::size_t count, int peer, int tag) = 0;
+  // One hop of a ring: sends `send` (count) to rank `to` and receives `recv` (count) from rank `from`,
+  // as one request; accounted as a send and a recv. The default posts both non-blocking calls; NCCL
+  // groups them, since two ungrouped NCCL calls on one stream wait for each other around a ring.
+  virtual Request send_recv_async(const float* send, int to, float* recv, int from, std::size_t count, int tag);
   virtual void broadcast(float* buf, std::size_t count, int root) = 0;
   virtual void barrier() = 0;
 

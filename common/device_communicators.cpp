@@ -163,6 +163,17 @@ class NcclCommunicator final : public Communicator {
     return async(CommOp::recv, count,
                  [&](cudaStream_t s) { PB_NCCL_CHECK(ncclRecv(buf, count, ncclFloat, peer, comm_, s)); });
   }
+  // Grouped: every rank of a ring sends and receives at once (ungrouped, each call would wait for the
+  // peer's matching call queued behind that peer's own).
+  Request send_recv_async(const float* send, int to, float* recv, int from, std::size_t count, int /*tag*/) override {
+    account(stats_, CommOp::recv, count);  // its time is the send's: one grouped operation
+    return async(CommOp::send, count, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclGroupStart());
+      PB_NCCL_CHECK(ncclSend(send, count, ncclFloat, to, comm_, s));
+      PB_NCCL_CHECK(ncclRecv(recv, count, ncclFloat, from, comm_, s));
+      PB_NCCL_CHECK(ncclGroupEnd());
+    });
+  }
   void broadcast(float* buf, std::size_t count, int root) override {
     blocking(CommOp::broadcast, count, [&](cudaStream_t s) {
       PB_NCCL_CHECK(ncclBroadcast(buf, buf, count, ncclFloat, root, comm_, s));

@@ -122,10 +122,9 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   const int64_t embed_out = R * h * e;  // the embedding's output, or a copy of the stage's input
   // The MLP part: the dense MLP keeps fc1's output and its activation; another part says its own.
   const int64_t mlp_acts = p.mlp_activation_bytes >= 0 ? p.mlp_activation_bytes : e * (N * mlp_in + N * fl);
-  // Its backward scratch: dfc1 (and, with sequence parallelism, its input gradient before the
-  // reduce-scatter).
-  const int64_t mlp_scratch =
-      p.mlp_workspace_bytes >= 0 ? p.mlp_workspace_bytes : e * (N * mlp_in + (p.sequence_parallel ? N * h : 0));
+  // Its backward scratch: dfc1 (with sequence parallelism its input gradient goes to the backward's
+  // (N, h) scratch, free while the MLP's backward runs).
+  const int64_t mlp_scratch = p.mlp_workspace_bytes >= 0 ? p.mlp_workspace_bytes : e * N * mlp_in;
   // A block: LayerNorm statistics (4 per row), ln1 out, qkv, attention saved state, attention out,
   // x_mid, ln2 out, the MLP's, x_out. Rows of the residual stream are split by sequence
   // parallelism; the tensors between a column- and a row-parallel layer by the tp split.

@@ -142,18 +142,22 @@ class TpLayers {
     }
   }
   // Where a column-parallel layer's input gradient (N, h) goes before column_input_grad: drows itself
-  // without sequence parallelism, else a scratch buffer (free with release_full_grad).
+  // without sequence parallelism, else the backward's (N, h) scratch that the model lends for the
+  // duration of its backward (lend_full_grad), or a buffer of its own (release with release_full_grad).
   float* full_grad(float* drows) const {
-    return tp_.sequence_parallel ? be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::workspace) : drows;
+    if (!tp_.sequence_parallel) return drows;
+    return lent_ ? lent_ : be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::workspace);
   }
   void release_full_grad(float* dfull, float* drows) const {
-    if (dfull != drows) be_.free(dfull);
+    if (dfull != drows && dfull != lent_) be_.free(dfull);
   }
+  void lend_full_grad(float* scratch) { lent_ = scratch; }
 
  private:
   Backend& be_;
   const TensorParallel& tp_;
   int N_, rows_, h_;
+  float* lent_ = nullptr;
 };
 
 namespace {
@@ -579,6 +583,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   sc.dres = scratch(Rh);  // gradient of the residual stream on this rank's rows
   sc.dln = scratch(Nh);   // gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
   sc.dln_rows = tp_.sequence_parallel ? scratch(Rh) : sc.dln;
+  tp_layers_->lend_full_grad(sc.dln);  // free while a part's backward runs: its input gradient's place
   float* dln_rows = sc.dln_rows;
   sc.datt = scratch(Nhl);
   sc.dqkv = scratch(3 * Nhl);
@@ -663,6 +668,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   }
 
   if (dln_rows != sc.dln) be.free(dln_rows);
+  tp_layers_->lend_full_grad(nullptr);
   for (float* p : {sc.att, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
 }
 

@@ -21,6 +21,34 @@ const char* comm_op_name(CommOp op) {
 
 namespace {
 
+// Two requests that complete together.
+class PairRequest final : public CommRequest {
+ public:
+  PairRequest(Request first, Request second) : first_(std::move(first)), second_(std::move(second)) {}
+  void wait() override {
+    first_->wait();
+    second_->wait();
+  }
+  bool test() override {
+    const bool a = first_->test();  // both driven, whatever the first says
+    const bool b = second_->test();
+    return a && b;
+  }
+
+ private:
+  Request first_, second_;
+};
+
+}  // namespace
+
+Request Communicator::send_recv_async(const float* send, int to, float* recv, int from, std::size_t count, int tag) {
+  Request r = recv_async(recv, count, from, tag);
+  Request s = send_async(send, count, to, tag);
+  return std::make_unique<PairRequest>(std::move(r), std::move(s));
+}
+
+namespace {
+
 int as_int_count(std::size_t count) {
   if (count > static_cast<std::size_t>(INT_MAX)) {
     abort_job(kExitRuntime, __FILE__, __LINE__, "MPI count", "message of " + std::to_string(count) +

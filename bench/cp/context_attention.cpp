@@ -151,15 +151,11 @@ void ContextAttention::ring_forward(float* out, float* lse, const float* qkv, in
   float* nxt = be_.alloc_floats(block, MemCategory::comm_buffers);  // the one arriving
   be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
   for (int s = 0; s < n; ++s) {
-    Request send, recv;
-    if (s + 1 < n) {  // pass the block on while attending to it
-      recv = cp_.comm->recv_async(nxt, block, prev, s);
-      send = cp_.comm->send_async(cur, block, next, s);
-    }
+    Request hop;
+    if (s + 1 < n) hop = cp_.comm->send_recv_async(cur, next, nxt, prev, block, s);  // pass it on meanwhile
     attend_block(out, lse, s == 0, qkv, cur, (cp_.rank + n - s) % n, B, S, C, heads);
     if (s + 1 < n) {
-      send->wait();
-      recv->wait();
+      hop->wait();
       std::swap(cur, nxt);
     }
   }
@@ -182,11 +178,8 @@ void ContextAttention::ring_backward(float* dqkv, float* delta, const float* dou
   be_.zero(dcur, block * sizeof(float));
   for (int s = 0; s < n; ++s) {
     const int origin = (cp_.rank + n - s) % n;
-    Request kv_send, kv_recv;
-    if (s + 1 < n) {  // the next block's K|V travels while this one is differentiated
-      kv_recv = cp_.comm->recv_async(nxt, block, prev, 2 * s);
-      kv_send = cp_.comm->send_async(cur, block, next, 2 * s);
-    }
+    Request kv_hop;  // the next block's K|V travels while this one is differentiated
+    if (s + 1 < n) kv_hop = cp_.comm->send_recv_async(cur, next, nxt, prev, block, 2 * s);
     const int32_t* pos_k = positions_of(origin);
     {
       Stopwatch watch(be_, time_s_);
@@ -194,14 +187,10 @@ void ContextAttention::ring_backward(float* dqkv, float* delta, const float* dou
                                    pos_k, B, S, S, C, heads);
     }
     // The block's gradient goes on with it (after the last block: home to its owner, the next rank).
-    Request g_send = cp_.comm->send_async(dcur, block, next, 2 * s + 1);
-    Request g_recv = cp_.comm->recv_async(dnxt, block, prev, 2 * s + 1);
-    g_send->wait();
-    g_recv->wait();
+    cp_.comm->send_recv_async(dcur, next, dnxt, prev, block, 2 * s + 1)->wait();
     std::swap(dcur, dnxt);
     if (s + 1 < n) {
-      kv_send->wait();
-      kv_recv->wait();
+      kv_hop->wait();
       std::swap(cur, nxt);
     }
   }

@@ -2,6 +2,8 @@
 // ranks), combined with data parallelism (see README.md).
 #include <CLI/CLI.hpp>
 
+#include <climits>
+#include <cstdint>
 #include <memory>
 
 #include "bench/cp/context_attention.h"
@@ -40,6 +42,11 @@ int main(int argc, char** argv) {
       throw pb::ConfigError("--seq " + std::to_string(o.model.seq) + " is not divisible by " + std::to_string(chunks) +
                             " (--cp-layout " + layout_name + " splits each sequence into " +
                             (layout_name == "zigzag" ? "2 × --cp" : "--cp") + " chunks)");
+    }
+    // Every exchange of a micro-batch's keys and values (at most b·S·3h floats, all-gathered or sent to
+    // one peer) must be one MPI count.
+    if (static_cast<int64_t>(o.micro_batch) * o.model.seq * 3 * o.model.hidden > int64_t{INT_MAX}) {
+      throw pb::ConfigError("--micro-batch × --seq × 3 × --hidden is too large for one exchange of keys and values");
     }
     if (algo == pb::CpAlgo::alltoall && o.model.heads % cp != 0) {
       throw pb::ConfigError("--heads " + std::to_string(o.model.heads) + " is not divisible by --cp " +

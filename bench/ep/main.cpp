@@ -68,15 +68,15 @@ int main(int argc, char** argv) {
     layout.ep = ep;
     return layout;
   };
-  app.predict_memory = [&](const pb::Options&, const pb::MemoryPlan& base, int /*rank*/) {
+  app.predict_memory = [&](const pb::Options& o, const pb::MemoryPlan& base, int /*rank*/) {
     pb::MemoryPlan plan = base;
-    pb::plan_moe_memory(plan, moe, ep);
+    pb::plan_moe_memory(plan, moe, ep, o.grad_accum);
     return pb::predict_memory(plan);
   };
   app.block_parts = [&](const pb::Options& o, pb::Backend& backend, const pb::ModelParallel& mp) {
     const float loss_scale = 1.0f / (static_cast<float>(o.global_batch) * o.model.seq);
     pb::OwnedBlockParts parts;
-    auto part = std::make_unique<pb::MoeMlp>(o.model, moe, backend, mp.ep, o.micro_batch, loss_scale);
+    auto part = std::make_unique<pb::MoeMlp>(o.model, moe, backend, mp.ep, o.micro_batch, o.grad_accum, loss_scale);
     mlp = part.get();
     parts.mlp = std::move(part);
     return parts;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <string>
 
 namespace pb {
@@ -39,8 +40,8 @@ struct MoeMlp::Saved final : PartState {
 };
 
 MoeMlp::MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend, const ExpertParallel& ep,
-               int micro_batch, float loss_scale)
-    : model_(model), moe_(moe), be_(backend), ep_(ep), loss_scale_(loss_scale) {
+               int micro_batch, int micro_batches, float loss_scale)
+    : model_(model), moe_(moe), be_(backend), ep_(ep), loss_scale_(loss_scale), micro_batches_(micro_batches) {
   N_ = micro_batch * model.seq;
   E_ = moe.experts;
   k_ = moe.top_k;
@@ -48,11 +49,13 @@ MoeMlp::MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend
   C_ = moe_capacity(moe, N_);
   h_ = model.hidden;
   f_ = model.ffn;
-  kept_.assign(static_cast<std::size_t>(model.layers) * E_, 0);
-  dropped_.assign(model.layers, 0);
+  recorded_.assign(model.layers, 0);
 }
 
-MoeMlp::~MoeMlp() = default;
+MoeMlp::~MoeMlp() {
+  be_.free(aux_sum_);
+  be_.free(step_counts_);
+}
 
 std::vector<TensorSpec> MoeMlp::tensors() const {
   const int64_t h = h_, f = f_;
@@ -159,13 +162,16 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
   const int rows = ep_.size * C_;
   auto scratch = [&](std::size_t n) { return be_.alloc_floats(n, MemCategory::workspace); };
 
-  // Routing statistics, once per micro-batch and block.
-  std::vector<int32_t> counts(2 * E);
-  be_.download(counts.data(), s.counts, counts.size() * sizeof(int32_t));
-  for (std::size_t e = 0; e < E; ++e) {
-    kept_[static_cast<std::size_t>(layer) * E + e] += counts[e];
-    dropped_[layer] += counts[E + e] - counts[e];
+  // Routing statistics, once per micro-batch and block, kept on the device until the step ends.
+  if (step_counts_ == nullptr) {
+    const std::size_t n = static_cast<std::size_t>(model_.layers) * micro_batches_ * 2 * E;
+    step_counts_ = static_cast<int32_t*>(be_.alloc(n * sizeof(int32_t), MemCategory::workspace));
+    aux_sum_ = static_cast<double*>(be_.alloc(sizeof(double), MemCategory::workspace));
+    be_.zero(aux_sum_, sizeof(double));
   }
+  if (recorded_[layer] >= micro_batches_) throw std::logic_error("MoeMlp: more micro-batches than a step has");
+  be_.copy(step_counts_ + (static_cast<std::size_t>(layer) * micro_batches_ + recorded_[layer]++) * 2 * E, s.counts,
+           2 * E * sizeof(int32_t));
 
   // Combine's backward: the gates' gradient, and each slot's output gradient.
   float* dgate = scratch(N * k);
@@ -213,16 +219,9 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
   // The router: the gates' softmax, the auxiliary loss, and the router's input gradient added to du.
   float* dlogits = scratch(N * E);
   be_.moe_router_backward(dlogits, dgate, s.gate, s.expert, N_, E_, k_);
-  if (moe_.aux_loss > 0.0) {
-    // This micro-batch's share of the objective: b/G = loss_scale · N.
-    auto* sum = static_cast<double*>(be_.alloc(sizeof(double), MemCategory::workspace));
-    be_.zero(sum, sizeof(double));
-    be_.moe_aux_loss(dlogits, sum, s.probs, s.counts, N_, E_, k_, static_cast<float>(moe_.aux_loss),
+  if (moe_.aux_loss > 0.0) {  // this micro-batch's share of the objective: b/G = loss_scale · N
+    be_.moe_aux_loss(dlogits, aux_sum_, s.probs, s.counts, N_, E_, k_, static_cast<float>(moe_.aux_loss),
                      loss_scale_ * static_cast<float>(N_));
-    double value = 0.0;
-    be_.download(&value, sum, sizeof(double));
-    be_.free(sum);
-    aux_sum_ += value;
   }
   float* du_router = scratch(N * h_);
   be_.matmul_backward(du_router, g[kRouter], nullptr, dlogits, u, w[kRouter], N_, h_, E_);
@@ -232,7 +231,7 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
   be_.free(dgate);
 }
 
-void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep) {
+void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep, int micro_batches) {
   const ArchSpec& a = plan.arch;
   const int64_t N = static_cast<int64_t>(plan.micro_batch) * a.seq, E = moe.experts, k = moe.top_k;
   const int64_t h = a.hidden, f = a.ffn, C = moe_capacity(moe, N), slots = E * C;
@@ -245,21 +244,37 @@ void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep) {
   // and the combined expert outputs (E, C, h).
   plan.mlp_activation_bytes = e * (N * E + N * k + 2 * slots * h + 2 * slots * f) + kIndex * (2 * N * k + 2 * E);
   // Backward: the gates' gradient, then the larger of (the experts' output and input gradients and one
-  // expert's dfc1) and (the router logits' gradient and its input gradient); the auxiliary loss's sum.
-  plan.mlp_workspace_bytes =
-      e * N * k + std::max(e * (2 * slots * h + ep * C * f), e * (N * E + N * h) + (moe.aux_loss > 0.0 ? 8 : 0));
+  // expert's dfc1) and (the router logits' gradient and its input gradient).
+  // Held to the end: the step's routing counts (2E int32 per block and micro-batch) and the auxiliary
+  // loss's sum (a double).
+  plan.mlp_workspace_bytes = e * N * k + std::max(e * (2 * slots * h + ep * C * f), e * (N * E + N * h)) +
+                             a.layers * micro_batches * 2 * E * kIndex + 8;
   // ep > 1: two (E, C, h) buffers around each all-to-all.
   plan.mlp_comm_bytes = ep > 1 ? 2 * slots * h * e : 0;
 }
 
 MoeStepStats MoeMlp::take_step_stats() {
+  const std::size_t L = model_.layers, E = E_;
   MoeStepStats st;
-  st.kept = kept_;
-  st.dropped = dropped_;
-  st.aux_loss = aux_sum_ * static_cast<double>(loss_scale_) * N_;  // (b/G) Σ aux
-  aux_sum_ = 0.0;
-  std::fill(kept_.begin(), kept_.end(), 0);
-  std::fill(dropped_.begin(), dropped_.end(), 0);
+  st.kept.assign(L * E, 0);
+  st.dropped.assign(L, 0);
+  if (step_counts_ == nullptr) return st;
+  std::vector<int32_t> counts(L * micro_batches_ * 2 * E);
+  be_.download(counts.data(), step_counts_, counts.size() * sizeof(int32_t));
+  for (std::size_t l = 0; l < L; ++l) {
+    for (int m = 0; m < recorded_[l]; ++m) {
+      const int32_t* c = counts.data() + (l * micro_batches_ + m) * 2 * E;
+      for (std::size_t e = 0; e < E; ++e) {
+        st.kept[l * E + e] += c[e];
+        st.dropped[l] += c[E + e] - c[e];
+      }
+    }
+    recorded_[l] = 0;
+  }
+  double aux = 0.0;
+  be_.download(&aux, aux_sum_, sizeof(double));
+  be_.zero(aux_sum_, sizeof(double));
+  st.aux_loss = aux * static_cast<double>(loss_scale_) * N_;  // (b/G) Σ aux
   return st;
 }
 

@@ -43,10 +43,13 @@ struct MoeStepStats {
 
 class MoeMlp final : public MlpPart {
  public:
-  // loss_scale: 1 / (G·S), the weight of one token in the step's objective.
+  // loss_scale: 1 / (G·S), the weight of one token in the step's objective; micro_batches: this
+  // rank's per step (gradient accumulation).
   MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend, const ExpertParallel& ep, int micro_batch,
-         float loss_scale);
+         int micro_batches, float loss_scale);
   ~MoeMlp() override;
+  MoeMlp(const MoeMlp&) = delete;
+  MoeMlp& operator=(const MoeMlp&) = delete;
 
   std::vector<TensorSpec> tensors() const override;
   int64_t global_parameters() const override;
@@ -61,8 +64,9 @@ class MoeMlp final : public MlpPart {
   int experts() const { return E_; }
   int capacity() const { return C_; }
   int local_experts() const { return El_; }
-  // The statistics since the last call (counted in backward, once per micro-batch and block, so that
-  // recomputation does not count twice), and a reset.
+  // The statistics since the last call (recorded in backward, once per micro-batch and block, so that
+  // recomputation does not count twice; kept on the device and read once per step, so that no block
+  // waits for the host), and a reset.
   MoeStepStats take_step_stats();
 
  private:
@@ -78,13 +82,18 @@ class MoeMlp final : public MlpPart {
   ExpertParallel ep_;
   int N_, E_, k_, El_, C_, h_, f_;
   float loss_scale_;
-  double aux_sum_ = 0.0;  // Σ coef·E·Σ_e f_e·P_e since the last take
-  std::vector<int64_t> kept_, dropped_;
+  int micro_batches_;
+  // Made on the first backward, kept to the end: each block's routing counts (2E) per micro-batch
+  // ([layer][micro][2E] int32), and Σ coef·E·Σ_e f_e·P_e of the step (one double).
+  int32_t* step_counts_ = nullptr;
+  double* aux_sum_ = nullptr;
+  std::vector<int> recorded_;  // per layer: micro-batches recorded this step
 };
 
 // The memory model of the part (what MoeMlp allocates), completing an app's or the planner's plan:
 // this rank's MLP parameters per block, its activations, backward scratch and all-to-all buffers.
 // tokens = b·S of one micro-batch; ep ranks share the experts.
-void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep);
+// micro_batches: per step of a rank (the per-step routing counts are kept for each).
+void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep, int micro_batches);
 
 }  // namespace pb

@@ -390,7 +390,7 @@ PlanResult evaluate(const PlanConfig& c) {
     r.parameters = total_parameters(m.arch);
     if (c.is_moe()) {  // the router and all E experts in every block: the plan of one ep rank holding them all
       MemoryPlan whole = m;
-      plan_moe_memory(whole, c.moe, 1);
+      plan_moe_memory(whole, c.moe, 1, c.grad_accum);
       r.parameters = 0;
       for (int64_t u : unit_parameter_counts(whole)) r.parameters += u;
     }

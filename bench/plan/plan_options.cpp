@@ -465,7 +465,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
              " is too many tokens per micro-batch for the expert slots");
     }
     c.ep = r.ep;
-    plan_moe_memory(m, moe, c.ep);  // bench/ep's model: the router, E/ep experts, their activations and buffers
+    plan_moe_memory(m, moe, c.ep, c.grad_accum);  // bench/ep's model: the router, E/ep experts, their activations and buffers
   }
 
   // ---- context parallelism: what parabench-cp validates; its memory model completes the plan -----------

@@ -10,7 +10,7 @@ chunks, combined with data parallelism.
 * /memory/measured equals /memory/predicted per rank and category (peak_total: at most predicted), and
   at cp 4 each algorithm keeps at most 0.3× the activations of the cp 1 run at the same S;
 * /cp/attention_time_s holds [steps, ranks] and /summary the slowest/fastest ratio (its values are
-  timings: bench/cp/balance.py measures the load balance, not a test);
+  timings: bench/cp/scaling.py measures the load balance, not a test);
 * wrong command lines exit 2 naming the option.
 """
 

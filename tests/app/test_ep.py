@@ -137,6 +137,29 @@ def test_dp_given_or_derived(cached_run):
     assert np.array_equal(derived["loss"], given["loss"]) and np.array_equal(derived["grad_norm"], given["grad_norm"])
 
 
+# Edge cases against their own single-rank runs: every expert chosen (k = E), one expert, and a capacity
+# of one slot (factor 0.01): (E, k, capacity factor, ep, ranks).
+EDGES = [(4, 4, 1.0, 2, 2), (1, 1, 0.0, 1, 2), (8, 2, 0.01, 4, 4)]
+
+
+@pytest.mark.parametrize("edge", EDGES, ids=[f"E{e[0]}-k{e[1]}-cf{e[2]:g}-ep{e[3]}" for e in EDGES])
+def test_edge_cases_match_single_rank(edge, cached_run):
+    E, k, cf, ep, ranks = edge
+    base = [*SHAPE_ARGS, "--micro-batch", MICRO, "--global-batch", GLOBAL_BATCH, "--steps", 4, "--experts", E,
+            "--top-k", k, "--capacity-factor", cf, "--aux-loss", 0.01]
+    ref = cached_run("ep", 1, [*base, "--ep", 1])
+    got = cached_run("ep", ranks, [*base, "--ep", ep])
+    rel = np.abs(got["loss"] - ref["loss"]) / np.abs(ref["loss"])
+    assert rel.max() <= RTOL, f"{got['command']}\nloss differs by {rel.max():.3g}"
+    a, b = moe_of(got), moe_of(ref)
+    assert np.array_equal(a["kept"], b["kept"]) and np.array_equal(a["dropped"], b["dropped"]), got["command"]
+    if cf == 0.01:  # C = 1: each expert keeps one assignment per micro-batch
+        assert np.all(a["kept"] <= GLOBAL_BATCH // MICRO), a["kept"]
+    # the memory terms are exact here too (aux loss on, the router's buffers the larger when C = 1)
+    for cat in ["activations", "workspace", "comm_buffers"]:
+        assert np.array_equal(got["measured"][cat], got["predicted"][cat]), (got["command"], cat)
+
+
 def test_capacity_drops_tokens(reference):
     """Capacity factor 1.0 with k = 1 and E = 4 drops assignments of the untrained router."""
     assert moe_of(reference(4, 1, 1.0))["dropped"].sum() > 0

@@ -514,7 +514,7 @@ TEST(ExpertParallel, PlannerUsesTheEpAppsFormula) {
             moe.capacity_factor = capacity;
             moe.aux_loss = aux;
             MemoryPlan app_plan = memory_plan_for(o, /*attention_keeps_probabilities=*/true);
-            plan_moe_memory(app_plan, moe, ep);
+            plan_moe_memory(app_plan, moe, ep, /*micro_batches=*/1);  // global batch 2 × dp 4: no accumulation
             const MemoryEstimate app = predict_memory(app_plan);
             std::ostringstream command;
             command << "--model " << model << " --app ep --gpus 4 --ep " << ep << " --experts 8 --top-k 2"
@@ -526,6 +526,7 @@ TEST(ExpertParallel, PlannerUsesTheEpAppsFormula) {
             }
             EXPECT_EQ(r.per_rank.peak_total, app.peak_total) << command.str();
             EXPECT_EQ(r.config.dp, 4);
+            EXPECT_EQ(r.config.grad_accum, 1);
             EXPECT_EQ(r.config.ep, ep);
             EXPECT_EQ(r.config.capacity(), moe_capacity(moe, 2 * o.model.seq));
             // Parameters: the whole MoE model, and a rank's share (replicated + its E/ep experts).
