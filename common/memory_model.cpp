@@ -30,15 +30,23 @@ MemoryPlan memory_plan_for(const Options& o, bool attention_keeps_probabilities)
   return p;
 }
 
+namespace {
+// The dense MLP of one block on one tp rank: fc1 (gate and up when gated) column-, fc2 row-parallel.
+int64_t dense_mlp_parameters(const ArchSpec& a, int tp) {
+  const int64_t bias = a.biases ? 1 : 0, mlp_in = a.mlp_in_width() / tp;
+  return a.hidden * mlp_in + bias * mlp_in + a.ffn / tp * a.hidden + bias * a.hidden;
+}
+}  // namespace
+
 std::vector<int64_t> unit_parameter_counts(const ArchSpec& a, int tp) {
-  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, S = a.seq, t = tp;
+  const int64_t h = a.hidden, V = a.vocab, S = a.seq, t = tp;
   const int64_t bias = a.biases ? 1 : 0;
   std::vector<int64_t> units;
   units.push_back(V / t * h + (a.learned_positions ? S * h : 0));  // embed.tok (vocabulary-parallel), embed.pos
   const int64_t norms = 2 * (h + bias * h);                         // ln1, ln2: .g and .b
-  const int64_t qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
+  const int64_t qkv = a.qkv_width() / t;
   const int64_t attention = h * qkv + bias * qkv + h / t * h + bias * h;  // qkv column-, out row-parallel
-  const int64_t mlp = h * mlp_in + bias * mlp_in + f / t * h + bias * h;  // fc1 column-, fc2 row-parallel
+  const int64_t mlp = dense_mlp_parameters(a, tp);
   for (int64_t l = 0; l < a.layers; ++l) units.push_back(norms + attention + mlp);
   units.push_back(h + bias * h + (a.tied_embeddings ? 0 : h * (V / t)));  // final_ln, head.w (column-parallel)
   return units;
@@ -47,9 +55,7 @@ std::vector<int64_t> unit_parameter_counts(const ArchSpec& a, int tp) {
 std::vector<int64_t> unit_parameter_counts(const MemoryPlan& p) {
   std::vector<int64_t> units = unit_parameter_counts(p.arch, p.tp);
   if (p.mlp_parameters >= 0) {
-    const ArchSpec& a = p.arch;
-    const int64_t bias = a.biases ? 1 : 0, mlp_in = a.mlp_in_width() / p.tp;
-    const int64_t dense = a.hidden * mlp_in + bias * mlp_in + a.ffn / p.tp * a.hidden + bias * a.hidden;
+    const int64_t dense = dense_mlp_parameters(p.arch, p.tp);
     for (std::size_t u = 1; u + 1 < units.size(); ++u) units[u] += p.mlp_parameters - dense;
   }
   return units;

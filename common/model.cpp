@@ -42,6 +42,11 @@ std::vector<TensorSpec> dense_mlp_tensors(const ModelConfig& m) {
   return {{"mlp.fc1.w", h, f, T::columns}, {"mlp.fc1.b", 1, f, T::columns},
           {"mlp.fc2.w", f, h, T::rows},    {"mlp.fc2.b", 1, h, T::none}};
 }
+int64_t spec_parameters(const std::vector<TensorSpec>& specs) {
+  int64_t n = 0;
+  for (const TensorSpec& t : specs) n += t.rows * t.cols;
+  return n;
+}
 }  // namespace
 
 std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const MlpPart* mlp) {
@@ -87,8 +92,7 @@ std::size_t gpt_num_parameters(const ModelConfig& config, const MlpPart* mlp) {
   const auto units = gpt_units(config);
   std::size_t n = units.back().offset + units.back().numel;
   if (mlp) {  // the dense MLP's parameters replaced by the part's
-    int64_t dense = 0;
-    for (const TensorSpec& t : dense_mlp_tensors(config)) dense += t.rows * t.cols;
+    const int64_t dense = spec_parameters(dense_mlp_tensors(config));
     n += static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(mlp->global_parameters() - dense);
   }
   return n;
@@ -170,9 +174,7 @@ class DenseMlp final : public MlpPart {
       : m_(m), be_(backend), tp_(tp), N_(N), fl_(m.ffn / tp_size) {}
 
   std::vector<TensorSpec> tensors() const override { return dense_mlp_tensors(m_); }
-  int64_t global_parameters() const override {
-    return 2 * int64_t{m_.hidden} * m_.ffn + m_.ffn + m_.hidden;
-  }
+  int64_t global_parameters() const override { return spec_parameters(dense_mlp_tensors(m_)); }
 
   struct Saved final : PartState {
     explicit Saved(Backend& backend) : be(backend) {}

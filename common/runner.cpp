@@ -778,28 +778,21 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
   // Context parallelism: the model takes each sequence's tokens at this rank's positions.
   const ContextParallel& cp = rt.mp.cp;
   const std::vector<int32_t> positions = cp.active() ? cp.positions(S, cp.rank) : std::vector<int32_t>{};
-  std::vector<int32_t> local_tokens(cp.active() ? b * positions.size() : 0), local_targets(local_tokens.size());
+  std::vector<int32_t> local_tokens(b * positions.size()), local_targets(local_tokens.size());
+  const int32_t* model_tokens = cp.active() ? local_tokens.data() : tokens.data();
+  const int32_t* model_targets = cp.active() ? local_targets.data() : targets.data();
   for (int micro = 0; micro < batches.count; ++micro) {
     batches.fill(micro, tokens.data(), targets.data());
-    if (cp.active()) {
-      for (int i = 0; i < b; ++i) {
-        for (std::size_t j = 0; j < positions.size(); ++j) {
-          local_tokens[i * positions.size() + j] = tokens[static_cast<std::size_t>(i) * S + positions[j]];
-          local_targets[i * positions.size() + j] = targets[static_cast<std::size_t>(i) * S + positions[j]];
-        }
-      }
-      tokens.swap(local_tokens);
-      targets.swap(local_targets);
+    for (std::size_t i = 0; i < local_tokens.size(); ++i) {  // cp > 1 only
+      const std::size_t at = i / positions.size() * S + positions[i % positions.size()];
+      local_tokens[i] = tokens[at];
+      local_targets[i] = targets[at];
     }
     const double t0 = wall_time_s();
     begin_micro_batch(micro, micro == batches.count - 1);
-    rt.model.forward_backward(tokens.data(), targets.data(), batches.loss_scale, *this);
+    rt.model.forward_backward(model_tokens, model_targets, batches.loss_scale, *this);
     rt.trace.span(TraceTrack::compute, "forward+backward", t0, wall_time_s(),
                   "{\"step\": " + std::to_string(batches.step + 1) + ", \"micro_batch\": " + std::to_string(micro) + "}");
-    if (cp.active()) {  // back to whole sequences for the next fill
-      tokens.swap(local_tokens);
-      targets.swap(local_targets);
-    }
   }
 }
 

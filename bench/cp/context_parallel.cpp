@@ -35,13 +35,14 @@ std::vector<float> ContextParallelStrategy::gather_full_gradients() {
 
 void ContextParallelStrategy::write_results(Communicator& world, ResultWriter* writer) {
   if (attention_ == nullptr) return;
+  // Every rank finished the same steps: one gather of [ranks][steps], stored as [steps, ranks].
   const int ranks = world.size();
   const std::size_t steps = times_.size();
+  std::vector<double> by_rank(steps * ranks);
+  if (steps > 0) world.all_gather_host(times_.data(), by_rank.data(), steps * sizeof(double));
   all_times_.assign(steps * ranks, 0.0);
-  std::vector<double> row(ranks);
-  for (std::size_t s = 0; s < steps; ++s) {
-    world.all_gather_host(&times_[s], row.data(), sizeof(double));
-    std::copy(row.begin(), row.end(), all_times_.begin() + static_cast<std::ptrdiff_t>(s * ranks));
+  for (int r = 0; r < ranks; ++r) {
+    for (std::size_t s = 0; s < steps; ++s) all_times_[s * ranks + r] = by_rank[r * steps + s];
   }
   if (writer == nullptr) return;
   writer->write_f64("/cp/attention_time_s", all_times_, "s", {static_cast<int64_t>(steps), ranks});
