@@ -242,7 +242,6 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     opt.comm = comm;
     if (dtype.empty()) dtype = backend == "cuda" ? "bf16" : "fp32";
     if (dtype != "fp32" && dtype != "bf16") reject("--dtype " + dtype + " must be fp32 or bf16");
-    if (dtype == "bf16" && backend != "cuda") reject("--dtype bf16 needs --backend cuda; the cpu backend computes in fp32");
     opt.dtype = dtype;
     if (backend == "cuda" && m.hidden / m.heads > env.cuda_max_head_dim) {
       reject("--hidden " + std::to_string(m.hidden) + " / --heads " + std::to_string(m.heads) + " = head dimension " +

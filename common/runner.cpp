@@ -120,6 +120,17 @@ double resolve_peak_tflops(const Options& o, const std::string& device_name) {
   return 0.0;
 }
 
+// The precision recipe of the run, added to its /config: what tensors are stored in and how the matrix
+// products compute. Every tensor is still stored in fp32 (bf16 storage with fp32 master weights is
+// issue 14's next step); --dtype bf16 rounds the products' operands to bf16.
+nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const Backend& backend) {
+  config["storage_dtype"] = "fp32";  // parameters, activations, gradients
+  config["grad_dtype"] = "fp32";
+  config["master_weights"] = "none";  // the parameters are fp32 themselves
+  config["matmul_precision"] = backend.matmul_precision();
+  return config;
+}
+
 // The CPU backend, or the GPU of this rank: local rank modulo the GPUs it can see.
 std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
 #ifdef PB_WITH_CUDA
@@ -127,7 +138,7 @@ std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
 #else
   (void)local_rank;
 #endif
-  return make_cpu_backend(opt.threads);
+  return make_cpu_backend(opt.threads, opt.dtype == "bf16");
 }
 
 // The communicator the process groups are split from, when it is not `world` itself: with the CUDA
@@ -167,6 +178,7 @@ void print_header(const Options& o, const Layout& layout, const SystemInfo& sys,
               PB_GIT_COMMIT, sys.cluster.c_str(), o.world_size, sys.nodes);
   std::printf("backend %s (%s), comm %s, dtype %s, %d thread(s) per rank\n", backend.name().c_str(),
               backend.device_name().c_str(), o.comm.c_str(), o.dtype.c_str(), o.threads);
+  if (o.dtype != "fp32") std::printf("matrix products: %s; tensors stored in fp32\n", backend.matmul_precision().c_str());
   std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %d ffn %d, %.2fM parameters\n",
               o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, o.model.vocab,
               o.model.ffn, num_params / 1e6);
@@ -450,7 +462,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     try {
       writer = std::make_shared<ResultWriter>(
           ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size, opt.steps, opt.overwrite});
-      writer->write_config(describe_options(opt, app.options), opt.argv);
+      writer->write_config(describe_precision(describe_options(opt, app.options), *backend), opt.argv);
       writer->write_system(sys);
       writer->commit_header();
       json_log = std::make_unique<OutputFile>(

@@ -22,6 +22,9 @@ class Backend {
 
   virtual std::string name() const = 0;         // "cpu", "cuda"
   virtual std::string device_name() const = 0;  // CPU model or GPU model
+  // How the matrix products compute, for the run's /config: "fp32", or the bf16 operands' library and
+  // kernel ("bf16 operands, fp32 accumulation: oneDNN 2.6.3 (brg:avx512_core_bf16)").
+  virtual std::string matmul_precision() const = 0;
 
   // ---- memory: every byte goes through the tracker under a category -----------------------------
   virtual void* alloc(std::size_t bytes, MemCategory category) = 0;

@@ -7,7 +7,7 @@ debian_packages=(
   cmake g++ make pkg-config git
   mpich libmpich-dev
   libhdf5-dev hdf5-tools
-  libopenblas-dev libopenblas-openmp-dev
+  libopenblas-dev libopenblas-openmp-dev libdnnl-dev
   libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-numpy python3-h5py python3-torch python3-pytest python3-matplotlib python3-pandas shellcheck
@@ -28,7 +28,8 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   cat >&2 <<MSG
 setup: cannot install without root on Debian; missing: ${missing[*]}
 On a cluster, load modules that provide: an MPI (e.g. 'module load openmpi' or 'mpich'),
-HDF5 (serial C library), a BLAS (OpenBLAS or MKL), CMake >= 3.25 and a C++17 compiler,
+HDF5 (serial C library), a BLAS (OpenBLAS or MKL), CMake >= 3.25 and a C++17 compiler, optionally
+oneDNN (bf16 matrix products on the CPU; without it --dtype bf16 there runs sgemm on rounded operands),
 then configure with CLI11 and nlohmann_json found on CMAKE_PREFIX_PATH (both header-only).
 Tests also need GoogleTest, and python3 with numpy, h5py, pandas, matplotlib and torch; the
 Slurm test (slurm-wlm, munge) skips itself without root.

@@ -1,4 +1,5 @@
-// CPU implementation of the Backend: OpenBLAS sgemm for the matrix products, OpenMP for the rest.
+// CPU implementation of the Backend: OpenBLAS sgemm for the matrix products (oneDNN's bf16 matmul with
+// --dtype bf16), OpenMP for the rest.
 //
 // Every loop that reduces across rows (bias and LayerNorm parameter gradients, embedding gradients)
 // is parallelised over the output columns and runs the rows in order, so a run with the same
@@ -14,11 +15,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <vector>
 
 #include "kernels/block_cache.h"
+#include "kernels/cpu/bf16.h"
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/fast_math.h"
 
 namespace pb {
@@ -33,8 +37,9 @@ constexpr std::size_t kAlignment = 64;
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads)
+  CpuBackend(int threads, bool bf16_matmul)
       : threads_(std::max(1, threads)),
+        bf16_(bf16_matmul ? std::make_unique<cpu::Bf16Gemm>() : nullptr),
         blocks_(kAlignment, [](std::size_t bytes) {
           void* ptr = std::aligned_alloc(kAlignment, bytes);
           if (ptr == nullptr) throw std::bad_alloc();
@@ -46,6 +51,9 @@ class CpuBackend final : public Backend {
 
   std::string name() const override { return "cpu"; }
   std::string device_name() const override { return cpu_model_name(); }
+  std::string matmul_precision() const override {
+    return bf16_ ? "bf16 operands, fp32 accumulation: " + cpu::bf16_gemm_library() : "fp32";
+  }
 
   // ---- memory ------------------------------------------------------------------------------------
   void* alloc(std::size_t bytes, MemCategory category) override { return blocks_.alloc(bytes, category); }
@@ -59,6 +67,8 @@ class CpuBackend final : public Backend {
   void synchronize() override {}
 
   // ---- matmul ------------------------------------------------------------------------------------
+  // With bf16 products, each operand is rounded to bf16 into one of two scratch buffers of the backend
+  // (library workspace, as cuBLAS's: not in a memory category), and oneDNN multiplies them in fp32.
   void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N,
                       int C, int OC) override {
     // out (N, OC) = inp (N, C) · weight (C, OC), then + bias per row
@@ -66,20 +76,15 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
       for (int n = 0; n < N; ++n) std::memcpy(out + static_cast<std::size_t>(n) * OC, bias, sizeof(float) * OC);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, OC, C, 1.0f, inp, C, weight, OC,
-                bias != nullptr ? 1.0f : 0.0f, out, OC);
+    gemm(false, false, N, OC, C, inp, C, weight, OC, bias != nullptr ? 1.0f : 0.0f, out, OC);
   }
 
   void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                        const float* weight, int N, int C, int OC) override {
     // dinp (N, C) = dout (N, OC) · weightᵀ
-    if (dinp != nullptr) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, C, OC, 1.0f, dout, OC, weight, OC, 0.0f,
-                  dinp, C);
-    }
+    if (dinp != nullptr) gemm(false, true, N, C, OC, dout, OC, weight, OC, 0.0f, dinp, C);
     // dweight (C, OC) += inpᵀ (C, N) · dout (N, OC)
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, OC, N, 1.0f, inp, C, dout, OC, 1.0f,
-                dweight, OC);
+    gemm(true, false, C, OC, N, inp, C, dout, OC, 1.0f, dweight, OC);
     // dbias (OC) += column sums of dout, rows in order for reproducibility
     if (dbias != nullptr) {
       constexpr int kColumnBlock = 64;
@@ -526,7 +531,31 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Row-major C (M, N) = op(A) · op(B) + β·C in fp32, or with A and B rounded to bf16.
+  void gemm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+            float beta, float* C, int ldc) {
+    if (!bf16_) {
+      cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
+                  1.0f, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
+    // the stored extent of each operand: its rows, ld apart, the last one only as long as needed
+    const std::size_t a_size = static_cast<std::size_t>((trans_a ? K : M) - 1) * lda + (trans_a ? M : K);
+    const std::size_t b_size = static_cast<std::size_t>((trans_b ? N : K) - 1) * ldb + (trans_b ? K : N);
+    if (M == 0 || N == 0 || K == 0) {
+      bf16_->run(trans_a, trans_b, M, N, K, nullptr, lda, nullptr, ldb, beta, C, ldc);
+      return;
+    }
+    if (bf16_a_.size() < a_size) bf16_a_.resize(a_size);
+    if (bf16_b_.size() < b_size) bf16_b_.resize(b_size);
+    cpu::to_bf16(bf16_a_.data(), A, a_size);
+    cpu::to_bf16(bf16_b_.data(), B, b_size);
+    bf16_->run(trans_a, trans_b, M, N, K, bf16_a_.data(), lda, bf16_b_.data(), ldb, beta, C, ldc);
+  }
+
   int threads_;
+  std::unique_ptr<cpu::Bf16Gemm> bf16_;  // null: fp32 products
+  std::vector<uint16_t> bf16_a_, bf16_b_;
   BlockCache blocks_;
 };
 
@@ -544,6 +573,8 @@ std::string cpu_model_name() {
   return "unknown CPU";
 }
 
-std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+std::unique_ptr<Backend> make_cpu_backend(int threads, bool bf16_matmul) {
+  return std::make_unique<CpuBackend>(threads, bf16_matmul);
+}
 
 }  // namespace pb

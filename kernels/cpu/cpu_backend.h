@@ -1,4 +1,5 @@
-// The CPU backend: OpenBLAS sgemm for every matrix product, OpenMP loops for the rest.
+// The CPU backend: OpenBLAS sgemm (or oneDNN's bf16 matmul) for the matrix products, OpenMP loops for
+// the rest.
 #pragma once
 
 #include <cstddef>
@@ -10,8 +11,9 @@
 
 namespace pb {
 
-// threads: compute threads for BLAS and OpenMP (≥ 1).
-std::unique_ptr<Backend> make_cpu_backend(int threads);
+// threads: compute threads for BLAS and OpenMP (≥ 1). bf16_matmul: the matrix products round their
+// operands to bf16 and accumulate in fp32 (kernels/cpu/bf16_gemm.h); every tensor stays fp32.
+std::unique_ptr<Backend> make_cpu_backend(int threads, bool bf16_matmul = false);
 
 // The host CPU's model name (/proc/cpuinfo), for the result file's /system.
 std::string cpu_model_name();

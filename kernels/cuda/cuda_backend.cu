@@ -4,7 +4,8 @@
 // once (reuse is ordered by the stream); every launch is checked; every reduction runs in a fixed
 // order (two-stage partial sums, no atomics), so a run is bitwise reproducible on the same GPU. Small
 // internal buffers (partial sums, a vector of ones) live outside the tracker, as the CPU backend's
-// per-thread scratch does; they are counted in /memory/device_peak_bytes.
+// per-thread scratch does; they are counted in /memory/device_peak_bytes. So do the bf16 copies of the
+// matrix products' operands (bf16 mode only): library workspace like cuBLAS's own, in no category.
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -57,7 +58,7 @@ class CudaBackend final : public Backend {
   // One device per process: the backend makes `device` current once, and every call assumes it.
   CudaBackend(int device, bool bf16_matmul)
       : device_(device),
-        compute_type_(bf16_matmul ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F),
+        bf16_matmul_(bf16_matmul),
         blocks_(kAllocAlignment, [this](std::size_t bytes) { return device_malloc(bytes); },
                 [](void* ptr) { cudaFree(ptr); }) {
     PB_CUDA_CHECK(cudaSetDevice(device_));
@@ -79,7 +80,9 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     blocks_.release_live();  // the cached ones go with blocks_
-    cudaFree(scratch_);
+    cudaFree(scratch_.ptr);
+    cudaFree(bf16_a_.ptr);
+    cudaFree(bf16_b_.ptr);
     cudaFree(ones_);
     cudaFreeHost(host_double_);
     cublasDestroy(cublas_);
@@ -88,6 +91,13 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   std::string device_name() const override { return name_; }
+  std::string matmul_precision() const override {
+    if (!bf16_matmul_) return "fp32";
+    int version = 0;
+    cublasGetVersion(cublas_, &version);
+    return "bf16 operands, fp32 accumulation: cuBLAS " + std::to_string(version) +
+           " (cublasGemmEx, CUDA_R_16BF operands, CUBLAS_COMPUTE_32F)";
+  }
   cudaStream_t stream() const { return stream_; }
 
   // ---- memory: a per-size cache over cudaMalloc (kernels/block_cache.h); reuse of a freed block is
@@ -414,11 +424,49 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // A device buffer that grows to the largest size asked of it.
+  struct DeviceBuffer {
+    void* ptr = nullptr;
+    std::size_t bytes = 0;
+  };
+
+  // C (m, n) = op_a(A) (m, k) · op_b(B) (k, n) + β·C, column-major, α = 1, accumulated and written in
+  // fp32. The one place that decides the operand types: with bf16_matmul_ both operands are first
+  // rounded to bf16 (nearest even) into bf16_a_ and bf16_b_ and cuBLAS gets CUDA_R_16BF operands, so
+  // only the bf16 tensor cores can run it (no fp32 path to fall back on); without it, fp32 operands.
+  // The compute type is CUBLAS_COMPUTE_32F either way (TF32 off: CUBLAS_DEFAULT_MATH).
   void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* A, int lda,
             const float* B, int ldb, float beta, float* C, int ldc) {
     const float alpha = 1.0f;
-    PB_CUBLAS_CHECK(cublasGemmEx(cublas_, op_a, op_b, m, n, k, &alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, &beta,
-                                 C, CUDA_R_32F, ldc, compute_type_, CUBLAS_GEMM_DEFAULT));
+    const void* a = A;
+    const void* b = B;
+    cudaDataType_t operand_type = CUDA_R_32F;
+    if (bf16_matmul_) {
+      a = to_bf16(bf16_a_, A, operand_elements(op_a, m, k, lda));
+      b = to_bf16(bf16_b_, B, operand_elements(op_b, k, n, ldb));
+      operand_type = CUDA_R_16BF;
+    }
+    PB_CUBLAS_CHECK(cublasGemmEx(cublas_, op_a, op_b, m, n, k, &alpha, a, operand_type, lda, b, operand_type, ldb,
+                                 &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  // Elements of a column-major operand whose op() is (rows, cols) with leading dimension ld: the span
+  // from its first element to its last.
+  static std::size_t operand_elements(cublasOperation_t op, int rows, int cols, int ld) {
+    const int stored_rows = op == CUBLAS_OP_N ? rows : cols, stored_cols = op == CUBLAS_OP_N ? cols : rows;
+    if (stored_rows == 0 || stored_cols == 0) return 0;
+    return static_cast<std::size_t>(ld) * (stored_cols - 1) + stored_rows;
+  }
+
+  // `n` floats rounded to bf16 into `buf` (grown as needed; the stream orders its reuse by the next
+  // product after this one has read it).
+  const void* to_bf16(DeviceBuffer& buf, const float* x, std::size_t n) {
+    auto* out = static_cast<uint16_t*>(reserve(buf, std::max<std::size_t>(n, 1) * sizeof(uint16_t)));
+    if (n > 0) {
+      float_to_bf16_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(out, x, n);
+      PB_LAUNCH_CHECK();
+    }
+    return out;
   }
 
   void sum_rows(double* loss_sum, const double* row_loss, int N, float scale) {
@@ -457,19 +505,22 @@ class CudaBackend final : public Backend {
     return ptr;
   }
 
-  // Backend-internal buffer, grown on demand; its users run one after another on the stream.
-  void* scratch(std::size_t bytes) {
-    if (bytes > scratch_bytes_) {
+  // At least `bytes` in `buf`: cudaMalloc'ed directly (device_malloc, not the block cache: backend
+  // workspace, in no memory category), replaced by a larger one after the stream has drained when it
+  // is too small.
+  void* reserve(DeviceBuffer& buf, std::size_t bytes) {
+    if (bytes > buf.bytes) {
       PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      PB_CUDA_CHECK(cudaFree(scratch_));
-      scratch_ = nullptr;
-      scratch_bytes_ = 0;
-      PB_CUDA_CHECK(cudaMalloc(&scratch_, bytes));
-      scratch_bytes_ = bytes;
-      sample_device_memory();
+      PB_CUDA_CHECK(cudaFree(buf.ptr));
+      buf = DeviceBuffer{};
+      buf.ptr = device_malloc(bytes);  // empties the cache once when the device is full
+      buf.bytes = bytes;
     }
-    return scratch_;
+    return buf.ptr;
   }
+
+  // Backend-internal buffer, grown on demand; its users run one after another on the stream.
+  void* scratch(std::size_t bytes) { return reserve(scratch_, bytes); }
 
   const float* ones(int n) {
     if (static_cast<std::size_t>(n) > ones_count_) {
@@ -495,13 +546,15 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
-  cublasComputeType_t compute_type_;
+  bool bf16_matmul_;  // the matrix products on bf16 operands (bf16_a_, bf16_b_), else fp32
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   BlockCache blocks_;  // its destructor frees the cached blocks, after the stream is drained
-  void* scratch_ = nullptr;
-  std::size_t scratch_bytes_ = 0;
+  DeviceBuffer scratch_;
+  // The bf16 copies of a product's two operands (bf16_matmul_ only). Library workspace like cuBLAS's:
+  // cudaMalloc'ed directly, counted by device_memory_peak_bytes, in no memory category.
+  DeviceBuffer bf16_a_, bf16_b_;
   float* ones_ = nullptr;
   std::size_t ones_count_ = 0;
   double* host_double_ = nullptr;

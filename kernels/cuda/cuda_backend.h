@@ -1,8 +1,10 @@
 // The CUDA backend: cuBLAS for the matrix products, CUDA kernels for the rest, a fused causal
 // attention that keeps no S×S matrix, and a caching device allocator that reports to the tracker.
 //
-// Every tensor is stored in fp32. With `bf16_matmul` the matrix products run on the bf16 tensor
-// cores with fp32 accumulation (cuBLAS's CUBLAS_COMPUTE_32F_FAST_16BF); without it they are plain
+// Every tensor is stored in fp32. With `bf16_matmul` every matrix product rounds its two operands to
+// bf16 (nearest even) into backend-owned device workspace and hands cuBLAS CUDA_R_16BF operands with
+// fp32 accumulation and an fp32 output (CUBLAS_COMPUTE_32F): the bf16 tensor cores are required, not
+// merely permitted. Everything else, and all storage, stays fp32. Without it the products are plain
 // fp32 (TF32 off), so that the fp32 mode agrees with the CPU backend to rounding.
 #pragma once
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #ifndef PB_DYNAMIC_SHARED  // the emulation defines its own
 #define PB_DYNAMIC_SHARED(name) extern __shared__ float name[]
@@ -64,6 +65,30 @@ __device__ T block_reduce(T v) {
 __global__ void broadcast_rows_kernel(float* out, const float* row, std::size_t rows, int cols) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i < rows * cols) out[i] = row[i % cols];
+}
+
+// fp32 → bf16 bits, rounded to nearest even (what __float2bfloat16_rn and cvt.rn.bf16.f32 do): the top
+// 16 bits of x after adding 0x7FFF plus the lowest kept bit, so that a tie rounds to the even
+// neighbour. Denormals round as bit patterns (no flush); a value past the largest bf16 becomes ±inf;
+// NaN becomes the canonical quiet NaN 0x7FFF, as the device conversion gives it. Written out rather
+// than calling __float2bfloat16_rn so that the same arithmetic runs under the CPU emulation
+// (tests/unit/cuda_emulation.h has no bf16 type); the bits are a __nv_bfloat16's.
+__host__ __device__ inline uint16_t float_to_bf16_bits(float x) {
+#ifdef __CUDA_ARCH__
+  const uint32_t u = __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+#endif
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FFF;  // NaN
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// out (n bf16 values, as their bits) = in (n floats) rounded to nearest even: the operands of the
+// bf16 matrix products.
+__global__ void float_to_bf16_kernel(uint16_t* out, const float* in, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = float_to_bf16_bits(in[i]);
 }
 
 __global__ void fill_kernel(float* out, float value, std::size_t n) {

@@ -5,11 +5,14 @@
 // is ‖gpu − cpu‖ / ‖cpu‖: at most 1e-5 in fp32 (cuBLAS without TF32), 1e-2 for the matrix products
 // in bf16. Integer outputs (the mixture of experts' expert indices, slots and counts) are poisoned
 // with a value no op writes and must match exactly; a log-sum-exp is −inf exactly where the CPU's is.
-// Without a visible GPU every test reports itself skipped.
+// The bf16 products must also be fast: at 8192³ at least 4× the fp32 ones, so that they cannot pass
+// on a silent fp32 path. Without a visible GPU every test reports itself skipped.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -179,6 +182,58 @@ TEST_F(CudaOps, MatmulForwardAndBackwardFp32AndBf16) {
       expect_close(dw2, "matmul_backward dweight only " + shape, tol);
     }
   }
+}
+
+// The bf16 products take bf16 operands (CUDA_R_16BF, fp32 accumulation), which only the tensor cores
+// run: at N = C = OC = 8192 (1.1 TFLOP a call) matmul_forward in bf16 must be at least 4× as fast as in
+// fp32 (CUDA cores, TF32 off; an H100 or H200 is about 15× apart in peak), the operand conversion
+// included. A bf16 mode that silently ran fp32 arithmetic would be about as fast as fp32 and fail. The
+// bf16 result also agrees with the fp32 one to 1e-2.
+TEST_F(CudaOps, Bf16MatmulIsTensorCoreFast) {
+  constexpr int N = 8192, C = 8192, OC = 8192;
+  constexpr int kTimed = 5;
+  const double flop = 2.0 * N * C * OC;
+  const FVec inp_host = random(std::size_t(N) * C), w_host = random(std::size_t(C) * OC);
+  gpu_.reset();  // one backend at a time on the device
+  auto run = [&](bool bf16, FVec& out_host) {
+    std::unique_ptr<Backend> be = make_cuda_backend(0, bf16);
+    float* inp = be->alloc_floats(inp_host.size(), MemCategory::activations);
+    float* w = be->alloc_floats(w_host.size(), MemCategory::parameters);
+    float* out = be->alloc_floats(std::size_t(N) * OC, MemCategory::activations);
+    be->upload(inp, inp_host.data(), inp_host.size() * sizeof(float));
+    be->upload(w, w_host.data(), w_host.size() * sizeof(float));
+    be->matmul_forward(out, inp, w, nullptr, N, C, OC);  // warm-up: cuBLAS's heuristics, the bf16 scratch
+    be->synchronize();
+    std::vector<double> seconds;
+    for (int i = 0; i < kTimed; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      be->matmul_forward(out, inp, w, nullptr, N, C, OC);
+      be->synchronize();
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    out_host.resize(std::size_t(N) * OC);
+    be->download(out_host.data(), out, out_host.size() * sizeof(float));
+    be->free(out);
+    be->free(w);
+    be->free(inp);
+    std::sort(seconds.begin(), seconds.end());
+    return seconds[kTimed / 2];
+  };
+  FVec out_fp32, out_bf16;
+  const double t_fp32 = run(false, out_fp32), t_bf16 = run(true, out_bf16);
+  std::printf("matmul_forward %dx%dx%d, median of %d: fp32 %.3f ms (%.1f TFLOP/s), bf16 %.3f ms (%.1f TFLOP/s), "
+              "%.1fx\n",
+              N, C, OC, kTimed, t_fp32 * 1e3, flop / t_fp32 / 1e12, t_bf16 * 1e3, flop / t_bf16 / 1e12,
+              t_fp32 / t_bf16);
+  RecordProperty("fp32_tflops", std::to_string(flop / t_fp32 / 1e12));
+  RecordProperty("bf16_tflops", std::to_string(flop / t_bf16 / 1e12));
+  EXPECT_GE(t_fp32 / t_bf16, 4.0) << "bf16 matmul_forward is not 4× as fast as fp32: no tensor cores?";
+  double diff = 0.0, ref = 0.0;
+  for (std::size_t i = 0; i < out_fp32.size(); ++i) {
+    diff += (static_cast<double>(out_bf16[i]) - out_fp32[i]) * (static_cast<double>(out_bf16[i]) - out_fp32[i]);
+    ref += static_cast<double>(out_fp32[i]) * out_fp32[i];
+  }
+  EXPECT_LE(std::sqrt(diff / ref), kBf16Tol) << "bf16 against fp32 at 8192³";
 }
 
 TEST_F(CudaOps, LayerNormForwardAndBackward) {

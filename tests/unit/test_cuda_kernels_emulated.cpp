@@ -13,6 +13,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -371,6 +374,121 @@ TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
   cpu_->gelu_backward(ref_dgelu.data(), xs.data(), g.data(), m);
   EXPECT_CLOSE(gelu, ref_gelu, "gelu forward");
   EXPECT_CLOSE(dgelu, ref_dgelu, "gelu backward");
+}
+
+// ---- fp32 → bf16 (the bf16 matrix products' operands) ------------------------------------------
+uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+bool bf16_is_nan(uint16_t b) { return (b & 0x7F80u) == 0x7F80u && (b & 0x007Fu) != 0; }
+
+// The reference: round to nearest even on the bits, for finite values and ±inf.
+uint16_t rne_reference(float x) {
+  const uint32_t u = float_bits(x);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+TEST_F(EmulatedKernels, FloatToBf16RoundsToNearestEven) {
+  const float inf = std::numeric_limits<float>::infinity();
+  // Hand-picked: exact values; ties (the low 16 bits 0x8000) to the even neighbour below and above;
+  // just off a tie; negative ties; denormals (of fp32, and fp32 normals that are bf16 denormals);
+  // the largest float (rounds to inf), the largest bf16 and the values around its rounding boundary;
+  // ±0, ±inf and NaNs of both signs, quiet and signalling.
+  FVec x = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, 3.0f, 1e-3f, -7.25f, 65504.0f,
+            bits_float(0x3F808000u),   // 1 + 2^-8: a tie, the kept mantissa even (0x3F80): stays
+            bits_float(0x3F818000u),   // a tie, the kept mantissa odd (0x3F81): up to 0x3F82
+            bits_float(0x3F808001u),   // just above a tie: up
+            bits_float(0x3F807FFFu),   // just below a tie: down
+            bits_float(0xBF808000u),   // negative ties: the magnitude rounds as for positive
+            bits_float(0xBF818000u), bits_float(0xC0490FDBu),  // −π
+            bits_float(0x00000001u),   // the smallest fp32 denormal: to +0
+            bits_float(0x00008000u),   // a denormal tie, kept bits even: to 0
+            bits_float(0x00018000u),   // a denormal tie, kept bits odd: up to 0x0002
+            bits_float(0x807FFFFFu),   // the largest negative denormal: to −2^-126 (0x8080)
+            bits_float(0x00800000u),   // the smallest fp32 normal
+            std::numeric_limits<float>::max(),   // past the largest bf16: inf
+            -std::numeric_limits<float>::max(),  // −inf
+            bits_float(0x7F7F0000u),   // the largest bf16: exact
+            bits_float(0x7F7F7FFFu),   // just below the boundary to inf: the largest bf16
+            bits_float(0x7F7F8000u),   // the tie at the boundary, kept mantissa odd: inf
+            3.0e38f, -1.0e38f, 1.0e30f, inf, -inf,
+            bits_float(0x7FC00000u), bits_float(0xFFC00000u), bits_float(0x7F800001u), bits_float(0xFF812345u)};
+  // and random bit patterns, every exponent (NaNs and infs among them)
+  std::uniform_int_distribution<uint32_t> bits(0, 0xFFFFFFFFu);
+  for (int i = 0; i < 5000; ++i) x.push_back(bits_float(bits(rng_)));
+  // and ties at random exponents
+  for (int i = 0; i < 500; ++i) x.push_back(bits_float((bits(rng_) & 0xFFFF0000u) | 0x8000u));
+  const std::size_t n = x.size();
+
+  std::vector<uint16_t> out(n, 0xABCD);  // poisoned: an unwritten element fails (unless 0xABCD is its value)
+  std::vector<uint16_t> guard(n + 8, 0xABCD);
+  launch(dim3(blocks_for(n)), dim3(kThreads), 0, k::float_to_bf16_kernel, out.data(), x.data(), n);
+  // n elements and no more: the launch's last block has idle threads past n
+  launch(dim3(blocks_for(n)), dim3(kThreads), 0, k::float_to_bf16_kernel, guard.data(), x.data(), n);
+  for (std::size_t i = n; i < guard.size(); ++i) EXPECT_EQ(guard[i], 0xABCD) << "written past n at " << i;
+
+  std::size_t nans = 0, ties = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const uint32_t u = float_bits(x[i]);
+    const std::string what = "x = " + std::to_string(x[i]) + " (bits 0x" + [&] {
+      char buf[16];
+      std::snprintf(buf, sizeof buf, "%08X", u);
+      return std::string(buf);
+    }() + ")";
+    if (std::isnan(x[i])) {
+      ++nans;
+      EXPECT_TRUE(bf16_is_nan(out[i])) << what << ": NaN stays NaN, got 0x" << std::hex << out[i];
+      continue;
+    }
+    ties += (u & 0xFFFFu) == 0x8000u;
+    EXPECT_EQ(out[i], rne_reference(x[i])) << what;
+    // Independently of the bit trick: the nearest of the two bf16 neighbours (ties: the even one),
+    // the magnitude rounding past the largest bf16 going to inf.
+    if (!std::isinf(x[i])) {
+      const uint32_t down = u & 0xFFFF0000u, up = down + 0x10000u;
+      const double d_down = std::abs(static_cast<double>(x[i]) - bits_float(down));
+      const double d_up = std::isinf(bits_float(up)) ? std::abs(static_cast<double>(x[i]) -
+                                                                 std::ldexp(std::copysign(1.0, x[i]), 128))
+                                                     : std::abs(static_cast<double>(x[i]) - bits_float(up));
+      const uint32_t nearest = d_down < d_up ? down : d_up < d_down ? up : ((down >> 16) & 1u) == 0 ? down : up;
+      EXPECT_EQ(out[i], static_cast<uint16_t>(nearest >> 16)) << what << ": not the nearest bf16";
+    }
+  }
+  EXPECT_GT(nans, 4u);
+  EXPECT_GT(ties, 400u);
+  // the hand-picked cases, spelled out
+  const std::vector<uint16_t> expected_head = {0x0000, 0x8000, 0x3F80, 0xBF80, 0x3F00, 0x4040};
+  for (std::size_t i = 0; i < expected_head.size(); ++i) EXPECT_EQ(out[i], expected_head[i]) << "value " << i;
+  EXPECT_EQ(out[9], 0x3F80) << "tie to even (down)";
+  EXPECT_EQ(out[10], 0x3F82) << "tie to even (up)";
+  EXPECT_EQ(out[11], 0x3F81);
+  EXPECT_EQ(out[12], 0x3F80);
+  EXPECT_EQ(out[13], 0xBF80);
+  EXPECT_EQ(out[14], 0xBF82);
+  EXPECT_EQ(out[15], 0xC049);  // −3.140625
+  EXPECT_EQ(out[16], 0x0000);
+  EXPECT_EQ(out[17], 0x0000);
+  EXPECT_EQ(out[18], 0x0002);
+  EXPECT_EQ(out[19], 0x8080);
+  EXPECT_EQ(out[20], 0x0080);
+  EXPECT_EQ(out[21], 0x7F80);
+  EXPECT_EQ(out[22], 0xFF80);
+  EXPECT_EQ(out[23], 0x7F7F);
+  EXPECT_EQ(out[24], 0x7F7F);
+  EXPECT_EQ(out[25], 0x7F80);
+  EXPECT_EQ(out[29], 0x7F80);
+  EXPECT_EQ(out[30], 0xFF80);
+  // The kernel's NaN is the canonical 0x7FFF, as the device conversion's (cvt.rn.bf16.f32)
+  for (std::size_t i = 31; i < 35; ++i) EXPECT_EQ(out[i], 0x7FFF) << "NaN " << i;
+  // and the helper the kernel calls gives the same bits on the host
+  for (std::size_t i = 0; i < n; ++i) ASSERT_EQ(k::float_to_bf16_bits(x[i]), out[i]) << i;
 }
 
 // The mixture-of-experts kernels with cuda_backend.cu's launches, against the CPU backend

@@ -1,0 +1,161 @@
+// Matrix-product benchmarks: Backend::matmul_forward (out = inp · weight, no bias) timed to completion.
+//
+// Each benchmark allocates its operands from the backend (workspace), fills them with a fixed
+// pseudo-random pattern, runs one untimed product (library set-up, first touch of the output), checks
+// row 0 of it against a double-precision reference, then times products one by one: wall time from
+// the call to the end of Backend::synchronize (a no-op on the CPU, the stream's end on a GPU), reported
+// through manual timing so that every backend is measured on the same clock.
+#include "bench/micro/gemm.h"
+
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/options.h"
+#include "common/timer.h"
+
+namespace pb {
+namespace {
+
+constexpr int kMicroBatch = 4;
+const char* const kModelPresets[] = {"small", "gpt2-124m"};
+constexpr int kSquareSizes[] = {1024, 2048};
+constexpr int kAcceleratorSquareSizes[] = {4096, 8192};
+
+// Row 0 of a product must be within tolerance · Σ_k |inp[0,k] · weight[k,j]| of the reference: room
+// for fp32 accumulation in any order, and for bf16 the rounding of both operands (2^-9 each). A guard
+// against a product that did not run or ran on other data, not a test of precision (tests/ do that).
+constexpr double kFp32Tolerance = 1e-3;
+constexpr double kBf16Tolerance = 1e-2;
+
+// n values in [-1, 1), exact in fp32, from a 64-bit linear congruential generator seeded per operand.
+std::vector<float> pattern(std::size_t n, uint64_t seed) {
+  std::vector<float> values(n);
+  uint64_t state = seed;
+  for (float& x : values) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    x = static_cast<float>(static_cast<double>(state >> 40) / double(1 << 24) * 2.0 - 1.0);  // top 24 bits
+  }
+  return values;
+}
+
+// Backend memory that goes back to the backend however the benchmark ends.
+class BackendFloats {
+ public:
+  BackendFloats(Backend& backend, std::size_t count)
+      : backend_(backend), ptr_(backend.alloc_floats(count, MemCategory::workspace)) {}
+  ~BackendFloats() { backend_.free(ptr_); }
+  BackendFloats(const BackendFloats&) = delete;
+  BackendFloats& operator=(const BackendFloats&) = delete;
+  float* get() const { return ptr_; }
+
+ private:
+  Backend& backend_;
+  float* ptr_;
+};
+
+// Empty when row 0 of out (OC values) matches inp (N, C) · weight (C, OC); else the first mismatch.
+std::string check_row0(const std::vector<float>& out_row0, const std::vector<float>& inp,
+                       const std::vector<float>& weight, int C, int OC, double tolerance) {
+  for (int j = 0; j < OC; ++j) {
+    double ref = 0.0, scale = 0.0;
+    for (int k = 0; k < C; ++k) {
+      const double term = double(inp[k]) * double(weight[std::size_t(k) * OC + j]);
+      ref += term;
+      scale += std::fabs(term);
+    }
+    if (!(std::fabs(out_row0[j] - ref) <= tolerance * scale)) {  // also catches NaN
+      return "check failed: out[0, " + std::to_string(j) + "] = " + std::to_string(out_row0[j]) +
+             ", reference " + std::to_string(ref);
+    }
+  }
+  return "";
+}
+
+void gemm_forward_benchmark(benchmark::State& state, const MicroBackend& micro, const GemmShape& shape,
+                            int* failed_checks) {
+  Backend& backend = *micro.backend;
+  const int N = shape.N, C = shape.C, OC = shape.OC;
+  try {
+    const std::vector<float> host_inp = pattern(std::size_t(N) * C, 1);
+    const std::vector<float> host_weight = pattern(std::size_t(C) * OC, 2);
+    BackendFloats inp(backend, host_inp.size());                // (N, C)
+    BackendFloats weight(backend, host_weight.size());          // (C, OC)
+    BackendFloats out(backend, std::size_t(N) * OC);            // (N, OC)
+    backend.upload(inp.get(), host_inp.data(), host_inp.size() * sizeof(float));
+    backend.upload(weight.get(), host_weight.data(), host_weight.size() * sizeof(float));
+
+    backend.matmul_forward(out.get(), inp.get(), weight.get(), nullptr, N, C, OC);  // warm-up, checked
+    backend.synchronize();
+    std::vector<float> out_row0(OC);
+    backend.download(out_row0.data(), out.get(), out_row0.size() * sizeof(float));
+    const std::string error = check_row0(out_row0, host_inp, host_weight, C, OC,
+                                         micro.dtype == "bf16" ? kBf16Tolerance : kFp32Tolerance);
+    if (!error.empty()) {
+      ++*failed_checks;
+      state.SkipWithError(error.c_str());
+      return;
+    }
+
+    for (auto _ : state) {
+      const double start = wall_time_s();
+      backend.matmul_forward(out.get(), inp.get(), weight.get(), nullptr, N, C, OC);
+      backend.synchronize();
+      state.SetIterationTime(wall_time_s() - start);
+    }
+  } catch (const std::exception& e) {  // out of memory, a CUDA error
+    ++*failed_checks;
+    state.SkipWithError(e.what());
+    return;
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2e-9 * N * C * OC, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(backend.matmul_precision());
+}
+
+}  // namespace
+
+std::vector<GemmShape> model_gemm_shapes(const std::string& preset, int micro_batch) {
+  ModelConfig m;
+  if (!model_preset(preset, &m)) throw std::invalid_argument("model_gemm_shapes: no preset " + preset);
+  const int N = micro_batch * m.seq, h = m.hidden;
+  return {{preset + ".qkv", N, h, 3 * h},
+          {preset + ".attn_out", N, h, h},
+          {preset + ".fc1", N, h, m.ffn},
+          {preset + ".fc2", N, m.ffn, h},
+          {preset + ".logits", N, h, m.vocab}};
+}
+
+std::vector<GemmShape> gemm_shapes(bool accelerator) {
+  std::vector<GemmShape> shapes;
+  for (const char* preset : kModelPresets) {
+    for (const GemmShape& shape : model_gemm_shapes(preset, kMicroBatch)) shapes.push_back(shape);
+  }
+  for (int n : kSquareSizes) shapes.push_back({"square", n, n, n});
+  if (accelerator) {
+    for (int n : kAcceleratorSquareSizes) shapes.push_back({"square", n, n, n});
+  }
+  return shapes;
+}
+
+void register_gemm_benchmarks(std::vector<MicroBackend>& backends, int* failed_checks) {
+  for (const MicroBackend& micro : backends) {
+    for (const GemmShape& shape : gemm_shapes(micro.accelerator)) {
+      const std::string name = "gemm/" + micro.name + "/" + micro.dtype + "/" + shape.name + "/N" +
+                               std::to_string(shape.N) + "_C" + std::to_string(shape.C) + "_OC" +
+                               std::to_string(shape.OC);
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [&micro, shape, failed_checks](benchmark::State& state) {
+                                     gemm_forward_benchmark(state, micro, shape, failed_checks);
+                                   })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+}
+
+}  // namespace pb
