@@ -35,11 +35,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_point(args, label, extra):
     """Runs parabench-fsdp once; returns its result file."""
-    path = os.path.join(args.out, "runs", f"{args.experiment}_{label}.h5")
+    path = os.path.join(args.out, "runs", f"{args.experiment}{args.suffix}_{label}.h5")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     cmd = ["mpiexec", "-n", str(args.ranks), os.path.join(args.build, "bench", "fsdp", "parabench-fsdp"),
            "--model", args.model, "--steps", str(args.steps), "--warmup", "1", "--quiet",
-           "--cluster", args.cluster, "--out", path] + extra
+           "--cluster", args.cluster, "--dtype", args.dtype, "--out", path] + extra
     start = time.time()
     print(f"  {label:>14}: {' '.join(cmd[3:])}", end="", flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -138,14 +138,17 @@ def main():
     parser.add_argument("--plan-model", default="", help="also plan the sweep for this model (e.g. llama3-405b)")
     parser.add_argument("--plan-gpus", type=int, default=1024)
     parser.add_argument("--plan-args", default="", help="more parabench-plan options, one string")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="of the measured runs (bf16: SPEC 2.3's mixed precision); outputs get a _bf16 suffix")
     args = parser.parse_args()
+    args.suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
     args.plan_args = args.plan_args.split()
     os.makedirs(args.out, exist_ok=True)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    print(f"{args.experiment} experiment: parabench-fsdp, model {args.model}, {args.ranks} ranks")
+    print(f"{args.experiment} experiment: parabench-fsdp, model {args.model}, {args.ranks} ranks, {args.dtype}")
     if args.experiment == "micro-batch":
         values = [int(v) for v in args.values.split(",")]
         labels = [f"b={v}" for v in values]
@@ -161,13 +164,13 @@ def main():
         plan = run_plan(args, "shard=" + ",".join(s for s in SHARDS if s != "HYBRID_SHARD"))
     points = [read_memory(p) for p in paths]
 
-    text = [f"### Measured: model {args.model}, {args.ranks} ranks, fp32, CPU, per rank (max over ranks)", "",
+    text = [f"### Measured: model {args.model}, {args.ranks} ranks, {args.dtype}, CPU, per rank (max over ranks)", "",
             table(points, labels, title), ""]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     stacked_bars(ax, labels, points, "MiB per rank", MIB,
-                 f"parabench-fsdp {args.model}, {args.ranks} ranks: peak memory per rank by category")
+                 f"parabench-fsdp {args.model}, {args.ranks} ranks, {args.dtype}: peak memory per rank by category")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{args.experiment}.png"), dpi=120)
+    fig.savefig(os.path.join(args.out, f"{args.experiment}{args.suffix}.png"), dpi=120)
     if plan is not None:
         plan_labels = labels if args.experiment == "micro-batch" else [s for s in SHARDS if s != "HYBRID_SHARD"]
         text += [f"### Planned: {args.plan_model}, {args.plan_gpus} GPUs, bf16, per rank ({' '.join(args.plan_args)})",
@@ -184,11 +187,12 @@ def main():
             ax.text(i, sum(plan_bytes(r, c) for c in CATEGORIES) / GIB, f"{total:,.1f}", ha="center", va="bottom",
                     fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(args.out, f"{args.experiment}_plan.png"), dpi=120)
-    with open(os.path.join(args.out, f"{args.experiment}.md"), "w") as f:
+        fig.savefig(os.path.join(args.out, f"{args.experiment}{args.suffix}_plan.png"), dpi=120)
+    name = f"{args.experiment}{args.suffix}"
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(text))
     print("\n".join(text))
-    print(f"wrote {args.out}/{args.experiment}.md, {args.experiment}.png" + (f", {args.experiment}_plan.png" if plan else ""))
+    print(f"wrote {args.out}/{name}.md, {name}.png" + (f", {name}_plan.png" if plan else ""))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -24,12 +25,7 @@ void nccl_check(ncclResult_t status, const char* call, const char* file, int lin
 }
 #define PB_NCCL_CHECK(call) nccl_check((call), #call, __FILE__, __LINE__)
 
-CommOpStats& account(CommStats& stats, CommOp op, std::size_t count) {
-  CommOpStats& s = stats[static_cast<int>(op)];
-  s.calls += 1;
-  s.bytes += static_cast<int64_t>(count * sizeof(float));
-  return s;
-}
+ncclDataType_t nccl_type(DType dtype) { return dtype == DType::f32 ? ncclFloat : ncclBfloat16; }
 
 // ---- NCCL ----------------------------------------------------------------------------------------
 // A call on the communication stream; complete once `done` has fired, after which the compute stream
@@ -100,83 +96,98 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return host_.size(); }
   std::string name() const override { return "nccl"; }
 
-  void all_reduce(float* buf, std::size_t count) override {
-    blocking(CommOp::all_reduce, count, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, comm_, s));
+  // bf16 sums are NCCL's own (ncclBfloat16): bf16 on the wire, each reduction step rounded to bf16.
+  void all_reduce(TensorPtr buf, std::size_t count) override {
+    const DType t = buf.dtype();
+    blocking(CommOp::all_reduce, count, t, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf.data(), buf.data(), count, nccl_type(t), ncclSum, comm_, s));
     });
   }
   void all_reduce_max(float* buf, std::size_t count) override {
-    blocking(CommOp::all_reduce, count, [&](cudaStream_t s) {
+    blocking(CommOp::all_reduce, count, DType::f32, [&](cudaStream_t s) {
       PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclMax, comm_, s));
     });
   }
-  Request all_reduce_async(float* buf, std::size_t count) override {
-    return async(CommOp::all_reduce, count, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, comm_, s));
+  Request all_reduce_async(TensorPtr buf, std::size_t count) override {
+    const DType t = buf.dtype();
+    return async(CommOp::all_reduce, count, t, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf.data(), buf.data(), count, nccl_type(t), ncclSum, comm_, s));
     });
   }
-  void reduce_scatter(const float* send, float* recv, std::size_t recv_count) override {
-    blocking(CommOp::reduce_scatter, recv_count * size(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclReduceScatter(send, recv, recv_count, ncclFloat, ncclSum, comm_, s));
+  void reduce_scatter(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override {
+    const DType t = common_dtype(send, recv, "reduce_scatter");
+    blocking(CommOp::reduce_scatter, recv_count * size(), t, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclReduceScatter(send.data(), recv.data(), recv_count, nccl_type(t), ncclSum, comm_, s));
     });
   }
-  Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) override {
-    return async(CommOp::reduce_scatter, recv_count * size(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclReduceScatter(send, recv, recv_count, ncclFloat, ncclSum, comm_, s));
+  Request reduce_scatter_async(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override {
+    const DType t = common_dtype(send, recv, "reduce_scatter_async");
+    return async(CommOp::reduce_scatter, recv_count * size(), t, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclReduceScatter(send.data(), recv.data(), recv_count, nccl_type(t), ncclSum, comm_, s));
     });
   }
   // In place when send is this rank's block of recv, which is NCCL's in-place convention too.
-  void all_gather(const float* send, float* recv, std::size_t send_count) override {
-    blocking(CommOp::all_gather, send_count * size(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllGather(send, recv, send_count, ncclFloat, comm_, s));
+  void all_gather(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override {
+    const DType t = common_dtype(send, recv, "all_gather");
+    blocking(CommOp::all_gather, send_count * size(), t, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send_count, nccl_type(t), comm_, s));
     });
   }
-  Request all_gather_async(const float* send, float* recv, std::size_t send_count) override {
-    return async(CommOp::all_gather, send_count * size(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllGather(send, recv, send_count, ncclFloat, comm_, s));
+  Request all_gather_async(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override {
+    const DType t = common_dtype(send, recv, "all_gather_async");
+    return async(CommOp::all_gather, send_count * size(), t, [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send_count, nccl_type(t), comm_, s));
     });
   }
-  void all_to_all(const float* send, float* recv, std::size_t count_per_peer) override {
-    blocking(CommOp::all_to_all, count_per_peer * size(), [&](cudaStream_t s) {
+  void all_to_all(ConstTensorPtr send, TensorPtr recv, std::size_t count_per_peer) override {
+    const DType t = common_dtype(send, recv, "all_to_all");
+    blocking(CommOp::all_to_all, count_per_peer * size(), t, [&](cudaStream_t s) {
+      const auto block = static_cast<std::ptrdiff_t>(count_per_peer);
       PB_NCCL_CHECK(ncclGroupStart());
       for (int peer = 0; peer < size(); ++peer) {
-        PB_NCCL_CHECK(ncclSend(send + peer * count_per_peer, count_per_peer, ncclFloat, peer, comm_, s));
-        PB_NCCL_CHECK(ncclRecv(recv + peer * count_per_peer, count_per_peer, ncclFloat, peer, comm_, s));
+        PB_NCCL_CHECK(ncclSend((send + peer * block).data(), count_per_peer, nccl_type(t), peer, comm_, s));
+        PB_NCCL_CHECK(ncclRecv((recv + peer * block).data(), count_per_peer, nccl_type(t), peer, comm_, s));
       }
       PB_NCCL_CHECK(ncclGroupEnd());
     });
   }
   // NCCL matches point-to-point calls by order, not by tag: callers keep the orders of both sides equal.
-  void send(const float* buf, std::size_t count, int peer, int /*tag*/) override {
-    blocking(CommOp::send, count,
-             [&](cudaStream_t s) { PB_NCCL_CHECK(ncclSend(buf, count, ncclFloat, peer, comm_, s)); });
+  void send(ConstTensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
+    blocking(CommOp::send, count, buf.dtype(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclSend(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    });
   }
-  void recv(float* buf, std::size_t count, int peer, int /*tag*/) override {
-    blocking(CommOp::recv, count,
-             [&](cudaStream_t s) { PB_NCCL_CHECK(ncclRecv(buf, count, ncclFloat, peer, comm_, s)); });
+  void recv(TensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
+    blocking(CommOp::recv, count, buf.dtype(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclRecv(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    });
   }
-  Request send_async(const float* buf, std::size_t count, int peer, int /*tag*/) override {
-    return async(CommOp::send, count,
-                 [&](cudaStream_t s) { PB_NCCL_CHECK(ncclSend(buf, count, ncclFloat, peer, comm_, s)); });
+  Request send_async(ConstTensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
+    return async(CommOp::send, count, buf.dtype(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclSend(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    });
   }
-  Request recv_async(float* buf, std::size_t count, int peer, int /*tag*/) override {
-    return async(CommOp::recv, count,
-                 [&](cudaStream_t s) { PB_NCCL_CHECK(ncclRecv(buf, count, ncclFloat, peer, comm_, s)); });
+  Request recv_async(TensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
+    return async(CommOp::recv, count, buf.dtype(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclRecv(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    });
   }
   // Grouped: every rank of a ring sends and receives at once (ungrouped, each call would wait for the
   // peer's matching call queued behind that peer's own).
-  Request send_recv_async(const float* send, int to, float* recv, int from, std::size_t count, int /*tag*/) override {
-    account(stats_, CommOp::recv, count);  // its time is the send's: one grouped operation
-    return async(CommOp::send, count, [&](cudaStream_t s) {
+  Request send_recv_async(ConstTensorPtr send, int to, TensorPtr recv, int from, std::size_t count,
+                          int /*tag*/) override {
+    const DType t = common_dtype(send, recv, "send_recv_async");
+    account(CommOp::recv, count, t);  // its time is the send's: one grouped operation
+    return async(CommOp::send, count, t, [&](cudaStream_t s) {
       PB_NCCL_CHECK(ncclGroupStart());
-      PB_NCCL_CHECK(ncclSend(send, count, ncclFloat, to, comm_, s));
-      PB_NCCL_CHECK(ncclRecv(recv, count, ncclFloat, from, comm_, s));
+      PB_NCCL_CHECK(ncclSend(send.data(), count, nccl_type(t), to, comm_, s));
+      PB_NCCL_CHECK(ncclRecv(recv.data(), count, nccl_type(t), from, comm_, s));
       PB_NCCL_CHECK(ncclGroupEnd());
     });
   }
-  void broadcast(float* buf, std::size_t count, int root) override {
-    blocking(CommOp::broadcast, count, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclBroadcast(buf, buf, count, ncclFloat, root, comm_, s));
+  void broadcast(TensorPtr buf, std::size_t count, int root) override {
+    blocking(CommOp::broadcast, count, buf.dtype(), [&](cudaStream_t s) {
+      PB_NCCL_CHECK(ncclBroadcast(buf.data(), buf.data(), count, nccl_type(buf.dtype()), root, comm_, s));
     });
   }
   void barrier() override {
@@ -196,8 +207,8 @@ class NcclCommunicator final : public Communicator {
  private:
   // Waits for the collective so that its GPU time is known: the host drains the compute stream's
   // queue here, a cost tensor parallelism pays per collective (the price of exact /comm times).
-  void blocking(CommOp op, std::size_t count, const std::function<void(cudaStream_t)>& launch) {
-    CommOpStats& s = account(stats_, op, count);
+  void blocking(CommOp op, std::size_t count, DType dtype, const std::function<void(cudaStream_t)>& launch) {
+    CommOpStats& s = account(op, count, dtype);
     PB_CUDA_CHECK(cudaEventRecord(start_, compute_));
     launch(compute_);
     PB_CUDA_CHECK(cudaEventRecord(stop_, compute_));
@@ -206,8 +217,8 @@ class NcclCommunicator final : public Communicator {
     PB_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
     s.time_s += ms * 1e-3;
   }
-  Request async(CommOp op, std::size_t count, const std::function<void(cudaStream_t)>& launch) {
-    CommOpStats& s = account(stats_, op, count);
+  Request async(CommOp op, std::size_t count, DType dtype, const std::function<void(cudaStream_t)>& launch) {
+    CommOpStats& s = account(op, count, dtype);
     const double t0 = MPI_Wtime();
     cudaEvent_t ready, done;
     PB_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
@@ -229,29 +240,28 @@ class NcclCommunicator final : public Communicator {
 };
 
 // ---- MPI through pinned host memory --------------------------------------------------------------
+// Pinned host buffers, reused by size in bytes.
 class PinnedPool {
  public:
   ~PinnedPool() {
     for (auto& [bytes, ptr] : free_) cudaFreeHost(ptr);
   }
-  float* take(std::size_t count) {
-    const std::size_t bytes = std::max<std::size_t>(1, count) * sizeof(float);
+  void* take(std::size_t bytes) {
+    bytes = std::max<std::size_t>(1, bytes);
     auto hit = free_.find(bytes);
     if (hit != free_.end()) {
-      float* ptr = hit->second;
+      void* ptr = hit->second;
       free_.erase(hit);
       return ptr;
     }
     void* ptr = nullptr;
     PB_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
-    return static_cast<float*>(ptr);
+    return ptr;
   }
-  void give(float* ptr, std::size_t count) {
-    free_.emplace(std::max<std::size_t>(1, count) * sizeof(float), ptr);
-  }
+  void give(void* ptr, std::size_t bytes) { free_.emplace(std::max<std::size_t>(1, bytes), ptr); }
 
  private:
-  std::multimap<std::size_t, float*> free_;
+  std::multimap<std::size_t, void*> free_;
 };
 
 // A staged non-blocking call: on completion the host copy goes back to the device (for receiving
@@ -295,6 +305,8 @@ class StagedRequest final : public CommRequest {
   CommOpStats* stats_;
 };
 
+// Every staged buffer holds count × dtype_bytes elements of the call's dtype, and the host call gets
+// the same dtype (the MPI communicator's bf16 sum for bf16 reductions).
 class HostStagedCommunicator final : public Communicator {
  public:
   HostStagedCommunicator(std::unique_ptr<Communicator> host, cudaStream_t compute)
@@ -304,92 +316,103 @@ class HostStagedCommunicator final : public Communicator {
   int size() const override { return host_->size(); }
   std::string name() const override { return "mpi"; }
 
-  void all_reduce(float* buf, std::size_t count) override {
-    in_place(CommOp::all_reduce, buf, count, [&](float* host) { host_->all_reduce(host, count); });
+  void all_reduce(TensorPtr buf, std::size_t count) override {
+    in_place(CommOp::all_reduce, buf, count, [&](TensorPtr host) { host_->all_reduce(host, count); });
   }
   void all_reduce_max(float* buf, std::size_t count) override {
-    in_place(CommOp::all_reduce, buf, count, [&](float* host) { host_->all_reduce_max(host, count); });
+    in_place(CommOp::all_reduce, buf, count, [&](TensorPtr host) { host_->all_reduce_max(host.as<float>(), count); });
   }
-  Request all_reduce_async(float* buf, std::size_t count) override {
-    CommOpStats& s = account(stats_, CommOp::all_reduce, count);
+  Request all_reduce_async(TensorPtr buf, std::size_t count) override {
+    const DType t = buf.dtype();
+    CommOpStats& s = account(CommOp::all_reduce, count, t);
     const double t0 = MPI_Wtime();
-    float* h = pool_->take(count);
+    TensorPtr h = take(count, t);
     to_host(h, buf, count);
-    return staged_request(s, t0, host_->all_reduce_async(h, count), {{h, count}}, buf, h, count);
+    return staged_request(s, t0, host_->all_reduce_async(h, count), {{h.data(), bytes(count, t)}}, buf, h, count);
   }
-  void reduce_scatter(const float* send, float* recv, std::size_t recv_count) override {
+  void reduce_scatter(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override {
+    const DType t = common_dtype(send, recv, "reduce_scatter");
     const std::size_t full = recv_count * size();
-    Timed t(account(stats_, CommOp::reduce_scatter, full));
-    Staged hs(*this, full), hr(*this, recv_count);
+    Timed timer(account(CommOp::reduce_scatter, full, t));
+    Staged hs(*this, full, t), hr(*this, recv_count, t);
     to_host(hs.ptr, send, full);
     host_->reduce_scatter(hs.ptr, hr.ptr, recv_count);
     to_device(recv, hr.ptr, recv_count);
   }
-  Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) override {
+  Request reduce_scatter_async(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override {
+    const DType t = common_dtype(send, recv, "reduce_scatter_async");
     const std::size_t full = recv_count * size();
-    CommOpStats& s = account(stats_, CommOp::reduce_scatter, full);
+    CommOpStats& s = account(CommOp::reduce_scatter, full, t);
     const double t0 = MPI_Wtime();
-    float* hs = pool_->take(full);
-    float* hr = pool_->take(recv_count);
+    TensorPtr hs = take(full, t);
+    TensorPtr hr = take(recv_count, t);
     to_host(hs, send, full);
-    return staged_request(s, t0, host_->reduce_scatter_async(hs, hr, recv_count), {{hs, full}, {hr, recv_count}},
-                          recv, hr, recv_count);
+    return staged_request(s, t0, host_->reduce_scatter_async(hs, hr, recv_count),
+                          {{hs.data(), bytes(full, t)}, {hr.data(), bytes(recv_count, t)}}, recv, hr, recv_count);
   }
   // Staged in place: this rank's block is copied into its place of the host buffer first.
-  void all_gather(const float* send, float* recv, std::size_t send_count) override {
+  void all_gather(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override {
+    const DType t = common_dtype(send, recv, "all_gather");
     const std::size_t full = send_count * size();
-    Timed t(account(stats_, CommOp::all_gather, full));
-    Staged h(*this, full);
-    float* mine = h.ptr + static_cast<std::size_t>(rank()) * send_count;
+    Timed timer(account(CommOp::all_gather, full, t));
+    Staged h(*this, full, t);
+    TensorPtr mine = h.ptr + block_offset(rank(), send_count);
     to_host(mine, send, send_count);
     host_->all_gather(mine, h.ptr, send_count);
     to_device(recv, h.ptr, full);
   }
-  Request all_gather_async(const float* send, float* recv, std::size_t send_count) override {
+  Request all_gather_async(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override {
+    const DType t = common_dtype(send, recv, "all_gather_async");
     const std::size_t full = send_count * size();
-    CommOpStats& s = account(stats_, CommOp::all_gather, full);
+    CommOpStats& s = account(CommOp::all_gather, full, t);
     const double t0 = MPI_Wtime();
-    float* h = pool_->take(full);
-    float* mine = h + static_cast<std::size_t>(rank()) * send_count;
+    TensorPtr h = take(full, t);
+    TensorPtr mine = h + block_offset(rank(), send_count);
     to_host(mine, send, send_count);
-    return staged_request(s, t0, host_->all_gather_async(mine, h, send_count), {{h, full}}, recv, h, full);
+    return staged_request(s, t0, host_->all_gather_async(mine, h, send_count), {{h.data(), bytes(full, t)}}, recv,
+                          h, full);
   }
-  void all_to_all(const float* send, float* recv, std::size_t count_per_peer) override {
+  void all_to_all(ConstTensorPtr send, TensorPtr recv, std::size_t count_per_peer) override {
+    const DType t = common_dtype(send, recv, "all_to_all");
     const std::size_t full = count_per_peer * size();
-    Timed t(account(stats_, CommOp::all_to_all, full));
-    Staged hs(*this, full), hr(*this, full);
+    Timed timer(account(CommOp::all_to_all, full, t));
+    Staged hs(*this, full, t), hr(*this, full, t);
     to_host(hs.ptr, send, full);
     host_->all_to_all(hs.ptr, hr.ptr, count_per_peer);
     to_device(recv, hr.ptr, full);
   }
-  void send(const float* buf, std::size_t count, int peer, int tag) override {
-    Timed t(account(stats_, CommOp::send, count));
-    Staged h(*this, count);
+  void send(ConstTensorPtr buf, std::size_t count, int peer, int tag) override {
+    Timed timer(account(CommOp::send, count, buf.dtype()));
+    Staged h(*this, count, buf.dtype());
     to_host(h.ptr, buf, count);
     host_->send(h.ptr, count, peer, tag);
   }
-  void recv(float* buf, std::size_t count, int peer, int tag) override {
-    Timed t(account(stats_, CommOp::recv, count));
-    Staged h(*this, count);
+  void recv(TensorPtr buf, std::size_t count, int peer, int tag) override {
+    Timed timer(account(CommOp::recv, count, buf.dtype()));
+    Staged h(*this, count, buf.dtype());
     host_->recv(h.ptr, count, peer, tag);
     to_device(buf, h.ptr, count);
   }
-  Request send_async(const float* buf, std::size_t count, int peer, int tag) override {
-    CommOpStats& s = account(stats_, CommOp::send, count);
+  Request send_async(ConstTensorPtr buf, std::size_t count, int peer, int tag) override {
+    const DType t = buf.dtype();
+    CommOpStats& s = account(CommOp::send, count, t);
     const double t0 = MPI_Wtime();
-    float* h = pool_->take(count);
+    TensorPtr h = take(count, t);
     to_host(h, buf, count);
-    return staged_request(s, t0, host_->send_async(h, count, peer, tag), {{h, count}}, nullptr, nullptr, 0);
+    return staged_request(s, t0, host_->send_async(h, count, peer, tag), {{h.data(), bytes(count, t)}}, nullptr,
+                          nullptr, 0);
   }
-  Request recv_async(float* buf, std::size_t count, int peer, int tag) override {
-    CommOpStats& s = account(stats_, CommOp::recv, count);
+  Request recv_async(TensorPtr buf, std::size_t count, int peer, int tag) override {
+    const DType t = buf.dtype();
+    CommOpStats& s = account(CommOp::recv, count, t);
     const double t0 = MPI_Wtime();
-    float* h = pool_->take(count);
-    return staged_request(s, t0, host_->recv_async(h, count, peer, tag), {{h, count}}, buf, h, count);
+    TensorPtr h = take(count, t);
+    return staged_request(s, t0, host_->recv_async(h, count, peer, tag), {{h.data(), bytes(count, t)}}, buf, h,
+                          count);
   }
-  void broadcast(float* buf, std::size_t count, int root) override {
-    Timed t(account(stats_, CommOp::broadcast, count));
-    Staged h(*this, count);
+  void broadcast(TensorPtr buf, std::size_t count, int root) override {
+    Timed timer(account(CommOp::broadcast, count, buf.dtype()));
+    Staged h(*this, count, buf.dtype());
     if (rank() == root) to_host(h.ptr, buf, count);
     host_->broadcast(h.ptr, count, root);
     if (rank() != root) to_device(buf, h.ptr, count);
@@ -416,41 +439,50 @@ class HostStagedCommunicator final : public Communicator {
     CommOpStats& s_;
     double t0_;
   };
-  // A pinned buffer for the duration of a blocking call.
+  // A pinned buffer of `count` elements of `dtype` for the duration of a blocking call.
   struct Staged {
-    Staged(HostStagedCommunicator& c, std::size_t n) : pool(*c.pool_), ptr(pool.take(n)), count(n) {}
-    ~Staged() { pool.give(ptr, count); }
+    Staged(HostStagedCommunicator& c, std::size_t count, DType dtype)
+        : pool(*c.pool_), size(HostStagedCommunicator::bytes(count, dtype)), ptr(pool.take(size), dtype) {}
+    ~Staged() { pool.give(ptr.data(), size); }
     PinnedPool& pool;
-    float* ptr;
-    std::size_t count;
+    std::size_t size;  // bytes
+    TensorPtr ptr;
   };
+
+  static std::size_t bytes(std::size_t count, DType dtype) { return count * dtype_bytes(dtype); }
+  static std::ptrdiff_t block_offset(int block, std::size_t count) {
+    return static_cast<std::ptrdiff_t>(static_cast<std::size_t>(block) * count);
+  }
+  TensorPtr take(std::size_t count, DType dtype) { return {pool_->take(bytes(count, dtype)), dtype}; }
 
   // A blocking in-place call on a host copy of `buf`: down, the call, up.
   template <typename Call>
-  void in_place(CommOp op, float* buf, std::size_t count, Call call) {
-    Timed t(account(stats_, op, count));
-    Staged h(*this, count);
+  void in_place(CommOp op, TensorPtr buf, std::size_t count, Call call) {
+    Timed timer(account(op, count, buf.dtype()));
+    Staged h(*this, count, buf.dtype());
     to_host(h.ptr, buf, count);
     call(h.ptr);
     to_device(buf, h.ptr, count);
   }
 
-  // After the compute stream's queued work (which produced `src`).
-  void to_host(float* dst, const float* src, std::size_t count) {
-    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToHost, compute_));
+  // `count` elements of dst's dtype (the same as src's), after the compute stream's queued work (which
+  // produced `src`).
+  void to_host(TensorPtr dst, ConstTensorPtr src, std::size_t count) {
+    PB_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes(count, dst.dtype()), cudaMemcpyDeviceToHost, compute_));
     PB_CUDA_CHECK(cudaStreamSynchronize(compute_));
   }
-  void to_device(float* dst, const float* src, std::size_t count) {
-    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyHostToDevice, compute_));
+  void to_device(TensorPtr dst, ConstTensorPtr src, std::size_t count) {
+    PB_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes(count, dst.dtype()), cudaMemcpyHostToDevice, compute_));
     PB_CUDA_CHECK(cudaStreamSynchronize(compute_));  // the pinned buffer is reused at once
   }
 
-  Request staged_request(CommOpStats& s, double t0, Request inner,
-                         std::vector<std::pair<float*, std::size_t>> buffers, float* device_dst,
-                         const float* host_src, std::size_t count) {
+  // `buffers`: the pinned buffers (pointer, bytes) to give back; device_dst (count elements) receives
+  // host_src on completion where it is not null.
+  Request staged_request(CommOpStats& s, double t0, Request inner, std::vector<std::pair<void*, std::size_t>> buffers,
+                         TensorPtr device_dst, ConstTensorPtr host_src, std::size_t count) {
     std::shared_ptr<PinnedPool> pool = pool_;
     auto finish = [this, pool, buffers, device_dst, host_src, count] {
-      if (device_dst != nullptr) to_device(device_dst, host_src, count);
+      if (device_dst) to_device(device_dst, host_src, count);
       for (const auto& [ptr, n] : buffers) pool->give(ptr, n);
     };
     s.time_s += MPI_Wtime() - t0;

@@ -21,9 +21,9 @@ ArchSpec arch_from_model(const ModelConfig& m) {
 MemoryPlan memory_plan_for(const Options& o, bool attention_keeps_probabilities) {
   MemoryPlan p;
   p.arch = arch_from_model(o.model);
-  // The apps store every tensor in fp32: --dtype bf16 selects the CUDA backend's bf16 matrix
-  // products (fp32 accumulation), not bf16 storage. The planner models bf16 storage (precision_bf16).
-  p.precision = precision_fp32();
+  // SPEC 2.3's mixed precision with --dtype bf16: bf16 parameters and activations, fp32 master weights
+  // and AdamW states, gradients in --grad-dtype.
+  p.precision = o.dtype == "bf16" ? precision_bf16(o.grad_dtype == "bf16") : precision_fp32();
   p.micro_batch = o.micro_batch;
   p.recompute = o.recompute;
   p.attention_keeps_probabilities = attention_keeps_probabilities;
@@ -117,9 +117,10 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   const int64_t hl = h / t, fl = f / t, qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
   const int64_t e = p.precision.act_bytes;  // bytes of an activation element
   constexpr int64_t kStat = 4, kToken = 4, kLoss = 8;  // LayerNorm statistics fp32, tokens int32
-  // Attention's saved state and backward scratch per block, for this rank's heads (see MemoryPlan).
+  // Attention's saved state and backward scratch per block, for this rank's heads (see MemoryPlan):
+  // the softmax's probabilities or its row statistics, both fp32 in every precision.
   const int64_t rows = static_cast<int64_t>(p.micro_batch) * (a.heads / t) * S;
-  const int64_t backend_att = p.attention_keeps_probabilities ? rows * S * e : rows * kStat;
+  const int64_t backend_att = p.attention_keeps_probabilities ? rows * S * kStat : rows * kStat;
   const int64_t att_saved = p.attention_saved_bytes >= 0 ? p.attention_saved_bytes : backend_att;
   const int64_t att_scratch = p.attention_scratch_bytes >= 0 ? p.attention_scratch_bytes : backend_att;
 
@@ -164,7 +165,7 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   // With context parallelism the embedding's backward also holds the gradient of this rank's rows of
   // the position table (S/cp · h) for a moment, and full recomputation runs the attention core's
   // forward inside backward: whichever is largest comes on top of what backward holds.
-  const int64_t cp_positions = p.cp > 1 && first && a.learned_positions ? S * h * e : 0;
+  const int64_t cp_positions = p.cp > 1 && first && a.learned_positions ? S * h * p.precision.grad_bytes : 0;
   const int64_t recomputed_forward = p.recompute == "full" ? p.attention_forward_bytes : 0;
   est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv) +
                         att_scratch + p.attention_persistent_bytes +

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/init.h"
+#include "kernels/cpu/bf16.h"
 
 namespace pb {
 namespace {
@@ -105,40 +106,40 @@ std::size_t gpt_num_parameters(const ModelConfig& config, const MlpPart* mlp) {
 // them in the residual stream on this rank (N / tp with sequence parallelism).
 class TpLayers {
  public:
-  TpLayers(Backend& backend, const TensorParallel& tp, int N, int rows, int hidden)
-      : be_(backend), tp_(tp), N_(N), rows_(rows), h_(hidden) {}
+  TpLayers(Backend& backend, const TensorParallel& tp, int N, int rows, int hidden, DType dtype)
+      : be_(backend), tp_(tp), N_(N), rows_(rows), h_(hidden), dtype_(dtype) {}
 
   // The input of a column-parallel layer: the rows of this rank (tp = 1, or tp without sequence
   // parallelism), or every rank's rows gathered into a communication buffer (sequence parallel).
-  const float* column_input(const float* rows) const {
+  ConstTensorPtr column_input(ConstTensorPtr rows) const {
     if (!tp_.sequence_parallel) return rows;  // f: identity in forward
-    float* full = be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::comm_buffers);
+    TensorPtr full = be_.alloc_tensor(static_cast<std::size_t>(N_) * h_, dtype_, MemCategory::comm_buffers);
     tp_.gather_from_sp(rows, full, static_cast<std::size_t>(rows_) * h_);
     return full;
   }
-  void release_column_input(const float* input, const float* rows) const {
-    if (input != rows) be_.free(const_cast<float*>(input));
+  void release_column_input(ConstTensorPtr input, ConstTensorPtr rows) const {
+    if (input != rows) be_.free(input);
   }
   // A row-parallel layer: out = inp · w (+ bias, added once: by tp rank 0), summed over the tp group
   // into out (N, h), or reduce-scattered into this rank's rows (sequence parallel).
-  void row_parallel_forward(float* out, const float* inp, const float* w, const float* bias, int in_cols) const {
-    const float* once = tp_.rank == 0 ? bias : nullptr;  // the sum over ranks adds the bias once
+  void row_parallel_forward(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr w, ConstTensorPtr bias, int in_cols) const {
+    const ConstTensorPtr once = tp_.rank == 0 ? bias : nullptr;  // the sum over ranks adds the bias once
     if (!tp_.sequence_parallel) {
       be_.matmul_forward(out, inp, w, once, N_, in_cols, h_);
       tp_.reduce_from_tp(out, static_cast<std::size_t>(N_) * h_);  // g
       return;
     }
-    float* partial = be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::comm_buffers);
+    TensorPtr partial = be_.alloc_tensor(static_cast<std::size_t>(N_) * h_, dtype_, MemCategory::comm_buffers);
     be_.matmul_forward(partial, inp, w, once, N_, in_cols, h_);
     tp_.scatter_to_sp(partial, out, static_cast<std::size_t>(rows_) * h_);
     be_.free(partial);
   }
   // Backward of the pair: the output gradient of this rank's rows, made whole again (N, h).
-  const float* row_parallel_output_grad(const float* drows) const {
+  ConstTensorPtr row_parallel_output_grad(ConstTensorPtr drows) const {
     return column_input(drows);  // backward of reduce-scatter: all-gather (g's backward: identity)
   }
   // The input gradient of a column-parallel layer, summed over the tp group (f) into drows.
-  void column_input_grad(float* dfull, float* drows) const {
+  void column_input_grad(TensorPtr dfull, TensorPtr drows) const {
     if (tp_.sequence_parallel) {
       tp_.scatter_to_sp(dfull, drows, static_cast<std::size_t>(rows_) * h_);  // backward of all-gather
     } else {
@@ -148,20 +149,22 @@ class TpLayers {
   // Where a column-parallel layer's input gradient (N, h) goes before column_input_grad: drows itself
   // without sequence parallelism, else the backward's (N, h) scratch that the model lends for the
   // duration of its backward (lend_full_grad), or a buffer of its own (release with release_full_grad).
-  float* full_grad(float* drows) const {
+  TensorPtr full_grad(TensorPtr drows) const {
     if (!tp_.sequence_parallel) return drows;
-    return lent_ ? lent_ : be_.alloc_floats(static_cast<std::size_t>(N_) * h_, MemCategory::workspace);
+    return lent_ ? lent_ : be_.alloc_tensor(static_cast<std::size_t>(N_) * h_, dtype_, MemCategory::workspace);
   }
-  void release_full_grad(float* dfull, float* drows) const {
+  void release_full_grad(TensorPtr dfull, TensorPtr drows) const {
     if (dfull != drows && dfull != lent_) be_.free(dfull);
   }
-  void lend_full_grad(float* scratch) { lent_ = scratch; }
+  void lend_full_grad(TensorPtr scratch) { lent_ = scratch; }
+  DType dtype() const { return dtype_; }
 
  private:
   Backend& be_;
   const TensorParallel& tp_;
   int N_, rows_, h_;
-  float* lent_ = nullptr;
+  DType dtype_;
+  TensorPtr lent_;
 };
 
 namespace {
@@ -183,16 +186,16 @@ class DenseMlp final : public MlpPart {
       be.free(fc1_out);
     }
     Backend& be;
-    float* fc1_out = nullptr;   // (N, f/tp), before GELU
-    float* gelu_out = nullptr;  // (N, f/tp)
+    TensorPtr fc1_out;   // (N, f/tp), before GELU
+    TensorPtr gelu_out;  // (N, f/tp)
   };
 
-  std::unique_ptr<PartState> forward(int, const float* const* w, const float* u, float* out) override {
+  std::unique_ptr<PartState> forward(int, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) override {
     const std::size_t Nf = static_cast<std::size_t>(N_) * fl_;
     auto s = std::make_unique<Saved>(be_);
-    s->fc1_out = be_.alloc_floats(Nf, MemCategory::activations);
-    s->gelu_out = be_.alloc_floats(Nf, MemCategory::activations);
-    const float* u_full = tp_.column_input(u);
+    s->fc1_out = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
+    s->gelu_out = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
+    const ConstTensorPtr u_full = tp_.column_input(u);
     be_.matmul_forward(s->fc1_out, u_full, w[kFc1W], w[kFc1B], N_, m_.hidden, fl_);
     tp_.release_column_input(u_full, u);
     be_.gelu_forward(s->gelu_out, s->fc1_out, Nf);
@@ -200,17 +203,17 @@ class DenseMlp final : public MlpPart {
     return s;
   }
 
-  void backward(int, PartState& state, const float* const* w, float* const* g, const float* u, const float* dout,
-                float* du) override {
+  void backward(int, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u, ConstTensorPtr dout,
+                TensorPtr du) override {
     auto& s = static_cast<Saved&>(state);
     const std::size_t Nf = static_cast<std::size_t>(N_) * fl_;
-    float* dfc = be_.alloc_floats(Nf, MemCategory::workspace);
-    const float* dy = tp_.row_parallel_output_grad(dout);
+    TensorPtr dfc = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::workspace);
+    const ConstTensorPtr dy = tp_.row_parallel_output_grad(dout);
     be_.matmul_backward(dfc, g[kFc2W], g[kFc2B], dy, s.gelu_out, w[kFc2W], N_, fl_, m_.hidden);
     tp_.release_column_input(dy, dout);
     be_.gelu_backward(dfc, s.fc1_out, dfc, Nf);
-    const float* u_full = tp_.column_input(u);
-    float* du_full = tp_.full_grad(du);
+    const ConstTensorPtr u_full = tp_.column_input(u);
+    TensorPtr du_full = tp_.full_grad(du);
     be_.matmul_backward(du_full, g[kFc1W], g[kFc1B], dfc, u_full, w[kFc1W], N_, m_.hidden, fl_);
     tp_.release_column_input(u_full, u);
     tp_.column_input_grad(du_full, du);
@@ -234,10 +237,10 @@ class BackendAttention final : public AttentionCore {
   std::size_t scratch_floats(int B, int S, int heads) const override {
     return be_.attention_scratch_floats(B, S, heads);
   }
-  void forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) override {
+  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) override {
     be_.attention_forward(out, saved, qkv, B, S, C, heads);
   }
-  void backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
+  void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                 const float* saved, int B, int S, int C, int heads) override {
     be_.attention_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads);
   }
@@ -249,41 +252,44 @@ class BackendAttention final : public AttentionCore {
 }  // namespace
 
 // What one block's backward needs, saved by its forward (all under `activations`).
+// (Tensors in the model's dtype; statistics and the attention core's state in fp32.)
 struct GptModel::BlockActs {
   float* ln1_mean = nullptr;  // (rows)
   float* ln1_rstd = nullptr;  // (rows)
-  float* ln1_out = nullptr;   // (rows, h)
-  float* qkv = nullptr;       // (N, 3h/tp)
+  TensorPtr ln1_out;          // (rows, h)
+  TensorPtr qkv;              // (N, 3h/tp)
   float* att = nullptr;       // the attention core's saved state (not kept by selective recompute)
-  float* att_out = nullptr;   // (N, h/tp), heads concatenated, before the output projection
-  float* x_mid = nullptr;     // (rows, h), residual stream after attention
+  TensorPtr att_out;          // (N, h/tp), heads concatenated, before the output projection
+  TensorPtr x_mid;            // (rows, h), residual stream after attention
   float* ln2_mean = nullptr;  // (rows)
   float* ln2_rstd = nullptr;  // (rows)
-  float* ln2_out = nullptr;   // (rows, h)
+  TensorPtr ln2_out;          // (rows, h)
   std::unique_ptr<PartState> mlp;  // the MLP part's saved state
-  float* x_out = nullptr;     // (rows, h), the block's output = next block's input
+  TensorPtr x_out;            // (rows, h), the block's output = next block's input
 };
 
 struct GptModel::HeadActs {
-  float* lnf_mean;  // (N)
-  float* lnf_rstd;  // (N)
-  float* lnf_out;   // (N, h)
-  float* logits;    // (N, V), overwritten by dlogits
+  float* lnf_mean;   // (N)
+  float* lnf_rstd;   // (N)
+  TensorPtr lnf_out;  // (N, h)
+  TensorPtr logits;   // (N, V), overwritten by dlogits
 };
 
-// Backward scratch, shared by all blocks of one micro-batch (under `workspace`).
+// Backward scratch, shared by all blocks of one micro-batch (under `workspace`; the model's dtype).
 struct GptModel::BackwardScratch {
-  float* dres;      // (rows, h): gradient of the residual stream
-  float* dln;       // (N, h): gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
-  float* dln_rows;  // (rows, h): the same reduced onto this rank's rows (dln without sequence parallelism)
-  float* datt;      // (N, h/tp): gradient w.r.t. the attention output
-  float* dqkv;      // (N, 3h/tp)
-  float* att;       // the attention core's scratch
+  TensorPtr dres;      // (rows, h): gradient of the residual stream
+  TensorPtr dln;       // (N, h): gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
+  TensorPtr dln_rows;  // (rows, h): the same reduced onto this rank's rows (dln without sequence parallelism)
+  TensorPtr datt;      // (N, h/tp): gradient w.r.t. the attention output
+  TensorPtr dqkv;      // (N, 3h/tp)
+  float* att;          // the attention core's scratch (fp32)
 };
 
 
 void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
-                     float* dst, uint64_t seed, int num_layers) {
+                     TensorPtr dst, uint64_t seed, int num_layers) {
+  // The values in fp32, rounded on the host when dst is bf16 (as the backend's convert rounds).
+  std::vector<uint16_t> bits;
   std::vector<float> values;
   std::vector<uint64_t> indices;
   for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& t, std::size_t index) {
@@ -298,12 +304,18 @@ void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::
       }
       init_values_at(values.data(), seed, t.name, num_layers, indices.data(), len);
     }
-    backend.upload(dst + pos, values.data(), len * sizeof(float));
+    if (dst.dtype() == DType::f32) {
+      backend.upload(dst.as<float>() + pos, values.data(), len * sizeof(float));
+    } else {
+      bits.resize(len);
+      for (std::size_t k = 0; k < len; ++k) bits[k] = cpu::float_to_bf16(values[k]);
+      backend.upload((dst + static_cast<std::ptrdiff_t>(pos)).data(), bits.data(), len * sizeof(uint16_t));
+    }
   });
 }
 
 void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
-                      float* params, const float* grads, float* m, float* v, float grad_scale, int t, double lr) {
+                      float* params, ConstTensorPtr grads, float* m, float* v, float grad_scale, int t, double lr) {
   constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
   for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& tensor, std::size_t) {
     backend.adamw_update(params + pos, grads + pos, m + pos, v + pos, len, static_cast<float>(lr), kBeta1, kBeta2,
@@ -311,9 +323,21 @@ void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std:
   });
 }
 
+std::vector<float> download_fp32(Backend& backend, ConstTensorPtr src, std::size_t n) {
+  std::vector<float> out(n);
+  if (src.dtype() == DType::f32) {
+    backend.download(out.data(), src.data(), n * sizeof(float));
+    return out;
+  }
+  std::vector<uint16_t> bits(n);
+  backend.download(bits.data(), src.data(), n * sizeof(uint16_t));
+  for (std::size_t i = 0; i < n; ++i) out[i] = cpu::bf16_to_float(bits[i]);
+  return out;
+}
+
 GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute,
-                   const ModelParallel& mp, BlockParts parts)
-    : config_(config), backend_(backend), micro_batch_(micro_batch), tp_(mp.tp), cp_(mp.cp) {
+                   const ModelParallel& mp, BlockParts parts, DType dtype)
+    : config_(config), backend_(backend), micro_batch_(micro_batch), dtype_(dtype), tp_(mp.tp), cp_(mp.cp) {
   recompute_ = recompute == "full" ? Recompute::full : recompute == "selective" ? Recompute::selective : Recompute::none;
   seq_local_ = config.seq / cp_.size;
   N_ = micro_batch * seq_local_;
@@ -321,7 +345,7 @@ GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch,
   heads_ = config.heads / tp_.size;
   hidden_local_ = config.hidden / tp_.size;
   vocab_local_ = config.vocab / tp_.size;
-  tp_layers_ = std::make_unique<TpLayers>(backend_, tp_, N_, rows_, config.hidden);
+  tp_layers_ = std::make_unique<TpLayers>(backend_, tp_, N_, rows_, config.hidden, dtype_);
   if (parts.mlp == nullptr) own_mlp_ = std::make_unique<DenseMlp>(config_, backend_, *tp_layers_, N_, tp_.size);
   if (parts.attention == nullptr) own_attention_ = std::make_unique<BackendAttention>(backend_);
   mlp_ = parts.mlp ? parts.mlp : own_mlp_.get();
@@ -334,10 +358,17 @@ GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch,
 
 GptModel::~GptModel() { backend_.free(loss_sum_); }
 
-std::vector<float*> GptModel::unit_tensors(const float* base, int unit) const {
-  std::vector<float*> out;
-  for (const TensorInfo& t : units_[unit].tensors) out.push_back(const_cast<float*>(base) + (t.offset - units_[unit].offset));
+std::vector<TensorPtr> GptModel::unit_tensors(ConstTensorPtr base, int unit) const {
+  const TensorPtr first(const_cast<void*>(base.data()), base.dtype());
+  std::vector<TensorPtr> out;
+  for (const TensorInfo& t : units_[unit].tensors) {
+    out.push_back(first + static_cast<std::ptrdiff_t>(t.offset - units_[unit].offset));
+  }
   return out;
+}
+
+TensorPtr GptModel::alloc_act(std::size_t count, MemCategory category) const {
+  return backend_.alloc_tensor(count, dtype_, category);
 }
 
 double GptModel::take_loss() {
@@ -347,7 +378,7 @@ double GptModel::take_loss() {
   return loss;
 }
 
-void GptModel::head_loss(float* logits, const int32_t* targets, float scale) {
+void GptModel::head_loss(TensorPtr logits, const int32_t* targets, float scale) {
   // loss += scale · Σ CE; logits become dlogits = scale · (softmax − onehot)
   if (!tp_.active()) {
     backend_.cross_entropy_forward_backward(logits, loss_sum_, targets, N_, vocab_local_, scale);
@@ -368,11 +399,11 @@ void GptModel::head_loss(float* logits, const int32_t* targets, float scale) {
 
 // ---- blocks ------------------------------------------------------------------------------------------
 
-void GptModel::attention_forward(const float* const* w, const float* u, BlockActs& a, float* out) {
+void GptModel::attention_forward(const TensorPtr* w, ConstTensorPtr u, BlockActs& a, TensorPtr out) {
   const int B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_, N = N_;
   Backend& be = backend_;
   // qkv = u·Wqkv + b, column-parallel: this rank's heads                                        (N, 3h/tp)
-  const float* u_full = tp_layers_->column_input(u);
+  const ConstTensorPtr u_full = tp_layers_->column_input(u);
   be.matmul_forward(a.qkv, u_full, w[kQkvW], w[kQkvB], N, h, 3 * hl);
   tp_layers_->release_column_input(u_full, u);
   // o = causal softmax(Q Kᵀ/√d) V for this rank's heads                                        (N, h/tp)
@@ -381,33 +412,34 @@ void GptModel::attention_forward(const float* const* w, const float* u, BlockAct
   tp_layers_->row_parallel_forward(out, a.att_out, w[kOutW], w[kOutB], hl);
 }
 
-void GptModel::attention_backward(const float* const* w, float* const* g, const float* u, BlockActs& a,
-                                  const float* dout, float* du, BackwardScratch& sc) {
+void GptModel::attention_backward(const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u, BlockActs& a,
+                                  ConstTensorPtr dout, TensorPtr du, BackwardScratch& sc) {
   const int B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_, N = N_;
   Backend& be = backend_;
-  const float* dy = tp_layers_->row_parallel_output_grad(dout);
+  const ConstTensorPtr dy = tp_layers_->row_parallel_output_grad(dout);
   be.matmul_backward(sc.datt, g[kOutW], g[kOutB], dy, a.att_out, w[kOutW], N, hl, h);
   tp_layers_->release_column_input(dy, dout);
   attention_->backward(sc.dqkv, sc.att, sc.datt, a.att_out, a.qkv, a.att, B, S, hl, heads_);
-  const float* u_full = tp_layers_->column_input(u);
+  const ConstTensorPtr u_full = tp_layers_->column_input(u);
   be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, u_full, w[kQkvW], N, h, 3 * hl);
   tp_layers_->release_column_input(u_full, u);
   tp_layers_->column_input_grad(sc.dln, du);
 }
 
-void GptModel::block_forward(int layer, const float* const* w, const float* x_in, BlockActs& a) {
+void GptModel::block_forward(int layer, const TensorPtr* w, ConstTensorPtr x_in, BlockActs& a) {
   const std::size_t N = N_, R = rows_, h = config_.hidden, hl = hidden_local_;
   Backend& be = backend_;
-  auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
-  a.ln1_mean = act(R);
-  a.ln1_rstd = act(R);
+  auto act = [&](std::size_t count) { return alloc_act(count); };
+  auto stat = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
+  a.ln1_mean = stat(R);
+  a.ln1_rstd = stat(R);
   a.ln1_out = act(R * h);
   a.qkv = act(3 * N * hl);
-  a.att = act(attention_->saved_floats(micro_batch_, seq_local_, heads_));
+  a.att = stat(attention_->saved_floats(micro_batch_, seq_local_, heads_));
   a.att_out = act(N * hl);
   a.x_mid = act(R * h);
-  a.ln2_mean = act(R);
-  a.ln2_rstd = act(R);
+  a.ln2_mean = stat(R);
+  a.ln2_rstd = stat(R);
   a.ln2_out = act(R * h);
   a.x_out = act(R * h);
   // x_mid = x + attention(LayerNorm1(x))
@@ -420,7 +452,7 @@ void GptModel::block_forward(int layer, const float* const* w, const float* x_in
   be.add(a.x_out, a.x_out, a.x_mid, R * h);
 }
 
-void GptModel::block_backward(int layer, const float* const* w, float* const* g, const float* x_in, BlockActs& a,
+void GptModel::block_backward(int layer, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr x_in, BlockActs& a,
                               BackwardScratch& sc) {
   Backend& be = backend_;
   const int R = rows_, h = config_.hidden;
@@ -434,20 +466,18 @@ void GptModel::block_backward(int layer, const float* const* w, float* const* g,
 
 void GptModel::free_block(BlockActs& a) {
   a.mlp.reset();
-  for (float* p : {a.x_out, a.ln2_out, a.ln2_rstd, a.ln2_mean, a.x_mid, a.att_out, a.att, a.qkv, a.ln1_out,
-                   a.ln1_rstd, a.ln1_mean}) {
-    backend_.free(p);
-  }
+  for (TensorPtr p : {a.x_out, a.ln2_out, a.x_mid, a.att_out, a.qkv, a.ln1_out}) backend_.free(p);
+  for (float* p : {a.ln2_rstd, a.ln2_mean, a.att, a.ln1_rstd, a.ln1_mean}) backend_.free(p);
   a = BlockActs{};
 }
 
 
 // What one micro-batch keeps on a stage between its forward and its backward.
 struct GptModel::MicroBatchState final : GptModel::MicroBatch {
-  void set_output(const float* out) { output_ = out; }
+  void set_output(ConstTensorPtr out) { output_ = out; }
   Stage stage;
   int32_t* tokens = nullptr;     // (2N): this rank's tokens, then targets (vocabulary-relative)
-  float* x0 = nullptr;           // (rows, h): the stage's input (embedding output, or a copy of input)
+  TensorPtr x0;                  // (rows, h): the stage's input (embedding output, or a copy of input)
   std::vector<BlockActs> blocks; // this stage's blocks
   HeadActs head{};
   bool has_head = false;
@@ -460,14 +490,16 @@ void GptModel::forward_backward(const int32_t* tokens_host, const int32_t* targe
 }
 
 std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, const int32_t* tokens_host,
-                                                        const int32_t* targets_host, const float* input, float scale,
+                                                        const int32_t* targets_host, ConstTensorPtr input, float scale,
                                                         UnitHooks& hooks) {
   Backend& be = backend_;
   const int L = config_.layers, B = micro_batch_, S = seq_local_, h = config_.hidden, Vl = vocab_local_, N = N_,
             R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
   const int head_unit = L + 1;
-  auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
+  const std::size_t elem = dtype_bytes(dtype_);
+  auto act = [&](std::size_t count) { return alloc_act(count); };
+  auto stat = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
 
   auto mb = std::make_unique<MicroBatchState>();
   mb->stage = stage_in;
@@ -494,19 +526,20 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     hooks.before_forward(0);
     // Vocabulary-parallel embedding: each rank looks up its block (the position table is added once,
     // by rank 0), then the parts are summed (g) or reduce-scattered onto the sequence shards.
-    const std::vector<float*> emb = unit_tensors(hooks.unit_params(0), 0);
+    const std::vector<TensorPtr> emb = unit_tensors(hooks.unit_params(0), 0);
     // Context parallelism: the rows of this rank's positions, chunk by chunk.
-    float* pos_rows = cp_.active() ? be.alloc_floats(static_cast<std::size_t>(S) * h, MemCategory::workspace) : nullptr;
-    if (pos_rows != nullptr) {
+    TensorPtr pos_rows = cp_.active() ? alloc_act(static_cast<std::size_t>(S) * h, MemCategory::workspace) : nullptr;
+    if (pos_rows) {
       std::size_t at = 0;
       for (const ContextParallel::Chunk& c : cp_.chunks(config_.seq)) {
-        be.copy(pos_rows + at, emb[kPos] + static_cast<std::size_t>(c.first) * h, sizeof(float) * c.length * h);
+        be.copy((pos_rows + at).data(), (emb[kPos] + static_cast<std::ptrdiff_t>(c.first) * h).data(),
+                elem * c.length * h);
         at += static_cast<std::size_t>(c.length) * h;
       }
     }
-    const float* pos = tp_.rank != 0 ? nullptr : pos_rows ? pos_rows : emb[kPos];
+    const ConstTensorPtr pos = tp_.rank != 0 ? nullptr : pos_rows ? pos_rows : emb[kPos];
     if (tp_.sequence_parallel) {
-      float* partial = be.alloc_floats(Nh, MemCategory::comm_buffers);
+      TensorPtr partial = alloc_act(Nh, MemCategory::comm_buffers);
       be.embedding_forward(partial, mb->tokens, emb[kTok], pos, B, S, h);
       tp_.scatter_to_sp(partial, mb->x0, Rh);
       be.free(partial);
@@ -517,17 +550,17 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     be.free(pos_rows);
     hooks.after_forward(0);
   } else {
-    be.copy(mb->x0, input, Rh * sizeof(float));  // the stage's input, kept for its first block's backward
+    be.copy(mb->x0.data(), input.data(), Rh * elem);  // the stage's input, kept for its first block's backward
   }
 
   // Each block keeps what its backward needs: everything (none), everything but the attention
   // probabilities (selective), or only its output, the next block's input (full).
   const int first_block = std::max(stage.first_unit, 1) - 1, end_block = std::min(stage.last_unit, L);
   mb->blocks.resize(std::max(0, end_block - first_block));
-  const float* x = mb->x0;
+  ConstTensorPtr x = mb->x0;
   for (int l = first_block; l < end_block; ++l) {
     hooks.before_forward(1 + l);
-    const std::vector<float*> w = unit_tensors(hooks.unit_params(1 + l), 1 + l);
+    const std::vector<TensorPtr> w = unit_tensors(hooks.unit_params(1 + l), 1 + l);
     BlockActs& ba = mb->blocks[l - first_block];
     block_forward(l, w.data(), x, ba);
     if (recompute_ == Recompute::selective && attention_->keeps_probabilities()) {
@@ -536,7 +569,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
       be.free(ba.att);
       ba.att = nullptr;
     } else if (recompute_ == Recompute::full) {
-      float* out = ba.x_out;
+      TensorPtr out = ba.x_out;
       ba.x_out = nullptr;
       free_block(ba);
       ba.x_out = out;
@@ -550,15 +583,15 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     return mb;
   }
   hooks.before_forward(head_unit);
-  const std::vector<float*> hw = unit_tensors(hooks.unit_params(head_unit), head_unit);
+  const std::vector<TensorPtr> hw = unit_tensors(hooks.unit_params(head_unit), head_unit);
   HeadActs& ha = mb->head;
-  ha.lnf_mean = act(R);
-  ha.lnf_rstd = act(R);
+  ha.lnf_mean = stat(R);
+  ha.lnf_rstd = stat(R);
   ha.lnf_out = act(Rh);
   ha.logits = act(static_cast<std::size_t>(N) * Vl);
   be.layernorm_forward(ha.lnf_out, ha.lnf_mean, ha.lnf_rstd, x, hw[kLnfG], hw[kLnfB], R, h);
   {
-    const float* u = tp_layers_->column_input(ha.lnf_out);
+    const ConstTensorPtr u = tp_layers_->column_input(ha.lnf_out);
     be.matmul_forward(ha.logits, u, hw[kHeadW], nullptr, N, h, Vl);  // (N, V/tp), column-parallel, no bias
     tp_layers_->release_column_input(u, ha.lnf_out);
   }
@@ -567,7 +600,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
   return mb;
 }
 
-void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* dinput, UnitHooks& hooks) {
+void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorPtr dinput, UnitHooks& hooks) {
   auto& mb = static_cast<MicroBatchState&>(micro_batch);
   Backend& be = backend_;
   const int L = config_.layers, B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_,
@@ -576,8 +609,9 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   const std::size_t Nhl = static_cast<std::size_t>(N) * hl;
   const TpLayers& tpl = *tp_layers_;
   const int head_unit = L + 1;
-  auto act = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
-  auto scratch = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::workspace); };
+  const std::size_t elem = dtype_bytes(dtype_);
+  auto act = [&](std::size_t count) { return alloc_act(count); };
+  auto scratch = [&](std::size_t count) { return alloc_act(count, MemCategory::workspace); };
   const Stage& stage = mb.stage;
   const int first_block = std::max(stage.first_unit, 1) - 1;
 
@@ -586,39 +620,40 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
   sc.dln = scratch(Nh);   // gradient w.r.t. a column-parallel layer's input, before the f/sp reduction
   sc.dln_rows = tp_.sequence_parallel ? scratch(Rh) : sc.dln;
   tp_layers_->lend_full_grad(sc.dln);  // free while a part's backward runs: its input gradient's place
-  float* dln_rows = sc.dln_rows;
+  TensorPtr dln_rows = sc.dln_rows;
   sc.datt = scratch(Nhl);
   sc.dqkv = scratch(3 * Nhl);
-  sc.att = scratch(attention_->scratch_floats(B, S, heads_));
-  float* dres = sc.dres;
-  const float* x = mb.blocks.empty() ? mb.x0 : mb.blocks.back().x_out;  // the head's input
+  sc.att = be.alloc_floats(attention_->scratch_floats(B, S, heads_), MemCategory::workspace);
+  TensorPtr dres = sc.dres;
+  ConstTensorPtr x = mb.blocks.empty() ? mb.x0 : mb.blocks.back().x_out;  // the head's input
 
   if (mb.has_head) {
     hooks.before_backward(head_unit);
     HeadActs& ha = mb.head;
-    const std::vector<float*> w = unit_tensors(hooks.unit_params(head_unit), head_unit);
-    const std::vector<float*> g = unit_tensors(hooks.unit_grads(head_unit), head_unit);
-    const float* u = tpl.column_input(ha.lnf_out);
+    const std::vector<TensorPtr> w = unit_tensors(hooks.unit_params(head_unit), head_unit);
+    const std::vector<TensorPtr> g = unit_tensors(hooks.unit_grads(head_unit), head_unit);
+    const ConstTensorPtr u = tpl.column_input(ha.lnf_out);
     be.matmul_backward(sc.dln, g[kHeadW], nullptr, ha.logits, u, w[kHeadW], N, h, Vl);
     tpl.release_column_input(u, ha.lnf_out);
     tpl.column_input_grad(sc.dln, dln_rows);
-    be.zero(dres, Rh * sizeof(float));
+    be.zero(dres.data(), Rh * elem);
     be.layernorm_backward(dres, g[kLnfG], g[kLnfB], dln_rows, x, w[kLnfG], ha.lnf_mean, ha.lnf_rstd, R, h);
-    for (float* p : {ha.logits, ha.lnf_out, ha.lnf_rstd, ha.lnf_mean}) be.free(p);
+    for (TensorPtr p : {ha.logits, ha.lnf_out}) be.free(p);
+    for (float* p : {ha.lnf_rstd, ha.lnf_mean}) be.free(p);
     hooks.after_backward(head_unit);
     hooks.grad_ready(head_unit);
   } else {
-    be.copy(dres, doutput, Rh * sizeof(float));
+    be.copy(dres.data(), doutput.data(), Rh * elem);
   }
 
   for (int i = static_cast<int>(mb.blocks.size()) - 1; i >= 0; --i) {
     const int l = first_block + i, unit = 1 + l;
     hooks.before_backward(unit);
-    const float* x_in = i > 0 ? mb.blocks[i - 1].x_out : mb.x0;
-    const std::vector<float*> w = unit_tensors(hooks.unit_params(unit), unit);
-    const std::vector<float*> g = unit_tensors(hooks.unit_grads(unit), unit);
+    ConstTensorPtr x_in = i > 0 ? mb.blocks[i - 1].x_out : mb.x0;
+    const std::vector<TensorPtr> w = unit_tensors(hooks.unit_params(unit), unit);
+    const std::vector<TensorPtr> g = unit_tensors(hooks.unit_grads(unit), unit);
     BlockActs& ba = mb.blocks[i];
-    float* recomputed_out = nullptr;  // selective recompute's copy of the attention output
+    TensorPtr recomputed_out;  // selective recompute's copy of the attention output
     if (recompute_ == Recompute::full) {
       // Run the block's forward again from its input; its saved output is no longer needed.
       be.free(ba.x_out);
@@ -626,7 +661,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
       block_forward(l, w.data(), x_in, ba);
     } else if (recompute_ == Recompute::selective && ba.att == nullptr) {
       // Recompute only the attention scores and softmax (Korthikanti et al. 2022).
-      ba.att = act(attention_->saved_floats(B, S, heads_));
+      ba.att = be.alloc_floats(attention_->saved_floats(B, S, heads_), MemCategory::activations);
       recomputed_out = act(Nhl);
       attention_->forward(recomputed_out, ba.att, ba.qkv, B, S, hl, heads_);
     }
@@ -641,11 +676,11 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     hooks.before_backward(0);
     // Every rank gets the whole position-table gradient (it holds the whole table) and its block of
     // the token table's.
-    const std::vector<float*> eg = unit_tensors(hooks.unit_grads(0), 0);
-    const float* dx0 = tpl.row_parallel_output_grad(dres);
-    if (cp_.active()) {  // the gradient of this rank's positions' rows, added to theirs
-      float* dpos = scratch(static_cast<std::size_t>(S) * h);
-      be.zero(dpos, sizeof(float) * S * h);
+    const std::vector<TensorPtr> eg = unit_tensors(hooks.unit_grads(0), 0);
+    const ConstTensorPtr dx0 = tpl.row_parallel_output_grad(dres);
+    if (cp_.active()) {  // the gradient of this rank's positions' rows, added to theirs (in its dtype)
+      TensorPtr dpos = be.alloc_tensor(static_cast<std::size_t>(S) * h, eg[kPos].dtype(), MemCategory::workspace);
+      be.zero(dpos.data(), dtype_bytes(dpos.dtype()) * S * h);
       be.embedding_backward(eg[kTok], dpos, dx0, mb.tokens, B, S, h);
       std::size_t at = 0;
       for (const ContextParallel::Chunk& c : cp_.chunks(config_.seq)) {
@@ -658,7 +693,7 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
     }
     tpl.release_column_input(dx0, dres);
   } else {
-    be.copy(dinput, dres, Rh * sizeof(float));
+    be.copy(dinput.data(), dres.data(), Rh * elem);
   }
   be.free(mb.x0);
   be.free(mb.tokens);
@@ -671,10 +706,12 @@ void GptModel::backward(MicroBatch& micro_batch, const float* doutput, float* di
 
   if (dln_rows != sc.dln) be.free(dln_rows);
   tp_layers_->lend_full_grad(nullptr);
-  for (float* p : {sc.att, sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
+  for (TensorPtr p : {sc.dqkv, sc.datt, sc.dln, sc.dres}) be.free(p);
+  be.free(sc.att);
 }
 
-ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, std::vector<int> units)
+ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, DType grad_dtype,
+                                 std::vector<int> units)
     : backend_(backend), units_(model.units()), held_(std::move(units)), local_offset_(model.units().size(), 0) {
   if (held_.empty()) {
     for (int u = 0; u < model.num_units(); ++u) held_.push_back(u);
@@ -683,29 +720,37 @@ ReplicatedState::ReplicatedState(const GptModel& model, Backend& backend, uint64
     local_offset_[u] = n_;
     n_ += units_[u].numel;
   }
-  params_ = backend_.alloc_floats(n_, MemCategory::parameters);
-  grads_ = backend_.alloc_floats(n_, MemCategory::gradients);
+  params_ = backend_.alloc_tensor(n_, model.dtype(), MemCategory::parameters);
+  if (model.dtype() != DType::f32) master_ = backend_.alloc_floats(n_, MemCategory::master_parameters);
+  grads_ = backend_.alloc_tensor(n_, grad_dtype, MemCategory::gradients);
   m_ = backend_.alloc_floats(n_, MemCategory::optimizer_states);
   v_ = backend_.alloc_floats(n_, MemCategory::optimizer_states);
+  // SPEC 2.1's values into the fp32 parameters the optimizer updates, then rounded into the parameters
+  float* fp32_params = master_ ? master_ : params_.as<float>();
   for (int u : held_) {
-    init_flat_range(backend_, units_, units_[u].offset, units_[u].numel, params_ + local_offset_[u], seed,
+    init_flat_range(backend_, units_, units_[u].offset, units_[u].numel, fp32_params + local_offset_[u], seed,
                     model.config().layers);
   }
-  for (float* p : {grads_, m_, v_}) backend_.zero(p, n_ * sizeof(float));
+  if (master_) backend_.convert(params_, master_, n_);
+  zero_grads();
+  for (float* p : {m_, v_}) backend_.zero(p, n_ * sizeof(float));
 }
 
 ReplicatedState::~ReplicatedState() {
-  for (float* p : {v_, m_, grads_, params_}) backend_.free(p);
+  for (float* p : {v_, m_, master_}) backend_.free(p);
+  for (TensorPtr p : {grads_, params_}) backend_.free(p);
 }
 
-void ReplicatedState::zero_grads() { backend_.zero(grads_, n_ * sizeof(float)); }
+void ReplicatedState::zero_grads() { backend_.zero(grads_.data(), n_ * dtype_bytes(grads_.dtype())); }
 
 void ReplicatedState::adamw(float grad_scale, int t, double lr) {
+  float* fp32_params = master_ ? master_ : params_.as<float>();
   for (int u : held_) {
     const std::size_t at = local_offset_[u];
-    adamw_flat_range(backend_, units_, units_[u].offset, units_[u].numel, params_ + at, grads_ + at, m_ + at, v_ + at,
-                     grad_scale, t, lr);
+    adamw_flat_range(backend_, units_, units_[u].offset, units_[u].numel, fp32_params + at, grads_ + at, m_ + at,
+                     v_ + at, grad_scale, t, lr);
   }
+  if (master_) backend_.convert(params_, master_, n_);  // the bf16 copy the next forward uses
 }
 
 }  // namespace pb

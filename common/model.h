@@ -90,11 +90,11 @@ class MlpPart {
   virtual std::string flops_term() const { return ""; }
   virtual double matmul_weights_per_token() const { return 0.0; }
   // out (rows, h) = mlp(u) (overwritten); w: the part's tensors of block `layer`. The returned state
-  // holds what backward needs.
-  virtual std::unique_ptr<PartState> forward(int layer, const float* const* w, const float* u, float* out) = 0;
+  // holds what backward needs. Activations and parameters are in the model's dtype, g in the gradients'.
+  virtual std::unique_ptr<PartState> forward(int layer, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) = 0;
   // du (rows, h) = ∂/∂u of the loss (overwritten) from dout (rows, h); g: the part's gradients (+=).
-  virtual void backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u,
-                        const float* dout, float* du) = 0;
+  virtual void backward(int layer, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u,
+                        ConstTensorPtr dout, TensorPtr du) = 0;
 };
 
 // The attention core of a block: o = causal softmax(Q Kᵀ/√d) V per head, from qkv (B, S, 3·C) of
@@ -106,8 +106,8 @@ class AttentionCore {
   virtual std::size_t saved_floats(int B, int S, int heads) const = 0;
   virtual bool keeps_probabilities() const = 0;
   virtual std::size_t scratch_floats(int B, int S, int heads) const = 0;
-  virtual void forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) = 0;
-  virtual void backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
+  virtual void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) = 0;
+  virtual void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                         const float* saved, int B, int S, int C, int heads) = 0;
 };
 
@@ -145,25 +145,39 @@ void for_each_tensor_piece(const std::vector<UnitInfo>& units, std::size_t first
   }
 }
 
-// SPEC 2.1 values of the flat range [first, first + count) into backend memory at dst.
+// SPEC 2.1 values of the flat range [first, first + count) into backend memory at dst (fp32, or rounded
+// to dst's dtype).
 void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
-                     float* dst, uint64_t seed, int num_layers);
+                     TensorPtr dst, uint64_t seed, int num_layers);
 
-// AdamW (SPEC 2.3) over the flat range [first, first + count), whose params, grads, m and v start at
-// the given pointers; weight decay on matrices only; gradients multiplied by grad_scale first.
+// AdamW (SPEC 2.3) over the flat range [first, first + count), whose fp32 params (the master weights in
+// mixed precision), grads (fp32 or bf16), m and v start at the given pointers; weight decay on matrices
+// only; gradients multiplied by grad_scale first.
 void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
-                      float* params, const float* grads, float* m, float* v, float grad_scale, int t, double lr);
+                      float* params, ConstTensorPtr grads, float* m, float* v, float grad_scale, int t, double lr);
+
+// n elements of backend memory as fp32 values on the host (bf16 widened exactly).
+std::vector<float> download_fp32(Backend& backend, ConstTensorPtr src, std::size_t n);
+
+// The precision of a run (SPEC 2.3): parameters and activations in `compute` (fp32, or bf16 with fp32
+// master weights beside the parameters), parameter gradients in `grads`; AdamW's moments are fp32.
+struct Precision {
+  DType compute = DType::f32;
+  DType grads = DType::f32;
+  bool master_weights() const { return compute != DType::f32; }
+};
 
 // Called by the model around each unit, and asked where the unit's parameters and gradient
 // accumulators are: strategies keep them whole, sharded or gathered on demand.
 class UnitHooks {
  public:
   virtual ~UnitHooks() = default;
-  // The unit's parameters (its numel elements, in tensor order); valid from before_forward to
-  // after_forward and from before_backward to after_backward.
-  virtual const float* unit_params(int unit) = 0;
-  // Where the unit's gradients accumulate; valid from before_backward until grad_ready.
-  virtual float* unit_grads(int unit) = 0;
+  // The unit's parameters (its numel elements, in tensor order, in the model's dtype); valid from
+  // before_forward to after_forward and from before_backward to after_backward.
+  virtual ConstTensorPtr unit_params(int unit) = 0;
+  // Where the unit's gradients accumulate (in the gradients' dtype); valid from before_backward until
+  // grad_ready.
+  virtual TensorPtr unit_grads(int unit) = 0;
   virtual void before_forward(int /*unit*/) {}
   virtual void after_forward(int /*unit*/) {}
   virtual void before_backward(int /*unit*/) {}
@@ -180,13 +194,15 @@ class GptModel {
  public:
   // mp: this rank's model-parallel groups (tp.size = 1: the whole model); parts: the strategy's
   // replacements for the block's MLP or attention core (not owned; null: the defaults).
+  // dtype: of parameters and activations (the compute dtype of Precision).
   GptModel(const ModelConfig& config, Backend& backend, int micro_batch, const std::string& recompute,
-           const ModelParallel& mp = ModelParallel{}, BlockParts parts = BlockParts{});
+           const ModelParallel& mp = ModelParallel{}, BlockParts parts = BlockParts{}, DType dtype = DType::f32);
   ~GptModel();
   GptModel(const GptModel&) = delete;
   GptModel& operator=(const GptModel&) = delete;
 
   const ModelConfig& config() const { return config_; }
+  DType dtype() const { return dtype_; }
   const std::vector<UnitInfo>& units() const { return units_; }
   std::size_t num_parameters() const { return num_params_; }
   int num_units() const { return static_cast<int>(units_.size()); }
@@ -210,17 +226,17 @@ class GptModel {
   class MicroBatch {
    public:
     virtual ~MicroBatch() = default;
-    const float* output() const { return output_; }  // stages without the head: (rows, h)
+    ConstTensorPtr output() const { return output_; }  // stages without the head: (rows, h)
 
    protected:
-    const float* output_ = nullptr;
+    ConstTensorPtr output_;
   };
   std::unique_ptr<MicroBatch> forward(const Stage& stage, const int32_t* tokens, const int32_t* targets,
-                                      const float* input, float scale, UnitHooks& hooks);
+                                      ConstTensorPtr input, float scale, UnitHooks& hooks);
   // Backward of a micro-batch's forward: doutput is the gradient of its output (null on the last
   // stage); the gradient of its input is written to dinput (rows, h) unless the stage has the
   // embedding. Frees the micro-batch's activations.
-  void backward(MicroBatch& micro_batch, const float* doutput, float* dinput, UnitHooks& hooks);
+  void backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorPtr dinput, UnitHooks& hooks);
   // Tokens of one sequence on this rank (S / cp).
   int seq_local() const { return seq_local_; }
   // Elements of a stage's input or output (rows of this rank × h).
@@ -237,22 +253,25 @@ class GptModel {
   // One block, as SPEC section 2 writes it: x_mid = x + attention(LayerNorm1(x)), x_out = x_mid +
   // mlp(LayerNorm2(x_mid)). The forward saves into `a`; the backward takes dres = ∂x_out and leaves
   // ∂x_in in it.
-  void block_forward(int layer, const float* const* w, const float* x_in, BlockActs& a);
-  void block_backward(int layer, const float* const* w, float* const* g, const float* x_in, BlockActs& a,
+  void block_forward(int layer, const TensorPtr* w, ConstTensorPtr x_in, BlockActs& a);
+  void block_backward(int layer, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr x_in, BlockActs& a,
                       BackwardScratch& sc);
   // The attention part: out (rows, h) = o·Wout + b with o the core's output on u's projections.
-  void attention_forward(const float* const* w, const float* u, BlockActs& a, float* out);
+  void attention_forward(const TensorPtr* w, ConstTensorPtr u, BlockActs& a, TensorPtr out);
   // du (rows, h) overwritten from dout (rows, h); gradients accumulated.
-  void attention_backward(const float* const* w, float* const* g, const float* u, BlockActs& a, const float* dout,
-                          float* du, BackwardScratch& sc);
+  void attention_backward(const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u, BlockActs& a, ConstTensorPtr dout,
+                          TensorPtr du, BackwardScratch& sc);
   void free_block(BlockActs& a);
-  void head_loss(float* logits, const int32_t* targets, float scale);
+  void head_loss(TensorPtr logits, const int32_t* targets, float scale);
   // Pointers to the tensors of a unit whose parameters (or gradients) start at base.
-  std::vector<float*> unit_tensors(const float* base, int unit) const;
+  std::vector<TensorPtr> unit_tensors(ConstTensorPtr base, int unit) const;
+  // Activations in the model's dtype, and fp32 statistics (LayerNorm's mean and rstd).
+  TensorPtr alloc_act(std::size_t count, MemCategory category = MemCategory::activations) const;
 
   ModelConfig config_;
   Backend& backend_;
   int micro_batch_;
+  DType dtype_;
   TensorParallel tp_;
   ContextParallel cp_;
   std::unique_ptr<TpLayers> tp_layers_;  // the tensor- and sequence-parallel plumbing of a layer
@@ -273,17 +292,21 @@ class GptModel {
 // unit; a pipeline stage: its units): parameters, gradients and AdamW states in flat buffers.
 class ReplicatedState {
  public:
-  // units: the units held, in increasing order (empty: all of them).
-  ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, std::vector<int> units = {});
+  // Parameters in the model's dtype, with fp32 master weights beside them when that is bf16 (the
+  // optimizer updates the master weights and rounds them into the parameters); gradients in grad_dtype;
+  // AdamW's m and v in fp32. units: the units held, in increasing order (empty: all of them).
+  ReplicatedState(const GptModel& model, Backend& backend, uint64_t seed, DType grad_dtype, std::vector<int> units = {});
   ~ReplicatedState();
   ReplicatedState(const ReplicatedState&) = delete;
   ReplicatedState& operator=(const ReplicatedState&) = delete;
 
-  float* params() { return params_; }
-  float* grads() { return grads_; }
+  TensorPtr params() { return params_; }
+  TensorPtr grads() { return grads_; }
+  // The fp32 parameters the optimizer updates: the master weights, or the parameters themselves.
+  const float* master() const { return master_ ? master_ : params_.as<float>(); }
   std::size_t size() const { return n_; }
-  const float* unit_params(int unit) const { return params_ + local_offset_[unit]; }
-  float* unit_grads(int unit) { return grads_ + local_offset_[unit]; }
+  ConstTensorPtr unit_params(int unit) const { return params_ + local_offset_[unit]; }
+  TensorPtr unit_grads(int unit) { return grads_ + local_offset_[unit]; }
   // Held tensors, with their offset in this state's buffers (for per-tensor reductions).
   template <typename Fn>
   void for_each_tensor(Fn&& fn) const {
@@ -300,7 +323,9 @@ class ReplicatedState {
   std::vector<int> held_;
   std::vector<std::size_t> local_offset_;  // per unit of the model (unused for units not held)
   std::size_t n_ = 0;
-  float *params_, *grads_, *m_, *v_;
+  TensorPtr params_, grads_;
+  float* master_ = nullptr;  // null when the parameters are fp32
+  float *m_ = nullptr, *v_ = nullptr;
 };
 
 }  // namespace pb

@@ -1,8 +1,12 @@
 #include "common/mpi_communicator.h"
 
 #include <climits>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "common/errors.h"
+#include "kernels/cpu/bf16.h"
 
 namespace pb {
 
@@ -41,7 +45,26 @@ class PairRequest final : public CommRequest {
 
 }  // namespace
 
-Request Communicator::send_recv_async(const float* send, int to, float* recv, int from, std::size_t count, int tag) {
+DType Communicator::common_dtype(ConstTensorPtr send, ConstTensorPtr recv, const char* call) {
+  if (!send) return recv.dtype();
+  if (!recv) return send.dtype();
+  if (send.dtype() != recv.dtype()) {
+    throw std::invalid_argument(std::string("Communicator::") + call + ": send buffer is " + dtype_name(send.dtype()) +
+                                ", receive buffer is " + dtype_name(recv.dtype()) + " (they must have one dtype)");
+  }
+  return send.dtype();
+}
+
+CommOpStats& Communicator::account(CommOp op, std::size_t count, DType dtype) {
+  CommOpStats& s = stats_[static_cast<int>(op)];
+  s.calls += 1;
+  s.bytes += static_cast<int64_t>(count * dtype_bytes(dtype));
+  return s;
+}
+
+Request Communicator::send_recv_async(ConstTensorPtr send, int to, TensorPtr recv, int from, std::size_t count,
+                                      int tag) {
+  common_dtype(send, recv, "send_recv_async");  // before either half is posted
   Request r = recv_async(recv, count, from, tag);
   Request s = send_async(send, count, to, tag);
   return std::make_unique<PairRequest>(std::move(r), std::move(s));
@@ -56,6 +79,44 @@ int as_int_count(std::size_t count) {
   }
   return static_cast<int>(count);
 }
+
+MPI_Datatype mpi_type(DType dtype) { return dtype == DType::f32 ? MPI_FLOAT : MPI_UINT16_T; }
+
+// The bf16 sum: inout[i] = bf16(fp32(in[i]) + fp32(inout[i])), rounded to nearest even. Commutative
+// (fp32 addition is, and so is rounding its result), not associative: MPI may combine the ranks'
+// contributions in any order, and each combination rounds.
+void bf16_sum(void* in, void* inout, int* len, MPI_Datatype* /*type: MPI_UINT16_T*/) {
+  const uint16_t* a = static_cast<const uint16_t*>(in);
+  uint16_t* b = static_cast<uint16_t*>(inout);
+  const int n = *len;
+  for (int i = 0; i < n; ++i) b[i] = cpu::float_to_bf16(cpu::bf16_to_float(a[i]) + cpu::bf16_to_float(b[i]));
+}
+
+// The MPI_Op of bf16_sum, created on first use. Its owner is MPI itself: the op is freed by the delete
+// callback of an attribute on MPI_COMM_SELF, which MPI_Finalize runs first, while MPI is still whole
+// (MPI standard, "Allowing User Functions at Process Termination"). So it is freed exactly once,
+// before MPI_Finalize returns, whatever the order in which communicators are destroyed (a
+// function-local static's destructor would run after MPI_Finalize, when MPI_Op_free is erroneous).
+// Communication happens on one thread (MPI_THREAD_FUNNELED), so first use needs no lock.
+MPI_Op g_bf16_sum = MPI_OP_NULL;
+
+int free_bf16_sum(MPI_Comm /*comm*/, int /*keyval*/, void* /*value*/, void* /*extra*/) {
+  if (g_bf16_sum != MPI_OP_NULL) MPI_Op_free(&g_bf16_sum);  // leaves MPI_OP_NULL
+  return MPI_SUCCESS;
+}
+
+MPI_Op bf16_sum_op() {
+  if (g_bf16_sum == MPI_OP_NULL) {
+    PB_MPI_CHECK(MPI_Op_create(&bf16_sum, /*commute=*/1, &g_bf16_sum));
+    int keyval = MPI_KEYVAL_INVALID;
+    PB_MPI_CHECK(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, &free_bf16_sum, &keyval, nullptr));
+    PB_MPI_CHECK(MPI_Comm_set_attr(MPI_COMM_SELF, keyval, nullptr));
+    PB_MPI_CHECK(MPI_Comm_free_keyval(&keyval));  // the attribute set with it lives on
+  }
+  return g_bf16_sum;
+}
+
+MPI_Op sum_op(DType dtype) { return dtype == DType::f32 ? MPI_SUM : bf16_sum_op(); }
 
 // A non-blocking MPI call; the time spent waiting is added to its operation's account.
 class MpiRequest final : public CommRequest {
@@ -111,106 +172,111 @@ MpiCommunicator::~MpiCommunicator() {
   if (!finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
-CommOpStats& MpiCommunicator::account(CommOp op, std::size_t count) {
-  CommOpStats& s = stats_[static_cast<int>(op)];
-  s.calls += 1;
-  s.bytes += static_cast<int64_t>(count * sizeof(float));
-  return s;
-}
-
 Request MpiCommunicator::make_request(MPI_Request request, CommOp op, double issue_time) {
   CommOpStats& s = stats_[static_cast<int>(op)];
   s.time_s += MPI_Wtime() - issue_time;
   return std::make_unique<MpiRequest>(request, &s);
 }
 
-void MpiCommunicator::all_reduce(float* buf, std::size_t count) {
-  ScopedTime t(account(CommOp::all_reduce, count));
-  PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, as_int_count(count), MPI_FLOAT, MPI_SUM, comm_));
+void MpiCommunicator::all_reduce(TensorPtr buf, std::size_t count) {
+  const DType t = buf.dtype();
+  ScopedTime timer(account(CommOp::all_reduce, count, t));
+  PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf.data(), as_int_count(count), mpi_type(t), sum_op(t), comm_));
 }
 
 void MpiCommunicator::all_reduce_max(float* buf, std::size_t count) {
-  ScopedTime t(account(CommOp::all_reduce, count));
+  ScopedTime timer(account(CommOp::all_reduce, count, DType::f32));
   PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, as_int_count(count), MPI_FLOAT, MPI_MAX, comm_));
 }
 
-Request MpiCommunicator::all_reduce_async(float* buf, std::size_t count) {
-  account(CommOp::all_reduce, count);
+Request MpiCommunicator::all_reduce_async(TensorPtr buf, std::size_t count) {
+  const DType t = buf.dtype();
+  account(CommOp::all_reduce, count, t);
   const double t0 = MPI_Wtime();
   MPI_Request request;
-  PB_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, as_int_count(count), MPI_FLOAT, MPI_SUM, comm_, &request));
+  PB_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int_count(count), mpi_type(t), sum_op(t), comm_,
+                              &request));
   return make_request(request, CommOp::all_reduce, t0);
 }
 
-void MpiCommunicator::reduce_scatter(const float* send, float* recv, std::size_t recv_count) {
-  ScopedTime t(account(CommOp::reduce_scatter, recv_count * size_));
-  PB_MPI_CHECK(MPI_Reduce_scatter_block(send, recv, as_int_count(recv_count), MPI_FLOAT, MPI_SUM, comm_));
+void MpiCommunicator::reduce_scatter(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) {
+  const DType t = common_dtype(send, recv, "reduce_scatter");
+  ScopedTime timer(account(CommOp::reduce_scatter, recv_count * size_, t));
+  PB_MPI_CHECK(MPI_Reduce_scatter_block(send.data(), recv.data(), as_int_count(recv_count), mpi_type(t), sum_op(t),
+                                        comm_));
 }
 
-Request MpiCommunicator::reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) {
-  account(CommOp::reduce_scatter, recv_count * size_);
+Request MpiCommunicator::reduce_scatter_async(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) {
+  const DType t = common_dtype(send, recv, "reduce_scatter_async");
+  account(CommOp::reduce_scatter, recv_count * size_, t);
   const double t0 = MPI_Wtime();
   MPI_Request request;
-  PB_MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, as_int_count(recv_count), MPI_FLOAT, MPI_SUM, comm_,
-                                         &request));
+  PB_MPI_CHECK(MPI_Ireduce_scatter_block(send.data(), recv.data(), as_int_count(recv_count), mpi_type(t),
+                                         sum_op(t), comm_, &request));
   return make_request(request, CommOp::reduce_scatter, t0);
 }
 
 // An all-gather whose send buffer is this rank's block of recv runs in place (MPI_IN_PLACE).
-const void* MpiCommunicator::gather_source(const float* send, const float* recv, std::size_t send_count) const {
-  return send == recv + static_cast<std::size_t>(rank_) * send_count ? MPI_IN_PLACE : send;
+const void* MpiCommunicator::gather_source(ConstTensorPtr send, ConstTensorPtr recv, std::size_t send_count) const {
+  if (!recv) return send.data();
+  const ConstTensorPtr mine = recv + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rank_) * send_count);
+  return send.data() == mine.data() ? MPI_IN_PLACE : send.data();
 }
 
-void MpiCommunicator::all_gather(const float* send, float* recv, std::size_t send_count) {
-  ScopedTime t(account(CommOp::all_gather, send_count * size_));
-  PB_MPI_CHECK(MPI_Allgather(gather_source(send, recv, send_count), as_int_count(send_count), MPI_FLOAT, recv,
-                             as_int_count(send_count), MPI_FLOAT, comm_));
+void MpiCommunicator::all_gather(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) {
+  const DType t = common_dtype(send, recv, "all_gather");
+  ScopedTime timer(account(CommOp::all_gather, send_count * size_, t));
+  PB_MPI_CHECK(MPI_Allgather(gather_source(send, recv, send_count), as_int_count(send_count), mpi_type(t),
+                             recv.data(), as_int_count(send_count), mpi_type(t), comm_));
 }
 
-Request MpiCommunicator::all_gather_async(const float* send, float* recv, std::size_t send_count) {
-  account(CommOp::all_gather, send_count * size_);
+Request MpiCommunicator::all_gather_async(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) {
+  const DType t = common_dtype(send, recv, "all_gather_async");
+  account(CommOp::all_gather, send_count * size_, t);
   const double t0 = MPI_Wtime();
   MPI_Request request;
-  PB_MPI_CHECK(MPI_Iallgather(gather_source(send, recv, send_count), as_int_count(send_count), MPI_FLOAT, recv,
-                              as_int_count(send_count), MPI_FLOAT, comm_, &request));
+  PB_MPI_CHECK(MPI_Iallgather(gather_source(send, recv, send_count), as_int_count(send_count), mpi_type(t),
+                              recv.data(), as_int_count(send_count), mpi_type(t), comm_, &request));
   return make_request(request, CommOp::all_gather, t0);
 }
 
-void MpiCommunicator::all_to_all(const float* send, float* recv, std::size_t count_per_peer) {
-  ScopedTime t(account(CommOp::all_to_all, count_per_peer * size_));
-  PB_MPI_CHECK(MPI_Alltoall(send, as_int_count(count_per_peer), MPI_FLOAT, recv, as_int_count(count_per_peer),
-                            MPI_FLOAT, comm_));
+void MpiCommunicator::all_to_all(ConstTensorPtr send, TensorPtr recv, std::size_t count_per_peer) {
+  const DType t = common_dtype(send, recv, "all_to_all");
+  ScopedTime timer(account(CommOp::all_to_all, count_per_peer * size_, t));
+  PB_MPI_CHECK(MPI_Alltoall(send.data(), as_int_count(count_per_peer), mpi_type(t), recv.data(),
+                            as_int_count(count_per_peer), mpi_type(t), comm_));
 }
 
-void MpiCommunicator::send(const float* buf, std::size_t count, int peer, int tag) {
-  ScopedTime t(account(CommOp::send, count));
-  PB_MPI_CHECK(MPI_Send(buf, as_int_count(count), MPI_FLOAT, peer, tag, comm_));
+void MpiCommunicator::send(ConstTensorPtr buf, std::size_t count, int peer, int tag) {
+  ScopedTime timer(account(CommOp::send, count, buf.dtype()));
+  PB_MPI_CHECK(MPI_Send(buf.data(), as_int_count(count), mpi_type(buf.dtype()), peer, tag, comm_));
 }
 
-void MpiCommunicator::recv(float* buf, std::size_t count, int peer, int tag) {
-  ScopedTime t(account(CommOp::recv, count));
-  PB_MPI_CHECK(MPI_Recv(buf, as_int_count(count), MPI_FLOAT, peer, tag, comm_, MPI_STATUS_IGNORE));
+void MpiCommunicator::recv(TensorPtr buf, std::size_t count, int peer, int tag) {
+  ScopedTime timer(account(CommOp::recv, count, buf.dtype()));
+  PB_MPI_CHECK(MPI_Recv(buf.data(), as_int_count(count), mpi_type(buf.dtype()), peer, tag, comm_,
+                        MPI_STATUS_IGNORE));
 }
 
-Request MpiCommunicator::send_async(const float* buf, std::size_t count, int peer, int tag) {
-  account(CommOp::send, count);
+Request MpiCommunicator::send_async(ConstTensorPtr buf, std::size_t count, int peer, int tag) {
+  account(CommOp::send, count, buf.dtype());
   const double t0 = MPI_Wtime();
   MPI_Request request;
-  PB_MPI_CHECK(MPI_Isend(buf, as_int_count(count), MPI_FLOAT, peer, tag, comm_, &request));
+  PB_MPI_CHECK(MPI_Isend(buf.data(), as_int_count(count), mpi_type(buf.dtype()), peer, tag, comm_, &request));
   return make_request(request, CommOp::send, t0);
 }
 
-Request MpiCommunicator::recv_async(float* buf, std::size_t count, int peer, int tag) {
-  account(CommOp::recv, count);
+Request MpiCommunicator::recv_async(TensorPtr buf, std::size_t count, int peer, int tag) {
+  account(CommOp::recv, count, buf.dtype());
   const double t0 = MPI_Wtime();
   MPI_Request request;
-  PB_MPI_CHECK(MPI_Irecv(buf, as_int_count(count), MPI_FLOAT, peer, tag, comm_, &request));
+  PB_MPI_CHECK(MPI_Irecv(buf.data(), as_int_count(count), mpi_type(buf.dtype()), peer, tag, comm_, &request));
   return make_request(request, CommOp::recv, t0);
 }
 
-void MpiCommunicator::broadcast(float* buf, std::size_t count, int root) {
-  ScopedTime t(account(CommOp::broadcast, count));
-  PB_MPI_CHECK(MPI_Bcast(buf, as_int_count(count), MPI_FLOAT, root, comm_));
+void MpiCommunicator::broadcast(TensorPtr buf, std::size_t count, int root) {
+  ScopedTime timer(account(CommOp::broadcast, count, buf.dtype()));
+  PB_MPI_CHECK(MPI_Bcast(buf.data(), as_int_count(count), mpi_type(buf.dtype()), root, comm_));
 }
 
 void MpiCommunicator::barrier() { PB_MPI_CHECK(MPI_Barrier(comm_)); }

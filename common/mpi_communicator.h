@@ -1,4 +1,13 @@
 // The Communicator over an MPI communicator, for buffers the host can address (the CPU backend).
+//
+// fp32 goes as MPI_FLOAT and sums with MPI_SUM. bf16 goes as MPI_UINT16_T (its bits), and sums with a
+// user-defined commutative MPI_Op that adds each pair in fp32 and rounds the result to bf16 (nearest
+// even): bf16 on the wire, as NCCL reduces bf16. Each pairwise addition rounds, in the order MPI's
+// algorithm combines the ranks' contributions, so a bf16 sum is not the fp32 sum rounded once; with
+// MPICH it is deterministic for a fixed number of ranks (and message size), and every rank of an
+// all_reduce gets the same bits. The op is created on first use and freed inside MPI_Finalize (an
+// attribute of MPI_COMM_SELF, whose deletion is the first thing MPI_Finalize does), so it outlives
+// every MpiCommunicator that may still use it and is never freed after MPI_Finalize.
 #pragma once
 
 #include <mpi.h>
@@ -20,19 +29,19 @@ class MpiCommunicator final : public Communicator {
   std::string name() const override { return "mpi"; }
   MPI_Comm handle() const { return comm_; }
 
-  void all_reduce(float* buf, std::size_t count) override;
-  Request all_reduce_async(float* buf, std::size_t count) override;
+  void all_reduce(TensorPtr buf, std::size_t count) override;
+  Request all_reduce_async(TensorPtr buf, std::size_t count) override;
   void all_reduce_max(float* buf, std::size_t count) override;
-  void reduce_scatter(const float* send, float* recv, std::size_t recv_count) override;
-  Request reduce_scatter_async(const float* send, float* recv, std::size_t recv_count) override;
-  void all_gather(const float* send, float* recv, std::size_t send_count) override;
-  Request all_gather_async(const float* send, float* recv, std::size_t send_count) override;
-  void all_to_all(const float* send, float* recv, std::size_t count_per_peer) override;
-  void send(const float* buf, std::size_t count, int peer, int tag) override;
-  void recv(float* buf, std::size_t count, int peer, int tag) override;
-  Request send_async(const float* buf, std::size_t count, int peer, int tag) override;
-  Request recv_async(float* buf, std::size_t count, int peer, int tag) override;
-  void broadcast(float* buf, std::size_t count, int root) override;
+  void reduce_scatter(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override;
+  Request reduce_scatter_async(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override;
+  void all_gather(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override;
+  Request all_gather_async(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override;
+  void all_to_all(ConstTensorPtr send, TensorPtr recv, std::size_t count_per_peer) override;
+  void send(ConstTensorPtr buf, std::size_t count, int peer, int tag) override;
+  void recv(TensorPtr buf, std::size_t count, int peer, int tag) override;
+  Request send_async(ConstTensorPtr buf, std::size_t count, int peer, int tag) override;
+  Request recv_async(TensorPtr buf, std::size_t count, int peer, int tag) override;
+  void broadcast(TensorPtr buf, std::size_t count, int root) override;
   void barrier() override;
   std::unique_ptr<Communicator> split(int color, int key) override;
   void all_reduce_host(double* values, int count, HostReduce op) override;
@@ -40,8 +49,7 @@ class MpiCommunicator final : public Communicator {
 
  private:
   Request make_request(MPI_Request request, CommOp op, double issue_time);
-  CommOpStats& account(CommOp op, std::size_t count);
-  const void* gather_source(const float* send, const float* recv, std::size_t send_count) const;
+  const void* gather_source(ConstTensorPtr send, ConstTensorPtr recv, std::size_t send_count) const;
 
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;

@@ -144,6 +144,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
   cli.add_option("--comm", comm, "mpi | nccl (default: nccl for cuda with one GPU per rank)");
   cli.add_option("--dtype", dtype, "fp32 | bf16 (default fp32 on cpu, bf16 on cuda)");
+  cli.add_option("--grad-dtype", opt.grad_dtype, "fp32 | bf16: parameter gradients (bf16 only with --dtype bf16)")
+      ->capture_default_str();
   cli.add_option("--recompute", opt.recompute, "none | selective | full")->capture_default_str();
   cli.add_option("--dp", dp, "data-parallel degree (default: derived from the world size)");
   cli.add_option("--threads", threads, "compute threads per rank (default: cores per rank)");
@@ -243,6 +245,10 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (dtype.empty()) dtype = backend == "cuda" ? "bf16" : "fp32";
     if (dtype != "fp32" && dtype != "bf16") reject("--dtype " + dtype + " must be fp32 or bf16");
     opt.dtype = dtype;
+    if (opt.grad_dtype != "fp32" && opt.grad_dtype != "bf16") {
+      reject("--grad-dtype " + opt.grad_dtype + " must be fp32 or bf16");
+    }
+    if (opt.grad_dtype == "bf16" && dtype != "bf16") reject("--grad-dtype bf16 needs --dtype bf16");
     if (backend == "cuda" && m.hidden / m.heads > env.cuda_max_head_dim) {
       reject("--hidden " + std::to_string(m.hidden) + " / --heads " + std::to_string(m.heads) + " = head dimension " +
              std::to_string(m.hidden / m.heads) + ": the CUDA attention takes at most " +
@@ -336,6 +342,7 @@ nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_
   c["backend"] = o.backend;
   c["comm"] = o.comm;
   c["dtype"] = o.dtype;
+  c["grad_dtype"] = o.grad_dtype;
   c["recompute"] = o.recompute;
   c["dp"] = o.dp;
   c["threads"] = o.threads;

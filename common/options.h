@@ -37,7 +37,8 @@ struct Options {
   double clip = 1.0;
   std::string backend;  // resolved: "cpu" or "cuda"
   std::string comm;     // resolved: "mpi" or "nccl"
-  std::string dtype;    // resolved: "fp32" or "bf16"
+  std::string dtype;    // resolved: "fp32" or "bf16" (parameters and activations)
+  std::string grad_dtype = "fp32";  // parameter gradients: "fp32" or "bf16" (only with --dtype bf16)
   std::string recompute = "none";
   int dp = 0;           // 0 until resolved
   int threads = 0;      // 0 until resolved

@@ -15,6 +15,7 @@
 
 #include "common/communicator.h"
 #include "common/groups.h"
+#include "kernels/dtype.h"
 
 namespace pb {
 
@@ -27,20 +28,20 @@ struct TensorParallel {
   bool active() const { return size > 1; }
 
   // f, backward: the input gradient of a column-parallel layer is the sum of every rank's part.
-  void copy_to_tp_backward(float* dx, std::size_t n) const {
+  void copy_to_tp_backward(TensorPtr dx, std::size_t n) const {
     if (active()) comm->all_reduce(dx, n);
   }
   // g, forward: the output of a row-parallel layer is the sum of every rank's part.
-  void reduce_from_tp(float* y, std::size_t n) const {
+  void reduce_from_tp(TensorPtr y, std::size_t n) const {
     if (active()) comm->all_reduce(y, n);
   }
   // Sequence parallelism: rows of (B·S, h) split in tp contiguous blocks of shard_rows.
   // full (tp · shard_elems) = every rank's shard, in rank order.
-  void gather_from_sp(const float* shard, float* full, std::size_t shard_elems) const {
+  void gather_from_sp(ConstTensorPtr shard, TensorPtr full, std::size_t shard_elems) const {
     comm->all_gather(shard, full, shard_elems);
   }
   // shard (shard_elems) = this rank's block of Σ_ranks full.
-  void scatter_to_sp(const float* full, float* shard, std::size_t shard_elems) const {
+  void scatter_to_sp(ConstTensorPtr full, TensorPtr shard, std::size_t shard_elems) const {
     comm->reduce_scatter(full, shard, shard_elems);
   }
 };

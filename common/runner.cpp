@@ -34,6 +34,15 @@
 #endif
 
 namespace pb {
+
+Precision precision_of(const Options& options) {
+  Precision p;
+  if (!parse_dtype(options.dtype, &p.compute) || !parse_dtype(options.grad_dtype, &p.grads)) {
+    throw std::invalid_argument("precision_of: unvalidated dtype " + options.dtype + " / " + options.grad_dtype);
+  }
+  return p;
+}
+
 namespace {
 
 // The first of SIGTERM (Slurm's time limit, scancel), SIGINT (Ctrl-C) and SIGHUP (a closed terminal)
@@ -120,13 +129,11 @@ double resolve_peak_tflops(const Options& o, const std::string& device_name) {
   return 0.0;
 }
 
-// The precision recipe of the run, added to its /config: what tensors are stored in and how the matrix
-// products compute. Every tensor is still stored in fp32 (bf16 storage with fp32 master weights is
-// issue 14's next step); --dtype bf16 rounds the products' operands to bf16.
-nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const Backend& backend) {
-  config["storage_dtype"] = "fp32";  // parameters, activations, gradients
-  config["grad_dtype"] = "fp32";
-  config["master_weights"] = "none";  // the parameters are fp32 themselves
+// The precision recipe of the run, added to its /config (SPEC 2.3): parameters and activations in
+// --dtype, gradients in --grad-dtype (both already in the config), fp32 master weights beside bf16
+// parameters, and how the matrix products compute.
+nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const Options& opt, const Backend& backend) {
+  config["master_weights"] = opt.dtype == "fp32" ? "none" : "fp32";
   config["matmul_precision"] = backend.matmul_precision();
   return config;
 }
@@ -178,7 +185,10 @@ void print_header(const Options& o, const Layout& layout, const SystemInfo& sys,
               PB_GIT_COMMIT, sys.cluster.c_str(), o.world_size, sys.nodes);
   std::printf("backend %s (%s), comm %s, dtype %s, %d thread(s) per rank\n", backend.name().c_str(),
               backend.device_name().c_str(), o.comm.c_str(), o.dtype.c_str(), o.threads);
-  if (o.dtype != "fp32") std::printf("matrix products: %s; tensors stored in fp32\n", backend.matmul_precision().c_str());
+  if (o.dtype != "fp32") {
+    std::printf("precision: parameters and activations bf16, fp32 master weights, %s gradients; products: %s\n",
+                o.grad_dtype.c_str(), backend.matmul_precision().c_str());
+  }
   std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %d ffn %d, %.2fM parameters\n",
               o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, o.model.vocab,
               o.model.ffn, num_params / 1e6);
@@ -462,7 +472,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     try {
       writer = std::make_shared<ResultWriter>(
           ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size, opt.steps, opt.overwrite});
-      writer->write_config(describe_precision(describe_options(opt, app.options), *backend), opt.argv);
+      writer->write_config(describe_precision(describe_options(opt, app.options), opt, *backend), opt.argv);
       writer->write_system(sys);
       writer->commit_header();
       json_log = std::make_unique<OutputFile>(
@@ -495,9 +505,10 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   // file failed with its message before the job is aborted.
   if (lead) set_abort_hook([writer](const std::string& message) { writer->mark_failed(message); });
 
-  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute, mp, parts);
+  const Precision precision = precision_of(opt);
+  GptModel model(opt.model, *backend, opt.micro_batch, opt.recompute, mp, parts, precision.compute);
   TraceRecorder trace(!opt.trace.empty(), wall_time_s());
-  Runtime runtime{opt, groups, *backend, model, trace, mp};
+  Runtime runtime{opt, groups, *backend, model, trace, mp, precision};
   std::unique_ptr<Strategy> strategy = app.make_strategy(runtime);
   SyntheticData data(opt.seed, opt.model.vocab, opt.model.seq);
   const FlopModel flops = model_flops(opt, parts.mlp);

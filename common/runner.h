@@ -27,7 +27,11 @@ struct Runtime {
   GptModel& model;
   TraceRecorder& trace;
   const ModelParallel& mp;  // the model-parallel groups of this rank (tp, ep; size 1 where unused)
+  Precision precision;      // parameters and activations in precision.compute, gradients in precision.grads
 };
+
+// The precision of validated options: --dtype and --grad-dtype.
+Precision precision_of(const Options& options);
 
 // How a parallelism strategy takes part in a step. The model calls the UnitHooks during each
 // micro-batch; the harness calls the rest around them.

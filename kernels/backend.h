@@ -6,6 +6,12 @@
 // reductions. Conventions follow llm.c: outputs first, `d<name>` for gradients, and every backward
 // *accumulates* into the gradients of parameters (dweight, dbias) but *overwrites* the gradient of
 // its input unless it says otherwise. Shapes use B·S = N rows ("tokens"), C = hidden, OC = outputs.
+//
+// Tensors that mixed precision stores in bf16 (parameters, activations and their gradients) are passed
+// as TensorPtr (kernels/dtype.h), each with its own dtype: an op reads and writes each tensor in its
+// dtype and computes in fp32. What is always fp32 (LayerNorm and softmax statistics, the attention's
+// saved state, routing gates and probabilities, AdamW's moments and master weights) is float*.
+// A backend that cannot run an op on a combination of dtypes throws std::invalid_argument.
 #pragma once
 
 #include <cstddef>
@@ -13,6 +19,7 @@
 #include <string>
 
 #include "common/memory.h"
+#include "kernels/dtype.h"
 
 namespace pb {
 
@@ -32,6 +39,10 @@ class Backend {
   float* alloc_floats(std::size_t count, MemCategory category) {
     return static_cast<float*>(alloc(count * sizeof(float), category));
   }
+  TensorPtr alloc_tensor(std::size_t count, DType dtype, MemCategory category) {
+    return TensorPtr(alloc(count * dtype_bytes(dtype), category), dtype);
+  }
+  void free(const ConstTensorPtr& tensor) { free(const_cast<void*>(tensor.data())); }
   virtual MemoryTracker& tracker() = 0;
   // Peak memory of the device as its driver sees it (the tracked tensors plus caches, libraries and
   // context), for /memory/device_peak_bytes; −1 when the device is the host (the process's peak
@@ -46,21 +57,21 @@ class Backend {
 
   // ---- layers (N = B·S rows) ---------------------------------------------------------------------
   // out (N, OC) = inp (N, C) · weight (C, OC) + bias (OC); bias may be null.
-  virtual void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
-                              int N, int C, int OC) = 0;
+  virtual void matmul_forward(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias, int N,
+                              int C, int OC) = 0;
   // dinp (N, C) = dout · weightᵀ (overwritten); dweight (C, OC) += inpᵀ · dout; dbias (OC) += Σ dout.
   // dinp or dbias may be null when not needed.
-  virtual void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                               const float* inp, const float* weight, int N, int C, int OC) = 0;
+  virtual void matmul_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout,
+                               ConstTensorPtr inp, ConstTensorPtr weight, int N, int C, int OC) = 0;
 
   // out (N, C) = (inp − mean) · rstd · weight + bias, biased variance, eps 1e-5; saves mean, rstd (N).
-  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                                 const float* weight, const float* bias, int N, int C) = 0;
+  virtual void layernorm_forward(TensorPtr out, float* mean, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight,
+                                 ConstTensorPtr bias, int N, int C) = 0;
   // dinp (N, C) += ...; dweight, dbias (C) += ... (all accumulate, so the residual stream can be
   // passed as dinp).
-  virtual void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                                  const float* inp, const float* weight, const float* mean,
-                                  const float* rstd, int N, int C) = 0;
+  virtual void layernorm_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout,
+                                  ConstTensorPtr inp, ConstTensorPtr weight, const float* mean, const float* rstd,
+                                  int N, int C) = 0;
 
   // Causal multi-head attention. qkv (B, S, 3C) holds [Q | K | V]; head j owns columns j·d..j·d+d−1
   // of each block. out (B, S, C). `saved` keeps what backward needs; its size is backend-specific
@@ -69,41 +80,42 @@ class Backend {
   virtual std::size_t attention_saved_floats(int B, int S, int num_heads) const = 0;
   // True when `saved` holds the probabilities (B·heads·S² floats) rather than softmax statistics.
   virtual bool attention_keeps_probabilities() const = 0;
-  virtual void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C,
+  virtual void attention_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
                                  int num_heads) = 0;
   // dqkv (B, S, 3C) overwritten. `scratch` holds attention_scratch_floats(B, S, num_heads) floats;
   // `out` is the forward's output (a fused kernel needs Σ dout·out per row).
   virtual std::size_t attention_scratch_floats(int B, int S, int num_heads) const = 0;
-  virtual void attention_backward(float* dqkv, float* scratch, const float* dout, const float* out,
-                                  const float* qkv, const float* saved, int B, int S, int C,
-                                  int num_heads) = 0;
+  virtual void attention_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out,
+                                  ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads) = 0;
 
   // gelu_tanh, elementwise over n.
-  virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
+  virtual void gelu_forward(TensorPtr out, ConstTensorPtr inp, std::size_t n) = 0;
   // dinp = dout · gelu'(inp) (overwritten; dinp may alias dout).
-  virtual void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
+  virtual void gelu_backward(TensorPtr dinp, ConstTensorPtr inp, ConstTensorPtr dout, std::size_t n) = 0;
 
   // out = a + b, elementwise (out may alias a or b).
-  virtual void add(float* out, const float* a, const float* b, std::size_t n) = 0;
+  virtual void add(TensorPtr out, ConstTensorPtr a, ConstTensorPtr b, std::size_t n) = 0;
   // y += x
-  virtual void accumulate(float* y, const float* x, std::size_t n) = 0;
+  virtual void accumulate(TensorPtr y, ConstTensorPtr x, std::size_t n) = 0;
+  // dst = src converted to dst's dtype (rounded to nearest even into bf16; a plain copy when the dtypes
+  // agree); the regions do not overlap.
+  virtual void convert(TensorPtr dst, ConstTensorPtr src, std::size_t n) = 0;
 
   // out (B, S, C) = tok[tokens[b, s]] + pos[s]. A negative token (outside this rank's block of a
   // vocabulary-parallel table) contributes zeros; pos may be null (not added).
-  virtual void embedding_forward(float* out, const int32_t* tokens, const float* tok,
-                                 const float* pos, int B, int S, int C) = 0;
+  virtual void embedding_forward(TensorPtr out, const int32_t* tokens, ConstTensorPtr tok, ConstTensorPtr pos, int B,
+                                 int S, int C) = 0;
   // dtok (V, C) += scattered dout rows (negative tokens skipped), dpos (S, C) += Σ_b dout (dpos may
   // be null); deterministic order.
-  virtual void embedding_backward(float* dtok, float* dpos, const float* dout,
-                                  const int32_t* tokens, int B, int S, int C) = 0;
+  virtual void embedding_backward(TensorPtr dtok, TensorPtr dpos, ConstTensorPtr dout, const int32_t* tokens, int B,
+                                  int S, int C) = 0;
 
   // Softmax cross-entropy, fused so that only one copy of the logits exists: for each row,
   // loss_sum[0] += scale · CE(logits_row, target) (accumulated in double), and the logits are
   // overwritten in place by dlogits = scale · (softmax − onehot(target)).
   // loss_sum points to one double of backend memory.
-  virtual void cross_entropy_forward_backward(float* logits_to_dlogits, double* loss_sum,
-                                              const int32_t* targets, int N, int V,
-                                              float scale) = 0;
+  virtual void cross_entropy_forward_backward(TensorPtr logits_to_dlogits, double* loss_sum, const int32_t* targets,
+                                              int N, int V, float scale) = 0;
 
   // Vocabulary-parallel cross-entropy (Megatron): each rank holds logits (N, V) of its vocabulary
   // block and targets relative to it (negative when the target is another rank's). Three steps,
@@ -112,10 +124,10 @@ class Backend {
   //   sums (2N) = [Σ_i exp(z − max) | z_target − max]  → all-reduce sum
   //   finish: loss_sum += scale · Σ_rows (log sums − target term); logits become
   //           dlogits = scale · (softmax − onehot).
-  virtual void cross_entropy_row_max(float* row_max, const float* logits, int N, int V) = 0;
-  virtual void cross_entropy_partials(float* sums, const float* logits, const int32_t* targets,
+  virtual void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V) = 0;
+  virtual void cross_entropy_partials(float* sums, ConstTensorPtr logits, const int32_t* targets,
                                       const float* row_max, int N, int V) = 0;
-  virtual void cross_entropy_finish(float* logits_to_dlogits, double* loss_sum, const int32_t* targets,
+  virtual void cross_entropy_finish(TensorPtr logits_to_dlogits, double* loss_sum, const int32_t* targets,
                                     const float* row_max, const float* sums, int N, int V, float scale) = 0;
 
   // ---- context parallelism: attention split by position over blocks of keys ----------------------
@@ -128,32 +140,32 @@ class Backend {
   //
   // out (B, Sq, C) = per head, softmax over the visible keys of q·kᵀ/√d, times v (overwritten; 0 for a
   // query that sees no key); lse (B, heads, Sq) = log Σ_visible exp(q·kᵀ/√d) (−inf when none).
-  virtual void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                                       int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k,
-                                       int B, int Sq, int Sk, int C, int heads) = 0;
+  virtual void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k,
+                                       ConstTensorPtr v, int q_stride, int kv_stride, const int32_t* pos_q,
+                                       const int32_t* pos_k, int B, int Sq, int Sk, int C, int heads) = 0;
   // Merges a block's partial result (out_b, lse_b) into the running one (out, lse), per row and head:
   // with m = max(lse, lse_b), w = e^(lse − m), w_b = e^(lse_b − m): out = (w·out + w_b·out_b) / (w + w_b),
   // lse = m + log(w + w_b). A side at −inf contributes nothing; both at −inf leave out and lse unchanged.
-  virtual void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq,
+  virtual void attention_merge(TensorPtr out, float* lse, ConstTensorPtr out_b, const float* lse_b, int B, int Sq,
                                int C, int heads) = 0;
   // delta (B, heads, Sq) = Σ over the head's d columns of dout·out, per row (overwritten; dout and out
   // are (B, Sq, C), like the forward's out): the term
   // the softmax's backward needs, from the final (merged) output.
-  virtual void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C,
+  virtual void attention_block_delta(float* delta, ConstTensorPtr dout, ConstTensorPtr out, int B, int Sq, int C,
                                      int heads) = 0;
   // Backward of the whole attention one key block at a time (FlashAttention's), from the final lse and
   // delta: with P = exp(q·kᵀ/√d − lse) over the visible keys (0 elsewhere) and dP = dout·vᵀ,
   //   dq += (P ∘ (dP − delta))·k / √d,   dk += (P ∘ (dP − delta))ᵀ·q / √d,   dv += Pᵀ·dout
   // (all accumulate; dq rows q_stride apart as q, dk and dv kv_stride apart as k and v). The merge's
   // backward is in it: each block's share of the final softmax is P.
-  virtual void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
-                                        const float* delta, const float* q, const float* k, const float* v,
-                                        int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k,
-                                        int B, int Sq, int Sk, int C, int heads) = 0;
-  // A 2-D copy: `rows` rows of `cols` floats from src (rows src_stride floats apart) to dst (dst_stride
-  // apart); both strides at least cols, and the regions do not overlap.
-  virtual void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
-                       std::size_t cols) = 0;
+  virtual void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout,
+                                        const float* lse, const float* delta, ConstTensorPtr q, ConstTensorPtr k,
+                                        ConstTensorPtr v, int q_stride, int kv_stride, const int32_t* pos_q,
+                                        const int32_t* pos_k, int B, int Sq, int Sk, int C, int heads) = 0;
+  // A 2-D copy: `rows` rows of `cols` elements from src (rows src_stride elements apart) to dst (dst_stride
+  // apart), both of one dtype; both strides at least cols, and the regions do not overlap.
+  virtual void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride,
+                       std::size_t rows, std::size_t cols) = 0;
 
   // ---- mixture of experts (SPEC section 9): N tokens, E experts, k chosen per token ------------------
   // An assignment (n, j) is token n's j-th chosen expert (1 ≤ k ≤ E). Dispatch and combine buffers
@@ -165,11 +177,11 @@ class Backend {
   // Router, from logits (N, E): probs (N, E) = softmax over all E (the auxiliary loss uses it);
   // expert (N, k) = the indices of the k largest logits, largest first (ties: the lower index first);
   // gate (N, k) = softmax over those k logits, in the same order.
-  virtual void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E,
+  virtual void moe_router_forward(int32_t* expert, float* gate, float* probs, ConstTensorPtr logits, int N, int E,
                                   int k) = 0;
   // Its backward: dlogits (N, E) overwritten with the gradient of the gates' softmax,
   // dlogits[n, expert[n, j]] = gate[n, j] · (dgate[n, j] − Σ_i gate[n, i] · dgate[n, i]), zero elsewhere.
-  virtual void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert,
+  virtual void moe_router_backward(TensorPtr dlogits, const float* dgate, const float* gate, const int32_t* expert,
                                    int N, int E, int k) = 0;
   // Capacity: walking the assignments in (n, j) order, slot[n, j] = the number of assignments expert
   // expert[n, j] has kept so far if that is below `capacity`, else −1 (dropped). counts (2E) =
@@ -180,36 +192,36 @@ class Backend {
   // constant) and P_e = (1/N) Σ_n probs[n, e]: aux_sum[0] += coef · E · Σ_e f_e · P_e (in double), and
   // dlogits (N, E) += grad_scale · ∂(coef · E · Σ_e f_e · P_e)/∂logits through the softmax, i.e. with
   // c_e = grad_scale · coef · E · f_e / N: dlogits[n, i] += probs[n, i] · (c_i − Σ_e c_e · probs[n, e]).
-  virtual void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N,
+  virtual void moe_aux_loss(TensorPtr dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N,
                             int E, int k, float coef, float grad_scale) = 0;
   // Dispatch: buf (E, C, h) = zero, then buf[expert[n, j], slot[n, j]] = inp[n] (h values) for every
   // kept assignment.
-  virtual void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E,
-                            int k, int C, int h) = 0;
+  virtual void moe_dispatch(TensorPtr buf, ConstTensorPtr inp, const int32_t* expert, const int32_t* slot, int N,
+                            int E, int k, int C, int h) = 0;
   // Its backward: dinp (N, h) overwritten, dinp[n] = Σ_j over kept assignments, in j order, of
   // dbuf[expert[n, j], slot[n, j]].
-  virtual void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot,
+  virtual void moe_dispatch_backward(TensorPtr dinp, ConstTensorPtr dbuf, const int32_t* expert, const int32_t* slot,
                                      int N, int E, int k, int C, int h) = 0;
   // Combine: out (N, h) overwritten, out[n] = Σ_j over kept assignments, in j order, of
   // gate[n, j] · buf[expert[n, j], slot[n, j]] (zero when all of token n's are dropped).
-  virtual void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert,
+  virtual void moe_combine(TensorPtr out, ConstTensorPtr buf, const float* gate, const int32_t* expert,
                            const int32_t* slot, int N, int E, int k, int C, int h) = 0;
   // Its backward, both overwritten: dbuf (E, C, h) = zero, then dbuf[expert[n, j], slot[n, j]] =
   // gate[n, j] · dout[n] for kept assignments; dgate (N, k) = dout[n] · buf[expert[n, j], slot[n, j]]
   // (a dot product over h, accumulated in double), 0 for dropped ones.
-  virtual void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf,
+  virtual void moe_combine_backward(TensorPtr dbuf, float* dgate, ConstTensorPtr dout, ConstTensorPtr buf,
                                     const float* gate, const int32_t* expert, const int32_t* slot, int N, int E,
                                     int k, int C, int h) = 0;
 
   // ---- optimizer ---------------------------------------------------------------------------------
   // Σ x² over n elements, accumulated in double, returned to the host.
-  virtual double sum_squares(const float* x, std::size_t n) = 0;
+  virtual double sum_squares(ConstTensorPtr x, std::size_t n) = 0;
   // y *= alpha
-  virtual void scale(float* y, float alpha, std::size_t n) = 0;
-  // AdamW as torch.optim.AdamW, step t ≥ 1; the gradient is multiplied by grad_scale first (clipping).
-  virtual void adamw_update(float* params, const float* grads, float* m, float* v, std::size_t n,
-                            float lr, float beta1, float beta2, float eps, float weight_decay,
-                            int t, float grad_scale) = 0;
+  virtual void scale(TensorPtr y, float alpha, std::size_t n) = 0;
+  // AdamW as torch.optim.AdamW, step t ≥ 1, on fp32 parameters (the master weights in mixed precision);
+  // the gradient (fp32 or bf16) is multiplied by grad_scale first (clipping).
+  virtual void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, std::size_t n, float lr,
+                            float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) = 0;
 };
 
 }  // namespace pb

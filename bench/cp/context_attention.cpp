@@ -57,8 +57,9 @@ class Stopwatch {
 };
 }  // namespace
 
-ContextAttention::ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden)
-    : be_(backend), cp_(cp), algo_(algo), seq_(seq), hidden_(hidden) {}
+ContextAttention::ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden,
+                                   DType dtype)
+    : be_(backend), cp_(cp), algo_(algo), seq_(seq), hidden_(hidden), dtype_(dtype) {}
 
 ContextAttention::~ContextAttention() { be_.free(positions_); }
 
@@ -77,7 +78,7 @@ double ContextAttention::take_time_s() {
 std::size_t ContextAttention::saved_floats(int B, int S, int heads) const {
   if (algo_ != CpAlgo::alltoall) return static_cast<std::size_t>(B) * heads * S;
   const std::size_t rows = static_cast<std::size_t>(B) * seq_, Cl = hidden_ / cp_.size;
-  return rows * 4 * Cl + be_.attention_saved_floats(B, seq_, heads / cp_.size);
+  return floats_of(rows * 4 * Cl) + be_.attention_saved_floats(B, seq_, heads / cp_.size);
 }
 
 bool ContextAttention::keeps_probabilities() const {
@@ -87,7 +88,7 @@ bool ContextAttention::keeps_probabilities() const {
 std::size_t ContextAttention::scratch_floats(int B, int S, int heads) const {
   if (algo_ != CpAlgo::alltoall) return static_cast<std::size_t>(B) * heads * S;
   const std::size_t rows = static_cast<std::size_t>(B) * seq_, Cl = hidden_ / cp_.size;
-  return rows * 4 * Cl + be_.attention_scratch_floats(B, seq_, heads / cp_.size);
+  return floats_of(rows * 4 * Cl) + be_.attention_scratch_floats(B, seq_, heads / cp_.size);
 }
 
 const int32_t* ContextAttention::positions_of(int rank) {
@@ -104,7 +105,7 @@ const int32_t* ContextAttention::positions_of(int rank) {
   return positions_ + static_cast<std::size_t>(rank) * S;
 }
 
-void ContextAttention::forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) {
+void ContextAttention::forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) {
   switch (algo_) {
     case CpAlgo::ring: ring_forward(out, saved, qkv, B, S, C, heads); break;
     case CpAlgo::allgather: allgather_forward(out, saved, qkv, B, S, C, heads); break;
@@ -112,8 +113,8 @@ void ContextAttention::forward(float* out, float* saved, const float* qkv, int B
   }
 }
 
-void ContextAttention::backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
-                                const float* saved, int B, int S, int C, int heads) {
+void ContextAttention::backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out,
+                                ConstTensorPtr qkv, const float* saved, int B, int S, int C, int heads) {
   switch (algo_) {
     case CpAlgo::ring: ring_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
     case CpAlgo::allgather: allgather_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
@@ -123,8 +124,8 @@ void ContextAttention::backward(float* dqkv, float* scratch, const float* dout, 
 
 // ---- ring and allgather: blocks of keys, merged by log-sum-exp ------------------------------------------
 
-void ContextAttention::attend_block(float* out, float* lse, bool first, const float* q, const float* kv, int origin,
-                                    int B, int S, int C, int heads) {
+void ContextAttention::attend_block(TensorPtr out, float* lse, bool first, ConstTensorPtr q, ConstTensorPtr kv,
+                                    int origin, int B, int S, int C, int heads) {
   const int32_t* pos_q = positions_of(cp_.rank);
   const int32_t* pos_k = positions_of(origin);
   if (first) {
@@ -133,7 +134,7 @@ void ContextAttention::attend_block(float* out, float* lse, bool first, const fl
     return;
   }
   const std::size_t rows = static_cast<std::size_t>(B) * S;
-  float* out_b = be_.alloc_floats(rows * C, MemCategory::workspace);
+  TensorPtr out_b = alloc_act(rows * C, MemCategory::workspace);
   float* lse_b = be_.alloc_floats(rows * heads, MemCategory::workspace);
   {
     Stopwatch watch(be_, time_s_);
@@ -144,11 +145,11 @@ void ContextAttention::attend_block(float* out, float* lse, bool first, const fl
   be_.free(out_b);
 }
 
-void ContextAttention::ring_forward(float* out, float* lse, const float* qkv, int B, int S, int C, int heads) {
+void ContextAttention::ring_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads) {
   const int n = cp_.size, next = (cp_.rank + 1) % n, prev = (cp_.rank + n - 1) % n;
   const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
-  float* cur = be_.alloc_floats(block, MemCategory::comm_buffers);  // K|V of the block in hand
-  float* nxt = be_.alloc_floats(block, MemCategory::comm_buffers);  // the one arriving
+  TensorPtr cur = alloc_act(block, MemCategory::comm_buffers);  // K|V of the block in hand
+  TensorPtr nxt = alloc_act(block, MemCategory::comm_buffers);  // the one arriving
   be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
   for (int s = 0; s < n; ++s) {
     Request hop;
@@ -163,19 +164,19 @@ void ContextAttention::ring_forward(float* out, float* lse, const float* qkv, in
   be_.free(cur);
 }
 
-void ContextAttention::ring_backward(float* dqkv, float* delta, const float* dout, const float* out,
-                                     const float* qkv, const float* lse, int B, int S, int C, int heads) {
+void ContextAttention::ring_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out,
+                                     ConstTensorPtr qkv, const float* lse, int B, int S, int C, int heads) {
   const int n = cp_.size, next = (cp_.rank + 1) % n, prev = (cp_.rank + n - 1) % n;
-  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C, elem = dtype_bytes(dtype_);
   const int32_t* pos_q = positions_of(cp_.rank);
-  be_.zero(dqkv, rows * 3 * C * sizeof(float));
+  be_.zero(dqkv.data(), rows * 3 * C * elem);
   be_.attention_block_delta(delta, dout, out, B, S, C, heads);
-  float* cur = be_.alloc_floats(block, MemCategory::comm_buffers);   // K|V of the block in hand
-  float* nxt = be_.alloc_floats(block, MemCategory::comm_buffers);
-  float* dcur = be_.alloc_floats(block, MemCategory::comm_buffers);  // its dK|dV, accumulating on the way
-  float* dnxt = be_.alloc_floats(block, MemCategory::comm_buffers);
+  TensorPtr cur = alloc_act(block, MemCategory::comm_buffers);   // K|V of the block in hand
+  TensorPtr nxt = alloc_act(block, MemCategory::comm_buffers);
+  TensorPtr dcur = alloc_act(block, MemCategory::comm_buffers);  // its dK|dV, accumulating on the way
+  TensorPtr dnxt = alloc_act(block, MemCategory::comm_buffers);
   be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
-  be_.zero(dcur, block * sizeof(float));
+  be_.zero(dcur.data(), block * elem);
   for (int s = 0; s < n; ++s) {
     const int origin = (cp_.rank + n - s) % n;
     Request kv_hop;  // the next block's K|V travels while this one is differentiated
@@ -196,14 +197,15 @@ void ContextAttention::ring_backward(float* dqkv, float* delta, const float* dou
   }
   // dcur is this rank's own dK|dV now, complete.
   be_.copy_2d(dqkv + C, 3 * C, dcur, 2 * C, rows, 2 * C);
-  for (float* p : {dnxt, dcur, nxt, cur}) be_.free(p);
+  for (TensorPtr p : {dnxt, dcur, nxt, cur}) be_.free(p);
 }
 
-void ContextAttention::allgather_forward(float* out, float* lse, const float* qkv, int B, int S, int C, int heads) {
+void ContextAttention::allgather_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C,
+                                         int heads) {
   const int n = cp_.size;
   const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
-  float* mine = be_.alloc_floats(block, MemCategory::comm_buffers);
-  float* all = be_.alloc_floats(block * n, MemCategory::comm_buffers);  // every rank's K|V, rank-major
+  TensorPtr mine = alloc_act(block, MemCategory::comm_buffers);
+  TensorPtr all = alloc_act(block * n, MemCategory::comm_buffers);  // every rank's K|V, rank-major
   be_.copy_2d(mine, 2 * C, qkv + C, 3 * C, rows, 2 * C);
   cp_.comm->all_gather(mine, all, block);
   be_.free(mine);
@@ -211,31 +213,31 @@ void ContextAttention::allgather_forward(float* out, float* lse, const float* qk
   be_.free(all);
 }
 
-void ContextAttention::allgather_backward(float* dqkv, float* delta, const float* dout, const float* out,
-                                          const float* qkv, const float* lse, int B, int S, int C, int heads) {
+void ContextAttention::allgather_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out,
+                                          ConstTensorPtr qkv, const float* lse, int B, int S, int C, int heads) {
   const int n = cp_.size;
-  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C, elem = dtype_bytes(dtype_);
   const int32_t* pos_q = positions_of(cp_.rank);
-  be_.zero(dqkv, rows * 3 * C * sizeof(float));
+  be_.zero(dqkv.data(), rows * 3 * C * elem);
   be_.attention_block_delta(delta, dout, out, B, S, C, heads);
   // The keys and values are gathered again rather than kept from the forward.
-  float* mine = be_.alloc_floats(block, MemCategory::comm_buffers);
-  float* all = be_.alloc_floats(block * n, MemCategory::comm_buffers);
+  TensorPtr mine = alloc_act(block, MemCategory::comm_buffers);
+  TensorPtr all = alloc_act(block * n, MemCategory::comm_buffers);
   be_.copy_2d(mine, 2 * C, qkv + C, 3 * C, rows, 2 * C);
   cp_.comm->all_gather(mine, all, block);
   be_.free(mine);
-  float* dall = be_.alloc_floats(block * n, MemCategory::comm_buffers);  // dK|dV of every rank's block
-  be_.zero(dall, block * n * sizeof(float));
+  TensorPtr dall = alloc_act(block * n, MemCategory::comm_buffers);  // dK|dV of every rank's block
+  be_.zero(dall.data(), block * n * elem);
   for (int r = 0; r < n; ++r) {
-    const float* kv = all + r * block;
-    float* dkv = dall + r * block;
+    const ConstTensorPtr kv = all + r * block;
+    const TensorPtr dkv = dall + r * block;
     const int32_t* pos_k = positions_of(r);
     Stopwatch watch(be_, time_s_);
     be_.attention_block_backward(dqkv, dkv, dkv + C, dout, lse, delta, qkv, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k,
                                  B, S, S, C, heads);
   }
   be_.free(all);
-  float* dmine = be_.alloc_floats(block, MemCategory::comm_buffers);
+  TensorPtr dmine = alloc_act(block, MemCategory::comm_buffers);
   cp_.comm->reduce_scatter(dall, dmine, block);  // each block's gradient, summed over the ranks' queries
   be_.free(dall);
   be_.copy_2d(dqkv + C, 3 * C, dmine, 2 * C, rows, 2 * C);
@@ -246,50 +248,51 @@ void ContextAttention::allgather_backward(float* dqkv, float* delta, const float
 // Buffers exchanged by all-to-all are rank-major: block r holds (B, S/cp) rows of rank r's tokens
 // (received) or of rank r's heads (sent). `width` floats per row: Cl = C/cp for outputs, 3·Cl for Q|K|V.
 
-void ContextAttention::sequence_to_heads(float* full, const float* recv, int B, int S, int width) const {
+void ContextAttention::sequence_to_heads(TensorPtr full, ConstTensorPtr recv, int B, int S, int width) const {
   // recv: [rank][b][its positions][width] → full: [b][global position][width]
   for (int r = 0; r < cp_.size; ++r) {
     std::size_t at = 0;  // the position's index among rank r's
     for (const ContextParallel::Chunk& c : cp_.chunks(seq_, r)) {
       for (int b = 0; b < B; ++b) {
-        be_.copy(full + (static_cast<std::size_t>(b) * seq_ + c.first) * width,
-                 recv + ((static_cast<std::size_t>(r) * B + b) * S + at) * width,
-                 static_cast<std::size_t>(c.length) * width * sizeof(float));
+        be_.copy((full + (static_cast<std::size_t>(b) * seq_ + c.first) * width).data(),
+                 (recv + ((static_cast<std::size_t>(r) * B + b) * S + at) * width).data(),
+                 static_cast<std::size_t>(c.length) * width * dtype_bytes(dtype_));
       }
       at += c.length;
     }
   }
 }
 
-void ContextAttention::heads_to_sequence(float* send, const float* full, int B, int S, int width) const {
+void ContextAttention::heads_to_sequence(TensorPtr send, ConstTensorPtr full, int B, int S, int width) const {
   for (int r = 0; r < cp_.size; ++r) {
     std::size_t at = 0;
     for (const ContextParallel::Chunk& c : cp_.chunks(seq_, r)) {
       for (int b = 0; b < B; ++b) {
-        be_.copy(send + ((static_cast<std::size_t>(r) * B + b) * S + at) * width,
-                 full + (static_cast<std::size_t>(b) * seq_ + c.first) * width,
-                 static_cast<std::size_t>(c.length) * width * sizeof(float));
+        be_.copy((send + ((static_cast<std::size_t>(r) * B + b) * S + at) * width).data(),
+                 (full + (static_cast<std::size_t>(b) * seq_ + c.first) * width).data(),
+                 static_cast<std::size_t>(c.length) * width * dtype_bytes(dtype_));
       }
       at += c.length;
     }
   }
 }
 
-void ContextAttention::alltoall_forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) {
+void ContextAttention::alltoall_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
+                                        int heads) {
   const int n = cp_.size, Cl = C / n, Hl = heads / n;
   const std::size_t rows = static_cast<std::size_t>(B) * S, full_rows = static_cast<std::size_t>(B) * seq_;
-  float* qkv_full = saved;                         // (B, S_full, 3·Cl): this rank's heads' Q|K|V
-  float* out_full = saved + full_rows * 3 * Cl;    // (B, S_full, Cl)
-  float* att = out_full + full_rows * Cl;          // the backend attention's saved state
+  const TensorPtr qkv_full = in_floats(saved);                // (B, S_full, 3·Cl): this rank's heads' Q|K|V
+  const TensorPtr out_full = qkv_full + full_rows * 3 * Cl;   // (B, S_full, Cl)
+  float* att = saved + floats_of(full_rows * 4 * Cl);         // the backend attention's saved state (fp32)
   // Q|K|V of this rank's tokens, head group r's columns to rank r.
-  float* send = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  TensorPtr send = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
   for (int r = 0; r < n; ++r) {
-    float* dst = send + r * rows * 3 * Cl;
+    const TensorPtr dst = send + r * rows * 3 * Cl;
     for (int part = 0; part < 3; ++part) {  // Q, K, V
       be_.copy_2d(dst + part * Cl, 3 * Cl, qkv + part * C + r * Cl, 3 * C, rows, Cl);
     }
   }
-  float* recv = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  TensorPtr recv = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
   cp_.comm->all_to_all(send, recv, rows * 3 * Cl);
   be_.free(send);
   sequence_to_heads(qkv_full, recv, B, S, 3 * Cl);
@@ -299,28 +302,28 @@ void ContextAttention::alltoall_forward(float* out, float* saved, const float* q
     be_.attention_forward(out_full, att, qkv_full, B, seq_, Cl, Hl);
   }
   // The outputs back to the tokens' ranks, every head group's columns side by side.
-  float* send_out = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  TensorPtr send_out = alloc_act(rows * C, MemCategory::comm_buffers);
   heads_to_sequence(send_out, out_full, B, S, Cl);
-  float* recv_out = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  TensorPtr recv_out = alloc_act(rows * C, MemCategory::comm_buffers);
   cp_.comm->all_to_all(send_out, recv_out, rows * Cl);
   be_.free(send_out);
   for (int r = 0; r < n; ++r) be_.copy_2d(out + r * Cl, C, recv_out + r * rows * Cl, Cl, rows, Cl);
   be_.free(recv_out);
 }
 
-void ContextAttention::alltoall_backward(float* dqkv, float* scratch, const float* dout, const float* saved, int B,
-                                         int S, int C, int heads) {
+void ContextAttention::alltoall_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, const float* saved,
+                                         int B, int S, int C, int heads) {
   const int n = cp_.size, Cl = C / n, Hl = heads / n;
   const std::size_t rows = static_cast<std::size_t>(B) * S, full_rows = static_cast<std::size_t>(B) * seq_;
-  const float* qkv_full = saved;
-  const float* out_full = saved + full_rows * 3 * Cl;
-  const float* att = out_full + full_rows * Cl;
-  float* dout_full = scratch;                     // (B, S_full, Cl)
-  float* dqkv_full = scratch + full_rows * Cl;    // (B, S_full, 3·Cl)
-  float* att_scratch = dqkv_full + full_rows * 3 * Cl;
-  float* send = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  const ConstTensorPtr qkv_full = in_floats(const_cast<float*>(saved));
+  const ConstTensorPtr out_full = qkv_full + full_rows * 3 * Cl;
+  const float* att = saved + floats_of(full_rows * 4 * Cl);
+  const TensorPtr dout_full = in_floats(scratch);                 // (B, S_full, Cl)
+  const TensorPtr dqkv_full = dout_full + full_rows * Cl;          // (B, S_full, 3·Cl)
+  float* att_scratch = scratch + floats_of(full_rows * 4 * Cl);
+  TensorPtr send = alloc_act(rows * C, MemCategory::comm_buffers);
   for (int r = 0; r < n; ++r) be_.copy_2d(send + r * rows * Cl, Cl, dout + r * Cl, C, rows, Cl);
-  float* recv = be_.alloc_floats(rows * C, MemCategory::comm_buffers);
+  TensorPtr recv = alloc_act(rows * C, MemCategory::comm_buffers);
   cp_.comm->all_to_all(send, recv, rows * Cl);
   be_.free(send);
   sequence_to_heads(dout_full, recv, B, S, Cl);
@@ -329,13 +332,13 @@ void ContextAttention::alltoall_backward(float* dqkv, float* scratch, const floa
     Stopwatch watch(be_, time_s_);
     be_.attention_backward(dqkv_full, att_scratch, dout_full, out_full, qkv_full, att, B, seq_, Cl, Hl);
   }
-  float* send_d = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  TensorPtr send_d = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
   heads_to_sequence(send_d, dqkv_full, B, S, 3 * Cl);
-  float* recv_d = be_.alloc_floats(rows * 3 * C, MemCategory::comm_buffers);
+  TensorPtr recv_d = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
   cp_.comm->all_to_all(send_d, recv_d, rows * 3 * Cl);
   be_.free(send_d);
   for (int r = 0; r < n; ++r) {
-    const float* src = recv_d + r * rows * 3 * Cl;
+    const ConstTensorPtr src = recv_d + r * rows * 3 * Cl;
     for (int part = 0; part < 3; ++part) be_.copy_2d(dqkv + part * C + r * Cl, 3 * C, src + part * Cl, 3 * Cl, rows, Cl);
   }
   be_.free(recv_d);
@@ -352,7 +355,8 @@ void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
   if (cp == 1) return;  // the backend's attention
   if (algo == CpAlgo::alltoall) {
     const int64_t Cl = C / cp, Hl = H / cp, full = B * a.seq;
-    const int64_t backend = plan.attention_keeps_probabilities ? B * Hl * a.seq * a.seq * e : B * Hl * a.seq * kStat;
+    // the backend attention's probabilities or statistics: fp32 in every precision
+    const int64_t backend = plan.attention_keeps_probabilities ? B * Hl * a.seq * a.seq * kStat : B * Hl * a.seq * kStat;
     plan.attention_saved_bytes = full * 4 * Cl * e + backend;
     plan.attention_scratch_bytes = full * 4 * Cl * e + backend;
     // Two (S/cp, 3C) buffers around the Q|K|V and dQ|dK|dV exchanges.

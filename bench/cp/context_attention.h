@@ -29,15 +29,16 @@ const char* cp_algo_name(CpAlgo algo);
 
 class ContextAttention final : public AttentionCore {
  public:
-  // seq, hidden: the model's S and h (the core's C is h: context parallelism runs without tp).
-  ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden);
+  // seq, hidden: the model's S and h (the core's C is h: context parallelism runs without tp); dtype: the
+  // model's (of Q, K, V, the output and everything exchanged).
+  ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden, DType dtype);
   ~ContextAttention() override;
 
   std::size_t saved_floats(int B, int S, int heads) const override;
   bool keeps_probabilities() const override;
   std::size_t scratch_floats(int B, int S, int heads) const override;
-  void forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) override;
-  void backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv,
+  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) override;
+  void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                 const float* saved, int B, int S, int C, int heads) override;
 
   // Time of the core's attention arithmetic (block attention, merges and their backward; not its
@@ -46,30 +47,36 @@ class ContextAttention final : public AttentionCore {
   double take_time_s();
 
  private:
-  void ring_forward(float* out, float* lse, const float* qkv, int B, int S, int C, int heads);
-  void ring_backward(float* dqkv, float* delta, const float* dout, const float* out, const float* qkv,
+  void ring_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads);
+  void ring_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                      const float* lse, int B, int S, int C, int heads);
-  void allgather_forward(float* out, float* lse, const float* qkv, int B, int S, int C, int heads);
-  void allgather_backward(float* dqkv, float* delta, const float* dout, const float* out, const float* qkv,
+  void allgather_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads);
+  void allgather_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                           const float* lse, int B, int S, int C, int heads);
-  void alltoall_forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads);
-  void alltoall_backward(float* dqkv, float* scratch, const float* dout, const float* saved, int B, int S, int C,
+  void alltoall_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads);
+  void alltoall_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, const float* saved, int B, int S, int C,
                          int heads);
+  // Tensors in the model's dtype, and the floats that `count` of them take in the core's fp32 saved
+  // and scratch areas (alltoall keeps Q|K|V and the output there, before the backend attention's state).
+  TensorPtr alloc_act(std::size_t count, MemCategory category) const { return be_.alloc_tensor(count, dtype_, category); }
+  std::size_t floats_of(std::size_t count) const { return count * dtype_bytes(dtype_) / sizeof(float); }
+  TensorPtr in_floats(float* area) const { return TensorPtr(area, dtype_); }
   // Every rank's positions (cp · S/cp int32, rank-major) in backend memory, made on first use.
   const int32_t* positions_of(int rank);
   // The block of rank `origin`'s keys and values (packed (B, S, 2C)) against this rank's queries,
   // merged into (out, lse); the first block is written, not merged.
-  void attend_block(float* out, float* lse, bool first, const float* q, const float* kv, int origin, int B, int S,
-                    int C, int heads);
+  void attend_block(TensorPtr out, float* lse, bool first, ConstTensorPtr q, ConstTensorPtr kv, int origin, int B,
+                    int S, int C, int heads);
   // Ulysses: rows of this rank's tokens of all heads <-> rows of every rank's tokens of its heads, whole
-  // sequences in position order. width: floats per head group and row (Cl, or 3·Cl for Q|K|V).
-  void sequence_to_heads(float* full, const float* recv, int B, int S, int width) const;
-  void heads_to_sequence(float* send, const float* full, int B, int S, int width) const;
+  // sequences in position order. width: elements per head group and row (Cl, or 3·Cl for Q|K|V).
+  void sequence_to_heads(TensorPtr full, ConstTensorPtr recv, int B, int S, int width) const;
+  void heads_to_sequence(TensorPtr send, ConstTensorPtr full, int B, int S, int width) const;
 
   Backend& be_;
   ContextParallel cp_;
   CpAlgo algo_;
   int seq_, hidden_;  // the model's S (global) and h
+  DType dtype_;
   int32_t* positions_ = nullptr;
   double time_s_ = 0.0;
 };

@@ -5,7 +5,7 @@
 namespace pb {
 
 ContextParallelStrategy::ContextParallelStrategy(Runtime& runtime, ContextAttention* attention)
-    : rt_(runtime), attention_(attention), state_(runtime.model, runtime.backend, runtime.options.seed) {
+    : rt_(runtime), attention_(attention), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads) {
   // The ranks of one tp and pp position: dp × cp (the whole world of this app).
   const ProcessGroups& g = runtime.groups;
   data_ranks_ = runtime.groups.adopt(
@@ -28,9 +28,7 @@ void ContextParallelStrategy::optimizer_step(float grad_scale, int t) {
 }
 
 std::vector<float> ContextParallelStrategy::gather_full_gradients() {
-  std::vector<float> host(state_.size());  // every rank holds the whole, summed gradient
-  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
-  return host;
+  return download_fp32(rt_.backend, state_.grads(), state_.size());  // every rank holds it whole, summed
 }
 
 void ContextParallelStrategy::write_results(Communicator& world, ResultWriter* writer) {

@@ -20,14 +20,14 @@ class ContextParallelStrategy final : public Strategy {
   // attention: the core (null at cp = 1, where the backend's attention runs).
   ContextParallelStrategy(Runtime& runtime, ContextAttention* attention);
 
-  const float* unit_params(int unit) override { return state_.unit_params(unit); }
-  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
   void zero_grads() override { state_.zero_grads(); }
   double reduce_loss(double local_loss) override;
   void finish_gradients() override;
   double global_grad_sum_squares() override { return rt_.backend.sum_squares(state_.grads(), state_.size()); }
   void optimizer_step(float grad_scale, int t) override;
-  double global_param_sum_squares() override { return rt_.backend.sum_squares(state_.params(), state_.size()); }
+  double global_param_sum_squares() override { return rt_.backend.sum_squares(state_.master(), state_.size()); }
   std::vector<float> gather_full_gradients() override;
   void write_results(Communicator& world, ResultWriter* writer) override;
   void summary_attributes(nlohmann::ordered_json& summary) override;

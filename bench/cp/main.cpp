@@ -71,7 +71,8 @@ int main(int argc, char** argv) {
   app.block_parts = [&](const pb::Options& o, pb::Backend& backend, const pb::ModelParallel& mp) {
     pb::OwnedBlockParts parts;
     if (mp.cp.active()) {
-      auto core = std::make_unique<pb::ContextAttention>(backend, mp.cp, algo, o.model.seq, o.model.hidden);
+      auto core = std::make_unique<pb::ContextAttention>(backend, mp.cp, algo, o.model.seq, o.model.hidden,
+                                                        pb::precision_of(o).compute);
       attention = core.get();
       parts.attention = std::move(core);
     }

@@ -8,9 +8,11 @@
 namespace pb {
 
 DataParallel::DataParallel(Runtime& runtime, const DataParallelOptions& options)
-    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed), dp_comm_(*runtime.groups.dp),
-      options_(options) {
-  const auto bucket_elems = static_cast<std::size_t>(std::max(1.0, options.bucket_mb * 1024.0 * 1024.0 / sizeof(float)));
+    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads),
+      dp_comm_(*runtime.groups.dp), options_(options) {
+  // --bucket-mb of gradients in their dtype
+  const double grad_bytes = static_cast<double>(dtype_bytes(runtime.precision.grads));
+  const auto bucket_elems = static_cast<std::size_t>(std::max(1.0, options.bucket_mb * 1024.0 * 1024.0 / grad_bytes));
   buckets_ = make_buckets(rt_.model.units(), bucket_elems);
 }
 
@@ -52,7 +54,7 @@ void DataParallel::trace_completed(InFlight& f) {
   f.traced = true;
   const Bucket& b = buckets_[f.bucket];
   rt_.trace.span(TraceTrack::communication, "all_reduce bucket " + std::to_string(f.bucket), f.launched_s, wall_time_s(),
-                 "{\"bytes\": " + std::to_string(b.count * sizeof(float)) + "}");
+                 "{\"bytes\": " + std::to_string(b.count * dtype_bytes(state_.grads().dtype())) + "}");
 }
 
 void DataParallel::grad_ready(int unit) {
@@ -92,13 +94,11 @@ void DataParallel::optimizer_step(float grad_scale, int t) {
 }
 
 std::vector<float> DataParallel::gather_full_gradients() {
-  std::vector<float> host(rt_.model.num_parameters());  // every rank holds the reduced gradient
-  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
-  return host;
+  return download_fp32(rt_.backend, state_.grads(), rt_.model.num_parameters());  // every rank holds it reduced
 }
 
 double DataParallel::global_param_sum_squares() {
-  return rt_.backend.sum_squares(state_.params(), rt_.model.num_parameters());
+  return rt_.backend.sum_squares(state_.master(), rt_.model.num_parameters());
 }
 
 }  // namespace pb

@@ -32,8 +32,8 @@ class DataParallel final : public Strategy {
   static std::vector<Bucket> make_buckets(const std::vector<UnitInfo>& units, std::size_t bucket_elems);
   const std::vector<Bucket>& buckets() const { return buckets_; }
 
-  const float* unit_params(int unit) override { return state_.unit_params(unit); }
-  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
   void zero_grads() override { state_.zero_grads(); }
   void begin_micro_batch(int micro, bool last) override;
   void grad_ready(int unit) override;

@@ -6,7 +6,7 @@
 namespace pb {
 
 ExpertParallelStrategy::ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe)
-    : rt_(runtime), moe_(moe), state_(runtime.model, runtime.backend, runtime.options.seed) {
+    : rt_(runtime), moe_(moe), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads) {
   // The flat buffer alternates replicated tensors and experts (each block: LayerNorms, attention and
   // router, then its experts): one reduction per run of the same kind.
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
@@ -48,7 +48,7 @@ void ExpertParallelStrategy::optimizer_step(float grad_scale, int t) {
   aux_loss_.push_back(pending_.aux_loss);
 }
 
-double ExpertParallelStrategy::sum_squares(const float* base) {
+double ExpertParallelStrategy::sum_squares(ConstTensorPtr base) {
   double experts = 0.0, replicated = 0.0;
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
     (t.expert >= 0 ? experts : replicated) += rt_.backend.sum_squares(base + at, t.numel());
@@ -59,13 +59,11 @@ double ExpertParallelStrategy::sum_squares(const float* base) {
 
 double ExpertParallelStrategy::global_grad_sum_squares() { return sum_squares(state_.grads()); }
 
-double ExpertParallelStrategy::global_param_sum_squares() { return sum_squares(state_.params()); }
+double ExpertParallelStrategy::global_param_sum_squares() { return sum_squares(state_.master()); }
 
 std::vector<float> ExpertParallelStrategy::gather_full_gradients() {
   if (rt_.mp.ep.active()) throw std::logic_error("--dump-gradients needs --ep 1");  // rejected by validation
-  std::vector<float> host(state_.size());
-  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
-  return host;
+  return download_fp32(rt_.backend, state_.grads(), state_.size());
 }
 
 double ExpertParallelStrategy::imbalance() const {

@@ -20,8 +20,8 @@ class ExpertParallelStrategy final : public Strategy {
  public:
   ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe);
 
-  const float* unit_params(int unit) override { return state_.unit_params(unit); }
-  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
   void zero_grads() override { state_.zero_grads(); }
   void finish_gradients() override;
   double global_grad_sum_squares() override;
@@ -38,7 +38,7 @@ class ExpertParallelStrategy final : public Strategy {
     bool experts = false;
   };
   // Σ x² over the model: experts summed over the ep group, replicated tensors counted once.
-  double sum_squares(const float* base);
+  double sum_squares(ConstTensorPtr base);
   // max / mean of the tokens per expert, summed over the finished steps, for the worst layer.
   double imbalance() const;
 

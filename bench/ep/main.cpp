@@ -76,7 +76,8 @@ int main(int argc, char** argv) {
   app.block_parts = [&](const pb::Options& o, pb::Backend& backend, const pb::ModelParallel& mp) {
     const float loss_scale = 1.0f / (static_cast<float>(o.global_batch) * o.model.seq);
     pb::OwnedBlockParts parts;
-    auto part = std::make_unique<pb::MoeMlp>(o.model, moe, backend, mp.ep, o.micro_batch, o.grad_accum, loss_scale);
+    auto part = std::make_unique<pb::MoeMlp>(o.model, moe, backend, mp.ep, o.micro_batch, o.grad_accum, loss_scale,
+                                             pb::precision_of(o).compute);
     mlp = part.get();
     parts.mlp = std::move(part);
     return parts;

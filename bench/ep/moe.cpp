@@ -21,27 +21,28 @@ int moe_capacity(const MoeOptions& moe, int64_t tokens) {
 struct MoeMlp::Saved final : PartState {
   explicit Saved(Backend& backend) : be(backend) {}
   ~Saved() override {
-    for (void* p : {static_cast<void*>(combined), static_cast<void*>(gelu_out), static_cast<void*>(fc1_out),
-                    static_cast<void*>(expert_in), static_cast<void*>(counts), static_cast<void*>(slot),
-                    static_cast<void*>(expert), static_cast<void*>(gate), static_cast<void*>(probs)}) {
+    for (TensorPtr p : {combined, gelu_out, fc1_out, expert_in}) be.free(p);
+    for (void* p : {static_cast<void*>(counts), static_cast<void*>(slot), static_cast<void*>(expert),
+                    static_cast<void*>(gate), static_cast<void*>(probs)}) {
       be.free(p);
     }
   }
   Backend& be;
-  float* probs = nullptr;      // (N, E): full router softmax (auxiliary loss)
-  float* gate = nullptr;       // (N, k)
+  float* probs = nullptr;      // (N, E): full router softmax (auxiliary loss), fp32
+  float* gate = nullptr;       // (N, k), fp32
   int32_t* expert = nullptr;   // (N, k)
   int32_t* slot = nullptr;     // (N, k): slot in the expert's buffer, −1 dropped
   int32_t* counts = nullptr;   // (2E): kept, routed
-  float* expert_in = nullptr;  // (E/ep, ep·C, h): the local experts' input slots
-  float* fc1_out = nullptr;    // (E/ep, ep·C, f)
-  float* gelu_out = nullptr;   // (E/ep, ep·C, f)
-  float* combined = nullptr;   // (E, C, h): every expert's output for this rank's slots
+  TensorPtr expert_in;         // (E/ep, ep·C, h): the local experts' input slots (the model's dtype, as below)
+  TensorPtr fc1_out;           // (E/ep, ep·C, f)
+  TensorPtr gelu_out;          // (E/ep, ep·C, f)
+  TensorPtr combined;          // (E, C, h): every expert's output for this rank's slots
 };
 
 MoeMlp::MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend, const ExpertParallel& ep,
-               int micro_batch, int micro_batches, float loss_scale)
-    : model_(model), moe_(moe), be_(backend), ep_(ep), loss_scale_(loss_scale), micro_batches_(micro_batches) {
+               int micro_batch, int micro_batches, float loss_scale, DType dtype)
+    : model_(model), moe_(moe), be_(backend), ep_(ep), loss_scale_(loss_scale), dtype_(dtype),
+      micro_batches_(micro_batches) {
   N_ = micro_batch * model.seq;
   E_ = moe.experts;
   k_ = moe.top_k;
@@ -76,34 +77,35 @@ int64_t MoeMlp::global_parameters() const {
   return h * E_ + E_ * (2 * h * f + f + h);
 }
 
-void MoeMlp::to_experts(float* dst, const float* src) const {
+void MoeMlp::to_experts(TensorPtr dst, ConstTensorPtr src) const {
   const std::size_t block = static_cast<std::size_t>(C_) * h_;
   for (int r = 0; r < ep_.size; ++r) {
     for (int i = 0; i < El_; ++i) {
-      be_.copy(dst + (static_cast<std::size_t>(i) * ep_.size + r) * block,
-               src + (static_cast<std::size_t>(r) * El_ + i) * block, block * sizeof(float));
+      be_.copy((dst + (static_cast<std::size_t>(i) * ep_.size + r) * block).data(),
+               (src + (static_cast<std::size_t>(r) * El_ + i) * block).data(), block * dtype_bytes(dst.dtype()));
     }
   }
 }
 
-void MoeMlp::from_experts(float* dst, const float* src) const {
+void MoeMlp::from_experts(TensorPtr dst, ConstTensorPtr src) const {
   const std::size_t block = static_cast<std::size_t>(C_) * h_;
   for (int r = 0; r < ep_.size; ++r) {
     for (int i = 0; i < El_; ++i) {
-      be_.copy(dst + (static_cast<std::size_t>(r) * El_ + i) * block,
-               src + (static_cast<std::size_t>(i) * ep_.size + r) * block, block * sizeof(float));
+      be_.copy((dst + (static_cast<std::size_t>(r) * El_ + i) * block).data(),
+               (src + (static_cast<std::size_t>(i) * ep_.size + r) * block).data(), block * dtype_bytes(dst.dtype()));
     }
   }
 }
 
-std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const float* u, float* out) {
+std::unique_ptr<PartState> MoeMlp::forward(int, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) {
   const std::size_t N = N_, E = E_, k = k_, slots = static_cast<std::size_t>(E_) * C_;  // slots of all experts
   const int rows = ep_.size * C_;  // a local expert's input rows
   auto s = std::make_unique<Saved>(be_);
-  auto act = [&](std::size_t n) { return be_.alloc_floats(n, MemCategory::activations); };
+  auto act = [&](std::size_t n) { return alloc_act(n, MemCategory::activations); };
+  auto stat = [&](std::size_t n) { return be_.alloc_floats(n, MemCategory::activations); };
   auto ints = [&](std::size_t n) { return static_cast<int32_t*>(be_.alloc(n * sizeof(int32_t), MemCategory::activations)); };
-  s->probs = act(N * E);
-  s->gate = act(N * k);
+  s->probs = stat(N * E);
+  s->gate = stat(N * k);
   s->expert = ints(N * k);
   s->slot = ints(N * k);
   s->counts = ints(2 * E);
@@ -112,8 +114,8 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const flo
   s->gelu_out = act(slots * f_);
   s->combined = act(slots * h_);
 
-  // Route: logits (fp32) → top-k, gates, full softmax; then the capacity decides each slot.
-  float* logits = be_.alloc_floats(N * E, MemCategory::workspace);
+  // Route: logits → top-k, gates, full softmax (fp32); then the capacity decides each slot.
+  TensorPtr logits = alloc_act(N * E, MemCategory::workspace);
   be_.matmul_forward(logits, u, w[kRouter], nullptr, N_, h_, E_);
   be_.moe_router_forward(s->expert, s->gate, s->probs, logits, N_, E_, k_);
   be_.free(logits);
@@ -121,9 +123,9 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const flo
 
   // Dispatch to the experts' ranks.
   if (ep_.active()) {
-    float* send = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    TensorPtr send = alloc_act(slots * h_, MemCategory::comm_buffers);
     be_.moe_dispatch(send, u, s->expert, s->slot, N_, E_, k_, C_, h_);
-    float* recv = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    TensorPtr recv = alloc_act(slots * h_, MemCategory::comm_buffers);
     ep_.comm->all_to_all(send, recv, static_cast<std::size_t>(El_) * C_ * h_);
     be_.free(send);
     to_experts(s->expert_in, recv);
@@ -134,9 +136,9 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const flo
 
   // The local experts, each the model's MLP over its slots (empty slots hold zeros; their outputs are
   // never combined and their gradients are zero).
-  float* expert_out = ep_.active() ? be_.alloc_floats(slots * h_, MemCategory::comm_buffers) : s->combined;
+  TensorPtr expert_out = ep_.active() ? alloc_act(slots * h_, MemCategory::comm_buffers) : s->combined;
   for (int i = 0; i < El_; ++i) {
-    const float* const* we = w + 1 + kPerExpert * i;
+    const TensorPtr* we = w + 1 + kPerExpert * i;
     const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;
     be_.matmul_forward(s->fc1_out + mid, s->expert_in + in, we[kFc1W], we[kFc1B], rows, h_, f_);
     be_.gelu_forward(s->gelu_out + mid, s->fc1_out + mid, static_cast<std::size_t>(rows) * f_);
@@ -145,7 +147,7 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const flo
 
   // Combine: the outputs go back to the tokens' ranks, weighted by the gates.
   if (ep_.active()) {
-    float* send = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    TensorPtr send = alloc_act(slots * h_, MemCategory::comm_buffers);
     from_experts(send, expert_out);
     be_.free(expert_out);
     ep_.comm->all_to_all(send, s->combined, static_cast<std::size_t>(El_) * C_ * h_);
@@ -155,12 +157,12 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const float* const* w, const flo
   return s;
 }
 
-void MoeMlp::backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u,
-                      const float* dout, float* du) {
+void MoeMlp::backward(int layer, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u,
+                      ConstTensorPtr dout, TensorPtr du) {
   auto& s = static_cast<Saved&>(state);
   const std::size_t N = N_, E = E_, k = k_, slots = static_cast<std::size_t>(E_) * C_;
   const int rows = ep_.size * C_;
-  auto scratch = [&](std::size_t n) { return be_.alloc_floats(n, MemCategory::workspace); };
+  auto scratch = [&](std::size_t n) { return alloc_act(n, MemCategory::workspace); };
 
   // Routing statistics, once per micro-batch and block, kept on the device until the step ends.
   if (step_counts_ == nullptr) {
@@ -174,12 +176,12 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
            2 * E * sizeof(int32_t));
 
   // Combine's backward: the gates' gradient, and each slot's output gradient.
-  float* dgate = scratch(N * k);
-  float* dcombined = scratch(slots * h_);
+  float* dgate = be_.alloc_floats(N * k, MemCategory::workspace);  // fp32, as the gates
+  TensorPtr dcombined = scratch(slots * h_);
   be_.moe_combine_backward(dcombined, dgate, dout, s.combined, s.gate, s.expert, s.slot, N_, E_, k_, C_, h_);
-  float* dexpert_out = dcombined;  // (E/ep, ep·C, h)
+  TensorPtr dexpert_out = dcombined;  // (E/ep, ep·C, h)
   if (ep_.active()) {
-    float* recv = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    TensorPtr recv = alloc_act(slots * h_, MemCategory::comm_buffers);
     ep_.comm->all_to_all(dcombined, recv, static_cast<std::size_t>(El_) * C_ * h_);
     be_.free(dcombined);
     dexpert_out = scratch(slots * h_);
@@ -188,11 +190,11 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
   }
 
   // The local experts' backward.
-  float* dfc = scratch(static_cast<std::size_t>(rows) * f_);
-  float* dexpert_in = scratch(slots * h_);
+  TensorPtr dfc = scratch(static_cast<std::size_t>(rows) * f_);
+  TensorPtr dexpert_in = scratch(slots * h_);
   for (int i = 0; i < El_; ++i) {
-    const float* const* we = w + 1 + kPerExpert * i;
-    float* const* ge = g + 1 + kPerExpert * i;
+    const TensorPtr* we = w + 1 + kPerExpert * i;
+    const TensorPtr* ge = g + 1 + kPerExpert * i;
     const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;
     be_.matmul_backward(dfc, ge[kFc2W], ge[kFc2B], dexpert_out + in, s.gelu_out + mid, we[kFc2W], rows, f_, h_);
     be_.gelu_backward(dfc, s.fc1_out + mid, dfc, static_cast<std::size_t>(rows) * f_);
@@ -203,10 +205,10 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
 
   // Back to the tokens' ranks: the dispatch's backward sums each token's kept choices.
   if (ep_.active()) {
-    float* send = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    TensorPtr send = alloc_act(slots * h_, MemCategory::comm_buffers);
     from_experts(send, dexpert_in);
     be_.free(dexpert_in);
-    float* ddispatch = be_.alloc_floats(slots * h_, MemCategory::comm_buffers);
+    TensorPtr ddispatch = alloc_act(slots * h_, MemCategory::comm_buffers);
     ep_.comm->all_to_all(send, ddispatch, static_cast<std::size_t>(El_) * C_ * h_);
     be_.free(send);
     be_.moe_dispatch_backward(du, ddispatch, s.expert, s.slot, N_, E_, k_, C_, h_);
@@ -217,13 +219,13 @@ void MoeMlp::backward(int layer, PartState& state, const float* const* w, float*
   }
 
   // The router: the gates' softmax, the auxiliary loss, and the router's input gradient added to du.
-  float* dlogits = scratch(N * E);
+  TensorPtr dlogits = scratch(N * E);
   be_.moe_router_backward(dlogits, dgate, s.gate, s.expert, N_, E_, k_);
   if (moe_.aux_loss > 0.0) {  // this micro-batch's share of the objective: b/G = loss_scale · N
     be_.moe_aux_loss(dlogits, aux_sum_, s.probs, s.counts, N_, E_, k_, static_cast<float>(moe_.aux_loss),
                      loss_scale_ * static_cast<float>(N_));
   }
-  float* du_router = scratch(N * h_);
+  TensorPtr du_router = scratch(N * h_);
   be_.matmul_backward(du_router, g[kRouter], nullptr, dlogits, u, w[kRouter], N_, h_, E_);
   be_.accumulate(du, du_router, N * h_);
   be_.free(du_router);
@@ -236,18 +238,18 @@ void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep, int micro_
   const int64_t N = static_cast<int64_t>(plan.micro_batch) * a.seq, E = moe.experts, k = moe.top_k;
   const int64_t h = a.hidden, f = a.ffn, C = moe_capacity(moe, N), slots = E * C;
   const int64_t bias = a.biases ? 1 : 0, e = plan.precision.act_bytes;
-  constexpr int64_t kIndex = 4;  // int32 expert indices, slots and counts
+  constexpr int64_t kIndex = 4, kStat = 4;  // int32 expert indices, slots and counts; fp32 probabilities, gates
   // The router, and E/ep experts, each the model's MLP.
   plan.mlp_parameters = h * E + E / ep * (a.mlp_in_width() * h + bias * a.mlp_in_width() + f * h + bias * h);
   // Kept per block: full softmax (N, E), gates (N, k), expert indices and slots (N, k), counts (2E),
   // the local experts' input slots, fc1 output and activation (ep·C rows each of E/ep experts: E·C),
   // and the combined expert outputs (E, C, h).
-  plan.mlp_activation_bytes = e * (N * E + N * k + 2 * slots * h + 2 * slots * f) + kIndex * (2 * N * k + 2 * E);
+  plan.mlp_activation_bytes = kStat * (N * E + N * k) + e * (2 * slots * h + 2 * slots * f) + kIndex * (2 * N * k + 2 * E);
   // Backward: the gates' gradient, then the larger of (the experts' output and input gradients and one
   // expert's dfc1) and (the router logits' gradient and its input gradient).
   // Held to the end: the step's routing counts (2E int32 per block and micro-batch) and the auxiliary
   // loss's sum (a double).
-  plan.mlp_workspace_bytes = e * N * k + std::max(e * (2 * slots * h + ep * C * f), e * (N * E + N * h)) +
+  plan.mlp_workspace_bytes = kStat * N * k + std::max(e * (2 * slots * h + ep * C * f), e * (N * E + N * h)) +
                              a.layers * micro_batches * 2 * E * kIndex + 8;
   // ep > 1: two (E, C, h) buffers around each all-to-all.
   plan.mlp_comm_bytes = ep > 1 ? 2 * slots * h * e : 0;

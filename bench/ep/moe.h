@@ -45,8 +45,9 @@ class MoeMlp final : public MlpPart {
  public:
   // loss_scale: 1 / (G·S), the weight of one token in the step's objective; micro_batches: this
   // rank's per step (gradient accumulation).
+  // dtype: the model's (activations and parameters).
   MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend, const ExpertParallel& ep, int micro_batch,
-         int micro_batches, float loss_scale);
+         int micro_batches, float loss_scale, DType dtype);
   ~MoeMlp() override;
   MoeMlp(const MoeMlp&) = delete;
   MoeMlp& operator=(const MoeMlp&) = delete;
@@ -57,9 +58,9 @@ class MoeMlp final : public MlpPart {
   double matmul_weights_per_token() const override {
     return static_cast<double>(k_) * 2.0 * h_ * f_ + static_cast<double>(h_) * E_;
   }
-  std::unique_ptr<PartState> forward(int layer, const float* const* w, const float* u, float* out) override;
-  void backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u,
-                const float* dout, float* du) override;
+  std::unique_ptr<PartState> forward(int layer, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) override;
+  void backward(int layer, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u,
+                ConstTensorPtr dout, TensorPtr du) override;
 
   int experts() const { return E_; }
   int capacity() const { return C_; }
@@ -73,8 +74,9 @@ class MoeMlp final : public MlpPart {
   struct Saved;
   // Rows of the ep ranks' slots for the local experts: all-to-all output [rank][local expert][C] to
   // [local expert][rank][C] (to_experts), and back (from_experts).
-  void to_experts(float* dst, const float* src) const;
-  void from_experts(float* dst, const float* src) const;
+  void to_experts(TensorPtr dst, ConstTensorPtr src) const;
+  void from_experts(TensorPtr dst, ConstTensorPtr src) const;
+  TensorPtr alloc_act(std::size_t n, MemCategory category) const { return be_.alloc_tensor(n, dtype_, category); }
 
   ModelConfig model_;
   MoeOptions moe_;
@@ -82,6 +84,7 @@ class MoeMlp final : public MlpPart {
   ExpertParallel ep_;
   int N_, E_, k_, El_, C_, h_, f_;
   float loss_scale_;
+  DType dtype_;
   int micro_batches_;
   // Made on the first backward, kept to the end: each block's routing counts (2E) per micro-batch
   // ([layer][micro][2E] int32), and Σ coef·E·Σ_e f_e·P_e of the step (one double).

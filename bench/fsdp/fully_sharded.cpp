@@ -36,15 +36,24 @@ FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpO
   // Persistent state, by strategy (see the header).
   const std::size_t param_elems = params_sharded() ? shard_total_ : full_total_;
   const std::size_t grad_elems = grads_sharded() ? shard_total_ : full_total_;
-  params_ = be_.alloc_floats(param_elems, MemCategory::parameters);
-  grads_ = be_.alloc_floats(grad_elems, MemCategory::gradients);
+  params_ = be_.alloc_tensor(param_elems, rt_.model.dtype(), MemCategory::parameters);
+  // Mixed precision: fp32 master weights, sharded as the optimizer states (ZeRO-1 and up).
+  if (rt_.precision.master_weights()) master_ = be_.alloc_floats(shard_total_, MemCategory::master_parameters);
+  grads_ = be_.alloc_tensor(grad_elems, rt_.precision.grads, MemCategory::gradients);
   adam_m_ = be_.alloc_floats(shard_total_, MemCategory::optimizer_states);
   adam_v_ = be_.alloc_floats(shard_total_, MemCategory::optimizer_states);
-  be_.zero(params_, param_elems * sizeof(float));  // padding stays zero
-  for (float* p : {grads_, adam_m_, adam_v_}) be_.zero(p, (p == grads_ ? grad_elems : shard_total_) * sizeof(float));
+  be_.zero(params_.data(), param_elems * dtype_bytes(params_.dtype()));  // padding stays zero
+  zero_grads();
+  for (float* p : {master_, adam_m_, adam_v_}) {
+    if (p != nullptr) be_.zero(p, shard_total_ * sizeof(float));
+  }
   for (std::size_t u = 0; u < layout_.size(); ++u) {
     // SPEC 2.1: every value from its global index, so a shard initialises itself.
     const UnitLayout& l = layout_[u];
+    if (master_ != nullptr) {  // this rank's shard of the master weights (the parameters: below, rounded)
+      init_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, master_ + l.shard_offset,
+                      rt_.options.seed, rt_.options.model.layers);
+    }
     if (params_sharded()) {
       init_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, params_ + l.shard_offset,
                       rt_.options.seed, rt_.options.model.layers);
@@ -60,7 +69,8 @@ FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpO
 
 FullyShardedDataParallel::~FullyShardedDataParallel() {
   for (std::size_t u = 0; u < layout_.size(); ++u) release(static_cast<int>(u));
-  for (float* p : {adam_v_, adam_m_, grads_, params_}) be_.free(p);
+  for (float* p : {adam_v_, adam_m_, master_}) be_.free(p);
+  for (TensorPtr p : {grads_, params_}) be_.free(p);
 }
 
 bool FullyShardedDataParallel::params_sharded() const {
@@ -71,12 +81,22 @@ bool FullyShardedDataParallel::grads_sharded() const {
   return params_sharded() || options_.shard == ShardStrategy::shard_grad_op;
 }
 
-float* FullyShardedDataParallel::shard_params(int u) {
+TensorPtr FullyShardedDataParallel::shard_params(int u) {
   const UnitLayout& l = layout_[u];
   return params_sharded() ? params_ + l.shard_offset : params_ + l.full_offset + shard_rank_ * l.shard;
 }
 
-float* FullyShardedDataParallel::shard_grads(int u) {
+float* FullyShardedDataParallel::shard_fp32_params(int u) {
+  return master_ != nullptr ? master_ + layout_[u].shard_offset : shard_params(u).as<float>();
+}
+
+void FullyShardedDataParallel::all_gather_params(int u) {
+  if (params_sharded() || options_.shard == ShardStrategy::no_shard) return;
+  const UnitLayout& l = layout_[u];
+  shard_group_->all_gather(shard_params(u), params_ + l.full_offset, l.shard);
+}
+
+TensorPtr FullyShardedDataParallel::shard_grads(int u) {
   const UnitLayout& l = layout_[u];
   return grads_sharded() ? grads_ + l.shard_offset : grads_ + l.full_offset + shard_rank_ * l.shard;
 }
@@ -86,7 +106,7 @@ float* FullyShardedDataParallel::shard_grads(int u) {
 void FullyShardedDataParallel::gather(int u, bool async) {
   if (u < 0 || u >= static_cast<int>(layout_.size()) || gathered_[u] != nullptr) return;
   const UnitLayout& l = layout_[u];
-  gathered_[u] = be_.alloc_floats(l.shard * shard_size_, MemCategory::comm_buffers);
+  gathered_[u] = be_.alloc_tensor(l.shard * shard_size_, params_.dtype(), MemCategory::comm_buffers);
   if (async) {
     gathering_[u] = shard_group_->all_gather_async(params_ + l.shard_offset, gathered_[u], l.shard);
   } else {
@@ -111,7 +131,7 @@ void FullyShardedDataParallel::release(int u) {
   gathered_[u] = nullptr;
 }
 
-const float* FullyShardedDataParallel::unit_params(int u) {
+ConstTensorPtr FullyShardedDataParallel::unit_params(int u) {
   return params_sharded() ? gathered_[u] : params_ + layout_[u].full_offset;
 }
 
@@ -136,8 +156,8 @@ void FullyShardedDataParallel::before_backward(int u) {
   if (grads_sharded()) {
     // The unit's whole gradient exists only during its backward.
     const std::size_t whole = layout_[u].shard * shard_size_;
-    unit_grad_[u] = be_.alloc_floats(whole, MemCategory::comm_buffers);
-    be_.zero(unit_grad_[u], whole * sizeof(float));
+    unit_grad_[u] = be_.alloc_tensor(whole, grads_.dtype(), MemCategory::comm_buffers);
+    be_.zero(unit_grad_[u].data(), whole * dtype_bytes(grads_.dtype()));
   }
 }
 
@@ -147,23 +167,23 @@ void FullyShardedDataParallel::after_backward(int u) {
 
 // ---- gradients ---------------------------------------------------------------------------------------
 
-float* FullyShardedDataParallel::unit_grads(int u) {
+TensorPtr FullyShardedDataParallel::unit_grads(int u) {
   return grads_sharded() ? unit_grad_[u] : grads_ + layout_[u].full_offset;
 }
 
 void FullyShardedDataParallel::zero_grads() {
-  be_.zero(grads_, (grads_sharded() ? shard_total_ : full_total_) * sizeof(float));
+  be_.zero(grads_.data(), (grads_sharded() ? shard_total_ : full_total_) * dtype_bytes(grads_.dtype()));
 }
 
-void FullyShardedDataParallel::reduce_scatter_into_shard(int u, const float* whole) {
-  // shard += this rank's block of Σ_ranks whole
+void FullyShardedDataParallel::reduce_scatter_into_shard(int u, ConstTensorPtr whole) {
+  // shard += this rank's block of Σ_ranks whole (in the gradients' dtype)
   const UnitLayout& l = layout_[u];
-  float* block = be_.alloc_floats(l.shard, MemCategory::comm_buffers);
+  TensorPtr block = be_.alloc_tensor(l.shard, grads_.dtype(), MemCategory::comm_buffers);
   shard_group_->reduce_scatter(whole, block, l.shard);
   if (grads_sharded()) {
     be_.accumulate(shard_grads(u), block, l.shard);
   } else {
-    be_.copy(shard_grads(u), block, l.shard * sizeof(float));  // ZERO1: the reduced block in place
+    be_.copy(shard_grads(u).data(), block.data(), l.shard * dtype_bytes(grads_.dtype()));  // ZERO1: in place
   }
   be_.free(block);
 }
@@ -200,7 +220,7 @@ double FullyShardedDataParallel::global_grad_sum_squares() {
 
 double FullyShardedDataParallel::global_param_sum_squares() {
   double sum = 0.0;
-  for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_params(static_cast<int>(u)), layout_[u].shard);
+  for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_fp32_params(static_cast<int>(u)), layout_[u].shard);
   if (options_.shard != ShardStrategy::no_shard) shard_group_->all_reduce_host(&sum, 1, HostReduce::sum);
   return sum;
 }
@@ -212,13 +232,12 @@ void FullyShardedDataParallel::optimizer_step(float grad_scale, int t) {
   for (std::size_t u = 0; u < layout_.size(); ++u) {
     const UnitLayout& l = layout_[u];
     const int ui = static_cast<int>(u);
-    adamw_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, shard_params(ui),
+    adamw_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, shard_fp32_params(ui),
                      shard_grads(ui), adam_m_ + l.shard_offset, adam_v_ + l.shard_offset, grad_scale, t,
                      rt_.options.lr);
+    if (master_ != nullptr) be_.convert(shard_params(ui), shard_fp32_params(ui), l.valid);  // the bf16 copy
     // ZERO1 and SHARD_GRAD_OP keep whole parameters: every rank's updated shard goes to every rank.
-    if (!params_sharded() && options_.shard != ShardStrategy::no_shard) {
-      shard_group_->all_gather(shard_params(ui), params_ + l.full_offset, l.shard);
-    }
+    all_gather_params(ui);
   }
 }
 
@@ -227,13 +246,14 @@ std::vector<float> FullyShardedDataParallel::gather_full_gradients() {
   const std::vector<UnitInfo>& units = rt_.model.units();
   for (std::size_t u = 0; u < layout_.size(); ++u) {
     const UnitLayout& l = layout_[u];
-    float* whole = be_.alloc_floats(l.shard * shard_size_, MemCategory::workspace);
+    TensorPtr whole = be_.alloc_tensor(l.shard * shard_size_, grads_.dtype(), MemCategory::workspace);
     if (options_.shard == ShardStrategy::no_shard) {
-      be_.copy(whole, grads_ + l.full_offset, l.numel * sizeof(float));
+      be_.copy(whole.data(), (grads_ + l.full_offset).data(), l.numel * dtype_bytes(grads_.dtype()));
     } else {
       shard_group_->all_gather(shard_grads(static_cast<int>(u)), whole, l.shard);
     }
-    be_.download(host.data() + units[u].offset, whole, l.numel * sizeof(float));
+    const std::vector<float> values = download_fp32(be_, whole, l.numel);
+    std::copy(values.begin(), values.end(), host.begin() + static_cast<std::ptrdiff_t>(units[u].offset));
     be_.free(whole);
   }
   return host;

@@ -37,8 +37,8 @@ class FullyShardedDataParallel final : public Strategy {
   FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options);
   ~FullyShardedDataParallel() override;
 
-  const float* unit_params(int unit) override;
-  float* unit_grads(int unit) override;
+  ConstTensorPtr unit_params(int unit) override;
+  TensorPtr unit_grads(int unit) override;
   void before_forward(int unit) override;
   void after_forward(int unit) override;
   void before_backward(int unit) override;
@@ -61,12 +61,15 @@ class FullyShardedDataParallel final : public Strategy {
   };
   bool params_sharded() const;
   bool grads_sharded() const;
-  float* shard_params(int u);  // this rank's shard of the unit's parameters
-  float* shard_grads(int u);   // this rank's shard of the unit's gradients
+  TensorPtr shard_params(int u);  // this rank's shard of the unit's parameters
+  TensorPtr shard_grads(int u);   // this rank's shard of the unit's gradients
+  float* shard_fp32_params(int u);  // this rank's shard of what the optimizer updates (master or parameters)
   void gather(int u, bool async);
   void wait_gathered(int u);
   void release(int u);
-  void reduce_scatter_into_shard(int u, const float* whole);
+  void reduce_scatter_into_shard(int u, ConstTensorPtr whole);
+  // ZERO1, SHARD_GRAD_OP: every rank's (updated) parameter shard to every rank's whole parameters.
+  void all_gather_params(int u);
 
   Runtime& rt_;
   Backend& be_;
@@ -77,13 +80,14 @@ class FullyShardedDataParallel final : public Strategy {
   std::vector<UnitLayout> layout_;
   std::size_t full_total_ = 0, shard_total_ = 0;
 
-  float* params_ = nullptr;  // whole (padded) or this rank's shards, by strategy
-  float* grads_ = nullptr;   // whole (padded) or this rank's shards, by strategy
-  float* adam_m_ = nullptr;  // this rank's shards (NO_SHARD: whole)
+  TensorPtr params_;          // whole (padded) or this rank's shards, by strategy; the model's dtype
+  TensorPtr grads_;           // whole (padded) or this rank's shards, by strategy; the gradients' dtype
+  float* master_ = nullptr;   // bf16 parameters: their fp32 master weights, this rank's shards (NO_SHARD: whole)
+  float* adam_m_ = nullptr;   // this rank's shards (NO_SHARD: whole)
   float* adam_v_ = nullptr;
-  std::vector<float*> gathered_;      // FULL_SHARD: whole parameters of units in use
+  std::vector<TensorPtr> gathered_;   // FULL_SHARD: whole parameters of units in use
   std::vector<Request> gathering_;    // FULL_SHARD: gathers in flight
-  std::vector<float*> unit_grad_;     // SHARD_GRAD_OP, FULL_SHARD: whole gradient during backward
+  std::vector<TensorPtr> unit_grad_;  // SHARD_GRAD_OP, FULL_SHARD: whole gradient during backward
   bool last_micro_batch_ = true;
 };
 

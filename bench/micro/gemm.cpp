@@ -16,7 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "common/model.h"
 #include "common/options.h"
+#include "kernels/cpu/bf16.h"
 #include "common/timer.h"
 
 namespace pb {
@@ -44,19 +46,30 @@ std::vector<float> pattern(std::size_t n, uint64_t seed) {
   return values;
 }
 
-// Backend memory that goes back to the backend however the benchmark ends.
-class BackendFloats {
+// A tensor of backend memory in the benchmark's dtype (fp32, or bf16 as mixed precision stores its
+// activations and weights), freed however the benchmark ends.
+class BackendTensor {
  public:
-  BackendFloats(Backend& backend, std::size_t count)
-      : backend_(backend), ptr_(backend.alloc_floats(count, MemCategory::workspace)) {}
-  ~BackendFloats() { backend_.free(ptr_); }
-  BackendFloats(const BackendFloats&) = delete;
-  BackendFloats& operator=(const BackendFloats&) = delete;
-  float* get() const { return ptr_; }
+  BackendTensor(Backend& backend, std::size_t count, DType dtype)
+      : backend_(backend), ptr_(backend.alloc_tensor(count, dtype, MemCategory::workspace)) {}
+  ~BackendTensor() { backend_.free(ptr_); }
+  BackendTensor(const BackendTensor&) = delete;
+  BackendTensor& operator=(const BackendTensor&) = delete;
+  TensorPtr get() const { return ptr_; }
+  // host values, rounded to bf16 on the way when the tensor is bf16
+  void upload(const std::vector<float>& values) {
+    if (ptr_.dtype() == DType::f32) {
+      backend_.upload(ptr_.data(), values.data(), values.size() * sizeof(float));
+      return;
+    }
+    std::vector<uint16_t> bits(values.size());
+    for (std::size_t i = 0; i < values.size(); ++i) bits[i] = cpu::float_to_bf16(values[i]);
+    backend_.upload(ptr_.data(), bits.data(), bits.size() * sizeof(uint16_t));
+  }
 
  private:
   Backend& backend_;
-  float* ptr_;
+  TensorPtr ptr_;
 };
 
 // Empty when row 0 of out (OC values) matches inp (N, C) · weight (C, OC); else the first mismatch.
@@ -84,16 +97,16 @@ void gemm_forward_benchmark(benchmark::State& state, const MicroBackend& micro, 
   try {
     const std::vector<float> host_inp = pattern(std::size_t(N) * C, 1);
     const std::vector<float> host_weight = pattern(std::size_t(C) * OC, 2);
-    BackendFloats inp(backend, host_inp.size());                // (N, C)
-    BackendFloats weight(backend, host_weight.size());          // (C, OC)
-    BackendFloats out(backend, std::size_t(N) * OC);            // (N, OC)
-    backend.upload(inp.get(), host_inp.data(), host_inp.size() * sizeof(float));
-    backend.upload(weight.get(), host_weight.data(), host_weight.size() * sizeof(float));
+    const DType dtype = micro.dtype == "bf16" ? DType::bf16 : DType::f32;
+    BackendTensor inp(backend, host_inp.size(), dtype);         // (N, C)
+    BackendTensor weight(backend, host_weight.size(), dtype);   // (C, OC)
+    BackendTensor out(backend, std::size_t(N) * OC, dtype);     // (N, OC)
+    inp.upload(host_inp);
+    weight.upload(host_weight);
 
     backend.matmul_forward(out.get(), inp.get(), weight.get(), nullptr, N, C, OC);  // warm-up, checked
     backend.synchronize();
-    std::vector<float> out_row0(OC);
-    backend.download(out_row0.data(), out.get(), out_row0.size() * sizeof(float));
+    const std::vector<float> out_row0 = download_fp32(backend, out.get(), OC);
     const std::string error = check_row0(out_row0, host_inp, host_weight, C, OC,
                                          micro.dtype == "bf16" ? kBf16Tolerance : kFp32Tolerance);
     if (!error.empty()) {

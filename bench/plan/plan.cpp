@@ -210,7 +210,7 @@ std::vector<CommEstimate> cp_collectives(const PlanConfig& c, int64_t parameters
 // The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local).
 std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
   const PrecisionSpec& p = c.memory.precision;
-  const int64_t grad_bytes = parameters * p.grad_bytes, weight_bytes = parameters * p.param_bytes;
+  const int64_t grad_bytes = parameters * p.grad_bytes;
   const int64_t micro_steps = c.grad_accum;
   std::vector<CommEstimate> out;
   if (c.is_moe()) return ep_collectives(c, parameters);
@@ -221,27 +221,37 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
     out.push_back(collective(c, "all_reduce", "gradients (dp)", grad_bytes, c.dp, c.tp(), 1));
     return out;
   }
+  // FSDP moves whole units padded to the shard layout (bench/fsdp): per unit, ceil(numel / n) · n elements.
+  const int n = c.memory.shard == ShardStrategy::no_shard ? 1 : c.memory.shard_ranks;
+  const std::vector<int64_t> units = unit_parameter_counts(c.memory);
+  int64_t padded = 0;
+  for (int64_t u : units) padded += shard_elements(u, n) * n;
+  const int64_t last = shard_elements(units.back(), n) * n;  // the last unit stays gathered for its backward
   switch (c.memory.shard) {
     case ShardStrategy::no_shard:  // DDP: one all-reduce of the gradients, on the last micro-batch
       out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, c.dp, 1, 1));
       break;
     case ShardStrategy::zero1:  // gradients reduced to their owner, updated weights gathered back
-      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, c.dp, 1, 1));
-      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, c.dp, 1, 1));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, 1));
+      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1));
       break;
-    case ShardStrategy::shard_grad_op:  // gathered once per micro-batch, kept through backward
-      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, c.dp, 1, micro_steps));
-      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, c.dp, 1, micro_steps));
+    case ShardStrategy::shard_grad_op:  // whole weights, gathered back after the update; gradients per micro-batch
+      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps));
       break;
-    case ShardStrategy::full_shard:  // gathered for forward and again for backward
-      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, c.dp, 1, 2 * micro_steps));
-      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, c.dp, 1, micro_steps));
+    case ShardStrategy::full_shard:  // gathered for forward, and again for backward but the last unit
+      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, c.dp, 1, micro_steps));
+      out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, c.dp, 1,
+                               micro_steps));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps));
       break;
     case ShardStrategy::hybrid_shard: {  // FULL_SHARD inside a group, the shards all-reduced across groups
       const int group = c.memory.shard_ranks, replicas = c.dp / group;
-      out.push_back(collective(c, "all_gather", "parameters", weight_bytes, group, 1, 2 * micro_steps));
-      out.push_back(collective(c, "reduce_scatter", "gradients", grad_bytes, group, 1, micro_steps));
-      out.push_back(collective(c, "all_reduce", "gradient shards", grad_bytes / group, replicas, group, 1));
+      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, group, 1, micro_steps));
+      out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, group, 1,
+                               micro_steps));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, 1, micro_steps));
+      out.push_back(collective(c, "all_reduce", "gradient shards", padded / group * p.grad_bytes, replicas, group, 1));
       break;
     }
   }

@@ -412,9 +412,6 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   m.attention_keeps_probabilities = c.backend == "cpu";
   c.dtype = r.dtype.empty() ? (c.backend == "cuda" ? "bf16" : "fp32") : r.dtype;
   if (c.dtype != "fp32" && c.dtype != "bf16") reject("--dtype " + c.dtype + " must be fp32 or bf16");
-  if (c.dtype == "bf16" && c.backend != "cuda") {
-    reject("--dtype bf16 needs --backend cuda; the cpu backend computes in fp32");
-  }
   if (r.grad_dtype != "fp32" && r.grad_dtype != "bf16") reject("--grad-dtype " + r.grad_dtype + " must be fp32 or bf16");
   if (r.grad_dtype == "bf16" && c.dtype != "bf16") {
     reject("--grad-dtype bf16 needs --dtype bf16 (fp32 training keeps fp32 gradients)");

@@ -79,7 +79,7 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
 PipelineParallel::PipelineParallel(Runtime& runtime, const PipelineOptions& options)
     : rt_(runtime), options_(options), pp_(*runtime.groups.pp), stages_(options.stages), stage_(pp_.rank()),
       virtual_stages_(options.stages * options.chunks),
-      state_(runtime.model, runtime.backend, runtime.options.seed,
+      state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads,
              held_units(runtime.options.model.layers, options, runtime.groups.pp->rank())) {}
 
 int PipelineParallel::tag(int micro, int virtual_stage, bool forward) const {
@@ -99,7 +99,8 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
   auto& output_sends = output_sends_;
   auto& output_grads = output_grads_;
   Request& input_grad_send = input_grad_send_;
-  float* input_grad_buffer = nullptr;
+  TensorPtr input_grad_buffer;  // activations and their gradients travel in the model's dtype
+  auto boundary = [&] { return be.alloc_tensor(n, model.dtype(), MemCategory::comm_buffers); };
   auto finish_input_grad_send = [&] {
     if (input_grad_send) input_grad_send->wait();
     input_grad_send.reset();
@@ -120,9 +121,9 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
     }
     const std::string args = span_args(batches.step, step.micro, step.chunk, k);
     if (step.forward) {
-      float* input = nullptr;
+      TensorPtr input;
       if (!first) {  // the previous virtual stage's output
-        input = be.alloc_floats(n, MemCategory::comm_buffers);
+        input = boundary();
         const double t0 = wall_time_s();
         pp_.recv(input, n, rank_of(k - 1), tag(step.micro, k, true));
         rt.trace.span(TraceTrack::idle, "recv activation", t0, wall_time_s(), args);
@@ -136,12 +137,12 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
       be.free(input);
       if (!last) {
         output_sends[key] = pp_.send_async(held[key]->output(), n, rank_of(k + 1), tag(step.micro, k + 1, true));
-        float* grad = be.alloc_floats(n, MemCategory::comm_buffers);
+        TensorPtr grad = boundary();
         output_grads[key] = {grad, pp_.recv_async(grad, n, rank_of(k + 1), tag(step.micro, k, false))};
       }
     } else {
       finish_input_grad_send();
-      float* output_grad = nullptr;
+      TensorPtr output_grad;
       if (!last) {  // the next virtual stage's input gradient
         auto posted = output_grads.find(key);
         output_grad = posted->second.first;
@@ -150,7 +151,7 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
         rt.trace.span(TraceTrack::idle, "recv gradient", t0, wall_time_s(), args);
         output_grads.erase(posted);
       }
-      if (!first) input_grad_buffer = be.alloc_floats(n, MemCategory::comm_buffers);
+      if (!first) input_grad_buffer = boundary();
       auto send = output_sends.find(key);
       if (send != output_sends.end()) {  // the output's memory is freed by backward
         send->second->wait();
@@ -201,16 +202,14 @@ double PipelineParallel::global_grad_sum_squares() {
 }
 
 double PipelineParallel::global_param_sum_squares() {
-  double sum = rt_.backend.sum_squares(state_.params(), state_.size());
+  double sum = rt_.backend.sum_squares(state_.master(), state_.size());
   pp_.all_reduce_host(&sum, 1, HostReduce::sum);
   return sum;
 }
 
 std::vector<float> PipelineParallel::gather_full_gradients() {
   if (stages_ > 1) throw std::logic_error("--dump-gradients needs --pp 1");  // rejected by validation
-  std::vector<float> host(state_.size());
-  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
-  return host;
+  return download_fp32(rt_.backend, state_.grads(), state_.size());
 }
 
 void PipelineParallel::write_results(Communicator& world, ResultWriter* writer) {

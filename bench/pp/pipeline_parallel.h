@@ -36,8 +36,8 @@ class PipelineParallel final : public Strategy {
  public:
   PipelineParallel(Runtime& runtime, const PipelineOptions& options);
 
-  const float* unit_params(int unit) override { return state_.unit_params(unit); }
-  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
   void zero_grads() override { state_.zero_grads(); }
   void run_micro_batches(Runtime& runtime, const StepBatches& batches) override;
   double reduce_loss(double local_loss) override;
@@ -64,7 +64,7 @@ class PipelineParallel final : public Strategy {
   // This step's messages in flight: forward outputs being sent, gradients posted for receipt, the
   // input gradient being sent.
   std::map<std::pair<int, int>, Request> output_sends_;
-  std::map<std::pair<int, int>, std::pair<float*, Request>> output_grads_;
+  std::map<std::pair<int, int>, std::pair<TensorPtr, Request>> output_grads_;
   Request input_grad_send_;
   Communicator& pp_;
   int stages_, stage_, virtual_stages_;

@@ -12,7 +12,7 @@ bool is_layernorm(const TensorInfo& t) {
 }  // namespace
 
 TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime)
-    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed),
+    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads),
       tp_(runtime.mp.tp) {}
 
 void TensorParallelStrategy::finish_gradients() {
@@ -26,7 +26,7 @@ void TensorParallelStrategy::finish_gradients() {
   if (rt_.groups.dp->size() > 1) rt_.groups.dp->all_reduce(state_.grads(), state_.size());
 }
 
-double TensorParallelStrategy::sum_squares_over_slices(const float* base) {
+double TensorParallelStrategy::sum_squares_over_slices(ConstTensorPtr base) {
   double sliced = 0.0, whole = 0.0;
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
     (t.split == TpSplit::none ? whole : sliced) += rt_.backend.sum_squares(base + at, t.numel());
@@ -37,13 +37,11 @@ double TensorParallelStrategy::sum_squares_over_slices(const float* base) {
 
 double TensorParallelStrategy::global_grad_sum_squares() { return sum_squares_over_slices(state_.grads()); }
 
-double TensorParallelStrategy::global_param_sum_squares() { return sum_squares_over_slices(state_.params()); }
+double TensorParallelStrategy::global_param_sum_squares() { return sum_squares_over_slices(state_.master()); }
 
 std::vector<float> TensorParallelStrategy::gather_full_gradients() {
   if (tp_.active()) throw std::logic_error("--dump-gradients needs --tp 1");  // rejected by validation
-  std::vector<float> host(state_.size());
-  rt_.backend.download(host.data(), state_.grads(), host.size() * sizeof(float));
-  return host;
+  return download_fp32(rt_.backend, state_.grads(), state_.size());
 }
 
 }  // namespace pb

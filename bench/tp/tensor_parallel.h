@@ -18,8 +18,8 @@ class TensorParallelStrategy final : public Strategy {
  public:
   explicit TensorParallelStrategy(Runtime& runtime);
 
-  const float* unit_params(int unit) override { return state_.unit_params(unit); }
-  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
   void zero_grads() override { state_.zero_grads(); }
   void finish_gradients() override;
   double global_grad_sum_squares() override;
@@ -29,7 +29,7 @@ class TensorParallelStrategy final : public Strategy {
 
  private:
   // Σ x² over the model: sliced tensors summed over the tp group, whole ones counted once.
-  double sum_squares_over_slices(const float* base);
+  double sum_squares_over_slices(ConstTensorPtr base);
 
   Runtime& rt_;
   ReplicatedState state_;

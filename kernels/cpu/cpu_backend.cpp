@@ -1,6 +1,12 @@
 // CPU implementation of the Backend: OpenBLAS sgemm for the matrix products (oneDNN's bf16 matmul with
 // --dtype bf16), OpenMP for the rest.
 //
+// Every op runs on fp32 and bf16 tensors (kernels/backend.h): each kernel is written once as a template
+// over its tensors' element types (kernels/cpu/bf16.h's load and store), and the override checks the
+// tensors that must share a dtype and dispatches on the dtypes. bf16 elements are widened on load,
+// computed on in fp32 as the fp32 path does, and rounded to nearest even on store; an output a kernel
+// sums over several terms is summed in fp32 and rounded once.
+//
 // Every loop that reduces across rows (bias and LayerNorm parameter gradients, embedding gradients)
 // is parallelised over the output columns and runs the rows in order, so a run with the same
 // thread count is bitwise reproducible. Memory comes from a per-size cache of freed blocks
@@ -32,341 +38,417 @@ constexpr float kLayerNormEps = 1e-5f;
 
 using cpu::exp_approx;  // kernels/cpu/fast_math.h
 using cpu::tanh_approx;
+using cpu::accumulator_row;  // kernels/cpu/bf16.h: the kernels over the element type
+using cpu::finish_row;
+using cpu::is_fp32;
+using cpu::load;
+using cpu::store;
 
 constexpr std::size_t kAlignment = 64;
 
-class CpuBackend final : public Backend {
- public:
-  CpuBackend(int threads, bool bf16_matmul)
-      : threads_(std::max(1, threads)),
-        bf16_(bf16_matmul ? std::make_unique<cpu::Bf16Gemm>() : nullptr),
-        blocks_(kAlignment, [](std::size_t bytes) {
-          void* ptr = std::aligned_alloc(kAlignment, bytes);
-          if (ptr == nullptr) throw std::bad_alloc();
-          return ptr;
-        }, [](void* ptr) { std::free(ptr); }) {
-    openblas_set_num_threads(threads_);
-    omp_set_num_threads(threads_);
-  }
+// ---- the kernels, each once over the element types (T = float for fp32, uint16_t for bf16) -------
+// Loads widen to fp32, stores round to nearest even; every sum runs in fp32 (or double) in the same
+// order for both dtypes, so a bf16 op's result is the fp32 op's on the same values, rounded where it is
+// stored. T is the dtype of an op's activations and parameters, W and Bi those of parameter gradients.
 
-  std::string name() const override { return "cpu"; }
-  std::string device_name() const override { return cpu_model_name(); }
-  std::string matmul_precision() const override {
-    return bf16_ ? "bf16 operands, fp32 accumulation: " + cpu::bf16_gemm_library() : "fp32";
-  }
-
-  // ---- memory ------------------------------------------------------------------------------------
-  void* alloc(std::size_t bytes, MemCategory category) override { return blocks_.alloc(bytes, category); }
-  void free(void* ptr) override { blocks_.free(ptr); }
-  MemoryTracker& tracker() override { return blocks_.tracker(); }
-
-  void upload(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void copy(void* dst, const void* src, std::size_t bytes) override { std::memmove(dst, src, bytes); }
-  void zero(void* dst, std::size_t bytes) override { std::memset(dst, 0, bytes); }
-  void synchronize() override {}
-
-  // ---- matmul ------------------------------------------------------------------------------------
-  // With bf16 products, each operand is rounded to bf16 into one of two scratch buffers of the backend
-  // (library workspace, as cuBLAS's: not in a memory category), and oneDNN multiplies them in fp32.
-  void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N,
-                      int C, int OC) override {
-    // out (N, OC) = inp (N, C) · weight (C, OC), then + bias per row
-    if (bias != nullptr) {
+template <typename T>
+void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N,
+                              int C) {
 #pragma omp parallel for schedule(static)
-      for (int n = 0; n < N; ++n) std::memcpy(out + static_cast<std::size_t>(n) * OC, bias, sizeof(float) * OC);
+  for (int n = 0; n < N; ++n) {
+    const T* x = inp + static_cast<std::size_t>(n) * C;
+    T* y = out + static_cast<std::size_t>(n) * C;
+    float m = 0.0f;
+    for (int i = 0; i < C; ++i) m += load(x[i]);
+    m /= C;
+    float var = 0.0f;  // biased variance: divide by C
+    for (int i = 0; i < C; ++i) {
+      const float xm = load(x[i]) - m;
+      var += xm * xm;
     }
-    gemm(false, false, N, OC, C, inp, C, weight, OC, bias != nullptr ? 1.0f : 0.0f, out, OC);
+    var /= C;
+    const float s = 1.0f / std::sqrt(var + kLayerNormEps);
+    for (int i = 0; i < C; ++i) store(y[i], (load(x[i]) - m) * s * load(weight[i]) + load(bias[i]));
+    mean[n] = m;
+    rstd[n] = s;
   }
+}
 
-  void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                       const float* weight, int N, int C, int OC) override {
-    // dinp (N, C) = dout (N, OC) · weightᵀ
-    if (dinp != nullptr) gemm(false, true, N, C, OC, dout, OC, weight, OC, 0.0f, dinp, C);
-    // dweight (C, OC) += inpᵀ (C, N) · dout (N, OC)
-    gemm(true, false, C, OC, N, inp, C, dout, OC, 1.0f, dweight, OC);
-    // dbias (OC) += column sums of dout, rows in order for reproducibility
-    if (dbias != nullptr) {
-      constexpr int kColumnBlock = 64;
+template <typename T, typename W, typename Bi>
+void layernorm_backward_kernel(T* dinp, W* dweight, Bi* dbias, const T* dout, const T* inp, const T* weight,
+                               const float* mean, const float* rstd, int N, int C) {
+  // dinp: with x̂ = (x − mean)·rstd and g = dout·weight,
+  //   dx = rstd · (g − mean(g) − x̂ · mean(g·x̂))
 #pragma omp parallel for schedule(static)
-      for (int c0 = 0; c0 < OC; c0 += kColumnBlock) {
-        const int c1 = std::min(OC, c0 + kColumnBlock);
-        float acc[kColumnBlock] = {};
-        for (int n = 0; n < N; ++n) {
-          const float* row = dout + static_cast<std::size_t>(n) * OC;
-          for (int c = c0; c < c1; ++c) acc[c - c0] += row[c];
-        }
-        for (int c = c0; c < c1; ++c) dbias[c] += acc[c - c0];
-      }
+  for (int n = 0; n < N; ++n) {
+    const T* x = inp + static_cast<std::size_t>(n) * C;
+    const T* dy = dout + static_cast<std::size_t>(n) * C;
+    T* dx = dinp + static_cast<std::size_t>(n) * C;
+    const float m = mean[n], s = rstd[n];
+    float g_mean = 0.0f, gx_mean = 0.0f;
+    for (int i = 0; i < C; ++i) {
+      const float g = load(dy[i]) * load(weight[i]);
+      g_mean += g;
+      gx_mean += g * (load(x[i]) - m) * s;
+    }
+    g_mean /= C;
+    gx_mean /= C;
+    for (int i = 0; i < C; ++i) {
+      const float xhat = (load(x[i]) - m) * s;
+      store(dx[i], load(dx[i]) + s * (load(dy[i]) * load(weight[i]) - g_mean - xhat * gx_mean));
     }
   }
-
-  // ---- LayerNorm ---------------------------------------------------------------------------------
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
-                         const float* bias, int N, int C) override {
+  // dweight += Σ_n dout·x̂, dbias += Σ_n dout: columns in parallel, rows in order
+  constexpr int kColumnBlock = 64;
 #pragma omp parallel for schedule(static)
+  for (int c0 = 0; c0 < C; c0 += kColumnBlock) {
+    const int c1 = std::min(C, c0 + kColumnBlock);
+    float dw[kColumnBlock] = {}, db[kColumnBlock] = {};
     for (int n = 0; n < N; ++n) {
-      const float* x = inp + static_cast<std::size_t>(n) * C;
-      float* y = out + static_cast<std::size_t>(n) * C;
-      float m = 0.0f;
-      for (int i = 0; i < C; ++i) m += x[i];
-      m /= C;
-      float var = 0.0f;  // biased variance: divide by C
-      for (int i = 0; i < C; ++i) {
-        const float xm = x[i] - m;
-        var += xm * xm;
-      }
-      var /= C;
-      const float s = 1.0f / std::sqrt(var + kLayerNormEps);
-      for (int i = 0; i < C; ++i) y[i] = (x[i] - m) * s * weight[i] + bias[i];
-      mean[n] = m;
-      rstd[n] = s;
-    }
-  }
-
-  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                          const float* weight, const float* mean, const float* rstd, int N,
-                          int C) override {
-    // dinp: with x̂ = (x − mean)·rstd and g = dout·weight,
-    //   dx = rstd · (g − mean(g) − x̂ · mean(g·x̂))
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; ++n) {
-      const float* x = inp + static_cast<std::size_t>(n) * C;
-      const float* dy = dout + static_cast<std::size_t>(n) * C;
-      float* dx = dinp + static_cast<std::size_t>(n) * C;
+      const T* x = inp + static_cast<std::size_t>(n) * C;
+      const T* dy = dout + static_cast<std::size_t>(n) * C;
       const float m = mean[n], s = rstd[n];
-      float g_mean = 0.0f, gx_mean = 0.0f;
-      for (int i = 0; i < C; ++i) {
-        const float g = dy[i] * weight[i];
-        g_mean += g;
-        gx_mean += g * (x[i] - m) * s;
-      }
-      g_mean /= C;
-      gx_mean /= C;
-      for (int i = 0; i < C; ++i) {
-        const float xhat = (x[i] - m) * s;
-        dx[i] += s * (dy[i] * weight[i] - g_mean - xhat * gx_mean);
-      }
-    }
-    // dweight += Σ_n dout·x̂, dbias += Σ_n dout: columns in parallel, rows in order
-    constexpr int kColumnBlock = 64;
-#pragma omp parallel for schedule(static)
-    for (int c0 = 0; c0 < C; c0 += kColumnBlock) {
-      const int c1 = std::min(C, c0 + kColumnBlock);
-      float dw[kColumnBlock] = {}, db[kColumnBlock] = {};
-      for (int n = 0; n < N; ++n) {
-        const float* x = inp + static_cast<std::size_t>(n) * C;
-        const float* dy = dout + static_cast<std::size_t>(n) * C;
-        const float m = mean[n], s = rstd[n];
-        for (int c = c0; c < c1; ++c) {
-          dw[c - c0] += dy[c] * (x[c] - m) * s;
-          db[c - c0] += dy[c];
-        }
-      }
       for (int c = c0; c < c1; ++c) {
-        dweight[c] += dw[c - c0];
-        dbias[c] += db[c - c0];
+        dw[c - c0] += load(dy[c]) * (load(x[c]) - m) * s;
+        db[c - c0] += load(dy[c]);
+      }
+    }
+    for (int c = c0; c < c1; ++c) {
+      store(dweight[c], load(dweight[c]) + dw[c - c0]);
+      store(dbias[c], load(dbias[c]) + db[c - c0]);
+    }
+  }
+}
+
+// Attention computes on fp32 rows: an fp32 qkv's own (one head's q, k and v rows 3C apart), or a bf16
+// qkv's head widened into scratch first (rows 3d apart), so that both dtypes run the same code below and
+// every sum in the same order; a bf16 output is summed in fp32 scratch and rounded once.
+
+// One (sample, head) of the forward: q, k, v (S, d) rows `in_stride` apart; P (S, S) the probabilities;
+// o (S, d) rows `o_stride` apart, overwritten.
+inline void attention_head_forward(float* o, std::size_t o_stride, float* P, const float* q, const float* k,
+                                   const float* v, std::size_t in_stride, int S, int d, float scale) {
+  for (int t = 0; t < S; ++t) {
+    const float* qt = q + t * in_stride;
+    float* Pt = P + static_cast<std::size_t>(t) * S;
+    // scores of query t against keys 0..t, and their max
+    float maxv = -INFINITY;
+    for (int t2 = 0; t2 <= t; ++t2) {
+      const float* kt = k + t2 * in_stride;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int i = 0; i < d; ++i) dot += qt[i] * kt[i];
+      dot *= scale;
+      Pt[t2] = dot;
+      maxv = std::max(maxv, dot);
+    }
+    // softmax over 0..t; the masked part of the row is zero
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int t2 = 0; t2 <= t; ++t2) {
+      Pt[t2] = exp_approx(Pt[t2] - maxv);
+      sum += Pt[t2];
+    }
+    const float inv = 1.0f / sum;
+    for (int t2 = 0; t2 <= t; ++t2) Pt[t2] *= inv;
+    for (int t2 = t + 1; t2 < S; ++t2) Pt[t2] = 0.0f;
+    // o_t = Σ P[t, t2] · v_t2
+    float* ot = o + static_cast<std::size_t>(t) * o_stride;
+    for (int i = 0; i < d; ++i) ot[i] = 0.0f;
+    for (int t2 = 0; t2 <= t; ++t2) {
+      const float p = Pt[t2];
+      const float* vt = v + t2 * in_stride;
+      for (int i = 0; i < d; ++i) ot[i] += p * vt[i];
+    }
+  }
+}
+
+// One (sample, head) of the backward: dq, dk, dv (S, d) rows `g_stride` apart, accumulated (zero on entry);
+// dS (S, S) scratch; dO (S, d) rows `do_stride` apart; q, k, v as the forward's.
+inline void attention_head_backward(float* dq, float* dk, float* dv, std::size_t g_stride, float* dS, const float* P,
+                                    const float* dO, std::size_t do_stride, const float* q, const float* k,
+                                    const float* v, std::size_t in_stride, int S, int d, float scale) {
+  for (int t = 0; t < S; ++t) {
+    const float* Pt = P + static_cast<std::size_t>(t) * S;
+    const float* dot_ = dO + static_cast<std::size_t>(t) * do_stride;
+    float* dSt = dS + static_cast<std::size_t>(t) * S;
+    // dP[t, t2] = dO_t · v_t2 ;  dV_t2 += P[t, t2] · dO_t
+    for (int t2 = 0; t2 <= t; ++t2) {
+      const float* vt = v + t2 * in_stride;
+      float* dvt = dv + t2 * g_stride;
+      float dp = 0.0f;
+#pragma omp simd reduction(+ : dp)
+      for (int i = 0; i < d; ++i) {
+        dp += dot_[i] * vt[i];
+        dvt[i] += Pt[t2] * dot_[i];
+      }
+      dSt[t2] = dp;
+    }
+    // softmax backward: dScore = P · (dP − Σ P·dP), times the 1/sqrt(d) scale
+    float pdp = 0.0f;
+#pragma omp simd reduction(+ : pdp)
+    for (int t2 = 0; t2 <= t; ++t2) pdp += Pt[t2] * dSt[t2];
+    for (int t2 = 0; t2 <= t; ++t2) dSt[t2] = Pt[t2] * (dSt[t2] - pdp) * scale;
+    // dQ_t = Σ dScore[t, t2] k_t2 ;  dK_t2 += dScore[t, t2] q_t
+    const float* qt = q + t * in_stride;
+    float* dqt = dq + t * g_stride;
+    for (int t2 = 0; t2 <= t; ++t2) {
+      const float* kt = k + t2 * in_stride;
+      float* dkt = dk + t2 * g_stride;
+      const float g = dSt[t2];
+      for (int i = 0; i < d; ++i) {
+        dqt[i] += g * kt[i];
+        dkt[i] += g * qt[i];
       }
     }
   }
+}
 
-  // ---- attention ---------------------------------------------------------------------------------
-  // saved: the softmax probabilities P (B, a, S, S), row t valid for columns 0..t.
-  std::size_t attention_saved_floats(int B, int S, int num_heads) const override {
-    return static_cast<std::size_t>(B) * num_heads * S * S;
+// dst (S, parts·d, rows parts·d apart) = the `parts` column blocks of d (`part_stride` apart, from src) of
+// S bf16 rows `row_stride` apart, widened; and back, rounded.
+inline void widen_head(float* dst, const uint16_t* src, int S, int parts, std::size_t row_stride,
+                       std::size_t part_stride, int d) {
+  for (int t = 0; t < S; ++t) {
+    for (int j = 0; j < parts; ++j) {
+      const uint16_t* from = src + t * row_stride + j * part_stride;
+      float* to = dst + (static_cast<std::size_t>(t) * parts + j) * d;
+      for (int i = 0; i < d; ++i) to[i] = load(from[i]);
+    }
   }
-  bool attention_keeps_probabilities() const override { return true; }
-  std::size_t attention_scratch_floats(int B, int S, int num_heads) const override {
-    return static_cast<std::size_t>(B) * num_heads * S * S;  // dP, then dScores in place
+}
+inline void round_head(uint16_t* dst, const float* src, int S, int parts, std::size_t row_stride,
+                       std::size_t part_stride, int d) {
+  for (int t = 0; t < S; ++t) {
+    for (int j = 0; j < parts; ++j) {
+      const float* from = src + (static_cast<std::size_t>(t) * parts + j) * d;
+      uint16_t* to = dst + t * row_stride + j * part_stride;
+      for (int i = 0; i < d; ++i) store(to[i], from[i]);
+    }
   }
+}
 
-  void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C,
-                         int num_heads) override {
-    const int d = C / num_heads;
-    const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-#pragma omp parallel for collapse(2) schedule(static)
+// saved: the softmax probabilities P (B, a, S, S), row t valid for columns 0..t.
+template <typename T>
+void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, int C, int num_heads) {
+  const int d = C / num_heads;
+  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+#pragma omp parallel
+  {
+    // bf16: the head's [q | k | v] rows (S, 3d) widened, and its output rows (S, d) in fp32
+    std::vector<float> in(is_fp32<T> ? 0 : static_cast<std::size_t>(S) * 3 * d);
+    std::vector<float> o(is_fp32<T> ? 0 : static_cast<std::size_t>(S) * d);
+#pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
       for (int h = 0; h < num_heads; ++h) {
-        const float* q = qkv + b * S * C3 + h * d;          // (S, d), row stride 3C
-        const float* k = q + C;                              // K block
-        const float* v = q + 2 * static_cast<std::size_t>(C);  // V block
+        const T* q = qkv + b * S * C3 + h * d;                                     // (S, d), row stride 3C
+        T* out_head = out + b * static_cast<std::size_t>(S) * C + h * d;           // (S, d), stride C
         float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;  // (S, S)
-        float* o = out + b * static_cast<std::size_t>(S) * C + h * d;              // (S, d), stride C
-        for (int t = 0; t < S; ++t) {
-          const float* qt = q + t * C3;
-          float* Pt = P + static_cast<std::size_t>(t) * S;
-          // scores of query t against keys 0..t, and their max
-          float maxv = -INFINITY;
-          for (int t2 = 0; t2 <= t; ++t2) {
-            const float* kt = k + t2 * C3;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int i = 0; i < d; ++i) dot += qt[i] * kt[i];
-            dot *= scale;
-            Pt[t2] = dot;
-            maxv = std::max(maxv, dot);
-          }
-          // softmax over 0..t; the masked part of the row is zero
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int t2 = 0; t2 <= t; ++t2) {
-            Pt[t2] = exp_approx(Pt[t2] - maxv);
-            sum += Pt[t2];
-          }
-          const float inv = 1.0f / sum;
-          for (int t2 = 0; t2 <= t; ++t2) Pt[t2] *= inv;
-          for (int t2 = t + 1; t2 < S; ++t2) Pt[t2] = 0.0f;
-          // o_t = Σ P[t, t2] · v_t2
-          float* ot = o + static_cast<std::size_t>(t) * C;
-          for (int i = 0; i < d; ++i) ot[i] = 0.0f;
-          for (int t2 = 0; t2 <= t; ++t2) {
-            const float p = Pt[t2];
-            const float* vt = v + t2 * C3;
-            for (int i = 0; i < d; ++i) ot[i] += p * vt[i];
-          }
+        if constexpr (is_fp32<T>) {
+          attention_head_forward(out_head, C, P, q, q + C, q + 2 * static_cast<std::size_t>(C), C3, S, d, scale);
+        } else {
+          widen_head(in.data(), q, S, 3, C3, C, d);
+          attention_head_forward(o.data(), d, P, in.data(), in.data() + d, in.data() + 2 * d, 3 * d, S, d, scale);
+          round_head(out_head, o.data(), S, 1, C, 0, d);
         }
       }
     }
   }
+}
 
-  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* /*out*/, const float* qkv,
-                          const float* saved, int B, int S, int C, int num_heads) override {
-    const int d = C / num_heads;
-    const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    std::memset(dqkv, 0, sizeof(float) * B * S * C3);
-#pragma omp parallel for collapse(2) schedule(static)
+template <typename T>
+void attention_backward_kernel(T* dqkv, float* scratch, const T* dout, const T* qkv, const float* saved, int B, int S,
+                               int C, int num_heads) {
+  const int d = C / num_heads;
+  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  if constexpr (is_fp32<T>) std::memset(dqkv, 0, sizeof(float) * B * S * C3);
+#pragma omp parallel
+  {
+    // bf16: the head's [q | k | v] rows and dout rows widened, and its [dq | dk | dv] rows summed in fp32
+    const std::size_t rows3 = is_fp32<T> ? 0 : static_cast<std::size_t>(S) * 3 * d;
+    std::vector<float> in(rows3), grad(rows3), dO(rows3 / 3);
+#pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
       for (int h = 0; h < num_heads; ++h) {
-        const float* q = qkv + b * S * C3 + h * d;
-        const float* k = q + C;
-        const float* v = q + 2 * static_cast<std::size_t>(C);
-        float* dq = dqkv + b * S * C3 + h * d;
-        float* dk = dq + C;
-        float* dv = dq + 2 * static_cast<std::size_t>(C);
+        const T* q = qkv + b * S * C3 + h * d;
+        T* dq = dqkv + b * S * C3 + h * d;
+        const T* dO_head = dout + b * static_cast<std::size_t>(S) * C + h * d;
         const float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
         float* dS = scratch + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
-        const float* dO = dout + b * static_cast<std::size_t>(S) * C + h * d;
-        for (int t = 0; t < S; ++t) {
-          const float* Pt = P + static_cast<std::size_t>(t) * S;
-          const float* dot_ = dO + static_cast<std::size_t>(t) * C;
-          float* dSt = dS + static_cast<std::size_t>(t) * S;
-          // dP[t, t2] = dO_t · v_t2 ;  dV_t2 += P[t, t2] · dO_t
-          for (int t2 = 0; t2 <= t; ++t2) {
-            const float* vt = v + t2 * C3;
-            float* dvt = dv + t2 * C3;
-            float dp = 0.0f;
-#pragma omp simd reduction(+ : dp)
-            for (int i = 0; i < d; ++i) {
-              dp += dot_[i] * vt[i];
-              dvt[i] += Pt[t2] * dot_[i];
-            }
-            dSt[t2] = dp;
-          }
-          // softmax backward: dScore = P · (dP − Σ P·dP), times the 1/sqrt(d) scale
-          float pdp = 0.0f;
-#pragma omp simd reduction(+ : pdp)
-          for (int t2 = 0; t2 <= t; ++t2) pdp += Pt[t2] * dSt[t2];
-          for (int t2 = 0; t2 <= t; ++t2) dSt[t2] = Pt[t2] * (dSt[t2] - pdp) * scale;
-          // dQ_t = Σ dScore[t, t2] k_t2 ;  dK_t2 += dScore[t, t2] q_t
-          const float* qt = q + t * C3;
-          float* dqt = dq + t * C3;
-          for (int t2 = 0; t2 <= t; ++t2) {
-            const float* kt = k + t2 * C3;
-            float* dkt = dk + t2 * C3;
-            const float g = dSt[t2];
-            for (int i = 0; i < d; ++i) {
-              dqt[i] += g * kt[i];
-              dkt[i] += g * qt[i];
-            }
-          }
+        if constexpr (is_fp32<T>) {
+          const std::size_t C2 = 2 * static_cast<std::size_t>(C);
+          attention_head_backward(dq, dq + C, dq + C2, C3, dS, P, dO_head, C, q, q + C, q + C2, C3, S, d, scale);
+        } else {
+          widen_head(in.data(), q, S, 3, C3, C, d);
+          widen_head(dO.data(), dO_head, S, 1, C, 0, d);
+          std::fill(grad.begin(), grad.end(), 0.0f);
+          float* g = grad.data();
+          attention_head_backward(g, g + d, g + 2 * d, 3 * d, dS, P, dO.data(), d, in.data(), in.data() + d,
+                                  in.data() + 2 * d, 3 * d, S, d, scale);
+          round_head(dq, g, S, 3, C3, C, d);
         }
       }
     }
   }
+}
 
-  // ---- elementwise -------------------------------------------------------------------------------
-  void gelu_forward(float* out, const float* inp, std::size_t n) override {
-    const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
+template <typename T>
+void gelu_forward_kernel(T* out, const T* inp, std::size_t n) {
+  const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
 #pragma omp parallel for simd schedule(static)
-    for (std::size_t i = 0; i < n; ++i) {
-      const float x = inp[i];
-      out[i] = 0.5f * x * (1.0f + tanh_approx(k * (x + 0.044715f * x * x * x)));
-    }
+  for (std::size_t i = 0; i < n; ++i) {
+    const float x = load(inp[i]);
+    store(out[i], 0.5f * x * (1.0f + tanh_approx(k * (x + 0.044715f * x * x * x))));
   }
+}
 
-  void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
-    const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
+template <typename T>
+void gelu_backward_kernel(T* dinp, const T* inp, const T* dout, std::size_t n) {
+  const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
 #pragma omp parallel for simd schedule(static)
-    for (std::size_t i = 0; i < n; ++i) {
-      const float x = inp[i];
-      const float th = tanh_approx(k * (x + 0.044715f * x * x * x));
-      const float sech2 = 1.0f - th * th;
-      const float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * k * (1.0f + 3.0f * 0.044715f * x * x);
-      dinp[i] = grad * dout[i];
-    }
+  for (std::size_t i = 0; i < n; ++i) {
+    const float x = load(inp[i]);
+    const float th = tanh_approx(k * (x + 0.044715f * x * x * x));
+    const float sech2 = 1.0f - th * th;
+    const float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * k * (1.0f + 3.0f * 0.044715f * x * x);
+    store(dinp[i], grad * load(dout[i]));
   }
+}
 
-  void add(float* out, const float* a, const float* b, std::size_t n) override {
+template <typename O, typename A, typename Bt>
+void add_kernel(O* out, const A* a, const Bt* b, std::size_t n) {
 #pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
-  }
-  void accumulate(float* y, const float* x, std::size_t n) override {
+  for (std::size_t i = 0; i < n; ++i) store(out[i], load(a[i]) + load(b[i]));
+}
+template <typename Y, typename X>
+void accumulate_kernel(Y* y, const X* x, std::size_t n) {
 #pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < n; ++i) y[i] += x[i];
-  }
-  void scale(float* y, float alpha, std::size_t n) override {
+  for (std::size_t i = 0; i < n; ++i) store(y[i], load(y[i]) + load(x[i]));
+}
+template <typename T>
+void scale_kernel(T* y, float alpha, std::size_t n) {
 #pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < n; ++i) y[i] *= alpha;
+  for (std::size_t i = 0; i < n; ++i) store(y[i], load(y[i]) * alpha);
+}
+template <typename D, typename S>
+void convert_kernel(D* dst, const S* src, std::size_t n) {
+  if constexpr (std::is_same_v<D, S>) {
+    std::memcpy(dst, src, n * sizeof(D));  // the same dtype: the bits as they are
+  } else {
+#pragma omp parallel for schedule(static)
+    for (std::size_t i = 0; i < n; ++i) store(dst[i], load(src[i]));
   }
+}
 
-  // ---- embedding ---------------------------------------------------------------------------------
-  void embedding_forward(float* out, const int32_t* tokens, const float* tok, const float* pos, int B,
-                         int S, int C) override {
+template <typename T>
+void embedding_forward_kernel(T* out, const int32_t* tokens, const T* tok, const T* pos, int B, int S, int C) {
 #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; ++b) {
-      for (int s = 0; s < S; ++s) {
-        const int32_t t = tokens[b * S + s];
-        const float* te = t >= 0 ? tok + static_cast<std::size_t>(t) * C : nullptr;
-        const float* pe = pos != nullptr ? pos + static_cast<std::size_t>(s) * C : nullptr;
-        float* o = out + (static_cast<std::size_t>(b) * S + s) * C;
-        for (int i = 0; i < C; ++i) o[i] = (te ? te[i] : 0.0f) + (pe ? pe[i] : 0.0f);
-      }
+  for (int b = 0; b < B; ++b) {
+    for (int s = 0; s < S; ++s) {
+      const int32_t t = tokens[b * S + s];
+      const T* te = t >= 0 ? tok + static_cast<std::size_t>(t) * C : nullptr;
+      const T* pe = pos != nullptr ? pos + static_cast<std::size_t>(s) * C : nullptr;
+      T* o = out + (static_cast<std::size_t>(b) * S + s) * C;
+      for (int i = 0; i < C; ++i) store(o[i], (te ? load(te[i]) : 0.0f) + (pe ? load(pe[i]) : 0.0f));
     }
   }
+}
 
-  void embedding_backward(float* dtok, float* dpos, const float* dout, const int32_t* tokens, int B,
-                          int S, int C) override {
-    // Parallel over columns: each thread owns a column range of dtok and dpos, rows in token order.
-    constexpr int kColumnBlock = 32;
-#pragma omp parallel for schedule(static)
+// dtok and dpos in fp32 take the rows as they come; in bf16 each row a call touches is summed in fp32
+// (from its value, in the same order) and rounded once at the end.
+template <typename T, typename Tok, typename Pos>
+void embedding_backward_kernel(Tok* dtok, Pos* dpos, const T* dout, const int32_t* tokens, int B, int S, int C) {
+  constexpr int kColumnBlock = 32;
+  // bf16 dtok: the distinct tokens of the call, and each position's index among them
+  std::vector<int32_t> distinct, index;
+  if constexpr (!is_fp32<Tok>) {
+    for (int i = 0; i < B * S; ++i) {
+      if (tokens[i] >= 0) distinct.push_back(tokens[i]);
+    }
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    index.assign(static_cast<std::size_t>(B) * S, -1);
+    for (int i = 0; i < B * S; ++i) {
+      if (tokens[i] < 0) continue;
+      index[i] = static_cast<int32_t>(std::lower_bound(distinct.begin(), distinct.end(), tokens[i]) - distinct.begin());
+    }
+  }
+  const bool pos_rows = dpos != nullptr && !is_fp32<Pos>;
+  // Parallel over columns: each thread owns a column range of dtok and dpos, rows in token order.
+#pragma omp parallel
+  {
+    std::vector<float> tok_acc(distinct.size() * kColumnBlock);
+    std::vector<float> pos_acc(pos_rows ? static_cast<std::size_t>(S) * kColumnBlock : 0);
+#pragma omp for schedule(static)
     for (int c0 = 0; c0 < C; c0 += kColumnBlock) {
       const int c1 = std::min(C, c0 + kColumnBlock);
+      if constexpr (!is_fp32<Tok>) {
+        for (std::size_t u = 0; u < distinct.size(); ++u) {
+          const Tok* dt = dtok + static_cast<std::size_t>(distinct[u]) * C;
+          for (int c = c0; c < c1; ++c) tok_acc[u * kColumnBlock + (c - c0)] = load(dt[c]);
+        }
+      }
+      if (pos_rows) {
+        for (int s = 0; s < S; ++s) {
+          const Pos* dp = dpos + static_cast<std::size_t>(s) * C;
+          for (int c = c0; c < c1; ++c) pos_acc[static_cast<std::size_t>(s) * kColumnBlock + (c - c0)] = load(dp[c]);
+        }
+      }
       for (int b = 0; b < B; ++b) {
         for (int s = 0; s < S; ++s) {
-          const float* g = dout + (static_cast<std::size_t>(b) * S + s) * C;
+          const T* g = dout + (static_cast<std::size_t>(b) * S + s) * C + c0;
           const int32_t t = tokens[b * S + s];
           if (t >= 0) {
-            float* dt = dtok + static_cast<std::size_t>(t) * C;
-            for (int c = c0; c < c1; ++c) dt[c] += g[c];
+            float* dt;
+            if constexpr (is_fp32<Tok>) {
+              dt = dtok + static_cast<std::size_t>(t) * C + c0;
+            } else {
+              dt = tok_acc.data() + static_cast<std::size_t>(index[b * S + s]) * kColumnBlock;
+            }
+            for (int c = 0; c < c1 - c0; ++c) dt[c] += load(g[c]);
           }
           if (dpos != nullptr) {
-            float* dp = dpos + static_cast<std::size_t>(s) * C;
-            for (int c = c0; c < c1; ++c) dp[c] += g[c];
+            float* dp;
+            if constexpr (is_fp32<Pos>) {
+              dp = dpos + static_cast<std::size_t>(s) * C + c0;
+            } else {
+              dp = pos_acc.data() + static_cast<std::size_t>(s) * kColumnBlock;
+            }
+            for (int c = 0; c < c1 - c0; ++c) dp[c] += load(g[c]);
           }
+        }
+      }
+      if constexpr (!is_fp32<Tok>) {
+        for (std::size_t u = 0; u < distinct.size(); ++u) {
+          Tok* dt = dtok + static_cast<std::size_t>(distinct[u]) * C;
+          for (int c = c0; c < c1; ++c) store(dt[c], tok_acc[u * kColumnBlock + (c - c0)]);
+        }
+      }
+      if (pos_rows) {
+        for (int s = 0; s < S; ++s) {
+          Pos* dp = dpos + static_cast<std::size_t>(s) * C;
+          for (int c = c0; c < c1; ++c) store(dp[c], pos_acc[static_cast<std::size_t>(s) * kColumnBlock + (c - c0)]);
         }
       }
     }
   }
+}
 
-  // ---- loss --------------------------------------------------------------------------------------
-  void cross_entropy_forward_backward(float* logits, double* loss_sum, const int32_t* targets, int N,
-                                      int V, float scale) override {
-    std::vector<double> row_loss(N);
-#pragma omp parallel for schedule(static)
+// The fused cross-entropy on rows of fp32 logits in place; bf16 rows are widened into a row of fp32
+// first and rounded back at the end.
+template <typename T>
+void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const int32_t* targets, int N, int V,
+                                           float scale) {
+  std::vector<double> row_loss(N);
+#pragma omp parallel
+  {
+    std::vector<float> row(is_fp32<T> ? 0 : V);
+#pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
-      float* z = logits + static_cast<std::size_t>(n) * V;
+      T* zrow = logits + static_cast<std::size_t>(n) * V;
+      float* z = accumulator_row(zrow, row.data());
+      if constexpr (!is_fp32<T>) cpu::fp32_row(zrow, V, z);  // bf16: the row widened, then as fp32
       float maxv = z[0];
       for (int i = 1; i < V; ++i) maxv = std::max(maxv, z[i]);
       const int target = targets[n];
@@ -382,27 +464,34 @@ class CpuBackend final : public Backend {
       const float inv = scale / sum;
       for (int i = 0; i < V; ++i) z[i] *= inv;
       z[target] -= scale;
-    }
-    double total = 0.0;  // summed in row order for reproducibility
-    for (int n = 0; n < N; ++n) total += row_loss[n];
-    *loss_sum += static_cast<double>(scale) * total;
-  }
-
-  void cross_entropy_row_max(float* row_max, const float* logits, int N, int V) override {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; ++n) {
-      const float* z = logits + static_cast<std::size_t>(n) * V;
-      float m = z[0];
-      for (int i = 1; i < V; ++i) m = std::max(m, z[i]);
-      row_max[n] = m;
+      finish_row(zrow, z, V);
     }
   }
+  double total = 0.0;  // summed in row order for reproducibility
+  for (int n = 0; n < N; ++n) total += row_loss[n];
+  *loss_sum += static_cast<double>(scale) * total;
+}
 
-  void cross_entropy_partials(float* sums, const float* logits, const int32_t* targets, const float* row_max, int N,
-                              int V) override {
+template <typename T>
+void cross_entropy_row_max_kernel(float* row_max, const T* logits, int N, int V) {
 #pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    const T* z = logits + static_cast<std::size_t>(n) * V;
+    float m = load(z[0]);
+    for (int i = 1; i < V; ++i) m = std::max(m, load(z[i]));
+    row_max[n] = m;
+  }
+}
+
+template <typename T>
+void cross_entropy_partials_kernel(float* sums, const T* logits, const int32_t* targets, const float* row_max, int N,
+                                   int V) {
+#pragma omp parallel
+  {
+    std::vector<float> row(is_fp32<T> ? 0 : V);  // bf16: the row widened, summed as an fp32 one
+#pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
-      const float* z = logits + static_cast<std::size_t>(n) * V;
+      const float* z = cpu::fp32_row(logits + static_cast<std::size_t>(n) * V, V, row.data());
       const float m = row_max[n];
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -411,57 +500,314 @@ class CpuBackend final : public Backend {
       sums[N + n] = targets[n] >= 0 ? z[targets[n]] - m : 0.0f;
     }
   }
+}
 
-  void cross_entropy_finish(float* logits, double* loss_sum, const int32_t* targets, const float* row_max,
-                            const float* sums, int N, int V, float scale) override {
-    std::vector<double> row_loss(N);
-#pragma omp parallel for schedule(static)
+template <typename T>
+void cross_entropy_finish_kernel(T* logits, double* loss_sum, const int32_t* targets, const float* row_max,
+                                 const float* sums, int N, int V, float scale) {
+  std::vector<double> row_loss(N);
+#pragma omp parallel
+  {
+    std::vector<float> row(is_fp32<T> ? 0 : V);
+#pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
-      float* z = logits + static_cast<std::size_t>(n) * V;
+      T* zrow = logits + static_cast<std::size_t>(n) * V;
+      float* z = accumulator_row(zrow, row.data());
       const float m = row_max[n], inv = scale / sums[n];
       // CE = log Σ exp(z − max) − (z_target − max), with the sums over every rank's vocabulary block
       row_loss[n] = std::log(static_cast<double>(sums[n])) - static_cast<double>(sums[N + n]);
 #pragma omp simd
-      for (int i = 0; i < V; ++i) z[i] = exp_approx(z[i] - m) * inv;
+      for (int i = 0; i < V; ++i) z[i] = exp_approx(load(zrow[i]) - m) * inv;
       if (targets[n] >= 0) z[targets[n]] -= scale;
+      finish_row(zrow, z, V);
     }
-    double total = 0.0;
-    for (int n = 0; n < N; ++n) total += row_loss[n];
-    *loss_sum += static_cast<double>(scale) * total;
+  }
+  double total = 0.0;
+  for (int n = 0; n < N; ++n) total += row_loss[n];
+  *loss_sum += static_cast<double>(scale) * total;
+}
+
+template <typename T>
+double sum_squares_kernel(const T* x, std::size_t n) {
+  // Fixed chunks summed in order, so the result does not depend on the thread count.
+  constexpr std::size_t kChunk = 1 << 14;
+  const std::size_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks);
+#pragma omp parallel for schedule(static)
+  for (std::size_t c = 0; c < chunks; ++c) {
+    const std::size_t end = std::min(n, (c + 1) * kChunk);
+    double acc = 0.0;
+    for (std::size_t i = c * kChunk; i < end; ++i) acc += static_cast<double>(load(x[i])) * load(x[i]);
+    partial[c] = acc;
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+template <typename G>
+void adamw_kernel(float* params, const G* grads, float* m, float* v, std::size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int t, float grad_scale) {
+  // torch.optim.AdamW (non-fused): decoupled decay first, then the bias-corrected Adam step.
+  const float bias1 = 1.0f - std::pow(beta1, static_cast<float>(t));
+  const float bias2 = 1.0f - std::pow(beta2, static_cast<float>(t));
+  const float step_size = lr / bias1;
+  const float bias2_sqrt = std::sqrt(bias2);
+  const float decay = 1.0f - lr * weight_decay;
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < n; ++i) {
+    const float g = load(grads[i]) * grad_scale;
+    float p = params[i] * decay;
+    m[i] = beta1 * m[i] + (1.0f - beta1) * g;
+    v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
+    const float denom = std::sqrt(v[i]) / bias2_sqrt + eps;
+    p -= step_size * m[i] / denom;
+    params[i] = p;
+  }
+}
+
+// Column sums of dout (N, OC) added to dbias, rows in order for reproducibility.
+template <typename T, typename Bi>
+void bias_gradient_kernel(Bi* dbias, const T* dout, int N, int OC) {
+  constexpr int kColumnBlock = 64;
+#pragma omp parallel for schedule(static)
+  for (int c0 = 0; c0 < OC; c0 += kColumnBlock) {
+    const int c1 = std::min(OC, c0 + kColumnBlock);
+    float acc[kColumnBlock] = {};
+    for (int n = 0; n < N; ++n) {
+      const T* row = dout + static_cast<std::size_t>(n) * OC;
+      for (int c = c0; c < c1; ++c) acc[c - c0] += load(row[c]);
+    }
+    for (int c = c0; c < c1; ++c) store(dbias[c], load(dbias[c]) + acc[c - c0]);
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(int threads, bool bf16_matmul)
+      : threads_(std::max(1, threads)),
+        bf16_operands_(bf16_matmul),
+        bf16_(bf16_matmul ? std::make_unique<cpu::Bf16Gemm>() : nullptr),
+        blocks_(kAlignment, [](std::size_t bytes) {
+          void* ptr = std::aligned_alloc(kAlignment, bytes);
+          if (ptr == nullptr) throw std::bad_alloc();
+          return ptr;
+        }, [](void* ptr) { std::free(ptr); }) {
+    openblas_set_num_threads(threads_);
+    omp_set_num_threads(threads_);
+  }
+
+  std::string name() const override { return "cpu"; }
+  std::string device_name() const override { return cpu_model_name(); }
+  std::string matmul_precision() const override {
+    return bf16_operands_ ? "bf16 operands, fp32 accumulation: " + cpu::bf16_gemm_library() : "fp32";
+  }
+
+  // ---- memory ------------------------------------------------------------------------------------
+  void* alloc(std::size_t bytes, MemCategory category) override { return blocks_.alloc(bytes, category); }
+  void free(void* ptr) override { blocks_.free(ptr); }
+  MemoryTracker& tracker() override { return blocks_.tracker(); }
+
+  void upload(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, std::size_t bytes) override { std::memmove(dst, src, bytes); }
+  void zero(void* dst, std::size_t bytes) override { std::memset(dst, 0, bytes); }
+  void synchronize() override {}
+
+  // ---- matmul ------------------------------------------------------------------------------------
+  // fp32 tensors: sgemm, or (bf16_matmul) each operand rounded to bf16 into one of two scratch buffers of
+  // the backend (library workspace, as cuBLAS's: not in a memory category) and multiplied by Bf16Gemm.
+  // bf16 tensors: their operands go to Bf16Gemm as they are; a bf16 destination is summed in an fp32
+  // scratch buffer of the backend (the same kind of workspace) and rounded once.
+  void matmul_forward(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C,
+                      int OC) override {
+    const DType t =
+        cpu::common_dtype("matmul_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      matmul_forward_impl(out.as<T>(), inp.as<T>(), weight.as<T>(), bias.as<T>(), N, C, OC);
+    }, t);
+  }
+
+  void matmul_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout, ConstTensorPtr inp,
+                       ConstTensorPtr weight, int N, int C, int OC) override {
+    const DType t = cpu::common_dtype("matmul_backward",
+                                      {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
+    cpu::dispatch([&](auto e, auto w, auto bi) {
+      using T = decltype(e);
+      using W = decltype(w);
+      using Bi = decltype(bi);
+      matmul_backward_impl(dinp.as<T>(), dweight.as<W>(), dbias.as<Bi>(), dout.as<T>(), inp.as<T>(), weight.as<T>(),
+                           N, C, OC);
+    }, t, dweight.dtype(), dbias.dtype());
+  }
+
+  // ---- LayerNorm ---------------------------------------------------------------------------------
+  void layernorm_forward(TensorPtr out, float* mean, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight,
+                         ConstTensorPtr bias, int N, int C) override {
+    const DType t =
+        cpu::common_dtype("layernorm_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      layernorm_forward_kernel(out.as<T>(), mean, rstd, inp.as<T>(), weight.as<T>(), bias.as<T>(), N, C);
+    }, t);
+  }
+
+  void layernorm_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout,
+                          ConstTensorPtr inp, ConstTensorPtr weight, const float* mean, const float* rstd, int N,
+                          int C) override {
+    const DType t = cpu::common_dtype("layernorm_backward",
+                                      {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
+    cpu::dispatch([&](auto e, auto w, auto bi) {
+      using T = decltype(e);
+      using W = decltype(w);
+      using Bi = decltype(bi);
+      layernorm_backward_kernel(dinp.as<T>(), dweight.as<W>(), dbias.as<Bi>(), dout.as<T>(), inp.as<T>(),
+                                weight.as<T>(), mean, rstd, N, C);
+    }, t, dweight.dtype(), dbias.dtype());
+  }
+
+  // ---- attention ---------------------------------------------------------------------------------
+  // saved: the softmax probabilities P (B, a, S, S), row t valid for columns 0..t.
+  std::size_t attention_saved_floats(int B, int S, int num_heads) const override {
+    return static_cast<std::size_t>(B) * num_heads * S * S;
+  }
+  bool attention_keeps_probabilities() const override { return true; }
+  std::size_t attention_scratch_floats(int B, int S, int num_heads) const override {
+    return static_cast<std::size_t>(B) * num_heads * S * S;  // dP, then dScores in place
+  }
+
+  void attention_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
+                         int num_heads) override {
+    const DType t = cpu::common_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      attention_forward_kernel(out.as<T>(), saved, qkv.as<T>(), B, S, C, num_heads);
+    }, t);
+  }
+
+  void attention_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
+                          const float* saved, int B, int S, int C, int num_heads) override {
+    const DType t = cpu::common_dtype("attention_backward",
+                                      {{"dqkv", dqkv}, {"dout", dout}, {"out", out}, {"qkv", qkv}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      attention_backward_kernel(dqkv.as<T>(), scratch, dout.as<T>(), qkv.as<T>(), saved, B, S, C, num_heads);
+    }, t);
+  }
+
+  // ---- elementwise -------------------------------------------------------------------------------
+  void gelu_forward(TensorPtr out, ConstTensorPtr inp, std::size_t n) override {
+    const DType t = cpu::common_dtype("gelu_forward", {{"out", out}, {"inp", inp}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      gelu_forward_kernel(out.as<T>(), inp.as<T>(), n);
+    }, t);
+  }
+
+  void gelu_backward(TensorPtr dinp, ConstTensorPtr inp, ConstTensorPtr dout, std::size_t n) override {
+    const DType t = cpu::common_dtype("gelu_backward", {{"dinp", dinp}, {"inp", inp}, {"dout", dout}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      gelu_backward_kernel(dinp.as<T>(), inp.as<T>(), dout.as<T>(), n);
+    }, t);
+  }
+
+  // add, accumulate, convert, scale and sum_squares: each tensor in either dtype
+  void add(TensorPtr out, ConstTensorPtr a, ConstTensorPtr b, std::size_t n) override {
+    cpu::dispatch([&](auto o, auto x, auto y) {
+      add_kernel(out.as<decltype(o)>(), a.as<decltype(x)>(), b.as<decltype(y)>(), n);
+    }, out.dtype(), a.dtype(), b.dtype());
+  }
+  void accumulate(TensorPtr y, ConstTensorPtr x, std::size_t n) override {
+    cpu::dispatch([&](auto ty, auto tx) { accumulate_kernel(y.as<decltype(ty)>(), x.as<decltype(tx)>(), n); },
+                  y.dtype(), x.dtype());
+  }
+  void convert(TensorPtr dst, ConstTensorPtr src, std::size_t n) override {
+    cpu::dispatch([&](auto td, auto ts) { convert_kernel(dst.as<decltype(td)>(), src.as<decltype(ts)>(), n); },
+                  dst.dtype(), src.dtype());
+  }
+  void scale(TensorPtr y, float alpha, std::size_t n) override {
+    cpu::dispatch([&](auto e) { scale_kernel(y.as<decltype(e)>(), alpha, n); }, y.dtype());
+  }
+
+  // ---- embedding ---------------------------------------------------------------------------------
+  void embedding_forward(TensorPtr out, const int32_t* tokens, ConstTensorPtr tok, ConstTensorPtr pos, int B, int S,
+                         int C) override {
+    const DType t = cpu::common_dtype("embedding_forward", {{"out", out}, {"tok", tok}, {"pos", pos}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      embedding_forward_kernel(out.as<T>(), tokens, tok.as<T>(), pos.as<T>(), B, S, C);
+    }, t);
+  }
+
+  void embedding_backward(TensorPtr dtok, TensorPtr dpos, ConstTensorPtr dout, const int32_t* tokens, int B, int S,
+                          int C) override {
+    cpu::dispatch([&](auto e, auto tt, auto tp) {
+      embedding_backward_kernel(dtok.as<decltype(tt)>(), dpos.as<decltype(tp)>(), dout.as<decltype(e)>(), tokens, B,
+                                S, C);
+    }, dout.dtype(), dtok.dtype(), dpos.dtype());
+  }
+
+  // ---- loss --------------------------------------------------------------------------------------
+  void cross_entropy_forward_backward(TensorPtr logits, double* loss_sum, const int32_t* targets, int N, int V,
+                                      float scale) override {
+    cpu::dispatch([&](auto e) {
+      cross_entropy_forward_backward_kernel(logits.as<decltype(e)>(), loss_sum, targets, N, V, scale);
+    }, logits.dtype());
+  }
+
+  void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V) override {
+    cpu::dispatch([&](auto e) { cross_entropy_row_max_kernel(row_max, logits.as<decltype(e)>(), N, V); },
+                  logits.dtype());
+  }
+
+  void cross_entropy_partials(float* sums, ConstTensorPtr logits, const int32_t* targets, const float* row_max, int N,
+                              int V) override {
+    cpu::dispatch([&](auto e) {
+      cross_entropy_partials_kernel(sums, logits.as<decltype(e)>(), targets, row_max, N, V);
+    }, logits.dtype());
+  }
+
+  void cross_entropy_finish(TensorPtr logits, double* loss_sum, const int32_t* targets, const float* row_max,
+                            const float* sums, int N, int V, float scale) override {
+    cpu::dispatch([&](auto e) {
+      cross_entropy_finish_kernel(logits.as<decltype(e)>(), loss_sum, targets, row_max, sums, N, V, scale);
+    }, logits.dtype());
   }
 
   // ---- context parallelism: kernels/cpu/cp_ops.cpp ----------------------------------------------
-  void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v, int q_stride,
-                               int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
-                               int heads) override {
+  void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v,
+                               int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq,
+                               int Sk, int C, int heads) override {
     cpu::attention_block_forward(out, lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk, C, heads);
   }
-  void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq, int C,
+  void attention_merge(TensorPtr out, float* lse, ConstTensorPtr out_b, const float* lse_b, int B, int Sq, int C,
                        int heads) override {
     cpu::attention_merge(out, lse, out_b, lse_b, B, Sq, C, heads);
   }
-  void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C,
+  void attention_block_delta(float* delta, ConstTensorPtr dout, ConstTensorPtr out, int B, int Sq, int C,
                              int heads) override {
     cpu::attention_block_delta(delta, dout, out, B, Sq, C, heads);
   }
-  void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
-                                const float* delta, const float* q, const float* k, const float* v, int q_stride,
+  void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout, const float* lse,
+                                const float* delta, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v, int q_stride,
                                 int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk,
                                 int C, int heads) override {
     cpu::attention_block_backward(dq, dk, dv, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk,
                                   C, heads);
   }
-  void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
+  void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride, std::size_t rows,
                std::size_t cols) override {
     cpu::copy_2d(dst, dst_stride, src, src_stride, rows, cols);
   }
 
   // ---- mixture of experts: kernels/cpu/moe_ops.cpp -----------------------------------------------
-  void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E,
+  void moe_router_forward(int32_t* expert, float* gate, float* probs, ConstTensorPtr logits, int N, int E,
                           int k) override {
     cpu::moe_router_forward(expert, gate, probs, logits, N, E, k);
   }
-  void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert, int N,
+  void moe_router_backward(TensorPtr dlogits, const float* dgate, const float* gate, const int32_t* expert, int N,
                            int E, int k) override {
     cpu::moe_router_backward(dlogits, dgate, gate, expert, N, E, k);
   }
@@ -469,72 +815,123 @@ class CpuBackend final : public Backend {
                   int capacity) override {
     cpu::moe_assign(slot, counts, expert, N, E, k, capacity);
   }
-  void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E, int k,
-                    float coef, float grad_scale) override {
+  void moe_aux_loss(TensorPtr dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E,
+                    int k, float coef, float grad_scale) override {
     cpu::moe_aux_loss(dlogits, aux_sum, probs, counts, N, E, k, coef, grad_scale);
   }
-  void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
+  void moe_dispatch(TensorPtr buf, ConstTensorPtr inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
                     int C, int h) override {
     cpu::moe_dispatch(buf, inp, expert, slot, N, E, k, C, h);
   }
-  void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot, int N, int E,
-                             int k, int C, int h) override {
+  void moe_dispatch_backward(TensorPtr dinp, ConstTensorPtr dbuf, const int32_t* expert, const int32_t* slot, int N,
+                             int E, int k, int C, int h) override {
     cpu::moe_dispatch_backward(dinp, dbuf, expert, slot, N, E, k, C, h);
   }
-  void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert, const int32_t* slot, int N,
-                   int E, int k, int C, int h) override {
+  void moe_combine(TensorPtr out, ConstTensorPtr buf, const float* gate, const int32_t* expert, const int32_t* slot,
+                   int N, int E, int k, int C, int h) override {
     cpu::moe_combine(out, buf, gate, expert, slot, N, E, k, C, h);
   }
-  void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf, const float* gate,
+  void moe_combine_backward(TensorPtr dbuf, float* dgate, ConstTensorPtr dout, ConstTensorPtr buf, const float* gate,
                             const int32_t* expert, const int32_t* slot, int N, int E, int k, int C,
                             int h) override {
     cpu::moe_combine_backward(dbuf, dgate, dout, buf, gate, expert, slot, N, E, k, C, h);
   }
 
   // ---- optimizer ---------------------------------------------------------------------------------
-  double sum_squares(const float* x, std::size_t n) override {
-    // Fixed chunks summed in order, so the result does not depend on the thread count.
-    constexpr std::size_t kChunk = 1 << 14;
-    const std::size_t chunks = (n + kChunk - 1) / kChunk;
-    std::vector<double> partial(chunks);
-#pragma omp parallel for schedule(static)
-    for (std::size_t c = 0; c < chunks; ++c) {
-      const std::size_t end = std::min(n, (c + 1) * kChunk);
-      double acc = 0.0;
-      for (std::size_t i = c * kChunk; i < end; ++i) acc += static_cast<double>(x[i]) * x[i];
-      partial[c] = acc;
-    }
+  double sum_squares(ConstTensorPtr x, std::size_t n) override {
     double total = 0.0;
-    for (double p : partial) total += p;
+    cpu::dispatch([&](auto e) { total = sum_squares_kernel(x.as<decltype(e)>(), n); }, x.dtype());
     return total;
   }
 
-  void adamw_update(float* params, const float* grads, float* m, float* v, std::size_t n, float lr,
-                    float beta1, float beta2, float eps, float weight_decay, int t,
-                    float grad_scale) override {
-    // torch.optim.AdamW (non-fused): decoupled decay first, then the bias-corrected Adam step.
-    const float bias1 = 1.0f - std::pow(beta1, static_cast<float>(t));
-    const float bias2 = 1.0f - std::pow(beta2, static_cast<float>(t));
-    const float step_size = lr / bias1;
-    const float bias2_sqrt = std::sqrt(bias2);
-    const float decay = 1.0f - lr * weight_decay;
-#pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < n; ++i) {
-      const float g = grads[i] * grad_scale;
-      float p = params[i] * decay;
-      m[i] = beta1 * m[i] + (1.0f - beta1) * g;
-      v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
-      const float denom = std::sqrt(v[i]) / bias2_sqrt + eps;
-      p -= step_size * m[i] / denom;
-      params[i] = p;
-    }
+  void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, std::size_t n, float lr, float beta1,
+                    float beta2, float eps, float weight_decay, int t, float grad_scale) override {
+    cpu::dispatch([&](auto e) {
+      adamw_kernel(params, grads.as<decltype(e)>(), m, v, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+    }, grads.dtype());
   }
 
  private:
+  // out (N, OC) = inp (N, C) · weight (C, OC), with the bias rows set first and accumulated onto
+  template <typename T>
+  void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int N, int C, int OC) {
+    const std::size_t size = static_cast<std::size_t>(N) * OC;
+    float* acc = product_target(out, size, false);
+    if (bias != nullptr) {
+#pragma omp parallel for schedule(static)
+      for (int n = 0; n < N; ++n) {
+        float* row = acc + static_cast<std::size_t>(n) * OC;
+        if constexpr (is_fp32<T>) {
+          std::memcpy(row, bias, sizeof(float) * OC);
+        } else {
+          for (int o = 0; o < OC; ++o) row[o] = load(bias[o]);  // the bias is added in fp32
+        }
+      }
+    }
+    product(false, false, N, OC, C, inp, C, weight, OC, bias != nullptr ? 1.0f : 0.0f, acc, OC);
+    product_commit(out, acc, size);
+  }
+
+  template <typename T, typename W, typename Bi>
+  void matmul_backward_impl(T* dinp, W* dweight, Bi* dbias, const T* dout, const T* inp, const T* weight, int N, int C,
+                            int OC) {
+    // dinp (N, C) = dout (N, OC) · weightᵀ
+    if (dinp != nullptr) {
+      const std::size_t size = static_cast<std::size_t>(N) * C;
+      float* acc = product_target(dinp, size, false);
+      product(false, true, N, C, OC, dout, OC, weight, OC, 0.0f, acc, C);
+      product_commit(dinp, acc, size);
+    }
+    // dweight (C, OC) += inpᵀ (C, N) · dout (N, OC)
+    {
+      const std::size_t size = static_cast<std::size_t>(C) * OC;
+      float* acc = product_target(dweight, size, true);
+      product(true, false, C, OC, N, inp, C, dout, OC, 1.0f, acc, OC);
+      product_commit(dweight, acc, size);
+    }
+    // dbias (OC) += column sums of dout, rows in order for reproducibility
+    if (dbias != nullptr) bias_gradient_kernel(dbias, dout, N, OC);
+  }
+
+  // Where a product into dst (n elements) sums in fp32: dst itself when fp32, else the backend's scratch,
+  // holding dst's values when `accumulate`; product_commit rounds it into a bf16 dst.
+  template <typename T>
+  float* product_target(T* dst, std::size_t n, bool accumulate) {
+    if constexpr (is_fp32<T>) {
+      return dst;
+    } else {
+      if (product_.size() < n) product_.resize(n);
+      float* acc = product_.data();
+      if (accumulate) {
+#pragma omp parallel for schedule(static)
+        for (std::size_t i = 0; i < n; ++i) acc[i] = load(dst[i]);
+      }
+      return acc;
+    }
+  }
+  template <typename T>
+  void product_commit(T* dst, const float* acc, std::size_t n) {
+    if constexpr (!is_fp32<T>) {
+#pragma omp parallel for schedule(static)
+      for (std::size_t i = 0; i < n; ++i) store(dst[i], acc[i]);
+    }
+  }
+
+  // Row-major C (M, N) = op(A) · op(B) + β·C with fp32 C: sgemm (or, with bf16_matmul, A and B rounded
+  // to bf16) for fp32 operands, Bf16Gemm directly for bf16 ones.
+  void product(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+               float beta, float* C, int ldc) {
+    gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+  void product(bool trans_a, bool trans_b, int M, int N, int K, const uint16_t* A, int lda, const uint16_t* B,
+               int ldb, float beta, float* C, int ldc) {
+    bf16_gemm().run(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+
   // Row-major C (M, N) = op(A) · op(B) + β·C in fp32, or with A and B rounded to bf16.
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) {
-    if (!bf16_) {
+    if (!bf16_operands_) {
       cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
                   1.0f, A, lda, B, ldb, beta, C, ldc);
       return;
@@ -553,9 +950,17 @@ class CpuBackend final : public Backend {
     bf16_->run(trans_a, trans_b, M, N, K, bf16_a_.data(), lda, bf16_b_.data(), ldb, beta, C, ldc);
   }
 
+  // The bf16 products' engine, made on the first product of bf16 tensors when bf16_matmul did not.
+  cpu::Bf16Gemm& bf16_gemm() {
+    if (!bf16_) bf16_ = std::make_unique<cpu::Bf16Gemm>();
+    return *bf16_;
+  }
+
   int threads_;
-  std::unique_ptr<cpu::Bf16Gemm> bf16_;  // null: fp32 products
-  std::vector<uint16_t> bf16_a_, bf16_b_;
+  bool bf16_operands_;                   // bf16_matmul: fp32 tensors' products round their operands
+  std::unique_ptr<cpu::Bf16Gemm> bf16_;  // the bf16 products (null until needed)
+  std::vector<uint16_t> bf16_a_, bf16_b_;  // fp32 operands rounded (bf16_matmul)
+  std::vector<float> product_;             // a bf16 destination's product in fp32
   BlockCache blocks_;
 };
 

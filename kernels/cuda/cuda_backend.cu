@@ -5,13 +5,19 @@
 // order (two-stage partial sums, no atomics), so a run is bitwise reproducible on the same GPU. Small
 // internal buffers (partial sums, a vector of ones) live outside the tracker, as the CPU backend's
 // per-thread scratch does; they are counted in /memory/device_peak_bytes. So do the bf16 copies of the
-// matrix products' operands (bf16 mode only): library workspace like cuBLAS's own, in no category.
+// matrix products' operands (bf16 mode only): library workspace like cuBLAS's own, in no category, and the
+// fp32 staging copies of the context-parallel ops' inputs of mixed dtypes (backend scratch).
+//
+// Dtypes: each op checks the dtypes that must agree (one_dtype: std::invalid_argument naming the op and
+// every argument's dtype) and launches the kernel template's instantiation for the tensors' element types
+// (with_type / with_types: float for fp32, uint16_t for bf16), passing each tensor as `as<T>()`.
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -50,6 +56,55 @@ unsigned blocks_for(std::size_t n, int threads = kThreads) {
   return static_cast<unsigned>(std::max<std::size_t>(1, (n + threads - 1) / threads));
 }
 
+// ---- dtypes: checks and dispatch -----------------------------------------------------------------
+// f(e) with e a value of the element type of dtype t (float for fp32, uint16_t for bf16's bits), so that
+// a generic lambda can name it (`using T = decltype(e)`) and launch the kernel templated on it.
+template <typename F>
+void with_type(DType t, F&& f) {
+  if (t == DType::bf16) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+template <typename F>
+void with_types(DType a, DType b, F&& f) {
+  with_type(a, [&](auto x) { with_type(b, [&](auto y) { f(x, y); }); });
+}
+template <typename F>
+void with_types(DType a, DType b, DType c, F&& f) {
+  with_type(a, [&](auto x) { with_types(b, c, [&](auto y, auto z) { f(x, y, z); }); });
+}
+
+// A named tensor argument of an op (null: absent).
+struct Arg {
+  const char* name;
+  ConstTensorPtr tensor;
+};
+
+// The one dtype of the non-null tensors among `args` (fp32 when there are none); otherwise
+// std::invalid_argument naming the op and every argument's dtype.
+DType one_dtype(const char* op, std::initializer_list<Arg> args) {
+  const Arg* first = nullptr;
+  for (const Arg& a : args) {
+    if (!a.tensor) continue;
+    if (first == nullptr) {
+      first = &a;
+    } else if (a.tensor.dtype() != first->tensor.dtype()) {
+      std::string what = std::string("cuda backend: ") + op + " takes its activations and parameters in one dtype " +
+                         "(all fp32 or all bf16), not";
+      const char* sep = " ";
+      for (const Arg& b : args) {
+        if (!b.tensor) continue;
+        what += sep + std::string(b.name) + " " + dtype_name(b.tensor.dtype());
+        sep = ", ";
+      }
+      throw std::invalid_argument(what);
+    }
+  }
+  return first != nullptr ? first->tensor.dtype() : DType::f32;
+}
+
 // ---- the backend ---------------------------------------------------------------------------------
 constexpr std::size_t kAllocAlignment = 256;
 
@@ -69,11 +124,25 @@ class CudaBackend final : public Backend {
     PB_CUBLAS_CHECK(cublasCreate(&cublas_));
     PB_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     PB_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));  // no TF32 for CUBLAS_COMPUTE_32F
+    // the dK/dV kernels' shared memory at the largest head dimension, past the default 48 KiB: every
+    // instantiation that the ops launch
     const int dkv_smem = static_cast<int>(attention_dkv_smem(kCudaMaxHeadDim));
-    PB_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       dkv_smem));
-    PB_CUDA_CHECK(cudaFuncSetAttribute(attention_block_backward_dkv_kernel,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem));
+    const auto allow_dkv_smem = [&](const void* kernel) {
+      PB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem));
+    };
+    for (DType t : {DType::f32, DType::bf16}) {
+      with_type(t, [&](auto e) {
+        using T = decltype(e);
+        allow_dkv_smem(reinterpret_cast<const void*>(&attention_backward_dkv_kernel<T>));
+      });
+      for (DType u : {DType::f32, DType::bf16}) {
+        with_types(t, u, [&](auto o, auto i) {
+          using TO = decltype(o);
+          using TI = decltype(i);
+          allow_dkv_smem(reinterpret_cast<const void*>(&attention_block_backward_dkv_kernel<TO, TI>));
+        });
+      }
+    }
     PB_CUDA_CHECK(cudaMallocHost(&host_double_, sizeof(double)));
     sample_device_memory();
   }
@@ -83,7 +152,8 @@ class CudaBackend final : public Backend {
     cudaFree(scratch_.ptr);
     cudaFree(bf16_a_.ptr);
     cudaFree(bf16_b_.ptr);
-    cudaFree(ones_);
+    cudaFree(ones_f32_.ptr);
+    cudaFree(ones_bf16_.ptr);
     cudaFreeHost(host_double_);
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
@@ -128,51 +198,73 @@ class CudaBackend final : public Backend {
   }
 
   // ---- matrix products: row-major tensors as cuBLAS's column-major transposes --------------------
-  void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int C,
+  // Bias: broadcast into the output first (its bits: exact in either dtype), then the product added with
+  // β = 1, so that cuBLAS adds the two in fp32 and a bf16 output is rounded once (no epilogue kernel).
+  void matmul_forward(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C,
                       int OC) override {
-    if (bias != nullptr) {
-      broadcast_rows_kernel<<<blocks_for(static_cast<std::size_t>(N) * OC), kThreads, 0, stream_>>>(out, bias, N, OC);
+    const DType t = one_dtype("matmul_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
+    if (bias) {
+      with_type(t, [&](auto e) {
+        using T = decltype(e);
+        broadcast_rows_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * OC), kThreads, 0, stream_>>>(
+            out.as<T>(), bias.as<T>(), N, OC);
+      });
       PB_LAUNCH_CHECK();
     }
     // outᵀ (OC, N) = weightᵀ (OC, C) · inpᵀ (C, N)
-    gemm(CUBLAS_OP_N, CUBLAS_OP_N, OC, N, C, weight, OC, inp, C, bias != nullptr ? 1.0f : 0.0f, out, OC);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_N, OC, N, C, weight, OC, inp, C, bias ? 1.0f : 0.0f, out, OC);
   }
 
-  void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                       const float* weight, int N, int C, int OC) override {
+  // dinp, dout, inp and weight of one dtype; dweight and dbias each fp32 or bf16 (accumulated: β = 1).
+  void matmul_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout, ConstTensorPtr inp,
+                       ConstTensorPtr weight, int N, int C, int OC) override {
+    one_dtype("matmul_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
     // dinpᵀ (C, N) = weight (C, OC) · doutᵀ (OC, N)
-    if (dinp != nullptr) gemm(CUBLAS_OP_T, CUBLAS_OP_N, C, N, OC, weight, OC, dout, OC, 0.0f, dinp, C);
+    if (dinp) gemm(CUBLAS_OP_T, CUBLAS_OP_N, C, N, OC, weight, OC, dout, OC, 0.0f, dinp, C);
     // dweightᵀ (OC, C) += doutᵀ (OC, N) · inp (N, C)
     gemm(CUBLAS_OP_N, CUBLAS_OP_T, OC, C, N, dout, OC, inp, C, 1.0f, dweight, OC);
-    if (dbias != nullptr) {  // dbias (OC) += doutᵀ · 1
-      const float one = 1.0f;
-      PB_CUBLAS_CHECK(cublasSgemv(cublas_, CUBLAS_OP_N, OC, N, &one, dout, OC, ones(N), 1, &one, dbias, 1));
-    }
+    if (dbias) add_column_sums(dbias, dout, N, OC);  // dbias (OC) += doutᵀ · 1
   }
 
   // ---- LayerNorm ---------------------------------------------------------------------------------
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
-                         const float* bias, int N, int C) override {
+  void layernorm_forward(TensorPtr out, float* mean, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight,
+                         ConstTensorPtr bias, int N, int C) override {
+    const DType t =
+        one_dtype("layernorm_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
     if (N == 0) return;
-    layernorm_forward_kernel<<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
-        out, mean, rstd, inp, weight, bias, N, C);
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      layernorm_forward_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
+          out.as<T>(), mean, rstd, inp.as<T>(), weight.as<T>(), bias.as<T>(), N, C);
+    });
     PB_LAUNCH_CHECK();
   }
 
-  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                          const float* weight, const float* mean, const float* rstd, int N, int C) override {
+  // dinp, dout, inp and weight of one dtype; dweight and dbias each fp32 or bf16.
+  void layernorm_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout, ConstTensorPtr inp,
+                          ConstTensorPtr weight, const float* mean, const float* rstd, int N, int C) override {
+    const DType t =
+        one_dtype("layernorm_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
     if (N == 0) return;
-    layernorm_backward_input_kernel<<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
-        dinp, dout, inp, weight, mean, rstd, N, C);
-    PB_LAUNCH_CHECK();
     constexpr int kMaxChunks = 128;
     const int rows_per_chunk = (N + kMaxChunks - 1) / kMaxChunks;
     const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-    float* partial = static_cast<float*>(scratch(2 * sizeof(float) * chunks * C));
-    layernorm_param_partials_kernel<<<dim3(blocks_for(C), chunks), kThreads, 0, stream_>>>(
-        partial, dout, inp, mean, rstd, N, C, rows_per_chunk);
-    PB_LAUNCH_CHECK();
-    layernorm_param_finish_kernel<<<blocks_for(C), kThreads, 0, stream_>>>(dweight, dbias, partial, chunks, C);
+    float* partial = scratch_floats(2 * static_cast<std::size_t>(chunks) * C);
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      layernorm_backward_input_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
+          dinp.as<T>(), dout.as<T>(), inp.as<T>(), weight.as<T>(), mean, rstd, N, C);
+      PB_LAUNCH_CHECK();
+      layernorm_param_partials_kernel<T><<<dim3(blocks_for(C), chunks), kThreads, 0, stream_>>>(
+          partial, dout.as<T>(), inp.as<T>(), mean, rstd, N, C, rows_per_chunk);
+      PB_LAUNCH_CHECK();
+    });
+    with_types(dweight.dtype(), dbias.dtype(), [&](auto w, auto b) {
+      using TW = decltype(w);
+      using TB = decltype(b);
+      layernorm_param_finish_kernel<TW, TB><<<blocks_for(C), kThreads, 0, stream_>>>(dweight.as<TW>(), dbias.as<TB>(),
+                                                                                      partial, chunks, C);
+    });
     PB_LAUNCH_CHECK();
   }
 
@@ -185,167 +277,324 @@ class CudaBackend final : public Backend {
     return static_cast<std::size_t>(B) * num_heads * S;  // D = Σ dout·out per query row
   }
 
-  void attention_forward(float* out, float* saved, const float* qkv, int B, int S, int C, int num_heads) override {
+  void attention_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
+                         int num_heads) override {
+    const DType t = one_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
     check_attention_shape(B, C, num_heads);
     if (B == 0 || S == 0) return;
     const dim3 grid((S + kAttRows - 1) / kAttRows, B * num_heads);
-    attention_forward_kernel<<<grid, kAttWarps * 32, attention_row_smem(C / num_heads, false), stream_>>>(
-        out, saved, qkv, S, C, num_heads);
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      attention_forward_kernel<T><<<grid, kAttWarps * 32, attention_row_smem(C / num_heads, false), stream_>>>(
+          out.as<T>(), saved, qkv.as<T>(), S, C, num_heads);
+    });
     PB_LAUNCH_CHECK();
   }
 
-  void attention_backward(float* dqkv, float* scratch_d, const float* dout, const float* out, const float* qkv,
-                          const float* saved, int B, int S, int C, int num_heads) override {
+  void attention_backward(TensorPtr dqkv, float* scratch_d, ConstTensorPtr dout, ConstTensorPtr out,
+                          ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads) override {
+    const DType t =
+        one_dtype("attention_backward", {{"dqkv", dqkv}, {"dout", dout}, {"out", out}, {"qkv", qkv}});
     check_attention_shape(B, C, num_heads);
     if (B == 0 || S == 0) return;
     const int d = C / num_heads;
     const std::size_t rows = static_cast<std::size_t>(B) * num_heads * S;
-    attention_backward_dot_kernel<<<blocks_for(rows * 32), kThreads, 0, stream_>>>(scratch_d, dout, out, B, S, C,
-                                                                                     num_heads);
-    PB_LAUNCH_CHECK();
     const dim3 rows_grid((S + kAttRows - 1) / kAttRows, B * num_heads);
-    attention_backward_dq_kernel<<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
-        dqkv, dout, qkv, saved, scratch_d, S, C, num_heads);
-    PB_LAUNCH_CHECK();
     const dim3 keys_grid((S + kDkvKeys - 1) / kDkvKeys, B * num_heads);
-    attention_backward_dkv_kernel<<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
-        dqkv, dout, qkv, saved, scratch_d, S, C, num_heads);
-    PB_LAUNCH_CHECK();
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      attention_backward_dot_kernel<T, T><<<blocks_for(rows * 32), kThreads, 0, stream_>>>(
+          scratch_d, dout.as<T>(), out.as<T>(), B, S, C, num_heads);
+      PB_LAUNCH_CHECK();
+      attention_backward_dq_kernel<T><<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
+          dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
+      PB_LAUNCH_CHECK();
+      attention_backward_dkv_kernel<T><<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
+          dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
+      PB_LAUNCH_CHECK();
+    });
   }
 
   // ---- elementwise -------------------------------------------------------------------------------
-  void gelu_forward(float* out, const float* inp, std::size_t n) override {
-    gelu_forward_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(out, inp, n);
+  void gelu_forward(TensorPtr out, ConstTensorPtr inp, std::size_t n) override {
+    with_type(one_dtype("gelu_forward", {{"out", out}, {"inp", inp}}), [&](auto e) {
+      using T = decltype(e);
+      gelu_forward_kernel<T><<<blocks_for(n), kThreads, 0, stream_>>>(out.as<T>(), inp.as<T>(), n);
+    });
     PB_LAUNCH_CHECK();
   }
-  void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
-    gelu_backward_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(dinp, inp, dout, n);
+  void gelu_backward(TensorPtr dinp, ConstTensorPtr inp, ConstTensorPtr dout, std::size_t n) override {
+    with_type(one_dtype("gelu_backward", {{"dinp", dinp}, {"inp", inp}, {"dout", dout}}), [&](auto e) {
+      using T = decltype(e);
+      gelu_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream_>>>(dinp.as<T>(), inp.as<T>(), dout.as<T>(), n);
+    });
     PB_LAUNCH_CHECK();
   }
-  void add(float* out, const float* a, const float* b, std::size_t n) override {
-    add_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(out, a, b, n);
+  // add, accumulate and convert: any dtype per argument.
+  void add(TensorPtr out, ConstTensorPtr a, ConstTensorPtr b, std::size_t n) override {
+    with_types(out.dtype(), a.dtype(), b.dtype(), [&](auto o, auto x, auto y) {
+      using TO = decltype(o);
+      using TA = decltype(x);
+      using TB = decltype(y);
+      add_kernel<TO, TA, TB><<<blocks_for(n), kThreads, 0, stream_>>>(out.as<TO>(), a.as<TA>(), b.as<TB>(), n);
+    });
     PB_LAUNCH_CHECK();
   }
-  void accumulate(float* y, const float* x, std::size_t n) override {
-    accumulate_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(y, x, n);
+  void accumulate(TensorPtr y, ConstTensorPtr x, std::size_t n) override {
+    with_types(y.dtype(), x.dtype(), [&](auto ey, auto ex) {
+      using TY = decltype(ey);
+      using TX = decltype(ex);
+      accumulate_kernel<TY, TX><<<blocks_for(n), kThreads, 0, stream_>>>(y.as<TY>(), x.as<TX>(), n);
+    });
     PB_LAUNCH_CHECK();
   }
-  void scale(float* y, float alpha, std::size_t n) override {
-    scale_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(y, alpha, n);
+  void convert(TensorPtr dst, ConstTensorPtr src, std::size_t n) override {
+    if (dst.dtype() == src.dtype()) {  // a plain copy
+      if (n > 0) {
+        PB_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), n * dtype_bytes(dst.dtype()), cudaMemcpyDeviceToDevice,
+                                      stream_));
+      }
+      return;
+    }
+    with_types(dst.dtype(), src.dtype(), [&](auto d, auto s) {
+      using TD = decltype(d);
+      using TS = decltype(s);
+      convert_kernel<TD, TS><<<blocks_for(n), kThreads, 0, stream_>>>(dst.as<TD>(), src.as<TS>(), n);
+    });
+    PB_LAUNCH_CHECK();
+  }
+  void scale(TensorPtr y, float alpha, std::size_t n) override {
+    with_type(y.dtype(), [&](auto e) {
+      using T = decltype(e);
+      scale_kernel<T><<<blocks_for(n), kThreads, 0, stream_>>>(y.as<T>(), alpha, n);
+    });
     PB_LAUNCH_CHECK();
   }
 
   // ---- embedding ---------------------------------------------------------------------------------
-  void embedding_forward(float* out, const int32_t* tokens, const float* tok, const float* pos, int B, int S,
+  void embedding_forward(TensorPtr out, const int32_t* tokens, ConstTensorPtr tok, ConstTensorPtr pos, int B, int S,
                          int C) override {
-    embedding_forward_kernel<<<blocks_for(static_cast<std::size_t>(B) * S * C), kThreads, 0, stream_>>>(
-        out, tokens, tok, pos, B * S, S, C);
+    const DType t = one_dtype("embedding_forward", {{"out", out}, {"tok", tok}, {"pos", pos}});
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      embedding_forward_kernel<T><<<blocks_for(static_cast<std::size_t>(B) * S * C), kThreads, 0, stream_>>>(
+          out.as<T>(), tokens, tok.as<T>(), pos.as<T>(), B * S, S, C);
+    });
     PB_LAUNCH_CHECK();
   }
-  void embedding_backward(float* dtok, float* dpos, const float* dout, const int32_t* tokens, int B, int S,
+  // dout in either dtype, dtok and dpos each fp32 or bf16. An fp32 dtok adds the rows in place, one token
+  // partition per thread as before; a bf16 one sums each token's rows in fp32 first (two int32 per row of
+  // chain in backend scratch) and rounds once.
+  void embedding_backward(TensorPtr dtok, TensorPtr dpos, ConstTensorPtr dout, const int32_t* tokens, int B, int S,
                           int C) override {
-    embedding_backward_tok_kernel<<<dim3(blocks_for(C), kTokenPartitions), kThreads, 0, stream_>>>(dtok, dout,
-                                                                                                  tokens, B * S, C);
-    PB_LAUNCH_CHECK();
-    if (dpos != nullptr) {
-      embedding_backward_pos_kernel<<<blocks_for(static_cast<std::size_t>(S) * C), kThreads, 0, stream_>>>(
-          dpos, dout, B, S, C);
-      PB_LAUNCH_CHECK();
-    }
+    const int N = B * S;
+    with_type(dout.dtype(), [&](auto e) {
+      using T = decltype(e);
+      if (dtok.dtype() == DType::f32) {
+        embedding_backward_tok_kernel<T><<<dim3(blocks_for(C), kTokenPartitions), kThreads, 0, stream_>>>(
+            dtok.as<float>(), dout.as<T>(), tokens, N, C);
+        PB_LAUNCH_CHECK();
+      } else if (N > 0) {
+        auto* chain = static_cast<int32_t*>(scratch(2 * sizeof(int32_t) * static_cast<std::size_t>(N)));
+        embedding_token_chain_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(chain, chain + N, tokens, N);
+        PB_LAUNCH_CHECK();
+        embedding_token_heads_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(chain + N, chain, N);
+        PB_LAUNCH_CHECK();
+        embedding_backward_tok_chain_kernel<uint16_t, T>
+            <<<blocks_for(static_cast<std::size_t>(N) * C), kThreads, 0, stream_>>>(
+                dtok.as<uint16_t>(), dout.as<T>(), tokens, chain, chain + N, N, C);
+        PB_LAUNCH_CHECK();
+      }
+      if (dpos) {
+        with_type(dpos.dtype(), [&](auto g) {
+          using TG = decltype(g);
+          embedding_backward_pos_kernel<TG, T><<<blocks_for(static_cast<std::size_t>(S) * C), kThreads, 0, stream_>>>(
+              dpos.as<TG>(), dout.as<T>(), B, S, C);
+        });
+        PB_LAUNCH_CHECK();
+      }
+    });
   }
 
-  // ---- loss --------------------------------------------------------------------------------------
-  void cross_entropy_forward_backward(float* logits, double* loss_sum, const int32_t* targets, int N, int V,
+  // ---- loss: the logits in either dtype ----------------------------------------------------------
+  void cross_entropy_forward_backward(TensorPtr logits, double* loss_sum, const int32_t* targets, int N, int V,
                                       float scale) override {
     if (N == 0) return;
     double* row_loss = static_cast<double*>(scratch(sizeof(double) * N));
-    cross_entropy_kernel<<<N, kThreads, 0, stream_>>>(logits, row_loss, targets, V, scale);
+    with_type(logits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      cross_entropy_kernel<T><<<N, kThreads, 0, stream_>>>(logits.as<T>(), row_loss, targets, V, scale);
+    });
     PB_LAUNCH_CHECK();
     sum_rows(loss_sum, row_loss, N, scale);
   }
-  void cross_entropy_row_max(float* row_max, const float* logits, int N, int V) override {
+  void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V) override {
     if (N == 0) return;
-    cross_entropy_row_max_kernel<<<N, kThreads, 0, stream_>>>(row_max, logits, V);
+    with_type(logits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      cross_entropy_row_max_kernel<T><<<N, kThreads, 0, stream_>>>(row_max, logits.as<T>(), V);
+    });
     PB_LAUNCH_CHECK();
   }
-  void cross_entropy_partials(float* sums, const float* logits, const int32_t* targets, const float* row_max, int N,
+  void cross_entropy_partials(float* sums, ConstTensorPtr logits, const int32_t* targets, const float* row_max, int N,
                               int V) override {
     if (N == 0) return;
-    cross_entropy_partials_kernel<<<N, kThreads, 0, stream_>>>(sums, logits, targets, row_max, N, V);
+    with_type(logits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      cross_entropy_partials_kernel<T><<<N, kThreads, 0, stream_>>>(sums, logits.as<T>(), targets, row_max, N, V);
+    });
     PB_LAUNCH_CHECK();
   }
-  void cross_entropy_finish(float* logits, double* loss_sum, const int32_t* targets, const float* row_max,
+  void cross_entropy_finish(TensorPtr logits, double* loss_sum, const int32_t* targets, const float* row_max,
                             const float* sums, int N, int V, float scale) override {
     if (N == 0) return;
     double* row_loss = static_cast<double*>(scratch(sizeof(double) * N));
-    cross_entropy_finish_kernel<<<N, kThreads, 0, stream_>>>(logits, row_loss, targets, row_max, sums, N, V, scale);
+    with_type(logits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      cross_entropy_finish_kernel<T><<<N, kThreads, 0, stream_>>>(logits.as<T>(), row_loss, targets, row_max, sums, N,
+                                                                  V, scale);
+    });
     PB_LAUNCH_CHECK();
     sum_rows(loss_sum, row_loss, N, scale);
   }
 
   // ---- context parallelism: the fused attention's kernels by position, over one block of keys ------
-  void attention_block_forward(float* out, float* lse, const float* q, const float* k, const float* v, int q_stride,
-                               int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
-                               int heads) override {
+  // The kernels take one dtype for the inputs (q, k, v; and dout in the backward) and one for the
+  // outputs (out; dq; dk and dv), any of the four combinations, so bf16 queries and keys accumulate into
+  // fp32 or bf16 gradients directly. Inputs of mixed dtypes are staged: each copied into a packed fp32
+  // buffer in backend scratch and read from there; dk and dv of different dtypes likewise (copied in,
+  // accumulated in fp32, copied back, rounded once).
+  void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v,
+                               int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq,
+                               int Sk, int C, int heads) override {
     check_attention_shape(B, C, heads);
     if (B == 0 || Sq == 0) return;
+    const std::size_t q_rows = static_cast<std::size_t>(B) * Sq, kv_rows = static_cast<std::size_t>(B) * Sk;
+    if (!(q.dtype() == k.dtype() && k.dtype() == v.dtype())) {
+      float* staged = scratch_floats(static_cast<std::size_t>(C) * (q_rows + 2 * kv_rows));
+      q = stage(staged, q, q_stride, q_rows, C);
+      k = stage(staged + q_rows * C, k, kv_stride, kv_rows, C);
+      v = stage(staged + (q_rows + kv_rows) * C, v, kv_stride, kv_rows, C);
+      q_stride = kv_stride = C;
+    }
     const dim3 grid((Sq + kAttRows - 1) / kAttRows, B * heads);
-    attention_block_forward_kernel<<<grid, kAttWarps * 32, attention_row_smem(C / heads, false), stream_>>>(
-        out, lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    with_types(out.dtype(), q.dtype(), [&](auto o, auto i) {
+      using TO = decltype(o);
+      using TI = decltype(i);
+      attention_block_forward_kernel<TO, TI><<<grid, kAttWarps * 32, attention_row_smem(C / heads, false), stream_>>>(
+          out.as<TO>(), lse, q.as<TI>(), k.as<TI>(), v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    });
     PB_LAUNCH_CHECK();
   }
-  void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq, int C,
+  void attention_merge(TensorPtr out, float* lse, ConstTensorPtr out_b, const float* lse_b, int B, int Sq, int C,
                        int heads) override {
     const std::size_t warps = static_cast<std::size_t>(B) * Sq * heads;
     if (warps == 0) return;
-    attention_merge_kernel<<<blocks_for(warps * 32), kThreads, 0, stream_>>>(out, lse, out_b, lse_b, B, Sq, C, heads);
+    with_types(out.dtype(), out_b.dtype(), [&](auto o, auto ob) {
+      using TO = decltype(o);
+      using TB = decltype(ob);
+      attention_merge_kernel<TO, TB><<<blocks_for(warps * 32), kThreads, 0, stream_>>>(out.as<TO>(), lse,
+                                                                                     out_b.as<TB>(), lse_b, B, Sq, C,
+                                                                                     heads);
+    });
     PB_LAUNCH_CHECK();
   }
-  void attention_block_delta(float* delta, const float* dout, const float* out, int B, int Sq, int C,
+  void attention_block_delta(float* delta, ConstTensorPtr dout, ConstTensorPtr out, int B, int Sq, int C,
                              int heads) override {
     const std::size_t rows = static_cast<std::size_t>(B) * heads * Sq;
     if (rows == 0) return;
-    attention_backward_dot_kernel<<<blocks_for(rows * 32), kThreads, 0, stream_>>>(delta, dout, out, B, Sq, C, heads);
+    with_types(dout.dtype(), out.dtype(), [&](auto g, auto o) {
+      using TA = decltype(g);
+      using TB = decltype(o);
+      attention_backward_dot_kernel<TA, TB><<<blocks_for(rows * 32), kThreads, 0, stream_>>>(
+          delta, dout.as<TA>(), out.as<TB>(), B, Sq, C, heads);
+    });
     PB_LAUNCH_CHECK();
   }
-  void attention_block_backward(float* dq, float* dk, float* dv, const float* dout, const float* lse,
-                                const float* delta, const float* q, const float* k, const float* v, int q_stride,
+  void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout, const float* lse,
+                                const float* delta, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v, int q_stride,
                                 int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk,
                                 int C, int heads) override {
     check_attention_shape(B, C, heads);
     if (B == 0 || Sq == 0 || Sk == 0) return;  // nothing to add
     const int d = C / heads;
+    const std::size_t q_rows = static_cast<std::size_t>(B) * Sq, kv_rows = static_cast<std::size_t>(B) * Sk;
+    const bool stage_inputs = !(q.dtype() == k.dtype() && k.dtype() == v.dtype() && v.dtype() == dout.dtype());
+    const bool stage_dkv = dk.dtype() != dv.dtype();
+    const std::size_t cols = static_cast<std::size_t>(C);
+    const std::size_t staged_floats =
+        cols * ((stage_inputs ? 2 * q_rows + 2 * kv_rows : 0) + (stage_dkv ? 2 * kv_rows : 0));
+    float* staged = staged_floats > 0 ? scratch_floats(staged_floats) : nullptr;
+    const int dq_stride = q_stride, dkv_stride = kv_stride;  // the gradients' own strides, whatever is staged
+    if (stage_inputs) {
+      q = stage(staged, q, q_stride, q_rows, C);
+      dout = stage(staged + q_rows * cols, dout, C, q_rows, C);
+      k = stage(staged + 2 * q_rows * cols, k, kv_stride, kv_rows, C);
+      v = stage(staged + (2 * q_rows + kv_rows) * cols, v, kv_stride, kv_rows, C);
+      staged += (2 * q_rows + 2 * kv_rows) * cols;
+      q_stride = kv_stride = C;
+    }
+    TensorPtr dk_run = dk, dv_run = dv;
+    if (stage_dkv) {
+      dk_run = stage(staged, dk, dkv_stride, kv_rows, C);
+      dv_run = stage(staged + kv_rows * cols, dv, dkv_stride, kv_rows, C);
+    }
+    const int dkv_run_stride = stage_dkv ? C : dkv_stride;
     // two kernels, each gradient row with one writer: dq per query row, dk and dv per key row
     const dim3 rows_grid((Sq + kAttRows - 1) / kAttRows, B * heads);
-    attention_block_backward_dq_kernel<<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
-        dq, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
-    PB_LAUNCH_CHECK();
     const dim3 keys_grid((Sk + kDkvKeys - 1) / kDkvKeys, B * heads);
-    attention_block_backward_dkv_kernel<<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
-        dk, dv, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    with_types(dq.dtype(), q.dtype(), [&](auto o, auto i) {
+      using TO = decltype(o);
+      using TI = decltype(i);
+      attention_block_backward_dq_kernel<TO, TI>
+          <<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
+              dq.as<TO>(), dq_stride, dout.as<TI>(), lse, delta, q.as<TI>(), k.as<TI>(), v.as<TI>(), q_stride,
+              kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    });
     PB_LAUNCH_CHECK();
+    with_types(dk_run.dtype(), q.dtype(), [&](auto o, auto i) {
+      using TO = decltype(o);
+      using TI = decltype(i);
+      attention_block_backward_dkv_kernel<TO, TI><<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
+          dk_run.as<TO>(), dv_run.as<TO>(), dkv_run_stride, dout.as<TI>(), lse, delta, q.as<TI>(), k.as<TI>(),
+          v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+    });
+    PB_LAUNCH_CHECK();
+    if (stage_dkv) {
+      unstage(dk, dkv_stride, dk_run.as<float>(), kv_rows, C);
+      unstage(dv, dkv_stride, dv_run.as<float>(), kv_rows, C);
+    }
   }
-  void copy_2d(float* dst, std::size_t dst_stride, const float* src, std::size_t src_stride, std::size_t rows,
+  void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride, std::size_t rows,
                std::size_t cols) override {
+    const std::size_t bytes = dtype_bytes(one_dtype("copy_2d", {{"dst", dst}, {"src", src}}));
     if (rows == 0 || cols == 0) return;
-    const std::size_t width = cols * sizeof(float);
+    const std::size_t width = cols * bytes;
     if (rows == 1) {  // a single row: any strides (cudaMemcpy2D wants pitches of at least the width)
-      PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, width, cudaMemcpyDeviceToDevice, stream_));
+      PB_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), width, cudaMemcpyDeviceToDevice, stream_));
       return;
     }
-    PB_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_stride * sizeof(float), src, src_stride * sizeof(float), width, rows,
+    PB_CUDA_CHECK(cudaMemcpy2DAsync(dst.data(), dst_stride * bytes, src.data(), src_stride * bytes, width, rows,
                                     cudaMemcpyDeviceToDevice, stream_));
   }
 
-  // ---- mixture of experts -------------------------------------------------------------------------
-  void moe_router_forward(int32_t* expert, float* gate, float* probs, const float* logits, int N, int E,
+  // ---- mixture of experts: logits, dlogits and the token buffers in either dtype -------------------
+  void moe_router_forward(int32_t* expert, float* gate, float* probs, ConstTensorPtr logits, int N, int E,
                           int k) override {
-    moe_router_forward_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(expert, gate, probs, logits, N, E, k);
+    with_type(logits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      moe_router_forward_kernel<T><<<blocks_for(N), kThreads, 0, stream_>>>(expert, gate, probs, logits.as<T>(), N, E,
+                                                                            k);
+    });
     PB_LAUNCH_CHECK();
   }
-  void moe_router_backward(float* dlogits, const float* dgate, const float* gate, const int32_t* expert, int N,
+  void moe_router_backward(TensorPtr dlogits, const float* dgate, const float* gate, const int32_t* expert, int N,
                            int E, int k) override {
-    moe_router_backward_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(dlogits, dgate, gate, expert, N, E, k);
+    with_type(dlogits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      moe_router_backward_kernel<T><<<blocks_for(N), kThreads, 0, stream_>>>(dlogits.as<T>(), dgate, gate, expert, N,
+                                                                             E, k);
+    });
     PB_LAUNCH_CHECK();
   }
   void moe_assign(int32_t* slot, int32_t* counts, const int32_t* expert, int N, int E, int k,
@@ -353,7 +602,7 @@ class CudaBackend final : public Backend {
     moe_assign_kernel<<<blocks_for(E), kThreads, 0, stream_>>>(slot, counts, expert, N, E, k, capacity);
     PB_LAUNCH_CHECK();
   }
-  void moe_aux_loss(float* dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E, int k,
+  void moe_aux_loss(TensorPtr dlogits, double* aux_sum, const float* probs, const int32_t* counts, int N, int E, int k,
                     float coef, float grad_scale) override {
     if (N == 0) return;  // no tokens: no loss, as on the CPU
     double* prob_sum = static_cast<double*>(scratch(sizeof(double) * E));
@@ -361,50 +610,70 @@ class CudaBackend final : public Backend {
     PB_LAUNCH_CHECK();
     moe_aux_loss_sum_kernel<<<1, kThreads, 0, stream_>>>(aux_sum, prob_sum, counts, N, E, k, coef);
     PB_LAUNCH_CHECK();
-    moe_aux_loss_grad_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(dlogits, probs, counts, N, E, k, coef,
-                                                                       grad_scale);
+    with_type(dlogits.dtype(), [&](auto e) {
+      using T = decltype(e);
+      moe_aux_loss_grad_kernel<T><<<blocks_for(N), kThreads, 0, stream_>>>(dlogits.as<T>(), probs, counts, N, E, k,
+                                                                           coef, grad_scale);
+    });
     PB_LAUNCH_CHECK();
   }
-  void moe_dispatch(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
+  void moe_dispatch(TensorPtr buf, ConstTensorPtr inp, const int32_t* expert, const int32_t* slot, int N, int E, int k,
                     int C, int h) override {
-    PB_CUDA_CHECK(cudaMemsetAsync(buf, 0, sizeof(float) * E * static_cast<std::size_t>(C) * h, stream_));
-    moe_dispatch_kernel<<<blocks_for(static_cast<std::size_t>(N) * k * h), kThreads, 0, stream_>>>(
-        buf, inp, expert, slot, N, k, C, h);
+    const DType t = one_dtype("moe_dispatch", {{"buf", buf}, {"inp", inp}});
+    PB_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0, dtype_bytes(t) * E * static_cast<std::size_t>(C) * h, stream_));
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      moe_dispatch_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * k * h), kThreads, 0, stream_>>>(
+          buf.as<T>(), inp.as<T>(), expert, slot, N, k, C, h);
+    });
     PB_LAUNCH_CHECK();
   }
-  void moe_dispatch_backward(float* dinp, const float* dbuf, const int32_t* expert, const int32_t* slot, int N,
+  void moe_dispatch_backward(TensorPtr dinp, ConstTensorPtr dbuf, const int32_t* expert, const int32_t* slot, int N,
                              int /*E*/, int k, int C, int h) override {
-    moe_dispatch_backward_kernel<<<blocks_for(static_cast<std::size_t>(N) * h), kThreads, 0, stream_>>>(
-        dinp, dbuf, expert, slot, N, k, C, h);
+    with_type(one_dtype("moe_dispatch_backward", {{"dinp", dinp}, {"dbuf", dbuf}}), [&](auto e) {
+      using T = decltype(e);
+      moe_dispatch_backward_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * h), kThreads, 0, stream_>>>(
+          dinp.as<T>(), dbuf.as<T>(), expert, slot, N, k, C, h);
+    });
     PB_LAUNCH_CHECK();
   }
-  void moe_combine(float* out, const float* buf, const float* gate, const int32_t* expert, const int32_t* slot, int N,
-                   int /*E*/, int k, int C, int h) override {
-    moe_combine_kernel<<<blocks_for(static_cast<std::size_t>(N) * h), kThreads, 0, stream_>>>(out, buf, gate, expert,
-                                                                                                slot, N, k, C, h);
+  void moe_combine(TensorPtr out, ConstTensorPtr buf, const float* gate, const int32_t* expert, const int32_t* slot,
+                   int N, int /*E*/, int k, int C, int h) override {
+    with_type(one_dtype("moe_combine", {{"out", out}, {"buf", buf}}), [&](auto e) {
+      using T = decltype(e);
+      moe_combine_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * h), kThreads, 0, stream_>>>(
+          out.as<T>(), buf.as<T>(), gate, expert, slot, N, k, C, h);
+    });
     PB_LAUNCH_CHECK();
   }
-  void moe_combine_backward(float* dbuf, float* dgate, const float* dout, const float* buf, const float* gate,
+  void moe_combine_backward(TensorPtr dbuf, float* dgate, ConstTensorPtr dout, ConstTensorPtr buf, const float* gate,
                             const int32_t* expert, const int32_t* slot, int N, int E, int k, int C,
                             int h) override {
-    PB_CUDA_CHECK(cudaMemsetAsync(dbuf, 0, sizeof(float) * E * static_cast<std::size_t>(C) * h, stream_));
+    const DType t = one_dtype("moe_combine_backward", {{"dbuf", dbuf}, {"dout", dout}, {"buf", buf}});
+    PB_CUDA_CHECK(cudaMemsetAsync(dbuf.data(), 0, dtype_bytes(t) * E * static_cast<std::size_t>(C) * h, stream_));
     const std::size_t assignments = static_cast<std::size_t>(N) * k;
-    moe_combine_backward_dbuf_kernel<<<blocks_for(assignments * h), kThreads, 0, stream_>>>(dbuf, dout, gate, expert,
-                                                                                             slot, N, k, C, h);
-    PB_LAUNCH_CHECK();
-    moe_combine_backward_dgate_kernel<<<blocks_for(assignments * 32), kThreads, 0, stream_>>>(  // a warp each
-        dgate, dout, buf, expert, slot, N, k, C, h);
-    PB_LAUNCH_CHECK();
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      moe_combine_backward_dbuf_kernel<T><<<blocks_for(assignments * h), kThreads, 0, stream_>>>(
+          dbuf.as<T>(), dout.as<T>(), gate, expert, slot, N, k, C, h);
+      PB_LAUNCH_CHECK();
+      moe_combine_backward_dgate_kernel<T><<<blocks_for(assignments * 32), kThreads, 0, stream_>>>(  // a warp each
+          dgate, dout.as<T>(), buf.as<T>(), expert, slot, N, k, C, h);
+      PB_LAUNCH_CHECK();
+    });
   }
 
   // ---- optimizer ---------------------------------------------------------------------------------
-  double sum_squares(const float* x, std::size_t n) override {
+  double sum_squares(ConstTensorPtr x, std::size_t n) override {
     const std::size_t chunks = std::max<std::size_t>(1, (n + kSumChunk - 1) / kSumChunk);
     double* partial = static_cast<double*>(scratch(sizeof(double) * (chunks + 1)));
     if (n == 0) {
       PB_CUDA_CHECK(cudaMemsetAsync(partial, 0, sizeof(double), stream_));
     } else {
-      sum_squares_partial_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream_>>>(partial, x, n);
+      with_type(x.dtype(), [&](auto e) {
+        using T = decltype(e);
+        sum_squares_partial_kernel<T><<<static_cast<unsigned>(chunks), kThreads, 0, stream_>>>(partial, x.as<T>(), n);
+      });
       PB_LAUNCH_CHECK();
     }
     sum_doubles_kernel<<<1, kReduceThreads, 0, stream_>>>(partial + chunks, partial, chunks);
@@ -414,12 +683,16 @@ class CudaBackend final : public Backend {
     return *host_double_;
   }
 
-  void adamw_update(float* params, const float* grads, float* m, float* v, std::size_t n, float lr, float beta1,
+  void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, std::size_t n, float lr, float beta1,
                     float beta2, float eps, float weight_decay, int t, float grad_scale) override {
     const float bias1 = 1.0f - std::pow(beta1, static_cast<float>(t));
     const float bias2 = 1.0f - std::pow(beta2, static_cast<float>(t));
-    adamw_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(params, grads, m, v, n, beta1, beta2, eps, lr / bias1,
-                                                          std::sqrt(bias2), 1.0f - lr * weight_decay, grad_scale);
+    with_type(grads.dtype(), [&](auto e) {
+      using TG = decltype(e);
+      adamw_kernel<TG><<<blocks_for(n), kThreads, 0, stream_>>>(params, grads.as<TG>(), m, v, n, beta1, beta2, eps,
+                                                                lr / bias1, std::sqrt(bias2), 1.0f - lr * weight_decay,
+                                                                grad_scale);
+    });
     PB_LAUNCH_CHECK();
   }
 
@@ -430,24 +703,97 @@ class CudaBackend final : public Backend {
     std::size_t bytes = 0;
   };
 
-  // C (m, n) = op_a(A) (m, k) · op_b(B) (k, n) + β·C, column-major, α = 1, accumulated and written in
-  // fp32. The one place that decides the operand types: with bf16_matmul_ both operands are first
-  // rounded to bf16 (nearest even) into bf16_a_ and bf16_b_ and cuBLAS gets CUDA_R_16BF operands, so
-  // only the bf16 tensor cores can run it (no fp32 path to fall back on); without it, fp32 operands.
-  // The compute type is CUBLAS_COMPUTE_32F either way (TF32 off: CUBLAS_DEFAULT_MATH).
-  void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* A, int lda,
-            const float* B, int ldb, float beta, float* C, int ldc) {
+  // C (m, n) = op_a(A) (m, k) · op_b(B) (k, n) + β·C, column-major, α = 1, accumulated in fp32
+  // (CUBLAS_COMPUTE_32F; TF32 off: CUBLAS_DEFAULT_MATH) and written in C's dtype (β·C read in it and the
+  // sum rounded once). The one place that decides the operand types: bf16 tensors are CUDA_R_16BF
+  // operands as they are; fp32 tensors with bf16_matmul_ are first rounded to bf16 (nearest even) into
+  // bf16_a_ and bf16_b_ and passed as CUDA_R_16BF, so only the bf16 tensor cores can run the product (no
+  // fp32 path to fall back on); fp32 tensors without it are fp32 operands. cuBLAS has no fp32-operand
+  // product into a bf16 C: that one goes through an fp32 product in backend scratch, then written into C
+  // (β = 0) or added to it (β = 1), rounded once.
+  void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, ConstTensorPtr A, int lda,
+            ConstTensorPtr B, int ldb, float beta, TensorPtr C, int ldc) {
+    if (A.dtype() != B.dtype()) throw std::logic_error("gemm: operands of two dtypes");  // the ops check
     const float alpha = 1.0f;
-    const void* a = A;
-    const void* b = B;
+    const void* a = A.data();
+    const void* b = B.data();
     cudaDataType_t operand_type = CUDA_R_32F;
-    if (bf16_matmul_) {
-      a = to_bf16(bf16_a_, A, operand_elements(op_a, m, k, lda));
-      b = to_bf16(bf16_b_, B, operand_elements(op_b, k, n, ldb));
+    if (A.dtype() == DType::bf16) {
+      operand_type = CUDA_R_16BF;
+    } else if (bf16_matmul_) {
+      a = to_bf16(bf16_a_, A.as<float>(), operand_elements(op_a, m, k, lda));
+      b = to_bf16(bf16_b_, B.as<float>(), operand_elements(op_b, k, n, ldb));
       operand_type = CUDA_R_16BF;
     }
+    if (operand_type == CUDA_R_32F && C.dtype() == DType::bf16) {
+      if (ldc != m || (beta != 0.0f && beta != 1.0f)) throw std::logic_error("gemm: a bf16 C of fp32 operands");
+      const std::size_t count = static_cast<std::size_t>(m) * n;
+      float* product = scratch_floats(count);
+      const float zero = 0.0f;
+      PB_CUBLAS_CHECK(cublasGemmEx(cublas_, op_a, op_b, m, n, k, &alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb, &zero,
+                                   product, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      if (beta == 0.0f) {
+        convert_kernel<uint16_t, float><<<blocks_for(count), kThreads, 0, stream_>>>(C.as<uint16_t>(), product, count);
+      } else {
+        accumulate_kernel<uint16_t, float><<<blocks_for(count), kThreads, 0, stream_>>>(C.as<uint16_t>(), product,
+                                                                                       count);
+      }
+      PB_LAUNCH_CHECK();
+      return;
+    }
     PB_CUBLAS_CHECK(cublasGemmEx(cublas_, op_a, op_b, m, n, k, &alpha, a, operand_type, lda, b, operand_type, ldb,
-                                 &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                 &beta, C.data(), cuda_type(C.dtype()), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  // dbias (OC) += Σ_rows dout (N, OC): the column sums in fp32 as a product with a vector of ones, added
+  // in dbias's dtype. fp32 both: cublasSgemv (β = 1). A bf16 dout: cublasGemmEx with bf16 operands (dout
+  // and bf16 ones), fp32 accumulation, C = dbias in its dtype, β = 1 (a bf16 dbias rounded once). An fp32
+  // dout into a bf16 dbias: cublasSgemv into fp32 scratch, then added, rounded once.
+  void add_column_sums(TensorPtr dbias, ConstTensorPtr dout, int N, int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    if (dout.dtype() == DType::bf16) {
+      PB_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, OC, 1, N, &one, dout.data(), CUDA_R_16BF, OC,
+                                   ones(N, DType::bf16), CUDA_R_16BF, std::max(N, 1), &one, dbias.data(),
+                                   cuda_type(dbias.dtype()), OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
+    const auto* ones_f32 = static_cast<const float*>(ones(N, DType::f32));
+    if (dbias.dtype() == DType::f32) {
+      PB_CUBLAS_CHECK(cublasSgemv(cublas_, CUBLAS_OP_N, OC, N, &one, dout.as<float>(), OC, ones_f32, 1, &one,
+                                  dbias.as<float>(), 1));
+      return;
+    }
+    float* sums = scratch_floats(OC);
+    PB_CUBLAS_CHECK(cublasSgemv(cublas_, CUBLAS_OP_N, OC, N, &one, dout.as<float>(), OC, ones_f32, 1, &zero, sums, 1));
+    accumulate_kernel<uint16_t, float><<<blocks_for(OC), kThreads, 0, stream_>>>(dbias.as<uint16_t>(), sums, OC);
+    PB_LAUNCH_CHECK();
+  }
+
+  static cudaDataType_t cuda_type(DType t) { return t == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+  // `rows` rows of `cols` elements of src (rows `stride` apart, either dtype) as a packed fp32 copy at dst
+  // (rows `cols` apart), which it returns.
+  float* stage(float* dst, ConstTensorPtr src, int stride, std::size_t rows, int cols) {
+    const std::size_t count = rows * cols;
+    if (count == 0) return dst;
+    with_type(src.dtype(), [&](auto e) {
+      using T = decltype(e);
+      convert_2d_kernel<float, T><<<blocks_for(count), kThreads, 0, stream_>>>(dst, cols, src.as<T>(), stride, rows,
+                                                                              cols);
+    });
+    PB_LAUNCH_CHECK();
+    return dst;
+  }
+  // Its inverse: the packed fp32 rows at src back into dst (rows `stride` apart, its dtype: rounded once).
+  void unstage(TensorPtr dst, int stride, const float* src, std::size_t rows, int cols) {
+    const std::size_t count = rows * cols;
+    if (count == 0) return;
+    with_type(dst.dtype(), [&](auto e) {
+      using T = decltype(e);
+      convert_2d_kernel<T, float><<<blocks_for(count), kThreads, 0, stream_>>>(dst.as<T>(), stride, src, cols, rows,
+                                                                              cols);
+    });
+    PB_LAUNCH_CHECK();
   }
 
   // Elements of a column-major operand whose op() is (rows, cols) with leading dimension ld: the span
@@ -519,22 +865,30 @@ class CudaBackend final : public Backend {
     return buf.ptr;
   }
 
-  // Backend-internal buffer, grown on demand; its users run one after another on the stream.
+  // Backend-internal buffer, grown on demand; its users run one after another on the stream (an op that
+  // needs several regions at once takes one buffer and divides it).
   void* scratch(std::size_t bytes) { return reserve(scratch_, bytes); }
+  float* scratch_floats(std::size_t count) {
+    return static_cast<float*>(scratch(sizeof(float) * std::max<std::size_t>(count, 1)));
+  }
 
-  const float* ones(int n) {
-    if (static_cast<std::size_t>(n) > ones_count_) {
+  // A vector of n ones in dtype t (at least n; grown as needed).
+  const void* ones(int n, DType t) {
+    Ones& o = t == DType::bf16 ? ones_bf16_ : ones_f32_;
+    if (static_cast<std::size_t>(n) > o.count) {
       PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      PB_CUDA_CHECK(cudaFree(ones_));
-      ones_ = nullptr;
-      ones_count_ = 0;
-      PB_CUDA_CHECK(cudaMalloc(&ones_, sizeof(float) * n));
-      ones_count_ = n;
-      fill_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(ones_, 1.0f, n);
+      PB_CUDA_CHECK(cudaFree(o.ptr));
+      o = Ones{};
+      PB_CUDA_CHECK(cudaMalloc(&o.ptr, dtype_bytes(t) * n));
+      o.count = n;
+      with_type(t, [&](auto e) {
+        using T = decltype(e);
+        fill_kernel<T><<<blocks_for(n), kThreads, 0, stream_>>>(static_cast<T*>(o.ptr), 1.0f, n);
+      });
       PB_LAUNCH_CHECK();
       sample_device_memory();
     }
-    return ones_;
+    return o.ptr;
   }
 
   // Device memory in use (every process on the GPU, the CUDA context and libraries included).
@@ -555,8 +909,11 @@ class CudaBackend final : public Backend {
   // The bf16 copies of a product's two operands (bf16_matmul_ only). Library workspace like cuBLAS's:
   // cudaMalloc'ed directly, counted by device_memory_peak_bytes, in no memory category.
   DeviceBuffer bf16_a_, bf16_b_;
-  float* ones_ = nullptr;
-  std::size_t ones_count_ = 0;
+  struct Ones {
+    void* ptr = nullptr;
+    std::size_t count = 0;
+  };
+  Ones ones_f32_, ones_bf16_;  // for the column sums of dbias
   double* host_double_ = nullptr;
   int64_t device_peak_ = 0;
 };

@@ -1,11 +1,15 @@
 // The CUDA backend: cuBLAS for the matrix products, CUDA kernels for the rest, a fused causal
 // attention that keeps no S×S matrix, and a caching device allocator that reports to the tracker.
 //
-// Every tensor is stored in fp32. With `bf16_matmul` every matrix product rounds its two operands to
-// bf16 (nearest even) into backend-owned device workspace and hands cuBLAS CUDA_R_16BF operands with
-// fp32 accumulation and an fp32 output (CUBLAS_COMPUTE_32F): the bf16 tensor cores are required, not
-// merely permitted. Everything else, and all storage, stays fp32. Without it the products are plain
-// fp32 (TF32 off), so that the fp32 mode agrees with the CPU backend to rounding.
+// Each tensor in its own dtype (kernels/backend.h, kernels/dtype.h): every kernel is a template over its
+// tensors' element types (fp32 as float, bf16 as its uint16_t bits), computes in fp32 and rounds a bf16
+// output once; the ops dispatch on the dtypes and refuse combinations they do not take with
+// std::invalid_argument (docs/cuda.md, "Precision: dtype combinations"). bf16 tensors are cuBLAS
+// CUDA_R_16BF operands as they are (fp32 accumulation, CUBLAS_COMPUTE_32F). For fp32 tensors, with
+// `bf16_matmul` every matrix product rounds its two operands to bf16 (nearest even) into backend-owned
+// device workspace and hands cuBLAS CUDA_R_16BF operands with fp32 accumulation and an fp32 output: the
+// bf16 tensor cores are required, not merely permitted. Without it the products of fp32 tensors are
+// plain fp32 (TF32 off), so that the fp32 mode agrees with the CPU backend to rounding.
 #pragma once
 
 #include <cuda_runtime.h>

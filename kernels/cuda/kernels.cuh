@@ -4,12 +4,21 @@
 // same kernels on the CPU through a small emulation of CUDA's execution model (threads, warps, shared
 // memory, barriers and shuffles): their indexing, synchronisation and arithmetic are checked on every
 // machine, not only where a GPU is lent. Every reduction runs in a fixed order, no atomics.
+//
+// Element types: a tensor is fp32 (float) or bf16 (uint16_t, the upper 16 bits of an fp32: kernels/dtype.h;
+// the emulation has no __nv_bfloat16, so bf16 is handled as its bits here and cuBLAS is told CUDA_R_16BF).
+// A kernel is a template over the element types of its tensors: it loads every element as a float
+// (to_float), computes in fp32 and stores in the tensor's type (from_float<T>: rounded to nearest even
+// into bf16). What is always fp32 (statistics, the attention's saved state and scratch, gates and
+// probabilities, AdamW's moments and parameters) stays float*. With float everywhere a kernel does the
+// arithmetic it did before it became a template, bit for bit.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifndef PB_DYNAMIC_SHARED  // the emulation defines its own
 #define PB_DYNAMIC_SHARED(name) extern __shared__ float name[]
@@ -61,12 +70,7 @@ __device__ T block_reduce(T v) {
   return result;
 }
 
-// ---- elementwise ---------------------------------------------------------------------------------
-__global__ void broadcast_rows_kernel(float* out, const float* row, std::size_t rows, int cols) {
-  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i < rows * cols) out[i] = row[i % cols];
-}
-
+// ---- element types: fp32 (float) and bf16 (uint16_t bits) ----------------------------------------
 // fp32 → bf16 bits, rounded to nearest even (what __float2bfloat16_rn and cvt.rn.bf16.f32 do): the top
 // 16 bits of x after adding 0x7FFF plus the lowest kept bit, so that a tie rounds to the even
 // neighbour. Denormals round as bit patterns (no flush); a value past the largest bf16 becomes ±inf;
@@ -84,72 +88,137 @@ __host__ __device__ inline uint16_t float_to_bf16_bits(float x) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// bf16 bits → fp32 (exact).
+__host__ __device__ inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// An element as fp32: the load of every templated kernel.
+__host__ __device__ inline float to_float(float x) { return x; }
+__host__ __device__ inline float to_float(uint16_t b) { return bf16_bits_to_float(b); }
+
+// An fp32 value as an element of T: the store of every templated kernel (bf16: rounded to nearest even).
+template <typename T>
+__host__ __device__ inline T from_float(float x) {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, uint16_t>::value, "fp32 is float, bf16 uint16_t");
+  if constexpr (std::is_same<T, float>::value) {
+    return x;
+  } else {
+    return float_to_bf16_bits(x);
+  }
+}
+
+// ---- elementwise ---------------------------------------------------------------------------------
+// Copies the bits (out and row of one type).
+template <typename T>
+__global__ void broadcast_rows_kernel(T* out, const T* row, std::size_t rows, int cols) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < rows * cols) out[i] = row[i % cols];
+}
+
 // out (n bf16 values, as their bits) = in (n floats) rounded to nearest even: the operands of the
-// bf16 matrix products.
+// bf16 matrix products of fp32 tensors (bf16_matmul).
 __global__ void float_to_bf16_kernel(uint16_t* out, const float* in, std::size_t n) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i < n) out[i] = float_to_bf16_bits(in[i]);
 }
 
-__global__ void fill_kernel(float* out, float value, std::size_t n) {
+// dst = src in dst's type (bf16 → fp32 exact, fp32 → bf16 rounded to nearest even).
+template <typename TD, typename TS>
+__global__ void convert_kernel(TD* dst, const TS* src, std::size_t n) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i < n) out[i] = value;
+  if (i < n) dst[i] = from_float<TD>(to_float(src[i]));
 }
 
-__global__ void gelu_forward_kernel(float* out, const float* inp, std::size_t n) {
+// The same over `rows` rows of `cols` elements, src rows src_stride apart and dst rows dst_stride apart:
+// strided tensors to and from packed fp32 staging buffers.
+template <typename TD, typename TS>
+__global__ void convert_2d_kernel(TD* dst, std::size_t dst_stride, const TS* src, std::size_t src_stride,
+                                  std::size_t rows, std::size_t cols) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  const float x = inp[i];
-  out[i] = 0.5f * x * (1.0f + tanhf(kGeluK * (x + 0.044715f * x * x * x)));
+  if (i >= rows * cols) return;
+  const std::size_t r = i / cols, c = i % cols;
+  dst[r * dst_stride + c] = from_float<TD>(to_float(src[r * src_stride + c]));
 }
 
-__global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, std::size_t n) {
+template <typename T>
+__global__ void fill_kernel(T* out, float value, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = from_float<T>(value);
+}
+
+template <typename T>
+__global__ void gelu_forward_kernel(T* out, const T* inp, std::size_t n) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  const float x = inp[i];
+  const float x = to_float(inp[i]);
+  out[i] = from_float<T>(0.5f * x * (1.0f + tanhf(kGeluK * (x + 0.044715f * x * x * x))));
+}
+
+// dinp may alias dout: each thread reads its element before writing it.
+template <typename T>
+__global__ void gelu_backward_kernel(T* dinp, const T* inp, const T* dout, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float x = to_float(inp[i]);
   const float th = tanhf(kGeluK * (x + 0.044715f * x * x * x));
   const float grad = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluK * (1.0f + 3.0f * 0.044715f * x * x);
-  dinp[i] = grad * dout[i];
+  dinp[i] = from_float<T>(grad * to_float(dout[i]));
 }
 
-__global__ void add_kernel(float* out, const float* a, const float* b, std::size_t n) {
+// Any type per argument; out may alias a or b.
+template <typename TO, typename TA, typename TB>
+__global__ void add_kernel(TO* out, const TA* a, const TB* b, std::size_t n) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i < n) out[i] = a[i] + b[i];
+  if (i < n) out[i] = from_float<TO>(to_float(a[i]) + to_float(b[i]));
 }
 
-__global__ void accumulate_kernel(float* y, const float* x, std::size_t n) {
+template <typename TY, typename TX>
+__global__ void accumulate_kernel(TY* y, const TX* x, std::size_t n) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i < n) y[i] += x[i];
+  if (i < n) y[i] = from_float<TY>(to_float(y[i]) + to_float(x[i]));
 }
 
-__global__ void scale_kernel(float* y, float alpha, std::size_t n) {
+template <typename T>
+__global__ void scale_kernel(T* y, float alpha, std::size_t n) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i < n) y[i] *= alpha;
+  if (i < n) y[i] = from_float<T>(to_float(y[i]) * alpha);
 }
 
 // ---- LayerNorm: one warp per row -----------------------------------------------------------------
-__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* weight,
-                                         const float* bias, int N, int C) {
+// out, inp, weight and bias of one type T; mean and rstd fp32.
+template <typename T>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
+                                         const T* bias, int N, int C) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= N) return;
-  const float* x = inp + static_cast<std::size_t>(row) * C;
-  float* y = out + static_cast<std::size_t>(row) * C;
+  const T* x = inp + static_cast<std::size_t>(row) * C;
+  T* y = out + static_cast<std::size_t>(row) * C;
   float sum = 0.0f;
-  for (int i = lane; i < C; i += 32) sum += x[i];
+  for (int i = lane; i < C; i += 32) sum += to_float(x[i]);
   const float m = warp_sum(sum) / C;
   float var = 0.0f;  // biased variance
-  for (int i = lane; i < C; i += 32) var += (x[i] - m) * (x[i] - m);
+  for (int i = lane; i < C; i += 32) var += (to_float(x[i]) - m) * (to_float(x[i]) - m);
   var = warp_sum(var) / C;
   const float s = 1.0f / sqrtf(var + kLayerNormEps);
-  for (int i = lane; i < C; i += 32) y[i] = (x[i] - m) * s * weight[i] + bias[i];
+  for (int i = lane; i < C; i += 32)
+    y[i] = from_float<T>((to_float(x[i]) - m) * s * to_float(weight[i]) + to_float(bias[i]));
   if (lane == 0) {
     mean[row] = m;
     rstd[row] = s;
   }
 }
 
-// dinp += rstd · (g − mean(g) − x̂ · mean(g·x̂)), g = dout·weight
-__global__ void layernorm_backward_input_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
+// dinp += rstd · (g − mean(g) − x̂ · mean(g·x̂)), g = dout·weight (in bf16: added in fp32, rounded once)
+template <typename T>
+__global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
                                                 const float* mean, const float* rstd, int N, int C) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= N) return;
@@ -157,36 +226,39 @@ __global__ void layernorm_backward_input_kernel(float* dinp, const float* dout, 
   const float m = mean[row], s = rstd[row];
   float g_mean = 0.0f, gx_mean = 0.0f;
   for (int i = lane; i < C; i += 32) {
-    const float g = dout[off + i] * weight[i];
+    const float g = to_float(dout[off + i]) * to_float(weight[i]);
     g_mean += g;
-    gx_mean += g * (inp[off + i] - m) * s;
+    gx_mean += g * (to_float(inp[off + i]) - m) * s;
   }
   g_mean = warp_sum(g_mean) / C;
   gx_mean = warp_sum(gx_mean) / C;
   for (int i = lane; i < C; i += 32) {
-    const float xhat = (inp[off + i] - m) * s;
-    dinp[off + i] += s * (dout[off + i] * weight[i] - g_mean - xhat * gx_mean);
+    const float xhat = (to_float(inp[off + i]) - m) * s;
+    dinp[off + i] = from_float<T>(to_float(dinp[off + i]) +
+                                  s * (to_float(dout[off + i]) * to_float(weight[i]) - g_mean - xhat * gx_mean));
   }
 }
 
-// Column sums over a chunk of rows: partial[chunk][c] = Σ dout·x̂, partial[chunks + chunk][c] = Σ dout.
-__global__ void layernorm_param_partials_kernel(float* partial, const float* dout, const float* inp,
-                                                const float* mean, const float* rstd, int N, int C,
-                                                int rows_per_chunk) {
+// Column sums over a chunk of rows: partial[chunk][c] = Σ dout·x̂, partial[chunks + chunk][c] = Σ dout (fp32).
+template <typename T>
+__global__ void layernorm_param_partials_kernel(float* partial, const T* dout, const T* inp, const float* mean,
+                                                const float* rstd, int N, int C, int rows_per_chunk) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
   if (c >= C) return;
   const int r1 = min(N, (chunk + 1) * rows_per_chunk);
   float dw = 0.0f, db = 0.0f;
   for (int r = chunk * rows_per_chunk; r < r1; ++r) {
     const std::size_t i = static_cast<std::size_t>(r) * C + c;
-    dw += dout[i] * (inp[i] - mean[r]) * rstd[r];
-    db += dout[i];
+    dw += to_float(dout[i]) * (to_float(inp[i]) - mean[r]) * rstd[r];
+    db += to_float(dout[i]);
   }
   partial[static_cast<std::size_t>(chunk) * C + c] = dw;
   partial[static_cast<std::size_t>(gridDim.y + chunk) * C + c] = db;
 }
 
-__global__ void layernorm_param_finish_kernel(float* dweight, float* dbias, const float* partial, int chunks, int C) {
+// dweight, dbias (each fp32 or bf16) += the chunks' sums, added in fp32 and stored once.
+template <typename TW, typename TB>
+__global__ void layernorm_param_finish_kernel(TW* dweight, TB* dbias, const float* partial, int chunks, int C) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   float dw = 0.0f, db = 0.0f;
@@ -194,88 +266,144 @@ __global__ void layernorm_param_finish_kernel(float* dweight, float* dbias, cons
     dw += partial[static_cast<std::size_t>(k) * C + c];
     db += partial[static_cast<std::size_t>(chunks + k) * C + c];
   }
-  dweight[c] += dw;
-  dbias[c] += db;
+  dweight[c] = from_float<TW>(to_float(dweight[c]) + dw);
+  dbias[c] = from_float<TB>(to_float(dbias[c]) + db);
 }
 
 // ---- embedding -----------------------------------------------------------------------------------
-__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* tok, const float* pos, int N,
-                                         int S, int C) {
+// out, tok and pos of one type; tok + pos added in fp32 and stored once.
+template <typename T>
+__global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T* tok, const T* pos, int N, int S,
+                                         int C) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(N) * C) return;
   const int n = static_cast<int>(i / C), c = static_cast<int>(i % C);
   const int32_t t = tokens[n];
-  float v = t >= 0 ? tok[static_cast<std::size_t>(t) * C + c] : 0.0f;
-  if (pos != nullptr) v += pos[static_cast<std::size_t>(n % S) * C + c];
-  out[i] = v;
+  float v = t >= 0 ? to_float(tok[static_cast<std::size_t>(t) * C + c]) : 0.0f;
+  if (pos != nullptr) v += to_float(pos[static_cast<std::size_t>(n % S) * C + c]);
+  out[i] = from_float<T>(v);
 }
 
-// Thread (c, p) owns column c of the token rows t ≡ p (mod kTokenPartitions) and adds the rows of
-// dout in token order: every element has one writer, so the sums are deterministic without atomics.
+// An fp32 dtok: thread (c, p) owns column c of the token rows t ≡ p (mod kTokenPartitions) and adds
+// the rows of dout (either type) in token order: every element has one writer, so the sums are
+// deterministic without atomics.
 constexpr int kTokenPartitions = 32;
-__global__ void embedding_backward_tok_kernel(float* dtok, const float* dout, const int32_t* tokens, int N, int C) {
+template <typename T>
+__global__ void embedding_backward_tok_kernel(float* dtok, const T* dout, const int32_t* tokens, int N, int C) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x, p = blockIdx.y;
   if (c >= C) return;
   for (int n = 0; n < N; ++n) {
     const int32_t t = tokens[n];
-    if (t >= 0 && t % kTokenPartitions == p) dtok[static_cast<std::size_t>(t) * C + c] += dout[static_cast<std::size_t>(n) * C + c];
+    if (t >= 0 && t % kTokenPartitions == p) {
+      dtok[static_cast<std::size_t>(t) * C + c] += to_float(dout[static_cast<std::size_t>(n) * C + c]);
+    }
   }
 }
 
-__global__ void embedding_backward_pos_kernel(float* dpos, const float* dout, int B, int S, int C) {
+// A bf16 dtok is rounded once per call, so each token's rows are summed in fp32 first: the rows of one
+// token as a chain in row order. next[n] = the next row with row n's token (−1: none; one thread per
+// row, scanning forward), head[n] = 1 where row n is its token's first (0 for negative tokens) ...
+__global__ void embedding_token_chain_kernel(int32_t* next, int32_t* head, const int32_t* tokens, int N) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int32_t t = tokens[n];
+  int32_t following = -1;
+  if (t >= 0) {
+    for (int m = n + 1; m < N; ++m) {
+      if (tokens[m] == t) {
+        following = m;
+        break;
+      }
+    }
+  }
+  next[n] = following;
+  head[n] = t >= 0 ? 1 : 0;
+}
+// ... less the rows that follow another (a second launch: each row has at most one predecessor) ...
+__global__ void embedding_token_heads_kernel(int32_t* head, const int32_t* next, int N) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n < N && next[n] >= 0) head[next[n]] = 0;
+}
+// ... and one thread per (head row, column) walks its chain: dtok[t, c] = round(dtok[t, c] + Σ dout rows),
+// the rows added in order, as the fp32 kernel adds them.
+template <typename TG, typename T>
+__global__ void embedding_backward_tok_chain_kernel(TG* dtok, const T* dout, const int32_t* tokens,
+                                                    const int32_t* next, const int32_t* head, int N, int C) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<std::size_t>(N) * C) return;
+  const int n = static_cast<int>(i / C), c = static_cast<int>(i % C);
+  if (head[n] == 0) return;
+  TG* g = dtok + static_cast<std::size_t>(tokens[n]) * C + c;
+  float acc = to_float(*g);
+  for (int m = n; m >= 0; m = next[m]) acc += to_float(dout[static_cast<std::size_t>(m) * C + c]);
+  *g = from_float<TG>(acc);
+}
+
+// dpos (either type) += Σ_b dout, summed in fp32 and stored once.
+template <typename TG, typename T>
+__global__ void embedding_backward_pos_kernel(TG* dpos, const T* dout, int B, int S, int C) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(S) * C) return;
   float acc = 0.0f;
-  for (int b = 0; b < B; ++b) acc += dout[static_cast<std::size_t>(b) * S * C + i];
-  dpos[i] += acc;
+  for (int b = 0; b < B; ++b) acc += to_float(dout[static_cast<std::size_t>(b) * S * C + i]);
+  dpos[i] = from_float<TG>(to_float(dpos[i]) + acc);
 }
 
 // ---- cross-entropy: one block per row ------------------------------------------------------------
-__global__ void cross_entropy_kernel(float* logits, double* row_loss, const int32_t* targets, int V, float scale) {
-  float* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+// The logits in either type, overwritten by their gradient in it; statistics and losses in fp32 (double).
+template <typename T>
+__global__ void cross_entropy_kernel(T* logits, double* row_loss, const int32_t* targets, int V, float scale) {
+  T* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
   const int target = targets[blockIdx.x];
   float m = -INFINITY;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, z[i]);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(z[i]));
   m = block_reduce<float, true>(m);
-  const float target_shifted = z[target] - m;  // read by every thread before the barrier below
+  const float target_shifted = to_float(z[target]) - m;  // read by every thread before the barrier below
   float sum = 0.0f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - m);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - m);
   sum = block_reduce<float>(sum);
   if (threadIdx.x == 0) row_loss[blockIdx.x] = log(static_cast<double>(sum)) - static_cast<double>(target_shifted);
   const float inv = scale / sum;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = expf(z[i] - m) * inv - (i == target ? scale : 0.0f);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    z[i] = from_float<T>(expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f));
+  }
 }
 
-__global__ void cross_entropy_row_max_kernel(float* row_max, const float* logits, int V) {
-  const float* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+template <typename T>
+__global__ void cross_entropy_row_max_kernel(float* row_max, const T* logits, int V) {
+  const T* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
   float m = -INFINITY;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, z[i]);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(z[i]));
   m = block_reduce<float, true>(m);
   if (threadIdx.x == 0) row_max[blockIdx.x] = m;
 }
 
-__global__ void cross_entropy_partials_kernel(float* sums, const float* logits, const int32_t* targets,
+template <typename T>
+__global__ void cross_entropy_partials_kernel(float* sums, const T* logits, const int32_t* targets,
                                               const float* row_max, int N, int V) {
   const int n = blockIdx.x;
-  const float* z = logits + static_cast<std::size_t>(n) * V;
+  const T* z = logits + static_cast<std::size_t>(n) * V;
   const float m = row_max[n];
   float sum = 0.0f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - m);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - m);
   sum = block_reduce<float>(sum);
   if (threadIdx.x == 0) {
     sums[n] = sum;
-    sums[N + n] = targets[n] >= 0 ? z[targets[n]] - m : 0.0f;
+    sums[N + n] = targets[n] >= 0 ? to_float(z[targets[n]]) - m : 0.0f;
   }
 }
 
-__global__ void cross_entropy_finish_kernel(float* logits, double* row_loss, const int32_t* targets,
-                                            const float* row_max, const float* sums, int N, int V, float scale) {
+template <typename T>
+__global__ void cross_entropy_finish_kernel(T* logits, double* row_loss, const int32_t* targets, const float* row_max,
+                                            const float* sums, int N, int V, float scale) {
   const int n = blockIdx.x;
-  float* z = logits + static_cast<std::size_t>(n) * V;
+  T* z = logits + static_cast<std::size_t>(n) * V;
   const float m = row_max[n], inv = scale / sums[n];
   const int target = targets[n];
   if (threadIdx.x == 0) row_loss[n] = log(static_cast<double>(sums[n])) - static_cast<double>(sums[N + n]);
-  for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = expf(z[i] - m) * inv - (i == target ? scale : 0.0f);
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    z[i] = from_float<T>(expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f));
+  }
 }
 
 // loss_sum[0] += scale · Σ row_loss, one block, fixed order.
@@ -307,19 +435,21 @@ __device__ inline bool moe_is_chosen(const int32_t* chosen, int j, int i) {
 
 // probs (N, E) = softmax over all E logits; expert (N, k) = the top k, largest first, ties to the lower
 // index; gate (N, k) = softmax over the chosen logits. One thread per token.
-__global__ void moe_router_forward_kernel(int32_t* expert, float* gate, float* probs, const float* logits, int N,
-                                          int E, int k) {
+// The logits in either type; gates and probabilities fp32.
+template <typename T>
+__global__ void moe_router_forward_kernel(int32_t* expert, float* gate, float* probs, const T* logits, int N, int E,
+                                          int k) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= N) return;
-  const float* z = logits + static_cast<std::size_t>(n) * E;
+  const T* z = logits + static_cast<std::size_t>(n) * E;
   float* p = probs + static_cast<std::size_t>(n) * E;
   int32_t* chosen = expert + static_cast<std::size_t>(n) * k;
   float* g = gate + static_cast<std::size_t>(n) * k;
-  float zmax = z[0];
-  for (int i = 1; i < E; ++i) zmax = fmaxf(zmax, z[i]);
+  float zmax = to_float(z[0]);
+  for (int i = 1; i < E; ++i) zmax = fmaxf(zmax, to_float(z[i]));
   float sum = 0.0f;
   for (int i = 0; i < E; ++i) {
-    p[i] = expf(z[i] - zmax);
+    p[i] = expf(to_float(z[i]) - zmax);
     sum += p[i];
   }
   for (int i = 0; i < E; ++i) p[i] /= sum;
@@ -328,32 +458,33 @@ __global__ void moe_router_forward_kernel(int32_t* expert, float* gate, float* p
     int best = -1;
     for (int i = 0; i < E; ++i) {
       if (moe_is_chosen(chosen, j, i)) continue;
-      if (best < 0 || z[i] > z[best]) best = i;
+      if (best < 0 || to_float(z[i]) > to_float(z[best])) best = i;
     }
     chosen[j] = best;
   }
-  const float gmax = z[chosen[0]];  // the first pick is the largest chosen logit
+  const float gmax = to_float(z[chosen[0]]);  // the first pick is the largest chosen logit
   float gsum = 0.0f;
   for (int j = 0; j < k; ++j) {
-    g[j] = expf(z[chosen[j]] - gmax);
+    g[j] = expf(to_float(z[chosen[j]]) - gmax);
     gsum += g[j];
   }
   for (int j = 0; j < k; ++j) g[j] /= gsum;
 }
 
 // dlogits (N, E) = the gates' softmax backward at the chosen experts, zero elsewhere. One thread per token.
-__global__ void moe_router_backward_kernel(float* dlogits, const float* dgate, const float* gate,
-                                           const int32_t* expert, int N, int E, int k) {
+template <typename T>
+__global__ void moe_router_backward_kernel(T* dlogits, const float* dgate, const float* gate, const int32_t* expert,
+                                           int N, int E, int k) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= N) return;
-  float* dz = dlogits + static_cast<std::size_t>(n) * E;
+  T* dz = dlogits + static_cast<std::size_t>(n) * E;
   const float* g = gate + static_cast<std::size_t>(n) * k;
   const float* dg = dgate + static_cast<std::size_t>(n) * k;
   const int32_t* chosen = expert + static_cast<std::size_t>(n) * k;
   float gdg = 0.0f;
   for (int j = 0; j < k; ++j) gdg += g[j] * dg[j];
-  for (int i = 0; i < E; ++i) dz[i] = 0.0f;
-  for (int j = 0; j < k; ++j) dz[chosen[j]] = g[j] * (dg[j] - gdg);
+  for (int i = 0; i < E; ++i) dz[i] = from_float<T>(0.0f);
+  for (int j = 0; j < k; ++j) dz[chosen[j]] = from_float<T>(g[j] * (dg[j] - gdg));
 }
 
 // One thread per expert: its assignments in (n, j) order keep slots 0, 1, ... while below the capacity.
@@ -392,26 +523,29 @@ __global__ void moe_aux_loss_sum_kernel(double* aux_sum, const double* prob_sum,
 }
 
 // dlogits[n, i] += p_i · (c_i − Σ_e c_e·p_e), c_e = grad_scale · coef · E · f_e / N; one thread per token.
-__global__ void moe_aux_loss_grad_kernel(float* dlogits, const float* probs, const int32_t* counts, int N, int E,
-                                         int k, float coef, float grad_scale) {
+// (dlogits in either type: added in fp32, stored once)
+template <typename T>
+__global__ void moe_aux_loss_grad_kernel(T* dlogits, const float* probs, const int32_t* counts, int N, int E, int k,
+                                         float coef, float grad_scale) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= N) return;
   const float* p = probs + static_cast<std::size_t>(n) * E;
-  float* dz = dlogits + static_cast<std::size_t>(n) * E;
+  T* dz = dlogits + static_cast<std::size_t>(n) * E;
   const double assignments = static_cast<double>(N) * k;
   const double c_scale = static_cast<double>(grad_scale) * (static_cast<double>(coef) * E);  // c_e = c_scale · f_e / N
   double cp = 0.0;
   for (int e = 0; e < E; ++e) cp += c_scale * (counts[E + e] / assignments) / N * p[e];
   for (int i = 0; i < E; ++i) {
     const double c = c_scale * (counts[E + i] / assignments) / N;
-    dz[i] += static_cast<float>(p[i] * (c - cp));
+    dz[i] = from_float<T>(to_float(dz[i]) + static_cast<float>(p[i] * (c - cp)));
   }
 }
 
 // buf[expert, slot] = inp[n] for kept assignments, one thread per element of an assignment's row
-// (buf zeroed before).
-__global__ void moe_dispatch_kernel(float* buf, const float* inp, const int32_t* expert, const int32_t* slot, int N,
-                                    int k, int C, int h) {
+// (buf zeroed before). buf and inp of one type: the bits are copied.
+template <typename T>
+__global__ void moe_dispatch_kernel(T* buf, const T* inp, const int32_t* expert, const int32_t* slot, int N, int k,
+                                    int C, int h) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(N) * k * h) return;
   const std::size_t a = i / h;
@@ -421,8 +555,9 @@ __global__ void moe_dispatch_kernel(float* buf, const float* inp, const int32_t*
 }
 
 // dinp[n] = Σ_j dbuf[expert, slot] over kept assignments in j order; one thread per element of dinp.
-__global__ void moe_dispatch_backward_kernel(float* dinp, const float* dbuf, const int32_t* expert,
-                                             const int32_t* slot, int N, int k, int C, int h) {
+template <typename T>
+__global__ void moe_dispatch_backward_kernel(T* dinp, const T* dbuf, const int32_t* expert, const int32_t* slot,
+                                             int N, int k, int C, int h) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(N) * h) return;
   const std::size_t n = i / h;
@@ -430,13 +565,14 @@ __global__ void moe_dispatch_backward_kernel(float* dinp, const float* dbuf, con
   float acc = 0.0f;
   for (int j = 0; j < k; ++j) {
     const std::size_t a = n * k + j;
-    if (slot[a] >= 0) acc += dbuf[moe_slot_row(expert[a], slot[a], C, h) + c];
+    if (slot[a] >= 0) acc += to_float(dbuf[moe_slot_row(expert[a], slot[a], C, h) + c]);
   }
-  dinp[i] = acc;
+  dinp[i] = from_float<T>(acc);
 }
 
 // out[n] = Σ_j gate · buf[expert, slot] over kept assignments in j order; one thread per element of out.
-__global__ void moe_combine_kernel(float* out, const float* buf, const float* gate, const int32_t* expert,
+template <typename T>
+__global__ void moe_combine_kernel(T* out, const T* buf, const float* gate, const int32_t* expert,
                                    const int32_t* slot, int N, int k, int C, int h) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(N) * h) return;
@@ -445,28 +581,28 @@ __global__ void moe_combine_kernel(float* out, const float* buf, const float* ga
   float acc = 0.0f;
   for (int j = 0; j < k; ++j) {
     const std::size_t a = n * k + j;
-    if (slot[a] >= 0) acc += gate[a] * buf[moe_slot_row(expert[a], slot[a], C, h) + c];
+    if (slot[a] >= 0) acc += gate[a] * to_float(buf[moe_slot_row(expert[a], slot[a], C, h) + c]);
   }
-  out[i] = acc;
+  out[i] = from_float<T>(acc);
 }
 
 // dbuf[expert, slot] = gate · dout[n] for kept assignments, one thread per element of an assignment's
 // row (dbuf zeroed before).
-__global__ void moe_combine_backward_dbuf_kernel(float* dbuf, const float* dout, const float* gate,
-                                                 const int32_t* expert, const int32_t* slot, int N, int k, int C,
-                                                 int h) {
+template <typename T>
+__global__ void moe_combine_backward_dbuf_kernel(T* dbuf, const T* dout, const float* gate, const int32_t* expert,
+                                                 const int32_t* slot, int N, int k, int C, int h) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(N) * k * h) return;
   const std::size_t a = i / h;
   const int c = static_cast<int>(i % h);
   if (slot[a] < 0) return;
-  dbuf[moe_slot_row(expert[a], slot[a], C, h) + c] = gate[a] * dout[a / k * h + c];
+  dbuf[moe_slot_row(expert[a], slot[a], C, h) + c] = from_float<T>(gate[a] * to_float(dout[a / k * h + c]));
 }
 
 // dgate[a] = dout[n] · buf[expert, slot] in double (0 for a dropped assignment); one warp per assignment.
-__global__ void moe_combine_backward_dgate_kernel(float* dgate, const float* dout, const float* buf,
-                                                  const int32_t* expert, const int32_t* slot, int N, int k, int C,
-                                                  int h) {
+template <typename T>
+__global__ void moe_combine_backward_dgate_kernel(float* dgate, const T* dout, const T* buf, const int32_t* expert,
+                                                  const int32_t* slot, int N, int k, int C, int h) {
   const std::size_t a = blockIdx.x * static_cast<std::size_t>(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (a >= static_cast<std::size_t>(N) * k) return;  // uniform over the warp
@@ -474,20 +610,24 @@ __global__ void moe_combine_backward_dgate_kernel(float* dgate, const float* dou
     if (lane == 0) dgate[a] = 0.0f;
     return;
   }
-  const float* y = buf + moe_slot_row(expert[a], slot[a], C, h);
-  const float* g = dout + a / k * h;
+  const T* y = buf + moe_slot_row(expert[a], slot[a], C, h);
+  const T* g = dout + a / k * h;
   double acc = 0.0;
-  for (int c = lane; c < h; c += 32) acc += static_cast<double>(g[c]) * y[c];
+  for (int c = lane; c < h; c += 32) acc += static_cast<double>(to_float(g[c])) * to_float(y[c]);
   acc = warp_sum(acc);
   if (lane == 0) dgate[a] = static_cast<float>(acc);
 }
 
 // ---- optimizer -----------------------------------------------------------------------------------
 constexpr std::size_t kSumChunk = std::size_t{1} << 14;
-__global__ void sum_squares_partial_kernel(double* partial, const float* x, std::size_t n) {
+template <typename T>
+__global__ void sum_squares_partial_kernel(double* partial, const T* x, std::size_t n) {
   const std::size_t begin = blockIdx.x * kSumChunk, end = min(n, begin + kSumChunk);
   double acc = 0.0;
-  for (std::size_t i = begin + threadIdx.x; i < end; i += blockDim.x) acc += static_cast<double>(x[i]) * x[i];
+  for (std::size_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const double xi = to_float(x[i]);
+    acc += xi * xi;
+  }
   acc = block_reduce<double>(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
@@ -499,13 +639,15 @@ __global__ void sum_doubles_kernel(double* out, const double* partial, std::size
   if (threadIdx.x == 0) out[0] = acc;
 }
 
-// torch.optim.AdamW (non-fused): decoupled decay, then the bias-corrected step.
-__global__ void adamw_kernel(float* params, const float* grads, float* m, float* v, std::size_t n, float beta1,
+// torch.optim.AdamW (non-fused): decoupled decay, then the bias-corrected step. fp32 parameters and
+// moments; the gradient in either type.
+template <typename TG>
+__global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v, std::size_t n, float beta1,
                              float beta2, float eps, float step_size, float bias2_sqrt, float decay,
                              float grad_scale) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  const float g = grads[i] * grad_scale;
+  const float g = to_float(grads[i]) * grad_scale;
   const float mi = beta1 * m[i] + (1.0f - beta1) * g;
   const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
   m[i] = mi;
@@ -527,25 +669,28 @@ constexpr int kAttDimsPerLane = kAttMaxHeadDim / 32;
 
 __host__ __device__ inline int att_stride(int d) { return d | 1; }
 
-// Rows k0..k0+keys−1 of K and V (zeros beyond S) into shared memory, by every thread of the block.
-__device__ void load_kv_tile(float* Ks, float* Vs, const float* base, int k0, int keys, int S, int C, int d,
+// Rows k0..k0+keys−1 of K and V (zeros beyond S) into shared memory as fp32, by every thread of the block.
+template <typename T>
+__device__ void load_kv_tile(float* Ks, float* Vs, const T* base, int k0, int keys, int S, int C, int d,
                              int stride) {
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
   for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
     const int j = i / d, k = i % d, key = k0 + j;
     float kv = 0.0f, vv = 0.0f;  // keys beyond S: zeros, never read past the tensor
     if (key < S) {
-      const float* row = base + static_cast<std::size_t>(key) * C3;
-      kv = row[C + k];
-      vv = row[2 * C + k];
+      const T* row = base + static_cast<std::size_t>(key) * C3;
+      kv = to_float(row[C + k]);
+      vv = to_float(row[2 * C + k]);
     }
     Ks[j * stride + k] = kv;
     Vs[j * stride + k] = vv;
   }
 }
 
-// out (B, S, C); lse (B, H, S) = max + log Σ exp of each query row's scaled scores.
-__global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, int S, int C, int H) {
+// out (B, S, C); lse (B, H, S) = max + log Σ exp of each query row's scaled scores. qkv and out of one
+// type; shared memory, scores and accumulators fp32.
+template <typename T>
+__global__ void attention_forward_kernel(T* out, float* lse, const T* qkv, int S, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d);
   float* Ks = smem;
@@ -554,11 +699,11 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* qk
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
-    Qs[i] = t < S ? base[static_cast<std::size_t>(t) * C3 + i % d] : 0.0f;
+    Qs[i] = t < S ? to_float(base[static_cast<std::size_t>(t) * C3 + i % d]) : 0.0f;
   }
   float m[kAttRowsPerWarp], l[kAttRowsPerWarp], o[kAttRowsPerWarp][kAttDimsPerLane];
 #pragma unroll
@@ -606,33 +751,35 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* qk
   for (int r = 0; r < kAttRowsPerWarp; ++r) {
     const int t = q0 + warp * kAttRowsPerWarp + r;
     if (t >= S) continue;
-    float* ot = out + (static_cast<std::size_t>(b) * S + t) * C + h * d;
+    T* ot = out + (static_cast<std::size_t>(b) * S + t) * C + h * d;
 #pragma unroll
     for (int k = 0; k < kAttDimsPerLane; ++k) {
       const int dim = lane + 32 * k;
-      if (dim < d) ot[dim] = o[r][k] / l[r];
+      if (dim < d) ot[dim] = from_float<T>(o[r][k] / l[r]);
     }
     if (lane == 0) lse[static_cast<std::size_t>(bh) * S + t] = m[r] + logf(l[r]);
   }
 }
 
-// D (B, H, S) = Σ_dims dout · out per query row (= Σ_keys P · dP): one warp per row.
-__global__ void attention_backward_dot_kernel(float* D, const float* dout, const float* out, int B, int S, int C,
-                                              int H) {
+// D (B, H, S) = Σ_dims dout · out per query row (= Σ_keys P · dP): one warp per row; dout and out each
+// in either type, D fp32.
+template <typename TA, typename TB>
+__global__ void attention_backward_dot_kernel(float* D, const TA* dout, const TB* out, int B, int S, int C, int H) {
   const std::size_t w = blockIdx.x * static_cast<std::size_t>(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (w >= static_cast<std::size_t>(B) * H * S) return;
   const int d = C / H, t = static_cast<int>(w % S), bh = static_cast<int>(w / S), b = bh / H, h = bh % H;
   const std::size_t off = (static_cast<std::size_t>(b) * S + t) * C + h * d;
   float acc = 0.0f;
-  for (int k = lane; k < d; k += 32) acc += dout[off + k] * out[off + k];
+  for (int k = lane; k < d; k += 32) acc += to_float(dout[off + k]) * to_float(out[off + k]);
   acc = warp_sum(acc);
   if (lane == 0) D[w] = acc;
 }
 
-// dQ of each query row: Σ_keys P·(dP − D)·scale · k.
-__global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                                             const float* D, int S, int C, int H) {
+// dQ of each query row: Σ_keys P·(dP − D)·scale · k. dqkv, dout and qkv of one type.
+template <typename T>
+__global__ void attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D,
+                                             int S, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d);
   float* Ks = smem;
@@ -642,13 +789,13 @@ __global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, con
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
-  const float* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
+  const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const T* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
-    Qs[i] = t < S ? base[static_cast<std::size_t>(t) * C3 + i % d] : 0.0f;
-    dOs[i] = t < S ? dbase[static_cast<std::size_t>(t) * C + i % d] : 0.0f;
+    Qs[i] = t < S ? to_float(base[static_cast<std::size_t>(t) * C3 + i % d]) : 0.0f;
+    dOs[i] = t < S ? to_float(dbase[static_cast<std::size_t>(t) * C + i % d]) : 0.0f;
   }
   float dq[kAttRowsPerWarp][kAttDimsPerLane] = {};
   const int last_row = min(S - 1, q0 + kAttRows - 1);
@@ -689,11 +836,11 @@ __global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, con
   for (int r = 0; r < kAttRowsPerWarp; ++r) {
     const int t = q0 + warp * kAttRowsPerWarp + r;
     if (t >= S) continue;
-    float* dqt = dqkv + (static_cast<std::size_t>(b) * S + t) * C3 + h * d;
+    T* dqt = dqkv + (static_cast<std::size_t>(b) * S + t) * C3 + h * d;
 #pragma unroll
     for (int k = 0; k < kAttDimsPerLane; ++k) {
       const int dim = lane + 32 * k;
-      if (dim < d) dqt[dim] = dq[r][k];
+      if (dim < d) dqt[dim] = from_float<T>(dq[r][k]);
     }
   }
 }
@@ -707,8 +854,9 @@ constexpr int kDkvWarps = 4;
 constexpr int kDkvKeys = kDkvKeysPerWarp * kDkvWarps;
 constexpr int kDkvHalfDim = kAttMaxHeadDim / 2;
 
-__global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                                              const float* D, int S, int C, int H) {
+template <typename T>
+__global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D,
+                                              int S, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d), half = (d + 1) / 2;
   float* Ks = smem;  // (kDkvKeys, stride)
@@ -721,8 +869,8 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
   const int lo = lane / kDkvKeysPerWarp * half, hi = min(d, lo + half);       // its dimensions
   const int warp_first_key = k0 + warp * kDkvKeysPerWarp;
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  const float* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
-  const float* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
+  const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const T* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   load_kv_tile(Ks, Vs, base, k0, kDkvKeys, S, C, d, stride);
   const float* kr = Ks + j * stride;
@@ -733,8 +881,8 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
   for (int t = k0; t < S; ++t) {
     __syncthreads();  // the tile is loaded; the previous row is consumed
     for (int k = threadIdx.x; k < d; k += blockDim.x) {
-      q[k] = base[static_cast<std::size_t>(t) * C3 + k];
-      g[k] = dbase[static_cast<std::size_t>(t) * C + k];
+      q[k] = to_float(base[static_cast<std::size_t>(t) * C3 + k]);
+      g[k] = to_float(dbase[static_cast<std::size_t>(t) * C + k]);
     }
     __syncthreads();
     if (t < warp_first_key) continue;  // none of this warp's keys is visible from row t (uniform)
@@ -758,12 +906,12 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
     }
   }
   if (key >= S) return;
-  float* row = dqkv + (static_cast<std::size_t>(b) * S + key) * C3 + h * d;
+  T* row = dqkv + (static_cast<std::size_t>(b) * S + key) * C3 + h * d;
 #pragma unroll
   for (int k = 0; k < kDkvHalfDim; ++k) {
     if (lo + k < hi) {
-      row[C + lo + k] = dk[k];
-      row[2 * C + lo + k] = dv[k];
+      row[C + lo + k] = from_float<T>(dk[k]);
+      row[2 * C + lo + k] = from_float<T>(dv[k]);
     }
   }
 }
@@ -775,18 +923,23 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
 // indices, a query that sees no key of the block (out 0, lse −inf), and gradients that accumulate. The
 // tiles and warps are the fused kernels' (attention_row_smem, attention_dkv_smem). Positions need not be
 // sorted, so no tile is skipped by its index; a warp skips a tile (or a query row) in which none of its
-// keys is visible.
+// keys is visible. Types: TI of the inputs (q, k, v, dout), TO of the outputs (out; dq; dk and dv), each
+// fp32 or bf16, so that bf16 queries and keys can accumulate into fp32 gradients; the gradients' rows
+// are dq_stride and dkv_stride apart (q_stride and kv_stride in the Backend's call, other strides when
+// the backend stages an input in a packed fp32 copy).
 
-// Rows k0..k0+keys−1 of a block's K and V (zeros beyond Sk) into shared memory, by every thread of the block.
-__device__ void load_block_kv_tile(float* Ks, float* Vs, const float* k, const float* v, int k0, int keys, int Sk,
+// Rows k0..k0+keys−1 of a block's K and V (zeros beyond Sk) into shared memory as fp32, by every thread of
+// the block.
+template <typename TI>
+__device__ void load_block_kv_tile(float* Ks, float* Vs, const TI* k, const TI* v, int k0, int keys, int Sk,
                                    int kv_stride, int d, int stride) {
   for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
     const int j = i / d, c = i % d, key = k0 + j;
     float kv = 0.0f, vv = 0.0f;  // keys beyond Sk: zeros, never read past the block
     if (key < Sk) {
       const std::size_t row = static_cast<std::size_t>(key) * kv_stride;
-      kv = k[row + c];
-      vv = v[row + c];
+      kv = to_float(k[row + c]);
+      vv = to_float(v[row + c]);
     }
     Ks[j * stride + c] = kv;
     Vs[j * stride + c] = vv;
@@ -795,7 +948,8 @@ __device__ void load_block_kv_tile(float* Ks, float* Vs, const float* k, const f
 
 // out (B, Sq, C) overwritten; lse (B, H, Sq) = max + log Σ exp of each query row's visible scaled scores.
 // Grid ((Sq + kAttRows − 1) / kAttRows, B·H), kAttWarps warps, attention_row_smem(d, false).
-__global__ void attention_block_forward_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+template <typename TO, typename TI>
+__global__ void attention_block_forward_kernel(TO* out, float* lse, const TI* q, const TI* k, const TI* v,
                                                int q_stride, int kv_stride, const int32_t* pos_q,
                                                const int32_t* pos_k, int Sq, int Sk, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
@@ -805,13 +959,13 @@ __global__ void attention_block_forward_kernel(float* out, float* lse, const flo
   float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;  // sample b, head h
-  const float* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const float* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;  // sample b, head h
+  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
-    Qs[i] = t < Sq ? qb[static_cast<std::size_t>(t) * q_stride + i % d] : 0.0f;
+    Qs[i] = t < Sq ? to_float(qb[static_cast<std::size_t>(t) * q_stride + i % d]) : 0.0f;
   }
   float m[kAttRowsPerWarp], l[kAttRowsPerWarp], o[kAttRowsPerWarp][kAttDimsPerLane];
 #pragma unroll
@@ -861,20 +1015,22 @@ __global__ void attention_block_forward_kernel(float* out, float* lse, const flo
     const int t = q0 + warp * kAttRowsPerWarp + r;
     if (t >= Sq) continue;
     const bool any = l[r] > 0.0f;  // else the row saw no key: out 0, lse −inf
-    float* ot = out + (static_cast<std::size_t>(b) * Sq + t) * C + h * d;
+    TO* ot = out + (static_cast<std::size_t>(b) * Sq + t) * C + h * d;
 #pragma unroll
     for (int c = 0; c < kAttDimsPerLane; ++c) {
       const int dim = lane + 32 * c;
-      if (dim < d) ot[dim] = any ? o[r][c] / l[r] : 0.0f;
+      if (dim < d) ot[dim] = from_float<TO>(any ? o[r][c] / l[r] : 0.0f);
     }
     if (lane == 0) lse[static_cast<std::size_t>(bh) * Sq + t] = any ? m[r] + logf(l[r]) : -INFINITY;
   }
 }
 
 // Merges (out_b, lse_b) into (out, lse): one warp per (sample, query row, head), the weights in double.
-// A side at −inf contributes nothing (the other side's values are taken as they are).
-__global__ void attention_merge_kernel(float* out, float* lse, const float* out_b, const float* lse_b, int B, int Sq,
-                                       int C, int H) {
+// A side at −inf contributes nothing (the other side's values are taken as they are). out and out_b each
+// in either type; the merged values are computed in fp32 and stored once.
+template <typename TO, typename TB>
+__global__ void attention_merge_kernel(TO* out, float* lse, const TB* out_b, const float* lse_b, int B, int Sq, int C,
+                                       int H) {
   const std::size_t w = blockIdx.x * static_cast<std::size_t>(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (w >= static_cast<std::size_t>(B) * Sq * H) return;  // uniform over the warp
@@ -885,22 +1041,25 @@ __global__ void attention_merge_kernel(float* out, float* lse, const float* out_
   __syncwarp();  // every lane has read lse before lane 0 writes it
   if (lb == -INFINITY) return;  // the block saw nothing: out and lse stay (also when both are −inf)
   if (la == -INFINITY) {        // nothing so far: the block's result as it is
-    for (int c = lane; c < d; c += 32) out[o + c] = out_b[o + c];
+    for (int c = lane; c < d; c += 32) out[o + c] = from_float<TO>(to_float(out_b[o + c]));
     if (lane == 0) lse[s] = lse_b[s];
     return;
   }
   const double m = fmax(la, lb), wa = exp(la - m), wb = exp(lb - m), sum = wa + wb;
   const float ca = static_cast<float>(wa / sum), cb = static_cast<float>(wb / sum);
-  for (int c = lane; c < d; c += 32) out[o + c] = ca * out[o + c] + cb * out_b[o + c];
+  for (int c = lane; c < d; c += 32)
+    out[o + c] = from_float<TO>(ca * to_float(out[o + c]) + cb * to_float(out_b[o + c]));
   if (lane == 0) lse[s] = static_cast<float>(m + log(sum));
 }
 
-// dq += Σ_visible keys P·(dP − delta)·k / √d of each query row, with P = exp(q·k/√d − lse). The grid and
-// shared memory of attention_block_forward_kernel, with attention_row_smem(d, true).
-__global__ void attention_block_backward_dq_kernel(float* dq, const float* dout, const float* lse, const float* delta,
-                                                   const float* q, const float* k, const float* v, int q_stride,
-                                                   int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int Sq,
-                                                   int Sk, int C, int H) {
+// dq += Σ_visible keys P·(dP − delta)·k / √d of each query row, with P = exp(q·k/√d − lse) (dq rows
+// dq_stride apart). The grid and shared memory of attention_block_forward_kernel, with
+// attention_row_smem(d, true).
+template <typename TO, typename TI>
+__global__ void attention_block_backward_dq_kernel(TO* dq, int dq_stride, const TI* dout, const float* lse,
+                                                   const float* delta, const TI* q, const TI* k, const TI* v,
+                                                   int q_stride, int kv_stride, const int32_t* pos_q,
+                                                   const int32_t* pos_k, int Sq, int Sk, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d);
   float* Ks = smem;
@@ -909,15 +1068,15 @@ __global__ void attention_block_backward_dq_kernel(float* dq, const float* dout,
   float* dOs = Qs + kAttRows * d;      // (kAttRows, d)
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
-  const float* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const float* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const float* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
+  const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
+  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
-    Qs[i] = t < Sq ? qb[static_cast<std::size_t>(t) * q_stride + i % d] : 0.0f;
-    dOs[i] = t < Sq ? gb[static_cast<std::size_t>(t) * C + i % d] : 0.0f;
+    Qs[i] = t < Sq ? to_float(qb[static_cast<std::size_t>(t) * q_stride + i % d]) : 0.0f;
+    dOs[i] = t < Sq ? to_float(gb[static_cast<std::size_t>(t) * C + i % d]) : 0.0f;
   }
   float acc[kAttRowsPerWarp][kAttDimsPerLane] = {};
   for (int k0 = 0; k0 < Sk; k0 += kAttKeys) {
@@ -961,24 +1120,24 @@ __global__ void attention_block_backward_dq_kernel(float* dq, const float* dout,
   for (int r = 0; r < kAttRowsPerWarp; ++r) {
     const int t = q0 + warp * kAttRowsPerWarp + r;
     if (t >= Sq) continue;
-    float* dqt = dq + (static_cast<std::size_t>(b) * Sq + t) * q_stride + h * d;
+    TO* dqt = dq + (static_cast<std::size_t>(b) * Sq + t) * dq_stride + h * d;
 #pragma unroll
     for (int c = 0; c < kAttDimsPerLane; ++c) {
       const int dim = lane + 32 * c;
-      if (dim < d) dqt[dim] += acc[r][c];
+      if (dim < d) dqt[dim] = from_float<TO>(to_float(dqt[dim]) + acc[r][c]);
     }
   }
 }
 
 // dk += Σ_queries P·(dP − delta)·q / √d and dv += Σ_queries P·dout of a tile of kDkvKeys keys, the layout
 // of attention_backward_dkv_kernel (two lanes per key, each half of the head dimension); the block walks
-// every query row, since any may see its keys. Grid ((Sk + kDkvKeys − 1) / kDkvKeys, B·H), kDkvWarps
-// warps, attention_dkv_smem(d).
-__global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, const float* dout, const float* lse,
-                                                    const float* delta, const float* q, const float* k,
-                                                    const float* v, int q_stride, int kv_stride,
-                                                    const int32_t* pos_q, const int32_t* pos_k, int Sq, int Sk, int C,
-                                                    int H) {
+// every query row, since any may see its keys (dk and dv rows dkv_stride apart). Grid
+// ((Sk + kDkvKeys − 1) / kDkvKeys, B·H), kDkvWarps warps, attention_dkv_smem(d).
+template <typename TO, typename TI>
+__global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stride, const TI* dout, const float* lse,
+                                                    const float* delta, const TI* q, const TI* k, const TI* v,
+                                                    int q_stride, int kv_stride, const int32_t* pos_q,
+                                                    const int32_t* pos_k, int Sq, int Sk, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d), half = (d + 1) / 2;
   float* Ks = smem;  // (kDkvKeys, stride)
@@ -989,10 +1148,10 @@ __global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, const 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
   const int lo = lane / kDkvKeysPerWarp * half, hi = min(d, lo + half);       // its dimensions
-  const float* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
-  const float* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const float* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const float* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
+  const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
+  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   load_block_kv_tile(Ks, Vs, kb, vb, k0, kDkvKeys, Sk, kv_stride, d, stride);
   const float* kr = Ks + j * stride;
@@ -1004,8 +1163,8 @@ __global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, const 
   for (int t = 0; t < Sq; ++t) {
     __syncthreads();  // the tile is loaded; the previous row is consumed
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-      qs[c] = qb[static_cast<std::size_t>(t) * q_stride + c];
-      gs[c] = gb[static_cast<std::size_t>(t) * C + c];
+      qs[c] = to_float(qb[static_cast<std::size_t>(t) * q_stride + c]);
+      gs[c] = to_float(gb[static_cast<std::size_t>(t) * C + c]);
     }
     __syncthreads();
     const std::size_t stat = static_cast<std::size_t>(bh) * Sq + t;
@@ -1031,12 +1190,12 @@ __global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, const 
     }
   }
   if (key >= Sk) return;
-  const std::size_t row = (static_cast<std::size_t>(b) * Sk + key) * kv_stride + h * d;
+  const std::size_t row = (static_cast<std::size_t>(b) * Sk + key) * dkv_stride + h * d;
 #pragma unroll
   for (int c = 0; c < kDkvHalfDim; ++c) {
     if (lo + c < hi) {
-      dk[row + lo + c] += dk_acc[c];
-      dv[row + lo + c] += dv_acc[c];
+      dk[row + lo + c] = from_float<TO>(to_float(dk[row + lo + c]) + dk_acc[c]);
+      dv[row + lo + c] = from_float<TO>(to_float(dv[row + lo + c]) + dv_acc[c]);
     }
   }
 }

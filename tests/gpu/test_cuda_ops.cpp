@@ -17,10 +17,13 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "kernels/cpu/bf16.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
 
@@ -45,6 +48,35 @@ struct IntTwin {
   int32_t* gpu = nullptr;
   std::size_t n = 0;
 };
+// One tensor on both backends, the GPU's in a dtype of its own (fp32 or bf16) and the CPU's in fp32 holding
+// the same values (rounded to bf16 where the GPU's is bf16): the bf16 ops against the CPU's fp32 ones.
+struct Typed {
+  float* cpu = nullptr;
+  TensorPtr gpu;
+  std::size_t n = 0;
+};
+using BVec = std::vector<uint16_t>;
+BVec to_bf16(const FVec& x) {
+  BVec b(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) b[i] = cpu::float_to_bf16(x[i]);
+  return b;
+}
+FVec to_f32(const BVec& b) {
+  FVec x(b.size());
+  for (std::size_t i = 0; i < b.size(); ++i) x[i] = cpu::bf16_to_float(b[i]);
+  return x;
+}
+FVec bf16_values(const FVec& x) { return to_f32(to_bf16(x)); }
+// ‖got − ref‖ / ‖ref‖, infinite when got holds a NaN or an infinity.
+double rel_error_of(const FVec& got, const FVec& ref) {
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    diff += (static_cast<double>(got[i]) - ref[i]) * (static_cast<double>(got[i]) - ref[i]);
+    norm += static_cast<double>(ref[i]) * ref[i];
+  }
+  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
 
 class CudaOps : public ::testing::Test {
  protected:
@@ -146,6 +178,57 @@ class CudaOps : public ::testing::Test {
     EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << t.n << " elements differ, the first at " << first
                        << " (gpu " << (first < t.n ? g[first] : 0.0f) << ", cpu " << (first < t.n ? c[first] : 0.0f)
                        << ")";
+  }
+
+  // ---- bf16 tensors ----
+  // host values as a tensor of dtype t on the GPU and their (rounded) fp32 values on the CPU
+  Typed put_typed(const FVec& host, DType t) {
+    const FVec values = t == DType::bf16 ? bf16_values(host) : host;
+    Typed x{cpu_->alloc_floats(host.size(), MemCategory::activations),
+            gpu_->alloc_tensor(host.size(), t, MemCategory::activations), host.size()};
+    cpu_->upload(x.cpu, values.data(), values.size() * sizeof(float));
+    if (t == DType::bf16) {
+      const BVec bits = to_bf16(values);
+      gpu_->upload(x.gpu.data(), bits.data(), bits.size() * sizeof(uint16_t));
+    } else {
+      gpu_->upload(x.gpu.data(), values.data(), values.size() * sizeof(float));
+    }
+    return x;
+  }
+  Typed put_bf16(const FVec& host) { return put_typed(host, DType::bf16); }
+  Typed poisoned_typed(std::size_t n, DType t) {
+    return put_typed(FVec(n, std::numeric_limits<float>::quiet_NaN()), t);
+  }
+  // The GPU tensor's values as floats.
+  FVec get_typed(ConstTensorPtr p, std::size_t n) {
+    if (p.dtype() == DType::f32) return get(*gpu_, static_cast<const float*>(p.data()), n);
+    BVec bits(n);
+    gpu_->download(bits.data(), p.data(), n * sizeof(uint16_t));
+    return to_f32(bits);
+  }
+  // The GPU's result to the CPU's fp32 one: fp32 to kFp32Tol, bf16 to tol (kBf16Tol: intermediates round
+  // differently).
+  void expect_typed_close(const Typed& t, const std::string& what, double bf16_tol = kBf16Tol) {
+    const double e = rel_error_of(get_typed(t.gpu, t.n), get(*cpu_, t.cpu, t.n));
+    const bool fp32 = t.gpu.dtype() == DType::f32;
+    EXPECT_LE(e, fp32 ? kFp32Tol : bf16_tol) << what << " (" << dtype_name(t.gpu.dtype()) << "): relative error " << e;
+  }
+  // A bf16 result of an elementwise op: each element within one bf16 ulp of the CPU's fp32 result rounded.
+  void expect_within_ulp(const Typed& t, const std::string& what) {
+    ASSERT_EQ(t.gpu.dtype(), DType::bf16) << what;
+    BVec bits(t.n);
+    gpu_->download(bits.data(), t.gpu.data(), t.n * sizeof(uint16_t));
+    const BVec ref = to_bf16(get(*cpu_, t.cpu, t.n));
+    auto ordinal = [](uint16_t b) { return (b & 0x8000u) != 0 ? -static_cast<int>(b & 0x7FFFu) : static_cast<int>(b); };
+    std::size_t bad = 0, first = 0;
+    for (std::size_t i = 0; i < t.n; ++i) {
+      const bool nan = (bits[i] & 0x7F80u) == 0x7F80u && (bits[i] & 0x007Fu) != 0;
+      if (nan || std::abs(ordinal(bits[i]) - ordinal(ref[i])) > 1) {
+        if (bad++ == 0) first = i;
+      }
+    }
+    EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << t.n << " elements more than one bf16 ulp from the rounded "
+                       << "fp32 result, the first at " << first;
   }
 
   std::mt19937 rng_{20261126};
@@ -269,8 +352,8 @@ TEST_F(CudaOps, FusedAttentionForwardAndBackward) {
   // Head dimensions 24, 64 and 128 (the limit); sequences that cross 32-key tiles unevenly.
   for (auto [B, S, C, NH] : {std::tuple{2, 70, 72, 3}, std::tuple{1, 33, 128, 2}, std::tuple{2, 130, 256, 2},
                              std::tuple{1, 1, 16, 4}}) {
-    const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
-                              std::to_string(NH);
+    const std::string shape =
+        "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " + std::to_string(NH);
     const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
     Twin qkv = put(random(nqkv, -2.0f, 2.0f));
     Twin out = poisoned(nout);
@@ -721,6 +804,463 @@ TEST_F(CudaOps, CachingAllocatorReportsToTheTracker) {
   gpu_->zero(b, 1000);
   gpu_->free(b);
   EXPECT_GT(gpu_->device_memory_peak_bytes(), 0);
+}
+
+// ---- bf16 tensors (kernels/backend.h: each tensor in its own dtype) -------------------------------------
+// Every op on bf16 tensors (cuBLAS included) against the CPU backend's fp32 op on fp32 tensors holding the
+// same values: a bf16 output of an elementwise op within one bf16 ulp of the rounded fp32 result, one
+// whose intermediates round differently (products, reductions, softmax) within kBf16Tol; an fp32 output
+// of an op that only reads bf16 (statistics, losses, fp32 gradient accumulators) within kFp32Tol.
+constexpr DType kF32 = DType::f32, kBf16 = DType::bf16;
+
+TEST_F(CudaOps, Bf16TensorsMatmul) {
+  for (bool bf16_matmul : {false, true}) {  // the mode rounds fp32 operands; bf16 tensors are used as they are
+    gpu_ = make_cuda_backend(0, bf16_matmul);
+    for (auto [N, C, OC] : {std::tuple{34, 72, 200}, std::tuple{256, 768, 2304}, std::tuple{7, 5, 3}}) {
+      const std::string shape = std::string(bf16_matmul ? "bf16_matmul " : "") + std::to_string(N) + "x" +
+                                std::to_string(C) + "x" + std::to_string(OC);
+      Typed inp = put_bf16(random(std::size_t(N) * C)), w = put_bf16(random(std::size_t(C) * OC));
+      Typed b = put_bf16(random(OC));
+      Typed out = poisoned_typed(std::size_t(N) * OC, kBf16), out2 = poisoned_typed(std::size_t(N) * OC, kBf16);
+      cpu_->matmul_forward(out.cpu, inp.cpu, w.cpu, b.cpu, N, C, OC);
+      gpu_->matmul_forward(out.gpu, inp.gpu, w.gpu, b.gpu, N, C, OC);
+      expect_typed_close(out, "matmul_forward with bias " + shape);
+      cpu_->matmul_forward(out2.cpu, inp.cpu, w.cpu, nullptr, N, C, OC);
+      gpu_->matmul_forward(out2.gpu, inp.gpu, w.gpu, nullptr, N, C, OC);
+      expect_typed_close(out2, "matmul_forward without bias " + shape);
+
+      // backward on bf16 activations; dweight and dbias (accumulated into) in each dtype, and one of each
+      Typed dout = put_bf16(random(std::size_t(N) * OC));
+      for (auto [tw, tb] : {std::pair{kF32, kF32}, std::pair{kBf16, kBf16}, std::pair{kBf16, kF32}}) {
+        const std::string what = shape + " dweight " + dtype_name(tw) + " dbias " + dtype_name(tb);
+        Typed dinp = poisoned_typed(std::size_t(N) * C, kBf16);
+        Typed dw = put_typed(random(std::size_t(C) * OC), tw), db = put_typed(random(OC), tb);
+        cpu_->matmul_backward(dinp.cpu, dw.cpu, db.cpu, dout.cpu, inp.cpu, w.cpu, N, C, OC);
+        gpu_->matmul_backward(dinp.gpu, dw.gpu, db.gpu, dout.gpu, inp.gpu, w.gpu, N, C, OC);
+        expect_typed_close(dinp, "matmul_backward dinp " + what);
+        expect_typed_close(dw, "matmul_backward dweight " + what);
+        expect_typed_close(db, "matmul_backward dbias " + what);
+      }
+      // fp32 activations into bf16 parameter gradients (fp32 products, added and rounded once)
+      Typed inp32 = put_typed(random(std::size_t(N) * C), kF32), w32 = put_typed(random(std::size_t(C) * OC), kF32);
+      Typed dout32 = put_typed(random(std::size_t(N) * OC), kF32);
+      Typed dw = put_bf16(random(std::size_t(C) * OC)), db = put_bf16(random(OC));
+      cpu_->matmul_backward(nullptr, dw.cpu, db.cpu, dout32.cpu, inp32.cpu, w32.cpu, N, C, OC);
+      gpu_->matmul_backward(nullptr, dw.gpu, db.gpu, dout32.gpu, inp32.gpu, w32.gpu, N, C, OC);
+      expect_typed_close(dw, "matmul_backward bf16 dweight of fp32 activations " + shape);
+      expect_typed_close(db, "matmul_backward bf16 dbias of fp32 activations " + shape);
+    }
+  }
+  // activations and parameters of two dtypes: refused
+  Typed a32 = put_typed(random(12), kF32), w16 = put_bf16(random(12)), o16 = poisoned_typed(9, kBf16);
+  EXPECT_THROW(gpu_->matmul_forward(o16.gpu, a32.gpu, w16.gpu, nullptr, 3, 4, 3), std::invalid_argument);
+  EXPECT_THROW(gpu_->matmul_backward(o16.gpu, a32.gpu, nullptr, a32.gpu, w16.gpu, w16.gpu, 3, 4, 3),
+               std::invalid_argument);  // dout fp32, dinp, inp and weight bf16
+}
+
+// bf16 tensors as operands on the tensor cores (no conversion): at 8192³ matmul_forward on bf16 tensors at
+// least 4× as fast as on fp32 tensors (CUDA cores, TF32 off), and within 1e-2 of it.
+TEST_F(CudaOps, Bf16TensorMatmulIsTensorCoreFast) {
+  constexpr int N = 8192, C = 8192, OC = 8192;
+  constexpr int kTimed = 5;
+  const double flop = 2.0 * N * C * OC;
+  const FVec inp_host = random(std::size_t(N) * C), w_host = random(std::size_t(C) * OC);
+  gpu_.reset();  // one backend at a time on the device
+  auto run = [&](DType t, FVec& out_host) {
+    std::unique_ptr<Backend> be = make_cuda_backend(0, /*bf16_matmul=*/false);
+    TensorPtr inp = be->alloc_tensor(inp_host.size(), t, MemCategory::activations);
+    TensorPtr w = be->alloc_tensor(w_host.size(), t, MemCategory::parameters);
+    TensorPtr out = be->alloc_tensor(std::size_t(N) * OC, t, MemCategory::activations);
+    for (auto [dst, src] : {std::pair{inp, &inp_host}, std::pair{w, &w_host}}) {
+      if (t == kBf16) {
+        const BVec bits = to_bf16(*src);
+        be->upload(dst.data(), bits.data(), bits.size() * sizeof(uint16_t));
+      } else {
+        be->upload(dst.data(), src->data(), src->size() * sizeof(float));
+      }
+    }
+    be->matmul_forward(out, inp, w, nullptr, N, C, OC);  // warm-up: cuBLAS's heuristics
+    be->synchronize();
+    std::vector<double> seconds;
+    for (int i = 0; i < kTimed; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      be->matmul_forward(out, inp, w, nullptr, N, C, OC);
+      be->synchronize();
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    out_host.resize(std::size_t(N) * OC);
+    if (t == kBf16) {
+      BVec bits(out_host.size());
+      be->download(bits.data(), out.data(), bits.size() * sizeof(uint16_t));
+      out_host = to_f32(bits);
+    } else {
+      be->download(out_host.data(), out.data(), out_host.size() * sizeof(float));
+    }
+    be->free(out);
+    be->free(w);
+    be->free(inp);
+    std::sort(seconds.begin(), seconds.end());
+    return seconds[kTimed / 2];
+  };
+  FVec out_fp32, out_bf16;
+  const double t_fp32 = run(kF32, out_fp32), t_bf16 = run(kBf16, out_bf16);
+  std::printf("matmul_forward %dx%dx%d on fp32 and bf16 tensors, median of %d: fp32 %.3f ms (%.1f TFLOP/s), "
+              "bf16 %.3f ms (%.1f TFLOP/s), %.1fx\n",
+              N, C, OC, kTimed, t_fp32 * 1e3, flop / t_fp32 / 1e12, t_bf16 * 1e3, flop / t_bf16 / 1e12,
+              t_fp32 / t_bf16);
+  RecordProperty("bf16_tensor_tflops", std::to_string(flop / t_bf16 / 1e12));
+  EXPECT_GE(t_fp32 / t_bf16, 4.0) << "matmul_forward on bf16 tensors is not 4× as fast as on fp32: no tensor cores?";
+  EXPECT_LE(rel_error_of(out_bf16, out_fp32), kBf16Tol) << "bf16 tensors against fp32 at 8192³";
+}
+
+TEST_F(CudaOps, Bf16LayerNorm) {
+  for (auto [N, C] : {std::pair{34, 72}, std::pair{300, 768}, std::pair{3, 5}}) {
+    const std::string shape = std::to_string(N) + "x" + std::to_string(C);
+    Typed inp = put_bf16(random(std::size_t(N) * C, -3.0f, 3.0f)), w = put_bf16(random(C)), b = put_bf16(random(C));
+    Typed out = poisoned_typed(std::size_t(N) * C, kBf16);
+    Twin mean = poisoned(N), rstd = poisoned(N);
+    cpu_->layernorm_forward(out.cpu, mean.cpu, rstd.cpu, inp.cpu, w.cpu, b.cpu, N, C);
+    gpu_->layernorm_forward(out.gpu, mean.gpu, rstd.gpu, inp.gpu, w.gpu, b.gpu, N, C);
+    expect_typed_close(out, "layernorm_forward out " + shape);
+    expect_close(mean, "layernorm_forward mean (fp32) " + shape);
+    expect_close(rstd, "layernorm_forward rstd (fp32) " + shape);
+    for (auto [tw, tb] : {std::pair{kBf16, kBf16}, std::pair{kF32, kBf16}}) {
+      const std::string what = shape + " dweight " + dtype_name(tw) + " dbias " + dtype_name(tb);
+      Typed dout = put_bf16(random(std::size_t(N) * C)), dinp = put_bf16(random(std::size_t(N) * C));
+      Typed dw = put_typed(random(C), tw), db = put_typed(random(C), tb);
+      cpu_->layernorm_backward(dinp.cpu, dw.cpu, db.cpu, dout.cpu, inp.cpu, w.cpu, mean.cpu, rstd.cpu, N, C);
+      gpu_->layernorm_backward(dinp.gpu, dw.gpu, db.gpu, dout.gpu, inp.gpu, w.gpu, mean.gpu, rstd.gpu, N, C);
+      expect_typed_close(dinp, "layernorm_backward dinp " + what);
+      expect_typed_close(dw, "layernorm_backward dweight " + what);
+      expect_typed_close(db, "layernorm_backward dbias " + what);
+    }
+  }
+}
+
+TEST_F(CudaOps, Bf16FusedAttention) {
+  for (auto [B, S, C, NH] : {std::tuple{2, 70, 72, 3}, std::tuple{1, 33, 128, 2}, std::tuple{2, 130, 256, 2},
+                             std::tuple{1, 1, 16, 4}}) {
+    const std::string shape =
+        "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " + std::to_string(NH);
+    const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
+    Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), out = poisoned_typed(nout, kBf16);
+    float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+    float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+    cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
+    gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
+    expect_typed_close(out, "attention_forward " + shape);
+    Typed dout = put_bf16(random(nout)), dqkv = poisoned_typed(nqkv, kBf16);
+    float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+    float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+    cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
+    gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+    expect_typed_close(dqkv, "attention_backward dqkv " + shape);
+  }
+  Typed qkv = put_bf16(random(3 * 16)), out32 = poisoned_typed(16, kF32);
+  float* saved = gpu_->alloc_floats(4, MemCategory::activations);
+  EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 4), std::invalid_argument);
+}
+
+// The zigzag pass of ContextParallelAttention on bf16 queries, keys and values, op by op: before each op
+// the CPU's tensors take the GPU's values (so each comparison is of one op on the same inputs). The running
+// out and every gradient (dq, dk, dv) in `out_dtype`, the blocks' partial outs bf16 (merged into an fp32
+// out as well as a bf16 one). `mixed`: the middle block's keys and values fp32 with bf16 queries (the
+// backend stages its inputs in fp32), and its dk fp32 while its dv is bf16 (staged, accumulated in fp32
+// and rounded back).
+TEST_F(CudaOps, Bf16ContextParallelAttention) {
+  auto sync = [&](auto& x, std::size_t n) {  // the CPU's copy takes the GPU's values
+    const FVec values = get_typed(x.gpu, n);
+    cpu_->upload(x.cpu, values.data(), n * sizeof(float));
+  };
+  for (auto [B, half, C, NH] : {std::tuple{2, 35, 72, 3}, std::tuple{1, 65, 128, 2}, std::tuple{3, 3, 15, 5}}) {
+    const std::string shape = "B" + std::to_string(B) + " half " + std::to_string(half) + " C" + std::to_string(C) +
+                              " heads " + std::to_string(NH);
+    for (auto [out_dtype, mixed] : {std::pair{kBf16, false}, std::pair{kF32, false}, std::pair{kBf16, true},
+                                    std::pair{kF32, true}}) {
+      const std::string what = shape + ", outputs " + dtype_name(out_dtype) + (mixed ? ", mixed dtypes" : "");
+      const int Sq = 2 * half, Sk = 2 * half, Sf = 5;
+      std::vector<int32_t> pos_q = cp_span(0, half - 1), pos_mid = cp_span(half, 3 * half - 1);
+      for (int32_t p : cp_span(3 * half, 4 * half - 1)) pos_q.push_back(p);
+      const std::vector<int32_t> pos_future = cp_span(4 * half, 4 * half + Sf - 1);
+      const IntTwin d_pos_q = put_ints(pos_q), d_pos_mid = put_ints(pos_mid), d_pos_future = put_ints(pos_future);
+      const std::size_t nqkv = std::size_t(B) * Sq * 3 * C, nout = std::size_t(B) * Sq * C;
+      const std::size_t nkv = std::size_t(B) * Sk * 2 * C, nkvf = std::size_t(B) * Sf * 2 * C;
+      const std::size_t nstat = std::size_t(B) * NH * Sq;
+      Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), kv = put_typed(random(nkv, -2.0f, 2.0f), mixed ? kF32 : kBf16);
+      Typed kvf = put_bf16(random(nkvf, -2.0f, 2.0f));
+      struct Blk {
+        const Typed* kv;
+        int offset, stride;  // k at kv + offset, v at kv + offset + C
+        const IntTwin* pos;
+        int S;
+      };
+      const Blk blocks[] = {{&qkv, C, 3 * C, &d_pos_q, Sq}, {&kv, 0, 2 * C, &d_pos_mid, Sk},
+                            {&kvf, 0, 2 * C, &d_pos_future, Sf}};
+      const char* names[] = {"own block", "middle block", "future block"};
+      auto at = [&](bool gpu, const Typed& x, int offset) { return gpu ? x.gpu + offset : TensorPtr(x.cpu + offset); };
+
+      // forward: block 0 into (out, lse), the others into bf16 (out_b, lse_b), each merged in
+      Typed out = poisoned_typed(nout, out_dtype);
+      Twin lse = poisoned(nstat);
+      for (int i = 0; i < 3; ++i) {
+        const std::string bwhat = std::string(names[i]) + " " + what;
+        const Blk& blk = blocks[i];
+        Typed ob = poisoned_typed(nout, kBf16);
+        Twin lb = poisoned(nstat);
+        Typed& o = i == 0 ? out : ob;
+        Twin& l = i == 0 ? lse : lb;
+        for (bool gpu : {false, true}) {
+          Backend& be = gpu ? *gpu_ : *cpu_;
+          be.attention_block_forward(at(gpu, o, 0), gpu ? l.gpu : l.cpu, at(gpu, qkv, 0), at(gpu, *blk.kv, blk.offset),
+                                     at(gpu, *blk.kv, blk.offset + C), 3 * C, blk.stride,
+                                     gpu ? d_pos_q.gpu : d_pos_q.cpu, gpu ? blk.pos->gpu : blk.pos->cpu, B, Sq, blk.S,
+                                     C, NH);
+        }
+        expect_typed_close(o, "attention_block_forward out " + bwhat);
+        expect_close_lse(l, "attention_block_forward lse (fp32) " + bwhat);
+        if (i == 0) continue;
+        sync(out, nout);
+        sync(lse, nstat);
+        sync(ob, nout);
+        sync(lb, nstat);
+        cpu_->attention_merge(out.cpu, lse.cpu, ob.cpu, lb.cpu, B, Sq, C, NH);
+        gpu_->attention_merge(out.gpu, lse.gpu, ob.gpu, lb.gpu, B, Sq, C, NH);
+        expect_typed_close(out, "attention_merge out " + bwhat);
+        expect_close_lse(lse, "attention_merge lse (fp32) " + bwhat);
+      }
+      sync(out, nout);
+      sync(lse, nstat);
+
+      // delta of bf16 dout and the merged out (fp32)
+      Typed dout = put_bf16(random(nout));
+      Twin delta = poisoned(nstat);
+      cpu_->attention_block_delta(delta.cpu, dout.cpu, out.cpu, B, Sq, C, NH);
+      gpu_->attention_block_delta(delta.gpu, dout.gpu, out.gpu, B, Sq, C, NH);
+      expect_close(delta, "attention_block_delta (fp32) " + what);
+      sync(delta, nstat);
+
+      // backward, accumulating from the same values: dq and the own dk, dv in the (B, Sq, 3C) buffer; the
+      // middle block's dk at column 0 of one (B, Sk, 2C) buffer and its dv at column C of another
+      Typed dqkv = put_typed(random(nqkv), out_dtype), dk_mid = put_typed(random(nkv), mixed ? kF32 : out_dtype);
+      Typed dv_mid = put_typed(random(nkv), mixed ? kBf16 : out_dtype), dkvf = put_typed(random(nkvf), out_dtype);
+      const FVec dkvf0 = get_typed(dkvf.gpu, nkvf);
+      for (bool gpu : {false, true}) {
+        Backend& be = gpu ? *gpu_ : *cpu_;
+        const TensorPtr dk[3] = {at(gpu, dqkv, C), at(gpu, dk_mid, 0), at(gpu, dkvf, 0)};
+        const TensorPtr dv[3] = {at(gpu, dqkv, 2 * C), at(gpu, dv_mid, C), at(gpu, dkvf, C)};
+        for (int i = 0; i < 3; ++i) {
+          const Blk& blk = blocks[i];
+          be.attention_block_backward(at(gpu, dqkv, 0), dk[i], dv[i], at(gpu, dout, 0), gpu ? lse.gpu : lse.cpu,
+                                      gpu ? delta.gpu : delta.cpu, at(gpu, qkv, 0), at(gpu, *blk.kv, blk.offset),
+                                      at(gpu, *blk.kv, blk.offset + C), 3 * C, blk.stride,
+                                      gpu ? d_pos_q.gpu : d_pos_q.cpu, gpu ? blk.pos->gpu : blk.pos->cpu, B, Sq, blk.S,
+                                      C, NH);
+        }
+      }
+      expect_typed_close(dqkv, "attention_block_backward dq and the own dk, dv " + what);
+      expect_typed_close(dk_mid, "attention_block_backward dk of the middle block " + what);
+      expect_typed_close(dv_mid, "attention_block_backward dv of the middle block " + what);
+      EXPECT_EQ(get_typed(dkvf.gpu, nkvf), dkvf0) << "the future block's dk, dv: nothing added " << what;
+    }
+  }
+}
+
+// gelu on [−3, 3] (below, 1 + tanh cancels and the CPU's tanh_approx is further than a bf16 ulp from the
+// exact result), add, accumulate, convert and scale with any dtype per argument, Σx², copy_2d.
+TEST_F(CudaOps, Bf16ElementwiseOps) {
+  const std::size_t n = 100003;
+  Typed x = put_bf16(random(n, -3.0f, 3.0f)), dout = put_bf16(random(n));
+  Typed g = poisoned_typed(n, kBf16);
+  cpu_->gelu_forward(g.cpu, x.cpu, n);
+  gpu_->gelu_forward(g.gpu, x.gpu, n);
+  expect_within_ulp(g, "gelu_forward");
+  Typed dg = put_bf16(get(*cpu_, dout.cpu, n));  // dinp aliases dout
+  cpu_->gelu_backward(dg.cpu, x.cpu, dg.cpu, n);
+  gpu_->gelu_backward(dg.gpu, x.gpu, dg.gpu, n);
+  expect_within_ulp(dg, "gelu_backward (in place)");
+
+  for (DType to : {kF32, kBf16}) {
+    for (DType ta : {kF32, kBf16}) {
+      const std::string two = std::string(dtype_name(to)) + " " + dtype_name(ta);
+      Typed a = put_typed(random(n, -5.0f, 5.0f), ta);
+      for (DType tb : {kF32, kBf16}) {
+        Typed b = put_typed(random(n), tb), sum = poisoned_typed(n, to);
+        cpu_->add(sum.cpu, a.cpu, b.cpu, n);
+        gpu_->add(sum.gpu, a.gpu, b.gpu, n);
+        const std::string what = "add " + two + " " + dtype_name(tb);
+        to == kBf16 ? expect_within_ulp(sum, what) : expect_typed_close(sum, what);
+      }
+      Typed y = put_typed(random(n), to);
+      cpu_->accumulate(y.cpu, a.cpu, n);
+      gpu_->accumulate(y.gpu, a.gpu, n);
+      to == kBf16 ? expect_within_ulp(y, "accumulate " + two) : expect_typed_close(y, "accumulate " + two);
+      // convert: fp32 → bf16 rounds to nearest even (the bits exactly), bf16 → fp32 and the same dtype exact
+      Typed c = poisoned_typed(n, to);
+      gpu_->convert(c.gpu, a.gpu, n);
+      const FVec values = get(*cpu_, a.cpu, n);
+      EXPECT_EQ(get_typed(c.gpu, n), to == kBf16 ? bf16_values(values) : values) << "convert " << two;
+    }
+  }
+  Typed y = put_bf16(random(n));
+  cpu_->scale(y.cpu, -0.37f, n);
+  gpu_->scale(y.gpu, -0.37f, n);
+  expect_within_ulp(y, "scale");
+  const double ref_ss = cpu_->sum_squares(x.cpu, n);
+  EXPECT_NEAR(gpu_->sum_squares(x.gpu, n), ref_ss, 1e-9 * ref_ss) << "sum_squares of bf16";
+
+  // copy_2d in bf16: the element size from the dtype, bit for bit
+  const std::size_t rows = 300, cols = 1536, src_stride = 2304, dst_stride = 1537;
+  Typed src = put_bf16(random(rows * src_stride)), dst = put_bf16(random(rows * dst_stride));
+  cpu_->copy_2d(dst.cpu, dst_stride, src.cpu, src_stride, rows, cols);
+  gpu_->copy_2d(dst.gpu, dst_stride, src.gpu, src_stride, rows, cols);
+  EXPECT_EQ(get_typed(dst.gpu, dst.n), get(*cpu_, dst.cpu, dst.n)) << "copy_2d bf16";
+
+  // one dtype where the contract asks for one
+  Typed o32 = poisoned_typed(8, kF32), i16 = put_bf16(random(8));
+  EXPECT_THROW(gpu_->gelu_forward(o32.gpu, i16.gpu, 8), std::invalid_argument);
+  EXPECT_THROW(gpu_->copy_2d(o32.gpu, 8, i16.gpu, 8, 1, 8), std::invalid_argument);
+}
+
+TEST_F(CudaOps, Bf16Embedding) {
+  const int B = 3, S = 37, C = 72, V = 67;
+  std::vector<int32_t> tokens(B * S);
+  std::uniform_int_distribution<int32_t> tok(-5, V - 1);
+  for (int32_t& t : tokens) t = tok(rng_);
+  tokens[0] = tokens[1] = tokens[2] = tokens[B * S - 1] = 7;  // repeated tokens
+  int32_t* tc = put_tokens(*cpu_, tokens);
+  int32_t* tg = put_tokens(*gpu_, tokens);
+  Typed table = put_bf16(random(std::size_t(V) * C)), pos = put_bf16(random(std::size_t(S) * C));
+  for (bool with_pos : {true, false}) {
+    Typed out = poisoned_typed(std::size_t(B) * S * C, kBf16);
+    cpu_->embedding_forward(out.cpu, tc, table.cpu, with_pos ? pos.cpu : nullptr, B, S, C);
+    gpu_->embedding_forward(out.gpu, tg, table.gpu, with_pos ? ConstTensorPtr(pos.gpu) : nullptr, B, S, C);
+    expect_within_ulp(out, with_pos ? "embedding_forward" : "embedding_forward without positions");
+  }
+  Typed dout = put_bf16(random(std::size_t(B) * S * C));
+  for (auto [ttok, tpos] : {std::pair{kBf16, kF32}, std::pair{kF32, kBf16}, std::pair{kBf16, kBf16}}) {
+    const std::string what = std::string(" dtok ") + dtype_name(ttok) + " dpos " + dtype_name(tpos);
+    Typed dtok = put_typed(random(std::size_t(V) * C), ttok), dpos = put_typed(random(std::size_t(S) * C), tpos);
+    cpu_->embedding_backward(dtok.cpu, dpos.cpu, dout.cpu, tc, B, S, C);
+    gpu_->embedding_backward(dtok.gpu, dpos.gpu, dout.gpu, tg, B, S, C);
+    ttok == kBf16 ? expect_within_ulp(dtok, "embedding_backward dtok" + what)
+                  : expect_typed_close(dtok, "embedding_backward dtok" + what);
+    tpos == kBf16 ? expect_within_ulp(dpos, "embedding_backward dpos" + what)
+                  : expect_typed_close(dpos, "embedding_backward dpos" + what);
+  }
+  // bitwise reproducible in bf16 too
+  Typed d1 = put_bf16(FVec(std::size_t(V) * C, 0.0f)), d2 = put_bf16(FVec(std::size_t(V) * C, 0.0f));
+  gpu_->embedding_backward(d1.gpu, nullptr, dout.gpu, tg, B, S, C);
+  gpu_->embedding_backward(d2.gpu, nullptr, dout.gpu, tg, B, S, C);
+  EXPECT_EQ(get_typed(d1.gpu, d1.n), get_typed(d2.gpu, d2.n)) << "embedding_backward twice (bf16)";
+}
+
+TEST_F(CudaOps, Bf16CrossEntropy) {
+  for (auto [N, V] : {std::pair{34, 67}, std::pair{64, 50257}}) {
+    const std::string shape = std::to_string(N) + "x" + std::to_string(V);
+    std::vector<int32_t> targets(N);
+    std::uniform_int_distribution<int32_t> t(0, V - 1);
+    for (int32_t& x : targets) x = t(rng_);
+    FVec z = random(std::size_t(N) * V, -8.0f, 8.0f);
+    z[5] = 120.0f;  // one dominant logit
+    const float scale = 1.0f / (3.0f * N);
+    Typed logits = put_bf16(z);
+    double* lc = put_double(*cpu_, 0.25);
+    double* lg = put_double(*gpu_, 0.25);
+    cpu_->cross_entropy_forward_backward(logits.cpu, lc, put_tokens(*cpu_, targets), N, V, scale);
+    gpu_->cross_entropy_forward_backward(logits.gpu, lg, put_tokens(*gpu_, targets), N, V, scale);
+    expect_typed_close(logits, "cross_entropy dlogits " + shape);
+    EXPECT_NEAR(get_double(*gpu_, lg), get_double(*cpu_, lc), kFp32Tol * std::abs(get_double(*cpu_, lc))) << shape;
+
+    for (std::size_t i = 0; i < targets.size(); i += 5) targets[i] = -1;
+    int32_t* tc = put_tokens(*cpu_, targets);
+    int32_t* tg = put_tokens(*gpu_, targets);
+    Typed logits2 = put_bf16(z);
+    Twin row_max = poisoned(N), sums = poisoned(2 * std::size_t(N));
+    cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V);
+    gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V);
+    expect_close(row_max, "cross_entropy_row_max (fp32) " + shape);
+    cpu_->cross_entropy_partials(sums.cpu, logits2.cpu, tc, row_max.cpu, N, V);
+    gpu_->cross_entropy_partials(sums.gpu, logits2.gpu, tg, row_max.gpu, N, V);
+    expect_close(sums, "cross_entropy_partials (fp32) " + shape);
+    double* lc2 = put_double(*cpu_, 0.0);
+    double* lg2 = put_double(*gpu_, 0.0);
+    cpu_->cross_entropy_finish(logits2.cpu, lc2, tc, row_max.cpu, sums.cpu, N, V, scale);
+    gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, scale);
+    expect_typed_close(logits2, "cross_entropy_finish dlogits " + shape);
+    EXPECT_NEAR(get_double(*gpu_, lg2), get_double(*cpu_, lc2), kFp32Tol * std::abs(get_double(*cpu_, lc2))) << shape;
+  }
+}
+
+// The mixture-of-experts ops on bf16 logits, dlogits and token buffers (gates, probabilities, dgate fp32):
+// the routing exact, dispatch bit for bit, the sums of a few terms within one ulp.
+TEST_F(CudaOps, Bf16MixtureOfExperts) {
+  for (const MoeShape& sh : {kMoeShapes[0], kMoeShapes[2], kMoeShapes[6], kMoeShapes[7]}) {
+    const int N = sh.N, E = sh.E, k = sh.k, h = sh.h;
+    const int capacity = (k * N + E - 1) / E, C = capacity + 3;
+    const std::string what = moe_str(sh) + " capacity " + std::to_string(capacity);
+    const std::size_t nA = std::size_t(N) * k, nP = std::size_t(N) * E, nX = std::size_t(N) * h,
+                      nB = std::size_t(E) * C * h;
+    FVec z = random(nP, -2.0f, 2.0f);
+    for (int n = 0; n < N; ++n) z[std::size_t(n) * E] += n % 3 != 2 ? 1.5f : 0.0f;
+    Typed logits = put_bf16(z);
+    Twin gate = poisoned(nA), probs = poisoned(nP);
+    IntTwin expert = poisoned_ints(nA);
+    cpu_->moe_router_forward(expert.cpu, gate.cpu, probs.cpu, logits.cpu, N, E, k);
+    gpu_->moe_router_forward(expert.gpu, gate.gpu, probs.gpu, logits.gpu, N, E, k);
+    expect_same_ints(expert, "moe_router_forward expert " + what);
+    expect_close(gate, "moe_router_forward gate (fp32) " + what);
+    expect_close(probs, "moe_router_forward probs (fp32) " + what);
+    Twin dgate = put(random(nA));
+    Typed dlogits = poisoned_typed(nP, kBf16);
+    cpu_->moe_router_backward(dlogits.cpu, dgate.cpu, gate.cpu, expert.cpu, N, E, k);
+    gpu_->moe_router_backward(dlogits.gpu, dgate.gpu, gate.gpu, expert.gpu, N, E, k);
+    expect_typed_close(dlogits, "moe_router_backward dlogits " + what);
+
+    IntTwin slot = poisoned_ints(nA), counts = poisoned_ints(2 * std::size_t(E));
+    cpu_->moe_assign(slot.cpu, counts.cpu, expert.cpu, N, E, k, capacity);
+    gpu_->moe_assign(slot.gpu, counts.gpu, expert.gpu, N, E, k, capacity);
+    expect_same_ints(slot, "moe_assign slot " + what);
+    double* aux_c = put_double(*cpu_, 0.0);
+    double* aux_g = put_double(*gpu_, 0.0);
+    Typed aux_dz = put_bf16(random(nP));
+    cpu_->moe_aux_loss(aux_dz.cpu, aux_c, probs.cpu, counts.cpu, N, E, k, 0.37f, static_cast<float>(N));
+    gpu_->moe_aux_loss(aux_dz.gpu, aux_g, probs.gpu, counts.gpu, N, E, k, 0.37f, static_cast<float>(N));
+    expect_typed_close(aux_dz, "moe_aux_loss dlogits " + what);
+    EXPECT_NEAR(get_double(*gpu_, aux_g), get_double(*cpu_, aux_c), 1e-6 * get_double(*cpu_, aux_c)) << what;
+
+    Typed inp = put_bf16(random(nX)), buf = poisoned_typed(nB, kBf16);
+    cpu_->moe_dispatch(buf.cpu, inp.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+    gpu_->moe_dispatch(buf.gpu, inp.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+    EXPECT_EQ(get_typed(buf.gpu, nB), get(*cpu_, buf.cpu, nB)) << "moe_dispatch buf " << what;
+    Typed dbuf = put_bf16(random(nB)), dinp = poisoned_typed(nX, kBf16);
+    cpu_->moe_dispatch_backward(dinp.cpu, dbuf.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+    gpu_->moe_dispatch_backward(dinp.gpu, dbuf.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+    expect_within_ulp(dinp, "moe_dispatch_backward dinp " + what);
+
+    Typed y = put_bf16(random(nB)), out = poisoned_typed(nX, kBf16);
+    cpu_->moe_combine(out.cpu, y.cpu, gate.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+    gpu_->moe_combine(out.gpu, y.gpu, gate.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+    expect_within_ulp(out, "moe_combine out " + what);
+    Typed cdout = put_bf16(random(nX)), cdbuf = poisoned_typed(nB, kBf16);
+    Twin cdgate = poisoned(nA);
+    cpu_->moe_combine_backward(cdbuf.cpu, cdgate.cpu, cdout.cpu, y.cpu, gate.cpu, expert.cpu, slot.cpu, N, E, k, C, h);
+    gpu_->moe_combine_backward(cdbuf.gpu, cdgate.gpu, cdout.gpu, y.gpu, gate.gpu, expert.gpu, slot.gpu, N, E, k, C, h);
+    expect_within_ulp(cdbuf, "moe_combine_backward dbuf " + what);
+    expect_close(cdgate, "moe_combine_backward dgate (fp32) " + what);
+  }
+}
+
+TEST_F(CudaOps, Bf16GradientsAdamW) {
+  const std::size_t n = 70001;
+  Twin p = put(random(n)), m = put(random(n, -0.01f, 0.01f)), v = put(random(n, 0.0f, 1e-4f));
+  Typed g = put_bf16(random(n, -0.1f, 0.1f));
+  for (int t = 1; t <= 3; ++t) {
+    cpu_->adamw_update(p.cpu, g.cpu, m.cpu, v.cpu, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+    gpu_->adamw_update(p.gpu, g.gpu, m.gpu, v.gpu, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+  }
+  expect_close(p, "adamw params (bf16 gradients)");
+  expect_close(m, "adamw m (bf16 gradients)");
+  expect_close(v, "adamw v (bf16 gradients)");
 }
 
 }  // namespace

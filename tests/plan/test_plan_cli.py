@@ -185,7 +185,8 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--model", "tiny", "--seq", "31", "--app", "tp", "--tp", "2", "--sequence-parallel"],
      "--micro-batch × --seq 31 is not divisible by --tp 2"),
     (["--app", "fsdp", "--gpus", "16", "--tp", "2"], "fsdp with tp > 1 is the hybrid app, not modelled yet"),
-    (["--backend", "cpu", "--dtype", "bf16"], "--dtype bf16 needs --backend cuda"),
+    (["--dtype", "fp16"], "--dtype fp16 must be fp32 or bf16"),
+    (["--dtype", "fp32", "--grad-dtype", "bf16"], "--grad-dtype bf16 needs --dtype bf16"),
     (["--sweep", "colour=red"], "colour is not an option a sweep can vary"),
     (["--gpus", "8", "--sweep", "micro-batch=1,0"], "--sweep micro-batch=0: --micro-batch 0 must be at least 1"),
     (["--no-such-option"], "--no-such-option"),
@@ -497,3 +498,49 @@ def test_cp_table_sweep_and_csv():
     assert ring == sorted(ring, reverse=True) and len(set(ring)) == 4
     (dense,) = csv_rows("--model", "llama3-8b", "--gpus", "64")
     assert dense["cp"] == "1" and dense["cp_algo"] == "" and dense["cp_layout"] == ""
+
+
+# ---- mixed precision: the plan is what the apps store and move in bf16 -----------------------------------
+
+DP_APP = Path(os.environ.get("PB_DP", str(BIN_DIR / "dp" / "parabench-dp")))
+FSDP_APP = Path(os.environ.get("PB_FSDP", str(BIN_DIR / "fsdp" / "parabench-fsdp")))
+APPS = {"dp": DP_APP, "fsdp": FSDP_APP, "tp": TP_APP, "ep": EP_APP, "cp": CP_APP}
+
+
+@pytest.mark.parametrize("app, args", [
+    ("dp", []),
+    ("fsdp", ["--shard", "NO_SHARD"]),
+    ("fsdp", ["--shard", "FULL_SHARD", "--grad-dtype", "bf16"]),
+    ("fsdp", ["--shard", "ZERO1", "--global-batch", 8]),
+    ("tp", ["--tp", 2, "--sequence-parallel", "--grad-dtype", "bf16"]),
+    ("ep", ["--ep", 2, "--capacity-factor", "1.0"]),
+    ("cp", ["--cp", 2, "--cp-algo", "ring"]),
+    ("cp", ["--cp", 2, "--cp-algo", "alltoall", "--recompute", "selective"]),
+], ids=["dp", "fsdp-NO_SHARD", "fsdp-FULL_SHARD-bf16-grads", "fsdp-ZERO1-accum2", "tp2-sp-bf16-grads", "ep2", "cp2-ring",
+        "cp2-alltoall"])
+def test_bf16_plan_equals_the_apps_memory_and_communication(tmp_path, app, args):
+    """One step of each app in bf16 on 4 ranks: /memory/predicted and /memory/measured in bytes against the
+    planner's memory per rank (peak_total measured: at most), /comm's bytes per operation against the
+    planner's collectives (bytes × calls), and the 18 (16) bytes of model state per parameter."""
+    path = tmp_path / f"{app}.h5"
+    run_app(APPS[app], "--model", "tiny", "--dtype", "bf16", "--steps", 1, "--warmup", 0, "--out", path, "--quiet",
+            *args)
+    (p,) = json_plans("--model", "tiny", "--app", app, "--gpus", 4, "--backend", "cpu", "--dtype", "bf16", *args)
+    planned_bytes = {}
+    for c in p["time_estimate"]["collectives"]:
+        for op in (("send", "recv") if c["op"] == "send_recv" else (c["op"],)):
+            planned_bytes[op] = planned_bytes.get(op, 0) + c["bytes"] * c["calls_per_step"]
+    with h5py.File(path, "r") as f:
+        assert f["config"].attrs["master_weights"] == "fp32"
+        for category in CATEGORIES + ["peak_total"]:
+            predicted, measured = list(f[f"memory/predicted/{category}"][()]), list(f[f"memory/measured/{category}"][()])
+            assert predicted == [p["memory_per_rank"][category]] * 4, category
+            if category == "peak_total":
+                assert all(m <= q for m, q in zip(measured, predicted)), (category, measured, predicted)
+            else:
+                assert measured == predicted, (category, measured, predicted)
+        for op in f["comm"]:
+            assert list(f[f"comm/{op}/bytes"][()]) == [planned_bytes.get(op, 0)] * 4, op
+    states = sum(p["memory_per_rank"][c] for c in ("parameters", "master_parameters", "gradients", "optimizer_states"))
+    if app == "dp" or args[:2] == ["--shard", "NO_SHARD"]:
+        assert states == 18 * p["num_parameters"]

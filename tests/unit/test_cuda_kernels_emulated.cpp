@@ -6,6 +6,9 @@
 // a GPU. Outputs start as NaN, so an element a kernel does not write fails; the error is
 // ‖kernel − cpu‖ / ‖cpu‖ ≤ 1e-5 (integer outputs, such as the mixture of experts' routing, exactly; a
 // log-sum-exp is −inf exactly where the CPU's is). copy_2d is cudaMemcpy2DAsync, no kernel: the GPU test has it.
+// The kernels are templates over their tensors' element types: the tests above run them on fp32 (float);
+// the tests at the end ("bf16 tensors") run every kernel that takes bf16 on bf16 tensors against the CPU
+// backend's fp32 ops on the same values.
 #include "tests/unit/cuda_emulation.h"
 // The emulation first: the kernels then compile as plain C++.
 #include "kernels/cuda/kernels.cuh"
@@ -20,6 +23,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
@@ -67,7 +71,7 @@ TEST_F(EmulatedKernels, LayerNorm) {
   const int N = 37, C = 72;
   const FVec x = random(std::size_t(N) * C, -3.0f, 3.0f), w = random(C), b = random(C);
   FVec out(x.size(), kNaN), mean(N, kNaN), rstd(N, kNaN), ref_out(x.size()), ref_mean(N), ref_rstd(N);
-  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_forward_kernel, out.data(),
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_forward_kernel<float>, out.data(),
          mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
   cpu_->layernorm_forward(ref_out.data(), ref_mean.data(), ref_rstd.data(), x.data(), w.data(), b.data(), N, C);
   EXPECT_CLOSE(out, ref_out, "layernorm forward");
@@ -76,14 +80,14 @@ TEST_F(EmulatedKernels, LayerNorm) {
 
   const FVec dout = random(x.size()), dinp0 = random(x.size()), dw0 = random(C), db0 = random(C);
   FVec dinp = dinp0, dw = dw0, db = db0, ref_dinp = dinp0, ref_dw = dw0, ref_db = db0;
-  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_backward_input_kernel,
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_backward_input_kernel<float>,
          dinp.data(), dout.data(), x.data(), w.data(), mean.data(), rstd.data(), N, C);
   const int max_chunks = 8, rows_per_chunk = (N + max_chunks - 1) / max_chunks;
   const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
   FVec partial(2 * std::size_t(chunks) * C, kNaN);
-  launch(dim3(blocks_for(C), chunks), dim3(kThreads), 0, k::layernorm_param_partials_kernel, partial.data(),
+  launch(dim3(blocks_for(C), chunks), dim3(kThreads), 0, k::layernorm_param_partials_kernel<float>, partial.data(),
          dout.data(), x.data(), mean.data(), rstd.data(), N, C, rows_per_chunk);
-  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel, dw.data(), db.data(),
+  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel<float, float>, dw.data(), db.data(),
          partial.data(), chunks, C);
   cpu_->layernorm_backward(ref_dinp.data(), ref_dw.data(), ref_db.data(), dout.data(), x.data(), w.data(),
                            ref_mean.data(), ref_rstd.data(), N, C);
@@ -105,18 +109,18 @@ void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu
 
   FVec out(nout, kNaN), lse(rows, kNaN), ref_out(nout), probs(cpu.attention_saved_floats(B, S, H));
   const dim3 rows_grid((S + k::kAttRows - 1) / k::kAttRows, B * H);
-  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_forward_kernel,
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_forward_kernel<float>,
          out.data(), lse.data(), qkv.data(), S, C, H);
   cpu.attention_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H);
   EXPECT_CLOSE(out, ref_out, "attention forward " + shape);
 
   FVec dqkv(nqkv, kNaN), D(rows, kNaN), ref_dqkv(nqkv), scratch(cpu.attention_scratch_floats(B, S, H));
-  launch(dim3(blocks_for(rows * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel, D.data(), dout.data(),
-         out.data(), B, S, C, H);
-  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel,
+  launch(dim3(blocks_for(rows * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel<float, float>, D.data(),
+         dout.data(), out.data(), B, S, C, H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel<float>,
          dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
   launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         k::attention_backward_dkv_kernel, dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
+         k::attention_backward_dkv_kernel<float>, dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
   cpu.attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
                          S, C, H);
   EXPECT_CLOSE(dqkv, ref_dqkv, "attention backward dqkv " + shape);
@@ -192,8 +196,9 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
   // forward of block 1, overwriting out and lse
   FVec out(nout, kNaN), lse(nstat, kNaN), ref_out(nout, kNaN), ref_lse(nstat, kNaN);
   const dim3 rows_grid((Sq + k::kAttRows - 1) / k::kAttRows, B * H);
-  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_block_forward_kernel,
-         out.data(), lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false),
+         k::attention_block_forward_kernel<float, float>, out.data(), lse.data(), q, k, v, qs, kvs, cs.pos_q.data(),
+         cs.pos_k.data(), Sq, Sk, C, H);
   cpu.attention_block_forward(ref_out.data(), ref_lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), B,
                               Sq, Sk, C, H);
   EXPECT_CLOSE(out, ref_out, "block forward out");
@@ -213,8 +218,8 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
         if (is_neg_inf(lse2[s])) std::fill_n(out2.begin() + o, d, kNaN);
       }
   FVec merged = ref_out, merged_lse = ref_lse;
-  launch(dim3(blocks_for(std::size_t(B) * Sq * H * 32)), dim3(kThreads), 0, k::attention_merge_kernel, merged.data(),
-         merged_lse.data(), out2.data(), lse2.data(), B, Sq, C, H);
+  launch(dim3(blocks_for(std::size_t(B) * Sq * H * 32)), dim3(kThreads), 0, k::attention_merge_kernel<float, float>,
+         merged.data(), merged_lse.data(), out2.data(), lse2.data(), B, Sq, C, H);
   cpu.attention_merge(ref_out.data(), ref_lse.data(), out2.data(), lse2.data(), B, Sq, C, H);
   EXPECT_CLOSE(merged, ref_out, "merge out");
   expect_close_lse(merged_lse, ref_lse, "merge lse");
@@ -222,8 +227,8 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
   // delta from the merged out: the fused attention's row-dot kernel, as cuda_backend.cu launches it
   FVec dout(nout), delta(nstat, kNaN), ref_delta(nstat, kNaN);
   for (float& x : dout) x = u(rng) / 2;
-  launch(dim3(blocks_for(nstat * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel, delta.data(), dout.data(),
-         ref_out.data(), B, Sq, C, H);
+  launch(dim3(blocks_for(nstat * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel<float, float>, delta.data(),
+         dout.data(), ref_out.data(), B, Sq, C, H);
   cpu.attention_block_delta(ref_delta.data(), dout.data(), ref_out.data(), B, Sq, C, H);
   EXPECT_CLOSE(delta, ref_delta, "delta");
 
@@ -238,12 +243,12 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
   };
   auto [dq, dk, dv] = grads(dqbuf, dkvbuf);
   auto [ref_dq, ref_dk, ref_dv] = grads(ref_dqbuf, ref_dkvbuf);
-  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_block_backward_dq_kernel, dq,
-         dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C,
-         H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true),
+         k::attention_block_backward_dq_kernel<float, float>, dq, qs, dout.data(), ref_lse.data(), ref_delta.data(), q,
+         k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
   launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         k::attention_block_backward_dkv_kernel, dk, dv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
-         kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+         k::attention_block_backward_dkv_kernel<float, float>, dk, dv, kvs, dout.data(), ref_lse.data(),
+         ref_delta.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
   cpu.attention_block_backward(ref_dq, ref_dk, ref_dv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
                                kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
   EXPECT_CLOSE(dqbuf, ref_dqbuf, "block backward dq (and the own block's dk, dv)");
@@ -288,17 +293,17 @@ TEST_F(EmulatedKernels, Embedding) {
   tokens[0] = tokens[1] = tokens[5] = 7;
   const FVec table = random(std::size_t(V) * C), pos = random(std::size_t(S) * C);
   FVec out(std::size_t(N) * C, kNaN), ref_out(out.size());
-  launch(dim3(blocks_for(out.size())), dim3(kThreads), 0, k::embedding_forward_kernel, out.data(), tokens.data(),
+  launch(dim3(blocks_for(out.size())), dim3(kThreads), 0, k::embedding_forward_kernel<float>, out.data(), tokens.data(),
          table.data(), pos.data(), N, S, C);
   cpu_->embedding_forward(ref_out.data(), tokens.data(), table.data(), pos.data(), B, S, C);
   EXPECT_CLOSE(out, ref_out, "embedding forward");
 
   const FVec dout = random(out.size()), dtok0 = random(table.size()), dpos0 = random(pos.size());
   FVec dtok = dtok0, dpos = dpos0, ref_dtok = dtok0, ref_dpos = dpos0;
-  launch(dim3(blocks_for(C), k::kTokenPartitions), dim3(kThreads), 0, k::embedding_backward_tok_kernel, dtok.data(),
-         dout.data(), tokens.data(), N, C);
-  launch(dim3(blocks_for(pos.size())), dim3(kThreads), 0, k::embedding_backward_pos_kernel, dpos.data(), dout.data(),
-         B, S, C);
+  launch(dim3(blocks_for(C), k::kTokenPartitions), dim3(kThreads), 0, k::embedding_backward_tok_kernel<float>,
+         dtok.data(), dout.data(), tokens.data(), N, C);
+  launch(dim3(blocks_for(pos.size())), dim3(kThreads), 0, k::embedding_backward_pos_kernel<float, float>, dpos.data(),
+         dout.data(), B, S, C);
   cpu_->embedding_backward(ref_dtok.data(), ref_dpos.data(), dout.data(), tokens.data(), B, S, C);
   EXPECT_CLOSE(dtok, ref_dtok, "embedding backward dtok");
   EXPECT_CLOSE(dpos, ref_dpos, "embedding backward dpos");
@@ -316,7 +321,8 @@ TEST_F(EmulatedKernels, CrossEntropy) {
   FVec logits = z, ref_logits = z;
   std::vector<double> row_loss(N);
   double loss = 0.5, ref_loss = 0.5;
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel, logits.data(), row_loss.data(), targets.data(), V, scale);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<float>, logits.data(), row_loss.data(), targets.data(), V,
+         scale);
   launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
   cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, scale);
   EXPECT_CLOSE(logits, ref_logits, "cross-entropy dlogits");
@@ -326,11 +332,11 @@ TEST_F(EmulatedKernels, CrossEntropy) {
   targets[0] = targets[4] = -1;
   FVec logits2 = z, ref_logits2 = z, row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N);
   double loss2 = 0.0, ref_loss2 = 0.0;
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel, row_max.data(), logits2.data(), V);
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel, sums.data(), logits2.data(), targets.data(),
-         row_max.data(), N, V);
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel, logits2.data(), row_loss.data(), targets.data(),
-         row_max.data(), sums.data(), N, V, scale);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<float>, row_max.data(), logits2.data(), V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel<float>, sums.data(), logits2.data(),
+         targets.data(), row_max.data(), N, V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel<float>, logits2.data(), row_loss.data(),
+         targets.data(), row_max.data(), sums.data(), N, V, scale);
   launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss2, row_loss.data(), N, scale);
   cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V);
   cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V);
@@ -347,7 +353,7 @@ TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
   const FVec x = random(n, -4.0f, 4.0f);
   const std::size_t chunks = (n + k::kSumChunk - 1) / k::kSumChunk;
   std::vector<double> partial(chunks + 1, std::nan(""));
-  launch(dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0, k::sum_squares_partial_kernel, partial.data(),
+  launch(dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0, k::sum_squares_partial_kernel<float>, partial.data(),
          x.data(), n);
   launch(dim3(1), dim3(1024), 0, k::sum_doubles_kernel, partial.data() + chunks, partial.data(), chunks);
   EXPECT_NEAR(partial[chunks], cpu_->sum_squares(x.data(), n), 1e-12 * partial[chunks]);
@@ -358,8 +364,8 @@ TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
   const float lr = 3e-4f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 0.5f;
   for (int t = 1; t <= 3; ++t) {
     const float bias1 = 1.0f - std::pow(b1, static_cast<float>(t)), bias2 = 1.0f - std::pow(b2, static_cast<float>(t));
-    launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::adamw_kernel, p.data(), g.data(), mo.data(), v.data(), m, b1,
-           b2, eps, lr / bias1, std::sqrt(bias2), 1.0f - lr * wd, clip);
+    launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::adamw_kernel<float>, p.data(), g.data(), mo.data(), v.data(), m,
+           b1, b2, eps, lr / bias1, std::sqrt(bias2), 1.0f - lr * wd, clip);
     cpu_->adamw_update(rp.data(), g.data(), rm.data(), rv.data(), m, lr, b1, b2, eps, wd, t, clip);
   }
   EXPECT_CLOSE(p, rp, "adamw params");
@@ -368,8 +374,8 @@ TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
 
   FVec gelu(m, kNaN), ref_gelu(m), dgelu(m, kNaN), ref_dgelu(m);
   const FVec xs = random(m, -5.0f, 5.0f);
-  launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::gelu_forward_kernel, gelu.data(), xs.data(), m);
-  launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::gelu_backward_kernel, dgelu.data(), xs.data(), g.data(), m);
+  launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::gelu_forward_kernel<float>, gelu.data(), xs.data(), m);
+  launch(dim3(blocks_for(m)), dim3(kThreads), 0, k::gelu_backward_kernel<float>, dgelu.data(), xs.data(), g.data(), m);
   cpu_->gelu_forward(ref_gelu.data(), xs.data(), m);
   cpu_->gelu_backward(ref_dgelu.data(), xs.data(), g.data(), m);
   EXPECT_CLOSE(gelu, ref_gelu, "gelu forward");
@@ -517,7 +523,7 @@ void check_moe(int N, int E, int k, int h, int capacity, std::mt19937& rng, Back
   // router forward and backward
   std::vector<int32_t> expert(nA, kIntPoison), ref_expert(nA);
   FVec gate(nA, kNaN), probs(nP, kNaN), ref_gate(nA), ref_probs(nP);
-  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_forward_kernel, expert.data(), gate.data(),
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_forward_kernel<float>, expert.data(), gate.data(),
          probs.data(), logits.data(), N, E, k);
   cpu.moe_router_forward(ref_expert.data(), ref_gate.data(), ref_probs.data(), logits.data(), N, E, k);
   EXPECT_EQ(expert, ref_expert) << "router expert " << shape;
@@ -526,7 +532,7 @@ void check_moe(int N, int E, int k, int h, int capacity, std::mt19937& rng, Back
 
   const FVec dgate = random(nA);
   FVec dlogits(nP, kNaN), ref_dlogits(nP);
-  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_backward_kernel, dlogits.data(), dgate.data(),
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_backward_kernel<float>, dlogits.data(), dgate.data(),
          ref_gate.data(), ref_expert.data(), N, E, k);
   cpu.moe_router_backward(ref_dlogits.data(), dgate.data(), ref_gate.data(), ref_expert.data(), N, E, k);
   EXPECT_CLOSE(dlogits, ref_dlogits, "router dlogits " + shape);
@@ -548,8 +554,8 @@ void check_moe(int N, int E, int k, int h, int capacity, std::mt19937& rng, Back
   launch(dim3(blocks_for(E)), dim3(kThreads), 0, k::moe_prob_sums_kernel, prob_sum.data(), ref_probs.data(), N, E);
   launch(dim3(1), dim3(kThreads), 0, k::moe_aux_loss_sum_kernel, &aux, prob_sum.data(), ref_counts.data(), N, E, k,
          coef);
-  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_aux_loss_grad_kernel, aux_dlogits.data(), ref_probs.data(),
-         ref_counts.data(), N, E, k, coef, grad_scale);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_aux_loss_grad_kernel<float>, aux_dlogits.data(),
+         ref_probs.data(), ref_counts.data(), N, E, k, coef, grad_scale);
   cpu.moe_aux_loss(ref_aux_dlogits.data(), &ref_aux, ref_probs.data(), ref_counts.data(), N, E, k, coef, grad_scale);
   EXPECT_NEAR(aux, ref_aux, 1e-12 * std::abs(ref_aux)) << "aux_sum " << shape;
   FVec inc(nP), ref_inc(nP);
@@ -562,14 +568,14 @@ void check_moe(int N, int E, int k, int h, int capacity, std::mt19937& rng, Back
   // dispatch and its backward
   const FVec inp = random(nX);
   FVec buf(nB, 0.0f), ref_buf(nB);  // zeroed: cudaMemsetAsync
-  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_dispatch_kernel, buf.data(), inp.data(),
+  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_dispatch_kernel<float>, buf.data(), inp.data(),
          ref_expert.data(), ref_slot.data(), N, k, C, h);
   cpu.moe_dispatch(ref_buf.data(), inp.data(), ref_expert.data(), ref_slot.data(), N, E, k, C, h);
   EXPECT_EQ(buf, ref_buf) << "dispatch buf " << shape;
 
   const FVec dbuf = random(nB);
   FVec dinp(nX, kNaN), ref_dinp(nX);
-  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_dispatch_backward_kernel, dinp.data(), dbuf.data(),
+  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_dispatch_backward_kernel<float>, dinp.data(), dbuf.data(),
          ref_expert.data(), ref_slot.data(), N, k, C, h);
   cpu.moe_dispatch_backward(ref_dinp.data(), dbuf.data(), ref_expert.data(), ref_slot.data(), N, E, k, C, h);
   EXPECT_CLOSE(dinp, ref_dinp, "dispatch dinp " + shape);
@@ -577,15 +583,15 @@ void check_moe(int N, int E, int k, int h, int capacity, std::mt19937& rng, Back
   // combine and its backward; y: the experts' outputs, every slot
   const FVec y = random(nB), dout = random(nX);
   FVec out(nX, kNaN), ref_out(nX);
-  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_combine_kernel, out.data(), y.data(), ref_gate.data(),
+  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_combine_kernel<float>, out.data(), y.data(), ref_gate.data(),
          ref_expert.data(), ref_slot.data(), N, k, C, h);
   cpu.moe_combine(ref_out.data(), y.data(), ref_gate.data(), ref_expert.data(), ref_slot.data(), N, E, k, C, h);
   EXPECT_CLOSE(out, ref_out, "combine out " + shape);
 
   FVec cdbuf(nB, 0.0f), dgate_out(nA, kNaN), ref_cdbuf(nB), ref_dgate(nA);  // dbuf zeroed: cudaMemsetAsync
-  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_combine_backward_dbuf_kernel, cdbuf.data(), dout.data(),
-         ref_gate.data(), ref_expert.data(), ref_slot.data(), N, k, C, h);
-  launch(dim3(blocks_for(nA * 32)), dim3(kThreads), 0, k::moe_combine_backward_dgate_kernel, dgate_out.data(),
+  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_combine_backward_dbuf_kernel<float>, cdbuf.data(),
+         dout.data(), ref_gate.data(), ref_expert.data(), ref_slot.data(), N, k, C, h);
+  launch(dim3(blocks_for(nA * 32)), dim3(kThreads), 0, k::moe_combine_backward_dgate_kernel<float>, dgate_out.data(),
          dout.data(), y.data(), ref_expert.data(), ref_slot.data(), N, k, C, h);
   cpu.moe_combine_backward(ref_cdbuf.data(), ref_dgate.data(), dout.data(), y.data(), ref_gate.data(),
                            ref_expert.data(), ref_slot.data(), N, E, k, C, h);
@@ -600,6 +606,581 @@ TEST_F(EmulatedKernels, MixtureOfExperts) {
   check_moe(13, 3, 3, 5, 0, rng_, *cpu_);   // k = E, every assignment dropped
   check_moe(17, 3, 1, 13, 6, rng_, *cpu_);  // k = 1
   check_moe(1, 5, 5, 3, 1, rng_, *cpu_);    // one token, k = E
+}
+
+// ---- bf16 tensors -----------------------------------------------------------------------------------
+// Every kernel that takes bf16 tensors, in bf16, against the CPU backend's fp32 ops on fp32 tensors that hold
+// the same (bf16-representable) input values: a bf16 output of an elementwise op is round(fp32 result)
+// within one bf16 ulp; one whose intermediates round differently (reductions, softmax, accumulations over
+// rows) is within kBf16Tol = 1e-2 of the fp32 result (‖got − ref‖/‖ref‖); an fp32 output of a kernel that
+// only reads bf16 (statistics, losses, fp32 accumulators) within kTol. Outputs start as NaN (bf16 0x7FC1).
+using BVec = std::vector<uint16_t>;
+constexpr double kBf16Tol = 1e-2;
+constexpr uint16_t kBf16NaN = 0x7FC1;
+
+BVec to_bf16(const FVec& x) {
+  BVec b(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) b[i] = k::float_to_bf16_bits(x[i]);
+  return b;
+}
+FVec to_f32(const BVec& b) {
+  FVec x(b.size());
+  for (std::size_t i = 0; i < b.size(); ++i) x[i] = k::bf16_bits_to_float(b[i]);
+  return x;
+}
+const FVec& to_f32(const FVec& x) { return x; }
+// x rounded to bf16 values (held as floats): inputs that fp32 and bf16 tensors hold alike.
+FVec bf16_values(const FVec& x) { return to_f32(to_bf16(x)); }
+// Random bf16 values in [lo, hi).
+FVec random_bf16(std::mt19937& rng, std::size_t n, float lo = -1.0f, float hi = 1.0f) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  FVec v(n);
+  for (float& x : v) x = u(rng);
+  return bf16_values(v);
+}
+// A tensor of element type T (float or uint16_t) holding the values x (rounded into bf16).
+template <typename T>
+std::vector<T> as_type(const FVec& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return to_bf16(x);
+  }
+}
+template <typename T>
+T poison() {
+  if constexpr (std::is_same_v<T, float>) {
+    return kNaN;
+  } else {
+    return kBf16NaN;
+  }
+}
+
+// A bf16 value's position on the number line in ulps (±0 both 0).
+int bf16_ordinal(uint16_t b) { return (b & 0x8000u) != 0 ? -static_cast<int>(b & 0x7FFFu) : static_cast<int>(b); }
+
+// Each element of got within one bf16 ulp of ref (fp32) rounded to nearest even; NaN never is.
+void expect_within_ulp(const BVec& got, const FVec& ref, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  std::size_t bad = 0, first = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const uint16_t r = k::float_to_bf16_bits(ref[i]);
+    const bool nan = (got[i] & 0x7F80u) == 0x7F80u && (got[i] & 0x007Fu) != 0;
+    if (nan || std::abs(bf16_ordinal(got[i]) - bf16_ordinal(r)) > 1) {
+      if (bad++ == 0) first = i;
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << ref.size() << " elements more than one bf16 ulp from "
+                     << "round(fp32), the first at " << first << " (got "
+                     << (bad > 0 ? k::bf16_bits_to_float(got[first]) : 0.0f) << ", fp32 "
+                     << (bad > 0 ? ref[first] : 0.0f) << ")";
+}
+// An output in its type: fp32 to kTol, bf16 to kBf16Tol.
+template <typename T>
+void expect_typed_close(const std::vector<T>& got, const FVec& ref, const std::string& what) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
+  const double e = rel_error(to_f32(got), ref);
+  EXPECT_LE(e, fp32 ? kTol : kBf16Tol) << what << " (" << (fp32 ? "fp32" : "bf16") << "): relative error " << e;
+}
+
+TEST_F(EmulatedKernels, Bf16LayerNorm) {
+  const int N = 37, C = 72;
+  const FVec x = random_bf16(rng_, std::size_t(N) * C, -3.0f, 3.0f), w = random_bf16(rng_, C), b = random_bf16(rng_, C);
+  const BVec xb = to_bf16(x), wb = to_bf16(w), bb = to_bf16(b);
+  BVec out(x.size(), kBf16NaN);
+  FVec mean(N, kNaN), rstd(N, kNaN), ref_out(x.size()), ref_mean(N), ref_rstd(N);
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_forward_kernel<uint16_t>, out.data(),
+         mean.data(), rstd.data(), xb.data(), wb.data(), bb.data(), N, C);
+  cpu_->layernorm_forward(ref_out.data(), ref_mean.data(), ref_rstd.data(), x.data(), w.data(), b.data(), N, C);
+  expect_typed_close(out, ref_out, "layernorm forward out");
+  EXPECT_CLOSE(mean, ref_mean, "layernorm mean (fp32)");
+  EXPECT_CLOSE(rstd, ref_rstd, "layernorm rstd (fp32)");
+
+  // backward: dinp accumulates in bf16; the parameter gradients in each dtype (dweight bf16 with dbias
+  // fp32, then the other way round), from the same partial sums
+  const FVec dout = random_bf16(rng_, x.size()), dinp0 = random_bf16(rng_, x.size());
+  const FVec dw0 = random_bf16(rng_, C), db0 = random_bf16(rng_, C);
+  const BVec doutb = to_bf16(dout);
+  BVec dinp = to_bf16(dinp0);
+  FVec ref_dinp = dinp0, ref_dw = dw0, ref_db = db0;
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::layernorm_backward_input_kernel<uint16_t>,
+         dinp.data(), doutb.data(), xb.data(), wb.data(), mean.data(), rstd.data(), N, C);
+  const int max_chunks = 8, rows_per_chunk = (N + max_chunks - 1) / max_chunks;
+  const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  FVec partial(2 * std::size_t(chunks) * C, kNaN);
+  launch(dim3(blocks_for(C), chunks), dim3(kThreads), 0, k::layernorm_param_partials_kernel<uint16_t>,
+         partial.data(), doutb.data(), xb.data(), mean.data(), rstd.data(), N, C, rows_per_chunk);
+  BVec dw_b = to_bf16(dw0), db_b = to_bf16(db0);
+  FVec dw_f = dw0, db_f = db0;
+  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel<uint16_t, float>, dw_b.data(),
+         db_f.data(), partial.data(), chunks, C);
+  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel<float, uint16_t>, dw_f.data(),
+         db_b.data(), partial.data(), chunks, C);
+  cpu_->layernorm_backward(ref_dinp.data(), ref_dw.data(), ref_db.data(), dout.data(), x.data(), w.data(),
+                           ref_mean.data(), ref_rstd.data(), N, C);
+  expect_typed_close(dinp, ref_dinp, "layernorm backward dinp (accumulated)");
+  expect_typed_close(dw_b, ref_dw, "layernorm backward dweight");
+  expect_typed_close(db_b, ref_db, "layernorm backward dbias");
+  expect_typed_close(dw_f, ref_dw, "layernorm backward dweight of bf16 activations");
+  expect_typed_close(db_f, ref_db, "layernorm backward dbias of bf16 activations");
+}
+
+// The fused attention in bf16 (qkv, out, dout, dqkv), its statistics fp32: one shape, head dimension 24, S
+// across a 32-key tile.
+TEST_F(EmulatedKernels, Bf16FusedAttention) {
+  const int B = 2, S = 37, C = 48, H = 2, d = C / H;
+  const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C, rows = std::size_t(B) * H * S;
+  const FVec qkv = random_bf16(rng_, nqkv, -2.0f, 2.0f), dout = random_bf16(rng_, nout);
+  const BVec qkvb = to_bf16(qkv), doutb = to_bf16(dout);
+  BVec out(nout, kBf16NaN);
+  FVec lse(rows, kNaN), ref_out(nout), probs(cpu_->attention_saved_floats(B, S, H));
+  const dim3 rows_grid((S + k::kAttRows - 1) / k::kAttRows, B * H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_forward_kernel<uint16_t>,
+         out.data(), lse.data(), qkvb.data(), S, C, H);
+  cpu_->attention_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H);
+  expect_typed_close(out, ref_out, "attention forward out");
+  // the CPU's statistics: its context-parallel forward over every position of the sequence
+  std::vector<int32_t> pos(S);
+  for (int i = 0; i < S; ++i) pos[i] = i;
+  FVec cp_out(nout), ref_lse(rows);
+  cpu_->attention_block_forward(cp_out.data(), ref_lse.data(), qkv.data(), qkv.data() + C, qkv.data() + 2 * C, 3 * C,
+                                3 * C, pos.data(), pos.data(), B, S, S, C, H);
+  EXPECT_CLOSE(lse, ref_lse, "attention forward lse (fp32)");
+
+  // backward from the kernel's bf16 out (D = Σ dout·out of those values, fp32)
+  FVec D(rows, kNaN), ref_D(rows), scratch(cpu_->attention_scratch_floats(B, S, H)), ref_dqkv(nqkv);
+  BVec dqkv(nqkv, kBf16NaN);
+  launch(dim3(blocks_for(rows * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel<uint16_t, uint16_t>,
+         D.data(), doutb.data(), out.data(), B, S, C, H);
+  cpu_->attention_block_delta(ref_D.data(), dout.data(), to_f32(out).data(), B, S, C, H);
+  EXPECT_CLOSE(D, ref_D, "attention backward D (fp32)");
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel<uint16_t>,
+         dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S, C, H);
+  launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
+         k::attention_backward_dkv_kernel<uint16_t>, dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S,
+         C, H);
+  cpu_->attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
+                           S, C, H);
+  expect_typed_close(dqkv, ref_dqkv, "attention backward dqkv");
+}
+
+// The context-parallel kernels on bf16 queries, keys, values and dout, the outputs (out; dq, dk, dv) in TO:
+// bf16, or fp32 accumulators. The structure of check_block_attention: block 1 by the kernel, block 2 by the
+// CPU merged in (a bf16 block result into a TO running one), delta, and block 1's backward accumulating.
+template <typename TO>
+void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend& cpu) {
+  SCOPED_TRACE(std::string(cs.name) + (std::is_same_v<TO, float> ? ", fp32 outputs" : ", bf16 outputs"));
+  const int B = cs.B, C = cs.C, H = cs.H, d = C / H;
+  const int Sq = static_cast<int>(cs.pos_q.size()), Sk = static_cast<int>(cs.pos_k.size());
+  const int Sk2 = static_cast<int>(cs.pos_k2.size());
+  const int qs = 3 * C + cs.q_pad, kvs = cs.shared ? qs : 2 * C + cs.kv_pad, kvs2 = 2 * C + cs.kv_pad;
+  const std::size_t nout = std::size_t(B) * Sq * C, nstat = std::size_t(B) * H * Sq;
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  auto strided = [&](std::size_t rows, int stride, int cols, float fill) {  // bf16 values in columns [0, cols)
+    FVec buf(rows * stride, fill);
+    for (std::size_t r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) buf[r * stride + c] = u(rng);
+    return bf16_values(buf);
+  };
+  const FVec qbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, kNaN);
+  const FVec kvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, kNaN);
+  const FVec kv2 = strided(std::size_t(B) * Sk2, kvs2, 2 * C, kNaN);
+  const BVec qbuf_b = to_bf16(qbuf), kvbuf_b = to_bf16(kvbuf);  // NaN stays NaN
+  const float* q = qbuf.data();
+  const float* k = cs.shared ? q + C : kvbuf.data();
+  const float* v = k + C;
+  const uint16_t* qb = qbuf_b.data();
+  const uint16_t* kb = cs.shared ? qb + C : kvbuf_b.data();
+  const uint16_t* vb = kb + C;
+
+  std::vector<TO> out(nout, poison<TO>());
+  FVec lse(nstat, kNaN), ref_out(nout, kNaN), ref_lse(nstat, kNaN);
+  const dim3 rows_grid((Sq + k::kAttRows - 1) / k::kAttRows, B * H);
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false),
+         k::attention_block_forward_kernel<TO, uint16_t>, out.data(), lse.data(), qb, kb, vb, qs, kvs,
+         cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+  cpu.attention_block_forward(ref_out.data(), ref_lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), B,
+                              Sq, Sk, C, H);
+  expect_typed_close(out, ref_out, "block forward out");
+  expect_close_lse(lse, ref_lse, "block forward lse (fp32)");
+
+  // block 2 on the CPU, as bf16 values; merged into block 1's result held in TO (and its fp32 values on the CPU)
+  FVec out2(nout, kNaN), lse2(nstat, kNaN);
+  cpu.attention_block_forward(out2.data(), lse2.data(), q, kv2.data(), kv2.data() + C, qs, kvs2, cs.pos_q.data(),
+                              cs.pos_k2.data(), B, Sq, Sk2, C, H);
+  FVec running = to_f32(as_type<TO>(ref_out));
+  auto is_neg_inf = [](float x) { return std::isinf(x) && x < 0; };
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Sq; ++i) {  // a side at −inf contributes nothing: NaN there
+        const std::size_t s = (std::size_t(b) * H + h) * Sq + i, o = (std::size_t(b) * Sq + i) * C + h * d;
+        if (is_neg_inf(ref_lse[s]) && !is_neg_inf(lse2[s])) std::fill_n(running.begin() + o, d, kNaN);
+        if (is_neg_inf(lse2[s])) std::fill_n(out2.begin() + o, d, kNaN);
+      }
+  const FVec out2_values = bf16_values(out2);
+  const BVec out2_b = to_bf16(out2);
+  std::vector<TO> merged = as_type<TO>(running);
+  FVec merged_lse = ref_lse, ref_merged = running, ref_merged_lse = ref_lse;
+  launch(dim3(blocks_for(std::size_t(B) * Sq * H * 32)), dim3(kThreads), 0, k::attention_merge_kernel<TO, uint16_t>,
+         merged.data(), merged_lse.data(), out2_b.data(), lse2.data(), B, Sq, C, H);
+  cpu.attention_merge(ref_merged.data(), ref_merged_lse.data(), out2_values.data(), lse2.data(), B, Sq, C, H);
+  expect_typed_close(merged, ref_merged, "merge out");
+  expect_close_lse(merged_lse, ref_merged_lse, "merge lse (fp32)");
+
+  // delta of bf16 dout and the merged out (in TO), fp32
+  const FVec dout = strided(std::size_t(B) * Sq, C, C, 0.0f);
+  const BVec dout_b = to_bf16(dout);
+  const FVec merged_values = to_f32(merged);
+  FVec delta(nstat, kNaN), ref_delta(nstat, kNaN);
+  launch(dim3(blocks_for(nstat * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel<uint16_t, TO>, delta.data(),
+         dout_b.data(), merged.data(), B, Sq, C, H);
+  cpu.attention_block_delta(ref_delta.data(), dout.data(), merged_values.data(), B, Sq, C, H);
+  EXPECT_CLOSE(delta, ref_delta, "delta (fp32)");
+
+  // backward of block 1 from the CPU's lse and delta, accumulating into dq and its dk, dv (in TO) from
+  // random starting values; the gradients' padding keeps its values
+  const FVec dq0 = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, 7.0f);
+  const FVec dkv0 = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, 7.0f);
+  std::vector<TO> dqbuf = as_type<TO>(dq0), dkvbuf = as_type<TO>(dkv0);
+  FVec ref_dqbuf = dq0, ref_dkvbuf = dkv0;
+  TO* dq = dqbuf.data();
+  TO* dk = cs.shared ? dq + C : dkvbuf.data();
+  float* ref_dq = ref_dqbuf.data();
+  float* ref_dk = cs.shared ? ref_dq + C : ref_dkvbuf.data();
+  launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true),
+         k::attention_block_backward_dq_kernel<TO, uint16_t>, dq, qs, dout_b.data(), ref_lse.data(), ref_delta.data(),
+         qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+  launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
+         k::attention_block_backward_dkv_kernel<TO, uint16_t>, dk, dk + C, kvs, dout_b.data(), ref_lse.data(),
+         ref_delta.data(), qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+  cpu.attention_block_backward(ref_dq, ref_dk, ref_dk + C, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
+                               kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
+  expect_typed_close(dqbuf, ref_dqbuf, "block backward dq (and the own block's dk, dv)");
+  if (!cs.shared) expect_typed_close(dkvbuf, ref_dkvbuf, "block backward dk, dv");
+  auto padding_kept = [&](const std::vector<TO>& buf, const FVec& start, int stride, int cols) {
+    const std::vector<TO> initial = as_type<TO>(start);
+    for (std::size_t i = 0; i < buf.size(); ++i)
+      if (static_cast<int>(i % stride) >= cols && std::memcmp(&buf[i], &initial[i], sizeof(TO)) != 0) return false;
+    return true;
+  };
+  EXPECT_TRUE(padding_kept(dqbuf, dq0, qs, cs.shared ? 3 * C : C)) << "dq padding written";
+  if (!cs.shared) {
+    EXPECT_TRUE(padding_kept(dkvbuf, dkv0, kvs, 2 * C)) << "dk, dv padding written";
+  }
+}
+
+TEST_F(EmulatedKernels, Bf16ContextParallelAttention) {
+  const BlockCase zigzag = {"zigzag, middle block, padded strides", 1, 48, 2, join(span(0, 9), span(30, 39)),
+                            span(10, 29), join(span(0, 9), span(30, 39)), false, 3, 5};
+  const BlockCase diagonal = {"diagonal in the qkv buffer, a future block", 2, 16, 4, span(0, 4), span(0, 4),
+                              {2, 9}, true, 0, 0};
+  for (const BlockCase* cs : {&zigzag, &diagonal}) {
+    check_block_attention_bf16<uint16_t>(*cs, rng_, *cpu_);
+    check_block_attention_bf16<float>(*cs, rng_, *cpu_);
+  }
+}
+
+// gelu, add, accumulate, convert (also the 2-D staging copies), scale: bf16 outputs within one ulp of the
+// fp32 result; sum_squares of bf16 and AdamW with bf16 gradients (fp32 results) to kTol.
+TEST_F(EmulatedKernels, Bf16ElementwiseAndOptimizer) {
+  const std::size_t n = 1000;
+  const FVec x = random_bf16(rng_, n, -5.0f, 5.0f), y = random_bf16(rng_, n), g = random_bf16(rng_, n, -0.1f, 0.1f);
+  const FVec yf = random(n);  // an fp32 tensor (values of full precision)
+  const BVec xb = to_bf16(x), yb = to_bf16(y), gb = to_bf16(g);
+  auto blocks = dim3(blocks_for(n));
+
+  // gelu against the CPU on [−3, 3]: below, 1 + tanh cancels and the CPU's tanh_approx (absolute error
+  // ~1e-7) leaves its fp32 result further than a bf16 ulp from the exact one; over [−5, 5] the bf16 kernel
+  // is its own fp32 instantiation rounded, bit for bit.
+  const FVec xg = random_bf16(rng_, n, -3.0f, 3.0f);
+  const BVec xgb = to_bf16(xg);
+  BVec gelu(n, kBf16NaN), dgelu = yb;  // dgelu: dinp aliases dout
+  FVec ref_gelu(n), ref_dgelu(n);
+  launch(blocks, dim3(kThreads), 0, k::gelu_forward_kernel<uint16_t>, gelu.data(), xgb.data(), n);
+  cpu_->gelu_forward(ref_gelu.data(), xg.data(), n);
+  expect_within_ulp(gelu, ref_gelu, "gelu forward");
+  launch(blocks, dim3(kThreads), 0, k::gelu_backward_kernel<uint16_t>, dgelu.data(), xgb.data(), dgelu.data(), n);
+  cpu_->gelu_backward(ref_dgelu.data(), xg.data(), y.data(), n);
+  expect_within_ulp(dgelu, ref_dgelu, "gelu backward (in place)");
+  BVec gelu_wide(n, kBf16NaN), dgelu_wide(n, kBf16NaN);
+  FVec gelu_f(n, kNaN), dgelu_f(n, kNaN);
+  launch(blocks, dim3(kThreads), 0, k::gelu_forward_kernel<uint16_t>, gelu_wide.data(), xb.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::gelu_forward_kernel<float>, gelu_f.data(), x.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::gelu_backward_kernel<uint16_t>, dgelu_wide.data(), xb.data(), yb.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::gelu_backward_kernel<float>, dgelu_f.data(), x.data(), y.data(), n);
+  EXPECT_EQ(gelu_wide, to_bf16(gelu_f)) << "gelu forward on [−5, 5]: the fp32 kernel's result rounded";
+  EXPECT_EQ(dgelu_wide, to_bf16(dgelu_f)) << "gelu backward on [−5, 5]: the fp32 kernel's result rounded";
+
+  // add: any dtype per argument
+  FVec ref_sum(n), ref_sum_f(n);
+  cpu_->add(ref_sum.data(), x.data(), y.data(), n);
+  cpu_->add(ref_sum_f.data(), x.data(), yf.data(), n);
+  BVec sum_b(n, kBf16NaN), sum_bf(n, kBf16NaN);
+  FVec sum_f(n, kNaN);
+  launch(blocks, dim3(kThreads), 0, k::add_kernel<uint16_t, uint16_t, uint16_t>, sum_b.data(), xb.data(), yb.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::add_kernel<float, uint16_t, float>, sum_f.data(), xb.data(), yf.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::add_kernel<uint16_t, float, float>, sum_bf.data(), x.data(), yf.data(), n);
+  expect_within_ulp(sum_b, ref_sum, "add bf16 + bf16 → bf16");
+  EXPECT_CLOSE(sum_f, ref_sum_f, "add bf16 + fp32 → fp32");
+  expect_within_ulp(sum_bf, ref_sum_f, "add fp32 + fp32 → bf16");
+  BVec alias = xb;  // out aliasing a
+  launch(blocks, dim3(kThreads), 0, k::add_kernel<uint16_t, uint16_t, uint16_t>, alias.data(), alias.data(), yb.data(),
+         n);
+  expect_within_ulp(alias, ref_sum, "add in place");
+
+  // accumulate: bf16 += fp32, fp32 += bf16, bf16 += bf16
+  FVec ref_acc_f = y, ref_acc_b = yf;
+  cpu_->accumulate(ref_acc_f.data(), yf.data(), n);  // y + yf
+  cpu_->accumulate(ref_acc_b.data(), x.data(), n);   // yf + x
+  BVec acc_bf = yb;
+  FVec acc_fb = yf;
+  launch(blocks, dim3(kThreads), 0, k::accumulate_kernel<uint16_t, float>, acc_bf.data(), yf.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::accumulate_kernel<float, uint16_t>, acc_fb.data(), xb.data(), n);
+  expect_within_ulp(acc_bf, ref_acc_f, "accumulate bf16 += fp32");
+  EXPECT_CLOSE(acc_fb, ref_acc_b, "accumulate fp32 += bf16");
+  BVec acc_bb = yb;
+  launch(blocks, dim3(kThreads), 0, k::accumulate_kernel<uint16_t, uint16_t>, acc_bb.data(), xb.data(), n);
+  expect_within_ulp(acc_bb, ref_sum, "accumulate bf16 += bf16");
+
+  // convert: fp32 → bf16 rounds to nearest even (exactly the RNE bits); bf16 → fp32 is exact
+  BVec conv_b(n, kBf16NaN);
+  FVec conv_f(n, kNaN);
+  launch(blocks, dim3(kThreads), 0, k::convert_kernel<uint16_t, float>, conv_b.data(), yf.data(), n);
+  launch(blocks, dim3(kThreads), 0, k::convert_kernel<float, uint16_t>, conv_f.data(), xb.data(), n);
+  EXPECT_EQ(conv_b, to_bf16(yf)) << "convert fp32 → bf16";
+  EXPECT_EQ(conv_f, x) << "convert bf16 → fp32";
+  // the 2-D form (the backend's staging of strided tensors): 7 rows of 5 from rows 9 apart, packed and back
+  const std::size_t rows = 7, cols = 5, stride = 9;
+  BVec strided_b = to_bf16(random_bf16(rng_, rows * stride)), back(rows * stride, 0x1234);
+  FVec packed(rows * cols, kNaN);
+  launch(dim3(blocks_for(rows * cols)), dim3(kThreads), 0, k::convert_2d_kernel<float, uint16_t>, packed.data(), cols,
+         strided_b.data(), stride, rows, cols);
+  launch(dim3(blocks_for(rows * cols)), dim3(kThreads), 0, k::convert_2d_kernel<uint16_t, float>, back.data(), stride,
+         packed.data(), cols, rows, cols);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t c = 0; c < stride; ++c) {
+      if (c < cols) {
+        EXPECT_EQ(packed[r * cols + c], k::bf16_bits_to_float(strided_b[r * stride + c])) << r << ", " << c;
+        EXPECT_EQ(back[r * stride + c], strided_b[r * stride + c]) << r << ", " << c;
+      } else {
+        EXPECT_EQ(back[r * stride + c], 0x1234) << "written outside the columns at " << r << ", " << c;
+      }
+    }
+
+  // scale
+  BVec scaled = yb;
+  FVec ref_scaled = y;
+  launch(blocks, dim3(kThreads), 0, k::scale_kernel<uint16_t>, scaled.data(), -0.37f, n);
+  cpu_->scale(ref_scaled.data(), -0.37f, n);
+  expect_within_ulp(scaled, ref_scaled, "scale");
+
+  // Σ x² of bf16 values, in double: three chunks, the last one short
+  const std::size_t ns = 2 * k::kSumChunk + 77;
+  const FVec xs = random_bf16(rng_, ns, -4.0f, 4.0f);
+  const BVec xsb = to_bf16(xs);
+  const std::size_t chunks = (ns + k::kSumChunk - 1) / k::kSumChunk;
+  std::vector<double> partial(chunks + 1, std::nan(""));
+  launch(dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0, k::sum_squares_partial_kernel<uint16_t>,
+         partial.data(), xsb.data(), ns);
+  launch(dim3(1), dim3(1024), 0, k::sum_doubles_kernel, partial.data() + chunks, partial.data(), chunks);
+  EXPECT_NEAR(partial[chunks], cpu_->sum_squares(xs.data(), ns), 1e-12 * partial[chunks]) << "sum_squares of bf16";
+
+  // AdamW on fp32 parameters and moments with bf16 gradients
+  FVec p = random(n), mo = random(n, -0.01f, 0.01f), v = random(n, 0.0f, 1e-4f);
+  FVec rp = p, rm = mo, rv = v;
+  const float lr = 3e-4f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 0.5f;
+  for (int t = 1; t <= 3; ++t) {
+    const float bias1 = 1.0f - std::pow(b1, static_cast<float>(t)), bias2 = 1.0f - std::pow(b2, static_cast<float>(t));
+    launch(blocks, dim3(kThreads), 0, k::adamw_kernel<uint16_t>, p.data(), gb.data(), mo.data(), v.data(), n, b1, b2,
+           eps, lr / bias1, std::sqrt(bias2), 1.0f - lr * wd, clip);
+    cpu_->adamw_update(rp.data(), g.data(), rm.data(), rv.data(), n, lr, b1, b2, eps, wd, t, clip);
+  }
+  EXPECT_CLOSE(p, rp, "adamw params (bf16 gradients)");
+  EXPECT_CLOSE(mo, rm, "adamw m (bf16 gradients)");
+  EXPECT_CLOSE(v, rv, "adamw v (bf16 gradients)");
+}
+
+// Embedding forward in bf16; backward from bf16 dout into dtok and dpos of each dtype: an fp32 dtok by the
+// partition kernel, a bf16 one by the token chains (each token's rows summed in fp32, rounded once).
+TEST_F(EmulatedKernels, Bf16Embedding) {
+  const int B = 2, S = 13, C = 40, V = 67, N = B * S;
+  std::vector<int32_t> tokens(N);
+  std::uniform_int_distribution<int32_t> t(-3, V - 1);
+  for (int32_t& x : tokens) x = t(rng_);
+  tokens[0] = tokens[1] = tokens[5] = tokens[N - 1] = 7;  // repeated, the last row among them
+  tokens[2] = -1;
+  tokens[3] = tokens[4] = 11;  // adjacent repeats
+  const FVec table = random_bf16(rng_, std::size_t(V) * C), pos = random_bf16(rng_, std::size_t(S) * C);
+  const BVec tableb = to_bf16(table), posb = to_bf16(pos);
+  BVec out(std::size_t(N) * C, kBf16NaN), out_nopos(out.size(), kBf16NaN);
+  FVec ref_out(out.size()), ref_nopos(out.size());
+  launch(dim3(blocks_for(out.size())), dim3(kThreads), 0, k::embedding_forward_kernel<uint16_t>, out.data(),
+         tokens.data(), tableb.data(), posb.data(), N, S, C);
+  launch(dim3(blocks_for(out.size())), dim3(kThreads), 0, k::embedding_forward_kernel<uint16_t>, out_nopos.data(),
+         tokens.data(), tableb.data(), static_cast<const uint16_t*>(nullptr), N, S, C);
+  cpu_->embedding_forward(ref_out.data(), tokens.data(), table.data(), pos.data(), B, S, C);
+  cpu_->embedding_forward(ref_nopos.data(), tokens.data(), table.data(), nullptr, B, S, C);
+  expect_within_ulp(out, ref_out, "embedding forward");
+  expect_within_ulp(out_nopos, ref_nopos, "embedding forward without positions");
+
+  const FVec dout = random_bf16(rng_, out.size()), dtok0 = random_bf16(rng_, table.size());
+  const FVec dpos0 = random_bf16(rng_, pos.size());
+  const BVec doutb = to_bf16(dout);
+  FVec ref_dtok = dtok0, ref_dpos = dpos0;
+  cpu_->embedding_backward(ref_dtok.data(), ref_dpos.data(), dout.data(), tokens.data(), B, S, C);
+  // bf16 dtok: the chains, then one thread per (first row of a token, column)
+  std::vector<int32_t> chain(2 * std::size_t(N), -7);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::embedding_token_chain_kernel, chain.data(), chain.data() + N,
+         tokens.data(), N);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::embedding_token_heads_kernel, chain.data() + N, chain.data(), N);
+  for (int n = 0; n < N; ++n) {  // the chains by their definition
+    int next = -1;
+    bool first = tokens[n] >= 0;
+    for (int m = n + 1; m < N && next < 0 && tokens[n] >= 0; ++m) next = tokens[m] == tokens[n] ? m : -1;
+    for (int m = 0; m < n; ++m) first = first && tokens[m] != tokens[n];
+    EXPECT_EQ(chain[n], next) << "next of row " << n;
+    EXPECT_EQ(chain[N + n], first ? 1 : 0) << "head flag of row " << n;
+  }
+  BVec dtok_b = to_bf16(dtok0);
+  launch(dim3(blocks_for(std::size_t(N) * C)), dim3(kThreads), 0,
+         k::embedding_backward_tok_chain_kernel<uint16_t, uint16_t>, dtok_b.data(), doutb.data(), tokens.data(),
+         chain.data(), chain.data() + N, N, C);
+  expect_within_ulp(dtok_b, ref_dtok, "embedding backward dtok (bf16)");
+  FVec dtok_f = dtok0;
+  launch(dim3(blocks_for(C), k::kTokenPartitions), dim3(kThreads), 0, k::embedding_backward_tok_kernel<uint16_t>,
+         dtok_f.data(), doutb.data(), tokens.data(), N, C);
+  EXPECT_CLOSE(dtok_f, ref_dtok, "embedding backward dtok (fp32 of bf16 dout)");
+  BVec dpos_b = to_bf16(dpos0);
+  FVec dpos_f = dpos0;
+  launch(dim3(blocks_for(pos.size())), dim3(kThreads), 0, k::embedding_backward_pos_kernel<uint16_t, uint16_t>,
+         dpos_b.data(), doutb.data(), B, S, C);
+  launch(dim3(blocks_for(pos.size())), dim3(kThreads), 0, k::embedding_backward_pos_kernel<float, uint16_t>,
+         dpos_f.data(), doutb.data(), B, S, C);
+  expect_within_ulp(dpos_b, ref_dpos, "embedding backward dpos (bf16)");
+  EXPECT_CLOSE(dpos_f, ref_dpos, "embedding backward dpos (fp32 of bf16 dout)");
+}
+
+// Cross-entropy on bf16 logits, fused and in the three vocabulary-parallel steps: dlogits in bf16, the
+// statistics and the loss fp32.
+TEST_F(EmulatedKernels, Bf16CrossEntropy) {
+  const int N = 9, V = 300;
+  const float scale = 0.03f;
+  std::vector<int32_t> targets(N);
+  std::uniform_int_distribution<int32_t> t(0, V - 1);
+  for (int32_t& x : targets) x = t(rng_);
+  FVec z = random_bf16(rng_, std::size_t(N) * V, -8.0f, 8.0f);
+  z[3] = 120.0f;  // a dominant logit
+
+  BVec logits = to_bf16(z);
+  FVec ref_logits = z;
+  std::vector<double> row_loss(N);
+  double loss = 0.5, ref_loss = 0.5;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<uint16_t>, logits.data(), row_loss.data(),
+         targets.data(), V, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
+  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, scale);
+  expect_typed_close(logits, ref_logits, "cross-entropy dlogits");
+  EXPECT_NEAR(loss, ref_loss, kTol * std::abs(ref_loss)) << "cross-entropy loss (fp32)";
+
+  targets[0] = targets[4] = -1;  // in another rank's block
+  const BVec zb = to_bf16(z);
+  BVec logits2 = zb;
+  FVec ref_logits2 = z, row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N);
+  double loss2 = 0.0, ref_loss2 = 0.0;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<uint16_t>, row_max.data(), zb.data(), V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel<uint16_t>, sums.data(), zb.data(),
+         targets.data(), row_max.data(), N, V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel<uint16_t>, logits2.data(), row_loss.data(),
+         targets.data(), row_max.data(), sums.data(), N, V, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss2, row_loss.data(), N, scale);
+  cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V);
+  cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V);
+  cpu_->cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V,
+                             scale);
+  EXPECT_CLOSE(row_max, ref_max, "cross-entropy row max (fp32)");
+  EXPECT_CLOSE(sums, ref_sums, "cross-entropy partial sums (fp32)");
+  expect_typed_close(logits2, ref_logits2, "cross-entropy finish dlogits");
+  EXPECT_NEAR(loss2, ref_loss2, kTol * std::abs(ref_loss2)) << "cross-entropy finish loss (fp32)";
+}
+
+// The mixture-of-experts kernels on bf16 logits, dlogits and token buffers (gates, probabilities and dgate
+// fp32), one shape with drops: the routing exact, the copies bit for bit.
+TEST_F(EmulatedKernels, Bf16MixtureOfExperts) {
+  const int N = 37, E = 5, k = 2, h = 7, capacity = 15, C = capacity + 1;
+  const std::size_t nA = std::size_t(N) * k, nP = std::size_t(N) * E, nX = std::size_t(N) * h,
+                    nB = std::size_t(E) * C * h;
+  FVec logits = random_bf16(rng_, nP, -2.0f, 2.0f);
+  for (int n = 0; n < N; ++n) logits[std::size_t(n) * E] += n % 3 != 2 ? 1.5f : 0.0f;
+  for (int e = 0; e < E; ++e) logits[e] = 0.5f;  // a row of ties
+  logits = bf16_values(logits);
+  const BVec logits_b = to_bf16(logits);
+
+  std::vector<int32_t> expert(nA, -99), ref_expert(nA);
+  FVec gate(nA, kNaN), probs(nP, kNaN), ref_gate(nA), ref_probs(nP);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_forward_kernel<uint16_t>, expert.data(), gate.data(),
+         probs.data(), logits_b.data(), N, E, k);
+  cpu_->moe_router_forward(ref_expert.data(), ref_gate.data(), ref_probs.data(), logits.data(), N, E, k);
+  EXPECT_EQ(expert, ref_expert) << "router expert";
+  EXPECT_CLOSE(gate, ref_gate, "router gate (fp32)");
+  EXPECT_CLOSE(probs, ref_probs, "router probs (fp32)");
+
+  const FVec dgate = random(nA);
+  BVec dlogits(nP, kBf16NaN);
+  FVec ref_dlogits(nP);
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_router_backward_kernel<uint16_t>, dlogits.data(), dgate.data(),
+         ref_gate.data(), ref_expert.data(), N, E, k);
+  cpu_->moe_router_backward(ref_dlogits.data(), dgate.data(), ref_gate.data(), ref_expert.data(), N, E, k);
+  expect_typed_close(dlogits, ref_dlogits, "router dlogits");
+
+  std::vector<int32_t> slot(nA), counts(2 * std::size_t(E));
+  cpu_->moe_assign(slot.data(), counts.data(), ref_expert.data(), N, E, k, capacity);
+  // the auxiliary loss's gradient added into bf16 dlogits (added in fp32, rounded once)
+  const FVec pre = random_bf16(rng_, nP);
+  BVec aux_dlogits = to_bf16(pre);
+  FVec ref_aux_dlogits = pre;
+  double ref_aux = 0.0;
+  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::moe_aux_loss_grad_kernel<uint16_t>, aux_dlogits.data(),
+         ref_probs.data(), counts.data(), N, E, k, 0.37f, 0.25f * N);
+  cpu_->moe_aux_loss(ref_aux_dlogits.data(), &ref_aux, ref_probs.data(), counts.data(), N, E, k, 0.37f, 0.25f * N);
+  expect_typed_close(aux_dlogits, ref_aux_dlogits, "aux dlogits");
+
+  // dispatch (a copy: bit for bit) and its backward
+  const FVec inp = random_bf16(rng_, nX);
+  const BVec inp_b = to_bf16(inp);
+  BVec buf(nB, 0);  // zeroed: cudaMemsetAsync
+  FVec ref_buf(nB);
+  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_dispatch_kernel<uint16_t>, buf.data(), inp_b.data(),
+         ref_expert.data(), slot.data(), N, k, C, h);
+  cpu_->moe_dispatch(ref_buf.data(), inp.data(), ref_expert.data(), slot.data(), N, E, k, C, h);
+  EXPECT_EQ(buf, to_bf16(ref_buf)) << "dispatch buf";
+  const FVec dbuf = random_bf16(rng_, nB);
+  const BVec dbuf_b = to_bf16(dbuf);
+  BVec dinp(nX, kBf16NaN);
+  FVec ref_dinp(nX);
+  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_dispatch_backward_kernel<uint16_t>, dinp.data(),
+         dbuf_b.data(), ref_expert.data(), slot.data(), N, k, C, h);
+  cpu_->moe_dispatch_backward(ref_dinp.data(), dbuf.data(), ref_expert.data(), slot.data(), N, E, k, C, h);
+  expect_within_ulp(dinp, ref_dinp, "dispatch dinp");
+
+  // combine and its backward
+  const FVec y = random_bf16(rng_, nB), dout = random_bf16(rng_, nX);
+  const BVec y_b = to_bf16(y), dout_b = to_bf16(dout);
+  BVec out(nX, kBf16NaN);
+  FVec ref_out(nX);
+  launch(dim3(blocks_for(nX)), dim3(kThreads), 0, k::moe_combine_kernel<uint16_t>, out.data(), y_b.data(),
+         ref_gate.data(), ref_expert.data(), slot.data(), N, k, C, h);
+  cpu_->moe_combine(ref_out.data(), y.data(), ref_gate.data(), ref_expert.data(), slot.data(), N, E, k, C, h);
+  expect_within_ulp(out, ref_out, "combine out");
+  BVec cdbuf(nB, 0);  // zeroed: cudaMemsetAsync
+  FVec dgate_out(nA, kNaN), ref_cdbuf(nB), ref_dgate(nA);
+  launch(dim3(blocks_for(nA * h)), dim3(kThreads), 0, k::moe_combine_backward_dbuf_kernel<uint16_t>, cdbuf.data(),
+         dout_b.data(), ref_gate.data(), ref_expert.data(), slot.data(), N, k, C, h);
+  launch(dim3(blocks_for(nA * 32)), dim3(kThreads), 0, k::moe_combine_backward_dgate_kernel<uint16_t>,
+         dgate_out.data(), dout_b.data(), y_b.data(), ref_expert.data(), slot.data(), N, k, C, h);
+  cpu_->moe_combine_backward(ref_cdbuf.data(), ref_dgate.data(), dout.data(), y.data(), ref_gate.data(),
+                             ref_expert.data(), slot.data(), N, E, k, C, h);
+  expect_within_ulp(cdbuf, ref_cdbuf, "combine dbuf");
+  EXPECT_CLOSE(dgate_out, ref_dgate, "combine dgate (fp32)");
 }
 
 }  // namespace

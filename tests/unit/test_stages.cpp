@@ -16,8 +16,8 @@ namespace {
 class StateHooks final : public UnitHooks {
  public:
   explicit StateHooks(ReplicatedState& state) : state_(state) {}
-  const float* unit_params(int unit) override { return state_.unit_params(unit); }
-  float* unit_grads(int unit) override { return state_.unit_grads(unit); }
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
 
  private:
   ReplicatedState& state_;
@@ -36,7 +36,7 @@ Result run_whole(const ModelConfig& m, int b, BlockParts parts = BlockParts{}, B
   std::unique_ptr<Backend> own = backend ? nullptr : make_cpu_backend(1);
   Backend* be = backend ? backend : own.get();
   GptModel model(m, *be, b, recompute, ModelParallel{}, parts);
-  ReplicatedState state(model, *be, 7);
+  ReplicatedState state(model, *be, 7, DType::f32);
   StateHooks hooks(state);
   SyntheticData data(7, m.vocab, m.seq);
   std::vector<int32_t> tok(b * m.seq), tgt(tok.size());
@@ -45,7 +45,7 @@ Result run_whole(const ModelConfig& m, int b, BlockParts parts = BlockParts{}, B
     model.forward_backward(tok.data(), tgt.data(), 0.01f, hooks);
   }
   Result r{model.take_loss(), std::vector<float>(state.size())};
-  be->download(r.grads.data(), state.grads(), r.grads.size() * sizeof(float));
+  r.grads = download_fp32(*be, state.grads(), r.grads.size());
   return r;
 }
 
@@ -53,7 +53,7 @@ Result run_whole(const ModelConfig& m, int b, BlockParts parts = BlockParts{}, B
 Result run_two_stages(const ModelConfig& m, int b, int cut) {
   auto be = make_cpu_backend(1);
   GptModel model(m, *be, b, "none");
-  ReplicatedState state(model, *be, 7);
+  ReplicatedState state(model, *be, 7, DType::f32);
   StateHooks hooks(state);
   SyntheticData data(7, m.vocab, m.seq);
   const GptModel::Stage first{0, cut - 1}, second{cut, -1};
@@ -71,7 +71,7 @@ Result run_two_stages(const ModelConfig& m, int b, int cut) {
   }
   be->free(dboundary);
   Result r{model.take_loss(), std::vector<float>(state.size())};
-  be->download(r.grads.data(), state.grads(), r.grads.size() * sizeof(float));
+  r.grads = download_fp32(*be, state.grads(), r.grads.size());
   EXPECT_EQ(be->tracker().current(MemCategory::activations), 0) << "a stage leaked activations";
   return r;
 }
@@ -114,7 +114,7 @@ class MyDenseMlp final : public MlpPart {
     Backend& be;
     float *z = nullptr, *a = nullptr;
   };
-  std::unique_ptr<PartState> forward(int layer, const float* const* w, const float* u, float* out) override {
+  std::unique_ptr<PartState> forward(int layer, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) override {
     layers.push_back(layer);
     auto s = std::make_unique<Saved>(be_);
     const std::size_t n = static_cast<std::size_t>(N_) * m_.ffn;
@@ -125,8 +125,8 @@ class MyDenseMlp final : public MlpPart {
     be_.matmul_forward(out, s->a, w[2], w[3], N_, m_.ffn, m_.hidden);
     return s;
   }
-  void backward(int layer, PartState& state, const float* const* w, float* const* g, const float* u, const float* dout,
-                float* du) override {
+  void backward(int layer, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u, ConstTensorPtr dout,
+                TensorPtr du) override {
     layers.push_back(-1 - layer);
     auto& s = static_cast<Saved&>(state);
     const std::size_t n = static_cast<std::size_t>(N_) * m_.ffn;
@@ -151,11 +151,11 @@ class CountingAttention final : public AttentionCore {
   std::size_t saved_floats(int B, int S, int heads) const override { return be_.attention_saved_floats(B, S, heads); }
   bool keeps_probabilities() const override { return be_.attention_keeps_probabilities(); }
   std::size_t scratch_floats(int B, int S, int heads) const override { return be_.attention_scratch_floats(B, S, heads); }
-  void forward(float* out, float* saved, const float* qkv, int B, int S, int C, int heads) override {
+  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) override {
     ++forwards;
     be_.attention_forward(out, saved, qkv, B, S, C, heads);
   }
-  void backward(float* dqkv, float* scratch, const float* dout, const float* out, const float* qkv, const float* saved,
+  void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv, const float* saved,
                 int B, int S, int C, int heads) override {
     ++backwards;
     be_.attention_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads);
@@ -197,8 +197,8 @@ TEST(BlockParts, ExpertsAreWholeTensorsOfOneOwner) {
               {"moe.expert3.fc1.w", 8, 16, TpSplit::none, 3}};
     }
     int64_t global_parameters() const override { return 0; }
-    std::unique_ptr<PartState> forward(int, const float* const*, const float*, float*) override { return nullptr; }
-    void backward(int, PartState&, const float* const*, float* const*, const float*, const float*, float*) override {}
+    std::unique_ptr<PartState> forward(int, const TensorPtr*, ConstTensorPtr, TensorPtr) override { return nullptr; }
+    void backward(int, PartState&, const TensorPtr*, const TensorPtr*, ConstTensorPtr, ConstTensorPtr, TensorPtr) override {}
   } part;
   const ModelConfig m{"custom", 2, 8, 2, 4, 11, 16};
   const std::vector<UnitInfo> units = gpt_units(m, 1, 0, &part);
