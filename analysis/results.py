@@ -10,8 +10,10 @@ numbers it never wrote.
 """
 
 import math
+import multiprocessing
 import os
 import re
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")  # before h5py: read files a job still writes
@@ -32,7 +34,8 @@ PRESETS = {  # SPEC section 4: (layers, hidden, heads, seq, vocab); ffn = 4 hidd
 # /config options that say how a run was made or where it wrote, not what it computed: runs that
 # differ only in these are the same configuration (the cross-cluster comparison matches on the rest).
 NOT_CONFIGURATION = {"cluster", "out", "tag", "trace", "json_log", "quiet", "dry_run", "dump_gradients",
-                     "threads", "backend", "comm", "peak_tflops", "steps", "warmup", "seed", "model"}
+                     "threads", "backend", "comm", "peak_tflops", "steps", "warmup", "seed", "model",
+                     "matmul_precision"}  # the library and kernel of the products: the machine's, as backend
 APP_ORDER = ["dp", "fsdp", "tp", "pp", "ep", "cp", "hybrid"]
 SHARD_ORDER = ["NO_SHARD", "ZERO1", "SHARD_GRAD_OP", "FULL_SHARD", "HYBRID_SHARD"]
 
@@ -144,8 +147,46 @@ def max_over_ranks(group, category):
 
 
 def load(path):
-    """One run as a flat dict (see the module doc); raises ResultError."""
+    """One run as a flat dict (see the module doc); raises ResultError.
+
+    The file is read in a child process: a damaged file can crash the HDF5 library itself (a
+    segmentation fault in its metadata code, not an exception), and that must cost the report the file,
+    not the report."""
     path = Path(path)
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_load_into, args=(path, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        kind, value = receive.recv()
+    except EOFError:  # the child died before it could answer
+        child.join()
+        raise ResultError(f"cannot read (the HDF5 library crashed reading it: exit code {child.exitcode}); "
+                          f"a truncated or corrupt file") from None
+    finally:
+        receive.close()
+    child.join()
+    if kind == "run":
+        return value
+    if kind == "bad":
+        raise ResultError(value)
+    raise RuntimeError(f"reading {path} failed:\n{value}")  # a bug of this module: its traceback
+
+
+def _load_into(path, send):
+    """The child of load: the run, the ResultError's reason, or any other exception's traceback."""
+    try:
+        send.send(("run", _load(path)))
+    except ResultError as e:
+        send.send(("bad", str(e)))
+    except Exception:  # noqa: BLE001: handed to the parent, which raises it
+        send.send(("bug", traceback.format_exc()))
+    finally:
+        send.close()
+
+
+def _load(path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:

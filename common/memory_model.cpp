@@ -165,7 +165,7 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   // With context parallelism the embedding's backward also holds the gradient of this rank's rows of
   // the position table (S/cp · h) for a moment, and full recomputation runs the attention core's
   // forward inside backward: whichever is largest comes on top of what backward holds.
-  const int64_t cp_positions = p.cp > 1 && first && a.learned_positions ? S * h * p.precision.grad_bytes : 0;
+  const int64_t cp_positions = p.cp > 1 && first && a.learned_positions ? S * h * kStat : 0;  // fp32 rows
   const int64_t recomputed_forward = p.recompute == "full" ? p.attention_forward_bytes : 0;
   est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv) +
                         att_scratch + p.attention_persistent_bytes +

@@ -678,9 +678,9 @@ void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorP
     // the token table's.
     const std::vector<TensorPtr> eg = unit_tensors(hooks.unit_grads(0), 0);
     const ConstTensorPtr dx0 = tpl.row_parallel_output_grad(dres);
-    if (cp_.active()) {  // the gradient of this rank's positions' rows, added to theirs (in its dtype)
-      TensorPtr dpos = be.alloc_tensor(static_cast<std::size_t>(S) * h, eg[kPos].dtype(), MemCategory::workspace);
-      be.zero(dpos.data(), dtype_bytes(dpos.dtype()) * S * h);
+    if (cp_.active()) {  // the gradient of this rank's positions' rows (fp32), added to theirs and rounded once
+      float* dpos = be.alloc_floats(static_cast<std::size_t>(S) * h, MemCategory::workspace);
+      be.zero(dpos, sizeof(float) * S * h);
       be.embedding_backward(eg[kTok], dpos, dx0, mb.tokens, B, S, h);
       std::size_t at = 0;
       for (const ContextParallel::Chunk& c : cp_.chunks(config_.seq)) {

@@ -9,6 +9,34 @@ namespace pb {
 namespace {
 // The router, then each local expert's four tensors.
 constexpr int kRouter = 0, kFc1W = 0, kFc1B = 1, kFc2W = 2, kFc2B = 3, kPerExpert = 4;
+
+// The router's operands in fp32: the model's own in an fp32 run, else widened copies (exact) of the
+// input (N, h) and of the router's weight (h, E) in workspace, for the lifetime of the object.
+struct Fp32Router {
+  Fp32Router(Backend& backend, ConstTensorPtr input, ConstTensorPtr weight, int N, int h, int E) : be(backend) {
+    if (input.dtype() == DType::f32) {
+      u = input;
+      w = weight;
+      return;
+    }
+    u_copy = be.alloc_floats(static_cast<std::size_t>(N) * h, MemCategory::workspace);
+    w_copy = be.alloc_floats(static_cast<std::size_t>(h) * E, MemCategory::workspace);
+    be.convert(u_copy, input, static_cast<std::size_t>(N) * h);
+    be.convert(w_copy, weight, static_cast<std::size_t>(h) * E);
+    u = u_copy;
+    w = w_copy;
+  }
+  ~Fp32Router() {
+    be.free(w_copy);
+    be.free(u_copy);
+  }
+  Fp32Router(const Fp32Router&) = delete;
+  Fp32Router& operator=(const Fp32Router&) = delete;
+  Backend& be;
+  ConstTensorPtr u, w;
+  float* u_copy = nullptr;
+  float* w_copy = nullptr;
+};
 }  // namespace
 
 int moe_capacity(const MoeOptions& moe, int64_t tokens) {
@@ -114,9 +142,13 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const TensorPtr* w, ConstTensorP
   s->gelu_out = act(slots * f_);
   s->combined = act(slots * h_);
 
-  // Route: logits → top-k, gates, full softmax (fp32); then the capacity decides each slot.
-  TensorPtr logits = alloc_act(N * E, MemCategory::workspace);
-  be_.matmul_forward(logits, u, w[kRouter], nullptr, N_, h_, E_);
+  // Route: logits (fp32, as Megatron's router: a bf16 logit would turn near-ties into ties) → top-k,
+  // gates, full softmax; then the capacity decides each slot.
+  float* logits = be_.alloc_floats(N * E, MemCategory::workspace);
+  {
+    const Fp32Router router(be_, u, w[kRouter], N_, h_, E_);
+    be_.matmul_forward(logits, router.u, router.w, nullptr, N_, h_, E_);
+  }
   be_.moe_router_forward(s->expert, s->gate, s->probs, logits, N_, E_, k_);
   be_.free(logits);
   be_.moe_assign(s->slot, s->counts, s->expert, N_, E_, k_, C_);
@@ -219,15 +251,18 @@ void MoeMlp::backward(int layer, PartState& state, const TensorPtr* w, const Ten
   }
 
   // The router: the gates' softmax, the auxiliary loss, and the router's input gradient added to du.
-  TensorPtr dlogits = scratch(N * E);
+  float* dlogits = be_.alloc_floats(N * E, MemCategory::workspace);  // fp32, as the logits
   be_.moe_router_backward(dlogits, dgate, s.gate, s.expert, N_, E_, k_);
   if (moe_.aux_loss > 0.0) {  // this micro-batch's share of the objective: b/G = loss_scale · N
     be_.moe_aux_loss(dlogits, aux_sum_, s.probs, s.counts, N_, E_, k_, static_cast<float>(moe_.aux_loss),
                      loss_scale_ * static_cast<float>(N_));
   }
-  TensorPtr du_router = scratch(N * h_);
-  be_.matmul_backward(du_router, g[kRouter], nullptr, dlogits, u, w[kRouter], N_, h_, E_);
-  be_.accumulate(du, du_router, N * h_);
+  float* du_router = be_.alloc_floats(N * h_, MemCategory::workspace);
+  {
+    const Fp32Router router(be_, u, w[kRouter], N_, h_, E_);
+    be_.matmul_backward(du_router, g[kRouter], nullptr, dlogits, router.u, router.w, N_, h_, E_);
+  }
+  be_.accumulate(du, du_router, N * h_);  // the router's share of du, added in fp32 and rounded
   be_.free(du_router);
   be_.free(dlogits);
   be_.free(dgate);
@@ -249,7 +284,10 @@ void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep, int micro_
   // expert's dfc1) and (the router logits' gradient and its input gradient).
   // Held to the end: the step's routing counts (2E int32 per block and micro-batch) and the auxiliary
   // loss's sum (a double).
-  plan.mlp_workspace_bytes = kStat * N * k + std::max(e * (2 * slots * h + ep * C * f), e * (N * E + N * h)) +
+  // The router computes in fp32 (its logits, their gradient and its input gradient), on widened copies of
+  // its input and weight when the model is bf16.
+  const int64_t widened = e == kStat ? 0 : kStat * (N * h + h * E);
+  plan.mlp_workspace_bytes = kStat * N * k + std::max(e * (2 * slots * h + ep * C * f), kStat * (N * E + N * h) + widened) +
                              a.layers * micro_batches * 2 * E * kIndex + 8;
   // ep > 1: two (E, C, h) buffers around each all-to-all.
   plan.mlp_comm_bytes = ep > 1 ? 2 * slots * h * e : 0;

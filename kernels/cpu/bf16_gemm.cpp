@@ -123,6 +123,13 @@ struct Bf16Gemm::Impl {
         attr.set_post_ops(ops);
       }
       const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, *engine);
+      // The kernel for this shape may differ from the probe's (transposed operands): say so if it is
+      // oneDNN's reference implementation, which is correct but orders of magnitude slower.
+      const std::string kernel = pd.impl_info_str();
+      if (kernel.rfind("ref", 0) == 0) {
+        std::fprintf(stderr, "parabench: oneDNN runs the bf16 matmul %c%c M %d N %d K %d on its reference kernel "
+                     "(%s): slow\n", trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, kernel.c_str());
+      }
       made.reset(new Product{dnnl::matmul(pd), dnnl::memory(a_md, *engine, DNNL_MEMORY_NONE),
                              dnnl::memory(b_md, *engine, DNNL_MEMORY_NONE),
                              dnnl::memory(c_md, *engine, DNNL_MEMORY_NONE)});

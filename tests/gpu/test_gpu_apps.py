@@ -132,3 +132,21 @@ def test_bf16_trains_close_to_fp32(cached_run, baseline):
     assert run["status"] == "complete"
     np.testing.assert_allclose(run["loss"], baseline["loss"], rtol=1e-2, err_msg=run["command"])
     assert run["loss"][-1] < run["loss"][0]
+
+
+@pytest.mark.parametrize("app, ranks, extra", [
+    ("dp", 1, ["--comm", "nccl", "--micro-batch", "8"]),
+    ("fsdp", 2, ["--comm", "mpi", "--shard", "FULL_SHARD", "--micro-batch", "4"]),
+    ("tp", 2, ["--comm", "mpi", "--tp", "2", "--sequence-parallel", "--micro-batch", "8"]),
+], ids=["dp1-nccl", "fsdp2-FULL_SHARD", "tp2-sp"])
+def test_bf16_storage_on_the_gpu(app, ranks, extra, cached_run):
+    """SPEC 2.3 on the CUDA backend: bf16 parameters and activations beside fp32 master weights, every
+    category measured as predicted, and each layout within 1e-3 of the single-rank bf16 run."""
+    run = cached_run(app, ranks, [*MODEL, "--dtype", "bf16", *extra], timeout=180)
+    single = cached_run("dp", 1, [*MODEL, "--dtype", "bf16", "--comm", "nccl", "--micro-batch", "8"], timeout=120)
+    assert run["status"] == "complete" and run["config"]["master_weights"] == "fp32"
+    for cat in ("parameters", "master_parameters", "gradients", "optimizer_states", "activations", "comm_buffers",
+                "workspace"):
+        assert np.array_equal(run["measured"][cat], run["predicted"][cat]), (cat, run["command"])
+    assert np.all(run["measured"]["master_parameters"] == 2 * run["measured"]["parameters"])
+    np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-3, err_msg=run["command"])
