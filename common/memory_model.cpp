@@ -120,7 +120,7 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   // Attention's saved state and backward scratch per block, for this rank's heads (see MemoryPlan):
   // the softmax's probabilities or its row statistics, both fp32 in every precision.
   const int64_t rows = static_cast<int64_t>(p.micro_batch) * (a.heads / t) * S;
-  const int64_t backend_att = p.attention_keeps_probabilities ? rows * S * kStat : rows * kStat;
+  const int64_t backend_att = rows * (p.attention_keeps_probabilities ? S : 1) * kStat;
   const int64_t att_saved = p.attention_saved_bytes >= 0 ? p.attention_saved_bytes : backend_att;
   const int64_t att_scratch = p.attention_scratch_bytes >= 0 ? p.attention_scratch_bytes : backend_att;
 

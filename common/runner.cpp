@@ -132,8 +132,9 @@ double resolve_peak_tflops(const Options& o, const std::string& device_name) {
 // The precision recipe of the run, added to its /config (SPEC 2.3): parameters and activations in
 // --dtype, gradients in --grad-dtype (both already in the config), fp32 master weights beside bf16
 // parameters, and how the matrix products compute.
-nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const Options& opt, const Backend& backend) {
-  config["master_weights"] = opt.dtype == "fp32" ? "none" : "fp32";
+nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const Precision& precision,
+                                          const Backend& backend) {
+  config["master_weights"] = precision.master_weights() ? "fp32" : "none";
   config["matmul_precision"] = backend.matmul_precision();
   return config;
 }
@@ -472,7 +473,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     try {
       writer = std::make_shared<ResultWriter>(
           ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size, opt.steps, opt.overwrite});
-      writer->write_config(describe_precision(describe_options(opt, app.options), opt, *backend), opt.argv);
+      writer->write_config(describe_precision(describe_options(opt, app.options), precision_of(opt), *backend),
+                           opt.argv);
       writer->write_system(sys);
       writer->commit_header();
       json_log = std::make_unique<OutputFile>(
