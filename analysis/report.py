@@ -3,6 +3,7 @@
 section 6) from any number of clusters.
 
     /usr/bin/python3 -m analysis.report RESULTS... --out DIR [--baseline CLUSTER] [--skip-bad]
+                                        [--step-model CSV]
 
 RESULTS are result files or directories, searched recursively for *.h5. The report goes to
 DIR/report.md and DIR/report.html, its plots to DIR/plots/*.png, each with the numbers it shows in
@@ -19,7 +20,15 @@ a .csv beside it:
      balance of its experts) and for each parabench-cp run the attention time of every rank (the
      load balance of its sequence chunks);
   4. the runs that did not complete (running, failed, interrupted), listed apart and used nowhere
-     else.
+     else;
+  then, where the results hold parabench-micro files (/config app "micro"), the micro-benchmarks: per
+  cluster the GEMM TFLOP/s per shape, the kernels, and the collectives' bus bandwidth at 1 MiB, 256 MiB
+  and the largest size, the clusters side by side, and plots of busbw against message size (one panel
+  per op) and of GEMM TFLOP/s per shape; collectives of a file that found wrong results (errors > 0)
+  are flagged and left out of the tables and plots. With --step-model CSV (the planner's validation:
+  app, config, predicted_step_s, measured_step_s, ratio, compute_s, exposed_comm_s, bubble_s), a plot
+  of predicted against measured step time with the y = x line and the 0.75-1.33 band, and its table;
+  RESULTS may then be left out.
 
 A file that cannot be read (corrupt, truncated), is not a parabench result or has a schema version
 other than 1 is an error: every such file is named on stderr with the reason and nothing is written
@@ -60,6 +69,7 @@ try:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.ticker import MaxNLocator
 
+    from analysis import micro
     from analysis.memory_experiments import stacked_bars
     from analysis.results import CATEGORIES, PEAK, ResultError, load, result_files, strategy_order
 except ImportError as e:
@@ -247,7 +257,12 @@ class Document:
 # ---- reading ----------------------------------------------------------------------------------------
 
 def read_runs(paths, skip_bad):
-    """(complete runs, other runs) as DataFrames, and the files left out as (path, reason)."""
+    """(complete runs of the training apps, runs of any app that did not complete, parabench-micro
+    runs whatever their status) as DataFrames, and the files left out as (path, reason). No paths (a
+    report of --step-model alone): empty frames."""
+    if not paths:
+        empty = pd.DataFrame(columns=["cluster", "app", "status", "file", "micro"])
+        return empty, empty, empty, []
     try:
         files = result_files(paths)
     except ResultError as e:
@@ -268,9 +283,15 @@ def read_runs(paths, skip_bad):
         raise SystemExit("report: error: no readable result files")
     df = pd.DataFrame(runs)
     df["order"] = [strategy_order(a, s) for a, s in zip(df["app"], df["strategy"])]
-    complete = df[df["status"] == "complete"].reset_index(drop=True)
+    # The training runs in a frame of their own: parabench-micro's empty batch columns would turn its
+    # integers into floats.
+    training = [r for r in runs if r["app"] != "micro"]
+    train = pd.DataFrame(training) if training else df.iloc[0:0]
+    train = train.assign(order=[strategy_order(a, s) for a, s in zip(train["app"], train["strategy"])])
+    complete = train[train["status"] == "complete"].reset_index(drop=True)
     others = df[df["status"] != "complete"].reset_index(drop=True)
-    return complete, others, bad
+    micro_runs = df[df["app"] == "micro"].reset_index(drop=True)
+    return complete, others, micro_runs, bad
 
 
 def short_paths(df):
@@ -302,19 +323,29 @@ def memory_csv(points, labels, label_name):
 # ---- sections ---------------------------------------------------------------------------------------
 
 class Report:
-    def __init__(self, complete, others, bad, baseline, inputs):
+    def __init__(self, complete, others, micro_runs, bad, baseline, inputs, step_model=None):
+        """complete: the training apps' complete runs; others: the runs of any app that did not
+        complete; micro_runs: parabench-micro's runs, whatever their status; step_model: the planner's
+        table (micro.read_step_model) or None."""
         self.runs, self.others, self.bad = complete, others, bad
+        self.micro_runs = micro_runs
+        self.micro = micro_runs[micro_runs["status"] == "complete"]
+        self.step_model = step_model
         self.out = self.plots = None  # where write() puts it
         self.names = set()
         self.doc = Document()
         self.inputs = inputs
-        clusters = sorted(set(complete["cluster"]) | set(others["cluster"]))
+        clusters = sorted(set(complete["cluster"]) | set(others["cluster"]) | set(micro_runs["cluster"]))
         if baseline is not None and baseline not in clusters:
             raise SystemExit(f"report: error: --baseline {baseline}: no such cluster in the results "
                              f"(clusters: {', '.join(clusters)})")
         complete_clusters = sorted(set(complete["cluster"]))
+        micro_clusters = sorted(set(self.micro["cluster"]))
         self.clusters = clusters
         self.baseline = baseline or (complete_clusters[0] if complete_clusters else None)
+        self.micro_baseline = baseline if baseline in micro_clusters else (micro_clusters[0] if micro_clusters
+                                                                            else None)
+        self.section = 0  # the number of the last numbered section written
         self.figures = 0
 
     def save(self, fig, name, data):
@@ -337,18 +368,23 @@ class Report:
         self.out, self.plots = Path(folder), Path(folder) / "plots"
         self.plots.mkdir()
         self.header()
-        self.summary()
-        self.cross_cluster()
-        self.doc.heading(2, "3. Plots")
-        self.memory_by_strategy()
-        self.memory_by_micro_batch()
-        self.memory_by_sequence()
-        self.scaling()
-        self.step_time_by_strategy()
-        self.moe_load_balance()
-        self.cp_load_balance()
-        self.not_complete()
-        self.left_out()
+        if self.inputs:  # else a report of --step-model alone
+            self.summary()
+            self.cross_cluster()
+            self.doc.heading(2, "3. Plots")
+            self.memory_by_strategy()
+            self.memory_by_micro_batch()
+            self.memory_by_sequence()
+            self.scaling()
+            self.step_time_by_strategy()
+            self.moe_load_balance()
+            self.cp_load_balance()
+            self.not_complete()
+            self.left_out()
+        if not self.micro_runs.empty:
+            self.micro_section()
+        if self.step_model is not None:
+            self.step_model_section()
         title = "parabench report"
         # errors=backslashreplace: a file name that is not UTF-8 (surrogates from the command line) as \udcff
         (self.out / "report.md").write_text(self.doc.markdown(), encoding="utf-8", errors="backslashreplace")
@@ -357,15 +393,20 @@ class Report:
     def header(self):
         d = self.doc
         d.heading(1, "parabench report")
-        n_all = len(self.runs) + len(self.others)
-        d.para(f"{n_all} run(s) from {len(self.clusters)} cluster(s), {len(self.runs)} complete; "
+        if not self.inputs:
+            d.para(f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} by ",
+                   Markup("`python3 -m analysis.report`"), " from the step-time table only.")
+            return
+        complete = len(self.runs) + len(self.micro)
+        n_all = complete + len(self.others)
+        d.para(f"{n_all} run(s) from {len(self.clusters)} cluster(s), {complete} complete; "
                f"written {datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} by ",
                Markup("`python3 -m analysis.report`"), " from ", " ".join(shlex.quote(i) for i in self.inputs),
                ". Memory is the maximum over ranks; step time the median over the measured steps of the slowest "
                "rank (SPEC.md section 6).")
         rows = []
         for cluster in self.clusters:
-            mine = self.runs[self.runs["cluster"] == cluster]
+            mine = pd.concat([self.runs[self.runs["cluster"] == cluster], self.micro[self.micro["cluster"] == cluster]])
             theirs = self.others[self.others["cluster"] == cluster]
             both = pd.concat([mine, theirs])
             rows.append([cluster, len(mine), len(theirs), ", ".join(sorted(set(both["device"]) - {""})) or DASH,
@@ -916,6 +957,176 @@ class Report:
                     f"G{r.global_batch}", r.dtype)
         return self.save(fig, name, pd.DataFrame(csv))
 
+    # ---- parabench-micro -------------------------------------------------------------------------------
+
+    def micro_section(self):
+        """parabench-micro: per cluster its GEMMs, collectives and kernels, the clusters side by side,
+        the plots, and what is flagged (wrong results, failed benchmarks)."""
+        d = self.doc
+        self.section += 1
+        d.heading(2, f"{self.section}. Micro-benchmarks (parabench-micro)")
+        runs = self.micro_runs.assign(short=short_paths(self.micro_runs))
+        complete = runs[runs["status"] == "complete"]
+        gemm = micro.benchmark_frame(complete, "gemm")
+        kernels = micro.benchmark_frame(complete, "kernels")
+        collectives = micro.collective_frame(complete)
+        valid, flagged = micro.split_wrong(collectives)
+        # Files that did not complete can hold tables too (a run whose data check failed is "failed"):
+        # their wrong results are flagged here as well, beside their listing in section 4.
+        _, flagged_others = micro.split_wrong(micro.collective_frame(runs[runs["status"] != "complete"]))
+        flagged = pd.concat([flagged, flagged_others], ignore_index=True)
+        gemm_medians, kernel_medians = micro.gemm_medians(gemm), micro.kernel_medians(kernels)
+        busbw = micro.busbw_medians(valid)
+        d.para(Markup("Each cluster's numbers are medians over its complete parabench-micro files. **GEMM**: "
+                      "out (N, OC) = inp (N, C) · weight (C, OC), TFLOP/s = 2·N·C·OC ÷ time per call (10¹² "
+                      "flop/s), the time per call the median over Google Benchmark's repetitions; % of peak where "
+                      "the device's peak is known. **Collectives**, as nccl-tests defines them: size is the whole "
+                      "buffer (all_gather's received one), time the slowest rank's, algbw = size ÷ time and busbw = "
+                      "algbw × (all_reduce 2(n−1)/n; all_gather, reduce_scatter, all_to_all (n−1)/n; broadcast and "
+                      "send/recv 1), in GB/s (10⁹ bytes/s); send_recv_intra is a pair of ranks on one node, "
+                      "send_recv_inter a pair on two. Files that did not complete are in section 4 only."))
+        if complete.empty:
+            d.para("No complete parabench-micro files.")
+        clusters = sorted(set(complete["cluster"]))
+        for cluster in clusters:
+            of = lambda frame: frame[frame["cluster"] == cluster] if not frame.empty else frame
+            self.micro_cluster(cluster, of(complete), of(gemm_medians), of(busbw), of(kernel_medians))
+        if len(clusters) >= 2:
+            self.micro_side_by_side(clusters, gemm_medians, busbw)
+        self.micro_plots(clusters, gemm_medians, busbw)
+        self.micro_flags(flagged, micro.failed_benchmarks(gemm, kernels, collectives))
+
+    def micro_cluster(self, cluster, files, gemm, busbw, kernels):
+        d = self.doc
+        shapes = sorted({(int(r.nodes), int(r.ranks)) for r in files.itertuples() if not missing(r.nodes)})
+        d.heading(3, cluster, ": GEMM")
+        d.para(f"{cluster}: {len(files)} file(s), ", ", ".join(f"{n} node(s) × {r} ranks" for n, r in shapes) or DASH,
+               f"; {', '.join(sorted(set(files['device']) - {''})) or DASH}.")
+        if gemm.empty:
+            d.para("No GEMM results.")
+        else:
+            rows = [[r.backend, r.dtype, r.shape_label, r.N, r.C, r.OC, fmt(r.flop / 1e9, "tflops"),
+                     fmt(r.time_s * 1e3, "s"), fmt(r.flop_per_s / micro.TERA, "tflops"), fmt(r.peak_fraction, "pct"),
+                     r.files, r.label or DASH] for r in gemm.itertuples()]
+            d.table(["backend", "dtype", "shape", "N", "C", "OC", "GFLOP per call", "time ms", "TFLOP/s", "% of peak",
+                     "files", "matmul precision"], rows, numeric=(3, 4, 5, 6, 7, 8, 9, 10))
+        d.heading(3, cluster, ": collectives")
+        if busbw.empty:
+            d.para("No collectives with valid results.")
+        else:
+            table = micro.busbw_table(busbw)
+            at = [f"busbw GB/s at {micro.size_label(size)}" for size in micro.TABLE_SIZES]
+            rows = [[r["op"], r["variant"].replace("_", " "), r["comm"], r["dtype"], int(r["nodes"]), int(r["ranks"])]
+                    + [fmt(r[size] / micro.GB, "tflops") for size in micro.TABLE_SIZES]
+                    + [micro.size_label(r["largest"]), fmt(r["at_largest"] / micro.GB, "tflops"), r["files"]]
+                    for _, r in table.iterrows()]
+            d.table(["op", "variant", "comm", "dtype", "nodes", "ranks"] + at
+                    + ["largest size", "busbw GB/s at largest", "files"], rows, numeric=range(4, 6 + len(at) + 3))
+        if not kernels.empty:
+            d.heading(3, cluster, ": kernels")
+            rows = [[r.kernel, r.backend, r.dtype, r.shape, r.dims, fmt(r.time_s * 1e6, "s"),
+                     fmt(r.flop_per_s / 1e9, "tflops"), fmt(r.bytes_per_s / micro.GB, "tflops"),
+                     fmt(r.peak_fraction, "pct"), r.files] for r in kernels.itertuples()]
+            d.table(["kernel", "backend", "dtype", "preset", "dims", "time µs", "GFLOP/s", "GB/s", "% of peak",
+                     "files"], rows, numeric=(5, 6, 7, 8, 9))
+
+    def micro_side_by_side(self, clusters, gemm, busbw):
+        d = self.doc
+        base = self.micro_baseline
+        others = [c for c in clusters if c != base]
+        ratio = lambda a, b: a / b if not missing(a) and not missing(b) and b else math.nan
+        d.heading(3, "Across clusters: GEMM")
+        d.para("TFLOP/s per shape on each cluster, and each cluster's ratio to ", Markup("**"), base, Markup("**"),
+               " (above 1× is faster).")
+        if not gemm.empty:
+            rows = []
+            for (backend, dtype, label), g in gemm.groupby(["backend", "dtype", "shape_label"], sort=False):
+                value = {c: float(g[g["cluster"] == c]["flop_per_s"].median()) if c in set(g["cluster"]) else math.nan
+                         for c in clusters}
+                rows.append([backend, dtype, label] + [fmt(value[c] / micro.TERA, "tflops") for c in clusters]
+                            + [fmt(ratio(value[c], value[base]), "ratio") for c in others])
+            d.table(["backend", "dtype", "shape"] + [f"{c} TFLOP/s" for c in clusters]
+                    + [f"{c} / {base}" for c in others], rows, numeric=range(3, 3 + len(clusters) + len(others)))
+        d.heading(3, "Across clusters: collectives")
+        d.para("Bus bandwidth in GB/s at 1 MiB, 256 MiB and the largest size every cluster measured, at equal op, "
+               "variant, dtype and node count (the ranks per node are each cluster's), and the ratio to ",
+               Markup("**"), base, Markup("**"), ".")
+        if busbw.empty:
+            return
+        rows = []
+        for (op, variant, dtype, nodes), g in busbw.groupby(["op", "variant", "dtype", "nodes"], sort=False):
+            present = [c for c in clusters if c in set(g["cluster"])]
+            common = set.intersection(*(set(g[g["cluster"] == c]["size"]) for c in present))
+            sizes = sorted(set(micro.TABLE_SIZES) | ({max(common)} if common else set()))
+            for size in sizes:
+                at = g[g["size"] == size]
+                if at.empty:
+                    continue
+                value = {c: float(at[at["cluster"] == c]["busbw"].median()) if c in set(at["cluster"]) else math.nan
+                         for c in clusters}
+                ranks = {c: ", ".join(str(int(r)) for r in sorted(set(at[at["cluster"] == c]["ranks"]))) or DASH
+                         for c in clusters}
+                rows.append([op, variant.replace("_", " "), dtype, int(nodes), micro.size_label(size)]
+                            + [ranks[c] for c in clusters] + [fmt(value[c] / micro.GB, "tflops") for c in clusters]
+                            + [fmt(ratio(value[c], value[base]), "ratio") for c in others])
+        d.table(["op", "variant", "dtype", "nodes", "size"] + [f"{c} ranks" for c in clusters]
+                + [f"{c} busbw GB/s" for c in clusters] + [f"{c} / {base}" for c in others], rows,
+                numeric=range(3, 5 + 2 * len(clusters) + len(others)))
+
+    def micro_plots(self, clusters, gemm, busbw):
+        d = self.doc
+        d.heading(3, "Micro-benchmark plots")
+        if busbw.empty and gemm.empty:
+            d.para("Needs complete parabench-micro files with valid results.")
+            return
+        if not busbw.empty:
+            fig, data = micro.busbw_figure(busbw, clusters, "bus bandwidth against message size")
+            d.image(self.save(fig, "micro_busbw", data), "bus bandwidth against message size, one panel per op")
+            d.para("Bus bandwidth (GB/s, log) against the message size (log), one panel per op (out of place where "
+                   "the op has both variants), one line per cluster (color) and job size (line style: the node "
+                   "count); the median over a cluster's files at each size.")
+        if not gemm.empty:
+            fig, data = micro.gemm_figure(gemm, clusters, "GEMM TFLOP/s per shape")
+            d.image(self.save(fig, "micro_gemm", data), "GEMM TFLOP/s per shape and cluster")
+            d.para("GEMM TFLOP/s (10¹² flop/s) per shape, one panel per backend and dtype, one bar per cluster.")
+
+    def micro_flags(self, flagged, failed):
+        d = self.doc
+        if not flagged.empty:
+            d.heading(3, "Collectives with wrong results")
+            d.para(Markup("**Flagged**: these files' collectives delivered wrong elements (`errors` > 0 in "
+                          "`/micro/collectives/<op>`); none of their collectives is in the tables or plots above."))
+            d.table(["cluster", "file", "op", "variant", "sizes", "wrong elements"],
+                    [[r.cluster, r.file, r.op, r.variant.replace("_", " "), r.sizes, r.errors]
+                     for r in flagged.itertuples()], numeric=(5,))
+        if not failed.empty:
+            d.heading(3, "Benchmarks that reported an error")
+            d.para("Left out of the tables and plots above.")
+            d.table(["cluster", "file", "table", "benchmark", "error"],
+                    [[r.cluster, r.file, r.table, r.name, r.error] for r in failed.itertuples()])
+
+    # ---- the planner's step time against the apps' ---------------------------------------------------
+
+    def step_model_section(self):
+        d = self.doc
+        table = self.step_model
+        self.section += 1
+        d.heading(2, f"{self.section}. Step time: the planner against measurement")
+        fig = micro.step_model_figure(table)
+        d.image(self.save(fig, "step_model", table), "predicted against measured step time")
+        inside = sum(1 for r in table["ratio"] if not missing(r) and micro.in_band(r))
+        d.para(Markup(f"`parabench-plan`'s predicted step time against the apps' measured one (the median step of "
+                      f"`/summary`). Left: log-log, the y = x line and the band {micro.BAND[0]}–{micro.BAND[1]}× "
+                      f"(grey); a point outside it has a black edge. Right: the prediction's parts (compute, exposed "
+                      f"communication, pipeline bubble) beside the measurement. "), f"{inside} of {len(table)} "
+                      f"configuration(s) within the band.")
+        rows = [[r.app, r.config, fmt(r.predicted_step_s, "s"), fmt(r.measured_step_s, "s"), fmt(r.ratio, "ratio"),
+                 fmt(r.compute_s, "s"), fmt(r.exposed_comm_s, "s"), fmt(r.bubble_s, "s"),
+                 DASH if missing(r.ratio) else ("yes" if micro.in_band(r.ratio) else "no")]
+                for r in table.itertuples()]
+        d.table(["app", "configuration", "predicted s", "measured s", "ratio", "compute s", "exposed comm s",
+                 "bubble s", f"within {micro.BAND[0]}–{micro.BAND[1]}"], rows, numeric=(2, 3, 4, 5, 6, 7))
+
     def not_complete(self):
         d = self.doc
         d.heading(2, "4. Runs not complete")
@@ -924,14 +1135,19 @@ class Report:
             return
         d.para("Left out of every table and plot above: their numbers, where they have any, cover only part of a run.")
         others = self.others.assign(short=short_paths(self.others)).sort_values(["cluster", "app", "file"])
-        rows = [[r.cluster, r.app, r.strategy, r.model, r.ranks, r.status, r.error or DASH,
-                 f"{r.finished_steps} of {fmt(r.steps, '')}", r.short] for r in others.itertuples()]
+        # parabench-micro runs no steps; with its files here the steps column holds floats (NaN for them)
+        steps = lambda r: DASH if r.app == "micro" else \
+            f"{r.finished_steps} of {DASH if missing(r.steps) else int(r.steps)}"
+        rows = [[r.cluster, r.app, r.strategy, r.model or DASH, r.ranks, r.status, r.error or DASH, steps(r), r.short]
+                for r in others.itertuples()]
         d.table(["cluster", "app", "strategy", "model", "ranks", "status", "error", "steps", "file"], rows,
                 numeric=(4,))
 
     def left_out(self):
+        self.section = 4
         if not self.bad:
             return
+        self.section = 5
         d = self.doc
         d.heading(2, "5. Files left out")
         d.para("Not read (--skip-bad): the reason for each.")
@@ -1038,17 +1254,28 @@ class Output:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m analysis.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", metavar="RESULTS", help="result files or directories of them")
+    parser.add_argument("results", nargs="*", metavar="RESULTS", help="result files or directories of them")
     parser.add_argument("--out", required=True, metavar="DIR", help="where report.md, report.html and plots/ go")
     parser.add_argument("--baseline", metavar="CLUSTER", help="the cluster the ratios are relative to "
                                                               "(default: the first by name)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="write the report from the readable files and list the others, instead of failing")
+    parser.add_argument("--step-model", metavar="CSV",
+                        help="the planner's predicted against measured step times (columns: "
+                             f"{', '.join(micro.STEP_MODEL_COLUMNS)}): a plot and a table")
     args = parser.parse_args(argv)
+    if not args.results and args.step_model is None:
+        parser.error("give RESULTS (result files or directories), or --step-model CSV, or both")
     output = Output(args.out)  # first: a --out that cannot be written fails before the results are read
     try:
-        complete, others, bad = read_runs(args.results, args.skip_bad)
-        report = Report(complete, others, bad, args.baseline, args.results)
+        step_model = None
+        if args.step_model is not None:
+            try:
+                step_model = micro.read_step_model(args.step_model)
+            except micro.StepModelError as e:
+                raise SystemExit(f"report: error: --step-model {one_line(args.step_model)}: {e}; nothing written")
+        complete, others, micro_runs, bad = read_runs(args.results, args.skip_bad)
+        report = Report(complete, others, micro_runs, bad, args.baseline, args.results, step_model)
         try:
             report.write(output.staging)
         except OSError as e:
@@ -1058,7 +1285,8 @@ def main(argv=None):
         output.discard()
         raise
     out = output.path
-    print(f"report: {len(complete)} complete and {len(others)} other run(s) from {len(report.clusters)} cluster(s)"
+    print(f"report: {len(complete) + len(report.micro)} complete and {len(others)} other run(s) from "
+          f"{len(report.clusters)} cluster(s)"
           f"{f', {len(bad)} file(s) left out' if bad else ''}; wrote {out / 'report.md'}, {out / 'report.html'} "
           f"and {report.figures} plot(s) in {out / 'plots'}")
     return 0

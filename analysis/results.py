@@ -2,7 +2,9 @@
 per run, for analysis.report: what ran (app, strategy, model, ranks, batch), where (cluster, nodes),
 how fast (the /summary), and its memory per category next to the prediction (max over ranks); for
 parabench-ep also the routing statistics of /moe over the finished steps (read_moe), for parabench-cp
-each rank's attention time of /cp over the finished steps after warm-up (read_cp).
+each rank's attention time of /cp over the finished steps after warm-up (read_cp). A parabench-micro
+file (/config app "micro": no model, batch or steps) is a run too, with its tables of /micro
+(read_micro) in place of the training numbers.
 
 A file that is not a readable parabench result of schema version 1 raises ResultError with the
 reason; a run that did not complete is still read (status, error, finished steps), without the
@@ -289,7 +291,8 @@ def _read(f, path):
     if "config" not in f or "system" not in f:
         raise ResultError("no /config or /system group")
     config, system = attrs(f["config"]), attrs(f["system"])
-    for key in ("app", "world_size", "micro_batch", "global_batch"):
+    micro = config.get("app") == "micro"  # parabench-micro: no model, batch or steps
+    for key in ("app", "world_size") + (() if micro else ("micro_batch", "global_batch")):
         if key not in config:
             raise ResultError(f"/config has no attribute {key!r}")
     status = root.get("status", "")
@@ -304,11 +307,11 @@ def _read(f, path):
         "cluster": system.get("cluster") or config.get("cluster") or "?",
         "app": config["app"],
         "strategy": strategy_label(config),
-        "model": model_label(config),
+        "model": "" if micro else model_label(config),
         "ranks": int(config["world_size"]),
         "nodes": system.get("nodes"),
-        "micro_batch": int(config["micro_batch"]),
-        "global_batch": int(config["global_batch"]),
+        "micro_batch": None if micro else int(config["micro_batch"]),
+        "global_batch": None if micro else int(config["global_batch"]),
         "grad_accum": config.get("grad_accum"),
         "dtype": config.get("dtype", ""),
         "recompute": config.get("recompute", "none"),
@@ -322,7 +325,7 @@ def _read(f, path):
         "key": configuration_key(config),
     }
     summary = attrs(f["summary"]) if "summary" in f else {}
-    if status == "complete":
+    if status == "complete" and not micro:
         missing = [k for k in ("step_time_s", "tokens_per_s") if k not in summary]
         if missing:
             raise ResultError(f"status is complete but /summary lacks {', '.join(missing)}")
@@ -346,4 +349,73 @@ def _read(f, path):
     for category in CATEGORIES + [PEAK]:
         run[f"measured_{category}"] = max_over_ranks(measured, category)
         run[f"predicted_{category}"] = max_over_ranks(predicted, category)
+    # parabench-micro's tables. A run that did not complete may have written them (one whose data check
+    # failed is "failed"): the report flags their wrong results, and needs nothing else of them.
+    run["micro"] = None
+    if micro and status == "complete":
+        run["micro"] = read_micro(f)
+    elif micro and "micro" in f:
+        try:
+            run["micro"] = read_micro(f)
+        except ResultError:
+            pass  # listed as not complete with its status and error all the same
+    if run["micro"] is not None:
+        run["backend"] = ", ".join(sorted(set(run["micro"]["gemm"].get("backend", [])) |
+                                          set(run["micro"]["kernels"].get("backend", []))))
     return run
+
+
+# The columns of parabench-micro's tables that the report reads (the result-file schema of
+# bench/micro/README.md); a complete file without one of them is not a readable result.
+MICRO_COLUMNS = {
+    "gemm": ("name", "backend", "dtype", "shape", "N", "C", "OC", "time_s", "flop", "flop_per_s", "peak_fraction",
+             "label", "error"),
+    "kernels": ("name", "backend", "dtype", "kernel", "shape", "dims", "time_s", "flop", "bytes", "flop_per_s",
+                "bytes_per_s", "peak_fraction", "label", "error"),
+    "collectives": ("bytes", "count", "in_place", "time_s", "algbw", "busbw", "errors"),
+}
+
+
+def micro_table(group, where, columns):
+    """The 1-D datasets of `group` as {name: array} (strings decoded), all of one length; raises
+    ResultError naming `where` for a missing column or one of another shape."""
+    table, length = {}, None
+    for name in columns:
+        if name not in group or not isinstance(group[name], h5py.Dataset):
+            raise ResultError(f"{where} has no column {name!r}")
+    for name, node in group.items():
+        if not isinstance(node, h5py.Dataset):
+            continue
+        if node.ndim != 1 or (length is not None and node.shape[0] != length):
+            raise ResultError(f"{where}/{name} has shape {node.shape}, not [{length if length is not None else 'rows'}]"
+                              f" like the table's other columns")
+        length = node.shape[0]
+        if h5py.check_string_dtype(node.dtype) is not None or node.dtype.kind == "S":
+            table[name] = np.array([plain(v) for v in node[()]], dtype=object)
+        else:
+            table[name] = np.asarray(node[()])
+    return table
+
+
+def read_micro(f):
+    """parabench-micro's tables: gemm and kernels as {column: array}, one row per benchmark (empty
+    where the file has no such table); collectives as a list, one per /micro/collectives/<op>, of
+    {"op", "comm", "ranks", "nodes", "dtype", "busbw_factor", "rows": {column: array}}."""
+    if "micro" not in f:
+        raise ResultError("status is complete but there is no /micro group (parabench-micro's tables)")
+    tables = {}
+    for name in ("gemm", "kernels"):
+        where = f"/micro/{name}"
+        tables[name] = micro_table(f[where], where, MICRO_COLUMNS[name]) if name in f["micro"] else {}
+    tables["collectives"] = []
+    if "collectives" in f["micro"]:
+        for op, group in sorted(f["micro/collectives"].items()):
+            where = f"/micro/collectives/{op}"
+            if not isinstance(group, h5py.Group):
+                raise ResultError(f"{where} is not a group")
+            info = attrs(group)
+            tables["collectives"].append({
+                "op": op, "comm": info.get("comm", ""), "ranks": info.get("ranks"), "nodes": info.get("nodes"),
+                "dtype": info.get("dtype", ""), "busbw_factor": info.get("busbw_factor"),
+                "rows": micro_table(group, where, MICRO_COLUMNS["collectives"])})
+    return tables

@@ -185,4 +185,24 @@ SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster) {
   return s;
 }
 
+bool device_peak(const std::string& device_name, DevicePeak* out) {
+  struct Entry {
+    const char* name;  // a substring of the CUDA device name; the first match wins
+    DevicePeak peak;
+  };
+  // Dense TFLOP/s from the vendors' data sheets (SXM boards unless named), HBM bandwidth likewise:
+  // H200 141 GB HBM3e 4.8 TB/s, H100 SXM 80 GB HBM3 3.35 TB/s, H100 PCIe 2.0 TB/s, H100 NVL 3.9 TB/s,
+  // GH200 (96 GB HBM3) 4.0 TB/s, A100 80 GB SXM 2.039 TB/s.
+  static const Entry kPeaks[] = {{"H200", {989.0, 67.0, 4.8}},     {"H100 PCIe", {756.0, 51.0, 2.0}},
+                                 {"H100 NVL", {835.0, 60.0, 3.9}}, {"H100", {989.0, 67.0, 3.35}},
+                                 {"GH200", {989.0, 67.0, 4.0}},    {"A100", {312.0, 19.5, 2.039}}};
+  for (const Entry& e : kPeaks) {
+    if (device_name.find(e.name) != std::string::npos) {
+      *out = e.peak;
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace pb

@@ -46,4 +46,13 @@ int64_t process_peak_rss_bytes();  // VmHWM
 int64_t host_memory_available_bytes(std::string* source);
 int online_cores();
 
+// The dense peak of a GPU model (SPEC 6's table) and its memory bandwidth, from a CUDA device name
+// ("NVIDIA H200"); false for devices the table does not know (CPUs, other GPUs). The apps' MFU and
+// parabench-micro's peak fractions both use it.
+struct DevicePeak {
+  double bf16_tflops = 0, fp32_tflops = 0;  // dense, tensor cores for bf16, no TF32 for fp32
+  double memory_tb_per_s = 0;               // HBM, 10^12 bytes/s
+};
+bool device_peak(const std::string& device_name, DevicePeak* out);
+
 }  // namespace pb

@@ -168,7 +168,7 @@ void set_json_attr(hid_t obj, const std::string& name, const nlohmann::ordered_j
   else set_string_attr(obj, name.c_str(), v.dump());
 }
 
-void write_strings(hid_t parent, const char* name, const std::vector<std::string>& values) {
+void write_string_dataset(hid_t parent, const char* name, const std::vector<std::string>& values) {
   hid_t type = PB_H5(H5Tcopy(H5T_C_S1));
   PB_H5(H5Tset_size(type, H5T_VARIABLE));
   PB_H5(H5Tset_cset(type, H5T_CSET_UTF8));
@@ -347,13 +347,15 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
       set_string_attr(root, "created", utc_now_iso8601());
       set_string_attr(root, "status", "running");
       set_string_attr(root, "error", "");
-      hid_t steps = ensure_group(root, "/steps");
-      const hsize_t capacity = static_cast<hsize_t>(capacity_);
-      create_step_dataset(steps, "loss", 1, capacity, 1, "1");
-      create_step_dataset(steps, "grad_norm", 1, capacity, 1, "1");
-      create_step_dataset(steps, "time_s", 2, capacity, static_cast<hsize_t>(ranks_), "s");
-      set_scalar_attr<int64_t>(steps, "finished", H5T_NATIVE_INT64, 0);
-      H5Gclose(steps);
+      if (capacity_ > 0) {  // a run of no steps (parabench-micro) has no per-step datasets
+        hid_t steps = ensure_group(root, "/steps");
+        const hsize_t capacity = static_cast<hsize_t>(capacity_);
+        create_step_dataset(steps, "loss", 1, capacity, 1, "1");
+        create_step_dataset(steps, "grad_norm", 1, capacity, 1, "1");
+        create_step_dataset(steps, "time_s", 2, capacity, static_cast<hsize_t>(ranks_), "s");
+        set_scalar_attr<int64_t>(steps, "finished", H5T_NATIVE_INT64, 0);
+        H5Gclose(steps);
+      }
     });
   } catch (...) {
     discard();
@@ -417,7 +419,7 @@ void ResultWriter::write_config(const nlohmann::ordered_json& config, const std:
   guarded("writing /config", [&](hid_t f) {
     hid_t g = ensure_group(f, "/config");
     for (const auto& [key, value] : config.items()) set_json_attr(g, key, value);
-    write_strings(g, "argv", argv);
+    write_string_dataset(g, "argv", argv);
     H5Gclose(g);
   });
 }
@@ -444,8 +446,8 @@ void ResultWriter::write_system(const SystemInfo& s) {
   guarded("writing /system", [&](hid_t f) {
     hid_t g = ensure_group(f, "/system");
     for (const auto& [key, value] : a.items()) set_json_attr(g, key, value);
-    write_strings(g, "hostnames", s.hostnames);
-    write_strings(g, "environment", s.environment);
+    write_string_dataset(g, "hostnames", s.hostnames);
+    write_string_dataset(g, "environment", s.environment);
     H5Gclose(g);
   });
 }
@@ -503,6 +505,17 @@ void ResultWriter::write_i64(const std::string& path, const std::vector<int64_t>
   guarded("writing " + path, [&](hid_t f) { write_vector(f, path, values, H5T_NATIVE_INT64, units, shape); });
 }
 
+void ResultWriter::write_strings(const std::string& path, const std::vector<std::string>& values) {
+  guarded("writing " + path, [&](hid_t f) {
+    const std::size_t slash = path.rfind('/');
+    hid_t parent = slash == 0 ? PB_H5(H5Gopen2(f, "/", H5P_DEFAULT)) : ensure_group(f, path.substr(0, slash));
+    const std::string name = path.substr(slash + 1);
+    if (PB_H5(H5Lexists(parent, name.c_str(), H5P_DEFAULT)) > 0) PB_H5(H5Ldelete(parent, name.c_str(), H5P_DEFAULT));
+    write_string_dataset(parent, name.c_str(), values);
+    H5Gclose(parent);
+  });
+}
+
 void ResultWriter::write_f64(const std::string& path, const std::vector<double>& values, const char* units,
                              const std::vector<int64_t>& shape) {
   check_shape(path, values.size(), shape);
@@ -520,10 +533,12 @@ void ResultWriter::set_dataset_attribute(const std::string& path, const std::str
 void ResultWriter::set_status(const std::string& status, const std::string& error) {
   guarded("setting its status to " + status, [&](hid_t f) {
     // During the run the per-step datasets span every step; now they hold the finished ones.
-    const hsize_t rows = static_cast<hsize_t>(steps_);
-    set_row_count(f, "/steps/loss", rows, 1);
-    set_row_count(f, "/steps/grad_norm", rows, 1);
-    set_row_count(f, "/steps/time_s", rows, static_cast<hsize_t>(ranks_));
+    if (capacity_ > 0) {
+      const hsize_t rows = static_cast<hsize_t>(steps_);
+      set_row_count(f, "/steps/loss", rows, 1);
+      set_row_count(f, "/steps/grad_norm", rows, 1);
+      set_row_count(f, "/steps/time_s", rows, static_cast<hsize_t>(ranks_));
+    }
     set_string_attr(f, "status", status);
     set_string_attr(f, "error", error);
   });

@@ -29,13 +29,14 @@ struct ResultFileRequest {
   std::string out;       // a directory (a name <app>_<cluster>_<UTC time>_<job id>.h5 is made in it) or a .h5 path
   std::string app, cluster;
   int ranks = 1;
-  int64_t steps = 1;     // per-step datasets are allocated for this many steps
+  int64_t steps = 1;     // per-step datasets are allocated for this many steps (0: no per-step datasets)
   bool overwrite = false;  // an explicit .h5 path that exists may be replaced (not one a running run holds)
 };
 
 class ResultWriter {
  public:
-  // Creates the file and its per-step datasets. Throws RunError: kExitConfig when `out` names a file
+  // Creates the file and its per-step datasets (none when request.steps is 0: a file of tables, as
+  // parabench-micro writes). Throws RunError: kExitConfig when `out` names a file
   // that exists (without overwrite) or a directory, kExitRuntime for the rest (I/O, a running run's file).
   explicit ResultWriter(const ResultFileRequest& request);
   ~ResultWriter();
@@ -63,6 +64,8 @@ class ResultWriter {
                  const std::vector<int64_t>& shape = {});
   void write_f64(const std::string& path, const std::vector<double>& values, const char* units,
                  const std::vector<int64_t>& shape = {});
+  // A [n] dataset of UTF-8 strings (units "1"), creating parent groups ("/micro/gemm/name").
+  void write_strings(const std::string& path, const std::vector<std::string>& values);
   // A numeric attribute on an existing dataset ("/pipeline/bubble_fraction", "theoretical").
   void set_dataset_attribute(const std::string& path, const std::string& name, double value);
   // The end of the run: the per-step datasets cut to the finished steps, status and error set, flushed.

@@ -111,21 +111,14 @@ FlopModel model_flops(const Options& o, const MlpPart* mlp) {
           "6*G*S*(L*(4h^2 + 2*h*f + 2*S*h) + h*V)"};
 }
 
-// Peak TFLOP/s per rank: --peak-tflops, else the dense peak of the GPU model from the table below for
-// the dtype of the matrix products (bf16 tensor cores, or fp32 without TF32), else 0: MFU is then NaN
-// (CPUs, unknown GPUs).
+// Peak TFLOP/s per rank: --peak-tflops, else the dense peak of the GPU model (device_peak,
+// common/metadata.h) for the dtype of the matrix products (bf16 tensor cores, or fp32 without TF32),
+// else 0: MFU is then NaN (CPUs, unknown GPUs).
 double resolve_peak_tflops(const Options& o, const std::string& device_name) {
   if (o.peak_tflops >= 0.0) return o.peak_tflops;
   if (o.backend != "cuda") return 0.0;
-  struct Peak {
-    const char* name;  // a substring of the CUDA device name; the first match wins
-    double bf16, fp32;
-  };
-  static const Peak kPeaks[] = {{"H200", 989.0, 67.0},     {"H100 PCIe", 756.0, 51.0}, {"H100 NVL", 835.0, 60.0},
-                                {"H100", 989.0, 67.0},     {"GH200", 989.0, 67.0},     {"A100", 312.0, 19.5}};
-  for (const Peak& p : kPeaks) {
-    if (device_name.find(p.name) != std::string::npos) return o.dtype == "bf16" ? p.bf16 : p.fp32;
-  }
+  DevicePeak peak;
+  if (device_peak(device_name, &peak)) return o.dtype == "bf16" ? peak.bf16_tflops : peak.fp32_tflops;
   return 0.0;
 }
 

@@ -2,19 +2,25 @@
 // that library set-up (oneDNN primitives, cuBLAS handles, allocator caches) is not paid per benchmark.
 #pragma once
 
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "common/communicator.h"
 #include "kernels/backend.h"
 
 namespace pb {
 
 struct MicroBackend {
   std::string name;   // "cpu", "cuda": the second part of a benchmark's name
-  std::string dtype;  // "fp32", "bf16": the matrix products' operands (storage is always fp32)
+  std::string dtype;  // "fp32", "bf16": the tensors' storage (and the matrix products' operands)
   bool accelerator = false;  // a GPU: the large square shapes are timed only here
   std::unique_ptr<Backend> backend;
+  // The device's dense peak for this dtype and its memory bandwidth (SPEC 6's table for known GPUs),
+  // NaN where unknown (CPUs): the denominators of a result's peak_fraction.
+  double peak_flop_per_s = std::numeric_limits<double>::quiet_NaN();
+  double peak_bytes_per_s = std::numeric_limits<double>::quiet_NaN();
 };
 
 // The CPU backend with `threads` compute threads in fp32 and bf16, then those of add_cuda_backends.
@@ -24,5 +30,9 @@ std::vector<MicroBackend> make_micro_backends(int threads);
 // visible; returns what was found, for the benchmark context ("NVIDIA H200", "no GPU visible", ...).
 // Defined in cuda_backends.cpp (configured with PB_CUDA) or no_cuda_backends.cpp (without).
 std::string add_cuda_backends(std::vector<MicroBackend>* backends);
+
+// NCCL over every rank of the job on the last CUDA backend's device and stream, where this build has
+// NCCL and `backends` holds a CUDA backend; else nullptr. Collective over MPI_COMM_WORLD.
+std::unique_ptr<Communicator> make_nccl_world(std::vector<MicroBackend>& backends);
 
 }  // namespace pb

@@ -2,6 +2,10 @@
 // leaves, in fp32 (TF32 off) and with bf16 operands on the tensor cores (kernels/cuda/cuda_backend.h).
 #include "bench/micro/backends.h"
 
+#include <mpi.h>
+
+#include "common/device_communicators.h"
+#include "common/metadata.h"
 #include "kernels/cuda/cuda_backend.h"
 
 namespace pb {
@@ -11,7 +15,22 @@ std::string add_cuda_backends(std::vector<MicroBackend>* backends) {
   constexpr int kDevice = 0;
   backends->push_back({"cuda", "fp32", true, make_cuda_backend(kDevice, /*bf16_matmul=*/false)});
   backends->push_back({"cuda", "bf16", true, make_cuda_backend(kDevice, /*bf16_matmul=*/true)});
-  return backends->back().backend->device_name();
+  const std::string device = backends->back().backend->device_name();
+  DevicePeak peak;
+  if (device_peak(device, &peak)) {  // else the peak fractions stay unknown (NaN)
+    for (MicroBackend* b : {&(*backends)[backends->size() - 2], &backends->back()}) {
+      b->peak_flop_per_s = (b->dtype == "bf16" ? peak.bf16_tflops : peak.fp32_tflops) * 1e12;
+      b->peak_bytes_per_s = peak.memory_tb_per_s * 1e12;
+    }
+  }
+  return device;
+}
+
+std::unique_ptr<Communicator> make_nccl_world(std::vector<MicroBackend>& backends) {
+  if (backends.empty() || backends.back().name != "cuda") return nullptr;
+  MPI_Comm comm = MPI_COMM_NULL;
+  MPI_Comm_dup(MPI_COMM_WORLD, &comm);  // the NCCL communicator owns it
+  return make_nccl_communicator(comm, cuda_compute_stream(*backends.back().backend));
 }
 
 }  // namespace pb

@@ -6,6 +6,8 @@
 // the call to the end of Backend::synchronize (a no-op on the CPU, the stream's end on a GPU), reported
 // through manual timing so that every backend is measured on the same clock.
 #include "bench/micro/gemm.h"
+#include "bench/micro/registry.h"
+#include "bench/micro/tensors.h"
 
 #include <benchmark/benchmark.h>
 
@@ -18,7 +20,6 @@
 
 #include "common/model.h"
 #include "common/options.h"
-#include "kernels/cpu/bf16.h"
 #include "common/timer.h"
 
 namespace pb {
@@ -34,43 +35,6 @@ constexpr int kAcceleratorSquareSizes[] = {4096, 8192};
 // against a product that did not run or ran on other data, not a test of precision (tests/ do that).
 constexpr double kFp32Tolerance = 1e-3;
 constexpr double kBf16Tolerance = 1e-2;
-
-// n values in [-1, 1), exact in fp32, from a 64-bit linear congruential generator seeded per operand.
-std::vector<float> pattern(std::size_t n, uint64_t seed) {
-  std::vector<float> values(n);
-  uint64_t state = seed;
-  for (float& x : values) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    x = static_cast<float>(static_cast<double>(state >> 40) / double(1 << 24) * 2.0 - 1.0);  // top 24 bits
-  }
-  return values;
-}
-
-// A tensor of backend memory in the benchmark's dtype (fp32, or bf16 as mixed precision stores its
-// activations and weights), freed however the benchmark ends.
-class BackendTensor {
- public:
-  BackendTensor(Backend& backend, std::size_t count, DType dtype)
-      : backend_(backend), ptr_(backend.alloc_tensor(count, dtype, MemCategory::workspace)) {}
-  ~BackendTensor() { backend_.free(ptr_); }
-  BackendTensor(const BackendTensor&) = delete;
-  BackendTensor& operator=(const BackendTensor&) = delete;
-  TensorPtr get() const { return ptr_; }
-  // host values, rounded to bf16 on the way when the tensor is bf16
-  void upload(const std::vector<float>& values) {
-    if (ptr_.dtype() == DType::f32) {
-      backend_.upload(ptr_.data(), values.data(), values.size() * sizeof(float));
-      return;
-    }
-    std::vector<uint16_t> bits(values.size());
-    for (std::size_t i = 0; i < values.size(); ++i) bits[i] = cpu::float_to_bf16(values[i]);
-    backend_.upload(ptr_.data(), bits.data(), bits.size() * sizeof(uint16_t));
-  }
-
- private:
-  Backend& backend_;
-  TensorPtr ptr_;
-};
 
 // Empty when row 0 of out (OC values) matches inp (N, C) · weight (C, OC); else the first mismatch.
 std::string check_row0(const std::vector<float>& out_row0, const std::vector<float>& inp,
@@ -161,6 +125,20 @@ void register_gemm_benchmarks(std::vector<MicroBackend>& backends, int* failed_c
       const std::string name = "gemm/" + micro.name + "/" + micro.dtype + "/" + shape.name + "/N" +
                                std::to_string(shape.N) + "_C" + std::to_string(shape.C) + "_OC" +
                                std::to_string(shape.OC);
+      MicroEntry entry;
+      entry.table = "gemm";
+      entry.backend = micro.name;
+      entry.dtype = micro.dtype;
+      entry.kernel = "matmul";
+      entry.shape = shape.name;
+      entry.dims = "N" + std::to_string(shape.N) + "_C" + std::to_string(shape.C) + "_OC" + std::to_string(shape.OC);
+      entry.label = micro.backend->matmul_precision();
+      entry.N = shape.N;
+      entry.C = shape.C;
+      entry.OC = shape.OC;
+      entry.flop = 2.0 * shape.N * shape.C * shape.OC;
+      entry.peak_flop_per_s = micro.peak_flop_per_s;
+      add_micro_entry(name, entry);
       benchmark::RegisterBenchmark(name.c_str(),
                                    [&micro, shape, failed_checks](benchmark::State& state) {
                                      gemm_forward_benchmark(state, micro, shape, failed_checks);

@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 # Google Benchmark's console report goes to stderr as progress; the table alone to stdout. A failed
 # benchmark (exit 3) still leaves the others' results to print.
 status=0
-"$micro" --benchmark_filter='^gemm/cpu/' --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+"$micro" --benchmark_filter='^gemm/cpu/' --benchmark_repetitions=5 --benchmark_report_aggregates_only=true --ops none --out "$work/gemm.h5" \
   --benchmark_out="$work/gemm.json" --benchmark_out_format=json "$@" >&2 || status=$?
 [[ -s $work/gemm.json ]] || exit "$status"
 

@@ -1,90 +1,322 @@
-// parabench-micro: Google Benchmark timings of the Backend's kernels, on every backend of this build
-// (see README.md). Its own option is --threads; every other flag is Google Benchmark's.
+// parabench-micro: Google Benchmark timings of the Backend's kernels and the Communicator's collectives,
+// on every backend of this build and every rank of the job (see README.md). Rank 0 reports: Google
+// Benchmark's console, the nccl-tests-like table of the collectives, and one HDF5 result file
+// (SPEC 6, /micro). Its own options come first (print_help); every other flag is Google Benchmark's.
+//
+// Exit codes: 0 every benchmark ran and checked; 2 a bad command line, or a filter that matches no
+// benchmark; 3 a benchmark failed its check (wrong data, out of memory) or the result file failed.
 #include <benchmark/benchmark.h>
-#include <omp.h>
+#include <mpi.h>
 
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "bench/micro/backends.h"
+#include "bench/micro/collectives.h"
 #include "bench/micro/gemm.h"
+#include "bench/micro/kernels.h"
+#include "bench/micro/report.h"
 #include "common/errors.h"
+#include "common/metadata.h"
+#include "common/mpi_communicator.h"
+#include "common/results.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace {
 
-constexpr const char* kThreadsOption = "--threads";
+struct MicroOptions {
+  int threads = 1;
+  std::string ops = "all";
+  std::string min_bytes = "8", max_bytes = "1G";
+  std::string comm = "auto";
+  std::string dtype = "fp32";  // the collectives' buffers   // auto: nccl where this build has it and a GPU is visible, else mpi
+  std::string out = "results/";
+  std::string cluster, tag;
+  bool overwrite = false;
+  pb::CollectiveRequest request;  // resolved from ops, min_bytes, max_bytes
+};
 
-void print_help() {
-  std::printf(
-      "parabench-micro: times the Backend's kernels (gemm/<backend>/<dtype>/<shape>) with Google Benchmark.\n"
-      "  %s N   compute threads of the CPU backend (default: omp_get_max_threads(), i.e. OMP_NUM_THREADS\n"
-      "                or the cores)\n"
-      "Google Benchmark's flags:\n",
-      kThreadsOption);
-  benchmark::PrintDefaultHelp();
+// "8", "64K", "1M", "1G" (powers of 1024, as nccl-tests' -b and -e) into bytes; false when not that.
+bool parse_size(const std::string& text, int64_t* bytes) {
+  if (text.empty()) return false;
+  std::size_t end = 0;
+  long long value = 0;
+  try {
+    value = std::stoll(text, &end);
+  } catch (const std::exception&) {
+    return false;
+  }
+  int shift = 0;
+  const std::string suffix = text.substr(end);
+  if (suffix == "K" || suffix == "k") shift = 10;
+  else if (suffix == "M" || suffix == "m") shift = 20;
+  else if (suffix == "G" || suffix == "g") shift = 30;
+  else if (!suffix.empty()) return false;
+  if (value < 1 || value > (int64_t{1} << 40) >> shift) return false;
+  *bytes = static_cast<int64_t>(value) << shift;
+  return true;
 }
 
-// Takes "--threads N" or "--threads=N" out of argv (before Google Benchmark sees it). Returns false
-// with the message in *error when the value is not an integer of at least 1.
-bool take_threads_option(int* argc, char** argv, int* threads, std::string* error) {
-  const std::size_t prefix = std::strlen(kThreadsOption);
-  int kept = 1;
-  for (int i = 1; i < *argc; ++i) {
-    const char* arg = argv[i];
-    const char* value = nullptr;
-    if (std::strcmp(arg, kThreadsOption) == 0) {
-      if (i + 1 == *argc) {
-        *error = std::string(kThreadsOption) + " needs a value: the number of compute threads (at least 1)";
-        return false;
+// Resolves ops and the size range into o->request. Returns the error message, or "".
+std::string resolve_request(MicroOptions* o) {
+  const std::vector<std::string>& known = pb::collective_op_names();
+  std::vector<std::string> ops;
+  if (o->ops == "all") {
+    ops = known;
+  } else if (o->ops != "none") {
+    std::stringstream list(o->ops);
+    for (std::string op; std::getline(list, op, ',');) {
+      bool found = false;
+      for (const std::string& k : known) found = found || k == op;
+      if (!found) {
+        std::string names;
+        for (const std::string& k : known) names += (names.empty() ? "" : ", ") + k;
+        return "--ops: unknown collective '" + op + "' (known: " + names + ", or all, or none)";
       }
-      value = argv[++i];
-    } else if (std::strncmp(arg, kThreadsOption, prefix) == 0 && arg[prefix] == '=') {
-      value = arg + prefix + 1;
-    } else {
-      argv[kept++] = argv[i];
-      continue;
+      ops.push_back(op);
     }
-    char* end = nullptr;
-    const long parsed = std::strtol(value, &end, 10);
-    if (*value == '\0' || *end != '\0' || parsed < 1 || parsed > 1 << 16) {
-      *error = std::string(kThreadsOption) + " " + value + " must be an integer from 1 to 65536";
-      return false;
-    }
-    *threads = static_cast<int>(parsed);
   }
-  *argc = kept;
-  argv[kept] = nullptr;
-  return true;
+  int64_t min_bytes = 0, max_bytes = 0;
+  if (!parse_size(o->min_bytes, &min_bytes)) {
+    return "--min-bytes " + o->min_bytes + " must be a size of at least 1 byte (e.g. 8, 64K, 1M, 1G)";
+  }
+  if (!parse_size(o->max_bytes, &max_bytes)) {
+    return "--max-bytes " + o->max_bytes + " must be a size of at least 1 byte (e.g. 8, 64K, 1M, 1G)";
+  }
+  if (max_bytes < min_bytes) {
+    return "--max-bytes " + o->max_bytes + " is below --min-bytes " + o->min_bytes + ": an empty size range";
+  }
+  o->request.ops = ops;
+  o->request.dtype = o->dtype == "bf16" ? pb::DType::bf16 : pb::DType::f32;
+  o->request.min_bytes = min_bytes;
+  o->request.max_bytes = max_bytes;
+  return "";
+}
+
+// parabench-micro's own options out of argv; Google Benchmark's stay for benchmark::Initialize.
+// Returns -1 to go on, else the exit code (0 after --help).
+int parse_micro_options(int* argc, char** argv, bool lead, MicroOptions* o) {
+  CLI::App cli{"parabench-micro: the Backend's kernels and the Communicator's collectives, timed with Google "
+               "Benchmark (its flags, --benchmark_filter=REGEX and friends, pass through; --help lists both)"};
+  cli.allow_extras();
+  cli.set_help_flag();  // --help goes to Google Benchmark's handler too, after ours
+  bool help = false;
+  cli.add_flag("-h,--help", help, "this help, then Google Benchmark's flags");
+  cli.add_option("--threads", o->threads, "compute threads of the CPU backend (default: the node's cores over its ranks, as the apps)")
+      ->check(CLI::Range(1, 1 << 16));
+  cli.add_option("--ops", o->ops, "collectives, comma-separated: " + [] {
+    std::string names;
+    for (const std::string& k : pb::collective_op_names()) names += (names.empty() ? "" : ",") + k;
+    return names;
+  }() + "; all or none")->capture_default_str();
+  cli.add_option("--min-bytes", o->min_bytes, "smallest message (nccl-tests' size), powers of 2 up to --max-bytes")
+      ->capture_default_str();
+  cli.add_option("--max-bytes", o->max_bytes, "largest message (suffixes K, M, G)")->capture_default_str();
+  cli.add_option("--comm", o->comm, "the collectives' communicator: auto, mpi, nccl")
+      ->check(CLI::IsMember({"auto", "mpi", "nccl"}))
+      ->capture_default_str();
+  cli.add_option("--dtype", o->dtype, "the collectives' buffers: fp32, or bf16 (sums in bf16 on the wire, as NCCL)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  cli.add_option("--out", o->out, "result directory or .h5 path")->capture_default_str();
+  cli.add_option("--cluster", o->cluster, "cluster name stored with the run");
+  cli.add_option("--tag", o->tag, "free text stored with the run");
+  cli.add_flag("--overwrite", o->overwrite, "replace an existing --out X.h5 (never the file of a run still in progress)");
+  try {
+    cli.parse(*argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (lead) std::fprintf(stderr, "parabench-micro: error: %s\n", e.what());
+    return pb::kExitConfig;
+  }
+  if (help) {
+    if (lead) {
+      std::printf("%s\nGoogle Benchmark's flags:\n", cli.help().c_str());
+      benchmark::PrintDefaultHelp();
+    }
+    return pb::kExitComplete;
+  }
+  const std::string error = resolve_request(o);
+  if (!error.empty()) {
+    if (lead) std::fprintf(stderr, "parabench-micro: error: %s\n", error.c_str());
+    return pb::kExitConfig;
+  }
+  // What CLI11 left (Google Benchmark's flags, in order) goes back into argv for benchmark::Initialize.
+  const std::vector<std::string> rest = cli.remaining();
+  static std::vector<std::string> kept;  // argv points into it until the end of main
+  kept.assign(rest.begin(), rest.end());
+  *argc = 1;
+  for (std::string& arg : kept) argv[(*argc)++] = arg.data();
+  argv[*argc] = nullptr;
+  return -1;
+}
+
+// Every rank takes rank 0's verdict (a failure to create the result file, a run that failed), so that
+// all exit with the same code.
+int agree(MPI_Comm world, int code) {
+  MPI_Bcast(&code, 1, MPI_INT, 0, world);
+  return code;
+}
+
+int run(int argc, char** argv) {
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  const bool lead = rank == 0;
+  const std::vector<std::string> full_argv(argv, argv + argc);
+
+  MicroOptions o;
+  // As the apps: the node's cores shared by its ranks.
+  o.threads = std::max(1, pb::online_cores() / pb::node_local(MPI_COMM_WORLD).local_size);
+  if (const int code = parse_micro_options(&argc, argv, lead, &o); code >= 0) return code;
+  // Google Benchmark's own file output (--benchmark_out) is rank 0's: the other ranks would truncate it.
+  if (!lead) {
+    int kept = 1;
+    for (int i = 1; i < argc; ++i) {
+      if (std::strncmp(argv[i], "--benchmark_out", std::strlen("--benchmark_out")) != 0) argv[kept++] = argv[i];
+    }
+    argc = kept;
+    argv[argc] = nullptr;
+  }
+  // Google Benchmark's display format: with json or csv, stdout is that document alone, and the
+  // collectives' table and the PARABENCH_RESULT line go to stderr.
+  const std::string format = pb::benchmark_format(argc, argv);
+  std::FILE* const info = format == "console" ? stdout : stderr;
+  // Every rank must run the benchmarks in the same order (the collectives meet in each), and Google
+  // Benchmark's random interleaving shuffles them with a seed of each process's own.
+  for (int i = 1; i < argc && size > 1; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--benchmark_enable_random_interleaving" || arg == "--benchmark_enable_random_interleaving=true") {
+      if (lead) {
+        std::fprintf(stderr, "parabench-micro: error: %s needs one rank: each rank would run the benchmarks in an "
+                             "order of its own, and the collectives would not meet\n", arg.c_str());
+      }
+      return pb::kExitConfig;
+    }
+  }
+  // --benchmark_list_tests prints the names and runs nothing: no result file.
+  bool listing = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--benchmark_list_tests", 0) == 0) listing = arg != "--benchmark_list_tests=false" && arg != "--benchmark_list_tests=0";
+  }
+  benchmark::Initialize(&argc, argv);
+  if (argc > 1) {
+    if (lead) std::fprintf(stderr, "parabench-micro: error: unknown option %s (see --help)\n", argv[1]);
+    return pb::kExitConfig;
+  }
+  o.cluster = pb::resolve_cluster_name(o.cluster);
+
+  std::vector<pb::MicroBackend> backends = pb::make_micro_backends(o.threads);
+  const std::string cuda = pb::add_cuda_backends(&backends);
+  pb::MpiCommunicator mpi_world(MPI_COMM_WORLD);
+  std::unique_ptr<pb::Communicator> nccl_world;
+  if (o.comm != "mpi") nccl_world = pb::make_nccl_world(backends);
+  if (o.comm == "nccl" && !nccl_world) {
+    if (lead) std::fprintf(stderr, "parabench-micro: error: --comm nccl: %s\n", cuda.c_str());
+    return pb::kExitConfig;
+  }
+  pb::Communicator& world = nccl_world ? *nccl_world : mpi_world;
+  // The collectives' buffers live where the communicator reads them: the GPU for NCCL, host memory for MPI.
+  pb::Backend& buffers = *(nccl_world ? backends.back().backend : backends.front().backend);
+
+  benchmark::AddCustomContext("threads", std::to_string(o.threads));
+  benchmark::AddCustomContext("cpu", pb::cpu_model_name());
+  benchmark::AddCustomContext("cuda", cuda);
+  benchmark::AddCustomContext("ranks", std::to_string(size));
+  benchmark::AddCustomContext("comm", world.name());
+
+  // The result file first: a bad --out is reported before any benchmark runs, and a job killed midway
+  // leaves a file that says "running".
+  std::unique_ptr<pb::ResultWriter> writer;
+  const pb::SystemInfo system = pb::collect_system_info(MPI_COMM_WORLD, o.cluster);
+  int code = pb::kExitComplete;
+  if (lead && !listing) {
+    try {
+      writer = std::make_unique<pb::ResultWriter>(pb::ResultFileRequest{o.out, "micro", o.cluster, size, 0, o.overwrite});
+      nlohmann::ordered_json config;
+      config["app"] = "micro";
+      config["world_size"] = size;
+      config["threads"] = o.threads;
+      config["comm"] = world.name();
+      std::string ops;
+      for (const std::string& op : o.request.ops) ops += (ops.empty() ? "" : ",") + op;
+      config["ops"] = ops;
+      config["min_bytes"] = o.request.min_bytes;
+      config["max_bytes"] = o.request.max_bytes;
+      config["dtype"] = o.dtype;
+      config["cluster"] = o.cluster;
+      config["tag"] = o.tag;
+      config["out"] = o.out;
+      writer->write_config(config, full_argv);
+      writer->write_system(system);
+      writer->commit_header();
+      writer->publish();
+    } catch (const pb::RunError& e) {
+      std::fprintf(stderr, "parabench-micro: error: %s\n", e.what());
+      code = e.code;
+      writer.reset();
+    }
+  }
+  if (const int agreed = agree(MPI_COMM_WORLD, code); agreed != pb::kExitComplete) return agreed;
+
+  int failed_checks = 0;
+  pb::register_gemm_benchmarks(backends, &failed_checks);
+  pb::register_kernel_benchmarks(backends, &failed_checks);
+  pb::register_collective_benchmarks(world, mpi_world, buffers, o.request, &failed_checks);
+
+  pb::MicroReporter reporter(lead, format);
+  const std::size_t ran = benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  if (ran == 0) {
+    if (lead) {
+      std::fprintf(stderr, "parabench-micro: error: no benchmark matches --benchmark_filter=%s "
+                           "(--benchmark_list_tests lists them)\n", benchmark::GetBenchmarkFilter().c_str());
+      if (writer) writer->discard();  // a command-line error leaves no file, as in the apps
+    }
+    return pb::kExitConfig;
+  }
+  if (listing) return pb::kExitComplete;
+  code = failed_checks > 0 ? pb::kExitRuntime : pb::kExitComplete;
+  if (lead) {
+    reporter.print_collectives_table(info);
+    const std::string error =
+        failed_checks > 0 ? std::to_string(failed_checks) + " benchmark run(s) failed (see their error above)" : "";
+    try {
+      reporter.write(*writer);
+      writer->set_status(error.empty() ? "complete" : "failed", error);
+      writer->close();
+      std::fprintf(info, "PARABENCH_RESULT app=micro ranks=%d benchmarks=%zu failed=%d status=%s file=%s\n", size, ran,
+                  failed_checks, error.empty() ? "complete" : "failed", writer->path().c_str());
+    } catch (const pb::RunError& e) {
+      std::fprintf(stderr, "parabench-micro: error: %s\n", e.what());
+      code = pb::kExitRuntime;
+    }
+    if (!error.empty()) std::fprintf(stderr, "parabench-micro: %s\n", error.c_str());
+    std::fflush(info);
+  }
+  return agree(MPI_COMM_WORLD, code);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  int threads = omp_get_max_threads();
-  std::string error;
-  if (!take_threads_option(&argc, argv, &threads, &error)) {
-    std::fprintf(stderr, "parabench-micro: %s\n", error.c_str());
-    return pb::kExitConfig;
+  pb::disable_hdf5_exit_handler();
+  int provided = 0;
+  PB_MPI_CHECK(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided));
+  int code = pb::kExitRuntime;
+  try {
+    code = run(argc, argv);
+  } catch (const std::exception& e) {
+    pb::abort_job(pb::kExitRuntime, __FILE__, __LINE__, "parabench-micro", e.what());
   }
-  benchmark::Initialize(&argc, argv, print_help);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return pb::kExitConfig;
-
-  std::vector<pb::MicroBackend> backends = pb::make_micro_backends(threads);
-  const std::string cuda = pb::add_cuda_backends(&backends);
-  benchmark::AddCustomContext("threads", std::to_string(threads));
-  benchmark::AddCustomContext("cpu", pb::cpu_model_name());
-  benchmark::AddCustomContext("cuda", cuda);
-
-  int failed_checks = 0;
-  pb::register_gemm_benchmarks(backends, &failed_checks);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  if (failed_checks > 0) {
-    std::fprintf(stderr, "parabench-micro: %d benchmark run(s) failed (see their error above)\n", failed_checks);
-    return pb::kExitRuntime;
-  }
-  return pb::kExitComplete;
+  MPI_Finalize();
+  return code;
 }

@@ -1,11 +1,12 @@
 // parabench-plan: per-rank memory by category, cluster totals, a fit verdict and a step-time estimate
-// for any model on a dp, fsdp, tp, ep or cp layout of any size (SPEC section 8; README.md). No MPI, no device:
-// every number is closed-form.
+// for any model on a dp, fsdp, tp, pp, ep or cp layout of any size (SPEC section 8; README.md). No MPI, no
+// device: every number is closed-form, from the device table's peaks or a parabench-micro calibration.
 //
 // Exit codes: 0 plans printed; 1 --require-fit and a plan does not fit --gpu-memory; 2 a bad command
 // line or plan (SPEC section 5), with a message naming the option, the value and the rule.
 #include <cstdio>
 #include <iostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,12 @@ int main(int argc, char** argv) {
 
   std::vector<PlanResult> results;
   results.reserve(request.plans.size());
-  for (const PlanConfig& config : request.plans) results.push_back(evaluate(config));
+  std::set<std::string> warnings;
+  for (const PlanConfig& config : request.plans) {
+    results.push_back(evaluate(config));  // a calibration that lacks a plan's needs was refused while parsing
+    warnings.insert(results.back().warnings.begin(), results.back().warnings.end());
+  }
+  for (const std::string& warning : warnings) std::cerr << "parabench-plan: warning: " << warning << "\n";
 
   switch (request.format) {
     case Format::table: std::cout << render_table(request, results); break;

@@ -3,6 +3,11 @@
 // what a plan for one does. docs/memory-model.md and README.md give the sources.
 #include "bench/plan/plan.h"
 
+#include "bench/plan/app_registry.h"
+#include "bench/plan/step_time.h"
+#include "bench/pp/schedule.h"
+#include "common/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -42,28 +47,71 @@ const GpuSpec kGpus[] = {
 
 // A ring collective over `group_ranks` ranks `stride` apart stays inside a node when the ranks it
 // spans fit in one (groups are aligned, as SPEC 3 numbers ranks).
-double link_for(const PlanConfig& c, int group_ranks, int stride) {
-  if (c.link_gbps > 0) return c.link_gbps;
-  const bool inside_node = static_cast<int64_t>(group_ranks) * stride <= c.gpus_per_node;
-  return inside_node ? c.gpu.intra_node_gbps : c.gpu.inter_node_gbps;
+bool group_inside_node(const PlanConfig& c, int group_ranks, int stride) {
+  return static_cast<int64_t>(group_ranks) * stride <= c.gpus_per_node;
 }
 
-// Ring algorithms: each rank moves 2(n-1)/n (all-reduce) or (n-1)/n (all-gather, reduce-scatter,
-// all-to-all) of the buffer over its link (the bus-bandwidth convention of nccl-tests); a send_recv
-// moves its message once each way, the send and the receive in the link's two directions at once.
+// nccl-tests' bus-bandwidth convention: each rank moves 2(n-1)/n (all-reduce) or (n-1)/n (all-gather,
+// reduce-scatter, all-to-all) of the buffer over its link; a send_recv moves its message once each way,
+// the send and the receive in the link's two directions at once.
+double busbw_factor(const std::string& op, int group_ranks) {
+  const double n = group_ranks;
+  return op == "all_reduce" ? 2.0 * (n - 1) / n : op == "send_recv" ? 1.0 : (n - 1) / n;
+}
+
+// The calibration's table for `op` over a group inside a node or across nodes; throws ConfigError when
+// the calibration did not measure it.
+const MeasuredCollective& calibrated_table(const PlanConfig& c, const std::string& op, bool inside_node) {
+  const std::string table = op == "send_recv" ? (inside_node ? "send_recv_intra" : "send_recv_inter") : op;
+  const auto found = c.calibration->collectives.find(table);
+  if (found == c.calibration->collectives.end()) {
+    throw ConfigError("--calibration " + c.calibration->path + " has no /micro/collectives/" + table +
+                      " (the plan's " + op + (op == "send_recv" ? (inside_node ? " inside a node" : " across nodes") : "") +
+                      "): run parabench-micro with --ops including it" +
+                      (table == "send_recv_inter" ? ", on two nodes or more" : ""));
+  }
+  return found->second;
+}
+
+// Times a collective whose op, bytes, ranks, calls and placement are set: at the nominal (or --link-gbps)
+// link rate, or at the calibration's bus bandwidth measured at the size of each call the app issues
+// (message_bytes; the bus bandwidth is taken as independent of the group's size, as nccl-tests' busbw
+// is meant to be).
+void time_collective(const PlanConfig& c, CommEstimate* e, int64_t message_bytes) {
+  if (e->ranks <= 1 || e->calls <= 0 || e->bytes <= 0) {
+    e->link_gbps = c.link_gbps > 0 ? c.link_gbps : e->inside_node ? c.gpu.intra_node_gbps : c.gpu.inter_node_gbps;
+    e->seconds = 0.0;
+    return;
+  }
+  const double factor = busbw_factor(e->op, e->ranks);
+  if (c.calibration) {
+    const MeasuredCollective& table = calibrated_table(c, e->op, e->inside_node);
+    const double message = static_cast<double>(message_bytes > 0 ? std::min(message_bytes, e->bytes) : e->bytes);
+    const double busbw = interpolate_busbw(table, message);
+    const double messages = static_cast<double>(e->calls) * static_cast<double>(e->bytes) / message;
+    e->measured = true;
+    e->link_gbps = busbw * 8.0 / 1e9;
+    e->seconds = messages * factor * message / busbw;
+    return;
+  }
+  e->link_gbps = c.link_gbps > 0 ? c.link_gbps : e->inside_node ? c.gpu.intra_node_gbps : c.gpu.inter_node_gbps;
+  const double bytes_per_s = e->link_gbps * 1e9 / 8.0;
+  e->seconds = static_cast<double>(e->calls) * factor * static_cast<double>(e->bytes) / bytes_per_s;
+}
+
+// One collective of `passes` calls (or whole-model passes) of `bytes` over `group_ranks` ranks
+// `stride` apart. message_bytes: the size of each call the app issues when a pass is several calls
+// (dp's buckets, fsdp's units); what a calibration's bandwidth is read at.
 CommEstimate collective(const PlanConfig& c, const std::string& op, const std::string& what, int64_t bytes,
-                        int group_ranks, int stride, int64_t passes) {
+                        int group_ranks, int stride, int64_t passes, int64_t message_bytes = 0) {
   CommEstimate e;
   e.op = op;
   e.what = what;
   e.bytes = bytes;
   e.ranks = group_ranks;
   e.calls = passes;
-  e.link_gbps = link_for(c, group_ranks, stride);
-  const double n = group_ranks;
-  const double factor = op == "all_reduce" ? 2.0 * (n - 1) / n : op == "send_recv" ? 1.0 : (n - 1) / n;
-  const double bytes_per_s = e.link_gbps * 1e9 / 8.0;
-  e.seconds = group_ranks > 1 ? passes * factor * static_cast<double>(bytes) / bytes_per_s : 0.0;
+  e.inside_node = group_inside_node(c, group_ranks, stride);
+  time_collective(c, &e, message_bytes);
   return e;
 }
 
@@ -207,7 +255,87 @@ std::vector<CommEstimate> cp_collectives(const PlanConfig& c, int64_t parameters
   return out;
 }
 
-// The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local).
+// Pipeline parallelism's messages and gradient all-reduce of one step, as parabench-pp sends them
+// (bench/pp/README.md, "What each rank sends per step"): per micro-batch and boundary between virtual
+// stages, the activations (b·S·h) forward and their gradient back, each one message: v·m activations
+// per step from every stage but the last (its v − 1 first chunks' only), v·m gradients from every stage
+// but the first (likewise); a stage between two others sends both. With dp > 1, one all-reduce of the stage's gradients (the largest
+// stage's, `stage_parameters`) over its dp ranks (consecutive: stride 1), after the schedule.
+// A message sits on the critical path only in the pipeline's fill (the first micro-batch's forward
+// reaching the last virtual stage) and drain (the last backward coming back): V − 1 of each direction,
+// V = p·v (naive, one micro-batch at a time: every message). The rest travel while other micro-batches
+// compute (hidden_s).
+std::vector<CommEstimate> pp_collectives(const PlanConfig& c, int64_t stage_parameters) {
+  const MemoryPlan& m = c.memory;
+  const int p = c.pp.stages, v = c.pp.chunks, dp = c.dp;
+  std::vector<CommEstimate> out;
+  if (p > 1) {
+    // Stage s's ranks are s·dp ... s·dp + dp − 1 (SPEC 3: pipeline stages farthest apart); each sends to
+    // the rank dp further. A boundary that any pair crosses between nodes sets the pace.
+    bool inside_node = true;
+    for (int s = 0; s + 1 < p && inside_node; ++s) {
+      for (int i = 0; i < dp && inside_node; ++i) {
+        const int64_t r = static_cast<int64_t>(s) * dp + i;
+        inside_node = r / c.gpus_per_node == (r + dp) / c.gpus_per_node;
+      }
+    }
+    const int64_t boundary = static_cast<int64_t>(m.micro_batch) * m.arch.seq * m.arch.hidden * m.precision.act_bytes;
+    const int64_t per_step = static_cast<int64_t>(v) * c.grad_accum;
+    const int64_t on_path = c.pp.schedule == "naive" ? static_cast<int64_t>(c.grad_accum) * (p - 1) : p * v - 1;
+    for (const char* what : {"activations to the next stage", "activation gradients to the previous stage"}) {
+      CommEstimate e;
+      e.op = "send_recv";
+      e.what = what;
+      e.bytes = boundary;
+      e.ranks = 2;
+      e.calls = per_step;
+      e.inside_node = inside_node;
+      e.blocking = true;
+      time_collective(c, &e, 0);
+      e.hidden_s = e.seconds * static_cast<double>(std::max<int64_t>(0, per_step - on_path)) / per_step;
+      out.push_back(e);
+    }
+  }
+  if (dp > 1) {
+    out.push_back(collective(c, "all_reduce", "gradients of the stage (dp)", stage_parameters * m.precision.grad_bytes,
+                             dp, 1, 1));
+    out.back().blocking = c.calibration != nullptr;  // as parabench-pp runs it: after the pipeline drains
+  }
+  return out;
+}
+
+// parabench-dp's buckets (bench/dp/data_parallel.cpp, make_buckets): the units walked in backward order,
+// a bucket closed once it holds --bucket-mb of gradients, a unit never split; each bucket is all-reduced
+// as soon as backward has finished its units. With a calibration, the all-reduce is timed bucket by
+// bucket at its own size, and the last bucket (the one with the embedding, ready when backward ends)
+// is what no compute hides.
+void dp_buckets(const PlanConfig& c, const std::vector<int64_t>& units, CommEstimate* e) {
+  const int64_t grad_bytes = c.memory.precision.grad_bytes;
+  const auto bucket_elements =
+      static_cast<int64_t>(std::max(1.0, c.bucket_mb * 1024.0 * 1024.0 / static_cast<double>(grad_bytes)));
+  std::vector<int64_t> buckets;  // elements, in the order backward completes them
+  int64_t current = 0;
+  for (auto u = units.rbegin(); u != units.rend(); ++u) {
+    current += *u;
+    if (current >= bucket_elements) {
+      buckets.push_back(current);
+      current = 0;
+    }
+  }
+  if (current > 0) buckets.push_back(current);
+  e->seconds = 0;
+  for (int64_t elements : buckets) {
+    CommEstimate one = *e;
+    one.bytes = elements * grad_bytes;
+    one.calls = 1;
+    time_collective(c, &one, 0);
+    e->seconds += one.seconds;
+    e->exposed_s = one.seconds;  // the last one's
+  }
+}
+
+// The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local; pp:
+// the largest stage's).
 std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
   const PrecisionSpec& p = c.memory.precision;
   const int64_t grad_bytes = parameters * p.grad_bytes;
@@ -215,10 +343,13 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
   std::vector<CommEstimate> out;
   if (c.is_moe()) return ep_collectives(c, parameters);
   if (c.is_cp()) return cp_collectives(c, parameters);
+  if (c.is_pp()) return pp_collectives(c, parameters);
   if (c.app == "tp") {
     out = tp_collectives(c);
-    // The dp group: ranks tp apart, holding the same slices; one all-reduce of a rank's gradients.
+    // The dp group: ranks tp apart, holding the same slices; one all-reduce of a rank's gradients
+    // (parabench-tp issues it after backward: with a calibration, as the app runs, it blocks).
     out.push_back(collective(c, "all_reduce", "gradients (dp)", grad_bytes, c.dp, c.tp(), 1));
+    out.back().blocking = c.calibration != nullptr;
     return out;
   }
   // FSDP moves whole units padded to the shard layout (bench/fsdp): per unit, ceil(numel / n) · n elements.
@@ -227,32 +358,66 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
   int64_t padded = 0;
   for (int64_t u : units) padded += shard_elements(u, n) * n;
   const int64_t last = shard_elements(units.back(), n) * n;  // the last unit stays gathered for its backward
+  // The app issues one call per unit: a calibration's bandwidth is read at the mean unit's size.
+  const int64_t unit_count = static_cast<int64_t>(units.size());
+  auto per_unit = [&](int64_t elements, int64_t bytes_per_element, int64_t count) {
+    return elements * bytes_per_element / std::max<int64_t>(1, count);
+  };
+  const int64_t bucket = static_cast<int64_t>(c.bucket_mb * 1024 * 1024);  // dp: buckets of at least this
   switch (c.memory.shard) {
     case ShardStrategy::no_shard:  // DDP: one all-reduce of the gradients, on the last micro-batch
-      out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, c.dp, 1, 1));
+      out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, c.dp, 1, 1,
+                               c.app == "dp" ? bucket : per_unit(parameters, p.grad_bytes, unit_count)));
+      if (c.app == "dp" && c.calibration) dp_buckets(c, units, &out.back());
       break;
     case ShardStrategy::zero1:  // gradients reduced to their owner, updated weights gathered back
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, 1));
-      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, 1,
+                               per_unit(padded, p.grad_bytes, unit_count)));
+      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1,
+                               per_unit(padded, p.param_bytes, unit_count)));
       break;
     case ShardStrategy::shard_grad_op:  // whole weights, gathered back after the update; gradients per micro-batch
-      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1));
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps));
+      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1,
+                               per_unit(padded, p.param_bytes, unit_count)));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps,
+                               per_unit(padded, p.grad_bytes, unit_count)));
       break;
     case ShardStrategy::full_shard:  // gathered for forward, and again for backward but the last unit
-      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, c.dp, 1, micro_steps));
+      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, c.dp, 1, micro_steps,
+                               per_unit(padded, p.param_bytes, unit_count)));
       out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, c.dp, 1,
-                               micro_steps));
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps));
+                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps,
+                               per_unit(padded, p.grad_bytes, unit_count)));
       break;
     case ShardStrategy::hybrid_shard: {  // FULL_SHARD inside a group, the shards all-reduced across groups
       const int group = c.memory.shard_ranks, replicas = c.dp / group;
-      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, group, 1, micro_steps));
+      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, group, 1, micro_steps,
+                               per_unit(padded, p.param_bytes, unit_count)));
       out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, group, 1,
-                               micro_steps));
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, 1, micro_steps));
+                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, 1, micro_steps,
+                               per_unit(padded, p.grad_bytes, unit_count)));
       out.push_back(collective(c, "all_reduce", "gradient shards", padded / group * p.grad_bytes, replicas, group, 1));
       break;
+    }
+  }
+  if (c.calibration && c.app == "fsdp") {
+    // As parabench-fsdp runs them (bench/fsdp/fully_sharded.cpp): the reduce-scatters, all-reduces and the
+    // gathers after the optimizer step are called in place and wait; only FULL_SHARD's (and HYBRID_SHARD's)
+    // gathers are prefetched, the next unit's while one computes, but the first unit of each micro-batch's
+    // forward, which nothing before it prefetches.
+    const bool prefetched = c.memory.shard == ShardStrategy::full_shard || c.memory.shard == ShardStrategy::hybrid_shard;
+    for (CommEstimate& e : out) {
+      if (!(prefetched && e.op == "all_gather")) {
+        e.blocking = true;
+      } else if (e.what == "parameters (forward)") {
+        CommEstimate first = e;
+        first.bytes = shard_elements(units.front(), n) * n * p.param_bytes;
+        first.calls = micro_steps;
+        time_collective(c, &first, 0);
+        e.exposed_s = std::min(e.seconds, first.seconds);
+      }
     }
   }
   return out;
@@ -387,10 +552,47 @@ double cp_hardware_flops_per_step(const PlanConfig& c) {
   return flops;
 }
 
+namespace {
+
+// What one rank holding `units` (embedding 0, blocks 1..L, head L+1) executes per step at the
+// peak-based model's FLOP counts: forward and backward (3× forward) of its blocks and head over its
+// m micro-batches, and what recomputation runs again.
+double stage_hardware_flops(const PlanConfig& c, const std::vector<int>& units) {
+  const ArchSpec& a = c.memory.arch;
+  int64_t blocks = 0;
+  bool head = false;
+  for (int u : units) {
+    if (u == a.layers + 1) head = true;
+    else if (u > 0) ++blocks;
+  }
+  const double tokens = static_cast<double>(c.grad_accum) * c.memory.micro_batch * a.seq;
+  double flops = 3.0 * tokens * (blocks * block_forward_flops_per_token(a) + (head ? head_flops_per_token(a) : 0.0));
+  if (c.memory.recompute == "full") flops += tokens * blocks * block_forward_flops_per_token(a);
+  if (c.memory.recompute == "selective") flops += tokens * blocks * attention_core_flops_per_token(a);
+  return flops;
+}
+
+std::vector<int> all_units(const ArchSpec& a) {
+  std::vector<int> units(static_cast<std::size_t>(a.layers + 2));
+  for (std::size_t u = 0; u < units.size(); ++u) units[u] = static_cast<int>(u);
+  return units;
+}
+
+// The calibrated compute of the rank holding `units` with memory `memory` (its gradients and AdamW shard).
+StepCompute rank_compute(const PlanConfig& c, const std::vector<int>& units, const MemoryEstimate& memory) {
+  const PrecisionSpec& p = c.memory.precision;
+  const int64_t grad_elements = memory[MemCategory::gradients] / p.grad_bytes;
+  const int64_t updated_elements = memory[MemCategory::optimizer_states] / p.optimizer_bytes;
+  return calibrated_compute(*c.calibration, c, rank_step_kernels(c, units, grad_elements, updated_elements));
+}
+
+}  // namespace
+
 PlanResult evaluate(const PlanConfig& c) {
   PlanResult r;
   r.config = c;
   const MemoryPlan& m = c.memory;
+  const int L = static_cast<int>(m.arch.layers);
   if (c.model_states_only()) {
     // One unit of N parameters: ZeRO's accounting, without activations or buffers.
     r.parameters = c.params_override;
@@ -404,17 +606,34 @@ PlanResult evaluate(const PlanConfig& c) {
       r.parameters = 0;
       for (int64_t u : unit_parameter_counts(whole)) r.parameters += u;
     }
-    r.per_rank = predict_memory(m);  // with m.tp and m.sequence_parallel: one tp rank's slices
+    if (c.definition) {  // the app's own memory of each distinct rank (pp: each stage); the largest peak decides the fit
+      r.per_stage = distinct_rank_memory(*c.definition, c.app_options, m);
+      for (std::size_t s = 0; s < r.per_stage.size(); ++s) {
+        if (r.per_stage[s].peak_total > r.per_stage[r.peak_stage].peak_total) r.peak_stage = static_cast<int>(s);
+      }
+      r.per_rank = r.per_stage[r.peak_stage];
+    } else {
+      r.per_rank = predict_memory(m);  // with m.tp and m.sequence_parallel: one tp rank's slices
+    }
   }
   r.rank_parameters = r.parameters;
   if (!c.model_states_only() && (m.tp > 1 || c.is_moe())) {
     r.rank_parameters = 0;  // tp: a rank's slices; ep: the replicated parameters and its E/ep experts
     for (int64_t u : unit_parameter_counts(m)) r.rank_parameters += u;
   }
+  if (c.is_pp()) {  // the stage of largest peak's units
+    const std::vector<int64_t> units = unit_parameter_counts(m.arch);
+    r.rank_parameters = 0;
+    for (int u : pipeline_held_units(L, c.pp, r.peak_stage)) r.rank_parameters += units[u];
+  }
   r.model_state_bytes = r.per_rank[MemCategory::parameters] + r.per_rank[MemCategory::master_parameters] +
                         r.per_rank[MemCategory::gradients] + r.per_rank[MemCategory::optimizer_states];
   r.model_state_bytes_per_param = static_cast<double>(r.model_state_bytes) / static_cast<double>(r.parameters);
   r.cluster_peak_total = r.per_rank.peak_total * c.ranks;
+  if (c.is_pp()) {
+    r.cluster_peak_total = 0;
+    for (const MemoryEstimate& e : r.per_stage) r.cluster_peak_total += e.peak_total * c.dp;
+  }
 
   if (c.gpu_memory_gib > 0) {
     r.fit_checked = true;
@@ -422,35 +641,76 @@ PlanResult evaluate(const PlanConfig& c) {
     r.excess_bytes = r.per_rank.peak_total - r.capacity_bytes;
     r.fits = r.excess_bytes <= 0;
   }
+  if (c.model_states_only()) return r;
 
-  if (!c.model_states_only()) {
-    r.has_time = true;
-    if (c.is_moe()) {
-      r.model_flops_per_step = moe_model_flops_per_step(m.arch, c.moe, c.global_batch);
-      r.hardware_flops_per_step =
-          moe_hardware_flops_per_step(m.arch, c.moe, c.global_batch, m.micro_batch, m.recompute);
-    } else if (c.is_cp()) {
-      r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
-      r.hardware_flops_per_step = cp_hardware_flops_per_step(c);
-    } else {
-      r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
-      r.hardware_flops_per_step =
-          r.model_flops_per_step + recompute_flops_per_step(m.arch, c.global_batch, m.recompute);
-    }
-    // --mfu is the share of peak the GPUs sustain on what they execute, recomputation included.
-    r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * c.peak_tflops * 1e12 * c.mfu);
-    r.comm = step_collectives(c, r.rank_parameters);
-    double overlappable = 0;  // what may hide behind the whole step's compute (the gradient collectives)
-    for (const CommEstimate& e : r.comm) {
-      r.comm_s += e.seconds;
-      if (e.blocking) r.blocking_comm_s += e.seconds - e.hidden_s;  // cp's ring: less what hides beside its block
-      else overlappable += e.seconds;
-    }
-    // Overlapped communication hides behind compute; blocking collectives (tp's, ep's, cp's) add to it.
-    r.step_s = c.overlap ? std::max(r.compute_s, overlappable) + r.blocking_comm_s
-                         : r.compute_s + overlappable + r.blocking_comm_s;
-    r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;
+  r.has_time = true;
+  if (c.is_moe()) {
+    r.model_flops_per_step = moe_model_flops_per_step(m.arch, c.moe, c.global_batch);
+    r.hardware_flops_per_step = moe_hardware_flops_per_step(m.arch, c.moe, c.global_batch, m.micro_batch, m.recompute);
+  } else if (c.is_cp()) {
+    r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
+    r.hardware_flops_per_step = cp_hardware_flops_per_step(c);
+  } else {
+    r.model_flops_per_step = model_flops_per_step(m.arch, c.global_batch);
+    r.hardware_flops_per_step = r.model_flops_per_step + recompute_flops_per_step(m.arch, c.global_batch, m.recompute);
   }
+
+  // Compute: one rank's (every rank alike), or a pipeline's busiest stage's, whose schedule then idles
+  // it for the bubble.
+  const double flops_per_s = c.peak_tflops * 1e12 * c.mfu;  // --mfu: the share of peak sustained on what runs
+  int64_t pipeline_parameters = r.rank_parameters;
+  if (c.is_pp()) {
+    const std::vector<int64_t> units = unit_parameter_counts(m.arch);
+    pipeline_parameters = 0;
+    for (int s = 0; s < c.pp.stages; ++s) {
+      const std::vector<int> held = pipeline_held_units(L, c.pp, s);
+      int64_t held_parameters = 0;
+      for (int u : held) held_parameters += units[u];
+      pipeline_parameters = std::max(pipeline_parameters, held_parameters);
+      double busy;
+      if (c.calibration) {
+        StepCompute stage = rank_compute(c, held, r.per_stage[s]);
+        busy = stage.seconds;
+        if (s == 0 || busy > r.compute_s) {
+          r.kernels = std::move(stage.kernels);
+          r.warnings = std::move(stage.warnings);
+        }
+      } else {
+        busy = stage_hardware_flops(c, held) / flops_per_s;
+      }
+      r.compute_s = std::max(r.compute_s, busy);
+    }
+    r.bubble_fraction = theoretical_bubble_fraction(c.pp.schedule, c.pp.stages, static_cast<int>(c.grad_accum),
+                                                    c.pp.chunks);
+    r.bubble_s = r.compute_s * r.bubble_fraction / (1.0 - r.bubble_fraction);
+  } else if (c.calibration) {
+    StepCompute rank = rank_compute(c, all_units(m.arch), r.per_rank);
+    r.compute_s = rank.seconds;
+    r.kernels = std::move(rank.kernels);
+    r.warnings = std::move(rank.warnings);
+  } else {
+    r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * flops_per_s);
+  }
+
+  r.comm = step_collectives(c, c.is_pp() ? pipeline_parameters : r.rank_parameters);
+  double overlappable = 0;  // what may hide behind the whole step's compute (the gradient collectives)
+  double tail = 0;          // what of it may not (exposed_s)
+  for (const CommEstimate& e : r.comm) {
+    r.comm_s += e.seconds;
+    if (e.blocking) {
+      r.blocking_comm_s += e.seconds - e.hidden_s;  // cp's ring, pp's messages: less what hides
+    } else {
+      overlappable += e.seconds - e.exposed_s;
+      tail += e.exposed_s;
+    }
+  }
+  // Overlapped communication hides behind compute; blocking collectives (tp's, ep's, cp's, pp's) add to it.
+  const double pipeline_s = r.compute_s + r.bubble_s;
+  r.step_s = c.overlap ? std::max(pipeline_s, overlappable) + tail + r.blocking_comm_s
+                       : pipeline_s + overlappable + tail + r.blocking_comm_s;
+  r.exposed_comm_s = r.step_s - pipeline_s;
+  r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;
+  r.mfu = r.model_flops_per_step / (r.step_s * c.ranks * c.peak_tflops * 1e12);
   return r;
 }
 

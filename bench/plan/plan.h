@@ -4,20 +4,29 @@
 // docs/memory-model.md derives the memory formulas; README.md here the time model and the options.
 //
 // Modelled: dp, fsdp, tp (tensor parallelism × data parallelism, with or without sequence
-// parallelism), ep (the mixture-of-experts model of bench/ep, expert parallelism × data
-// parallelism; its memory is bench/ep's plan_moe_memory) and cp (context parallelism × data
-// parallelism; its memory is bench/cp's plan_cp_memory). Not modelled yet: pp and hybrid layouts
-// (their apps bring their formulas).
+// parallelism), pp (pipeline parallelism × data parallelism; its options, validation and memory per
+// stage are bench/pp's, pipeline_plan.h), ep (the mixture-of-experts model of bench/ep, expert
+// parallelism × data parallelism; its memory is bench/ep's plan_moe_memory) and cp (context
+// parallelism × data parallelism; its memory is bench/cp's plan_cp_memory). Not modelled yet: hybrid
+// layouts. The step time comes from the device table's peaks, or from a parabench-micro calibration
+// (--calibration: calibration.h, step_time.h).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "bench/cp/context_attention.h"
 #include "bench/ep/moe.h"
+#include "bench/plan/calibration.h"
+#include "bench/pp/pipeline_plan.h"
 #include "common/memory_model.h"
+
+namespace pb {
+struct AppDefinition;
+}
 
 namespace pb::plan {
 
@@ -40,10 +49,15 @@ std::vector<std::string> gpu_names();
 struct PlanConfig {
   std::string model;          // preset name, or "custom"
   int64_t params_override = 0;  // --params N: model states only, of N parameters in one unit
-  std::string app;            // dp | fsdp | tp | ep | cp
+  std::string app;            // dp | fsdp | tp | pp | ep | cp
   int ranks = 1;              // world size W
   int gpus_per_node = 8;
-  int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for the tp app, W / cp for cp
+  int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for tp, W / pp for pp, W / cp for cp
+  PipelineOptions pp;         // --app pp: stages, schedule, virtual stages (as the app describes them); else 1 stage
+  // An app planned from its own definition (app_registry.h: --app pp): the definition, holding the
+  // options it parsed, and the Options of this plan that its validation and memory read. Null otherwise.
+  std::shared_ptr<const AppDefinition> definition;
+  Options app_options;
   int ep = 1;                 // --app ep: expert-parallel degree (groups of ep consecutive dp ranks); else 1
   MoeOptions moe;             // --app ep: experts, top-k, capacity factor, auxiliary loss
   int cp = 1;                 // --app cp: context-parallel degree (groups of cp consecutive ranks); else 1
@@ -64,6 +78,8 @@ struct PlanConfig {
   double mfu = 0.4;           // assumed model-FLOPs utilisation
   double link_gbps = 0;       // > 0: every collective runs at this rate (--link-gbps)
   double gpu_memory_gib = 0;  // > 0: check the fit (--gpu-memory)
+  // --calibration: a parabench-micro result whose measured rates time the step (else the peaks above).
+  std::shared_ptr<const Calibration> calibration;
   // The sweep values that made this plan from the base command line, as KEY=VALUE.
   std::vector<std::pair<std::string, std::string>> swept;
 
@@ -73,6 +89,7 @@ struct PlanConfig {
   bool model_states_only() const { return params_override > 0; }
   bool is_moe() const { return app == "ep"; }
   bool is_cp() const { return app == "cp"; }
+  bool is_pp() const { return app == "pp"; }
   const char* cp_layout() const { return cp_zigzag ? "zigzag" : "contiguous"; }
   // --app ep: expert slots per expert and micro-batch (bench/ep's moe_capacity of b·S tokens).
   int64_t capacity() const;
@@ -81,19 +98,26 @@ struct PlanConfig {
 // One collective of the step-time estimate.
 struct CommEstimate {
   std::string op;       // all_reduce | all_gather | reduce_scatter | all_to_all | send_recv (cp's ring: each
-                        // call one send to the next rank and one receive from the previous, at once)
+                        // call one send to the next rank and one receive from the previous, at once; pp:
+                        // one message to a neighbouring stage)
   std::string what;     // "gradients", "parameters", ...
   int64_t bytes = 0;    // buffer size per call (the full, unsharded tensor; nccl-tests' "size")
   int ranks = 1;        // ranks in the group
   int64_t calls = 0;    // whole-model passes per step (the apps issue one call per unit or bucket);
                         // tp: calls per step, the cross-entropy statistics' two (N and 2N floats) as one;
                         // ep: the all-to-alls' calls per step; its all-reduces one pass each (L + 1 and L calls);
-                        // cp: calls per step (send_recv: the sends, as many as the receives)
-  double link_gbps = 0; // rate used
+                        // cp: calls per step (send_recv: the sends, as many as the receives);
+                        // pp: the sends per step of each stage that sends them (README.md)
+  bool inside_node = true;  // the group's ranks share a node (NVLink; send_recv_intra of a calibration)
+  double link_gbps = 0; // rate used: nominal, --link-gbps, or the calibration's bus bandwidth at this size
+  bool measured = false;  // timed from a calibration's /micro/collectives
   double seconds = 0;   // per step, all calls
   bool blocking = false;  // on the critical path whatever the overlap: tp's collectives, ep's all-to-alls, cp's
-  double hidden_s = 0;  // of `seconds`, what hides behind the attention of the block in hand (cp's ring K|V
-                        // hops: each hop's transfer beside one block's attention); the rest is blocking
+  double hidden_s = 0;  // of `seconds`, what hides behind compute: cp's ring K|V hops beside the attention
+                        // of the block in hand; pp's messages but those on the pipeline's fill and drain
+  double exposed_s = 0;  // of an overlapped collective's `seconds`, what no compute hides (with a calibration,
+                        // as the app runs: dp's last bucket, all-reduced once backward has ended; FULL_SHARD's
+                        // first gather of each micro-batch, which nothing prefetched)
 };
 
 struct PlanResult {
@@ -101,10 +125,12 @@ struct PlanResult {
   int64_t parameters = 0;                // of the whole model (ep: the router and all E experts per block)
   int64_t rank_parameters = 0;           // a rank's slices before any sharding: P_local of tp, ep's
                                          // replicated parameters and E/ep experts per block, P otherwise
-  MemoryEstimate per_rank;               // every category and peak_total, bytes
+  MemoryEstimate per_rank;               // every category and peak_total, bytes (pp: the stage of largest peak)
+  std::vector<MemoryEstimate> per_stage; // --app pp: pipeline stage s's ranks (s·dp ... s·dp + dp − 1)
+  int peak_stage = 0;                    // --app pp: the stage per_rank is
   int64_t model_state_bytes = 0;         // parameters + master + gradients + optimizer, one rank
   double model_state_bytes_per_param = 0;  // model_state_bytes / parameters
-  int64_t cluster_peak_total = 0;        // per_rank.peak_total × ranks (every rank is alike)
+  int64_t cluster_peak_total = 0;        // per_rank.peak_total × ranks (every rank is alike; pp: Σ stages × dp)
   bool fit_checked = false, fits = true;
   int64_t capacity_bytes = 0, excess_bytes = 0;  // excess > 0: does not fit by that much
   // Step-time estimate (none with --params).
@@ -114,7 +140,16 @@ struct PlanResult {
   double compute_s = 0, comm_s = 0, step_s = 0, tokens_per_s = 0;
   double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's, ep's, cp's
                                          // collectives; cp ring: less what hides behind block attention)
+  // pp: compute_s is the busiest stage's; the schedule leaves it idle bubble_fraction of the pipeline's
+  // time (bench/pp's theoretical_bubble_fraction), bubble_s = compute_s · f / (1 − f).
+  double bubble_fraction = 0, bubble_s = 0;
+  double exposed_comm_s = 0;             // step_s − compute_s − bubble_s: communication no compute hides
+  double mfu = 0;                        // model FLOPs / (step × ranks × peak); NaN where the peak is unknown
   std::vector<CommEstimate> comm;
+  // --calibration: each kernel of the (busiest) rank's step and its measured rate; warnings about
+  // kernels timed at the default rate.
+  std::vector<KernelTime> kernels;
+  std::vector<std::string> warnings;
 };
 
 // Model FLOPs of one step: 3 × forward matmul FLOPs, attention counted as a full S×S product,
@@ -141,7 +176,8 @@ double moe_hardware_flops_per_step(const ArchSpec& arch, const MoeOptions& moe, 
 // allgather keep log-sum-exp statistics, a fused kernel its softmax statistics, nothing to recompute.
 double cp_hardware_flops_per_step(const PlanConfig& config);
 
-// The whole plan: memory, fit, time. Closed-form: no loop over ranks.
+// The whole plan: memory, fit, time. Closed-form: no loop over ranks. Throws ConfigError when a
+// calibration lacks what the plan needs (a GEMM or attention of its backend and dtype, a collective).
 PlanResult evaluate(const PlanConfig& config);
 
 // "does not fit: needs X GiB per rank, Y GiB (Z%) more than --gpu-memory G", or "" when it fits.

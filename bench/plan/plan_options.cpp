@@ -7,10 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
 #include <set>
-#include <tuple>
 
+#include "bench/plan/app_registry.h"
 #include "bench/plan/plan.h"
 #include "common/errors.h"
 
@@ -29,11 +30,10 @@ struct Unmodelled {
   const char* source;
 };
 constexpr Unmodelled kUnmodelledApps[] = {
-    {"pp", "its app (issue 5) brings its formulas"},
-    {"hybrid", "it combines the formulas of tp, pp and fsdp once pp's app exists"},
+    {"hybrid", "it combines the formulas of tp, pp and fsdp, which have their apps"},
 };
 // Options that describe the invocation rather than a plan: never swept.
-const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit"};
+const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit", "calibration"};
 
 // Everything the command line can say, before resolution.
 struct RawOptions {
@@ -45,7 +45,10 @@ struct RawOptions {
   int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
   int tp = 1;                  // --app tp; 1 for dp and fsdp
   bool sequence_parallel = false;
-  int pp = 1;                 // accepted so that degree 1 works; above 1 not modelled yet
+  // The apps planned from their own definition (app_registry.h), each holding the options it put on this
+  // command line, and those options' names (for "an option of --app pp, not of --app dp").
+  std::vector<std::pair<const RegisteredApp*, std::shared_ptr<AppDefinition>>> apps;
+  std::map<std::string, std::vector<std::string>> app_option_names;
   int cp = 1;                 // --app cp; 1 for the other apps
   std::string cp_algo = "ring", cp_layout = "zigzag";  // --app cp: parabench-cp's options and defaults
   int ep = 1;                 // --app ep; 1 for the other apps
@@ -60,6 +63,7 @@ struct RawOptions {
   std::string recompute = "none", dtype, grad_dtype = "fp32", backend = "cuda";
   std::string gpu = "h100";
   double peak_tflops = 0, mfu = 0.4, link_gbps = 0, gpu_memory = 0;
+  std::string calibration;    // a parabench-micro result file
   std::vector<std::string> sweep;
   std::string format = "table";
   bool require_fit = false;
@@ -110,16 +114,25 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
   cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
   // Layout.
-  cli->add_option("--app", r.app, "dp | fsdp | tp | ep | cp (pp, hybrid: not modelled yet)")->capture_default_str();
+  cli->add_option("--app", r.app, "dp | fsdp | tp | pp | ep | cp (hybrid: not modelled yet)")->capture_default_str();
   cli->add_option("--gpus", r.gpus, "ranks in the cluster (one per GPU)");
   cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
   cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
-  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp, or / --cp)");
+  cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp, / --pp or / --cp)");
   cli->add_option("--tp", r.tp, "tp: tensor-parallel degree, consecutive ranks (dp and fsdp: only 1)")
       ->capture_default_str();
   cli->add_flag("--sequence-parallel", r.sequence_parallel,
                 "tp: split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
-  cli->add_option("--pp", r.pp, "pipeline-parallel degree: only 1 (pp is not modelled yet)")->capture_default_str();
+  for (const RegisteredApp& app : registered_apps()) {  // the app's own options, defaults and help (pp: --pp, ...)
+    auto definition = std::make_shared<AppDefinition>(app.make());
+    std::set<std::string> before;
+    for (const CLI::Option* o : cli->get_options()) before.insert(o->get_name());
+    definition->options.add(*cli);
+    for (const CLI::Option* o : cli->get_options()) {
+      if (!before.count(o->get_name())) r.app_option_names[app.name].push_back(o->get_name());
+    }
+    r.apps.emplace_back(&app, definition);
+  }
   cli->add_option("--cp", r.cp, "cp: context-parallel degree, each sequence split over N consecutive ranks "
                   "(other apps: only 1)")->capture_default_str();
   cli->add_option("--cp-algo", r.cp_algo, "cp: ring | allgather | alltoall (DeepSpeed-Ulysses)")->capture_default_str();
@@ -141,7 +154,7 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--no-prefetch", r.no_prefetch, "fsdp: gather one unit at a time, no overlap");
   cli->add_option("--bucket-mb", r.bucket_mb, "dp: gradient bucket size in MiB (no memory: buckets are views)")
       ->capture_default_str();
-  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp, ep, cp: the gradient all-reduce after backward, not during it");
+  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp, pp, ep, cp: the gradient all-reduce after backward, not during it");
   // Batch, precision, backend.
   cli->add_option("--micro-batch", r.micro_batch, "samples per micro-batch")->capture_default_str();
   cli->add_option("--global-batch", r.global_batch, "samples per step (default micro-batch · dp)");
@@ -159,6 +172,9 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_option("--link-gbps", r.link_gbps,
                   "per-rank bus bandwidth in Gbit/s for every collective (default: NVLink inside a node, the NIC across)");
   cli->add_option("--gpu-memory", r.gpu_memory, "GiB per GPU: check that peak_total fits");
+  cli->add_option("--calibration", r.calibration,
+                  "a parabench-micro result file (.h5): time the step from its measured kernels and collectives "
+                  "instead of --gpu's peaks and links (--app dp, fsdp, tp, pp)");
   cli->add_flag("--require-fit", r.require_fit, "exit 1 when a plan does not fit --gpu-memory");
   // Output.
   cli->add_option("--sweep", r.sweep, "KEY=V1,V2,...: one plan per value (repeat for a cartesian product)");
@@ -174,38 +190,53 @@ void parse_args(CLI::App& cli, std::vector<std::string> args) {
 
 // The resolved, validated plan of a parsed command line.
 // `shard_swept`: a --sweep over shard may keep a --shard-group that only its HYBRID_SHARD points use.
-PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
+// `calibration`: the --calibration file, read once for every point of a sweep (null without it).
+PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept,
+                   const std::shared_ptr<const Calibration>& calibration) {
   auto given = [&](const char* name) { return cli.count(name) > 0; };
   PlanConfig c;
 
   // ---- app ------------------------------------------------------------------------------------------
   for (const Unmodelled& u : kUnmodelledApps) {
     if (r.app == u.app) {
-      reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp, tp and ep)");
+      reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp, tp, pp, ep and cp)");
     }
   }
-  for (auto [option, degree, app] : {std::tuple{"--pp", r.pp, "pp"}}) {
-    if (degree == 1) continue;
-    require_positive(option, degree);
-    for (const Unmodelled& u : kUnmodelledApps) {
-      if (std::string(app) == u.app) {
-        reject(std::string(option) + " " + std::to_string(degree) + ": not modelled yet; " + u.source +
-               " (the planner models dp, fsdp, tp, ep and cp, where every other degree is 1)");
-      }
-    }
-  }
-  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp" && r.app != "ep" && r.app != "cp") {
-    reject("--app " + r.app + " must be dp, fsdp, tp, ep or cp (pp, hybrid: not modelled yet)");
+  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp" && r.app != "pp" && r.app != "ep" && r.app != "cp") {
+    reject("--app " + r.app + " must be dp, fsdp, tp, pp, ep or cp (hybrid: not modelled yet)");
   }
   c.app = r.app;
   require_positive("--tp", r.tp);
+  // The registered apps' degrees (as each describes its options): at least 1, and above 1 only for their
+  // own app; their other options only for their own app.
+  std::shared_ptr<AppDefinition> definition;  // --app's, when it is registered
+  for (const auto& [app, app_definition] : r.apps) {
+    nlohmann::ordered_json described;
+    app_definition->options.describe(described);
+    const std::string degree_key = std::string(app->degree_option).substr(2);
+    const int degree = described.value(degree_key, 1);
+    require_positive(app->degree_option, degree);
+    if (app->name == c.app) {
+      definition = app_definition;
+      continue;
+    }
+    if (degree > 1) {
+      reject(app_definition->options.model_parallel_options() + " is a degree of --app " + app->name + "; --app " +
+             c.app + " has no " + app->parallelism + " (use --app " + app->name + ")");
+    }
+    for (const std::string& option : r.app_option_names.at(app->name)) {
+      if (option != app->degree_option && given(option.c_str())) {
+        reject(option + " is an option of --app " + app->name + ", not of --app " + c.app);
+      }
+    }
+  }
   require_positive("--ep", r.ep);
   require_positive("--cp", r.cp);
   if (r.tp > 1 && c.app == "fsdp") {
     reject("--tp " + std::to_string(r.tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet "
            "(--app tp models tp × dp)");
   }
-  if (r.tp > 1 && (c.app == "dp" || c.app == "ep" || c.app == "cp")) {
+  if (r.tp > 1 && (c.app == "dp" || c.app == "pp" || c.app == "ep" || c.app == "cp")) {
     reject("--tp " + std::to_string(r.tp) + " is a degree of --app tp; --app " + c.app +
            " has no tensor parallelism (use --app tp)");
   }
@@ -234,15 +265,16 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     c.cp_zigzag = r.cp_layout == "zigzag";
   }
   const int tp = c.app == "tp" ? r.tp : 1;
-  // The degree beside dp: ranks = dp × model_parallel (tp's or cp's consecutive ranks).
-  const int model_parallel = c.app == "cp" ? c.cp : tp;
-  const std::string model_parallel_option = c.app == "cp" ? "--cp" : "--tp";
+  // The degree beside dp: ranks = dp × model_parallel (tp's or cp's consecutive ranks, pp's stages).
+  const RegisteredApp* registered = find_registered_app(c.app);
+  const int model_parallel = definition ? definition->options.model_parallel_size() : c.app == "cp" ? c.cp : tp;
+  const std::string model_parallel_option = registered ? registered->degree_option : c.app == "cp" ? "--cp" : "--tp";
   for (const char* option : {"--shard", "--shard-group", "--no-prefetch"}) {
     if (c.app != "fsdp" && given(option)) reject(std::string(option) + " is an option of --app fsdp, not of --app " + c.app);
   }
   if (c.app != "dp" && given("--bucket-mb")) reject("--bucket-mb is an option of --app dp, not of --app " + c.app);
   if (c.app == "fsdp" && given("--no-overlap")) {
-    reject("--no-overlap is an option of --app dp, tp, ep and cp, not of --app fsdp (use --no-prefetch)");
+    reject("--no-overlap is an option of --app dp, tp, pp, ep and cp, not of --app fsdp (use --no-prefetch)");
   }
   if (c.app != "tp" && given("--sequence-parallel")) {
     reject("--sequence-parallel is an option of --app tp, not of --app " + c.app);
@@ -254,6 +286,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     if (c.app == "tp") reject("--params has no model shape to slice: --app tp needs --model (and shape options)");
     if (c.app == "ep") reject("--params has no MLP to split into experts: --app ep needs --model (and shape options)");
     if (c.app == "cp") reject("--params has no sequence to split: --app cp needs --model (and shape options)");
+    if (c.app == "pp") reject("--params has no layers to cut into stages: --app pp needs --model (and shape options)");
     for (const char* option : {"--model", "--layers", "--hidden", "--heads", "--kv-heads", "--seq", "--vocab", "--ffn",
                                "--gated-mlp", "--tied-embeddings"}) {
       if (given(option)) reject(std::string("--params replaces the model: give either --params or ") + option);
@@ -314,7 +347,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     require_positive("--dp", r.dp);
     ranks = static_cast<int64_t>(r.dp) * model_parallel;
   } else {
-    ranks = model_parallel;  // one tensor- or context-parallel group
+    ranks = model_parallel;  // one tensor- or context-parallel group, or one pipeline
   }
   if (ranks > kMaxRanks) {
     reject("the plan has " + std::to_string(ranks) + " ranks; the planner takes at most " + std::to_string(kMaxRanks));
@@ -332,7 +365,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     if (c.ranks % r.dp != 0) {
       reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --dp " + std::to_string(r.dp));
     }
-    if ((c.app == "tp" || c.app == "cp") && r.dp != c.dp) {
+    if ((c.app == "tp" || c.app == "pp" || c.app == "cp") && r.dp != c.dp) {
       reject("--dp " + std::to_string(r.dp) + " does not match " + ranks_source + " " + std::to_string(c.ranks) +
              " / " + model_parallel_option + " " + std::to_string(model_parallel) + " = " + std::to_string(c.dp));
     }
@@ -363,7 +396,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     }
     m.prefetch = !r.no_prefetch;
     c.overlap = m.prefetch;
-  } else {  // dp, tp, ep and cp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
+  } else {  // dp, tp, pp, ep and cp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
     m.shard = ShardStrategy::no_shard;
     m.shard_ranks = 1;
     if (!(r.bucket_mb > 0 && std::isfinite(r.bucket_mb))) reject("--bucket-mb " + str(r.bucket_mb) + " must be positive");
@@ -407,8 +440,15 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   }
 
   // ---- backend and precision ---------------------------------------------------------------------------
-  if (r.backend != "cpu" && r.backend != "cuda") reject("--backend " + r.backend + " must be cpu or cuda");
-  c.backend = r.backend;
+  // With a calibration, the backend it measured is the default (its GPU where it measured one).
+  std::string backend = r.backend;
+  if (calibration && !given("--backend")) {
+    const std::vector<std::string> measured = calibration->measured_precisions();
+    const bool cuda = std::any_of(measured.begin(), measured.end(), [](const std::string& p) { return p.rfind("cuda/", 0) == 0; });
+    backend = cuda || measured.empty() ? "cuda" : "cpu";
+  }
+  if (backend != "cpu" && backend != "cuda") reject("--backend " + backend + " must be cpu or cuda");
+  c.backend = backend;
   m.attention_keeps_probabilities = c.backend == "cpu";
   c.dtype = r.dtype.empty() ? (c.backend == "cuda" ? "bf16" : "fp32") : r.dtype;
   if (c.dtype != "fp32" && c.dtype != "bf16") reject("--dtype " + c.dtype + " must be fp32 or bf16");
@@ -423,9 +463,18 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
   if (!gpu_spec(r.gpu, &c.gpu)) reject("--gpu " + r.gpu + " must be one of " + join(gpu_names(), ", "));
   if (given("--peak-tflops")) require_positive_real("--peak-tflops", r.peak_tflops);
   const double table_peak = c.dtype == "bf16" ? c.gpu.peak_bf16_tflops : c.gpu.peak_fp32_tflops;
-  c.peak_tflops = given("--peak-tflops") ? r.peak_tflops : table_peak;
+  // With a calibration the peak only divides the MFU: the device's, as parabench-micro knew it (NaN on CPUs).
+  const double default_peak =
+      calibration ? calibrated_peak_flop_per_s(*calibration, c.backend, c.dtype) / 1e12 : table_peak;
+  c.peak_tflops = given("--peak-tflops") ? r.peak_tflops : default_peak;
   if (!(r.mfu > 0.0 && r.mfu <= 1.0)) reject("--mfu " + str(r.mfu) + " must be in (0, 1]");
   c.mfu = r.mfu;
+  for (const char* option : {"--mfu", "--link-gbps"}) {
+    if (calibration && given(option)) {
+      reject(std::string(option) + " is an assumption of the peak-based estimate; --calibration " + calibration->path +
+             " measures the rates instead (give one or the other)");
+    }
+  }
   if (given("--link-gbps")) require_positive_real("--link-gbps", r.link_gbps);
   c.link_gbps = given("--link-gbps") ? r.link_gbps : 0.0;
   if (given("--gpu-memory")) require_positive_real("--gpu-memory", r.gpu_memory);
@@ -478,6 +527,27 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept) {
     }
     // bench/cp's model: this rank's S/cp tokens, the attention core's saved state, scratch and buffers.
     plan_cp_memory(m, c.cp_algo, c.cp);
+  }
+
+  // ---- an app planned from its own definition: its rules on the plan; its options as it describes them ----
+  if (definition) {
+    c.app_options = app_options_of(c);
+    definition->options.validate(c.app_options);  // throws ConfigError with the app's own message
+    nlohmann::ordered_json described;
+    definition->options.describe(described);
+    if (c.is_pp()) {
+      c.pp.stages = described.at("pp").get<int>();
+      c.pp.schedule = described.at("schedule").get<std::string>();
+      c.pp.chunks = described.at("virtual_stages").get<int>();
+    }
+    c.definition = definition;
+  }
+
+  // ---- calibration: the plan's step must be timeable from it (a GEMM and attention of its backend and
+  // dtype, every collective it issues), else exit 2 now, naming what is missing ------------------------------
+  if (calibration) {
+    c.calibration = calibration;
+    evaluate(c);
   }
   return c;
 }
@@ -577,6 +647,8 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
     else if (raw.format == "json") request->format = Format::json;
     else reject("--format " + raw.format + " must be table, csv or json");
     request->require_fit = raw.require_fit;
+    std::shared_ptr<const Calibration> calibration;
+    if (!raw.calibration.empty()) calibration = std::make_shared<const Calibration>(read_calibration(raw.calibration));
 
     request->sweeps.clear();
     int64_t points = 1;
@@ -592,7 +664,7 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
 
     request->plans.clear();
     if (request->sweeps.empty()) {
-      request->plans.push_back(resolve(*cli, raw, false));
+      request->plans.push_back(resolve(*cli, raw, false, calibration));
       return ParseOutcome{true, 0, "", false};
     }
 
@@ -617,7 +689,7 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
       for (const auto& [key, value] : swept) where += (where.empty() ? "" : ", ") + key + "=" + value;
       try {
         parse_args(*point_cli, point_args);
-        request->plans.push_back(resolve(*point_cli, point_raw, shard_swept));
+        request->plans.push_back(resolve(*point_cli, point_raw, shard_swept, calibration));
       } catch (const CLI::ParseError& e) {
         reject("--sweep " + where + ": " + e.what());
       } catch (const ConfigError& e) {

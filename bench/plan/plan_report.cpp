@@ -93,6 +93,14 @@ std::string format_columns(const std::vector<std::vector<std::string>>& rows, st
   return out;
 }
 
+// A category over the cluster: every rank alike, or (pp) each stage's dp ranks.
+int64_t cluster_bytes(const PlanResult& r, MemCategory cat) {
+  if (r.per_stage.empty()) return r.per_rank[cat] * r.config.ranks;
+  int64_t total = 0;
+  for (const MemoryEstimate& e : r.per_stage) total += e[cat] * r.config.dp;
+  return total;
+}
+
 std::string precision_text(const PlanConfig& c) {
   if (c.dtype == "fp32") return "fp32 weights, gradients and AdamW (16 bytes per parameter)";
   return std::string("bf16 weights, ") + (c.grad_dtype == "bf16" ? "bf16" : "fp32") +
@@ -124,6 +132,13 @@ std::string layout_text(const PlanConfig& c) {
            (moe.capacity_factor > 0 ? "" : " (no limit)") + ": " + std::to_string(c.capacity()) +
            " slots per expert and micro-batch; aux-loss " + printf_string("%g", moe.aux_loss) +
            (c.overlap ? "; all-reduces overlapped with backward" : "; all-reduces after backward");
+  } else if (c.is_pp()) {
+    out += ", pp " + std::to_string(c.pp.stages) + " (" + c.pp.schedule +
+           (c.pp.chunks > 1 ? ", " + std::to_string(c.pp.chunks) + " virtual stages per rank" : "") + "): " +
+           std::to_string(c.memory.arch.layers / (c.pp.stages * c.pp.chunks)) +
+           (c.memory.arch.layers == c.pp.stages * c.pp.chunks ? " block per " : " blocks per ") +
+           (c.pp.chunks > 1 ? "virtual stage" : "stage") +
+           (c.overlap ? "; dp all-reduce overlapped with the pipeline" : "; dp all-reduce after the pipeline drains");
   } else if (c.is_cp()) {
     out += ", cp " + std::to_string(c.cp) + " (" + cp_algo_name(c.cp_algo) + ", " + c.cp_layout() + "): " +
            std::to_string(c.memory.arch.seq / c.cp) + " tokens of each sequence per rank" +
@@ -140,6 +155,8 @@ std::string layout_text(const PlanConfig& c) {
            (c.dp / c.ep > 1 ? "s" : "") + " of " + std::to_string(c.ep);
   } else if (c.is_cp()) {
     out += "cp " + std::to_string(c.cp) + " × dp " + std::to_string(c.dp);
+  } else if (c.is_pp()) {
+    out += "pp " + std::to_string(c.pp.stages) + " × dp " + std::to_string(c.dp);
   } else {
     out += "dp " + std::to_string(c.dp);
   }
@@ -157,7 +174,9 @@ std::string header(const PlanResult& r) {
            short_count(r.parameters) + ")";
     if (r.rank_parameters != r.parameters) {
       out += ", " + with_separators(r.rank_parameters) + " (" + short_count(r.rank_parameters) + ") per " +
-             (c.is_moe() ? "rank (replicated + its experts)" : "tp rank");
+             (c.is_moe() ? "rank (replicated + its experts)"
+              : c.is_pp() ? "rank of stage " + std::to_string(r.peak_stage) + " (the largest peak)"
+                          : std::string("tp rank"));
     }
     out += "\n";
     out += "model:     " + describe_arch(c.memory.arch) + "\n";
@@ -181,42 +200,120 @@ std::string header(const PlanResult& r) {
   return out + "\n";
 }
 
+std::string mfu_text(double mfu) { return std::isfinite(mfu) ? printf_string("%.3g", mfu) : "nan (peak unknown)"; }
+
+// What the estimate rests on: the device table's peaks, or a calibration's measured rates.
+std::string time_source_text(const PlanConfig& c) {
+  if (!c.calibration) {
+    return "step-time estimate from the device table's peaks (--gpu " + c.gpu.name + ": " +
+           printf_string("%g", c.peak_tflops) + " TFLOP/s " + c.dtype + " at --mfu " + printf_string("%g", c.mfu) + ", " +
+           (c.link_gbps > 0 ? printf_string("%g Gb/s links", c.link_gbps) : std::string("nominal links")) +
+           "; closed-form, not a measurement; see bench/plan/README.md):\n";
+  }
+  const Calibration& cal = *c.calibration;
+  std::string where = cal.cluster.empty() ? "" : cal.cluster + ", ";
+  where += cal.gpu_model.empty() || c.backend == "cpu" ? cal.cpu_model : cal.gpu_model;
+  return "step-time estimate from the calibration " + cal.path + " (parabench-micro on " + where + ", " +
+         std::to_string(cal.world_size) + " ranks of " + std::to_string(cal.threads) + " threads, " + cal.comm +
+         "): each kernel and collective at its measured rate; a prediction, not a measurement; see bench/plan/README.md\n";
+}
+
+std::string calibrated_compute_text(const PlanResult& r) {
+  double matmul = 0, attention = 0, other = 0, fallback = 0;
+  int matmul_calls = 0, exact = 0;
+  for (const KernelTime& k : r.kernels) {
+    if (k.call.kernel == "matmul") {
+      matmul += k.seconds;
+      ++matmul_calls;
+      exact += k.source.exact;
+    } else if (k.call.kernel.rfind("attention", 0) == 0) {
+      attention += k.seconds;
+    } else {
+      other += k.seconds;
+    }
+    if (k.source.fallback) fallback += k.seconds;
+  }
+  const PlanConfig& c = r.config;
+  std::string out = "  compute        " + seconds(r.compute_s) + " per step" +
+                    (c.is_pp() ? " on the busiest stage" : " on each rank") + ": matrix products " + seconds(matmul) +
+                    " (" + std::to_string(exact) + " of " + std::to_string(matmul_calls) +
+                    " shapes measured exactly, the rest at the nearest measured), attention " + seconds(attention) +
+                    ", other kernels " + seconds(other);
+  if (fallback > 0) out += " (" + seconds(fallback) + " at the default rate: see the warnings)";
+  return out + "\n";
+}
+
 std::string time_text(const PlanResult& r) {
   const PlanConfig& c = r.config;
-  std::string out = "step-time estimate (closed-form, not a measurement; see bench/plan/README.md):\n";
-  const bool recomputes = r.hardware_flops_per_step > r.model_flops_per_step;
-  std::string flops_note;
-  if (c.is_moe()) {  // hardware: the experts over their E·C slots; model: k experts per token
-    flops_note = " (executed: experts over " + std::to_string(c.moe.experts) + " × " + std::to_string(c.capacity()) +
-                 " slots per micro-batch" + (c.memory.recompute != "none" ? ", + recomputation" : "") + "; model FLOPs " +
-                 printf_string("%.3g", r.model_flops_per_step) + ", k experts per token and the router)";
+  std::string out = time_source_text(c);
+  if (c.calibration) {
+    out += calibrated_compute_text(r);
   } else {
-    flops_note = recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation"
-                            : " (model FLOPs";
-    if (c.is_cp() && c.cp > 1) flops_note += "; each sequence's attention split over cp " + std::to_string(c.cp);
-    flops_note += ")";
+    const bool recomputes = r.hardware_flops_per_step > r.model_flops_per_step;
+    std::string flops_note;
+    if (c.is_moe()) {  // hardware: the experts over their E·C slots; model: k experts per token
+      flops_note = " (executed: experts over " + std::to_string(c.moe.experts) + " × " + std::to_string(c.capacity()) +
+                   " slots per micro-batch" + (c.memory.recompute != "none" ? ", + recomputation" : "") +
+                   "; model FLOPs " + printf_string("%.3g", r.model_flops_per_step) +
+                   ", k experts per token and the router)";
+    } else {
+      flops_note = recomputes ? " (" + printf_string("%.3g", r.model_flops_per_step) + " model + recomputation"
+                              : " (model FLOPs";
+      if (c.is_cp() && c.cp > 1) flops_note += "; each sequence's attention split over cp " + std::to_string(c.cp);
+      flops_note += ")";
+    }
+    if (c.is_pp()) {
+      out += "  compute        " + seconds(r.compute_s) + " per step on the busiest stage: its blocks (and head) over " +
+             std::to_string(c.grad_accum) + " micro-batches at " + printf_string("%g", c.peak_tflops) +
+             " TFLOP/s × MFU " + printf_string("%g", c.mfu) + " (" + printf_string("%.3g", r.hardware_flops_per_step) +
+             " FLOPs per step over all ranks" + (recomputes ? ", recomputation included" : "") + ")\n";
+    } else {
+      out += "  compute        " + printf_string("%.3g", r.hardware_flops_per_step) + " FLOPs per step" + flops_note +
+             " / (" + std::to_string(c.ranks) + " ranks × " + printf_string("%g", c.peak_tflops) + " TFLOP/s × MFU " +
+             printf_string("%g", c.mfu) + ") = " + seconds(r.compute_s) + "\n";
+    }
   }
-  out += "  compute        " + printf_string("%.3g", r.hardware_flops_per_step) + " FLOPs per step" + flops_note +
-         " / (" +
-         std::to_string(c.ranks) + " ranks × " + printf_string("%g", c.peak_tflops) + " TFLOP/s × MFU " +
-         printf_string("%g", c.mfu) + ") = " + seconds(r.compute_s) + "\n";
+  if (c.is_pp()) {
+    out += "  bubble         " + printf_string("%.3g", r.bubble_fraction) + " of the pipeline's time idle (bench/pp's " +
+           "theoretical fraction: " + c.pp.schedule + ", " + std::to_string(c.pp.stages) + " stages, " +
+           std::to_string(c.grad_accum) + " micro-batches" +
+           (c.pp.chunks > 1 ? ", " + std::to_string(c.pp.chunks) + " virtual stages" : "") + ") = " + seconds(r.bubble_s) +
+           "\n";
+  }
   for (const CommEstimate& e : r.comm) {
+    const std::string rate = e.measured ? printf_string("%.3g GB/s", e.link_gbps / 8.0) + " bus bandwidth (measured, " +
+                                              (e.inside_node ? "inside a node" : "across nodes") + ")"
+                                        : printf_string("%g Gb/s", e.link_gbps);
     out += "  " + e.op + " " + e.what + ": " + human_bytes(static_cast<double>(e.bytes)) + " × " +
-           std::to_string(e.calls) + " per step over " + std::to_string(e.ranks) + " ranks at " +
-           printf_string("%g", e.link_gbps) + " Gb/s = " + seconds(e.seconds) + (e.blocking ? ", blocking" : "") +
-           (e.hidden_s > 0 ? " (" + seconds(e.hidden_s) + " of it hidden beside block attention)" : "") + "\n";
+           std::to_string(e.calls) + " per step over " + std::to_string(e.ranks) + " ranks at " + rate + " = " +
+           seconds(e.seconds) + (e.blocking ? ", blocking" : "") +
+           (e.hidden_s > 0 ? " (" + seconds(e.hidden_s) + " of it hidden " +
+                                 (c.is_pp() ? "behind other micro-batches" : "beside block attention") + ")"
+                           : "") +
+           (e.exposed_s > 0 ? " (" + seconds(e.exposed_s) + " of it not hidden: " +
+                                  (c.app == "dp" ? "the last bucket's, after backward)" : "the first unit's, not prefetched)")
+                            : "") +
+           "\n";
   }
+  double tail = 0;
+  for (const CommEstimate& e : r.comm) tail += e.exposed_s;
   std::string how;
   if (!c.overlap) {
     how = " (compute + communication, no overlap)";
+  } else if (tail > 0) {
+    how = " (the larger of compute and the overlapped communication, + what of it cannot overlap " + seconds(tail) +
+          (r.blocking_comm_s > 0 ? " and the blocking collectives " + seconds(r.blocking_comm_s) : "") + ")";
   } else if (r.blocking_comm_s > 0) {
     how = std::string(" (the larger of compute and the overlapped communication, + the blocking ") +
-          (c.is_moe() ? "all-to-alls " : c.is_cp() ? "cp exchanges " : "tp collectives ") +
+          (c.is_moe() ? "all-to-alls " : c.is_cp() ? "cp exchanges " : c.is_pp() ? "pipeline messages " : "tp collectives ") +
           seconds(r.blocking_comm_s) + ")";
   } else {
     how = " (communication overlapped with compute: the larger of the two)";
   }
   out += "  step           " + seconds(r.step_s) + how + ", " + printf_string("%.4g", r.tokens_per_s) + " tokens/s\n";
+  out += "  breakdown      compute " + seconds(r.compute_s) + " + exposed communication " + seconds(r.exposed_comm_s) +
+         " + bubble " + seconds(r.bubble_s) + " = step " + seconds(r.step_s) + "; " +
+         printf_string("%.4g", r.tokens_per_s) + " tokens/s; MFU " + mfu_text(r.mfu) + "\n";
   return out;
 }
 
@@ -230,6 +327,30 @@ std::string fit_text(const PlanResult& r) {
   return "fit: " + fit_message(r) + "\n";
 }
 
+// --app pp: every stage's memory (each of its dp ranks alike), the stage of largest peak marked.
+std::string stage_table(const PlanResult& r) {
+  const PlanConfig& c = r.config;
+  double largest = 1;
+  for (const MemoryEstimate& e : r.per_stage) largest = std::max(largest, static_cast<double>(e.peak_total));
+  const Unit unit = unit_for(std::min(largest, kUnits[3].bytes));
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::string> head = {"stage", "ranks"};
+  for (MemCategory cat : all_mem_categories()) head.push_back(mem_category_name(cat));
+  head.push_back("peak_total");
+  rows.push_back(head);
+  for (std::size_t s = 0; s < r.per_stage.size(); ++s) {
+    const int first = static_cast<int>(s) * c.dp;
+    std::vector<std::string> row = {std::to_string(s) + (static_cast<int>(s) == r.peak_stage ? "*" : ""),
+                                    c.dp > 1 ? std::to_string(first) + "-" + std::to_string(first + c.dp - 1)
+                                             : std::to_string(first)};
+    for (MemCategory cat : all_mem_categories()) row.push_back(in_unit(static_cast<double>(r.per_stage[s][cat]), unit));
+    row.push_back(in_unit(static_cast<double>(r.per_stage[s].peak_total), unit));
+    rows.push_back(row);
+  }
+  return "\nper pipeline stage (bench/pp's predict_pipeline_memory), " + std::string(unit.name) +
+         " per rank; * the stage of largest peak, shown above:\n" + format_columns(rows, 2);
+}
+
 std::string single_plan_table(const PlanResult& r) {
   const PlanConfig& c = r.config;
   std::string out = header(r) + "\n";
@@ -237,11 +358,12 @@ std::string single_plan_table(const PlanResult& r) {
   rows.push_back({"category", "per rank", "cluster (" + std::to_string(c.ranks) + " ranks)"});
   for (MemCategory cat : all_mem_categories()) {
     const double bytes = static_cast<double>(r.per_rank[cat]);
-    rows.push_back({mem_category_name(cat), human_bytes(bytes), human_bytes(bytes * c.ranks)});
+    rows.push_back({mem_category_name(cat), human_bytes(bytes), human_bytes(static_cast<double>(cluster_bytes(r, cat)))});
   }
   rows.push_back({"peak_total", human_bytes(static_cast<double>(r.per_rank.peak_total)),
                   human_bytes(static_cast<double>(r.cluster_peak_total))});
   out += format_columns(rows);
+  if (c.is_pp()) out += stage_table(r);
   out += "model state: " + printf_string("%.4g", r.model_state_bytes_per_param) +
          " bytes per parameter on each rank (" + human_bytes(static_cast<double>(r.model_state_bytes)) + ")\n";
   if (r.has_time) out += "\n" + time_text(r);
@@ -298,7 +420,7 @@ std::string sweep_table(const PlanRequest& request, const std::vector<PlanResult
     rows.push_back(row);
   }
   out += "per rank, " + std::string(unit.name) + "; B/param: model-state bytes per parameter on each rank; "
-         "cluster: peak_total × ranks\n";
+         "cluster: peak_total summed over the ranks\n";
   out += format_columns(rows, request.sweeps.size());
   std::string notes;
   for (std::size_t i = 0; i < results.size(); ++i) {
@@ -311,10 +433,15 @@ std::string sweep_table(const PlanRequest& request, const std::vector<PlanResult
   if (!notes.empty()) out += "\n" + notes;
   if (any_time) {
     const PlanConfig& first = results.front().config;
-    out += "\nstep and tokens/s: a closed-form estimate (FLOPs at --mfu " + printf_string("%g", first.mfu) +
-           " of peak, ring collectives at " +
-           (first.link_gbps > 0 ? printf_string("%g Gb/s", first.link_gbps) : std::string("nominal link rates")) +
-           "), not a measurement; see bench/plan/README.md\n";
+    if (first.calibration) {
+      out += "\nstep and tokens/s: predicted from the measured kernel and collective rates of the calibration " +
+             first.calibration->path + ", not a measurement; see bench/plan/README.md\n";
+    } else {
+      out += "\nstep and tokens/s: a closed-form estimate from the device table's peaks (FLOPs at --mfu " +
+             printf_string("%g", first.mfu) + " of peak, ring collectives at " +
+             (first.link_gbps > 0 ? printf_string("%g Gb/s", first.link_gbps) : std::string("nominal link rates")) +
+             "), not a measurement; see bench/plan/README.md\n";
+    }
   }
   return out;
 }
@@ -364,6 +491,9 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
   j["cp"] = c.cp;
   j["cp_algo"] = c.is_cp() ? nlohmann::ordered_json(cp_algo_name(c.cp_algo)) : nlohmann::ordered_json(nullptr);
   j["cp_layout"] = c.is_cp() ? nlohmann::ordered_json(c.cp_layout()) : nlohmann::ordered_json(nullptr);
+  j["pp"] = c.pp.stages;
+  j["schedule"] = c.is_pp() ? nlohmann::ordered_json(c.pp.schedule) : nlohmann::ordered_json(nullptr);
+  j["virtual_stages"] = c.is_pp() ? nlohmann::ordered_json(c.pp.chunks) : nlohmann::ordered_json(nullptr);
   if (c.is_moe()) {
     j["moe"] = {{"experts", c.moe.experts}, {"top_k", c.moe.top_k}, {"capacity_factor", c.moe.capacity_factor},
                 {"capacity", c.capacity()}, {"aux_loss", c.moe.aux_loss}};
@@ -383,6 +513,7 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
   j["mfu"] = c.mfu;
   j["link_gbps"] = c.link_gbps;
   j["gpu_memory_gib"] = c.gpu_memory_gib;
+  j["calibration"] = c.calibration ? nlohmann::ordered_json(c.calibration->path) : nlohmann::ordered_json(nullptr);
   return j;
 }
 
@@ -409,13 +540,14 @@ std::string render_csv(const std::vector<PlanResult>& results) {
                                    "kv_heads", "ffn", "vocab", "seq", "gated_mlp", "tied_embeddings", "app", "shard",
                                    "shard_ranks", "ranks", "nodes", "gpus_per_node", "dp", "tp", "sequence_parallel",
                                    "ep", "experts", "top_k", "capacity_factor", "capacity", "aux_loss", "cp", "cp_algo",
-                                   "cp_layout", "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
+                                   "cp_layout", "pp", "schedule", "virtual_stages", "micro_batch", "global_batch", "grad_accum", "recompute", "dtype", "grad_dtype",
                                    "backend"};
   for (MemCategory cat : all_mem_categories()) head.push_back(std::string(mem_category_name(cat)) + "_bytes");
   for (const char* name : {"peak_total_bytes", "model_state_bytes_per_param", "cluster_peak_total_bytes",
                            "gpu_memory_bytes", "fits", "excess_bytes", "model_flops_per_step", "hardware_flops_per_step",
                            "peak_tflops", "mfu",
-                           "compute_s", "comm_s", "blocking_comm_s", "step_s", "tokens_per_s"}) {
+                           "compute_s", "comm_s", "blocking_comm_s", "step_s", "tokens_per_s", "time_source",
+                           "bubble_fraction", "bubble_s", "exposed_comm_s", "model_flops_utilization"}) {
     head.push_back(name);
   }
   std::ostringstream out;
@@ -437,7 +569,8 @@ std::string render_csv(const std::vector<PlanResult>& results) {
         c.is_moe() ? std::to_string(c.moe.experts) : "", c.is_moe() ? std::to_string(c.moe.top_k) : "",
         c.is_moe() ? number(c.moe.capacity_factor) : "", c.is_moe() ? std::to_string(c.capacity()) : "",
         c.is_moe() ? number(c.moe.aux_loss) : "", std::to_string(c.cp), c.is_cp() ? cp_algo_name(c.cp_algo) : "",
-        c.is_cp() ? c.cp_layout() : "", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
+        c.is_cp() ? c.cp_layout() : "", std::to_string(c.pp.stages), c.is_pp() ? c.pp.schedule : "",
+        c.is_pp() ? std::to_string(c.pp.chunks) : "", std::to_string(c.memory.micro_batch), std::to_string(c.global_batch),
         std::to_string(c.grad_accum), c.memory.recompute, c.dtype, c.grad_dtype, c.backend};
     for (MemCategory cat : all_mem_categories()) row.push_back(std::to_string(r.per_rank[cat]));
     row.push_back(std::to_string(r.per_rank.peak_total));
@@ -456,6 +589,11 @@ std::string render_csv(const std::vector<PlanResult>& results) {
     row.push_back(number(r.has_time ? r.blocking_comm_s : nan));
     row.push_back(number(r.has_time ? r.step_s : nan));
     row.push_back(number(r.has_time ? r.tokens_per_s : nan));
+    row.push_back(r.has_time ? (c.calibration ? "calibration" : "peaks") : "");
+    row.push_back(number(r.has_time ? r.bubble_fraction : nan));
+    row.push_back(number(r.has_time ? r.bubble_s : nan));
+    row.push_back(number(r.has_time ? r.exposed_comm_s : nan));
+    row.push_back(number(r.has_time ? r.mfu : nan));
     for (std::size_t i = 0; i < row.size(); ++i) out << (i ? "," : "") << row[i];
     out << "\n";
   }
@@ -483,12 +621,26 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
     nlohmann::ordered_json per_rank, cluster;
     for (MemCategory cat : all_mem_categories()) {
       per_rank[mem_category_name(cat)] = r.per_rank[cat];
-      cluster[mem_category_name(cat)] = r.per_rank[cat] * c.ranks;
+      cluster[mem_category_name(cat)] = cluster_bytes(r, cat);
     }
     per_rank["peak_total"] = r.per_rank.peak_total;
     cluster["peak_total"] = r.cluster_peak_total;
     p["memory_per_rank"] = per_rank;
     p["memory_cluster"] = cluster;
+    if (c.is_pp()) {  // bench/pp's memory of each stage; memory_per_rank is peak_stage's
+      nlohmann::ordered_json stages = nlohmann::ordered_json::array();
+      for (const MemoryEstimate& e : r.per_stage) {
+        nlohmann::ordered_json stage;
+        for (MemCategory cat : all_mem_categories()) stage[mem_category_name(cat)] = e[cat];
+        stage["peak_total"] = e.peak_total;
+        stages.push_back(stage);
+      }
+      p["memory_per_stage"] = stages;
+      p["peak_stage"] = r.peak_stage;
+    } else {
+      p["memory_per_stage"] = nullptr;
+      p["peak_stage"] = nullptr;
+    }
     p["model_state_bytes"] = r.model_state_bytes;
     p["model_state_bytes_per_param"] = r.model_state_bytes_per_param;
     if (r.fit_checked) {
@@ -503,18 +655,36 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
       nlohmann::ordered_json comm = nlohmann::ordered_json::array();
       for (const CommEstimate& e : r.comm) {
         comm.push_back({{"op", e.op}, {"what", e.what}, {"bytes", e.bytes}, {"ranks", e.ranks},
-                        {"calls_per_step", e.calls}, {"link_gbps", e.link_gbps}, {"seconds", e.seconds},
-                        {"blocking", e.blocking}, {"hidden_s", e.hidden_s}});
+                        {"calls_per_step", e.calls}, {"inside_node", e.inside_node}, {"link_gbps", e.link_gbps},
+                        {"measured", e.measured}, {"seconds", e.seconds}, {"blocking", e.blocking},
+                        {"hidden_s", e.hidden_s}, {"exposed_s", e.exposed_s}});
       }
-      p["time_estimate"] = {{"model_flops_per_step", r.model_flops_per_step},
+      nlohmann::ordered_json kernels = nlohmann::ordered_json::array();
+      for (const KernelTime& k : r.kernels) {
+        nlohmann::ordered_json kj = {{"kernel", k.call.kernel}, {"what", k.call.what}};
+        if (k.call.kernel == "matmul") kj.update({{"N", k.call.N}, {"C", k.call.C}, {"OC", k.call.OC}});
+        kj.update({{"work", k.call.work}, {"calls_per_step", k.call.calls}, {"backward", k.call.backward},
+                   {"seconds", k.seconds}, {"measured_row", k.source.row}, {"exact", k.source.exact},
+                   {"default_rate", k.source.fallback}});
+        kernels.push_back(kj);
+      }
+      p["time_estimate"] = {{"source", c.calibration ? "calibration" : "peaks"},
+                            {"model_flops_per_step", r.model_flops_per_step},
                             {"hardware_flops_per_step", r.hardware_flops_per_step},
                             {"compute_s", r.compute_s},
                             {"comm_s", r.comm_s},
                             {"blocking_comm_s", r.blocking_comm_s},
+                            {"exposed_comm_s", r.exposed_comm_s},
+                            {"bubble_fraction", r.bubble_fraction},
+                            {"bubble_s", r.bubble_s},
                             {"overlap", c.overlap},
                             {"step_s", r.step_s},
                             {"tokens_per_s", r.tokens_per_s},
-                            {"collectives", comm}};
+                            {"model_flops_utilization", std::isfinite(r.mfu) ? nlohmann::ordered_json(r.mfu)
+                                                                             : nlohmann::ordered_json(nullptr)},
+                            {"collectives", comm},
+                            {"kernels", kernels},
+                            {"warnings", r.warnings}};
     } else {
       p["time_estimate"] = nullptr;
     }

@@ -8,16 +8,6 @@
 namespace pb {
 namespace {
 
-// The units of every chunk of pipeline rank `stage`, in increasing order.
-std::vector<int> held_units(int layers, const PipelineOptions& o, int stage) {
-  std::vector<int> units;
-  for (int chunk = 0; chunk < o.chunks; ++chunk) {
-    const GptModel::Stage s = pipeline_stage_units(layers, o.stages * o.chunks, chunk * o.stages + stage);
-    for (int u = s.first_unit; u <= s.last_unit; ++u) units.push_back(u);
-  }
-  return units;
-}
-
 std::string span_args(int step, int micro, int chunk, int virtual_stage) {
   return "{\"step\": " + std::to_string(step + 1) + ", \"micro_batch\": " + std::to_string(micro) +
          ", \"chunk\": " + std::to_string(chunk) + ", \"virtual_stage\": " + std::to_string(virtual_stage) + "}";
@@ -25,62 +15,11 @@ std::string span_args(int step, int micro, int chunk, int virtual_stage) {
 
 }  // namespace
 
-GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k) {
-  const int per = layers / virtual_stages;
-  GptModel::Stage s;
-  s.first_unit = k == 0 ? 0 : 1 + k * per;
-  s.last_unit = k == virtual_stages - 1 ? layers + 1 : (k + 1) * per;
-  return s;
-}
-
-MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOptions& o, int stage, int m) {
-  const int V = o.stages * o.chunks, L = static_cast<int>(plan.arch.layers);
-  const std::vector<int64_t> unit_params = unit_parameter_counts(plan.arch);
-  int64_t params = 0;
-  for (int u : held_units(L, o, stage)) params += unit_params[u];
-  MemoryEstimate e = predict_model_states({params}, plan.precision, ShardStrategy::no_shard, 1);
-
-  // Replay the schedule: a micro-batch's forward leaves its chunk's activations until its backward,
-  // which needs a little more while it runs (recomputation); receive and send buffers of one
-  // boundary (rows × h) each.
-  const int64_t boundary = static_cast<int64_t>(plan.micro_batch) * plan.arch.seq * plan.arch.hidden *
-                           plan.precision.act_bytes;
-  int64_t live = 0, act_peak = 0, comm_peak = 0;
-  int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
-  int64_t posted = 0;   // gradient buffers posted after forwards, waiting for their backward
-  for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
-    const int k = step.chunk * o.stages + stage;
-    const GptModel::Stage s = pipeline_stage_units(L, V, k);
-    const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
-    const ActivationEstimate a = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
-    if (step.forward) {
-      comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0));  // + the received input
-      if (k < V - 1) posted += boundary;
-      comm_peak = std::max(comm_peak, sending + posted);
-      live += a.forward_end_bytes;
-      act_peak = std::max(act_peak, live);
-    } else {
-      sending = 0;  // waited for before the backward
-      comm_peak = std::max(comm_peak, posted + (k > 0 ? boundary : 0));  // + the input gradient to send
-      act_peak = std::max(act_peak, live + a.backward_extra_bytes);
-      live -= a.forward_end_bytes;
-      if (k < V - 1) posted -= boundary;
-      if (k > 0) sending = boundary;
-    }
-  }
-  e[MemCategory::activations] = act_peak;
-  e[MemCategory::workspace] = predict_activations(plan).workspace_bytes;  // every backward's scratch
-  e[MemCategory::comm_buffers] = comm_peak;
-  e.peak_total = 0;
-  for (int64_t bytes : e.bytes) e.peak_total += bytes;  // an upper bound: the peaks may not coincide
-  return e;
-}
-
 PipelineParallel::PipelineParallel(Runtime& runtime, const PipelineOptions& options)
     : rt_(runtime), options_(options), pp_(*runtime.groups.pp), stages_(options.stages), stage_(pp_.rank()),
       virtual_stages_(options.stages * options.chunks),
       state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads,
-             held_units(runtime.options.model.layers, options, runtime.groups.pp->rank())) {}
+             pipeline_held_units(runtime.options.model.layers, options, runtime.groups.pp->rank())) {}
 
 int PipelineParallel::tag(int micro, int virtual_stage, bool forward) const {
   return ((micro * virtual_stages_ + virtual_stage) << 1) | (forward ? 0 : 1);

@@ -13,24 +13,16 @@
 #include <string>
 #include <vector>
 
+#include "bench/pp/pipeline_plan.h"
 #include "bench/pp/schedule.h"
 #include "common/memory_model.h"
 #include "common/runner.h"
 
 namespace pb {
 
-struct PipelineOptions {
-  int stages = 1;
-  std::string schedule = "1f1b";
-  int chunks = 1;  // --virtual-stages
-};
-
-// The units (embedding 0, blocks 1..L, head L+1) of virtual stage k of `virtual_stages`.
-GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k);
-
-// Predicted memory of pipeline rank `stage`: its units' model state, the activations of the
-// micro-batches its schedule holds at once, the backward scratch and the send/receive buffers.
-MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOptions& pp, int stage, int micro_batches);
+// parabench-pp: its options (kept by the definition), their rules, its layout (stages farthest apart,
+// SPEC 3), each rank's memory and the strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_pipeline_app();
 
 class PipelineParallel final : public Strategy {
  public:

@@ -83,9 +83,7 @@ esac
 
 args=(--out "$out")
 has_option --cluster "$@" || args+=(--cluster "$PB_CLUSTER_NAME")
-if ! has_option --peak-tflops "$@" && [[ -n ${PB_PEAK_TFLOPS:-} && $PB_PEAK_TFLOPS != 0 ]]; then
-  args+=(--peak-tflops "$PB_PEAK_TFLOPS")
-fi
+add_profile_options "$app" "$@"
 
 command=("${launch[@]}" "$bin" "${args[@]}" "$@")
 printf -v command_line '%q ' "${command[@]}"

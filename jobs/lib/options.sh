@@ -26,3 +26,20 @@ check_profile_name() {
   [[ $2 =~ ^[A-Za-z0-9_-][A-Za-z0-9._-]*$ ]] ||
     die "$1 '$2' is not a profile name: a name is letters, digits, '.', '_' and '-', not starting with '.', of a profile jobs/clusters/NAME.env (no paths)"
 }
+
+# Appends to the caller's array `args` what the profile adds to app $1's command line (the app's
+# arguments follow $1; an option given there wins): --peak-tflops PB_PEAK_TFLOPS where set (not 0)
+# for the training apps; for parabench-micro, which takes each device's peak from its own table,
+# --max-bytes 256M on a profile without GPUs, since its collectives' default (8 B to 1 GiB) is sized
+# for GPU memory and on a CPU node every rank's buffers share the node's memory.
+add_profile_options() {
+  local app=$1
+  shift
+  if [[ $app == micro ]]; then
+    if [[ ${PB_GPUS_PER_NODE:-0} == 0 ]] && ! has_option --max-bytes "$@"; then
+      args+=(--max-bytes 256M)
+    fi
+  elif ! has_option --peak-tflops "$@" && [[ -n ${PB_PEAK_TFLOPS:-} && $PB_PEAK_TFLOPS != 0 ]]; then
+    args+=(--peak-tflops "$PB_PEAK_TFLOPS")
+  fi
+}

@@ -17,9 +17,12 @@
 #                   batch grows with the data-parallel degree
 #   strong-scaling  the same rank counts at one global batch: micro-batch x the least common
 #                   multiple of the rank counts (the largest, for powers of two)
+#   micro           parabench-micro on 1 node, 2 nodes and all PB_MAX_NODES nodes (--nodes N: up to
+#                   N; --nodes LIST: those), whole nodes of PB_TASKS_PER_NODE ranks, one job size
+#                   per point: the GEMMs and kernels on each rank, the collectives across the job
 # shellcheck shell=bash disable=SC2034  # the sweep_* and point_* variables are the caller's
 
-sweep_names=(micro-batch shard strategy sequence weak-scaling strong-scaling)
+sweep_names=(micro-batch shard strategy sequence weak-scaling strong-scaling micro)
 sweep_apps=(dp fsdp tp pp ep cp)
 shard_strategies=(NO_SHARD ZERO1 SHARD_GRAD_OP FULL_SHARD HYBRID_SHARD)
 
@@ -36,7 +39,8 @@ sweep_options_help() {
                      sequence: growing sequence lengths (1024,2048,4096,8192)
   --ranks LIST       scaling sweeps: rank counts, each at most one node's ranks or whole nodes
                      (default 1, 2, 4, ... up to PB_MAX_NODES nodes of PB_TASKS_PER_NODE ranks)
-  --nodes LIST       scaling sweeps: node counts instead, whole nodes each
+  --nodes LIST       scaling sweeps: node counts instead, whole nodes each; micro sweep: one
+                     count N (1, 2 and N nodes) or a list of node counts (default 1, 2, PB_MAX_NODES)
   --tp N, --pp N     strategy sweep: tensor and pipeline degree (default PB_TASKS_PER_NODE)
   --ep N             strategy sweep: expert-parallel degree (default the largest that divides
                      both PB_TASKS_PER_NODE and the experts)
@@ -281,7 +285,9 @@ sweep_points() {
   is_count "$micro_batch" || die "--micro-batch $micro_batch is not a positive number"
   if [[ $sweep == sequence && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
     die "--ranks and --nodes apply to the scaling sweeps; each point of the sequence sweep runs on its cp ranks (--cp)"
-  elif [[ $sweep != *-scaling && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
+  elif [[ $sweep == micro && -n $sweep_ranks ]]; then
+    die "--ranks applies to the scaling sweeps; the micro sweep runs on whole nodes (--nodes)"
+  elif [[ $sweep != *-scaling && $sweep != micro && ( -n $sweep_ranks || -n $sweep_nodes ) ]]; then
     die "--ranks and --nodes apply to the scaling sweeps; the $sweep sweep runs on PB_NODES=$PB_NODES nodes of $profile_name"
   fi
   if [[ $sweep != strategy && -n $sweep_tp$sweep_pp$sweep_ep$sweep_experts$sweep_top_k ]]; then
@@ -410,6 +416,30 @@ sweep_points() {
       done
       [[ ${#capped[@]} -eq 0 ]] ||
         echo "note: cp stays at $largest (PB_MAX_NODES=$PB_MAX_NODES x PB_TASKS_PER_NODE=$PB_TASKS_PER_NODE of $profile_name) for sequence length(s) ${capped[*]}: their ranks hold more of the sequence" >&2
+      ;;
+    micro)
+      # The collectives within a node, across two, and across the whole partition (as far as the
+      # profile goes); the GEMMs and kernels come with every point, on each rank.
+      [[ -z $sweep_app ]] || die "the micro sweep runs parabench-micro; --app does not apply"
+      [[ -z $sweep_values ]] || die "the micro sweep takes --nodes, not --values"
+      local counts=() largest=$PB_MAX_NODES
+      if [[ -n $sweep_nodes ]]; then
+        split_list "$sweep_nodes" values
+        for value in "${values[@]}"; do
+          is_count "$value" || die "--nodes: '$value' is not a positive number"
+        done
+        if ((${#values[@]} > 1)); then counts=("${values[@]}"); else largest=${values[0]}; fi
+      fi
+      if ((${#counts[@]} == 0)); then  # 1, 2 and all nodes, each once, none past the largest
+        for value in 1 2; do
+          ((value < largest)) && counts+=("$value")
+        done
+        counts+=("$largest")
+      fi
+      for value in "${counts[@]}"; do
+        allocation $((value * PB_TASKS_PER_NODE))
+        add_point "n$value" micro "$alloc_nodes" "$alloc_tasks"
+      done
       ;;
     weak-scaling|strong-scaling)
       [[ -z $sweep_values ]] || die "the scaling sweeps take --ranks or --nodes, not --values"

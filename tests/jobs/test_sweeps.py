@@ -73,6 +73,7 @@ def test_example_profile_renders_the_allocation():
     ("strategy", ["--cluster", "local", "--values", "cp", "--cp", "2"]),
     ("sequence", ["--cluster", "example"]),
     ("sequence", ["--cluster", "local", "--values", "64,128", "--cp", "2,4"]),
+    ("micro", ["--cluster", "example"]),
 ])
 def test_rendered_scripts_pass_bash_n_and_shellcheck(sweep, options, tmp_path):
     awkward = "it's \"$(not run)\" `either`"  # an app argument that needs quoting
@@ -188,6 +189,16 @@ def test_shard_and_strategy_points():
     (["sequence", "--cluster", "local", "--ranks", "1,2"],
      "--ranks and --nodes apply to the scaling sweeps; each point of the sequence sweep runs on its cp ranks"),
     (["sequence", "--cluster", "local", "--ep", "2"], "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep"),
+    # the micro sweep
+    (["micro", "--cluster", "local", "--values", "1"], "the micro sweep takes --nodes, not --values"),
+    (["micro", "--cluster", "local", "--ranks", "4"],
+     "--ranks applies to the scaling sweeps; the micro sweep runs on whole nodes (--nodes)"),
+    (["micro", "--cluster", "local", "--app", "dp"], "the micro sweep runs parabench-micro; --app does not apply"),
+    (["micro", "--cluster", "local", "--nodes", "2"], "8 ranks take 2 nodes; profile local allows PB_MAX_NODES=1"),
+    (["micro", "--cluster", "example", "--nodes", "0"], "--nodes: '0' is not a positive number"),
+    (["micro", "--cluster", "example", "--nodes", "1,2,1"], "'1' appears twice"),
+    (["micro", "--cluster", "local", "--tp", "2"], "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep"),
+    (["micro", "--cluster", "local", "--", "--out", "x"], "--out is set by the sweep"),
 ])
 def test_wrong_command_lines_exit_2_and_name_the_problem(args, message):
     for tool in (SUBMIT, RUN_LOCAL):
@@ -299,10 +310,57 @@ def test_sequence_sweep_grows_the_sequence_and_cp_together():
         [("s3-cp1", 1, 1, "--seq 3 --cp 1"), ("s12-cp4", 1, 4, "--seq 12 --cp 4")]
 
 
+def micro_points(*options, app_args=(), cluster="example"):
+    """(label, nodes, ranks per node, GPUs per node, args) of each point of a micro sweep, in order."""
+    found = []
+    scripts = dry_run("micro", "--cluster", cluster, *options, app_args=app_args)
+    for name in sorted(scripts, key=lambda n: int(re.search(r"\d+", n).group())):
+        d = dict(x.split("=", 1) for x in directives(scripts[name]) if "=" in x)
+        ((app, label, args),) = points(scripts[name])
+        assert app == "micro" and d["--job-name"] == "pb-micro"
+        found.append((label, int(d["--nodes"]), int(d["--ntasks-per-node"]), d.get("--gpus-per-node"), args))
+    return found
+
+
+def test_micro_sweep_runs_on_one_two_and_all_nodes():
+    """parabench-micro on 1 node, 2 nodes and every node the profile allows (PB_MAX_NODES), one rank
+    per GPU: one job array per node count; --nodes N stops at N, --nodes LIST gives the counts."""
+    got = micro_points(app_args=["--benchmark_repetitions=3"])  # example: 4 GPUs per node, 8 nodes
+    assert [p[:4] for p in got] == [("n1", 1, 4, "4"), ("n2", 2, 4, "4"), ("n8", 8, 4, "4")]
+    assert got[0][4] == r"--tag sweep=micro\ point=n1 --benchmark_repetitions=3"
+    assert [p[:3] for p in micro_points("--nodes", "4")] == [("n1", 1, 4), ("n2", 2, 4), ("n4", 4, 4)]
+    assert [p[:3] for p in micro_points("--nodes", "2")] == [("n1", 1, 4), ("n2", 2, 4)]
+    assert [p[:3] for p in micro_points("--nodes", "1")] == [("n1", 1, 4)]
+    assert [p[:3] for p in micro_points("--nodes", "3,8")] == [("n3", 3, 4), ("n8", 8, 4)]
+    # local: one node of 4 ranks, no GPUs
+    assert [p[:4] for p in micro_points(cluster="local")] == [("n1", 1, 4, None)]
+
+
+def test_micro_sbatch_adds_a_cpu_size_limit_unless_given(tmp_path):
+    """jobs/micro.sbatch runs parabench-micro as the other scripts run their app; on a profile without
+    GPUs it adds --max-bytes 256M (not --peak-tflops, which parabench-micro does not take)."""
+    fake = tmp_path / "parabench-micro"
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$(dirname \"$0\")/args\"\n")
+    fake.chmod(0o755)
+    for extra, expected in (([], ["--max-bytes", "256M"]), (["--max-bytes", "1M"], ["--max-bytes", "1M"])):
+        out = tmp_path / f"out{len(extra)}"
+        done = subprocess.run(["bash", "jobs/micro.sbatch", "--ops", "all_reduce", *extra], cwd=REPO,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PB_"))},
+                                   "PB_BIN": str(fake), "PB_RANKS": "1", "PB_OUT": str(out)},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        args = (tmp_path / "args").read_text().split("\n")[:-1]
+        assert args[:4] == ["--out", str(out), "--cluster", "local"]
+        assert args[4:] == (expected + ["--ops", "all_reduce"] if not extra else ["--ops", "all_reduce", *extra])
+        assert "--peak-tflops" not in args
+        assert (out / "command.txt").read_text().startswith("mpiexec -n 1 ")
+        assert (out / "cluster.env").is_file() and (out / "environment.txt").is_file()
+
+
 def test_every_app_of_the_sweeps_has_its_sbatch_script():
     """jobs/<app>.sbatch for each app a sweep can name, with its own job name and app."""
     done = run(["bash", "-c", "die() { exit 2; }; source jobs/lib/sweep.sh; echo \"${sweep_apps[*]}\""])
-    apps = done.stdout.split()
+    apps = done.stdout.split() + ["micro"]  # the micro sweep's app
     assert "ep" in apps and done.returncode == 0, done.stderr
     for app in apps:
         script = (REPO / "jobs" / f"{app}.sbatch").read_text()
@@ -399,6 +457,58 @@ def test_run_local_runs_ep(tmp_path):
     assert re.search(r"^run-local: mpiexec -n 2 \S+/bench/ep/parabench-ep --cluster local ", done.stderr, re.M)
     with h5py.File(result, "r") as f:
         assert f.attrs["status"] == "complete" and f["config"].attrs["ep"] == 2
+
+
+def micro_binary():
+    """parabench-micro of this build; built only where Google Benchmark was found."""
+    binary = BUILD_DIR / "bench" / "micro" / "parabench-micro"
+    if not binary.exists():
+        pytest.skip(f"{binary} is not built (Google Benchmark not found)")
+    return binary
+
+
+MICRO_FILTER = "--benchmark_filter=gemm/cpu/fp32/small.qkv/|coll/mpi/all_reduce/in_place/(8|16|32)/"
+
+
+def test_run_local_runs_micro_with_the_cpu_size_limit(tmp_path):
+    micro_binary()
+    result = tmp_path / "micro.h5"
+    done = run([RUN_LOCAL, "micro", "-n", "2", "--", MICRO_FILTER, "--benchmark_min_time=0.001", "--out", result])
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^run-local: mpiexec -n 2 \S+/bench/micro/parabench-micro --cluster local --max-bytes 256M ",
+                     done.stderr, re.M)
+    with h5py.File(result, "r") as f:
+        assert f.attrs["status"] == "complete"
+        config = f["config"].attrs
+        assert (config["app"], config["world_size"], config["max_bytes"]) == ("micro", 2, 256 * 2 ** 20)
+        assert list(f["micro/collectives/all_reduce/bytes"][()]) == [8, 16, 32]
+        assert f["micro/gemm/shape"].asstr()[()].tolist() == ["small.qkv"]
+
+
+def test_run_local_micro_sweep_and_its_report(tmp_path):
+    """The micro sweep here (profile local: one node of 4 ranks) through jobs/micro.sbatch, then the
+    report of its folder: the end-to-end path of a cluster's micro sweep."""
+    micro_binary()
+    out = tmp_path / "sweep"
+    done = run([RUN_LOCAL, "--sweep", "micro", "--out", out, "--", MICRO_FILTER, "--benchmark_min_time=0.001",
+                "--max-bytes", "4K"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "[1/1] n1: micro on 4 rank(s)" in done.stderr and "1 of 1 point(s) complete" in done.stderr
+    (result,) = (out / "n1").glob("*.h5")
+    with h5py.File(result, "r") as f:
+        assert f.attrs["status"] == "complete"
+        config = f["config"].attrs
+        assert (config["app"], config["world_size"], config["max_bytes"]) == ("micro", 4, 4096)
+        assert config["tag"] == "sweep=micro point=n1" and f["system"].attrs["cluster"] == "local"
+        assert f["micro/collectives/all_reduce"].attrs["ranks"] == 4
+    command = (out / "n1" / "command.txt").read_text()
+    assert command.startswith("mpiexec -n 4 ") and "/bench/micro/parabench-micro --out " in command
+    done = subprocess.run(["/usr/bin/python3", "-m", "analysis.report", str(out), "--out", str(out / "report")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    md = (out / "report" / "report.md").read_text()
+    assert "### local: GEMM" in md and "### local: collectives" in md
+    assert (out / "report" / "plots" / "micro_busbw.png").stat().st_size > 0
 
 
 def test_run_local_sweep_runs_each_point_through_its_sbatch_script(tmp_path):

@@ -19,10 +19,17 @@ SCRIPT = REPO / "bench" / "micro" / "gemm_fp32_vs_bf16.sh"
 FAST = ["--benchmark_min_time=0.01"]  # Google Benchmark 1.7: seconds
 
 
-def run(*args, check=True):
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Every run in a folder of its own: the result file goes to its default, results/ there."""
+    monkeypatch.chdir(tmp_path)
+
+
+def run(*args, check=True, ranks=None):
     if not MICRO.is_file():
         pytest.fail(f"{MICRO} does not exist: build it (cmake --build build --target parabench-micro) or set PB_BIN_DIR")
-    result = subprocess.run([str(MICRO), *args], capture_output=True, text=True, timeout=300)
+    launch = ["mpiexec", "-n", str(ranks)] if ranks else []
+    result = subprocess.run([*launch, str(MICRO), *args], capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         pytest.fail(f"parabench-micro {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -81,3 +88,86 @@ def test_fp32_vs_bf16_table():
     assert float(fp32) > 0 and float(bf16) > 0
     assert float(ratio) == pytest.approx(float(bf16) / float(fp32), rel=0.02, abs=0.01)  # rounded columns
     assert re.search(r"median of 5 repetitions", result.stdout)
+
+
+def read_table(group):
+    """{column: list} of a /micro table; strings decoded."""
+    return {k: [v.decode() if isinstance(v, bytes) else v for v in group[k][()]] for k in group}
+
+
+def test_result_file_holds_the_gemm_table_google_benchmark_reported(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    out = tmp_path / "micro.h5"
+    report = json.loads(run("--threads", "1", r"--benchmark_filter=^gemm/cpu/fp32/small\.(qkv|fc2)/",
+                            "--benchmark_format=json", "--ops", "none", "--out", str(out), "--tag", "sweep=micro",
+                            *FAST).stdout)
+    with h5py.File(out, "r") as f:
+        assert f["config"].attrs["tag"] == "sweep=micro"
+        assert f.attrs["status"] == "complete" and f.attrs["schema"] == "parabench"
+        assert f["config"].attrs["app"] == "micro" and f["config"].attrs["threads"] == 1
+        assert "steps" not in f  # a file of tables: no per-step datasets
+        assert f["system"].attrs["ranks"] == 1
+        gemm = f["micro/gemm"]
+        for column, units in [("time_s", "s"), ("flop", "flop"), ("flop_per_s", "flop/s"), ("N", "1")]:
+            assert gemm[column].attrs["units"] == units
+        table = read_table(gemm)
+    by_name = {b["name"].removesuffix("/manual_time"): b for b in report["benchmarks"]}
+    assert sorted(table["name"]) == sorted(by_name)
+    for i, name in enumerate(table["name"]):
+        bench = by_name[name]
+        seconds = bench["real_time"] * {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[bench["time_unit"]]
+        assert table["time_s"][i] == pytest.approx(seconds, rel=1e-6)
+        n, c, oc = table["N"][i], table["C"][i], table["OC"][i]
+        assert name.endswith(f"/N{n}_C{c}_OC{oc}") and table["shape"][i] in name
+        assert table["flop"][i] == 2 * n * c * oc
+        assert table["flop_per_s"][i] == pytest.approx(table["flop"][i] / table["time_s"][i], rel=1e-9)
+        assert table["backend"][i] == "cpu" and table["dtype"][i] == "fp32" and table["error"][i] == ""
+        assert table["peak_fraction"][i] != table["peak_fraction"][i]  # NaN: a CPU's peak is not known
+
+
+def test_repetitions_store_the_median():
+    h5py = pytest.importorskip("h5py")
+    report = json.loads(run("--threads", "1", r"--benchmark_filter=^gemm/cpu/fp32/small\.attn_out/",
+                            "--benchmark_repetitions=3", "--benchmark_format=json", "--ops", "none",
+                            "--out", "m.h5", *FAST).stdout)
+    times = sorted(b["real_time"] for b in report["benchmarks"] if b["run_type"] == "iteration")
+    assert len(times) == 3
+    unit = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[report["benchmarks"][0]["time_unit"]]
+    with h5py.File("m.h5", "r") as f:
+        assert f["micro/gemm/time_s"][0] == pytest.approx(times[1] * unit, rel=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ops", "all_reduce,no_such_op"], "--ops: unknown collective 'no_such_op'"),
+    (["--min-bytes", "1M", "--max-bytes", "1K"], "--max-bytes 1K is below --min-bytes 1M"),
+    (["--max-bytes", "0"], "--max-bytes 0 must be a size"),
+    (["--min-bytes", "8Q"], "--min-bytes 8Q must be a size"),
+    (["--comm", "carrier-pigeon"], "--comm"),
+    (["--benchmark_filter=^no_such_benchmark$"], "no benchmark matches --benchmark_filter=^no_such_benchmark$"),
+])
+def test_bad_input_exits_2_with_a_message_and_leaves_no_file(args, message, tmp_path):
+    result = run(*args, "--out", str(tmp_path / "bad.h5"), check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_listing_runs_nothing_and_writes_no_file(tmp_path):
+    result = run("--benchmark_list_tests", "--out", str(tmp_path / "list.h5"))
+    assert "gemm/cpu/fp32/small.qkv/N512_C256_OC768/manual_time" in result.stdout.split()
+    assert not (tmp_path / "list.h5").exists()
+
+
+def test_an_existing_file_is_not_replaced(tmp_path):
+    out = tmp_path / "taken.h5"
+    out.write_bytes(b"someone else's")
+    result = run("--benchmark_filter=^gemm/cpu/fp32/small.qkv/", "--ops", "none", "--out", str(out), *FAST, check=False)
+    assert result.returncode == 2 and "exists" in result.stderr
+    assert out.read_bytes() == b"someone else's"
+
+
+def test_random_interleaving_is_refused_on_several_ranks(tmp_path):
+    # Each rank would shuffle the benchmarks with its own seed, and the collectives would not meet.
+    result = run("--benchmark_enable_random_interleaving=true", "--out", str(tmp_path / "r.h5"), ranks=2, check=False)
+    assert result.returncode == 2
+    assert "needs one rank" in result.stderr

@@ -4,17 +4,24 @@
 // (the tp app's formula) and collectives (bench/tp/README.md), expert parallelism's memory (bench/ep's
 // plan_moe_memory, called here as parabench-ep calls it), collectives (bench/ep/README.md) and MoE
 // FLOPs, context parallelism's memory (bench/cp's plan_cp_memory, called as parabench-cp calls it),
-// exchanges (bench/cp/context_attention.cpp) and FLOPs, the fit verdict, the validation messages, and
-// speed. Plans are built through the command line, as a user builds them.
+// exchanges (bench/cp/context_attention.cpp) and FLOPs, pipeline parallelism's memory per stage (bench/pp's
+// predict_pipeline_memory, called as parabench-pp calls it), bubble and messages, the calibrated step
+// time (the bus-bandwidth interpolation, the nearest measured GEMM, the compute as the sum of a rank's
+// kernels against the FLOP formula), the fit verdict, the validation messages, and speed. Plans are
+// built through the command line, as a user builds them.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <map>
 #include <sstream>
 
+#include "bench/plan/calibration.h"
 #include "bench/plan/plan.h"
 #include "bench/plan/plan_report.h"
+#include "bench/plan/step_time.h"
+#include "bench/pp/schedule.h"
 #include "common/errors.h"
 
 namespace pb::plan {
@@ -897,6 +904,307 @@ TEST(ContextParallel, ReportsNameTheLayout) {
   EXPECT_NE(csv.find(",4,alltoall,contiguous,"), std::string::npos);
 }
 
+
+// ---- pipeline parallelism ---------------------------------------------------------------------------------
+
+TEST(PipelineParallel, PlannerUsesTheAppsFormulaPerStage) {
+  // The planner's pp plan is parabench-pp's /memory/predicted: bench/pp's predict_pipeline_memory of the
+  // run's memory_plan_for (bench/pp/main.cpp), stage by stage.
+  struct Case {
+    const char* model;
+    PipelineOptions pp;
+    int micro_batch, micro_batches;
+    const char* recompute;
+  };
+  const Case cases[] = {{"small", {4, "gpipe", 1}, 1, 8, "none"},
+                        {"small", {4, "1f1b", 1}, 2, 8, "full"},
+                        {"small", {2, "interleaved", 2}, 1, 4, "selective"},
+                        {"small", {4, "naive", 1}, 1, 3, "none"},
+                        {"tiny", {2, "1f1b", 1}, 1, 1, "none"}};
+  for (const Case& k : cases) {
+    Options o;
+    ASSERT_TRUE(model_preset(k.model, &o.model));
+    o.model.ffn = 4 * o.model.hidden;
+    o.dtype = "fp32";
+    o.micro_batch = k.micro_batch;
+    o.recompute = k.recompute;
+    const MemoryPlan app_plan = memory_plan_for(o, /*attention_keeps_probabilities=*/true);
+    const int dp = 2;
+    const PlanResult r = plan_of(std::string("--model ") + k.model + " --app pp --backend cpu --dtype fp32 --gpus " +
+                                 std::to_string(k.pp.stages * dp) + " --pp " + std::to_string(k.pp.stages) +
+                                 " --schedule " + k.pp.schedule + " --virtual-stages " + std::to_string(k.pp.chunks) +
+                                 (k.pp.schedule == "interleaved" ? "" : "") + " --micro-batch " +
+                                 std::to_string(k.micro_batch) + " --global-batch " +
+                                 std::to_string(k.micro_batch * dp * k.micro_batches) + " --recompute " + k.recompute);
+    ASSERT_EQ(r.per_stage.size(), static_cast<std::size_t>(k.pp.stages)) << k.pp.schedule;
+    EXPECT_EQ(r.config.dp, dp);
+    int64_t largest = 0;
+    for (int s = 0; s < k.pp.stages; ++s) {
+      const MemoryEstimate app = predict_pipeline_memory(app_plan, k.pp, s, k.micro_batches);
+      for (MemCategory c : all_mem_categories()) {
+        EXPECT_EQ(r.per_stage[s][c], app[c]) << k.pp.schedule << " stage " << s << " " << mem_category_name(c);
+      }
+      EXPECT_EQ(r.per_stage[s].peak_total, app.peak_total) << k.pp.schedule << " stage " << s;
+      largest = std::max(largest, app.peak_total);
+    }
+    EXPECT_EQ(r.per_rank.peak_total, largest);
+    EXPECT_EQ(r.per_rank.peak_total, r.per_stage[r.peak_stage].peak_total);
+  }
+}
+
+TEST(PipelineParallel, StepIsTheBusiestStageOverOneMinusTheBubble) {
+  // 1F1B over 4 stages and 8 micro-batches: (p − 1)/(m + p − 1) = 3/11 of the pipeline's time idle, so
+  // the pipeline takes (m + p − 1)/m of the busiest stage's compute (dp 1: no all-reduce).
+  const PlanResult r = plan_of("--model small --app pp --gpus 4 --pp 4 --global-batch 8 --dtype fp32");
+  EXPECT_DOUBLE_EQ(r.bubble_fraction, 3.0 / 11.0);
+  EXPECT_DOUBLE_EQ(r.bubble_fraction, theoretical_bubble_fraction("1f1b", 4, 8, 1));
+  EXPECT_NEAR(r.bubble_s, r.compute_s * 3.0 / 8.0, 1e-15);
+  EXPECT_NEAR(r.step_s, r.compute_s + r.bubble_s + r.exposed_comm_s, 1e-15);
+  EXPECT_GT(r.exposed_comm_s, 0.0);  // the fill's and drain's messages
+  // The last stage holds a block and the head: it is the busiest (4 blocks, 4 stages).
+  const ArchSpec& a = r.config.memory.arch;
+  const double tokens = 8.0 * a.seq;
+  const double head_stage = 3.0 * tokens * (model_flops_per_step(a, 1) / (3.0 * a.seq) -
+                                            (a.layers - 1) * (model_flops_per_step(a, 1) / (3.0 * a.seq) -
+                                                              2.0 * a.hidden * a.vocab) / a.layers);
+  EXPECT_NEAR(r.compute_s, head_stage / (r.config.peak_tflops * 1e12 * r.config.mfu), 1e-12);
+  // Interleaving with 2 virtual stages halves the bubble.
+  const PlanResult v2 =
+      plan_of("--model small --app pp --gpus 2 --pp 2 --schedule interleaved --virtual-stages 2 --global-batch 8");
+  EXPECT_DOUBLE_EQ(v2.bubble_fraction, (1.0 / 9.0) / 2.0);
+}
+
+TEST(PipelineParallel, MessagesAreTheBoundaryActivationsPerMicroBatch) {
+  // b·S·h activation elements per message; v·m of each direction per step; a dp all-reduce of the largest
+  // stage's gradients. pp 4 × dp 2 on 8 GPUs per node: stage pairs rank r, r + 2 share a node.
+  const PlanResult r = plan_of("--model small --app pp --gpus 8 --pp 4 --micro-batch 2 --global-batch 16 "
+                               "--dtype bf16");
+  const ArchSpec& a = r.config.memory.arch;
+  ASSERT_EQ(r.comm.size(), 3u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(r.comm[i].op, "send_recv");
+    EXPECT_EQ(r.comm[i].bytes, 2 * a.seq * a.hidden * 2);
+    EXPECT_EQ(r.comm[i].calls, 4);
+    EXPECT_TRUE(r.comm[i].inside_node);
+    EXPECT_TRUE(r.comm[i].blocking);
+    EXPECT_NEAR(r.comm[i].hidden_s, r.comm[i].seconds * 1.0 / 4.0, 1e-18);  // 3 of the 4 are on the fill or drain
+  }
+  EXPECT_EQ(r.comm[2].op, "all_reduce");
+  EXPECT_EQ(r.comm[2].ranks, 2);
+  const std::vector<int64_t> units = unit_parameter_counts(a);
+  EXPECT_EQ(r.comm[2].bytes, 4 * (units[0] + units[1]));  // stage 0: the embedding and a block, fp32 gradients
+  // Across nodes when a stage pair spans two: 2 GPUs per node, dp 2.
+  const PlanResult spread = plan_of("--model small --app pp --gpus 8 --gpus-per-node 2 --pp 4 --global-batch 8");
+  EXPECT_FALSE(spread.comm[0].inside_node);
+}
+
+// ---- calibration: a parabench-micro result in place of the peaks -------------------------------------------
+
+MeasuredKernel gemm_row(int64_t N, int64_t C, int64_t OC, double flop_per_s) {
+  MeasuredKernel k;
+  k.name = "gemm/cpu/fp32/x/N" + std::to_string(N) + "_C" + std::to_string(C) + "_OC" + std::to_string(OC);
+  k.backend = "cpu";
+  k.dtype = "fp32";
+  k.kernel = "matmul";
+  k.N = N;
+  k.C = C;
+  k.OC = OC;
+  k.flop = 2.0 * N * C * OC;
+  k.time_s = k.flop / flop_per_s;
+  k.peak_fraction = std::nan("");
+  return k;
+}
+
+MeasuredKernel kernel_row(const std::string& kernel, double flop, double bytes, double rate) {
+  MeasuredKernel k;
+  k.name = "kernel/cpu/fp32/" + kernel + "/x";
+  k.backend = "cpu";
+  k.dtype = "fp32";
+  k.kernel = kernel;
+  k.flop = flop;
+  k.bytes = bytes;
+  k.time_s = (flop > 0 ? flop : bytes) / rate;
+  k.peak_fraction = std::nan("");
+  return k;
+}
+
+MeasuredCollective collective_table(const std::string& op, std::vector<int64_t> sizes, std::vector<double> busbw) {
+  MeasuredCollective t;
+  t.op = op;
+  t.ranks = 2;
+  t.bytes = std::move(sizes);
+  t.busbw = std::move(busbw);
+  for (std::size_t i = 0; i < t.bytes.size(); ++i) t.time_s.push_back(static_cast<double>(t.bytes[i]) / t.busbw[i]);
+  return t;
+}
+
+TEST(Calibration, BusBandwidthIsInterpolatedLogLog) {
+  const MeasuredCollective t = collective_table("all_reduce", {1024, 4096, 65536}, {1e8, 4e8, 1e9});
+  EXPECT_DOUBLE_EQ(interpolate_busbw(t, 1024), 1e8);
+  EXPECT_NEAR(interpolate_busbw(t, 2048), 2e8, 1e-3);               // halfway in log size: geometric mean
+  EXPECT_NEAR(interpolate_busbw(t, 16384), std::sqrt(4e8 * 1e9), 1e-3);
+  EXPECT_DOUBLE_EQ(interpolate_busbw(t, 1 << 30), 1e9);              // above: the largest size's
+  EXPECT_DOUBLE_EQ(interpolate_busbw(t, 512), 0.5e8);                // below: the smallest size's time
+}
+
+TEST(Calibration, GemmTakesTheSameShapeElseTheNearestInFlops) {
+  Calibration cal;
+  cal.path = "cal.h5";
+  cal.gemm = {gemm_row(512, 256, 768, 1e11), gemm_row(512, 256, 1024, 2e11), gemm_row(2048, 2048, 2048, 4e11)};
+  RateSource source;
+  EXPECT_DOUBLE_EQ(gemm_seconds(cal, "cpu", "fp32", 512, 256, 1024, &source), 2.0 * 512 * 256 * 1024 / 2e11);
+  EXPECT_TRUE(source.exact);
+  // (512, 768, 256) has the FLOPs of the first row; a transposed shape, so not exact.
+  EXPECT_DOUBLE_EQ(gemm_seconds(cal, "cpu", "fp32", 512, 768, 256, &source), 2.0 * 512 * 768 * 256 / 1e11);
+  EXPECT_FALSE(source.exact);
+  EXPECT_EQ(source.row, cal.gemm[0].name);
+  EXPECT_DOUBLE_EQ(gemm_seconds(cal, "cpu", "fp32", 4096, 1024, 4096, &source), 2.0 * 4096 * 1024 * 4096 / 4e11);
+  try {
+    gemm_seconds(cal, "cuda", "bf16", 512, 256, 1024, &source);
+    ADD_FAILURE() << "no cuda/bf16 row";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("has no matrix product (/micro/gemm) measured on cuda/bf16 (it measured "
+                                         "cpu/fp32)"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// A calibration where every GEMM runs at 1e11 FLOP/s, the attention at 2e10, every memory-bound kernel at
+// 5e9 bytes/s and every collective at 1e9 bytes/s of bus bandwidth.
+std::shared_ptr<const Calibration> uniform_calibration() {
+  auto cal = std::make_shared<Calibration>();
+  cal->path = "uniform.h5";
+  cal->gemm = {gemm_row(512, 256, 1024, 1e11)};
+  cal->kernels = {kernel_row("attention_forward", 1e9, 0, 2e10), kernel_row("attention_backward", 2e9, 0, 2e10)};
+  for (const char* k : {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "add",
+                        "embedding_forward", "embedding_backward", "cross_entropy_forward_backward", "sum_squares",
+                        "zero", "adamw"}) {
+    cal->kernels.push_back(kernel_row(k, 0, 1e6, 5e9));
+  }
+  for (const char* op : {"all_reduce", "all_gather", "reduce_scatter", "send_recv_intra"}) {
+    cal->collectives[op] = collective_table(op, {1024, int64_t{1} << 30}, {1e9, 1e9});
+  }
+  return cal;
+}
+
+PlanResult calibrated(const std::string& command_line) {
+  PlanRequest request;
+  const ParseOutcome outcome = parse_plan_request(words(command_line), &request);
+  EXPECT_TRUE(outcome.run) << outcome.message;
+  PlanConfig c = request.plans.front();
+  c.calibration = uniform_calibration();
+  return evaluate(c);
+}
+
+TEST(Calibration, ComputeIsTheSumOfTheRanksKernelsAtTheirRates) {
+  // One rank of dp: its matrix products are the model's (3 × forward: forward, dinp, dweight), its
+  // attention the S×S products (SPEC 6), the rest memory-bound; each at the calibration's rate.
+  for (const char* recompute : {"none", "full"}) {
+    const PlanResult r = calibrated(std::string("--model small --backend cpu --dtype fp32 --micro-batch 4 "
+                                                "--global-batch 8 --recompute ") + recompute);
+    const ArchSpec& a = r.config.memory.arch;
+    const double G = 8, tokens = G * a.seq, attention = 3.0 * tokens * a.layers * 4.0 * a.seq * a.hidden;
+    const double model = model_flops_per_step(a, 8);
+    double matmul_flops = 0, attention_flops = 0, memory_bytes = 0, sum = 0;
+    for (const KernelTime& k : r.kernels) {
+      sum += k.seconds;
+      if (k.call.kernel == "matmul") matmul_flops += k.call.work * k.call.calls;
+      else if (k.call.kernel.rfind("attention", 0) == 0) attention_flops += k.call.work * k.call.calls;
+      else memory_bytes += k.call.work * k.call.calls;
+    }
+    const bool full = std::string(recompute) == "full";
+    const double again = full ? tokens * a.layers * (2.0 * a.hidden * (a.qkv_width() + a.hidden + 2 * a.ffn)) : 0.0;
+    EXPECT_NEAR(matmul_flops / (model - attention + again), 1.0, 1e-12) << recompute;
+    EXPECT_NEAR(attention_flops / (attention * (full ? 4.0 / 3.0 : 1.0)), 1.0, 1e-12) << recompute;
+    EXPECT_NEAR(r.compute_s, matmul_flops / 1e11 + attention_flops / 2e10 + memory_bytes / 5e9, 1e-12) << recompute;
+    EXPECT_NEAR(r.compute_s, sum, 1e-12);
+    EXPECT_TRUE(r.warnings.empty());
+  }
+}
+
+TEST(Calibration, CollectivesAtTheMeasuredBusBandwidthAndTheBreakdownAddsUp) {
+  // dp 2: one all-reduce of every fp32 gradient, at 1e9 bytes/s of bus bandwidth: 2(n−1)/n · 4P / 1e9.
+  const PlanResult dp = calibrated("--model small --gpus 2 --backend cpu --dtype fp32 --micro-batch 4");
+  ASSERT_EQ(dp.comm.size(), 1u);
+  EXPECT_TRUE(dp.comm[0].measured);
+  EXPECT_NEAR(dp.comm[0].seconds, 4.0 * dp.parameters / 1e9, 1e-12);
+  // One bucket (the small model's 20 MiB of gradients under --bucket-mb 25): ready when backward ends,
+  // so nothing hides it.
+  EXPECT_DOUBLE_EQ(dp.comm[0].exposed_s, dp.comm[0].seconds);
+  EXPECT_DOUBLE_EQ(dp.step_s, dp.compute_s + dp.comm[0].seconds);
+  // 1 MiB buckets: one per unit (each holds more), the embedding's last; the others hide behind compute.
+  const PlanResult buckets = calibrated("--model small --gpus 2 --backend cpu --dtype fp32 --micro-batch 4 "
+                                        "--bucket-mb 1");
+  const std::vector<int64_t> units = unit_parameter_counts(buckets.config.memory.arch);
+  EXPECT_NEAR(buckets.comm[0].seconds, 4.0 * buckets.parameters / 1e9, 1e-12);
+  EXPECT_NEAR(buckets.comm[0].exposed_s, 4.0 * units[0] / 1e9, 1e-12);
+  EXPECT_DOUBLE_EQ(buckets.step_s, std::max(buckets.compute_s, buckets.comm[0].seconds - buckets.comm[0].exposed_s) +
+                                       buckets.comm[0].exposed_s);
+  // fsdp FULL_SHARD as the app runs it: the reduce-scatters wait; the gathers are prefetched but the first
+  // unit's (the embedding's) of each micro-batch.
+  const PlanResult fsdp = calibrated("--model small --app fsdp --gpus 2 --backend cpu --dtype fp32 --micro-batch 4");
+  const std::vector<int64_t> fsdp_units = unit_parameter_counts(fsdp.config.memory.arch);
+  for (const CommEstimate& e : fsdp.comm) {
+    EXPECT_EQ(e.blocking, e.op == "reduce_scatter") << e.what;
+    const double first = e.what == "parameters (forward)" ? 4.0 * fsdp_units[0] * 0.5 / 1e9 : 0.0;
+    EXPECT_NEAR(e.exposed_s, first, 1e-12) << e.what;
+  }
+  // pp 2: the busiest stage's kernels, the bubble, the fill's and drain's messages.
+  const PlanResult pp =
+      calibrated("--model small --app pp --gpus 2 --pp 2 --backend cpu --dtype fp32 --micro-batch 4 --global-batch 16");
+  EXPECT_DOUBLE_EQ(pp.bubble_fraction, 1.0 / 5.0);
+  EXPECT_NEAR(pp.bubble_s, pp.compute_s / 4.0, 1e-15);
+  EXPECT_NEAR(pp.step_s, pp.compute_s + pp.bubble_s + pp.exposed_comm_s, 1e-15);
+  const double message = 4.0 * 128 * 256 * 4 / 1e9;  // b·S·h fp32 at 1e9 bytes/s
+  EXPECT_NEAR(pp.exposed_comm_s, 2 * message, 1e-15);  // one forward and one backward on the path
+  // Missing collectives and unmodelled apps are configuration errors that say what is missing.
+  PlanRequest request;
+  ASSERT_TRUE(parse_plan_request(words("--model small --app tp --gpus 2 --tp 2 --backend cpu --dtype fp32 "
+                                       "--sequence-parallel"), &request).run);
+  PlanConfig c = request.plans.front();
+  auto cal = std::make_shared<Calibration>(*uniform_calibration());
+  cal->collectives.erase("all_gather");
+  c.calibration = cal;
+  try {
+    evaluate(c);
+    ADD_FAILURE() << "no all_gather measured";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("has no /micro/collectives/all_gather"), std::string::npos) << e.what();
+  }
+  ASSERT_TRUE(parse_plan_request(words("--model small --app cp --gpus 2 --cp 2 --backend cpu"), &request).run);
+  c = request.plans.front();
+  c.calibration = uniform_calibration();
+  EXPECT_THROW(evaluate(c), ConfigError);
+}
+
+TEST(Calibration, AMissingMemoryBoundKernelTakesTheMedianRateWithAWarning) {
+  auto cal = std::make_shared<Calibration>(*uniform_calibration());
+  cal->kernels.erase(std::remove_if(cal->kernels.begin(), cal->kernels.end(),
+                                    [](const MeasuredKernel& k) { return k.kernel == "add"; }),
+                     cal->kernels.end());
+  PlanRequest request;
+  ASSERT_TRUE(parse_plan_request(words("--model small --backend cpu --dtype fp32"), &request).run);
+  PlanConfig c = request.plans.front();
+  c.calibration = cal;
+  const PlanResult r = evaluate(c);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("has no add on cpu/fp32"), std::string::npos) << r.warnings[0];
+  bool found = false;
+  for (const KernelTime& k : r.kernels) {
+    if (k.call.kernel != "add") continue;
+    found = true;
+    EXPECT_TRUE(k.source.fallback);
+    EXPECT_NEAR(k.seconds, k.call.work * k.call.calls / 5e9, 1e-15);
+  }
+  EXPECT_TRUE(found);
+  // The attention may not be assumed.
+  cal->kernels.erase(std::remove_if(cal->kernels.begin(), cal->kernels.end(),
+                                    [](const MeasuredKernel& k) { return k.kernel == "attention_backward"; }),
+                     cal->kernels.end());
+  EXPECT_THROW(evaluate(c), ConfigError);
+}
+
 // ---- fit ---------------------------------------------------------------------------------------------------
 
 TEST(Fit, APlanThatDoesNotFitSaysByHowMuch) {
@@ -936,11 +1244,25 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--dtype fp16", "--dtype fp16 must be fp32 or bf16"},
       {"--dtype fp32 --grad-dtype bf16", "--grad-dtype bf16 needs --dtype bf16"},
       {"--recompute some", "--recompute some must be none, selective or full"},
-      {"--app pp", "--app pp: not modelled yet; its app (issue 5) brings its formulas"},
       {"--app hybrid", "--app hybrid: not modelled yet"},
-      {"--pp 2", "--pp 2: not modelled yet"},
+      {"--pp 2", "--pp 2 is a degree of --app pp; --app dp has no pipeline parallelism (use --app pp)"},
       {"--pp 0", "--pp 0 must be at least 1"},
-      {"--app zero", "--app zero must be dp, fsdp, tp, ep or cp"},
+      {"--app zero", "--app zero must be dp, fsdp, tp, pp, ep or cp"},
+      // pipeline parallelism: what parabench-pp rejects (bench/pp's validate_pipeline_options), and options of other apps
+      {"--app pp --pp 3", "--layers 4 is not divisible by --pp 3 × --virtual-stages 1"},
+      {"--app pp --pp 2 --schedule zigzag", "--schedule zigzag must be naive, gpipe, 1f1b or interleaved"},
+      {"--app pp --pp 2 --schedule interleaved", "--schedule interleaved needs --virtual-stages 2 or more"},
+      {"--app pp --pp 2 --virtual-stages 2", "--virtual-stages 2 applies to --schedule interleaved only"},
+      {"--app pp --pp 2 --schedule interleaved --virtual-stages 2 --global-batch 3",
+       "--schedule interleaved needs micro-batches per step (grad accumulation 3) divisible by --pp 2"},
+      {"--app pp --pp 2 --global-batch 20000", "--global-batch 20000: too many micro-batches per step (20000)"},
+      {"--app pp --gpus 6 --pp 4", "--gpus 6 is not divisible by --pp 4 (dp = ranks / pp)"},
+      {"--app pp --gpus 8 --pp 2 --dp 2", "--dp 2 does not match --gpus 8 / --pp 2 = 4"},
+      {"--app pp --pp 2 --tp 2", "--tp 2 is a degree of --app tp; --app pp has no tensor parallelism"},
+      {"--app pp --shard FULL_SHARD", "--shard is an option of --app fsdp, not of --app pp"},
+      {"--app pp --params 1e9", "--params has no layers to cut into stages: --app pp needs --model"},
+      {"--schedule gpipe", "--schedule is an option of --app pp, not of --app dp"},
+      {"--app tp --tp 2 --virtual-stages 2", "--virtual-stages is an option of --app pp, not of --app tp"},
       // expert parallelism: what parabench-ep rejects, and options of other apps
       {"--app ep --gpus 4 --experts 6 --ep 4", "--experts 6 is not divisible by --ep 4"},
       {"--app ep --gpus 6 --ep 4", "--ep 4 does not divide the data-parallel degree 6"},
@@ -952,7 +1274,7 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--app ep --capacity-factor=-1", "--capacity-factor -1 must be 0 (no limit) or positive"},
       {"--app ep --aux-loss=-0.5", "--aux-loss -0.5 must be 0 (none) or positive"},
       {"--app ep --gpus 4 --tp 2", "--tp 2 is a degree of --app tp; --app ep has no tensor parallelism"},
-      {"--app ep --gpus 4 --pp 2", "--pp 2: not modelled yet"},
+      {"--app ep --gpus 4 --pp 2", "--pp 2 is a degree of --app pp; --app ep has no pipeline parallelism"},
       {"--app ep --shard FULL_SHARD", "--shard is an option of --app fsdp, not of --app ep"},
       {"--app ep --sequence-parallel", "--sequence-parallel is an option of --app tp, not of --app ep"},
       {"--app ep --bucket-mb 10", "--bucket-mb is an option of --app dp, not of --app ep"},
@@ -979,7 +1301,7 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--app cp --gpus 6 --cp 4", "--gpus 6 is not divisible by --cp 4 (dp = ranks / cp)"},
       {"--app cp --gpus 8 --cp 2 --dp 2", "--dp 2 does not match --gpus 8 / --cp 2 = 4"},
       {"--app cp --cp 2 --tp 2", "--tp 2 is a degree of --app tp; --app cp has no tensor parallelism"},
-      {"--app cp --cp 2 --pp 2", "--pp 2: not modelled yet"},
+      {"--app cp --cp 2 --pp 2", "--pp 2 is a degree of --app pp; --app cp has no pipeline parallelism"},
       {"--app cp --cp 2 --ep 2", "--ep 2 is a degree of --app ep; --app cp has no expert parallelism"},
       {"--app cp --shard FULL_SHARD", "--shard is an option of --app fsdp, not of --app cp"},
       {"--app cp --experts 4", "--experts is an option of --app ep, not of --app cp"},

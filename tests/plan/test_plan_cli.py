@@ -1,10 +1,11 @@
 """parabench-plan run as a user runs it: its three output formats parse, a sweep gives one row per
 value, the ZeRO paper's table comes out of one command, bad plans exit 2 with a message that names the
-option and the rule, a plan that does not fit --gpu-memory says by how much, and a tp, ep or cp plan
-is what parabench-tp, parabench-ep or parabench-cp itself predicts and communicates (its --dry-run table
-and its result file).
+option and the rule, a plan that does not fit --gpu-memory says by how much, a tp, pp, ep or cp plan
+is what parabench-tp, parabench-pp, parabench-ep or parabench-cp itself predicts and communicates (its
+--dry-run table and its result file), and --calibration reads parabench-micro result files (written here
+with h5py, following the schema of SPEC 6's /micro) and refuses anything else with exit 2.
 
-Environment: PB_PLAN, PB_TP, PB_EP, PB_CP, the parabench-plan, -tp, -ep and -cp binaries (default
+Environment: PB_PLAN, PB_TP, PB_PP, PB_EP, PB_CP, the parabench-plan, -tp, -pp, -ep and -cp binaries (default
 <PB_BIN_DIR>/<app>/parabench-<app>, PB_BIN_DIR defaulting to <repo>/build/bench); PB_MPIEXEC, the MPI
 launcher (default mpiexec).
 """
@@ -30,6 +31,7 @@ CATEGORIES = ["parameters", "master_parameters", "gradients", "optimizer_states"
 TP_APP = Path(os.environ.get("PB_TP", str(BIN_DIR / "tp" / "parabench-tp")))
 EP_APP = Path(os.environ.get("PB_EP", str(BIN_DIR / "ep" / "parabench-ep")))
 CP_APP = Path(os.environ.get("PB_CP", str(BIN_DIR / "cp" / "parabench-cp")))
+PP_APP = Path(os.environ.get("PB_PP", str(BIN_DIR / "pp" / "parabench-pp")))
 MPIEXEC = os.environ.get("PB_MPIEXEC", "mpiexec")
 DROPPED_ENV_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "PARABENCH_", "HYDRA_", "MPIR_")
 LLAMA_405B_ON_1024 = ["--model", "llama3-405b", "--app", "fsdp", "--gpus", "1024", "--shard", "FULL_SHARD",
@@ -176,7 +178,7 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--app", "fsdp", "--shard", "HYBRID_SHARD"], "--shard HYBRID_SHARD needs --shard-group"),
     (["--model", "llama3-8b", "--kv-heads", "5"], "--heads 32 is not divisible by --kv-heads 5"),
     (["--model", "tiny", "--hidden", "66"], "--hidden 66 is not divisible by --heads 4"),
-    (["--app", "pp"], "--app pp: not modelled yet"),
+    (["--app", "hybrid"], "--app hybrid: not modelled yet"),
     (["--model", "llama3-70b", "--app", "tp", "--gpus", "48", "--tp", "3"], "--heads 64 is not divisible by --tp 3"),
     (["--model", "gpt3-175b", "--app", "tp", "--gpus", "16", "--tp", "2"],
      "--vocab 50257 is not divisible by --tp 2 (the vocabulary is split, not padded)"),
@@ -197,7 +199,7 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--app", "ep", "--capacity-factor=-0.5"], "--capacity-factor -0.5 must be 0 (no limit) or positive"),
     (["--app", "ep", "--aux-loss=-1"], "--aux-loss -1 must be 0 (none) or positive"),
     (["--app", "ep", "--gpus", "4", "--tp", "2"], "--tp 2 is a degree of --app tp; --app ep has no tensor parallelism"),
-    (["--app", "ep", "--gpus", "4", "--pp", "2"], "--pp 2: not modelled yet"),
+    (["--app", "ep", "--gpus", "4", "--pp", "2"], "--pp 2 is a degree of --app pp; --app ep has no pipeline parallelism"),
     (["--app", "ep", "--shard", "FULL_SHARD"], "--shard is an option of --app fsdp, not of --app ep"),
     (["--gpus", "4", "--ep", "2"], "--ep 2 is a degree of --app ep; --app dp has no expert parallelism"),
     (["--app", "fsdp", "--experts", "4"], "--experts is an option of --app ep, not of --app fsdp"),
@@ -213,7 +215,7 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--app", "cp", "--cp-layout", "striped"], "--cp-layout striped must be zigzag or contiguous"),
     (["--app", "cp", "--gpus", "6", "--cp", "4"], "--gpus 6 is not divisible by --cp 4 (dp = ranks / cp)"),
     (["--app", "cp", "--cp", "2", "--tp", "2"], "--tp 2 is a degree of --app tp; --app cp has no tensor parallelism"),
-    (["--app", "cp", "--cp", "2", "--pp", "2"], "--pp 2: not modelled yet"),
+    (["--app", "cp", "--cp", "2", "--pp", "2"], "--pp 2 is a degree of --app pp; --app cp has no pipeline parallelism"),
     (["--app", "cp", "--cp", "2", "--ep", "2"], "--ep 2 is a degree of --app ep; --app cp has no expert parallelism"),
     (["--app", "cp", "--shard", "FULL_SHARD"], "--shard is an option of --app fsdp, not of --app cp"),
     (["--app", "cp", "--experts", "4"], "--experts is an option of --app ep, not of --app cp"),
@@ -544,3 +546,267 @@ def test_bf16_plan_equals_the_apps_memory_and_communication(tmp_path, app, args)
     states = sum(p["memory_per_rank"][c] for c in ("parameters", "master_parameters", "gradients", "optimizer_states"))
     if app == "dp" or args[:2] == ["--shard", "NO_SHARD"]:
         assert states == 18 * p["num_parameters"]
+
+
+# ---- pipeline parallelism ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, args", [
+    ("small", ["--pp", 4, "--schedule", "gpipe", "--global-batch", 8]),
+    ("small", ["--pp", 4, "--schedule", "1f1b", "--global-batch", 8, "--recompute", "full"]),
+    ("small", ["--pp", 2, "--schedule", "1f1b", "--micro-batch", 2, "--global-batch", 8]),
+    ("small", ["--pp", 2, "--schedule", "interleaved", "--virtual-stages", 2, "--global-batch", 4,
+               "--recompute", "selective"]),
+    ("small", ["--pp", 4, "--schedule", "naive", "--global-batch", 3]),
+    ("tiny", ["--pp", 2, "--schedule", "1f1b", "--dtype", "bf16"]),
+    ("tiny", ["--pp", 1, "--global-batch", 8]),
+], ids=["small-gpipe-pp4", "small-1f1b-pp4-full", "small-1f1b-pp2-dp2-mb2", "small-interleaved-pp2-dp2-selective",
+        "small-naive-pp4", "tiny-1f1b-pp2-bf16", "tiny-pp1-dp4"])
+def test_pp_plan_is_what_parabench_pp_dry_run_predicts(model, args):
+    # The same run on 4 ranks: stage s holds ranks s·dp ... s·dp + dp − 1 (SPEC 3), the cpu backend.
+    table = dry_run_table(run_app(PP_APP, "--model", model, "--dry-run", *args).stdout)
+    assert sorted(table) == [0, 1, 2, 3]
+    dtype = args[args.index("--dtype") + 1] if "--dtype" in args else "fp32"
+    rest = [a for a in args if a not in ("--dtype", dtype)] if "--dtype" in args else args
+    (p,) = json_plans("--model", model, "--app", "pp", "--gpus", 4, "--backend", "cpu", "--dtype", dtype, *rest)
+    pp = args[args.index("--pp") + 1]
+    assert (p["config"]["pp"], p["config"]["dp"]) == (pp, 4 // pp)
+    stages = p["memory_per_stage"]
+    assert len(stages) == pp
+    for rank, row in table.items():
+        planned = stages[rank // p["config"]["dp"]]
+        for category in CATEGORIES + ["peak_total"]:
+            assert row[category] == f"{planned[category] / 2**20:.2f}", (rank, category)
+    assert p["memory_per_rank"] == stages[p["peak_stage"]]
+    assert max(s["peak_total"] for s in stages) == p["memory_per_rank"]["peak_total"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--pp", 4, "--layers", 4, "--global-batch", 4],
+    ["--pp", 2, "--global-batch", 8, "--schedule", "gpipe"],
+    ["--pp", 2, "--layers", 4, "--global-batch", 8, "--micro-batch", 2, "--schedule", "interleaved",
+     "--virtual-stages", 2],
+], ids=["1f1b-pp4", "gpipe-pp2-dp2", "interleaved-pp2-dp2-mb2"])
+def test_pp_plan_equals_parabench_pp_memory_and_messages_exactly(tmp_path, args):
+    # One step of a real run: /memory/predicted per rank in bytes, and /comm: each rank's sends (v·m
+    # activations from every stage but the last, v·m gradients from every stage but the first, less the
+    # last virtual stage's and the first's), and the dp all-reduce of its stage's gradients.
+    path = tmp_path / "pp.h5"
+    run_app(PP_APP, "--model", "tiny", "--steps", 1, "--warmup", 0, "--out", path, "--quiet", *args)
+    (p,) = json_plans("--model", "tiny", "--app", "pp", "--gpus", 4, "--backend", "cpu", "--dtype", "fp32", *args)
+    config, collectives = p["config"], p["time_estimate"]["collectives"]
+    pp, dp, v, m = config["pp"], config["dp"], config["virtual_stages"], config["grad_accum"]
+    messages = [c for c in collectives if c["op"] == "send_recv"]
+    assert [c["calls_per_step"] for c in messages] == [v * m, v * m]
+    message = messages[0]["bytes"]
+    assert message == 4 * config["micro_batch"] * config["seq"] * config["hidden"]
+    with h5py.File(path, "r") as f:
+        for category in CATEGORIES + ["peak_total"]:
+            predicted = list(f[f"memory/predicted/{category}"][()])
+            assert predicted == [p["memory_per_stage"][r // dp][category] for r in range(4)], category
+        for rank in range(4):
+            stage = rank // dp
+            sends = m * (v - (1 if stage == pp - 1 else 0)) + m * (v - (1 if stage == 0 else 0))
+            assert f["comm/send/calls"][rank] == sends, rank
+            assert f["comm/send/bytes"][rank] == sends * message, rank
+        reduces = [c for c in collectives if c["op"] == "all_reduce"]
+        assert len(reduces) == (1 if dp > 1 else 0)
+        if reduces:
+            assert max(f["comm/all_reduce/bytes"][()]) == reduces[0]["bytes"]
+        bubble = f["pipeline/bubble_fraction"].attrs["theoretical"]
+        assert p["time_estimate"]["bubble_fraction"] == pytest.approx(bubble, rel=1e-12)
+
+
+def test_pp_table_sweep_and_csv():
+    out = ok("--model", "llama3-70b", "--app", "pp", "--gpus", "64", "--pp", "8", "--global-batch", "64").stdout
+    assert "--app pp, pp 8 (1f1b): 10 blocks per stage" in out and "pp 8 × dp 8" in out
+    assert "per pipeline stage" in out and "bubble" in out
+    assert "send_recv activations to the next stage" in out
+    assert "from the device table's peaks" in out
+    assert "breakdown      compute" in out and "MFU" in out
+    rows = csv_rows("--model", "llama3-70b", "--app", "pp", "--gpus", "64", "--global-batch", "64",
+                    "--sweep", "pp=1,2,4,8", "--sweep", "schedule=gpipe,1f1b")
+    assert [(int(r["pp"]), r["schedule"]) for r in rows] == [(p, s) for p in (1, 2, 4, 8) for s in ("gpipe", "1f1b")]
+    bubbles = [float(r["bubble_fraction"]) for r in rows if r["schedule"] == "1f1b"]
+    assert bubbles[0] == 0 and bubbles == sorted(bubbles) and len(set(bubbles)) == 4
+    gpipe = [int(r["activations_bytes"]) for r in rows if r["schedule"] == "gpipe"]
+    onefb = [int(r["activations_bytes"]) for r in rows if r["schedule"] == "1f1b"]
+    assert all(g >= o for g, o in zip(gpipe, onefb)), "1F1B holds at most p micro-batches, GPipe all m"
+    for r in rows:
+        assert float(r["step_s"]) == pytest.approx(float(r["compute_s"]) + float(r["bubble_s"]) +
+                                                   float(r["exposed_comm_s"]), rel=1e-5)
+    (dense,) = csv_rows("--model", "llama3-8b", "--gpus", "64")
+    assert dense["pp"] == "1" and dense["schedule"] == "" and dense["time_source"] == "peaks"
+
+
+# ---- --calibration: a parabench-micro result file (SPEC 6, /micro) -----------------------------------------
+
+SMALL_GEMMS = [("small.qkv", 512, 256, 768), ("small.attn_out", 512, 256, 256), ("small.fc1", 512, 256, 1024),
+               ("small.fc2", 512, 1024, 256), ("small.logits", 512, 256, 4096), ("square", 1024, 1024, 1024)]
+MEMORY_BOUND = ["layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "add",
+                "embedding_forward", "embedding_backward", "cross_entropy_forward_backward", "sum_squares", "zero",
+                "adamw"]
+GEMM_RATE, ATTENTION_RATE, BYTES_RATE, BUSBW = 4e10, 1e10, 5e9, 2e9
+
+
+def write_calibration(path, *, app="micro", status="complete", backend="cpu", dtypes=("fp32",), ops=None,
+                      drop_kernels=(), micro=True):
+    """A parabench-micro result file as its reporter writes one (bench/micro/report.cpp), with uniform rates:
+    every GEMM at GEMM_RATE FLOP/s, attention at ATTENTION_RATE, the memory-bound kernels at BYTES_RATE bytes/s,
+    every collective at BUSBW bytes/s of bus bandwidth (8 B to 64 MiB, 2 ranks)."""
+    ops = ["all_reduce", "all_gather", "reduce_scatter", "send_recv_intra"] if ops is None else ops
+    text = h5py.string_dtype()
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"schema": "parabench", "schema_version": 1, "status": status, "error": "",
+                        "created": "2026-12-02T00:00:00Z"})
+        f.create_group("steps") if app != "micro" else None
+        config = f.create_group("config")
+        config.attrs.update({"app": app, "world_size": 2, "threads": 1, "comm": "mpi", "ops": ",".join(ops),
+                             "min_bytes": 8, "max_bytes": 1 << 26, "dtype": "fp32", "cluster": "test"})
+        config.create_dataset("argv", data=["parabench-micro", "--out", str(path)], dtype=text)
+        system = f.create_group("system")
+        system.attrs.update({"cluster": "test", "nodes": 1, "ranks": 2, "cpu_model": "Test CPU", "gpu_model": ""})
+        if not micro:
+            return
+
+        def columns(group, rows, names):
+            for name, kind, units in names:
+                values = [r[name] for r in rows]
+                if kind == "str":
+                    ds = group.create_dataset(name, data=values, dtype=text)
+                else:
+                    ds = group.create_dataset(name, data=values, dtype=kind)
+                ds.attrs["units"] = units
+
+        common = [("name", "str", "1"), ("backend", "str", "1"), ("dtype", "str", "1"), ("shape", "str", "1"),
+                  ("label", "str", "1"), ("error", "str", "1"), ("time_s", "f8", "s"), ("flop", "f8", "flop"),
+                  ("flop_per_s", "f8", "flop/s"), ("peak_fraction", "f8", "1")]
+        gemm = []
+        for dtype in dtypes:
+            for shape, n, c, oc in SMALL_GEMMS:
+                flop = 2.0 * n * c * oc
+                gemm.append({"name": f"gemm/{backend}/{dtype}/{shape}/N{n}_C{c}_OC{oc}", "backend": backend,
+                             "dtype": dtype, "shape": shape, "label": "sgemm", "error": "", "time_s": flop / GEMM_RATE,
+                             "flop": flop, "flop_per_s": GEMM_RATE, "peak_fraction": float("nan"), "N": n, "C": c,
+                             "OC": oc})
+        columns(f.create_group("micro/gemm"), gemm, common + [("N", "i8", "1"), ("C", "i8", "1"), ("OC", "i8", "1")])
+        kernels = []
+        for dtype in dtypes:
+            for kernel in ["attention_forward", "attention_backward"] + MEMORY_BOUND:
+                if kernel in drop_kernels:
+                    continue
+                flop = {"attention_forward": 4 * 4 * 128 * 128 * 256, "attention_backward": 8 * 4 * 128 * 128 * 256}
+                work, rate = (flop[kernel], ATTENTION_RATE) if kernel in flop else (1e6, BYTES_RATE)
+                kernels.append({"name": f"kernel/{backend}/{dtype}/{kernel}/small/x", "backend": backend,
+                                "dtype": dtype, "shape": "small", "label": "", "error": "", "time_s": work / rate,
+                                "flop": work if kernel in flop else 0.0,
+                                "flop_per_s": rate if kernel in flop else float("nan"), "peak_fraction": float("nan"),
+                                "kernel": kernel, "dims": "x", "bytes": 0.0 if kernel in flop else work,
+                                "bytes_per_s": float("nan") if kernel in flop else rate})
+        columns(f.create_group("micro/kernels"), kernels,
+                common + [("kernel", "str", "1"), ("dims", "str", "1"), ("bytes", "f8", "bytes"),
+                          ("bytes_per_s", "f8", "bytes/s")])
+        for op in ops:
+            g = f.create_group(f"micro/collectives/{op}")
+            factor = {"all_reduce": 1.0, "all_gather": 0.5, "reduce_scatter": 0.5}.get(op, 1.0)
+            g.attrs.update({"comm": "mpi", "ranks": 2, "nodes": 1, "dtype": "fp32", "busbw_factor": factor})
+            sizes = [8 << (2 * i) for i in range(12)]  # 8 B ... 32 MiB
+            rows = [{"bytes": b, "count": b // 4, "in_place": 1, "time_s": b * factor / BUSBW, "algbw": BUSBW / factor,
+                     "busbw": BUSBW, "errors": 0, "error": ""} for b in sizes]
+            columns(g, rows, [("bytes", "i8", "bytes"), ("count", "i8", "1"), ("in_place", "i8", "1"),
+                              ("time_s", "f8", "s"), ("algbw", "f8", "bytes/s"), ("busbw", "f8", "bytes/s"),
+                              ("errors", "i8", "1"), ("error", "str", "1")])
+
+
+SMALL_MB4 = ["--model", "small", "--micro-batch", "4"]
+
+
+@pytest.mark.parametrize("app, args", [
+    ("dp", ["--gpus", 2]),
+    ("fsdp", ["--gpus", 2, "--shard", "FULL_SHARD"]),
+    ("tp", ["--gpus", 2, "--tp", 2]),
+    ("pp", ["--gpus", 2, "--pp", 2, "--global-batch", 16]),
+])
+def test_calibrated_step_is_the_sum_of_measured_kernels_and_collectives(tmp_path, app, args):
+    cal = tmp_path / "micro.h5"
+    write_calibration(cal)
+    (p,) = json_plans(*SMALL_MB4, "--app", app, *args, "--calibration", cal)
+    t = p["time_estimate"]
+    assert t["source"] == "calibration" and p["config"]["backend"] == "cpu" and p["config"]["dtype"] == "fp32"
+    assert p["config"]["calibration"] == str(cal)
+    rates = {"matmul": GEMM_RATE, "attention_forward": ATTENTION_RATE, "attention_backward": ATTENTION_RATE}
+    for k in t["kernels"]:
+        assert k["seconds"] == pytest.approx(k["work"] * k["calls_per_step"] / rates.get(k["kernel"], BYTES_RATE))
+        assert k["measured_row"] and not k["default_rate"]
+    assert t["compute_s"] == pytest.approx(sum(k["seconds"] for k in t["kernels"]))
+    forward = [k for k in t["kernels"] if k["kernel"] == "matmul" and k["what"].endswith(", forward")]
+    if app in ("dp", "fsdp", "pp"):
+        assert forward and all(k["exact"] for k in forward), "micro-batch 4 is the shapes parabench-micro times"
+    assert t["warnings"] == []
+    for c in t["collectives"]:  # (a dp all-reduce over dp 1 moves nothing)
+        assert c["ranks"] == 1 or (c["measured"] and c["link_gbps"] == pytest.approx(BUSBW * 8 / 1e9))
+    assert t["step_s"] == pytest.approx(t["compute_s"] + t["exposed_comm_s"] + t["bubble_s"])
+    assert t["model_flops_utilization"] is None, "a CPU's peak is unknown"
+    table = ok(*SMALL_MB4, "--app", app, *args, "--calibration", cal).stdout
+    assert f"step-time estimate from the calibration {cal}" in table
+    assert "breakdown      compute" in table and "exposed communication" in table and "MFU nan" in table
+    (row,) = csv_rows(*SMALL_MB4, "--app", app, *args, "--calibration", cal)
+    assert row["time_source"] == "calibration"
+    assert float(row["step_s"]) == pytest.approx(t["step_s"], rel=1e-5)
+
+
+def test_calibration_with_peak_gives_mfu(tmp_path):
+    cal = tmp_path / "micro.h5"
+    write_calibration(cal)
+    (p,) = json_plans(*SMALL_MB4, "--calibration", cal, "--peak-tflops", "0.1")
+    t = p["time_estimate"]
+    assert t["model_flops_utilization"] == pytest.approx(t["model_flops_per_step"] / (t["step_s"] * 0.1e12))
+
+
+def test_calibration_default_rate_for_a_missing_memory_bound_kernel_warns(tmp_path):
+    cal = tmp_path / "micro.h5"
+    write_calibration(cal, drop_kernels=("add",))
+    result = ok(*SMALL_MB4, "--calibration", cal, "--format", "json")
+    assert f"warning: --calibration {cal} has no add on cpu/fp32" in result.stderr
+    (p,) = json.loads(result.stdout)["plans"]
+    adds = [k for k in p["time_estimate"]["kernels"] if k["kernel"] == "add"]
+    assert adds and all(k["default_rate"] for k in adds)
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    ("not-hdf5", [], "is not an HDF5 file"),
+    ("missing", [], "cannot be read"),
+    ("app-dp", [], "is a parabench-dp result (/config app \"dp\"), not parabench-micro's"),
+    ("no-micro", [], "has no /micro"),
+    ("running", [], "did not complete (status \"running\")"),
+    ("fp32-only", ["--dtype", "bf16"], "has no matrix product (/micro/gemm) measured on cpu/bf16 (it measured cpu/fp32)"),
+    ("fp32-only", ["--backend", "cuda"], "has no matrix product (/micro/gemm) measured on cuda/bf16"),
+    ("no-attention", [], "has no attention_backward measured on cpu/fp32"),
+    ("no-kernels", [], "has no kernel (/micro/kernels) measured on cpu/fp32"),
+    ("no-all-gather", ["--app", "fsdp", "--gpus", 2], "has no /micro/collectives/all_gather"),
+    ("fp32-only", ["--app", "pp", "--pp", 2, "--gpus", 2, "--gpus-per-node", 1],
+     "has no /micro/collectives/send_recv_inter"),
+    ("fp32-only", ["--app", "cp", "--cp", 2], "--app cp is not modelled from a calibration yet"),
+    ("fp32-only", ["--mfu", "0.5"], "--mfu is an assumption of the peak-based estimate"),
+])
+def test_bad_calibrations_exit_2_naming_the_file_and_the_problem(tmp_path, setup, args, message):
+    cal = tmp_path / "micro.h5"
+    if setup == "not-hdf5":
+        cal.write_text("gemm,1,2,3\n")
+    elif setup == "app-dp":
+        write_calibration(cal, app="dp")
+    elif setup == "no-micro":
+        write_calibration(cal, micro=False)
+    elif setup == "running":
+        write_calibration(cal, status="running")
+    elif setup == "no-attention":
+        write_calibration(cal, drop_kernels=("attention_backward",))
+    elif setup == "no-kernels":
+        write_calibration(cal, drop_kernels=["attention_forward", "attention_backward"] + MEMORY_BOUND)
+    elif setup == "no-all-gather":
+        write_calibration(cal, ops=["all_reduce", "reduce_scatter"])
+    elif setup == "fp32-only":
+        write_calibration(cal)
+    result = plan(*SMALL_MB4, "--calibration", cal, *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""

@@ -9,6 +9,8 @@ launch command (SPEC.md section 7).
                   ranks, and parabench-cp, each sequence split over 4 ranks, in one array
   sequence        parabench-cp at sequence 16 and 32 with cp 1 and 2: two chained arrays of 1 and 2
                   ranks
+  micro           parabench-micro through jobs/micro.sbatch on the one node (4 ranks), a few GEMMs
+                  and collectives (where parabench-micro is built: Google Benchmark found)
 """
 
 import re
@@ -19,7 +21,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import REPO
+from conftest import BUILD_DIR, REPO
 
 # A model small enough for 2 cores; 3 steps, 1 of them warm-up.
 APP_ARGS = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "64",
@@ -27,7 +29,10 @@ APP_ARGS = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "-
 MICRO_BATCHES = [1, 2, 4]
 SCALING_RANKS = [1, 2, 4]
 SEQUENCES = [(16, 1), (32, 2)]  # (sequence length, cp degree = ranks) of the sequence sweep
-WAIT_S = 240  # for all ten points; each takes a few seconds
+WAIT_S = 240  # for all eleven points; each takes a few seconds
+MICRO_ARGS = ["--benchmark_filter=gemm/cpu/fp32/small.qkv/|coll/mpi/(all_reduce|send_recv_intra)/",
+              "--benchmark_min_time=0.001", "--max-bytes", "4K"]
+MICRO_BUILT = (BUILD_DIR / "bench" / "micro" / "parabench-micro").exists()
 
 
 def text(value):
@@ -62,7 +67,7 @@ def sweeps(slurm, tmp_path_factory):
     """Submits the sweeps, waits for every job to leave the queue, and returns what was submitted."""
     base = tmp_path_factory.mktemp("sweeps")
     dirs = {"micro-batch": base / "micro-batch", "strong-scaling": base / "strong-scaling",
-            "strategy": base / "strategy", "sequence": base / "sequence"}
+            "strategy": base / "strategy", "sequence": base / "sequence", "micro": base / "micro"}
     no_seq = APP_ARGS[:APP_ARGS.index("--seq")] + APP_ARGS[APP_ARGS.index("--seq") + 2:]  # the sweep sets it
     jobs = {
         "micro-batch": submit(slurm, dirs["micro-batch"], "micro-batch",
@@ -72,6 +77,7 @@ def sweeps(slurm, tmp_path_factory):
         "strategy": submit(slurm, dirs["strategy"], "strategy", "--values", "ep,cp"),
         "sequence": submit(slurm, dirs["sequence"], "sequence", "--values", ",".join(str(s) for s, _ in SEQUENCES),
                            app_args=no_seq),
+        "micro": submit(slurm, dirs["micro"], "micro", app_args=MICRO_ARGS) if MICRO_BUILT else [],
     }
     ids = [j["job"] for js in jobs.values() for j in js]
     deadline = time.monotonic() + WAIT_S
@@ -85,7 +91,9 @@ def sweeps(slurm, tmp_path_factory):
                         + outputs(dirs.values()) + "\n" + slurm.diagnostics())
         time.sleep(1)
     records = {j["job"]: scontrol_jobs(slurm, j["job"]) for js in jobs.values() for j in js}
-    failed = [r for rs in records.values() for r in rs if (r.get("JobState"), r.get("ExitCode")) != ("COMPLETED", "0:0")]
+    micro = {j["job"] for j in jobs["micro"]}  # judged by its own test, not by the other sweeps'
+    failed = [r for job, rs in records.items() if job not in micro for r in rs
+              if (r.get("JobState"), r.get("ExitCode")) != ("COMPLETED", "0:0")]
     if failed:
         pytest.fail("jobs did not complete:\n" + "\n".join(
             f"job {r.get('JobId')} (array {r.get('ArrayJobId')} task {r.get('ArrayTaskId')}): "
@@ -104,16 +112,16 @@ def point_result(point_dir):
             "config": {k: text(v) for k, v in f["config"].attrs.items()},
             "system": {k: text(v) for k, v in f["system"].attrs.items()},
             "environment": [text(e) for e in f["system/environment"][()]],
-            "measured_steps": int(f["summary"].attrs["measured_steps"]),
+            "measured_steps": int(f["summary"].attrs["measured_steps"]) if "summary" in f else None,
         }
 
 
-def check_point(point_dir, record, label, sweep, ranks):
+def check_point(point_dir, record, label, sweep, ranks, measured_steps=2):
     """What every point of a sweep must leave next to its result (SPEC 7), under its own job."""
     job, array, task = record["JobId"], record["ArrayJobId"], record["ArrayTaskId"]
     result = point_result(point_dir)
     assert result["status"] == "complete"
-    assert result["measured_steps"] == 2
+    assert result["measured_steps"] == measured_steps
     assert result["system"]["cluster"] == "local"
     assert result["system"]["slurm_job_id"] == job
     assert result["system"]["slurm_partition"] == "debug"
@@ -247,3 +255,30 @@ def test_sequence_sweep_grows_sequence_and_cp_in_chained_arrays(sweeps):
             assert ("cp" in f) == (cp > 1)  # cp 1 writes no /cp
         spans.append((record["StartTime"], record["EndTime"]))
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
+def test_micro_sweep_runs_parabench_micro_on_the_node(sweeps):
+    if not MICRO_BUILT:
+        pytest.skip("parabench-micro is not built (Google Benchmark not found)")
+    (job,) = sweeps["jobs"]["micro"]
+    sweep_dir = sweeps["dirs"]["micro"]
+    assert job["labels"] == "n1"  # profile local: one node, PB_MAX_NODES 1
+    (record,) = sweeps["records"][job["job"]]
+    out = (sweep_dir / f"slurm-{record['ArrayJobId']}_0.out").read_text()
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), out
+    assert record["NumTasks"] == "4"
+    script = (sweep_dir / job["script"]).read_text()
+    assert "#SBATCH --job-name=pb-micro\n" in script and "app=micro label=n1 " in script
+    result = check_point(sweep_dir / "n1", record, "n1", "micro", 4, measured_steps=None)
+    assert result["config"]["app"] == "micro"
+    assert result["config"]["max_bytes"] == 4096  # given: not the CPU profile's 256M
+    command = (sweep_dir / "n1" / "command.txt").read_text()
+    assert "/bench/micro/parabench-micro " in command and "--peak-tflops" not in command
+    (path,) = (sweep_dir / "n1").glob("*.h5")
+    with h5py.File(path, "r") as f:
+        group = f["micro/collectives/all_reduce"]
+        assert group.attrs["ranks"] == 4 and group.attrs["nodes"] == 1
+        assert list(group["bytes"][()]) == [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+        assert not group["errors"][()].any()
+        assert f["micro/gemm/shape"].asstr()[()].tolist() == ["small.qkv"]
+    assert re.search(r"^PARABENCH_RESULT app=micro ranks=4 .* status=complete ", out, re.M), out

@@ -1,0 +1,660 @@
+// The Backend's kernels other than the matrix product, timed at the shapes one training step of a model
+// preset runs them (common/model.cpp, micro-batch 4, no model parallelism): per block, two LayerNorms,
+// the attention, the GELU and two residual adds, forward and backward; once per step, the embedding,
+// the fused cross-entropy, and the optimizer's pass over the parameters (gradient zeroing, the
+// gradient norm, AdamW, and with bf16 the rounding of the master weights into the parameters).
+//
+// Each benchmark follows gemm.cpp: its tensors come from the backend (workspace), filled with a fixed
+// pseudo-random pattern in [−1, 1); one untimed call is checked where a check is cheap (a guard against
+// a kernel that did not run or ran on other data, not a precision test: tests/ do that); then each
+// call is timed from the call to the end of Backend::synchronize (manual timing). Activations,
+// parameters and their gradients are in the benchmark's dtype; LayerNorm and softmax statistics,
+// AdamW's moments and the master weights are fp32, as training keeps them (SPEC 2.3).
+//
+// Cost per call: attention in FLOPs as the model-FLOPs convention counts them (SPEC 6: the full T×T
+// products, causal mask notwithstanding); every other kernel in bytes, each tensor read or written
+// counted once at its dtype's size (e = 4 fp32, 2 bf16; statistics 4), a tensor read and written
+// (accumulated) counted twice. The formula is at each kernel's registration (kernel_cases).
+#include "bench/micro/kernels.h"
+#include "bench/micro/kernel_costs.h"
+#include "bench/micro/registry.h"
+#include "bench/micro/tensors.h"
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/model.h"
+#include "common/options.h"
+#include "common/timer.h"
+
+namespace pb {
+namespace {
+
+constexpr int kMicroBatch = 4;
+const char* const kModelPresets[] = {"small", "gpt2-124m"};
+
+// A check passes when |got − want| ≤ tolerance · scale, the scale being the magnitude of the terms the
+// value is made of: room for fp32 arithmetic in any order and the backends' fast exp and tanh, and for
+// bf16 the rounding of the output (2^-9).
+constexpr double kFp32Tolerance = 1e-3;
+constexpr double kBf16Tolerance = 2e-2;
+
+// AdamW's hyperparameters as the apps use them (common/model.cpp, adamw_flat_range), weight decay on
+// every element (the apps decay the matrices only: the same arithmetic).
+constexpr float kLearningRate = 3e-4f, kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
+
+// One preset's shapes at micro-batch B, and the benchmark's dtype.
+struct KernelShape {
+  std::string preset;
+  DType dtype = DType::f32;
+  int B = 0, T = 0, C = 0, heads = 0, V = 0, F = 0;  // micro-batch, sequence, hidden, heads, vocabulary, MLP width
+  std::size_t params = 0;                              // the preset's parameter count
+  int N() const { return B * T; }                      // rows (tokens) of the micro-batch
+  double e() const { return static_cast<double>(dtype_bytes(dtype)); }  // bytes per element
+  double tolerance() const { return dtype == DType::f32 ? kFp32Tolerance : kBf16Tolerance; }
+};
+
+// Backend memory that is not a tensor of the benchmark's dtype (fp32 statistics and moments, int32
+// tokens, the loss's double), freed however the benchmark ends.
+template <typename T>
+class BackendArray {
+ public:
+  BackendArray(Backend& backend, std::size_t count)
+      : backend_(backend), ptr_(static_cast<T*>(backend.alloc(count * sizeof(T), MemCategory::workspace))) {}
+  ~BackendArray() { backend_.free(static_cast<void*>(ptr_)); }
+  BackendArray(const BackendArray&) = delete;
+  BackendArray& operator=(const BackendArray&) = delete;
+  T* get() const { return ptr_; }
+  void upload(const std::vector<T>& values) { backend_.upload(ptr_, values.data(), values.size() * sizeof(T)); }
+  T download(std::size_t i) const {  // element i
+    T value;
+    backend_.download(&value, ptr_ + i, sizeof(T));
+    return value;
+  }
+
+ private:
+  Backend& backend_;
+  T* ptr_;
+};
+
+// The values a tensor of `dtype` holds after uploading `values` (rounded to bf16 as BackendTensor::upload
+// rounds), so that the references are computed on what the kernel reads.
+std::vector<float> stored(std::vector<float> values, DType dtype) {
+  if (dtype == DType::bf16) {
+    for (float& x : values) x = cpu::bf16_to_float(cpu::float_to_bf16(x));
+  }
+  return values;
+}
+
+// n token ids in [0, V), pseudo-random (tokens or targets).
+std::vector<int32_t> token_ids(std::size_t n, int V, uint64_t seed) {
+  std::vector<int32_t> ids(n);
+  const std::vector<float> u = pattern(n, seed);
+  for (std::size_t i = 0; i < n; ++i) ids[i] = std::min(V - 1, static_cast<int>((u[i] + 1.0f) * 0.5f * V));
+  return ids;
+}
+
+// Element i of a tensor (widened), for checks.
+float element(Backend& backend, ConstTensorPtr tensor, std::size_t i) {
+  return download_fp32(backend, tensor + static_cast<std::ptrdiff_t>(i), 1)[0];
+}
+
+// "" when got is within tolerance · scale of want; else the mismatch (also for NaN).
+std::string compare(const std::string& what, double got, double want, double scale, double tolerance) {
+  if (std::fabs(got - want) <= tolerance * scale) return "";
+  return "check failed: " + what + " = " + std::to_string(got) + ", expected " + std::to_string(want);
+}
+
+// gelu_tanh and its derivative in double, the reference of the GELU checks.
+double gelu_reference(double x) {
+  const double k = std::sqrt(2.0 / M_PI);
+  return 0.5 * x * (1.0 + std::tanh(k * (x + 0.044715 * x * x * x)));
+}
+double gelu_derivative_reference(double x) {
+  const double k = std::sqrt(2.0 / M_PI);
+  const double th = std::tanh(k * (x + 0.044715 * x * x * x));
+  return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k * (1.0 + 3.0 * 0.044715 * x * x);
+}
+
+// The timed loop: `call` once per iteration, from the call to the end of Backend::synchronize.
+template <typename Call>
+void time_calls(benchmark::State& state, Backend& backend, Call&& call) {
+  for (auto _ : state) {
+    const double start = wall_time_s();
+    call();
+    backend.synchronize();
+    state.SetIterationTime(wall_time_s() - start);
+  }
+}
+
+// ---- the benchmarks: each sets up, warms up, checks and times; returns the failed check or "" --------
+
+std::string attention_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int B = s.B, T = s.T, C = s.C, NH = s.heads;
+  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * 3 * C, 1), s.dtype);
+  BackendTensor qkv(backend, host_qkv.size(), s.dtype);           // (B, T, 3C)
+  BackendTensor out(backend, std::size_t(B) * T * C, s.dtype);    // (B, T, C)
+  BackendArray<float> saved(backend, backend.attention_saved_floats(B, T, NH));
+  qkv.upload(host_qkv);
+
+  backend.attention_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH);
+  backend.synchronize();
+  // The first token sees only itself: its output is its value row, v = qkv[0, 2C..3C).
+  const std::vector<float> out_row0 = download_fp32(backend, out.get(), C);
+  for (int j = 0; j < C; ++j) {
+    const std::string error = compare("out[0, 0, " + std::to_string(j) + "]", out_row0[j], host_qkv[2 * C + j], 1.0,
+                                      s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] { backend.attention_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH); });
+  return "";
+}
+
+std::string attention_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int B = s.B, T = s.T, C = s.C, NH = s.heads, d = C / NH;
+  const std::size_t C3 = 3 * std::size_t(C);
+  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * C3, 1), s.dtype);
+  const std::vector<float> host_dout = stored(pattern(std::size_t(B) * T * C, 2), s.dtype);
+  BackendTensor qkv(backend, host_qkv.size(), s.dtype);            // (B, T, 3C)
+  BackendTensor out(backend, std::size_t(B) * T * C, s.dtype);     // (B, T, C)
+  BackendTensor dout(backend, host_dout.size(), s.dtype);          // (B, T, C)
+  BackendTensor dqkv(backend, host_qkv.size(), s.dtype);           // (B, T, 3C)
+  BackendArray<float> saved(backend, backend.attention_saved_floats(B, T, NH));
+  BackendArray<float> scratch(backend, backend.attention_scratch_floats(B, T, NH));
+  qkv.upload(host_qkv);
+  dout.upload(host_dout);
+  dqkv.upload(pattern(host_qkv.size(), 3));  // not zeros: a backward that writes nothing is seen
+  backend.attention_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH);  // what backward reads
+
+  backend.attention_backward(dqkv.get(), scratch.get(), dout.get(), out.get(), qkv.get(), saved.get(), B, T, C, NH);
+  backend.synchronize();
+  // Sample 0. Query 0 sees only key 0 (probability 1, whose softmax gradient is 0), so dq[0] = 0; key
+  // T−1 is seen only by query T−1, so dv[T−1] = P[T−1, T−1] · dout[T−1] per head, with P from the host.
+  const std::vector<float> dqkv_first = download_fp32(backend, dqkv.get(), C);
+  const std::vector<float> dqkv_last =
+      download_fp32(backend, dqkv.get() + static_cast<std::ptrdiff_t>((T - 1) * C3), C3);
+  const float* q_last = host_qkv.data() + (T - 1) * C3;
+  for (int h = 0; h < NH; ++h) {
+    std::vector<double> score(T);
+    for (int t = 0; t < T; ++t) {
+      const float* k = host_qkv.data() + t * C3 + C;
+      double dot = 0.0;
+      for (int i = h * d; i < (h + 1) * d; ++i) dot += double(q_last[i]) * k[i];
+      score[t] = dot / std::sqrt(double(d));
+    }
+    const double max_score = *std::max_element(score.begin(), score.end());
+    double sum = 0.0;
+    for (double x : score) sum += std::exp(x - max_score);
+    const double p_last = std::exp(score[T - 1] - max_score) / sum;
+    for (int i = h * d; i < (h + 1) * d; ++i) {
+      std::string error = compare("dq[0, 0, " + std::to_string(i) + "]", dqkv_first[i], 0.0, 1.0, s.tolerance());
+      if (error.empty()) {
+        error = compare("dv[0, " + std::to_string(T - 1) + ", " + std::to_string(i) + "]", dqkv_last[2 * C + i],
+                        p_last * host_dout[std::size_t(T - 1) * C + i], 1.0, s.tolerance());
+      }
+      if (!error.empty()) return error;
+    }
+  }
+  time_calls(state, backend, [&] {
+    backend.attention_backward(dqkv.get(), scratch.get(), dout.get(), out.get(), qkv.get(), saved.get(), B, T, C, NH);
+  });
+  return "";
+}
+
+std::string layernorm_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int N = s.N(), C = s.C;
+  const std::vector<float> host_inp = stored(pattern(std::size_t(N) * C, 1), s.dtype);
+  const std::vector<float> host_weight = stored(pattern(C, 2), s.dtype);
+  const std::vector<float> host_bias = stored(pattern(C, 3), s.dtype);
+  BackendTensor inp(backend, host_inp.size(), s.dtype);   // (N, C)
+  BackendTensor weight(backend, C, s.dtype);              // (C)
+  BackendTensor bias(backend, C, s.dtype);                // (C)
+  BackendTensor out(backend, host_inp.size(), s.dtype);   // (N, C)
+  BackendArray<float> mean(backend, N), rstd(backend, N);
+  inp.upload(host_inp);
+  weight.upload(host_weight);
+  bias.upload(host_bias);
+
+  backend.layernorm_forward(out.get(), mean.get(), rstd.get(), inp.get(), weight.get(), bias.get(), N, C);
+  backend.synchronize();
+  // Row 0 against the formula in double: (x − mean) · rstd · weight + bias, biased variance, eps 1e-5.
+  double m = 0.0, var = 0.0;
+  for (int i = 0; i < C; ++i) m += host_inp[i];
+  m /= C;
+  for (int i = 0; i < C; ++i) var += (host_inp[i] - m) * (host_inp[i] - m);
+  const double r = 1.0 / std::sqrt(var / C + 1e-5);
+  std::string error = compare("mean[0]", mean.download(0), m, 1.0, kFp32Tolerance);
+  if (error.empty()) error = compare("rstd[0]", rstd.download(0), r, r, kFp32Tolerance);
+  const std::vector<float> out_row0 = download_fp32(backend, out.get(), C);
+  for (int i = 0; i < C && error.empty(); ++i) {
+    const double want = (host_inp[i] - m) * r * host_weight[i] + host_bias[i];
+    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
+  }
+  if (!error.empty()) return error;
+  time_calls(state, backend, [&] {
+    backend.layernorm_forward(out.get(), mean.get(), rstd.get(), inp.get(), weight.get(), bias.get(), N, C);
+  });
+  return "";
+}
+
+std::string layernorm_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int N = s.N(), C = s.C;
+  const std::size_t NC = std::size_t(N) * C;
+  const std::vector<float> host_dout = stored(pattern(NC, 4), s.dtype);
+  BackendTensor inp(backend, NC, s.dtype);      // (N, C)
+  BackendTensor weight(backend, C, s.dtype);    // (C)
+  BackendTensor bias(backend, C, s.dtype);      // (C)
+  BackendTensor out(backend, NC, s.dtype);      // (N, C)
+  BackendTensor dout(backend, NC, s.dtype);     // (N, C)
+  BackendTensor dinp(backend, NC, s.dtype);     // (N, C), accumulated
+  BackendTensor dweight(backend, C, s.dtype);   // (C), accumulated
+  BackendTensor dbias(backend, C, s.dtype);     // (C), accumulated
+  BackendArray<float> mean(backend, N), rstd(backend, N);
+  inp.upload(pattern(NC, 1));
+  weight.upload(pattern(C, 2));
+  bias.upload(pattern(C, 3));
+  dout.upload(host_dout);
+  backend.zero(dinp.get().data(), NC * dtype_bytes(s.dtype));
+  backend.zero(dweight.get().data(), C * dtype_bytes(s.dtype));
+  backend.zero(dbias.get().data(), C * dtype_bytes(s.dtype));
+  backend.layernorm_forward(out.get(), mean.get(), rstd.get(), inp.get(), weight.get(), bias.get(), N, C);
+
+  backend.layernorm_backward(dinp.get(), dweight.get(), dbias.get(), dout.get(), inp.get(), weight.get(), mean.get(),
+                             rstd.get(), N, C);
+  backend.synchronize();
+  // dbias (from zero) = Σ_n dout[n, :]. The gradients keep accumulating over the timed calls: their
+  // values grow by O(√N) per call, far from overflow.
+  const std::vector<float> got = download_fp32(backend, dbias.get(), C);
+  for (int c = 0; c < C; ++c) {
+    double want = 0.0, scale = 0.0;
+    for (int n = 0; n < N; ++n) {
+      want += host_dout[std::size_t(n) * C + c];
+      scale += std::fabs(host_dout[std::size_t(n) * C + c]);
+    }
+    const std::string error = compare("dbias[" + std::to_string(c) + "]", got[c], want, scale, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] {
+    backend.layernorm_backward(dinp.get(), dweight.get(), dbias.get(), dout.get(), inp.get(), weight.get(),
+                               mean.get(), rstd.get(), N, C);
+  });
+  return "";
+}
+
+// The first elements of an elementwise kernel's output, checked.
+constexpr std::size_t kCheckedElements = 16;
+
+std::string gelu_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t n = std::size_t(s.N()) * s.F;
+  const std::vector<float> host_inp = stored(pattern(n, 1), s.dtype);
+  BackendTensor inp(backend, n, s.dtype);  // (N, F): fc1's output
+  BackendTensor out(backend, n, s.dtype);  // (N, F)
+  inp.upload(host_inp);
+
+  backend.gelu_forward(out.get(), inp.get(), n);
+  backend.synchronize();
+  const std::vector<float> got = download_fp32(backend, out.get(), kCheckedElements);
+  for (std::size_t i = 0; i < kCheckedElements; ++i) {
+    const std::string error =
+        compare("gelu(" + std::to_string(host_inp[i]) + ")", got[i], gelu_reference(host_inp[i]), 1.0, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] { backend.gelu_forward(out.get(), inp.get(), n); });
+  return "";
+}
+
+std::string gelu_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t n = std::size_t(s.N()) * s.F;
+  const std::vector<float> host_inp = stored(pattern(n, 1), s.dtype);
+  const std::vector<float> host_dout = stored(pattern(n, 2), s.dtype);
+  BackendTensor inp(backend, n, s.dtype);   // (N, F)
+  BackendTensor dout(backend, n, s.dtype);  // (N, F)
+  // (N, F). The model passes dout as dinp (in place); a separate output keeps every call's input the
+  // same (in place, repeated calls would multiply dout by gelu' until it overflows or turns subnormal).
+  BackendTensor dinp(backend, n, s.dtype);
+  inp.upload(host_inp);
+  dout.upload(host_dout);
+
+  backend.gelu_backward(dinp.get(), inp.get(), dout.get(), n);
+  backend.synchronize();
+  const std::vector<float> got = download_fp32(backend, dinp.get(), kCheckedElements);
+  for (std::size_t i = 0; i < kCheckedElements; ++i) {
+    const std::string error = compare("dinp[" + std::to_string(i) + "]", got[i],
+                                      gelu_derivative_reference(host_inp[i]) * host_dout[i], 1.0, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] { backend.gelu_backward(dinp.get(), inp.get(), dout.get(), n); });
+  return "";
+}
+
+std::string add_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t n = std::size_t(s.N()) * s.C;
+  const std::vector<float> host_a = stored(pattern(n, 1), s.dtype);
+  const std::vector<float> host_b = stored(pattern(n, 2), s.dtype);
+  BackendTensor a(backend, n, s.dtype);  // (N, C): the branch's output, and the sum (x_mid = x_mid + x)
+  BackendTensor b(backend, n, s.dtype);  // (N, C): the residual stream
+  a.upload(host_a);
+  b.upload(host_b);
+
+  backend.add(a.get(), a.get(), b.get(), n);
+  backend.synchronize();
+  const std::vector<float> got = download_fp32(backend, a.get(), kCheckedElements);
+  for (std::size_t i = 0; i < kCheckedElements; ++i) {
+    const std::string error =
+        compare("out[" + std::to_string(i) + "]", got[i], double(host_a[i]) + host_b[i], 2.0, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  // a grows by b per call: at most by one per call, far from overflow
+  time_calls(state, backend, [&] { backend.add(a.get(), a.get(), b.get(), n); });
+  return "";
+}
+
+std::string embedding_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int B = s.B, T = s.T, C = s.C, N = s.N();
+  const std::vector<int32_t> host_tokens = token_ids(N, s.V, 5);
+  const std::vector<float> host_tok = stored(pattern(std::size_t(s.V) * C, 1), s.dtype);
+  const std::vector<float> host_pos = stored(pattern(std::size_t(T) * C, 2), s.dtype);
+  BackendArray<int32_t> tokens(backend, N);                    // (B, T)
+  BackendTensor tok(backend, host_tok.size(), s.dtype);        // (V, C)
+  BackendTensor pos(backend, host_pos.size(), s.dtype);        // (T, C)
+  BackendTensor out(backend, std::size_t(N) * C, s.dtype);     // (B, T, C)
+  tokens.upload(host_tokens);
+  tok.upload(host_tok);
+  pos.upload(host_pos);
+
+  backend.embedding_forward(out.get(), tokens.get(), tok.get(), pos.get(), B, T, C);
+  backend.synchronize();
+  // row 0 = tok[tokens[0]] + pos[0]
+  const std::vector<float> got = download_fp32(backend, out.get(), C);
+  for (int c = 0; c < C; ++c) {
+    const double want = double(host_tok[std::size_t(host_tokens[0]) * C + c]) + host_pos[c];
+    const std::string error = compare("out[0, 0, " + std::to_string(c) + "]", got[c], want, 2.0, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend,
+             [&] { backend.embedding_forward(out.get(), tokens.get(), tok.get(), pos.get(), B, T, C); });
+  return "";
+}
+
+std::string embedding_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int B = s.B, T = s.T, C = s.C, N = s.N();
+  const std::vector<float> host_dout = stored(pattern(std::size_t(N) * C, 3), s.dtype);
+  BackendArray<int32_t> tokens(backend, N);                   // (B, T)
+  BackendTensor dout(backend, host_dout.size(), s.dtype);     // (B, T, C)
+  BackendTensor dtok(backend, std::size_t(s.V) * C, s.dtype); // (V, C), accumulated
+  BackendTensor dpos(backend, std::size_t(T) * C, s.dtype);   // (T, C), accumulated
+  tokens.upload(token_ids(N, s.V, 5));
+  dout.upload(host_dout);
+  backend.zero(dtok.get().data(), std::size_t(s.V) * C * dtype_bytes(s.dtype));
+  backend.zero(dpos.get().data(), std::size_t(T) * C * dtype_bytes(s.dtype));
+
+  backend.embedding_backward(dtok.get(), dpos.get(), dout.get(), tokens.get(), B, T, C);
+  backend.synchronize();
+  // dpos row 0 (from zero) = Σ_b dout[b, 0, :]; the gradients then grow by at most B per call
+  const std::vector<float> got = download_fp32(backend, dpos.get(), C);
+  for (int c = 0; c < C; ++c) {
+    double want = 0.0, scale = 0.0;
+    for (int b = 0; b < B; ++b) {
+      want += host_dout[std::size_t(b) * T * C + c];
+      scale += std::fabs(host_dout[std::size_t(b) * T * C + c]);
+    }
+    const std::string error = compare("dpos[0, " + std::to_string(c) + "]", got[c], want, scale, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend,
+             [&] { backend.embedding_backward(dtok.get(), dpos.get(), dout.get(), tokens.get(), B, T, C); });
+  return "";
+}
+
+std::string cross_entropy_forward_backward_benchmark(benchmark::State& state, Backend& backend,
+                                                     const KernelShape& s) {
+  const int N = s.N(), V = s.V;
+  const std::vector<int32_t> host_targets = token_ids(N, V, 6);
+  const float scale = 1.0f / static_cast<float>(N);  // the mean over the micro-batch's tokens
+  BackendTensor logits(backend, std::size_t(N) * V, s.dtype);  // (N, V), becomes dlogits in place
+  BackendArray<int32_t> targets(backend, N);                   // (N)
+  BackendArray<double> loss_sum(backend, 1);
+  logits.upload(pattern(std::size_t(N) * V, 1));
+  targets.upload(host_targets);
+  backend.zero(loss_sum.get(), sizeof(double));
+
+  backend.cross_entropy_forward_backward(logits.get(), loss_sum.get(), targets.get(), N, V, scale);
+  backend.synchronize();
+  // Row 0's probabilities, p = dlogits / scale + onehot(target), sum to 1; the mean loss is finite and
+  // positive (about log V for logits in [−1, 1)).
+  const std::vector<float> dlogits_row0 = download_fp32(backend, logits.get(), V);
+  double p_sum = 0.0;
+  for (int i = 0; i < V; ++i) p_sum += dlogits_row0[i] / scale + (i == host_targets[0] ? 1.0 : 0.0);
+  std::string error = compare("the sum of row 0's probabilities", p_sum, 1.0, 1.0, s.tolerance());
+  const double loss = loss_sum.download(0);
+  if (error.empty() && !(loss > 0.0 && std::isfinite(loss))) {
+    error = "check failed: loss " + std::to_string(loss) + ", expected a finite positive value";
+  }
+  if (!error.empty()) return error;
+  // The timed calls run on the previous call's dlogits: the same arithmetic on other values.
+  time_calls(state, backend, [&] {
+    backend.cross_entropy_forward_backward(logits.get(), loss_sum.get(), targets.get(), N, V, scale);
+  });
+  return "";
+}
+
+std::string sum_squares_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::vector<float> host_grads = stored(pattern(s.params, 1), s.dtype);
+  BackendTensor grads(backend, s.params, s.dtype);  // (P): the gradients whose norm clipping needs
+  grads.upload(host_grads);
+
+  const double got = backend.sum_squares(grads.get(), s.params);
+  double want = 0.0;
+  for (float g : host_grads) want += double(g) * g;
+  const std::string error = compare("sum of squares", got, want, want, kFp32Tolerance);
+  if (!error.empty()) return error;
+  time_calls(state, backend, [&] { benchmark::DoNotOptimize(backend.sum_squares(grads.get(), s.params)); });
+  return "";
+}
+
+std::string zero_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t bytes = s.params * dtype_bytes(s.dtype);
+  BackendTensor grads(backend, s.params, s.dtype);  // (P): the gradients, zeroed at the start of a step
+  grads.upload(pattern(s.params, 1));
+
+  backend.zero(grads.get().data(), bytes);
+  backend.synchronize();
+  for (std::size_t i : {std::size_t(0), s.params - 1}) {
+    const std::string error = compare("grads[" + std::to_string(i) + "]", element(backend, grads.get(), i), 0.0,
+                                      1.0, 0.0);
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] { backend.zero(grads.get().data(), bytes); });
+  return "";
+}
+
+std::string adamw_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t P = s.params;
+  const std::vector<float> host_params = pattern(P, 1);
+  const std::vector<float> host_grads = stored(pattern(P, 2), s.dtype);
+  BackendArray<float> params(backend, P), m(backend, P), v(backend, P);  // (P) fp32: master weights, moments
+  BackendTensor grads(backend, P, s.dtype);                              // (P)
+  params.upload(host_params);
+  grads.upload(host_grads);
+  backend.zero(m.get(), P * sizeof(float));
+  backend.zero(v.get(), P * sizeof(float));
+  constexpr float kGradScale = 1.0f;  // no clipping
+
+  int step = 1;
+  backend.adamw_update(params.get(), grads.get(), m.get(), v.get(), P, kLearningRate, kBeta1, kBeta2, kEps,
+                       kWeightDecay, step, kGradScale);
+  backend.synchronize();
+  // Step 1 from zero moments: m = (1−β1)·g, v = (1−β2)·g², so the bias-corrected step is lr·g / (|g| + eps)
+  // after the decay p·(1 − lr·wd). Checked to 1% of the step.
+  for (std::size_t i : {std::size_t(0), P - 1}) {
+    const double g = host_grads[i];
+    const double want = host_params[i] * (1.0 - double(kLearningRate) * kWeightDecay) -
+                        double(kLearningRate) * g / (std::fabs(g) + kEps);
+    const std::string error = compare("params[" + std::to_string(i) + "] after step 1", params.download(i), want,
+                                      kLearningRate, 1e-2);
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] {
+    backend.adamw_update(params.get(), grads.get(), m.get(), v.get(), P, kLearningRate, kBeta1, kBeta2, kEps,
+                         kWeightDecay, ++step, kGradScale);
+  });
+  return "";
+}
+
+std::string convert_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t P = s.params;
+  const std::vector<float> host_master = pattern(P, 1);
+  BackendArray<float> master(backend, P);    // (P) fp32 master weights
+  BackendTensor params(backend, P, s.dtype); // (P): the copy the next forward reads
+  master.upload(host_master);
+
+  backend.convert(params.get(), master.get(), P);
+  backend.synchronize();
+  const std::vector<float> got = download_fp32(backend, params.get(), kCheckedElements);
+  const std::vector<float> want =
+      stored(std::vector<float>(host_master.begin(), host_master.begin() + kCheckedElements), s.dtype);
+  for (std::size_t i = 0; i < kCheckedElements; ++i) {
+    const std::string error = compare("params[" + std::to_string(i) + "]", got[i], want[i], 1.0, 0.0);
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] { backend.convert(params.get(), master.get(), P); });
+  return "";
+}
+
+// ---- registration --------------------------------------------------------------------------------
+
+using KernelBenchmark = std::string (*)(benchmark::State&, Backend&, const KernelShape&);
+
+// One kernel at one preset's shape: its name, its dimensions in words, its cost per call (flop for
+// attention, bytes for the rest) and its benchmark.
+struct KernelCase {
+  std::string kernel, dims;
+  double flop = 0, bytes = 0;
+  KernelBenchmark run = nullptr;
+};
+
+KernelShape kernel_shape(const std::string& preset, DType dtype) {
+  ModelConfig m;
+  if (!model_preset(preset, &m)) throw std::invalid_argument("register_kernel_benchmarks: no preset " + preset);
+  KernelShape s;
+  s.preset = preset;
+  s.dtype = dtype;
+  s.B = kMicroBatch;
+  s.T = m.seq;
+  s.C = m.hidden;
+  s.heads = m.heads;
+  s.V = m.vocab;
+  s.F = m.ffn;
+  s.params = gpt_num_parameters(m);
+  return s;
+}
+
+// The kernels of one step at shape s. B micro-batch, T sequence, C hidden, NH heads, V vocabulary,
+// F MLP width (4C), N = B·T rows, P parameters, e bytes per element of the benchmark's dtype.
+std::vector<KernelCase> kernel_cases(const KernelShape& s) {
+  const double B = s.B, T = s.T, C = s.C, V = s.V, F = s.F, N = s.N(), P = static_cast<double>(s.params), e = s.e();
+  const std::string tc = "B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_C" + std::to_string(s.C);
+  const std::string rows = "N" + std::to_string(s.N()) + "_C";
+  const std::string params = "P" + std::to_string(s.params);
+  using namespace kernel_cost;  // the formulas, with their reasons, in kernel_costs.h
+  const std::string heads = "_NH" + std::to_string(s.heads);
+  std::vector<KernelCase> cases = {
+      {"attention_forward", tc + heads, attention_forward_flop(B, T, C), 0, attention_forward_benchmark},
+      {"attention_backward", tc + heads, attention_backward_flop(B, T, C), 0, attention_backward_benchmark},
+      {"layernorm_forward", rows + std::to_string(s.C), 0, layernorm_forward_bytes(N, C, e), layernorm_forward_benchmark},
+      {"layernorm_backward", rows + std::to_string(s.C), 0, layernorm_backward_bytes(N, C, e),
+       layernorm_backward_benchmark},
+      {"gelu_forward", rows + std::to_string(s.F), 0, gelu_forward_bytes(N * F, e), gelu_forward_benchmark},
+      {"gelu_backward", rows + std::to_string(s.F), 0, gelu_backward_bytes(N * F, e), gelu_backward_benchmark},
+      {"add", rows + std::to_string(s.C), 0, add_bytes(N * C, e), add_benchmark},
+      {"embedding_forward", tc + "_V" + std::to_string(s.V), 0, embedding_forward_bytes(N, T, C, e),
+       embedding_forward_benchmark},
+      {"embedding_backward", tc + "_V" + std::to_string(s.V), 0, embedding_backward_bytes(N, T, C, e),
+       embedding_backward_benchmark},
+      {"cross_entropy_forward_backward", "N" + std::to_string(s.N()) + "_V" + std::to_string(s.V), 0,
+       cross_entropy_bytes(N, V, e), cross_entropy_forward_backward_benchmark},
+      {"sum_squares", params, 0, sum_squares_bytes(P, e), sum_squares_benchmark},
+      {"zero", params, 0, zero_bytes(P, e), zero_benchmark},
+      // adamw_update in one call over every parameter (the apps call it once per tensor)
+      {"adamw", params, 0, adamw_bytes(P, e), adamw_benchmark},
+  };
+  if (s.dtype != DType::f32) {
+    // mixed precision only: the master weights rounded into the parameters after AdamW
+    cases.push_back({"convert", params, 0, convert_bytes(P, e), convert_benchmark});
+  }
+  return cases;
+}
+
+// What the attention keeps for its backward, for the label of its results.
+std::string attention_label(const Backend& backend) {
+  return backend.attention_keeps_probabilities() ? "probabilities kept (B·NH·T² fp32)"
+                                                 : "fused: softmax statistics kept (B·NH·T fp32)";
+}
+
+void kernel_benchmark(benchmark::State& state, const MicroBackend& micro, const KernelShape& shape,
+                      const KernelCase& kernel, int* failed_checks) {
+  try {
+    const std::string error = kernel.run(state, *micro.backend, shape);
+    if (!error.empty()) {
+      ++*failed_checks;
+      state.SkipWithError(error.c_str());
+      return;
+    }
+  } catch (const std::exception& e) {  // out of memory, a CUDA error, a dtype the backend refuses
+    ++*failed_checks;
+    state.SkipWithError(e.what());
+    return;
+  }
+  if (kernel.flop > 0) {
+    state.SetLabel(attention_label(*micro.backend));
+    state.counters["GFLOP/s"] = benchmark::Counter(1e-9 * kernel.flop, benchmark::Counter::kIsIterationInvariantRate);
+  } else {
+    state.counters["GB/s"] = benchmark::Counter(1e-9 * kernel.bytes, benchmark::Counter::kIsIterationInvariantRate);
+  }
+}
+
+}  // namespace
+
+void register_kernel_benchmarks(std::vector<MicroBackend>& backends, int* failed_checks) {
+  for (const MicroBackend& micro : backends) {
+    DType dtype;
+    if (!parse_dtype(micro.dtype, &dtype)) {
+      throw std::invalid_argument("register_kernel_benchmarks: dtype " + micro.dtype);
+    }
+    for (const char* preset : kModelPresets) {
+      const KernelShape shape = kernel_shape(preset, dtype);
+      for (const KernelCase& kernel : kernel_cases(shape)) {
+        const std::string name =
+            "kernel/" + micro.name + "/" + micro.dtype + "/" + kernel.kernel + "/" + preset + "/" + kernel.dims;
+        MicroEntry entry;
+        entry.table = "kernels";
+        entry.backend = micro.name;
+        entry.dtype = micro.dtype;
+        entry.kernel = kernel.kernel;
+        entry.shape = preset;
+        entry.dims = kernel.dims;
+        entry.flop = kernel.flop;
+        entry.bytes = kernel.bytes;
+        entry.peak_flop_per_s = micro.peak_flop_per_s;
+        entry.peak_bytes_per_s = micro.peak_bytes_per_s;
+        if (kernel.flop > 0) entry.label = attention_label(*micro.backend);
+        add_micro_entry(name, entry);
+        benchmark::RegisterBenchmark(name.c_str(),
+                                     [&micro, shape, kernel, failed_checks](benchmark::State& state) {
+                                       kernel_benchmark(state, micro, shape, kernel, failed_checks);
+                                     })
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+      }
+    }
+  }
+}
+
+}  // namespace pb

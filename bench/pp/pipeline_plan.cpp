@@ -1,0 +1,110 @@
+#include "bench/pp/pipeline_plan.h"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+
+#include "bench/pp/schedule.h"
+#include "common/errors.h"
+
+namespace pb {
+namespace {
+constexpr int64_t kMaxTag = 32767;  // the smallest MPI_TAG_UB the MPI standard allows
+}  // namespace
+
+void add_pipeline_options(CLI::App& cli, PipelineOptions& pp) {
+  cli.add_option("--pp", pp.stages, "pipeline stages (ranks farthest apart)")->capture_default_str();
+  cli.add_option("--schedule", pp.schedule, "naive | gpipe | 1f1b | interleaved")->capture_default_str();
+  cli.add_option("--virtual-stages", pp.chunks, "interleaved: model chunks per rank")->capture_default_str();
+}
+
+void validate_pipeline_options(const PipelineOptions& pp, int64_t layers, int64_t grad_accum, int64_t global_batch) {
+  const std::string& s = pp.schedule;
+  if (s != "naive" && s != "gpipe" && s != "1f1b" && s != "interleaved") {
+    throw ConfigError("--schedule " + s + " must be naive, gpipe, 1f1b or interleaved");
+  }
+  if (pp.stages < 1) throw ConfigError("--pp " + std::to_string(pp.stages) + " must be at least 1");
+  if (pp.chunks < 1) throw ConfigError("--virtual-stages " + std::to_string(pp.chunks) + " must be at least 1");
+  if (s == "interleaved" && pp.chunks < 2) {
+    throw ConfigError("--schedule interleaved needs --virtual-stages 2 or more (1 is the 1f1b schedule)");
+  }
+  if (s != "interleaved" && pp.chunks != 1) {
+    throw ConfigError("--virtual-stages " + std::to_string(pp.chunks) + " applies to --schedule interleaved only");
+  }
+  const int64_t virtual_stages = static_cast<int64_t>(pp.stages) * pp.chunks;
+  if (layers % virtual_stages != 0) {
+    throw ConfigError("--layers " + std::to_string(layers) + " is not divisible by --pp " + std::to_string(pp.stages) +
+                      " × --virtual-stages " + std::to_string(pp.chunks));
+  }
+  if (s == "interleaved" && grad_accum % pp.stages != 0) {
+    throw ConfigError("--schedule interleaved needs micro-batches per step (grad accumulation " +
+                      std::to_string(grad_accum) + ") divisible by --pp " + std::to_string(pp.stages));
+  }
+  if (2 * grad_accum * virtual_stages > kMaxTag) {
+    throw ConfigError("--global-batch " + std::to_string(global_batch) + ": too many micro-batches per step (" +
+                      std::to_string(grad_accum) + ") for MPI message tags with " + std::to_string(virtual_stages) +
+                      " virtual stages");
+  }
+}
+
+GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k) {
+  const int per = layers / virtual_stages;
+  GptModel::Stage s;
+  s.first_unit = k == 0 ? 0 : 1 + k * per;
+  s.last_unit = k == virtual_stages - 1 ? layers + 1 : (k + 1) * per;
+  return s;
+}
+
+std::vector<int> pipeline_held_units(int layers, const PipelineOptions& o, int stage) {
+  std::vector<int> units;
+  for (int chunk = 0; chunk < o.chunks; ++chunk) {
+    const GptModel::Stage s = pipeline_stage_units(layers, o.stages * o.chunks, chunk * o.stages + stage);
+    for (int u = s.first_unit; u <= s.last_unit; ++u) units.push_back(u);
+  }
+  return units;
+}
+
+MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOptions& o, int stage, int m) {
+  const int V = o.stages * o.chunks, L = static_cast<int>(plan.arch.layers);
+  const std::vector<int64_t> unit_params = unit_parameter_counts(plan.arch);
+  int64_t params = 0;
+  for (int u : pipeline_held_units(L, o, stage)) params += unit_params[u];
+  MemoryEstimate e = predict_model_states({params}, plan.precision, ShardStrategy::no_shard, 1);
+
+  // Replay the schedule: a micro-batch's forward leaves its chunk's activations until its backward,
+  // which needs a little more while it runs (recomputation); receive and send buffers of one
+  // boundary (rows × h) each.
+  const int64_t boundary = static_cast<int64_t>(plan.micro_batch) * plan.arch.seq * plan.arch.hidden *
+                           plan.precision.act_bytes;
+  int64_t live = 0, act_peak = 0, comm_peak = 0;
+  int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
+  int64_t posted = 0;   // gradient buffers posted after forwards, waiting for their backward
+  for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
+    const int k = step.chunk * o.stages + stage;
+    const GptModel::Stage s = pipeline_stage_units(L, V, k);
+    const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
+    const ActivationEstimate a = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
+    if (step.forward) {
+      comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0));  // + the received input
+      if (k < V - 1) posted += boundary;
+      comm_peak = std::max(comm_peak, sending + posted);
+      live += a.forward_end_bytes;
+      act_peak = std::max(act_peak, live);
+    } else {
+      sending = 0;  // waited for before the backward
+      comm_peak = std::max(comm_peak, posted + (k > 0 ? boundary : 0));  // + the input gradient to send
+      act_peak = std::max(act_peak, live + a.backward_extra_bytes);
+      live -= a.forward_end_bytes;
+      if (k < V - 1) posted -= boundary;
+      if (k > 0) sending = boundary;
+    }
+  }
+  e[MemCategory::activations] = act_peak;
+  e[MemCategory::workspace] = predict_activations(plan).workspace_bytes;  // every backward's scratch
+  e[MemCategory::comm_buffers] = comm_peak;
+  e.peak_total = 0;
+  for (int64_t bytes : e.bytes) e.peak_total += bytes;  // an upper bound: the peaks may not coincide
+  return e;
+}
+
+}  // namespace pb
