@@ -26,10 +26,11 @@ struct MicroBackend {
 // The CPU backend with `threads` compute threads in fp32 and bf16, then those of add_cuda_backends.
 std::vector<MicroBackend> make_micro_backends(int threads);
 
-// Appends the CUDA backends of device 0 (fp32, bf16) when this build has the CUDA backend and a GPU is
-// visible; returns what was found, for the benchmark context ("NVIDIA H200", "no GPU visible", ...).
-// Defined in cuda_backends.cpp (configured with PB_CUDA) or no_cuda_backends.cpp (without).
-std::string add_cuda_backends(std::vector<MicroBackend>* backends);
+// Appends the CUDA backends (fp32, bf16) of this rank's device, node-local rank modulo the visible
+// devices as the apps choose it, when this build has the CUDA backend and a GPU is visible; returns
+// what was found, for the benchmark context ("NVIDIA H200", "no GPU visible", ...). Defined in
+// cuda_backends.cpp (configured with PB_CUDA) or no_cuda_backends.cpp (without).
+std::string add_cuda_backends(std::vector<MicroBackend>* backends, int local_rank);
 
 // NCCL over every rank of the job on the last CUDA backend's device and stream, where this build has
 // NCCL and `backends` holds a CUDA backend; else nullptr. Collective over MPI_COMM_WORLD.

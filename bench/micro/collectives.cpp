@@ -1,5 +1,5 @@
 // The Communicator's collectives timed as nccl-tests times them (all_reduce_perf, all_gather_perf, ...):
-// message sizes in powers of 2, nccl-tests' "size" (the full buffer) and bus bandwidth, every element
+// message sizes doubling from the smallest, nccl-tests' "size" (the full buffer) and bus bandwidth, every element
 // of a call's result checked against the value it must have.
 //
 // Each benchmark allocates its buffers from the backend, fills them with small integers whose result is
@@ -61,31 +61,42 @@ float moved_value(int rank, std::size_t i) {
   return static_cast<float>(1 + (31 * static_cast<std::size_t>(rank) + i) % 251);
 }
 
-// Summed data: element i of rank r is 1 + (r + i) mod cycle. Every partial sum of a reduction must
-// be exact in the buffer's dtype, in whatever order the library adds: fp32 is exact to 2^24; in bf16
-// the cycle shrinks with the ranks so that the whole sum stays ≤ 256, and ranks from 256 on send 0.
+// Summed data. Every partial sum of a reduction must be exact in the buffer's dtype, in whatever order
+// the library adds (all values are positive integers, so exact sums up to 2^24 in fp32 and 256 in
+// bf16 suffice), and every element's sum must say which element it is, so that a sum delivered at the
+// wrong offset or to the wrong rank's block is wrong: rank 0's element i is 1 + (i + i / block) mod
+// cycle (block: the elements per rank of reduce_scatter, the whole buffer for all_reduce; the i / block
+// term shifts each block's pattern, so blocks differ even where block is a multiple of the cycle); every
+// other rank r sends 1 + r mod 3 everywhere, so that a rank's data left out or counted twice changes
+// the sum. fp32: cycle 251 (prime). bf16: at most 64 ranks contribute (the others send 0) and the cycle
+// shrinks so that the whole sum stays ≤ 256.
 constexpr int kBf16ExactSum = 256;
+constexpr int kBf16ContributingRanks = 64;
+constexpr int kSumCycle = 251;
 
 struct Summands {
-  int cycle = 4;
+  int cycle = kSumCycle;
   int contributing_ranks = 1;  // the first ranks; the others send 0
-  Summands(int group_size, DType dtype) : contributing_ranks(group_size) {
+  std::size_t block = 1;
+  Summands(int group_size, DType dtype, std::size_t block_elements)
+      : contributing_ranks(group_size), block(std::max<std::size_t>(block_elements, 1)) {
     if (dtype == DType::bf16) {
-      contributing_ranks = std::min(group_size, kBf16ExactSum);
-      cycle = std::clamp(kBf16ExactSum / contributing_ranks, 1, 4);
+      contributing_ranks = std::min(group_size, kBf16ContributingRanks);
+      cycle = std::min(kSumCycle, kBf16ExactSum - others_max());
     }
   }
+  // The most the ranks other than 0 add to one element.
+  int others_max() const { return 3 * (contributing_ranks - 1); }
   float value(int rank, std::size_t i) const {
     if (rank >= contributing_ranks) return 0.0f;
-    return static_cast<float>(1 + (static_cast<std::size_t>(rank) + i) % cycle);
+    if (rank == 0) return static_cast<float>(1 + (i + i / block) % cycle);
+    return static_cast<float>(1 + rank % 3);
   }
-  // Σ over the group of value(rank, i): depends on i mod cycle only.
-  std::vector<float> sums() const {
-    std::vector<float> by_phase(cycle, 0.0f);
-    for (int phase = 0; phase < cycle; ++phase) {
-      for (int rank = 0; rank < contributing_ranks; ++rank) by_phase[phase] += value(rank, phase);
-    }
-    return by_phase;
+  // Σ over the group of value(rank, i).
+  float sum(std::size_t i) const {
+    float others = 0;
+    for (int rank = 1; rank < contributing_ranks; ++rank) others += value(rank, i);
+    return value(0, i) + others;
   }
 };
 
@@ -184,7 +195,7 @@ class Collective {
  public:
   Collective(Communicator& world, Backend& backend, const CollectiveCase& c)
       : world_(world), backend_(backend), c_(c), rank_(world.rank()), n_(world.size()),
-        block_(splits_buffer(c.op) ? c.count / n_ : c.count), summands_(n_, c.dtype) {
+        block_(splits_buffer(c.op) ? c.count / n_ : c.count), summands_(n_, c.dtype, splits_buffer(c.op) ? c.count / n_ : c.count) {
     switch (c_.op) {
       case Op::all_reduce:  // in place: buf (count)
         recv_ = make(c_.count);
@@ -251,10 +262,10 @@ class Collective {
     switch (c_.op) {
       case Op::all_reduce:
       case Op::reduce_scatter: {
-        const std::vector<float> sums = summands_.sums();
         const std::size_t offset = c_.op == Op::reduce_scatter ? rank_ * block_ : 0;  // this rank's block
-        const std::size_t cycle = sums.size();
-        return check(backend_, recv_->get(), block_, [&](std::size_t j) { return sums[(offset + j) % cycle]; });
+        const float others = summands_.sum(0) - summands_.value(0, 0);  // the same at every element
+        return check(backend_, recv_->get(), block_,
+                     [&](std::size_t j) { return summands_.value(0, offset + j) + others; });
       }
       case Op::all_gather:
         return check(backend_, recv_->get(), c_.count, [&](std::size_t i) { return moved_value(int(i / block_), i); });
@@ -381,18 +392,6 @@ const std::vector<std::string>& collective_op_names() {
   static const std::vector<std::string> ops{"all_reduce", "all_gather", "reduce_scatter",
                                             "all_to_all", "broadcast",  "send_recv"};
   return ops;
-}
-
-double busbw_factor(const std::string& op, int n) {
-  switch (parse_op(op)) {
-    case Op::all_reduce: return 2.0 * (n - 1) / n;
-    case Op::all_gather:
-    case Op::reduce_scatter:
-    case Op::all_to_all: return double(n - 1) / n;
-    case Op::broadcast:
-    case Op::send_recv: return 1.0;
-  }
-  return 1.0;
 }
 
 void register_collective_benchmarks(Communicator& world, Communicator& control, Backend& backend,

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/micro/busbw.h"  // busbw_factor
 #include "common/communicator.h"
 #include "kernels/backend.h"
 
@@ -16,13 +17,9 @@ namespace pb {
 const std::vector<std::string>& collective_op_names();  // all_reduce, all_gather, reduce_scatter,
                                                         // all_to_all, broadcast, send_recv
 
-// nccl-tests' bus-bandwidth factor of `op` over n ranks: all_reduce 2(n-1)/n; all_gather,
-// reduce_scatter, all_to_all (n-1)/n; broadcast and send_recv 1.
-double busbw_factor(const std::string& op, int n);
-
 struct CollectiveRequest {
   std::vector<std::string> ops;  // from collective_op_names()
-  int64_t min_bytes = 8, max_bytes = int64_t{1} << 30;  // powers of 2 between, both included
+  int64_t min_bytes = 8, max_bytes = int64_t{1} << 30;  // min_bytes, doubling, up to max_bytes
   DType dtype = DType::f32;
 };
 

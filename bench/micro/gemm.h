@@ -21,7 +21,7 @@ struct GemmShape {
 std::vector<GemmShape> model_gemm_shapes(const std::string& preset, int micro_batch);
 
 // Every shape timed on a backend: the model shapes of `small` and `gpt2-124m` at micro-batch 4, then
-// squares of 1024 and 2048, and on an accelerator 4096 and 8192 as well.
+// squares of 1024, 2048 and 4096, and on an accelerator 8192 as well.
 std::vector<GemmShape> gemm_shapes(bool accelerator);
 
 // Registers gemm/<backend>/<dtype>/<shape>/N<N>_C<C>_OC<OC> for every backend and shape. The benchmarks

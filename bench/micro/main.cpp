@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,8 +37,8 @@ struct MicroOptions {
   int threads = 1;
   std::string ops = "all";
   std::string min_bytes = "8", max_bytes = "1G";
-  std::string comm = "auto";
-  std::string dtype = "fp32";  // the collectives' buffers   // auto: nccl where this build has it and a GPU is visible, else mpi
+  std::string comm = "auto";   // auto: nccl where this build has it and every rank sees a GPU, else mpi
+  std::string dtype = "fp32";  // the collectives' buffers
   std::string out = "results/";
   std::string cluster, tag;
   bool overwrite = false;
@@ -117,7 +118,7 @@ int parse_micro_options(int* argc, char** argv, bool lead, MicroOptions* o) {
     for (const std::string& k : pb::collective_op_names()) names += (names.empty() ? "" : ",") + k;
     return names;
   }() + "; all or none")->capture_default_str();
-  cli.add_option("--min-bytes", o->min_bytes, "smallest message (nccl-tests' size), powers of 2 up to --max-bytes")
+  cli.add_option("--min-bytes", o->min_bytes, "smallest message (nccl-tests' size); sizes double from it up to --max-bytes")
       ->capture_default_str();
   cli.add_option("--max-bytes", o->max_bytes, "largest message (suffixes K, M, G)")->capture_default_str();
   cli.add_option("--comm", o->comm, "the collectives' communicator: auto, mpi, nccl")
@@ -174,7 +175,8 @@ int run(int argc, char** argv) {
 
   MicroOptions o;
   // As the apps: the node's cores shared by its ranks.
-  o.threads = std::max(1, pb::online_cores() / pb::node_local(MPI_COMM_WORLD).local_size);
+  const pb::NodeLocal local = pb::node_local(MPI_COMM_WORLD);
+  o.threads = std::max(1, pb::online_cores() / local.local_size);
   if (const int code = parse_micro_options(&argc, argv, lead, &o); code >= 0) return code;
   // Google Benchmark's own file output (--benchmark_out) is rank 0's: the other ranks would truncate it.
   if (!lead) {
@@ -191,15 +193,28 @@ int run(int argc, char** argv) {
   std::FILE* const info = format == "console" ? stdout : stderr;
   // Every rank must run the benchmarks in the same order (the collectives meet in each), and Google
   // Benchmark's random interleaving shuffles them with a seed of each process's own.
-  for (int i = 1; i < argc && size > 1; ++i) {
+  // Google Benchmark takes the flag from the command line or its environment variable, true unless
+  // one of its false words.
+  const auto truthy = [](std::string value) {
+    for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return value != "false" && value != "0" && value != "no" && value != "off" && value != "f" && value != "n";
+  };
+  const char* const interleaving_env = std::getenv("BENCHMARK_ENABLE_RANDOM_INTERLEAVING");
+  std::string interleaving = interleaving_env && truthy(interleaving_env) ? "BENCHMARK_ENABLE_RANDOM_INTERLEAVING" : "";
+  constexpr const char* kInterleaving = "--benchmark_enable_random_interleaving";
+  for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--benchmark_enable_random_interleaving" || arg == "--benchmark_enable_random_interleaving=true") {
-      if (lead) {
-        std::fprintf(stderr, "parabench-micro: error: %s needs one rank: each rank would run the benchmarks in an "
-                             "order of its own, and the collectives would not meet\n", arg.c_str());
-      }
-      return pb::kExitConfig;
+    if (arg == kInterleaving) interleaving = arg;
+    else if (arg.rfind(std::string(kInterleaving) + "=", 0) == 0) {
+      interleaving = truthy(arg.substr(std::strlen(kInterleaving) + 1)) ? arg : "";
     }
+  }
+  if (size > 1 && !interleaving.empty()) {
+    if (lead) {
+      std::fprintf(stderr, "parabench-micro: error: %s needs one rank: each rank would run the benchmarks in an "
+                           "order of its own, and the collectives would not meet\n", interleaving.c_str());
+    }
+    return pb::kExitConfig;
   }
   // --benchmark_list_tests prints the names and runs nothing: no result file.
   bool listing = false;
@@ -215,12 +230,18 @@ int run(int argc, char** argv) {
   o.cluster = pb::resolve_cluster_name(o.cluster);
 
   std::vector<pb::MicroBackend> backends = pb::make_micro_backends(o.threads);
-  const std::string cuda = pb::add_cuda_backends(&backends);
+  const std::string cuda = pb::add_cuda_backends(&backends, local.local_rank);
   pb::MpiCommunicator mpi_world(MPI_COMM_WORLD);
+  // NCCL only where every rank has a GPU: the communicator is made by all ranks or by none.
+  int every_rank_has_cuda = backends.back().name == "cuda";
+  MPI_Allreduce(MPI_IN_PLACE, &every_rank_has_cuda, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   std::unique_ptr<pb::Communicator> nccl_world;
-  if (o.comm != "mpi") nccl_world = pb::make_nccl_world(backends);
+  if (o.comm != "mpi" && every_rank_has_cuda) nccl_world = pb::make_nccl_world(backends);
   if (o.comm == "nccl" && !nccl_world) {
-    if (lead) std::fprintf(stderr, "parabench-micro: error: --comm nccl: %s\n", cuda.c_str());
+    if (lead) {
+      std::fprintf(stderr, "parabench-micro: error: --comm nccl: %s\n",
+                   backends.back().name == "cuda" ? "a rank of the job sees no GPU" : cuda.c_str());
+    }
     return pb::kExitConfig;
   }
   pb::Communicator& world = nccl_world ? *nccl_world : mpi_world;
@@ -284,11 +305,18 @@ int run(int argc, char** argv) {
     return pb::kExitConfig;
   }
   if (listing) return pb::kExitComplete;
-  code = failed_checks > 0 ? pb::kExitRuntime : pb::kExitComplete;
+  // A kernel can fail on one rank alone (its check, its memory); the collectives fail on every rank.
+  int most_failed = failed_checks;
+  MPI_Allreduce(MPI_IN_PLACE, &most_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  code = most_failed > 0 ? pb::kExitRuntime : pb::kExitComplete;
   if (lead) {
     reporter.print_collectives_table(info);
-    const std::string error =
-        failed_checks > 0 ? std::to_string(failed_checks) + " benchmark run(s) failed (see their error above)" : "";
+    std::string error;
+    if (failed_checks > 0) error = std::to_string(failed_checks) + " benchmark run(s) failed (see their error above)";
+    if (most_failed > failed_checks) {
+      error += (error.empty() ? "" : "; ") + std::string("another rank had ") + std::to_string(most_failed) +
+               " failed benchmark run(s) (its errors are not reported: rank 0 reports)";
+    }
     try {
       reporter.write(*writer);
       writer->set_status(error.empty() ? "complete" : "failed", error);

@@ -3,7 +3,7 @@
 
 namespace pb {
 
-std::string add_cuda_backends(std::vector<MicroBackend>*) {
+std::string add_cuda_backends(std::vector<MicroBackend>*, int) {
   return "not built (configure with --preset cuda)";
 }
 

@@ -1,3 +1,6 @@
+// The pipeline's shared pieces (pipeline_plan.h): its options and their rules, the units each stage
+// holds, and the memory formula of each stage, as parabench-pp runs them and parabench-plan --app pp
+// plans them. Not the schedules (schedule.cpp) nor the training (pipeline_parallel.cpp).
 #include "bench/pp/pipeline_plan.h"
 
 #include <CLI/CLI.hpp>

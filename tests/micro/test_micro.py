@@ -43,8 +43,8 @@ def test_names_carry_backend_dtype_shape_and_sizes():
                      "gemm/cpu/fp32/gpt2-124m.attn_out/N4096_C768_OC768", "gemm/cpu/bf16/square/N2048_C2048_OC2048"]:
         assert expected + "/manual_time" in names
     cpu_names = [n for n in names if n.startswith("gemm/cpu/")]
-    assert len(cpu_names) == 2 * (2 * 5 + 2)  # two dtypes × (two presets × five products + two squares)
-    assert not any("N4096_C4096" in n for n in cpu_names)  # the large squares only on a GPU
+    assert len(cpu_names) == 2 * (2 * 5 + 3)  # two dtypes × (two presets × five products + three squares)
+    assert not any("N8192_C8192" in n for n in cpu_names)  # the largest square only on a GPU
 
 
 def test_counter_label_and_context_in_json():
