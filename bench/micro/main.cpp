@@ -159,6 +159,49 @@ int parse_micro_options(int* argc, char** argv, bool lead, MicroOptions* o) {
   return -1;
 }
 
+// Google Benchmark's own file output (--benchmark_out) is rank 0's: the other ranks would truncate it.
+void drop_benchmark_out(int* argc, char** argv) {
+  int kept = 1;
+  for (int i = 1; i < *argc; ++i) {
+    if (std::strncmp(argv[i], "--benchmark_out", std::strlen("--benchmark_out")) != 0) argv[kept++] = argv[i];
+  }
+  *argc = kept;
+  argv[kept] = nullptr;
+}
+
+// Google Benchmark's flag words: true unless one of its false words.
+bool truthy(std::string value) {
+  for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return value != "false" && value != "0" && value != "no" && value != "off" && value != "f" && value != "n";
+}
+
+// How random interleaving was asked for (the flag, or its environment variable), or "". Every rank must
+// run the benchmarks in the same order, since the collectives meet in each, and Google Benchmark
+// shuffles them with a seed of each process's own.
+std::string random_interleaving(int argc, char** argv) {
+  constexpr const char* kFlag = "--benchmark_enable_random_interleaving";
+  const char* const env = std::getenv("BENCHMARK_ENABLE_RANDOM_INTERLEAVING");
+  std::string asked = env && truthy(env) ? "BENCHMARK_ENABLE_RANDOM_INTERLEAVING" : "";
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == kFlag) asked = arg;
+    else if (arg.rfind(std::string(kFlag) + "=", 0) == 0) asked = truthy(arg.substr(std::strlen(kFlag) + 1)) ? arg : "";
+  }
+  return asked;
+}
+
+// --benchmark_list_tests prints the names and runs nothing: no result file.
+bool listing_only(int argc, char** argv) {
+  constexpr const char* kFlag = "--benchmark_list_tests";
+  bool listing = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == kFlag) listing = true;
+    else if (arg.rfind(std::string(kFlag) + "=", 0) == 0) listing = truthy(arg.substr(std::strlen(kFlag) + 1));
+  }
+  return listing;
+}
+
 // Every rank takes rank 0's verdict (a failure to create the result file, a run that failed), so that
 // all exit with the same code.
 int agree(MPI_Comm world, int code) {
@@ -178,50 +221,19 @@ int run(int argc, char** argv) {
   const pb::NodeLocal local = pb::node_local(MPI_COMM_WORLD);
   o.threads = std::max(1, pb::online_cores() / local.local_size);
   if (const int code = parse_micro_options(&argc, argv, lead, &o); code >= 0) return code;
-  // Google Benchmark's own file output (--benchmark_out) is rank 0's: the other ranks would truncate it.
-  if (!lead) {
-    int kept = 1;
-    for (int i = 1; i < argc; ++i) {
-      if (std::strncmp(argv[i], "--benchmark_out", std::strlen("--benchmark_out")) != 0) argv[kept++] = argv[i];
-    }
-    argc = kept;
-    argv[argc] = nullptr;
-  }
+  if (!lead) drop_benchmark_out(&argc, argv);
   // Google Benchmark's display format: with json or csv, stdout is that document alone, and the
   // collectives' table and the PARABENCH_RESULT line go to stderr.
   const std::string format = pb::benchmark_format(argc, argv);
   std::FILE* const info = format == "console" ? stdout : stderr;
-  // Every rank must run the benchmarks in the same order (the collectives meet in each), and Google
-  // Benchmark's random interleaving shuffles them with a seed of each process's own.
-  // Google Benchmark takes the flag from the command line or its environment variable, true unless
-  // one of its false words.
-  const auto truthy = [](std::string value) {
-    for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return value != "false" && value != "0" && value != "no" && value != "off" && value != "f" && value != "n";
-  };
-  const char* const interleaving_env = std::getenv("BENCHMARK_ENABLE_RANDOM_INTERLEAVING");
-  std::string interleaving = interleaving_env && truthy(interleaving_env) ? "BENCHMARK_ENABLE_RANDOM_INTERLEAVING" : "";
-  constexpr const char* kInterleaving = "--benchmark_enable_random_interleaving";
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == kInterleaving) interleaving = arg;
-    else if (arg.rfind(std::string(kInterleaving) + "=", 0) == 0) {
-      interleaving = truthy(arg.substr(std::strlen(kInterleaving) + 1)) ? arg : "";
-    }
-  }
-  if (size > 1 && !interleaving.empty()) {
+  if (const std::string interleaving = random_interleaving(argc, argv); size > 1 && !interleaving.empty()) {
     if (lead) {
       std::fprintf(stderr, "parabench-micro: error: %s needs one rank: each rank would run the benchmarks in an "
                            "order of its own, and the collectives would not meet\n", interleaving.c_str());
     }
     return pb::kExitConfig;
   }
-  // --benchmark_list_tests prints the names and runs nothing: no result file.
-  bool listing = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--benchmark_list_tests", 0) == 0) listing = arg != "--benchmark_list_tests=false" && arg != "--benchmark_list_tests=0";
-  }
+  const bool listing = listing_only(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (argc > 1) {
     if (lead) std::fprintf(stderr, "parabench-micro: error: unknown option %s (see --help)\n", argv[1]);

@@ -166,8 +166,15 @@ def test_an_existing_file_is_not_replaced(tmp_path):
     assert out.read_bytes() == b"someone else's"
 
 
-def test_random_interleaving_is_refused_on_several_ranks(tmp_path):
+@pytest.mark.parametrize("flag, env", [("--benchmark_enable_random_interleaving=true", {}),
+                                       ("--benchmark_enable_random_interleaving=yes", {}),
+                                       ("--benchmark_enable_random_interleaving", {}),
+                                       ("--benchmark_min_time=0.01", {"BENCHMARK_ENABLE_RANDOM_INTERLEAVING": "1"})])
+def test_random_interleaving_is_refused_on_several_ranks(tmp_path, monkeypatch, flag, env):
     # Each rank would shuffle the benchmarks with its own seed, and the collectives would not meet.
-    result = run("--benchmark_enable_random_interleaving=true", "--out", str(tmp_path / "r.h5"), ranks=2, check=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = run(flag, "--out", str(tmp_path / "r.h5"), ranks=2, check=False)
     assert result.returncode == 2
     assert "needs one rank" in result.stderr
+    assert not (tmp_path / "r.h5").exists()
