@@ -41,4 +41,8 @@ class ContextParallelStrategy final : public Strategy {
   std::vector<double> all_times_;     // [steps, ranks], gathered by write_results
 };
 
+// parabench-cp: its options (kept by the definition), their rules, its layout, a rank's memory, the
+// attention core and the strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_cp_app();
+
 }  // namespace pb

@@ -63,4 +63,8 @@ class DataParallel final : public Strategy {
   bool sync_this_micro_batch_ = false;
 };
 
+// parabench-dp: its options (kept by the definition), their rules, its layout, a rank's memory and the
+// strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_dp_app();
+
 }  // namespace pb

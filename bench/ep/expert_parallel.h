@@ -51,4 +51,8 @@ class ExpertParallelStrategy final : public Strategy {
   std::vector<double> aux_loss_;         // [steps]
 };
 
+// parabench-ep: its options (kept by the definition), their rules, its layout, a rank's memory, the MoE
+// block part and the strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_ep_app();
+
 }  // namespace pb

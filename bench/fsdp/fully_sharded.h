@@ -91,4 +91,13 @@ class FullyShardedDataParallel final : public Strategy {
   bool last_micro_batch_ = true;
 };
 
+// The sharding of a plan under these options over `dp` ranks (what predict_memory and the planner's
+// collectives read): the strategy, the ranks a unit is sharded over (HYBRID_SHARD: its group; NO_SHARD:
+// 1; otherwise dp) and whether gathers are prefetched.
+void plan_fsdp_sharding(MemoryPlan& plan, const FsdpOptions& fsdp, int dp);
+
+// parabench-fsdp: its options (kept by the definition), their rules, its layout, a rank's memory and the
+// strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_fsdp_app();
+
 }  // namespace pb

@@ -1,12 +1,22 @@
 #include "bench/plan/app_registry.h"
 
+#include "bench/cp/context_parallel.h"
+#include "bench/dp/data_parallel.h"
+#include "bench/ep/expert_parallel.h"
+#include "bench/fsdp/fully_sharded.h"
 #include "bench/pp/pipeline_parallel.h"
+#include "bench/tp/tensor_parallel.h"
 
 namespace pb::plan {
 
 const std::vector<RegisteredApp>& registered_apps() {
   static const std::vector<RegisteredApp> apps = {
+      {"dp", nullptr, "", make_dp_app, {"--no-overlap"}},
+      {"fsdp", nullptr, "", make_fsdp_app},
+      {"tp", "--tp", "tensor parallelism", make_tp_app},
       {"pp", "--pp", "pipeline parallelism", make_pipeline_app},
+      {"ep", "--ep", "expert parallelism", make_ep_app},
+      {"cp", "--cp", "context parallelism", make_cp_app},
   };
   return apps;
 }

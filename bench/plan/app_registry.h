@@ -1,8 +1,8 @@
 // The apps the planner plans from their own definition: common/runner.h's AppDefinition, made by the
 // app's library and run by its main.cpp. The planner puts the app's options on its command line, calls
 // its validation on the plan, and takes its layout and each rank's memory from it, so a plan can only
-// be what the app accepts and predicts. pp is planned so (bench/pp/pipeline_app.cpp); dp, fsdp, tp, ep and
-// cp still have their own branches in plan_options.cpp and plan.cpp (README.md, "Apps as definitions").
+// be what the app accepts and predicts. Every app the planner models is planned so (bench/<app>/*_app.cpp:
+// dp, fsdp, tp, pp, ep, cp); only the time model stays keyed by app (README.md, "Apps as definitions").
 #pragma once
 
 #include <string>
@@ -15,9 +15,13 @@ namespace pb::plan {
 
 struct RegisteredApp {
   const char* name;          // --app NAME
-  const char* degree_option; // the option of its model-parallel degree ("--pp"), allowed at 1 elsewhere
+  const char* degree_option; // the option of its model-parallel degree ("--pp"), allowed at 1 elsewhere;
+                             // null for an app without one (dp)
   const char* parallelism;   // what that degree is, for messages: "pipeline parallelism"
   AppDefinition (*make)();   // the app library's definition
+  // Its options that the planner takes for other apps too, for their time model: dp's --no-overlap
+  // (tp, pp, ep and cp all-reduce their gradients during or after backward as well).
+  std::vector<std::string> shared_options = {};
 };
 const std::vector<RegisteredApp>& registered_apps();
 const RegisteredApp* find_registered_app(const std::string& name);

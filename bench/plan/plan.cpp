@@ -3,6 +3,8 @@
 // what a plan for one does. docs/memory-model.md and README.md give the sources.
 #include "bench/plan/plan.h"
 
+#include "bench/dp/data_parallel.h"
+#include "bench/micro/busbw.h"
 #include "bench/plan/app_registry.h"
 #include "bench/plan/step_time.h"
 #include "bench/pp/schedule.h"
@@ -51,14 +53,6 @@ bool group_inside_node(const PlanConfig& c, int group_ranks, int stride) {
   return static_cast<int64_t>(group_ranks) * stride <= c.gpus_per_node;
 }
 
-// nccl-tests' bus-bandwidth convention: each rank moves 2(n-1)/n (all-reduce) or (n-1)/n (all-gather,
-// reduce-scatter, all-to-all) of the buffer over its link; a send_recv moves its message once each way,
-// the send and the receive in the link's two directions at once.
-double busbw_factor(const std::string& op, int group_ranks) {
-  const double n = group_ranks;
-  return op == "all_reduce" ? 2.0 * (n - 1) / n : op == "send_recv" ? 1.0 : (n - 1) / n;
-}
-
 // The calibration's table for `op` over a group inside a node or across nodes; throws ConfigError when
 // the calibration did not measure it.
 const MeasuredCollective& calibrated_table(const PlanConfig& c, const std::string& op, bool inside_node) {
@@ -90,6 +84,19 @@ void time_collective(const PlanConfig& c, CommEstimate* e, int64_t message_bytes
     const double busbw = interpolate_busbw(table, message);
     const double messages = static_cast<double>(e->calls) * static_cast<double>(e->bytes) / message;
     e->measured = true;
+    // The table's word holds where it measured: say where this collective is outside that.
+    const std::string where = e->op + " of " + e->what + ": ";
+    if (message > static_cast<double>(table.bytes.back())) {
+      e->caveat = where + std::to_string(static_cast<int64_t>(message)) + "-byte messages timed at the bus bandwidth of " +
+                  "the calibration's largest size, " + std::to_string(table.bytes.back()) + " bytes (parabench-micro --max-bytes)";
+    } else if (message < static_cast<double>(table.bytes.front())) {
+      e->caveat = where + std::to_string(static_cast<int64_t>(message)) + "-byte messages timed at the time of the " +
+                  "calibration's smallest size, " + std::to_string(table.bytes.front()) + " bytes (parabench-micro --min-bytes)";
+    }
+    if (!e->inside_node && e->op != "send_recv" && table.nodes <= 1) {
+      e->caveat += (e->caveat.empty() ? where : "; ") + std::string("the group spans nodes, but the calibration measured ") +
+                   e->op + " on one node: inter-node links are likely slower (run parabench-micro on 2 nodes or more)";
+    }
     e->link_gbps = busbw * 8.0 / 1e9;
     e->seconds = messages * factor * message / busbw;
     return;
@@ -304,29 +311,27 @@ std::vector<CommEstimate> pp_collectives(const PlanConfig& c, int64_t stage_para
   return out;
 }
 
-// parabench-dp's buckets (bench/dp/data_parallel.cpp, make_buckets): the units walked in backward order,
-// a bucket closed once it holds --bucket-mb of gradients, a unit never split; each bucket is all-reduced
-// as soon as backward has finished its units. With a calibration, the all-reduce is timed bucket by
-// bucket at its own size, and the last bucket (the one with the embedding, ready when backward ends)
-// is what no compute hides.
+// parabench-dp's buckets, from its own DataParallel::make_buckets (bench/dp/data_parallel.cpp): the units
+// walked in backward order, a bucket closed once it holds --bucket-mb of gradients, a unit never split;
+// each bucket is all-reduced as soon as backward has finished its units. With a calibration, the
+// all-reduce is timed bucket by bucket at its own size, and the last bucket (the one with the embedding,
+// ready when backward ends) is what no compute hides.
 void dp_buckets(const PlanConfig& c, const std::vector<int64_t>& units, CommEstimate* e) {
   const int64_t grad_bytes = c.memory.precision.grad_bytes;
+  // As DataParallel's constructor sizes them: --bucket-mb of gradients in their dtype.
   const auto bucket_elements =
-      static_cast<int64_t>(std::max(1.0, c.bucket_mb * 1024.0 * 1024.0 / static_cast<double>(grad_bytes)));
-  std::vector<int64_t> buckets;  // elements, in the order backward completes them
-  int64_t current = 0;
-  for (auto u = units.rbegin(); u != units.rend(); ++u) {
-    current += *u;
-    if (current >= bucket_elements) {
-      buckets.push_back(current);
-      current = 0;
-    }
+      static_cast<std::size_t>(std::max(1.0, c.bucket_mb * 1024.0 * 1024.0 / static_cast<double>(grad_bytes)));
+  std::vector<UnitInfo> unit_info(units.size());  // the flat gradient buffer's layout, unit after unit
+  std::size_t offset = 0;
+  for (std::size_t u = 0; u < units.size(); ++u) {
+    unit_info[u].offset = offset;
+    unit_info[u].numel = static_cast<std::size_t>(units[u]);
+    offset += unit_info[u].numel;
   }
-  if (current > 0) buckets.push_back(current);
   e->seconds = 0;
-  for (int64_t elements : buckets) {
+  for (const DataParallel::Bucket& bucket : DataParallel::make_buckets(unit_info, bucket_elements)) {
     CommEstimate one = *e;
-    one.bytes = elements * grad_bytes;
+    one.bytes = static_cast<int64_t>(bucket.count) * grad_bytes;
     one.calls = 1;
     time_collective(c, &one, 0);
     e->seconds += one.seconds;
@@ -607,11 +612,16 @@ PlanResult evaluate(const PlanConfig& c) {
       for (int64_t u : unit_parameter_counts(whole)) r.parameters += u;
     }
     if (c.definition) {  // the app's own memory of each distinct rank (pp: each stage); the largest peak decides the fit
-      r.per_stage = distinct_rank_memory(*c.definition, c.app_options, m);
-      for (std::size_t s = 0; s < r.per_stage.size(); ++s) {
-        if (r.per_stage[s].peak_total > r.per_stage[r.peak_stage].peak_total) r.peak_stage = static_cast<int>(s);
+      const std::vector<MemoryEstimate> ranks = distinct_rank_memory(*c.definition, c.app_options, m);
+      int peak = 0;
+      for (std::size_t s = 0; s < ranks.size(); ++s) {
+        if (ranks[s].peak_total > ranks[peak].peak_total) peak = static_cast<int>(s);
       }
-      r.per_rank = r.per_stage[r.peak_stage];
+      r.per_rank = ranks[peak];
+      if (c.is_pp()) {  // the stages differ; the other apps' distinct ranks (tp, cp coordinates) hold the same
+        r.per_stage = ranks;
+        r.peak_stage = peak;
+      }
     } else {
       r.per_rank = predict_memory(m);  // with m.tp and m.sequence_parallel: one tp rank's slices
     }
@@ -659,6 +669,7 @@ PlanResult evaluate(const PlanConfig& c) {
   // it for the bubble.
   const double flops_per_s = c.peak_tflops * 1e12 * c.mfu;  // --mfu: the share of peak sustained on what runs
   int64_t pipeline_parameters = r.rank_parameters;
+  double backward_s = -1;  // with a calibration: the busiest rank's backward compute
   if (c.is_pp()) {
     const std::vector<int64_t> units = unit_parameter_counts(m.arch);
     pipeline_parameters = 0;
@@ -674,6 +685,7 @@ PlanResult evaluate(const PlanConfig& c) {
         if (s == 0 || busy > r.compute_s) {
           r.kernels = std::move(stage.kernels);
           r.warnings = std::move(stage.warnings);
+          backward_s = stage.backward_s;
         }
       } else {
         busy = stage_hardware_flops(c, held) / flops_per_s;
@@ -686,6 +698,7 @@ PlanResult evaluate(const PlanConfig& c) {
   } else if (c.calibration) {
     StepCompute rank = rank_compute(c, all_units(m.arch), r.per_rank);
     r.compute_s = rank.seconds;
+    backward_s = rank.backward_s;
     r.kernels = std::move(rank.kernels);
     r.warnings = std::move(rank.warnings);
   } else {
@@ -693,6 +706,9 @@ PlanResult evaluate(const PlanConfig& c) {
   }
 
   r.comm = step_collectives(c, c.is_pp() ? pipeline_parameters : r.rank_parameters);
+  for (const CommEstimate& e : r.comm) {
+    if (!e.caveat.empty()) r.warnings.push_back(e.caveat);
+  }
   double overlappable = 0;  // what may hide behind the whole step's compute (the gradient collectives)
   double tail = 0;          // what of it may not (exposed_s)
   for (const CommEstimate& e : r.comm) {
@@ -705,8 +721,11 @@ PlanResult evaluate(const PlanConfig& c) {
     }
   }
   // Overlapped communication hides behind compute; blocking collectives (tp's, ep's, cp's, pp's) add to it.
+  // Gradient all-reduces start in backward, so only backward hides them where a calibration tells it
+  // apart; fsdp's prefetched gathers run beside forward as well, so the whole step hides fsdp's.
   const double pipeline_s = r.compute_s + r.bubble_s;
-  r.step_s = c.overlap ? std::max(pipeline_s, overlappable) + tail + r.blocking_comm_s
+  const double hiding_s = backward_s >= 0 && c.app != "fsdp" ? backward_s : pipeline_s;
+  r.step_s = c.overlap ? pipeline_s + std::max(0.0, overlappable - hiding_s) + tail + r.blocking_comm_s
                        : pipeline_s + overlappable + tail + r.blocking_comm_s;
   r.exposed_comm_s = r.step_s - pipeline_s;
   r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;

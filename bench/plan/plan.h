@@ -54,8 +54,9 @@ struct PlanConfig {
   int gpus_per_node = 8;
   int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for tp, W / pp for pp, W / cp for cp
   PipelineOptions pp;         // --app pp: stages, schedule, virtual stages (as the app describes them); else 1 stage
-  // An app planned from its own definition (app_registry.h: --app pp): the definition, holding the
-  // options it parsed, and the Options of this plan that its validation and memory read. Null otherwise.
+  // The app's own definition (app_registry.h: every --app the planner models), holding the options it
+  // parsed, and the Options of this plan that its validation and memory read. Null in a PlanConfig built
+  // by hand (tests), whose memory is common/memory_model.h's predict_memory of `memory`.
   std::shared_ptr<const AppDefinition> definition;
   Options app_options;
   int ep = 1;                 // --app ep: expert-parallel degree (groups of ep consecutive dp ranks); else 1
@@ -111,6 +112,8 @@ struct CommEstimate {
   bool inside_node = true;  // the group's ranks share a node (NVLink; send_recv_intra of a calibration)
   double link_gbps = 0; // rate used: nominal, --link-gbps, or the calibration's bus bandwidth at this size
   bool measured = false;  // timed from a calibration's /micro/collectives
+  std::string caveat;     // with a calibration: why its table may not hold for this collective (a size
+                          // outside the measured range, a group across nodes timed on one node), or ""
   double seconds = 0;   // per step, all calls
   bool blocking = false;  // on the critical path whatever the overlap: tp's collectives, ep's all-to-alls, cp's
   double hidden_s = 0;  // of `seconds`, what hides behind compute: cp's ring K|V hops beside the attention

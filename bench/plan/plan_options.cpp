@@ -11,8 +11,11 @@
 #include <memory>
 #include <set>
 
+#include "bench/cp/context_parallel.h"
+#include "bench/fsdp/fully_sharded.h"
 #include "bench/plan/app_registry.h"
 #include "bench/plan/plan.h"
+#include "bench/tp/tensor_parallel.h"
 #include "common/errors.h"
 
 #ifndef PB_VERSION
@@ -43,21 +46,13 @@ struct RawOptions {
   bool gated_mlp = false, tied_embeddings = false;
   std::string app = "dp";
   int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
-  int tp = 1;                  // --app tp; 1 for dp and fsdp
-  bool sequence_parallel = false;
   // The apps planned from their own definition (app_registry.h), each holding the options it put on this
-  // command line, and those options' names (for "an option of --app pp, not of --app dp").
+  // command line, and those options' names (for "an option of --app pp, not of --app dp"). dp's
+  // --bucket-mb and --no-overlap (--no-overlap also for tp, pp, ep and cp), fsdp's --shard, --shard-group
+  // and --no-prefetch, tp's --tp and --sequence-parallel, ep's --ep, --experts, --top-k,
+  // --capacity-factor and --aux-loss, and cp's --cp, --cp-algo and --cp-layout are among them.
   std::vector<std::pair<const RegisteredApp*, std::shared_ptr<AppDefinition>>> apps;
   std::map<std::string, std::vector<std::string>> app_option_names;
-  int cp = 1;                 // --app cp; 1 for the other apps
-  std::string cp_algo = "ring", cp_layout = "zigzag";  // --app cp: parabench-cp's options and defaults
-  int ep = 1;                 // --app ep; 1 for the other apps
-  int experts = 8, top_k = 2;  // --app ep: parabench-ep's options and defaults
-  double capacity_factor = 1.0, aux_loss = 0.0;
-  std::string shard = "FULL_SHARD";
-  int shard_group = 0;
-  bool no_prefetch = false, no_overlap = false;
-  double bucket_mb = 25.0;
   int micro_batch = 1;
   int64_t global_batch = 0;
   std::string recompute = "none", dtype, grad_dtype = "fp32", backend = "cuda";
@@ -82,6 +77,15 @@ std::string str(double v) {
 }
 
 [[noreturn]] void reject(const std::string& message) { throw ConfigError(message); }
+
+// The options of registered app `name` as its definition describes them (its parsed values).
+nlohmann::ordered_json described_options(const RawOptions& r, const std::string& name) {
+  nlohmann::ordered_json described;
+  for (const auto& [app, definition] : r.apps) {
+    if (name == app->name) definition->options.describe(described);
+  }
+  return described;
+}
 
 void require_positive(const char* option, int64_t value) {
   if (value < 1) reject(std::string(option) + " " + std::to_string(value) + " must be at least 1");
@@ -119,10 +123,6 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
   cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
   cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp, / --pp or / --cp)");
-  cli->add_option("--tp", r.tp, "tp: tensor-parallel degree, consecutive ranks (dp and fsdp: only 1)")
-      ->capture_default_str();
-  cli->add_flag("--sequence-parallel", r.sequence_parallel,
-                "tp: split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
   for (const RegisteredApp& app : registered_apps()) {  // the app's own options, defaults and help (pp: --pp, ...)
     auto definition = std::make_shared<AppDefinition>(app.make());
     std::set<std::string> before;
@@ -133,28 +133,6 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
     }
     r.apps.emplace_back(&app, definition);
   }
-  cli->add_option("--cp", r.cp, "cp: context-parallel degree, each sequence split over N consecutive ranks "
-                  "(other apps: only 1)")->capture_default_str();
-  cli->add_option("--cp-algo", r.cp_algo, "cp: ring | allgather | alltoall (DeepSpeed-Ulysses)")->capture_default_str();
-  cli->add_option("--cp-layout", r.cp_layout,
-                  "cp: zigzag (rank i holds chunks i and 2N-1-i of 2N) | contiguous")->capture_default_str();
-  cli->add_option("--ep", r.ep, "ep: expert-parallel degree, groups of N consecutive dp ranks share the experts "
-                  "(other apps: only 1)")->capture_default_str();
-  cli->add_option("--experts", r.experts, "ep: experts per MoE layer (E)")->capture_default_str();
-  cli->add_option("--top-k", r.top_k, "ep: experts per token (k)")->capture_default_str();
-  cli->add_option("--capacity-factor", r.capacity_factor,
-                  "ep: expert capacity C = ceil(factor·k·b·S/E) per micro-batch; 0: no limit (dropless)")
-      ->capture_default_str();
-  cli->add_option("--aux-loss", r.aux_loss, "ep: Switch Transformer load-balancing loss coefficient (0: none)")
-      ->capture_default_str();
-  cli->add_option("--shard", r.shard,
-                  "fsdp: NO_SHARD|ZERO1|SHARD_GRAD_OP|FULL_SHARD|HYBRID_SHARD (NO_OP, FULLY_SHARD aliases)")
-      ->capture_default_str();
-  cli->add_option("--shard-group", r.shard_group, "fsdp HYBRID_SHARD: ranks a unit is sharded over");
-  cli->add_flag("--no-prefetch", r.no_prefetch, "fsdp: gather one unit at a time, no overlap");
-  cli->add_option("--bucket-mb", r.bucket_mb, "dp: gradient bucket size in MiB (no memory: buckets are views)")
-      ->capture_default_str();
-  cli->add_flag("--no-overlap", r.no_overlap, "dp, tp, pp, ep, cp: the gradient all-reduce after backward, not during it");
   // Batch, precision, backend.
   cli->add_option("--micro-batch", r.micro_batch, "samples per micro-batch")->capture_default_str();
   cli->add_option("--global-batch", r.global_batch, "samples per step (default micro-batch · dp)");
@@ -189,10 +167,8 @@ void parse_args(CLI::App& cli, std::vector<std::string> args) {
 }
 
 // The resolved, validated plan of a parsed command line.
-// `shard_swept`: a --sweep over shard may keep a --shard-group that only its HYBRID_SHARD points use.
 // `calibration`: the --calibration file, read once for every point of a sweep (null without it).
-PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept,
-                   const std::shared_ptr<const Calibration>& calibration) {
+PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_ptr<const Calibration>& calibration) {
   auto given = [&](const char* name) { return cli.count(name) > 0; };
   PlanConfig c;
 
@@ -206,78 +182,41 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept,
     reject("--app " + r.app + " must be dp, fsdp, tp, pp, ep or cp (hybrid: not modelled yet)");
   }
   c.app = r.app;
-  require_positive("--tp", r.tp);
+  const int requested_tp = described_options(r, "tp").at("tp").get<int>();
+  if (requested_tp > 1 && c.app == "fsdp") {
+    reject("--tp " + std::to_string(requested_tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled "
+           "yet (--app tp models tp × dp)");
+  }
   // The registered apps' degrees (as each describes its options): at least 1, and above 1 only for their
   // own app; their other options only for their own app.
-  std::shared_ptr<AppDefinition> definition;  // --app's, when it is registered
+  std::shared_ptr<AppDefinition> definition;  // --app's (every modelled app is registered)
   for (const auto& [app, app_definition] : r.apps) {
     nlohmann::ordered_json described;
     app_definition->options.describe(described);
-    const std::string degree_key = std::string(app->degree_option).substr(2);
-    const int degree = described.value(degree_key, 1);
-    require_positive(app->degree_option, degree);
+    const int degree = app->degree_option ? described.value(std::string(app->degree_option).substr(2), 1) : 1;
+    if (app->degree_option) require_positive(app->degree_option, degree);
     if (app->name == c.app) {
       definition = app_definition;
       continue;
     }
     if (degree > 1) {
-      reject(app_definition->options.model_parallel_options() + " is a degree of --app " + app->name + "; --app " +
+      reject(std::string(app->degree_option) + " " + std::to_string(degree) + " is a degree of --app " + app->name + "; --app " +
              c.app + " has no " + app->parallelism + " (use --app " + app->name + ")");
     }
     for (const std::string& option : r.app_option_names.at(app->name)) {
-      if (option != app->degree_option && given(option.c_str())) {
+      const bool shared = std::find(app->shared_options.begin(), app->shared_options.end(), option) !=
+                          app->shared_options.end();
+      if ((!app->degree_option || option != app->degree_option) && !shared && given(option.c_str())) {
         reject(option + " is an option of --app " + app->name + ", not of --app " + c.app);
       }
     }
   }
-  require_positive("--ep", r.ep);
-  require_positive("--cp", r.cp);
-  if (r.tp > 1 && c.app == "fsdp") {
-    reject("--tp " + std::to_string(r.tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled yet "
-           "(--app tp models tp × dp)");
-  }
-  if (r.tp > 1 && (c.app == "dp" || c.app == "pp" || c.app == "ep" || c.app == "cp")) {
-    reject("--tp " + std::to_string(r.tp) + " is a degree of --app tp; --app " + c.app +
-           " has no tensor parallelism (use --app tp)");
-  }
-  if (r.ep > 1 && c.app != "ep") {
-    reject("--ep " + std::to_string(r.ep) + " is a degree of --app ep; --app " + c.app +
-           " has no expert parallelism (use --app ep)");
-  }
-  for (const char* option : {"--experts", "--top-k", "--capacity-factor", "--aux-loss"}) {
-    if (c.app != "ep" && given(option)) reject(std::string(option) + " is an option of --app ep, not of --app " + c.app);
-  }
-  if (r.cp > 1 && c.app != "cp") {
-    reject("--cp " + std::to_string(r.cp) + " is a degree of --app cp; --app " + c.app +
-           " has no context parallelism (use --app cp)");
-  }
-  for (const char* option : {"--cp-algo", "--cp-layout"}) {
-    if (c.app != "cp" && given(option)) reject(std::string(option) + " is an option of --app cp, not of --app " + c.app);
-  }
-  if (c.app == "cp") {  // what parabench-cp validates first (bench/cp/main.cpp)
-    if (!parse_cp_algo(r.cp_algo, &c.cp_algo)) {
-      reject("--cp-algo " + r.cp_algo + " must be ring, allgather or alltoall");
-    }
-    if (r.cp_layout != "zigzag" && r.cp_layout != "contiguous") {
-      reject("--cp-layout " + r.cp_layout + " must be zigzag or contiguous");
-    }
-    c.cp = r.cp;
-    c.cp_zigzag = r.cp_layout == "zigzag";
-  }
-  const int tp = c.app == "tp" ? r.tp : 1;
   // The degree beside dp: ranks = dp × model_parallel (tp's or cp's consecutive ranks, pp's stages).
   const RegisteredApp* registered = find_registered_app(c.app);
-  const int model_parallel = definition ? definition->options.model_parallel_size() : c.app == "cp" ? c.cp : tp;
-  const std::string model_parallel_option = registered ? registered->degree_option : c.app == "cp" ? "--cp" : "--tp";
-  for (const char* option : {"--shard", "--shard-group", "--no-prefetch"}) {
-    if (c.app != "fsdp" && given(option)) reject(std::string(option) + " is an option of --app fsdp, not of --app " + c.app);
-  }
-  if (c.app != "dp" && given("--bucket-mb")) reject("--bucket-mb is an option of --app dp, not of --app " + c.app);
+  const int model_parallel = definition->options.model_parallel_size();  // every modelled app is registered
+  const std::string model_parallel_option = registered->degree_option ? registered->degree_option : "--dp";
   if (c.app == "fsdp" && given("--no-overlap")) {
     reject("--no-overlap is an option of --app dp, tp, pp, ep and cp, not of --app fsdp (use --no-prefetch)");
-  }
-  if (c.app != "tp" && given("--sequence-parallel")) {
-    reject("--sequence-parallel is an option of --app tp, not of --app " + c.app);
   }
 
   // ---- model ------------------------------------------------------------------------------------------
@@ -376,32 +315,17 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept,
     }
   }
 
-  // ---- sharding ---------------------------------------------------------------------------------------
+  // ---- sharding: fsdp's --shard, --shard-group and --no-prefetch are validated by parabench-fsdp's rules
+  // and set on the plan by its plan_fsdp_sharding once the plan is complete (below) --------------------------
   MemoryPlan& m = c.memory;
-  if (c.app == "fsdp") {
-    if (!parse_shard_strategy(r.shard, &m.shard)) {
-      reject("--shard " + r.shard + " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD "
-             "(aliases NO_OP, FULLY_SHARD)");
-    }
-    if (m.shard == ShardStrategy::hybrid_shard) {
-      if (!given("--shard-group")) reject("--shard HYBRID_SHARD needs --shard-group N, the ranks a unit is sharded over");
-      require_positive("--shard-group", r.shard_group);
-      if (c.dp % r.shard_group != 0) {
-        reject("--shard-group " + std::to_string(r.shard_group) + " does not divide dp " + std::to_string(c.dp));
-      }
-      m.shard_ranks = r.shard_group;
-    } else {
-      if (given("--shard-group") && !shard_swept) reject("--shard-group is for --shard HYBRID_SHARD only, not " + r.shard);
-      m.shard_ranks = m.shard == ShardStrategy::no_shard ? 1 : c.dp;
-    }
-    m.prefetch = !r.no_prefetch;
-    c.overlap = m.prefetch;
-  } else {  // dp, tp, pp, ep and cp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
+  if (c.app != "fsdp") {  // dp, tp, pp, ep and cp: no sharding; every rank of a dp group holds the same (tp: sliced) model states
     m.shard = ShardStrategy::no_shard;
     m.shard_ranks = 1;
-    if (!(r.bucket_mb > 0 && std::isfinite(r.bucket_mb))) reject("--bucket-mb " + str(r.bucket_mb) + " must be positive");
-    c.bucket_mb = r.bucket_mb;
-    c.overlap = !r.no_overlap;
+    // dp's --bucket-mb (validated by parabench-dp's rules below; refused above for the other apps) and
+    // --no-overlap, which tp, pp, ep and cp take too, as dp's definition holds them.
+    const nlohmann::ordered_json dp = described_options(r, "dp");
+    c.bucket_mb = dp.at("bucket_mb").get<double>();
+    c.overlap = !dp.at("no_overlap").get<bool>();
   }
 
   // ---- batch -------------------------------------------------------------------------------------------
@@ -419,25 +343,6 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept,
     reject("--recompute " + r.recompute + " must be none, selective or full");
   }
   m.recompute = r.recompute;
-
-  // ---- tensor parallelism: what parabench-tp validates, and grouped-query attention's key/value heads --
-  if (c.app == "tp") {
-    auto require_divisible = [&](const std::string& option, int64_t value, const char* why) {
-      if (value % tp != 0) {
-        reject(option + " " + std::to_string(value) + " is not divisible by --tp " + std::to_string(tp) + why);
-      }
-    };
-    require_divisible("--heads", a.heads, "");
-    require_divisible("--kv-heads", a.kv_heads, " (each rank holds whole key/value heads; they are not replicated)");
-    require_divisible("--ffn", a.ffn, "");
-    require_divisible("--vocab", a.vocab, " (the vocabulary is split, not padded)");
-    if (r.sequence_parallel) {
-      require_divisible("--micro-batch × --seq", static_cast<int64_t>(r.micro_batch) * a.seq,
-                        " (sequence parallelism splits the micro-batch's tokens)");
-    }
-    m.tp = tp;
-    m.sequence_parallel = r.sequence_parallel && tp > 1;  // as the app: no split at tp 1
-  }
 
   // ---- backend and precision ---------------------------------------------------------------------------
   // With a calibration, the backend it measured is the default (its GPU where it measured one).
@@ -480,61 +385,51 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, bool shard_swept,
   if (given("--gpu-memory")) require_positive_real("--gpu-memory", r.gpu_memory);
   c.gpu_memory_gib = given("--gpu-memory") ? r.gpu_memory : 0.0;
 
-  // ---- expert parallelism: what parabench-ep validates; its memory model completes the plan --------------
-  if (c.app == "ep") {
-    MoeOptions& moe = c.moe;
-    moe.experts = r.experts;
-    moe.top_k = r.top_k;
-    moe.capacity_factor = r.capacity_factor;
-    moe.aux_loss = r.aux_loss;
-    const std::string E = std::to_string(moe.experts);
-    require_positive("--experts", moe.experts);
-    if (moe.top_k < 1 || moe.top_k > moe.experts) {
-      reject("--top-k " + std::to_string(moe.top_k) + " must be between 1 and --experts " + E);
-    }
-    if (!(moe.capacity_factor >= 0.0) || moe.capacity_factor > 1e6) {
-      reject("--capacity-factor " + str(moe.capacity_factor) + " must be 0 (no limit) or positive (at most 1e6)");
-    }
-    if (!(moe.aux_loss >= 0.0) || moe.aux_loss > 1e6) {
-      reject("--aux-loss " + str(moe.aux_loss) + " must be 0 (none) or positive (at most 1e6)");
-    }
-    if (moe.experts % r.ep != 0) {
-      reject("--experts " + E + " is not divisible by --ep " + std::to_string(r.ep) +
-             " (each rank of an ep group holds E/ep whole experts)");
-    }
-    if (c.dp % r.ep != 0) {
-      reject("--ep " + std::to_string(r.ep) + " does not divide the data-parallel degree " + std::to_string(c.dp) +
-             " (ep groups are consecutive dp ranks)");
-    }
-    if (static_cast<int64_t>(r.micro_batch) * a.seq > std::numeric_limits<int>::max()) {
-      reject("--micro-batch × --seq " + std::to_string(static_cast<int64_t>(r.micro_batch) * a.seq) +
-             " is too many tokens per micro-batch for the expert slots");
-    }
-    c.ep = r.ep;
-    plan_moe_memory(m, moe, c.ep, c.grad_accum);  // bench/ep's model: the router, E/ep experts, their activations and buffers
-  }
-
-  // ---- context parallelism: what parabench-cp validates; its memory model completes the plan -----------
-  if (c.app == "cp") {
-    const int chunks = c.cp_zigzag ? 2 * c.cp : c.cp;
-    if (a.seq % chunks != 0) {
-      reject("--seq " + std::to_string(a.seq) + " is not divisible by " + std::to_string(chunks) + " (--cp-layout " +
-             c.cp_layout() + " splits each sequence into " + (c.cp_zigzag ? "2 × --cp" : "--cp") + " chunks)");
-    }
-    if (c.cp_algo == CpAlgo::alltoall && a.heads % c.cp != 0) {
-      reject("--heads " + std::to_string(a.heads) + " is not divisible by --cp " + std::to_string(c.cp) +
-             " (--cp-algo alltoall gives each rank heads/cp heads)");
-    }
-    // bench/cp's model: this rank's S/cp tokens, the attention core's saved state, scratch and buffers.
-    plan_cp_memory(m, c.cp_algo, c.cp);
-  }
-
   // ---- an app planned from its own definition: its rules on the plan; its options as it describes them ----
   if (definition) {
+    // The planner's shapes are int64: a micro-batch's tokens must fit the app's int expert slots.
+    if (c.app == "ep" && static_cast<int64_t>(m.micro_batch) * a.seq > std::numeric_limits<int>::max()) {
+      reject("--micro-batch × --seq " + std::to_string(static_cast<int64_t>(m.micro_batch) * a.seq) +
+             " is too many tokens per micro-batch for the expert slots");
+    }
     c.app_options = app_options_of(c);
     definition->options.validate(c.app_options);  // throws ConfigError with the app's own message
     nlohmann::ordered_json described;
     definition->options.describe(described);
+    if (c.app == "fsdp") {  // the sharding the app predicts with, for the time model and --params
+      FsdpOptions fsdp;
+      if (!parse_shard_strategy(described.at("shard").get<std::string>(), &fsdp.shard)) {
+        reject("--shard " + described.at("shard").get<std::string>() + ": not a shard strategy");  // the app parsed it
+      }
+      fsdp.shard_group = described.at("shard_group").get<int>();
+      fsdp.prefetch = !described.at("no_prefetch").get<bool>();
+      plan_fsdp_sharding(c.memory, fsdp, c.dp);
+      c.overlap = c.memory.prefetch;
+    }
+    if (c.app == "tp") {  // the slices the app predicts with, for the time model and each rank's parameters
+      plan_tp_slices(c.memory, described.at("tp").get<int>(), described.at("sequence_parallel").get<bool>());
+      // Grouped-query attention, which parabench-tp's model has not (its key/value heads are its heads).
+      if (a.kv_heads % c.memory.tp != 0) {
+        reject("--kv-heads " + std::to_string(a.kv_heads) + " is not divisible by --tp " + std::to_string(c.memory.tp) +
+               " (each rank holds whole key/value heads; they are not replicated)");
+      }
+    }
+    if (c.is_moe()) {  // the router and E/ep experts per block, for the time model and each rank's parameters
+      c.ep = described.at("ep").get<int>();
+      c.moe.experts = described.at("experts").get<int>();
+      c.moe.top_k = described.at("top_k").get<int>();
+      c.moe.capacity_factor = described.at("capacity_factor").get<double>();
+      c.moe.aux_loss = described.at("aux_loss").get<double>();
+      plan_moe_memory(c.memory, c.moe, c.ep, static_cast<int>(c.grad_accum));  // bench/ep's model, as the app predicts
+    }
+    if (c.is_cp()) {  // this rank's S/cp tokens, for the time model
+      c.cp = described.at("cp").get<int>();
+      if (!parse_cp_algo(described.at("cp_algo").get<std::string>(), &c.cp_algo)) {
+        reject("--cp-algo " + described.at("cp_algo").get<std::string>() + ": not an algorithm");  // the app parsed it
+      }
+      c.cp_zigzag = described.at("cp_layout").get<std::string>() == "zigzag";
+      plan_cp_memory(c.memory, c.cp_algo, c.cp);  // bench/cp's model, as the app predicts
+    }
     if (c.is_pp()) {
       c.pp.stages = described.at("pp").get<int>();
       c.pp.schedule = described.at("schedule").get<std::string>();
@@ -664,15 +559,13 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
 
     request->plans.clear();
     if (request->sweeps.empty()) {
-      request->plans.push_back(resolve(*cli, raw, false, calibration));
+      request->plans.push_back(resolve(*cli, raw, calibration));
       return ParseOutcome{true, 0, "", false};
     }
 
     std::vector<std::string> stripped_keys = {"sweep"};
     for (const Sweep& s : request->sweeps) stripped_keys.push_back(s.key);
     const std::vector<std::string> base = strip_options(*cli, args, stripped_keys);
-    const bool shard_swept = std::any_of(request->sweeps.begin(), request->sweeps.end(),
-                                         [](const Sweep& s) { return s.key == "shard"; });
     // Odometer over the sweeps' values, the first --sweep varying slowest.
     std::vector<std::size_t> index(request->sweeps.size(), 0);
     for (int64_t point = 0; point < points; ++point) {
@@ -683,13 +576,21 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
         point_args.push_back("--" + s.key + "=" + s.values[index[k]]);
         swept.emplace_back(s.key, s.values[index[k]]);
       }
+      // A --sweep over shard may keep a --shard-group that only its HYBRID_SHARD points use: the other
+      // points plan without it (it changes nothing there; parabench-fsdp refuses it there).
+      for (const auto& [key, value] : swept) {
+        ShardStrategy shard;
+        if (key == "shard" && parse_shard_strategy(value, &shard) && shard != ShardStrategy::hybrid_shard) {
+          point_args = strip_options(*cli, point_args, {"shard-group"});
+        }
+      }
       RawOptions point_raw;
       std::unique_ptr<CLI::App> point_cli = make_cli(point_raw);
       std::string where;
       for (const auto& [key, value] : swept) where += (where.empty() ? "" : ", ") + key + "=" + value;
       try {
         parse_args(*point_cli, point_args);
-        request->plans.push_back(resolve(*point_cli, point_raw, shard_swept, calibration));
+        request->plans.push_back(resolve(*point_cli, point_raw, calibration));
       } catch (const CLI::ParseError& e) {
         reject("--sweep " + where + ": " + e.what());
       } catch (const ConfigError& e) {

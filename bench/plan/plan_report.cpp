@@ -297,18 +297,24 @@ std::string time_text(const PlanResult& r) {
   }
   double tail = 0;
   for (const CommEstimate& e : r.comm) tail += e.exposed_s;
+  // plan.cpp's rule: with a calibration, gradient collectives hide behind backward only (fsdp's
+  // prefetched gathers behind the whole step).
+  const std::string overlapped = c.calibration && c.app != "fsdp"
+                                     ? "compute + the overlapped communication that backward does not hide"
+                                     : "the larger of compute and the overlapped communication";
   std::string how;
   if (!c.overlap) {
     how = " (compute + communication, no overlap)";
   } else if (tail > 0) {
-    how = " (the larger of compute and the overlapped communication, + what of it cannot overlap " + seconds(tail) +
+    how = " (" + overlapped + ", + what of it cannot overlap " + seconds(tail) +
           (r.blocking_comm_s > 0 ? " and the blocking collectives " + seconds(r.blocking_comm_s) : "") + ")";
   } else if (r.blocking_comm_s > 0) {
-    how = std::string(" (the larger of compute and the overlapped communication, + the blocking ") +
+    how = " (" + overlapped + ", + the blocking " +
           (c.is_moe() ? "all-to-alls " : c.is_cp() ? "cp exchanges " : c.is_pp() ? "pipeline messages " : "tp collectives ") +
           seconds(r.blocking_comm_s) + ")";
   } else {
-    how = " (communication overlapped with compute: the larger of the two)";
+    how = c.calibration && c.app != "fsdp" ? " (" + overlapped + ")"
+                                           : " (communication overlapped with compute: the larger of the two)";
   }
   out += "  step           " + seconds(r.step_s) + how + ", " + printf_string("%.4g", r.tokens_per_s) + " tokens/s\n";
   out += "  breakdown      compute " + seconds(r.compute_s) + " + exposed communication " + seconds(r.exposed_comm_s) +

@@ -131,11 +131,12 @@ std::vector<KernelCall> rank_step_kernels(const PlanConfig& c, const std::vector
     kernel("layernorm_forward", "final LayerNorm, forward", ln_forward_bytes, micro, false);
     linear("head (logits)", h, Vl, micro, micro, false);
     // One fused pass (read the logits, overwrite them with dlogits) on one rank; with tp, the
-    // vocabulary-parallel loss passes over its logits three times (row maxima, partial sums, finish).
-    const double passes = t > 1 ? 2.0 : 1.0;
+    // vocabulary-parallel loss passes over its logits three times: two reads (row maxima, partial sums)
+    // and the fused pass's read and write (finish), 2·N·V·e bytes more than the fused pass.
+    const double extra_read_bytes = t > 1 ? 2.0 * N * Vl * e : 0.0;
     kernel("cross_entropy_forward_backward",
            t > 1 ? "vocabulary-parallel cross-entropy (three passes)" : "softmax cross-entropy, forward and backward",
-           kernel_cost::cross_entropy_bytes(N, Vl, e) + (passes - 1.0) * 2.0 * N * Vl * e, micro, true);
+           kernel_cost::cross_entropy_bytes(N, Vl, e) + extra_read_bytes, micro, true);
     kernel("layernorm_backward", "final LayerNorm, backward", ln_backward_bytes, micro, true);
   }
   // Once per step: the gradients zeroed and their norm (every gradient the rank holds), AdamW over the

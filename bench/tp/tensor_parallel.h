@@ -36,4 +36,12 @@ class TensorParallelStrategy final : public Strategy {
   const TensorParallel tp_;
 };
 
+// A plan's slicing under --tp and --sequence-parallel (what predict_memory and the planner's collectives
+// read): each rank's 1/tp of the sliced weights and activations; sequence parallelism only at tp > 1.
+void plan_tp_slices(MemoryPlan& plan, int tp, bool sequence_parallel);
+
+// parabench-tp: its options (kept by the definition), their rules, its layout, a rank's memory and the
+// strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_tp_app();
+
 }  // namespace pb

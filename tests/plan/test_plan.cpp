@@ -23,6 +23,7 @@
 #include "bench/plan/step_time.h"
 #include "bench/pp/schedule.h"
 #include "common/errors.h"
+#include "common/runner.h"
 
 namespace pb::plan {
 namespace {
@@ -1351,6 +1352,34 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
   for (const auto& [command_line, expected] : cases) {
     const std::string message = rejection_of(command_line);
     EXPECT_NE(message.find(expected), std::string::npos) << command_line << "\n  said: " << message;
+  }
+}
+
+// Every app is planned from its own definition (bench/<app>/*_app.cpp): its rules, word for word, are the
+// planner's, including those the planner had no branch for.
+TEST(Validation, TheAppsOwnRulesAreThePlannersRules) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"--app dp --bucket-mb 2000000", "--bucket-mb 2000000.000000 must be positive and at most 1048576 (MiB)"},
+      {"--app fsdp --shard NO_SHARD --no-prefetch", "--no-prefetch applies to FULL_SHARD and HYBRID_SHARD only, not --shard NO_SHARD"},
+      {"--app fsdp --gpus 8 --shard HYBRID_SHARD --shard-group 0", "--shard-group 0 must be at least 1"},
+      {"--app ep --gpus 4 --experts 8 --micro-batch 64 --seq 4096 --hidden 8192 --heads 64",
+       "× capacity × --hidden/--ffn is too large for one all-to-all"},
+      {"--app cp --gpus 2 --cp 2 --micro-batch 64 --seq 8192 --hidden 2048 --heads 16",
+       "--micro-batch × --seq × 3 × --hidden is too large for one exchange of keys and values"},
+      {"--app ep --gpus 4 --tp 2", "--tp 2 is a degree of --app tp; --app ep has no tensor parallelism (use --app tp)"},
+  };
+  for (const auto& [command_line, expected] : cases) {
+    const std::string message = rejection_of(command_line);
+    EXPECT_NE(message.find(expected), std::string::npos) << command_line << "\n  said: " << message;
+  }
+}
+
+// Each --app the planner models carries its app's definition, whose memory the plan reports.
+TEST(Registry, EveryModelledAppIsPlannedFromItsDefinition) {
+  for (const char* app : {"dp", "fsdp", "tp", "pp", "ep", "cp"}) {
+    const PlanResult r = plan_of(std::string("--model small --gpus 4 --app ") + app);
+    ASSERT_NE(r.config.definition, nullptr) << app;
+    EXPECT_EQ(r.config.definition->name, app);
   }
 }
 

@@ -652,7 +652,7 @@ def write_calibration(path, *, app="micro", status="complete", backend="cpu", dt
                       drop_kernels=(), micro=True):
     """A parabench-micro result file as its reporter writes one (bench/micro/report.cpp), with uniform rates:
     every GEMM at GEMM_RATE FLOP/s, attention at ATTENTION_RATE, the memory-bound kernels at BYTES_RATE bytes/s,
-    every collective at BUSBW bytes/s of bus bandwidth (8 B to 64 MiB, 2 ranks)."""
+    every collective at BUSBW bytes/s of bus bandwidth (8 B to 32 MiB, 2 ranks)."""
     ops = ["all_reduce", "all_gather", "reduce_scatter", "send_recv_intra"] if ops is None else ops
     text = h5py.string_dtype()
     with h5py.File(path, "w") as f:
@@ -661,7 +661,7 @@ def write_calibration(path, *, app="micro", status="complete", backend="cpu", dt
         f.create_group("steps") if app != "micro" else None
         config = f.create_group("config")
         config.attrs.update({"app": app, "world_size": 2, "threads": 1, "comm": "mpi", "ops": ",".join(ops),
-                             "min_bytes": 8, "max_bytes": 1 << 26, "dtype": "fp32", "cluster": "test"})
+                             "min_bytes": 8, "max_bytes": 1 << 25, "dtype": "fp32", "cluster": "test"})
         config.create_dataset("argv", data=["parabench-micro", "--out", str(path)], dtype=text)
         system = f.create_group("system")
         system.attrs.update({"cluster": "test", "nodes": 1, "ranks": 2, "cpu_model": "Test CPU", "gpu_model": ""})
@@ -810,3 +810,16 @@ def test_bad_calibrations_exit_2_naming_the_file_and_the_problem(tmp_path, setup
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert result.stdout == ""
+
+
+def test_calibration_says_where_it_does_not_reach(tmp_path):
+    """Messages above the largest measured size, and a group across nodes timed with collectives measured on
+    one node, are timed all the same, with a warning each (the synthetic calibration: 8 B to 32 MiB, 1 node)."""
+    cal = tmp_path / "micro.h5"
+    write_calibration(cal)
+    across = ok(*SMALL_MB4, "--gpus", 4, "--gpus-per-node", 2, "--calibration", cal).stderr
+    assert "the group spans nodes, but the calibration measured all_reduce on one node" in across
+    inside = ok(*SMALL_MB4, "--gpus", 2, "--calibration", cal).stderr
+    assert "warning" not in inside
+    big = ok("--model", "gpt2-124m", "--micro-batch", 1, "--gpus", 2, "--bucket-mb", 400, "--calibration", cal).stderr
+    assert "-byte messages timed at the bus bandwidth of the calibration's largest size, 33554432 bytes" in big
