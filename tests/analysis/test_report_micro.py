@@ -18,6 +18,8 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from test_report import csv_rows, md_tables, number  # noqa: E402  (as test_report_cp and _ep do)
+
 REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(os.environ.get("PB_BIN_DIR", str(REPO / "build" / "bench")))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,35 +145,6 @@ def results(tmp_path_factory):
 def report(*args):
     return subprocess.run([sys.executable, "-m", "analysis.report", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-
-
-def md_tables(md):
-    """{heading: [row dicts]} of every table in report.md, under the nearest heading above it."""
-    tables, heading, lines = {}, None, md.splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("#"):
-            heading = lines[i].lstrip("#").strip()
-        elif lines[i].startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|-"):
-            head = [c.strip() for c in lines[i].strip("|").split(" | ")]
-            rows = []
-            i += 2
-            while i < len(lines) and lines[i].startswith("| "):
-                rows.append(dict(zip(head, (c.strip() for c in lines[i].strip("|").split(" | ")))))
-                i += 1
-            tables.setdefault(heading, []).extend(rows)
-            continue
-        i += 1
-    return tables
-
-
-def number(cell):
-    return float(cell.replace(",", "").rstrip("×%"))
-
-
-def csv_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def three_digits(x):
