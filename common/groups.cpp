@@ -24,11 +24,18 @@ std::string Layout::describe() const {
          " × tp " + std::to_string(tp) + (ep > 1 ? " (ep " + std::to_string(ep) + " within dp)" : "");
 }
 
+std::vector<std::pair<std::string, const Communicator*>> ProcessGroups::named() const {
+  std::vector<std::pair<std::string, const Communicator*>> out = {
+      {"world", world}, {"tp", tp.get()}, {"cp", cp.get()}, {"dp", dp.get()}, {"pp", pp.get()}};
+  if (ep) out.emplace_back("ep", ep.get());
+  if (expert_dp) out.emplace_back("expert_dp", expert_dp.get());
+  for (std::size_t i = 0; i < extra.size(); ++i) out.emplace_back(extra_names[i], extra[i].get());
+  return out;
+}
+
 std::vector<const Communicator*> ProcessGroups::all() const {
-  std::vector<const Communicator*> out = {world, tp.get(), cp.get(), dp.get(), pp.get()};
-  if (ep) out.push_back(ep.get());
-  if (expert_dp) out.push_back(expert_dp.get());
-  for (const auto& c : extra) out.push_back(c.get());
+  std::vector<const Communicator*> out;
+  for (const auto& [name, comm] : named()) out.push_back(comm);
   return out;
 }
 

@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/communicator.h"
@@ -37,12 +38,18 @@ struct ProcessGroups {
   std::unique_ptr<Communicator> ep, expert_dp;
   // Further communicators a strategy splits off (FSDP's shard and replica groups); owned here so
   // that their calls, bytes and time are reported with the rest.
+  // `name` says what the group is in /comm_groups (SPEC 6): "dp_cp" (the ranks of one tp and pp position),
+  // "shard", "replicate".
   std::vector<std::unique_ptr<Communicator>> extra;
-  Communicator* adopt(std::unique_ptr<Communicator> comm) {
+  std::vector<std::string> extra_names;
+  Communicator* adopt(std::unique_ptr<Communicator> comm, const std::string& name) {
     extra.push_back(std::move(comm));
+    extra_names.push_back(name);
     return extra.back().get();
   }
-  // Every communicator of this rank, for accounting.
+  // Every communicator of this rank with its name (world, tp, cp, dp, pp, ep, expert_dp, then the
+  // adopted ones), for accounting; the same list on every rank.
+  std::vector<std::pair<std::string, const Communicator*>> named() const;
   std::vector<const Communicator*> all() const;
 };
 

@@ -173,25 +173,29 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   return est;
 }
 
-namespace {
-
 // The largest sum of FSDP communication buffers at any point of a step: gathered unit parameters
 // (FULL_SHARD, HYBRID_SHARD: the unit in use, plus the prefetched next one), the unsharded gradient
 // of the unit in backward, and the reduce-scatter output. Replays the order of
-// bench/fsdp/fully_sharded.cpp: forward over units 0..U-1, the last unit kept for its backward,
-// backward over U-1..0.
-int64_t fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& units) {
+// bench/fsdp/fully_sharded.cpp over the passes: in a forward the last held unit kept for its backward
+// and the one before it prefetched, in a backward the previous unit prefetched.
+int64_t predict_fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& units, const std::vector<UnitPass>& passes) {
   const int n = p.shard_ranks;
   const int U = static_cast<int>(units.size());
   const int64_t pb = p.precision.param_bytes, gb = p.precision.grad_bytes;
   auto padded = [&](int u) { return shard_elements(units[u], n) * n; };
   const bool gathers = p.shard == ShardStrategy::full_shard || p.shard == ShardStrategy::hybrid_shard;
   const bool unit_grads = gathers || p.shard == ShardStrategy::shard_grad_op;
+  std::vector<bool> held(U, false);
+  int last = -1;
+  for (const UnitPass& pass : passes) {
+    for (int u = pass.first; u <= pass.last; ++u) held[u] = true;
+    last = std::max(last, pass.last);
+  }
 
   std::set<int> gathered;
   int64_t current = 0, peak = 0;
   auto gather = [&](int u) {
-    if (u < 0 || u >= U || !gathers || gathered.count(u)) return;
+    if (u < 0 || u >= U || !held[u] || !gathers || gathered.count(u)) return;
     gathered.insert(u);
     current += padded(u) * pb;
     peak = std::max(peak, current);
@@ -199,30 +203,35 @@ int64_t fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& units) {
   auto release = [&](int u) {
     if (gathered.erase(u)) current -= padded(u) * pb;
   };
-  for (int u = 0; u < U; ++u) {  // forward
-    gather(u);
-    if (p.prefetch) gather(u == U - 1 ? U - 2 : u + 1);
-    if (u != U - 1) release(u);
-  }
-  for (int u = U - 1; u >= 0; --u) {  // backward
-    gather(u);
-    if (p.prefetch) gather(u - 1);
-    // The unit's whole gradient during its backward; after it, the unit's parameters are freed and
-    // the reduce-scatter output sits beside the whole gradient.
-    if (unit_grads) peak = std::max(peak, current + padded(u) * gb);
-    release(u);
-    if (unit_grads) peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
+  for (const UnitPass& pass : passes) {
+    if (pass.forward) {
+      for (int u = pass.first; u <= pass.last; ++u) {
+        gather(u);
+        if (p.prefetch) gather(u == last ? last - 1 : u + 1);
+        if (u != last) release(u);
+      }
+      continue;
+    }
+    for (int u = pass.last; u >= pass.first; --u) {
+      gather(u);
+      if (p.prefetch) gather(u - 1);
+      // The unit's whole gradient during its backward; after it, the unit's parameters are freed and
+      // the reduce-scatter output sits beside the whole gradient.
+      if (unit_grads) peak = std::max(peak, current + padded(u) * gb);
+      release(u);
+      if (unit_grads) peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
+    }
   }
   if (p.shard == ShardStrategy::zero1) {
     // Reduce-scatter output of the largest unit after backward.
     int64_t largest = 0;
-    for (int u = 0; u < U; ++u) largest = std::max(largest, shard_elements(units[u], n) * gb);
+    for (int u = 0; u < U; ++u) {
+      if (held[u]) largest = std::max(largest, shard_elements(units[u], n) * gb);
+    }
     peak = std::max(peak, largest);
   }
   return peak;
 }
-
-}  // namespace
 
 MemoryEstimate predict_model_states(const std::vector<int64_t>& units, const PrecisionSpec& pr, ShardStrategy shard,
                                     int shard_ranks) {
@@ -251,13 +260,16 @@ MemoryEstimate predict_model_states(const std::vector<int64_t>& units, const Pre
 MemoryEstimate predict_memory(const MemoryPlan& p) {
   const std::vector<int64_t> units = unit_parameter_counts(p);
   MemoryEstimate e = predict_model_states(units, p.precision, p.shard, p.shard_ranks);
-  e[MemCategory::comm_buffers] = p.shard == ShardStrategy::no_shard ? 0 : fsdp_comm_peak(p, units);
-  if (p.sequence_parallel) {
-    // One (B·S, h) buffer at a time: a gathered column-parallel input, a row-parallel output before
-    // its reduce-scatter, or a gathered output gradient.
-    e[MemCategory::comm_buffers] += static_cast<int64_t>(p.micro_batch) * p.arch.seq * p.arch.hidden * p.precision.act_bytes;
-  }
-  e[MemCategory::comm_buffers] += p.mlp_comm_bytes + p.attention_comm_bytes;
+  const int U = static_cast<int>(units.size());
+  e[MemCategory::comm_buffers] =
+      p.shard == ShardStrategy::no_shard ? 0 : predict_fsdp_comm_peak(p, units, {{0, U - 1, true}, {0, U - 1, false}});
+  // Sequence parallelism: one (B·S/cp, h) buffer at a time (a gathered column-parallel input, a
+  // row-parallel output before its reduce-scatter, or a gathered output gradient), each freed before the
+  // attention core runs: it and the core's exchanges do not coincide.
+  const int64_t sp_rows = p.sequence_parallel ? static_cast<int64_t>(p.micro_batch) * (p.arch.seq / p.cp) *
+                                                    p.arch.hidden * p.precision.act_bytes
+                                              : 0;
+  e[MemCategory::comm_buffers] += std::max(sp_rows, p.attention_comm_bytes) + p.mlp_comm_bytes;
   const ActivationEstimate act = predict_activations(p);
   e[MemCategory::activations] = act.peak_bytes;
   e[MemCategory::workspace] = act.workspace_bytes;

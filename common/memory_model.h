@@ -99,6 +99,7 @@ struct MemoryPlan {
   int64_t attention_persistent_bytes = 0;
   int64_t attention_forward_bytes = 0;
   int64_t attention_comm_bytes = 0;
+  int64_t attention_forward_comm_bytes = 0;  // the same during its forward (≤ attention_comm_bytes)
 };
 
 // Activations the model keeps for backward at its peak, and the backward scratch, for one
@@ -119,6 +120,18 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& plan, int64_t blo
 // included). ZERO1 and SHARD_GRAD_OP keep whole (padded) parameters on every rank.
 MemoryEstimate predict_model_states(const std::vector<int64_t>& unit_params, const PrecisionSpec& precision,
                                     ShardStrategy shard, int shard_ranks);
+
+// A pass over a contiguous range of units (a pipeline chunk's, or the whole model's): their forward in
+// increasing order, or their backward in decreasing order.
+struct UnitPass {
+  int first = 0, last = 0;
+  bool forward = true;
+};
+// FSDP's communication buffers at their peak (gathered parameters, a unit's whole gradient, the
+// reduce-scatter output) over a step's passes, as bench/fsdp/fully_sharded.cpp issues them; the units
+// held are those the passes cover. units: this rank's parameters of every unit of the model.
+int64_t predict_fsdp_comm_peak(const MemoryPlan& plan, const std::vector<int64_t>& units,
+                               const std::vector<UnitPass>& passes);
 
 // The parameters of each unit of one rank for a plan: those of its tp slices, with the MLP part's
 // in place of the dense MLP's.

@@ -87,6 +87,14 @@ struct ContextParallel {
     }
     return out;
   }
+  // This rank's part of b sequences of `seq` values (b · seq in, b · seq / size out, in the order of
+  // positions()): what the model takes of a micro-batch's tokens and targets. Identity at size 1.
+  void select_local(const int32_t* full, int32_t* local, int b, int seq) const {
+    const std::vector<int32_t> mine = positions(seq, rank);
+    for (int s = 0; s < b; ++s) {
+      for (std::size_t i = 0; i < mine.size(); ++i) local[s * mine.size() + i] = full[s * seq + mine[i]];
+    }
+  }
 };
 
 // Every model-parallel context of one rank, built once by the harness from the layout and its process

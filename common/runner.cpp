@@ -665,6 +665,19 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     comm_bytes.push_back(gather_i64(comm[op].bytes));
     comm_time.push_back(gather_f64(comm[op].time_s));
   }
+  // The same per process group (every rank has the same list): calls and bytes of each group and
+  // operation, gathered in one message as [rank][group][op][calls, bytes].
+  const auto named_groups = groups.named();
+  const std::size_t per_rank = named_groups.size() * kNumCommOps * 2;
+  std::vector<int64_t> mine;
+  for (const auto& [name, c] : named_groups) {
+    for (int op = 0; op < kNumCommOps; ++op) {
+      mine.push_back(c->stats()[op].calls);
+      mine.push_back(c->stats()[op].bytes);
+    }
+  }
+  std::vector<int64_t> by_group(per_rank * opt.world_size);
+  world.all_gather_host(mine.data(), by_group.data(), per_rank * sizeof(int64_t));
 
   if (trace.enabled()) {
     try {
@@ -703,6 +716,23 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   for (const auto& [key, value] : strategy_summary.items()) summary[key] = value;
   try {
     write_summary(*writer, summary, predicted, measured_mem, measured_peak, device_peak, comm_calls, comm_bytes, comm_time);
+    // /comm_groups/<group>/<op>/{calls,bytes} [ranks]: the operations a group carried on some rank.
+    for (std::size_t g = 0; g < named_groups.size(); ++g) {
+      for (int op = 0; op < kNumCommOps; ++op) {
+        std::vector<int64_t> calls(opt.world_size), bytes(opt.world_size);
+        bool used = false;
+        for (int r = 0; r < opt.world_size; ++r) {
+          const std::size_t at = r * per_rank + (g * kNumCommOps + op) * 2;
+          calls[r] = by_group[at];
+          bytes[r] = by_group[at + 1];
+          used = used || calls[r] > 0;
+        }
+        if (!used) continue;
+        const std::string base = "/comm_groups/" + named_groups[g].first + "/" + comm_op_name(static_cast<CommOp>(op));
+        writer->write_i64(base + "/calls", calls, "1");
+        writer->write_i64(base + "/bytes", bytes, "bytes");
+      }
+    }
   } catch (const RunError& e) {
     if (write_error.empty()) write_error = e.what();
   }
@@ -795,20 +825,14 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
   std::vector<int32_t> tokens(n), targets(n);
   // Context parallelism: the model takes each sequence's tokens at this rank's positions.
   const ContextParallel& cp = rt.mp.cp;
-  const std::vector<int32_t> positions = cp.active() ? cp.positions(S, cp.rank) : std::vector<int32_t>{};
-  std::vector<int32_t> local_tokens(b * positions.size()), local_targets(local_tokens.size());
-  const int32_t* model_tokens = cp.active() ? local_tokens.data() : tokens.data();
-  const int32_t* model_targets = cp.active() ? local_targets.data() : targets.data();
+  std::vector<int32_t> local_tokens(n / cp.size), local_targets(n / cp.size);
   for (int micro = 0; micro < batches.count; ++micro) {
     batches.fill(micro, tokens.data(), targets.data());
-    for (std::size_t i = 0; i < local_tokens.size(); ++i) {  // cp > 1 only
-      const std::size_t at = i / positions.size() * S + positions[i % positions.size()];
-      local_tokens[i] = tokens[at];
-      local_targets[i] = targets[at];
-    }
+    cp.select_local(tokens.data(), local_tokens.data(), b, S);
+    cp.select_local(targets.data(), local_targets.data(), b, S);
     const double t0 = wall_time_s();
     begin_micro_batch(micro, micro == batches.count - 1);
-    rt.model.forward_backward(model_tokens, model_targets, batches.loss_scale, *this);
+    rt.model.forward_backward(local_tokens.data(), local_targets.data(), batches.loss_scale, *this);
     rt.trace.span(TraceTrack::compute, "forward+backward", t0, wall_time_s(),
                   "{\"step\": " + std::to_string(batches.step + 1) + ", \"micro_batch\": " + std::to_string(micro) + "}");
   }

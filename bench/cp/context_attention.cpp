@@ -348,7 +348,9 @@ void ContextAttention::alltoall_backward(TensorPtr dqkv, float* scratch, ConstTe
 
 void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
   const ArchSpec& a = plan.arch;
-  const int64_t e = plan.precision.act_bytes, S = a.seq / cp, B = plan.micro_batch, C = a.hidden, H = a.heads;
+  // This rank's heads (tensor parallelism, plan.tp, splits them first) and their width.
+  const int64_t e = plan.precision.act_bytes, S = a.seq / cp, B = plan.micro_batch, C = a.hidden / plan.tp,
+                H = a.heads / plan.tp;
   const int64_t rows = B * S;
   constexpr int64_t kStat = 4;
   plan.cp = cp;
@@ -361,6 +363,7 @@ void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
     plan.attention_scratch_bytes = full * 4 * Cl * e + backend;
     // Two (S/cp, 3C) buffers around the Q|K|V and dQ|dK|dV exchanges.
     plan.attention_comm_bytes = 2 * rows * 3 * C * e;
+    plan.attention_forward_comm_bytes = plan.attention_comm_bytes;
     return;
   }
   plan.attention_keeps_probabilities = false;  // the log-sum-exp only: nothing for selective recomputation
@@ -371,6 +374,8 @@ void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
   // ring: backward's K|V and dK|dV, the block in hand and the one arriving (4 · (S/cp, 2C));
   // allgather: every rank's K|V and their gradients (2 · (S, 2C)).
   plan.attention_comm_bytes = algo == CpAlgo::ring ? 4 * rows * 2 * C * e : 2 * cp * rows * 2 * C * e;
+  // Forward: ring's block in hand and the one arriving; allgather's own K|V beside every rank's.
+  plan.attention_forward_comm_bytes = algo == CpAlgo::ring ? 2 * rows * 2 * C * e : (1 + cp) * rows * 2 * C * e;
 }
 
 }  // namespace pb

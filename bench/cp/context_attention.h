@@ -82,7 +82,8 @@ class ContextAttention final : public AttentionCore {
 };
 
 // The memory terms of the core for a plan (MemoryPlan's attention_* and cp), as ContextAttention
-// allocates them: for the app's /memory/predicted and parabench-plan --app cp.
+// allocates them: for the app's /memory/predicted and parabench-plan --app cp; for the heads of a
+// tensor-parallel rank when the plan's tp is set first.
 void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp);
 
 }  // namespace pb

@@ -6,10 +6,7 @@ namespace pb {
 
 ContextParallelStrategy::ContextParallelStrategy(Runtime& runtime, ContextAttention* attention)
     : rt_(runtime), attention_(attention), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads) {
-  // The ranks of one tp and pp position: dp × cp (the whole world of this app).
-  const ProcessGroups& g = runtime.groups;
-  data_ranks_ = runtime.groups.adopt(
-      g.world->split(g.coord.pp * g.layout.tp + g.coord.tp, g.layout.rank_of(g.coord)));
+  data_ranks_ = make_data_ranks(runtime.groups);  // dp × cp: the whole world of this app
 }
 
 double ContextParallelStrategy::reduce_loss(double local_loss) {

@@ -8,10 +8,16 @@
 // saw other tokens of the same sequences), the loss summed over cp, and the attention times.
 #pragma once
 
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "bench/cp/context_attention.h"
 #include "common/runner.h"
+
+namespace CLI {
+class App;
+}
 
 namespace pb {
 
@@ -40,6 +46,25 @@ class ContextParallelStrategy final : public Strategy {
   std::vector<double> times_;         // this rank's attention time per finished step
   std::vector<double> all_times_;     // [steps, ranks], gathered by write_results
 };
+
+// parabench-cp's options, which parabench-hybrid takes too.
+struct CpOptions {
+  int cp = 1;
+  std::string algo_name = "ring", layout_name = "zigzag";
+  CpAlgo algo = CpAlgo::ring;  // from algo_name, by validate_cp_options
+};
+// --cp, --cp-algo and --cp-layout, with their defaults and help.
+void add_cp_options(CLI::App& cli, CpOptions& cp);
+// Their rules (throws ConfigError naming the option): a known algorithm and layout, the sequence
+// divisible into the layout's chunks, one exchange within an MPI count, and with alltoall the rank's
+// heads (heads / tp) divisible by cp. Resolves cp.algo.
+void validate_cp_options(CpOptions& cp, const Options& options, int tp = 1);
+// The attention core of a rank (null at cp = 1: the backend's attention runs), for the rank's heads.
+std::unique_ptr<ContextAttention> make_context_attention(const CpOptions& cp, const Options& options, Backend& backend,
+                                                         const ModelParallel& mp);
+// The ranks that hold the same parameters under context parallelism, dp × cp (those of one tp and pp
+// position), which sum their gradients; owned by the groups.
+Communicator* make_data_ranks(ProcessGroups& groups);
 
 // parabench-cp: its options (kept by the definition), their rules, its layout, a rank's memory, the
 // attention core and the strategy; main.cpp runs it, parabench-plan plans from it.

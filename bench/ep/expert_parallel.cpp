@@ -49,12 +49,16 @@ void ExpertParallelStrategy::optimizer_step(float grad_scale, int t) {
 }
 
 double ExpertParallelStrategy::sum_squares(ConstTensorPtr base) {
-  double experts = 0.0, replicated = 0.0;
+  // Experts are whole on every tp rank (each computes the same tokens' experts); attention and the
+  // embeddings may be tensor-parallel slices.
+  double experts = 0.0, sliced = 0.0, replicated = 0.0;
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
-    (t.expert >= 0 ? experts : replicated) += rt_.backend.sum_squares(base + at, t.numel());
+    double& sum = t.expert >= 0 ? experts : t.split != TpSplit::none ? sliced : replicated;
+    sum += rt_.backend.sum_squares(base + at, t.numel());
   });
   if (rt_.mp.ep.active()) rt_.mp.ep.comm->all_reduce_host(&experts, 1, HostReduce::sum);
-  return experts + replicated;
+  if (rt_.mp.tp.active()) rt_.mp.tp.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
+  return experts + sliced + replicated;
 }
 
 double ExpertParallelStrategy::global_grad_sum_squares() { return sum_squares(state_.grads()); }

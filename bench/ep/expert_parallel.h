@@ -9,10 +9,15 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <vector>
 
 #include "bench/ep/moe.h"
 #include "common/runner.h"
+
+namespace CLI {
+class App;
+}
 
 namespace pb {
 
@@ -37,7 +42,8 @@ class ExpertParallelStrategy final : public Strategy {
     std::size_t first = 0, count = 0;
     bool experts = false;
   };
-  // Σ x² over the model: experts summed over the ep group, replicated tensors counted once.
+  // Σ x² over the model: experts summed over the ep group, tensor-parallel slices over the tp group,
+  // replicated tensors counted once.
   double sum_squares(ConstTensorPtr base);
   // max / mean of the tokens per expert, summed over the finished steps, for the worst layer.
   double imbalance() const;
@@ -50,6 +56,20 @@ class ExpertParallelStrategy final : public Strategy {
   std::vector<int64_t> kept_, dropped_;  // [steps, layers, experts], [steps, layers]
   std::vector<double> aux_loss_;         // [steps]
 };
+
+// parabench-ep's options, which parabench-hybrid takes too (with --moe).
+struct EpOptions {
+  int ep = 1;
+  MoeOptions moe;
+};
+// --ep, --experts, --top-k, --capacity-factor and --aux-loss, with their defaults and help.
+void add_ep_options(CLI::App& cli, EpOptions& ep);
+// Their rules (throws ConfigError naming the option): experts, top-k, capacity and coefficient in range,
+// ep dividing the experts and the data-parallel degree, the dispatch within one all-to-all.
+void validate_ep_options(const EpOptions& ep, const Options& options);
+// The MoE MLP part of a rank, its experts shared out over mp.ep.
+std::unique_ptr<MoeMlp> make_moe_mlp(const EpOptions& ep, const Options& options, Backend& backend,
+                                     const ModelParallel& mp);
 
 // parabench-ep: its options (kept by the definition), their rules, its layout, a rank's memory, the MoE
 // block part and the strategy; main.cpp runs it, parabench-plan plans from it.

@@ -20,58 +20,66 @@ std::string number(double v) {  // as typed: -0.5, not -0.500000
 }
 }  // namespace
 
+void add_ep_options(CLI::App& cli, EpOptions& s) {
+  cli.add_option("--ep", s.ep, "expert-parallel degree: groups of N consecutive data-parallel ranks share the experts")
+      ->capture_default_str();
+  cli.add_option("--experts", s.moe.experts, "experts per MoE layer (E)")->capture_default_str();
+  cli.add_option("--top-k", s.moe.top_k, "experts per token (k)")->capture_default_str();
+  cli.add_option("--capacity-factor", s.moe.capacity_factor,
+                 "expert capacity C = ceil(factor·k·b·S/E) per micro-batch; 0: no limit (dropless)")
+      ->capture_default_str();
+  cli.add_option("--aux-loss", s.moe.aux_loss, "Switch Transformer load-balancing loss coefficient (0: none)")
+      ->capture_default_str();
+}
+
+void validate_ep_options(const EpOptions& s, const Options& o) {
+  const MoeOptions& moe = s.moe;
+  const int ep = s.ep;
+  const std::string E = std::to_string(moe.experts);
+  if (moe.experts < 1) throw ConfigError("--experts " + E + " must be at least 1");
+  if (moe.top_k < 1 || moe.top_k > moe.experts) {
+    throw ConfigError("--top-k " + std::to_string(moe.top_k) + " must be between 1 and --experts " + E);
+  }
+  if (!(moe.capacity_factor >= 0.0) || moe.capacity_factor > 1e6) {
+    throw ConfigError("--capacity-factor " + number(moe.capacity_factor) +
+                      " must be 0 (no limit) or positive (at most 1e6)");
+  }
+  if (!(moe.aux_loss >= 0.0) || moe.aux_loss > 1e6) {
+    throw ConfigError("--aux-loss " + number(moe.aux_loss) + " must be 0 (none) or positive (at most 1e6)");
+  }
+  if (ep < 1) throw ConfigError("--ep " + std::to_string(ep) + " must be at least 1");
+  if (moe.experts % ep != 0) {
+    throw ConfigError("--experts " + E + " is not divisible by --ep " + std::to_string(ep) +
+                      " (each rank of an ep group holds E/ep whole experts)");
+  }
+  if (o.dp % ep != 0) {
+    throw ConfigError("--ep " + std::to_string(ep) + " does not divide the data-parallel degree " +
+                      std::to_string(o.dp) + " (ep groups are consecutive dp ranks)");
+  }
+  // The dispatch buffers: E·C slots of h values in one all-to-all (an int count).
+  const int64_t slots = int64_t{moe.experts} * moe_capacity(moe, int64_t{o.micro_batch} * o.model.seq);
+  if (slots * o.model.hidden > (int64_t{1} << 31) - 1 || slots * o.model.ffn > (int64_t{1} << 31) - 1) {
+    throw ConfigError("--experts " + E + " × capacity × --hidden/--ffn is too large for one all-to-all");
+  }
+  if (ep > 1 && !o.dump_gradients.empty()) throw ConfigError("--dump-gradients needs --ep 1");
+}
+
+std::unique_ptr<MoeMlp> make_moe_mlp(const EpOptions& s, const Options& o, Backend& backend, const ModelParallel& mp) {
+  const float loss_scale = 1.0f / (static_cast<float>(o.global_batch) * o.model.seq);
+  return std::make_unique<MoeMlp>(o.model, s.moe, backend, mp.ep, o.micro_batch, o.grad_accum, loss_scale,
+                                  precision_of(o).compute);
+}
+
 AppDefinition make_ep_app() {
   // The options live as long as the definition's functions that read them.
-  struct State {
-    int ep = 1;
-    MoeOptions moe;
+  struct State : EpOptions {
     MoeMlp* mlp = nullptr;  // owned by the harness
   };
   auto s = std::make_shared<State>();
   AppDefinition app;
   app.name = "ep";
-  app.options.add = [s](CLI::App& cli) {
-    cli.add_option("--ep", s->ep, "expert-parallel degree: groups of N consecutive data-parallel ranks share the experts")
-        ->capture_default_str();
-    cli.add_option("--experts", s->moe.experts, "experts per MoE layer (E)")->capture_default_str();
-    cli.add_option("--top-k", s->moe.top_k, "experts per token (k)")->capture_default_str();
-    cli.add_option("--capacity-factor", s->moe.capacity_factor,
-                   "expert capacity C = ceil(factor·k·b·S/E) per micro-batch; 0: no limit (dropless)")
-        ->capture_default_str();
-    cli.add_option("--aux-loss", s->moe.aux_loss, "Switch Transformer load-balancing loss coefficient (0: none)")
-        ->capture_default_str();
-  };
-  app.options.validate = [s](const Options& o) {
-    const MoeOptions& moe = s->moe;
-    const int ep = s->ep;
-    const std::string E = std::to_string(moe.experts);
-    if (moe.experts < 1) throw ConfigError("--experts " + E + " must be at least 1");
-    if (moe.top_k < 1 || moe.top_k > moe.experts) {
-      throw ConfigError("--top-k " + std::to_string(moe.top_k) + " must be between 1 and --experts " + E);
-    }
-    if (!(moe.capacity_factor >= 0.0) || moe.capacity_factor > 1e6) {
-      throw ConfigError("--capacity-factor " + number(moe.capacity_factor) +
-                        " must be 0 (no limit) or positive (at most 1e6)");
-    }
-    if (!(moe.aux_loss >= 0.0) || moe.aux_loss > 1e6) {
-      throw ConfigError("--aux-loss " + number(moe.aux_loss) + " must be 0 (none) or positive (at most 1e6)");
-    }
-    if (ep < 1) throw ConfigError("--ep " + std::to_string(ep) + " must be at least 1");
-    if (moe.experts % ep != 0) {
-      throw ConfigError("--experts " + E + " is not divisible by --ep " + std::to_string(ep) +
-                        " (each rank of an ep group holds E/ep whole experts)");
-    }
-    if (o.dp % ep != 0) {
-      throw ConfigError("--ep " + std::to_string(ep) + " does not divide the data-parallel degree " +
-                        std::to_string(o.dp) + " (ep groups are consecutive dp ranks)");
-    }
-    // The dispatch buffers: E·C slots of h values in one all-to-all (an int count).
-    const int64_t slots = int64_t{moe.experts} * moe_capacity(moe, int64_t{o.micro_batch} * o.model.seq);
-    if (slots * o.model.hidden > (int64_t{1} << 31) - 1 || slots * o.model.ffn > (int64_t{1} << 31) - 1) {
-      throw ConfigError("--experts " + E + " × capacity × --hidden/--ffn is too large for one all-to-all");
-    }
-    if (ep > 1 && !o.dump_gradients.empty()) throw ConfigError("--dump-gradients needs --ep 1");
-  };
+  app.options.add = [s](CLI::App& cli) { add_ep_options(cli, *s); };
+  app.options.validate = [s](const Options& o) { validate_ep_options(*s, o); };
   app.options.describe = [s](nlohmann::ordered_json& config) {
     config["ep"] = s->ep;
     config["experts"] = s->moe.experts;
@@ -90,10 +98,8 @@ AppDefinition make_ep_app() {
     return predict_memory(plan);
   };
   app.block_parts = [s](const Options& o, Backend& backend, const ModelParallel& mp) {
-    const float loss_scale = 1.0f / (static_cast<float>(o.global_batch) * o.model.seq);
     OwnedBlockParts parts;
-    auto part = std::make_unique<MoeMlp>(o.model, s->moe, backend, mp.ep, o.micro_batch, o.grad_accum, loss_scale,
-                                         precision_of(o).compute);
+    auto part = make_moe_mlp(*s, o, backend, mp);
     s->mlp = part.get();
     parts.mlp = std::move(part);
     return parts;

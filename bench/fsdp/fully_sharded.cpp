@@ -1,18 +1,22 @@
 #include "bench/fsdp/fully_sharded.h"
 
 #include <algorithm>
+#include <stdexcept>
+#include <utility>
 
 namespace pb {
 
-FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options)
-    : rt_(runtime), be_(runtime.backend), options_(options) {
-  Communicator& dp = *rt_.groups.dp;
+FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options, std::vector<int> held,
+                                                   Communicator* data_group)
+    : rt_(runtime), be_(runtime.backend), options_(options),
+      data_group_(data_group != nullptr ? *data_group : *runtime.groups.dp) {
+  Communicator& dp = data_group_;
   shard_group_ = &dp;
   if (options_.shard == ShardStrategy::hybrid_shard) {
     // Shard groups of consecutive dp ranks; the ranks holding the same shard form a replica group.
     const int g = options_.shard_group;
-    shard_group_ = rt_.groups.adopt(dp.split(dp.rank() / g, dp.rank() % g));
-    replicate_group_ = rt_.groups.adopt(dp.split(dp.rank() % g, dp.rank() / g));
+    shard_group_ = rt_.groups.adopt(dp.split(dp.rank() / g, dp.rank() % g), "shard");
+    replicate_group_ = rt_.groups.adopt(dp.split(dp.rank() % g, dp.rank() / g), "replicate");
   }
   // NO_SHARD is the degenerate layout: one "shard" per unit, the whole unit.
   const bool no_shard = options_.shard == ShardStrategy::no_shard;
@@ -20,12 +24,17 @@ FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpO
   shard_rank_ = no_shard ? 0 : shard_group_->rank();
 
   const std::vector<UnitInfo>& units = rt_.model.units();
-  for (const UnitInfo& u : units) {
+  held_.assign(units.size(), held.empty());
+  for (int u : held) held_[u] = true;
+  first_held_ = static_cast<int>(std::find(held_.begin(), held_.end(), true) - held_.begin());
+  last_held_ = static_cast<int>(held_.rend() - std::find(held_.rbegin(), held_.rend(), true)) - 1;
+  for (std::size_t i = 0; i < units.size(); ++i) {
+    const UnitInfo& u = units[i];
     UnitLayout l;
-    l.numel = u.numel;
-    l.shard = static_cast<std::size_t>(shard_elements(static_cast<int64_t>(u.numel), shard_size_));
-    const std::size_t begin = std::min(u.numel, shard_rank_ * l.shard);
-    l.valid = std::min(u.numel, begin + l.shard) - begin;
+    l.numel = held_[i] ? u.numel : 0;
+    l.shard = static_cast<std::size_t>(shard_elements(static_cast<int64_t>(l.numel), shard_size_));
+    const std::size_t begin = std::min(l.numel, shard_rank_ * l.shard);
+    l.valid = std::min(l.numel, begin + l.shard) - begin;
     l.full_offset = full_total_;
     l.shard_offset = shard_total_;
     full_total_ += l.shard * shard_size_;
@@ -50,6 +59,7 @@ FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpO
   for (std::size_t u = 0; u < layout_.size(); ++u) {
     // SPEC 2.1: every value from its global index, so a shard initialises itself.
     const UnitLayout& l = layout_[u];
+    if (!held_[u]) continue;
     if (master_ != nullptr) {  // this rank's shard of the master weights (the parameters: below, rounded)
       init_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, master_ + l.shard_offset,
                       rt_.options.seed, rt_.options.model.layers);
@@ -104,7 +114,7 @@ TensorPtr FullyShardedDataParallel::shard_grads(int u) {
 // ---- parameters: whole, or gathered around each use (FULL_SHARD) ------------------------------------
 
 void FullyShardedDataParallel::gather(int u, bool async) {
-  if (u < 0 || u >= static_cast<int>(layout_.size()) || gathered_[u] != nullptr) return;
+  if (u < 0 || u >= static_cast<int>(layout_.size()) || !held_[u] || gathered_[u] != nullptr) return;
   const UnitLayout& l = layout_[u];
   gathered_[u] = be_.alloc_tensor(l.shard * shard_size_, params_.dtype(), MemCategory::comm_buffers);
   if (async) {
@@ -137,15 +147,16 @@ ConstTensorPtr FullyShardedDataParallel::unit_params(int u) {
 
 void FullyShardedDataParallel::before_forward(int u) {
   if (!params_sharded()) return;
-  const int last = static_cast<int>(layout_.size()) - 1;
+  const int last = last_held_;
   wait_gathered(u);
   // Prefetch the next unit to be used: the next in forward or, after the last unit (which stays
-  // gathered for its own backward), the first of backward.
+  // gathered for its own backward), the first of backward; none when that is not held (the next
+  // pipeline stage's).
   if (options_.prefetch) gather(u == last ? last - 1 : u + 1, /*async=*/true);
 }
 
 void FullyShardedDataParallel::after_forward(int u) {
-  if (params_sharded() && u != static_cast<int>(layout_.size()) - 1) release(u);
+  if (params_sharded() && u != last_held_) release(u);
 }
 
 void FullyShardedDataParallel::before_backward(int u) {
@@ -191,7 +202,7 @@ void FullyShardedDataParallel::reduce_scatter_into_shard(int u, ConstTensorPtr w
 void FullyShardedDataParallel::grad_ready(int u) {
   switch (options_.shard) {
     case ShardStrategy::no_shard:
-      if (last_micro_batch_) rt_.groups.dp->all_reduce(grads_ + layout_[u].full_offset, layout_[u].numel);
+      if (last_micro_batch_) data_group_.all_reduce(grads_ + layout_[u].full_offset, layout_[u].numel);
       break;
     case ShardStrategy::zero1:
       // Gradients accumulate whole; the last micro-batch reduce-scatters them.
@@ -211,18 +222,39 @@ void FullyShardedDataParallel::finish_gradients() {
   if (replicate_group_ != nullptr && replicate_group_->size() > 1) replicate_group_->all_reduce(grads_, shard_total_);
 }
 
-double FullyShardedDataParallel::global_grad_sum_squares() {
+template <typename ShardOf>
+double FullyShardedDataParallel::sum_squares(ShardOf shard_of) {
   double sum = 0.0;  // over this rank's shards (padding is zero), then over the shard group
-  for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_grads(static_cast<int>(u)), layout_[u].shard);
+  const TensorParallel& tp = rt_.mp.tp;
+  if (!tp.active()) {
+    for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_of(static_cast<int>(u)), layout_[u].shard);
+  } else {
+    // A shard is a range of the unit's flat elements: its pieces of sliced tensors are summed over the tp
+    // group too, those of whole tensors (the same on every tp rank) only once.
+    double sliced = 0.0;
+    const std::vector<UnitInfo>& units = rt_.model.units();
+    for (std::size_t u = 0; u < layout_.size(); ++u) {
+      const UnitLayout& l = layout_[u];
+      if (l.valid == 0) continue;
+      const auto base = shard_of(static_cast<int>(u));
+      for_each_tensor_piece(units, units[u].offset + shard_rank_ * l.shard, l.valid,
+                            [&](std::size_t at, std::size_t n, const TensorInfo& t, std::size_t) {
+                              (t.split == TpSplit::none ? sum : sliced) += be_.sum_squares(base + at, n);
+                            });
+    }
+    tp.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
+    sum += sliced;
+  }
   if (options_.shard != ShardStrategy::no_shard) shard_group_->all_reduce_host(&sum, 1, HostReduce::sum);
   return sum;
 }
 
+double FullyShardedDataParallel::global_grad_sum_squares() {
+  return sum_squares([&](int u) { return ConstTensorPtr(shard_grads(u)); });
+}
+
 double FullyShardedDataParallel::global_param_sum_squares() {
-  double sum = 0.0;
-  for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_fp32_params(static_cast<int>(u)), layout_[u].shard);
-  if (options_.shard != ShardStrategy::no_shard) shard_group_->all_reduce_host(&sum, 1, HostReduce::sum);
-  return sum;
+  return sum_squares([&](int u) { return static_cast<const float*>(shard_fp32_params(u)); });
 }
 
 // ---- optimizer ---------------------------------------------------------------------------------------
@@ -232,6 +264,7 @@ void FullyShardedDataParallel::optimizer_step(float grad_scale, int t) {
   for (std::size_t u = 0; u < layout_.size(); ++u) {
     const UnitLayout& l = layout_[u];
     const int ui = static_cast<int>(u);
+    if (!held_[u]) continue;
     adamw_flat_range(be_, units, units[u].offset + shard_rank_ * l.shard, l.valid, shard_fp32_params(ui),
                      shard_grads(ui), adam_m_ + l.shard_offset, adam_v_ + l.shard_offset, grad_scale, t,
                      rt_.options.lr);
@@ -242,6 +275,9 @@ void FullyShardedDataParallel::optimizer_step(float grad_scale, int t) {
 }
 
 std::vector<float> FullyShardedDataParallel::gather_full_gradients() {
+  if (first_held_ != 0 || last_held_ != static_cast<int>(layout_.size()) - 1) {
+    throw std::logic_error("--dump-gradients needs every unit on the rank");  // rejected by validation
+  }
   std::vector<float> host(rt_.model.num_parameters());
   const std::vector<UnitInfo>& units = rt_.model.units();
   for (std::size_t u = 0; u < layout_.size(); ++u) {

@@ -19,10 +19,16 @@
 
 #include <cstddef>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common/memory_model.h"
 #include "common/runner.h"
+
+namespace CLI {
+class App;
+class Option;
+}
 
 namespace pb {
 
@@ -34,7 +40,13 @@ struct FsdpOptions {
 
 class FullyShardedDataParallel final : public Strategy {
  public:
-  FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options);
+  // held: the units this rank holds (a pipeline stage's; empty: all of them); data_group: the ranks that
+  // hold the same parameters, which a unit is sharded over (null: the dp group; dp × cp with context
+  // parallelism, as Megatron's distributed optimizer). With tensor parallelism each tp rank shards its
+  // own slices; the norms sum the slices over the tp group (and cover the held units only: a pipeline sums
+  // them over its stages).
+  FullyShardedDataParallel(Runtime& runtime, const FsdpOptions& options, std::vector<int> held = {},
+                           Communicator* data_group = nullptr);
   ~FullyShardedDataParallel() override;
 
   ConstTensorPtr unit_params(int unit) override;
@@ -70,14 +82,21 @@ class FullyShardedDataParallel final : public Strategy {
   void reduce_scatter_into_shard(int u, ConstTensorPtr whole);
   // ZERO1, SHARD_GRAD_OP: every rank's (updated) parameter shard to every rank's whole parameters.
   void all_gather_params(int u);
+  // Σ x² over this rank's shards of the held units (base: a shard accessor), tensor-parallel slices
+  // summed over the tp group, then over the shard group.
+  template <typename ShardOf>
+  double sum_squares(ShardOf shard_of);
 
   Runtime& rt_;
   Backend& be_;
   FsdpOptions options_;
-  Communicator* shard_group_;                // the ranks a unit is sharded over: dp, or a hybrid group
+  Communicator& data_group_;                 // the ranks that hold the same parameters (dp, or dp × cp)
+  Communicator* shard_group_;                // the ranks a unit is sharded over: the data group, or a hybrid group
   Communicator* replicate_group_ = nullptr;  // HYBRID_SHARD: the ranks holding the same shard
   int shard_rank_, shard_size_;
-  std::vector<UnitLayout> layout_;
+  std::vector<UnitLayout> layout_;  // per unit of the model; units not held have no elements
+  std::vector<bool> held_;
+  int first_held_ = 0, last_held_ = 0;
   std::size_t full_total_ = 0, shard_total_ = 0;
 
   TensorPtr params_;          // whole (padded) or this rank's shards, by strategy; the model's dtype
@@ -95,6 +114,20 @@ class FullyShardedDataParallel final : public Strategy {
 // collectives read): the strategy, the ranks a unit is sharded over (HYBRID_SHARD: its group; NO_SHARD:
 // 1; otherwise dp) and whether gathers are prefetched.
 void plan_fsdp_sharding(MemoryPlan& plan, const FsdpOptions& fsdp, int dp);
+
+// parabench-fsdp's options as typed, which parabench-hybrid takes too.
+struct FsdpCli {
+  FsdpOptions fsdp;
+  std::string shard_name = "FULL_SHARD";
+  bool no_prefetch = false;
+  CLI::Option* shard_group_option = nullptr;
+};
+// --shard, --shard-group and --no-prefetch (default shard: default_shard).
+void add_fsdp_options(CLI::App& cli, FsdpCli& fsdp, const std::string& default_shard = "FULL_SHARD");
+// Their rules (throws ConfigError naming the option): a known strategy, --shard-group with HYBRID_SHARD only
+// and dividing the data ranks (data_ranks: dp, or dp × cp), --no-prefetch with gathering strategies only.
+// Resolves fsdp.fsdp.
+void validate_fsdp_options(FsdpCli& fsdp, int data_ranks);
 
 // parabench-fsdp: its options (kept by the definition), their rules, its layout, a rank's memory and the
 // strategy; main.cpp runs it, parabench-plan plans from it.

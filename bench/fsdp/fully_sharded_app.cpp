@@ -19,51 +19,50 @@ void plan_fsdp_sharding(MemoryPlan& plan, const FsdpOptions& fsdp, int dp) {
   plan.prefetch = fsdp.prefetch;
 }
 
+void add_fsdp_options(CLI::App& cli, FsdpCli& s, const std::string& default_shard) {
+  s.shard_name = default_shard;
+  cli.add_option("--shard", s.shard_name,
+                 "NO_SHARD | ZERO1 | SHARD_GRAD_OP | FULL_SHARD | HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)")
+      ->capture_default_str();
+  s.shard_group_option = cli.add_option("--shard-group", s.fsdp.shard_group, "HYBRID_SHARD: ranks per shard group");
+  cli.add_flag("--no-prefetch", s.no_prefetch, "FULL_SHARD, HYBRID_SHARD: gather each unit only when it is needed");
+}
+
+void validate_fsdp_options(FsdpCli& s, int data_ranks) {
+  FsdpOptions& fsdp = s.fsdp;
+  if (!parse_shard_strategy(s.shard_name, &fsdp.shard)) {
+    throw ConfigError("--shard " + s.shard_name +
+                      " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)");
+  }
+  const bool hybrid = fsdp.shard == ShardStrategy::hybrid_shard;
+  const bool group_given = s.shard_group_option->count() > 0;
+  if (hybrid && !group_given) {
+    throw ConfigError("--shard HYBRID_SHARD needs --shard-group N, the ranks a unit is sharded over");
+  }
+  if (!hybrid && group_given) {
+    throw ConfigError("--shard-group is for --shard HYBRID_SHARD only, not " + std::string(shard_strategy_name(fsdp.shard)));
+  }
+  const bool gathers = hybrid || fsdp.shard == ShardStrategy::full_shard;
+  if (s.no_prefetch && !gathers) {
+    throw ConfigError(std::string("--no-prefetch applies to FULL_SHARD and HYBRID_SHARD only, not --shard ") +
+                      shard_strategy_name(fsdp.shard));
+  }
+  if (hybrid && fsdp.shard_group < 1) {
+    throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " must be at least 1");
+  }
+  if (hybrid && data_ranks % fsdp.shard_group != 0) {
+    throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " does not divide dp " + std::to_string(data_ranks));
+  }
+  fsdp.prefetch = !s.no_prefetch;
+}
+
 AppDefinition make_fsdp_app() {
   // The options live as long as the definition's functions that read them.
-  struct State {
-    FsdpOptions fsdp;
-    std::string shard_name = "FULL_SHARD";
-    bool no_prefetch = false;
-    CLI::Option* shard_group_option = nullptr;
-  };
-  auto s = std::make_shared<State>();
+  auto s = std::make_shared<FsdpCli>();
   AppDefinition app;
   app.name = "fsdp";
-  app.options.add = [s](CLI::App& cli) {
-    cli.add_option("--shard", s->shard_name,
-                   "NO_SHARD | ZERO1 | SHARD_GRAD_OP | FULL_SHARD | HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)")
-        ->capture_default_str();
-    s->shard_group_option = cli.add_option("--shard-group", s->fsdp.shard_group, "HYBRID_SHARD: ranks per shard group");
-    cli.add_flag("--no-prefetch", s->no_prefetch, "FULL_SHARD, HYBRID_SHARD: gather each unit only when it is needed");
-  };
-  app.options.validate = [s](const Options& o) {
-    FsdpOptions& fsdp = s->fsdp;
-    if (!parse_shard_strategy(s->shard_name, &fsdp.shard)) {
-      throw ConfigError("--shard " + s->shard_name +
-                        " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)");
-    }
-    const bool hybrid = fsdp.shard == ShardStrategy::hybrid_shard;
-    const bool group_given = s->shard_group_option->count() > 0;
-    if (hybrid && !group_given) {
-      throw ConfigError("--shard HYBRID_SHARD needs --shard-group N, the ranks a unit is sharded over");
-    }
-    if (!hybrid && group_given) {
-      throw ConfigError("--shard-group is for --shard HYBRID_SHARD only, not " + std::string(shard_strategy_name(fsdp.shard)));
-    }
-    const bool gathers = hybrid || fsdp.shard == ShardStrategy::full_shard;
-    if (s->no_prefetch && !gathers) {
-      throw ConfigError(std::string("--no-prefetch applies to FULL_SHARD and HYBRID_SHARD only, not --shard ") +
-                        shard_strategy_name(fsdp.shard));
-    }
-    if (hybrid && fsdp.shard_group < 1) {
-      throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " must be at least 1");
-    }
-    if (hybrid && o.dp % fsdp.shard_group != 0) {
-      throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " does not divide dp " + std::to_string(o.dp));
-    }
-    fsdp.prefetch = !s->no_prefetch;
-  };
+  app.options.add = [s](CLI::App& cli) { add_fsdp_options(cli, *s); };
+  app.options.validate = [s](const Options& o) { validate_fsdp_options(*s, o.dp); };
   app.options.describe = [s](nlohmann::ordered_json& config) {
     config["shard"] = shard_strategy_name(s->fsdp.shard);
     config["shard_group"] = s->fsdp.shard_group;

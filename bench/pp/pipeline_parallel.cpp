@@ -15,22 +15,29 @@ std::string span_args(int step, int micro, int chunk, int virtual_stage) {
 
 }  // namespace
 
+PipelineSchedule::PipelineSchedule(Runtime& runtime, const PipelineOptions& options)
+    : options_(options), grad_accum_(runtime.options.grad_accum), warmup_(runtime.options.warmup),
+      pp_(*runtime.groups.pp), stages_(options.stages), stage_(pp_.rank()),
+      virtual_stages_(options.stages * options.chunks) {}
+
 PipelineParallel::PipelineParallel(Runtime& runtime, const PipelineOptions& options)
-    : rt_(runtime), options_(options), pp_(*runtime.groups.pp), stages_(options.stages), stage_(pp_.rank()),
-      virtual_stages_(options.stages * options.chunks),
+    : rt_(runtime), schedule_(runtime, options),
       state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads,
              pipeline_held_units(runtime.options.model.layers, options, runtime.groups.pp->rank())) {}
 
-int PipelineParallel::tag(int micro, int virtual_stage, bool forward) const {
+int PipelineSchedule::tag(int micro, int virtual_stage, bool forward) const {
   return ((micro * virtual_stages_ + virtual_stage) << 1) | (forward ? 0 : 1);
 }
 
-void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches) {
+void PipelineSchedule::run(Runtime& rt, const StepBatches& batches, Strategy& hooks) {
   Backend& be = rt.backend;
   GptModel& model = rt.model;
   const int m = batches.count, L = rt.options.model.layers;
   const std::size_t n = model.boundary_elements();
-  const std::size_t tokens_per_micro = static_cast<std::size_t>(rt.options.micro_batch) * rt.options.model.seq;
+  const int b = rt.options.micro_batch, S = rt.options.model.seq;
+  const std::size_t tokens_per_micro = static_cast<std::size_t>(b) * S;
+  std::vector<int32_t> full_tokens(tokens_per_micro), full_targets(tokens_per_micro);
+  const ContextParallel& cp = rt.mp.cp;  // the model takes each sequence's tokens at this rank's positions
   std::vector<std::vector<int32_t>> tokens(m), targets(m);  // made on first use
   std::map<std::pair<int, int>, std::unique_ptr<GptModel::MicroBatch>> held;  // (micro, chunk)
   // The gradient of each forward's output is received into a buffer posted right after that forward,
@@ -54,9 +61,11 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
     const bool first = k == 0, last = k == virtual_stages_ - 1;
     const auto key = std::make_pair(step.micro, step.chunk);
     if ((first || last) && tokens[step.micro].empty()) {
-      tokens[step.micro].resize(tokens_per_micro);
-      targets[step.micro].resize(tokens_per_micro);
-      batches.fill(step.micro, tokens[step.micro].data(), targets[step.micro].data());
+      tokens[step.micro].resize(tokens_per_micro / cp.size);
+      targets[step.micro].resize(tokens_per_micro / cp.size);
+      batches.fill(step.micro, full_tokens.data(), full_targets.data());
+      cp.select_local(full_tokens.data(), tokens[step.micro].data(), b, S);
+      cp.select_local(full_targets.data(), targets[step.micro].data(), b, S);
     }
     const std::string args = span_args(batches.step, step.micro, step.chunk, k);
     if (step.forward) {
@@ -69,7 +78,7 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
       }
       const double t0 = wall_time_s();
       held[key] = model.forward(pipeline_stage_units(L, virtual_stages_, k), tokens[step.micro].data(),
-                                targets[step.micro].data(), input, batches.loss_scale, *this);
+                                targets[step.micro].data(), input, batches.loss_scale, hooks);
       const double t1 = wall_time_s();
       busy += t1 - t0;
       rt.trace.span(TraceTrack::compute, "F" + std::to_string(step.micro), t0, t1, args);
@@ -96,8 +105,11 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
         send->second->wait();
         output_sends.erase(send);
       }
+      // A unit's last backward of the step is that of the last micro-batch (each chunk runs its backwards
+      // in micro-batch order): where a sharded strategy reduces its gradients.
+      hooks.begin_micro_batch(step.micro, step.micro == m - 1);
       const double t0 = wall_time_s();
-      model.backward(*held[key], output_grad, input_grad_buffer, *this);
+      model.backward(*held[key], output_grad, input_grad_buffer, hooks);
       const double t1 = wall_time_s();
       busy += t1 - t0;
       rt.trace.span(TraceTrack::compute, "B" + std::to_string(step.micro), t0, t1, args);
@@ -116,18 +128,18 @@ void PipelineParallel::run_micro_batches(Runtime& rt, const StepBatches& batches
   pp_.barrier();
   rt.trace.span(TraceTrack::idle, "pipeline drain", t_drained, wall_time_s());
   const double elapsed = wall_time_s() - start;
-  if (batches.step >= rt.options.warmup) bubble_.push_back(elapsed > 0.0 ? 1.0 - busy / elapsed : 0.0);
+  if (batches.step >= warmup_) bubble_.push_back(elapsed > 0.0 ? 1.0 - busy / elapsed : 0.0);
 }
 
-void PipelineParallel::progress() {
+void PipelineSchedule::progress() {
   for (auto& [key, request] : output_sends_) request->test();
   for (auto& [key, posted] : output_grads_) posted.second->test();
   if (input_grad_send_) input_grad_send_->test();
 }
 
-double PipelineParallel::reduce_loss(double local_loss) {
-  pp_.all_reduce_host(&local_loss, 1, HostReduce::sum);  // only the last stage has a loss
-  return local_loss;
+double PipelineSchedule::sum_over_stages(double local) {
+  if (stages_ > 1) pp_.all_reduce_host(&local, 1, HostReduce::sum);
+  return local;
 }
 
 void PipelineParallel::finish_gradients() {
@@ -135,23 +147,20 @@ void PipelineParallel::finish_gradients() {
 }
 
 double PipelineParallel::global_grad_sum_squares() {
-  double sum = rt_.backend.sum_squares(state_.grads(), state_.size());
-  pp_.all_reduce_host(&sum, 1, HostReduce::sum);  // the stages hold disjoint units
-  return sum;
+  // The stages hold disjoint units.
+  return schedule_.sum_over_stages(rt_.backend.sum_squares(state_.grads(), state_.size()));
 }
 
 double PipelineParallel::global_param_sum_squares() {
-  double sum = rt_.backend.sum_squares(state_.master(), state_.size());
-  pp_.all_reduce_host(&sum, 1, HostReduce::sum);
-  return sum;
+  return schedule_.sum_over_stages(rt_.backend.sum_squares(state_.master(), state_.size()));
 }
 
 std::vector<float> PipelineParallel::gather_full_gradients() {
-  if (stages_ > 1) throw std::logic_error("--dump-gradients needs --pp 1");  // rejected by validation
+  if (schedule_.stages() > 1) throw std::logic_error("--dump-gradients needs --pp 1");  // rejected by validation
   return download_fp32(rt_.backend, state_.grads(), state_.size());
 }
 
-void PipelineParallel::write_results(Communicator& world, ResultWriter* writer) {
+void PipelineSchedule::write_results(Communicator& world, ResultWriter* writer) {
   double mine = 0.0;
   for (double b : bubble_) mine += b;
   mine = bubble_.empty() ? 0.0 : mine / static_cast<double>(bubble_.size());
@@ -160,7 +169,7 @@ void PipelineParallel::write_results(Communicator& world, ResultWriter* writer) 
   if (writer == nullptr) return;
   writer->write_f64("/pipeline/bubble_fraction", all, "1");
   writer->set_dataset_attribute("/pipeline/bubble_fraction", "theoretical",
-                                theoretical_bubble_fraction(options_.schedule, stages_, rt_.options.grad_accum,
+                                theoretical_bubble_fraction(options_.schedule, stages_, grad_accum_,
                                                             options_.chunks));
 }
 

@@ -24,35 +24,35 @@ namespace pb {
 // SPEC 3), each rank's memory and the strategy; main.cpp runs it, parabench-plan plans from it.
 AppDefinition make_pipeline_app();
 
-class PipelineParallel final : public Strategy {
+// A pipeline's step (ARCHITECTURE seam 6): the micro-batches of a step through this rank's chunks in the
+// order of the schedule, each chunk's input received from the previous virtual stage and its output sent
+// to the next (and their gradients back), the bubble measured. Whatever holds a stage's units runs its
+// micro-batches through it: parabench-pp's PipelineParallel, and parabench-hybrid around tensor, context
+// and sharded data parallelism.
+class PipelineSchedule {
  public:
-  PipelineParallel(Runtime& runtime, const PipelineOptions& options);
+  PipelineSchedule(Runtime& runtime, const PipelineOptions& options);
 
-  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
-  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
-  void zero_grads() override { state_.zero_grads(); }
-  void run_micro_batches(Runtime& runtime, const StepBatches& batches) override;
-  double reduce_loss(double local_loss) override;
-  void finish_gradients() override;
-  double global_grad_sum_squares() override;
-  void optimizer_step(float grad_scale, int t) override { state_.adamw(grad_scale, t, rt_.options.lr); }
-  double global_param_sum_squares() override;
-  std::vector<float> gather_full_gradients() override;
-  void write_results(Communicator& world, ResultWriter* writer) override;
+  // One step: the strategy says where the units' parameters and gradients are (its UnitHooks) and hears
+  // of each micro-batch before its backward (begin_micro_batch; `last` for the step's last one).
+  void run(Runtime& runtime, const StepBatches& batches, Strategy& hooks);
   // MPI moves a non-blocking message only inside MPI calls: between units, poke the ones in flight,
   // so that a neighbour does not wait for this stage's whole forward or backward.
-  void before_forward(int) override { progress(); }
-  void before_backward(int) override { progress(); }
+  void progress();
+  // A value summed over the stages (collective over the pp group): the loss, which only the last stage
+  // computes, and sums of squares over the disjoint units of the stages.
+  double sum_over_stages(double local);
+  // /pipeline/bubble_fraction [ranks] with its theoretical value (collective; writer null but on rank 0).
+  void write_results(Communicator& world, ResultWriter* writer);
+  int stages() const { return stages_; }
 
  private:
   int virtual_stage(int chunk) const { return chunk * stages_ + stage_; }
   int rank_of(int virtual_stage) const { return virtual_stage % stages_; }
   int tag(int micro, int virtual_stage, bool forward) const;
 
-  void progress();
-
-  Runtime& rt_;
   PipelineOptions options_;
+  int grad_accum_, warmup_;
   // This step's messages in flight: forward outputs being sent, gradients posted for receipt, the
   // input gradient being sent.
   std::map<std::pair<int, int>, Request> output_sends_;
@@ -60,8 +60,35 @@ class PipelineParallel final : public Strategy {
   Request input_grad_send_;
   Communicator& pp_;
   int stages_, stage_, virtual_stages_;
-  ReplicatedState state_;
   std::vector<double> bubble_;  // per measured step: idle share of the schedule's time
+};
+
+// Pipeline parallelism over data parallelism: the stage's units whole (ReplicatedState), run through the
+// schedule, gradients all-reduced over dp.
+class PipelineParallel final : public Strategy {
+ public:
+  PipelineParallel(Runtime& runtime, const PipelineOptions& options);
+
+  ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
+  TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
+  void zero_grads() override { state_.zero_grads(); }
+  void run_micro_batches(Runtime& runtime, const StepBatches& batches) override {
+    schedule_.run(runtime, batches, *this);
+  }
+  double reduce_loss(double local_loss) override { return schedule_.sum_over_stages(local_loss); }
+  void finish_gradients() override;
+  double global_grad_sum_squares() override;
+  void optimizer_step(float grad_scale, int t) override { state_.adamw(grad_scale, t, rt_.options.lr); }
+  double global_param_sum_squares() override;
+  std::vector<float> gather_full_gradients() override;
+  void write_results(Communicator& world, ResultWriter* writer) override { schedule_.write_results(world, writer); }
+  void before_forward(int) override { schedule_.progress(); }
+  void before_backward(int) override { schedule_.progress(); }
+
+ private:
+  Runtime& rt_;
+  PipelineSchedule schedule_;
+  ReplicatedState state_;
 };
 
 }  // namespace pb

@@ -69,33 +69,44 @@ std::vector<int> pipeline_held_units(int layers, const PipelineOptions& o, int s
 
 MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOptions& o, int stage, int m) {
   const int V = o.stages * o.chunks, L = static_cast<int>(plan.arch.layers);
-  const std::vector<int64_t> unit_params = unit_parameter_counts(plan.arch);
-  int64_t params = 0;
-  for (int u : pipeline_held_units(L, o, stage)) params += unit_params[u];
-  MemoryEstimate e = predict_model_states({params}, plan.precision, ShardStrategy::no_shard, 1);
+  // This rank's units (its tp slices, the plan's MLP part), those of the stage's chunks held, each sharded
+  // as the plan says (NO_SHARD for parabench-pp).
+  const std::vector<int64_t> unit_params = unit_parameter_counts(plan);
+  std::vector<int64_t> held;
+  for (int u : pipeline_held_units(L, o, stage)) held.push_back(unit_params[u]);
+  MemoryEstimate e = predict_model_states(held, plan.precision, plan.shard, plan.shard_ranks);
 
   // Replay the schedule: a micro-batch's forward leaves its chunk's activations until its backward,
   // which needs a little more while it runs (recomputation); receive and send buffers of one
-  // boundary (rows × h) each.
-  const int64_t boundary = static_cast<int64_t>(plan.micro_batch) * plan.arch.seq * plan.arch.hidden *
-                           plan.precision.act_bytes;
+  // boundary (this rank's rows × h: b·S/cp tokens, / tp with sequence parallelism) each.
+  const int64_t tokens = static_cast<int64_t>(plan.micro_batch) * (plan.arch.seq / plan.cp);
+  const int64_t rows = plan.sequence_parallel ? tokens / plan.tp : tokens;
+  const int64_t boundary = rows * plan.arch.hidden * plan.precision.act_bytes;
+  // What a chunk's forward and backward allocate themselves beside the boundaries: sequence parallelism's
+  // gathered rows (one (b·S/cp, h) buffer at a time) or the attention core's exchanges (never at once:
+  // common/memory_model.cpp), and the MLP part's.
+  const int64_t sp = plan.sequence_parallel ? tokens * plan.arch.hidden * plan.precision.act_bytes : 0;
+  const int64_t forward_extra = std::max(sp, plan.attention_forward_comm_bytes);
+  const int64_t backward_extra = std::max(sp, plan.attention_comm_bytes) + plan.mlp_comm_bytes;
   int64_t live = 0, act_peak = 0, comm_peak = 0;
   int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
   int64_t posted = 0;   // gradient buffers posted after forwards, waiting for their backward
+  std::vector<UnitPass> passes;  // the units' forwards and backwards in schedule order (for FSDP's gathers)
   for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
     const int k = step.chunk * o.stages + stage;
     const GptModel::Stage s = pipeline_stage_units(L, V, k);
+    passes.push_back({s.first_unit, s.last_unit, step.forward});
     const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
     const ActivationEstimate a = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
     if (step.forward) {
-      comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0));  // + the received input
+      comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0) + forward_extra);  // + the received input
       if (k < V - 1) posted += boundary;
       comm_peak = std::max(comm_peak, sending + posted);
       live += a.forward_end_bytes;
       act_peak = std::max(act_peak, live);
     } else {
       sending = 0;  // waited for before the backward
-      comm_peak = std::max(comm_peak, posted + (k > 0 ? boundary : 0));  // + the input gradient to send
+      comm_peak = std::max(comm_peak, posted + (k > 0 ? boundary : 0) + backward_extra);  // + the input gradient to send
       act_peak = std::max(act_peak, live + a.backward_extra_bytes);
       live -= a.forward_end_bytes;
       if (k < V - 1) posted -= boundary;
@@ -104,6 +115,9 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
   }
   e[MemCategory::activations] = act_peak;
   e[MemCategory::workspace] = predict_activations(plan).workspace_bytes;  // every backward's scratch
+  // The sharded units' gathers and gradients at their own peak (an upper bound where it does not coincide
+  // with the boundaries').
+  if (plan.shard != ShardStrategy::no_shard) comm_peak += predict_fsdp_comm_peak(plan, unit_params, passes);
   e[MemCategory::comm_buffers] = comm_peak;
   e.peak_total = 0;
   for (int64_t bytes : e.bytes) e.peak_total += bytes;  // an upper bound: the peaks may not coincide

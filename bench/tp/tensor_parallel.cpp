@@ -1,6 +1,7 @@
 #include "bench/tp/tensor_parallel.h"
 
 #include <stdexcept>
+#include <utility>
 
 namespace pb {
 namespace {
@@ -11,9 +12,10 @@ bool is_layernorm(const TensorInfo& t) {
 }
 }  // namespace
 
-TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime)
-    : rt_(runtime), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads),
-      tp_(runtime.mp.tp) {}
+TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime, std::vector<int> held, Communicator* data_group)
+    : rt_(runtime),
+      state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads, std::move(held)),
+      tp_(runtime.mp.tp), data_group_(data_group != nullptr ? *data_group : *runtime.groups.dp) {}
 
 void TensorParallelStrategy::finish_gradients() {
   // Sequence parallelism: each rank's LayerNorm gradients cover its rows only; sum them.
@@ -22,8 +24,8 @@ void TensorParallelStrategy::finish_gradients() {
       if (is_layernorm(t)) tp_.comm->all_reduce(state_.grads() + at, t.numel());
     });
   }
-  // Data parallelism: the ranks with the same slices (the dp group) sum their gradients.
-  if (rt_.groups.dp->size() > 1) rt_.groups.dp->all_reduce(state_.grads(), state_.size());
+  // Data parallelism: the ranks with the same slices (the dp group, or dp × cp) sum their gradients.
+  if (data_group_.size() > 1) data_group_.all_reduce(state_.grads(), state_.size());
 }
 
 double TensorParallelStrategy::sum_squares_over_slices(ConstTensorPtr base) {

@@ -12,11 +12,18 @@
 
 #include "common/runner.h"
 
+namespace CLI {
+class App;
+}
+
 namespace pb {
 
 class TensorParallelStrategy final : public Strategy {
  public:
-  explicit TensorParallelStrategy(Runtime& runtime);
+  // held: the units this rank holds (a pipeline stage's; empty: all of them); data_group: the ranks
+  // that hold the same slices and sum their gradients (null: the dp group; dp × cp with context
+  // parallelism). Norms cover the held units only: a pipeline sums them over its stages.
+  explicit TensorParallelStrategy(Runtime& runtime, std::vector<int> held = {}, Communicator* data_group = nullptr);
 
   ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
   TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
@@ -34,7 +41,19 @@ class TensorParallelStrategy final : public Strategy {
   Runtime& rt_;
   ReplicatedState state_;
   const TensorParallel tp_;
+  Communicator& data_group_;
 };
+
+// parabench-tp's options, which parabench-hybrid takes too.
+struct TpOptions {
+  int tp = 1;
+  bool sequence_parallel = false;
+};
+// --tp and --sequence-parallel, with their defaults and help.
+void add_tp_options(CLI::App& cli, TpOptions& tp);
+// Their rules (throws ConfigError naming the option): tp ≥ 1 dividing heads, FFN and vocabulary, and,
+// with sequence parallelism, a rank's tokens of a micro-batch (micro-batch × seq / cp).
+void validate_tp_options(const TpOptions& tp, const Options& options, int cp = 1);
 
 // A plan's slicing under --tp and --sequence-parallel (what predict_memory and the planner's collectives
 // read): each rank's 1/tp of the sliced weights and activations; sequence parallelism only at tp > 1.

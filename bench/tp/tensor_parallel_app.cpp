@@ -25,33 +25,37 @@ void plan_tp_slices(MemoryPlan& plan, int tp, bool sequence_parallel) {
   plan.sequence_parallel = sequence_parallel && tp > 1;  // no split at tp 1
 }
 
+void add_tp_options(CLI::App& cli, TpOptions& tp) {
+  cli.add_option("--tp", tp.tp, "tensor-parallel degree (consecutive ranks)")->capture_default_str();
+  cli.add_flag("--sequence-parallel", tp.sequence_parallel,
+               "split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
+}
+
+void validate_tp_options(const TpOptions& t, const Options& o, int cp) {
+  const int tp = t.tp;
+  if (tp < 1) throw ConfigError("--tp " + std::to_string(tp) + " must be at least 1");
+  require_divisible("--heads", o.model.heads, tp);
+  require_divisible("--ffn", o.model.ffn, tp);
+  require_divisible("--vocab", o.model.vocab, tp, " (the vocabulary is split, not padded)");
+  if (t.sequence_parallel) {
+    // A rank's tokens of a micro-batch: each sequence's S / cp with context parallelism.
+    const long long tokens = static_cast<long long>(o.micro_batch) * (o.model.seq / cp);
+    require_divisible(cp > 1 ? "--micro-batch × --seq / --cp" : "--micro-batch × --seq", tokens, tp,
+                      " (sequence parallelism splits the micro-batch's tokens)");
+  }
+  if (tp > 1 && !o.dump_gradients.empty()) throw ConfigError("--dump-gradients needs --tp 1");
+}
+
 AppDefinition make_tp_app() {
   // The options live as long as the definition's functions that read them.
-  struct State {
-    int tp = 1;
-    bool sequence_parallel = false;
-  };
-  auto s = std::make_shared<State>();
+  auto s = std::make_shared<TpOptions>();
   AppDefinition app;
   app.name = "tp";
-  app.options.add = [s](CLI::App& cli) {
-    cli.add_option("--tp", s->tp, "tensor-parallel degree (consecutive ranks)")->capture_default_str();
-    cli.add_flag("--sequence-parallel", s->sequence_parallel,
-                 "split LayerNorm and residual activations along the sequence (Korthikanti et al. 2022)");
-  };
+  app.options.add = [s](CLI::App& cli) { add_tp_options(cli, *s); };
   app.options.model_parallel_size = [s] { return std::max(1, s->tp); };
   app.options.model_parallel_options = [s] { return "--tp " + std::to_string(s->tp); };
   app.options.validate = [s](const Options& o) {
-    const int tp = s->tp;
-    if (tp < 1) throw ConfigError("--tp " + std::to_string(tp) + " must be at least 1");
-    require_divisible("--heads", o.model.heads, tp);
-    require_divisible("--ffn", o.model.ffn, tp);
-    require_divisible("--vocab", o.model.vocab, tp, " (the vocabulary is split, not padded)");
-    if (s->sequence_parallel) {
-      require_divisible("--micro-batch × --seq", static_cast<long long>(o.micro_batch) * o.model.seq, tp,
-                        " (sequence parallelism splits the micro-batch's tokens)");
-    }
-    if (tp > 1 && !o.dump_gradients.empty()) throw ConfigError("--dump-gradients needs --tp 1");
+    validate_tp_options(*s, o);
   };
   app.options.describe = [s](nlohmann::ordered_json& config) {
     config["tp"] = s->tp;
