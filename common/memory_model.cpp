@@ -1,7 +1,6 @@
 #include "common/memory_model.h"
 
 #include <algorithm>
-#include <set>
 
 namespace pb {
 
@@ -185,23 +184,35 @@ int64_t predict_fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& 
   auto padded = [&](int u) { return shard_elements(units[u], n) * n; };
   const bool gathers = p.shard == ShardStrategy::full_shard || p.shard == ShardStrategy::hybrid_shard;
   const bool unit_grads = gathers || p.shard == ShardStrategy::shard_grad_op;
-  std::vector<bool> held(U, false);
+  std::vector<char> held(U, 0);
   int last = -1;
   for (const UnitPass& pass : passes) {
-    for (int u = pass.first; u <= pass.last; ++u) held[u] = true;
+    for (int u = pass.first; u <= pass.last; ++u) held[u] = 1;
     last = std::max(last, pass.last);
   }
-
-  std::set<int> gathered;
-  int64_t current = 0, peak = 0;
+  int64_t peak = 0;
+  if (!gathers) {
+    // Nothing gathered: a unit's whole gradient and its reduce-scatter output beside it (SHARD_GRAD_OP, in
+    // each backward), or ZERO1's reduce-scatter output of a unit after backward; the largest unit's.
+    for (int u = 0; u < U; ++u) {
+      if (!held[u]) continue;
+      const int64_t output = shard_elements(units[u], n) * gb;
+      peak = std::max(peak, unit_grads ? padded(u) * gb + output : output);
+    }
+    return peak;
+  }
+  std::vector<char> gathered(U, 0);
+  int64_t current = 0;
   auto gather = [&](int u) {
-    if (u < 0 || u >= U || !held[u] || !gathers || gathered.count(u)) return;
-    gathered.insert(u);
+    if (u < 0 || u >= U || !held[u] || gathered[u]) return;
+    gathered[u] = 1;
     current += padded(u) * pb;
     peak = std::max(peak, current);
   };
   auto release = [&](int u) {
-    if (gathered.erase(u)) current -= padded(u) * pb;
+    if (!gathered[u]) return;
+    gathered[u] = 0;
+    current -= padded(u) * pb;
   };
   for (const UnitPass& pass : passes) {
     if (pass.forward) {
@@ -217,18 +228,10 @@ int64_t predict_fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& 
       if (p.prefetch) gather(u - 1);
       // The unit's whole gradient during its backward; after it, the unit's parameters are freed and
       // the reduce-scatter output sits beside the whole gradient.
-      if (unit_grads) peak = std::max(peak, current + padded(u) * gb);
+      peak = std::max(peak, current + padded(u) * gb);
       release(u);
-      if (unit_grads) peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
+      peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
     }
-  }
-  if (p.shard == ShardStrategy::zero1) {
-    // Reduce-scatter output of the largest unit after backward.
-    int64_t largest = 0;
-    for (int u = 0; u < U; ++u) {
-      if (held[u]) largest = std::max(largest, shard_elements(units[u], n) * gb);
-    }
-    peak = std::max(peak, largest);
   }
   return peak;
 }
@@ -269,7 +272,11 @@ MemoryEstimate predict_memory(const MemoryPlan& p) {
   const int64_t sp_rows = p.sequence_parallel ? static_cast<int64_t>(p.micro_batch) * (p.arch.seq / p.cp) *
                                                     p.arch.hidden * p.precision.act_bytes
                                               : 0;
-  e[MemCategory::comm_buffers] += std::max(sp_rows, p.attention_comm_bytes) + p.mlp_comm_bytes;
+  // They sit beside FSDP's gathered units and whole unit gradient, which live through a unit's compute; ZERO1's
+  // only buffer, a reduce-scatter output after a unit's backward, comes when they are gone.
+  const int64_t beside = std::max(sp_rows, p.attention_comm_bytes) + p.mlp_comm_bytes;
+  int64_t& comm = e[MemCategory::comm_buffers];
+  comm = p.shard == ShardStrategy::zero1 ? std::max(comm, beside) : comm + beside;
   const ActivationEstimate act = predict_activations(p);
   e[MemCategory::activations] = act.peak_bytes;
   e[MemCategory::workspace] = act.workspace_bytes;

@@ -19,6 +19,11 @@ enum HeadTensor { kLnfG, kLnfB, kHeadW };
 
 }  // namespace
 
+bool TensorInfo::partial_under_sequence_parallel() const {
+  return name.find("ln1.") != std::string::npos || name.find("ln2.") != std::string::npos ||
+         name.rfind("final_ln.", 0) == 0;
+}
+
 uint64_t TensorInfo::global_index(int64_t r, int64_t c) const {
   int64_t gr = r, gc = c;
   switch (split) {

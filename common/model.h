@@ -51,6 +51,9 @@ struct TensorInfo {
   bool is_matrix = false;  // two or more dimensions: gets weight decay
   // The global element index (SPEC 2.1: r·C + c of the full tensor) of local element [r][c].
   uint64_t global_index(int64_t r, int64_t c) const;
+  // Whole on every tp rank, but with sequence parallelism computed on a rank's rows only, so that its
+  // gradient is a partial sum over the tp group: the LayerNorms' parameters.
+  bool partial_under_sequence_parallel() const;
 };
 
 struct UnitInfo {

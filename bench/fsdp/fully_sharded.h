@@ -120,7 +120,7 @@ struct FsdpCli {
   FsdpOptions fsdp;
   std::string shard_name = "FULL_SHARD";
   bool no_prefetch = false;
-  CLI::Option* shard_group_option = nullptr;
+  CLI::Option* shard_group_option = nullptr;  // null without a command line: --shard-group given if shard_group > 0
 };
 // --shard, --shard-group and --no-prefetch (default shard: default_shard).
 void add_fsdp_options(CLI::App& cli, FsdpCli& fsdp, const std::string& default_shard = "FULL_SHARD");

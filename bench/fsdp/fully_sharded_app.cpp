@@ -35,7 +35,8 @@ void validate_fsdp_options(FsdpCli& s, int data_ranks) {
                       " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)");
   }
   const bool hybrid = fsdp.shard == ShardStrategy::hybrid_shard;
-  const bool group_given = s.shard_group_option->count() > 0;
+  // Given on a command line, or set by a caller without one (parabench-plan --search).
+  const bool group_given = s.shard_group_option ? s.shard_group_option->count() > 0 : s.fsdp.shard_group > 0;
   if (hybrid && !group_given) {
     throw ConfigError("--shard HYBRID_SHARD needs --shard-group N, the ranks a unit is sharded over");
   }

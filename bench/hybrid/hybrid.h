@@ -30,7 +30,7 @@ struct HybridOptions {
   CpOptions cp;
   EpOptions ep;
   bool moe = false;  // the MLP of every block a mixture of experts (bench/ep)
-  FsdpCli shard;     // NO_SHARD by default
+  FsdpCli shard{{}, "NO_SHARD"};  // NO_SHARD by default
   int data_ranks(int dp) const { return dp * cp.cp; }
 };
 
@@ -72,8 +72,9 @@ class HybridStrategy final : public Strategy {
 // the stage's schedule when pp > 1.
 MemoryEstimate predict_hybrid_memory(const HybridOptions& options, const Options& o, const MemoryPlan& base, int rank);
 
-// parabench-hybrid: its options (kept by the definition), their rules, its layout, a rank's memory, the
-// block parts and the strategy; main.cpp runs it, parabench-plan plans from it.
-AppDefinition make_hybrid_app();
+// parabench-hybrid: its options (kept by the definition, starting from `preset`: the command line's
+// defaults, or a layout that parabench-plan --search sets without a command line), their rules, its
+// layout, a rank's memory, the block parts and the strategy; main.cpp runs it, parabench-plan plans from it.
+AppDefinition make_hybrid_app(const HybridOptions& preset = HybridOptions{});
 
 }  // namespace pb

@@ -30,10 +30,6 @@ void validate_combination(const HybridOptions& h, const Options& o) {
     }
     if (sharded) throw ConfigError("--moe with " + shard + " is not supported: use --shard NO_SHARD");
   }
-  if (sharded && h.tp.sequence_parallel && h.tp.tp > 1) {
-    throw ConfigError(shard + " with --sequence-parallel is not supported: the LayerNorms' partial gradients are "
-                      "summed over tp only by --shard NO_SHARD");
-  }
   if (h.pp.stages > 1 && o.comm == "nccl") {
     throw ConfigError(degree("--pp", h.pp.stages) + " needs --comm mpi: the pipeline's messages are matched by tag, "
                       "which NCCL does not do");
@@ -54,12 +50,13 @@ MemoryEstimate predict_hybrid_memory(const HybridOptions& h, const Options& o, c
   return predict_pipeline_memory(plan, h.pp, layout.coord(rank).pp, o.grad_accum);
 }
 
-AppDefinition make_hybrid_app() {
+AppDefinition make_hybrid_app(const HybridOptions& preset) {
   // The options live as long as the definition's functions that read them.
   struct State : HybridOptions {
     MoeMlp* mlp = nullptr;  // owned by the harness
   };
   auto s = std::make_shared<State>();
+  static_cast<HybridOptions&>(*s) = preset;
   AppDefinition app;
   app.name = "hybrid";
   app.options.add = [s](CLI::App& cli) {
@@ -68,7 +65,7 @@ AppDefinition make_hybrid_app() {
     add_cp_options(cli, s->cp);
     cli.add_flag("--moe", s->moe, "every block's MLP a mixture of experts (the --ep, --experts ... options)");
     add_ep_options(cli, s->ep);
-    add_fsdp_options(cli, s->shard, "NO_SHARD");
+    add_fsdp_options(cli, s->shard, s->shard.shard_name);
   };
   app.options.model_parallel_size = [s] {
     return std::max(1, s->tp.tp) * std::max(1, s->pp.stages) * std::max(1, s->cp.cp);

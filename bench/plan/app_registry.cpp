@@ -4,6 +4,7 @@
 #include "bench/dp/data_parallel.h"
 #include "bench/ep/expert_parallel.h"
 #include "bench/fsdp/fully_sharded.h"
+#include "bench/hybrid/hybrid.h"
 #include "bench/pp/pipeline_parallel.h"
 #include "bench/tp/tensor_parallel.h"
 
@@ -17,6 +18,7 @@ const std::vector<RegisteredApp>& registered_apps() {
       {"pp", "--pp", "pipeline parallelism", make_pipeline_app},
       {"ep", "--ep", "expert parallelism", make_ep_app},
       {"cp", "--cp", "context parallelism", make_cp_app},
+      {"hybrid", nullptr, "", [] { return make_hybrid_app(); }, {}, true},
   };
   return apps;
 }

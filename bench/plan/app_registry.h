@@ -2,7 +2,7 @@
 // app's library and run by its main.cpp. The planner puts the app's options on its command line, calls
 // its validation on the plan, and takes its layout and each rank's memory from it, so a plan can only
 // be what the app accepts and predicts. Every app the planner models is planned so (bench/<app>/*_app.cpp:
-// dp, fsdp, tp, pp, ep, cp); only the time model stays keyed by app (README.md, "Apps as definitions").
+// dp, fsdp, tp, pp, ep, cp, hybrid); only the time model stays keyed by app (README.md, "Apps as definitions").
 #pragma once
 
 #include <string>
@@ -22,6 +22,9 @@ struct RegisteredApp {
   // Its options that the planner takes for other apps too, for their time model: dp's --no-overlap
   // (tp, pp, ep and cp all-reduce their gradients during or after backward as well).
   std::vector<std::string> shared_options = {};
+  // An app whose options are the other apps' (hybrid): not put on the command line again; its definition
+  // reads them from the arguments when it is the --app.
+  bool composes = false;
 };
 const std::vector<RegisteredApp>& registered_apps();
 const RegisteredApp* find_registered_app(const std::string& name);

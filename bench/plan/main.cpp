@@ -1,5 +1,6 @@
 // parabench-plan: per-rank memory by category, cluster totals, a fit verdict and a step-time estimate
-// for any model on a dp, fsdp, tp, pp, ep or cp layout of any size (SPEC section 8; README.md). No MPI, no
+// for any model on a dp, fsdp, tp, pp, ep, cp or hybrid layout of any size, and with --search the fastest
+// hybrid layouts that fit (SPEC section 8; README.md). No MPI, no
 // device: every number is closed-form, from the device table's peaks or a parabench-micro calibration.
 //
 // Exit codes: 0 plans printed; 1 --require-fit and a plan does not fit --gpu-memory; 2 a bad command
@@ -12,6 +13,7 @@
 
 #include "bench/plan/plan.h"
 #include "bench/plan/plan_report.h"
+#include "bench/plan/search.h"
 #include "common/errors.h"
 
 namespace {
@@ -29,6 +31,11 @@ int main(int argc, char** argv) {
     return parsed.exit_code;
   }
 
+  if (request.search) {  // the base plan's layouts, fastest first
+    const SearchResult found = search_layouts(request.plans.front());
+    std::cout << render_search(request, found);
+    return found.ranked.empty() && request.require_fit ? kExitDoesNotFit : pb::kExitComplete;
+  }
   std::vector<PlanResult> results;
   results.reserve(request.plans.size());
   std::set<std::string> warnings;

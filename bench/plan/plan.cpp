@@ -339,6 +339,123 @@ void dp_buckets(const PlanConfig& c, const std::vector<int64_t>& units, CommEsti
   }
 }
 
+// The gradient (and, sharded, parameter) collectives of one step over the data ranks: `group` ranks
+// `stride` apart holding the same `units` (a rank's tp slices of its units; zero for units it does not
+// hold), by the plan's sharding, as parabench-dp/-tp/-pp (NO_SHARD), parabench-fsdp and parabench-hybrid
+// issue them.
+std::vector<CommEstimate> data_collectives(const PlanConfig& c, std::vector<int64_t> units, int group, int stride) {
+  const PrecisionSpec& p = c.memory.precision;
+  const int64_t micro_steps = c.grad_accum;
+  units.erase(std::remove(units.begin(), units.end(), 0), units.end());  // units not held
+  int64_t parameters = 0;
+  for (int64_t u : units) parameters += u;
+  const int64_t grad_bytes = parameters * p.grad_bytes;
+  std::vector<CommEstimate> out;
+  // FSDP moves whole units padded to the shard layout (bench/fsdp): per unit, ceil(numel / n) · n elements.
+  const int n = c.memory.shard == ShardStrategy::no_shard ? 1 : c.memory.shard_ranks;
+  int64_t padded = 0;
+  for (int64_t u : units) padded += shard_elements(u, n) * n;
+  const int64_t last = shard_elements(units.back(), n) * n;  // the last unit stays gathered for its backward
+  // The app issues one call per unit: a calibration's bandwidth is read at the mean unit's size.
+  const int64_t unit_count = static_cast<int64_t>(units.size());
+  auto per_unit = [&](int64_t elements, int64_t bytes_per_element, int64_t count) {
+    return elements * bytes_per_element / std::max<int64_t>(1, count);
+  };
+  const int64_t bucket = static_cast<int64_t>(c.bucket_mb * 1024 * 1024);  // dp: buckets of at least this
+  switch (c.memory.shard) {
+    case ShardStrategy::no_shard:  // DDP: one all-reduce of the gradients, on the last micro-batch
+      out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, group, stride, 1,
+                               c.app == "dp" ? bucket : per_unit(parameters, p.grad_bytes, unit_count)));
+      if (c.app == "dp" && c.calibration) dp_buckets(c, units, &out.back());
+      break;
+    case ShardStrategy::zero1:  // gradients reduced to their owner, updated weights gathered back
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, stride, 1,
+                               per_unit(padded, p.grad_bytes, unit_count)));
+      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, group, stride, 1,
+                               per_unit(padded, p.param_bytes, unit_count)));
+      break;
+    case ShardStrategy::shard_grad_op:  // whole weights, gathered back after the update; gradients per micro-batch
+      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, group, stride, 1,
+                               per_unit(padded, p.param_bytes, unit_count)));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, stride, micro_steps,
+                               per_unit(padded, p.grad_bytes, unit_count)));
+      break;
+    case ShardStrategy::full_shard:  // gathered for forward, and again for backward but the last unit
+      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, group, stride, micro_steps,
+                               per_unit(padded, p.param_bytes, unit_count)));
+      out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, group, stride,
+                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, stride, micro_steps,
+                               per_unit(padded, p.grad_bytes, unit_count)));
+      break;
+    case ShardStrategy::hybrid_shard: {  // FULL_SHARD inside a group, the shards all-reduced across groups
+      const int shard_group = c.memory.shard_ranks, replicas = group / shard_group;
+      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, shard_group, stride, micro_steps,
+                               per_unit(padded, p.param_bytes, unit_count)));
+      out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, shard_group, stride,
+                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
+      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, shard_group, stride, micro_steps,
+                               per_unit(padded, p.grad_bytes, unit_count)));
+      out.push_back(collective(c, "all_reduce", "gradient shards", padded / shard_group * p.grad_bytes, replicas, group * stride, 1));
+      break;
+    }
+  }
+  return out;
+}
+
+// parabench-hybrid's collectives of one step (bench/hybrid/README.md): each strategy's on a rank's share.
+// tp's f and g (or sequence parallelism's) for the stage's L/pp blocks over b·S/cp tokens, with the
+// embedding's and the head's counted on every stage (an upper bound for the middle stages); cp's
+// exchanges of the stage's blocks for this rank's heads (width h/tp); pp's boundaries of the rank's rows
+// (b·S/cp, / tp with sequence parallelism), stages tp·cp·dp ranks apart; and the gradients of the stage's
+// units over the data ranks (dp × cp, tp apart) by the plan's sharding.
+std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int peak_stage) {
+  const MemoryPlan& m = c.memory;
+  const ArchSpec& a = m.arch;
+  const int t = m.tp, p = c.pp.stages;
+  int blocks = 0;  // of the rank of stage peak_stage, over its chunks
+  for (int chunk = 0; chunk < c.pp.chunks; ++chunk) {
+    blocks += pipeline_stage_blocks(static_cast<int>(a.layers), p * c.pp.chunks, chunk * p + peak_stage);
+  }
+  std::vector<CommEstimate> out;
+  PlanConfig share = c;  // a tp group's view: the stage's blocks, this cp rank's tokens
+  share.memory.arch.layers = blocks;
+  share.memory.arch.seq = a.seq / c.cp;
+  for (CommEstimate& e : tp_collectives(share)) out.push_back(e);
+  if (c.cp > 1) {
+    PlanConfig heads = c;  // this tp rank's heads, the stage's blocks; the gradients below
+    heads.memory.arch.layers = blocks;
+    heads.memory.arch.hidden = a.hidden / t;
+    heads.memory.arch.heads = a.heads / t;
+    heads.memory.arch.kv_heads = std::max<int64_t>(1, a.kv_heads / t);
+    heads.ranks = 1;
+    for (CommEstimate& e : cp_collectives(heads, 0)) {
+      e.inside_node = group_inside_node(c, c.cp, t);
+      time_collective(c, &e, 0);
+      out.push_back(e);
+    }
+  }
+  if (p > 1) {
+    PlanConfig stages = c;  // stage s's ranks are tp·cp·dp apart; the boundary is this rank's rows
+    stages.dp = c.dp * c.cp * t;
+    stages.memory.arch.seq = a.seq / c.cp;
+    if (m.sequence_parallel) stages.memory.arch.hidden = a.hidden / t;
+    for (CommEstimate& e : pp_collectives(stages, 0)) {
+      if (e.op == "send_recv") out.push_back(e);
+    }
+  }
+  std::vector<int64_t> units = unit_parameter_counts(m);
+  const std::vector<int> held = pipeline_held_units(static_cast<int>(a.layers), c.pp, peak_stage);
+  for (std::size_t u = 0; u < units.size(); ++u) {
+    if (std::find(held.begin(), held.end(), static_cast<int>(u)) == held.end()) units[u] = 0;
+  }
+  for (CommEstimate& e : data_collectives(c, units, c.dp * c.cp, t)) {
+    e.what += c.cp > 1 ? " (dp × cp)" : " (dp)";
+    out.push_back(e);
+  }
+  return out;
+}
+
 // The collectives of one step (README.md, "Step-time estimate"). `parameters`: one rank's (P_local; pp:
 // the largest stage's).
 std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t parameters) {
@@ -357,56 +474,9 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
     out.back().blocking = c.calibration != nullptr;
     return out;
   }
-  // FSDP moves whole units padded to the shard layout (bench/fsdp): per unit, ceil(numel / n) · n elements.
+  out = data_collectives(c, unit_parameter_counts(c.memory), c.dp, 1);
   const int n = c.memory.shard == ShardStrategy::no_shard ? 1 : c.memory.shard_ranks;
   const std::vector<int64_t> units = unit_parameter_counts(c.memory);
-  int64_t padded = 0;
-  for (int64_t u : units) padded += shard_elements(u, n) * n;
-  const int64_t last = shard_elements(units.back(), n) * n;  // the last unit stays gathered for its backward
-  // The app issues one call per unit: a calibration's bandwidth is read at the mean unit's size.
-  const int64_t unit_count = static_cast<int64_t>(units.size());
-  auto per_unit = [&](int64_t elements, int64_t bytes_per_element, int64_t count) {
-    return elements * bytes_per_element / std::max<int64_t>(1, count);
-  };
-  const int64_t bucket = static_cast<int64_t>(c.bucket_mb * 1024 * 1024);  // dp: buckets of at least this
-  switch (c.memory.shard) {
-    case ShardStrategy::no_shard:  // DDP: one all-reduce of the gradients, on the last micro-batch
-      out.push_back(collective(c, "all_reduce", "gradients", grad_bytes, c.dp, 1, 1,
-                               c.app == "dp" ? bucket : per_unit(parameters, p.grad_bytes, unit_count)));
-      if (c.app == "dp" && c.calibration) dp_buckets(c, units, &out.back());
-      break;
-    case ShardStrategy::zero1:  // gradients reduced to their owner, updated weights gathered back
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, 1,
-                               per_unit(padded, p.grad_bytes, unit_count)));
-      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1,
-                               per_unit(padded, p.param_bytes, unit_count)));
-      break;
-    case ShardStrategy::shard_grad_op:  // whole weights, gathered back after the update; gradients per micro-batch
-      out.push_back(collective(c, "all_gather", "parameters", padded * p.param_bytes, c.dp, 1, 1,
-                               per_unit(padded, p.param_bytes, unit_count)));
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps,
-                               per_unit(padded, p.grad_bytes, unit_count)));
-      break;
-    case ShardStrategy::full_shard:  // gathered for forward, and again for backward but the last unit
-      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, c.dp, 1, micro_steps,
-                               per_unit(padded, p.param_bytes, unit_count)));
-      out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, c.dp, 1,
-                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, c.dp, 1, micro_steps,
-                               per_unit(padded, p.grad_bytes, unit_count)));
-      break;
-    case ShardStrategy::hybrid_shard: {  // FULL_SHARD inside a group, the shards all-reduced across groups
-      const int group = c.memory.shard_ranks, replicas = c.dp / group;
-      out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, group, 1, micro_steps,
-                               per_unit(padded, p.param_bytes, unit_count)));
-      out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, group, 1,
-                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
-      out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, 1, micro_steps,
-                               per_unit(padded, p.grad_bytes, unit_count)));
-      out.push_back(collective(c, "all_reduce", "gradient shards", padded / group * p.grad_bytes, replicas, group, 1));
-      break;
-    }
-  }
   if (c.calibration && c.app == "fsdp") {
     // As parabench-fsdp runs them (bench/fsdp/fully_sharded.cpp): the reduce-scatters, all-reduces and the
     // gathers after the optimizer step are called in place and wait; only FULL_SHARD's (and HYBRID_SHARD's)
@@ -612,7 +682,15 @@ PlanResult evaluate(const PlanConfig& c) {
       for (int64_t u : unit_parameter_counts(whole)) r.parameters += u;
     }
     if (c.definition) {  // the app's own memory of each distinct rank (pp: each stage); the largest peak decides the fit
-      const std::vector<MemoryEstimate> ranks = distinct_rank_memory(*c.definition, c.app_options, m);
+      std::vector<MemoryEstimate> ranks;
+      if (c.is_hybrid()) {  // the ranks of a stage hold the same bytes: one per stage
+        const Layout layout = c.definition->layout(c.app_options);
+        for (int s = 0; s < layout.pp; ++s) {
+          ranks.push_back(c.definition->predict_memory(c.app_options, m, layout.rank_of({s, 0, 0, 0})));
+        }
+      } else {
+        ranks = distinct_rank_memory(*c.definition, c.app_options, m);
+      }
       int peak = 0;
       for (std::size_t s = 0; s < ranks.size(); ++s) {
         if (ranks[s].peak_total > ranks[peak].peak_total) peak = static_cast<int>(s);
@@ -631,8 +709,8 @@ PlanResult evaluate(const PlanConfig& c) {
     r.rank_parameters = 0;  // tp: a rank's slices; ep: the replicated parameters and its E/ep experts
     for (int64_t u : unit_parameter_counts(m)) r.rank_parameters += u;
   }
-  if (c.is_pp()) {  // the stage of largest peak's units
-    const std::vector<int64_t> units = unit_parameter_counts(m.arch);
+  if (c.is_pp()) {  // the stage of largest peak's units (a rank's tp slices of them)
+    const std::vector<int64_t> units = unit_parameter_counts(m);
     r.rank_parameters = 0;
     for (int u : pipeline_held_units(L, c.pp, r.peak_stage)) r.rank_parameters += units[u];
   }
@@ -642,7 +720,7 @@ PlanResult evaluate(const PlanConfig& c) {
   r.cluster_peak_total = r.per_rank.peak_total * c.ranks;
   if (c.is_pp()) {
     r.cluster_peak_total = 0;
-    for (const MemoryEstimate& e : r.per_stage) r.cluster_peak_total += e.peak_total * c.dp;
+    for (const MemoryEstimate& e : r.per_stage) r.cluster_peak_total += e.peak_total * (c.ranks / c.pp.stages);
   }
 
   if (c.gpu_memory_gib > 0) {
@@ -671,7 +749,7 @@ PlanResult evaluate(const PlanConfig& c) {
   int64_t pipeline_parameters = r.rank_parameters;
   double backward_s = -1;  // with a calibration: the busiest rank's backward compute
   if (c.is_pp()) {
-    const std::vector<int64_t> units = unit_parameter_counts(m.arch);
+    const std::vector<int64_t> units = unit_parameter_counts(m);
     pipeline_parameters = 0;
     for (int s = 0; s < c.pp.stages; ++s) {
       const std::vector<int> held = pipeline_held_units(L, c.pp, s);
@@ -688,7 +766,7 @@ PlanResult evaluate(const PlanConfig& c) {
           backward_s = stage.backward_s;
         }
       } else {
-        busy = stage_hardware_flops(c, held) / flops_per_s;
+        busy = stage_hardware_flops(c, held) / (static_cast<double>(m.tp) * c.cp) / flops_per_s;  // hybrid: tp·cp share it
       }
       r.compute_s = std::max(r.compute_s, busy);
     }
@@ -705,7 +783,8 @@ PlanResult evaluate(const PlanConfig& c) {
     r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * flops_per_s);
   }
 
-  r.comm = step_collectives(c, c.is_pp() ? pipeline_parameters : r.rank_parameters);
+  r.comm = c.is_hybrid() ? hybrid_collectives(c, r.peak_stage)
+                         : step_collectives(c, c.is_pp() ? pipeline_parameters : r.rank_parameters);
   for (const CommEstimate& e : r.comm) {
     if (!e.caveat.empty()) r.warnings.push_back(e.caveat);
   }

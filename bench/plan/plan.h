@@ -7,8 +7,9 @@
 // parallelism), pp (pipeline parallelism × data parallelism; its options, validation and memory per
 // stage are bench/pp's, pipeline_plan.h), ep (the mixture-of-experts model of bench/ep, expert
 // parallelism × data parallelism; its memory is bench/ep's plan_moe_memory) and cp (context
-// parallelism × data parallelism; its memory is bench/cp's plan_cp_memory). Not modelled yet: hybrid
-// layouts. The step time comes from the device table's peaks, or from a parabench-micro calibration
+// parallelism × data parallelism; its memory is bench/cp's plan_cp_memory) and hybrid (bench/hybrid:
+// tp × pp × cp × dp, sharded over the data ranks; its memory is the hybrid app's own prediction, its time
+// the others' collectives on a stage's share). The step time comes from the device table's peaks, or from a parabench-micro calibration
 // (--calibration: calibration.h, step_time.h).
 #pragma once
 
@@ -49,7 +50,7 @@ std::vector<std::string> gpu_names();
 struct PlanConfig {
   std::string model;          // preset name, or "custom"
   int64_t params_override = 0;  // --params N: model states only, of N parameters in one unit
-  std::string app;            // dp | fsdp | tp | pp | ep | cp
+  std::string app;            // dp | fsdp | tp | pp | ep | cp | hybrid
   int ranks = 1;              // world size W
   int gpus_per_node = 8;
   int dp = 1;                 // dp = W for the dp, fsdp and ep apps, W / tp for tp, W / pp for pp, W / cp for cp
@@ -89,8 +90,10 @@ struct PlanConfig {
   bool sequence_parallel() const { return memory.sequence_parallel; }
   bool model_states_only() const { return params_override > 0; }
   bool is_moe() const { return app == "ep"; }
-  bool is_cp() const { return app == "cp"; }
-  bool is_pp() const { return app == "pp"; }
+  bool is_hybrid() const { return app == "hybrid"; }
+  // A pipeline or context-parallel plan: --app pp or cp, or a hybrid with that degree above 1.
+  bool is_cp() const { return app == "cp" || (is_hybrid() && cp > 1); }
+  bool is_pp() const { return app == "pp" || (is_hybrid() && pp.stages > 1); }
   const char* cp_layout() const { return cp_zigzag ? "zigzag" : "contiguous"; }
   // --app ep: expert slots per expert and micro-batch (bench/ep's moe_capacity of b·S tokens).
   int64_t capacity() const;
@@ -199,6 +202,10 @@ struct PlanRequest {
   std::vector<Sweep> sweeps;
   Format format = Format::table;
   bool require_fit = false;
+  // --search: plans[0] is the base of the search (search.h), which prints the `top` fastest layouts that
+  // fit (all: 0).
+  bool search = false;
+  int top = 10;
 };
 
 struct ParseOutcome {

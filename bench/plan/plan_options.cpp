@@ -27,16 +27,13 @@ namespace {
 
 constexpr int64_t kMaxSweepPoints = 100000;
 constexpr int kMaxRanks = 1 << 26;
-// Apps of SPEC section 1 whose formulas the planner does not have yet, and where they come from.
-struct Unmodelled {
-  const char* app;
-  const char* source;
-};
-constexpr Unmodelled kUnmodelledApps[] = {
-    {"hybrid", "it combines the formulas of tp, pp and fsdp, which have their apps"},
-};
 // Options that describe the invocation rather than a plan: never swept.
-const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit", "calibration"};
+const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit", "calibration",
+                                             "search", "top"};
+// What --search varies itself (search.h): not to be given with it.
+const std::vector<std::string> kSearched = {"--tp", "--sequence-parallel", "--pp", "--schedule", "--virtual-stages",
+                                            "--cp", "--cp-algo", "--cp-layout", "--dp", "--shard", "--shard-group",
+                                            "--no-prefetch", "--micro-batch", "--recompute", "--sweep"};
 
 // Everything the command line can say, before resolution.
 struct RawOptions {
@@ -62,6 +59,10 @@ struct RawOptions {
   std::vector<std::string> sweep;
   std::string format = "table";
   bool require_fit = false;
+  bool moe = false;               // --app hybrid: its MoE MLP
+  bool search = false;            // --search
+  int top = 10;
+  std::vector<std::string> args;  // the command line (a sweep's point's): --app hybrid's definition reads it
 };
 
 std::string join(const std::vector<std::string>& items, const char* sep) {
@@ -118,13 +119,20 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
   cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
   // Layout.
-  cli->add_option("--app", r.app, "dp | fsdp | tp | pp | ep | cp (hybrid: not modelled yet)")->capture_default_str();
+  cli->add_option("--app", r.app, "dp | fsdp | tp | pp | ep | cp | hybrid (every degree above at once)")
+      ->capture_default_str();
   cli->add_option("--gpus", r.gpus, "ranks in the cluster (one per GPU)");
   cli->add_option("--nodes", r.nodes, "nodes; ranks = nodes × --gpus-per-node");
   cli->add_option("--gpus-per-node", r.gpus_per_node, "GPUs (ranks) per node")->capture_default_str();
   cli->add_option("--dp", r.dp, "data-parallel degree (default: the ranks / --tp, / --pp or / --cp)");
   for (const RegisteredApp& app : registered_apps()) {  // the app's own options, defaults and help (pp: --pp, ...)
     auto definition = std::make_shared<AppDefinition>(app.make());
+    if (app.composes) {  // hybrid: the others' options (read again by its definition), and its --moe
+      cli->add_flag("--moe", r.moe, "--app hybrid: every block's MLP a mixture of experts (not modelled yet)");
+      r.app_option_names[app.name] = {"--moe"};
+      r.apps.emplace_back(&app, definition);
+      continue;
+    }
     std::set<std::string> before;
     for (const CLI::Option* o : cli->get_options()) before.insert(o->get_name());
     definition->options.add(*cli);
@@ -154,6 +162,10 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
                   "a parabench-micro result file (.h5): time the step from its measured kernels and collectives "
                   "instead of --gpu's peaks and links (--app dp, fsdp, tp, pp)");
   cli->add_flag("--require-fit", r.require_fit, "exit 1 when a plan does not fit --gpu-memory");
+  cli->add_flag("--search", r.search,
+                "--app hybrid: every layout (tp, pp, schedule, cp, dp, shard, recompute, micro-batch) that fits "
+                "--gpu-memory, fastest first");
+  cli->add_option("--top", r.top, "--search: how many layouts to print (0: every one that fits)")->capture_default_str();
   // Output.
   cli->add_option("--sweep", r.sweep, "KEY=V1,V2,...: one plan per value (repeat for a cartesian product)");
   cli->add_option("--format", r.format, "table | csv | json")->capture_default_str();
@@ -173,19 +185,13 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
   PlanConfig c;
 
   // ---- app ------------------------------------------------------------------------------------------
-  for (const Unmodelled& u : kUnmodelledApps) {
-    if (r.app == u.app) {
-      reject("--app " + r.app + ": not modelled yet; " + u.source + " (the planner models dp, fsdp, tp, pp, ep and cp)");
-    }
-  }
-  if (r.app != "dp" && r.app != "fsdp" && r.app != "tp" && r.app != "pp" && r.app != "ep" && r.app != "cp") {
-    reject("--app " + r.app + " must be dp, fsdp, tp, pp, ep or cp (hybrid: not modelled yet)");
-  }
+  if (!find_registered_app(r.app)) reject("--app " + r.app + " must be dp, fsdp, tp, pp, ep, cp or hybrid");
   c.app = r.app;
+  const bool hybrid = r.app == "hybrid";
   const int requested_tp = described_options(r, "tp").at("tp").get<int>();
   if (requested_tp > 1 && c.app == "fsdp") {
-    reject("--tp " + std::to_string(requested_tp) + " with --app fsdp: fsdp with tp > 1 is the hybrid app, not modelled "
-           "yet (--app tp models tp × dp)");
+    reject("--tp " + std::to_string(requested_tp) + " with --app fsdp: fsdp with tp > 1 is --app hybrid "
+           "(--app tp models tp × dp)");
   }
   // The registered apps' degrees (as each describes its options): at least 1, and above 1 only for their
   // own app; their other options only for their own app.
@@ -199,6 +205,9 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
       definition = app_definition;
       continue;
     }
+    // --app hybrid takes every degree and the options of tp, pp, cp, ep and fsdp (its own definition reads
+    // them below); not dp's buckets or --no-overlap, which parabench-hybrid does not have.
+    if (hybrid && app->name != "dp") continue;
     if (degree > 1) {
       reject(std::string(app->degree_option) + " " + std::to_string(degree) + " is a degree of --app " + app->name + "; --app " +
              c.app + " has no " + app->parallelism + " (use --app " + app->name + ")");
@@ -211,10 +220,26 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
       }
     }
   }
+  if (hybrid) {
+    // Its definition's options are the other apps' (which this command line parsed): read them again.
+    CLI::App own;
+    own.allow_extras();
+    definition->options.add(own);
+    parse_args(own, r.args);
+    if (r.moe) reject("--app hybrid --moe: not modelled yet (--app ep plans the mixture of experts)");
+    if (calibration) {
+      reject("--calibration times the steps of --app dp, fsdp, tp and pp; --app hybrid is not modelled from a "
+             "calibration yet (without --calibration its peak-based estimate stands)");
+    }
+  } else if (r.moe) {
+    reject("--moe is an option of --app hybrid, not of --app " + c.app);
+  }
   // The degree beside dp: ranks = dp × model_parallel (tp's or cp's consecutive ranks, pp's stages).
   const RegisteredApp* registered = find_registered_app(c.app);
   const int model_parallel = definition->options.model_parallel_size();  // every modelled app is registered
-  const std::string model_parallel_option = registered->degree_option ? registered->degree_option : "--dp";
+  const std::string model_parallel_option = hybrid                   ? definition->options.model_parallel_options()
+                                            : registered->degree_option ? registered->degree_option
+                                                                        : "--dp";
   if (c.app == "fsdp" && given("--no-overlap")) {
     reject("--no-overlap is an option of --app dp, tp, pp, ep and cp, not of --app fsdp (use --no-prefetch)");
   }
@@ -223,6 +248,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
   ArchSpec& a = c.memory.arch;
   if (given("--params")) {
     if (c.app == "tp") reject("--params has no model shape to slice: --app tp needs --model (and shape options)");
+    if (hybrid) reject("--params has no layers, heads or sequence to split: --app hybrid needs --model (and shape options)");
     if (c.app == "ep") reject("--params has no MLP to split into experts: --app ep needs --model (and shape options)");
     if (c.app == "cp") reject("--params has no sequence to split: --app cp needs --model (and shape options)");
     if (c.app == "pp") reject("--params has no layers to cut into stages: --app pp needs --model (and shape options)");
@@ -294,6 +320,10 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
   c.ranks = static_cast<int>(ranks);
   const std::string ranks_source = given("--nodes") ? "--nodes × --gpus-per-node" : "--gpus";
   if (c.ranks % model_parallel != 0) {
+    if (hybrid) {
+      reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by " + model_parallel_option + " = " +
+             std::to_string(model_parallel) + " (dp = ranks / (tp · pp · cp))");
+    }
     const std::string degree = model_parallel_option.substr(2);
     reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by " + model_parallel_option + " " +
            std::to_string(model_parallel) + " (dp = ranks / " + degree + ")");
@@ -304,7 +334,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     if (c.ranks % r.dp != 0) {
       reject(ranks_source + " " + std::to_string(c.ranks) + " is not divisible by --dp " + std::to_string(r.dp));
     }
-    if ((c.app == "tp" || c.app == "pp" || c.app == "cp") && r.dp != c.dp) {
+    if ((c.app == "tp" || c.app == "pp" || c.app == "cp" || hybrid) && r.dp != c.dp) {
       reject("--dp " + std::to_string(r.dp) + " does not match " + ranks_source + " " + std::to_string(c.ranks) +
              " / " + model_parallel_option + " " + std::to_string(model_parallel) + " = " + std::to_string(c.dp));
     }
@@ -332,13 +362,17 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
   require_positive("--micro-batch", r.micro_batch);
   m.micro_batch = r.micro_batch;
   const int64_t per_step = static_cast<int64_t>(r.micro_batch) * c.dp;
+  if (r.search && !given("--global-batch")) reject("--search needs --global-batch, the samples per step of every layout");
   c.global_batch = given("--global-batch") ? r.global_batch : per_step;
   require_positive("--global-batch", c.global_batch);
-  if (c.global_batch % per_step != 0) {
+  if (r.search) {
+    // The base of a search (dp = ranks): each layout checks its own dp and micro-batch (search.cpp).
+    if (c.global_batch > std::numeric_limits<int>::max()) reject("--global-batch " + std::to_string(c.global_batch) + " is too large");
+  } else if (c.global_batch % per_step != 0) {
     reject("--global-batch " + std::to_string(c.global_batch) + " is not a multiple of --micro-batch " +
            std::to_string(r.micro_batch) + " × dp " + std::to_string(c.dp) + " = " + std::to_string(per_step));
   }
-  c.grad_accum = c.global_batch / per_step;
+  c.grad_accum = std::max<int64_t>(1, c.global_batch / per_step);
   if (r.recompute != "none" && r.recompute != "selective" && r.recompute != "full") {
     reject("--recompute " + r.recompute + " must be none, selective or full");
   }
@@ -435,6 +469,29 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
       c.pp.schedule = described.at("schedule").get<std::string>();
       c.pp.chunks = described.at("virtual_stages").get<int>();
     }
+    if (hybrid) {  // every degree, as parabench-hybrid predicts with them (predict_hybrid_memory)
+      plan_tp_slices(c.memory, described.at("tp").get<int>(), described.at("sequence_parallel").get<bool>());
+      if (a.kv_heads % c.memory.tp != 0) {
+        reject("--kv-heads " + std::to_string(a.kv_heads) + " is not divisible by --tp " + std::to_string(c.memory.tp) +
+               " (each rank holds whole key/value heads; they are not replicated)");
+      }
+      c.pp.stages = described.at("pp").get<int>();
+      c.pp.schedule = described.at("schedule").get<std::string>();
+      c.pp.chunks = described.at("virtual_stages").get<int>();
+      c.cp = described.at("cp").get<int>();
+      if (!parse_cp_algo(described.at("cp_algo").get<std::string>(), &c.cp_algo)) {
+        reject("--cp-algo " + described.at("cp_algo").get<std::string>() + ": not an algorithm");  // the app parsed it
+      }
+      c.cp_zigzag = described.at("cp_layout").get<std::string>() == "zigzag";
+      plan_cp_memory(c.memory, c.cp_algo, c.cp);  // for this rank's heads: after the tp slices
+      FsdpOptions fsdp;
+      if (!parse_shard_strategy(described.at("shard").get<std::string>(), &fsdp.shard)) {
+        reject("--shard " + described.at("shard").get<std::string>() + ": not a shard strategy");  // the app parsed it
+      }
+      fsdp.shard_group = described.at("shard_group").get<int>();
+      fsdp.prefetch = !described.at("no_prefetch").get<bool>();
+      plan_fsdp_sharding(c.memory, fsdp, c.dp * c.cp);  // over the data ranks
+    }
     c.definition = definition;
   }
 
@@ -520,6 +577,7 @@ std::vector<std::string> strip_options(const CLI::App& cli, const std::vector<st
 ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanRequest* request) {
   ParseOutcome outcome;
   RawOptions raw;
+  raw.args = args;
   std::unique_ptr<CLI::App> cli = make_cli(raw);
   try {
     parse_args(*cli, args);
@@ -542,6 +600,22 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
     else if (raw.format == "json") request->format = Format::json;
     else reject("--format " + raw.format + " must be table, csv or json");
     request->require_fit = raw.require_fit;
+    if (raw.search) {
+      if (raw.app != "hybrid") reject("--search plans --app hybrid's layouts: give --app hybrid (not --app " + raw.app + ")");
+      for (const std::string& option : kSearched) {
+        if (cli->count(option) > 0) reject(option + " is what --search varies; leave it out");
+      }
+      if (cli->count("--gpu-memory") == 0) reject("--search needs --gpu-memory GIB, the memory a layout must fit");
+      if (!raw.calibration.empty()) {
+        reject("--search times layouts from the device table's peaks: --app hybrid is not modelled from a "
+               "--calibration yet");
+      }
+      if (raw.top < 0) reject("--top " + std::to_string(raw.top) + " must be 0 (all) or more");
+      request->search = true;
+      request->top = raw.top;
+    } else if (cli->count("--top") > 0) {
+      reject("--top is an option of --search");
+    }
     std::shared_ptr<const Calibration> calibration;
     if (!raw.calibration.empty()) calibration = std::make_shared<const Calibration>(read_calibration(raw.calibration));
 
@@ -585,6 +659,7 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
         }
       }
       RawOptions point_raw;
+      point_raw.args = point_args;
       std::unique_ptr<CLI::App> point_cli = make_cli(point_raw);
       std::string where;
       for (const auto& [key, value] : swept) where += (where.empty() ? "" : ", ") + key + "=" + value;

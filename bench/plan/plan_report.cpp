@@ -97,7 +97,7 @@ std::string format_columns(const std::vector<std::vector<std::string>>& rows, st
 int64_t cluster_bytes(const PlanResult& r, MemCategory cat) {
   if (r.per_stage.empty()) return r.per_rank[cat] * r.config.ranks;
   int64_t total = 0;
-  for (const MemoryEstimate& e : r.per_stage) total += e[cat] * r.config.dp;
+  for (const MemoryEstimate& e : r.per_stage) total += e[cat] * (r.config.ranks / r.config.pp.stages);
   return total;
 }
 
@@ -110,6 +110,21 @@ std::string precision_text(const PlanConfig& c) {
 
 std::string layout_text(const PlanConfig& c) {
   std::string out = "--app " + c.app;
+  if (c.is_hybrid()) {
+    out += ": tp " + std::to_string(c.tp()) + (c.sequence_parallel() ? " with sequence parallelism" : "") + ", pp " +
+           std::to_string(c.pp.stages) + (c.pp.stages > 1 ? " (" + c.pp.schedule +
+                                                                (c.pp.chunks > 1 ? ", " + std::to_string(c.pp.chunks) +
+                                                                                       " virtual stages" : "") + ")"
+                                                          : "") +
+           ", cp " + std::to_string(c.cp) + (c.cp > 1 ? " (" + std::string(cp_algo_name(c.cp_algo)) + ")" : "") +
+           ", " + shard_strategy_name(c.memory.shard) + " over the data ranks (dp × cp = " +
+           std::to_string(c.dp * c.cp) + ")";
+    if (c.memory.shard == ShardStrategy::hybrid_shard) out += " in groups of " + std::to_string(c.memory.shard_ranks);
+    out += "; " + std::to_string(c.ranks) + " ranks = " + std::to_string(c.nodes()) + " node" + (c.nodes() > 1 ? "s" : "") +
+           " × " + std::to_string(c.gpus_per_node) + " GPUs, pp " + std::to_string(c.pp.stages) + " × dp " +
+           std::to_string(c.dp) + " × cp " + std::to_string(c.cp) + " × tp " + std::to_string(c.tp());
+    return out;
+  }
   if (c.app == "fsdp") {
     out += " " + std::string(shard_strategy_name(c.memory.shard));
     if (c.memory.shard == ShardStrategy::hybrid_shard) {
@@ -135,8 +150,12 @@ std::string layout_text(const PlanConfig& c) {
   } else if (c.is_pp()) {
     out += ", pp " + std::to_string(c.pp.stages) + " (" + c.pp.schedule +
            (c.pp.chunks > 1 ? ", " + std::to_string(c.pp.chunks) + " virtual stages per rank" : "") + "): " +
-           std::to_string(c.memory.arch.layers / (c.pp.stages * c.pp.chunks)) +
-           (c.memory.arch.layers == c.pp.stages * c.pp.chunks ? " block per " : " blocks per ") +
+           [&] {  // equal stages, or (bench/pp/pipeline_plan.h) one block fewer on the first and last ones
+             const int V = c.pp.stages * c.pp.chunks, L = static_cast<int>(c.memory.arch.layers);
+             const int most = pipeline_stage_blocks(L, V, V / 2), least = pipeline_stage_blocks(L, V, 0);
+             return (least == most ? std::to_string(most) : std::to_string(least) + " to " + std::to_string(most)) +
+                    (most == 1 ? " block per " : " blocks per ");
+           }() +
            (c.pp.chunks > 1 ? "virtual stage" : "stage") +
            (c.overlap ? "; dp all-reduce overlapped with the pipeline" : "; dp all-reduce after the pipeline drains");
   } else if (c.is_cp()) {
@@ -698,6 +717,104 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
   }
   doc["plans"] = plans;
   return doc.dump(2) + "\n";
+}
+
+namespace {
+
+// One searched layout as the columns of the table and the CSV.
+std::vector<std::string> search_row(std::size_t rank, const PlanResult& r) {
+  const PlanConfig& c = r.config;
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  const std::string schedule = c.pp.stages == 1 ? "-" : c.pp.chunks > 1 ? c.pp.schedule + " v" + std::to_string(c.pp.chunks)
+                                                                         : c.pp.schedule;
+  std::string shard = shard_strategy_name(c.memory.shard);
+  if (c.memory.shard == ShardStrategy::hybrid_shard) shard += "/" + std::to_string(c.memory.shard_ranks);
+  return {std::to_string(rank),
+          std::to_string(c.tp()) + (c.sequence_parallel() ? "+sp" : ""),
+          std::to_string(c.pp.stages),
+          schedule,
+          std::to_string(c.cp),
+          std::to_string(c.dp),
+          shard,
+          c.memory.recompute,
+          std::to_string(c.memory.micro_batch),
+          printf_string("%.1f", static_cast<double>(r.per_rank.peak_total) / gib),
+          printf_string("%.3g", r.step_s),
+          printf_string("%.3g", r.compute_s),
+          printf_string("%.3g", r.bubble_s),
+          printf_string("%.3g", r.exposed_comm_s),
+          printf_string("%.4g", r.tokens_per_s / c.ranks),
+          mfu_text(r.mfu)};
+}
+
+const std::vector<std::string> kSearchColumns = {"rank", "tp", "pp", "schedule", "cp", "dp", "shard", "recompute",
+                                                 "micro_batch", "peak_gib", "step_s", "compute_s", "bubble_s",
+                                                 "exposed_comm_s", "tokens_per_s_per_gpu", "mfu"};
+
+}  // namespace
+
+std::string render_search(const PlanRequest& request, const SearchResult& result) {
+  const std::size_t shown =
+      request.top > 0 ? std::min<std::size_t>(static_cast<std::size_t>(request.top), result.ranked.size())
+                      : result.ranked.size();
+  if (request.format == Format::csv) {
+    std::string out;
+    for (std::size_t i = 0; i < kSearchColumns.size(); ++i) out += (i ? "," : "") + kSearchColumns[i];
+    out += "\n";
+    for (std::size_t i = 0; i < shown; ++i) {
+      const std::vector<std::string> row = search_row(i + 1, result.ranked[i]);
+      for (std::size_t k = 0; k < row.size(); ++k) out += (k ? "," : "") + csv_field(row[k]);
+      out += "\n";
+    }
+    return out;
+  }
+  if (request.format == Format::json) {
+    nlohmann::ordered_json j;
+    j["candidates"] = result.candidates;
+    j["accepted"] = result.accepted;
+    j["fitting"] = result.ranked.size();
+    j["seconds"] = result.seconds;
+    j["layouts"] = nlohmann::ordered_json::array();
+    for (std::size_t i = 0; i < shown; ++i) {
+      const PlanResult& r = result.ranked[i];
+      nlohmann::ordered_json one;
+      one["rank"] = i + 1;
+      one["config"] = config_json(r.config);
+      nlohmann::ordered_json memory;
+      for (MemCategory cat : all_mem_categories()) memory[mem_category_name(cat)] = r.per_rank[cat];
+      memory["peak_total"] = r.per_rank.peak_total;
+      one["memory_bytes_per_rank"] = memory;
+      one["peak_stage"] = r.peak_stage;
+      one["step_s"] = r.step_s;
+      one["compute_s"] = r.compute_s;
+      one["bubble_s"] = r.bubble_s;
+      one["exposed_comm_s"] = r.exposed_comm_s;
+      one["tokens_per_s"] = r.tokens_per_s;
+      one["tokens_per_s_per_gpu"] = r.tokens_per_s / r.config.ranks;
+      one["mfu"] = std::isfinite(r.mfu) ? nlohmann::ordered_json(r.mfu) : nlohmann::ordered_json(nullptr);
+      j["layouts"].push_back(one);
+    }
+    return j.dump(2) + "\n";
+  }
+  if (request.plans.empty()) return "";
+  const PlanConfig& base = request.plans.front();
+  std::string out = "parabench-plan --search: " + base.model + " (" + describe_arch(base.memory.arch) + ") on " +
+                    std::to_string(base.ranks) + " GPUs (" + std::to_string(base.nodes()) + " nodes × " +
+                    std::to_string(base.gpus_per_node) + ") of " + printf_string("%g", base.gpu_memory_gib) +
+                    " GiB, global batch " + std::to_string(base.global_batch) + " (" +
+                    with_separators(base.global_batch * base.memory.arch.seq) + " tokens), " + precision_text(base) + "\n";
+  out += "time: " + time_source_text(base) + "\n";
+  out += std::to_string(result.candidates) + " layouts enumerated, " + std::to_string(result.accepted) +
+         " accepted by parabench-hybrid's rules, " + std::to_string(result.ranked.size()) + " fit; searched in " +
+         printf_string("%.2f", result.seconds) + " s\n";
+  if (result.ranked.empty()) return out + "no layout fits\n";
+  out += "fastest first (step time; tokens/s per GPU in the same order); peak: the largest stage's, GiB per rank:\n";
+  std::vector<std::vector<std::string>> rows = {kSearchColumns};
+  for (std::size_t i = 0; i < shown; ++i) rows.push_back(search_row(i + 1, result.ranked[i]));
+  out += format_columns(rows);
+  const PlanResult& best = result.ranked.front();
+  out += "\nthe fastest layout in full:\n" + single_plan_table(best);
+  return out;
 }
 
 }  // namespace pb::plan

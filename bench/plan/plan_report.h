@@ -6,12 +6,17 @@
 #include <vector>
 
 #include "bench/plan/plan.h"
+#include "bench/plan/search.h"
 
 namespace pb::plan {
 
 std::string render_table(const PlanRequest& request, const std::vector<PlanResult>& results);
 std::string render_csv(const std::vector<PlanResult>& results);
 std::string render_json(const PlanRequest& request, const std::vector<PlanResult>& results);
+
+// --search: the layouts that fit, fastest first (the top `request.top`, all when 0), with their memory and
+// time breakdown; in the request's format.
+std::string render_search(const PlanRequest& request, const SearchResult& result);
 
 // One line describing the model, e.g. "L126 h16384 a128 kv8 ffn53248 gated-mlp V128256 S8192 ...".
 std::string describe_arch(const ArchSpec& arch);

@@ -35,9 +35,9 @@ void validate_pipeline_options(const PipelineOptions& pp, int64_t layers, int64_
     throw ConfigError("--virtual-stages " + std::to_string(pp.chunks) + " applies to --schedule interleaved only");
   }
   const int64_t virtual_stages = static_cast<int64_t>(pp.stages) * pp.chunks;
-  if (layers % virtual_stages != 0) {
-    throw ConfigError("--layers " + std::to_string(layers) + " is not divisible by --pp " + std::to_string(pp.stages) +
-                      " × --virtual-stages " + std::to_string(pp.chunks));
+  if (layers < virtual_stages) {
+    throw ConfigError("--layers " + std::to_string(layers) + " is fewer than --pp " + std::to_string(pp.stages) +
+                      " × --virtual-stages " + std::to_string(pp.chunks) + " (every virtual stage holds a block)");
   }
   if (s == "interleaved" && grad_accum % pp.stages != 0) {
     throw ConfigError("--schedule interleaved needs micro-batches per step (grad accumulation " +
@@ -50,11 +50,18 @@ void validate_pipeline_options(const PipelineOptions& pp, int64_t layers, int64_
   }
 }
 
+int pipeline_stage_blocks(int layers, int virtual_stages, int k) {
+  const int V = virtual_stages, most = (layers + V - 1) / V, fewer = most * V - layers;
+  const int order = k <= V - 1 - k ? 2 * k : 2 * (V - 1 - k) + 1;  // 0, V − 1, 1, V − 2, ...
+  return order < fewer ? most - 1 : most;
+}
+
 GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k) {
-  const int per = layers / virtual_stages;
+  int first_block = 0;  // blocks are units 1..L
+  for (int j = 0; j < k; ++j) first_block += pipeline_stage_blocks(layers, virtual_stages, j);
   GptModel::Stage s;
-  s.first_unit = k == 0 ? 0 : 1 + k * per;
-  s.last_unit = k == virtual_stages - 1 ? layers + 1 : (k + 1) * per;
+  s.first_unit = k == 0 ? 0 : 1 + first_block;
+  s.last_unit = k == virtual_stages - 1 ? layers + 1 : first_block + pipeline_stage_blocks(layers, virtual_stages, k);
   return s;
 }
 
@@ -92,12 +99,20 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
   int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
   int64_t posted = 0;   // gradient buffers posted after forwards, waiting for their backward
   std::vector<UnitPass> passes;  // the units' forwards and backwards in schedule order (for FSDP's gathers)
+  std::vector<GptModel::Stage> chunk_units(o.chunks);
+  std::vector<ActivationEstimate> chunk_activations(o.chunks);  // one micro-batch on each of the rank's chunks
+  for (int chunk = 0; chunk < o.chunks; ++chunk) {
+    const int k = chunk * o.stages + stage;
+    const GptModel::Stage s = pipeline_stage_units(L, V, k);
+    const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
+    chunk_units[chunk] = s;
+    chunk_activations[chunk] = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
+  }
   for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
     const int k = step.chunk * o.stages + stage;
-    const GptModel::Stage s = pipeline_stage_units(L, V, k);
+    const GptModel::Stage& s = chunk_units[step.chunk];
     passes.push_back({s.first_unit, s.last_unit, step.forward});
-    const int64_t blocks = std::min(s.last_unit, L) - std::max(s.first_unit, 1) + 1;
-    const ActivationEstimate a = predict_stage_activations(plan, blocks, k == 0, k == V - 1);
+    const ActivationEstimate& a = chunk_activations[step.chunk];
     if (step.forward) {
       comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0) + forward_extra);  // + the received input
       if (k < V - 1) posted += boundary;

@@ -27,10 +27,15 @@ void add_pipeline_options(CLI::App& cli, PipelineOptions& pp);
 
 // The rules of parabench-pp's options (throws ConfigError, a message naming the option, the value
 // and the rule): a known schedule, degrees of at least 1, --virtual-stages with interleaved only,
-// layers divisible by pp × virtual stages, interleaved micro-batches in groups of pp, and message tags
+// at least one block per virtual stage, interleaved micro-batches in groups of pp, and message tags
 // within MPI's smallest guaranteed MPI_TAG_UB.
 void validate_pipeline_options(const PipelineOptions& pp, int64_t layers, int64_t grad_accum, int64_t global_batch);
 
+// The blocks of virtual stage k of V: ceil(L / V), one fewer on as many stages as L falls short of V ·
+// ceil(L / V), taken in the order 0, V − 1, 1, V − 2, ... (the stages with the embedding and the head
+// first, as Llama 3's 126 layers on 16 stages: 7 on the first and last, 8 on the others). Equal stages
+// when V divides L.
+int pipeline_stage_blocks(int layers, int virtual_stages, int k);
 // The units (embedding 0, blocks 1..L, head L+1) of virtual stage k of `virtual_stages`.
 GptModel::Stage pipeline_stage_units(int layers, int virtual_stages, int k);
 

@@ -4,14 +4,6 @@
 #include <utility>
 
 namespace pb {
-namespace {
-// Whole on every rank but computed on its sequence rows only: the LayerNorms' parameters.
-bool is_layernorm(const TensorInfo& t) {
-  return t.name.find("ln1.") != std::string::npos || t.name.find("ln2.") != std::string::npos ||
-         t.name.rfind("final_ln.", 0) == 0;
-}
-}  // namespace
-
 TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime, std::vector<int> held, Communicator* data_group)
     : rt_(runtime),
       state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads, std::move(held)),
@@ -21,7 +13,7 @@ void TensorParallelStrategy::finish_gradients() {
   // Sequence parallelism: each rank's LayerNorm gradients cover its rows only; sum them.
   if (tp_.active() && tp_.sequence_parallel) {
     state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
-      if (is_layernorm(t)) tp_.comm->all_reduce(state_.grads() + at, t.numel());
+      if (t.partial_under_sequence_parallel()) tp_.comm->all_reduce(state_.grads() + at, t.numel());
     });
   }
   // Data parallelism: the ranks with the same slices (the dp group, or dp × cp) sum their gradients.

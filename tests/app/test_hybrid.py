@@ -3,7 +3,8 @@ pipeline, context and expert parallelism composed on one model.
 
 * the layouts of the issue, on 8 ranks: tp2×pp2×dp2, tp2×cp2×dp2, pp2×cp2×tp2, FULL_SHARD×tp2 (dp 4),
   HYBRID_SHARD×pp2 (dp 4, shard groups of 2), an MoE model with ep2×tp2 (dp 4: expert data parallel 2),
-  tp2×cp2×pp2 with sequence parallelism, and on 16 ranks tp2×cp2×pp2×dp2, each train the single-rank run's model (parabench-dp, or parabench-ep with the same
+  tp2×cp2×pp2 with sequence parallelism, FULL_SHARD × tp2 and ZERO1 × tp2 × cp2 with sequence
+  parallelism, and on 16 ranks tp2×cp2×pp2×dp2, each train the single-rank run's model (parabench-dp, or parabench-ep with the same
   experts) with the same global batch: each step's loss and grad norm and the final parameter norm within a
   relative 1e-5 (SPEC 2.4);
 * /memory/measured = /memory/predicted exactly per rank for every category but peak_total (an upper bound,
@@ -71,6 +72,9 @@ LAYOUTS = [
     Layout("moe-ep2xtp2xdp4", 8, tp=2, ep=2, moe=True),
     Layout("tp2xcp2xpp2xdp2", 16, tp=2, pp=2, cp=2),
     Layout("sp-tp2xcp2xpp2", 8, tp=2, pp=2, cp=2, sp=True),
+    Layout("uneven-pp3", 3, pp=3),  # 4 layers on 3 stages: 1, 2, 1 blocks
+    Layout("fullshard-sp-tp2xdp4", 8, tp=2, shard="FULL_SHARD", sp=True),
+    Layout("zero1-sp-tp2xcp2xdp2", 8, tp=2, cp=2, shard="ZERO1", sp=True),
 ]
 BY_ID = {layout.id: layout for layout in LAYOUTS}
 LAYOUT_IDS = list(BY_ID)
@@ -135,9 +139,23 @@ def unit_parameters(layout):
     return [embed] + [replicated + experts] * L + [head], replicated, experts
 
 
+def stage_blocks(layout):
+    """bench/pp/pipeline_plan.h: ceil(L/p) blocks per stage, one fewer on as many stages as L falls short of
+    p·ceil(L/p), taken in the order 0, p − 1, 1, p − 2, ..."""
+    L, p = SHAPE["layers"], layout.pp
+    most = -(-L // p)
+    order, lo, hi = [], 0, p - 1
+    while lo <= hi:
+        order += [lo] if lo == hi else [lo, hi]
+        lo, hi = lo + 1, hi - 1
+    fewer = set(order[:most * p - L])
+    return [most - (s in fewer) for s in range(p)]
+
+
 def stage_units(layout, stage):
-    per = SHAPE["layers"] // layout.pp
-    units = [1 + b for b in range(stage * per, (stage + 1) * per)]
+    blocks = stage_blocks(layout)
+    first = sum(blocks[:stage])
+    units = [1 + b for b in range(first, first + blocks[stage])]
     if stage == 0:
         units.insert(0, 0)
     if stage == layout.pp - 1:
@@ -149,8 +167,25 @@ def shard_of(n, ranks):
     return -(-n // ranks)
 
 
+def layernorm_pieces(layout, unit, first, count):
+    """The sizes of the LayerNorm tensors' pieces (g and b: h each) inside [first, first + count) of a unit's
+    flat elements (common/model.cpp's order: ln1.g, ln1.b, attention, ln2.g, ln2.b, the MLP; the head
+    unit final_ln.g, final_ln.b, head.w)."""
+    h, L = SHAPE["hidden"], SHAPE["layers"]
+    if unit == 0:
+        return []
+    if unit == L + 1:
+        spans = [(0, h), (h, 2 * h)]
+    else:
+        attention = h * 3 * h // layout.tp + 3 * h // layout.tp + h // layout.tp * h + h
+        spans = [(0, h), (h, 2 * h), (2 * h + attention, 3 * h + attention), (3 * h + attention, 4 * h + attention)]
+    pieces = [min(hi, first + count) - max(lo, first) for lo, hi in spans]
+    return [n for n in pieces if n > 0]
+
+
 def shard_ranks(layout):
-    return {"NO_SHARD": 1, "FULL_SHARD": layout.dp * layout.cp, "HYBRID_SHARD": layout.group}[layout.shard]
+    data_ranks = layout.dp * layout.cp
+    return {"NO_SHARD": 1, "ZERO1": data_ranks, "FULL_SHARD": data_ranks, "HYBRID_SHARD": layout.group}[layout.shard]
 
 
 @pytest.mark.parametrize("layout_id", LAYOUT_IDS)
@@ -167,7 +202,8 @@ def test_memory_matches_prediction(layout_id, layout_run):
     for rank in range(layout.ranks):
         held = [units[u] for u in stage_units(layout, layout.coord(rank)["pp"])]
         own = sum(shard_of(u, n) for u in held)  # this rank's shards (n = 1: the units whole)
-        params = own if layout.shard in ("FULL_SHARD", "HYBRID_SHARD") else sum(held)
+        whole = sum(shard_of(u, n) * n for u in held) if layout.shard == "ZERO1" else sum(held)  # padded
+        params = own if layout.shard in ("FULL_SHARD", "HYBRID_SHARD") else whole
         expected = {"parameters": F32 * params, "gradients": F32 * params, "optimizer_states": 2 * F32 * own,
                     "master_parameters": 0}
         got = {cat: int(run["measured"][cat][rank]) for cat in MODEL_STATES}
@@ -185,7 +221,7 @@ def expected_groups(layout, rank):
     units, replicated, experts = unit_parameters(layout)
     held = stage_units(layout, c["pp"])
     first, last = c["pp"] == 0, c["pp"] == layout.pp - 1
-    blocks = L // layout.pp
+    blocks = stage_blocks(layout)[c["pp"]]
     out = {}
 
     def add(group, op, calls, nbytes):
@@ -197,8 +233,9 @@ def expected_groups(layout, rank):
         add("tp", "all_gather", m * (6 * blocks + 2 * last + first), m * F32 * N * h * (6 * blocks + 2 * last + first))
         add("tp", "reduce_scatter", m * (4 * blocks + first + last), m * F32 * N * h * (4 * blocks + first + last))
         add("tp", "all_reduce", m * 2 * last, m * F32 * 3 * N * last)  # the softmax's max and sums
-        layernorms = 4 * blocks + 2 * last  # each LayerNorm's g and b, summed over tp once per step
-        add("tp", "all_reduce", layernorms, layernorms * F32 * h)
+        if layout.shard == "NO_SHARD":  # each LayerNorm's g and b summed over tp once per step (sharded: below)
+            layernorms = 4 * blocks + 2 * last
+            add("tp", "all_reduce", layernorms, layernorms * F32 * h)
     elif layout.tp > 1:  # bench/tp/README.md without sequence parallelism; the MoE part has no f or g
         per_block = 2 if layout.moe else 4
         calls = first + per_block * blocks + 3 * last
@@ -229,14 +266,28 @@ def expected_groups(layout, rank):
         # FSDP (bench/fsdp/README.md) with backward right after forward (pp 1, or one micro-batch): per
         # micro-batch each unit gathered for its forward and again for its backward but the last, kept;
         # each unit's gradient reduce-scattered; gathers and reduce-scatters count the whole padded unit.
+        # ZERO1: each unit's gradient reduce-scattered on the last micro-batch and its updated shard gathered
+        # back after the step.
         assert layout.pp == 1 or m == 1
         n = shard_ranks(layout)
         padded = [shard_of(units[u], n) * n for u in held]
         group = "shard" if layout.shard == "HYBRID_SHARD" else data
-        add(group, "all_gather", m * (2 * len(held) - 1), m * F32 * (2 * sum(padded) - padded[-1]))
-        add(group, "reduce_scatter", m * len(held), m * F32 * sum(padded))
+        if layout.shard == "ZERO1":
+            add(group, "reduce_scatter", len(held), F32 * sum(padded))
+            add(group, "all_gather", len(held), F32 * sum(padded))
+        else:
+            add(group, "all_gather", m * (2 * len(held) - 1), m * F32 * (2 * sum(padded) - padded[-1]))
+            add(group, "reduce_scatter", m * len(held), m * F32 * sum(padded))
         if layout.shard == "HYBRID_SHARD":  # the shards summed over the groups, once per step
             add("replicate", "all_reduce", 1, F32 * sum(shard_of(units[u], n) for u in held))
+        if layout.sp:  # the LayerNorm pieces of this rank's shards summed over tp, once per step
+            data_rank = c["dp"] * layout.cp + c["cp"]  # its place in the data ranks (cp inside dp)
+            shard_rank = data_rank % n
+            for u in held:
+                k = shard_of(units[u], n)
+                first = min(units[u], shard_rank * k)
+                for piece in layernorm_pieces(layout, u, first, min(units[u], first + k) - first):
+                    add("tp", "all_reduce", 1, F32 * piece)
     return out
 
 
@@ -285,7 +336,6 @@ BAD = [
     ("ep-without-moe", 4, ["--ep", 2], ["--ep", "--moe"]),
     ("moe-with-pp", 4, ["--moe", "--pp", 2], ["--moe", "--pp"]),
     ("moe-with-cp", 4, ["--moe", "--cp", 2], ["--moe", "--cp"]),
-    ("shard-with-sp", 4, ["--tp", 2, "--sequence-parallel", "--shard", "FULL_SHARD"], ["--shard", "--sequence-parallel"]),
     ("shard-group-not-dividing", 4, ["--shard", "HYBRID_SHARD", "--shard-group", 3], "--shard-group"),
     ("alltoall-heads", 4, ["--tp", 2, "--cp", 2, "--cp-algo", "alltoall"], ["--heads", "--cp"]),
 ]

@@ -568,10 +568,10 @@ def test_schedule_replay_gives_the_theory_for_equal_stages():
 
 # (id, ranks, arguments after --model tiny --steps 2 --warmup 1, what stderr must name)
 BAD = [
-    ("layers-not-divisible-by-pp", 3, ["--layers", "4", "--pp", "3"], ["--layers 4", "--pp 3"]),
-    ("layers-not-divisible-by-pp-times-v", 2, ["--layers", "2", "--pp", "2", "--schedule", "interleaved",
-                                               "--virtual-stages", "2", "--global-batch", "2"],
-     ["--layers 2", "--virtual-stages"]),
+    ("fewer-layers-than-pp", 3, ["--layers", "2", "--pp", "3"], ["--layers 2", "--pp 3"]),
+    ("fewer-layers-than-pp-times-v", 2, ["--layers", "3", "--pp", "2", "--schedule", "interleaved",
+                                         "--virtual-stages", "2", "--global-batch", "2"],
+     ["--layers 3", "--virtual-stages"]),
     ("world-smaller-than-pp", 2, ["--pp", "4"], ["--pp 4"]),
     ("world-not-divisible-by-pp", 4, ["--layers", "6", "--pp", "3"], ["--pp 3"]),
     ("unknown-schedule", 2, ["--pp", "2", "--schedule", "bogus"], ["--schedule bogus"]),

@@ -178,7 +178,7 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--app", "fsdp", "--shard", "HYBRID_SHARD"], "--shard HYBRID_SHARD needs --shard-group"),
     (["--model", "llama3-8b", "--kv-heads", "5"], "--heads 32 is not divisible by --kv-heads 5"),
     (["--model", "tiny", "--hidden", "66"], "--hidden 66 is not divisible by --heads 4"),
-    (["--app", "hybrid"], "--app hybrid: not modelled yet"),
+    (["--app", "hybrid", "--moe"], "--app hybrid --moe: not modelled yet"),
     (["--model", "llama3-70b", "--app", "tp", "--gpus", "48", "--tp", "3"], "--heads 64 is not divisible by --tp 3"),
     (["--model", "gpt3-175b", "--app", "tp", "--gpus", "16", "--tp", "2"],
      "--vocab 50257 is not divisible by --tp 2 (the vocabulary is split, not padded)"),
@@ -186,7 +186,7 @@ def test_plan_that_does_not_fit_says_by_how_much():
     (["--model", "llama3-8b", "--app", "tp", "--gpus", "16", "--tp", "16"], "--kv-heads 8 is not divisible by --tp 16"),
     (["--model", "tiny", "--seq", "31", "--app", "tp", "--tp", "2", "--sequence-parallel"],
      "--micro-batch × --seq 31 is not divisible by --tp 2"),
-    (["--app", "fsdp", "--gpus", "16", "--tp", "2"], "fsdp with tp > 1 is the hybrid app, not modelled yet"),
+    (["--app", "fsdp", "--gpus", "16", "--tp", "2"], "fsdp with tp > 1 is --app hybrid"),
     (["--dtype", "fp16"], "--dtype fp16 must be fp32 or bf16"),
     (["--dtype", "fp32", "--grad-dtype", "bf16"], "--grad-dtype bf16 needs --dtype bf16"),
     (["--sweep", "colour=red"], "colour is not an option a sweep can vary"),
@@ -823,3 +823,105 @@ def test_calibration_says_where_it_does_not_reach(tmp_path):
     assert "warning" not in inside
     big = ok("--model", "gpt2-124m", "--micro-batch", 1, "--gpus", 2, "--bucket-mb", 400, "--calibration", cal).stderr
     assert "-byte messages timed at the bus bandwidth of the calibration's largest size, 33554432 bytes" in big
+
+
+# ---- hybrid: every degree at once, and --search ------------------------------------------------------------
+
+HYBRID_APP = Path(os.environ.get("PB_HYBRID", str(BIN_DIR / "hybrid" / "parabench-hybrid")))
+HYBRID_TINY = ["--layers", 4, "--hidden", 16, "--heads", 4, "--seq", 16, "--vocab", 64, "--ffn", 32]
+
+
+@pytest.mark.parametrize("args", [
+    ["--tp", 2, "--pp", 2, "--cp", 2, "--sequence-parallel", "--global-batch", 4],
+    ["--tp", 2, "--shard", "FULL_SHARD", "--sequence-parallel", "--global-batch", 4],
+    ["--pp", 2, "--shard", "HYBRID_SHARD", "--shard-group", 2, "--global-batch", 4, "--recompute", "full"],
+    ["--tp", 2, "--pp", 2, "--schedule", "interleaved", "--virtual-stages", 2, "--global-batch", 8],
+    ["--pp", 3, "--global-batch", 3],
+], ids=["tp2-pp2-cp2-sp", "fullshard-tp2-sp", "hybridshard-pp2-full", "tp2-pp2-interleaved", "uneven-pp3"])
+def test_hybrid_plan_equals_parabench_hybrid_memory_exactly(tmp_path, args):
+    """One step of parabench-hybrid: /memory/predicted per rank in bytes is the planner's stage of that rank
+    (stage s holds ranks s·(W/pp) ... (s+1)·(W/pp) − 1, SPEC 3); and --dry-run prints the same."""
+    pp = args[args.index("--pp") + 1] if "--pp" in args else 1
+    ranks = 3 if pp == 3 else 8
+    path = tmp_path / "hybrid.h5"
+    run_app(HYBRID_APP, *HYBRID_TINY, "--steps", 1, "--warmup", 0, "--out", path, "--quiet", *args, ranks=ranks)
+    (p,) = json_plans(*HYBRID_TINY, "--app", "hybrid", "--gpus", ranks, "--backend", "cpu", "--dtype", "fp32", *args)
+    stages = p["memory_per_stage"] if pp > 1 else [p["memory_per_rank"]]
+    assert len(stages) == pp
+    with h5py.File(path, "r") as f:
+        for category in CATEGORIES + ["peak_total"]:
+            predicted = list(f[f"memory/predicted/{category}"][()])
+            assert predicted == [stages[r // (ranks // pp)][category] for r in range(ranks)], category
+    table = dry_run_table(run_app(HYBRID_APP, *HYBRID_TINY, "--dry-run", *args, ranks=ranks).stdout)
+    for rank, row in table.items():
+        for category in CATEGORIES + ["peak_total"]:
+            assert row[category] == f"{stages[rank // (ranks // pp)][category] / 2**20:.2f}", (rank, category)
+
+
+def test_hybrid_plan_of_the_published_405b_layout():
+    """Llama 3 405B's TP 8 × PP 16 × DP 128 on 16384 GPUs (126 layers: 7 on the first and last stage, 8 on the
+    others): its memory per stage, sharded over the 128 data ranks, and the collectives of each strategy."""
+    (p,) = json_plans("--model", "llama3-405b", "--app", "hybrid", "--gpus", 16384, "--tp", 8, "--sequence-parallel",
+                      "--pp", 16, "--schedule", "interleaved", "--virtual-stages", 4, "--shard", "FULL_SHARD",
+                      "--global-batch", 2048, "--gpu-memory", 80)
+    c = p["config"]
+    assert (c["tp"], c["pp"], c["cp"], c["dp"], c["grad_accum"]) == (8, 16, 1, 128, 16)
+    stages = p["memory_per_stage"]
+    assert len(stages) == 16 and p["fit"]["fits"]
+    # the stages' parameters: bf16, sharded per unit over the 128 data ranks; the first and last hold 7 blocks
+    assert stages[0]["parameters"] < stages[1]["parameters"] == stages[8]["parameters"]
+    ops = {(e["op"], e["ranks"]) for e in p["time_estimate"]["collectives"]}
+    assert {("all_gather", 8), ("reduce_scatter", 8), ("send_recv", 2), ("all_gather", 128),
+            ("reduce_scatter", 128)} <= ops, ops
+
+
+def search(*args, timeout=30):
+    return ok("--app", "hybrid", "--search", *args)
+
+
+def test_search_405b_on_16384_gpus_in_under_5_seconds():
+    start = time.monotonic()
+    result = json.loads(search("--model", "llama3-405b", "--gpus", 16384, "--gpu-memory", 80, "--global-batch", 2048,
+                               "--top", 0, "--format", "json").stdout)
+    assert time.monotonic() - start < 5.0
+    layouts = result["layouts"]
+    assert result["candidates"] > result["accepted"] >= result["fitting"] == len(layouts) > 1000
+    steps = [lay["step_s"] for lay in layouts]
+    assert steps == sorted(steps)
+    for lay in layouts:
+        c = lay["config"]
+        assert c["tp"] * c["pp"] * c["cp"] * c["dp"] == 16384
+        assert lay["memory_bytes_per_rank"]["peak_total"] <= 80 * 2**30
+        assert lay["tokens_per_s_per_gpu"] == pytest.approx(2048 * 8192 / lay["step_s"] / 16384)
+    # the published layout (TP 8 with sequence parallelism, PP 16, CP 1, DP 128) fits and is among them
+    published = [lay["rank"] for lay in layouts if (lay["config"]["tp"], lay["config"]["pp"], lay["config"]["cp"],
+                                                     lay["config"]["dp"]) == (8, 16, 1, 128)]
+    assert published and min(published) <= len(layouts) // 10, (min(published) if published else None, len(layouts))
+
+
+def test_search_table_and_csv():
+    args = ["--model", "gpt2-1.5b", "--gpus", 64, "--gpu-memory", 40, "--global-batch", 64]
+    table = search(*args).stdout
+    assert "fastest first" in table and "the fastest layout in full:" in table
+    rows = list(csv.DictReader(io.StringIO(search(*args, "--top", 5, "--format", "csv").stdout)))
+    assert len(rows) == 5 and rows[0]["rank"] == "1"
+    assert [float(r["step_s"]) for r in rows] == sorted(float(r["step_s"]) for r in rows)
+    assert all(float(r["peak_gib"]) <= 40 for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--app", "dp", "--search", "--gpu-memory", 80, "--global-batch", 8], "--search plans --app hybrid's layouts"),
+    (["--app", "hybrid", "--search", "--global-batch", 8], "--search needs --gpu-memory"),
+    (["--app", "hybrid", "--search", "--gpu-memory", 80], "--search needs --global-batch"),
+    (["--app", "hybrid", "--search", "--gpu-memory", 80, "--global-batch", 8, "--tp", 2], "--tp is what --search varies"),
+    (["--app", "hybrid", "--search", "--gpu-memory", 80, "--global-batch", 8, "--top", -1], "--top -1 must be 0"),
+    (["--app", "hybrid", "--top", 3], "--top is an option of --search"),
+    (["--app", "hybrid", "--gpus", 12, "--tp", 2, "--pp", 4], "--gpus 12 is not divisible by --tp 2 × --pp 4 × --cp 1"),
+    (["--app", "hybrid", "--gpus", 8, "--tp", 8], "--heads 4 is not divisible by --tp 8"),
+    (["--app", "hybrid", "--moe"], "--app hybrid --moe: not modelled yet"),
+    (["--app", "tp", "--moe"], "--moe is an option of --app hybrid"),
+])
+def test_bad_hybrid_plans_exit_2(args, message):
+    result = plan("--model", "tiny", *args)
+    assert result.returncode == 2, result
+    assert message in result.stderr, result.stderr
