@@ -379,6 +379,7 @@ class Report:
             self.step_time_by_strategy()
             self.moe_load_balance()
             self.cp_load_balance()
+            self.layout_ranking()
             self.not_complete()
             self.left_out()
         if not self.micro_runs.empty:
@@ -918,6 +919,60 @@ class Report:
         if absent:
             d.para(Markup("No attention times (no `/cp/attention_time_s`, or no finished step in it) in: "),
                    ", ".join(absent), Markup("."))
+
+    def layout_ranking(self):
+        """The layouts of parabench-hybrid runs of one model, job and batch (the layout sweep: the planner's
+        fastest), ranked by measured step time beside the planner's rank and step time."""
+        d = self.doc
+        d.heading(3, "Hybrid layouts: measured against planned")
+        runs = self.runs.assign(short=short_paths(self.runs))
+        runs = runs[runs["app"] == "hybrid"]
+        if runs.empty:
+            d.para(Markup("Needs complete parabench-hybrid runs (the `layout` sweep runs the planner's fastest "
+                          "layouts: `jobs/submit layout --gpu-memory GIB -- --model M --global-batch G`)."))
+            return
+        keys = ["cluster", "model", "ranks", "global_batch", "dtype"]
+        for key, g in runs.groupby(keys, sort=True):
+            cluster, model, ranks, global_batch, dtype = key
+            g = g.sort_values(["step_time_s", "file"]).reset_index(drop=True)
+            rows, csv = [], []
+            for i, r in enumerate(g.itertuples(), start=1):
+                planned_rank = r.planned_rank if not missing(r.planned_rank) else None
+                per_gpu = r.tokens_per_s / r.ranks if not missing(r.tokens_per_s) else math.nan
+                ratio = r.step_time_s / r.planned_step_s if not missing(r.planned_step_s) else math.nan
+                rows.append([i, int(planned_rank) if planned_rank else DASH, r.strategy, r.recompute, r.micro_batch,
+                             fmt(r.step_time_s, "s"), fmt(r.planned_step_s, "s") if not missing(r.planned_step_s)
+                             else DASH, fmt(ratio, "ratio") if not missing(ratio) else DASH, fmt(per_gpu, "rate"),
+                             fmt(r.measured_peak_total, "mib"), fmt(r.predicted_peak_total, "mib"), r.short])
+                csv.append({"measured_rank": i, "planned_rank": planned_rank, "layout": r.strategy,
+                            "recompute": r.recompute, "micro_batch": r.micro_batch, "step_time_s": r.step_time_s,
+                            "planned_step_s": r.planned_step_s, "tokens_per_s_per_gpu": per_gpu,
+                            "measured_peak_bytes": r.measured_peak_total,
+                            "predicted_peak_bytes": r.predicted_peak_total, "file": r.short})
+            d.para(f"{cluster}: {model}, {ranks} ranks, global batch {global_batch}, {dtype}.")
+            d.table(["measured rank", "planned rank", "layout", "recompute", "micro-batch", "step time",
+                     "planned step time", "measured ÷ planned", "tokens/s per rank", "peak memory MiB",
+                     "predicted peak MiB", "file"], rows, numeric=(0, 1, 4, 5, 6, 7, 8, 9, 10))
+            planned = [c for c in csv if not missing(c["planned_step_s"])]
+            if planned:
+                fig, ax = plt.subplots(figsize=(6.5, 4.5))
+                ax.scatter([c["planned_step_s"] for c in planned], [c["step_time_s"] for c in planned])
+                for c in planned:  # the planner's rank beside each point (the table names the layout)
+                    ax.annotate(f"#{c['planned_rank']}" if c["planned_rank"] else "", (c["planned_step_s"],
+                                c["step_time_s"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.set_xlabel("planned step time s (parabench-plan --search)")
+                ax.set_ylabel("measured step time s (median)")
+                ax.set_title(mpl(f"{cluster}: {model}, {ranks} ranks, global batch {global_batch} "
+                                 f"(#: planned rank)"), fontsize=10)
+                fig.tight_layout()
+                path = self.save(fig, slug("layouts", cluster, model, f"{ranks}ranks", f"G{global_batch}", dtype),
+                                 pd.DataFrame(csv))
+                d.image(path, f"measured against planned step time, {cluster} {model} {ranks} ranks")
+        d.para(Markup("Measured rank: by the run's median step time; planned rank and step time: what "
+                      "`parabench-plan --app hybrid --search` said when the layout sweep chose the layout (its "
+                      "`planned_rank` and `planned_step_s` in the run's tag). The planner's time is the "
+                      "peak-based estimate of its GPU table unless the sweep's profile gave a peak; the order "
+                      "is what to compare."))
 
     def cp_plot(self, r, cp):
         ranks = cp["ranks"]

@@ -120,6 +120,23 @@ def strategy_label(config):
             label += f" aux{number(config['aux_loss'])}"
     elif app == "cp":  # cp4 ring zigzag
         label = f"cp{config.get('cp', '?')} {config.get('cp_algo', '')} {config.get('cp_layout', '')}".rstrip()
+    elif app == "hybrid":  # tp2+sp pp2 1f1b cp2 dp2 ZERO1: every degree above 1, dp and the sharding always
+        parts = []
+        tp = config.get("tp", 1)
+        if tp != 1:
+            parts.append(f"tp{tp}" + ("+sp" if config.get("sequence_parallel") else ""))
+        if config.get("pp", 1) != 1:
+            parts.append(f"pp{config['pp']} {config.get('schedule', '')}".rstrip() +
+                         (f" v{config.get('virtual_stages')}" if config.get("schedule") == "interleaved" else ""))
+        if config.get("cp", 1) != 1:
+            parts.append(f"cp{config['cp']}")
+        if config.get("moe"):
+            parts.append(f"ep{config.get('ep', 1)} E{config.get('experts', '?')}")
+        parts.append(f"dp{config.get('dp', '?')}")
+        shard = config.get("shard", "NO_SHARD")
+        parts.append(shard + (f" g{config['shard_group']}" if shard == "HYBRID_SHARD" and config.get("shard_group")
+                              else ""))
+        label = " ".join(parts)
     else:
         label = app
     if config.get("recompute", "none") != "none":
@@ -336,6 +353,14 @@ def _read(f, path):
         value = summary.get(key)
         run[key] = float(value) if value is not None else math.nan
     run["moe"] = read_moe(f) if config["app"] == "ep" else None
+    # The layout sweep's points (jobs/lib/sweep.sh): the planner's rank and step time, from the tag.
+    planned_rank = re.search(r"(?:^|\s)planned_rank=(\d+)(?:\s|$)", tag)
+    planned_step = re.search(r"(?:^|\s)planned_step_s=(\S+)(?:\s|$)", tag)
+    run["planned_rank"] = int(planned_rank.group(1)) if planned_rank else None
+    try:
+        run["planned_step_s"] = float(planned_step.group(1)) if planned_step else math.nan
+    except ValueError:
+        run["planned_step_s"] = math.nan
     # parabench-cp: the degree, its algorithm and layout, and the shape but the sequence length (the
     # model of a sequence sweep, where S grows with cp).
     run["seq"] = config.get("seq")

@@ -721,6 +721,19 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
 
 namespace {
 
+// A searched layout as parabench-hybrid's options (what jobs/lib/sweep.sh's layout sweep runs).
+std::string search_args(const PlanConfig& c) {
+  std::string out = "--tp " + std::to_string(c.tp()) + (c.sequence_parallel() ? " --sequence-parallel" : "") + " --pp " +
+                    std::to_string(c.pp.stages);
+  if (c.pp.stages > 1) {
+    out += " --schedule " + c.pp.schedule;
+    if (c.pp.chunks > 1) out += " --virtual-stages " + std::to_string(c.pp.chunks);
+  }
+  out += " --cp " + std::to_string(c.cp) + " --shard " + shard_strategy_name(c.memory.shard);
+  if (c.memory.shard == ShardStrategy::hybrid_shard) out += " --shard-group " + std::to_string(c.memory.shard_ranks);
+  return out + " --recompute " + c.memory.recompute + " --micro-batch " + std::to_string(c.memory.micro_batch);
+}
+
 // One searched layout as the columns of the table and the CSV.
 std::vector<std::string> search_row(std::size_t rank, const PlanResult& r) {
   const PlanConfig& c = r.config;
@@ -744,12 +757,13 @@ std::vector<std::string> search_row(std::size_t rank, const PlanResult& r) {
           printf_string("%.3g", r.bubble_s),
           printf_string("%.3g", r.exposed_comm_s),
           printf_string("%.4g", r.tokens_per_s / c.ranks),
-          mfu_text(r.mfu)};
+          mfu_text(r.mfu),
+          search_args(c)};
 }
 
 const std::vector<std::string> kSearchColumns = {"rank", "tp", "pp", "schedule", "cp", "dp", "shard", "recompute",
                                                  "micro_batch", "peak_gib", "step_s", "compute_s", "bubble_s",
-                                                 "exposed_comm_s", "tokens_per_s_per_gpu", "mfu"};
+                                                 "exposed_comm_s", "tokens_per_s_per_gpu", "mfu", "args"};
 
 }  // namespace
 
@@ -792,6 +806,7 @@ std::string render_search(const PlanRequest& request, const SearchResult& result
       one["tokens_per_s"] = r.tokens_per_s;
       one["tokens_per_s_per_gpu"] = r.tokens_per_s / r.config.ranks;
       one["mfu"] = std::isfinite(r.mfu) ? nlohmann::ordered_json(r.mfu) : nlohmann::ordered_json(nullptr);
+      one["args"] = search_args(r.config);
       j["layouts"].push_back(one);
     }
     return j.dump(2) + "\n";
@@ -809,8 +824,12 @@ std::string render_search(const PlanRequest& request, const SearchResult& result
          printf_string("%.2f", result.seconds) + " s\n";
   if (result.ranked.empty()) return out + "no layout fits\n";
   out += "fastest first (step time; tokens/s per GPU in the same order); peak: the largest stage's, GiB per rank:\n";
-  std::vector<std::vector<std::string>> rows = {kSearchColumns};
-  for (std::size_t i = 0; i < shown; ++i) rows.push_back(search_row(i + 1, result.ranked[i]));
+  auto without_args = [](std::vector<std::string> row) {  // the table leaves out the options (CSV, JSON have them)
+    row.pop_back();
+    return row;
+  };
+  std::vector<std::vector<std::string>> rows = {without_args(kSearchColumns)};
+  for (std::size_t i = 0; i < shown; ++i) rows.push_back(without_args(search_row(i + 1, result.ranked[i])));
   out += format_columns(rows);
   const PlanResult& best = result.ranked.front();
   out += "\nthe fastest layout in full:\n" + single_plan_table(best);

@@ -17,13 +17,18 @@
 #                   batch grows with the data-parallel degree
 #   strong-scaling  the same rank counts at one global batch: micro-batch x the least common
 #                   multiple of the rank counts (the largest, for powers of two)
+#   layout          parabench-hybrid at the planner's --top N (--values N, default 4) layouts for the model
+#                   on the profile's job (PB_NODES x PB_TASKS_PER_NODE ranks): parabench-plan --app hybrid
+#                   --search with the model, --global-batch and precision of the app arguments and
+#                   --gpu-memory (the sweep's, else PB_GPU_MEMORY_GIB); each point's tag records the
+#                   planner's rank and step time (planned_rank=R planned_step_s=S) for the report
 #   micro           parabench-micro on 1 node, 2 nodes and all PB_MAX_NODES nodes (--nodes N: up to
 #                   N; --nodes LIST: those), whole nodes of PB_TASKS_PER_NODE ranks, one job size
 #                   per point: the GEMMs and kernels on each rank, the collectives across the job
 # shellcheck shell=bash disable=SC2034  # the sweep_* and point_* variables are the caller's
 
-sweep_names=(micro-batch shard strategy sequence weak-scaling strong-scaling micro)
-sweep_apps=(dp fsdp tp pp ep cp)
+sweep_names=(micro-batch shard strategy sequence weak-scaling strong-scaling micro layout)
+sweep_apps=(dp fsdp tp pp ep cp hybrid)
 shard_strategies=(NO_SHARD ZERO1 SHARD_GRAD_OP FULL_SHARD HYBRID_SHARD)
 
 # The options that both jobs/submit and jobs/run-local --sweep take, for their --help.
@@ -36,7 +41,8 @@ sweep_options_help() {
   --values LIST      comma-separated values of the sweep: micro-batch: micro-batches (1,2,4,8);
                      shard: strategies ($(IFS=,; echo "${shard_strategies[*]}"));
                      strategy: apps (dp,fsdp,tp,pp,ep,cp);
-                     sequence: growing sequence lengths (1024,2048,4096,8192)
+                     sequence: growing sequence lengths (1024,2048,4096,8192);
+                     layout: how many of the planner's fastest layouts (4)
   --ranks LIST       scaling sweeps: rank counts, each at most one node's ranks or whole nodes
                      (default 1, 2, 4, ... up to PB_MAX_NODES nodes of PB_TASKS_PER_NODE ranks)
   --nodes LIST       scaling sweeps: node counts instead, whole nodes each; micro sweep: one
@@ -50,6 +56,7 @@ sweep_options_help() {
                      PB_TASKS_PER_NODE and splits --seq into 2N chunks, N with --cp-layout contiguous)
   --cp LIST          sequence sweep: the cp degree of each sequence length (default 1, 2, 4, ...
                      up to PB_MAX_NODES x PB_TASKS_PER_NODE); each point runs on its cp ranks
+  --gpu-memory GIB   layout sweep: the memory a layout must fit, per rank (default PB_GPU_MEMORY_GIB)
   --tag TEXT         added to the tag each point stores (sweep=SWEEP point=LABEL)
   --out DIR          the sweep's directory (default results/sweeps/SWEEP_CLUSTER_<UTC time>)
   --dry-run          print what would run, run nothing
@@ -145,6 +152,7 @@ sweep_parse() {
   shift
   sweep='' profile_name=${PB_CLUSTER:-} profile_from=PB_CLUSTER sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
   sweep_tp='' sweep_pp='' sweep_ep='' sweep_cp='' sweep_experts='' sweep_top_k='' sweep_tag='' sweep_out='' dry_run=0
+  sweep_gpu_memory=''  # the layout sweep's --gpu-memory
   app_args=()
   while [[ $# -gt 0 ]]; do
     opt=$1
@@ -176,6 +184,7 @@ sweep_parse() {
       --experts) sweep_experts=$value ;;
       --top-k) sweep_top_k=$value ;;
       --tag) sweep_tag=$value ;;
+      --gpu-memory) sweep_gpu_memory=$value ;;
       --out) sweep_out=$value ;;
       *) check_text option "$opt"; die "unknown option $opt (app arguments go after --; see --help)" ;;
     esac
@@ -293,6 +302,9 @@ sweep_points() {
   if [[ $sweep != strategy && -n $sweep_tp$sweep_pp$sweep_ep$sweep_experts$sweep_top_k ]]; then
     die "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep; give the $sweep sweep's app options after --"
   fi
+  if [[ $sweep != layout && -n $sweep_gpu_memory ]]; then
+    die "--gpu-memory applies to the layout sweep"
+  fi
   if [[ $sweep != strategy && $sweep != sequence && -n $sweep_cp ]]; then
     die "--cp applies to the strategy sweep (a degree) and the sequence sweep (a list of degrees); give the $sweep sweep's app options after --"
   fi
@@ -377,6 +389,47 @@ sweep_points() {
           *) die "--values: unknown app '$value'; known apps: ${sweep_apps[*]}" ;;
         esac
       done
+      ;;
+    layout)
+      # The planner's fastest layouts of parabench-hybrid for this job, each run as one point.
+      [[ -z $sweep_app || $sweep_app == hybrid ]] || die "the layout sweep runs hybrid, not $sweep_app"
+      local own searched=(--tp --sequence-parallel --pp --schedule --virtual-stages --cp --cp-algo --cp-layout --dp
+                          --shard --shard-group --no-prefetch --micro-batch --recompute --moe)
+      for own in "${searched[@]}"; do
+        has_option "$own" "${app_args[@]}" && die "the layout sweep sets $own (the planner's layouts); leave it out"
+      done
+      has_option --global-batch "${app_args[@]}" || die "the layout sweep needs --global-batch G after --: every layout trains it"
+      local top=${sweep_values:-4} memory=${sweep_gpu_memory:-${PB_GPU_MEMORY_GIB:-}}
+      is_count "$top" || die "--values: '$top' is not a positive number of layouts"
+      [[ -n $memory ]] || die "the layout sweep needs --gpu-memory GIB (or PB_GPU_MEMORY_GIB in jobs/clusters/$profile_name.env)"
+      # What the planner takes of the app arguments: the model, the batch and the precision.
+      local plan_args=() i
+      for ((i = 0; i < ${#app_args[@]}; i++)); do
+        case ${app_args[i]} in
+          --model|--layers|--hidden|--heads|--seq|--vocab|--ffn|--global-batch|--dtype|--grad-dtype|--backend)
+            plan_args+=("${app_args[i]}" "${app_args[i + 1]:-}"); ((i += 1)) ;;
+          --model=*|--layers=*|--hidden=*|--heads=*|--seq=*|--vocab=*|--ffn=*|--global-batch=*|--dtype=*|--grad-dtype=*|--backend=*)
+            plan_args+=("${app_args[i]}") ;;
+        esac
+      done
+      has_option --backend "${app_args[@]}" || plan_args+=(--backend "$( ((PB_GPUS_PER_NODE > 0)) && echo cuda || echo cpu)")
+      [[ ${PB_PEAK_TFLOPS:-0} =~ ^0*(\.0*)?$ ]] || plan_args+=(--peak-tflops "$PB_PEAK_TFLOPS")
+      local build=${PB_BUILD_DIR:-build} plan_bin table
+      [[ $build == /* ]] || build=$repo/$build
+      plan_bin=${PB_PLAN:-$build/bench/plan/parabench-plan}
+      [[ -x $plan_bin ]] || die "the layout sweep asks the planner: $plan_bin is not there (build it, or set PB_PLAN)"
+      table=$("$plan_bin" --app hybrid --search --gpus "$ranks" --gpus-per-node "$tasks" --gpu-memory "$memory" \
+        --top "$top" --format csv "${plan_args[@]}" 2>&1) || die "parabench-plan --search: $table"
+      local rank _ step args found=0 saved_tag=$sweep_tag layout_args
+      while IFS=, read -r rank _ _ _ _ _ _ _ _ _ step _ _ _ _ _ args; do
+        [[ $rank == rank ]] && continue  # the header
+        read -r -a layout_args <<<"$args"
+        sweep_tag="planned_rank=$rank planned_step_s=$step${saved_tag:+ $saved_tag}"
+        add_point "r$rank" hybrid "$nodes" "$tasks" "${layout_args[@]}"
+        found=1
+      done <<<"$table"
+      sweep_tag=$saved_tag
+      ((found)) || die "parabench-plan --search: no layout of the model fits $memory GiB on $ranks ranks"
       ;;
     sequence)
       # Long context: one model at growing sequence lengths, the cp degree growing with them, so that

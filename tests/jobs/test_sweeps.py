@@ -3,6 +3,8 @@
 message naming the problem), and a small sweep run for real through mpiexec (SPEC.md section 7).
 tests/slurm submits sweeps to a real Slurm."""
 
+import csv
+import io
 import os
 import re
 import shutil
@@ -74,10 +76,12 @@ def test_example_profile_renders_the_allocation():
     ("sequence", ["--cluster", "example"]),
     ("sequence", ["--cluster", "local", "--values", "64,128", "--cp", "2,4"]),
     ("micro", ["--cluster", "example"]),
+    ("layout", ["--cluster", "local", "--gpu-memory", "1", "--values", "2"]),
 ])
 def test_rendered_scripts_pass_bash_n_and_shellcheck(sweep, options, tmp_path):
     awkward = "it's \"$(not run)\" `either`"  # an app argument that needs quoting
-    scripts = dry_run(sweep, *options, app_args=["--model", "tiny", "--note", awkward])
+    extra = ["--global-batch", "8"] if sweep == "layout" else []
+    scripts = dry_run(sweep, *options, app_args=["--model", "tiny", *extra, "--note", awkward])
     shellcheck = shutil.which("shellcheck")
     for name, script in scripts.items():
         path = tmp_path / name
@@ -135,7 +139,7 @@ def test_shard_and_strategy_points():
     (["nosuch", "--cluster", "local"], "unknown sweep 'nosuch'; known sweeps: micro-batch shard strategy"),
     (["shard", "--cluster", "nosuch"], "unknown cluster 'nosuch': no jobs/clusters/nosuch.env (profiles: example local)"),
     (["shard"], "name the cluster profile: --cluster NAME"),
-    (["micro-batch", "--cluster", "local", "--app", "hybrid"], "unknown app 'hybrid'; known apps: dp fsdp tp pp ep cp"),
+    (["micro-batch", "--cluster", "local", "--app", "moe"], "unknown app 'moe'; known apps: dp fsdp tp pp ep cp hybrid"),
     (["micro-batch", "--cluster", "local", "--values", "1,0"], "micro-batch '0' is not a positive number"),
     (["micro-batch", "--cluster", "local", "--values", "1,2,1"], "'1' appears twice"),
     (["shard", "--cluster", "local", "--values", "ZERO3"], "unknown shard strategy 'ZERO3'"),
@@ -199,6 +203,17 @@ def test_shard_and_strategy_points():
     (["micro", "--cluster", "example", "--nodes", "1,2,1"], "'1' appears twice"),
     (["micro", "--cluster", "local", "--tp", "2"], "--tp, --pp, --ep, --experts and --top-k apply to the strategy sweep"),
     (["micro", "--cluster", "local", "--", "--out", "x"], "--out is set by the sweep"),
+    # the layout sweep
+    (["layout", "--cluster", "local", "--gpu-memory", "1"], "the layout sweep needs --global-batch G after --"),
+    (["layout", "--cluster", "local", "--", "--global-batch", "8"], "the layout sweep needs --gpu-memory GIB"),
+    (["layout", "--cluster", "local", "--gpu-memory", "1", "--", "--global-batch", "8", "--tp", "2"],
+     "the layout sweep sets --tp (the planner's layouts)"),
+    (["layout", "--cluster", "local", "--gpu-memory", "1", "--values", "0", "--", "--global-batch", "8"],
+     "--values: '0' is not a positive number of layouts"),
+    (["layout", "--cluster", "local", "--gpu-memory", "0.0001", "--", "--model", "small", "--global-batch", "8"],
+     "parabench-plan --search: no layout of the model fits 0.0001 GiB on 4 ranks"),
+    (["layout", "--cluster", "local", "--app", "dp"], "the layout sweep runs hybrid, not dp"),
+    (["shard", "--cluster", "local", "--gpu-memory", "1"], "--gpu-memory applies to the layout sweep"),
 ])
 def test_wrong_command_lines_exit_2_and_name_the_problem(args, message):
     for tool in (SUBMIT, RUN_LOCAL):
@@ -551,3 +566,43 @@ def test_run_local_dry_run_prints_the_commands_and_runs_nothing(tmp_path):
     assert len(lines) == 2
     assert lines[0].startswith(f"PB_CLUSTER=local PB_RANKS=1 PB_OUT={out}/r1 bash jobs/dp.sbatch --global-batch 2 ")
     assert not out.exists()
+
+
+def test_run_local_layout_sweep_runs_the_planners_fastest_layouts_and_reports_them(tmp_path):
+    """The layout sweep on profile local (4 ranks): parabench-plan --app hybrid --search's top layouts, each run
+    through jobs/hybrid.sbatch with the planner's rank and step time in its tag, then the report's section that
+    ranks the measured layouts beside the planned ones."""
+    out = tmp_path / "sweep"
+    shape = [*TINY, "--global-batch", "8"]
+    done = run([RUN_LOCAL, "--sweep", "layout", "--gpu-memory", "1", "--values", "2", "--out", out, "--", *shape],
+               timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 point(s) complete" in done.stderr
+    plan_bin = Path(os.environ.get("PB_BIN_DIR", str(REPO / "build" / "bench"))) / "plan" / "parabench-plan"
+    planner = subprocess.run([str(plan_bin), "--app", "hybrid", "--search",
+                              "--gpus", "4", "--gpus-per-node", "4", "--gpu-memory", "1", "--top", "2", "--format",
+                              "csv", "--backend", "cpu", *shape[:shape.index("--steps")], "--global-batch", "8"],
+                             capture_output=True, text=True, check=True).stdout
+    planned = list(csv.DictReader(io.StringIO(planner)))
+    assert len(planned) == 2
+    for row in planned:
+        label = f"r{row['rank']}"
+        (result,) = (out / label).glob("*.h5")
+        with h5py.File(result, "r") as f:
+            config = f["config"].attrs
+            assert f.attrs["status"] == "complete" and config["app"] == "hybrid"
+            assert config["tag"] == f"sweep=layout point={label} planned_rank={row['rank']} planned_step_s={row['step_s']}"
+            assert (config["tp"], config["pp"], config["cp"], config["dp"]) == (
+                int(row["tp"].replace("+sp", "")), int(row["pp"]), int(row["cp"]), int(row["dp"]))
+            assert config["shard"] == row["shard"].split("/")[0] and config["recompute"] == row["recompute"]
+        assert row["args"] in (out / label / "command.txt").read_text()
+    done = subprocess.run(["/usr/bin/python3", "-m", "analysis.report", str(out), "--out", str(out / "report")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    md = (out / "report" / "report.md").read_text()
+    section = md[md.index("### Hybrid layouts: measured against planned"):]
+    table = [line for line in section.splitlines() if line.startswith("| ") and "measured rank" not in line]
+    assert len(table) == 2
+    assert sorted(line.split(" | ")[1] for line in table) == ["1", "2"]  # both planned ranks, in measured order
+    assert list((out / "report" / "plots").glob("layouts_*.png"))
+
