@@ -27,7 +27,6 @@
 
 namespace CLI {
 class App;
-class Option;
 }
 
 namespace pb {
@@ -120,14 +119,14 @@ struct FsdpCli {
   FsdpOptions fsdp;
   std::string shard_name = "FULL_SHARD";
   bool no_prefetch = false;
-  CLI::Option* shard_group_option = nullptr;  // null without a command line: --shard-group given if shard_group > 0
+  bool shard_group_given = false;  // --shard-group on the command line (or set by a caller without one)
 };
 // --shard, --shard-group and --no-prefetch (default shard: default_shard).
 void add_fsdp_options(CLI::App& cli, FsdpCli& fsdp, const std::string& default_shard = "FULL_SHARD");
 // Their rules (throws ConfigError naming the option): a known strategy, --shard-group with HYBRID_SHARD only
-// and dividing the data ranks (data_ranks: dp, or dp × cp), --no-prefetch with gathering strategies only.
-// Resolves fsdp.fsdp.
-void validate_fsdp_options(FsdpCli& fsdp, int data_ranks);
+// and dividing the data ranks (data_ranks: dp, or dp × cp, named data_ranks_name in the message),
+// --no-prefetch with gathering strategies only. Resolves fsdp.fsdp.
+void validate_fsdp_options(FsdpCli& fsdp, int data_ranks, const std::string& data_ranks_name = "dp");
 
 // parabench-fsdp: its options (kept by the definition), their rules, its layout, a rank's memory and the
 // strategy; main.cpp runs it, parabench-plan plans from it.

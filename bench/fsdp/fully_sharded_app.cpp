@@ -24,19 +24,19 @@ void add_fsdp_options(CLI::App& cli, FsdpCli& s, const std::string& default_shar
   cli.add_option("--shard", s.shard_name,
                  "NO_SHARD | ZERO1 | SHARD_GRAD_OP | FULL_SHARD | HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)")
       ->capture_default_str();
-  s.shard_group_option = cli.add_option("--shard-group", s.fsdp.shard_group, "HYBRID_SHARD: ranks per shard group");
+  cli.add_option("--shard-group", s.fsdp.shard_group, "HYBRID_SHARD: ranks per shard group")
+      ->each([&s](const std::string&) { s.shard_group_given = true; });
   cli.add_flag("--no-prefetch", s.no_prefetch, "FULL_SHARD, HYBRID_SHARD: gather each unit only when it is needed");
 }
 
-void validate_fsdp_options(FsdpCli& s, int data_ranks) {
+void validate_fsdp_options(FsdpCli& s, int data_ranks, const std::string& data_ranks_name) {
   FsdpOptions& fsdp = s.fsdp;
   if (!parse_shard_strategy(s.shard_name, &fsdp.shard)) {
     throw ConfigError("--shard " + s.shard_name +
                       " must be NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD or HYBRID_SHARD (aliases NO_OP, FULLY_SHARD)");
   }
   const bool hybrid = fsdp.shard == ShardStrategy::hybrid_shard;
-  // Given on a command line, or set by a caller without one (parabench-plan --search).
-  const bool group_given = s.shard_group_option ? s.shard_group_option->count() > 0 : s.fsdp.shard_group > 0;
+  const bool group_given = s.shard_group_given;
   if (hybrid && !group_given) {
     throw ConfigError("--shard HYBRID_SHARD needs --shard-group N, the ranks a unit is sharded over");
   }
@@ -52,7 +52,8 @@ void validate_fsdp_options(FsdpCli& s, int data_ranks) {
     throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " must be at least 1");
   }
   if (hybrid && data_ranks % fsdp.shard_group != 0) {
-    throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " does not divide dp " + std::to_string(data_ranks));
+    throw ConfigError("--shard-group " + std::to_string(fsdp.shard_group) + " does not divide " + data_ranks_name + " " +
+                      std::to_string(data_ranks));
   }
   fsdp.prefetch = !s.no_prefetch;
 }

@@ -74,12 +74,12 @@ AppDefinition make_hybrid_app(const HybridOptions& preset) {
     return degree("--tp", s->tp.tp) + " × " + degree("--pp", s->pp.stages) + " × " + degree("--cp", s->cp.cp);
   };
   app.options.validate = [s](const Options& o) {
-    // Each degree's own rules, in the order of SPEC 3 (tp innermost); then their combination.
-    if (s->cp.cp < 1) throw ConfigError(degree("--cp", s->cp.cp) + " must be at least 1");
+    // Each degree's own rules; then their combination.
+    if (s->tp.tp < 1) throw ConfigError(degree("--tp", s->tp.tp) + " must be at least 1");
+    validate_cp_options(s->cp, o, s->tp.tp);  // first: tp's sequence-parallel rule divides the sequence by cp
     validate_tp_options(s->tp, o, s->cp.cp);
-    validate_cp_options(s->cp, o, s->tp.tp);
     validate_pipeline_options(s->pp, o.model.layers, o.grad_accum, o.global_batch);
-    validate_fsdp_options(s->shard, s->data_ranks(o.dp));
+    validate_fsdp_options(s->shard, s->data_ranks(o.dp), s->cp.cp > 1 ? "the data ranks dp × cp" : "dp");
     if (s->moe) validate_ep_options(s->ep, o);
     validate_combination(*s, o);
   };

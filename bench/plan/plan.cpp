@@ -396,7 +396,7 @@ std::vector<CommEstimate> data_collectives(const PlanConfig& c, std::vector<int6
                                micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
       out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, shard_group, stride, micro_steps,
                                per_unit(padded, p.grad_bytes, unit_count)));
-      out.push_back(collective(c, "all_reduce", "gradient shards", padded / shard_group * p.grad_bytes, replicas, group * stride, 1));
+      out.push_back(collective(c, "all_reduce", "gradient shards", padded / shard_group * p.grad_bytes, replicas, shard_group * stride, 1));
       break;
     }
   }
@@ -408,14 +408,14 @@ std::vector<CommEstimate> data_collectives(const PlanConfig& c, std::vector<int6
 // embedding's and the head's counted on every stage (an upper bound for the middle stages); cp's
 // exchanges of the stage's blocks for this rank's heads (width h/tp); pp's boundaries of the rank's rows
 // (b·S/cp, / tp with sequence parallelism), stages tp·cp·dp ranks apart; and the gradients of the stage's
-// units over the data ranks (dp × cp, tp apart) by the plan's sharding.
-std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int peak_stage) {
+// units over the data ranks (dp × cp, tp apart) by the plan's sharding; all for a rank of `stage`.
+std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int stage) {
   const MemoryPlan& m = c.memory;
   const ArchSpec& a = m.arch;
   const int t = m.tp, p = c.pp.stages;
-  int blocks = 0;  // of the rank of stage peak_stage, over its chunks
+  int blocks = 0;  // of a rank of `stage` (the busiest), over its chunks
   for (int chunk = 0; chunk < c.pp.chunks; ++chunk) {
-    blocks += pipeline_stage_blocks(static_cast<int>(a.layers), p * c.pp.chunks, chunk * p + peak_stage);
+    blocks += pipeline_stage_blocks(static_cast<int>(a.layers), p * c.pp.chunks, chunk * p + stage);
   }
   std::vector<CommEstimate> out;
   PlanConfig share = c;  // a tp group's view: the stage's blocks, this cp rank's tokens
@@ -429,11 +429,8 @@ std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int peak_stage
     heads.memory.arch.heads = a.heads / t;
     heads.memory.arch.kv_heads = std::max<int64_t>(1, a.kv_heads / t);
     heads.ranks = 1;
-    for (CommEstimate& e : cp_collectives(heads, 0)) {
-      e.inside_node = group_inside_node(c, c.cp, t);
-      time_collective(c, &e, 0);
-      out.push_back(e);
-    }
+    heads.gpus_per_node = std::max(1, c.gpus_per_node / t);  // cp peers are tp apart: inside a node iff cp·tp fits
+    for (CommEstimate& e : cp_collectives(heads, 0)) out.push_back(e);
   }
   if (p > 1) {
     PlanConfig stages = c;  // stage s's ranks are tp·cp·dp apart; the boundary is this rank's rows
@@ -445,7 +442,7 @@ std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int peak_stage
     }
   }
   std::vector<int64_t> units = unit_parameter_counts(m);
-  const std::vector<int> held = pipeline_held_units(static_cast<int>(a.layers), c.pp, peak_stage);
+  const std::vector<int> held = pipeline_held_units(static_cast<int>(a.layers), c.pp, stage);
   for (std::size_t u = 0; u < units.size(); ++u) {
     if (std::find(held.begin(), held.end(), static_cast<int>(u)) == held.end()) units[u] = 0;
   }
@@ -748,6 +745,7 @@ PlanResult evaluate(const PlanConfig& c) {
   const double flops_per_s = c.peak_tflops * 1e12 * c.mfu;  // --mfu: the share of peak sustained on what runs
   int64_t pipeline_parameters = r.rank_parameters;
   double backward_s = -1;  // with a calibration: the busiest rank's backward compute
+  int busiest_stage = 0;   // pp: the stage whose compute sets the pipeline's pace
   if (c.is_pp()) {
     const std::vector<int64_t> units = unit_parameter_counts(m);
     pipeline_parameters = 0;
@@ -768,6 +766,7 @@ PlanResult evaluate(const PlanConfig& c) {
       } else {
         busy = stage_hardware_flops(c, held) / (static_cast<double>(m.tp) * c.cp) / flops_per_s;  // hybrid: tp·cp share it
       }
+      if (s == 0 || busy > r.compute_s) busiest_stage = s;
       r.compute_s = std::max(r.compute_s, busy);
     }
     r.bubble_fraction = theoretical_bubble_fraction(c.pp.schedule, c.pp.stages, static_cast<int>(c.grad_accum),
@@ -783,7 +782,7 @@ PlanResult evaluate(const PlanConfig& c) {
     r.compute_s = r.hardware_flops_per_step / (static_cast<double>(c.ranks) * flops_per_s);
   }
 
-  r.comm = c.is_hybrid() ? hybrid_collectives(c, r.peak_stage)
+  r.comm = c.is_hybrid() ? hybrid_collectives(c, busiest_stage)
                          : step_collectives(c, c.is_pp() ? pipeline_parameters : r.rank_parameters);
   for (const CommEstimate& e : r.comm) {
     if (!e.caveat.empty()) r.warnings.push_back(e.caveat);

@@ -33,7 +33,7 @@ const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format
 // What --search varies itself (search.h): not to be given with it.
 const std::vector<std::string> kSearched = {"--tp", "--sequence-parallel", "--pp", "--schedule", "--virtual-stages",
                                             "--cp", "--cp-algo", "--cp-layout", "--dp", "--shard", "--shard-group",
-                                            "--no-prefetch", "--micro-batch", "--recompute", "--sweep"};
+                                            "--no-prefetch", "--micro-batch", "--recompute"};
 
 // Everything the command line can say, before resolution.
 struct RawOptions {
@@ -207,7 +207,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     }
     // --app hybrid takes every degree and the options of tp, pp, cp, ep and fsdp (its own definition reads
     // them below); not dp's buckets or --no-overlap, which parabench-hybrid does not have.
-    if (hybrid && app->name != "dp") continue;
+    if (hybrid && std::string(app->name) != "dp") continue;
     if (degree > 1) {
       reject(std::string(app->degree_option) + " " + std::to_string(degree) + " is a degree of --app " + app->name + "; --app " +
              c.app + " has no " + app->parallelism + " (use --app " + app->name + ")");
@@ -230,6 +230,10 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     if (calibration) {
       reject("--calibration times the steps of --app dp, fsdp, tp and pp; --app hybrid is not modelled from a "
              "calibration yet (without --calibration its peak-based estimate stands)");
+    }
+    if (given("--no-overlap") || given("--bucket-mb")) {
+      reject(std::string(given("--no-overlap") ? "--no-overlap" : "--bucket-mb") +
+             " is an option of --app dp (and the time model of tp, pp, ep and cp), not of --app hybrid");
     }
   } else if (r.moe) {
     reject("--moe is an option of --app hybrid, not of --app " + c.app);
@@ -602,6 +606,7 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
     request->require_fit = raw.require_fit;
     if (raw.search) {
       if (raw.app != "hybrid") reject("--search plans --app hybrid's layouts: give --app hybrid (not --app " + raw.app + ")");
+      if (!raw.sweep.empty()) reject("--search and --sweep: give one or the other (--search varies the layout itself)");
       for (const std::string& option : kSearched) {
         if (cli->count(option) > 0) reject(option + " is what --search varies; leave it out");
       }

@@ -64,8 +64,8 @@ SearchResult search_layouts(const PlanConfig& base) {
             if (pp > 1 && m % pp == 0 && L >= v * pp) schedules.emplace_back("interleaved", v);
           }
           for (const auto& [schedule, chunks] : schedules) {
-            // HYBRID_SHARD over the data ranks that share a node with this rank's tp and cp peers.
-            const int node_group = base.gpus_per_node / (tp * cp);
+            // HYBRID_SHARD over the data ranks of a node: consecutive ones are tp ranks apart (cp innermost).
+            const int node_group = base.gpus_per_node / tp;
             std::vector<std::pair<std::string, int>> shards = {
                 {"NO_SHARD", 0}, {"ZERO1", 0}, {"SHARD_GRAD_OP", 0}, {"FULL_SHARD", 0}};
             if (node_group > 1 && node_group < dp * cp && divides(node_group, dp * cp)) {
@@ -83,6 +83,7 @@ SearchResult search_layouts(const PlanConfig& base) {
                 h.cp.cp = cp;
                 h.shard.shard_name = shard;
                 h.shard.fsdp.shard_group = group;
+                h.shard.shard_group_given = group > 0;
                 PlanConfig c;
                 try {
                   c = layout_plan(base, h, micro, recompute);

@@ -424,6 +424,10 @@ sweep_points() {
       while IFS=, read -r rank _ _ _ _ _ _ _ _ _ step _ _ _ _ _ args; do
         [[ $rank == rank ]] && continue  # the header
         read -r -a layout_args <<<"$args"
+        # A pipeline's messages are matched by tag, which NCCL does not do: parabench-hybrid needs MPI there.
+        if ((PB_GPUS_PER_NODE > 0)) && [[ " $args " != *" --pp 1 "* ]] && ! has_option --comm "${app_args[@]}"; then
+          layout_args+=(--comm mpi)
+        fi
         sweep_tag="planned_rank=$rank planned_step_s=$step${saved_tag:+ $saved_tag}"
         add_point "r$rank" hybrid "$nodes" "$tasks" "${layout_args[@]}"
         found=1

@@ -327,11 +327,21 @@ def test_pipeline_bubble_written(layout_run):
 # ---- bad command lines ---------------------------------------------------------------------------------------
 
 TINY = [*SHAPE_ARGS, "--steps", 1, "--warmup", 0]
+
+
+def tiny(**shape):
+    """TINY with some of the model's shape options replaced (an option given twice is a parse error)."""
+    merged = {**SHAPE, **shape}
+    return [a for k, v in merged.items() for a in (f"--{k}", v)] + ["--steps", 1, "--warmup", 0]
+
+
 BAD = [
     ("world-not-product", 6, ["--tp", 2, "--pp", 2, "--cp", 2], ["--tp 2", "--pp 2", "--cp 2"]),
     ("heads-not-divisible", 4, ["--tp", 4], "--heads"),
-    ("layers-per-stage", 4, ["--pp", 4, "--layers", 6], "--layers"),
-    ("seq-not-divisible-by-cp", 4, ["--cp", 4, "--seq", 12], "--seq"),
+    ("fewer-layers-than-stages", 4, [*tiny(layers=3), "--pp", 4], ["--layers 3", "--pp 4"]),
+    ("seq-not-divisible-by-cp", 4, [*tiny(seq=12), "--cp", 4], ["--seq 12", "2 × --cp"]),
+    ("shard-group-not-dividing-data-ranks", 8, ["--tp", 2, "--cp", 2, "--shard", "HYBRID_SHARD", "--shard-group", 3],
+     ["--shard-group 3", "the data ranks dp × cp 4"]),
     ("experts-not-divisible-by-ep", 4, ["--moe", "--ep", 4, "--experts", 6], "--experts"),
     ("ep-without-moe", 4, ["--ep", 2], ["--ep", "--moe"]),
     ("moe-with-pp", 4, ["--moe", "--pp", 2], ["--moe", "--pp"]),
@@ -343,7 +353,8 @@ BAD = [
 
 @pytest.mark.parametrize("ranks,args,names", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_rejected(ranks, args, names, run_app, tmp_path):
-    check_rejected(run_app, tmp_path, "hybrid", ranks, [*TINY, *[str(a) for a in args]], names)
+    shape = [] if "--steps" in args else TINY  # the cases that change the shape carry their own
+    check_rejected(run_app, tmp_path, "hybrid", ranks, [*shape, *[str(a) for a in args]], names)
 
 
 def test_help_lists_every_degree(run_app, tmp_path):

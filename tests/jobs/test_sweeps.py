@@ -603,6 +603,6 @@ def test_run_local_layout_sweep_runs_the_planners_fastest_layouts_and_reports_th
     section = md[md.index("### Hybrid layouts: measured against planned"):]
     table = [line for line in section.splitlines() if line.startswith("| ") and "measured rank" not in line]
     assert len(table) == 2
-    assert sorted(line.split(" | ")[1] for line in table) == ["1", "2"]  # both planned ranks, in measured order
+    assert sorted(line.split(" | ")[1] for line in table) == ["1", "2"]  # both planned ranks (rows in measured order)
     assert list((out / "report" / "plots").glob("layouts_*.png"))
 

@@ -875,7 +875,7 @@ def test_hybrid_plan_of_the_published_405b_layout():
             ("reduce_scatter", 128)} <= ops, ops
 
 
-def search(*args, timeout=30):
+def search(*args):
     return ok("--app", "hybrid", "--search", *args)
 
 
@@ -920,6 +920,11 @@ def test_search_table_and_csv():
     (["--app", "hybrid", "--gpus", 8, "--tp", 8], "--heads 4 is not divisible by --tp 8"),
     (["--app", "hybrid", "--moe"], "--app hybrid --moe: not modelled yet"),
     (["--app", "tp", "--moe"], "--moe is an option of --app hybrid"),
+    (["--app", "hybrid", "--no-overlap"], "--no-overlap is an option of --app dp"),
+    (["--app", "hybrid", "--search", "--gpu-memory", 80, "--global-batch", 8, "--sweep", "micro-batch=1,2"],
+     "--search and --sweep: give one or the other"),
+    (["--app", "hybrid", "--gpus", 8, "--cp", 2, "--shard", "HYBRID_SHARD", "--shard-group", 3],
+     "--shard-group 3 does not divide the data ranks dp × cp 8"),
 ])
 def test_bad_hybrid_plans_exit_2(args, message):
     result = plan("--model", "tiny", *args)
