@@ -2,11 +2,16 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 
 namespace pb {
 
-ExpertParallelStrategy::ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe)
-    : rt_(runtime), moe_(moe), state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads) {
+ExpertParallelStrategy::ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe, std::vector<int> held)
+    : rt_(runtime), moe_(moe),
+      state_(runtime.model, runtime.backend, runtime.options.seed, runtime.precision.grads, std::move(held)) {
+  ProcessGroups& g = runtime.groups;
+  stats_group_ = g.layout.tp * g.layout.pp == 1 ? g.dp.get()
+                                                 : g.adopt(g.world->split(g.coord.tp, g.layout.rank_of(g.coord)), "moe_stats");
   // The flat buffer alternates replicated tensors and experts (each block: LayerNorms, attention and
   // router, then its experts): one reduction per run of the same kind.
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
@@ -33,7 +38,7 @@ void ExpertParallelStrategy::finish_gradients() {
   std::vector<double> v(pending_.kept.begin(), pending_.kept.end());
   v.insert(v.end(), pending_.dropped.begin(), pending_.dropped.end());
   v.push_back(pending_.aux_loss);
-  dp->all_reduce_host(v.data(), static_cast<int>(v.size()), HostReduce::sum);
+  stats_group_->all_reduce_host(v.data(), static_cast<int>(v.size()), HostReduce::sum);
   const std::size_t nk = pending_.kept.size(), nd = pending_.dropped.size();
   for (std::size_t i = 0; i < nk; ++i) pending_.kept[i] = static_cast<int64_t>(v[i]);
   for (std::size_t i = 0; i < nd; ++i) pending_.dropped[i] = static_cast<int64_t>(v[nk + i]);

@@ -23,7 +23,10 @@ namespace pb {
 
 class ExpertParallelStrategy final : public Strategy {
  public:
-  ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe);
+  // held: the units this rank holds (a pipeline stage's; empty: all of them). The routing statistics are
+  // summed over every rank of this rank's tp position (dp and the pipeline's stages, which route other
+  // tokens or other layers; the tp ranks of a group route the same tokens).
+  ExpertParallelStrategy(Runtime& runtime, MoeMlp& moe, std::vector<int> held = {});
 
   ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
   TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
@@ -52,6 +55,7 @@ class ExpertParallelStrategy final : public Strategy {
   MoeMlp& moe_;
   ReplicatedState state_;
   std::vector<Run> runs_;
+  Communicator* stats_group_;  // the ranks whose statistics add up to the global batch's (dp × pp)
   MoeStepStats pending_;  // this step's statistics over the global batch, kept once the step finishes
   std::vector<int64_t> kept_, dropped_;  // [steps, layers, experts], [steps, layers]
   std::vector<double> aux_loss_;         // [steps]

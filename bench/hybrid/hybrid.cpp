@@ -11,8 +11,8 @@ HybridStrategy::HybridStrategy(Runtime& runtime, const HybridOptions& o, MoeMlp*
     pipeline_ = std::make_unique<PipelineSchedule>(runtime, o.pp);
     held = pipeline_held_units(runtime.options.model.layers, o.pp, groups.coord.pp);
   }
-  if (moe != nullptr) {  // validation: pp 1, cp 1, NO_SHARD
-    state_ = std::make_unique<ExpertParallelStrategy>(runtime, *moe);
+  if (moe != nullptr) {  // validation: cp 1, NO_SHARD
+    state_ = std::make_unique<ExpertParallelStrategy>(runtime, *moe, held);
   } else if (o.shard.fsdp.shard != ShardStrategy::no_shard) {
     state_ = std::make_unique<FullyShardedDataParallel>(runtime, o.shard.fsdp, held, data_ranks);
   } else {

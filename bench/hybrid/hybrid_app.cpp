@@ -21,9 +21,9 @@ void validate_combination(const HybridOptions& h, const Options& o) {
   const std::string shard = std::string("--shard ") + shard_strategy_name(h.shard.fsdp.shard);
   if (!h.moe && h.ep.ep != 1) throw ConfigError(degree("--ep", h.ep.ep) + " needs --moe (experts to share out)");
   if (h.moe) {
-    // The MoE part routes a rank's whole tokens of a micro-batch and its statistics are gathered over dp
-    // only: it composes with tensor parallelism (every tp rank routes the same tokens) and data parallelism.
-    if (h.pp.stages > 1) throw ConfigError("--moe with " + degree("--pp", h.pp.stages) + " is not supported: use --pp 1");
+    // The MoE part routes a rank's whole tokens of a micro-batch (its capacity is of b·S tokens): it
+    // composes with tensor parallelism (every tp rank routes the same tokens), pipelines and data
+    // parallelism, not with context parallelism's S/cp tokens per rank.
     if (h.cp.cp > 1) throw ConfigError("--moe with " + degree("--cp", h.cp.cp) + " is not supported: use --cp 1");
     if (h.tp.sequence_parallel && h.tp.tp > 1) {
       throw ConfigError("--moe with --sequence-parallel is not supported (the experts route every token of a tp group)");

@@ -93,7 +93,7 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
   // gathered rows (one (b·S/cp, h) buffer at a time) or the attention core's exchanges (never at once:
   // common/memory_model.cpp), and the MLP part's.
   const int64_t sp = plan.sequence_parallel ? tokens * plan.arch.hidden * plan.precision.act_bytes : 0;
-  const int64_t forward_extra = std::max(sp, plan.attention_forward_comm_bytes);
+  const int64_t forward_extra = std::max(sp, plan.attention_forward_comm_bytes) + plan.mlp_comm_bytes;
   const int64_t backward_extra = std::max(sp, plan.attention_comm_bytes) + plan.mlp_comm_bytes;
   int64_t live = 0, act_peak = 0, comm_peak = 0;
   int64_t sending = 0;  // the last input gradient sent, whose buffer lives until the next backward
