@@ -446,8 +446,12 @@ std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int stage) {
   for (std::size_t u = 0; u < units.size(); ++u) {
     if (std::find(held.begin(), held.end(), static_cast<int>(u)) == held.end()) units[u] = 0;
   }
+  const bool prefetched = m.shard == ShardStrategy::full_shard || m.shard == ShardStrategy::hybrid_shard;
   for (CommEstimate& e : data_collectives(c, units, c.dp * c.cp, t)) {
     e.what += c.cp > 1 ? " (dp × cp)" : " (dp)";
+    // With a calibration, as the app runs them: tp's strategy all-reduces after the pipeline (or backward);
+    // fsdp's strategy waits on all but the prefetched gathers.
+    if (c.calibration && !(prefetched && e.op == "all_gather")) e.blocking = true;
     out.push_back(e);
   }
   return out;

@@ -160,7 +160,7 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_option("--gpu-memory", r.gpu_memory, "GiB per GPU: check that peak_total fits");
   cli->add_option("--calibration", r.calibration,
                   "a parabench-micro result file (.h5): time the step from its measured kernels and collectives "
-                  "instead of --gpu's peaks and links (--app dp, fsdp, tp, pp)");
+                  "instead of --gpu's peaks and links (--app dp, fsdp, tp, pp, hybrid at cp 1)");
   cli->add_flag("--require-fit", r.require_fit, "exit 1 when a plan does not fit --gpu-memory");
   cli->add_flag("--search", r.search,
                 "--app hybrid: every layout (tp, pp, schedule, cp, dp, shard, recompute, micro-batch) that fits "
@@ -227,8 +227,8 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     definition->options.add(own);
     parse_args(own, r.args);
     if (r.moe) reject("--app hybrid --moe: not modelled yet (--app ep plans the mixture of experts)");
-    if (calibration) {
-      reject("--calibration times the steps of --app dp, fsdp, tp and pp; --app hybrid is not modelled from a "
+    if (calibration && definition->layout(Options{}).cp > 1) {  // the layout's degrees, as parsed
+      reject("--calibration times --app hybrid's steps at --cp 1 only; context parallelism is not modelled from a "
              "calibration yet (without --calibration its peak-based estimate stands)");
     }
     if (given("--no-overlap") || given("--bucket-mb")) {
@@ -611,10 +611,6 @@ ParseOutcome parse_plan_request(const std::vector<std::string>& args, PlanReques
         if (cli->count(option) > 0) reject(option + " is what --search varies; leave it out");
       }
       if (cli->count("--gpu-memory") == 0) reject("--search needs --gpu-memory GIB, the memory a layout must fit");
-      if (!raw.calibration.empty()) {
-        reject("--search times layouts from the device table's peaks: --app hybrid is not modelled from a "
-               "--calibration yet");
-      }
       if (raw.top < 0) reject("--top " + std::to_string(raw.top) + " must be 0 (all) or more");
       request->search = true;
       request->top = raw.top;

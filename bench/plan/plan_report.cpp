@@ -364,9 +364,10 @@ std::string stage_table(const PlanResult& r) {
   head.push_back("peak_total");
   rows.push_back(head);
   for (std::size_t s = 0; s < r.per_stage.size(); ++s) {
-    const int first = static_cast<int>(s) * c.dp;
+    const int per_stage = c.ranks / c.pp.stages;  // dp (hybrid: tp · cp · dp) ranks per stage
+    const int first = static_cast<int>(s) * per_stage;
     std::vector<std::string> row = {std::to_string(s) + (static_cast<int>(s) == r.peak_stage ? "*" : ""),
-                                    c.dp > 1 ? std::to_string(first) + "-" + std::to_string(first + c.dp - 1)
+                                    per_stage > 1 ? std::to_string(first) + "-" + std::to_string(first + per_stage - 1)
                                              : std::to_string(first)};
     for (MemCategory cat : all_mem_categories()) row.push_back(in_unit(static_cast<double>(r.per_stage[s][cat]), unit));
     row.push_back(in_unit(static_cast<double>(r.per_stage[s].peak_total), unit));
@@ -786,6 +787,8 @@ std::string render_search(const PlanRequest& request, const SearchResult& result
     nlohmann::ordered_json j;
     j["candidates"] = result.candidates;
     j["accepted"] = result.accepted;
+    j["unplanned"] = result.unplanned;
+    j["unplanned_reason"] = result.unplanned_reason;
     j["fitting"] = result.ranked.size();
     j["seconds"] = result.seconds;
     j["layouts"] = nlohmann::ordered_json::array();
@@ -822,6 +825,10 @@ std::string render_search(const PlanRequest& request, const SearchResult& result
   out += std::to_string(result.candidates) + " layouts enumerated, " + std::to_string(result.accepted) +
          " accepted by parabench-hybrid's rules, " + std::to_string(result.ranked.size()) + " fit; searched in " +
          printf_string("%.2f", result.seconds) + " s\n";
+  if (result.unplanned > 0) {
+    out += std::to_string(result.unplanned) + " accepted layouts left out, untimeable from the calibration; the first: " +
+           result.unplanned_reason + "\n";
+  }
   if (result.ranked.empty()) return out + "no layout fits\n";
   out += "fastest first (step time; tokens/s per GPU in the same order); peak: the largest stage's, GiB per rank:\n";
   auto without_args = [](std::vector<std::string> row) {  // the table leaves out the options (CSV, JSON have them)

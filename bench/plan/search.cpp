@@ -50,7 +50,7 @@ SearchResult search_layouts(const PlanConfig& base) {
   const int ranks = base.ranks, L = static_cast<int>(a.layers);
   for (int tp = 1; tp <= base.gpus_per_node; tp *= 2) {
     if (!divides(tp, a.heads) || !divides(tp, a.kv_heads) || !divides(tp, a.ffn) || !divides(tp, a.vocab)) continue;
-    for (int cp = 1; cp <= 32; cp *= 2) {
+    for (int cp = 1; cp <= (base.calibration ? 1 : 32); cp *= 2) {  // a calibration times cp 1 only
       if (!divides(2 * cp, a.seq) || !divides(static_cast<int64_t>(tp) * cp, ranks)) continue;
       for (int pp = 1; pp <= L; ++pp) {
         const int64_t model_parallel = static_cast<int64_t>(tp) * cp * pp;
@@ -91,7 +91,13 @@ SearchResult search_layouts(const PlanConfig& base) {
                   continue;  // the hybrid app refuses it
                 }
                 ++out.accepted;
-                PlanResult r = evaluate(c);
+                PlanResult r;
+                try {
+                  r = evaluate(c);
+                } catch (const ConfigError& e) {  // a calibration that lacks a kernel or collective it needs
+                  if (out.unplanned++ == 0) out.unplanned_reason = e.what();
+                  continue;
+                }
                 if (!r.fit_checked || r.fits) out.ranked.push_back(std::move(r));
               }
             }

@@ -7,12 +7,15 @@
 // the sharding over the data ranks (NO_SHARD, ZERO1, SHARD_GRAD_OP, FULL_SHARD, and HYBRID_SHARD over the
 // data ranks of a node), recomputation (none, selective, full) and the micro-batch (1, 2, 4, 8). Each is
 // checked by the hybrid app's own rules (what it would refuse is skipped), planned by evaluate() (the
-// app's memory per stage, the composed step time) and kept when its largest peak fits --gpu-memory.
+// app's memory per stage, the composed step time) and kept when its largest peak fits --gpu-memory. With a
+// --calibration the step times are the measured rates' (cp 1 only: context parallelism is not timed from
+// one yet); a layout the calibration cannot time (a collective it did not measure) is counted apart.
 // Ranked by predicted step time: with the ranks and the global batch fixed, the same order as tokens/s
 // per GPU.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "bench/plan/plan.h"
@@ -23,6 +26,8 @@ struct SearchResult {
   std::vector<PlanResult> ranked;  // the layouts that fit, fastest first
   int64_t candidates = 0;          // layouts enumerated
   int64_t accepted = 0;            // of them, the ones the hybrid app accepts
+  int64_t unplanned = 0;           // of those, the ones a --calibration cannot time (the first one's reason)
+  std::string unplanned_reason;
   double seconds = 0;              // wall time of the search
 };
 

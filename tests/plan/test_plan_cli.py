@@ -725,6 +725,8 @@ SMALL_MB4 = ["--model", "small", "--micro-batch", "4"]
     ("fsdp", ["--gpus", 2, "--shard", "FULL_SHARD"]),
     ("tp", ["--gpus", 2, "--tp", 2]),
     ("pp", ["--gpus", 2, "--pp", 2, "--global-batch", 16]),
+    ("hybrid", ["--gpus", 4, "--tp", 2, "--pp", 2, "--global-batch", 16]),
+    ("hybrid", ["--gpus", 4, "--pp", 2, "--shard", "FULL_SHARD", "--global-batch", 16]),
 ])
 def test_calibrated_step_is_the_sum_of_measured_kernels_and_collectives(tmp_path, app, args):
     cal = tmp_path / "micro.h5"
@@ -930,3 +932,18 @@ def test_bad_hybrid_plans_exit_2(args, message):
     result = plan("--model", "tiny", *args)
     assert result.returncode == 2, result
     assert message in result.stderr, result.stderr
+
+
+def test_calibrated_hybrid_refuses_context_parallelism_and_searches_cp_1(tmp_path):
+    cal = tmp_path / "micro.h5"
+    write_calibration(cal)
+    result = plan(*SMALL_MB4, "--app", "hybrid", "--gpus", 4, "--cp", 2, "--calibration", cal)
+    assert result.returncode == 2 and "--calibration times --app hybrid's steps at --cp 1 only" in result.stderr
+    found = json.loads(search("--model", "small", "--gpus", 4, "--gpus-per-node", 4, "--gpu-memory", 1,
+                              "--global-batch", 16, "--calibration", cal, "--top", 0, "--format", "json").stdout)
+    layouts = found["layouts"]
+    assert layouts and all(lay["config"]["cp"] == 1 for lay in layouts)
+    assert [lay["step_s"] for lay in layouts] == sorted(lay["step_s"] for lay in layouts)
+    # the calibration measured no send_recv across nodes: here every stage shares the node, so all are timed
+    assert found["unplanned"] == 0
+
