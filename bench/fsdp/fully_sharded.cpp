@@ -217,21 +217,27 @@ void FullyShardedDataParallel::grad_ready(int u) {
   }
 }
 
+template <typename Fn>
+void FullyShardedDataParallel::for_each_shard_piece(Fn&& fn) const {
+  const std::vector<UnitInfo>& units = rt_.model.units();
+  for (std::size_t u = 0; u < layout_.size(); ++u) {
+    const UnitLayout& l = layout_[u];
+    if (l.valid == 0) continue;
+    for_each_tensor_piece(units, units[u].offset + shard_rank_ * l.shard, l.valid,
+                          [&](std::size_t at, std::size_t n, const TensorInfo& t, std::size_t) {
+                            fn(static_cast<int>(u), at, n, t);
+                          });
+  }
+}
+
 void FullyShardedDataParallel::finish_gradients() {
   // Sequence parallelism: the LayerNorms' gradients of this rank's shards cover its tp rank's rows only;
   // sum their pieces over the tp group (the shards of a data rank are the same ranges on every tp rank).
   const TensorParallel& tp = rt_.mp.tp;
   if (tp.active() && tp.sequence_parallel) {
-    const std::vector<UnitInfo>& units = rt_.model.units();
-    for (std::size_t u = 0; u < layout_.size(); ++u) {
-      const UnitLayout& l = layout_[u];
-      if (l.valid == 0) continue;
-      const TensorPtr shard = shard_grads(static_cast<int>(u));
-      for_each_tensor_piece(units, units[u].offset + shard_rank_ * l.shard, l.valid,
-                            [&](std::size_t at, std::size_t n, const TensorInfo& t, std::size_t) {
-                              if (t.partial_under_sequence_parallel()) tp.comm->all_reduce(shard + at, n);
-                            });
-    }
+    for_each_shard_piece([&](int u, std::size_t at, std::size_t n, const TensorInfo& t) {
+      if (t.partial_under_sequence_parallel()) tp.comm->all_reduce(shard_grads(u) + at, n);
+    });
   }
   // HYBRID_SHARD: the shard groups hold partial sums of the same shard; add them up.
   if (replicate_group_ != nullptr && replicate_group_->size() > 1) replicate_group_->all_reduce(grads_, shard_total_);
@@ -247,16 +253,9 @@ double FullyShardedDataParallel::sum_squares(ShardOf shard_of) {
     // A shard is a range of the unit's flat elements: its pieces of sliced tensors are summed over the tp
     // group too, those of whole tensors (the same on every tp rank) only once.
     double sliced = 0.0;
-    const std::vector<UnitInfo>& units = rt_.model.units();
-    for (std::size_t u = 0; u < layout_.size(); ++u) {
-      const UnitLayout& l = layout_[u];
-      if (l.valid == 0) continue;
-      const auto base = shard_of(static_cast<int>(u));
-      for_each_tensor_piece(units, units[u].offset + shard_rank_ * l.shard, l.valid,
-                            [&](std::size_t at, std::size_t n, const TensorInfo& t, std::size_t) {
-                              (t.split == TpSplit::none ? sum : sliced) += be_.sum_squares(base + at, n);
-                            });
-    }
+    for_each_shard_piece([&](int u, std::size_t at, std::size_t n, const TensorInfo& t) {
+      (t.split == TpSplit::none ? sum : sliced) += be_.sum_squares(shard_of(u) + at, n);
+    });
     tp.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
     sum += sliced;
   }

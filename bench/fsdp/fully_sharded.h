@@ -85,6 +85,10 @@ class FullyShardedDataParallel final : public Strategy {
   // summed over the tp group, then over the shard group.
   template <typename ShardOf>
   double sum_squares(ShardOf shard_of);
+  // fn(unit, position in the shard, length, tensor) for each piece of a tensor in this rank's shards of the
+  // held units (the real elements, not the padding).
+  template <typename Fn>
+  void for_each_shard_piece(Fn&& fn) const;
 
   Runtime& rt_;
   Backend& be_;
