@@ -5,7 +5,7 @@ pipeline, context and expert parallelism composed on one model.
   HYBRID_SHARD×pp2 (dp 4, shard groups of 2), an MoE model with ep2×tp2 and with ep2×pp2 (dp 4: expert
   data parallel 2; its routing statistics equal the single-rank run's),
   tp2×cp2×pp2 with sequence parallelism, FULL_SHARD × tp2 and ZERO1 × tp2 × cp2 with sequence
-  parallelism, and on 16 ranks tp2×cp2×pp2×dp2, each train the single-rank run's model (parabench-dp, or parabench-ep with the same
+  parallelism, pp 3 on 3 ranks with uneven stages (1, 2, 1 blocks), and on 16 ranks tp2×cp2×pp2×dp2, each train the single-rank run's model (parabench-dp, or parabench-ep with the same
   experts) with the same global batch: each step's loss and grad norm and the final parameter norm within a
   relative 1e-5 (SPEC 2.4);
 * /memory/measured = /memory/predicted exactly per rank for every category but peak_total (an upper bound,
