@@ -136,6 +136,32 @@ NodeLocal node_local(MPI_Comm world) {
   return n;
 }
 
+bool all_distinct(const std::vector<std::string>& ids) {
+  std::set<std::string> seen;
+  for (const std::string& id : ids) {
+    if (id.empty() || !seen.insert(id).second) return false;
+  }
+  return true;
+}
+
+bool node_ranks_hold_distinct_devices(MPI_Comm world, const std::string& device_id) {
+  MPI_Comm shared;
+  PB_MPI_CHECK(MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &shared));
+  int size = 1;
+  PB_MPI_CHECK(MPI_Comm_size(shared, &size));
+  constexpr int kIdLen = 64;
+  char mine[kIdLen] = {};
+  device_id.copy(mine, kIdLen - 1);
+  std::vector<char> all(static_cast<std::size_t>(kIdLen) * size);
+  PB_MPI_CHECK(MPI_Allgather(mine, kIdLen, MPI_CHAR, all.data(), kIdLen, MPI_CHAR, shared));
+  PB_MPI_CHECK(MPI_Comm_free(&shared));
+  std::vector<std::string> ids;
+  for (int r = 0; r < size; ++r) ids.emplace_back(all.data() + static_cast<std::size_t>(r) * kIdLen);
+  int distinct = all_distinct(ids) ? 1 : 0;
+  PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &distinct, 1, MPI_INT, MPI_MIN, world));  // every node
+  return distinct == 1;
+}
+
 SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster) {
   SystemInfo s;
   s.cluster = cluster;

@@ -29,6 +29,13 @@ struct NodeLocal {
 };
 NodeLocal node_local(MPI_Comm world);
 
+// True when every id is non-empty and no two are equal.
+bool all_distinct(const std::vector<std::string>& ids);
+// Collective over `world`: whether the ranks of each node all hold distinct devices, given each rank's
+// device id (its GPU's PCI bus id; empty: none), so that each can own its GPU (NCCL refuses two ranks
+// on one GPU). The same answer on every rank: true only if it holds on every node.
+bool node_ranks_hold_distinct_devices(MPI_Comm world, const std::string& device_id);
+
 // Collective over `world`: gathers hostnames and counts nodes.
 // The GPU fields stay empty: the runner fills them from the backend.
 SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster);

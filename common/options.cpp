@@ -142,7 +142,7 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--lr", opt.lr, "AdamW learning rate")->capture_default_str();
   cli.add_option("--clip", opt.clip, "gradient-norm clipping (0: off)")->capture_default_str();
   cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
-  cli.add_option("--comm", comm, "mpi | nccl (default: nccl for cuda with one GPU per rank)");
+  cli.add_option("--comm", comm, "mpi | nccl (default: nccl for cuda when each rank of a node has its own GPU)");
   cli.add_option("--dtype", dtype, "fp32 | bf16 (default fp32 on cpu, bf16 on cuda)");
   cli.add_option("--grad-dtype", opt.grad_dtype, "fp32 | bf16: parameter gradients (bf16 only with --dtype bf16)")
       ->capture_default_str();
@@ -233,13 +233,13 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (backend == "cuda" && env.visible_gpus == 0) reject("--backend cuda needs a visible GPU, and none is");
     opt.backend = backend;
     // NCCL takes one GPU per rank: ranks that share a GPU communicate through MPI.
-    const bool own_gpu = backend == "cuda" && env.ranks_per_node <= env.visible_gpus;
+    const bool own_gpu = backend == "cuda" && env.distinct_gpus;
     if (comm.empty()) comm = own_gpu ? "nccl" : "mpi";
     if (comm != "mpi" && comm != "nccl") reject("--comm " + comm + " must be mpi or nccl");
     if (comm == "nccl" && backend != "cuda") reject("--comm nccl needs --backend cuda");
     if (comm == "nccl" && !own_gpu) {
-      reject("--comm nccl needs a GPU per rank, and " + std::to_string(env.ranks_per_node) + " ranks share " +
-             std::to_string(env.visible_gpus) + " GPU(s) on this node: use --comm mpi");
+      reject("--comm nccl needs a GPU of its own for every rank, and the " + std::to_string(env.ranks_per_node) +
+             " ranks of a node share GPUs (each sees " + std::to_string(env.visible_gpus) + "): use --comm mpi");
     }
     opt.comm = comm;
     if (dtype.empty()) dtype = backend == "cuda" ? "bf16" : "fp32";

@@ -87,6 +87,7 @@ struct Environment {
   int ranks_per_node = 1;
   bool cuda_built = false;
   int visible_gpus = 0;        // per rank, as CUDA_VISIBLE_DEVICES leaves them
+  bool distinct_gpus = false;  // the ranks of every node drive distinct GPUs (their PCI bus ids differ)
   int cuda_max_head_dim = 0;   // the CUDA attention's limit (kCudaMaxHeadDim)
   int slurm_ntasks = 0;        // SLURM_NTASKS, 0 when unset
 };

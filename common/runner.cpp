@@ -854,6 +854,11 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
 #ifdef PB_WITH_CUDA
     env.cuda_built = true;
     env.visible_gpus = cuda_visible_device_count();
+    // The GPU each rank would drive (its node-local rank modulo what it sees, as the backend picks it),
+    // by PCI bus id: under srun --gpus-per-task or a per-rank CUDA_VISIBLE_DEVICES each rank sees one GPU,
+    // device 0, yet the GPUs differ.
+    env.distinct_gpus = node_ranks_hold_distinct_devices(
+        MPI_COMM_WORLD, env.visible_gpus > 0 ? cuda_device_pci_bus_id(local.local_rank % env.visible_gpus) : "");
     env.cuda_max_head_dim = kCudaMaxHeadDim;
 #endif
 

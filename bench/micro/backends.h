@@ -31,6 +31,9 @@ std::vector<MicroBackend> make_micro_backends(int threads);
 // what was found, for the benchmark context ("NVIDIA H200", "no GPU visible", ...). Defined in
 // cuda_backends.cpp (configured with PB_CUDA) or no_cuda_backends.cpp (without).
 std::string add_cuda_backends(std::vector<MicroBackend>* backends, int local_rank);
+// The PCI bus id of the GPU this rank's cuda backends drive (its node-local rank modulo the visible
+// devices); empty without one (or without CUDA in the build).
+std::string micro_device_id(int local_rank);
 
 // NCCL over every rank of the job on the last CUDA backend's device and stream, where this build has
 // NCCL and `backends` holds a CUDA backend; else nullptr. Collective over MPI_COMM_WORLD.

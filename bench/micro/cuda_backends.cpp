@@ -29,6 +29,11 @@ std::string add_cuda_backends(std::vector<MicroBackend>* backends, int local_ran
   return name;
 }
 
+std::string micro_device_id(int local_rank) {
+  const int devices = cuda_visible_device_count();
+  return devices > 0 ? cuda_device_pci_bus_id(local_rank % devices) : "";
+}
+
 std::unique_ptr<Communicator> make_nccl_world(std::vector<MicroBackend>& backends) {
   if (backends.empty() || backends.back().name != "cuda") return nullptr;
   MPI_Comm comm = MPI_COMM_NULL;

@@ -244,15 +244,19 @@ int run(int argc, char** argv) {
   std::vector<pb::MicroBackend> backends = pb::make_micro_backends(o.threads);
   const std::string cuda = pb::add_cuda_backends(&backends, local.local_rank);
   pb::MpiCommunicator mpi_world(MPI_COMM_WORLD);
-  // NCCL only where every rank has a GPU: the communicator is made by all ranks or by none.
+  // NCCL only where every rank has a GPU of its own (NCCL refuses two ranks on one GPU): the communicator
+  // is made by all ranks or by none.
   int every_rank_has_cuda = backends.back().name == "cuda";
   MPI_Allreduce(MPI_IN_PLACE, &every_rank_has_cuda, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  const bool own_gpus = pb::node_ranks_hold_distinct_devices(MPI_COMM_WORLD, pb::micro_device_id(local.local_rank));
   std::unique_ptr<pb::Communicator> nccl_world;
-  if (o.comm != "mpi" && every_rank_has_cuda) nccl_world = pb::make_nccl_world(backends);
+  if (o.comm != "mpi" && every_rank_has_cuda && own_gpus) nccl_world = pb::make_nccl_world(backends);
   if (o.comm == "nccl" && !nccl_world) {
     if (lead) {
       std::fprintf(stderr, "parabench-micro: error: --comm nccl: %s\n",
-                   backends.back().name == "cuda" ? "a rank of the job sees no GPU" : cuda.c_str());
+                   backends.back().name != "cuda" ? cuda.c_str()
+                   : !every_rank_has_cuda         ? "a rank of the job sees no GPU"
+                                                  : "ranks of a node share a GPU (NCCL needs one per rank): use --comm mpi");
     }
     return pb::kExitConfig;
   }

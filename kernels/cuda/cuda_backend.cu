@@ -920,6 +920,15 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
+std::string cuda_device_pci_bus_id(int device) {
+  char id[64] = {};
+  if (cudaDeviceGetPCIBusId(id, sizeof(id), device) != cudaSuccess) {
+    cudaGetLastError();
+    return "";
+  }
+  return id;
+}
+
 int cuda_visible_device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {

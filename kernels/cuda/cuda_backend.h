@@ -28,6 +28,10 @@ inline constexpr int kCudaMaxHeadDim = 128;
 // GPUs this process can see (0 when there is no driver or no device).
 int cuda_visible_device_count();
 
+// The PCI bus id of visible device `device` ("0000:1B:00.0"): the physical GPU, whatever
+// CUDA_VISIBLE_DEVICES numbers it in this process; empty when it cannot be read.
+std::string cuda_device_pci_bus_id(int device);
+
 // A backend on `device`, whose work runs on one compute stream.
 std::unique_ptr<Backend> make_cuda_backend(int device, bool bf16_matmul);
 
