@@ -90,7 +90,13 @@ class Communicator {
   virtual void all_reduce_host(double* values, int count, HostReduce op) = 0;
   virtual void all_gather_host(const void* send, void* recv, std::size_t bytes_per_rank) = 0;
 
-  const CommStats& stats() const { return stats_; }
+  // Completes the accounting of calls timed on the device after they return (NCCL's blocking
+  // collectives read their events once complete, so the host does not wait for each); stats() calls it.
+  virtual void settle() const {}
+  const CommStats& stats() const {
+    settle();
+    return stats_;
+  }
   void reset_stats() { stats_ = CommStats{}; }
 
  protected:

@@ -3,16 +3,21 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdio>
+#include <deque>
 #include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "common/errors.h"
 #include "common/mpi_communicator.h"
+#include "common/watchdog.h"
 #include "kernels/cuda/cuda_backend.h"
 
 namespace pb {
@@ -28,12 +33,102 @@ void nccl_check(ncclResult_t status, const char* call, const char* file, int lin
 ncclDataType_t nccl_type(DType dtype) { return dtype == DType::f32 ? ncclFloat : ncclBfloat16; }
 
 // ---- NCCL ----------------------------------------------------------------------------------------
-// A call on the communication stream; complete once `done` has fired, after which the compute stream
-// is made to wait for it.
+// What a NCCL communicator shares with its requests and its watchdog: the communicator, its failure,
+// and the operations queued but not yet seen complete.
+//
+// Each operation leaves an event pair in `pending` (start, stop; stop only for a non-blocking call,
+// whose time is the host's). Nothing waits for them: the host harvests the completed ones, in order, at
+// each later call and when the statistics are read (a blocking collective's time is still its GPU
+// time, read from its events, without a host wait per collective). The watchdog (common/watchdog.h)
+// looks at them every 100 ms: the communicator's asynchronous error (ncclCommGetAsyncError), and the
+// oldest unfinished operation against the deadline of --distributed-timeout-minutes; on either it
+// aborts the communicator (ncclCommAbort: its kernels end and the stream drains) and marks the device
+// failed (cuda_fail_async), so the host's next wait, or its next call here, ends the run with exit 3.
+struct NcclState {
+  struct Pending {
+    cudaEvent_t start;  // null: a non-blocking call (timed on the host)
+    cudaEvent_t stop;
+    CommOpStats* stats;
+    std::string what;
+    double enqueued_s;
+  };
+
+  ncclComm_t comm = nullptr;
+  int device = 0;
+  int size = 0;
+  double timeout_s = 600.0;
+  std::mutex mutex;  // pending, and the communicator against the watchdog's abort
+  std::deque<Pending> pending;
+  std::atomic<bool> aborted{false};
+  std::string failure;  // set before aborted
+
+  void throw_if_aborted() const {
+    if (aborted.load()) throw RunError(kExitRuntime, failure);
+  }
+  void push(cudaEvent_t start, cudaEvent_t stop, CommOpStats* stats, std::string what) {
+    std::lock_guard<std::mutex> lock(mutex);
+    pending.push_back(Pending{start, stop, stats, std::move(what), MPI_Wtime()});
+  }
+  // Times and releases the completed operations at the front (all of them, waiting, when `all`).
+  void harvest(bool all) {
+    std::unique_lock<std::mutex> lock(mutex);
+    while (!pending.empty()) {
+      Pending& p = pending.front();
+      cudaError_t status = cudaEventQuery(p.stop);
+      if (status == cudaErrorNotReady) {
+        if (!all) return;
+        lock.unlock();  // the watchdog may abort meanwhile; the wait then ends with the stream
+        status = cudaEventSynchronize(p.stop);
+        lock.lock();
+        throw_if_aborted();
+      }
+      PB_CUDA_CHECK(status);
+      if (p.start != nullptr) {
+        float ms = 0.0f;
+        PB_CUDA_CHECK(cudaEventElapsedTime(&ms, p.start, p.stop));
+        p.stats->time_s += ms * 1e-3;
+        cudaEventDestroy(p.start);
+      }
+      cudaEventDestroy(p.stop);
+      pending.pop_front();
+    }
+  }
+  // The watchdog's look (its own thread).
+  std::string check() {
+    if (aborted.load()) return "";
+    cudaSetDevice(device);
+    std::lock_guard<std::mutex> lock(mutex);
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(comm, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
+      return std::string("NCCL failed on a communicator of ") + std::to_string(size) +
+             " ranks: " + ncclGetErrorString(async) + " (ncclCommGetAsyncError; NCCL_DEBUG=WARN tells more)";
+    }
+    for (const Pending& p : pending) {
+      const cudaError_t status = cudaEventQuery(p.stop);
+      if (status == cudaSuccess) continue;
+      if (status != cudaErrorNotReady) return "";  // a device fault: the host's next wait reports it
+      return deadline_message("NCCL " + p.what + " on a communicator of " + std::to_string(size) + " ranks",
+                              p.enqueued_s, MPI_Wtime(), timeout_s);
+    }
+    return "";
+  }
+  void abort(const std::string& why) {
+    std::lock_guard<std::mutex> lock(mutex);
+    failure = why + "; the communicator was aborted";
+    std::fprintf(stderr, "parabench: %s\n", failure.c_str());
+    std::fflush(stderr);
+    ncclCommAbort(comm);
+    aborted.store(true);
+    cuda_fail_async(failure);
+  }
+};
+
+// A non-blocking call on the communication stream; complete once `done` has fired, after which the
+// compute stream is made to wait for it.
 class NcclRequest final : public CommRequest {
  public:
-  NcclRequest(cudaEvent_t done, cudaStream_t compute, CommOpStats* stats)
-      : done_(done), compute_(compute), stats_(stats) {}
+  NcclRequest(cudaEvent_t done, cudaStream_t compute, CommOpStats* stats, std::shared_ptr<NcclState> state)
+      : done_(done), compute_(compute), stats_(stats), state_(std::move(state)) {}
   ~NcclRequest() override {
     try {
       wait();  // a request is never left in flight
@@ -42,14 +137,18 @@ class NcclRequest final : public CommRequest {
     }
     cudaEventDestroy(done_);
   }
+  // An aborted communicator ends its kernels, so the wait ends too, and reports the failure.
   void wait() override {
     if (finished_) return;
     const double t0 = MPI_Wtime();
-    PB_CUDA_CHECK(cudaEventSynchronize(done_));
+    const cudaError_t status = cudaEventSynchronize(done_);
+    state_->throw_if_aborted();
+    PB_CUDA_CHECK(status);
     finish(t0);
   }
   bool test() override {
     if (finished_) return true;
+    state_->throw_if_aborted();
     const double t0 = MPI_Wtime();
     const cudaError_t status = cudaEventQuery(done_);
     if (status == cudaErrorNotReady) {
@@ -70,106 +169,124 @@ class NcclRequest final : public CommRequest {
   cudaEvent_t done_;
   cudaStream_t compute_;
   CommOpStats* stats_;
+  std::shared_ptr<NcclState> state_;
   bool finished_ = false;
 };
 
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(MPI_Comm comm, cudaStream_t compute) : host_(comm), compute_(compute) {
+  NcclCommunicator(MPI_Comm comm, cudaStream_t compute, double timeout_s)
+      : host_(comm), compute_(compute), state_(std::make_shared<NcclState>()) {
     ncclUniqueId id;
     if (host_.rank() == 0) PB_NCCL_CHECK(ncclGetUniqueId(&id));
     PB_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, host_.handle()));
-    PB_NCCL_CHECK(ncclCommInitRank(&comm_, host_.size(), id, host_.rank()));
+    PB_NCCL_CHECK(ncclCommInitRank(&state_->comm, host_.size(), id, host_.rank()));
+    PB_CUDA_CHECK(cudaGetDevice(&state_->device));
+    state_->size = host_.size();
+    state_->timeout_s = timeout_s;
     PB_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
-    PB_CUDA_CHECK(cudaEventCreate(&start_));
-    PB_CUDA_CHECK(cudaEventCreate(&stop_));
+    std::shared_ptr<NcclState> state = state_;
+    watchdog_ = std::make_unique<Watchdog>(
+        0.1, [state] { return state->check(); }, [state](const std::string& why) { state->abort(why); });
   }
   ~NcclCommunicator() override {
-    cudaStreamSynchronize(side_);
-    ncclCommDestroy(comm_);
-    cudaEventDestroy(start_);
-    cudaEventDestroy(stop_);
+    watchdog_.reset();  // no abort after this point
+    if (!state_->aborted.load()) {
+      cudaStreamSynchronize(side_);
+      try {
+        state_->harvest(true);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "parabench: %s\n", e.what());
+      }
+      ncclCommDestroy(state_->comm);
+    }
+    for (const NcclState::Pending& p : state_->pending) {  // left by a failure
+      if (p.start != nullptr) cudaEventDestroy(p.start);
+      cudaEventDestroy(p.stop);
+    }
     cudaStreamDestroy(side_);
   }
 
   int rank() const override { return host_.rank(); }
   int size() const override { return host_.size(); }
   std::string name() const override { return "nccl"; }
+  // The blocking collectives' GPU times, once they have completed.
+  void settle() const override { state_->harvest(true); }
 
   // bf16 sums are NCCL's own (ncclBfloat16): bf16 on the wire, each reduction step rounded to bf16.
   void all_reduce(TensorPtr buf, std::size_t count) override {
     const DType t = buf.dtype();
-    blocking(CommOp::all_reduce, count, t, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllReduce(buf.data(), buf.data(), count, nccl_type(t), ncclSum, comm_, s));
+    blocking(CommOp::all_reduce, count, t, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf.data(), buf.data(), count, nccl_type(t), ncclSum, c, s));
     });
   }
   void all_reduce_max(float* buf, std::size_t count) override {
-    blocking(CommOp::all_reduce, count, DType::f32, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclMax, comm_, s));
+    blocking(CommOp::all_reduce, count, DType::f32, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf, buf, count, ncclFloat, ncclMax, c, s));
     });
   }
   Request all_reduce_async(TensorPtr buf, std::size_t count) override {
     const DType t = buf.dtype();
-    return async(CommOp::all_reduce, count, t, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllReduce(buf.data(), buf.data(), count, nccl_type(t), ncclSum, comm_, s));
+    return async(CommOp::all_reduce, count, t, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllReduce(buf.data(), buf.data(), count, nccl_type(t), ncclSum, c, s));
     });
   }
   void reduce_scatter(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override {
     const DType t = common_dtype(send, recv, "reduce_scatter");
-    blocking(CommOp::reduce_scatter, recv_count * size(), t, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclReduceScatter(send.data(), recv.data(), recv_count, nccl_type(t), ncclSum, comm_, s));
+    blocking(CommOp::reduce_scatter, recv_count * size(), t, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclReduceScatter(send.data(), recv.data(), recv_count, nccl_type(t), ncclSum, c, s));
     });
   }
   Request reduce_scatter_async(ConstTensorPtr send, TensorPtr recv, std::size_t recv_count) override {
     const DType t = common_dtype(send, recv, "reduce_scatter_async");
-    return async(CommOp::reduce_scatter, recv_count * size(), t, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclReduceScatter(send.data(), recv.data(), recv_count, nccl_type(t), ncclSum, comm_, s));
+    return async(CommOp::reduce_scatter, recv_count * size(), t, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclReduceScatter(send.data(), recv.data(), recv_count, nccl_type(t), ncclSum, c, s));
     });
   }
   // In place when send is this rank's block of recv, which is NCCL's in-place convention too.
   void all_gather(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override {
     const DType t = common_dtype(send, recv, "all_gather");
-    blocking(CommOp::all_gather, send_count * size(), t, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send_count, nccl_type(t), comm_, s));
+    blocking(CommOp::all_gather, send_count * size(), t, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send_count, nccl_type(t), c, s));
     });
   }
   Request all_gather_async(ConstTensorPtr send, TensorPtr recv, std::size_t send_count) override {
     const DType t = common_dtype(send, recv, "all_gather_async");
-    return async(CommOp::all_gather, send_count * size(), t, [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send_count, nccl_type(t), comm_, s));
+    return async(CommOp::all_gather, send_count * size(), t, [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send_count, nccl_type(t), c, s));
     });
   }
   void all_to_all(ConstTensorPtr send, TensorPtr recv, std::size_t count_per_peer) override {
     const DType t = common_dtype(send, recv, "all_to_all");
-    blocking(CommOp::all_to_all, count_per_peer * size(), t, [&](cudaStream_t s) {
+    blocking(CommOp::all_to_all, count_per_peer * size(), t, [&](ncclComm_t c, cudaStream_t s) {
       const auto block = static_cast<std::ptrdiff_t>(count_per_peer);
       PB_NCCL_CHECK(ncclGroupStart());
       for (int peer = 0; peer < size(); ++peer) {
-        PB_NCCL_CHECK(ncclSend((send + peer * block).data(), count_per_peer, nccl_type(t), peer, comm_, s));
-        PB_NCCL_CHECK(ncclRecv((recv + peer * block).data(), count_per_peer, nccl_type(t), peer, comm_, s));
+        PB_NCCL_CHECK(ncclSend((send + peer * block).data(), count_per_peer, nccl_type(t), peer, c, s));
+        PB_NCCL_CHECK(ncclRecv((recv + peer * block).data(), count_per_peer, nccl_type(t), peer, c, s));
       }
       PB_NCCL_CHECK(ncclGroupEnd());
     });
   }
   // NCCL matches point-to-point calls by order, not by tag: callers keep the orders of both sides equal.
   void send(ConstTensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
-    blocking(CommOp::send, count, buf.dtype(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclSend(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    blocking(CommOp::send, count, buf.dtype(), [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclSend(buf.data(), count, nccl_type(buf.dtype()), peer, c, s));
     });
   }
   void recv(TensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
-    blocking(CommOp::recv, count, buf.dtype(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclRecv(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    blocking(CommOp::recv, count, buf.dtype(), [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclRecv(buf.data(), count, nccl_type(buf.dtype()), peer, c, s));
     });
   }
   Request send_async(ConstTensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
-    return async(CommOp::send, count, buf.dtype(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclSend(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    return async(CommOp::send, count, buf.dtype(), [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclSend(buf.data(), count, nccl_type(buf.dtype()), peer, c, s));
     });
   }
   Request recv_async(TensorPtr buf, std::size_t count, int peer, int /*tag*/) override {
-    return async(CommOp::recv, count, buf.dtype(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclRecv(buf.data(), count, nccl_type(buf.dtype()), peer, comm_, s));
+    return async(CommOp::recv, count, buf.dtype(), [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclRecv(buf.data(), count, nccl_type(buf.dtype()), peer, c, s));
     });
   }
   // Grouped: every rank of a ring sends and receives at once (ungrouped, each call would wait for the
@@ -178,26 +295,27 @@ class NcclCommunicator final : public Communicator {
                           int /*tag*/) override {
     const DType t = common_dtype(send, recv, "send_recv_async");
     account(CommOp::recv, count, t);  // its time is the send's: one grouped operation
-    return async(CommOp::send, count, t, [&](cudaStream_t s) {
+    return async(CommOp::send, count, t, [&](ncclComm_t c, cudaStream_t s) {
       PB_NCCL_CHECK(ncclGroupStart());
-      PB_NCCL_CHECK(ncclSend(send.data(), count, nccl_type(t), to, comm_, s));
-      PB_NCCL_CHECK(ncclRecv(recv.data(), count, nccl_type(t), from, comm_, s));
+      PB_NCCL_CHECK(ncclSend(send.data(), count, nccl_type(t), to, c, s));
+      PB_NCCL_CHECK(ncclRecv(recv.data(), count, nccl_type(t), from, c, s));
       PB_NCCL_CHECK(ncclGroupEnd());
     });
   }
   void broadcast(TensorPtr buf, std::size_t count, int root) override {
-    blocking(CommOp::broadcast, count, buf.dtype(), [&](cudaStream_t s) {
-      PB_NCCL_CHECK(ncclBroadcast(buf.data(), buf.data(), count, nccl_type(buf.dtype()), root, comm_, s));
+    blocking(CommOp::broadcast, count, buf.dtype(), [&](ncclComm_t c, cudaStream_t s) {
+      PB_NCCL_CHECK(ncclBroadcast(buf.data(), buf.data(), count, nccl_type(buf.dtype()), root, c, s));
     });
   }
   void barrier() override {
     PB_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    state_->throw_if_aborted();
     host_.barrier();
   }
   std::unique_ptr<Communicator> split(int color, int key) override {
     MPI_Comm sub;
     PB_MPI_CHECK(MPI_Comm_split(host_.handle(), color, key, &sub));
-    return std::make_unique<NcclCommunicator>(sub, compute_);
+    return std::make_unique<NcclCommunicator>(sub, compute_, state_->timeout_s);
   }
   void all_reduce_host(double* values, int count, HostReduce op) override { host_.all_reduce_host(values, count, op); }
   void all_gather_host(const void* send, void* recv, std::size_t bytes_per_rank) override {
@@ -205,38 +323,50 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
-  // Waits for the collective so that its GPU time is known: the host drains the compute stream's
-  // queue here, a cost tensor parallelism pays per collective (the price of exact /comm times).
-  void blocking(CommOp op, std::size_t count, DType dtype, const std::function<void(cudaStream_t)>& launch) {
-    CommOpStats& s = account(op, count, dtype);
-    PB_CUDA_CHECK(cudaEventRecord(start_, compute_));
-    launch(compute_);
-    PB_CUDA_CHECK(cudaEventRecord(stop_, compute_));
-    PB_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float ms = 0.0f;
-    PB_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-    s.time_s += ms * 1e-3;
+  static std::string describe(CommOp op, std::size_t count, DType dtype) {
+    return std::string(comm_op_name(op)) + " of " + std::to_string(count * dtype_bytes(dtype)) + " bytes";
   }
-  Request async(CommOp op, std::size_t count, DType dtype, const std::function<void(cudaStream_t)>& launch) {
+  // On the compute stream, in its order: every later use of the buffers sees the result, and the host
+  // does not wait. Its time is the GPU time between events around it, read once it has completed.
+  void blocking(CommOp op, std::size_t count, DType dtype,
+                const std::function<void(ncclComm_t, cudaStream_t)>& launch) {
+    state_->throw_if_aborted();
+    state_->harvest(false);
+    CommOpStats& s = account(op, count, dtype);
+    cudaEvent_t start, stop;
+    PB_CUDA_CHECK(cudaEventCreate(&start));
+    PB_CUDA_CHECK(cudaEventCreate(&stop));
+    PB_CUDA_CHECK(cudaEventRecord(start, compute_));
+    launch(state_->comm, compute_);
+    PB_CUDA_CHECK(cudaEventRecord(stop, compute_));
+    state_->push(start, stop, &s, describe(op, count, dtype));
+  }
+  Request async(CommOp op, std::size_t count, DType dtype,
+                const std::function<void(ncclComm_t, cudaStream_t)>& launch) {
+    state_->throw_if_aborted();
+    state_->harvest(false);
     CommOpStats& s = account(op, count, dtype);
     const double t0 = MPI_Wtime();
-    cudaEvent_t ready, done;
+    cudaEvent_t ready, done, watched;
     PB_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
     PB_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    PB_CUDA_CHECK(cudaEventCreateWithFlags(&watched, cudaEventDisableTiming));
     PB_CUDA_CHECK(cudaEventRecord(ready, compute_));  // after the work that made the buffers
     PB_CUDA_CHECK(cudaStreamWaitEvent(side_, ready, 0));
     PB_CUDA_CHECK(cudaEventDestroy(ready));  // released once recorded work completes
-    launch(side_);
+    launch(state_->comm, side_);
     PB_CUDA_CHECK(cudaEventRecord(done, side_));
+    PB_CUDA_CHECK(cudaEventRecord(watched, side_));  // the watchdog's copy of `done`
+    state_->push(nullptr, watched, nullptr, describe(op, count, dtype));
     s.time_s += MPI_Wtime() - t0;
-    return std::make_unique<NcclRequest>(done, compute_, &s);
+    return std::make_unique<NcclRequest>(done, compute_, &s, state_);
   }
 
   MpiCommunicator host_;  // bootstrap and host-side control values
-  ncclComm_t comm_ = nullptr;
   cudaStream_t compute_;
   cudaStream_t side_ = nullptr;  // non-blocking calls
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+  std::shared_ptr<NcclState> state_;
+  std::unique_ptr<Watchdog> watchdog_;
 };
 
 // ---- MPI through pinned host memory --------------------------------------------------------------
@@ -496,8 +626,8 @@ class HostStagedCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm, cudaStream_t compute) {
-  return std::make_unique<NcclCommunicator>(comm, compute);
+std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm, cudaStream_t compute, double timeout_s) {
+  return std::make_unique<NcclCommunicator>(comm, compute, timeout_s);
 }
 
 std::unique_ptr<Communicator> make_host_staged_communicator(std::unique_ptr<Communicator> host,

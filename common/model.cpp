@@ -322,10 +322,11 @@ void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::
 void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
                       float* params, ConstTensorPtr grads, float* m, float* v, float grad_scale, int t, double lr) {
   constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
+  std::vector<Backend::AdamwRange> ranges;  // one update for all pieces (one launch on a GPU)
   for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& tensor, std::size_t) {
-    backend.adamw_update(params + pos, grads + pos, m + pos, v + pos, len, static_cast<float>(lr), kBeta1, kBeta2,
-                         kEps, tensor.is_matrix ? kWeightDecay : 0.0f, t, grad_scale);
+    ranges.push_back({pos, len, tensor.is_matrix ? kWeightDecay : 0.0f});
   });
+  backend.adamw_update(params, grads, m, v, ranges, static_cast<float>(lr), kBeta1, kBeta2, kEps, t, grad_scale);
 }
 
 std::vector<float> download_fp32(Backend& backend, ConstTensorPtr src, std::size_t n) {

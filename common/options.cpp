@@ -121,7 +121,7 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
 
   std::string model_name = "small";
   ModelConfig shape;  // explicit shape options; 0 = from preset
-  std::string backend, comm, dtype;
+  std::string backend, comm, dtype, attention;
   int global_batch = 0, dp = 0, threads = 0;
   double peak = -1.0;
 
@@ -143,7 +143,13 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--clip", opt.clip, "gradient-norm clipping (0: off)")->capture_default_str();
   cli.add_option("--backend", backend, "cpu | cuda (default: cuda when built with CUDA and a GPU is visible)");
   cli.add_option("--comm", comm, "mpi | nccl (default: nccl for cuda when each rank of a node has its own GPU)");
+  cli.add_option("--distributed-timeout-minutes", opt.distributed_timeout_minutes,
+                 "a NCCL operation unfinished after this long aborts the run (exit 3), as Megatron-LM's")
+      ->capture_default_str();
   cli.add_option("--dtype", dtype, "fp32 | bf16 (default fp32 on cpu, bf16 on cuda)");
+  cli.add_option("--attention", attention,
+                 "native | cudnn: parabench's attention kernels or cuDNN's fused attention (default: cudnn for "
+                 "cuda with bf16 where built with cuDNN)");
   cli.add_option("--grad-dtype", opt.grad_dtype, "fp32 | bf16: parameter gradients (bf16 only with --dtype bf16)")
       ->capture_default_str();
   cli.add_option("--recompute", opt.recompute, "none | selective | full")->capture_default_str();
@@ -242,6 +248,9 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
              " ranks of a node share GPUs (each sees " + std::to_string(env.visible_gpus) + "): use --comm mpi");
     }
     opt.comm = comm;
+    if (!(opt.distributed_timeout_minutes > 0.0)) {
+      reject("--distributed-timeout-minutes " + std::to_string(opt.distributed_timeout_minutes) + " must be positive");
+    }
     if (dtype.empty()) dtype = backend == "cuda" ? "bf16" : "fp32";
     if (dtype != "fp32" && dtype != "bf16") reject("--dtype " + dtype + " must be fp32 or bf16");
     opt.dtype = dtype;
@@ -254,6 +263,23 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
              std::to_string(m.hidden / m.heads) + ": the CUDA attention takes at most " +
              std::to_string(env.cuda_max_head_dim));
     }
+    // cuDNN's fused attention: bf16 tensors, head dimensions in multiples of 8; parabench's own kernels
+    // stay selectable, so a cuDNN problem on a cluster never blocks a run.
+    const int head_dim = m.hidden / m.heads;
+    const bool cudnn_fits = backend == "cuda" && env.cudnn_built && dtype == "bf16" && head_dim % 8 == 0;
+    if (attention.empty()) attention = cudnn_fits ? "cudnn" : "native";
+    if (attention != "native" && attention != "cudnn") reject("--attention " + attention + " must be native or cudnn");
+    if (attention == "cudnn" && !cudnn_fits) {
+      if (backend != "cuda") reject("--attention cudnn needs --backend cuda");
+      if (!env.cudnn_built) {
+        reject("--attention cudnn is not available: this build has no cuDNN attention (configure with cuDNN 9 and "
+               "the cuDNN frontend's headers, which scripts/setup.sh fetches); use --attention native");
+      }
+      if (dtype != "bf16") reject("--attention cudnn takes --dtype bf16 (fp32 attention runs --attention native)");
+      reject("--attention cudnn takes head dimensions in multiples of 8, not --hidden " + std::to_string(m.hidden) +
+             " / --heads " + std::to_string(m.heads) + " = " + std::to_string(head_dim) + "; use --attention native");
+    }
+    opt.attention = attention;
     if (opt.recompute != "none" && opt.recompute != "selective" && opt.recompute != "full") {
       reject("--recompute " + opt.recompute + " must be none, selective or full");
     }
@@ -341,7 +367,9 @@ nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_
   c["clip"] = o.clip;
   c["backend"] = o.backend;
   c["comm"] = o.comm;
+  c["distributed_timeout_minutes"] = o.distributed_timeout_minutes;
   c["dtype"] = o.dtype;
+  c["attention"] = o.attention;
   c["grad_dtype"] = o.grad_dtype;
   c["recompute"] = o.recompute;
   c["dp"] = o.dp;

@@ -37,7 +37,9 @@ struct Options {
   double clip = 1.0;
   std::string backend;  // resolved: "cpu" or "cuda"
   std::string comm;     // resolved: "mpi" or "nccl"
+  double distributed_timeout_minutes = 10.0;  // a NCCL operation unfinished after this aborts the run
   std::string dtype;    // resolved: "fp32" or "bf16" (parameters and activations)
+  std::string attention;  // resolved: "native" (parabench's kernels) or "cudnn" (cuDNN's fused attention)
   std::string grad_dtype = "fp32";  // parameter gradients: "fp32" or "bf16" (only with --dtype bf16)
   std::string recompute = "none";
   int dp = 0;           // 0 until resolved
@@ -89,6 +91,7 @@ struct Environment {
   int visible_gpus = 0;        // per rank, as CUDA_VISIBLE_DEVICES leaves them
   bool distinct_gpus = false;  // the ranks of every node drive distinct GPUs (their PCI bus ids differ)
   int cuda_max_head_dim = 0;   // the CUDA attention's limit (kCudaMaxHeadDim)
+  bool cudnn_built = false;    // the CUDA backend has cuDNN's fused attention (PB_WITH_CUDNN)
   int slurm_ntasks = 0;        // SLURM_NTASKS, 0 when unset
 };
 

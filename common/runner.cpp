@@ -129,13 +129,18 @@ nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const P
                                           const Backend& backend) {
   config["master_weights"] = precision.master_weights() ? "fp32" : "none";
   config["matmul_precision"] = backend.matmul_precision();
+#ifdef PB_WITH_CUDA
+  if (config.value("attention", "") == "cudnn") config["attention_library"] = cuda_cudnn_version();
+#endif
   return config;
 }
 
 // The CPU backend, or the GPU of this rank: local rank modulo the GPUs it can see.
 std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
 #ifdef PB_WITH_CUDA
-  if (opt.backend == "cuda") return make_cuda_backend(local_rank % cuda_visible_device_count(), opt.dtype == "bf16");
+  if (opt.backend == "cuda") {
+    return make_cuda_backend(local_rank % cuda_visible_device_count(), opt.dtype == "bf16", opt.attention == "cudnn");
+  }
 #else
   (void)local_rank;
 #endif
@@ -150,7 +155,7 @@ std::unique_ptr<Communicator> make_device_world(const Options& opt, MpiCommunica
     if (opt.comm == "nccl") {
       MPI_Comm dup;
       PB_MPI_CHECK(MPI_Comm_dup(world.handle(), &dup));
-      return make_nccl_communicator(dup, cuda_compute_stream(backend));
+      return make_nccl_communicator(dup, cuda_compute_stream(backend), 60.0 * opt.distributed_timeout_minutes);
     }
     return make_host_staged_communicator(world.split(0, world.rank()), cuda_compute_stream(backend));
   }
@@ -203,6 +208,7 @@ void print_header(const Options& o, const Layout& layout, const SystemInfo& sys,
 struct StepRecord {
   double loss, grad_norm, time_max_s;
   std::vector<double> rank_times;
+  double host_waits;  // the most of any rank (Backend::host_waits)
 };
 
 // The same file: the same path, or the same inode where both exist.
@@ -522,6 +528,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     world.barrier();  // steps start together, so a rank's time is its own work and waiting
     const double t0 = wall_time_s();
     trace.span(TraceTrack::idle, "step barrier", t_arrive, t0);
+    const std::uint64_t waits_before = backend->host_waits();
     strategy->zero_grads();
     StepBatches batches;
     batches.step = step;
@@ -562,11 +569,14 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     trace.span(TraceTrack::compute, "optimizer", t_opt, wall_time_s());
     const double elapsed = wall_time_s() - t0;
 
-    StepRecord rec{loss, grad_norm, 0.0, std::vector<double>(opt.world_size)};
+    StepRecord rec{loss, grad_norm, 0.0, std::vector<double>(opt.world_size),
+                   static_cast<double>(backend->host_waits() - waits_before)};
     world.all_gather_host(&elapsed, rec.rank_times.data(), sizeof(double));
     rec.time_max_s = *std::max_element(rec.rank_times.begin(), rec.rank_times.end());
-    double peak = static_cast<double>(backend->tracker().snapshot().peak_total);
-    world.all_reduce_host(&peak, 1, HostReduce::max);
+    double maxima[2] = {static_cast<double>(backend->tracker().snapshot().peak_total), rec.host_waits};
+    world.all_reduce_host(maxima, 2, HostReduce::max);
+    const double peak = maxima[0];
+    rec.host_waits = maxima[1];
     records.push_back(rec);
 
     if (lead) {
@@ -621,11 +631,17 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 
   // ---- summary over the measured steps (after warm-up; all finished steps if fewer) ---------------
   std::vector<double> measured;
+  double host_waits = 0.0;  // the most in a measured step
   for (std::size_t i = 0; i < records.size(); ++i) {
-    if (static_cast<int>(i) >= opt.warmup) measured.push_back(records[i].time_max_s);
+    if (static_cast<int>(i) < opt.warmup) continue;
+    measured.push_back(records[i].time_max_s);
+    host_waits = std::max(host_waits, records[i].host_waits);
   }
   if (measured.empty()) {
-    for (const StepRecord& r : records) measured.push_back(r.time_max_s);
+    for (const StepRecord& r : records) {
+      measured.push_back(r.time_max_s);
+      host_waits = std::max(host_waits, r.host_waits);
+    }
   }
   const double step_time = median(measured);
   const double tokens_per_s = opt.tokens_per_step() / step_time;
@@ -709,6 +725,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   summary["tflops_per_rank"] = tflops_per_rank;
   summary["peak_tflops_per_rank"] = opt.peak_tflops;
   summary["mfu"] = mfu;
+  summary["host_waits_per_step"] = static_cast<int64_t>(host_waits);
   summary["final_loss"] = records.empty() ? std::nan("") : records.back().loss;
   summary["final_param_norm"] = final_param_norm;
   nlohmann::ordered_json strategy_summary = nlohmann::ordered_json::object();
@@ -860,6 +877,7 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
     env.distinct_gpus = node_ranks_hold_distinct_devices(
         MPI_COMM_WORLD, env.visible_gpus > 0 ? cuda_device_pci_bus_id(local.local_rank % env.visible_gpus) : "");
     env.cuda_max_head_dim = kCudaMaxHeadDim;
+    env.cudnn_built = cuda_cudnn_attention_built();
 #endif
 
     Options opt;

@@ -16,7 +16,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/memory.h"
 #include "kernels/dtype.h"
@@ -49,11 +51,26 @@ class Backend {
   // resident set is used instead).
   virtual int64_t device_memory_peak_bytes() { return -1; }
 
+  // ---- the host waiting for the device ----------------------------------------------------------------
+  // Three calls make the host wait for the device's queued work: download, synchronize and sum_squares
+  // (a norm is a value the host needs). Nothing else does; upload returns at once (a GPU stages the
+  // bytes through pinned memory and copies them in stream order). host_waits() counts those calls since
+  // the backend was made, the same way on every backend (the interface counts, not the backends), so a
+  // run on the CPU counts the waits its run on a GPU makes (the result file's /summary host_waits_per_step).
+  std::uint64_t host_waits() const { return host_waits_; }
+
+  // host_src may be reused as soon as upload returns.
   virtual void upload(void* dst, const void* host_src, std::size_t bytes) = 0;
-  virtual void download(void* host_dst, const void* src, std::size_t bytes) = 0;
+  void download(void* host_dst, const void* src, std::size_t bytes) {
+    ++host_waits_;
+    do_download(host_dst, src, bytes);
+  }
   virtual void copy(void* dst, const void* src, std::size_t bytes) = 0;
   virtual void zero(void* dst, std::size_t bytes) = 0;
-  virtual void synchronize() = 0;  // wait for queued work (no-op on the CPU)
+  void synchronize() {  // wait for queued work (no-op on the CPU)
+    ++host_waits_;
+    do_synchronize();
+  }
 
   // ---- layers (N = B·S rows) ---------------------------------------------------------------------
   // out (N, OC) = inp (N, C) · weight (C, OC) + bias (OC); bias may be null.
@@ -214,14 +231,52 @@ class Backend {
                                     int k, int C, int h) = 0;
 
   // ---- optimizer ---------------------------------------------------------------------------------
-  // Σ x² over n elements, accumulated in double, returned to the host.
-  virtual double sum_squares(ConstTensorPtr x, std::size_t n) = 0;
+  // Norms over many tensors at once: sums[b] (host memory, b < bins) = Σ over the pieces of bin b, in
+  // their order, of Σ x² over the piece's n elements (each piece accumulated in double in fixed chunks);
+  // one host wait however many pieces, so a norm over a model's tensors costs one wait, not one per tensor.
+  struct SquaresPiece {
+    ConstTensorPtr x;
+    std::size_t n;
+    int bin;  // 0 ≤ bin < bins
+  };
+  void sum_squares(double* sums, int bins, const std::vector<SquaresPiece>& pieces) {
+    for (const SquaresPiece& p : pieces) {
+      if (p.bin < 0 || p.bin >= bins) throw std::invalid_argument("sum_squares: a piece's bin outside [0, bins)");
+    }
+    ++host_waits_;
+    do_sum_squares(sums, bins, pieces);
+  }
+  // Σ x² over n elements, accumulated in double, returned to the host (one piece, one wait).
+  double sum_squares(ConstTensorPtr x, std::size_t n) {
+    double sum = 0.0;
+    sum_squares(&sum, 1, {SquaresPiece{x, n, 0}});
+    return sum;
+  }
   // y *= alpha
   virtual void scale(TensorPtr y, float alpha, std::size_t n) = 0;
   // AdamW as torch.optim.AdamW, step t ≥ 1, on fp32 parameters (the master weights in mixed precision);
   // the gradient (fp32 or bf16) is multiplied by grad_scale first (clipping).
   virtual void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, std::size_t n, float lr,
                             float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) = 0;
+  // The same over several ranges of the same flat buffers, each with its weight decay (a model's
+  // matrices decay, its biases and LayerNorm parameters do not): element i of a range is element
+  // begin + i of params, grads, m and v. The ranges do not overlap. A GPU updates them all in one launch.
+  struct AdamwRange {
+    std::size_t begin;
+    std::size_t n;
+    float weight_decay;
+  };
+  virtual void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v,
+                            const std::vector<AdamwRange>& ranges, float lr, float beta1, float beta2, float eps,
+                            int t, float grad_scale) = 0;
+
+ protected:
+  virtual void do_download(void* host_dst, const void* src, std::size_t bytes) = 0;
+  virtual void do_synchronize() = 0;
+  virtual void do_sum_squares(double* sums, int bins, const std::vector<SquaresPiece>& pieces) = 0;
+
+ private:
+  std::uint64_t host_waits_ = 0;
 };
 
 }  // namespace pb

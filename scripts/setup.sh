@@ -14,6 +14,37 @@ debian_packages=(
   slurm-wlm munge
 )
 
+# The cuDNN frontend's headers (header-only, MIT; PyPI's nvidia-cudnn-frontend carries them), for the CUDA
+# backend's cuDNN attention: fetched into third_party/cudnn-frontend/include where a CUDA toolkit is, once.
+# Without them (no PyPI on this machine) the CUDA build keeps parabench's own attention kernels.
+cudnn_frontend_version=1.32.0
+fetch_cudnn_frontend() {
+  local dest=third_party/cudnn-frontend
+  [[ -f $dest/include/cudnn_frontend.h ]] && return 0
+  command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]] || return 0
+  local tmp
+  tmp=$(mktemp -d)
+  # The headers are the same in every wheel: one fixed wheel, whatever this machine's Python or CPU.
+  if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+       --platform manylinux_2_28_x86_64 -d "$tmp" "nvidia-cudnn-frontend==$cudnn_frontend_version" 2>/dev/null; then
+    python3 - "$tmp" "$dest" <<'PY'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("*.whl"))
+dest = pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("include/") and not name.endswith("/"):
+            z.extract(name, dest)
+PY
+    echo "setup: cuDNN frontend $cudnn_frontend_version headers in $dest/include"
+  else
+    echo "setup: the cuDNN frontend could not be fetched from PyPI: CUDA builds use parabench's own attention" >&2
+  fi
+  rm -rf "$tmp"
+}
+cd "$(dirname "$0")/.."
+fetch_cudnn_frontend
+
 missing=()
 for p in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

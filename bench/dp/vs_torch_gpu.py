@@ -2,9 +2,10 @@
 """parabench-dp against PyTorch on the same GPU, in the same call, in bf16.
 
     vs_torch_gpu.py --bin build-cuda/bench/dp/parabench-dp --out DIR [--steps 10] [--warmup 3]
+                    [--attention cudnn native]
 
 For gpt2-124m at micro-batch 16 and block-4k at micro-batch 2: one rank of parabench-dp (--backend cuda
---dtype bf16), then PyTorch eager (SDPA) and torch.compile (bench/dp/torch_gpu.py, each in a fresh
+--dtype bf16), once per --attention (cudnn and native by default), then PyTorch eager (SDPA) and torch.compile (bench/dp/torch_gpu.py, each in a fresh
 process). Prints one markdown table (also written to DIR/vs_torch_gpu.md): step time (median of the
 measured steps), tokens/s, MFU and peak memory. MFU uses parabench's FLOP count and peak TFLOP/s for
 every row, so the rows compare like with like. Peak memory is the peak of the tensors (parabench's
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--out", required=True, help="folder for logs, result files and the table")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--attention", nargs="+", default=["cudnn", "native"],
+                    help="parabench's --attention values to run, one row each")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,21 +57,27 @@ def main():
 
     rows, failed = [], False
     for model, mb in CONFIGS:
-        h5 = out / f"parabench_{model}.h5"
-        rc = run([*launcher, "-n", 1, args.bin, "--model", model, "--micro-batch", mb, "--backend", "cuda",
-                  "--dtype", "bf16", "--steps", args.steps + args.warmup, "--warmup", args.warmup, "--quiet",
-                  "--out", h5, "--overwrite"], out / f"parabench_{model}.log")
-        if rc != 0:
-            failed = True
+        flops = None
+        for attention in args.attention:
+            h5 = out / f"parabench_{model}_{attention}.h5"
+            rc = run([*launcher, "-n", 1, args.bin, "--model", model, "--micro-batch", mb, "--backend", "cuda",
+                      "--dtype", "bf16", "--attention", attention, "--steps", args.steps + args.warmup,
+                      "--warmup", args.warmup, "--quiet", "--out", h5, "--overwrite"],
+                     out / f"parabench_{model}_{attention}.log")
+            if rc != 0:
+                failed = True
+                continue
+            with h5py.File(h5, "r") as f:
+                s = f["summary"].attrs
+                step, tflops, mfu = float(s["step_time_s"]), float(s["tflops_per_rank"]), float(s["mfu"])
+                peak = int(f["memory/measured/peak_total"][0])
+                device_name = f["system"].attrs.get("gpu_model", f["system"].attrs.get("cpu_model", b""))
+            flops = tflops * 1e12 * step  # per step, one rank
+            peak_tflops = tflops / mfu if mfu == mfu and mfu > 0 else float("nan")
+            rows.append((model, mb, f"parabench-dp ({attention} attention)", step, mb * int(model_seq(model)) / step,
+                         mfu, peak))
+        if flops is None:
             continue
-        with h5py.File(h5, "r") as f:
-            s = f["summary"].attrs
-            step, tflops, mfu = float(s["step_time_s"]), float(s["tflops_per_rank"]), float(s["mfu"])
-            peak = int(f["memory/measured/peak_total"][0])
-            device_name = f["system"].attrs.get("gpu_model", f["system"].attrs.get("cpu_model", b""))
-        flops = tflops * 1e12 * step  # per step, one rank
-        peak_tflops = tflops / mfu if mfu == mfu and mfu > 0 else float("nan")
-        rows.append((model, mb, "parabench-dp", step, mb * int(model_seq(model)) / step, mfu, peak))
         for mode in ("eager", "compile"):
             log = out / f"torch_{mode}_{model}.log"
             rc = run([sys.executable, HERE / "torch_gpu.py", "--model", model, "--micro-batch", mb, "--mode", mode,

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <utility>
+#include <vector>
 
 namespace pb {
 
@@ -56,14 +57,16 @@ void ExpertParallelStrategy::optimizer_step(float grad_scale, int t) {
 double ExpertParallelStrategy::sum_squares(ConstTensorPtr base) {
   // Experts are whole on every tp rank (each computes the same tokens' experts); attention and the
   // embeddings may be tensor-parallel slices.
-  double experts = 0.0, sliced = 0.0, replicated = 0.0;
+  enum { kExperts, kSliced, kReplicated };
+  std::vector<Backend::SquaresPiece> pieces;
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
-    double& sum = t.expert >= 0 ? experts : t.split != TpSplit::none ? sliced : replicated;
-    sum += rt_.backend.sum_squares(base + at, t.numel());
+    pieces.push_back({base + at, t.numel(), t.expert >= 0 ? kExperts : t.split != TpSplit::none ? kSliced : kReplicated});
   });
-  if (rt_.mp.ep.active()) rt_.mp.ep.comm->all_reduce_host(&experts, 1, HostReduce::sum);
-  if (rt_.mp.tp.active()) rt_.mp.tp.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
-  return experts + sliced + replicated;
+  double sums[3];
+  rt_.backend.sum_squares(sums, 3, pieces);
+  if (rt_.mp.ep.active()) rt_.mp.ep.comm->all_reduce_host(&sums[kExperts], 1, HostReduce::sum);
+  if (rt_.mp.tp.active()) rt_.mp.tp.comm->all_reduce_host(&sums[kSliced], 1, HostReduce::sum);
+  return sums[kExperts] + sums[kSliced] + sums[kReplicated];
 }
 
 double ExpertParallelStrategy::global_grad_sum_squares() { return sum_squares(state_.grads()); }

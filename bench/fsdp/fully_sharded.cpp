@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <utility>
+#include <vector>
 
 namespace pb {
 
@@ -245,20 +246,24 @@ void FullyShardedDataParallel::finish_gradients() {
 
 template <typename ShardOf>
 double FullyShardedDataParallel::sum_squares(ShardOf shard_of) {
-  double sum = 0.0;  // over this rank's shards (padding is zero), then over the shard group
+  // Over this rank's shards (padding is zero), then over the shard group; one wait for all of them.
+  enum { kWhole, kSliced };
+  double sums[2] = {0.0, 0.0};
+  std::vector<Backend::SquaresPiece> pieces;
   const TensorParallel& tp = rt_.mp.tp;
   if (!tp.active()) {
-    for (std::size_t u = 0; u < layout_.size(); ++u) sum += be_.sum_squares(shard_of(static_cast<int>(u)), layout_[u].shard);
+    for (std::size_t u = 0; u < layout_.size(); ++u) pieces.push_back({shard_of(static_cast<int>(u)), layout_[u].shard, kWhole});
+    be_.sum_squares(sums, 1, pieces);
   } else {
     // A shard is a range of the unit's flat elements: its pieces of sliced tensors are summed over the tp
     // group too, those of whole tensors (the same on every tp rank) only once.
-    double sliced = 0.0;
     for_each_shard_piece([&](int u, std::size_t at, std::size_t n, const TensorInfo& t) {
-      (t.split == TpSplit::none ? sum : sliced) += be_.sum_squares(shard_of(u) + at, n);
+      pieces.push_back({shard_of(u) + at, n, t.split == TpSplit::none ? kWhole : kSliced});
     });
-    tp.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
-    sum += sliced;
+    be_.sum_squares(sums, 2, pieces);
+    tp.comm->all_reduce_host(&sums[kSliced], 1, HostReduce::sum);
   }
+  double sum = sums[kWhole] + sums[kSliced];
   if (options_.shard != ShardStrategy::no_shard) shard_group_->all_reduce_host(&sum, 1, HostReduce::sum);
   return sum;
 }

@@ -39,7 +39,8 @@ std::unique_ptr<Communicator> make_nccl_world(std::vector<MicroBackend>& backend
   MPI_Comm comm = MPI_COMM_NULL;
   PB_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));  // the NCCL communicator owns it
   try {
-    return make_nccl_communicator(comm, cuda_compute_stream(*backends.back().backend));
+    constexpr double kTimeoutS = 600.0;  // the apps' default --distributed-timeout-minutes
+    return make_nccl_communicator(comm, cuda_compute_stream(*backends.back().backend), kTimeoutS);
   } catch (...) {
     MPI_Comm_free(&comm);
     throw;

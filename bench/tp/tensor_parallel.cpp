@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 #include <utility>
+#include <vector>
 
 namespace pb {
 TensorParallelStrategy::TensorParallelStrategy(Runtime& runtime, std::vector<int> held, Communicator* data_group)
@@ -21,12 +22,15 @@ void TensorParallelStrategy::finish_gradients() {
 }
 
 double TensorParallelStrategy::sum_squares_over_slices(ConstTensorPtr base) {
-  double sliced = 0.0, whole = 0.0;
+  enum { kWhole, kSliced };
+  std::vector<Backend::SquaresPiece> pieces;
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
-    (t.split == TpSplit::none ? whole : sliced) += rt_.backend.sum_squares(base + at, t.numel());
+    pieces.push_back({base + at, t.numel(), t.split == TpSplit::none ? kWhole : kSliced});
   });
-  if (tp_.active()) tp_.comm->all_reduce_host(&sliced, 1, HostReduce::sum);
-  return sliced + whole;
+  double sums[2];
+  rt_.backend.sum_squares(sums, 2, pieces);
+  if (tp_.active()) tp_.comm->all_reduce_host(&sums[kSliced], 1, HostReduce::sum);
+  return sums[kSliced] + sums[kWhole];
 }
 
 double TensorParallelStrategy::global_grad_sum_squares() { return sum_squares_over_slices(state_.grads()); }

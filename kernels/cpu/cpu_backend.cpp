@@ -609,10 +609,8 @@ class CpuBackend final : public Backend {
   MemoryTracker& tracker() override { return blocks_.tracker(); }
 
   void upload(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, std::size_t bytes) override { std::memmove(dst, src, bytes); }
   void zero(void* dst, std::size_t bytes) override { std::memset(dst, 0, bytes); }
-  void synchronize() override {}
 
   // ---- matmul ------------------------------------------------------------------------------------
   // fp32 tensors: sgemm, or (bf16_matmul) each operand rounded to bf16 into one of two scratch buffers of
@@ -838,17 +836,30 @@ class CpuBackend final : public Backend {
   }
 
   // ---- optimizer ---------------------------------------------------------------------------------
-  double sum_squares(ConstTensorPtr x, std::size_t n) override {
-    double total = 0.0;
-    cpu::dispatch([&](auto e) { total = sum_squares_kernel(x.as<decltype(e)>(), n); }, x.dtype());
-    return total;
-  }
-
   void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, std::size_t n, float lr, float beta1,
                     float beta2, float eps, float weight_decay, int t, float grad_scale) override {
     cpu::dispatch([&](auto e) {
       adamw_kernel(params, grads.as<decltype(e)>(), m, v, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale);
     }, grads.dtype());
+  }
+  void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, const std::vector<AdamwRange>& ranges,
+                    float lr, float beta1, float beta2, float eps, int t, float grad_scale) override {
+    for (const AdamwRange& r : ranges) {
+      const auto at = static_cast<std::ptrdiff_t>(r.begin);
+      adamw_update(params + at, grads + at, m + at, v + at, r.n, lr, beta1, beta2, eps, r.weight_decay, t, grad_scale);
+    }
+  }
+
+ protected:
+  void do_download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void do_synchronize() override {}
+  void do_sum_squares(double* sums, int bins, const std::vector<SquaresPiece>& pieces) override {
+    std::fill(sums, sums + bins, 0.0);
+    for (const SquaresPiece& p : pieces) {
+      double piece = 0.0;
+      cpu::dispatch([&](auto e) { piece = sum_squares_kernel(p.x.as<decltype(e)>(), p.n); }, p.x.dtype());
+      sums[p.bin] += piece;
+    }
   }
 
  private:

@@ -14,16 +14,25 @@
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
+#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
 #include "common/errors.h"
 #include "kernels/block_cache.h"
 #include "kernels/cuda/kernels.cuh"
+#ifdef PB_WITH_CUDNN
+#include "kernels/cuda/cudnn_attention.h"
+#endif
 
 namespace pb {
 
@@ -36,6 +45,26 @@ void cuda_check(cudaError_t status, const char* call, const char* file, int line
 }
 
 namespace {
+std::mutex g_async_failure_mutex;
+std::string g_async_failure;             // the first failure reported from outside
+std::atomic<bool> g_async_failed{false};  // set after g_async_failure
+
+// RunError (exit 3) when the device has been marked failed (cuda_fail_async).
+void throw_if_failed_async() {
+  if (!g_async_failed.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lock(g_async_failure_mutex);
+  throw RunError(kExitRuntime, g_async_failure);
+}
+}  // namespace
+
+void cuda_fail_async(const std::string& why) {
+  std::lock_guard<std::mutex> lock(g_async_failure_mutex);
+  if (g_async_failed.load()) return;
+  g_async_failure = why;
+  g_async_failed.store(true, std::memory_order_release);
+}
+
+namespace {
 
 using namespace kernels;  // NOLINT: the kernels and their constants
 
@@ -45,8 +74,10 @@ void cublas_check(cublasStatus_t status, const char* call, const char* file, int
                                    " failed: cuBLAS status " + std::to_string(static_cast<int>(status)));
 }
 #define PB_CUBLAS_CHECK(call) cublas_check((call), #call, __FILE__, __LINE__)
-// After every kernel launch: configuration errors surface here, not at the next synchronisation.
-#define PB_LAUNCH_CHECK() ::pb::cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+// After every kernel launch (a member of CudaBackend): a configuration error names this launch; the site is
+// remembered, so that a fault found at the next wait names the last launch before it; with
+// CUDA_LAUNCH_BLOCKING=1 each launch is waited for, so a fault names its own launch.
+#define PB_LAUNCH_CHECK() launch_check(__FILE__, __LINE__)
 
 constexpr int kThreads = 256;        // elementwise and row kernels
 constexpr int kReduceThreads = 1024;  // single-block final reductions
@@ -111,7 +142,7 @@ constexpr std::size_t kAllocAlignment = 256;
 class CudaBackend final : public Backend {
  public:
   // One device per process: the backend makes `device` current once, and every call assumes it.
-  CudaBackend(int device, bool bf16_matmul)
+  CudaBackend(int device, bool bf16_matmul, bool cudnn_attention)
       : device_(device),
         bf16_matmul_(bf16_matmul),
         blocks_(kAllocAlignment, [this](std::size_t bytes) { return device_malloc(bytes); },
@@ -120,7 +151,18 @@ class CudaBackend final : public Backend {
     cudaDeviceProp prop{};
     PB_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
     name_ = prop.name;
+    const char* blocking = std::getenv("CUDA_LAUNCH_BLOCKING");
+    launch_blocking_ = blocking != nullptr && std::string(blocking) == "1";
     PB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    if (cudnn_attention) {
+#ifdef PB_WITH_CUDNN
+      cudnn_ = std::make_unique<CudnnAttention>(stream_, [this](std::size_t bytes) {
+        return reserve(cudnn_workspace_, bytes);
+      });
+#else
+      throw std::invalid_argument("cuda backend: this build has no cuDNN attention (PB_WITH_CUDNN)");
+#endif
+    }
     PB_CUBLAS_CHECK(cublasCreate(&cublas_));
     PB_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     PB_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));  // no TF32 for CUBLAS_COMPUTE_32F
@@ -143,18 +185,26 @@ class CudaBackend final : public Backend {
         });
       }
     }
-    PB_CUDA_CHECK(cudaMallocHost(&host_double_, sizeof(double)));
     sample_device_memory();
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+#ifdef PB_WITH_CUDNN
+    cudnn_.reset();
+    cudaFree(cudnn_workspace_.ptr);
+#endif
     blocks_.release_live();  // the cached ones go with blocks_
     cudaFree(scratch_.ptr);
     cudaFree(bf16_a_.ptr);
     cudaFree(bf16_b_.ptr);
     cudaFree(ones_f32_.ptr);
     cudaFree(ones_bf16_.ptr);
-    cudaFreeHost(host_double_);
+    cudaFree(adamw_ranges_.ptr);
+    cudaFreeHost(host_doubles_);
+    for (UploadSlot& slot : upload_slots_) {
+      cudaFreeHost(slot.host);
+      if (slot.copied != nullptr) cudaEventDestroy(slot.copied);
+    }
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
   }
@@ -180,22 +230,67 @@ class CudaBackend final : public Backend {
     return device_peak_;
   }
 
+  // Without waiting for the stream: the bytes go into a pinned staging slot at once (the caller may reuse
+  // its buffer on return) and from there to the device in stream order. A slot is reused once its copy
+  // has completed, kUploadSlots copies later; an upload larger than a slot goes through the ring in
+  // slot-sized pieces (the parameters' initialisation, before the first step).
   void upload(void* dst, const void* src, std::size_t bytes) override {
-    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-    PB_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the host buffer may be reused at once
-  }
-  void download(void* dst, const void* src, std::size_t bytes) override {
-    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (std::size_t at = 0; at < bytes; at += kUploadSlotBytes) {
+      const std::size_t n = std::min(kUploadSlotBytes, bytes - at);
+      UploadSlot& slot = upload_slots_[next_upload_slot_];
+      next_upload_slot_ = (next_upload_slot_ + 1) % kUploadSlots;
+      if (slot.host == nullptr) {
+        PB_CUDA_CHECK(cudaMallocHost(&slot.host, kUploadSlotBytes));
+        PB_CUDA_CHECK(cudaEventCreateWithFlags(&slot.copied, cudaEventDisableTiming));
+      } else {
+        PB_CUDA_CHECK(cudaEventSynchronize(slot.copied));  // a copy queued kUploadSlots uploads ago
+      }
+      std::memcpy(slot.host, static_cast<const char*>(src) + at, n);
+      PB_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + at, slot.host, n, cudaMemcpyHostToDevice, stream_));
+      PB_CUDA_CHECK(cudaEventRecord(slot.copied, stream_));
+    }
   }
   void copy(void* dst, const void* src, std::size_t bytes) override {
     PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
   void zero(void* dst, std::size_t bytes) override { PB_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream_)); }
-  void synchronize() override {
-    PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
+
+ protected:
+  void do_download(void* dst, const void* src, std::size_t bytes) override {
+    PB_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    stream_synchronize(__FILE__, __LINE__);
+  }
+  void do_synchronize() override {
+    stream_synchronize(__FILE__, __LINE__);
     sample_device_memory();
   }
+  // Each piece's fixed chunks (sum_squares_partial_kernel), then their sum added to the piece's bin
+  // (add_sum_doubles_kernel), piece after piece in stream order; one copy of the bins to the host, one wait.
+  void do_sum_squares(double* sums, int bins, const std::vector<SquaresPiece>& pieces) override {
+    std::size_t most_chunks = 1;
+    for (const SquaresPiece& p : pieces) most_chunks = std::max(most_chunks, (p.n + kSumChunk - 1) / kSumChunk);
+    double* bin_sums = static_cast<double*>(scratch(sizeof(double) * (bins + most_chunks)));
+    double* partial = bin_sums + bins;
+    PB_CUDA_CHECK(cudaMemsetAsync(bin_sums, 0, sizeof(double) * bins, stream_));
+    for (const SquaresPiece& p : pieces) {
+      if (p.n == 0) continue;
+      const std::size_t chunks = (p.n + kSumChunk - 1) / kSumChunk;
+      with_type(p.x.dtype(), [&](auto e) {
+        using T = decltype(e);
+        sum_squares_partial_kernel<T><<<static_cast<unsigned>(chunks), kThreads, 0, stream_>>>(partial, p.x.as<T>(),
+                                                                                               p.n);
+      });
+      PB_LAUNCH_CHECK();
+      add_sum_doubles_kernel<<<1, kReduceThreads, 0, stream_>>>(bin_sums + p.bin, partial, chunks);
+      PB_LAUNCH_CHECK();
+    }
+    double* host = host_doubles(bins);
+    PB_CUDA_CHECK(cudaMemcpyAsync(host, bin_sums, sizeof(double) * bins, cudaMemcpyDeviceToHost, stream_));
+    stream_synchronize(__FILE__, __LINE__);
+    std::copy(host, host + bins, sums);
+  }
+
+ public:
 
   // ---- matrix products: row-major tensors as cuBLAS's column-major transposes --------------------
   // Bias: broadcast into the output first (its bits: exact in either dtype), then the product added with
@@ -282,6 +377,13 @@ class CudaBackend final : public Backend {
     const DType t = one_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
     check_attention_shape(B, C, num_heads);
     if (B == 0 || S == 0) return;
+#ifdef PB_WITH_CUDNN
+    if (cudnn_) {
+      require_cudnn_dtype("attention_forward", t);
+      cudnn_->forward(out.data(), saved, qkv.data(), B, S, C, num_heads);
+      return;
+    }
+#endif
     const dim3 grid((S + kAttRows - 1) / kAttRows, B * num_heads);
     with_type(t, [&](auto e) {
       using T = decltype(e);
@@ -297,6 +399,13 @@ class CudaBackend final : public Backend {
         one_dtype("attention_backward", {{"dqkv", dqkv}, {"dout", dout}, {"out", out}, {"qkv", qkv}});
     check_attention_shape(B, C, num_heads);
     if (B == 0 || S == 0) return;
+#ifdef PB_WITH_CUDNN
+    if (cudnn_) {  // the log-sum-exp the forward saved; no scratch
+      require_cudnn_dtype("attention_backward", t);
+      cudnn_->backward(dqkv.data(), dout.data(), out.data(), qkv.data(), saved, B, S, C, num_heads);
+      return;
+    }
+#endif
     const int d = C / num_heads;
     const std::size_t rows = static_cast<std::size_t>(B) * num_heads * S;
     const dim3 rows_grid((S + kAttRows - 1) / kAttRows, B * num_heads);
@@ -390,19 +499,26 @@ class CudaBackend final : public Backend {
     const int N = B * S;
     with_type(dout.dtype(), [&](auto e) {
       using T = decltype(e);
-      if (dtok.dtype() == DType::f32) {
-        embedding_backward_tok_kernel<T><<<dim3(blocks_for(C), kTokenPartitions), kThreads, 0, stream_>>>(
-            dtok.as<float>(), dout.as<T>(), tokens, N, C);
+      if (N > 0) {  // the rows sorted by token (stable), then each token's run summed by one thread per column
+        const std::size_t n = static_cast<std::size_t>(N);
+        std::size_t sort_bytes = 0;
+        PB_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const int32_t*>(nullptr),
+                                                      static_cast<int32_t*>(nullptr),
+                                                      static_cast<const int32_t*>(nullptr),
+                                                      static_cast<int32_t*>(nullptr), N, 0, 32, stream_));
+        const std::size_t pairs_bytes = (4 * sizeof(int32_t) * n + 255) / 256 * 256;  // then cub's, aligned
+        auto* keys = static_cast<int32_t*>(scratch(pairs_bytes + sort_bytes));
+        int32_t *rows = keys + n, *sorted_keys = keys + 2 * n, *sorted_rows = keys + 3 * n;
+        void* sort_temp = reinterpret_cast<char*>(keys) + pairs_bytes;
+        embedding_sort_keys_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(keys, rows, tokens, N);
         PB_LAUNCH_CHECK();
-      } else if (N > 0) {
-        auto* chain = static_cast<int32_t*>(scratch(2 * sizeof(int32_t) * static_cast<std::size_t>(N)));
-        embedding_token_chain_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(chain, chain + N, tokens, N);
-        PB_LAUNCH_CHECK();
-        embedding_token_heads_kernel<<<blocks_for(N), kThreads, 0, stream_>>>(chain + N, chain, N);
-        PB_LAUNCH_CHECK();
-        embedding_backward_tok_chain_kernel<uint16_t, T>
-            <<<blocks_for(static_cast<std::size_t>(N) * C), kThreads, 0, stream_>>>(
-                dtok.as<uint16_t>(), dout.as<T>(), tokens, chain, chain + N, N, C);
+        PB_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, keys, sorted_keys, rows, sorted_rows, N,
+                                                      0, 32, stream_));
+        with_type(dtok.dtype(), [&](auto g) {
+          using TG = decltype(g);
+          embedding_backward_sorted_kernel<TG, T><<<blocks_for(n * C), kThreads, 0, stream_>>>(
+              dtok.as<TG>(), dout.as<T>(), sorted_keys, sorted_rows, N, C);
+        });
         PB_LAUNCH_CHECK();
       }
       if (dpos) {
@@ -664,25 +780,6 @@ class CudaBackend final : public Backend {
   }
 
   // ---- optimizer ---------------------------------------------------------------------------------
-  double sum_squares(ConstTensorPtr x, std::size_t n) override {
-    const std::size_t chunks = std::max<std::size_t>(1, (n + kSumChunk - 1) / kSumChunk);
-    double* partial = static_cast<double*>(scratch(sizeof(double) * (chunks + 1)));
-    if (n == 0) {
-      PB_CUDA_CHECK(cudaMemsetAsync(partial, 0, sizeof(double), stream_));
-    } else {
-      with_type(x.dtype(), [&](auto e) {
-        using T = decltype(e);
-        sum_squares_partial_kernel<T><<<static_cast<unsigned>(chunks), kThreads, 0, stream_>>>(partial, x.as<T>(), n);
-      });
-      PB_LAUNCH_CHECK();
-    }
-    sum_doubles_kernel<<<1, kReduceThreads, 0, stream_>>>(partial + chunks, partial, chunks);
-    PB_LAUNCH_CHECK();
-    PB_CUDA_CHECK(cudaMemcpyAsync(host_double_, partial + chunks, sizeof(double), cudaMemcpyDeviceToHost, stream_));
-    PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return *host_double_;
-  }
-
   void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, std::size_t n, float lr, float beta1,
                     float beta2, float eps, float weight_decay, int t, float grad_scale) override {
     const float bias1 = 1.0f - std::pow(beta1, static_cast<float>(t));
@@ -692,6 +789,31 @@ class CudaBackend final : public Backend {
       adamw_kernel<TG><<<blocks_for(n), kThreads, 0, stream_>>>(params, grads.as<TG>(), m, v, n, beta1, beta2, eps,
                                                                 lr / bias1, std::sqrt(bias2), 1.0f - lr * weight_decay,
                                                                 grad_scale);
+    });
+    PB_LAUNCH_CHECK();
+  }
+  // One launch for every range: the table of ranges uploaded (staged, no wait) into adamw_ranges_, then
+  // adamw_ranges_kernel over all their elements.
+  void adamw_update(float* params, ConstTensorPtr grads, float* m, float* v, const std::vector<AdamwRange>& ranges,
+                    float lr, float beta1, float beta2, float eps, int t, float grad_scale) override {
+    std::vector<AdamwRangeDesc> table;
+    table.reserve(ranges.size());
+    std::size_t total = 0;
+    for (const AdamwRange& r : ranges) {
+      if (r.n == 0) continue;
+      table.push_back(AdamwRangeDesc{total, r.begin, r.n, 1.0f - lr * r.weight_decay});
+      total += r.n;
+    }
+    if (table.empty()) return;
+    const float bias1 = 1.0f - std::pow(beta1, static_cast<float>(t));
+    const float bias2 = 1.0f - std::pow(beta2, static_cast<float>(t));
+    auto* desc = static_cast<AdamwRangeDesc*>(reserve(adamw_ranges_, sizeof(AdamwRangeDesc) * table.size()));
+    upload(desc, table.data(), sizeof(AdamwRangeDesc) * table.size());
+    with_type(grads.dtype(), [&](auto e) {
+      using TG = decltype(e);
+      adamw_ranges_kernel<TG><<<blocks_for(total), kThreads, 0, stream_>>>(
+          params, grads.as<TG>(), m, v, desc, static_cast<int>(table.size()), total, beta1, beta2, eps, lr / bias1,
+          std::sqrt(bias2), grad_scale);
     });
     PB_LAUNCH_CHECK();
   }
@@ -831,13 +953,20 @@ class CudaBackend final : public Backend {
     }
   }
 
+  static void require_cudnn_dtype(const char* op, DType t) {
+    if (t != DType::bf16) {
+      throw std::invalid_argument(std::string("cuda backend: ") + op + " through cuDNN takes bf16 tensors, not " +
+                                  dtype_name(t));
+    }
+  }
+
   // cudaMalloc, emptying the cache once when the device is full.
   void* device_malloc(std::size_t bytes) {
     void* ptr = nullptr;
     cudaError_t status = cudaMalloc(&ptr, bytes);
     if (status == cudaErrorMemoryAllocation) {
       cudaGetLastError();
-      PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      stream_synchronize(__FILE__, __LINE__);
       blocks_.release_cached();
       status = cudaMalloc(&ptr, bytes);
     }
@@ -856,7 +985,7 @@ class CudaBackend final : public Backend {
   // is too small.
   void* reserve(DeviceBuffer& buf, std::size_t bytes) {
     if (bytes > buf.bytes) {
-      PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      stream_synchronize(__FILE__, __LINE__);
       PB_CUDA_CHECK(cudaFree(buf.ptr));
       buf = DeviceBuffer{};
       buf.ptr = device_malloc(bytes);  // empties the cache once when the device is full
@@ -876,7 +1005,7 @@ class CudaBackend final : public Backend {
   const void* ones(int n, DType t) {
     Ones& o = t == DType::bf16 ? ones_bf16_ : ones_f32_;
     if (static_cast<std::size_t>(n) > o.count) {
-      PB_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      stream_synchronize(__FILE__, __LINE__);
       PB_CUDA_CHECK(cudaFree(o.ptr));
       o = Ones{};
       PB_CUDA_CHECK(cudaMalloc(&o.ptr, dtype_bytes(t) * n));
@@ -889,6 +1018,43 @@ class CudaBackend final : public Backend {
       sample_device_memory();
     }
     return o.ptr;
+  }
+
+  void launch_check(const char* file, int line) {
+    throw_if_failed_async();
+    cuda_check(cudaGetLastError(), "kernel launch", file, line);
+    last_launch_file_ = file;
+    last_launch_line_ = line;
+    if (launch_blocking_) cuda_check(cudaStreamSynchronize(stream_), "kernel (CUDA_LAUNCH_BLOCKING=1)", file, line);
+  }
+  // A wait for the stream. A fault of a kernel queued since the last wait surfaces here, not where the
+  // kernel was launched: the error names this wait and the last launch before it.
+  void stream_synchronize(const char* file, int line) {
+    const cudaError_t status = cudaStreamSynchronize(stream_);
+    throw_if_failed_async();  // an aborted communicator ends its kernels: the wait ends, the run too
+    if (status == cudaSuccess) return;
+    const std::string last = last_launch_file_ == nullptr
+                                 ? std::string("no kernel launched yet")
+                                 : std::string("the last kernel launched at ") + last_launch_file_ + ":" +
+                                       std::to_string(last_launch_line_);
+    cuda_check(status,
+               ("cudaStreamSynchronize (a fault in work queued since the last wait; " + last +
+                "; rerun with CUDA_LAUNCH_BLOCKING=1 to name the faulting launch)")
+                   .c_str(),
+               file, line);
+  }
+
+  // At least n doubles of pinned host memory (grown after a wait: nothing queued reads it then).
+  double* host_doubles(int n) {
+    if (static_cast<std::size_t>(n) > host_doubles_count_) {
+      stream_synchronize(__FILE__, __LINE__);
+      PB_CUDA_CHECK(cudaFreeHost(host_doubles_));
+      host_doubles_ = nullptr;
+      host_doubles_count_ = 0;
+      PB_CUDA_CHECK(cudaMallocHost(&host_doubles_, sizeof(double) * n));
+      host_doubles_count_ = static_cast<std::size_t>(n);
+    }
+    return host_doubles_;
   }
 
   // Device memory in use (every process on the GPU, the CUDA context and libraries included).
@@ -914,7 +1080,24 @@ class CudaBackend final : public Backend {
     std::size_t count = 0;
   };
   Ones ones_f32_, ones_bf16_;  // for the column sums of dbias
-  double* host_double_ = nullptr;
+#ifdef PB_WITH_CUDNN
+  std::unique_ptr<CudnnAttention> cudnn_;  // --attention cudnn
+  DeviceBuffer cudnn_workspace_;
+#endif
+  bool launch_blocking_ = false;  // CUDA_LAUNCH_BLOCKING=1: every launch waited for
+  const char* last_launch_file_ = nullptr;
+  int last_launch_line_ = 0;
+  double* host_doubles_ = nullptr;  // pinned, for the norms' bins
+  std::size_t host_doubles_count_ = 0;
+  DeviceBuffer adamw_ranges_;  // the table of the last multi-range AdamW
+  struct UploadSlot {
+    void* host = nullptr;  // pinned, kUploadSlotBytes
+    cudaEvent_t copied = nullptr;
+  };
+  static constexpr int kUploadSlots = 8;
+  static constexpr std::size_t kUploadSlotBytes = std::size_t{4} << 20;
+  std::array<UploadSlot, kUploadSlots> upload_slots_{};
+  int next_upload_slot_ = 0;
   int64_t device_peak_ = 0;
 };
 
@@ -938,8 +1121,24 @@ int cuda_visible_device_count() {
   return count;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device, bool bf16_matmul) {
-  return std::make_unique<CudaBackend>(device, bf16_matmul);
+bool cuda_cudnn_attention_built() {
+#ifdef PB_WITH_CUDNN
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cuda_cudnn_version() {
+#ifdef PB_WITH_CUDNN
+  return CudnnAttention::version();
+#else
+  return "";
+#endif
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device, bool bf16_matmul, bool cudnn_attention) {
+  return std::make_unique<CudaBackend>(device, bf16_matmul, cudnn_attention);
 }
 
 cudaStream_t cuda_compute_stream(Backend& backend) {

@@ -32,11 +32,23 @@ int cuda_visible_device_count();
 // CUDA_VISIBLE_DEVICES numbers it in this process; empty when it cannot be read.
 std::string cuda_device_pci_bus_id(int device);
 
-// A backend on `device`, whose work runs on one compute stream.
-std::unique_ptr<Backend> make_cuda_backend(int device, bool bf16_matmul);
+// True when this build has cuDNN's fused attention (kernels/cuda/cudnn_attention.h; PB_WITH_CUDNN).
+bool cuda_cudnn_attention_built();
+// "cuDNN 9.19.0 (frontend 1.32.0)"; empty without it.
+std::string cuda_cudnn_version();
+
+// A backend on `device`, whose work runs on one compute stream. With `cudnn_attention` (a build that
+// has it) attention_forward and attention_backward run cuDNN's fused attention on bf16 tensors
+// (std::invalid_argument on fp32 ones); otherwise parabench's own kernels.
+std::unique_ptr<Backend> make_cuda_backend(int device, bool bf16_matmul, bool cudnn_attention = false);
 
 // The stream a CUDA backend queues its work on (communicators order their work after it).
 cudaStream_t cuda_compute_stream(Backend& backend);
+
+// Marks this process's device failed by something outside the backend's own calls (a NCCL watchdog
+// that aborted its communicator, from its own thread): the backend's next wait or launch throws
+// RunError (exit 3) with `why`. The first failure is kept.
+void cuda_fail_async(const std::string& why);
 
 // Throws RunError (exit 3) naming the call, file and line when `status` is not cudaSuccess.
 void cuda_check(cudaError_t status, const char* call, const char* file, int line);

@@ -284,58 +284,34 @@ __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T*
   out[i] = from_float<T>(v);
 }
 
-// An fp32 dtok: thread (c, p) owns column c of the token rows t ≡ p (mod kTokenPartitions) and adds
-// the rows of dout (either type) in token order: every element has one writer, so the sums are
-// deterministic without atomics.
-constexpr int kTokenPartitions = 32;
-template <typename T>
-__global__ void embedding_backward_tok_kernel(float* dtok, const T* dout, const int32_t* tokens, int N, int C) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x, p = blockIdx.y;
-  if (c >= C) return;
-  for (int n = 0; n < N; ++n) {
-    const int32_t t = tokens[n];
-    if (t >= 0 && t % kTokenPartitions == p) {
-      dtok[static_cast<std::size_t>(t) * C + c] += to_float(dout[static_cast<std::size_t>(n) * C + c]);
-    }
-  }
-}
-
-// A bf16 dtok is rounded once per call, so each token's rows are summed in fp32 first: the rows of one
-// token as a chain in row order. next[n] = the next row with row n's token (−1: none; one thread per
-// row, scanning forward), head[n] = 1 where row n is its token's first (0 for negative tokens) ...
-__global__ void embedding_token_chain_kernel(int32_t* next, int32_t* head, const int32_t* tokens, int N) {
+// The token gradient, parallel and without atomics: the rows sorted by token, stably (cub's radix sort
+// on (token, row) pairs: the rows of a token stay in row order), then one thread per (sorted row,
+// column); the thread at the first row of each token's run adds the run's dout rows in row order onto
+// dtok in fp32 and stores once: dtok[t, c] = round(dtok[t, c] + Σ rows of t in order), the order and
+// rounding of the CPU backend, whatever the dtype of dtok.
+//
+// The sort's keys: tokens, a negative one (another rank's vocabulary block) as kNoToken, so it sorts last
+// and is skipped; its values: the row numbers 0..N−1.
+constexpr int32_t kNoToken = 0x7fffffff;
+__global__ void embedding_sort_keys_kernel(int32_t* keys, int32_t* rows, const int32_t* tokens, int N) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= N) return;
-  const int32_t t = tokens[n];
-  int32_t following = -1;
-  if (t >= 0) {
-    for (int m = n + 1; m < N; ++m) {
-      if (tokens[m] == t) {
-        following = m;
-        break;
-      }
-    }
-  }
-  next[n] = following;
-  head[n] = t >= 0 ? 1 : 0;
+  keys[n] = tokens[n] >= 0 ? tokens[n] : kNoToken;
+  rows[n] = n;
 }
-// ... less the rows that follow another (a second launch: each row has at most one predecessor) ...
-__global__ void embedding_token_heads_kernel(int32_t* head, const int32_t* next, int N) {
-  const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n < N && next[n] >= 0) head[next[n]] = 0;
-}
-// ... and one thread per (head row, column) walks its chain: dtok[t, c] = round(dtok[t, c] + Σ dout rows),
-// the rows added in order, as the fp32 kernel adds them.
 template <typename TG, typename T>
-__global__ void embedding_backward_tok_chain_kernel(TG* dtok, const T* dout, const int32_t* tokens,
-                                                    const int32_t* next, const int32_t* head, int N, int C) {
+__global__ void embedding_backward_sorted_kernel(TG* dtok, const T* dout, const int32_t* sorted_tokens,
+                                                 const int32_t* sorted_rows, int N, int C) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<std::size_t>(N) * C) return;
-  const int n = static_cast<int>(i / C), c = static_cast<int>(i % C);
-  if (head[n] == 0) return;
-  TG* g = dtok + static_cast<std::size_t>(tokens[n]) * C + c;
+  const int p = static_cast<int>(i / C), c = static_cast<int>(i % C);
+  const int32_t t = sorted_tokens[p];
+  if (t == kNoToken || (p > 0 && sorted_tokens[p - 1] == t)) return;  // not the first row of a run
+  TG* g = dtok + static_cast<std::size_t>(t) * C + c;
   float acc = to_float(*g);
-  for (int m = n; m >= 0; m = next[m]) acc += to_float(dout[static_cast<std::size_t>(m) * C + c]);
+  for (int q = p; q < N && sorted_tokens[q] == t; ++q) {
+    acc += to_float(dout[static_cast<std::size_t>(sorted_rows[q]) * C + c]);
+  }
   *g = from_float<TG>(acc);
 }
 
@@ -350,18 +326,61 @@ __global__ void embedding_backward_pos_kernel(TG* dpos, const T* dout, int B, in
 }
 
 // ---- cross-entropy: one block per row ------------------------------------------------------------
+// Online softmax statistics: the maximum m of some values and Σ exp(x − m) over them; two merge into the
+// statistics of their union (Milakov and Gimelshein's online normaliser), so one pass over a row gives both.
+struct SoftmaxStat {
+  float m;
+  float s;
+};
+__device__ inline SoftmaxStat softmax_merge(SoftmaxStat a, SoftmaxStat b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return SoftmaxStat{m, 0.0f};
+  return SoftmaxStat{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+__device__ inline SoftmaxStat softmax_add(SoftmaxStat a, float x) {
+  if (x > a.m) return SoftmaxStat{x, a.s * expf(a.m - x) + 1.0f};
+  return SoftmaxStat{a.m, x == -INFINITY ? a.s : a.s + expf(x - a.m)};
+}
+// The block's statistics, returned to every thread (blockDim.x a multiple of 32; ends with a barrier).
+__device__ SoftmaxStat block_softmax_stat(SoftmaxStat v) {
+  __shared__ float part_m[32], part_s[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int o = 16; o > 0; o >>= 1) {
+    v = softmax_merge(v, SoftmaxStat{__shfl_xor_sync(kFull, v.m, o), __shfl_xor_sync(kFull, v.s, o)});
+  }
+  if (lane == 0) {
+    part_m[warp] = v.m;
+    part_s[warp] = v.s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    SoftmaxStat w = lane < warps ? SoftmaxStat{part_m[lane], part_s[lane]} : SoftmaxStat{-INFINITY, 0.0f};
+    for (int o = 16; o > 0; o >>= 1) {
+      w = softmax_merge(w, SoftmaxStat{__shfl_xor_sync(kFull, w.m, o), __shfl_xor_sync(kFull, w.s, o)});
+    }
+    if (lane == 0) {
+      part_m[0] = w.m;
+      part_s[0] = w.s;
+    }
+  }
+  __syncthreads();
+  const SoftmaxStat result{part_m[0], part_s[0]};
+  __syncthreads();
+  return result;
+}
+
 // The logits in either type, overwritten by their gradient in it; statistics and losses in fp32 (double).
+// Two passes over the row: the statistics in one (online), then the gradient.
 template <typename T>
 __global__ void cross_entropy_kernel(T* logits, double* row_loss, const int32_t* targets, int V, float scale) {
   T* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
   const int target = targets[blockIdx.x];
-  float m = -INFINITY;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(z[i]));
-  m = block_reduce<float, true>(m);
-  const float target_shifted = to_float(z[target]) - m;  // read by every thread before the barrier below
-  float sum = 0.0f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - m);
-  sum = block_reduce<float>(sum);
+  SoftmaxStat stat{-INFINITY, 0.0f};
+  for (int i = threadIdx.x; i < V; i += blockDim.x) stat = softmax_add(stat, to_float(z[i]));
+  stat = block_softmax_stat(stat);
+  const float m = stat.m, sum = stat.s;
+  const float target_shifted = to_float(z[target]) - m;  // read by every thread before the writes below
+  __syncthreads();
   if (threadIdx.x == 0) row_loss[blockIdx.x] = log(static_cast<double>(sum)) - static_cast<double>(target_shifted);
   const float inv = scale / sum;
   for (int i = threadIdx.x; i < V; i += blockDim.x) {
@@ -639,20 +658,68 @@ __global__ void sum_doubles_kernel(double* out, const double* partial, std::size
   if (threadIdx.x == 0) out[0] = acc;
 }
 
-// torch.optim.AdamW (non-fused): decoupled decay, then the bias-corrected step. fp32 parameters and
-// moments; the gradient in either type.
+// out[0] += Σ partial (one block, the sum in sum_doubles_kernel's order): a norm's pieces added to their bin
+// one after another in stream order, so the bins hold what the CPU's in-order sums hold.
+__global__ void add_sum_doubles_kernel(double* out, const double* partial, std::size_t n) {
+  double acc = 0.0;
+  for (std::size_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+  acc = block_reduce<double>(acc);
+  if (threadIdx.x == 0) out[0] += acc;
+}
+
+// torch.optim.AdamW (non-fused) on element i: decoupled decay, then the bias-corrected step. fp32
+// parameters and moments; the gradient in either type.
 template <typename TG>
-__global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v, std::size_t n, float beta1,
-                             float beta2, float eps, float step_size, float bias2_sqrt, float decay,
-                             float grad_scale) {
-  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
+__device__ inline void adamw_element(float* params, const TG* grads, float* m, float* v, std::size_t i, float beta1,
+                                     float beta2, float eps, float step_size, float bias2_sqrt, float decay,
+                                     float grad_scale) {
   const float g = to_float(grads[i]) * grad_scale;
   const float mi = beta1 * m[i] + (1.0f - beta1) * g;
   const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
   m[i] = mi;
   v[i] = vi;
   params[i] = params[i] * decay - step_size * mi / (sqrtf(vi) / bias2_sqrt + eps);
+}
+
+template <typename TG>
+__global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v, std::size_t n, float beta1,
+                             float beta2, float eps, float step_size, float bias2_sqrt, float decay,
+                             float grad_scale) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  adamw_element(params, grads, m, v, i, beta1, beta2, eps, step_size, bias2_sqrt, decay, grad_scale);
+}
+
+// One range of a multi-range AdamW: `first` is the range's first thread (the elements of the ranges
+// before it), `begin` its first element in the flat buffers, `decay` = 1 − lr · weight_decay.
+struct AdamwRangeDesc {
+  std::size_t first;
+  std::size_t begin;
+  std::size_t n;
+  float decay;
+};
+
+// AdamW over `count` ranges of the same flat buffers in one launch (total = Σ n threads): thread t finds
+// its range by binary search over the ranges' `first` (ascending, ranges[0].first = 0). Replaces one
+// launch per tensor (149 for gpt2-124m) with one per optimizer step.
+template <typename TG>
+__global__ void adamw_ranges_kernel(float* params, const TG* grads, float* m, float* v, const AdamwRangeDesc* ranges,
+                                    int count, std::size_t total, float beta1, float beta2, float eps,
+                                    float step_size, float bias2_sqrt, float grad_scale) {
+  const std::size_t t = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (t >= total) return;
+  int lo = 0, hi = count - 1;  // the last range whose first ≤ t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (ranges[mid].first <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const AdamwRangeDesc r = ranges[lo];
+  adamw_element(params, grads, m, v, r.begin + (t - r.first), beta1, beta2, eps, step_size, bias2_sqrt, r.decay,
+                grad_scale);
 }
 
 // ---- fused causal attention ----------------------------------------------------------------------

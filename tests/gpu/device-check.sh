@@ -3,24 +3,29 @@
 # minutes, leaving the device tool's 10-minute call time for a second try):
 #   1. builds the cuda preset for this GPU's architecture only (nvidia-smi's compute capability;
 #      build-cuda/: CUDA backend, NCCL);
-#   2. a quick first measurement: one 4096-square GEMM in fp32 and in bf16 (parabench-micro);
+#   2. a quick first measurement: one 4096-square GEMM in fp32 and in bf16 (parabench-micro), with the
+#      cuBLASLt algorithm it chose (its trace) and, where Nsight Systems is installed, the kernels' names;
 #   3. the `gpu` tests: every CUDA op, the mixture-of-experts ops included, against the CPU backend
 #      (tests/gpu/test_cuda_ops.cpp);
-#   4. the model in fp32 (rtol 1e-4) and in bf16 (rtol 1e-2) against the PyTorch reference on the GPU,
+#   4. the model in fp32 (rtol 1e-4) and in bf16 (rtol 1e-2; with --attention native and cudnn) against
+#      the PyTorch reference on the GPU,
 #      and the mixture-of-experts model (parabench-ep, one rank: 4 experts, top-2, capacity factor 1.0,
 #      auxiliary loss) in fp32 against the PyTorch MoE, routing statistics exactly (reference-moe);
 #   5. every app on the GPU against the single-rank loss curve: ranks sharing the GPU through
 #      --comm mpi, one rank through NCCL; parabench-ep against its own single-rank run, tokens per
 #      expert exactly (tests/gpu/test_gpu_apps.py);
-#   6. parabench-dp against PyTorch eager (SDPA) and torch.compile on the same GPU, bf16, gpt2-124m at
-#      micro-batch 16 and block-4k at micro-batch 2: one table (bench/dp/vs_torch_gpu.py).
+#   6. parabench-dp (with cuDNN's and with its own attention) against PyTorch eager (SDPA) and
+#      torch.compile on the same GPU, bf16, gpt2-124m at micro-batch 16 and block-4k at micro-batch 2:
+#      one table (bench/dp/vs_torch_gpu.py).
+# The cuDNN frontend's headers do not reach the GPU machine by themselves (no network there, and
+# third_party/ is ignored by git): the device tool's call carries them, carry=["third_party/cudnn-frontend"].
 # Each stage has its own time limit, cut to what is left of the budget; a stage with less than 10 s
 # left is skipped (said so). Every stage runs even if an earlier one failed (except after a failed
 # build). Its logs go into one file, $OUT/device-check.tar.gz (default results/device-check/), rewritten
 # after every stage so that a call cut short still brings back what ran; each stage prints one line.
 # Exit 0 when every stage passed.
 #
-#   device tool:  run  command="tests/gpu/device-check.sh"  timeout_s=420
+#   device tool:  run  command="tests/gpu/device-check.sh"  timeout_s=420  carry=["third_party/cudnn-frontend"]
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-$repo/results/device-check}
@@ -91,10 +96,26 @@ if ! stage build 240 build; then
   exit 1
 fi
 
-# The first figures: one square GEMM in each precision, as parabench-micro times it (TFLOP/s per row).
-stage gemm 30 build-cuda/bench/micro/parabench-micro --ops none --benchmark_filter='gemm/cuda/.*/N4096_' \
-  --out "$work/gemm.h5"
+# The first figures: one square GEMM in each precision, as parabench-micro times it (TFLOP/s per row),
+# and what cuBLAS ran for it: cuBLASLt's trace of its matmuls (the algorithm, tile and stages it chose;
+# CUBLASLT_LOG_LEVEL=2), and the kernels' names where Nsight Systems is installed.
+gemm() {
+  CUBLASLT_LOG_LEVEL=2 CUBLASLT_LOG_FILE="$work/cublaslt-%i.log" build-cuda/bench/micro/parabench-micro \
+    --ops none --benchmark_filter='gemm/cuda/.*/N4096_' --out "$work/gemm.h5"
+}
+stage gemm 30 gemm
 grep -E "gemm/cuda" "$work/gemm.log" | head -n 4
+cat "$work"/cublaslt-*.log 2>/dev/null | grep -iE "matmul" | grep -oiE "(algo|tile|stages|kernel)[^ ,]*" |
+  sort | uniq -c | sort -rn | head -n 8
+if command -v nsys >/dev/null 2>&1; then
+  gemm_kernels() {
+    nsys profile -o "$work/gemm" --force-overwrite true --stats=false build-cuda/bench/micro/parabench-micro \
+      --ops none --benchmark_filter='gemm/cuda/.*/N4096_' --out "$work/gemm-nsys.h5" >/dev/null &&
+      nsys stats -q --report cuda_gpu_kern_sum --format csv "$work/gemm.nsys-rep"
+  }
+  stage gemm-kernels 40 gemm_kernels
+  grep -iE "gemm|xmma|cutlass" "$work/gemm-kernels.log" | cut -c1-200 | head -n 4
+fi
 
 stage ops 60 build-cuda/tests/test_cuda_ops --gtest_output="xml:$work/test_cuda_ops.xml"
 
@@ -111,7 +132,8 @@ reference() {  # reference APP DTYPE RTOL MODEL-OPTIONS...
 }
 stage reference-fp32 45 reference "$dp" fp32 1e-4 "${tiny[@]}"
 stage reference-fp32-b 45 reference "$dp" fp32 1e-4 "${awkward[@]}"
-stage reference-bf16 45 reference "$dp" bf16 1e-2 "${tiny[@]}"
+stage reference-bf16 45 reference "$dp" bf16 1e-2 "${tiny[@]}" --attention native
+stage reference-bf16-cudnn 45 reference "$dp" bf16 1e-2 "${tiny[@]}" --attention cudnn
 stage reference-moe 45 reference "$ep" fp32 1e-4 "${tiny[@]}" "${moe[@]}"
 
 stage apps 120 env PB_BIN_DIR="$repo/build-cuda/bench" "$python" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_apps.py

@@ -961,6 +961,40 @@ TEST_F(CudaOps, Bf16FusedAttention) {
   EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 4), std::invalid_argument);
 }
 
+#ifdef PB_WITH_CUDNN
+// --attention cudnn: cuDNN's fused attention (kernels/cuda/cudnn_attention.h) on bf16 tensors against the
+// CPU's fp32 attention on the same values, to the bf16 tolerance as parabench's own bf16 kernels; head
+// dimensions 8 to 128, sequences that are no multiple of its tiles; the backward twice gives the same bits
+// (the deterministic algorithm); fp32 tensors are refused.
+TEST_F(CudaOps, CudnnFusedAttention) {
+  gpu_ = make_cuda_backend(0, /*bf16_matmul=*/false, /*cudnn_attention=*/true);
+  for (auto [B, S, C, NH] : {std::tuple{2, 70, 72, 3}, std::tuple{1, 33, 128, 2}, std::tuple{2, 130, 256, 2},
+                             std::tuple{1, 1, 16, 2}, std::tuple{2, 1024, 768, 12}}) {
+    const std::string shape = "cuDNN B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) +
+                              " heads " + std::to_string(NH);
+    const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
+    Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), out = poisoned_typed(nout, kBf16);
+    float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+    float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+    cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
+    gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
+    expect_typed_close(out, "attention_forward " + shape);
+    Typed dout = put_bf16(random(nout)), dqkv = poisoned_typed(nqkv, kBf16);
+    float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+    float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+    cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
+    gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+    expect_typed_close(dqkv, "attention_backward dqkv " + shape);
+    Typed again = poisoned_typed(nqkv, kBf16);
+    gpu_->attention_backward(again.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+    EXPECT_EQ(get_typed(again.gpu, nqkv), get_typed(dqkv.gpu, nqkv)) << "attention_backward twice " << shape;
+  }
+  Typed qkv = put_typed(random(3 * 16), kF32), out32 = poisoned_typed(16, kF32);
+  float* saved = gpu_->alloc_floats(4, MemCategory::activations);
+  EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 2), std::invalid_argument);
+}
+#endif
+
 // The zigzag pass of ContextParallelAttention on bf16 queries, keys and values, op by op: before each op
 // the CPU's tensors take the GPU's values (so each comparison is of one op on the same inputs). The running
 // out and every gradient (dq, dk, dv) in `out_dtype`, the blocks' partial outs bf16 (merged into an fp32

@@ -1016,6 +1016,65 @@ TEST_F(CpuOps, SumSquares) {
   }
 }
 
+// The batched norm: each bin the in-order sum of its pieces' Σx², bitwise the single-piece sums added in
+// the same order; an empty piece adds nothing; a bin outside [0, bins) is refused.
+TEST_F(CpuOps, SumSquaresBinned) {
+  std::mt19937 rng(73);
+  const FVec a = rand_floats(rng, 40000, -3.0f, 3.0f), b = rand_floats(rng, 17), c = rand_floats(rng, 5000);
+  const float *da = dev.put(a), *db = dev.put(b), *dc = dev.put(c);
+  const std::vector<Backend::SquaresPiece> pieces = {{da, a.size(), 1}, {db, b.size(), 0}, {dc, c.size(), 1},
+                                                     {db, 0, 2}};
+  double sums[3] = {kPoison, kPoison, kPoison};
+  be->sum_squares(sums, 3, pieces);
+  double bin1 = be->sum_squares(da, a.size());
+  bin1 += be->sum_squares(dc, c.size());
+  EXPECT_EQ(sums[0], be->sum_squares(db, b.size()));
+  EXPECT_EQ(sums[1], bin1);
+  EXPECT_EQ(sums[2], 0.0);
+  EXPECT_THROW(be->sum_squares(sums, 2, pieces), std::invalid_argument);
+}
+
+// Host waits are counted by the interface: download, synchronize and each sum_squares call once (a
+// batched norm once, however many pieces); upload, copy and the ops not at all.
+TEST_F(CpuOps, HostWaitsCounted) {
+  const FVec x(64, 1.0f);
+  float* d = dev.put(x);
+  const std::uint64_t before = be->host_waits();
+  FVec host(64);
+  be->upload(d, x.data(), 64 * sizeof(float));
+  be->copy(d, d + 32, 32 * sizeof(float));
+  be->scale(d, 2.0f, 64);
+  EXPECT_EQ(be->host_waits(), before);
+  be->download(host.data(), d, 64 * sizeof(float));
+  be->synchronize();
+  double sums[2];
+  be->sum_squares(sums, 2, {{d, 10, 0}, {d, 20, 1}, {d + 20, 20, 1}});
+  be->sum_squares(d, 64);
+  EXPECT_EQ(be->host_waits(), before + 4);
+}
+
+// One multi-range update is the per-range updates, bitwise: ranges of the same flat buffers, each with its
+// weight decay, in any order, gaps left untouched.
+TEST_F(CpuOps, AdamwUpdateRanges) {
+  std::mt19937 rng(74);
+  const std::size_t n = 3000;
+  const FVec p = rand_floats(rng, n, -0.05f, 0.05f), g = rand_floats(rng, n), m = rand_floats(rng, n, -0.5f, 0.5f),
+             v = rand_floats(rng, n, 0.0f, 0.3f);
+  const std::vector<Backend::AdamwRange> ranges = {{1000, 1500, 0.1f}, {0, 700, 0.0f}, {2600, 400, 0.1f}};
+  float *p1 = dev.put(p), *m1 = dev.put(m), *v1 = dev.put(v), *p2 = dev.put(p), *m2 = dev.put(m), *v2 = dev.put(v);
+  const float* dg = dev.put(g);
+  be->adamw_update(p1, dg, m1, v1, ranges, 0.01f, 0.9f, 0.95f, 1e-8f, 3, 0.5f);
+  for (const Backend::AdamwRange& r : ranges) {
+    be->adamw_update(p2 + r.begin, dg + r.begin, m2 + r.begin, v2 + r.begin, r.n, 0.01f, 0.9f, 0.95f, 1e-8f,
+                     r.weight_decay, 3, 0.5f);
+  }
+  EXPECT_EQ(dev.get(p1, n), dev.get(p2, n));
+  EXPECT_EQ(dev.get(m1, n), dev.get(m2, n));
+  EXPECT_EQ(dev.get(v1, n), dev.get(v2, n));
+  const FVec got = dev.get(p1, n);
+  for (std::size_t i = 700; i < 1000; ++i) ASSERT_EQ(got[i], p[i]) << "element " << i << " of a gap";
+}
+
 TEST_F(CpuOps, AdamwUpdate) {
   std::mt19937 rng(72);
   const std::size_t n = 1031;

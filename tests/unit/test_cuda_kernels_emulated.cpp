@@ -15,6 +15,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -54,6 +55,31 @@ double rel_error(const FVec& got, const FVec& ref) {
 }
 
 #define EXPECT_CLOSE(got, ref, what) EXPECT_LE(rel_error(got, ref), kTol) << (what)
+
+// The embedding backward's sort: the keys and row numbers of embedding_sort_keys_kernel, sorted stably by
+// key as cub::DeviceRadixSort::SortPairs sorts them on the GPU (a negative token's kNoToken last).
+struct SortedRows {
+  std::vector<int32_t> keys, rows;
+};
+SortedRows sort_rows(const std::vector<int32_t>& tokens) {
+  const int N = static_cast<int>(tokens.size());
+  std::vector<int32_t> keys(tokens.size(), -7), rows(tokens.size(), -7);
+  launch(dim3(blocks_for(tokens.size())), dim3(kThreads), 0, kernels::embedding_sort_keys_kernel, keys.data(),
+         rows.data(), tokens.data(), N);
+  for (int n = 0; n < N; ++n) {
+    EXPECT_EQ(keys[n], tokens[n] >= 0 ? tokens[n] : kernels::kNoToken) << "key of row " << n;
+    EXPECT_EQ(rows[n], n);
+  }
+  std::vector<int> order(tokens.size());
+  for (int n = 0; n < N; ++n) order[n] = n;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return keys[a] < keys[b]; });
+  SortedRows sorted;
+  for (int n : order) {
+    sorted.keys.push_back(keys[n]);
+    sorted.rows.push_back(rows[n]);
+  }
+  return sorted;
+}
 
 class EmulatedKernels : public ::testing::Test {
  protected:
@@ -300,8 +326,9 @@ TEST_F(EmulatedKernels, Embedding) {
 
   const FVec dout = random(out.size()), dtok0 = random(table.size()), dpos0 = random(pos.size());
   FVec dtok = dtok0, dpos = dpos0, ref_dtok = dtok0, ref_dpos = dpos0;
-  launch(dim3(blocks_for(C), k::kTokenPartitions), dim3(kThreads), 0, k::embedding_backward_tok_kernel<float>,
-         dtok.data(), dout.data(), tokens.data(), N, C);
+  const SortedRows sorted = sort_rows(tokens);
+  launch(dim3(blocks_for(std::size_t(N) * C)), dim3(kThreads), 0, k::embedding_backward_sorted_kernel<float, float>,
+         dtok.data(), dout.data(), sorted.keys.data(), sorted.rows.data(), N, C);
   launch(dim3(blocks_for(pos.size())), dim3(kThreads), 0, k::embedding_backward_pos_kernel<float, float>, dpos.data(),
          dout.data(), B, S, C);
   cpu_->embedding_backward(ref_dtok.data(), ref_dpos.data(), dout.data(), tokens.data(), B, S, C);
@@ -371,6 +398,45 @@ TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
   EXPECT_CLOSE(p, rp, "adamw params");
   EXPECT_CLOSE(mo, rm, "adamw m");
   EXPECT_CLOSE(v, rv, "adamw v");
+
+  // The batched norm: each piece's chunks, then their sum added to its bin, pieces in order, as the CPU.
+  const FVec y = random(5000, -2.0f, 2.0f);
+  std::vector<double> bins = {0.0, 0.0};
+  for (const auto& [piece, size, bin] : {std::tuple<const float*, std::size_t, int>{x.data(), n, 1},
+                                         {y.data(), y.size(), 0}, {y.data() + 100, 3000, 1}}) {
+    const std::size_t piece_chunks = (size + k::kSumChunk - 1) / k::kSumChunk;
+    std::vector<double> part(piece_chunks, std::nan(""));
+    launch(dim3(static_cast<unsigned>(piece_chunks)), dim3(kThreads), 0, k::sum_squares_partial_kernel<float>,
+           part.data(), piece, size);
+    launch(dim3(1), dim3(1024), 0, k::add_sum_doubles_kernel, bins.data() + bin, part.data(), piece_chunks);
+  }
+  double ref_bins[2];
+  cpu_->sum_squares(ref_bins, 2, {{x.data(), n, 1}, {y.data(), y.size(), 0}, {y.data() + 100, 3000, 1}});
+  EXPECT_NEAR(bins[0], ref_bins[0], 1e-12 * ref_bins[0]) << "sum_squares bin 0";
+  EXPECT_NEAR(bins[1], ref_bins[1], 1e-12 * ref_bins[1]) << "sum_squares bin 1";
+
+  // One launch for several ranges of the flat buffers, each with its decay, gaps untouched, as the CPU's
+  // per-range updates.
+  {
+    const std::vector<Backend::AdamwRange> ranges = {{500, 400, 0.1f}, {0, 300, 0.0f}, {950, 50, 0.1f}};
+    std::vector<k::AdamwRangeDesc> table;
+    std::size_t total = 0;
+    const int t = 2;
+    for (const Backend::AdamwRange& r : ranges) {
+      table.push_back({total, r.begin, r.n, 1.0f - lr * r.weight_decay});
+      total += r.n;
+    }
+    FVec q = random(m), qm = random(m, -0.01f, 0.01f), qv = random(m, 0.0f, 1e-4f);
+    FVec rq = q, rqm = qm, rqv = qv;
+    const float bias1 = 1.0f - std::pow(b1, static_cast<float>(t)), bias2 = 1.0f - std::pow(b2, static_cast<float>(t));
+    launch(dim3(blocks_for(total)), dim3(kThreads), 0, k::adamw_ranges_kernel<float>, q.data(), g.data(), qm.data(),
+           qv.data(), table.data(), static_cast<int>(table.size()), total, b1, b2, eps, lr / bias1, std::sqrt(bias2),
+           clip);
+    cpu_->adamw_update(rq.data(), g.data(), rqm.data(), rqv.data(), ranges, lr, b1, b2, eps, t, clip);
+    EXPECT_CLOSE(q, rq, "adamw ranges params");
+    EXPECT_CLOSE(qm, rqm, "adamw ranges m");
+    EXPECT_CLOSE(qv, rqv, "adamw ranges v");
+  }
 
   FVec gelu(m, kNaN), ref_gelu(m), dgelu(m, kNaN), ref_dgelu(m);
   const FVec xs = random(m, -5.0f, 5.0f);
@@ -1028,27 +1094,17 @@ TEST_F(EmulatedKernels, Bf16Embedding) {
   const BVec doutb = to_bf16(dout);
   FVec ref_dtok = dtok0, ref_dpos = dpos0;
   cpu_->embedding_backward(ref_dtok.data(), ref_dpos.data(), dout.data(), tokens.data(), B, S, C);
-  // bf16 dtok: the chains, then one thread per (first row of a token, column)
-  std::vector<int32_t> chain(2 * std::size_t(N), -7);
-  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::embedding_token_chain_kernel, chain.data(), chain.data() + N,
-         tokens.data(), N);
-  launch(dim3(blocks_for(N)), dim3(kThreads), 0, k::embedding_token_heads_kernel, chain.data() + N, chain.data(), N);
-  for (int n = 0; n < N; ++n) {  // the chains by their definition
-    int next = -1;
-    bool first = tokens[n] >= 0;
-    for (int m = n + 1; m < N && next < 0 && tokens[n] >= 0; ++m) next = tokens[m] == tokens[n] ? m : -1;
-    for (int m = 0; m < n; ++m) first = first && tokens[m] != tokens[n];
-    EXPECT_EQ(chain[n], next) << "next of row " << n;
-    EXPECT_EQ(chain[N + n], first ? 1 : 0) << "head flag of row " << n;
-  }
+  // the rows sorted by token, then one thread per (first row of a token's run, column), into either dtype
+  const SortedRows sorted = sort_rows(tokens);
   BVec dtok_b = to_bf16(dtok0);
   launch(dim3(blocks_for(std::size_t(N) * C)), dim3(kThreads), 0,
-         k::embedding_backward_tok_chain_kernel<uint16_t, uint16_t>, dtok_b.data(), doutb.data(), tokens.data(),
-         chain.data(), chain.data() + N, N, C);
+         k::embedding_backward_sorted_kernel<uint16_t, uint16_t>, dtok_b.data(), doutb.data(), sorted.keys.data(),
+         sorted.rows.data(), N, C);
   expect_within_ulp(dtok_b, ref_dtok, "embedding backward dtok (bf16)");
   FVec dtok_f = dtok0;
-  launch(dim3(blocks_for(C), k::kTokenPartitions), dim3(kThreads), 0, k::embedding_backward_tok_kernel<uint16_t>,
-         dtok_f.data(), doutb.data(), tokens.data(), N, C);
+  launch(dim3(blocks_for(std::size_t(N) * C)), dim3(kThreads), 0,
+         k::embedding_backward_sorted_kernel<float, uint16_t>, dtok_f.data(), doutb.data(), sorted.keys.data(),
+         sorted.rows.data(), N, C);
   EXPECT_CLOSE(dtok_f, ref_dtok, "embedding backward dtok (fp32 of bf16 dout)");
   BVec dpos_b = to_bf16(dpos0);
   FVec dpos_f = dpos0;

@@ -1,6 +1,7 @@
 // The backend and communicator parse_options resolves from what a rank sees (common/options.cpp, SPEC 4):
 // NCCL when every rank of a node drives a GPU of its own, whether each sees all of the node's GPUs or
-// only its own (srun --gpus-per-task, a per-rank CUDA_VISIBLE_DEVICES), and MPI when ranks share one.
+// only its own (srun --gpus-per-task, a per-rank CUDA_VISIBLE_DEVICES), and MPI when ranks share one;
+// the attention implementation (--attention) and the NCCL watchdog's --distributed-timeout-minutes.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -64,6 +65,75 @@ TEST(Comm, DistinctDevicesAreDistinctAndPresent) {
   EXPECT_FALSE(all_distinct({"0000:1B:00.0", "0000:1B:00.0"}));  // two ranks on one GPU
   EXPECT_FALSE(all_distinct({"0000:1B:00.0", ""}));              // a rank without a GPU
   EXPECT_FALSE(all_distinct({""}));
+}
+
+// --attention: cuDNN's fused attention by default where it can run (a CUDA build with cuDNN, bf16,
+// head dimensions in multiples of 8), parabench's kernels otherwise; asking for cuDNN where it cannot
+// run is exit 2 naming why and --attention native.
+Environment cudnn_node(bool cudnn_built) {
+  Environment env = gpu_node(1, 1, true);
+  env.cudnn_built = cudnn_built;
+  return env;
+}
+
+TEST(Attention, DefaultsToCudnnWhereItRuns) {
+  Options opt;
+  ASSERT_TRUE(parse({"--model", "tiny"}, cudnn_node(true), &opt).run);  // head dimension 64/4 = 16
+  EXPECT_EQ(opt.attention, "cudnn");
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"--model", "tiny", "--dtype", "fp32"},                     // cuDNN's is bf16 only
+           {"--model", "tiny", "--hidden", "60", "--heads", "4"},      // head dimension 15
+           {"--model", "tiny", "--attention", "native"}}) {            // asked for
+    Options other;
+    ASSERT_TRUE(parse(args, cudnn_node(true), &other).run) << args.back();
+    EXPECT_EQ(other.attention, "native") << args.back();
+  }
+  Options unbuilt, cpu;
+  ASSERT_TRUE(parse({"--model", "tiny"}, cudnn_node(false), &unbuilt).run);
+  EXPECT_EQ(unbuilt.attention, "native");
+  ASSERT_TRUE(parse({"--model", "tiny"}, Environment{}, &cpu).run);
+  EXPECT_EQ(cpu.backend, "cpu");
+  EXPECT_EQ(cpu.attention, "native");
+}
+
+TEST(Attention, CudnnRefusedWhereItCannotRun) {
+  struct Case {
+    std::vector<std::string> args;
+    Environment env;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {{"--attention", "cudnn"}, Environment{}, "--attention cudnn needs --backend cuda"},
+      {{"--attention", "cudnn"}, cudnn_node(false), "this build has no cuDNN attention"},
+      {{"--attention", "cudnn", "--dtype", "fp32"}, cudnn_node(true), "--attention cudnn takes --dtype bf16"},
+      {{"--attention", "cudnn", "--hidden", "60", "--heads", "4"}, cudnn_node(true), "multiples of 8"},
+      {{"--attention", "flash"}, cudnn_node(true), "--attention flash must be native or cudnn"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {"--model", "tiny"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    Options opt;
+    const ParseResult r = parse(args, c.env, &opt);
+    EXPECT_FALSE(r.run) << c.says;
+    EXPECT_EQ(r.exit_code, 2) << c.says;
+    EXPECT_NE(r.message.find(c.says), std::string::npos) << r.message;
+  }
+}
+
+TEST(Comm, DistributedTimeout) {
+  Options opt;
+  ASSERT_TRUE(parse({"--model", "tiny"}, gpu_node(2, 2, true), &opt).run);
+  EXPECT_EQ(opt.distributed_timeout_minutes, 10.0);  // Megatron-LM's default
+  Options half;
+  ASSERT_TRUE(parse({"--model", "tiny", "--distributed-timeout-minutes", "0.5"}, gpu_node(2, 2, true), &half).run);
+  EXPECT_EQ(half.distributed_timeout_minutes, 0.5);
+  for (const char* bad : {"0", "-3"}) {
+    Options refused;
+    const ParseResult r = parse({"--model", "tiny", "--distributed-timeout-minutes", bad}, gpu_node(2, 2, true), &refused);
+    EXPECT_FALSE(r.run) << bad;
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_NE(r.message.find("must be positive"), std::string::npos) << r.message;
+  }
 }
 
 }  // namespace

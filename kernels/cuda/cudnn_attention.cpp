@@ -1,0 +1,184 @@
+// cuDNN fused attention (see cudnn_attention.h). One graph per direction and shape, built on first use
+// and kept: building costs milliseconds to seconds, executing microseconds.
+#include "kernels/cuda/cudnn_attention.h"
+
+#include <cudnn.h>
+#include <cudnn_frontend.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#include "common/errors.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace pb {
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+std::string shape_text(int B, int S, int C, int heads) {
+  return "B " + std::to_string(B) + ", S " + std::to_string(S) + ", hidden " + std::to_string(C) + ", heads " +
+         std::to_string(heads);
+}
+
+// RunError (exit 3) naming the step; a cuDNN problem on a cluster is never a reason not to run, so the
+// message names the way around it.
+void check_fe(fe::error_t status, const char* step, const std::string& shape) {
+  if (status.is_good()) return;
+  throw RunError(kExitRuntime, std::string("cuDNN attention: ") + step + " failed for " + shape + ": " +
+                                   status.get_message() + " (run with --attention native to use parabench's kernels)");
+}
+
+void check_cudnn(cudnnStatus_t status, const char* call) {
+  if (status == CUDNN_STATUS_SUCCESS) return;
+  throw RunError(kExitRuntime, std::string("cuDNN: ") + call + " failed: " + cudnnGetErrorString(status) +
+                                   " (run with --attention native to use parabench's kernels)");
+}
+
+using TensorRef = std::shared_ptr<fe::graph::Tensor_attributes>;
+
+// (B, heads, S, d) over a row-major (B, S, row) buffer whose head j starts at column j·d.
+TensorRef bhsd(fe::graph::Graph& g, const char* name, int64_t B, int64_t H, int64_t S, int64_t d, int64_t row) {
+  return g.tensor(fe::graph::Tensor_attributes().set_name(name).set_dim({B, H, S, d}).set_stride({S * row, d, row, 1}));
+}
+
+}  // namespace
+
+struct CudnnAttention::Plan {
+  fe::graph::Graph graph;
+  TensorRef q, k, v, o, d_o, stats, dq, dk, dv;
+  int64_t workspace_bytes = 0;
+};
+
+CudnnAttention::CudnnAttention(cudaStream_t stream, std::function<void*(std::size_t)> workspace)
+    : stream_(stream), workspace_(std::move(workspace)) {
+  cudnnHandle_t handle = nullptr;
+  check_cudnn(cudnnCreate(&handle), "cudnnCreate");
+  handle_ = handle;
+  check_cudnn(cudnnSetStream(handle, stream_), "cudnnSetStream");
+}
+
+CudnnAttention::~CudnnAttention() {
+  forward_plans_.clear();
+  backward_plans_.clear();
+  if (handle_ != nullptr) cudnnDestroy(static_cast<cudnnHandle_t>(handle_));
+}
+
+std::string CudnnAttention::version() {
+  const std::size_t v = cudnnGetVersion();  // major·10000 + minor·100 + patch (cuDNN 9)
+  return "cuDNN " + std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100) +
+         " (frontend " + std::to_string(CUDNN_FRONTEND_MAJOR_VERSION) + "." +
+         std::to_string(CUDNN_FRONTEND_MINOR_VERSION) + "." + std::to_string(CUDNN_FRONTEND_PATCH_VERSION) + ")";
+}
+
+CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, int heads) {
+  auto& plans = backward ? backward_plans_ : forward_plans_;
+  const Key key{B, S, C, heads};
+  auto hit = plans.find(key);
+  if (hit != plans.end()) return *hit->second;
+
+  const std::string shape = shape_text(B, S, C, heads);
+  const int64_t H = heads, d = C / heads, Sl = S, Bl = B;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  auto handle = static_cast<cudnnHandle_t>(handle_);
+
+  // Built with or without the deterministic backward; the first that cuDNN supports is kept.
+  auto build = [&](bool deterministic) -> std::pair<std::unique_ptr<Plan>, fe::error_t> {
+    auto p = std::make_unique<Plan>();
+    fe::graph::Graph& g = p->graph;
+    g.set_io_data_type(fe::DataType_t::BFLOAT16)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    p->q = bhsd(g, "Q", Bl, H, Sl, d, 3 * C);
+    p->k = bhsd(g, "K", Bl, H, Sl, d, 3 * C);
+    p->v = bhsd(g, "V", Bl, H, Sl, d, 3 * C);
+    if (!backward) {
+      auto options = fe::graph::SDPA_attributes()
+                         .set_name("parabench_attention")
+                         .set_generate_stats(true)
+                         .set_attn_scale(scale)
+                         .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                         .set_diagonal_band_right_bound(0);
+      auto [o, stats] = g.sdpa(p->q, p->k, p->v, options);
+      o->set_output(true).set_dim({Bl, H, Sl, d}).set_stride({Sl * C, d, C, 1});
+      stats->set_output(true).set_data_type(fe::DataType_t::FLOAT).set_dim({Bl, H, Sl, 1}).set_stride({H * Sl, Sl, 1, 1});
+      p->o = o;
+      p->stats = stats;
+    } else {
+      p->o = bhsd(g, "O", Bl, H, Sl, d, C);
+      p->d_o = bhsd(g, "dO", Bl, H, Sl, d, C);
+      p->stats = g.tensor(fe::graph::Tensor_attributes()
+                              .set_name("Stats")
+                              .set_dim({Bl, H, Sl, 1})
+                              .set_stride({H * Sl, Sl, 1, 1})
+                              .set_data_type(fe::DataType_t::FLOAT));
+      auto options = fe::graph::SDPA_backward_attributes()
+                         .set_name("parabench_attention_backward")
+                         .set_attn_scale(scale)
+                         .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                         .set_diagonal_band_right_bound(0)
+                         .set_deterministic_algorithm(deterministic);
+      auto [dq, dk, dv] = g.sdpa_backward(p->q, p->k, p->v, p->o, p->d_o, p->stats, options);
+      for (const TensorRef& t : {dq, dk, dv}) t->set_output(true).set_dim({Bl, H, Sl, d}).set_stride({Sl * 3 * C, d, 3 * C, 1});
+      p->dq = dq;
+      p->dk = dk;
+      p->dv = dv;
+    }
+    fe::error_t status = g.validate();
+    if (status.is_good()) status = g.build_operation_graph(handle);
+    if (status.is_good()) status = g.create_execution_plans({fe::HeurMode_t::A});
+    if (status.is_good()) status = g.check_support(handle);
+    if (status.is_good()) status = g.build_plans(handle);
+    if (status.is_good()) status = g.get_workspace_size(p->workspace_bytes);
+    return {std::move(p), status};
+  };
+
+  auto [built, status] = build(true);
+  if (backward && status.is_bad()) {
+    auto [fallback, fallback_status] = build(false);
+    if (fallback_status.is_good()) {
+      if (deterministic_) {
+        std::fprintf(stderr,
+                     "parabench: cuDNN has no deterministic attention backward for %s (%s): its non-deterministic "
+                     "one runs, so runs of this layout are not bitwise repeatable\n",
+                     shape.c_str(), status.get_message().c_str());
+      }
+      deterministic_ = false;
+      built = std::move(fallback);
+      status = fallback_status;
+    }
+  }
+  check_fe(status, backward ? "building the backward graph" : "building the forward graph", shape);
+  return *plans.emplace(key, std::move(built)).first->second;
+}
+
+void CudnnAttention::forward(void* out, float* lse, const void* qkv, int B, int S, int C, int heads) {
+  Plan& p = plan(false, B, S, C, heads);
+  auto* base = static_cast<uint16_t*>(const_cast<void*>(qkv));
+  std::unordered_map<TensorRef, void*> pack = {
+      {p.q, base}, {p.k, base + C}, {p.v, base + 2 * C}, {p.o, out}, {p.stats, lse}};
+  void* workspace = p.workspace_bytes > 0 ? workspace_(static_cast<std::size_t>(p.workspace_bytes)) : nullptr;
+  check_fe(p.graph.execute(static_cast<cudnnHandle_t>(handle_), pack, workspace), "the forward",
+           shape_text(B, S, C, heads));
+}
+
+void CudnnAttention::backward(void* dqkv, const void* dout, const void* out, const void* qkv, const float* lse, int B,
+                              int S, int C, int heads) {
+  Plan& p = plan(true, B, S, C, heads);
+  auto* base = static_cast<uint16_t*>(const_cast<void*>(qkv));
+  auto* dbase = static_cast<uint16_t*>(dqkv);
+  std::unordered_map<TensorRef, void*> pack = {
+      {p.q, base},          {p.k, base + C},       {p.v, base + 2 * C},
+      {p.o, const_cast<void*>(out)}, {p.d_o, const_cast<void*>(dout)}, {p.stats, const_cast<float*>(lse)},
+      {p.dq, dbase},        {p.dk, dbase + C},     {p.dv, dbase + 2 * C}};
+  void* workspace = p.workspace_bytes > 0 ? workspace_(static_cast<std::size_t>(p.workspace_bytes)) : nullptr;
+  check_fe(p.graph.execute(static_cast<cudnnHandle_t>(handle_), pack, workspace), "the backward",
+           shape_text(B, S, C, heads));
+}
+
+}  // namespace pb

@@ -1,0 +1,59 @@
+// Causal attention through cuDNN's fused scaled-dot-product attention (flash attention on tensor cores,
+// forward and backward) by the cuDNN frontend's graph API, as llm.c does: the CUDA backend's
+// attention_forward / attention_backward on bf16 tensors with --attention cudnn (docs/cuda.md).
+// Built only where CMake finds cuDNN 9 and the frontend's headers (PB_WITH_CUDNN); without them, or
+// with --attention native, the project's own kernels run.
+//
+// Layout: qkv (B, S, 3C) holds [Q | K | V] with head j in columns j·d..j·d+d−1 of each: each is a
+// (B, heads, S, d) tensor with strides (S·3C, d, 3C, 1) at offsets 0, C and 2C; out and dout (B, S, C)
+// are (B, heads, S, d) with strides (S·C, d, C, 1). The forward also writes the softmax statistics,
+// lse (B, heads, S) fp32 = log Σ exp(q·kᵀ/√d) over the visible keys (cuDNN's "Stats"), which the backward
+// reads; that is the backend's attention_saved_floats. Scale 1/√d, causal (top-left diagonal).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+
+namespace pb {
+
+class CudnnAttention {
+ public:
+  // `workspace(bytes)` returns device memory of at least that size, valid until the next call (the
+  // backend's scratch); the work runs on `stream`.
+  CudnnAttention(cudaStream_t stream, std::function<void*(std::size_t)> workspace);
+  ~CudnnAttention();
+  CudnnAttention(const CudnnAttention&) = delete;
+  CudnnAttention& operator=(const CudnnAttention&) = delete;
+
+  // "cuDNN 9.19.0 (frontend 1.32.0)"
+  static std::string version();
+
+  // bf16 tensors (their 16 bits), fp32 lse; out overwritten.
+  void forward(void* out, float* lse, const void* qkv, int B, int S, int C, int heads);
+  // dqkv (B, S, 3C) overwritten.
+  void backward(void* dqkv, const void* dout, const void* out, const void* qkv, const float* lse, int B, int S, int C,
+                int heads);
+
+  // False when the backward runs cuDNN's non-deterministic algorithm (its deterministic one was not
+  // supported for some shape; said once on stderr).
+  bool deterministic() const { return deterministic_; }
+
+ private:
+  struct Plan;  // a built graph and its tensors (cudnn_attention.cpp)
+  using Key = std::tuple<int, int, int, int>;  // B, S, C, heads
+  Plan& plan(bool backward, int B, int S, int C, int heads);
+
+  cudaStream_t stream_;
+  std::function<void*(std::size_t)> workspace_;
+  void* handle_ = nullptr;  // cudnnHandle_t
+  std::map<Key, std::unique_ptr<Plan>> forward_plans_, backward_plans_;
+  bool deterministic_ = true;
+};
+
+}  // namespace pb
