@@ -97,7 +97,10 @@ class Communicator {
     settle();
     return stats_;
   }
-  void reset_stats() { stats_ = CommStats{}; }
+  void reset_stats() {
+    settle();  // what was timed before the reset stays before it
+    stats_ = CommStats{};
+  }
 
  protected:
   // The dtype of a call's send and receive buffers: std::invalid_argument where they differ. A null

@@ -4,14 +4,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -40,34 +44,73 @@ ncclDataType_t nccl_type(DType dtype) { return dtype == DType::f32 ? ncclFloat :
 // whose time is the host's). Nothing waits for them: the host harvests the completed ones, in order, at
 // each later call and when the statistics are read (a blocking collective's time is still its GPU
 // time, read from its events, without a host wait per collective). The watchdog (common/watchdog.h)
-// looks at them every 100 ms: the communicator's asynchronous error (ncclCommGetAsyncError), and the
-// oldest unfinished operation against the deadline of --distributed-timeout-minutes; on either it
-// aborts the communicator (ncclCommAbort: its kernels end and the stream drains) and marks the device
-// failed (cuda_fail_async), so the host's next wait, or its next call here, ends the run with exit 3.
+// looks every 100 ms at the communicator's asynchronous error (ncclCommGetAsyncError), at a NCCL call
+// the host has been inside for too long (an enqueue that blocks, as a connection to a dead peer can),
+// and at the oldest unfinished operation, against the deadline of --distributed-timeout-minutes. On
+// any of them it aborts the communicator (ncclCommAbort: its kernels end and the stream drains) and
+// marks the device failed (cuda_fail_async), so the host's next wait, or its next call here, ends the
+// run with exit 3. NCCL calls and the abort exclude each other (`calls`): the abort never frees the
+// communicator under a call. When the host is stuck inside a call, or has not ended the run within
+// kGraceS of the abort, the watchdog ends the process itself with exit 3.
+constexpr double kGraceS = 30.0;
+
+double steady_s() {  // the watchdog's clock (MPI_Wtime is for the thread that initialised MPI)
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+[[noreturn]] void end_process(const std::string& why) {
+  std::fprintf(stderr, "parabench: %s; ending the process (exit %d)\n", why.c_str(), kExitRuntime);
+  std::fflush(stderr);
+  std::_Exit(kExitRuntime);
+}
+
 struct NcclState {
   struct Pending {
     cudaEvent_t start;  // null: a non-blocking call (timed on the host)
     cudaEvent_t stop;
     CommOpStats* stats;
     std::string what;
-    double enqueued_s;
+    double enqueued_s;  // steady_s()
   };
 
   ncclComm_t comm = nullptr;
   int device = 0;
   int size = 0;
   double timeout_s = 600.0;
-  std::mutex mutex;  // pending, and the communicator against the watchdog's abort
+  std::mutex mutex;         // pending, in_call
+  std::timed_mutex calls;   // held by the host around each NCCL call, by the watchdog around the abort
   std::deque<Pending> pending;
+  std::string in_call;      // the NCCL call the host is inside ("" when none), since in_call_s
+  double in_call_s = 0.0;
   std::atomic<bool> aborted{false};
   std::string failure;  // set before aborted
 
   void throw_if_aborted() const {
     if (aborted.load()) throw RunError(kExitRuntime, failure);
   }
+  // The host's NCCL calls: `launch` under `calls`, never on an aborted communicator.
+  template <typename F>
+  void call(const std::string& what, F&& launch) {
+    std::lock_guard<std::timed_mutex> guard(calls);
+    throw_if_aborted();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      in_call = what;
+      in_call_s = steady_s();
+    }
+    try {
+      launch(comm);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex);
+      in_call.clear();
+      throw;
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    in_call.clear();
+  }
   void push(cudaEvent_t start, cudaEvent_t stop, CommOpStats* stats, std::string what) {
     std::lock_guard<std::mutex> lock(mutex);
-    pending.push_back(Pending{start, stop, stats, std::move(what), MPI_Wtime()});
+    pending.push_back(Pending{start, stop, stats, std::move(what), steady_s()});
   }
   // Times and releases the completed operations at the front (all of them, waiting, when `all`).
   void harvest(bool all) {
@@ -80,8 +123,8 @@ struct NcclState {
         lock.unlock();  // the watchdog may abort meanwhile; the wait then ends with the stream
         status = cudaEventSynchronize(p.stop);
         lock.lock();
-        throw_if_aborted();
       }
+      throw_if_aborted();
       PB_CUDA_CHECK(status);
       if (p.start != nullptr) {
         float ms = 0.0f;
@@ -98,28 +141,46 @@ struct NcclState {
     if (aborted.load()) return "";
     cudaSetDevice(device);
     std::lock_guard<std::mutex> lock(mutex);
+    const std::string ranks = " on a communicator of " + std::to_string(size) + " ranks";
     ncclResult_t async = ncclSuccess;
-    if (ncclCommGetAsyncError(comm, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
-      return std::string("NCCL failed on a communicator of ") + std::to_string(size) +
-             " ranks: " + ncclGetErrorString(async) + " (ncclCommGetAsyncError; NCCL_DEBUG=WARN tells more)";
+    if (comm != nullptr && ncclCommGetAsyncError(comm, &async) == ncclSuccess && async != ncclSuccess &&
+        async != ncclInProgress) {
+      return std::string("NCCL failed") + ranks + ": " + ncclGetErrorString(async) +
+             " (ncclCommGetAsyncError; NCCL_DEBUG=WARN tells more)";
+    }
+    const double now = steady_s();
+    if (!in_call.empty()) {
+      const std::string late = deadline_message("the host's call of NCCL " + in_call + ranks, in_call_s, now, timeout_s);
+      if (!late.empty()) return late;
     }
     for (const Pending& p : pending) {
       const cudaError_t status = cudaEventQuery(p.stop);
       if (status == cudaSuccess) continue;
       if (status != cudaErrorNotReady) return "";  // a device fault: the host's next wait reports it
-      return deadline_message("NCCL " + p.what + " on a communicator of " + std::to_string(size) + " ranks",
-                              p.enqueued_s, MPI_Wtime(), timeout_s);
+      return deadline_message("NCCL " + p.what + ranks, p.enqueued_s, now, timeout_s);
     }
     return "";
   }
   void abort(const std::string& why) {
-    std::lock_guard<std::mutex> lock(mutex);
-    failure = why + "; the communicator was aborted";
+    // Not under a call of the host's: a host stuck inside one cannot be reached, so the process ends.
+    std::unique_lock<std::timed_mutex> guard(calls, std::defer_lock);
+    if (!guard.try_lock_for(std::chrono::seconds(2))) end_process(why + "; the host is stuck inside a NCCL call");
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      failure = why + "; the communicator was aborted";
+    }
+    aborted.store(true);
     std::fprintf(stderr, "parabench: %s\n", failure.c_str());
     std::fflush(stderr);
-    ncclCommAbort(comm);
-    aborted.store(true);
+    if (comm != nullptr) ncclCommAbort(comm);
     cuda_fail_async(failure);
+    // The host ends the run at its next wait or call (exit 3, the reason in the result file); should it
+    // not (blocked elsewhere, in MPI say), the process ends anyway.
+    std::thread([failure = failure] {
+      std::this_thread::sleep_for(std::chrono::duration<double>(kGraceS));
+      end_process(failure + "; the run did not end within " + std::to_string(static_cast<int>(kGraceS)) +
+                  " s of it");
+    }).detach();
   }
 };
 
@@ -177,28 +238,41 @@ class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(MPI_Comm comm, cudaStream_t compute, double timeout_s)
       : host_(comm), compute_(compute), state_(std::make_shared<NcclState>()) {
-    ncclUniqueId id;
-    if (host_.rank() == 0) PB_NCCL_CHECK(ncclGetUniqueId(&id));
-    PB_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, host_.handle()));
-    PB_NCCL_CHECK(ncclCommInitRank(&state_->comm, host_.size(), id, host_.rank()));
     PB_CUDA_CHECK(cudaGetDevice(&state_->device));
     state_->size = host_.size();
     state_->timeout_s = timeout_s;
     PB_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
     std::shared_ptr<NcclState> state = state_;
+    // Watched from the start: an initialisation that never returns (a peer that never joins) ends too.
     watchdog_ = std::make_unique<Watchdog>(
         0.1, [state] { return state->check(); }, [state](const std::string& why) { state->abort(why); });
+    ncclUniqueId id;
+    if (host_.rank() == 0) PB_NCCL_CHECK(ncclGetUniqueId(&id));
+    PB_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, host_.handle()));
+    state_->call("ncclCommInitRank", [&](ncclComm_t) {
+      PB_NCCL_CHECK(ncclCommInitRank(&state_->comm, host_.size(), id, host_.rank()));
+    });
   }
+  // After a failure anywhere in the process (this or another communicator aborted, a device fault, an
+  // exception unwinding the run), queued NCCL work may never finish: the communicator is aborted, not
+  // drained. Otherwise its work is drained while the watchdog still watches, and then destroyed.
   ~NcclCommunicator() override {
-    watchdog_.reset();  // no abort after this point
-    if (!state_->aborted.load()) {
-      cudaStreamSynchronize(side_);
+    const bool failing = cuda_failed_async() || std::uncaught_exceptions() > 0;
+    if (!failing && !state_->aborted.load()) {
       try {
+        PB_CUDA_CHECK(cudaStreamSynchronize(side_));
         state_->harvest(true);
       } catch (const std::exception& e) {
         std::fprintf(stderr, "parabench: %s\n", e.what());
       }
-      ncclCommDestroy(state_->comm);
+    }
+    watchdog_.reset();  // no abort from it after this point
+    if (!state_->aborted.load() && state_->comm != nullptr) {
+      if (failing || cuda_failed_async()) {
+        ncclCommAbort(state_->comm);
+      } else {
+        ncclCommDestroy(state_->comm);
+      }
     }
     for (const NcclState::Pending& p : state_->pending) {  // left by a failure
       if (p.start != nullptr) cudaEventDestroy(p.start);
@@ -333,13 +407,14 @@ class NcclCommunicator final : public Communicator {
     state_->throw_if_aborted();
     state_->harvest(false);
     CommOpStats& s = account(op, count, dtype);
-    cudaEvent_t start, stop;
+    const std::string what = describe(op, count, dtype);
+    cudaEvent_t start = nullptr, stop = nullptr;
     PB_CUDA_CHECK(cudaEventCreate(&start));
     PB_CUDA_CHECK(cudaEventCreate(&stop));
+    state_->push(start, stop, &s, what);  // owned by pending from here, released by harvest or the destructor
     PB_CUDA_CHECK(cudaEventRecord(start, compute_));
-    launch(state_->comm, compute_);
+    state_->call(what, [&](ncclComm_t c) { launch(c, compute_); });
     PB_CUDA_CHECK(cudaEventRecord(stop, compute_));
-    state_->push(start, stop, &s, describe(op, count, dtype));
   }
   Request async(CommOp op, std::size_t count, DType dtype,
                 const std::function<void(ncclComm_t, cudaStream_t)>& launch) {
@@ -347,19 +422,21 @@ class NcclCommunicator final : public Communicator {
     state_->harvest(false);
     CommOpStats& s = account(op, count, dtype);
     const double t0 = MPI_Wtime();
-    cudaEvent_t ready, done, watched;
-    PB_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-    PB_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    const std::string what = describe(op, count, dtype);
+    cudaEvent_t ready = nullptr, done = nullptr, watched = nullptr;
     PB_CUDA_CHECK(cudaEventCreateWithFlags(&watched, cudaEventDisableTiming));
+    state_->push(nullptr, watched, nullptr, what);  // the watchdog's copy of `done`, owned by pending
+    PB_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    auto request = std::make_unique<NcclRequest>(done, compute_, &s, state_);  // owns `done` from here
+    PB_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
     PB_CUDA_CHECK(cudaEventRecord(ready, compute_));  // after the work that made the buffers
     PB_CUDA_CHECK(cudaStreamWaitEvent(side_, ready, 0));
     PB_CUDA_CHECK(cudaEventDestroy(ready));  // released once recorded work completes
-    launch(state_->comm, side_);
+    state_->call(what, [&](ncclComm_t c) { launch(c, side_); });
     PB_CUDA_CHECK(cudaEventRecord(done, side_));
-    PB_CUDA_CHECK(cudaEventRecord(watched, side_));  // the watchdog's copy of `done`
-    state_->push(nullptr, watched, nullptr, describe(op, count, dtype));
+    PB_CUDA_CHECK(cudaEventRecord(watched, side_));
     s.time_s += MPI_Wtime() - t0;
-    return std::make_unique<NcclRequest>(done, compute_, &s, state_);
+    return request;
   }
 
   MpiCommunicator host_;  // bootstrap and host-side control values

@@ -451,9 +451,9 @@ void GptModel::block_forward(int layer, const TensorPtr* w, ConstTensorPtr x_in,
   // x_mid = x + attention(LayerNorm1(x))
   be.layernorm_forward(a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in, w[kLn1G], w[kLn1B], rows_, config_.hidden);
   attention_forward(w, a.ln1_out, a, a.x_mid);
-  be.add(a.x_mid, a.x_mid, x_in, R * h);
-  // x_out = x_mid + mlp(LayerNorm2(x_mid))
-  be.layernorm_forward(a.ln2_out, a.ln2_mean, a.ln2_rstd, a.x_mid, w[kLn2G], w[kLn2B], rows_, config_.hidden);
+  // x_out = x_mid + mlp(LayerNorm2(x_mid)); the residual add and LayerNorm 2 in one pass
+  be.residual_layernorm_forward(a.x_mid, a.ln2_out, a.ln2_mean, a.ln2_rstd, a.x_mid, x_in, w[kLn2G], w[kLn2B], rows_,
+                                config_.hidden);
   a.mlp = mlp_->forward(layer, w + kMlp, a.ln2_out, a.x_out);
   be.add(a.x_out, a.x_out, a.x_mid, R * h);
 }

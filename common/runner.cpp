@@ -711,6 +711,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   } catch (const RunError& e) {  // rank 0's writes, after the strategy's collectives
     if (write_error.empty()) write_error = e.what();
   }
+  double nondeterministic = backend->deterministic() ? 0.0 : 1.0;  // any rank's
+  world.all_reduce_host(&nondeterministic, 1, HostReduce::max);
   if (!lead) return rank0_exit_code(world, exit_code);
   if (!opt.dump_gradients.empty()) write_dump(opt, app.options, model, step0_grads, dump_losses, dump_norms);
 
@@ -726,6 +728,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   summary["peak_tflops_per_rank"] = opt.peak_tflops;
   summary["mfu"] = mfu;
   summary["host_waits_per_step"] = static_cast<int64_t>(host_waits);
+  summary["deterministic"] = static_cast<int64_t>(1.0 - nondeterministic);
   summary["final_loss"] = records.empty() ? std::nan("") : records.back().loss;
   summary["final_param_norm"] = final_param_norm;
   nlohmann::ordered_json strategy_summary = nlohmann::ordered_json::object();

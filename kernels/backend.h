@@ -34,6 +34,9 @@ class Backend {
   // How the matrix products compute, for the run's /config: "fp32", or the bf16 operands' library and
   // kernel ("bf16 operands, fp32 accumulation: oneDNN 2.6.3 (brg:avx512_core_bf16)").
   virtual std::string matmul_precision() const = 0;
+  // False once an op has run a non-deterministic algorithm (cuDNN's attention backward where its
+  // deterministic one does not fit); every op of parabench's own is deterministic.
+  virtual bool deterministic() const { return true; }
 
   // ---- memory: every byte goes through the tracker under a category -----------------------------
   virtual void* alloc(std::size_t bytes, MemCategory category) = 0;
@@ -53,8 +56,9 @@ class Backend {
 
   // ---- the host waiting for the device ----------------------------------------------------------------
   // Three calls make the host wait for the device's queued work: download, synchronize and sum_squares
-  // (a norm is a value the host needs). Nothing else does; upload returns at once (a GPU stages the
-  // bytes through pinned memory and copies them in stream order). host_waits() counts those calls since
+  // (a norm is a value the host needs). No other op waits for it; upload returns once the bytes are
+  // staged (a GPU stages them through a ring of pinned buffers and copies them in stream order, waiting
+  // at most for a copy queued a ring's length of uploads earlier). host_waits() counts those calls since
   // the backend was made, the same way on every backend (the interface counts, not the backends), so a
   // run on the CPU counts the waits its run on a GPU makes (the result file's /summary host_waits_per_step).
   std::uint64_t host_waits() const { return host_waits_; }
@@ -84,6 +88,12 @@ class Backend {
   // out (N, C) = (inp − mean) · rstd · weight + bias, biased variance, eps 1e-5; saves mean, rstd (N).
   virtual void layernorm_forward(TensorPtr out, float* mean, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight,
                                  ConstTensorPtr bias, int N, int C) = 0;
+  // The residual add and the LayerNorm that reads its sum, in one pass over the rows: out (N, C) = a + b
+  // (rounded once into out's dtype; out may alias a or b), then ln_out, mean, rstd as
+  // layernorm_forward(ln_out, mean, rstd, out, weight, bias, N, C) computes them from the stored out.
+  virtual void residual_layernorm_forward(TensorPtr out, TensorPtr ln_out, float* mean, float* rstd, ConstTensorPtr a,
+                                          ConstTensorPtr b, ConstTensorPtr weight, ConstTensorPtr bias, int N,
+                                          int C) = 0;
   // dinp (N, C) += ...; dweight, dbias (C) += ... (all accumulate, so the residual stream can be
   // passed as dinp).
   virtual void layernorm_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout,

@@ -13,6 +13,11 @@ inline double attention_forward_flop(double B, double T, double C) { return 4 * 
 inline double attention_backward_flop(double B, double T, double C) { return 8 * B * T * T * C; }
 // inp read, out written, weight and bias read, mean and rstd written.
 inline double layernorm_forward_bytes(double N, double C, double e) { return (2 * N * C + 2 * C) * e + 2 * N * 4; }
+// The residual add fused with the LayerNorm after it: a and b read, out and ln_out written, weight and
+// bias read, mean and rstd written (the LayerNorm's reads of out hit the cache: the row was just written).
+inline double residual_layernorm_forward_bytes(double N, double C, double e) {
+  return (4 * N * C + 2 * C) * e + 2 * N * 4;
+}
 // dout and inp read, dinp read and written (accumulated), weight read, dweight and dbias read and
 // written, mean and rstd read.
 inline double layernorm_backward_bytes(double N, double C, double e) { return (4 * N * C + 5 * C) * e + 2 * N * 4; }

@@ -1,6 +1,6 @@
 // The Backend's kernels other than the matrix product, timed at the shapes one training step of a model
 // preset runs them (common/model.cpp, micro-batch 4, no model parallelism): per block, two LayerNorms,
-// the attention, the GELU and two residual adds, forward and backward; once per step, the embedding,
+// the attention, the GELU, a residual add and the fused residual add + LayerNorm, forward and backward; once per step, the embedding,
 // the fused cross-entropy, and the optimizer's pass over the parameters (gradient zeroing, the
 // gradient norm, AdamW, and with bf16 the rounding of the master weights into the parameters).
 //
@@ -240,6 +240,54 @@ std::string layernorm_forward_benchmark(benchmark::State& state, Backend& backen
   if (!error.empty()) return error;
   time_calls(state, backend, [&] {
     backend.layernorm_forward(out.get(), mean.get(), rstd.get(), inp.get(), weight.get(), bias.get(), N, C);
+  });
+  return "";
+}
+
+// The block's x_mid = x + attention and LayerNorm 2 in one call, in place as the model calls it.
+std::string residual_layernorm_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int N = s.N(), C = s.C;
+  const std::vector<float> host_a = stored(pattern(std::size_t(N) * C, 1), s.dtype);
+  const std::vector<float> host_b = stored(pattern(std::size_t(N) * C, 4), s.dtype);
+  const std::vector<float> host_weight = stored(pattern(C, 2), s.dtype);
+  const std::vector<float> host_bias = stored(pattern(C, 3), s.dtype);
+  BackendTensor x(backend, host_a.size(), s.dtype);       // (N, C): a, then out = a + b
+  BackendTensor b(backend, host_b.size(), s.dtype);       // (N, C)
+  BackendTensor weight(backend, C, s.dtype);              // (C)
+  BackendTensor bias(backend, C, s.dtype);                // (C)
+  BackendTensor ln_out(backend, host_a.size(), s.dtype);  // (N, C)
+  BackendArray<float> mean(backend, N), rstd(backend, N);
+  x.upload(host_a);
+  b.upload(host_b);
+  weight.upload(host_weight);
+  bias.upload(host_bias);
+
+  backend.residual_layernorm_forward(x.get(), ln_out.get(), mean.get(), rstd.get(), x.get(), b.get(), weight.get(),
+                                     bias.get(), N, C);
+  backend.synchronize();
+  // Row 0 against the formula in double, on the sum as stored: out = a + b, then the LayerNorm of out.
+  const std::vector<float> out_row0 = download_fp32(backend, x.get(), C);
+  std::string error;
+  for (int i = 0; i < C && error.empty(); ++i) {
+    const double want = static_cast<double>(host_a[i]) + host_b[i];
+    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
+  }
+  double m = 0.0, var = 0.0;
+  for (int i = 0; i < C; ++i) m += out_row0[i];
+  m /= C;
+  for (int i = 0; i < C; ++i) var += (out_row0[i] - m) * (out_row0[i] - m);
+  const double r = 1.0 / std::sqrt(var / C + 1e-5);
+  if (error.empty()) error = compare("mean[0]", mean.download(0), m, 1.0, kFp32Tolerance);
+  if (error.empty()) error = compare("rstd[0]", rstd.download(0), r, r, kFp32Tolerance);
+  const std::vector<float> ln_row0 = download_fp32(backend, ln_out.get(), C);
+  for (int i = 0; i < C && error.empty(); ++i) {
+    const double want = (out_row0[i] - m) * r * host_weight[i] + host_bias[i];
+    error = compare("ln_out[0, " + std::to_string(i) + "]", ln_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
+  }
+  if (!error.empty()) return error;
+  time_calls(state, backend, [&] {  // the sum grows by b per call: far from overflow over the timed calls
+    backend.residual_layernorm_forward(x.get(), ln_out.get(), mean.get(), rstd.get(), x.get(), b.get(), weight.get(),
+                                       bias.get(), N, C);
   });
   return "";
 }
@@ -571,6 +619,8 @@ std::vector<KernelCase> kernel_cases(const KernelShape& s) {
       {"layernorm_forward", rows + std::to_string(s.C), 0, layernorm_forward_bytes(N, C, e), layernorm_forward_benchmark},
       {"layernorm_backward", rows + std::to_string(s.C), 0, layernorm_backward_bytes(N, C, e),
        layernorm_backward_benchmark},
+      {"residual_layernorm_forward", rows + std::to_string(s.C), 0, residual_layernorm_forward_bytes(N, C, e),
+       residual_layernorm_forward_benchmark},
       {"gelu_forward", rows + std::to_string(s.F), 0, gelu_forward_bytes(N * F, e), gelu_forward_benchmark},
       {"gelu_backward", rows + std::to_string(s.F), 0, gelu_backward_bytes(N * F, e), gelu_backward_benchmark},
       {"add", rows + std::to_string(s.C), 0, add_bytes(N * C, e), add_benchmark},
@@ -582,7 +632,7 @@ std::vector<KernelCase> kernel_cases(const KernelShape& s) {
        cross_entropy_bytes(N, V, e), cross_entropy_forward_backward_benchmark},
       {"sum_squares", params, 0, sum_squares_bytes(P, e), sum_squares_benchmark},
       {"zero", params, 0, zero_bytes(P, e), zero_benchmark},
-      // adamw_update in one call over every parameter (the apps call it once per tensor)
+      // adamw_update in one call over every parameter (the apps update all their ranges in one call too)
       {"adamw", params, 0, adamw_bytes(P, e), adamw_benchmark},
   };
   if (s.dtype != DType::f32) {

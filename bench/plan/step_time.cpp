@@ -96,9 +96,11 @@ std::vector<KernelCall> rank_step_kernels(const PlanConfig& c, const std::vector
   for (const bool again : {false, true}) {  // the forward, then its recomputation inside backward
     const double n = again ? block_recomputes : block_forwards;
     const std::string when = again ? " (recomputed)" : "";
-    kernel("layernorm_forward", "block LayerNorms, forward" + when, ln_forward_bytes, 2 * n, again);
+    kernel("layernorm_forward", "block LayerNorm 1, forward" + when, ln_forward_bytes, n, again);
     kernel("attention_forward", "block attention, forward" + when, attention_flop, n, again);
-    kernel("add", "block residual adds" + when, kernel_cost::add_bytes(R * h, e), 2 * n, again);
+    kernel("residual_layernorm_forward", "block residual add and LayerNorm 2, forward" + when,
+           kernel_cost::residual_layernorm_forward_bytes(R, h, e), n, again);
+    kernel("add", "block residual add after the MLP" + when, kernel_cost::add_bytes(R * h, e), n, again);
     kernel("gelu_forward", std::string(a.gated_mlp ? "block SwiGLU" : "block GELU") + ", forward" + when,
            act_forward_bytes, n, again);
     if (again) {

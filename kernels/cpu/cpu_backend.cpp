@@ -711,6 +711,14 @@ class CpuBackend final : public Backend {
     }, t);
   }
 
+  // The add, then the LayerNorm of its stored (rounded) sum: what the two ops compute one after the other.
+  void residual_layernorm_forward(TensorPtr out, TensorPtr ln_out, float* mean, float* rstd, ConstTensorPtr a,
+                                  ConstTensorPtr b, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C) override {
+    const std::size_t n = static_cast<std::size_t>(N) * C;
+    add(out, a, b, n);
+    layernorm_forward(ln_out, mean, rstd, out, weight, bias, N, C);
+  }
+
   // add, accumulate, convert, scale and sum_squares: each tensor in either dtype
   void add(TensorPtr out, ConstTensorPtr a, ConstTensorPtr b, std::size_t n) override {
     cpu::dispatch([&](auto o, auto x, auto y) {

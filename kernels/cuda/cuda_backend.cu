@@ -13,6 +13,7 @@
 // (with_type / with_types: float for fp32, uint16_t for bf16), passing each tensor as `as<T>()`.
 #include "kernels/cuda/cuda_backend.h"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cub/device/device_radix_sort.cuh>
 
@@ -23,9 +24,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "common/errors.h"
 #include "kernels/block_cache.h"
@@ -56,6 +60,8 @@ void throw_if_failed_async() {
   throw RunError(kExitRuntime, g_async_failure);
 }
 }  // namespace
+
+bool cuda_failed_async() { return g_async_failed.load(std::memory_order_acquire); }
 
 void cuda_fail_async(const std::string& why) {
   std::lock_guard<std::mutex> lock(g_async_failure_mutex);
@@ -165,6 +171,7 @@ class CudaBackend final : public Backend {
     }
     PB_CUBLAS_CHECK(cublasCreate(&cublas_));
     PB_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+    PB_CUBLAS_CHECK(cublasLtCreate(&cublaslt_));
     PB_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));  // no TF32 for CUBLAS_COMPUTE_32F
     // the dK/dV kernels' shared memory at the largest head dimension, past the default 48 KiB: every
     // instantiation that the ops launch
@@ -194,6 +201,9 @@ class CudaBackend final : public Backend {
     cudaFree(cudnn_workspace_.ptr);
 #endif
     blocks_.release_live();  // the cached ones go with blocks_
+    lt_plans_.clear();
+    cudaFree(lt_workspace_.ptr);
+    cublasLtDestroy(cublaslt_);
     cudaFree(scratch_.ptr);
     cudaFree(bf16_a_.ptr);
     cudaFree(bf16_b_.ptr);
@@ -216,7 +226,14 @@ class CudaBackend final : public Backend {
     int version = 0;
     cublasGetVersion(cublas_, &version);
     return "bf16 operands, fp32 accumulation: cuBLAS " + std::to_string(version) +
-           " (cublasGemmEx, CUDA_R_16BF operands, CUBLAS_COMPUTE_32F)";
+           " (cublasGemmEx, CUDA_R_16BF operands, CUBLAS_COMPUTE_32F; bf16 tensors with a bias: cublasLtMatmul, "
+           "the bias in its epilogue)";
+  }
+  bool deterministic() const override {
+#ifdef PB_WITH_CUDNN
+    if (cudnn_) return cudnn_->deterministic();
+#endif
+    return true;
   }
   cudaStream_t stream() const { return stream_; }
 
@@ -298,6 +315,9 @@ class CudaBackend final : public Backend {
   void matmul_forward(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C,
                       int OC) override {
     const DType t = one_dtype("matmul_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
+    // bf16 tensors with a bias: one cuBLASLt product with the bias added in its epilogue (fp32, rounded
+    // once, as below), no broadcast pass and no read of out.
+    if (t == DType::bf16 && bias && lt_matmul_bias(out, inp, weight, bias, N, C, OC)) return;
     if (bias) {
       with_type(t, [&](auto e) {
         using T = decltype(e);
@@ -331,6 +351,19 @@ class CudaBackend final : public Backend {
       using T = decltype(e);
       layernorm_forward_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
           out.as<T>(), mean, rstd, inp.as<T>(), weight.as<T>(), bias.as<T>(), N, C);
+    });
+    PB_LAUNCH_CHECK();
+  }
+
+  void residual_layernorm_forward(TensorPtr out, TensorPtr ln_out, float* mean, float* rstd, ConstTensorPtr a,
+                                  ConstTensorPtr b, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C) override {
+    const DType t = one_dtype("residual_layernorm_forward", {{"out", out}, {"ln_out", ln_out}, {"a", a}, {"b", b},
+                                                             {"weight", weight}, {"bias", bias}});
+    if (N == 0) return;
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      residual_layernorm_forward_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
+          out.as<T>(), ln_out.as<T>(), mean, rstd, a.as<T>(), b.as<T>(), weight.as<T>(), bias.as<T>(), N, C);
     });
     PB_LAUNCH_CHECK();
   }
@@ -893,6 +926,94 @@ class CudaBackend final : public Backend {
 
   static cudaDataType_t cuda_type(DType t) { return t == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F; }
 
+  // outᵀ (OC, N) = weightᵀ (OC, C) · inpᵀ (C, N) + bias, bf16 operands and output, fp32 accumulation
+  // (CUBLAS_COMPUTE_32F), the bias (bf16) added to the fp32 sum in cuBLASLt's epilogue
+  // (CUBLASLT_EPILOGUE_BIAS) and rounded once: what the broadcast-and-β = 1 product computes. The
+  // algorithm is cuBLASLt's first heuristic choice for the shape and the operands' alignments, looked up
+  // once per shape and kept; false (the caller then takes the cublasGemmEx path) when there is none.
+  bool lt_matmul_bias(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C,
+                      int OC) {
+    if (N == 0 || C == 0 || OC == 0) return false;
+    const auto alignment = [](const void* p) {
+      const auto address = reinterpret_cast<std::uintptr_t>(p);
+      std::uint32_t a = 256;
+      while (a > 2 && address % a != 0) a /= 2;
+      return a;
+    };
+    const LtKey key{N, C, OC, alignment(weight.data()), alignment(inp.data()), alignment(out.data()),
+                    alignment(bias.data())};
+    auto hit = lt_plans_.find(key);
+    if (hit == lt_plans_.end()) hit = lt_plans_.emplace(key, lt_plan(key)).first;
+    LtPlan& plan = *hit->second;
+    if (!plan.found) return false;
+    const void* bias_ptr = bias.data();
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,
+                                                   sizeof(bias_ptr)));
+    const float alpha = 1.0f, beta = 0.0f;
+    void* workspace = plan.workspace_bytes > 0 ? reserve(lt_workspace_, plan.workspace_bytes) : nullptr;
+    PB_CUBLAS_CHECK(cublasLtMatmul(cublaslt_, plan.desc, &alpha, weight.data(), plan.a, inp.data(), plan.b, &beta,
+                                   out.data(), plan.d, out.data(), plan.d, &plan.algo, workspace,
+                                   plan.workspace_bytes, stream_));
+    return true;
+  }
+  // A product's shape (N, C, OC) and the alignments in bytes of weight, inp, out and bias.
+  using LtKey = std::tuple<int, int, int, std::uint32_t, std::uint32_t, std::uint32_t, std::uint32_t>;
+  struct LtPlan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    std::size_t workspace_bytes = 0;
+    bool found = false;
+    ~LtPlan() {
+      if (d != nullptr) cublasLtMatrixLayoutDestroy(d);
+      if (b != nullptr) cublasLtMatrixLayoutDestroy(b);
+      if (a != nullptr) cublasLtMatrixLayoutDestroy(a);
+      if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
+    }
+  };
+  static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // as PyTorch gives cuBLASLt on Hopper
+  std::unique_ptr<LtPlan> lt_plan(const LtKey& key) {
+    const auto [N, C, OC, align_w, align_x, align_out, align_bias] = key;
+    auto plan = std::make_unique<LtPlan>();
+    PB_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t no = CUBLAS_OP_N;
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &no, sizeof(no)));
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof(no)));
+    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    PB_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    const cudaDataType_t bias_type = CUDA_R_16BF;
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                   sizeof(bias_type)));
+    // column-major: A = weightᵀ (OC, C), ld OC; B = inpᵀ (C, N), ld C; D = outᵀ (OC, N), ld OC
+    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, OC, C, OC));
+    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, C, N, C));
+    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_16BF, OC, N, OC));
+    cublasLtMatmulPreference_t preference = nullptr;
+    PB_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    const std::size_t workspace = kLtWorkspaceBytes;
+    PB_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                         &workspace, sizeof(workspace)));
+    for (const auto& [attribute, bytes] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_w},
+                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_x},
+                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_out},
+                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_out}}) {
+      PB_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, &bytes, sizeof(bytes)));
+    }
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(cublaslt_, plan->desc, plan->a, plan->b, plan->d,
+                                                                 plan->d, preference, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(preference);
+    // A bias not aligned to 16 bytes is not promised to work with the epilogue: keep cublasGemmEx then.
+    if (status == CUBLAS_STATUS_SUCCESS && found > 0 && align_bias >= 16) {
+      plan->algo = result.algo;
+      plan->workspace_bytes = result.workspaceSize;
+      plan->found = true;
+    }
+    return plan;
+  }
+
   // `rows` rows of `cols` elements of src (rows `stride` apart, either dtype) as a packed fp32 copy at dst
   // (rows `cols` apart), which it returns.
   float* stage(float* dst, ConstTensorPtr src, int stride, std::size_t rows, int cols) {
@@ -1070,6 +1191,9 @@ class CudaBackend final : public Backend {
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  cublasLtHandle_t cublaslt_ = nullptr;  // the bf16 products with a bias epilogue
+  std::map<LtKey, std::unique_ptr<LtPlan>> lt_plans_;
+  DeviceBuffer lt_workspace_;  // cuBLASLt's workspace: library workspace, in no memory category
   BlockCache blocks_;  // its destructor frees the cached blocks, after the stream is drained
   DeviceBuffer scratch_;
   // The bf16 copies of a product's two operands (bf16_matmul_ only). Library workspace like cuBLAS's:
@@ -1094,8 +1218,10 @@ class CudaBackend final : public Backend {
     void* host = nullptr;  // pinned, kUploadSlotBytes
     cudaEvent_t copied = nullptr;
   };
-  static constexpr int kUploadSlots = 8;
-  static constexpr std::size_t kUploadSlotBytes = std::size_t{4} << 20;
+  // A ring longer than a step's uploads (its micro-batches' tokens, a table per AdamW call): in a step a
+  // slot's copy is long done when it comes round again. 64 MiB of pinned memory at most.
+  static constexpr int kUploadSlots = 64;
+  static constexpr std::size_t kUploadSlotBytes = std::size_t{1} << 20;
   std::array<UploadSlot, kUploadSlots> upload_slots_{};
   int next_upload_slot_ = 0;
   int64_t device_peak_ = 0;

@@ -49,6 +49,8 @@ cudaStream_t cuda_compute_stream(Backend& backend);
 // that aborted its communicator, from its own thread): the backend's next wait or launch throws
 // RunError (exit 3) with `why`. The first failure is kept.
 void cuda_fail_async(const std::string& why);
+// True once cuda_fail_async has been called in this process.
+bool cuda_failed_async();
 
 // Throws RunError (exit 3) naming the call, file and line when `status` is not cudaSuccess.
 void cuda_check(cudaError_t status, const char* call, const char* file, int line);

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 
@@ -55,8 +57,23 @@ struct CudnnAttention::Plan {
   int64_t workspace_bytes = 0;
 };
 
+// The deterministic backward on Hopper decomposes through a dP workspace of B·heads·S²·2 bytes (the
+// frontend's scaled_dot_product_flash_attention.h), which no memory category holds. Up to this size it
+// is taken; beyond it cuDNN 9.25 and later switch to their ordered-dQ accumulation (deterministic,
+// workspace linear in S) when CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT caps the dP workspace, which the
+// constructor sets to this cap unless the user has set it; older cuDNN runs the non-deterministic backward
+// there instead (said once, and Backend::deterministic() turns false).
+constexpr int64_t kDpWorkspaceCapBytes = int64_t{256} << 20;  // the frontend's own default cap
+constexpr std::size_t kOrderedDqVersion = 92500;
+
+int64_t dp_workspace_bytes(int64_t B, int64_t H, int64_t S) {
+  const int64_t sq = (S + 63) / 64 * 64, skv = (S + 127) / 128 * 128;
+  return B * H * sq * skv * 2;
+}
+
 CudnnAttention::CudnnAttention(cudaStream_t stream, std::function<void*(std::size_t)> workspace)
     : stream_(stream), workspace_(std::move(workspace)) {
+  setenv("CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT", std::to_string(kDpWorkspaceCapBytes).c_str(), /*overwrite=*/0);
   cudnnHandle_t handle = nullptr;
   check_cudnn(cudnnCreate(&handle), "cudnnCreate");
   handle_ = handle;
@@ -131,27 +148,32 @@ CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, i
     }
     fe::error_t status = g.validate();
     if (status.is_good()) status = g.build_operation_graph(handle);
-    if (status.is_good()) status = g.create_execution_plans({fe::HeurMode_t::A});
+    if (status.is_good()) status = g.create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
     if (status.is_good()) status = g.check_support(handle);
     if (status.is_good()) status = g.build_plans(handle);
     if (status.is_good()) status = g.get_workspace_size(p->workspace_bytes);
     return {std::move(p), status};
   };
 
-  auto [built, status] = build(true);
-  if (backward && status.is_bad()) {
-    auto [fallback, fallback_status] = build(false);
-    if (fallback_status.is_good()) {
-      if (deterministic_) {
-        std::fprintf(stderr,
-                     "parabench: cuDNN has no deterministic attention backward for %s (%s): its non-deterministic "
-                     "one runs, so runs of this layout are not bitwise repeatable\n",
-                     shape.c_str(), status.get_message().c_str());
-      }
-      deterministic_ = false;
-      built = std::move(fallback);
-      status = fallback_status;
+  // The deterministic backward where it fits (above); otherwise, or where cuDNN has none for the shape,
+  // the non-deterministic one, said once.
+  const bool fits = dp_workspace_bytes(Bl, H, Sl) <= kDpWorkspaceCapBytes || cudnnGetVersion() >= kOrderedDqVersion;
+  auto [built, status] = build(fits);
+  std::string why_not = fits ? "" : "its deterministic backward would need a dP workspace of " +
+                                        std::to_string(dp_workspace_bytes(Bl, H, Sl) >> 20) +
+                                        " MiB (B·heads·S²·2 bytes; cuDNN 9.25 or later avoids it)";
+  if (backward && fits && status.is_bad()) {
+    why_not = "cuDNN has no deterministic backward for it (" + status.get_message() + ")";
+    std::tie(built, status) = build(false);
+  }
+  if (backward && !why_not.empty() && status.is_good()) {
+    if (deterministic_) {
+      std::fprintf(stderr,
+                   "parabench: cuDNN attention backward for %s: %s; the non-deterministic one runs, so this run is "
+                   "not bitwise repeatable (/summary deterministic = 0)\n",
+                   shape.c_str(), why_not.c_str());
     }
+    deterministic_ = false;
   }
   check_fe(status, backward ? "building the backward graph" : "building the forward graph", shape);
   return *plans.emplace(key, std::move(built)).first->second;

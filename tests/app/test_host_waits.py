@@ -49,6 +49,7 @@ def test_host_waits_per_step(case, layers, accum, run_app, out_dir):
     assert rc == 0, run_app.describe(run_app.command(app, ranks, argv), rc, stdout, stderr)
     with h5py.File(out, "r") as f:
         got = int(f["summary"].attrs["host_waits_per_step"])
+        assert int(f["summary"].attrs["deterministic"]) == 1  # the CPU backend's ops all are
     assert got == expected(layers, accum), (
         f"{name}: {got} host waits per step with {layers} layers and {accum} micro-batches per rank, "
         f"expected {expected(layers, accum)}")

@@ -330,6 +330,16 @@ TEST_F(CudaOps, LayerNormForwardAndBackward) {
     expect_close(out, "layernorm_forward out " + shape);
     expect_close(mean, "layernorm_forward mean " + shape);
     expect_close(rstd, "layernorm_forward rstd " + shape);
+    {  // the residual add fused with it, in place (out aliases a), as the model calls it
+      Twin sum = put(random(std::size_t(N) * C, -3.0f, 3.0f)), branch = put(random(std::size_t(N) * C, -3.0f, 3.0f));
+      Twin ln = poisoned(std::size_t(N) * C), m2 = poisoned(N), r2 = poisoned(N);
+      cpu_->residual_layernorm_forward(sum.cpu, ln.cpu, m2.cpu, r2.cpu, sum.cpu, branch.cpu, w.cpu, b.cpu, N, C);
+      gpu_->residual_layernorm_forward(sum.gpu, ln.gpu, m2.gpu, r2.gpu, sum.gpu, branch.gpu, w.gpu, b.gpu, N, C);
+      expect_close(sum, "residual_layernorm_forward out " + shape);
+      expect_close(ln, "residual_layernorm_forward ln_out " + shape);
+      expect_close(m2, "residual_layernorm_forward mean " + shape);
+      expect_close(r2, "residual_layernorm_forward rstd " + shape);
+    }
     // The backward runs on each backend's own statistics; all three outputs accumulate.
     Twin dout = put(random(std::size_t(N) * C)), dinp = put(random(std::size_t(N) * C));
     Twin dw = put(random(C)), db = put(random(C));

@@ -134,6 +134,20 @@ def test_bf16_trains_close_to_fp32(cached_run, baseline):
     assert run["loss"][-1] < run["loss"][0]
 
 
+@pytest.mark.parametrize("attention", ["native", "cudnn"])
+def test_bf16_attention_implementations(attention, cached_run, baseline):
+    """--attention: parabench's kernels and cuDNN's fused attention both train in bf16 within 1e-2 of the
+    fp32 baseline; the cuDNN run names its library in /config. (A build without cuDNN refuses
+    --attention cudnn with exit 2: the test then fails, as the device check builds with it.)"""
+    run = cached_run("dp", 1, [*MODEL, "--dtype", "bf16", "--comm", "nccl", "--micro-batch", "8",
+                               "--attention", attention], timeout=120)
+    assert run["status"] == "complete", run["command"]
+    assert run["config"]["attention"] == attention
+    if attention == "cudnn":
+        assert run["config"]["attention_library"].startswith("cuDNN "), run["config"]
+    np.testing.assert_allclose(run["loss"], baseline["loss"], rtol=1e-2, err_msg=run["command"])
+
+
 @pytest.mark.parametrize("app, ranks, extra", [
     ("dp", 1, ["--comm", "nccl", "--micro-batch", "8"]),
     ("fsdp", 2, ["--comm", "mpi", "--shard", "FULL_SHARD", "--micro-batch", "4"]),

@@ -43,6 +43,7 @@ def kernels(preset, dtype):
         ("attention_backward", f"{btc}_NH{NH}"): (8 * B * T * T * C, 0),
         ("layernorm_forward", f"N{N}_C{C}"): (0, (2 * N * C + 2 * C) * e + 8 * N),
         ("layernorm_backward", f"N{N}_C{C}"): (0, (4 * N * C + 5 * C) * e + 8 * N),
+        ("residual_layernorm_forward", f"N{N}_C{C}"): (0, (4 * N * C + 2 * C) * e + 8 * N),
         ("gelu_forward", f"N{N}_C{F}"): (0, 2 * N * F * e),
         ("gelu_backward", f"N{N}_C{F}"): (0, 3 * N * F * e),
         ("add", f"N{N}_C{C}"): (0, 3 * N * C * e),

@@ -1078,7 +1078,8 @@ std::shared_ptr<const Calibration> uniform_calibration() {
   cal->path = "uniform.h5";
   cal->gemm = {gemm_row(512, 256, 1024, 1e11)};
   cal->kernels = {kernel_row("attention_forward", 1e9, 0, 2e10), kernel_row("attention_backward", 2e9, 0, 2e10)};
-  for (const char* k : {"layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "add",
+  for (const char* k : {"layernorm_forward", "layernorm_backward", "residual_layernorm_forward", "gelu_forward",
+                        "gelu_backward", "add",
                         "embedding_forward", "embedding_backward", "cross_entropy_forward_backward", "sum_squares",
                         "zero", "adamw"}) {
     cal->kernels.push_back(kernel_row(k, 0, 1e6, 5e9));

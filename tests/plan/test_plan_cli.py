@@ -642,7 +642,8 @@ def test_pp_table_sweep_and_csv():
 
 SMALL_GEMMS = [("small.qkv", 512, 256, 768), ("small.attn_out", 512, 256, 256), ("small.fc1", 512, 256, 1024),
                ("small.fc2", 512, 1024, 256), ("small.logits", 512, 256, 4096), ("square", 1024, 1024, 1024)]
-MEMORY_BOUND = ["layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "add",
+MEMORY_BOUND = ["layernorm_forward", "layernorm_backward", "residual_layernorm_forward", "gelu_forward", "gelu_backward",
+                "add",
                 "embedding_forward", "embedding_backward", "cross_entropy_forward_backward", "sum_squares", "zero",
                 "adamw"]
 GEMM_RATE, ATTENTION_RATE, BYTES_RATE, BUSBW = 4e10, 1e10, 5e9, 2e9

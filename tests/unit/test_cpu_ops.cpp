@@ -676,6 +676,26 @@ TEST_F(CpuOps, LayernormForward) {
   }
 }
 
+// The fused residual add and LayerNorm is the add, then the LayerNorm of the stored sum, bitwise; in place
+// (out aliases a) as the model calls it.
+TEST_F(CpuOps, ResidualLayernormForward) {
+  std::mt19937 rng(75);
+  const int N = 13, C = 40;
+  const FVec a = rand_floats(rng, std::size_t(N) * C, -2.0f, 2.0f), b = rand_floats(rng, a.size(), -2.0f, 2.0f);
+  const FVec w = rand_floats(rng, C), bias = rand_floats(rng, C);
+  float *fused = dev.put(a), *ln = dev.poisoned(a.size()), *mean = dev.poisoned(N), *rstd = dev.poisoned(N);
+  const float *db = dev.put(b), *dw = dev.put(w), *dbias = dev.put(bias);
+  be->residual_layernorm_forward(fused, ln, mean, rstd, fused, db, dw, dbias, N, C);
+  float *sum = dev.poisoned(a.size()), *ref_ln = dev.poisoned(a.size()), *ref_mean = dev.poisoned(N),
+        *ref_rstd = dev.poisoned(N);
+  be->add(sum, dev.put(a), db, a.size());
+  be->layernorm_forward(ref_ln, ref_mean, ref_rstd, sum, dw, dbias, N, C);
+  EXPECT_EQ(dev.get(fused, a.size()), dev.get(sum, a.size()));
+  EXPECT_EQ(dev.get(ln, a.size()), dev.get(ref_ln, a.size()));
+  EXPECT_EQ(dev.get(mean, N), dev.get(ref_mean, N));
+  EXPECT_EQ(dev.get(rstd, N), dev.get(ref_rstd, N));
+}
+
 TEST_F(CpuOps, LayernormBackward) {
   std::mt19937 rng(22);
   const int shapes[][2] = {{2 * 17, 72}, {1, 3}};

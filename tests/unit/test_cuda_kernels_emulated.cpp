@@ -122,6 +122,24 @@ TEST_F(EmulatedKernels, LayerNorm) {
   EXPECT_CLOSE(db, ref_db, "layernorm backward dbias");
 }
 
+// The residual add fused with the LayerNorm after it, in place (out aliases a, as the model calls it):
+// out and the LayerNorm's outputs as the CPU backend's add then layernorm_forward.
+TEST_F(EmulatedKernels, ResidualLayerNorm) {
+  const int N = 37, C = 72;
+  const FVec a0 = random(std::size_t(N) * C, -3.0f, 3.0f), b = random(a0.size(), -3.0f, 3.0f);
+  const FVec w = random(C), bias = random(C);
+  FVec a = a0, ln(a0.size(), kNaN), mean(N, kNaN), rstd(N, kNaN);
+  FVec ref_out(a0.size()), ref_ln(a0.size()), ref_mean(N), ref_rstd(N);
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::residual_layernorm_forward_kernel<float>,
+         a.data(), ln.data(), mean.data(), rstd.data(), a.data(), b.data(), w.data(), bias.data(), N, C);
+  cpu_->residual_layernorm_forward(ref_out.data(), ref_ln.data(), ref_mean.data(), ref_rstd.data(), a0.data(),
+                                   b.data(), w.data(), bias.data(), N, C);
+  EXPECT_CLOSE(a, ref_out, "residual add (in place)");
+  EXPECT_CLOSE(ln, ref_ln, "residual layernorm out");
+  EXPECT_CLOSE(mean, ref_mean, "residual layernorm mean");
+  EXPECT_CLOSE(rstd, ref_rstd, "residual layernorm rstd");
+}
+
 // Forward and backward of the fused attention, with cuda_backend.cu's grids and shared memory.
 void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu) {
   const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
@@ -747,6 +765,26 @@ void expect_typed_close(const std::vector<T>& got, const FVec& ref, const std::s
   constexpr bool fp32 = std::is_same_v<T, float>;
   const double e = rel_error(to_f32(got), ref);
   EXPECT_LE(e, fp32 ? kTol : kBf16Tol) << what << " (" << (fp32 ? "fp32" : "bf16") << "): relative error " << e;
+}
+
+// bf16: the sum rounded once into out (within one ulp of the fp32 sum), the LayerNorm of the rounded sum
+// to the bf16 tolerance of the CPU's fp32 op on the same values.
+TEST_F(EmulatedKernels, Bf16ResidualLayerNorm) {
+  const int N = 29, C = 80;
+  const FVec a = random_bf16(rng_, std::size_t(N) * C, -3.0f, 3.0f), b = random_bf16(rng_, a.size(), -3.0f, 3.0f);
+  const FVec w = random_bf16(rng_, C), bias = random_bf16(rng_, C);
+  BVec out = to_bf16(a);
+  const BVec bb = to_bf16(b), wb = to_bf16(w), biasb = to_bf16(bias);
+  BVec ln(a.size(), kBf16NaN);
+  FVec mean(N, kNaN), rstd(N, kNaN), ref_out(a.size()), ref_ln(a.size()), ref_mean(N), ref_rstd(N);
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::residual_layernorm_forward_kernel<uint16_t>,
+         out.data(), ln.data(), mean.data(), rstd.data(), out.data(), bb.data(), wb.data(), biasb.data(), N, C);
+  cpu_->residual_layernorm_forward(ref_out.data(), ref_ln.data(), ref_mean.data(), ref_rstd.data(), a.data(), b.data(),
+                                   w.data(), bias.data(), N, C);
+  expect_within_ulp(out, ref_out, "residual add (bf16, in place)");
+  expect_typed_close(ln, ref_ln, "residual layernorm out");
+  EXPECT_LE(rel_error(mean, ref_mean), kBf16Tol) << "residual layernorm mean";
+  EXPECT_LE(rel_error(rstd, ref_rstd), kBf16Tol) << "residual layernorm rstd";
 }
 
 TEST_F(EmulatedKernels, Bf16LayerNorm) {
