@@ -319,14 +319,25 @@ void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::
   });
 }
 
+void append_adamw_ranges(std::vector<Backend::AdamwRange>& ranges, const std::vector<UnitInfo>& units,
+                         std::size_t first, std::size_t count, std::size_t at) {
+  constexpr float kWeightDecay = 0.1f;
+  for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& tensor, std::size_t) {
+    ranges.push_back({at + pos, len, tensor.is_matrix ? kWeightDecay : 0.0f});
+  });
+}
+
+void adamw_ranges(Backend& backend, const std::vector<Backend::AdamwRange>& ranges, float* params, ConstTensorPtr grads,
+                  float* m, float* v, float grad_scale, int t, double lr) {
+  constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f;
+  backend.adamw_update(params, grads, m, v, ranges, static_cast<float>(lr), kBeta1, kBeta2, kEps, t, grad_scale);
+}
+
 void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
                       float* params, ConstTensorPtr grads, float* m, float* v, float grad_scale, int t, double lr) {
-  constexpr float kBeta1 = 0.9f, kBeta2 = 0.95f, kEps = 1e-8f, kWeightDecay = 0.1f;
   std::vector<Backend::AdamwRange> ranges;  // one update for all pieces (one launch on a GPU)
-  for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& tensor, std::size_t) {
-    ranges.push_back({pos, len, tensor.is_matrix ? kWeightDecay : 0.0f});
-  });
-  backend.adamw_update(params, grads, m, v, ranges, static_cast<float>(lr), kBeta1, kBeta2, kEps, t, grad_scale);
+  append_adamw_ranges(ranges, units, first, count, 0);
+  adamw_ranges(backend, ranges, params, grads, m, v, grad_scale, t, lr);
 }
 
 std::vector<float> download_fp32(Backend& backend, ConstTensorPtr src, std::size_t n) {
@@ -751,11 +762,9 @@ void ReplicatedState::zero_grads() { backend_.zero(grads_.data(), n_ * dtype_byt
 
 void ReplicatedState::adamw(float grad_scale, int t, double lr) {
   float* fp32_params = master_ ? master_ : params_.as<float>();
-  for (int u : held_) {
-    const std::size_t at = local_offset_[u];
-    adamw_flat_range(backend_, units_, units_[u].offset, units_[u].numel, fp32_params + at, grads_ + at, m_ + at,
-                     v_ + at, grad_scale, t, lr);
-  }
+  std::vector<Backend::AdamwRange> ranges;  // every held unit's pieces: one update (one launch on a GPU)
+  for (int u : held_) append_adamw_ranges(ranges, units_, units_[u].offset, units_[u].numel, local_offset_[u]);
+  adamw_ranges(backend_, ranges, fp32_params, grads_, m_, v_, grad_scale, t, lr);
   if (master_) backend_.convert(params_, master_, n_);  // the bf16 copy the next forward uses
 }
 

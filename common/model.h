@@ -158,6 +158,13 @@ void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::
 // only; gradients multiplied by grad_scale first.
 void adamw_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::size_t first, std::size_t count,
                       float* params, ConstTensorPtr grads, float* m, float* v, float grad_scale, int t, double lr);
+// The same in two halves, so that several flat ranges of one set of buffers take one update (one launch
+// on a GPU): the AdamW ranges of [first, first + count) appended at `at` (its position in the buffers),
+// each tensor piece with its weight decay; then the update of all of them.
+void append_adamw_ranges(std::vector<Backend::AdamwRange>& ranges, const std::vector<UnitInfo>& units,
+                         std::size_t first, std::size_t count, std::size_t at);
+void adamw_ranges(Backend& backend, const std::vector<Backend::AdamwRange>& ranges, float* params, ConstTensorPtr grads,
+                  float* m, float* v, float grad_scale, int t, double lr);
 
 // n elements of backend memory as fp32 values on the host (bf16 widened exactly).
 std::vector<float> download_fp32(Backend& backend, ConstTensorPtr src, std::size_t n);

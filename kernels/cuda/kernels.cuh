@@ -765,10 +765,30 @@ constexpr int kAttDimsPerLane = kAttMaxHeadDim / 32;
 
 __host__ __device__ inline int att_stride(int d) { return d | 1; }
 
-// Rows k0..k0+keys−1 of K and V (zeros beyond S) into shared memory as fp32, by every thread of the block.
+// The dK/dV kernels' shared-memory rows (K, V, the query row and its output gradient): two lanes per
+// key, lane L (of a warp's first 16) reading the first half of the head dimension and lane L + 16 the
+// second half of the same row. The first half (ceil(d/2) values) sits at 0, the second at
+// dkv_half_offset(d) ≡ 16 (mod 32), and rows are dkv_smem_stride(d) apart, an odd number: the 16 keys of a
+// warp fall in 16 different banks and the second-half lanes in the 16 others, so a warp's shared-memory
+// reads are free of bank conflicts at every head dimension (with one offset, d = 64 and 128 put lanes L
+// and L + 16 in the same bank: two-way conflicts on every read of the loop).
+__host__ __device__ inline int dkv_half_offset(int d) {
+  const int half = (d + 1) / 2;
+  return half + (16 - half % 32 + 32) % 32;
+}
+__host__ __device__ inline int dkv_row(int d) { return dkv_half_offset(d) + d / 2; }  // a row's floats
+__host__ __device__ inline int dkv_smem_stride(int d) { return dkv_row(d) | 1; }
+// Where value k of a row sits: k itself (row kernels, half_offset 0) or in the split layout above.
+__host__ __device__ inline int kv_col(int k, int d, int half_offset) {
+  const int half = (d + 1) / 2;
+  return half_offset == 0 || k < half ? k : half_offset + (k - half);
+}
+
+// Rows k0..k0+keys−1 of K and V (zeros beyond S) into shared memory as fp32, by every thread of the block;
+// value k of a row at kv_col(k, d, half_offset).
 template <typename T>
 __device__ void load_kv_tile(float* Ks, float* Vs, const T* base, int k0, int keys, int S, int C, int d,
-                             int stride) {
+                             int stride, int half_offset = 0) {
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
   for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
     const int j = i / d, k = i % d, key = k0 + j;
@@ -778,8 +798,8 @@ __device__ void load_kv_tile(float* Ks, float* Vs, const T* base, int k0, int ke
       kv = to_float(row[C + k]);
       vv = to_float(row[2 * C + k]);
     }
-    Ks[j * stride + k] = kv;
-    Vs[j * stride + k] = vv;
+    Ks[j * stride + kv_col(k, d, half_offset)] = kv;
+    Vs[j * stride + kv_col(k, d, half_offset)] = vv;
   }
 }
 
@@ -954,38 +974,42 @@ template <typename T>
 __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D,
                                               int S, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
-  const int d = C / H, stride = att_stride(d), half = (d + 1) / 2;
-  float* Ks = smem;  // (kDkvKeys, stride)
+  const int d = C / H, stride = dkv_smem_stride(d), half = (d + 1) / 2, half_offset = dkv_half_offset(d);
+  float* Ks = smem;  // (kDkvKeys, stride), rows in the split layout (dkv_half_offset)
   float* Vs = Ks + kDkvKeys * stride;
-  float* q = Vs + kDkvKeys * stride;  // (d): the query row
-  float* g = q + d;                   // (d): its output gradient
+  float* q = Vs + kDkvKeys * stride;  // (dkv_row(d)): the query row, split alike
+  float* g = q + dkv_row(d);          // (dkv_row(d)): its output gradient
   const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kDkvKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
-  const int lo = lane / kDkvKeysPerWarp * half, hi = min(d, lo + half);       // its dimensions
+  const bool upper = lane >= kDkvKeysPerWarp;                                  // its half of the dimensions:
+  const int lo = upper ? half : 0, hi = upper ? d : half, at = upper ? half_offset : 0;  // [lo, hi), at `at`
   const int warp_first_key = k0 + warp * kDkvKeysPerWarp;
   const std::size_t C3 = 3 * static_cast<std::size_t>(C);
   const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
   const T* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
-  load_kv_tile(Ks, Vs, base, k0, kDkvKeys, S, C, d, stride);
-  const float* kr = Ks + j * stride;
-  const float* vr = Vs + j * stride;
+  load_kv_tile(Ks, Vs, base, k0, kDkvKeys, S, C, d, stride, half_offset);
+  const float* kr = Ks + j * stride + at;
+  const float* vr = Vs + j * stride + at;
+  const float* qh = q + at;
+  const float* gh = g + at;
+  const int n = hi - lo;
   float dk[kDkvHalfDim], dv[kDkvHalfDim];
 #pragma unroll
   for (int k = 0; k < kDkvHalfDim; ++k) dk[k] = dv[k] = 0.0f;
   for (int t = k0; t < S; ++t) {
     __syncthreads();  // the tile is loaded; the previous row is consumed
     for (int k = threadIdx.x; k < d; k += blockDim.x) {
-      q[k] = to_float(base[static_cast<std::size_t>(t) * C3 + k]);
-      g[k] = to_float(dbase[static_cast<std::size_t>(t) * C + k]);
+      q[kv_col(k, d, half_offset)] = to_float(base[static_cast<std::size_t>(t) * C3 + k]);
+      g[kv_col(k, d, half_offset)] = to_float(dbase[static_cast<std::size_t>(t) * C + k]);
     }
     __syncthreads();
     if (t < warp_first_key) continue;  // none of this warp's keys is visible from row t (uniform)
     float s = 0.0f, dp = 0.0f;
-    for (int k = lo; k < hi; ++k) {
-      s += q[k] * kr[k];
-      dp += g[k] * vr[k];
+    for (int k = 0; k < n; ++k) {
+      s += qh[k] * kr[k];
+      dp += gh[k] * vr[k];
     }
     s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
     dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
@@ -995,9 +1019,9 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
     const float ds = p * (dp - D[stat]) * scale;
 #pragma unroll
     for (int k = 0; k < kDkvHalfDim; ++k) {
-      if (lo + k < hi) {
-        dv[k] += p * g[lo + k];
-        dk[k] += ds * q[lo + k];
+      if (k < n) {
+        dv[k] += p * gh[k];
+        dk[k] += ds * qh[k];
       }
     }
   }
@@ -1028,7 +1052,7 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
 // the block.
 template <typename TI>
 __device__ void load_block_kv_tile(float* Ks, float* Vs, const TI* k, const TI* v, int k0, int keys, int Sk,
-                                   int kv_stride, int d, int stride) {
+                                   int kv_stride, int d, int stride, int half_offset = 0) {
   for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
     const int j = i / d, c = i % d, key = k0 + j;
     float kv = 0.0f, vv = 0.0f;  // keys beyond Sk: zeros, never read past the block
@@ -1037,8 +1061,8 @@ __device__ void load_block_kv_tile(float* Ks, float* Vs, const TI* k, const TI* 
       kv = to_float(k[row + c]);
       vv = to_float(v[row + c]);
     }
-    Ks[j * stride + c] = kv;
-    Vs[j * stride + c] = vv;
+    Ks[j * stride + kv_col(c, d, half_offset)] = kv;
+    Vs[j * stride + kv_col(c, d, half_offset)] = vv;
   }
 }
 
@@ -1235,23 +1259,27 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
                                                     int q_stride, int kv_stride, const int32_t* pos_q,
                                                     const int32_t* pos_k, int Sq, int Sk, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
-  const int d = C / H, stride = att_stride(d), half = (d + 1) / 2;
-  float* Ks = smem;  // (kDkvKeys, stride)
+  const int d = C / H, stride = dkv_smem_stride(d), half = (d + 1) / 2, half_offset = dkv_half_offset(d);
+  float* Ks = smem;  // (kDkvKeys, stride), rows in the split layout (dkv_half_offset)
   float* Vs = Ks + kDkvKeys * stride;
-  float* qs = Vs + kDkvKeys * stride;  // (d): the query row
-  float* gs = qs + d;                  // (d): its output gradient
+  float* qs = Vs + kDkvKeys * stride;  // (dkv_row(d)): the query row, split alike
+  float* gs = qs + dkv_row(d);         // (dkv_row(d)): its output gradient
   const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kDkvKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
-  const int lo = lane / kDkvKeysPerWarp * half, hi = min(d, lo + half);       // its dimensions
+  const bool upper = lane >= kDkvKeysPerWarp;                                  // its half of the dimensions:
+  const int lo = upper ? half : 0, hi = upper ? d : half, at = upper ? half_offset : 0;  // [lo, hi), at `at`
+  const int n = hi - lo;
   const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
   const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
   const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
   const TI* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
-  load_block_kv_tile(Ks, Vs, kb, vb, k0, kDkvKeys, Sk, kv_stride, d, stride);
-  const float* kr = Ks + j * stride;
-  const float* vr = Vs + j * stride;
+  load_block_kv_tile(Ks, Vs, kb, vb, k0, kDkvKeys, Sk, kv_stride, d, stride, half_offset);
+  const float* kr = Ks + j * stride + at;
+  const float* vr = Vs + j * stride + at;
+  const float* qh = qs + at;
+  const float* gh = gs + at;
   const int32_t my_pos = key < Sk ? pos_k[key] : 0;
   float dk_acc[kDkvHalfDim], dv_acc[kDkvHalfDim];
 #pragma unroll
@@ -1259,8 +1287,8 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
   for (int t = 0; t < Sq; ++t) {
     __syncthreads();  // the tile is loaded; the previous row is consumed
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-      qs[c] = to_float(qb[static_cast<std::size_t>(t) * q_stride + c]);
-      gs[c] = to_float(gb[static_cast<std::size_t>(t) * C + c]);
+      qs[kv_col(c, d, half_offset)] = to_float(qb[static_cast<std::size_t>(t) * q_stride + c]);
+      gs[kv_col(c, d, half_offset)] = to_float(gb[static_cast<std::size_t>(t) * C + c]);
     }
     __syncthreads();
     const std::size_t stat = static_cast<std::size_t>(bh) * Sq + t;
@@ -1268,9 +1296,9 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
     const bool visible = key < Sk && my_pos <= pos_q[t] && L > -INFINITY;
     if (warp_max(visible ? 1.0f : 0.0f) == 0.0f) continue;  // none of this warp's keys is visible (uniform)
     float s = 0.0f, dp = 0.0f;
-    for (int c = lo; c < hi; ++c) {
-      s += qs[c] * kr[c];
-      dp += gs[c] * vr[c];
+    for (int c = 0; c < n; ++c) {
+      s += qh[c] * kr[c];
+      dp += gh[c] * vr[c];
     }
     s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
     dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
@@ -1279,9 +1307,9 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
     const float ds = p * (dp - delta[stat]) * scale;
 #pragma unroll
     for (int c = 0; c < kDkvHalfDim; ++c) {
-      if (lo + c < hi) {
-        dv_acc[c] += p * gs[lo + c];
-        dk_acc[c] += ds * qs[lo + c];
+      if (c < n) {
+        dv_acc[c] += p * gh[c];
+        dk_acc[c] += ds * qh[c];
       }
     }
   }
@@ -1300,7 +1328,7 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
 inline std::size_t attention_row_smem(int d, bool with_dout) {
   return sizeof(float) * (2 * kAttKeys * att_stride(d) + (with_dout ? 2 : 1) * kAttRows * d);
 }
-inline std::size_t attention_dkv_smem(int d) { return sizeof(float) * (2 * kDkvKeys * att_stride(d) + 2 * d); }
+inline std::size_t attention_dkv_smem(int d) { return sizeof(float) * (2 * kDkvKeys * dkv_smem_stride(d) + 2 * dkv_row(d)); }
 
 }  // namespace kernels
 }  // namespace pb

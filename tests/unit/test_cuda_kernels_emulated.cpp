@@ -140,6 +140,51 @@ TEST_F(EmulatedKernels, ResidualLayerNorm) {
   EXPECT_CLOSE(rstd, ref_rstd, "residual layernorm rstd");
 }
 
+// The dK/dV kernels' shared-memory layout (kernels.cuh, dkv_half_offset): for every head dimension up to
+// the limit, a row's values at distinct places inside the row, and every read of the kernels' inner loop
+// (a warp's 16 keys × two halves of K and V, and the query row and output gradient, broadcast per half)
+// free of bank conflicts: no bank holds two different addresses among a warp's reads. (The layout before,
+// one offset per row, had lanes L and L + 16 in one bank at d = 64 and 128.) The shared memory stays
+// within what cuda_backend.cu allows at the largest head dimension.
+TEST(DkvSharedMemory, ConflictFreeAtEveryHeadDimension) {
+  auto max_conflict = [](const std::vector<int>& addresses) {  // the most distinct addresses in one bank
+    std::vector<std::vector<int>> banks(32);
+    for (int a : addresses) {
+      auto& b = banks[a % 32];
+      if (std::find(b.begin(), b.end(), a) == b.end()) b.push_back(a);
+    }
+    std::size_t most = 0;
+    for (const auto& b : banks) most = std::max(most, b.size());
+    return static_cast<int>(most);
+  };
+  for (int d = 1; d <= k::kAttMaxHeadDim; ++d) {
+    const int half = (d + 1) / 2, offset = k::dkv_half_offset(d), stride = k::dkv_smem_stride(d);
+    std::vector<int> where;
+    for (int c = 0; c < d; ++c) where.push_back(k::kv_col(c, d, offset));
+    std::vector<int> sorted = where;
+    std::sort(sorted.begin(), sorted.end());
+    ASSERT_TRUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) << "d " << d;
+    ASSERT_LT(sorted.back(), k::dkv_row(d)) << "d " << d;
+    ASSERT_LE(k::dkv_row(d), stride) << "d " << d;
+    EXPECT_LE(k::attention_dkv_smem(d), k::attention_dkv_smem(k::kAttMaxHeadDim)) << "d " << d;
+    for (int c = 0; c < half; ++c) {
+      for (int warp = 0; warp < k::kDkvWarps; ++warp) {
+        std::vector<int> keys, rows;
+        for (int lane = 0; lane < 32; ++lane) {
+          const bool upper = lane >= k::kDkvKeysPerWarp;
+          const int n = upper ? d - half : half, at = upper ? offset : 0;
+          if (c >= n) continue;
+          const int j = warp * k::kDkvKeysPerWarp + lane % k::kDkvKeysPerWarp;
+          keys.push_back(j * stride + at + c);  // Ks[j][...] (Vs alike)
+          rows.push_back(at + c);               // the query row (the output gradient alike)
+        }
+        ASSERT_EQ(max_conflict(keys), 1) << "K reads, d " << d << ", step " << c << ", warp " << warp;
+        ASSERT_EQ(max_conflict(rows), 1) << "query row reads, d " << d << ", step " << c;
+      }
+    }
+  }
+}
+
 // Forward and backward of the fused attention, with cuda_backend.cu's grids and shared memory.
 void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu) {
   const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
