@@ -64,6 +64,25 @@ double steady_s() {  // the watchdog's clock (MPI_Wtime is for the thread that i
   std::_Exit(kExitRuntime);
 }
 
+// Once a failure is known: the process ends kGraceS later whatever it is doing (an abort or a
+// destruction that blocks inside NCCL, a host blocked in MPI); the host normally ends the run first.
+void start_grace_timer(const std::string& why) {
+  static std::once_flag once;
+  std::call_once(once, [&] {
+    std::thread([why] {
+      std::this_thread::sleep_for(std::chrono::duration<double>(kGraceS));
+      end_process(why + "; the run did not end within " + std::to_string(static_cast<int>(kGraceS)) + " s of it");
+    }).detach();
+  });
+}
+
+// NCCL calls of all of the process's communicators (one GPU per process) and their aborts exclude each
+// other: NCCL does not take operations on communicators of one device from several threads at once.
+std::timed_mutex& nccl_calls() {
+  static std::timed_mutex calls;
+  return calls;
+}
+
 struct NcclState {
   struct Pending {
     cudaEvent_t start;  // null: a non-blocking call (timed on the host)
@@ -78,20 +97,21 @@ struct NcclState {
   int size = 0;
   double timeout_s = 600.0;
   std::mutex mutex;         // pending, in_call
-  std::timed_mutex calls;   // held by the host around each NCCL call, by the watchdog around the abort
   std::deque<Pending> pending;
   std::string in_call;      // the NCCL call the host is inside ("" when none), since in_call_s
   double in_call_s = 0.0;
   std::atomic<bool> aborted{false};
   std::string failure;  // set before aborted
 
+  // This communicator aborted, or the device failed otherwise (another communicator's abort): exit 3.
   void throw_if_aborted() const {
     if (aborted.load()) throw RunError(kExitRuntime, failure);
+    if (cuda_failed_async()) throw RunError(kExitRuntime, cuda_async_failure());
   }
-  // The host's NCCL calls: `launch` under `calls`, never on an aborted communicator.
+  // The host's NCCL calls: `launch` under nccl_calls(), never on an aborted communicator.
   template <typename F>
   void call(const std::string& what, F&& launch) {
-    std::lock_guard<std::timed_mutex> guard(calls);
+    std::lock_guard<std::timed_mutex> guard(nccl_calls());
     throw_if_aborted();
     {
       std::lock_guard<std::mutex> lock(mutex);
@@ -111,6 +131,14 @@ struct NcclState {
   void push(cudaEvent_t start, cudaEvent_t stop, CommOpStats* stats, std::string what) {
     std::lock_guard<std::mutex> lock(mutex);
     pending.push_back(Pending{start, stop, stats, std::move(what), steady_s()});
+  }
+  // An operation that failed to launch: its entry (the last) released untimed.
+  void drop_last() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (pending.empty()) return;
+    if (pending.back().start != nullptr) cudaEventDestroy(pending.back().start);
+    cudaEventDestroy(pending.back().stop);
+    pending.pop_back();
   }
   // Times and releases the completed operations at the front (all of them, waiting, when `all`).
   void harvest(bool all) {
@@ -162,8 +190,9 @@ struct NcclState {
     return "";
   }
   void abort(const std::string& why) {
+    start_grace_timer(why);  // first: ncclCommAbort itself may block
     // Not under a call of the host's: a host stuck inside one cannot be reached, so the process ends.
-    std::unique_lock<std::timed_mutex> guard(calls, std::defer_lock);
+    std::unique_lock<std::timed_mutex> guard(nccl_calls(), std::defer_lock);
     if (!guard.try_lock_for(std::chrono::seconds(2))) end_process(why + "; the host is stuck inside a NCCL call");
     {
       std::lock_guard<std::mutex> lock(mutex);
@@ -172,15 +201,10 @@ struct NcclState {
     aborted.store(true);
     std::fprintf(stderr, "parabench: %s\n", failure.c_str());
     std::fflush(stderr);
+    cuda_fail_async(failure);  // before the abort, which may block: the host's next wait or call ends the run
     if (comm != nullptr) ncclCommAbort(comm);
-    cuda_fail_async(failure);
     // The host ends the run at its next wait or call (exit 3, the reason in the result file); should it
-    // not (blocked elsewhere, in MPI say), the process ends anyway.
-    std::thread([failure = failure] {
-      std::this_thread::sleep_for(std::chrono::duration<double>(kGraceS));
-      end_process(failure + "; the run did not end within " + std::to_string(static_cast<int>(kGraceS)) +
-                  " s of it");
-    }).detach();
+    // not (blocked elsewhere, in MPI say), the grace timer ends the process.
   }
 };
 
@@ -191,6 +215,10 @@ class NcclRequest final : public CommRequest {
   NcclRequest(cudaEvent_t done, cudaStream_t compute, CommOpStats* stats, std::shared_ptr<NcclState> state)
       : done_(done), compute_(compute), stats_(stats), state_(std::move(state)) {}
   ~NcclRequest() override {
+    if (cuda_failed_async() || std::uncaught_exceptions() > 0) {  // unwinding a failure: no wait
+      cudaEventDestroy(done_);
+      return;
+    }
     try {
       wait();  // a request is never left in flight
     } catch (const std::exception& e) {
@@ -250,27 +278,34 @@ class NcclCommunicator final : public Communicator {
     if (host_.rank() == 0) PB_NCCL_CHECK(ncclGetUniqueId(&id));
     PB_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, host_.handle()));
     state_->call("ncclCommInitRank", [&](ncclComm_t) {
-      PB_NCCL_CHECK(ncclCommInitRank(&state_->comm, host_.size(), id, host_.rank()));
+      ncclComm_t comm = nullptr;  // published once whole: the watchdog never sees one being built
+      PB_NCCL_CHECK(ncclCommInitRank(&comm, host_.size(), id, host_.rank()));
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      state_->comm = comm;
     });
   }
   // After a failure anywhere in the process (this or another communicator aborted, a device fault, an
   // exception unwinding the run), queued NCCL work may never finish: the communicator is aborted, not
   // drained. Otherwise its work is drained while the watchdog still watches, and then destroyed.
   ~NcclCommunicator() override {
-    const bool failing = cuda_failed_async() || std::uncaught_exceptions() > 0;
+    bool failing = cuda_failed_async() || std::uncaught_exceptions() > 0;
     if (!failing && !state_->aborted.load()) {
       try {
         PB_CUDA_CHECK(cudaStreamSynchronize(side_));
         state_->harvest(true);
       } catch (const std::exception& e) {
         std::fprintf(stderr, "parabench: %s\n", e.what());
+        failing = true;
       }
     }
     watchdog_.reset();  // no abort from it after this point
     if (!state_->aborted.load() && state_->comm != nullptr) {
       if (failing || cuda_failed_async()) {
+        start_grace_timer("a NCCL communicator released after a failure");  // its abort may block
+        std::lock_guard<std::timed_mutex> guard(nccl_calls());
         ncclCommAbort(state_->comm);
       } else {
+        std::lock_guard<std::timed_mutex> guard(nccl_calls());
         ncclCommDestroy(state_->comm);
       }
     }
@@ -412,9 +447,14 @@ class NcclCommunicator final : public Communicator {
     PB_CUDA_CHECK(cudaEventCreate(&start));
     PB_CUDA_CHECK(cudaEventCreate(&stop));
     state_->push(start, stop, &s, what);  // owned by pending from here, released by harvest or the destructor
-    PB_CUDA_CHECK(cudaEventRecord(start, compute_));
-    state_->call(what, [&](ncclComm_t c) { launch(c, compute_); });
-    PB_CUDA_CHECK(cudaEventRecord(stop, compute_));
+    try {
+      PB_CUDA_CHECK(cudaEventRecord(start, compute_));
+      state_->call(what, [&](ncclComm_t c) { launch(c, compute_); });
+      PB_CUDA_CHECK(cudaEventRecord(stop, compute_));
+    } catch (...) {
+      state_->drop_last();  // never recorded: not timed, not watched
+      throw;
+    }
   }
   Request async(CommOp op, std::size_t count, DType dtype,
                 const std::function<void(ncclComm_t, cudaStream_t)>& launch) {
@@ -429,12 +469,17 @@ class NcclCommunicator final : public Communicator {
     PB_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
     auto request = std::make_unique<NcclRequest>(done, compute_, &s, state_);  // owns `done` from here
     PB_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-    PB_CUDA_CHECK(cudaEventRecord(ready, compute_));  // after the work that made the buffers
-    PB_CUDA_CHECK(cudaStreamWaitEvent(side_, ready, 0));
-    PB_CUDA_CHECK(cudaEventDestroy(ready));  // released once recorded work completes
-    state_->call(what, [&](ncclComm_t c) { launch(c, side_); });
-    PB_CUDA_CHECK(cudaEventRecord(done, side_));
-    PB_CUDA_CHECK(cudaEventRecord(watched, side_));
+    try {
+      PB_CUDA_CHECK(cudaEventRecord(ready, compute_));  // after the work that made the buffers
+      PB_CUDA_CHECK(cudaStreamWaitEvent(side_, ready, 0));
+      PB_CUDA_CHECK(cudaEventDestroy(ready));  // released once recorded work completes
+      state_->call(what, [&](ncclComm_t c) { launch(c, side_); });
+      PB_CUDA_CHECK(cudaEventRecord(done, side_));
+      PB_CUDA_CHECK(cudaEventRecord(watched, side_));
+    } catch (...) {
+      state_->drop_last();
+      throw;
+    }
     s.time_s += MPI_Wtime() - t0;
     return request;
   }

@@ -861,6 +861,9 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
 int run_app(int argc, char** argv, const AppDefinition& app) {
   disable_hdf5_exit_handler();
   int provided = 0;
+#ifdef PB_WITH_CUDA
+  cuda_prepare_environment();  // before MPI's and CUDA's threads
+#endif
   PB_MPI_CHECK(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided));
   int exit_code = kExitComplete;
   {
@@ -896,6 +899,12 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
       opt.cluster = resolve_cluster_name(opt.cluster);
       try {
         exit_code = train_and_report(app, opt, world);
+#ifdef PB_WITH_CUDA
+        // A NCCL failure seen only while the run was being released (an abort during a drain): exit 3.
+        if (cuda_failed_async()) {
+          abort_job(kExitRuntime, __FILE__, __LINE__, "parabench-" + app.name, cuda_async_failure());
+        }
+#endif
       } catch (const RunError& e) {
         abort_job(e.code, __FILE__, __LINE__, "parabench-" + app.name, e.what());
       } catch (const std::bad_alloc&) {

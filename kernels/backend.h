@@ -63,6 +63,15 @@ class Backend {
   // run on the CPU counts the waits its run on a GPU makes (the result file's /summary host_waits_per_step).
   std::uint64_t host_waits() const { return host_waits_; }
 
+  // Timing device work without waiting: begin_span and end_span bracket work queued between them (a GPU
+  // records events on its stream; the CPU, whose work is done when a call returns, notes the process's
+  // CPU time, so that ranks sharing cores time their own work). take_span_seconds() returns the sum of the
+  // spans ended since its last call and forgets them; it is for after a wait (synchronize), when their
+  // work has completed. None of the three waits. Spans do not nest.
+  virtual void begin_span() = 0;
+  virtual void end_span() = 0;
+  virtual double take_span_seconds() = 0;
+
   // host_src may be reused as soon as upload returns.
   virtual void upload(void* dst, const void* host_src, std::size_t bytes) = 0;
   void download(void* host_dst, const void* src, std::size_t bytes) {

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <ctime>
 
 #include "common/timer.h"
 
@@ -26,34 +25,19 @@ const char* cp_algo_name(CpAlgo algo) {
 }
 
 namespace {
-// Adds the time of the attention arithmetic in a scope to a running sum. On a GPU: wall time, with the
-// backend synchronised at both ends (the device's work, not the host's enqueueing). On the CPU: the
-// process's CPU time, so that ranks sharing cores (oversubscribed, as on a small test machine)
-// measure their own work rather than their share of the cores.
+// The time of the attention arithmetic in a scope, added to the backend's running span sum
+// (Backend::begin_span): on a GPU the device's time between two events, read after the step's wait, so
+// timing it costs no host wait; on the CPU the process's CPU time, so that ranks sharing cores
+// (oversubscribed, as on a small test machine) measure their own work rather than their share of the cores.
 class Stopwatch {
  public:
-  Stopwatch(Backend& backend, double& sum) : be_(backend), sum_(sum), cpu_(backend.name() == "cpu") {
-    be_.synchronize();
-    t0_ = now();
-  }
-  ~Stopwatch() {
-    be_.synchronize();
-    sum_ += now() - t0_;
-  }
+  explicit Stopwatch(Backend& backend) : be_(backend) { be_.begin_span(); }
+  ~Stopwatch() { be_.end_span(); }
   Stopwatch(const Stopwatch&) = delete;
   Stopwatch& operator=(const Stopwatch&) = delete;
 
  private:
-  double now() const {
-    if (!cpu_) return wall_time_s();
-    timespec ts{};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-  }
   Backend& be_;
-  double& sum_;
-  bool cpu_;
-  double t0_ = 0.0;
 };
 }  // namespace
 
@@ -63,11 +47,7 @@ ContextAttention::ContextAttention(Backend& backend, const ContextParallel& cp, 
 
 ContextAttention::~ContextAttention() { be_.free(positions_); }
 
-double ContextAttention::take_time_s() {
-  const double t = time_s_;
-  time_s_ = 0.0;
-  return t;
-}
+double ContextAttention::take_time_s() { return be_.take_span_seconds(); }
 
 // ---- what the model allocates for the core ----------------------------------------------------------
 // ring, allgather: the forward keeps the log-sum-exp (B, heads, S/cp) beside the output; backward's
@@ -129,7 +109,7 @@ void ContextAttention::attend_block(TensorPtr out, float* lse, bool first, Const
   const int32_t* pos_q = positions_of(cp_.rank);
   const int32_t* pos_k = positions_of(origin);
   if (first) {
-    Stopwatch watch(be_, time_s_);
+    Stopwatch watch(be_);
     be_.attention_block_forward(out, lse, q, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k, B, S, S, C, heads);
     return;
   }
@@ -137,7 +117,7 @@ void ContextAttention::attend_block(TensorPtr out, float* lse, bool first, Const
   TensorPtr out_b = alloc_act(rows * C, MemCategory::workspace);
   float* lse_b = be_.alloc_floats(rows * heads, MemCategory::workspace);
   {
-    Stopwatch watch(be_, time_s_);
+    Stopwatch watch(be_);
     be_.attention_block_forward(out_b, lse_b, q, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k, B, S, S, C, heads);
     be_.attention_merge(out, lse, out_b, lse_b, B, S, C, heads);
   }
@@ -183,7 +163,7 @@ void ContextAttention::ring_backward(TensorPtr dqkv, float* delta, ConstTensorPt
     if (s + 1 < n) kv_hop = cp_.comm->send_recv_async(cur, next, nxt, prev, block, 2 * s);
     const int32_t* pos_k = positions_of(origin);
     {
-      Stopwatch watch(be_, time_s_);
+      Stopwatch watch(be_);
       be_.attention_block_backward(dqkv, dcur, dcur + C, dout, lse, delta, qkv, cur, cur + C, 3 * C, 2 * C, pos_q,
                                    pos_k, B, S, S, C, heads);
     }
@@ -232,7 +212,7 @@ void ContextAttention::allgather_backward(TensorPtr dqkv, float* delta, ConstTen
     const ConstTensorPtr kv = all + r * block;
     const TensorPtr dkv = dall + r * block;
     const int32_t* pos_k = positions_of(r);
-    Stopwatch watch(be_, time_s_);
+    Stopwatch watch(be_);
     be_.attention_block_backward(dqkv, dkv, dkv + C, dout, lse, delta, qkv, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k,
                                  B, S, S, C, heads);
   }
@@ -298,7 +278,7 @@ void ContextAttention::alltoall_forward(TensorPtr out, float* saved, ConstTensor
   sequence_to_heads(qkv_full, recv, B, S, 3 * Cl);
   be_.free(recv);
   {
-    Stopwatch watch(be_, time_s_);
+    Stopwatch watch(be_);
     be_.attention_forward(out_full, att, qkv_full, B, seq_, Cl, Hl);
   }
   // The outputs back to the tokens' ranks, every head group's columns side by side.
@@ -329,7 +309,7 @@ void ContextAttention::alltoall_backward(TensorPtr dqkv, float* scratch, ConstTe
   sequence_to_heads(dout_full, recv, B, S, Cl);
   be_.free(recv);
   {
-    Stopwatch watch(be_, time_s_);
+    Stopwatch watch(be_);
     be_.attention_backward(dqkv_full, att_scratch, dout_full, out_full, qkv_full, att, B, seq_, Cl, Hl);
   }
   TensorPtr send_d = alloc_act(rows * 3 * C, MemCategory::comm_buffers);

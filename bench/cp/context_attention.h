@@ -43,7 +43,8 @@ class ContextAttention final : public AttentionCore {
 
   // Time of the core's attention arithmetic (block attention, merges and their backward; not its
   // communication, packing or waiting) since the last call: the measure of the causal load balance
-  // between the ranks. GPU: wall time, the backend synchronised around it; CPU: process CPU time.
+  // between the ranks (Backend spans: GPU time between events, no host wait; CPU: process CPU time).
+  // For after a wait for the device (the step's end).
   double take_time_s();
 
  private:
@@ -78,7 +79,6 @@ class ContextAttention final : public AttentionCore {
   int seq_, hidden_;  // the model's S (global) and h
   DType dtype_;
   int32_t* positions_ = nullptr;
-  double time_s_ = 0.0;
 };
 
 // The memory terms of the core for a plan (MemoryPlan's attention_* and cp), as ContextAttention

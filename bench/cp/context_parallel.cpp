@@ -19,9 +19,21 @@ void ContextParallelStrategy::finish_gradients() {
   if (data_ranks_->size() > 1) data_ranks_->all_reduce(state_.grads(), state_.size());
 }
 
+void ContextParallelStrategy::zero_grads() {
+  take_step_time();  // the previous step has ended with a wait: its spans are complete
+  state_.zero_grads();
+}
+
 void ContextParallelStrategy::optimizer_step(float grad_scale, int t) {
   state_.adamw(grad_scale, t, rt_.options.lr);
-  if (attention_ != nullptr) times_.push_back(attention_->take_time_s());  // the step is done
+  step_finished_ = true;  // its attention time is read after the step's wait
+}
+
+void ContextParallelStrategy::take_step_time() {
+  if (attention_ == nullptr) return;
+  const double t = attention_->take_time_s();  // a step that did not finish (stopped) is forgotten
+  if (step_finished_) times_.push_back(t);
+  step_finished_ = false;
 }
 
 std::vector<float> ContextParallelStrategy::gather_full_gradients() {
@@ -30,6 +42,7 @@ std::vector<float> ContextParallelStrategy::gather_full_gradients() {
 
 void ContextParallelStrategy::write_results(Communicator& world, ResultWriter* writer) {
   if (attention_ == nullptr) return;
+  take_step_time();  // the last step's
   // Every rank finished the same steps: one gather of [ranks][steps], stored as [steps, ranks].
   const int ranks = world.size();
   const std::size_t steps = times_.size();

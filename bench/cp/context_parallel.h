@@ -28,7 +28,7 @@ class ContextParallelStrategy final : public Strategy {
 
   ConstTensorPtr unit_params(int unit) override { return state_.unit_params(unit); }
   TensorPtr unit_grads(int unit) override { return state_.unit_grads(unit); }
-  void zero_grads() override { state_.zero_grads(); }
+  void zero_grads() override;
   double reduce_loss(double local_loss) override;
   void finish_gradients() override;
   double global_grad_sum_squares() override { return rt_.backend.sum_squares(state_.grads(), state_.size()); }
@@ -43,6 +43,8 @@ class ContextParallelStrategy final : public Strategy {
   ContextAttention* attention_;
   ReplicatedState state_;
   Communicator* data_ranks_;          // dp × cp: every rank that holds the same parameters
+  void take_step_time();              // the attention time of the step that ended last, into times_
+  bool step_finished_ = false;        // a step has finished whose attention time is not yet taken
   std::vector<double> times_;         // this rank's attention time per finished step
   std::vector<double> all_times_;     // [steps, ranks], gathered by write_results
 };

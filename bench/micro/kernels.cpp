@@ -208,6 +208,26 @@ std::string attention_backward_benchmark(benchmark::State& state, Backend& backe
   return "";
 }
 
+// Row 0 of a LayerNorm against the formula in double on its input row x (C values):
+// (x − mean) · rstd · weight + bias, biased variance, eps 1e-5; empty when it agrees.
+template <typename Row>
+std::string check_layernorm_row0(const Row& x, const std::vector<float>& weight, const std::vector<float>& bias,
+                                 float mean0, float rstd0, const std::vector<float>& out_row0, int C,
+                                 double tolerance) {
+  double m = 0.0, var = 0.0;
+  for (int i = 0; i < C; ++i) m += x[i];
+  m /= C;
+  for (int i = 0; i < C; ++i) var += (x[i] - m) * (x[i] - m);
+  const double r = 1.0 / std::sqrt(var / C + 1e-5);
+  std::string error = compare("mean[0]", mean0, m, 1.0, kFp32Tolerance);
+  if (error.empty()) error = compare("rstd[0]", rstd0, r, r, kFp32Tolerance);
+  for (int i = 0; i < C && error.empty(); ++i) {
+    const double want = (x[i] - m) * r * weight[i] + bias[i];
+    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), tolerance);
+  }
+  return error;
+}
+
 std::string layernorm_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
   const int N = s.N(), C = s.C;
   const std::vector<float> host_inp = stored(pattern(std::size_t(N) * C, 1), s.dtype);
@@ -224,19 +244,8 @@ std::string layernorm_forward_benchmark(benchmark::State& state, Backend& backen
 
   backend.layernorm_forward(out.get(), mean.get(), rstd.get(), inp.get(), weight.get(), bias.get(), N, C);
   backend.synchronize();
-  // Row 0 against the formula in double: (x − mean) · rstd · weight + bias, biased variance, eps 1e-5.
-  double m = 0.0, var = 0.0;
-  for (int i = 0; i < C; ++i) m += host_inp[i];
-  m /= C;
-  for (int i = 0; i < C; ++i) var += (host_inp[i] - m) * (host_inp[i] - m);
-  const double r = 1.0 / std::sqrt(var / C + 1e-5);
-  std::string error = compare("mean[0]", mean.download(0), m, 1.0, kFp32Tolerance);
-  if (error.empty()) error = compare("rstd[0]", rstd.download(0), r, r, kFp32Tolerance);
-  const std::vector<float> out_row0 = download_fp32(backend, out.get(), C);
-  for (int i = 0; i < C && error.empty(); ++i) {
-    const double want = (host_inp[i] - m) * r * host_weight[i] + host_bias[i];
-    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
-  }
+  const std::string error = check_layernorm_row0(host_inp, host_weight, host_bias, mean.download(0), rstd.download(0),
+                                                  download_fp32(backend, out.get(), C), C, s.tolerance());
   if (!error.empty()) return error;
   time_calls(state, backend, [&] {
     backend.layernorm_forward(out.get(), mean.get(), rstd.get(), inp.get(), weight.get(), bias.get(), N, C);
@@ -272,17 +281,9 @@ std::string residual_layernorm_forward_benchmark(benchmark::State& state, Backen
     const double want = static_cast<double>(host_a[i]) + host_b[i];
     error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
   }
-  double m = 0.0, var = 0.0;
-  for (int i = 0; i < C; ++i) m += out_row0[i];
-  m /= C;
-  for (int i = 0; i < C; ++i) var += (out_row0[i] - m) * (out_row0[i] - m);
-  const double r = 1.0 / std::sqrt(var / C + 1e-5);
-  if (error.empty()) error = compare("mean[0]", mean.download(0), m, 1.0, kFp32Tolerance);
-  if (error.empty()) error = compare("rstd[0]", rstd.download(0), r, r, kFp32Tolerance);
-  const std::vector<float> ln_row0 = download_fp32(backend, ln_out.get(), C);
-  for (int i = 0; i < C && error.empty(); ++i) {
-    const double want = (out_row0[i] - m) * r * host_weight[i] + host_bias[i];
-    error = compare("ln_out[0, " + std::to_string(i) + "]", ln_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
+  if (error.empty()) {
+    error = check_layernorm_row0(out_row0, host_weight, host_bias, mean.download(0), rstd.download(0),
+                                 download_fp32(backend, ln_out.get(), C), C, s.tolerance());
   }
   if (!error.empty()) return error;
   time_calls(state, backend, [&] {  // the sum grows by b per call: far from overflow over the timed calls

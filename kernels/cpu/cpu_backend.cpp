@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <new>
@@ -608,6 +609,13 @@ class CpuBackend final : public Backend {
   void free(void* ptr) override { blocks_.free(ptr); }
   MemoryTracker& tracker() override { return blocks_.tracker(); }
 
+  void begin_span() override { span_start_s_ = process_cpu_seconds(); }
+  void end_span() override { span_sum_s_ += process_cpu_seconds() - span_start_s_; }
+  double take_span_seconds() override {
+    const double sum = span_sum_s_;
+    span_sum_s_ = 0.0;
+    return sum;
+  }
   void upload(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, std::size_t bytes) override { std::memmove(dst, src, bytes); }
   void zero(void* dst, std::size_t bytes) override { std::memset(dst, 0, bytes); }
@@ -857,6 +865,14 @@ class CpuBackend final : public Backend {
       adamw_update(params + at, grads + at, m + at, v + at, r.n, lr, beta1, beta2, eps, r.weight_decay, t, grad_scale);
     }
   }
+
+ private:
+  static double process_cpu_seconds() {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+  double span_start_s_ = 0.0, span_sum_s_ = 0.0;
 
  protected:
   void do_download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }

@@ -30,6 +30,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "common/errors.h"
 #include "kernels/block_cache.h"
@@ -62,6 +63,17 @@ void throw_if_failed_async() {
 }  // namespace
 
 bool cuda_failed_async() { return g_async_failed.load(std::memory_order_acquire); }
+
+std::string cuda_async_failure() {
+  std::lock_guard<std::mutex> lock(g_async_failure_mutex);
+  return g_async_failed.load() ? g_async_failure : std::string();
+}
+
+void cuda_prepare_environment() {
+#ifdef PB_WITH_CUDNN
+  CudnnAttention::prepare_environment();
+#endif
+}
 
 void cuda_fail_async(const std::string& why) {
   std::lock_guard<std::mutex> lock(g_async_failure_mutex);
@@ -210,6 +222,11 @@ class CudaBackend final : public Backend {
     cudaFree(ones_f32_.ptr);
     cudaFree(ones_bf16_.ptr);
     cudaFree(adamw_ranges_.ptr);
+    for (const Span& span : spans_) {
+      cudaEventDestroy(span.start);
+      if (span.stop != nullptr) cudaEventDestroy(span.stop);
+    }
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
     cudaFreeHost(host_doubles_);
     for (UploadSlot& slot : upload_slots_) {
       cudaFreeHost(slot.host);
@@ -245,6 +262,39 @@ class CudaBackend final : public Backend {
   int64_t device_memory_peak_bytes() override {
     sample_device_memory();
     return device_peak_;
+  }
+
+  // Spans: a pair of events recorded on the stream, read once the work is done (take_span_seconds
+  // follows a wait); the events are reused.
+  void begin_span() override {
+    if (span_open_) throw std::logic_error("begin_span: a span is open (spans do not nest)");
+    span_open_ = true;
+    spans_.push_back(Span{take_event(), nullptr});
+    PB_CUDA_CHECK(cudaEventRecord(spans_.back().start, stream_));
+  }
+  void end_span() override {
+    if (!span_open_) throw std::logic_error("end_span: no span is open");
+    span_open_ = false;
+    spans_.back().stop = take_event();
+    PB_CUDA_CHECK(cudaEventRecord(spans_.back().stop, stream_));
+  }
+  double take_span_seconds() override {
+    double sum = 0.0;
+    std::vector<Span> open;
+    for (const Span& span : spans_) {
+      if (span.stop == nullptr) {  // still open: kept for its end
+        open.push_back(span);
+        continue;
+      }
+      PB_CUDA_CHECK(cudaEventSynchronize(span.stop));  // done already: the caller has waited
+      float ms = 0.0f;
+      PB_CUDA_CHECK(cudaEventElapsedTime(&ms, span.start, span.stop));
+      sum += ms * 1e-3;
+      free_events_.push_back(span.start);
+      free_events_.push_back(span.stop);
+    }
+    spans_ = std::move(open);
+    return sum;
   }
 
   // Without waiting for the stream: the bytes go into a pinned staging slot at once (the caller may reuse
@@ -1165,6 +1215,17 @@ class CudaBackend final : public Backend {
                file, line);
   }
 
+  cudaEvent_t take_event() {
+    if (!free_events_.empty()) {
+      cudaEvent_t e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    PB_CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+
   // At least n doubles of pinned host memory (grown after a wait: nothing queued reads it then).
   double* host_doubles(int n) {
     if (static_cast<std::size_t>(n) > host_doubles_count_) {
@@ -1208,6 +1269,12 @@ class CudaBackend final : public Backend {
   std::unique_ptr<CudnnAttention> cudnn_;  // --attention cudnn
   DeviceBuffer cudnn_workspace_;
 #endif
+  struct Span {
+    cudaEvent_t start, stop;  // stop null while open
+  };
+  std::vector<Span> spans_;
+  std::vector<cudaEvent_t> free_events_;
+  bool span_open_ = false;
   bool launch_blocking_ = false;  // CUDA_LAUNCH_BLOCKING=1: every launch waited for
   const char* last_launch_file_ = nullptr;
   int last_launch_line_ = 0;

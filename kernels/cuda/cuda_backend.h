@@ -49,8 +49,13 @@ cudaStream_t cuda_compute_stream(Backend& backend);
 // that aborted its communicator, from its own thread): the backend's next wait or launch throws
 // RunError (exit 3) with `why`. The first failure is kept.
 void cuda_fail_async(const std::string& why);
-// True once cuda_fail_async has been called in this process.
+// True once cuda_fail_async has been called in this process; its reason ("" before).
 bool cuda_failed_async();
+std::string cuda_async_failure();
+
+// Settings of the environment that must precede MPI's and CUDA's threads (main calls it first): cuDNN's
+// attention workspace cap (kernels/cuda/cudnn_attention.cpp), unless the user has set it.
+void cuda_prepare_environment();
 
 // Throws RunError (exit 3) naming the call, file and line when `status` is not cudaSuccess.
 void cuda_check(cudaError_t status, const char* call, const char* file, int line);

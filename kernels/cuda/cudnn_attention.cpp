@@ -57,23 +57,51 @@ struct CudnnAttention::Plan {
   int64_t workspace_bytes = 0;
 };
 
-// The deterministic backward on Hopper decomposes through a dP workspace of B·heads·S²·2 bytes (the
-// frontend's scaled_dot_product_flash_attention.h), which no memory category holds. Up to this size it
-// is taken; beyond it cuDNN 9.25 and later switch to their ordered-dQ accumulation (deterministic,
-// workspace linear in S) when CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT caps the dP workspace, which the
-// constructor sets to this cap unless the user has set it; older cuDNN runs the non-deterministic backward
-// there instead (said once, and Backend::deterministic() turns false).
+namespace {
+// The deterministic backward decomposes through a dP workspace of B·heads·S²·2 bytes (the frontend's
+// scaled_dot_product_flash_attention.h), which no memory category holds. It is taken up to the limit in
+// CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT (parabench's cap below unless the user set another; −1: no
+// limit); beyond it, on Hopper with cuDNN 9.25 or later, the frontend switches to its ordered-dQ
+// accumulation (deterministic, workspace linear in S); elsewhere the non-deterministic backward runs
+// instead (said once, and Backend::deterministic() turns false).
 constexpr int64_t kDpWorkspaceCapBytes = int64_t{256} << 20;  // the frontend's own default cap
 constexpr std::size_t kOrderedDqVersion = 92500;
+constexpr const char* kDpLimitVariable = "CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT";
 
 int64_t dp_workspace_bytes(int64_t B, int64_t H, int64_t S) {
   const int64_t sq = (S + 63) / 64 * 64, skv = (S + 127) / 128 * 128;
   return B * H * sq * skv * 2;
 }
 
+// The dP workspace limit in effect (−1: none), as the frontend reads it.
+int64_t dp_workspace_limit() {
+  const char* text = std::getenv(kDpLimitVariable);
+  if (text == nullptr) return kDpWorkspaceCapBytes;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  return end != text && *end == '\0' ? static_cast<int64_t>(value) : kDpWorkspaceCapBytes;
+}
+
+}  // namespace
+
+void CudnnAttention::prepare_environment() {
+  setenv(kDpLimitVariable, std::to_string(kDpWorkspaceCapBytes).c_str(), /*overwrite=*/0);
+}
+
+namespace {
+bool ordered_dq_available() {  // Hopper (SM 9.x) and cuDNN 9.25 or later
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9 && cudnnGetVersion() >= kOrderedDqVersion;
+}
+}  // namespace
+
 CudnnAttention::CudnnAttention(cudaStream_t stream, std::function<void*(std::size_t)> workspace)
     : stream_(stream), workspace_(std::move(workspace)) {
-  setenv("CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT", std::to_string(kDpWorkspaceCapBytes).c_str(), /*overwrite=*/0);
   cudnnHandle_t handle = nullptr;
   check_cudnn(cudnnCreate(&handle), "cudnnCreate");
   handle_ = handle;
@@ -157,11 +185,13 @@ CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, i
 
   // The deterministic backward where it fits (above); otherwise, or where cuDNN has none for the shape,
   // the non-deterministic one, said once.
-  const bool fits = dp_workspace_bytes(Bl, H, Sl) <= kDpWorkspaceCapBytes || cudnnGetVersion() >= kOrderedDqVersion;
+  const int64_t dp_bytes = dp_workspace_bytes(Bl, H, Sl), limit = dp_workspace_limit();
+  const bool fits = limit < 0 || dp_bytes <= limit || ordered_dq_available();
   auto [built, status] = build(fits);
   std::string why_not = fits ? "" : "its deterministic backward would need a dP workspace of " +
-                                        std::to_string(dp_workspace_bytes(Bl, H, Sl) >> 20) +
-                                        " MiB (B·heads·S²·2 bytes; cuDNN 9.25 or later avoids it)";
+                                        std::to_string(dp_bytes >> 20) + " MiB (B·heads·S²·2 bytes; over " +
+                                        kDpLimitVariable + " = " + std::to_string(limit) +
+                                        "; Hopper with cuDNN 9.25 or later avoids it)";
   if (backward && fits && status.is_bad()) {
     why_not = "cuDNN has no deterministic backward for it (" + status.get_message() + ")";
     std::tie(built, status) = build(false);

@@ -33,6 +33,9 @@ class CudnnAttention {
 
   // "cuDNN 9.19.0 (frontend 1.32.0)"
   static std::string version();
+  // Sets CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT to parabench's cap unless the user has set it; before any
+  // other thread runs (setenv is not thread-safe).
+  static void prepare_environment();
 
   // bf16 tensors (their 16 bits), fp32 lse; out overwritten.
   void forward(void* out, float* lse, const void* qkv, int B, int S, int C, int heads);

@@ -193,17 +193,12 @@ __global__ void scale_kernel(T* y, float alpha, std::size_t n) {
 }
 
 // ---- LayerNorm: one warp per row -----------------------------------------------------------------
-// out, inp, weight and bias of one type T; mean and rstd fp32.
+// The rest of a row's LayerNorm once its lane's partial sum of x is known: the mean, the biased
+// variance, y = (x − mean) · rstd · weight + bias, and the row's statistics (lane 0).
 template <typename T>
-__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
-                                         const T* bias, int N, int C) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= N) return;
-  const T* x = inp + static_cast<std::size_t>(row) * C;
-  T* y = out + static_cast<std::size_t>(row) * C;
-  float sum = 0.0f;
-  for (int i = lane; i < C; i += 32) sum += to_float(x[i]);
-  const float m = warp_sum(sum) / C;
+__device__ void layernorm_row(T* y, float* mean, float* rstd, const T* x, const T* weight, const T* bias, int C,
+                              int row, int lane, float lane_sum) {
+  const float m = warp_sum(lane_sum) / C;
   float var = 0.0f;  // biased variance
   for (int i = lane; i < C; i += 32) var += (to_float(x[i]) - m) * (to_float(x[i]) - m);
   var = warp_sum(var) / C;
@@ -216,6 +211,18 @@ __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const
   }
 }
 
+// out, inp, weight and bias of one type T; mean and rstd fp32.
+template <typename T>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
+                                         const T* bias, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const T* x = inp + static_cast<std::size_t>(row) * C;
+  float sum = 0.0f;
+  for (int i = lane; i < C; i += 32) sum += to_float(x[i]);
+  layernorm_row(out + static_cast<std::size_t>(row) * C, mean, rstd, x, weight, bias, C, row, lane, sum);
+}
+
 // out = a + b (rounded once into T), then the LayerNorm of the stored out into ln_out: one warp per row,
 // each lane reading back only the elements it wrote (out may alias a or b).
 template <typename T>
@@ -225,24 +232,13 @@ __global__ void residual_layernorm_forward_kernel(T* out, T* ln_out, float* mean
   if (row >= N) return;
   const std::size_t off = static_cast<std::size_t>(row) * C;
   T* x = out + off;
-  T* y = ln_out + off;
   float sum = 0.0f;
   for (int i = lane; i < C; i += 32) {
     const T xi = from_float<T>(to_float(a[off + i]) + to_float(b[off + i]));
     x[i] = xi;
     sum += to_float(xi);
   }
-  const float m = warp_sum(sum) / C;
-  float var = 0.0f;  // biased variance
-  for (int i = lane; i < C; i += 32) var += (to_float(x[i]) - m) * (to_float(x[i]) - m);
-  var = warp_sum(var) / C;
-  const float s = 1.0f / sqrtf(var + kLayerNormEps);
-  for (int i = lane; i < C; i += 32)
-    y[i] = from_float<T>((to_float(x[i]) - m) * s * to_float(weight[i]) + to_float(bias[i]));
-  if (lane == 0) {
-    mean[row] = m;
-    rstd[row] = s;
-  }
+  layernorm_row(ln_out + off, mean, rstd, static_cast<const T*>(x), weight, bias, C, row, lane, sum);
 }
 
 // dinp += rstd · (g − mean(g) − x̂ · mean(g·x̂)), g = dout·weight (in bf16: added in fp32, rounded once)

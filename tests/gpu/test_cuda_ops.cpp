@@ -231,6 +231,33 @@ class CudaOps : public ::testing::Test {
                        << "fp32 result, the first at " << first;
   }
 
+  // The fused attention of gpu_ on bf16 tensors against the CPU's fp32 attention on the same values,
+  // forward and backward, at each (B, S, C, heads); with `twice`, the backward again gives the same bits.
+  void check_bf16_attention(const std::vector<std::tuple<int, int, int, int>>& shapes, const std::string& tag,
+                            bool twice) {
+    for (auto [B, S, C, NH] : shapes) {
+      const std::string shape = tag + "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) +
+                                " heads " + std::to_string(NH);
+      const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
+      Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), out = poisoned_typed(nout, DType::bf16);
+      float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+      float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
+      cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
+      gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
+      expect_typed_close(out, "attention_forward " + shape);
+      Typed dout = put_bf16(random(nout)), dqkv = poisoned_typed(nqkv, DType::bf16);
+      float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+      float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
+      cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
+      gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+      expect_typed_close(dqkv, "attention_backward dqkv " + shape);
+      if (!twice) continue;
+      Typed again = poisoned_typed(nqkv, DType::bf16);
+      gpu_->attention_backward(again.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+      EXPECT_EQ(get_typed(again.gpu, nqkv), get_typed(dqkv.gpu, nqkv)) << "attention_backward twice " << shape;
+    }
+  }
+
   std::mt19937 rng_{20261126};
   std::unique_ptr<Backend> cpu_, gpu_;
 };
@@ -948,24 +975,7 @@ TEST_F(CudaOps, Bf16LayerNorm) {
 }
 
 TEST_F(CudaOps, Bf16FusedAttention) {
-  for (auto [B, S, C, NH] : {std::tuple{2, 70, 72, 3}, std::tuple{1, 33, 128, 2}, std::tuple{2, 130, 256, 2},
-                             std::tuple{1, 1, 16, 4}}) {
-    const std::string shape =
-        "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " + std::to_string(NH);
-    const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
-    Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), out = poisoned_typed(nout, kBf16);
-    float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
-    float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
-    cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
-    gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
-    expect_typed_close(out, "attention_forward " + shape);
-    Typed dout = put_bf16(random(nout)), dqkv = poisoned_typed(nqkv, kBf16);
-    float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
-    float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
-    cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
-    gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
-    expect_typed_close(dqkv, "attention_backward dqkv " + shape);
-  }
+  check_bf16_attention({{2, 70, 72, 3}, {1, 33, 128, 2}, {2, 130, 256, 2}, {1, 1, 16, 4}}, "", false);
   Typed qkv = put_bf16(random(3 * 16)), out32 = poisoned_typed(16, kF32);
   float* saved = gpu_->alloc_floats(4, MemCategory::activations);
   EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 4), std::invalid_argument);
@@ -978,27 +988,8 @@ TEST_F(CudaOps, Bf16FusedAttention) {
 // (the deterministic algorithm); fp32 tensors are refused.
 TEST_F(CudaOps, CudnnFusedAttention) {
   gpu_ = make_cuda_backend(0, /*bf16_matmul=*/false, /*cudnn_attention=*/true);
-  for (auto [B, S, C, NH] : {std::tuple{2, 70, 72, 3}, std::tuple{1, 33, 128, 2}, std::tuple{2, 130, 256, 2},
-                             std::tuple{1, 1, 16, 2}, std::tuple{2, 1024, 768, 12}}) {
-    const std::string shape = "cuDNN B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) +
-                              " heads " + std::to_string(NH);
-    const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
-    Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), out = poisoned_typed(nout, kBf16);
-    float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
-    float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
-    cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
-    gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
-    expect_typed_close(out, "attention_forward " + shape);
-    Typed dout = put_bf16(random(nout)), dqkv = poisoned_typed(nqkv, kBf16);
-    float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
-    float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
-    cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
-    gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
-    expect_typed_close(dqkv, "attention_backward dqkv " + shape);
-    Typed again = poisoned_typed(nqkv, kBf16);
-    gpu_->attention_backward(again.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
-    EXPECT_EQ(get_typed(again.gpu, nqkv), get_typed(dqkv.gpu, nqkv)) << "attention_backward twice " << shape;
-  }
+  check_bf16_attention({{2, 70, 72, 3}, {1, 33, 128, 2}, {2, 130, 256, 2}, {1, 1, 16, 2}, {2, 1024, 768, 12}}, "cuDNN ",
+                       true);
   Typed qkv = put_typed(random(3 * 16), kF32), out32 = poisoned_typed(16, kF32);
   float* saved = gpu_->alloc_floats(4, MemCategory::activations);
   EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 2), std::invalid_argument);
