@@ -49,9 +49,9 @@ ncclDataType_t nccl_type(DType dtype) { return dtype == DType::f32 ? ncclFloat :
 // and at the oldest unfinished operation, against the deadline of --distributed-timeout-minutes. On
 // any of them it aborts the communicator (ncclCommAbort: its kernels end and the stream drains) and
 // marks the device failed (cuda_fail_async), so the host's next wait, or its next call here, ends the
-// run with exit 3. NCCL calls and the abort exclude each other (`calls`): the abort never frees the
-// communicator under a call. When the host is stuck inside a call, or has not ended the run within
-// kGraceS of the abort, the watchdog ends the process itself with exit 3.
+// run with exit 3. NCCL calls and aborts exclude each other (nccl_calls()): an abort never frees a
+// communicator under a call. When the host is stuck inside a call, or the process has not ended within
+// kGraceS of a failure, the watchdog's timer ends it with exit 3.
 constexpr double kGraceS = 30.0;
 
 double steady_s() {  // the watchdog's clock (MPI_Wtime is for the thread that initialised MPI)
@@ -71,7 +71,8 @@ void start_grace_timer(const std::string& why) {
   std::call_once(once, [&] {
     std::thread([why] {
       std::this_thread::sleep_for(std::chrono::duration<double>(kGraceS));
-      end_process(why + "; the run did not end within " + std::to_string(static_cast<int>(kGraceS)) + " s of it");
+      end_process(why + "; the run did not end within " + std::to_string(static_cast<int>(kGraceS)) +
+                  " s of it");
     }).detach();
   });
 }

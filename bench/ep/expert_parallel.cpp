@@ -60,7 +60,8 @@ double ExpertParallelStrategy::sum_squares(ConstTensorPtr base) {
   enum { kExperts, kSliced, kReplicated };
   std::vector<Backend::SquaresPiece> pieces;
   state_.for_each_tensor([&](const TensorInfo& t, std::size_t at) {
-    pieces.push_back({base + at, t.numel(), t.expert >= 0 ? kExperts : t.split != TpSplit::none ? kSliced : kReplicated});
+    const int bin = t.expert >= 0 ? kExperts : t.split != TpSplit::none ? kSliced : kReplicated;
+    pieces.push_back({base + at, t.numel(), bin});
   });
   double sums[3];
   rt_.backend.sum_squares(sums, 3, pieces);

@@ -252,7 +252,9 @@ double FullyShardedDataParallel::sum_squares(ShardOf shard_of) {
   std::vector<Backend::SquaresPiece> pieces;
   const TensorParallel& tp = rt_.mp.tp;
   if (!tp.active()) {
-    for (std::size_t u = 0; u < layout_.size(); ++u) pieces.push_back({shard_of(static_cast<int>(u)), layout_[u].shard, kWhole});
+    for (std::size_t u = 0; u < layout_.size(); ++u) {
+      pieces.push_back({shard_of(static_cast<int>(u)), layout_[u].shard, kWhole});
+    }
     be_.sum_squares(sums, 1, pieces);
   } else {
     // A shard is a range of the unit's flat elements: its pieces of sliced tensors are summed over the tp

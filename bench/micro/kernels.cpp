@@ -1,6 +1,7 @@
 // The Backend's kernels other than the matrix product, timed at the shapes one training step of a model
-// preset runs them (common/model.cpp, micro-batch 4, no model parallelism): per block, two LayerNorms,
-// the attention, the GELU, a residual add and the fused residual add + LayerNorm, forward and backward; once per step, the embedding,
+// preset runs them (common/model.cpp, micro-batch 4, no model parallelism): per block, a LayerNorm, the
+// attention, the GELU, a residual add and the residual add fused with the second LayerNorm, forward and
+// backward (two LayerNorms backward); once per step, the embedding,
 // the fused cross-entropy, and the optimizer's pass over the parameters (gradient zeroing, the
 // gradient norm, AdamW, and with bf16 the rounding of the master weights into the parameters).
 //

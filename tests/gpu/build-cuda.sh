@@ -2,8 +2,8 @@
 # Configures and builds the cuda preset (build-cuda/): the CUDA backend and the NCCL communicator must
 # compile and link on every machine with the CUDA toolkit, GPU or not. Where cuDNN and the cuDNN
 # frontend's headers are present (scripts/setup.sh fetches the latter), that build must have cuDNN's
-# attention; then the backend and an app are built once more without it (preset cuda-nocudnn), so that
-# both configurations compile. Exit 77 (skipped) without nvcc.
+# attention; then the backend and an app (parabench-dp) are built once more without it (preset
+# cuda-nocudnn), so that both configurations compile. Exit 77 (skipped) without nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v nvcc >/dev/null 2>&1 && [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
@@ -12,7 +12,13 @@ if ! command -v nvcc >/dev/null 2>&1 && [[ ! -x /usr/local/cuda/bin/nvcc ]]; the
 fi
 configure_log=$(cmake --preset cuda)
 grep -E "cuDNN" <<<"$configure_log" || true
-cudnn_h=$(ls /usr/local/cuda/include/cudnn.h /usr/include/cudnn.h 2>/dev/null | head -1 || true)
+cudnn_h=""
+for header in /usr/local/cuda/include/cudnn.h /usr/include/cudnn.h; do
+  if [[ -f $header ]]; then
+    cudnn_h=$header
+    break
+  fi
+done
 if [[ -n $cudnn_h && -f third_party/cudnn-frontend/include/cudnn_frontend.h ]] &&
    ! grep -q -- "--attention cudnn" <<<"$configure_log"; then
   echo "cuDNN ($cudnn_h) and its frontend are here, yet the cuda preset did not configure cuDNN attention" >&2
@@ -20,4 +26,4 @@ if [[ -n $cudnn_h && -f third_party/cudnn-frontend/include/cudnn_frontend.h ]] &
 fi
 cmake --build --preset cuda -j "$(nproc)"
 cmake --preset cuda-nocudnn >/dev/null
-cmake --build --preset cuda-nocudnn -j "$(nproc)" --target parabench-dp test_cuda_ops
+cmake --build --preset cuda-nocudnn -j "$(nproc)" --target parabench-dp
