@@ -13,6 +13,7 @@ ArchSpec arch_from_model(const ModelConfig& m) {
   a.kv_heads = m.heads;
   a.ffn = m.ffn;
   a.vocab = m.vocab;
+  a.vocab_divisor = m.vocab_divisor;
   a.seq = m.seq;
   return a;
 }
@@ -38,16 +39,16 @@ int64_t dense_mlp_parameters(const ArchSpec& a, int tp) {
 }  // namespace
 
 std::vector<int64_t> unit_parameter_counts(const ArchSpec& a, int tp) {
-  const int64_t h = a.hidden, V = a.vocab, S = a.seq, t = tp;
+  const int64_t h = a.hidden, Vl = a.padded_vocab(tp) / tp, S = a.seq;
   const int64_t bias = a.biases ? 1 : 0;
   std::vector<int64_t> units;
-  units.push_back(V / t * h + (a.learned_positions ? S * h : 0));  // embed.tok (vocabulary-parallel), embed.pos
+  units.push_back(Vl * h + (a.learned_positions ? S * h : 0));  // embed.tok (vocabulary-parallel, padded), embed.pos
   const int64_t norms = 2 * (h + bias * h);                         // ln1, ln2: .g and .b
-  const int64_t qkv = a.qkv_width() / t;
-  const int64_t attention = h * qkv + bias * qkv + h / t * h + bias * h;  // qkv column-, out row-parallel
+  const int64_t qkv = a.qkv_width() / tp;
+  const int64_t attention = h * qkv + bias * qkv + h / tp * h + bias * h;  // qkv column-, out row-parallel
   const int64_t mlp = dense_mlp_parameters(a, tp);
   for (int64_t l = 0; l < a.layers; ++l) units.push_back(norms + attention + mlp);
-  units.push_back(h + bias * h + (a.tied_embeddings ? 0 : h * (V / t)));  // final_ln, head.w (column-parallel)
+  units.push_back(h + bias * h + (a.tied_embeddings ? 0 : h * Vl));  // final_ln, head.w (column-parallel, padded)
   return units;
 }
 
@@ -61,8 +62,10 @@ std::vector<int64_t> unit_parameter_counts(const MemoryPlan& p) {
 }
 
 int64_t total_parameters(const ArchSpec& a) {
+  ArchSpec unpadded = a;  // the model's parameters: the vocabulary's padding is storage, not parameters
+  unpadded.vocab_divisor = 1;
   int64_t total = 0;
-  for (int64_t u : unit_parameter_counts(a)) total += u;
+  for (int64_t u : unit_parameter_counts(unpadded)) total += u;
   return total;
 }
 
@@ -112,7 +115,7 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   const int64_t S = a.seq / p.cp;                                 // tokens of a sequence on this rank
   const int64_t N = static_cast<int64_t>(p.micro_batch) * S;      // tokens of one micro-batch
   const int64_t R = p.sequence_parallel ? N / t : N;  // rows of the residual stream on this rank
-  const int64_t h = a.hidden, f = a.ffn, V = a.vocab, L = blocks;
+  const int64_t h = a.hidden, f = a.ffn, Vl = a.padded_vocab(t) / t, L = blocks;
   const int64_t hl = h / t, fl = f / t, qkv = a.qkv_width() / t, mlp_in = a.mlp_in_width() / t;
   const int64_t e = p.precision.act_bytes;  // bytes of an activation element
   constexpr int64_t kStat = 4, kToken = 4, kLoss = 8;  // LayerNorm statistics fp32, tokens int32
@@ -137,7 +140,7 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   const int64_t block_no_att = 4 * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + R * h) + mlp_acts;
   const int64_t block_full = block_no_att + att_saved;
   const int64_t block_out = R * h * e;
-  const int64_t head = last ? 2 * R * kStat + e * (R * h + N * (V / t)) : 0;  // lnf statistics, lnf out, logits
+  const int64_t head = last ? 2 * R * kStat + e * (R * h + N * Vl) : 0;  // lnf statistics, lnf out, logits (padded)
 
   ActivationEstimate est;
   if (p.recompute == "full") {

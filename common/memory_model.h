@@ -34,10 +34,17 @@ struct ArchSpec {
   bool tied_embeddings = false;  // the head reuses embed.tok
   bool learned_positions = true; // embed.pos [S, h] (false: rotary, no parameters)
   bool biases = true;            // linear biases and LayerNorm .b (false: Llama-style)
+  // Megatron's make-vocab-size-divisible-by: embed.tok and head.w (and the logits) are stored with
+  // the vocabulary padded to a multiple of vocab_divisor · tp (ModelConfig::padded_vocab).
+  int64_t vocab_divisor = 128;
 
   int64_t head_dim() const { return hidden / heads; }
   int64_t qkv_width() const { return hidden + 2 * kv_heads * head_dim(); }  // [Q | K | V]
   int64_t mlp_in_width() const { return gated_mlp ? 2 * ffn : ffn; }
+  int64_t padded_vocab(int64_t tp = 1) const {
+    const int64_t multiple = vocab_divisor * tp;
+    return (vocab + multiple - 1) / multiple * multiple;
+  }
 };
 ArchSpec arch_from_model(const ModelConfig& model);  // the trained GPT of SPEC section 2
 
@@ -45,7 +52,7 @@ ArchSpec arch_from_model(const ModelConfig& model);  // the trained GPT of SPEC 
 // with tp > 1, one tensor-parallel rank's slices (LayerNorms, row-parallel biases and the position
 // table are whole on every rank).
 std::vector<int64_t> unit_parameter_counts(const ArchSpec& arch, int tp = 1);
-int64_t total_parameters(const ArchSpec& arch);
+int64_t total_parameters(const ArchSpec& arch);  // the model's, without the vocabulary's padding
 
 // ---- precision -------------------------------------------------------------------------------------
 // Bytes per element of each kind of state. fp32: 4 / 4 / 0 master / 8 AdamW, activations 4.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "common/init.h"
@@ -24,20 +25,31 @@ bool TensorInfo::partial_under_sequence_parallel() const {
          name.rfind("final_ln.", 0) == 0;
 }
 
-uint64_t TensorInfo::global_index(int64_t r, int64_t c) const {
-  int64_t gr = r, gc = c;
-  switch (split) {
-    case TpSplit::none: break;
-    case TpSplit::columns: gc = tp_rank * cols + c; break;
-    case TpSplit::rows: gr = tp_rank * rows + r; break;
+namespace {
+// The global row and column of a tensor's local element [r][c].
+std::pair<int64_t, int64_t> global_position(const TensorInfo& t, int64_t r, int64_t c) {
+  switch (t.split) {
+    case TpSplit::none: return {r, c};
+    case TpSplit::columns: return {r, t.tp_rank * t.cols + c};
+    case TpSplit::rows: return {t.tp_rank * t.rows + r, c};
     case TpSplit::qkv_columns: {
       // Local columns are [Q | K | V] of this rank's heads: block b of width h/tp maps to columns
       // b·h + tp_rank·h/tp + j of the global [Q | K | V].
-      const int64_t width = cols / 3, block = c / width, j = c % width;
-      gc = block * (global_cols / 3) + tp_rank * width + j;
-      break;
+      const int64_t width = t.cols / 3, block = c / width, j = c % width;
+      return {r, block * (t.global_cols / 3) + t.tp_rank * width + j};
     }
   }
+  return {r, c};
+}
+}  // namespace
+
+bool TensorInfo::is_padding(int64_t r, int64_t c) const {
+  const auto [gr, gc] = global_position(*this, r, c);
+  return gr >= global_rows || gc >= global_cols;
+}
+
+uint64_t TensorInfo::global_index(int64_t r, int64_t c) const {
+  const auto [gr, gc] = global_position(*this, r, c);
   return static_cast<uint64_t>(gr * global_cols + gc);
 }
 
@@ -56,7 +68,7 @@ int64_t spec_parameters(const std::vector<TensorSpec>& specs) {
 }  // namespace
 
 std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const MlpPart* mlp) {
-  const int64_t h = m.hidden, V = m.vocab, S = m.seq;
+  const int64_t h = m.hidden, V = m.vocab, Vp = m.padded_vocab(tp), S = m.seq;
   std::vector<UnitInfo> units;
   std::size_t offset = 0;
   auto add_unit = [&](const std::string& name, const std::string& prefix, const std::vector<TensorSpec>& specs) {
@@ -68,8 +80,10 @@ std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const
       t.name = prefix + sp.name;
       t.global_rows = sp.rows;
       t.global_cols = sp.cols;
-      t.rows = sp.split == TpSplit::rows ? sp.rows / tp : sp.rows;
-      t.cols = sp.split == TpSplit::columns || sp.split == TpSplit::qkv_columns ? sp.cols / tp : sp.cols;
+      t.padded_rows = sp.padded_rows > 0 ? sp.padded_rows : sp.rows;
+      t.padded_cols = sp.padded_cols > 0 ? sp.padded_cols : sp.cols;
+      t.rows = sp.split == TpSplit::rows ? t.padded_rows / tp : t.padded_rows;
+      t.cols = sp.split == TpSplit::columns || sp.split == TpSplit::qkv_columns ? t.padded_cols / tp : t.padded_cols;
       t.split = tp > 1 ? sp.split : TpSplit::none;
       t.tp_size = tp;
       t.tp_rank = tp_rank;
@@ -88,15 +102,18 @@ std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const
                                    {"attn.out.w", h, h, T::rows},      {"attn.out.b", 1, h, T::none},
                                    {"ln2.g", 1, h, T::none},          {"ln2.b", 1, h, T::none}};
   for (const TensorSpec& t : mlp ? mlp->tensors() : dense_mlp_tensors(m)) block.push_back(t);
-  add_unit("embed", "embed.", {{"tok", V, h, T::rows}, {"pos", S, h, T::none}});
+  add_unit("embed", "embed.", {{"tok", V, h, T::rows, -1, Vp, 0}, {"pos", S, h, T::none}});
   for (int l = 0; l < m.layers; ++l) add_unit("block" + std::to_string(l), "block" + std::to_string(l) + ".", block);
-  add_unit("head", "", {{"final_ln.g", 1, h, T::none}, {"final_ln.b", 1, h, T::none}, {"head.w", h, V, T::columns}});
+  add_unit("head", "",
+           {{"final_ln.g", 1, h, T::none}, {"final_ln.b", 1, h, T::none}, {"head.w", h, V, T::columns, -1, 0, Vp}});
   return units;
 }
 
 std::size_t gpt_num_parameters(const ModelConfig& config, const MlpPart* mlp) {
-  const auto units = gpt_units(config);
-  std::size_t n = units.back().offset + units.back().numel;
+  std::size_t n = 0;  // the spec's tensors: the vocabulary's padding is storage, not parameters
+  for (const UnitInfo& u : gpt_units(config)) {
+    for (const TensorInfo& t : u.tensors) n += static_cast<std::size_t>(t.global_rows * t.global_cols);
+  }
   if (mlp) {  // the dense MLP's parameters replaced by the part's
     const int64_t dense = spec_parameters(dense_mlp_tensors(config));
     n += static_cast<std::size_t>(config.layers) * static_cast<std::size_t>(mlp->global_parameters() - dense);
@@ -201,9 +218,8 @@ class DenseMlp final : public MlpPart {
     s->fc1_out = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
     s->gelu_out = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
     const ConstTensorPtr u_full = tp_.column_input(u);
-    be_.matmul_forward(s->fc1_out, u_full, w[kFc1W], w[kFc1B], N_, m_.hidden, fl_);
+    be_.matmul_gelu_forward(s->gelu_out, s->fc1_out, u_full, w[kFc1W], w[kFc1B], N_, m_.hidden, fl_);
     tp_.release_column_input(u_full, u);
-    be_.gelu_forward(s->gelu_out, s->fc1_out, Nf);
     tp_.row_parallel_forward(out, s->gelu_out, w[kFc2W], w[kFc2B], fl_);
     return s;
   }
@@ -299,15 +315,20 @@ void init_flat_range(Backend& backend, const std::vector<UnitInfo>& units, std::
   std::vector<uint64_t> indices;
   for_each_tensor_piece(units, first, count, [&](std::size_t pos, std::size_t len, const TensorInfo& t, std::size_t index) {
     values.resize(len);
-    if (t.split == TpSplit::none) {
+    if (t.split == TpSplit::none && !t.padded()) {
       init_values(values.data(), seed, t.name, num_layers, index, len);
-    } else {  // a tensor-parallel slice: each local element from its global index
+    } else {  // a tensor-parallel slice or a padded tensor: each element from its global index
       indices.resize(len);
       for (std::size_t k = 0; k < len; ++k) {
         const auto local = static_cast<int64_t>(index + k);
-        indices[k] = t.global_index(local / t.cols, local % t.cols);
+        const int64_t r = local / t.cols, c = local % t.cols;
+        indices[k] = t.is_padding(r, c) ? 0 : t.global_index(r, c);
       }
       init_values_at(values.data(), seed, t.name, num_layers, indices.data(), len);
+      for (std::size_t k = 0; k < len && t.padded(); ++k) {  // the vocabulary's padding: zero
+        const auto local = static_cast<int64_t>(index + k);
+        if (t.is_padding(local / t.cols, local % t.cols)) values[k] = 0.0f;
+      }
     }
     if (dst.dtype() == DType::f32) {
       backend.upload(dst.as<float>() + pos, values.data(), len * sizeof(float));
@@ -361,7 +382,9 @@ GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch,
   rows_ = tp_.sequence_parallel ? N_ / tp_.size : N_;
   heads_ = config.heads / tp_.size;
   hidden_local_ = config.hidden / tp_.size;
-  vocab_local_ = config.vocab / tp_.size;
+  vocab_local_ = static_cast<int>(config.padded_vocab(tp_.size) / tp_.size);
+  // The columns of this rank's vocabulary block that are not padding (0 for a block wholly past V).
+  vocab_valid_ = std::clamp(config.vocab - tp_.rank * vocab_local_, 0, vocab_local_);
   tp_layers_ = std::make_unique<TpLayers>(backend_, tp_, N_, rows_, config.hidden, dtype_);
   if (parts.mlp == nullptr) own_mlp_ = std::make_unique<DenseMlp>(config_, backend_, *tp_layers_, N_, tp_.size);
   if (parts.attention == nullptr) own_attention_ = std::make_unique<BackendAttention>(backend_);
@@ -398,7 +421,7 @@ double GptModel::take_loss() {
 void GptModel::head_loss(TensorPtr logits, const int32_t* targets, float scale) {
   // loss += scale · Σ CE; logits become dlogits = scale · (softmax − onehot)
   if (!tp_.active()) {
-    backend_.cross_entropy_forward_backward(logits, loss_sum_, targets, N_, vocab_local_, scale);
+    backend_.cross_entropy_forward_backward(logits, loss_sum_, targets, N_, vocab_valid_, vocab_local_, scale);
     return;
   }
   // Vocabulary-parallel: the softmax's max and sums are reduced over the group; the logits are never
@@ -406,11 +429,11 @@ void GptModel::head_loss(TensorPtr logits, const int32_t* targets, float scale) 
   float* stats = backend_.alloc_floats(3 * static_cast<std::size_t>(N_), MemCategory::workspace);
   float* row_max = stats;     // (N)
   float* sums = stats + N_;   // (2N): Σ exp, target term
-  backend_.cross_entropy_row_max(row_max, logits, N_, vocab_local_);
+  backend_.cross_entropy_row_max(row_max, logits, N_, vocab_valid_, vocab_local_);
   tp_.comm->all_reduce_max(row_max, N_);
-  backend_.cross_entropy_partials(sums, logits, targets, row_max, N_, vocab_local_);
+  backend_.cross_entropy_partials(sums, logits, targets, row_max, N_, vocab_valid_, vocab_local_);
   tp_.comm->all_reduce(sums, 2 * static_cast<std::size_t>(N_));
-  backend_.cross_entropy_finish(logits, loss_sum_, targets, row_max, sums, N_, vocab_local_, scale);
+  backend_.cross_entropy_finish(logits, loss_sum_, targets, row_max, sums, N_, vocab_valid_, vocab_local_, scale);
   backend_.free(stats);
 }
 

@@ -41,6 +41,12 @@ struct TensorInfo {
   int64_t cols = 1;
   int64_t global_rows = 1;  // the spec's shape
   int64_t global_cols = 1;
+  // The global tensor as stored: the spec's shape, but for embed.tok's rows and head.w's columns,
+  // which run over the padded vocabulary (ModelConfig::padded_vocab). A local slice is
+  // padded_rows / tp (or padded_cols / tp) wide; its elements past the spec's shape are padding:
+  // zero, and kept zero (they get no gradient).
+  int64_t padded_rows = 1;
+  int64_t padded_cols = 1;
   TpSplit split = TpSplit::none;
   int tp_size = 1, tp_rank = 0;
   // An expert's tensor (whole, held only by the expert-parallel rank that owns expert `expert`);
@@ -49,7 +55,11 @@ struct TensorInfo {
   std::size_t offset = 0;  // in the model's (this rank's) flat buffer
   std::size_t numel() const { return static_cast<std::size_t>(rows * cols); }
   bool is_matrix = false;  // two or more dimensions: gets weight decay
-  // The global element index (SPEC 2.1: r·C + c of the full tensor) of local element [r][c].
+  bool padded() const { return padded_rows != global_rows || padded_cols != global_cols; }
+  // Whether local element [r][c] lies in the vocabulary's padding, outside the spec's shape.
+  bool is_padding(int64_t r, int64_t c) const;
+  // The global element index (SPEC 2.1: r·C + c of the full tensor, C the spec's columns) of local
+  // element [r][c], which is not padding.
   uint64_t global_index(int64_t r, int64_t c) const;
   // Whole on every tp rank, but with sequence parallelism computed on a rank's rows only, so that its
   // gradient is a partial sum over the tp group: the LayerNorms' parameters.
@@ -69,6 +79,7 @@ struct TensorSpec {
   int64_t rows = 1, cols = 1;
   TpSplit split = TpSplit::none;
   int expert = -1;
+  int64_t padded_rows = 0, padded_cols = 0;  // the stored shape when padded (0: rows, cols)
 };
 
 // What a part keeps from its forward for its backward (activations, freed with it).
@@ -291,7 +302,8 @@ class GptModel {
   AttentionCore* attention_;
   // Local sizes: N tokens of the micro-batch, rows_ of them in the residual stream on this rank
   // (N / tp with sequence parallelism), and this rank's heads, their width and its vocabulary block.
-  int seq_local_, N_, rows_, heads_, hidden_local_, vocab_local_;
+  // vocab_local_ counts the block's padding, vocab_valid_ does not.
+  int seq_local_, N_, rows_, heads_, hidden_local_, vocab_local_, vocab_valid_;
   enum class Recompute { none, selective, full } recompute_;
   std::vector<UnitInfo> units_;
   std::size_t num_params_ = 0;

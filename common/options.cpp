@@ -71,11 +71,18 @@ int64_t checked_product(const std::string& what, std::initializer_list<std::pair
 
 void check_derived_sizes(const Options& o) {
   const ModelConfig& m = o.model;
-  const int64_t b = o.micro_batch, S = m.seq, h = m.hidden, a = m.heads, f = m.ffn, V = m.vocab, L = m.layers;
-  checked_product("the token embedding", {{"--vocab", V}, {"--hidden", h}});
+  const int64_t b = o.micro_batch, S = m.seq, h = m.hidden, a = m.heads, f = m.ffn, L = m.layers;
+  // The vocabulary as stored, padded for as many tp ranks as there are ranks (at most).
+  checked_product("the padded vocabulary", {{"--make-vocab-size-divisible-by", m.vocab_divisor}, {"ranks", o.world_size}});
+  const int64_t Vp = m.padded_vocab(o.world_size);
+  if (Vp > INT_MAX) {
+    reject("--make-vocab-size-divisible-by " + std::to_string(m.vocab_divisor) + " pads the vocabulary to " +
+           std::to_string(Vp) + " entries, more than " + std::to_string(INT_MAX));
+  }
+  checked_product("the token embedding", {{"the padded vocabulary", Vp}, {"--hidden", h}});
   checked_product("the position embedding", {{"--seq", S}, {"--hidden", h}});
   checked_product("the blocks' weights", {{"--layers", L}, {"--hidden", h}, {"4·--hidden + 2·--ffn", 4 * h + 2 * f}});
-  checked_product("the logits of a micro-batch", {{"--micro-batch", b}, {"--seq", S}, {"--vocab", V}});
+  checked_product("the logits of a micro-batch", {{"--micro-batch", b}, {"--seq", S}, {"the padded vocabulary", Vp}});
   checked_product("the activations of a micro-batch", {{"--layers", L}, {"--micro-batch", b}, {"--seq", S},
                                                        {"16·--hidden + 2·--ffn", 16 * h + 2 * f}});
   checked_product("the attention probabilities", {{"--layers", L}, {"--micro-batch", b}, {"--heads", a},
@@ -132,6 +139,9 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--heads", shape.heads, "attention heads");
   cli.add_option("--seq", shape.seq, "sequence length");
   cli.add_option("--vocab", shape.vocab, "vocabulary size");
+  cli.add_option("--make-vocab-size-divisible-by", shape.vocab_divisor,
+                 "store the vocabulary padded to a multiple of this × tp (Megatron-LM's option)")
+      ->capture_default_str();
   cli.add_option("--ffn", shape.ffn, "MLP width (default 4·hidden)");
   cli.add_option("--micro-batch", opt.micro_batch, "samples per micro-batch")->capture_default_str();
   cli.add_option("--global-batch", global_batch, "samples per step (default micro-batch · dp)");
@@ -201,6 +211,7 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (given("--heads")) m.heads = shape.heads;
     if (given("--seq")) m.seq = shape.seq;
     if (given("--vocab")) m.vocab = shape.vocab;
+    m.vocab_divisor = shape.vocab_divisor;
     if (given("--ffn")) {
       m.ffn = shape.ffn;
     } else if (m.hidden > INT_MAX / 4) {
@@ -210,7 +221,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
       m.ffn = 4 * m.hidden;
     }
     for (auto [name, value] : {std::pair{"--layers", m.layers}, {"--hidden", m.hidden}, {"--heads", m.heads},
-                               {"--seq", m.seq}, {"--vocab", m.vocab}, {"--ffn", m.ffn}}) {
+                               {"--seq", m.seq}, {"--vocab", m.vocab}, {"--ffn", m.ffn},
+                               {"--make-vocab-size-divisible-by", m.vocab_divisor}}) {
       require_positive(name, value);
     }
     if (m.hidden % m.heads != 0) {
@@ -356,6 +368,7 @@ nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_
   c["heads"] = o.model.heads;
   c["seq"] = o.model.seq;
   c["vocab"] = o.model.vocab;
+  c["make_vocab_size_divisible_by"] = o.model.vocab_divisor;
   c["ffn"] = o.model.ffn;
   c["micro_batch"] = o.micro_batch;
   c["global_batch"] = o.global_batch;

@@ -18,7 +18,15 @@ namespace pb {
 struct ModelConfig {
   std::string name = "small";
   int layers = 0, hidden = 0, heads = 0, seq = 0, vocab = 0, ffn = 0;
+  // Megatron-LM's make-vocab-size-divisible-by: embed.tok and head.w are stored with the vocabulary
+  // padded to a multiple of vocab_divisor · tp (SPEC 2.1), so that the logits' GEMMs and each tensor-
+  // parallel rank's block stay aligned. The padding is zero and masked out of the loss.
+  int vocab_divisor = 128;
   int head_dim() const { return hidden / heads; }
+  int64_t padded_vocab(int tp = 1) const {
+    const int64_t multiple = static_cast<int64_t>(vocab_divisor) * tp;
+    return (vocab + multiple - 1) / multiple * multiple;
+  }
 };
 
 // Looks up a preset of SPEC section 4; false when unknown.

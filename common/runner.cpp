@@ -188,8 +188,11 @@ void print_header(const Options& o, const Layout& layout, const SystemInfo& sys,
     std::printf("precision: parameters and activations bf16, fp32 master weights, %s gradients; products: %s\n",
                 o.grad_dtype.c_str(), backend.matmul_precision().c_str());
   }
-  std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %d ffn %d, %.2fM parameters\n",
-              o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, o.model.vocab,
+  const int64_t padded = o.model.padded_vocab(layout.tp);
+  const std::string vocab = std::to_string(o.model.vocab) +
+                            (padded != o.model.vocab ? " (stored padded to " + std::to_string(padded) + ")" : "");
+  std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %s ffn %d, %.2fM parameters\n",
+              o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, vocab.c_str(),
               o.model.ffn, num_params / 1e6);
   std::printf("batch: micro-batch %d × dp %d × grad-accum %d = global batch %d (%lld tokens); %d steps, %d warm-up\n",
               o.micro_batch, o.dp, o.grad_accum, o.global_batch, static_cast<long long>(o.tokens_per_step()), o.steps, o.warmup);
@@ -354,11 +357,15 @@ void write_dump(const Options& opt, const AppOptions& app_options, const GptMode
   }
   dump.losses = losses;
   dump.grad_norms = norms;
-  for (const UnitInfo& u : model.units()) {
+  for (const UnitInfo& u : model.units()) {  // the spec's tensors (tp 1): the vocabulary's padding left out
     for (const TensorInfo& t : u.tensors) {
-      std::vector<int64_t> dims = t.is_matrix ? std::vector<int64_t>{t.rows, t.cols} : std::vector<int64_t>{t.cols};
-      dump.shapes.emplace_back(t.name, dims);
-      dump.grads.emplace_back(grads.begin() + t.offset, grads.begin() + t.offset + t.numel());
+      const int64_t rows = t.global_rows, cols = t.global_cols;
+      dump.shapes.emplace_back(t.name, t.is_matrix ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{cols});
+      std::vector<float>& g = dump.grads.emplace_back();
+      for (int64_t r = 0; r < rows; ++r) {
+        const auto first = grads.begin() + static_cast<std::ptrdiff_t>(t.offset + r * t.cols);
+        g.insert(g.end(), first, first + cols);
+      }
     }
   }
   write_gradient_dump(opt.dump_gradients, dump);
@@ -472,8 +479,9 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     try {
       writer = std::make_shared<ResultWriter>(
           ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size, opt.steps, opt.overwrite});
-      writer->write_config(describe_precision(describe_options(opt, app.options), precision_of(opt), *backend),
-                           opt.argv);
+      nlohmann::ordered_json config = describe_options(opt, app.options);
+      config["padded_vocab"] = opt.model.padded_vocab(layout.tp);  // as embed.tok and head.w are stored
+      writer->write_config(describe_precision(config, precision_of(opt), *backend), opt.argv);
       writer->write_system(sys);
       writer->commit_header();
       json_log = std::make_unique<OutputFile>(

@@ -126,6 +126,14 @@ class Backend {
 
   // gelu_tanh, elementwise over n.
   virtual void gelu_forward(TensorPtr out, ConstTensorPtr inp, std::size_t n) = 0;
+  // A product and its activation (the MLP's fc1): pre (N, OC) = inp · weight + bias, act = gelu_tanh(pre),
+  // both kept for backward. A backend may fuse them (cuBLASLt's GELU_AUX_BIAS epilogue, which applies
+  // GELU to the fp32 sum before rounding); by default, the two ops.
+  virtual void matmul_gelu_forward(TensorPtr act, TensorPtr pre, ConstTensorPtr inp, ConstTensorPtr weight,
+                                   ConstTensorPtr bias, int N, int C, int OC) {
+    matmul_forward(pre, inp, weight, bias, N, C, OC);
+    gelu_forward(act, pre, static_cast<std::size_t>(N) * OC);
+  }
   // dinp = dout · gelu'(inp) (overwritten; dinp may alias dout).
   virtual void gelu_backward(TensorPtr dinp, ConstTensorPtr inp, ConstTensorPtr dout, std::size_t n) = 0;
 
@@ -146,25 +154,28 @@ class Backend {
   virtual void embedding_backward(TensorPtr dtok, TensorPtr dpos, ConstTensorPtr dout, const int32_t* tokens, int B,
                                   int S, int C) = 0;
 
-  // Softmax cross-entropy, fused so that only one copy of the logits exists: for each row,
-  // loss_sum[0] += scale · CE(logits_row, target) (accumulated in double), and the logits are
-  // overwritten in place by dlogits = scale · (softmax − onehot(target)).
-  // loss_sum points to one double of backend memory.
+  // Softmax cross-entropy, fused so that only one copy of the logits exists. Logits are rows of Vp
+  // values of which the first V are the vocabulary and the rest its padding (ModelConfig::
+  // padded_vocab), masked out: for each row, loss_sum[0] += scale · CE(logits_row[0..V), target)
+  // (accumulated in double), and the logits are overwritten in place by dlogits = scale · (softmax −
+  // onehot(target)) in the first V columns and 0 in the padding. loss_sum points to one double of
+  // backend memory.
   virtual void cross_entropy_forward_backward(TensorPtr logits_to_dlogits, double* loss_sum, const int32_t* targets,
-                                              int N, int V, float scale) = 0;
+                                              int N, int V, int Vp, float scale) = 0;
 
-  // Vocabulary-parallel cross-entropy (Megatron): each rank holds logits (N, V) of its vocabulary
-  // block and targets relative to it (negative when the target is another rank's). Three steps,
-  // with reductions over the tp group between them:
-  //   row_max (N)                                      → all-reduce max
+  // Vocabulary-parallel cross-entropy (Megatron): each rank holds logits (N, Vp) of its vocabulary
+  // block, V ≤ Vp of them not padding (V may be 0: a block wholly in the padding), and targets
+  // relative to it (negative when the target is another rank's). Three steps, with reductions over
+  // the tp group between them:
+  //   row_max (N)                                      → all-reduce max (−∞ for V = 0)
   //   sums (2N) = [Σ_i exp(z − max) | z_target − max]  → all-reduce sum
   //   finish: loss_sum += scale · Σ_rows (log sums − target term); logits become
-  //           dlogits = scale · (softmax − onehot).
-  virtual void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V) = 0;
+  //           dlogits = scale · (softmax − onehot), 0 in the padding.
+  virtual void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V, int Vp) = 0;
   virtual void cross_entropy_partials(float* sums, ConstTensorPtr logits, const int32_t* targets,
-                                      const float* row_max, int N, int V) = 0;
+                                      const float* row_max, int N, int V, int Vp) = 0;
   virtual void cross_entropy_finish(TensorPtr logits_to_dlogits, double* loss_sum, const int32_t* targets,
-                                    const float* row_max, const float* sums, int N, int V, float scale) = 0;
+                                    const float* row_max, const float* sums, int N, int V, int Vp, float scale) = 0;
 
   // ---- context parallelism: attention split by position over blocks of keys ----------------------
   // Queries are rows of (B, Sq) tokens and keys and values rows of (B, Sk) tokens; head j owns columns

@@ -104,7 +104,7 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& preset, int micro_ba
           {preset + ".attn_out", N, h, h},
           {preset + ".fc1", N, h, m.ffn},
           {preset + ".fc2", N, m.ffn, h},
-          {preset + ".logits", N, h, m.vocab}};
+          {preset + ".logits", N, h, static_cast<int>(m.padded_vocab())}};  // as the model stores the vocabulary
 }
 
 std::vector<GemmShape> gemm_shapes(bool accelerator) {

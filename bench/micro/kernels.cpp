@@ -56,6 +56,7 @@ struct KernelShape {
   std::string preset;
   DType dtype = DType::f32;
   int B = 0, T = 0, C = 0, heads = 0, V = 0, F = 0;  // micro-batch, sequence, hidden, heads, vocabulary, MLP width
+  int Vp = 0;  // the vocabulary as the model stores it (padded: ModelConfig::padded_vocab)
   std::size_t params = 0;                              // the preset's parameter count
   int N() const { return B * T; }                      // rows (tokens) of the micro-batch
   double e() const { return static_cast<double>(dtype_bytes(dtype)); }  // bytes per element
@@ -465,17 +466,17 @@ std::string embedding_backward_benchmark(benchmark::State& state, Backend& backe
 
 std::string cross_entropy_forward_backward_benchmark(benchmark::State& state, Backend& backend,
                                                      const KernelShape& s) {
-  const int N = s.N(), V = s.V;
+  const int N = s.N(), V = s.V, Vp = s.Vp;
   const std::vector<int32_t> host_targets = token_ids(N, V, 6);
   const float scale = 1.0f / static_cast<float>(N);  // the mean over the micro-batch's tokens
-  BackendTensor logits(backend, std::size_t(N) * V, s.dtype);  // (N, V), becomes dlogits in place
-  BackendArray<int32_t> targets(backend, N);                   // (N)
+  BackendTensor logits(backend, std::size_t(N) * Vp, s.dtype);  // (N, Vp), becomes dlogits in place
+  BackendArray<int32_t> targets(backend, N);                    // (N)
   BackendArray<double> loss_sum(backend, 1);
-  logits.upload(pattern(std::size_t(N) * V, 1));
+  logits.upload(pattern(std::size_t(N) * Vp, 1));
   targets.upload(host_targets);
   backend.zero(loss_sum.get(), sizeof(double));
 
-  backend.cross_entropy_forward_backward(logits.get(), loss_sum.get(), targets.get(), N, V, scale);
+  backend.cross_entropy_forward_backward(logits.get(), loss_sum.get(), targets.get(), N, V, Vp, scale);
   backend.synchronize();
   // Row 0's probabilities, p = dlogits / scale + onehot(target), sum to 1; the mean loss is finite and
   // positive (about log V for logits in [−1, 1)).
@@ -490,7 +491,7 @@ std::string cross_entropy_forward_backward_benchmark(benchmark::State& state, Ba
   if (!error.empty()) return error;
   // The timed calls run on the previous call's dlogits: the same arithmetic on other values.
   time_calls(state, backend, [&] {
-    backend.cross_entropy_forward_backward(logits.get(), loss_sum.get(), targets.get(), N, V, scale);
+    backend.cross_entropy_forward_backward(logits.get(), loss_sum.get(), targets.get(), N, V, Vp, scale);
   });
   return "";
 }
@@ -601,15 +602,17 @@ KernelShape kernel_shape(const std::string& preset, DType dtype) {
   s.C = m.hidden;
   s.heads = m.heads;
   s.V = m.vocab;
+  s.Vp = static_cast<int>(m.padded_vocab());
   s.F = m.ffn;
-  s.params = gpt_num_parameters(m);
+  const std::vector<UnitInfo> units = gpt_units(m);
+  s.params = units.back().offset + units.back().numel;  // as stored: with the vocabulary's padding
   return s;
 }
 
 // The kernels of one step at shape s. B micro-batch, T sequence, C hidden, NH heads, V vocabulary,
 // F MLP width (4C), N = B·T rows, P parameters, e bytes per element of the benchmark's dtype.
 std::vector<KernelCase> kernel_cases(const KernelShape& s) {
-  const double B = s.B, T = s.T, C = s.C, V = s.V, F = s.F, N = s.N(), P = static_cast<double>(s.params), e = s.e();
+  const double B = s.B, T = s.T, C = s.C, F = s.F, N = s.N(), P = static_cast<double>(s.params), e = s.e();
   const std::string tc = "B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_C" + std::to_string(s.C);
   const std::string rows = "N" + std::to_string(s.N()) + "_C";
   const std::string params = "P" + std::to_string(s.params);
@@ -630,8 +633,8 @@ std::vector<KernelCase> kernel_cases(const KernelShape& s) {
        embedding_forward_benchmark},
       {"embedding_backward", tc + "_V" + std::to_string(s.V), 0, embedding_backward_bytes(N, T, C, e),
        embedding_backward_benchmark},
-      {"cross_entropy_forward_backward", "N" + std::to_string(s.N()) + "_V" + std::to_string(s.V), 0,
-       cross_entropy_bytes(N, V, e), cross_entropy_forward_backward_benchmark},
+      {"cross_entropy_forward_backward", "N" + std::to_string(s.N()) + "_V" + std::to_string(s.Vp), 0,
+       cross_entropy_bytes(N, s.Vp, e), cross_entropy_forward_backward_benchmark},
       {"sum_squares", params, 0, sum_squares_bytes(P, e), sum_squares_benchmark},
       {"zero", params, 0, zero_bytes(P, e), zero_benchmark},
       // adamw_update in one call over every parameter (the apps update all their ranges in one call too)

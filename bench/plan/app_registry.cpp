@@ -40,6 +40,7 @@ Options app_options_of(const PlanConfig& c) {
   o.model.heads = static_cast<int>(a.heads);
   o.model.seq = static_cast<int>(a.seq);
   o.model.vocab = static_cast<int>(a.vocab);
+  o.model.vocab_divisor = static_cast<int>(a.vocab_divisor);
   o.model.ffn = static_cast<int>(a.ffn);
   o.micro_batch = c.memory.micro_batch;
   o.global_batch = static_cast<int>(c.global_batch);

@@ -679,6 +679,7 @@ PlanResult evaluate(const PlanConfig& c) {
     if (c.is_moe()) {  // the router and all E experts in every block: the plan of one ep rank holding them all
       MemoryPlan whole = m;
       plan_moe_memory(whole, c.moe, 1, c.grad_accum);
+      whole.arch.vocab_divisor = 1;  // parameters, not the vocabulary's padding
       r.parameters = 0;
       for (int64_t u : unit_parameter_counts(whole)) r.parameters += u;
     }
@@ -705,7 +706,12 @@ PlanResult evaluate(const PlanConfig& c) {
       r.per_rank = predict_memory(m);  // with m.tp and m.sequence_parallel: one tp rank's slices
     }
   }
-  r.rank_parameters = r.parameters;
+  r.stored_parameters = r.parameters;
+  if (!c.model_states_only()) {  // the vocabulary's padding: embed.tok's rows, and head.w's columns when untied
+    const ArchSpec& a = m.arch;
+    r.stored_parameters += (a.padded_vocab(m.tp) - a.vocab) * a.hidden * (a.tied_embeddings ? 1 : 2);
+  }
+  r.rank_parameters = r.stored_parameters;
   if (!c.model_states_only() && (m.tp > 1 || c.is_moe())) {
     r.rank_parameters = 0;  // tp: a rank's slices; ep: the replicated parameters and its E/ep experts
     for (int64_t u : unit_parameter_counts(m)) r.rank_parameters += u;
@@ -717,7 +723,7 @@ PlanResult evaluate(const PlanConfig& c) {
   }
   r.model_state_bytes = r.per_rank[MemCategory::parameters] + r.per_rank[MemCategory::master_parameters] +
                         r.per_rank[MemCategory::gradients] + r.per_rank[MemCategory::optimizer_states];
-  r.model_state_bytes_per_param = static_cast<double>(r.model_state_bytes) / static_cast<double>(r.parameters);
+  r.model_state_bytes_per_param = static_cast<double>(r.model_state_bytes) / static_cast<double>(r.stored_parameters);
   r.cluster_peak_total = r.per_rank.peak_total * c.ranks;
   if (c.is_pp()) {
     r.cluster_peak_total = 0;

@@ -129,13 +129,15 @@ struct CommEstimate {
 struct PlanResult {
   PlanConfig config;
   int64_t parameters = 0;                // of the whole model (ep: the router and all E experts per block)
-  int64_t rank_parameters = 0;           // a rank's slices before any sharding: P_local of tp, ep's
-                                         // replicated parameters and E/ep experts per block, P otherwise
+  int64_t stored_parameters = 0;         // parameters + the vocabulary's padding in embed.tok and head.w
+                                         // (Megatron's padded_vocab_size), what memory holds
+  int64_t rank_parameters = 0;           // a rank's slices before any sharding, as stored: P_local of tp,
+                                         // ep's replicated parameters and E/ep experts per block, P otherwise
   MemoryEstimate per_rank;               // every category and peak_total, bytes (pp: the stage of largest peak)
   std::vector<MemoryEstimate> per_stage; // --app pp: pipeline stage s's ranks (s·dp ... s·dp + dp − 1)
   int peak_stage = 0;                    // --app pp: the stage per_rank is
   int64_t model_state_bytes = 0;         // parameters + master + gradients + optimizer, one rank
-  double model_state_bytes_per_param = 0;  // model_state_bytes / parameters
+  double model_state_bytes_per_param = 0;  // model_state_bytes / stored_parameters
   int64_t cluster_peak_total = 0;        // per_rank.peak_total × ranks (every rank is alike; pp: Σ stages × dp)
   bool fit_checked = false, fits = true;
   int64_t capacity_bytes = 0, excess_bytes = 0;  // excess > 0: does not fit by that much

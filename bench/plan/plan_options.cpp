@@ -40,6 +40,7 @@ struct RawOptions {
   std::string model = "small";
   double params = 0;
   int64_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, seq = 0, vocab = 0, ffn = 0;
+  int64_t vocab_divisor = 128;
   bool gated_mlp = false, tied_embeddings = false;
   std::string app = "dp";
   int gpus = 0, nodes = 0, gpus_per_node = 8, dp = 0;
@@ -115,6 +116,9 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_option("--kv-heads", r.kv_heads, "key/value heads, grouped-query attention (default: the preset's)");
   cli->add_option("--seq", r.seq, "sequence length");
   cli->add_option("--vocab", r.vocab, "vocabulary size");
+  cli->add_option("--make-vocab-size-divisible-by", r.vocab_divisor,
+                  "store the vocabulary padded to a multiple of this × tp (Megatron-LM's option)")
+      ->capture_default_str();
   cli->add_option("--ffn", r.ffn, "MLP width (default 4·hidden, or the preset's)");
   cli->add_flag("--gated-mlp", r.gated_mlp, "SwiGLU MLP: gate and up projections of width ffn (=false to turn off)");
   cli->add_flag("--tied-embeddings", r.tied_embeddings, "the head reuses embed.tok (=false to untie)");
@@ -257,7 +261,7 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     if (c.app == "cp") reject("--params has no sequence to split: --app cp needs --model (and shape options)");
     if (c.app == "pp") reject("--params has no layers to cut into stages: --app pp needs --model (and shape options)");
     for (const char* option : {"--model", "--layers", "--hidden", "--heads", "--kv-heads", "--seq", "--vocab", "--ffn",
-                               "--gated-mlp", "--tied-embeddings"}) {
+                               "--gated-mlp", "--tied-embeddings", "--make-vocab-size-divisible-by"}) {
       if (given(option)) reject(std::string("--params replaces the model: give either --params or ") + option);
     }
     if (!(r.params >= 1 && r.params < 1e18 && r.params == std::floor(r.params))) {
@@ -285,8 +289,10 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     else if (preset.ffn == 4 * preset.hidden) a.ffn = 4 * a.hidden;
     if (given("--gated-mlp")) a.gated_mlp = r.gated_mlp;
     if (given("--tied-embeddings")) a.tied_embeddings = r.tied_embeddings;
+    a.vocab_divisor = r.vocab_divisor;
     for (auto [name, value] : {std::pair{"--layers", a.layers}, {"--hidden", a.hidden}, {"--heads", a.heads},
-                               {"--kv-heads", a.kv_heads}, {"--seq", a.seq}, {"--vocab", a.vocab}, {"--ffn", a.ffn}}) {
+                               {"--kv-heads", a.kv_heads}, {"--seq", a.seq}, {"--vocab", a.vocab}, {"--ffn", a.ffn},
+                               {"--make-vocab-size-divisible-by", a.vocab_divisor}}) {
       require_positive(name, value);
     }
     if (a.hidden % a.heads != 0) {

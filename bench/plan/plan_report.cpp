@@ -191,7 +191,11 @@ std::string header(const PlanResult& r) {
   } else {
     out += "parabench-plan: " + c.model + ", " + with_separators(r.parameters) + " parameters (" +
            short_count(r.parameters) + ")";
-    if (r.rank_parameters != r.parameters) {
+    if (r.stored_parameters != r.parameters) {
+      out += ", " + with_separators(r.stored_parameters) + " stored (the vocabulary padded to " +
+             std::to_string(c.memory.arch.padded_vocab(c.memory.tp)) + ")";
+    }
+    if (r.rank_parameters != r.stored_parameters) {
       out += ", " + with_separators(r.rank_parameters) + " (" + short_count(r.rank_parameters) + ") per " +
              (c.is_moe() ? "rank (replicated + its experts)"
               : c.is_pp() ? "rank of stage " + std::to_string(r.peak_stage) + " (the largest peak)"
@@ -497,6 +501,8 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
     j["kv_heads"] = a.kv_heads;
     j["ffn"] = a.ffn;
     j["vocab"] = a.vocab;
+    j["make_vocab_size_divisible_by"] = a.vocab_divisor;
+    j["padded_vocab"] = a.padded_vocab(c.memory.tp);
     j["seq"] = a.seq;
     j["gated_mlp"] = a.gated_mlp;
     j["tied_embeddings"] = a.tied_embeddings;
@@ -643,6 +649,7 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
     p["swept"] = swept;
     p["config"] = config_json(c);
     p["num_parameters"] = r.parameters;
+    p["num_stored_parameters"] = r.stored_parameters;
     p["rank_parameters"] = r.rank_parameters;
     nlohmann::ordered_json per_rank, cluster;
     for (MemCategory cat : all_mem_categories()) {

@@ -49,7 +49,7 @@ SearchResult search_layouts(const PlanConfig& base) {
   const ArchSpec& a = base.memory.arch;
   const int ranks = base.ranks, L = static_cast<int>(a.layers);
   for (int tp = 1; tp <= base.gpus_per_node; tp *= 2) {
-    if (!divides(tp, a.heads) || !divides(tp, a.kv_heads) || !divides(tp, a.ffn) || !divides(tp, a.vocab)) continue;
+    if (!divides(tp, a.heads) || !divides(tp, a.kv_heads) || !divides(tp, a.ffn)) continue;
     for (int cp = 1; cp <= (base.calibration ? 1 : 32); cp *= 2) {  // a calibration times cp 1 only
       if (!divides(2 * cp, a.seq) || !divides(static_cast<int64_t>(tp) * cp, ranks)) continue;
       for (int pp = 1; pp <= L; ++pp) {

@@ -38,7 +38,8 @@ std::vector<KernelCall> rank_step_kernels(const PlanConfig& c, const std::vector
   const int64_t b = m.micro_batch, S = a.seq, h = a.hidden, L = a.layers;
   const int64_t N = b * S;                               // tokens of a micro-batch
   const int64_t R = m.sequence_parallel ? N / t : N;     // rows of the residual stream on this rank
-  const int64_t hl = h / t, qkv = a.qkv_width() / t, f_in = a.mlp_in_width() / t, fl = a.ffn / t, Vl = a.vocab / t;
+  const int64_t hl = h / t, qkv = a.qkv_width() / t, f_in = a.mlp_in_width() / t, fl = a.ffn / t,
+                Vl = a.padded_vocab(t) / t;  // this rank's block of the padded vocabulary
   const double micro = static_cast<double>(c.grad_accum);  // micro-batches per step
   const bool full = m.recompute == "full";
   const bool selective_again = m.recompute == "selective" && m.attention_keeps_probabilities;

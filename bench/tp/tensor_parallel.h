@@ -51,8 +51,9 @@ struct TpOptions {
 };
 // --tp and --sequence-parallel, with their defaults and help.
 void add_tp_options(CLI::App& cli, TpOptions& tp);
-// Their rules (throws ConfigError naming the option): tp ≥ 1 dividing heads, FFN and vocabulary, and,
-// with sequence parallelism, a rank's tokens of a micro-batch (micro-batch × seq / cp).
+// Their rules (throws ConfigError naming the option): tp ≥ 1 dividing heads and FFN (the vocabulary
+// is padded to a multiple of tp), and, with sequence parallelism, a rank's tokens of a micro-batch
+// (micro-batch × seq / cp).
 void validate_tp_options(const TpOptions& tp, const Options& options, int cp = 1);
 
 // A plan's slicing under --tp and --sequence-parallel (what predict_memory and the planner's collectives

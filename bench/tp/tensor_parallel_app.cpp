@@ -36,7 +36,6 @@ void validate_tp_options(const TpOptions& t, const Options& o, int cp) {
   if (tp < 1) throw ConfigError("--tp " + std::to_string(tp) + " must be at least 1");
   require_divisible("--heads", o.model.heads, tp);
   require_divisible("--ffn", o.model.ffn, tp);
-  require_divisible("--vocab", o.model.vocab, tp, " (the vocabulary is split, not padded)");
   if (t.sequence_parallel) {
     // A rank's tokens of a micro-batch: each sequence's S / cp with context parallelism.
     const long long tokens = static_cast<long long>(o.micro_batch) * (o.model.seq / cp);

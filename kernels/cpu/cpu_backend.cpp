@@ -17,6 +17,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -436,10 +437,16 @@ void embedding_backward_kernel(Tok* dtok, Pos* dpos, const T* dout, const int32_
   }
 }
 
-// The fused cross-entropy on rows of fp32 logits in place; bf16 rows are widened into a row of fp32
-// first and rounded back at the end.
+// The vocabulary's padding of a row of dlogits (columns V..Vp−1): no gradient.
 template <typename T>
-void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const int32_t* targets, int N, int V,
+void zero_padding(T* zrow, int V, int Vp) {
+  std::fill(zrow + V, zrow + Vp, T{});
+}
+
+// The fused cross-entropy on rows of fp32 logits in place (Vp apart, the first V of each the
+// vocabulary); bf16 rows are widened into a row of fp32 first and rounded back at the end.
+template <typename T>
+void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const int32_t* targets, int N, int V, int Vp,
                                            float scale) {
   std::vector<double> row_loss(N);
 #pragma omp parallel
@@ -447,7 +454,7 @@ void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const in
     std::vector<float> row(is_fp32<T> ? 0 : V);
 #pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
-      T* zrow = logits + static_cast<std::size_t>(n) * V;
+      T* zrow = logits + static_cast<std::size_t>(n) * Vp;
       float* z = accumulator_row(zrow, row.data());
       if constexpr (!is_fp32<T>) cpu::fp32_row(zrow, V, z);  // bf16: the row widened, then as fp32
       float maxv = z[0];
@@ -466,6 +473,7 @@ void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const in
       for (int i = 0; i < V; ++i) z[i] *= inv;
       z[target] -= scale;
       finish_row(zrow, z, V);
+      zero_padding(zrow, V, Vp);
     }
   }
   double total = 0.0;  // summed in row order for reproducibility
@@ -474,25 +482,25 @@ void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const in
 }
 
 template <typename T>
-void cross_entropy_row_max_kernel(float* row_max, const T* logits, int N, int V) {
+void cross_entropy_row_max_kernel(float* row_max, const T* logits, int N, int V, int Vp) {
 #pragma omp parallel for schedule(static)
   for (int n = 0; n < N; ++n) {
-    const T* z = logits + static_cast<std::size_t>(n) * V;
-    float m = load(z[0]);
-    for (int i = 1; i < V; ++i) m = std::max(m, load(z[i]));
+    const T* z = logits + static_cast<std::size_t>(n) * Vp;
+    float m = -std::numeric_limits<float>::infinity();  // a block wholly in the padding: −∞
+    for (int i = 0; i < V; ++i) m = std::max(m, load(z[i]));
     row_max[n] = m;
   }
 }
 
 template <typename T>
 void cross_entropy_partials_kernel(float* sums, const T* logits, const int32_t* targets, const float* row_max, int N,
-                                   int V) {
+                                   int V, int Vp) {
 #pragma omp parallel
   {
     std::vector<float> row(is_fp32<T> ? 0 : V);  // bf16: the row widened, summed as an fp32 one
 #pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
-      const float* z = cpu::fp32_row(logits + static_cast<std::size_t>(n) * V, V, row.data());
+      const float* z = cpu::fp32_row(logits + static_cast<std::size_t>(n) * Vp, V, row.data());
       const float m = row_max[n];
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -505,14 +513,14 @@ void cross_entropy_partials_kernel(float* sums, const T* logits, const int32_t* 
 
 template <typename T>
 void cross_entropy_finish_kernel(T* logits, double* loss_sum, const int32_t* targets, const float* row_max,
-                                 const float* sums, int N, int V, float scale) {
+                                 const float* sums, int N, int V, int Vp, float scale) {
   std::vector<double> row_loss(N);
 #pragma omp parallel
   {
     std::vector<float> row(is_fp32<T> ? 0 : V);
 #pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
-      T* zrow = logits + static_cast<std::size_t>(n) * V;
+      T* zrow = logits + static_cast<std::size_t>(n) * Vp;
       float* z = accumulator_row(zrow, row.data());
       const float m = row_max[n], inv = scale / sums[n];
       // CE = log Σ exp(z − max) − (z_target − max), with the sums over every rank's vocabulary block
@@ -521,6 +529,7 @@ void cross_entropy_finish_kernel(T* logits, double* loss_sum, const int32_t* tar
       for (int i = 0; i < V; ++i) z[i] = exp_approx(load(zrow[i]) - m) * inv;
       if (targets[n] >= 0) z[targets[n]] -= scale;
       finish_row(zrow, z, V);
+      zero_padding(zrow, V, Vp);
     }
   }
   double total = 0.0;
@@ -764,29 +773,29 @@ class CpuBackend final : public Backend {
   }
 
   // ---- loss --------------------------------------------------------------------------------------
-  void cross_entropy_forward_backward(TensorPtr logits, double* loss_sum, const int32_t* targets, int N, int V,
+  void cross_entropy_forward_backward(TensorPtr logits, double* loss_sum, const int32_t* targets, int N, int V, int Vp,
                                       float scale) override {
     cpu::dispatch([&](auto e) {
-      cross_entropy_forward_backward_kernel(logits.as<decltype(e)>(), loss_sum, targets, N, V, scale);
+      cross_entropy_forward_backward_kernel(logits.as<decltype(e)>(), loss_sum, targets, N, V, Vp, scale);
     }, logits.dtype());
   }
 
-  void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V) override {
-    cpu::dispatch([&](auto e) { cross_entropy_row_max_kernel(row_max, logits.as<decltype(e)>(), N, V); },
+  void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V, int Vp) override {
+    cpu::dispatch([&](auto e) { cross_entropy_row_max_kernel(row_max, logits.as<decltype(e)>(), N, V, Vp); },
                   logits.dtype());
   }
 
   void cross_entropy_partials(float* sums, ConstTensorPtr logits, const int32_t* targets, const float* row_max, int N,
-                              int V) override {
+                              int V, int Vp) override {
     cpu::dispatch([&](auto e) {
-      cross_entropy_partials_kernel(sums, logits.as<decltype(e)>(), targets, row_max, N, V);
+      cross_entropy_partials_kernel(sums, logits.as<decltype(e)>(), targets, row_max, N, V, Vp);
     }, logits.dtype());
   }
 
   void cross_entropy_finish(TensorPtr logits, double* loss_sum, const int32_t* targets, const float* row_max,
-                            const float* sums, int N, int V, float scale) override {
+                            const float* sums, int N, int V, int Vp, float scale) override {
     cpu::dispatch([&](auto e) {
-      cross_entropy_finish_kernel(logits.as<decltype(e)>(), loss_sum, targets, row_max, sums, N, V, scale);
+      cross_entropy_finish_kernel(logits.as<decltype(e)>(), loss_sum, targets, row_max, sums, N, V, Vp, scale);
     }, logits.dtype());
   }
 

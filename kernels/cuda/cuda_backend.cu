@@ -244,7 +244,7 @@ class CudaBackend final : public Backend {
     cublasGetVersion(cublas_, &version);
     return "bf16 operands, fp32 accumulation: cuBLAS " + std::to_string(version) +
            " (cublasGemmEx, CUDA_R_16BF operands, CUBLAS_COMPUTE_32F; bf16 tensors with a bias: cublasLtMatmul, "
-           "the bias in its epilogue)";
+           "the bias (and fc1's GELU) in its epilogue)";
   }
   bool deterministic() const override {
 #ifdef PB_WITH_CUDNN
@@ -367,7 +367,7 @@ class CudaBackend final : public Backend {
     const DType t = one_dtype("matmul_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
     // bf16 tensors with a bias: one cuBLASLt product with the bias added in its epilogue (fp32, rounded
     // once, as below), no broadcast pass and no read of out.
-    if (t == DType::bf16 && bias && lt_matmul_bias(out, inp, weight, bias, N, C, OC)) return;
+    if (t == DType::bf16 && bias && lt_matmul(out, nullptr, inp, weight, bias, N, C, OC)) return;
     if (bias) {
       with_type(t, [&](auto e) {
         using T = decltype(e);
@@ -389,6 +389,17 @@ class CudaBackend final : public Backend {
     // dweightᵀ (OC, C) += doutᵀ (OC, N) · inp (N, C)
     gemm(CUBLAS_OP_N, CUBLAS_OP_T, OC, C, N, dout, OC, inp, C, 1.0f, dweight, OC);
     if (dbias) add_column_sums(dbias, dout, N, OC);  // dbias (OC) += doutᵀ · 1
+  }
+
+  // bf16 with a bias: one cuBLASLt product, GELU applied in its epilogue to the fp32 sum plus bias, which
+  // is also written (rounded) to pre for the backward (CUBLASLT_EPILOGUE_GELU_AUX_BIAS). Otherwise, and
+  // where cuBLASLt has no algorithm for it, the product and a GELU pass.
+  void matmul_gelu_forward(TensorPtr act, TensorPtr pre, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias,
+                           int N, int C, int OC) override {
+    const DType t = one_dtype("matmul_gelu_forward",
+                              {{"act", act}, {"pre", pre}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
+    if (t == DType::bf16 && bias && lt_matmul(act, pre, inp, weight, bias, N, C, OC)) return;
+    Backend::matmul_gelu_forward(act, pre, inp, weight, bias, N, C, OC);
   }
 
   // ---- LayerNorm ---------------------------------------------------------------------------------
@@ -616,42 +627,43 @@ class CudaBackend final : public Backend {
   }
 
   // ---- loss: the logits in either dtype ----------------------------------------------------------
-  void cross_entropy_forward_backward(TensorPtr logits, double* loss_sum, const int32_t* targets, int N, int V,
+  void cross_entropy_forward_backward(TensorPtr logits, double* loss_sum, const int32_t* targets, int N, int V, int Vp,
                                       float scale) override {
     if (N == 0) return;
     double* row_loss = static_cast<double*>(scratch(sizeof(double) * N));
     with_type(logits.dtype(), [&](auto e) {
       using T = decltype(e);
-      cross_entropy_kernel<T><<<N, kThreads, 0, stream_>>>(logits.as<T>(), row_loss, targets, V, scale);
+      cross_entropy_kernel<T><<<N, kThreads, 0, stream_>>>(logits.as<T>(), row_loss, targets, V, Vp, scale);
     });
     PB_LAUNCH_CHECK();
     sum_rows(loss_sum, row_loss, N, scale);
   }
-  void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V) override {
+  void cross_entropy_row_max(float* row_max, ConstTensorPtr logits, int N, int V, int Vp) override {
     if (N == 0) return;
     with_type(logits.dtype(), [&](auto e) {
       using T = decltype(e);
-      cross_entropy_row_max_kernel<T><<<N, kThreads, 0, stream_>>>(row_max, logits.as<T>(), V);
+      cross_entropy_row_max_kernel<T><<<N, kThreads, 0, stream_>>>(row_max, logits.as<T>(), V, Vp);
     });
     PB_LAUNCH_CHECK();
   }
   void cross_entropy_partials(float* sums, ConstTensorPtr logits, const int32_t* targets, const float* row_max, int N,
-                              int V) override {
+                              int V, int Vp) override {
     if (N == 0) return;
     with_type(logits.dtype(), [&](auto e) {
       using T = decltype(e);
-      cross_entropy_partials_kernel<T><<<N, kThreads, 0, stream_>>>(sums, logits.as<T>(), targets, row_max, N, V);
+      cross_entropy_partials_kernel<T><<<N, kThreads, 0, stream_>>>(sums, logits.as<T>(), targets, row_max, N, V,
+                                                                    Vp);
     });
     PB_LAUNCH_CHECK();
   }
   void cross_entropy_finish(TensorPtr logits, double* loss_sum, const int32_t* targets, const float* row_max,
-                            const float* sums, int N, int V, float scale) override {
+                            const float* sums, int N, int V, int Vp, float scale) override {
     if (N == 0) return;
     double* row_loss = static_cast<double*>(scratch(sizeof(double) * N));
     with_type(logits.dtype(), [&](auto e) {
       using T = decltype(e);
       cross_entropy_finish_kernel<T><<<N, kThreads, 0, stream_>>>(logits.as<T>(), row_loss, targets, row_max, sums, N,
-                                                                  V, scale);
+                                                                  V, Vp, scale);
     });
     PB_LAUNCH_CHECK();
     sum_rows(loss_sum, row_loss, N, scale);
@@ -978,11 +990,14 @@ class CudaBackend final : public Backend {
 
   // outᵀ (OC, N) = weightᵀ (OC, C) · inpᵀ (C, N) + bias, bf16 operands and output, fp32 accumulation
   // (CUBLAS_COMPUTE_32F), the bias (bf16) added to the fp32 sum in cuBLASLt's epilogue
-  // (CUBLASLT_EPILOGUE_BIAS) and rounded once: what the broadcast-and-β = 1 product computes. The
-  // algorithm is cuBLASLt's first heuristic choice for the shape and the operands' alignments, looked up
-  // once per shape and kept; false (the caller then takes the cublasGemmEx path) when there is none.
-  bool lt_matmul_bias(TensorPtr out, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias, int N, int C,
-                      int OC) {
+  // (CUBLASLT_EPILOGUE_BIAS) and rounded once: what the broadcast-and-β = 1 product computes. With gelu_pre,
+  // out = gelu_tanh(sum + bias) and gelu_pre = sum + bias, both rounded once from fp32
+  // (CUBLASLT_EPILOGUE_GELU_AUX_BIAS; its auxiliary output needs 16-byte alignment and a leading
+  // dimension divisible by 8). The algorithm is cuBLASLt's first heuristic choice for the shape, the
+  // epilogue and the operands' alignments, looked up once per shape and kept; false (the caller then
+  // takes the unfused path) when there is none.
+  bool lt_matmul(TensorPtr out, TensorPtr gelu_pre, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias,
+                 int N, int C, int OC) {
     if (N == 0 || C == 0 || OC == 0) return false;
     const auto alignment = [](const void* p) {
       const auto address = reinterpret_cast<std::uintptr_t>(p);
@@ -990,8 +1005,10 @@ class CudaBackend final : public Backend {
       while (a > 2 && address % a != 0) a /= 2;
       return a;
     };
+    const bool gelu = static_cast<bool>(gelu_pre);
+    if (gelu && (alignment(gelu_pre.data()) < 16 || OC % 8 != 0)) return false;
     const LtKey key{N, C, OC, alignment(weight.data()), alignment(inp.data()), alignment(out.data()),
-                    alignment(bias.data())};
+                    alignment(bias.data()), gelu};
     auto hit = lt_plans_.find(key);
     if (hit == lt_plans_.end()) hit = lt_plans_.emplace(key, lt_plan(key)).first;
     LtPlan& plan = *hit->second;
@@ -999,6 +1016,11 @@ class CudaBackend final : public Backend {
     const void* bias_ptr = bias.data();
     PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,
                                                    sizeof(bias_ptr)));
+    if (gelu) {
+      void* aux = gelu_pre.data();
+      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
+                                                     sizeof(aux)));
+    }
     const float alpha = 1.0f, beta = 0.0f;
     void* workspace = plan.workspace_bytes > 0 ? reserve(lt_workspace_, plan.workspace_bytes) : nullptr;
     PB_CUBLAS_CHECK(cublasLtMatmul(cublaslt_, plan.desc, &alpha, weight.data(), plan.a, inp.data(), plan.b, &beta,
@@ -1006,8 +1028,9 @@ class CudaBackend final : public Backend {
                                    plan.workspace_bytes, stream_));
     return true;
   }
-  // A product's shape (N, C, OC) and the alignments in bytes of weight, inp, out and bias.
-  using LtKey = std::tuple<int, int, int, std::uint32_t, std::uint32_t, std::uint32_t, std::uint32_t>;
+  // A product's shape (N, C, OC), the alignments in bytes of weight, inp, out and bias, and whether the
+  // epilogue applies GELU (keeping the pre-activation).
+  using LtKey = std::tuple<int, int, int, std::uint32_t, std::uint32_t, std::uint32_t, std::uint32_t, bool>;
   struct LtPlan {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
@@ -1023,18 +1046,26 @@ class CudaBackend final : public Backend {
   };
   static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // as PyTorch gives cuBLASLt on Hopper
   std::unique_ptr<LtPlan> lt_plan(const LtKey& key) {
-    const auto [N, C, OC, align_w, align_x, align_out, align_bias] = key;
+    const auto [N, C, OC, align_w, align_x, align_out, align_bias, gelu] = key;
     auto plan = std::make_unique<LtPlan>();
     PB_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t no = CUBLAS_OP_N;
     PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &no, sizeof(no)));
     PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof(no)));
-    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    const cublasLtEpilogue_t epilogue = gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS;
     PB_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
     const cudaDataType_t bias_type = CUDA_R_16BF;
     PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                                    sizeof(bias_type)));
+    if (gelu) {  // the pre-activation: bf16, laid out as D (column-major OC × N, ld OC)
+      const int64_t aux_ld = OC;
+      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
+                                                     sizeof(aux_ld)));
+      const cudaDataType_t aux_type = CUDA_R_16BF;
+      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE,
+                                                     &aux_type, sizeof(aux_type)));
+    }
     // column-major: A = weightᵀ (OC, C), ld OC; B = inpᵀ (C, N), ld C; D = outᵀ (OC, N), ld OC
     PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, OC, C, OC));
     PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, C, N, C));

@@ -395,10 +395,11 @@ __device__ SoftmaxStat block_softmax_stat(SoftmaxStat v) {
 }
 
 // The logits in either type, overwritten by their gradient in it; statistics and losses in fp32 (double).
+// Rows are Vp apart, their first V columns the vocabulary and the rest its padding (gradient 0).
 // Two passes over the row: the statistics in one (online), then the gradient.
 template <typename T>
-__global__ void cross_entropy_kernel(T* logits, double* row_loss, const int32_t* targets, int V, float scale) {
-  T* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+__global__ void cross_entropy_kernel(T* logits, double* row_loss, const int32_t* targets, int V, int Vp, float scale) {
+  T* z = logits + static_cast<std::size_t>(blockIdx.x) * Vp;
   const int target = targets[blockIdx.x];
   SoftmaxStat stat{-INFINITY, 0.0f};
   for (int i = threadIdx.x; i < V; i += blockDim.x) stat = softmax_add(stat, to_float(z[i]));
@@ -408,14 +409,14 @@ __global__ void cross_entropy_kernel(T* logits, double* row_loss, const int32_t*
   __syncthreads();
   if (threadIdx.x == 0) row_loss[blockIdx.x] = log(static_cast<double>(sum)) - static_cast<double>(target_shifted);
   const float inv = scale / sum;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    z[i] = from_float<T>(expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f));
+  for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+    z[i] = from_float<T>(i < V ? expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f) : 0.0f);
   }
 }
 
 template <typename T>
-__global__ void cross_entropy_row_max_kernel(float* row_max, const T* logits, int V) {
-  const T* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+__global__ void cross_entropy_row_max_kernel(float* row_max, const T* logits, int V, int Vp) {
+  const T* z = logits + static_cast<std::size_t>(blockIdx.x) * Vp;
   float m = -INFINITY;
   for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(z[i]));
   m = block_reduce<float, true>(m);
@@ -424,9 +425,9 @@ __global__ void cross_entropy_row_max_kernel(float* row_max, const T* logits, in
 
 template <typename T>
 __global__ void cross_entropy_partials_kernel(float* sums, const T* logits, const int32_t* targets,
-                                              const float* row_max, int N, int V) {
+                                              const float* row_max, int N, int V, int Vp) {
   const int n = blockIdx.x;
-  const T* z = logits + static_cast<std::size_t>(n) * V;
+  const T* z = logits + static_cast<std::size_t>(n) * Vp;
   const float m = row_max[n];
   float sum = 0.0f;
   for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - m);
@@ -439,14 +440,14 @@ __global__ void cross_entropy_partials_kernel(float* sums, const T* logits, cons
 
 template <typename T>
 __global__ void cross_entropy_finish_kernel(T* logits, double* row_loss, const int32_t* targets, const float* row_max,
-                                            const float* sums, int N, int V, float scale) {
+                                            const float* sums, int N, int V, int Vp, float scale) {
   const int n = blockIdx.x;
-  T* z = logits + static_cast<std::size_t>(n) * V;
+  T* z = logits + static_cast<std::size_t>(n) * Vp;
   const float m = row_max[n], inv = scale / sums[n];
   const int target = targets[n];
   if (threadIdx.x == 0) row_loss[n] = log(static_cast<double>(sums[n])) - static_cast<double>(sums[N + n]);
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    z[i] = from_float<T>(expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f));
+  for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+    z[i] = from_float<T>(i < V ? expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f) : 0.0f);
   }
 }
 

@@ -199,9 +199,18 @@ def parse_result_line():
     return parse
 
 
-def gpt_num_parameters(layers, hidden, seq, vocab, ffn=None):
-    """Parameters of the reference model (SPEC section 2): embeddings, L blocks, final LayerNorm, head."""
-    h, f, L, S, V = hidden, ffn or 4 * hidden, layers, seq, vocab
+def padded_vocab(vocab, tp=1, divisor=128):
+    """The vocabulary as embed.tok and head.w store it (SPEC 2, Megatron-LM's make-vocab-size-divisible-by):
+    the smallest multiple of divisor · tp that is at least vocab."""
+    multiple = divisor * tp
+    return -(-vocab // multiple) * multiple
+
+
+def gpt_num_parameters(layers, hidden, seq, vocab, ffn=None, padded=True):
+    """Parameters of the reference model (SPEC section 2): embeddings, L blocks, final LayerNorm, head;
+    as stored (the vocabulary padded, what memory holds and collectives move), or the model's."""
+    h, f, L, S = hidden, ffn or 4 * hidden, layers, seq
+    V = padded_vocab(vocab) if padded else vocab
     per_layer = (2 * h                    # ln1
                  + 3 * h * h + 3 * h      # attn.qkv
                  + h * h + h              # attn.out

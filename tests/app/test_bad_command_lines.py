@@ -64,6 +64,8 @@ BAD_SENTINELS = [
     ("heads-zero", ["--heads", "0"], "--heads"),
     ("seq-zero", ["--seq", "0"], "--seq"),
     ("vocab-zero", ["--vocab", "0"], "--vocab"),
+    ("vocab-divisor-zero", ["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by"),
+    ("vocab-divisor-too-large", ["--make-vocab-size-divisible-by", "2000000000"], "--make-vocab-size-divisible-by"),
     ("ffn-zero", ["--ffn", "0"], "--ffn"),
     ("global-batch-zero", ["--global-batch", "0"], "--global-batch"),
     ("dp-zero", ["--dp", "0"], "--dp"),

@@ -16,7 +16,7 @@ softmax statistics, the loss and the optimizer in fp32; collectives in the dtype
 import numpy as np
 import pytest
 
-from conftest import gpt_num_parameters
+from conftest import padded_vocab, gpt_num_parameters
 
 STEPS = 10
 MICRO = 1
@@ -127,7 +127,7 @@ def test_no_shard_model_state_is_18_or_16_bytes_per_parameter(app, ranks, extra,
 def test_full_shard_model_state_per_padded_shard(cached_run):
     """FULL_SHARD over 4 ranks: every state sharded, each unit padded to a multiple of 4 elements."""
     got = cached_run("fsdp", 4, run_args("bf16", ["--shard", "FULL_SHARD"]))
-    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], SHAPE["vocab"], SHAPE["seq"], SHAPE["layers"]
+    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], padded_vocab(SHAPE["vocab"]), SHAPE["seq"], SHAPE["layers"]
     units = [V * h + S * h] + [2 * h + 3 * h * h + 3 * h + h * h + h + 2 * h + h * f + f + f * h + h] * L + [2 * h + h * V]
     shard = sum(-(-u // 4) for u in units)
     m = got["measured"]

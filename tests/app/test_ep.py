@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import assert_memory_matches_prediction, check_rejected
+from conftest import padded_vocab, assert_memory_matches_prediction, check_rejected
 
 COMM_OPS = ["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send", "recv", "broadcast"]
 STEPS = 10
@@ -64,8 +64,8 @@ def capacity(E, k, cf):
 
 def params(E, ep):
     """Replicated parameters (embedding, per block the LayerNorms, attention and router, the head) and
-    this rank's experts' parameters."""
-    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], SHAPE["vocab"], SHAPE["seq"], SHAPE["layers"]
+    this rank's experts' parameters, as stored (the vocabulary padded, SPEC 2)."""
+    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], padded_vocab(SHAPE["vocab"]), SHAPE["seq"], SHAPE["layers"]
     replicated = V * h + S * h + L * (4 * h + 3 * h * h + 3 * h + h * h + h + h * E) + 2 * h + h * V
     experts = L * (E // ep) * (2 * h * f + f + h)
     return replicated, experts

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import MODEL_STATES, check_rejected
+from conftest import padded_vocab, MODEL_STATES, check_rejected
 
 STEPS = 3
 WARMUP = 1
@@ -139,8 +139,9 @@ def test_reference_learns(reference):
 def unit_parameters(layout):
     """This tp rank's parameters of each unit (embedding, blocks, head), and of each block its replicated part
     and its experts (MoE: attention sliced, experts whole on every tp rank)."""
-    h, f, V, S, L = (SHAPE[k] for k in ("hidden", "ffn", "vocab", "seq", "layers"))
+    h, f, S, L = (SHAPE[k] for k in ("hidden", "ffn", "seq", "layers"))
     t = layout.tp
+    V = padded_vocab(SHAPE["vocab"], t)  # as stored: a multiple of 128 · tp (SPEC 2)
     embed = V // t * h + S * h
     attention = 2 * h + h * 3 * h // t + 3 * h // t + h // t * h + h + 2 * h  # ln1, qkv, out, ln2
     if layout.moe:

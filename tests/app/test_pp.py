@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MODEL_STATES, assert_memory_matches_prediction, check_rejected
+from conftest import padded_vocab, MODEL_STATES, assert_memory_matches_prediction, check_rejected
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "pp"))
 import bubble_replay  # noqa: E402
@@ -108,8 +108,9 @@ def reference(cached_run):
 # ---- the model's units and the stages that hold them ------------------------------------------------------
 
 def unit_parameters(unit):
-    """Unit 0 the embeddings, 1..L the blocks, L + 1 the final LayerNorm and the head (SPEC 2)."""
-    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], SHAPE["vocab"], SHAPE["seq"], SHAPE["layers"]
+    """Unit 0 the embeddings, 1..L the blocks, L + 1 the final LayerNorm and the head (SPEC 2), as stored
+    (the vocabulary padded)."""
+    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], padded_vocab(SHAPE["vocab"]), SHAPE["seq"], SHAPE["layers"]
     if unit == 0:
         return V * h + S * h
     if unit == L + 1:

@@ -13,9 +13,12 @@ tensor parallelism (Megatron-LM) with optional sequence parallelism, combined wi
   measured and predicted;
 * configurations that cannot be split exit 2 promptly, naming the option, once.
 
-The shape is awkward on purpose: one head per rank at tp 4, h/tp = 6, ffn/tp = 25 and vocab/tp = 17
-(odd), ffn ≠ 4h, and at tp 4 with sequence parallelism a sequence shard of 6 or 3 rows does not start
-at a sample boundary.
+The shape is awkward on purpose: one head per rank at tp 4, h/tp = 6, ffn/tp = 25, ffn ≠ 4h, and at
+tp 4 with sequence parallelism a sequence shard of 6 or 3 rows does not start at a sample boundary.
+The vocabulary, 67, divides by no tp: padded as by default (SPEC 2: a multiple of 128 · tp) every rank
+but the first holds only padding; padded to a multiple of tp alone (`--make-vocab-size-divisible-by
+1`, the "unpadded" layouts) the blocks are 34 or 17 wide (odd) and the last rank's ends in one padding
+column.
 """
 
 import math
@@ -23,20 +26,21 @@ import math
 import numpy as np
 import pytest
 
-from conftest import check_rejected, MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
+from conftest import padded_vocab, check_rejected, MODEL_STATES, OTHER_CATEGORIES, assert_memory_matches_prediction
 
 COMM_OPS = ["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send", "recv", "broadcast"]
 STEPS = 10
 GLOBAL_BATCH = 4
 RTOL = 1e-5
 F32 = 4  # bytes
-SHAPE = dict(layers=2, hidden=24, heads=4, seq=12, vocab=68, ffn=100)
+SHAPE = dict(layers=2, hidden=24, heads=4, seq=12, vocab=67, ffn=100)
 SHAPE_ARGS = [a for k, v in SHAPE.items() for a in (f"--{k}", v)]
 
 
 class Layout:
-    def __init__(self, layout_id, ranks, tp, micro, sp, recompute="none"):
+    def __init__(self, layout_id, ranks, tp, micro, sp, recompute="none", divisor=128):
         self.id, self.ranks, self.tp, self.micro, self.sp, self.recompute = layout_id, ranks, tp, micro, sp, recompute
+        self.divisor = divisor  # --make-vocab-size-divisible-by
         self.dp = ranks // tp
         self.accum = GLOBAL_BATCH // (self.dp * micro)
 
@@ -47,6 +51,8 @@ class Layout:
             args.append("--sequence-parallel")
         if self.recompute != "none":
             args += ["--recompute", self.recompute]
+        if self.divisor != 128:
+            args += ["--make-vocab-size-divisible-by", self.divisor]
         return args
 
 
@@ -67,6 +73,8 @@ LAYOUTS = [
     Layout("tp2xdp2-sp-accum2", 4, 2, 1, True),
     Layout("tp2-sp-recompute-selective", 2, 2, 4, True, "selective"),
     Layout("tp2-sp-recompute-full", 2, 2, 4, True, "full"),
+    Layout("tp4-unpadded", 4, 4, 4, False, divisor=1),
+    Layout("tp2xdp2-sp-unpadded", 4, 2, 2, True, divisor=1),
 ]
 BY_ID = {layout.id: layout for layout in LAYOUTS}
 LAYOUT_IDS = list(BY_ID)
@@ -74,13 +82,16 @@ NO_RECOMPUTE_IDS = [layout.id for layout in LAYOUTS if layout.recompute == "none
 # (without, with --sequence-parallel): the same layout otherwise
 SP_PAIRS = [(i, f"{i.split('-')[0]}-sp" + i[len(i.split('-')[0]):]) for i in NO_RECOMPUTE_IDS
             if not BY_ID[i].sp and BY_ID[i].tp > 1]
+SP_PAIRS = [(i, j) for i, j in SP_PAIRS if j in BY_ID]
 
 
-def p_local(tp):
+def p_local(tp, divisor=128):
     """Parameters of one tp rank (bench/tp/README.md): the vocabulary-parallel embedding, the position
     table, per block the LayerNorms (whole), qkv column-parallel, out row-parallel (bias whole), fc1
-    column-parallel, fc2 row-parallel (bias whole), then the final LayerNorm and the column-parallel head."""
-    h, f, V, S, L = SHAPE["hidden"], SHAPE["ffn"], SHAPE["vocab"], SHAPE["seq"], SHAPE["layers"]
+    column-parallel, fc2 row-parallel (bias whole), then the final LayerNorm and the column-parallel head;
+    the vocabulary as stored, padded to a multiple of divisor · tp (SPEC 2)."""
+    h, f, S, L = SHAPE["hidden"], SHAPE["ffn"], SHAPE["seq"], SHAPE["layers"]
+    V = padded_vocab(SHAPE["vocab"], tp, divisor)
     block = 4 * h + h * 3 * h // tp + 3 * h // tp + h // tp * h + h + h * f // tp + f // tp + f // tp * h + h
     return V // tp * h + S * h + L * block + 2 * h + h * V // tp
 
@@ -107,13 +118,16 @@ def test_shape_is_awkward(num_params):
     h, f, V = SHAPE["hidden"], SHAPE["ffn"], SHAPE["vocab"]
     assert f != 4 * h
     for tp in (2, 4):
-        assert SHAPE["heads"] % tp == 0 and f % tp == 0 and V % tp == 0
-    assert (f // 4) % 2 and (V // 4) % 2 and SHAPE["heads"] // 4 == 1
+        assert SHAPE["heads"] % tp == 0 and f % tp == 0 and V % tp != 0
+    assert (f // 4) % 2 and padded_vocab(V, 4, 1) // 4 % 2 and SHAPE["heads"] // 4 == 1
+    assert padded_vocab(V, 2) == 256 and padded_vocab(V, 4) == 512 and padded_vocab(V, 4, 1) == 68
     assert p_local(1) == num_params(SHAPE["layers"], h, SHAPE["seq"], V, f)
-    # the sliced parameters add up to the whole model; the whole ones are held by every tp rank
+    # the sliced parameters add up to the whole model as stored at that tp; the whole ones are held by
+    # every tp rank
     whole = SHAPE["seq"] * h + SHAPE["layers"] * (4 * h + 2 * h) + 2 * h
-    for tp in (2, 4):
-        assert tp * (p_local(tp) - whole) + whole == p_local(1), tp
+    for tp, divisor in ((2, 128), (4, 128), (4, 1)):
+        stored = p_local(1) + 2 * h * (padded_vocab(V, tp, divisor) - padded_vocab(V))
+        assert tp * (p_local(tp, divisor) - whole) + whole == stored, (tp, divisor)
 
 
 def test_reference_is_sane(reference):
@@ -196,7 +210,7 @@ def expected_comm(layout):
                 nbytes["all_reduce"] += m * 2 * L * F32 * N * h
     if layout.dp > 1:
         calls["all_reduce"] += 1
-        nbytes["all_reduce"] += F32 * p_local(tp)
+        nbytes["all_reduce"] += F32 * p_local(tp, layout.divisor)
     return ({op: STEPS * v for op, v in calls.items()}, {op: STEPS * v for op, v in nbytes.items()})
 
 
@@ -224,7 +238,7 @@ def test_model_states_are_this_ranks_slices(layout_id, layout_run):
     """fp32: parameters and gradients 4·P_local, AdamW m and v 8·P_local, no master copy, on every rank."""
     layout = BY_ID[layout_id]
     run = layout_run(layout_id)
-    P = p_local(layout.tp)
+    P = p_local(layout.tp, layout.divisor)
     expected = {"parameters": F32 * P, "gradients": F32 * P, "optimizer_states": 2 * F32 * P, "master_parameters": 0}
     for kind in ("measured", "predicted"):
         for cat, value in expected.items():
@@ -283,7 +297,6 @@ def test_recompute_lowers_activations_with_sequence_parallelism(layout_run):
 # (id, ranks, arguments after --model tiny --steps 2 --warmup 1, what stderr must name)
 BAD = [
     ("heads-not-divisible", 3, ["--tp", "3"], ["--heads 4", "--tp 3"]),
-    ("vocab-not-divisible", 2, ["--vocab", "255", "--tp", "2"], ["--vocab 255", "--tp 2"]),
     ("ffn-not-divisible", 4, ["--ffn", "250", "--tp", "4"], ["--ffn 250", "--tp 4"]),
     ("sp-tokens-not-divisible", 4, ["--seq", "30", "--tp", "4", "--sequence-parallel"], ["--seq", "--tp 4"]),
     ("sp-micro-batch-tokens-not-divisible", 4, ["--seq", "6", "--micro-batch", "1", "--global-batch", "2",

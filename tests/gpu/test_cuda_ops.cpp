@@ -595,14 +595,15 @@ TEST_F(CudaOps, EmbeddingForwardAndBackward) {
 }
 
 TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
-  for (auto [N, V] : {std::pair{34, 67}, std::pair{64, 50257}}) {
-    const std::string shape = std::to_string(N) + "x" + std::to_string(V);
+  // Rows Vp apart: the vocabulary padded as the model stores it (50257 → 50304).
+  for (auto [N, V, Vp] : {std::tuple{34, 67, 67}, std::tuple{64, 50257, 50304}}) {
+    const std::string shape = std::to_string(N) + "x" + std::to_string(V) + "/" + std::to_string(Vp);
     std::vector<int32_t> targets(N);
     std::uniform_int_distribution<int32_t> t(0, V - 1);
     for (int32_t& x : targets) x = t(rng_);
     int32_t* tc = put_tokens(*cpu_, targets);
     int32_t* tg = put_tokens(*gpu_, targets);
-    FVec z = random(std::size_t(N) * V, -8.0f, 8.0f);
+    FVec z = random(std::size_t(N) * Vp, -8.0f, 8.0f);
     z[5] = 120.0f;  // one dominant logit: the other probabilities underflow
     const float scale = 1.0f / (3.0f * N);
     auto loss_on = [&](Backend& be, double initial) {
@@ -619,8 +620,8 @@ TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
     Twin logits = put(z);
     double* lc = loss_on(*cpu_, 0.25);
     double* lg = loss_on(*gpu_, 0.25);  // accumulated into
-    cpu_->cross_entropy_forward_backward(logits.cpu, lc, tc, N, V, scale);
-    gpu_->cross_entropy_forward_backward(logits.gpu, lg, tg, N, V, scale);
+    cpu_->cross_entropy_forward_backward(logits.cpu, lc, tc, N, V, Vp, scale);
+    gpu_->cross_entropy_forward_backward(logits.gpu, lg, tg, N, V, Vp, scale);
     expect_close(logits, "cross_entropy dlogits " + shape);
     EXPECT_NEAR(read_loss(*cpu_, lc), read_loss(*gpu_, lg), 1e-6 * std::abs(read_loss(*cpu_, lc))) << shape;
 
@@ -630,16 +631,16 @@ TEST_F(CudaOps, CrossEntropyFusedAndVocabularyParallel) {
     tc = put_tokens(*cpu_, targets);
     tg = put_tokens(*gpu_, targets);
     Twin logits2 = put(z), row_max = poisoned(N), sums = poisoned(2 * std::size_t(N));
-    cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V);
-    gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V);
+    cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V, Vp);
+    gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V, Vp);
     expect_close(row_max, "cross_entropy_row_max " + shape);
-    cpu_->cross_entropy_partials(sums.cpu, logits2.cpu, tc, row_max.cpu, N, V);
-    gpu_->cross_entropy_partials(sums.gpu, logits2.gpu, tg, row_max.gpu, N, V);
+    cpu_->cross_entropy_partials(sums.cpu, logits2.cpu, tc, row_max.cpu, N, V, Vp);
+    gpu_->cross_entropy_partials(sums.gpu, logits2.gpu, tg, row_max.gpu, N, V, Vp);
     expect_close(sums, "cross_entropy_partials " + shape);
     double* lc2 = loss_on(*cpu_, 0.0);
     double* lg2 = loss_on(*gpu_, 0.0);
-    cpu_->cross_entropy_finish(logits2.cpu, lc2, tc, row_max.cpu, sums.cpu, N, V, scale);
-    gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, scale);
+    cpu_->cross_entropy_finish(logits2.cpu, lc2, tc, row_max.cpu, sums.cpu, N, V, Vp, scale);
+    gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, Vp, scale);
     expect_close(logits2, "cross_entropy_finish dlogits " + shape);
     EXPECT_NEAR(read_loss(*cpu_, lc2), read_loss(*gpu_, lg2), 1e-6 * std::abs(read_loss(*cpu_, lc2))) << shape;
   }
@@ -865,6 +866,13 @@ TEST_F(CudaOps, Bf16TensorsMatmul) {
       cpu_->matmul_forward(out2.cpu, inp.cpu, w.cpu, nullptr, N, C, OC);
       gpu_->matmul_forward(out2.gpu, inp.gpu, w.gpu, nullptr, N, C, OC);
       expect_typed_close(out2, "matmul_forward without bias " + shape);
+      // fc1 and its GELU: fused by cuBLASLt's GELU_AUX_BIAS epilogue where OC allows (200 and 2304: a
+      // multiple of 8), the two ops otherwise; the pre-activation kept for backward either way.
+      Typed act = poisoned_typed(std::size_t(N) * OC, kBf16), pre = poisoned_typed(std::size_t(N) * OC, kBf16);
+      cpu_->matmul_gelu_forward(act.cpu, pre.cpu, inp.cpu, w.cpu, b.cpu, N, C, OC);
+      gpu_->matmul_gelu_forward(act.gpu, pre.gpu, inp.gpu, w.gpu, b.gpu, N, C, OC);
+      expect_typed_close(pre, "matmul_gelu_forward pre-activation " + shape);
+      expect_typed_close(act, "matmul_gelu_forward GELU " + shape);
 
       // backward on bf16 activations; dweight and dbias (accumulated into) in each dtype, and one of each
       Typed dout = put_bf16(random(std::size_t(N) * OC));
@@ -1190,19 +1198,20 @@ TEST_F(CudaOps, Bf16Embedding) {
 }
 
 TEST_F(CudaOps, Bf16CrossEntropy) {
-  for (auto [N, V] : {std::pair{34, 67}, std::pair{64, 50257}}) {
-    const std::string shape = std::to_string(N) + "x" + std::to_string(V);
+  // Rows Vp apart: the vocabulary padded as the model stores it (50257 → 50304).
+  for (auto [N, V, Vp] : {std::tuple{34, 67, 67}, std::tuple{64, 50257, 50304}}) {
+    const std::string shape = std::to_string(N) + "x" + std::to_string(V) + "/" + std::to_string(Vp);
     std::vector<int32_t> targets(N);
     std::uniform_int_distribution<int32_t> t(0, V - 1);
     for (int32_t& x : targets) x = t(rng_);
-    FVec z = random(std::size_t(N) * V, -8.0f, 8.0f);
+    FVec z = random(std::size_t(N) * Vp, -8.0f, 8.0f);
     z[5] = 120.0f;  // one dominant logit
     const float scale = 1.0f / (3.0f * N);
     Typed logits = put_bf16(z);
     double* lc = put_double(*cpu_, 0.25);
     double* lg = put_double(*gpu_, 0.25);
-    cpu_->cross_entropy_forward_backward(logits.cpu, lc, put_tokens(*cpu_, targets), N, V, scale);
-    gpu_->cross_entropy_forward_backward(logits.gpu, lg, put_tokens(*gpu_, targets), N, V, scale);
+    cpu_->cross_entropy_forward_backward(logits.cpu, lc, put_tokens(*cpu_, targets), N, V, Vp, scale);
+    gpu_->cross_entropy_forward_backward(logits.gpu, lg, put_tokens(*gpu_, targets), N, V, Vp, scale);
     expect_typed_close(logits, "cross_entropy dlogits " + shape);
     EXPECT_NEAR(get_double(*gpu_, lg), get_double(*cpu_, lc), kFp32Tol * std::abs(get_double(*cpu_, lc))) << shape;
 
@@ -1211,16 +1220,16 @@ TEST_F(CudaOps, Bf16CrossEntropy) {
     int32_t* tg = put_tokens(*gpu_, targets);
     Typed logits2 = put_bf16(z);
     Twin row_max = poisoned(N), sums = poisoned(2 * std::size_t(N));
-    cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V);
-    gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V);
+    cpu_->cross_entropy_row_max(row_max.cpu, logits2.cpu, N, V, Vp);
+    gpu_->cross_entropy_row_max(row_max.gpu, logits2.gpu, N, V, Vp);
     expect_close(row_max, "cross_entropy_row_max (fp32) " + shape);
-    cpu_->cross_entropy_partials(sums.cpu, logits2.cpu, tc, row_max.cpu, N, V);
-    gpu_->cross_entropy_partials(sums.gpu, logits2.gpu, tg, row_max.gpu, N, V);
+    cpu_->cross_entropy_partials(sums.cpu, logits2.cpu, tc, row_max.cpu, N, V, Vp);
+    gpu_->cross_entropy_partials(sums.gpu, logits2.gpu, tg, row_max.gpu, N, V, Vp);
     expect_close(sums, "cross_entropy_partials (fp32) " + shape);
     double* lc2 = put_double(*cpu_, 0.0);
     double* lg2 = put_double(*gpu_, 0.0);
-    cpu_->cross_entropy_finish(logits2.cpu, lc2, tc, row_max.cpu, sums.cpu, N, V, scale);
-    gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, scale);
+    cpu_->cross_entropy_finish(logits2.cpu, lc2, tc, row_max.cpu, sums.cpu, N, V, Vp, scale);
+    gpu_->cross_entropy_finish(logits2.gpu, lg2, tg, row_max.gpu, sums.gpu, N, V, Vp, scale);
     expect_typed_close(logits2, "cross_entropy_finish dlogits " + shape);
     EXPECT_NEAR(get_double(*gpu_, lg2), get_double(*cpu_, lc2), kFp32Tol * std::abs(get_double(*cpu_, lc2))) << shape;
   }

@@ -25,9 +25,16 @@ PRESETS = {"small": (4, 256, 8, 128, 4096), "gpt2-124m": (12, 768, 12, 1024, 502
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 
 
+def padded(vocab):
+    """The vocabulary as the model stores it (SPEC 2): a multiple of 128."""
+    return -(-vocab // 128) * 128
+
+
 def parameters(layers, h, seq, vocab):
-    """SPEC 2's GPT: per block two LayerNorms (2h each), qkv (3h² + 3h), attn.out (h² + h), fc1 (4h² + 4h),
-    fc2 (4h² + h); the token and position tables, the final LayerNorm and the untied head (h·V, no bias)."""
+    """SPEC 2's GPT as stored: per block two LayerNorms (2h each), qkv (3h² + 3h), attn.out (h² + h), fc1
+    (4h² + 4h), fc2 (4h² + h); the token and position tables, the final LayerNorm and the untied head (h·V,
+    no bias), the vocabulary padded."""
+    vocab = padded(vocab)
     return layers * (12 * h * h + 13 * h) + vocab * h + seq * h + 2 * h + h * vocab
 
 
@@ -49,7 +56,7 @@ def kernels(preset, dtype):
         ("add", f"N{N}_C{C}"): (0, 3 * N * C * e),
         ("embedding_forward", f"{btc}_V{V}"): (0, (2 * N * C + T * C) * e + 4 * N),
         ("embedding_backward", f"{btc}_V{V}"): (0, (3 * N * C + 2 * T * C) * e + 4 * N),
-        ("cross_entropy_forward_backward", f"N{N}_V{V}"): (0, 2 * N * V * e + 4 * N),
+        ("cross_entropy_forward_backward", f"N{N}_V{padded(V)}"): (0, 2 * N * padded(V) * e + 4 * N),
         ("sum_squares", f"P{P}"): (0, P * e),
         ("zero", f"P{P}"): (0, P * e),
         ("adamw", f"P{P}"): (0, (24 + e) * P),

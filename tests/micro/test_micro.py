@@ -37,9 +37,10 @@ def run(*args, check=True, ranks=None):
 
 def test_names_carry_backend_dtype_shape_and_sizes():
     names = run("--benchmark_list_tests").stdout.split()
-    # small: h 256, f 1024, V 4096, S 128 at micro-batch 4; gpt2-124m: h 768, f 3072, V 50257, S 1024.
+    # small: h 256, f 1024, V 4096, S 128 at micro-batch 4; gpt2-124m: h 768, f 3072, V 50257 (stored
+    # padded to 50304, SPEC 2), S 1024.
     for expected in ["gemm/cpu/fp32/small.qkv/N512_C256_OC768", "gemm/cpu/bf16/small.fc1/N512_C256_OC1024",
-                     "gemm/cpu/fp32/small.fc2/N512_C1024_OC256", "gemm/cpu/bf16/gpt2-124m.logits/N4096_C768_OC50257",
+                     "gemm/cpu/fp32/small.fc2/N512_C1024_OC256", "gemm/cpu/bf16/gpt2-124m.logits/N4096_C768_OC50304",
                      "gemm/cpu/fp32/gpt2-124m.attn_out/N4096_C768_OC768", "gemm/cpu/bf16/square/N2048_C2048_OC2048"]:
         assert expected + "/manual_time" in names
     cpu_names = [n for n in names if n.startswith("gemm/cpu/")]

@@ -71,10 +71,10 @@ TEST(ModelStates, MegatronEighteenBytesPerParameterForBf16WithFp32Gradients) {
   for (const char* model : {"gpt2-124m", "llama3-8b", "gpt3-175b"}) {
     const PlanResult r = plan_of(std::string("--model ") + model + " --app fsdp --shard NO_SHARD --gpus 8 --dtype bf16");
     EXPECT_DOUBLE_EQ(r.model_state_bytes_per_param, 18.0) << model;
-    EXPECT_EQ(bytes(r, MemCategory::parameters), 2 * r.parameters);
-    EXPECT_EQ(bytes(r, MemCategory::gradients), 4 * r.parameters);
-    EXPECT_EQ(bytes(r, MemCategory::master_parameters), 4 * r.parameters);
-    EXPECT_EQ(bytes(r, MemCategory::optimizer_states), 8 * r.parameters);
+    EXPECT_EQ(bytes(r, MemCategory::parameters), 2 * r.stored_parameters);
+    EXPECT_EQ(bytes(r, MemCategory::gradients), 4 * r.stored_parameters);
+    EXPECT_EQ(bytes(r, MemCategory::master_parameters), 4 * r.stored_parameters);
+    EXPECT_EQ(bytes(r, MemCategory::optimizer_states), 8 * r.stored_parameters);
   }
 }
 
@@ -99,7 +99,31 @@ TEST(ModelStates, Fp32IsSixteenBytesPerParameterWithoutMasterWeights) {
   const PlanResult r = plan_of("--model gpt2-124m --app dp --dtype fp32");
   EXPECT_DOUBLE_EQ(r.model_state_bytes_per_param, 16.0);
   EXPECT_EQ(bytes(r, MemCategory::master_parameters), 0);
-  EXPECT_EQ(bytes(r, MemCategory::parameters), 4 * r.parameters);
+  EXPECT_EQ(bytes(r, MemCategory::parameters), 4 * r.stored_parameters);
+}
+
+// Megatron-LM's padded_vocab_size: the vocabulary stored padded to a multiple of 128 × tp; the padding
+// is memory (and bytes moved), not parameters.
+TEST(ModelStates, VocabularyPaddedAsMegatronPadsIt) {
+  // The apps' GPT-2 small: GPT-2's 124,439,808 parameters and an untied head.w (50257 × 768).
+  const int64_t h = 768, P = 124439808 + 50257 * h;
+  const PlanResult r = plan_of("--model gpt2-124m --app dp --dtype fp32");
+  EXPECT_EQ(r.parameters, P);
+  EXPECT_EQ(r.stored_parameters, P + (50304 - 50257) * h * 2);  // embed.tok's rows and head.w's columns
+  const PlanResult unpadded = plan_of("--model gpt2-124m --app dp --dtype fp32 --make-vocab-size-divisible-by 1");
+  EXPECT_EQ(unpadded.stored_parameters, P);
+  EXPECT_EQ(bytes(unpadded, MemCategory::parameters), 4 * P);
+  const PlanResult tp4 = plan_of("--model gpt2-124m --app tp --tp 4 --gpus 4 --dtype fp32");
+  EXPECT_EQ(tp4.config.memory.arch.padded_vocab(4), 50688);  // 99 × 512
+  EXPECT_EQ(tp4.stored_parameters, P + (50688 - 50257) * h * 2);
+  EXPECT_NE(tp4.stored_parameters, r.stored_parameters);  // a multiple of 128 × tp
+  int64_t local = 0;
+  for (int64_t u : unit_parameter_counts(tp4.config.memory.arch, 4)) local += u;
+  EXPECT_EQ(tp4.rank_parameters, local);
+  const int64_t tok_block = 50688 / 4 * h;  // embed.tok's rows of one tp rank
+  EXPECT_EQ(unit_parameter_counts(tp4.config.memory.arch, 4)[0], tok_block + 1024 * h);
+  EXPECT_EQ(rejection_of("--model gpt2-124m --make-vocab-size-divisible-by 0"),
+            "--make-vocab-size-divisible-by 0 must be at least 1");
 }
 
 // ZeRO, figure 1 / section 5: Ψ = 7.5B, Nd = 64, K = 12: 120 GB (baseline), 31.4 GB (P_os),
@@ -153,7 +177,7 @@ TEST(ModelStates, EachShardStrategyDividesItsCategoriesWithPadding) {
   const int ranks = 48;
   const std::string base = "--model gpt2-1.5b --app fsdp --gpus " + std::to_string(ranks) + " --dtype bf16 --shard ";
   const PlanResult none = plan_of(base + "NO_SHARD");
-  const int64_t P = none.parameters;
+  const int64_t P = none.stored_parameters;
   const int64_t own = sharded_elements(none.config.memory.arch, ranks);
   EXPECT_GT(own * ranks, P) << "the test needs units that do not divide";
   EXPECT_LT(own * ranks - P, static_cast<int64_t>(ranks) * 64) << "padding is less than one element per rank per unit";
@@ -309,9 +333,9 @@ TEST(Time, RingCollectivesOverTheRightLinks) {
   const PlanResult dp = plan_of("--model gpt2-124m --app dp --gpus 16 --dtype fp32");
   ASSERT_EQ(dp.comm.size(), 1u);
   EXPECT_EQ(dp.comm[0].op, "all_reduce");
-  EXPECT_EQ(dp.comm[0].bytes, 4 * dp.parameters);
+  EXPECT_EQ(dp.comm[0].bytes, 4 * dp.stored_parameters);  // the vocabulary's padding travels too
   EXPECT_EQ(dp.comm[0].link_gbps, 400.0);
-  EXPECT_NEAR(dp.comm[0].seconds, 2.0 * 15 / 16 * 4 * dp.parameters / 50e9, 1e-9);
+  EXPECT_NEAR(dp.comm[0].seconds, 2.0 * 15 / 16 * 4 * dp.stored_parameters / 50e9, 1e-9);
   EXPECT_DOUBLE_EQ(dp.step_s, std::max(dp.compute_s, dp.comm_s));
   // Inside one node: NVLink. --no-overlap adds compute and communication.
   const PlanResult node = plan_of("--model gpt2-124m --app dp --gpus 8 --no-overlap");
@@ -322,12 +346,12 @@ TEST(Time, RingCollectivesOverTheRightLinks) {
   // padded to the 16 shards.
   const PlanResult fsdp = plan_of("--model gpt2-124m --app fsdp --gpus 16 --global-batch 32 --link-gbps 100");
   ASSERT_EQ(fsdp.comm.size(), 3u);
-  const int64_t V = 50257, h = 768, head = h * V + 2 * h;  // final LayerNorm and head.w
+  const int64_t Vp = 50304, h = 768, head = h * Vp + 2 * h;  // final LayerNorm and head.w (padded vocabulary)
   const int64_t padded_head = (head + 15) / 16 * 16;
   EXPECT_EQ(fsdp.comm[0].op, "all_gather");
   EXPECT_EQ(fsdp.comm[0].calls, 2);
-  EXPECT_GE(fsdp.comm[0].bytes, 2 * fsdp.parameters);
-  EXPECT_LT(fsdp.comm[0].bytes, 2 * (fsdp.parameters + 16 * 16));  // at most 15 padding elements per unit
+  EXPECT_GE(fsdp.comm[0].bytes, 2 * fsdp.stored_parameters);
+  EXPECT_LT(fsdp.comm[0].bytes, 2 * (fsdp.stored_parameters + 16 * 16));  // at most 15 padding elements per unit
   EXPECT_EQ(fsdp.comm[1].op, "all_gather");
   EXPECT_EQ(fsdp.comm[1].bytes, fsdp.comm[0].bytes - 2 * padded_head);
   EXPECT_EQ(fsdp.comm[2].op, "reduce_scatter");
@@ -383,10 +407,10 @@ TEST(TensorParallel, ParametersPerRankShrinkAsOneOverTp) {
     // Only the 2L + 1 norm weights are whole on every rank (rotary positions, no biases), so P_local · tp
     // exceeds P by those copies: 0.013% at tp 8.
     const ArchSpec& a = p.config.memory.arch;
-    EXPECT_EQ(local * t - p.parameters, (2 * a.layers + 1) * a.hidden * (t - 1)) << "tp " << t;
+    EXPECT_EQ(local * t - p.stored_parameters, (2 * a.layers + 1) * a.hidden * (t - 1)) << "tp " << t;
     EXPECT_NEAR(p.model_state_bytes_per_param, 18.0 / t, 1e-3 * 18.0 / t) << "tp " << t;
   }
-  EXPECT_EQ(r[0].rank_parameters, r[0].parameters);
+  EXPECT_EQ(r[0].rank_parameters, r[0].stored_parameters);
   // Activations shrink too, but not by tp: without sequence parallelism the residual stream, the
   // LayerNorm outputs and their statistics stay whole on every rank.
   for (std::size_t i = 1; i < r.size(); ++i) {
@@ -1326,8 +1350,7 @@ TEST(Validation, BadPlansNameTheOptionAndTheRule) {
       {"--model llama3-70b --app tp --gpus 48 --tp 3", "--heads 64 is not divisible by --tp 3"},
       {"--model llama3-8b --app tp --gpus 16 --tp 16", "--kv-heads 8 is not divisible by --tp 16"},
       {"--model tiny --ffn 250 --app tp --tp 4", "--ffn 250 is not divisible by --tp 4"},
-      {"--model gpt3-175b --app tp --gpus 16 --tp 2",
-       "--vocab 50257 is not divisible by --tp 2 (the vocabulary is split, not padded)"},
+      {"--model gpt3-175b --make-vocab-size-divisible-by 0", "--make-vocab-size-divisible-by 0 must be at least 1"},
       {"--model tiny --seq 31 --app tp --tp 2 --sequence-parallel",
        "--micro-batch × --seq 31 is not divisible by --tp 2 (sequence parallelism splits the micro-batch's tokens)"},
       {"--sequence-parallel", "--sequence-parallel is an option of --app tp, not of --app dp"},

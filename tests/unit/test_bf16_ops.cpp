@@ -641,7 +641,7 @@ TEST_F(Bf16Ops, CrossEntropyFused) {
     Dev dev(*be);
     TensorPtr z = dev.put(logits, t);
     double* l = dev.put_double(0.125);
-    be->cross_entropy_forward_backward(z, l, dev.put_ints(targets), N, V, scale);
+    be->cross_entropy_forward_backward(z, l, dev.put_ints(targets), N, V, V, scale);
     *loss = dev.get_double(l) - 0.125;
     return dev.get(z, logits.size());
   };
@@ -666,9 +666,9 @@ TEST_F(Bf16Ops, CrossEntropyVocabularyParallelSteps) {
     float* sm = dev.poisoned_f32(2 * N);
     int32_t* tg = dev.put_ints(targets);
     double* l = dev.put_double(0.0);
-    be->cross_entropy_row_max(mx, z, N, V);
-    be->cross_entropy_partials(sm, z, tg, mx, N, V);
-    be->cross_entropy_finish(z, l, tg, mx, sm, N, V, scale);
+    be->cross_entropy_row_max(mx, z, N, V, V);
+    be->cross_entropy_partials(sm, z, tg, mx, N, V, V);
+    be->cross_entropy_finish(z, l, tg, mx, sm, N, V, V, scale);
     *row_max = dev.get(mx, N);
     *sums = dev.get(sm, 2 * N);
     *loss = dev.get_double(l);

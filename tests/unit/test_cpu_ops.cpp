@@ -953,7 +953,7 @@ void check_cross_entropy(Backend& be, Dev& dev, const FVec& logits,
   const double initial_loss = 1.5;  // loss_sum accumulates
   float* d_logits = dev.put(logits);
   double* d_loss = dev.put_double(initial_loss);
-  be.cross_entropy_forward_backward(d_logits, d_loss, dev.put_ints(targets), N, V, scale);
+  be.cross_entropy_forward_backward(d_logits, d_loss, dev.put_ints(targets), N, V, V, scale);
 
   Vec X = to_double(logits);
   const double ref_loss = double(scale) * ref_ce_sum(X, targets, N, V);
@@ -1017,6 +1017,101 @@ TEST_F(CpuOps, CrossEntropyHugeLogitGapIsFinite) {
   logits[std::size_t(1) * V + targets[1]] = -60.0f;
   logits[std::size_t(1) * V + (targets[1] + 1) % V] = 60.0f;
   check_cross_entropy(*be, dev, logits, targets, N, V, 1.0f / N, /*with_fd=*/false);
+}
+
+// The vocabulary padded in storage (rows Vp apart, columns V..Vp−1 padding filled with logits that
+// would dominate the softmax if read): the loss and the first V columns of dlogits are exactly those of
+// the unpadded rows, the padding's dlogits exactly 0; and the same through the vocabulary-parallel
+// steps with two blocks of Vp/2, the second partly or wholly padding.
+TEST_F(CpuOps, CrossEntropyIgnoresVocabularyPadding) {
+  std::mt19937 rng(64);
+  const int N = 5;
+  const float scale = 1.0f / N;
+  for (int V : {200, 100}) {  // blocks of 128: 128 + 72 valid columns, or 100 + 0
+    SCOPED_TRACE(shape_str("N=%d V=%d", N, V, 0));
+    const int Vp = 256, Vb = Vp / 2;
+    const FVec compact = rand_floats(rng, std::size_t(N) * V, -3.0f, 3.0f);
+    const auto targets = rand_ints(rng, N, V);
+    FVec padded(std::size_t(N) * Vp, 500.0f);
+    for (int n = 0; n < N; ++n) {
+      std::copy_n(compact.begin() + std::size_t(n) * V, V, padded.begin() + std::size_t(n) * Vp);
+    }
+    auto expect_padded_like = [&](const FVec& got_padded, const FVec& got_compact, const char* what) {
+      for (int n = 0; n < N; ++n) {
+        for (int i = 0; i < Vp; ++i) {
+          const float got = got_padded[std::size_t(n) * Vp + i];
+          if (i < V) {
+            ASSERT_EQ(got, got_compact[std::size_t(n) * V + i]) << what << " row " << n << " column " << i;
+          } else {
+            ASSERT_EQ(got, 0.0f) << what << " padding row " << n << " column " << i;
+          }
+        }
+      }
+    };
+    // Fused: bitwise the unpadded op.
+    float* d_compact = dev.put(compact);
+    float* d_padded = dev.put(padded);
+    double* loss_compact = dev.put_double(0.0);
+    double* loss_padded = dev.put_double(0.0);
+    const int32_t* d_targets = dev.put_ints(targets);
+    be->cross_entropy_forward_backward(d_compact, loss_compact, d_targets, N, V, V, scale);
+    be->cross_entropy_forward_backward(d_padded, loss_padded, d_targets, N, V, Vp, scale);
+    const FVec dz = dev.get(d_compact, compact.size());
+    expect_padded_like(dev.get(d_padded, padded.size()), dz, "fused dlogits");
+    EXPECT_EQ(dev.get_double(loss_padded), dev.get_double(loss_compact));
+
+    // Vocabulary-parallel over two blocks of the padded row, the reductions done here.
+    FVec blocks[2];
+    int valid[2];
+    std::vector<int32_t> block_targets[2];
+    for (int b = 0; b < 2; ++b) {
+      valid[b] = std::clamp(V - b * Vb, 0, Vb);
+      blocks[b].resize(std::size_t(N) * Vb);
+      for (int n = 0; n < N; ++n) {
+        std::copy_n(padded.begin() + std::size_t(n) * Vp + b * Vb, Vb, blocks[b].begin() + std::size_t(n) * Vb);
+        const int t = targets[n] - b * Vb;
+        block_targets[b].push_back(t >= 0 && t < Vb ? t : -1);
+      }
+    }
+    float* d_block[2] = {dev.put(blocks[0]), dev.put(blocks[1])};
+    const int32_t* d_block_targets[2] = {dev.put_ints(block_targets[0]), dev.put_ints(block_targets[1])};
+    FVec maxima[2], sums[2];
+    for (int b = 0; b < 2; ++b) {
+      float* m = dev.put(FVec(N, std::nanf("")));
+      be->cross_entropy_row_max(m, d_block[b], N, valid[b], Vb);
+      maxima[b] = dev.get(m, N);
+    }
+    if (valid[1] == 0) {
+      for (float m : maxima[1]) EXPECT_EQ(m, -std::numeric_limits<float>::infinity()) << "a block of padding";
+    }
+    FVec row_max(N);
+    for (int n = 0; n < N; ++n) row_max[n] = std::max(maxima[0][n], maxima[1][n]);
+    float* d_max = dev.put(row_max);
+    for (int b = 0; b < 2; ++b) {
+      float* s = dev.put(FVec(2 * N, std::nanf("")));
+      be->cross_entropy_partials(s, d_block[b], d_block_targets[b], d_max, N, valid[b], Vb);
+      sums[b] = dev.get(s, 2 * N);
+    }
+    FVec total(2 * N);
+    for (int i = 0; i < 2 * N; ++i) total[i] = sums[0][i] + sums[1][i];
+    float* d_total = dev.put(total);
+    FVec joined(std::size_t(N) * Vp);
+    for (int b = 0; b < 2; ++b) {  // each rank adds the whole loss (from the reduced sums) to its own sum
+      double* loss_parallel = dev.put_double(0.0);
+      be->cross_entropy_finish(d_block[b], loss_parallel, d_block_targets[b], d_max, d_total, N, valid[b], Vb, scale);
+      EXPECT_NEAR(dev.get_double(loss_parallel), dev.get_double(loss_compact), 1e-6 * dev.get_double(loss_compact));
+      const FVec got = dev.get(d_block[b], blocks[b].size());
+      for (int n = 0; n < N; ++n) {
+        std::copy_n(got.begin() + std::size_t(n) * Vb, Vb, joined.begin() + std::size_t(n) * Vp + b * Vb);
+      }
+    }
+    for (int n = 0; n < N; ++n) {
+      for (int i = V; i < Vp; ++i) ASSERT_EQ(joined[std::size_t(n) * Vp + i], 0.0f) << "padding row " << n;
+      for (int i = 0; i < V; ++i) {
+        ASSERT_NEAR(joined[std::size_t(n) * Vp + i], dz[std::size_t(n) * V + i], 1e-6f) << "row " << n;
+      }
+    }
+  }
 }
 
 // =================================================================================================
@@ -2144,7 +2239,7 @@ std::vector<Vec> run_all_ops(Backend& be) {
   // cross-entropy
   float* d_logits = dev.put(logits);
   double* loss = dev.put_double(0.0);
-  be.cross_entropy_forward_backward(d_logits, loss, dev.put_ints(targets), N, V, 1.0f / N);
+  be.cross_entropy_forward_backward(d_logits, loss, dev.put_ints(targets), N, V, V, 1.0f / N);
   keep(d_logits, std::size_t(N) * V);
   res.push_back({dev.get_double(loss)});
   // optimizer

@@ -412,9 +412,9 @@ TEST_F(EmulatedKernels, CrossEntropy) {
   std::vector<double> row_loss(N);
   double loss = 0.5, ref_loss = 0.5;
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<float>, logits.data(), row_loss.data(), targets.data(), V,
-         scale);
+         V, scale);
   launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
-  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, scale);
+  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, V, scale);
   EXPECT_CLOSE(logits, ref_logits, "cross-entropy dlogits");
   EXPECT_NEAR(loss, ref_loss, 1e-6 * std::abs(ref_loss));
 
@@ -422,20 +422,63 @@ TEST_F(EmulatedKernels, CrossEntropy) {
   targets[0] = targets[4] = -1;
   FVec logits2 = z, ref_logits2 = z, row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N);
   double loss2 = 0.0, ref_loss2 = 0.0;
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<float>, row_max.data(), logits2.data(), V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<float>, row_max.data(), logits2.data(), V, V);
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel<float>, sums.data(), logits2.data(),
-         targets.data(), row_max.data(), N, V);
+         targets.data(), row_max.data(), N, V, V);
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel<float>, logits2.data(), row_loss.data(),
-         targets.data(), row_max.data(), sums.data(), N, V, scale);
+         targets.data(), row_max.data(), sums.data(), N, V, V, scale);
   launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss2, row_loss.data(), N, scale);
-  cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V);
-  cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V);
-  cpu_->cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V,
+  cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V, V);
+  cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V, V);
+  cpu_->cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V, V,
                              scale);
   EXPECT_CLOSE(row_max, ref_max, "cross-entropy row max");
   EXPECT_CLOSE(sums, ref_sums, "cross-entropy partial sums");
   EXPECT_CLOSE(logits2, ref_logits2, "cross-entropy finish dlogits");
   EXPECT_NEAR(loss2, ref_loss2, 1e-6 * std::abs(ref_loss2));
+}
+
+// The vocabulary's padding (rows Vp apart; the padding holds logits that would dominate if read):
+// dlogits 0 there, the rest as the CPU backend's; through the vocabulary-parallel steps too, with a
+// block wholly in the padding (row max −∞, nothing summed, dlogits 0).
+TEST_F(EmulatedKernels, CrossEntropyPaddedVocabulary) {
+  const int N = 5, V = 200, Vp = 256;
+  const float scale = 0.2f;
+  std::vector<int32_t> targets(N);
+  std::uniform_int_distribution<int32_t> t(0, V - 1);
+  for (int32_t& x : targets) x = t(rng_);
+  FVec z = random(std::size_t(N) * Vp, -4.0f, 4.0f);
+  for (int n = 0; n < N; ++n) std::fill_n(z.begin() + std::size_t(n) * Vp + V, Vp - V, 500.0f);
+
+  FVec logits = z, ref_logits = z;
+  std::vector<double> row_loss(N);
+  double loss = 0.0, ref_loss = 0.0;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<float>, logits.data(), row_loss.data(), targets.data(), V,
+         Vp, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
+  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, Vp, scale);
+  EXPECT_CLOSE(logits, ref_logits, "padded cross-entropy dlogits");
+  EXPECT_NEAR(loss, ref_loss, 1e-6 * std::abs(ref_loss));
+  for (int n = 0; n < N; ++n) {
+    for (int i = V; i < Vp; ++i) ASSERT_EQ(logits[std::size_t(n) * Vp + i], 0.0f) << "padding, row " << n;
+  }
+
+  // A block of only padding (another rank holds the vocabulary): V = 0 of its Vp columns.
+  FVec block(std::size_t(N) * Vp, 500.0f), row_max(N, kNaN), sums(2 * N, kNaN);
+  const std::vector<int32_t> elsewhere(N, -1);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<float>, row_max.data(), block.data(), 0, Vp);
+  for (float m : row_max) EXPECT_EQ(m, -INFINITY);
+  const FVec global_max(N, 3.0f), global_sums = [&] {
+    FVec g(2 * N, 2.0f);
+    std::fill_n(g.begin() + N, N, -1.0f);
+    return g;
+  }();
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel<float>, sums.data(), block.data(),
+         elsewhere.data(), global_max.data(), N, 0, Vp);
+  for (float s : sums) EXPECT_EQ(s, 0.0f);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel<float>, block.data(), row_loss.data(),
+         elsewhere.data(), global_max.data(), global_sums.data(), N, 0, Vp, scale);
+  for (float v : block) ASSERT_EQ(v, 0.0f) << "a padding block's dlogits";
 }
 
 TEST_F(EmulatedKernels, SumSquaresAdamWGelu) {
@@ -1215,9 +1258,9 @@ TEST_F(EmulatedKernels, Bf16CrossEntropy) {
   std::vector<double> row_loss(N);
   double loss = 0.5, ref_loss = 0.5;
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<uint16_t>, logits.data(), row_loss.data(),
-         targets.data(), V, scale);
+         targets.data(), V, V, scale);
   launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
-  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, scale);
+  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, V, scale);
   expect_typed_close(logits, ref_logits, "cross-entropy dlogits");
   EXPECT_NEAR(loss, ref_loss, kTol * std::abs(ref_loss)) << "cross-entropy loss (fp32)";
 
@@ -1226,15 +1269,15 @@ TEST_F(EmulatedKernels, Bf16CrossEntropy) {
   BVec logits2 = zb;
   FVec ref_logits2 = z, row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N);
   double loss2 = 0.0, ref_loss2 = 0.0;
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<uint16_t>, row_max.data(), zb.data(), V);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<uint16_t>, row_max.data(), zb.data(), V, V);
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel<uint16_t>, sums.data(), zb.data(),
-         targets.data(), row_max.data(), N, V);
+         targets.data(), row_max.data(), N, V, V);
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel<uint16_t>, logits2.data(), row_loss.data(),
-         targets.data(), row_max.data(), sums.data(), N, V, scale);
+         targets.data(), row_max.data(), sums.data(), N, V, V, scale);
   launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss2, row_loss.data(), N, scale);
-  cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V);
-  cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V);
-  cpu_->cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V,
+  cpu_->cross_entropy_row_max(ref_max.data(), z.data(), N, V, V);
+  cpu_->cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V, V);
+  cpu_->cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V, V,
                              scale);
   EXPECT_CLOSE(row_max, ref_max, "cross-entropy row max (fp32)");
   EXPECT_CLOSE(sums, ref_sums, "cross-entropy partial sums (fp32)");
