@@ -29,6 +29,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -124,6 +125,16 @@ template <typename F>
 void with_types(DType a, DType b, DType c, F&& f) {
   with_type(a, [&](auto x) { with_types(b, c, [&](auto y, auto z) { f(x, y, z); }); });
 }
+// f(half) with half a std::integral_constant of the dK/dV kernels' head-dimension class for head
+// dimension d (kernels.cuh, dkv_half_dim_class), so that `decltype(half)::value` can be a template argument.
+template <typename F>
+void with_dkv_class(int d, F&& f) {
+  if (dkv_half_dim_class(d) == kDkvHalfDimSmall) {
+    f(std::integral_constant<int, kDkvHalfDimSmall>{});
+  } else {
+    f(std::integral_constant<int, kDkvHalfDim>{});
+  }
+}
 
 // A named tensor argument of an op (null: absent).
 struct Arg {
@@ -191,16 +202,21 @@ class CudaBackend final : public Backend {
     const auto allow_dkv_smem = [&](const void* kernel) {
       PB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem));
     };
-    for (DType t : {DType::f32, DType::bf16}) {
-      with_type(t, [&](auto e) {
-        using T = decltype(e);
-        allow_dkv_smem(reinterpret_cast<const void*>(&attention_backward_dkv_kernel<T>));
-      });
-      for (DType u : {DType::f32, DType::bf16}) {
-        with_types(t, u, [&](auto o, auto i) {
-          using TO = decltype(o);
-          using TI = decltype(i);
-          allow_dkv_smem(reinterpret_cast<const void*>(&attention_block_backward_dkv_kernel<TO, TI>));
+    for (int d : {2 * kDkvHalfDimSmall, kCudaMaxHeadDim}) {  // both head-dimension classes
+      for (DType t : {DType::f32, DType::bf16}) {
+        with_dkv_class(d, [&](auto half) {
+          constexpr int kHalf = decltype(half)::value;
+          with_type(t, [&](auto e) {
+            using T = decltype(e);
+            allow_dkv_smem(reinterpret_cast<const void*>(&attention_backward_dkv_kernel<T, kHalf>));
+          });
+          for (DType u : {DType::f32, DType::bf16}) {
+            with_types(t, u, [&](auto o, auto i) {
+              using TO = decltype(o);
+              using TI = decltype(i);
+              allow_dkv_smem(reinterpret_cast<const void*>(&attention_block_backward_dkv_kernel<TO, TI, kHalf>));
+            });
+          }
         });
       }
     }
@@ -512,8 +528,11 @@ class CudaBackend final : public Backend {
       attention_backward_dq_kernel<T><<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
           dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
       PB_LAUNCH_CHECK();
-      attention_backward_dkv_kernel<T><<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
-          dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
+      with_dkv_class(d, [&](auto half) {
+        constexpr int kHalf = decltype(half)::value;
+        attention_backward_dkv_kernel<T, kHalf><<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
+            dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
+      });
       PB_LAUNCH_CHECK();
     });
   }
@@ -766,9 +785,13 @@ class CudaBackend final : public Backend {
     with_types(dk_run.dtype(), q.dtype(), [&](auto o, auto i) {
       using TO = decltype(o);
       using TI = decltype(i);
-      attention_block_backward_dkv_kernel<TO, TI><<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
-          dk_run.as<TO>(), dv_run.as<TO>(), dkv_run_stride, dout.as<TI>(), lse, delta, q.as<TI>(), k.as<TI>(),
-          v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+      with_dkv_class(d, [&](auto half) {
+        constexpr int kHalf = decltype(half)::value;
+        const std::size_t smem = attention_dkv_smem(d);
+        attention_block_backward_dkv_kernel<TO, TI, kHalf><<<keys_grid, kDkvWarps * 32, smem, stream_>>>(
+            dk_run.as<TO>(), dv_run.as<TO>(), dkv_run_stride, dout.as<TI>(), lse, delta, q.as<TI>(), k.as<TI>(),
+            v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+      });
     });
     PB_LAUNCH_CHECK();
     if (stage_dkv) {

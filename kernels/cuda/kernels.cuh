@@ -961,13 +961,20 @@ __global__ void attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qk
 // dK and dV of a tile of kDkvKeys keys: each warp owns 16 keys, two lanes per key (lane j and j + 16
 // each hold half of the head dimension of key j's dK and dV rows in registers). The block walks the
 // query rows that can see its keys, one row at a time: the row's q and dout in shared memory, the
-// score and dP of each key as two half dot products joined by one shuffle.
+// score and dP of each key as two half dot products joined by one shuffle. kHalf, the registers a lane
+// keeps for each of dK and dV, is the kernel's head-dimension class: kDkvHalfDim (d ≤ 128), or
+// kDkvHalfDimSmall for d ≤ 64 (GPT-2's heads), which needs half the registers, so more warps fit on
+// an SM (dkv_half_dim_class picks it).
 constexpr int kDkvKeysPerWarp = 16;
 constexpr int kDkvWarps = 4;
 constexpr int kDkvKeys = kDkvKeysPerWarp * kDkvWarps;
 constexpr int kDkvHalfDim = kAttMaxHeadDim / 2;
+constexpr int kDkvHalfDimSmall = kDkvHalfDim / 2;
+__host__ __device__ inline int dkv_half_dim_class(int d) {
+  return d <= 2 * kDkvHalfDimSmall ? kDkvHalfDimSmall : kDkvHalfDim;
+}
 
-template <typename T>
+template <typename T, int kHalf = kDkvHalfDim>
 __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D,
                                               int S, int C, int H) {
   PB_DYNAMIC_SHARED(smem);
@@ -992,9 +999,9 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
   const float* qh = q + at;
   const float* gh = g + at;
   const int n = hi - lo;
-  float dk[kDkvHalfDim], dv[kDkvHalfDim];
+  float dk[kHalf], dv[kHalf];
 #pragma unroll
-  for (int k = 0; k < kDkvHalfDim; ++k) dk[k] = dv[k] = 0.0f;
+  for (int k = 0; k < kHalf; ++k) dk[k] = dv[k] = 0.0f;
   for (int t = k0; t < S; ++t) {
     __syncthreads();  // the tile is loaded; the previous row is consumed
     for (int k = threadIdx.x; k < d; k += blockDim.x) {
@@ -1015,7 +1022,7 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
     const float p = expf(s * scale - lse[stat]);
     const float ds = p * (dp - D[stat]) * scale;
 #pragma unroll
-    for (int k = 0; k < kDkvHalfDim; ++k) {
+    for (int k = 0; k < kHalf; ++k) {
       if (k < n) {
         dv[k] += p * gh[k];
         dk[k] += ds * qh[k];
@@ -1025,7 +1032,7 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
   if (key >= S) return;
   T* row = dqkv + (static_cast<std::size_t>(b) * S + key) * C3 + h * d;
 #pragma unroll
-  for (int k = 0; k < kDkvHalfDim; ++k) {
+  for (int k = 0; k < kHalf; ++k) {
     if (lo + k < hi) {
       row[C + lo + k] = from_float<T>(dk[k]);
       row[2 * C + lo + k] = from_float<T>(dv[k]);
@@ -1249,8 +1256,8 @@ __global__ void attention_block_backward_dq_kernel(TO* dq, int dq_stride, const 
 // dk += Σ_queries P·(dP − delta)·q / √d and dv += Σ_queries P·dout of a tile of kDkvKeys keys, the layout
 // of attention_backward_dkv_kernel (two lanes per key, each half of the head dimension); the block walks
 // every query row, since any may see its keys (dk and dv rows dkv_stride apart). Grid
-// ((Sk + kDkvKeys − 1) / kDkvKeys, B·H), kDkvWarps warps, attention_dkv_smem(d).
-template <typename TO, typename TI>
+// ((Sk + kDkvKeys − 1) / kDkvKeys, B·H), kDkvWarps warps, attention_dkv_smem(d); kHalf as there.
+template <typename TO, typename TI, int kHalf = kDkvHalfDim>
 __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stride, const TI* dout, const float* lse,
                                                     const float* delta, const TI* q, const TI* k, const TI* v,
                                                     int q_stride, int kv_stride, const int32_t* pos_q,
@@ -1278,9 +1285,9 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
   const float* qh = qs + at;
   const float* gh = gs + at;
   const int32_t my_pos = key < Sk ? pos_k[key] : 0;
-  float dk_acc[kDkvHalfDim], dv_acc[kDkvHalfDim];
+  float dk_acc[kHalf], dv_acc[kHalf];
 #pragma unroll
-  for (int c = 0; c < kDkvHalfDim; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
+  for (int c = 0; c < kHalf; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
   for (int t = 0; t < Sq; ++t) {
     __syncthreads();  // the tile is loaded; the previous row is consumed
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
@@ -1303,7 +1310,7 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
     const float p = expf(s * scale - L);
     const float ds = p * (dp - delta[stat]) * scale;
 #pragma unroll
-    for (int c = 0; c < kDkvHalfDim; ++c) {
+    for (int c = 0; c < kHalf; ++c) {
       if (c < n) {
         dv_acc[c] += p * gh[c];
         dk_acc[c] += ds * qh[c];
@@ -1313,7 +1320,7 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
   if (key >= Sk) return;
   const std::size_t row = (static_cast<std::size_t>(b) * Sk + key) * dkv_stride + h * d;
 #pragma unroll
-  for (int c = 0; c < kDkvHalfDim; ++c) {
+  for (int c = 0; c < kHalf; ++c) {
     if (lo + c < hi) {
       dk[row + lo + c] = from_float<TO>(to_float(dk[row + lo + c]) + dk_acc[c]);
       dv[row + lo + c] = from_float<TO>(to_float(dv[row + lo + c]) + dv_acc[c]);
@@ -1325,7 +1332,9 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
 inline std::size_t attention_row_smem(int d, bool with_dout) {
   return sizeof(float) * (2 * kAttKeys * att_stride(d) + (with_dout ? 2 : 1) * kAttRows * d);
 }
-inline std::size_t attention_dkv_smem(int d) { return sizeof(float) * (2 * kDkvKeys * dkv_smem_stride(d) + 2 * dkv_row(d)); }
+inline std::size_t attention_dkv_smem(int d) {
+  return sizeof(float) * (2 * kDkvKeys * dkv_smem_stride(d) + 2 * dkv_row(d));
+}
 
 }  // namespace kernels
 }  // namespace pb

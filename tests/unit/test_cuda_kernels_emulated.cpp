@@ -185,6 +185,19 @@ TEST(DkvSharedMemory, ConflictFreeAtEveryHeadDimension) {
   }
 }
 
+// The dK/dV kernels of the head-dimension class that cuda_backend.cu launches for head dimension d.
+template <typename T>
+auto dkv_kernel(int d) {
+  return k::dkv_half_dim_class(d) == k::kDkvHalfDimSmall ? &k::attention_backward_dkv_kernel<T, k::kDkvHalfDimSmall>
+                                                         : &k::attention_backward_dkv_kernel<T, k::kDkvHalfDim>;
+}
+template <typename TO, typename TI>
+auto block_dkv_kernel(int d) {
+  return k::dkv_half_dim_class(d) == k::kDkvHalfDimSmall
+             ? &k::attention_block_backward_dkv_kernel<TO, TI, k::kDkvHalfDimSmall>
+             : &k::attention_block_backward_dkv_kernel<TO, TI, k::kDkvHalfDim>;
+}
+
 // Forward and backward of the fused attention, with cuda_backend.cu's grids and shared memory.
 void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu) {
   const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
@@ -208,11 +221,18 @@ void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu
          dout.data(), out.data(), B, S, C, H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel<float>,
          dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
-  launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         k::attention_backward_dkv_kernel<float>, dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
+  const dim3 keys_grid((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H);
+  launch(keys_grid, dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d), dkv_kernel<float>(d), dqkv.data(),
+         dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
   cpu.attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
                          S, C, H);
   EXPECT_CLOSE(dqkv, ref_dqkv, "attention backward dqkv " + shape);
+  if (k::dkv_half_dim_class(d) == k::kDkvHalfDimSmall) {  // the large class: the same sums in the same order
+    FVec large = dqkv;
+    launch(keys_grid, dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d), k::attention_backward_dkv_kernel<float>,
+           large.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
+    EXPECT_EQ(large, dqkv) << "dK/dV of both head-dimension classes, " << shape;
+  }
 }
 
 TEST_F(EmulatedKernels, FusedAttention) {
@@ -336,7 +356,7 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
          k::attention_block_backward_dq_kernel<float, float>, dq, qs, dout.data(), ref_lse.data(), ref_delta.data(), q,
          k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
   launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         k::attention_block_backward_dkv_kernel<float, float>, dk, dv, kvs, dout.data(), ref_lse.data(),
+         block_dkv_kernel<float, float>(d), dk, dv, kvs, dout.data(), ref_lse.data(),
          ref_delta.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
   cpu.attention_block_backward(ref_dq, ref_dk, ref_dv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
                                kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
@@ -949,7 +969,7 @@ TEST_F(EmulatedKernels, Bf16FusedAttention) {
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel<uint16_t>,
          dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S, C, H);
   launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         k::attention_backward_dkv_kernel<uint16_t>, dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S,
+         dkv_kernel<uint16_t>(d), dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S,
          C, H);
   cpu_->attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
                            S, C, H);
@@ -1043,7 +1063,7 @@ void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend&
          k::attention_block_backward_dq_kernel<TO, uint16_t>, dq, qs, dout_b.data(), ref_lse.data(), ref_delta.data(),
          qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
   launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         k::attention_block_backward_dkv_kernel<TO, uint16_t>, dk, dk + C, kvs, dout_b.data(), ref_lse.data(),
+         block_dkv_kernel<TO, uint16_t>(d), dk, dk + C, kvs, dout_b.data(), ref_lse.data(),
          ref_delta.data(), qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
   cpu.attention_block_backward(ref_dq, ref_dk, ref_dk + C, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
                                kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
