@@ -162,11 +162,23 @@ bool node_ranks_hold_distinct_devices(MPI_Comm world, const std::string& device_
   return distinct == 1;
 }
 
-SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster) {
+int device_index_for(int local_rank, int visible_devices) {
+  return visible_devices > 0 ? local_rank % visible_devices : -1;
+}
+
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int device_index) {
   SystemInfo s;
   s.cluster = cluster;
   PB_MPI_CHECK(MPI_Comm_size(world, &s.ranks));
-  s.ranks_per_node = node_local(world).local_size;
+  const NodeLocal local = node_local(world);
+  s.ranks_per_node = local.local_size;
+  const int mine[2] = {local.local_rank, device_index};
+  std::vector<int> both(2 * static_cast<std::size_t>(s.ranks));
+  PB_MPI_CHECK(MPI_Allgather(mine, 2, MPI_INT, both.data(), 2, MPI_INT, world));
+  for (int r = 0; r < s.ranks; ++r) {
+    s.local_ranks.push_back(both[2 * static_cast<std::size_t>(r)]);
+    s.device_indices.push_back(both[2 * static_cast<std::size_t>(r) + 1]);
+  }
 
   constexpr int kHostLen = 256;
   char host[kHostLen] = {};

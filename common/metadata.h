@@ -19,6 +19,8 @@ struct SystemInfo {
   std::string mpi_library, blas_library, hdf5_version, compiler;
   std::string slurm_job_id, slurm_partition;
   std::vector<std::string> hostnames;    // per rank
+  std::vector<int> local_ranks;          // per rank: its index among the ranks of its node
+  std::vector<int> device_indices;       // per rank: the GPU it drives (device_index_for), -1 for none
   std::vector<std::string> environment;  // KEY=VALUE of SLURM_*, NCCL_*, OMP_*, OPENBLAS_*, CUDA_VISIBLE_DEVICES
 };
 
@@ -36,9 +38,14 @@ bool all_distinct(const std::vector<std::string>& ids);
 // on one GPU). The same answer on every rank: true only if it holds on every node.
 bool node_ranks_hold_distinct_devices(MPI_Comm world, const std::string& device_id);
 
-// Collective over `world`: gathers hostnames and counts nodes.
-// The GPU fields stay empty: the runner fills them from the backend.
-SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster);
+// The GPU a rank drives: its local rank modulo the GPUs its process sees (each rank of a node its own
+// GPU when the node's ranks see them all; the one it sees under --gpus-per-task=1 or a per-rank
+// CUDA_VISIBLE_DEVICES); -1 without GPUs.
+int device_index_for(int local_rank, int visible_devices);
+
+// Collective over `world`: gathers hostnames, local ranks and device indices (device_index: this rank's,
+// -1 for none) and counts nodes. The GPU fields stay empty: the runner fills them from the backend.
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int device_index = -1);
 
 // --cluster, else $PARABENCH_CLUSTER, else $SLURM_CLUSTER_NAME, else the host name.
 std::string resolve_cluster_name(const std::string& option);

@@ -449,6 +449,10 @@ void ResultWriter::write_system(const SystemInfo& s) {
     write_string_dataset(g, "hostnames", s.hostnames);
     write_string_dataset(g, "environment", s.environment);
     H5Gclose(g);
+    if (!s.local_ranks.empty()) write_vector(f, "/system/local_ranks", s.local_ranks, H5T_NATIVE_INT, "1", {});
+    if (!s.device_indices.empty()) {
+      write_vector(f, "/system/device_indices", s.device_indices, H5T_NATIVE_INT, "1", {});
+    }
   });
 }
 

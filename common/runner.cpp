@@ -5,14 +5,19 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <new>
+#include <mutex>
 #include <numeric>
 #include <sstream>
+#include <thread>
 
 #include "common/data.h"
 #include "common/errors.h"
@@ -139,7 +144,8 @@ nlohmann::ordered_json describe_precision(nlohmann::ordered_json config, const P
 std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
 #ifdef PB_WITH_CUDA
   if (opt.backend == "cuda") {
-    return make_cuda_backend(local_rank % cuda_visible_device_count(), opt.dtype == "bf16", opt.attention == "cudnn");
+    return make_cuda_backend(device_index_for(local_rank, cuda_visible_device_count()), opt.dtype == "bf16",
+                             opt.attention == "cudnn");
   }
 #else
   (void)local_rank;
@@ -425,7 +431,11 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   std::vector<MemoryEstimate> predicted;
   for (int r = 0; r < opt.world_size; ++r) predicted.push_back(app.predict_memory(opt, plan, r));
 
-  SystemInfo sys = collect_system_info(world.handle(), opt.cluster);
+  int device_index = -1;
+#ifdef PB_WITH_CUDA
+  if (opt.backend == "cuda") device_index = device_index_for(local.local_rank, cuda_visible_device_count());
+#endif
+  SystemInfo sys = collect_system_info(world.handle(), opt.cluster, device_index);
 #ifdef PB_WITH_CUDA
   if (opt.backend == "cuda") {
     std::size_t free_bytes = 0, total_bytes = 0;
@@ -866,6 +876,48 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
   }
 }
 
+namespace {
+// MPI_Finalize, bounded by PARABENCH_FINALIZE_TIMEOUT_S seconds (default 60; 0: unbounded). Everything
+// the run reports is written and closed before it, so a process that cannot leave it exits with the
+// run's code instead of holding its allocation until the job's time limit: UCX's TCP transport (MPICH
+// ch4:ucx over Ethernet, UCX 1.13) hangs MPI_Finalize in about half of the 4-rank jobs of the test
+// cluster, one rank waiting to close a connection whose peer already waits in the PMI barrier and no
+// longer progresses it (openucx/ucx#8738).
+void finalize_within_time_limit(const std::string& app, int exit_code) {
+  double limit = 60.0;
+  if (const char* text = std::getenv("PARABENCH_FINALIZE_TIMEOUT_S")) {
+    char* end = nullptr;
+    const double value = std::strtod(text, &end);
+    if (end != text && *end == '\0' && value >= 0.0) limit = value;
+  }
+  if (limit == 0.0) {
+    MPI_Finalize();
+    return;
+  }
+  std::mutex mutex;
+  std::condition_variable finished;
+  bool done = false;
+  std::thread guard([&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (finished.wait_for(lock, std::chrono::duration<double>(limit), [&] { return done; })) return;
+    std::fprintf(stderr,
+                 "parabench-%s: warning: MPI_Finalize has not returned after %g s (an MPI transport that cannot "
+                 "close its connections, e.g. UCX over TCP: openucx/ucx#8738); exiting with the run's code %d, "
+                 "its outputs complete\n",
+                 app.c_str(), limit, exit_code);
+    std::fflush(stderr);
+    std::_Exit(exit_code);
+  });
+  MPI_Finalize();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    done = true;
+  }
+  finished.notify_one();
+  guard.join();
+}
+}  // namespace
+
 int run_app(int argc, char** argv, const AppDefinition& app) {
   disable_hdf5_exit_handler();
   int provided = 0;
@@ -922,7 +974,7 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
       }
     }
   }
-  MPI_Finalize();
+  finalize_within_time_limit(app.name, exit_code);
   return exit_code;
 }
 

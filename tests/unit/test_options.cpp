@@ -67,6 +67,18 @@ TEST(Comm, DistinctDevicesAreDistinctAndPresent) {
   EXPECT_FALSE(all_distinct({""}));
 }
 
+// The GPU of a rank: 4 ranks per node that each see the node's 4 GPUs drive GPUs 0..3; under
+// --gpus-per-task=1 (each sees one) every rank drives its device 0; 8 ranks on 4 GPUs share them
+// round-robin; no GPU: -1.
+TEST(Comm, DeviceIndexIsTheLocalRankModuloTheVisibleGpus) {
+  for (int local = 0; local < 4; ++local) {
+    EXPECT_EQ(device_index_for(local, 4), local);
+    EXPECT_EQ(device_index_for(local, 1), 0);
+    EXPECT_EQ(device_index_for(local + 4, 4), local);
+    EXPECT_EQ(device_index_for(local, 0), -1);
+  }
+}
+
 // --attention: cuDNN's fused attention by default where it can run (a CUDA build with cuDNN, bf16,
 // head dimensions in multiples of 8), parabench's kernels otherwise; asking for cuDNN where it cannot
 // run is exit 2 naming why and --attention native.

@@ -1,0 +1,42 @@
+"""A Slurm cluster of four nodes on one machine for the multi-node tests (tests/lib/slurm_cluster.py,
+docs/jobs.md): each node a network namespace with its own host name and address on a bridge, one
+slurmd each, slurmctld and munged shared; started once for the session and removed at its end, every
+daemon, namespace and link, also when a test failed.
+
+Where it cannot run (Slurm not installed, not root, no iproute2) every test is skipped with the reason
+and pytest exits with 77, which ctest reports as skipped.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from slurm_cluster import NetnsNodes, Slurm, skip_unless_slurm_can_run  # noqa: E402
+
+SKIPPED_EXIT_CODE = 77
+NODES = 4
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Exit with 77 when every test was skipped, so that ctest shows the test as skipped."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = reporter.stats if reporter else {}
+    ran = sum(len(stats.get(k, [])) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
+    if stats.get("skipped") and ran == 0 and exitstatus == 0:
+        session.exitstatus = SKIPPED_EXIT_CODE
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    skip_unless_slurm_can_run(network=True)
+    root = tmp_path_factory.mktemp("cluster")
+    slurm = Slurm(root, NetnsNodes(NODES, root / "hosts"), cluster_name="pbmulti", cpus_per_node=4)
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+        left = slurm.network.leftovers()
+        assert not left, f"the test cluster left {left} behind"
