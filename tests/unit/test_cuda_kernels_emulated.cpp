@@ -89,6 +89,21 @@ class EmulatedKernels : public ::testing::Test {
     for (float& x : v) x = u(rng_);
     return v;
   }
+  // The fused cross-entropy kernel and the row sum against the CPU backend on logits z (rows Vp apart,
+  // V of them the vocabulary); returns the kernel's dlogits.
+  FVec check_fused_cross_entropy(const FVec& z, const std::vector<int32_t>& targets, int N, int V, int Vp,
+                                 float scale, const std::string& what) {
+    FVec logits = z, ref_logits = z;
+    std::vector<double> row_loss(N);
+    double loss = 0.5, ref_loss = 0.5;
+    launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<float>, logits.data(), row_loss.data(),
+           targets.data(), V, Vp, scale);
+    launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
+    cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, Vp, scale);
+    EXPECT_CLOSE(logits, ref_logits, what + " dlogits");
+    EXPECT_NEAR(loss, ref_loss, 1e-6 * std::abs(ref_loss)) << what;
+    return logits;
+  }
   std::mt19937 rng_{42};
   std::unique_ptr<Backend> cpu_ = make_cpu_backend(1);
 };
@@ -428,18 +443,11 @@ TEST_F(EmulatedKernels, CrossEntropy) {
   FVec z = random(std::size_t(N) * V, -8.0f, 8.0f);
   z[3] = 120.0f;  // a dominant logit
 
-  FVec logits = z, ref_logits = z;
-  std::vector<double> row_loss(N);
-  double loss = 0.5, ref_loss = 0.5;
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<float>, logits.data(), row_loss.data(), targets.data(), V,
-         V, scale);
-  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
-  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, V, scale);
-  EXPECT_CLOSE(logits, ref_logits, "cross-entropy dlogits");
-  EXPECT_NEAR(loss, ref_loss, 1e-6 * std::abs(ref_loss));
+  check_fused_cross_entropy(z, targets, N, V, V, scale, "cross-entropy");
 
   // Vocabulary-parallel steps; some targets in another rank's block.
   targets[0] = targets[4] = -1;
+  std::vector<double> row_loss(N);
   FVec logits2 = z, ref_logits2 = z, row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N);
   double loss2 = 0.0, ref_loss2 = 0.0;
   launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<float>, row_max.data(), logits2.data(), V, V);
@@ -470,15 +478,8 @@ TEST_F(EmulatedKernels, CrossEntropyPaddedVocabulary) {
   FVec z = random(std::size_t(N) * Vp, -4.0f, 4.0f);
   for (int n = 0; n < N; ++n) std::fill_n(z.begin() + std::size_t(n) * Vp + V, Vp - V, 500.0f);
 
-  FVec logits = z, ref_logits = z;
+  const FVec logits = check_fused_cross_entropy(z, targets, N, V, Vp, scale, "padded cross-entropy");
   std::vector<double> row_loss(N);
-  double loss = 0.0, ref_loss = 0.0;
-  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<float>, logits.data(), row_loss.data(), targets.data(), V,
-         Vp, scale);
-  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
-  cpu_->cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, Vp, scale);
-  EXPECT_CLOSE(logits, ref_logits, "padded cross-entropy dlogits");
-  EXPECT_NEAR(loss, ref_loss, 1e-6 * std::abs(ref_loss));
   for (int n = 0; n < N; ++n) {
     for (int i = V; i < Vp; ++i) ASSERT_EQ(logits[std::size_t(n) * Vp + i], 0.0f) << "padding, row " << n;
   }
