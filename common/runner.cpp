@@ -877,7 +877,8 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
 }
 
 namespace {
-// MPI_Finalize, bounded by PARABENCH_FINALIZE_TIMEOUT_S seconds (default 60; 0: unbounded). Everything
+// MPI_Finalize, bounded by PARABENCH_FINALIZE_TIMEOUT_S seconds (default 60; 0 or more than 10^6,
+// inf included: unbounded; anything else that is not a number: the default). Everything
 // the run reports is written and closed before it, so a process that cannot leave it exits with the
 // run's code instead of holding its allocation until the job's time limit: UCX's TCP transport (MPICH
 // ch4:ucx over Ethernet, UCX 1.13) hangs MPI_Finalize in about half of the 4-rank jobs of the test
@@ -888,9 +889,10 @@ void finalize_within_time_limit(const std::string& app, int exit_code) {
   if (const char* text = std::getenv("PARABENCH_FINALIZE_TIMEOUT_S")) {
     char* end = nullptr;
     const double value = std::strtod(text, &end);
-    if (end != text && *end == '\0' && value >= 0.0) limit = value;
+    if (end != text && *end == '\0' && value >= 0.0) limit = value;  // NaN fails the comparison
   }
-  if (limit == 0.0) {
+  std::fflush(nullptr);  // what stdio still holds, before anything can end the process
+  if (limit == 0.0 || limit > 1e6) {
     MPI_Finalize();
     return;
   }
@@ -899,7 +901,8 @@ void finalize_within_time_limit(const std::string& app, int exit_code) {
   bool done = false;
   std::thread guard([&] {
     std::unique_lock<std::mutex> lock(mutex);
-    if (finished.wait_for(lock, std::chrono::duration<double>(limit), [&] { return done; })) return;
+    const auto wait = std::chrono::milliseconds(static_cast<int64_t>(limit * 1000.0));
+    if (finished.wait_for(lock, wait, [&] { return done; })) return;
     std::fprintf(stderr,
                  "parabench-%s: warning: MPI_Finalize has not returned after %g s (an MPI transport that cannot "
                  "close its connections, e.g. UCX over TCP: openucx/ucx#8738); exiting with the run's code %d, "

@@ -27,6 +27,7 @@ namespace {
 
 constexpr int64_t kMaxSweepPoints = 100000;
 constexpr int kMaxRanks = 1 << 26;
+constexpr int64_t kMaxVocabDivisor = 1 << 20;  // keeps divisor × tp and the padded vocabulary far from overflow
 // Options that describe the invocation rather than a plan: never swept.
 const std::set<std::string> kNotSweepable = {"help", "version", "sweep", "format", "require-fit", "calibration",
                                              "search", "top"};
@@ -290,6 +291,10 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
     if (given("--gated-mlp")) a.gated_mlp = r.gated_mlp;
     if (given("--tied-embeddings")) a.tied_embeddings = r.tied_embeddings;
     a.vocab_divisor = r.vocab_divisor;
+    if (a.vocab_divisor > kMaxVocabDivisor) {
+      reject("--make-vocab-size-divisible-by " + std::to_string(a.vocab_divisor) + " must be at most " +
+             std::to_string(kMaxVocabDivisor));
+    }
     for (auto [name, value] : {std::pair{"--layers", a.layers}, {"--hidden", a.hidden}, {"--heads", a.heads},
                                {"--kv-heads", a.kv_heads}, {"--seq", a.seq}, {"--vocab", a.vocab}, {"--ffn", a.ffn},
                                {"--make-vocab-size-divisible-by", a.vocab_divisor}}) {

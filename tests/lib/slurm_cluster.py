@@ -22,7 +22,9 @@ the jobs (openucx/ucx#8738), after the run's outputs are written: PARABENCH_FINA
 5) bounds it.
 """
 
+import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -72,10 +74,16 @@ def skip_unless_slurm_can_run(network=False):
             pytest.skip(f"the multi-node test cluster needs {', '.join(missing)} (iproute2, util-linux)")
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count):
+    """`count` distinct ports free now (the sockets are held until all are chosen)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def tail(path, lines=40):
@@ -102,6 +110,8 @@ class NetnsNodes:
 
     SUBNET = "198.18.0"  # RFC 2544's benchmarking range: used only between these namespaces
     PREFIX = "pbt"
+    NAME = re.compile(r"^pbt(\d+)(n\d+|v\d+|br)$")  # ours: pbt<pid>n<k>, pbt<pid>v<k>, pbt<pid>br
+    LOCK = Path("/run/lock/parabench-test-cluster.lock")  # one cluster at a time: they share the subnet
 
     def __init__(self, count, hosts_file):
         self.count = count
@@ -115,24 +125,46 @@ class NetnsNodes:
         self.hosts_file = hosts_file
 
     @classmethod
+    def stale(cls, name):
+        """Whether `name` is one of ours whose session's process is gone (a killed test run)."""
+        match = cls.NAME.match(name)
+        return bool(match) and not Path(f"/proc/{match.group(1)}").exists()
+
+    @staticmethod
+    def kill_all_in(namespace):
+        """SIGKILL to every process in a network namespace, until none is left (or 10 s have passed)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = [int(p) for p in ip("netns", "pids", namespace, check=False).stdout.split()]
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    @classmethod
     def remove_stale(cls):
-        """The namespaces and bridges of sessions whose process is gone (a killed test run)."""
-        def stale(name):
-            digits = "".join(c for c in name[len(cls.PREFIX):] if c.isdigit())
-            pid = int(digits) if digits else 0
-            return pid > 0 and not Path(f"/proc/{pid}").exists()
-        done = ip("netns", "list", check=False)
-        for line in done.stdout.splitlines():
+        """What sessions that no longer run left behind: their namespaces (after killing what still
+        runs in them: daemons and job processes outlive a killed test run), veths and bridges."""
+        for line in ip("netns", "list", check=False).stdout.splitlines():
             name = line.split()[0] if line.split() else ""
-            if name.startswith(cls.PREFIX) and "n" in name[len(cls.PREFIX):] and stale(name.rsplit("n", 1)[0]):
+            if cls.stale(name):
+                cls.kill_all_in(name)
                 ip("netns", "delete", name, check=False)
-        done = ip("-o", "link", "show", "type", "bridge", check=False)
-        for line in done.stdout.splitlines():
-            name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
-            if name.startswith(cls.PREFIX) and name.endswith("br") and stale(name[:-2]):
+        for line in ip("-o", "link", "show", check=False).stdout.splitlines():
+            name = line.split(":")[1].strip().split("@")[0] if line.count(":") >= 2 else ""
+            if cls.stale(name):
                 ip("link", "delete", name, check=False)
 
     def create(self):
+        # One test cluster at a time on this machine (they share 198.18.0.0/24): the lock is held until
+        # remove(), and released by the kernel if the session dies.
+        self.LOCK.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = open(self.LOCK, "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.remove_stale()
         hosts = ["127.0.0.1 localhost", f"{self.controller_address} {socket.gethostname()}"]
         hosts += [f"{a} {n}" for a, n in zip(self.addresses, self.names)]
@@ -149,17 +181,27 @@ class NetnsNodes:
             ip("-n", ns, "link", "set", "lo", "up")
 
     def remove(self):
-        for ns in self.namespaces:
-            ip("netns", "delete", ns, check=False)  # its processes are gone by now (Slurm.stop)
-        for veth in self.veths:
-            ip("link", "delete", veth, check=False)  # deleted with the namespace, unless it never moved
-        ip("link", "delete", self.bridge, check=False)
+        try:
+            for ns in self.namespaces:
+                self.kill_all_in(ns)
+                ip("netns", "delete", ns, check=False)
+            for veth in self.veths:
+                ip("link", "delete", veth, check=False)  # deleted with the namespace, unless it never moved
+            ip("link", "delete", self.bridge, check=False)
+        finally:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.close()  # releases the flock
+                self.lock = None
 
     def leftovers(self):
-        """What of this cluster still exists (for the cleanup test)."""
-        left = [ns for ns in self.namespaces if ns in ip("netns", "list", check=False).stdout.split()]
+        """What of this cluster still exists (for the cleanup check): namespaces, links, processes."""
+        namespaces = ip("netns", "list", check=False).stdout.split()
+        left = [ns for ns in self.namespaces if ns in namespaces]
         links = ip("-o", "link", "show", check=False).stdout
         left += [name for name in [self.bridge, *self.veths] if f": {name}:" in links or f": {name}@" in links]
+        left += [f"pid {pid} in {ns}" for ns in left if ns in self.namespaces
+                 for pid in ip("netns", "pids", ns, check=False).stdout.split()]
         return left
 
     def command(self, k, argv):
@@ -168,11 +210,6 @@ class NetnsNodes:
         return ["nsenter", f"--net=/run/netns/{self.namespaces[k]}", "unshare", "--uts", "--mount",
                 "--propagation", "private", "sh", "-c", script, "node", str(self.hosts_file), self.names[k],
                 *map(str, argv)]
-
-    def pids(self, k):
-        """The processes in node k's network namespace (its slurmd, slurmstepd and job processes)."""
-        done = ip("netns", "pids", self.namespaces[k], check=False)
-        return [int(p) for p in done.stdout.split()]
 
     def rx_bytes(self, k):
         """Bytes the bridge received from node k (its veth's counter in the test's namespace)."""
@@ -249,6 +286,7 @@ class Slurm:
             node_lines = f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus_per_node} State=UNKNOWN\n"
             timeouts = ""
         node_list = ",".join(self.nodes)
+        ctld_port, slurmd_port = free_ports(2)
         (self.root / "spool").mkdir(exist_ok=True)
         for n in self.nodes:
             (self.root / "spool" / n).mkdir()
@@ -256,8 +294,8 @@ class Slurm:
 # Written by tests/lib/slurm_cluster.py for one test session.
 ClusterName={self.cluster_name}
 SlurmctldHost={self.host}({controller})
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -328,24 +366,24 @@ MailProg=/bin/true
 
     def kill_node(self, k):
         """Node k dies: SIGKILL to everything in its namespace (slurmd, slurmstepd, the job's ranks)."""
-        for pid in self.network.pids(k):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.network.kill_all_in(self.network.namespaces[k])
 
     def stop(self):
         """Cancels what is left, stops the daemons by their PIDs, and removes the network (if any)."""
         try:
-            if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-                subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=20)
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    done = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True,
-                                          timeout=10)
-                    if done.returncode != 0 or not done.stdout.strip():
-                        break
-                    time.sleep(0.5)
+            try:
+                if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+                    subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True,
+                                   timeout=20)
+                    deadline = time.monotonic() + 20
+                    while time.monotonic() < deadline:
+                        done = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True,
+                                              timeout=10)
+                        if done.returncode != 0 or not done.stdout.strip():
+                            break
+                        time.sleep(0.5)
+            except subprocess.TimeoutExpired:
+                pass  # a controller that no longer answers: its daemons are stopped below all the same
             for name in reversed(list(self.procs)):
                 proc = self.procs[name]
                 if proc.poll() is None:

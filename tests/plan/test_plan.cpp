@@ -124,6 +124,8 @@ TEST(ModelStates, VocabularyPaddedAsMegatronPadsIt) {
   EXPECT_EQ(unit_parameter_counts(tp4.config.memory.arch, 4)[0], tok_block + 1024 * h);
   EXPECT_EQ(rejection_of("--model gpt2-124m --make-vocab-size-divisible-by 0"),
             "--make-vocab-size-divisible-by 0 must be at least 1");
+  EXPECT_EQ(rejection_of("--model gpt2-124m --make-vocab-size-divisible-by 4294967296"),
+            "--make-vocab-size-divisible-by 4294967296 must be at most 1048576");
 }
 
 // ZeRO, figure 1 / section 5: Ψ = 7.5B, Nd = 64, K = 12: 120 GB (baseline), 31.4 GB (P_os),
