@@ -71,7 +71,9 @@ int64_t checked_product(const std::string& what, std::initializer_list<std::pair
 
 void check_derived_sizes(const Options& o) {
   const ModelConfig& m = o.model;
-  const int64_t b = o.micro_batch, S = m.seq, h = m.hidden, a = m.heads, f = m.ffn, L = m.layers;
+  const int64_t b = o.micro_batch, S = m.seq, h = m.hidden, a = m.heads, f = m.ffn, V = m.vocab, L = m.layers;
+  checked_product("the token embedding", {{"--vocab", V}, {"--hidden", h}});
+  checked_product("the logits of a micro-batch", {{"--micro-batch", b}, {"--seq", S}, {"--vocab", V}});
   // The vocabulary as stored, padded for as many tp ranks as there are ranks (at most).
   checked_product("the padded vocabulary", {{"--make-vocab-size-divisible-by", m.vocab_divisor}, {"ranks", o.world_size}});
   const int64_t Vp = m.padded_vocab(o.world_size);
