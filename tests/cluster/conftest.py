@@ -1,4 +1,4 @@
-"""A Slurm cluster of four nodes on one machine for the multi-node tests (tests/lib/slurm_cluster.py,
+"""A Slurm cluster of four nodes on one machine for the multi-node tests and sweeps (tests/lib/slurm_cluster.py,
 docs/jobs.md): each node a network namespace with its own host name and address on a bridge, one
 slurmd each, slurmctld and munged shared; started once for the session and removed at its end, every
 daemon, namespace and link, also when a test failed.

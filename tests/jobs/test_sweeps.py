@@ -137,7 +137,7 @@ def test_shard_and_strategy_points():
 
 @pytest.mark.parametrize("args, message", [
     (["nosuch", "--cluster", "local"], "unknown sweep 'nosuch'; known sweeps: micro-batch shard strategy"),
-    (["shard", "--cluster", "nosuch"], "unknown cluster 'nosuch': no jobs/clusters/nosuch.env (profiles: example local)"),
+    (["shard", "--cluster", "nosuch"], "unknown cluster 'nosuch': no jobs/clusters/nosuch.env (profiles: example local netns-test)"),
     (["shard"], "name the cluster profile: --cluster NAME"),
     (["micro-batch", "--cluster", "local", "--app", "moe"], "unknown app 'moe'; known apps: dp fsdp tp pp ep cp hybrid"),
     (["micro-batch", "--cluster", "local", "--values", "1,0"], "micro-batch '0' is not a positive number"),

@@ -1,0 +1,103 @@
+"""jobs/submit on the four-node test cluster (tests/cluster/conftest.py) with its profile,
+jobs/clusters/netns-test.env (2 ranks per node, 2 nodes per job, at most 4):
+
+  weak-scaling  parabench-dp on 1, 2 and 4 nodes (--nodes 1,2,4): three job arrays of one point each,
+                2, 4 and 8 ranks
+  micro-batch   two points (micro-batch 1, 2) in one job array of 2-node jobs
+
+Every job ends COMPLETED with exit 0, and each point's result file records its node count, the host
+names of its ranks (2 per node, distinct nodes) and each rank's local rank.
+"""
+
+import re
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from slurm_cluster import BUILD_DIR, REPO
+
+APP_ARGS = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "67",
+            "--steps", "3", "--warmup", "1"]
+WAIT_S = 300
+
+
+def text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def submit(cluster, out, sweep, *options):
+    cmd = [REPO / "jobs" / "submit", sweep, "--cluster", "netns-test", "--out", out, *options, "--", *APP_ARGS]
+    done = cluster.run(*cmd, timeout=60)
+    assert "submit: job " in done.stderr, done.stderr
+    lines = (out / "jobs.tsv").read_text().splitlines()
+    return [line.split("\t")[0] for line in lines[1:]]
+
+
+def records(cluster, job):
+    done = cluster.run("scontrol", "-o", "show", "job", job)
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in done.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sweeps(cluster, tmp_path_factory):
+    if not (BUILD_DIR / "bench" / "dp" / "parabench-dp").is_file():
+        pytest.fail(f"{BUILD_DIR}/bench/dp/parabench-dp does not exist: build the project first")
+    base = tmp_path_factory.mktemp("sweeps")
+    dirs = {"weak-scaling": base / "weak-scaling", "micro-batch": base / "micro-batch"}
+    jobs = {"weak-scaling": submit(cluster, dirs["weak-scaling"], "weak-scaling", "--nodes", "1,2,4", "--app", "dp"),
+            "micro-batch": submit(cluster, dirs["micro-batch"], "micro-batch", "--values", "1,2")}
+    ids = [job for js in jobs.values() for job in js]
+    deadline = time.monotonic() + WAIT_S
+    while (queue := cluster.run("squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)).stdout.strip()):
+        if time.monotonic() > deadline:
+            cluster.run("scancel", *ids, check=False)
+            pytest.fail(f"the sweeps did not finish within {WAIT_S} s; still queued:\n{queue}\n" + cluster.diagnostics())
+        time.sleep(1)
+    return {"dirs": dirs, "records": {name: [r for job in js for r in records(cluster, job)]
+                                      for name, js in jobs.items()}}
+
+
+def results(sweep_dir):
+    """Every point's result file under a sweep's folder: {point label: what /system says}."""
+    found = {}
+    for path in sorted(Path(sweep_dir).glob("*/*.h5")):
+        with h5py.File(path, "r") as f:
+            found[path.parent.name] = {
+                "status": text(f.attrs["status"]),
+                "nodes": int(f["system"].attrs["nodes"]),
+                "hostnames": [text(h) for h in f["system/hostnames"][()]],
+                "local_ranks": f["system/local_ranks"][()].tolist(),
+            }
+    return found
+
+
+def test_every_job_completed(sweeps):
+    for sweep, recs in sweeps["records"].items():
+        assert recs, sweep
+        for r in recs:
+            assert (r.get("JobState"), r.get("ExitCode")) == ("COMPLETED", "0:0"), (sweep, r)
+
+
+def test_weak_scaling_over_one_two_and_four_nodes(sweeps):
+    recs = sweeps["records"]["weak-scaling"]
+    assert sorted(int(r["NumNodes"]) for r in recs) == [1, 2, 4]
+    points = results(sweeps["dirs"]["weak-scaling"])
+    assert sorted(p["nodes"] for p in points.values()) == [1, 2, 4], points
+    for label, p in points.items():
+        n = p["nodes"]
+        assert p["status"] == "complete", label
+        assert len(p["hostnames"]) == 2 * n and len(set(p["hostnames"])) == n, (label, p)
+        assert all(h.startswith("pbnode") for h in p["hostnames"]), (label, p)
+        assert p["local_ranks"] == [0, 1] * n, (label, p)
+
+
+def test_a_job_array_of_two_node_jobs(sweeps):
+    recs = sweeps["records"]["micro-batch"]
+    assert len(recs) == 2 and len({r["ArrayJobId"] for r in recs}) == 1, recs  # one array, two tasks
+    assert all(int(r["NumNodes"]) == 2 for r in recs), recs
+    points = results(sweeps["dirs"]["micro-batch"])
+    assert len(points) == 2, points
+    for label, p in points.items():
+        assert p["status"] == "complete" and p["nodes"] == 2 and len(set(p["hostnames"])) == 2, (label, p)
