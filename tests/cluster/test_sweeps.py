@@ -6,7 +6,8 @@ jobs/clusters/netns-test.env (2 ranks per node, 2 nodes per job, at most 4):
   micro-batch   two points (micro-batch 1, 2) in one job array of 2-node jobs
 
 Every job ends COMPLETED with exit 0, and each point's result file records its node count, the host
-names of its ranks (2 per node, distinct nodes) and each rank's local rank.
+names of its ranks (2 per node, distinct nodes) and each rank's local rank. And parabench-micro on 2
+nodes × 2 ranks times send_recv within a node and across the nodes as two tables.
 """
 
 import re
@@ -101,3 +102,33 @@ def test_a_job_array_of_two_node_jobs(sweeps):
     assert len(points) == 2, points
     for label, p in points.items():
         assert p["status"] == "complete" and p["nodes"] == 2 and len(set(p["hostnames"])) == 2, (label, p)
+
+
+def test_micro_reports_intra_and_inter_node_pairs_apart(cluster, tmp_path):
+    """parabench-micro on 2 nodes × 2 ranks: send_recv between rank 0 and the other rank of its node,
+    and between rank 0 and the first rank of the other node, in two tables."""
+    micro = BUILD_DIR / "bench" / "micro" / "parabench-micro"
+    if not micro.is_file():
+        pytest.skip("parabench-micro is not built (Google Benchmark not found)")
+    out = tmp_path / "micro.h5"
+    command = (f"srun {micro} --benchmark_filter=coll/mpi/send_recv_ --benchmark_min_time=0.001 "
+               f"--max-bytes 4K --out {out}")
+    done = cluster.run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--time=3",
+                       f"--output={tmp_path / 'slurm-%j.out'}", "--wrap", command)
+    job = done.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while cluster.run("squeue", "-h", "-j", job).stdout.strip():
+        if time.monotonic() > deadline:
+            cluster.run("scancel", job, check=False)
+            pytest.fail(f"job {job} did not end within 120 s\n" + cluster.diagnostics())
+        time.sleep(0.5)
+    (record,) = records(cluster, job)
+    log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log
+    with h5py.File(out, "r") as f:
+        tables = f["micro/collectives"]
+        assert sorted(tables) == ["send_recv_inter", "send_recv_intra"], list(tables)
+        for name, nodes in (("send_recv_intra", 1), ("send_recv_inter", 2)):  # the nodes the pair spans
+            group = tables[name]
+            assert group.attrs["nodes"] == nodes and group.attrs["ranks"] == 2, (name, dict(group.attrs))
+            assert len(group["bytes"][()]) > 0 and not group["errors"][()].any(), name
