@@ -104,9 +104,9 @@ def ip(*args, check=True):
 class NetnsNodes:
     """`count` nodes in network namespaces on one bridge. Names carry the creating process's id (the
     kernel's interface names are at most 15 characters: "pbt<pid>br", "pbt<pid>v<k>", namespaces
-    "pbt<pid>n<k>"), so concurrent sessions never collide, and `remove_stale` deletes what a session
-    that no longer runs left behind. `remove` deletes the namespaces (their veth ends with them) and
-    the bridge, whatever `create` got to."""
+    "pbt<pid>n<k>"), so that `remove_stale` can tell what a session that no longer runs left behind; a
+    lock lets one session at a time use the subnet. `remove` kills what runs in the namespaces, deletes
+    them (their veth ends with them), the veths and the bridge, whatever `create` got to."""
 
     SUBNET = "198.18.0"  # RFC 2544's benchmarking range: used only between these namespaces
     PREFIX = "pbt"
