@@ -41,10 +41,7 @@ struct ArchSpec {
   int64_t head_dim() const { return hidden / heads; }
   int64_t qkv_width() const { return hidden + 2 * kv_heads * head_dim(); }  // [Q | K | V]
   int64_t mlp_in_width() const { return gated_mlp ? 2 * ffn : ffn; }
-  int64_t padded_vocab(int64_t tp = 1) const {
-    const int64_t multiple = vocab_divisor * tp;
-    return (vocab + multiple - 1) / multiple * multiple;
-  }
+  int64_t padded_vocab(int64_t tp = 1) const { return padded_vocab_size(vocab, vocab_divisor, tp); }
 };
 ArchSpec arch_from_model(const ModelConfig& model);  // the trained GPT of SPEC section 2
 

@@ -15,6 +15,13 @@ class App;
 
 namespace pb {
 
+// The vocabulary as stored (SPEC 2, Megatron-LM's padding): the smallest multiple of divisor · tp that
+// is at least vocab.
+inline int64_t padded_vocab_size(int64_t vocab, int64_t divisor, int64_t tp) {
+  const int64_t multiple = divisor * tp;
+  return (vocab + multiple - 1) / multiple * multiple;
+}
+
 struct ModelConfig {
   std::string name = "small";
   int layers = 0, hidden = 0, heads = 0, seq = 0, vocab = 0, ffn = 0;
@@ -23,10 +30,7 @@ struct ModelConfig {
   // parallel rank's block stay aligned. The padding is zero and masked out of the loss.
   int vocab_divisor = 128;
   int head_dim() const { return hidden / heads; }
-  int64_t padded_vocab(int tp = 1) const {
-    const int64_t multiple = static_cast<int64_t>(vocab_divisor) * tp;
-    return (vocab + multiple - 1) / multiple * multiple;
-  }
+  int64_t padded_vocab(int tp = 1) const { return padded_vocab_size(vocab, vocab_divisor, tp); }
 };
 
 // Looks up a preset of SPEC section 4; false when unknown.
