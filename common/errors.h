@@ -42,6 +42,12 @@ void set_abort_hook(std::function<void(const std::string& message)> hook);
 
 std::string mpi_error_string(int code);
 
+// MPI_Finalize, bounded by PARABENCH_FINALIZE_TIMEOUT_S seconds (default 60; 0 or more than 10^6,
+// inf included: unbounded; anything else that is not a number: the default). Called after everything
+// the process reports is written and closed: one that cannot leave MPI_Finalize warns, naming
+// `program`, and exits with `exit_code` instead of holding its allocation until the job's time limit.
+void finalize_mpi_within_time_limit(const std::string& program, int exit_code);
+
 }  // namespace pb
 
 #define PB_MPI_CHECK(call)                                                                      \

@@ -5,8 +5,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cerrno>
 #include <cmath>
 #include <csignal>
@@ -14,10 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#include <mutex>
 #include <numeric>
 #include <sstream>
-#include <thread>
 
 #include "common/data.h"
 #include "common/errors.h"
@@ -876,51 +872,6 @@ void Strategy::run_micro_batches(Runtime& rt, const StepBatches& batches) {
   }
 }
 
-namespace {
-// MPI_Finalize, bounded by PARABENCH_FINALIZE_TIMEOUT_S seconds (default 60; 0 or more than 10^6,
-// inf included: unbounded; anything else that is not a number: the default). Everything
-// the run reports is written and closed before it, so a process that cannot leave it exits with the
-// run's code instead of holding its allocation until the job's time limit: UCX's TCP transport (MPICH
-// ch4:ucx over Ethernet, UCX 1.13) hangs MPI_Finalize in about half of the 4-rank jobs of the test
-// cluster, one rank waiting to close a connection whose peer already waits in the PMI barrier and no
-// longer progresses it (openucx/ucx#8738).
-void finalize_within_time_limit(const std::string& app, int exit_code) {
-  double limit = 60.0;
-  if (const char* text = std::getenv("PARABENCH_FINALIZE_TIMEOUT_S")) {
-    char* end = nullptr;
-    const double value = std::strtod(text, &end);
-    if (end != text && *end == '\0' && value >= 0.0) limit = value;  // NaN fails the comparison
-  }
-  std::fflush(nullptr);  // what stdio still holds, before anything can end the process
-  if (limit == 0.0 || limit > 1e6) {
-    MPI_Finalize();
-    return;
-  }
-  std::mutex mutex;
-  std::condition_variable finished;
-  bool done = false;
-  std::thread guard([&] {
-    std::unique_lock<std::mutex> lock(mutex);
-    const auto wait = std::chrono::milliseconds(static_cast<int64_t>(limit * 1000.0));
-    if (finished.wait_for(lock, wait, [&] { return done; })) return;
-    std::fprintf(stderr,
-                 "parabench-%s: warning: MPI_Finalize has not returned after %g s (an MPI transport that cannot "
-                 "close its connections, e.g. UCX over TCP: openucx/ucx#8738); exiting with the run's code %d, "
-                 "its outputs complete\n",
-                 app.c_str(), limit, exit_code);
-    std::fflush(stderr);
-    std::_Exit(exit_code);
-  });
-  MPI_Finalize();
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    done = true;
-  }
-  finished.notify_one();
-  guard.join();
-}
-}  // namespace
-
 int run_app(int argc, char** argv, const AppDefinition& app) {
   disable_hdf5_exit_handler();
   int provided = 0;
@@ -977,7 +928,7 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
       }
     }
   }
-  finalize_within_time_limit(app.name, exit_code);
+  finalize_mpi_within_time_limit("parabench-" + app.name, exit_code);
   return exit_code;
 }
 

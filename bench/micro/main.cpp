@@ -361,6 +361,6 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     pb::abort_job(pb::kExitRuntime, __FILE__, __LINE__, "parabench-micro", e.what());
   }
-  MPI_Finalize();
+  pb::finalize_mpi_within_time_limit("parabench-micro", code);
   return code;
 }
