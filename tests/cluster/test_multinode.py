@@ -12,7 +12,8 @@ the job, MPICH ranks of different nodes talking TCP over the bridge and ranks of
   and its device index (-1: the CPU backend), and the bridge carried the run's inter-node messages.
 * A node that dies mid-job (its slurmd and ranks killed) ends the job (NODE_FAIL, or FAILED with a
   non-zero code); the result file stays readable, its finished steps kept, status not `complete`
-  (the ranks were killed; nothing could finish it), and Slurm's record of the failure is kept beside it.
+  (the ranks were killed; nothing could finish it), and jobs/submit's record job keeps Slurm's record
+  of the failure beside it.
 """
 
 import os
@@ -24,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 
-from slurm_cluster import BUILD_DIR
+from slurm_cluster import BUILD_DIR, REPO
 
 SHAPE = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "67"]
 STEPS = 4
@@ -182,37 +183,66 @@ def test_app_on_two_nodes_matches_single_rank(layout, cluster, reference, tmp_pa
 
 
 def test_a_node_failure_ends_the_job_and_keeps_the_records(cluster, tmp_path):
-    """pbnode4 dies (its slurmd, slurmstepd and ranks killed) while a 2-node dp job trains there and on
-    pbnode3. Slurm ends the job as NODE_FAIL once it notices the node (SlurmdTimeout=10), or as FAILED
-    with a non-zero code when srun sees the node's tasks die first."""
-    out = tmp_path / "run.h5"
-    record_file = tmp_path / "slurm_job.txt"
-    command = " ".join(map(str, ["srun", binary("dp"), *SHAPE, "--steps", "100000", "--warmup", "1",
-                                 "--global-batch", "4", "--quiet", "--out", out]))
-    job = submit(cluster, tmp_path, command, nodes=2, tasks_per_node=2,
-                 extra=["--nodelist=pbnode3,pbnode4", "--no-requeue"])
-    k = cluster.nodes.index("pbnode4")
+    """A 2-node dp job submitted as users submit sweeps (jobs/submit, profile netns-test) trains; its
+    second node dies (its slurmd, slurmstepd and ranks killed). Slurm ends the job as NODE_FAIL once it
+    notices the node (SlurmdTimeout=10), or as FAILED with a non-zero code when srun sees the node's
+    tasks die first; jobs/submit's record job then keeps that record beside the result."""
+    sweep_dir = tmp_path / "sweep"
+    done = cluster.run(REPO / "jobs" / "submit", "micro-batch", "--cluster", "netns-test", "--values", "1",
+                       "--app", "dp", "--out", sweep_dir, "--", *SHAPE, "--steps", "100000", "--warmup", "1",
+                       "--quiet", timeout=60)  # one point on the profile's 2 nodes x 2 ranks
+    assert "submit: job " in done.stderr, done.stderr
+    (line,) = (sweep_dir / "jobs.tsv").read_text().splitlines()[1:]
+    array, _, label = line.split("\t")
+    job = f"{array}_0"
+    recorder = (sweep_dir / "record_job.txt").read_text().strip()
+    point = sweep_dir / label
+    state = {}
 
     def training():
         record = job_record(cluster, job)
         if ended(record):
-            pytest.fail(f"job {job} ended before pbnode4 was killed: {record}")
+            pytest.fail(f"job {job} ended before a node was killed: {record}\n" + cluster.diagnostics())
+        state["nodes"] = record.get("NodeList", "")
         try:
+            (out,) = point.glob("*.h5")
             with h5py.File(out, "r") as f:
                 return int(f["steps"].attrs.get("finished", 0)) >= 2
         except Exception:  # not created yet, or caught between two writes (no SWMR): look again
             return False
 
+    k = None
     try:
         cluster.wait_for(training, 60, f"job {job} to finish two steps")
+        nodes = [n for n in cluster.nodes if re.search(rf"\b{n}\b", expand_nodelist(state["nodes"]))]
+        assert len(nodes) == 2, state
+        k = cluster.nodes.index(nodes[1])
         cluster.kill_node(k)
-        record, _ = wait_for_job(cluster, tmp_path, job, seconds=90)
-        record_file.write_text(cluster.run("scontrol", "show", "job", job).stdout)  # kept beside the result
+        record, _ = wait_for_job(cluster, sweep_dir, job, seconds=90)
         failed = record["JobState"] == "FAILED" and record["ExitCode"] != "0:0"
         assert record["JobState"] == "NODE_FAIL" or failed, record
+        (out,) = point.glob("*.h5")
         with h5py.File(out, "r") as f:  # readable, its finished steps kept
             assert text(f.attrs["status"]) != "complete"
             assert int(f["steps"].attrs["finished"]) >= 2
-        assert f"JobState={record['JobState']}" in record_file.read_text()
+        # The record job runs on a node that is still up, once the job has ended.
+        wait_for_job(cluster, sweep_dir, recorder, seconds=60)
+        end = (point / "slurm_job_end.txt").read_text()
+        assert f"JobState={record['JobState']} " in end, end
+        (row,) = (sweep_dir / "jobs_end.tsv").read_text().splitlines()[1:]
+        assert row.split("\t")[:4] == [label, job, record["JobState"], record["ExitCode"]], row
     finally:  # the node back (its slurmd started again) for whatever runs after this test
-        cluster.restart_node(k)
+        if k is not None:
+            cluster.restart_node(k)
+
+
+def expand_nodelist(nodelist):
+    """pbnode[3-4] or pbnode[1,3] or pbnode2 as "pbnode3 pbnode4" (the test cluster's one-prefix names)."""
+    match = re.fullmatch(r"(\w+)\[([\d,-]+)\]", nodelist)
+    if not match:
+        return nodelist
+    names = []
+    for part in match.group(2).split(","):
+        first, _, last = part.partition("-")
+        names += [f"{match.group(1)}{i}" for i in range(int(first), int(last or first) + 1)]
+    return " ".join(names)

@@ -49,7 +49,8 @@ def sweeps(cluster, tmp_path_factory):
     dirs = {"weak-scaling": base / "weak-scaling", "micro-batch": base / "micro-batch"}
     jobs = {"weak-scaling": submit(cluster, dirs["weak-scaling"], "weak-scaling", "--nodes", "1,2,4", "--app", "dp"),
             "micro-batch": submit(cluster, dirs["micro-batch"], "micro-batch", "--values", "1,2")}
-    ids = [job for js in jobs.values() for job in js]
+    recorders = [(d / "record_job.txt").read_text().strip() for d in dirs.values()]
+    ids = [job for js in jobs.values() for job in js] + recorders
     deadline = time.monotonic() + WAIT_S
     while (queue := cluster.run("squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)).stdout.strip()):
         if time.monotonic() > deadline:
@@ -102,6 +103,23 @@ def test_a_job_array_of_two_node_jobs(sweeps):
     assert len(points) == 2, points
     for label, p in points.items():
         assert p["status"] == "complete" and p["nodes"] == 2 and len(set(p["hostnames"])) == 2, (label, p)
+
+
+def test_each_point_keeps_slurm_record_of_its_end(sweeps):
+    """jobs/lib/record-jobs.sh, run by the job that waits for a sweep's arrays, wrote one line per
+    point to jobs_end.tsv and Slurm's record of its array task to <label>/slurm_job_end.txt."""
+    for sweep, recs in sweeps["records"].items():
+        sweep_dir = sweeps["dirs"][sweep]
+        lines = (sweep_dir / "jobs_end.tsv").read_text().splitlines()
+        assert lines[0].split("\t") == ["label", "job", "state", "exit_code", "nodes", "reason"]
+        ends = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+        assert set(ends) == set(results(sweep_dir)), (sweep, ends)
+        by_task = {f"{r['ArrayJobId']}_{r['ArrayTaskId']}": r for r in recs}
+        for label, (_, job, state, exit_code, nodes, _) in ends.items():
+            assert job in by_task, (sweep, label, job)
+            assert (state, exit_code, nodes) == ("COMPLETED", "0:0", by_task[job]["NodeList"]), (sweep, label)
+            end = (sweep_dir / label / "slurm_job_end.txt").read_text()
+            assert f"JobId={by_task[job]['JobId']} " in end and "JobState=COMPLETED " in end, end
 
 
 def test_micro_reports_intra_and_inter_node_pairs_apart(cluster, tmp_path):

@@ -193,7 +193,14 @@ def test_submit_quotes_an_awkward_out_and_tag_in_sbatch_lines_and_in_the_shell(b
                    "--tag", tag, "--", *app_args)
     assert done.returncode == 0, done.stderr
     script_path = out / "array-1.sbatch"
-    assert box.sbatch_log.read_text().splitlines()[-1] == str(script_path)
+    calls = box.sbatch_log.read_text().splitlines()
+    array_call = calls.index(str(script_path))
+    # Then the record job, after the array, with the directory as one argument (and in --output).
+    record_call = calls[array_call + 1:]
+    assert "--dependency=afterany:4242" in record_call
+    assert record_call[record_call.index("--output") + 1] == str(out).replace("%", "%%") + "/record-%j.out"
+    assert record_call[-2:] == [str(box.root / "jobs" / "lib" / "record-jobs.sh"), str(out)]
+    assert (out / "record_job.txt").read_text() == "4242\n"
     script = script_path.read_text()
 
     opts = options(script)  # sbatch reads one argument per line, the whole directory in --output
@@ -215,6 +222,39 @@ def test_submit_quotes_an_awkward_out_and_tag_in_sbatch_lines_and_in_the_shell(b
     assert args[args.index("--out") + 1] == f"{out}/b1"
     assert args[-len(app_args):] == app_args
     assert (out / "b1" / "command.txt").is_file() and (out / "b1" / "cluster.env").is_file()
+
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# Stand-in for scontrol: a record for array task 4242_0 (a node failure) and none for 4242_1 (purged).
+case "$*" in
+  "show config") echo "AccountingStorageType   = accounting_storage/none" ;;
+  *4242_0) echo "JobId=4243 ArrayJobId=4242 ArrayTaskId=0 JobName=pb JobState=NODE_FAIL Reason=NodeDown" \
+                "ExitCode=0:15 DerivedExitCode=0:0 NodeList=n[1-2]" ;;
+  *) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+esac
+"""
+
+
+def test_record_jobs_keeps_each_points_end_and_says_which_record_is_gone(box):
+    """jobs/lib/record-jobs.sh over a sweep directory with an awkward name (fake scontrol): the node
+    failure's fields in jobs_end.tsv and its whole record beside the point's result; the purged one
+    named in a warning, in its file and in the exit code; nothing in the directory's name ran."""
+    planted = f"$(touch {box.marker}) `touch {box.marker}`; touch {box.marker}"
+    out = box.tmp / f"my sweep 'one' #3 100% {planted}"
+    out.mkdir(parents=True)
+    (out / "jobs.tsv").write_text("job\tscript\tlabels\n4242\tarray-1.sbatch\tb1 b2\n")
+    (box.bin / "scontrol").write_text(FAKE_SCONTROL)
+    (box.bin / "scontrol").chmod(0o755)
+    done = box.run(box.root / "jobs" / "lib" / "record-jobs.sh", out)
+    assert done.returncode == 1, done.stderr
+    assert "no record of job 4242_1 (b2)" in done.stderr
+    rows = [line.split("\t") for line in (out / "jobs_end.tsv").read_text().splitlines()]
+    assert rows == [["label", "job", "state", "exit_code", "nodes", "reason"],
+                    ["b1", "4242_0", "NODE_FAIL", "0:15", "n[1-2]", "NodeDown"],
+                    ["b2", "4242_1", "", "", "", ""]]
+    assert "JobState=NODE_FAIL " in (out / "b1" / "slurm_job_end.txt").read_text()
+    assert "Invalid job id" in (out / "b2" / "slurm_job_end.txt").read_text()
+    assert not box.marker.exists()
 
 
 def test_submit_refuses_a_backslash_in_out(box):
