@@ -10,7 +10,7 @@ debian_packages=(
   libopenblas-dev libopenblas-openmp-dev libdnnl-dev
   libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy python3-h5py python3-torch python3-pytest python3-matplotlib python3-pandas shellcheck
+  python3-numpy python3-h5py python3-torch python3-pytest python3-matplotlib python3-pandas python3-venv shellcheck
   slurm-wlm munge
 )
 
@@ -42,6 +42,21 @@ PY
   fi
   rm -rf "$tmp"
 }
+# ReFrame 4 (reframe-hpc on PyPI) for jobs/reframe's checks and their test, in its own virtual
+# environment (third_party/reframe, ignored by git), once. Without PyPI the ReFrame tests say so and skip.
+reframe_version=4.10.4
+install_reframe() {
+  local venv=third_party/reframe
+  [[ -x $venv/bin/reframe ]] && "$venv/bin/reframe" --version 2>/dev/null | grep -qx "$reframe_version" && return 0
+  rm -rf "$venv"
+  if /usr/bin/python3 -m venv "$venv" 2>/dev/null &&
+     "$venv/bin/python" -m pip install -q --disable-pip-version-check "reframe-hpc==$reframe_version" 2>/dev/null; then
+    echo "setup: ReFrame $reframe_version in $venv"
+  else
+    rm -rf "$venv"
+    echo "setup: ReFrame could not be installed from PyPI: the ReFrame tests will be skipped" >&2
+  fi
+}
 cd "$(dirname "$0")/.."
 fetch_cudnn_frontend
 
@@ -52,6 +67,7 @@ done
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup: every package is installed"
+  install_reframe
   exit 0
 fi
 
@@ -63,7 +79,7 @@ HDF5 (serial C library), a BLAS (OpenBLAS or MKL), CMake >= 3.25 and a C++17 com
 oneDNN (bf16 matrix products on the CPU; without it --dtype bf16 there runs sgemm on rounded operands),
 then configure with CLI11 and nlohmann_json found on CMAKE_PREFIX_PATH (both header-only).
 Tests also need GoogleTest, and python3 with numpy, h5py, pandas, matplotlib and torch; the
-Slurm test (slurm-wlm, munge) skips itself without root.
+Slurm test (slurm-wlm, munge) skips itself without root; jobs/reframe needs ReFrame 4 (pip install reframe-hpc).
 MSG
   exit 1
 fi
@@ -72,4 +88,5 @@ echo "setup: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+install_reframe
 echo "setup: done"

@@ -60,6 +60,8 @@ sweep_options_help() {
   --tag TEXT         added to the tag each point stores (sweep=SWEEP point=LABEL)
   --out DIR          the sweep's directory (default results/sweeps/SWEEP_CLUSTER_<UTC time>)
   --dry-run          print what would run, run nothing
+  --points           print the points (points.tsv: index, label, app, nodes, ranks per node,
+                     shell-quoted app arguments) on stdout, run nothing (jobs/reframe reads them)
 EOF
 }
 
@@ -151,7 +153,7 @@ sweep_parse() {
   local usage_fn=$1 opt value
   shift
   sweep='' profile_name=${PB_CLUSTER:-} profile_from=PB_CLUSTER sweep_app='' sweep_values='' sweep_ranks='' sweep_nodes=''
-  sweep_tp='' sweep_pp='' sweep_ep='' sweep_cp='' sweep_experts='' sweep_top_k='' sweep_tag='' sweep_out='' dry_run=0
+  sweep_tp='' sweep_pp='' sweep_ep='' sweep_cp='' sweep_experts='' sweep_top_k='' sweep_tag='' sweep_out='' dry_run=0 list_points=0
   sweep_gpu_memory=''  # the layout sweep's --gpu-memory
   app_args=()
   while [[ $# -gt 0 ]]; do
@@ -159,6 +161,7 @@ sweep_parse() {
     case $opt in
       -h|--help) "$usage_fn"; exit 0 ;;
       --dry-run) dry_run=1; shift; continue ;;
+      --points) list_points=1; shift; continue ;;
       --) shift; app_args=("$@"); break ;;
       --*=*) value=${opt#*=}; opt=${opt%%=*}; shift ;;
       --*)
@@ -516,14 +519,12 @@ sweep_points() {
   esac
 }
 
-# Writes the points as a table, one line per point, to file $1 (the sweep's points.tsv).
+# Prints the points as a table, one line per point (the sweep's points.tsv).
 write_points() {
   local i
-  {
-    printf 'index\tlabel\tapp\tnodes\tranks_per_node\targs\n'
-    for i in "${!point_label[@]}"; do
-      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "${point_label[i]}" "${point_app[i]}" "${point_nodes[i]}" \
-        "${point_tasks[i]}" "${point_args[i]}"
-    done
-  } >"$1"
+  printf 'index\tlabel\tapp\tnodes\tranks_per_node\targs\n'
+  for i in "${!point_label[@]}"; do
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "${point_label[i]}" "${point_app[i]}" "${point_nodes[i]}" \
+      "${point_tasks[i]}" "${point_args[i]}"
+  done
 }
