@@ -606,3 +606,21 @@ def test_run_local_layout_sweep_runs_the_planners_fastest_layouts_and_reports_th
     assert sorted(line.split(" | ")[1] for line in table) == ["1", "2"]  # both planned ranks (rows in measured order)
     assert list((out / "report" / "plots").glob("layouts_*.png"))
 
+
+
+def test_points_lists_what_the_job_arrays_run_and_nothing_else(tmp_path):
+    """--points (what jobs/reframe builds its checks from): points.tsv's table on stdout, the same points
+    as the rendered job arrays, from jobs/submit and jobs/run-local alike, and no folder written."""
+    options = ["strategy", "--cluster", "example", "--values", "dp,tp,ep", "--out", tmp_path / "sweep"]
+    done = run([SUBMIT, *options, "--points", "--", "--model", "tiny", "--note", "a b"])
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert rows[0] == ["index", "label", "app", "nodes", "ranks_per_node", "args"]
+    assert [r[:5] for r in rows[1:]] == [["0", "dp", "dp", "1", "4"], ["1", "tp4", "tp", "1", "4"],
+                                        ["2", "ep4", "ep", "1", "4"]]
+    (script,) = dry_run("strategy", "--cluster", "example", "--values", "dp,tp,ep",
+                        app_args=["--model", "tiny", "--note", "a b"]).values()
+    assert [(r[2], r[1], r[5]) for r in rows[1:]] == points(script)
+    local = run([RUN_LOCAL, "--sweep", *options, "--points", "--", "--model", "tiny", "--note", "a b"])
+    assert local.returncode == 0 and local.stdout == done.stdout, local.stderr
+    assert not (tmp_path / "sweep").exists()
