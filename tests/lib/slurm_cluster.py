@@ -22,6 +22,7 @@ the jobs (openucx/ucx#8738), after the run's outputs are written: PARABENCH_FINA
 5) bounds it.
 """
 
+import ctypes
 import fcntl
 import os
 import re
@@ -29,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +55,13 @@ def pytest_sessionfinish(session, exitstatus):
     ran = sum(len(stats.get(k, [])) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
     if stats.get("skipped") and ran == 0 and exitstatus == 0:
         session.exitstatus = SKIPPED_EXIT_CODE
+
+
+def die_with_parent():
+    """In a daemon between fork and exec: SIGKILL when the test process ends, however it ends
+    (PR_SET_PDEATHSIG), so that a killed test session leaves no daemon behind."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def find_program(name):
@@ -259,6 +268,10 @@ class Slurm:
         return "\n".join(parts)
 
     def start(self):
+        """Starts the daemons (and the network). From here until stop(), SIGTERM and SIGHUP end the test
+        session as Ctrl-C does, so that pytest tears the fixtures down and stop() removes everything; and
+        each daemon dies with the test process should it be killed outright (SIGKILL)."""
+        self.stop_on_signals()
         munge = self.root / "munge"
         for sub in ("munge", "state", "spool", "log"):
             (self.root / sub).mkdir()
@@ -350,8 +363,18 @@ MailProg=/bin/true
     def spawn(self, name, cmd):
         log = open(self.root / "log" / f"{name}.stdout", "w")
         self.procs[name] = subprocess.Popen([str(c) for c in cmd], env=self.env, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=die_with_parent)
         log.close()
+
+    def stop_on_signals(self):
+        """SIGTERM and SIGHUP raise KeyboardInterrupt in the test session (pytest then runs the fixtures'
+        teardown, and with it stop()); the handlers before are restored by stop()."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        def interrupt(signum, _frame):
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}: stopping the test cluster")
+        self.previous_handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
     def wait_for(self, condition, seconds, what, daemons_must_run=True):
         deadline = time.monotonic() + seconds
@@ -369,7 +392,11 @@ MailProg=/bin/true
         self.network.kill_all_in(self.network.namespaces[k])
 
     def stop(self):
-        """Cancels what is left, stops the daemons by their PIDs, and removes the network (if any)."""
+        """Cancels what is left, stops the daemons by their PIDs, and removes the network (if any); a
+        second SIGTERM or SIGHUP meanwhile is ignored, so that the cleanup runs to its end."""
+        previous = getattr(self, "previous_handlers", {})
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         try:
             try:
                 if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
@@ -397,5 +424,10 @@ MailProg=/bin/true
                 for k in range(self.network.count):
                     self.kill_node(k)
         finally:
-            if self.network:
-                self.network.remove()
+            try:
+                if self.network:
+                    self.network.remove()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                self.previous_handlers = {}
