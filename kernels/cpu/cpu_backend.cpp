@@ -122,6 +122,106 @@ void layernorm_backward_kernel(T* dinp, W* dweight, Bi* dbias, const T* dout, co
   }
 }
 
+// RMSNorm (SPEC 2.5): y = x · rstd · g, rstd = 1/sqrt(mean(x²) + eps).
+template <typename T>
+void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C) {
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    const T* x = inp + static_cast<std::size_t>(n) * C;
+    T* y = out + static_cast<std::size_t>(n) * C;
+    float ss = 0.0f;
+    for (int i = 0; i < C; ++i) ss += load(x[i]) * load(x[i]);
+    const float s = 1.0f / std::sqrt(ss / C + kLayerNormEps);
+    for (int i = 0; i < C; ++i) store(y[i], load(x[i]) * s * load(weight[i]));
+    rstd[n] = s;
+  }
+}
+
+template <typename T, typename W>
+void rmsnorm_backward_kernel(T* dinp, W* dweight, const T* dout, const T* inp, const T* weight, const float* rstd,
+                             int N, int C) {
+  // With x̂ = x·rstd and g = dout·weight: dx = rstd · (g − x̂ · mean(g·x̂)).
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    const T* x = inp + static_cast<std::size_t>(n) * C;
+    const T* dy = dout + static_cast<std::size_t>(n) * C;
+    T* dx = dinp + static_cast<std::size_t>(n) * C;
+    const float s = rstd[n];
+    float gx_mean = 0.0f;
+    for (int i = 0; i < C; ++i) gx_mean += load(dy[i]) * load(weight[i]) * load(x[i]) * s;
+    gx_mean /= C;
+    for (int i = 0; i < C; ++i) {
+      store(dx[i], load(dx[i]) + s * (load(dy[i]) * load(weight[i]) - load(x[i]) * s * gx_mean));
+    }
+  }
+  // dweight += Σ_n dout·x̂: columns in parallel, rows in order
+  constexpr int kColumnBlock = 64;
+#pragma omp parallel for schedule(static)
+  for (int c0 = 0; c0 < C; c0 += kColumnBlock) {
+    const int c1 = std::min(C, c0 + kColumnBlock);
+    float dw[kColumnBlock] = {};
+    for (int n = 0; n < N; ++n) {
+      const T* x = inp + static_cast<std::size_t>(n) * C;
+      const T* dy = dout + static_cast<std::size_t>(n) * C;
+      for (int c = c0; c < c1; ++c) dw[c - c0] += load(dy[c]) * load(x[c]) * rstd[n];
+    }
+    for (int c = c0; c < c1; ++c) store(dweight[c], load(dweight[c]) + dw[c - c0]);
+  }
+}
+
+// Rotary positions (SPEC 2.5), in place; sign −1 rotates back (the backward).
+template <typename T>
+void rope_kernel(T* x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d, double theta,
+                 float sign) {
+  const int half = d / 2;
+  // cos and sin of every (position, pair), computed in double and rounded to fp32 once
+  std::vector<float> cs(static_cast<std::size_t>(S) * half), sn(cs.size());
+  for (int i = 0; i < S; ++i) {
+    for (int j = 0; j < half; ++j) {
+      const double angle = pos[i] * std::pow(theta, -2.0 * j / d);
+      cs[static_cast<std::size_t>(i) * half + j] = static_cast<float>(std::cos(angle));
+      sn[static_cast<std::size_t>(i) * half + j] = sign * static_cast<float>(std::sin(angle));
+    }
+  }
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < B; ++b) {
+    for (int i = 0; i < S; ++i) {
+      T* row = x + (static_cast<std::size_t>(b) * S + i) * row_stride;
+      const float* c = cs.data() + static_cast<std::size_t>(i) * half;
+      const float* s = sn.data() + static_cast<std::size_t>(i) * half;
+      for (int h = 0; h < heads; ++h) {
+        T* head = row + static_cast<std::size_t>(h) * d;
+        for (int j = 0; j < half; ++j) {
+          const float x1 = load(head[j]), x2 = load(head[j + half]);
+          store(head[j], x1 * c[j] - x2 * s[j]);
+          store(head[j + half], x2 * c[j] + x1 * s[j]);
+        }
+      }
+    }
+  }
+}
+
+// SwiGLU: out = silu(g)·u with silu(g) = g·σ(g); its backward with silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+template <typename T>
+void swiglu_forward_kernel(T* out, const T* gate, const T* up, std::size_t n) {
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < n; ++i) {
+    const float g = load(gate[i]);
+    store(out[i], g / (1.0f + std::exp(-g)) * load(up[i]));
+  }
+}
+
+template <typename T>
+void swiglu_backward_kernel(T* dgate, T* dup, const T* dout, const T* gate, const T* up, std::size_t n) {
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < n; ++i) {
+    const float g = load(gate[i]), dy = load(dout[i]);
+    const float sig = 1.0f / (1.0f + std::exp(-g));
+    store(dgate[i], dy * load(up[i]) * sig * (1.0f + g * (1.0f - sig)));
+    store(dup[i], dy * g * sig);
+  }
+}
+
 // Attention computes on fp32 rows: an fp32 qkv's own (one head's q, k and v rows 3C apart), or a bf16
 // qkv's head widened into scratch first (rows 3d apart), so that both dtypes run the same code below and
 // every sum in the same order; a bf16 output is summed in fp32 scratch and rounded once.
@@ -230,10 +330,12 @@ inline void round_head(uint16_t* dst, const float* src, int S, int parts, std::s
 }
 
 // saved: the softmax probabilities P (B, a, S, S), row t valid for columns 0..t.
+// qkv rows are [Q | K | V] of W = C + 2·kv·d columns: query head h at column h·d, its key and value head
+// h / (a/kv) at C + (h / g)·d and C + kv·d + (h / g)·d (kv = a: the multi-head layout, W = 3C).
 template <typename T>
-void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, int C, int num_heads) {
-  const int d = C / num_heads;
-  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, int C, int num_heads, int kv_heads) {
+  const int d = C / num_heads, group = num_heads / kv_heads;
+  const std::size_t Ckv = static_cast<std::size_t>(kv_heads) * d, W = C + 2 * Ckv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel
   {
@@ -243,14 +345,20 @@ void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, 
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
       for (int h = 0; h < num_heads; ++h) {
-        const T* q = qkv + b * S * C3 + h * d;                                     // (S, d), row stride 3C
+        const T* q = qkv + b * S * W + static_cast<std::size_t>(h) * d;           // (S, d), row stride W
+        const T* k = qkv + b * S * W + C + static_cast<std::size_t>(h / group) * d;
+        const T* v = k + Ckv;
         T* out_head = out + b * static_cast<std::size_t>(S) * C + h * d;           // (S, d), stride C
         float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;  // (S, S)
         if constexpr (is_fp32<T>) {
-          attention_head_forward(out_head, C, P, q, q + C, q + 2 * static_cast<std::size_t>(C), C3, S, d, scale);
+          attention_head_forward(out_head, C, P, q, k, v, W, S, d, scale);
         } else {
-          widen_head(in.data(), q, S, 3, C3, C, d);
-          attention_head_forward(o.data(), d, P, in.data(), in.data() + d, in.data() + 2 * d, 3 * d, S, d, scale);
+          widen_head(in.data(), q, S, 1, W, 0, d);
+          widen_head(in.data() + static_cast<std::size_t>(S) * d, k, S, 1, W, 0, d);
+          widen_head(in.data() + 2 * static_cast<std::size_t>(S) * d, v, S, 1, W, 0, d);
+          const float* qf = in.data();
+          attention_head_forward(o.data(), d, P, qf, qf + static_cast<std::size_t>(S) * d,
+                                 qf + 2 * static_cast<std::size_t>(S) * d, d, S, d, scale);
           round_head(out_head, o.data(), S, 1, C, 0, d);
         }
       }
@@ -258,37 +366,56 @@ void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, 
   }
 }
 
+// A key/value head's gradient sums those of its group's query heads, in head order, on one thread: the
+// loop runs over (sample, key/value head), so the sums are deterministic.
 template <typename T>
 void attention_backward_kernel(T* dqkv, float* scratch, const T* dout, const T* qkv, const float* saved, int B, int S,
-                               int C, int num_heads) {
-  const int d = C / num_heads;
-  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+                               int C, int num_heads, int kv_heads) {
+  const int d = C / num_heads, group = num_heads / kv_heads;
+  const std::size_t Ckv = static_cast<std::size_t>(kv_heads) * d, W = C + 2 * Ckv;
+  const std::size_t Sd = static_cast<std::size_t>(S) * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  if constexpr (is_fp32<T>) std::memset(dqkv, 0, sizeof(float) * B * S * C3);
+  if constexpr (is_fp32<T>) std::memset(dqkv, 0, sizeof(float) * B * S * W);
 #pragma omp parallel
   {
-    // bf16: the head's [q | k | v] rows and dout rows widened, and its [dq | dk | dv] rows summed in fp32
-    const std::size_t rows3 = is_fp32<T> ? 0 : static_cast<std::size_t>(S) * 3 * d;
-    std::vector<float> in(rows3), grad(rows3), dO(rows3 / 3);
+    // bf16: the key/value head's k and v rows, a query head's q and dout rows widened (S, d) each; the
+    // group's dk and dv and a query head's dq summed in fp32
+    const std::size_t n = is_fp32<T> ? 0 : Sd;
+    std::vector<float> kf(n), vf(n), qf(n), dOf(n), dqf(n), dkf(n), dvf(n);
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
-      for (int h = 0; h < num_heads; ++h) {
-        const T* q = qkv + b * S * C3 + h * d;
-        T* dq = dqkv + b * S * C3 + h * d;
-        const T* dO_head = dout + b * static_cast<std::size_t>(S) * C + h * d;
-        const float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
-        float* dS = scratch + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
-        if constexpr (is_fp32<T>) {
-          const std::size_t C2 = 2 * static_cast<std::size_t>(C);
-          attention_head_backward(dq, dq + C, dq + C2, C3, dS, P, dO_head, C, q, q + C, q + C2, C3, S, d, scale);
-        } else {
-          widen_head(in.data(), q, S, 3, C3, C, d);
-          widen_head(dO.data(), dO_head, S, 1, C, 0, d);
-          std::fill(grad.begin(), grad.end(), 0.0f);
-          float* g = grad.data();
-          attention_head_backward(g, g + d, g + 2 * d, 3 * d, dS, P, dO.data(), d, in.data(), in.data() + d,
-                                  in.data() + 2 * d, 3 * d, S, d, scale);
-          round_head(dq, g, S, 3, C3, C, d);
+      for (int kvh = 0; kvh < kv_heads; ++kvh) {
+        const T* k = qkv + b * S * W + C + static_cast<std::size_t>(kvh) * d;
+        const T* v = k + Ckv;
+        T* dk = dqkv + b * S * W + C + static_cast<std::size_t>(kvh) * d;
+        T* dv = dk + Ckv;
+        if constexpr (!is_fp32<T>) {
+          widen_head(kf.data(), k, S, 1, W, 0, d);
+          widen_head(vf.data(), v, S, 1, W, 0, d);
+          std::fill(dkf.begin(), dkf.end(), 0.0f);
+          std::fill(dvf.begin(), dvf.end(), 0.0f);
+        }
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+          const T* q = qkv + b * S * W + static_cast<std::size_t>(h) * d;
+          T* dq = dqkv + b * S * W + static_cast<std::size_t>(h) * d;
+          const T* dO_head = dout + b * static_cast<std::size_t>(S) * C + h * d;
+          const float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
+          float* dS = scratch + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
+          if constexpr (is_fp32<T>) {
+            attention_head_backward(dq, dk, dv, W, dS, P, dO_head, C, q, k, v, W, S, d, scale);
+          } else {
+            widen_head(qf.data(), q, S, 1, W, 0, d);
+            widen_head(dOf.data(), dO_head, S, 1, C, 0, d);
+            std::fill(dqf.begin(), dqf.end(), 0.0f);
+            // dq, dk, dv rows d apart (g_stride d), q, k, v rows d apart (in_stride d)
+            attention_head_backward(dqf.data(), dkf.data(), dvf.data(), d, dS, P, dOf.data(), d, qf.data(), kf.data(),
+                                    vf.data(), d, S, d, scale);
+            round_head(dq, dqf.data(), S, 1, W, 0, d);
+          }
+        }
+        if constexpr (!is_fp32<T>) {
+          round_head(dk, dkf.data(), S, 1, W, 0, d);
+          round_head(dv, dvf.data(), S, 1, W, 0, d);
         }
       }
     }
@@ -694,20 +821,88 @@ class CpuBackend final : public Backend {
 
   void attention_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
                          int num_heads) override {
-    const DType t = cpu::common_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
-    cpu::dispatch([&](auto e) {
-      using T = decltype(e);
-      attention_forward_kernel(out.as<T>(), saved, qkv.as<T>(), B, S, C, num_heads);
-    }, t);
+    attention_gqa_forward(out, saved, qkv, B, S, C, num_heads, num_heads);
   }
 
   void attention_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                           const float* saved, int B, int S, int C, int num_heads) override {
+    attention_gqa_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, num_heads, num_heads);
+  }
+
+  void attention_gqa_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int num_heads,
+                             int kv_heads) override {
+    check_heads("attention_gqa_forward", num_heads, kv_heads);
+    const DType t = cpu::common_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      attention_forward_kernel(out.as<T>(), saved, qkv.as<T>(), B, S, C, num_heads, kv_heads);
+    }, t);
+  }
+
+  void attention_gqa_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out,
+                              ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads,
+                              int kv_heads) override {
+    check_heads("attention_gqa_backward", num_heads, kv_heads);
     const DType t = cpu::common_dtype("attention_backward",
                                       {{"dqkv", dqkv}, {"dout", dout}, {"out", out}, {"qkv", qkv}});
     cpu::dispatch([&](auto e) {
       using T = decltype(e);
-      attention_backward_kernel(dqkv.as<T>(), scratch, dout.as<T>(), qkv.as<T>(), saved, B, S, C, num_heads);
+      attention_backward_kernel(dqkv.as<T>(), scratch, dout.as<T>(), qkv.as<T>(), saved, B, S, C, num_heads,
+                                kv_heads);
+    }, t);
+  }
+
+  // ---- the Llama-style block -------------------------------------------------------------------------
+  void rmsnorm_forward(TensorPtr out, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight, int N, int C) override {
+    const DType t = cpu::common_dtype("rmsnorm_forward", {{"out", out}, {"inp", inp}, {"weight", weight}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      rmsnorm_forward_kernel(out.as<T>(), rstd, inp.as<T>(), weight.as<T>(), N, C);
+    }, t);
+  }
+
+  // The add, then the RMSNorm of its stored (rounded) sum: what the two ops compute one after the other.
+  void residual_rmsnorm_forward(TensorPtr out, TensorPtr norm_out, float* rstd, ConstTensorPtr a, ConstTensorPtr b,
+                                ConstTensorPtr weight, int N, int C) override {
+    add(out, a, b, static_cast<std::size_t>(N) * C);
+    rmsnorm_forward(norm_out, rstd, out, weight, N, C);
+  }
+
+  void rmsnorm_backward(TensorPtr dinp, TensorPtr dweight, ConstTensorPtr dout, ConstTensorPtr inp,
+                        ConstTensorPtr weight, const float* rstd, int N, int C) override {
+    const DType t = cpu::common_dtype("rmsnorm_backward",
+                                      {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
+    cpu::dispatch([&](auto e, auto w) {
+      using T = decltype(e);
+      using W = decltype(w);
+      rmsnorm_backward_kernel(dinp.as<T>(), dweight.as<W>(), dout.as<T>(), inp.as<T>(), weight.as<T>(), rstd, N, C);
+    }, t, dweight.dtype());
+  }
+
+  void rope_forward(TensorPtr x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                    double theta) override {
+    rope(x, row_stride, pos, B, S, heads, d, theta, 1.0f);
+  }
+  void rope_backward(TensorPtr dx, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                     double theta) override {
+    rope(dx, row_stride, pos, B, S, heads, d, theta, -1.0f);
+  }
+
+  void swiglu_forward(TensorPtr out, ConstTensorPtr gate, ConstTensorPtr up, std::size_t n) override {
+    const DType t = cpu::common_dtype("swiglu_forward", {{"out", out}, {"gate", gate}, {"up", up}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      swiglu_forward_kernel(out.as<T>(), gate.as<T>(), up.as<T>(), n);
+    }, t);
+  }
+
+  void swiglu_backward(TensorPtr dgate, TensorPtr dup, ConstTensorPtr dout, ConstTensorPtr gate, ConstTensorPtr up,
+                       std::size_t n) override {
+    const DType t = cpu::common_dtype("swiglu_backward",
+                                      {{"dgate", dgate}, {"dup", dup}, {"dout", dout}, {"gate", gate}, {"up", up}});
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      swiglu_backward_kernel(dgate.as<T>(), dup.as<T>(), dout.as<T>(), gate.as<T>(), up.as<T>(), n);
     }, t);
   }
 
@@ -896,6 +1091,20 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  static void check_heads(const char* op, int num_heads, int kv_heads) {
+    if (kv_heads < 1 || num_heads % kv_heads != 0) {
+      throw std::invalid_argument(std::string(op) + ": " + std::to_string(kv_heads) +
+                                  " key/value heads do not divide " + std::to_string(num_heads) + " heads");
+    }
+  }
+  void rope(TensorPtr x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d, double theta,
+            float sign) {
+    if (d % 2 != 0) throw std::invalid_argument("rope: the head dimension " + std::to_string(d) + " is odd");
+    cpu::dispatch([&](auto e) {
+      using T = decltype(e);
+      rope_kernel(x.as<T>(), row_stride, pos, B, S, heads, d, theta, sign);
+    }, x.dtype());
+  }
   // out (N, OC) = inp (N, C) · weight (C, OC), with the bias rows set first and accumulated onto
   template <typename T>
   void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int N, int C, int OC) {

@@ -429,6 +429,95 @@ TEST_F(Bf16Ops, AttentionForwardAndBackward) {
 }
 
 // =================================================================================================
+// The Llama-style block: RMSNorm, rotary positions, SwiGLU, grouped-query attention
+// =================================================================================================
+
+TEST_F(Bf16Ops, RmsnormForwardAndBackward) {
+  std::mt19937 rng(31);
+  const FVec inp = rand_bf16(rng, N * C, -2.0f, 3.0f), w = rand_bf16(rng, C, 0.5f, 1.5f), dout = rand_bf16(rng, N * C);
+  const FVec dinp0 = rand_bf16(rng, N * C), dw0 = rand_bf16(rng, C);  // both accumulate
+  auto run = [&](DType t, DType tw, FVec* rstd, FVec* dinp, FVec* dw) {
+    Dev dev(*be);
+    TensorPtr out = dev.poisoned(std::size_t(N) * C, t), x = dev.put(inp, t), g = dev.put(w, t);
+    float* r = dev.poisoned_f32(N);
+    be->rmsnorm_forward(out, r, x, g, N, C);
+    TensorPtr di = dev.put(dinp0, t), dg = dev.put(dw0, tw);
+    be->rmsnorm_backward(di, dg, dev.put(dout, t), x, g, r, N, C);
+    *rstd = dev.get(r, N);
+    *dinp = dev.get(di, std::size_t(N) * C);
+    *dw = dev.get(dg, C);
+    return dev.get(out, std::size_t(N) * C);
+  };
+  FVec ref_rstd, ref_dinp, ref_dw;
+  const FVec ref = run(kF32, kF32, &ref_rstd, &ref_dinp, &ref_dw);
+  for (DType tw : {kF32, kBf16}) {
+    const std::string what = "rmsnorm " + dtypes({kBf16, tw});
+    FVec rstd, dinp, dw;
+    EXPECT_TRUE(bf16_close(run(kBf16, tw, &rstd, &dinp, &dw), ref, what + " out"));
+    EXPECT_TRUE(fp32_close(rstd, ref_rstd, what + " rstd (fp32)"));
+    EXPECT_TRUE(accumulated_close(kBf16, dinp0, dinp, ref_dinp, what + " dinp"));
+    EXPECT_TRUE(accumulated_close(tw, dw0, dw, ref_dw, what + " dweight"));
+  }
+}
+
+// Rotations and the SiLU gate are elementwise: a bf16 output is the fp32 result rounded once.
+TEST_F(Bf16Ops, RopeAndSwiglu) {
+  std::mt19937 rng(32);
+  const int d = C / NH;
+  const FVec x = rand_bf16(rng, std::size_t(N) * 3 * C, -2.0f, 2.0f);
+  IVec pos(S);
+  for (int i = 0; i < S; ++i) pos[i] = 3 * i + 1;
+  const std::size_t n = std::size_t(N) * C + 5;
+  const FVec gate = rand_bf16(rng, n, -6.0f, 6.0f), up = rand_bf16(rng, n, -2.0f, 2.0f), dout = rand_bf16(rng, n);
+  auto run = [&](DType t, FVec* back, FVec* sw, FVec* dgate, FVec* dup) {
+    Dev dev(*be);
+    const int32_t* p = dev.put_ints(pos);
+    TensorPtr r = dev.put(x, t), rb = dev.put(x, t);
+    be->rope_forward(r + std::ptrdiff_t(C), 3 * C, p, B, S, NH, d, 10000.0);  // K's heads of a qkv buffer
+    be->rope_backward(rb + std::ptrdiff_t(C), 3 * C, p, B, S, NH, d, 10000.0);
+    TensorPtr out = dev.poisoned(n, t), dg = dev.poisoned(n, t), du = dev.put(dout, t);
+    be->swiglu_forward(out, dev.put(gate, t), dev.put(up, t), n);
+    be->swiglu_backward(dg, du, du, dev.put(gate, t), dev.put(up, t), n);  // dup aliasing dout
+    *back = dev.get(rb, x.size());
+    *sw = dev.get(out, n);
+    *dgate = dev.get(dg, n);
+    *dup = dev.get(du, n);
+    return dev.get(r, x.size());
+  };
+  FVec back, sw, dgate, dup, ref_back, ref_sw, ref_dgate, ref_dup;
+  const FVec ref = run(kF32, &ref_back, &ref_sw, &ref_dgate, &ref_dup);
+  EXPECT_TRUE(exact_rounding(run(kBf16, &back, &sw, &dgate, &dup), ref, "rope_forward"));
+  EXPECT_TRUE(exact_rounding(back, ref_back, "rope_backward"));
+  EXPECT_TRUE(exact_rounding(sw, ref_sw, "swiglu_forward out"));
+  EXPECT_TRUE(exact_rounding(dgate, ref_dgate, "swiglu_backward dgate"));
+  EXPECT_TRUE(exact_rounding(dup, ref_dup, "swiglu_backward dup"));
+}
+
+TEST_F(Bf16Ops, GroupedQueryAttentionForwardAndBackward) {
+  std::mt19937 rng(33);
+  const int heads = 6, kv = 2, d = 12, Cq = heads * d;  // 3 query heads per key/value head
+  const std::size_t W = Cq + 2 * kv * d;
+  const FVec qkv = rand_bf16(rng, std::size_t(B) * S * W, -2.0f, 2.0f), dout = rand_bf16(rng, std::size_t(B) * S * Cq);
+  const std::size_t n_saved = be->attention_saved_floats(B, S, heads), n_scratch = be->attention_scratch_floats(B, S, heads);
+  auto run = [&](DType t, FVec* saved, FVec* dqkv) {
+    Dev dev(*be);
+    TensorPtr out = dev.poisoned(std::size_t(B) * S * Cq, t), d_qkv = dev.put(qkv, t);
+    float* sv = dev.poisoned_f32(n_saved);
+    be->attention_gqa_forward(out, sv, d_qkv, B, S, Cq, heads, kv);
+    TensorPtr dq = dev.poisoned(qkv.size(), t);
+    be->attention_gqa_backward(dq, dev.poisoned_f32(n_scratch), dev.put(dout, t), out, d_qkv, sv, B, S, Cq, heads, kv);
+    *saved = dev.get(sv, n_saved);
+    *dqkv = dev.get(dq, qkv.size());
+    return dev.get(out, std::size_t(B) * S * Cq);
+  };
+  FVec saved, dqkv, ref_saved, ref_dqkv;
+  const FVec ref = run(kF32, &ref_saved, &ref_dqkv);
+  EXPECT_TRUE(bf16_close(run(kBf16, &saved, &dqkv), ref, "attention_gqa_forward out"));
+  EXPECT_TRUE(fp32_close(saved, ref_saved, "attention_gqa_forward saved (fp32)"));
+  EXPECT_TRUE(bf16_close(dqkv, ref_dqkv, "attention_gqa_backward dqkv"));
+}
+
+// =================================================================================================
 // Elementwise ops
 // =================================================================================================
 
@@ -1036,6 +1125,10 @@ TEST_F(Bf16Ops, UnsupportedCombinationsThrowNamingTheOp) {
       {"attention_forward", [&] { be->attention_forward(f, stats, h, B, S, C, NH); }},
       {"attention_backward", [&] { be->attention_backward(h, stats, f, h, h, stats, B, S, C, NH); }},
       {"gelu_forward", [&] { be->gelu_forward(h, f, 10); }},
+      {"rmsnorm_forward", [&] { be->rmsnorm_forward(h, stats, f, h, N, C); }},
+      {"rmsnorm_backward", [&] { be->rmsnorm_backward(f, f, h, f, f, stats, N, C); }},
+      {"swiglu_forward", [&] { be->swiglu_forward(h, f, h, 10); }},
+      {"swiglu_backward", [&] { be->swiglu_backward(h, h, f, h, h, 10); }},
       {"gelu_backward", [&] { be->gelu_backward(h, h, f, 10); }},
       {"embedding_forward", [&] { be->embedding_forward(h, ints, f, nullptr, 1, 1, C); }},
       {"copy_2d", [&] { be->copy_2d(h, C, f, C, 2, C); }},

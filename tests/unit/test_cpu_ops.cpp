@@ -793,6 +793,255 @@ TEST_F(CpuOps, AttentionBackward) {
 }
 
 // =================================================================================================
+// the Llama-style block (SPEC 2.5): RMSNorm, rotary positions, SwiGLU, grouped-query attention
+// =================================================================================================
+
+Vec ref_rmsnorm(const Vec& inp, const Vec& w, int N, int C, Vec* rstd = nullptr) {
+  Vec out(std::size_t(N) * C);
+  if (rstd) rstd->assign(N, 0);
+  for (int n = 0; n < N; ++n) {
+    double ss = 0;
+    for (int c = 0; c < C; ++c) ss += inp[std::size_t(n) * C + c] * inp[std::size_t(n) * C + c];
+    const double rs = 1.0 / std::sqrt(ss / C + 1e-5);
+    for (int c = 0; c < C; ++c) out[std::size_t(n) * C + c] = inp[std::size_t(n) * C + c] * rs * w[c];
+    if (rstd) (*rstd)[n] = rs;
+  }
+  return out;
+}
+
+// Rotary positions on `heads` heads from column `col` of rows `stride` apart (B·S rows), in double.
+Vec ref_rope(const Vec& x, const std::vector<int32_t>& pos, int B, int S, int heads, int d, double theta,
+             std::size_t stride, std::size_t col) {
+  Vec y = x;
+  const int half = d / 2;
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < S; ++i)
+      for (int h = 0; h < heads; ++h)
+        for (int j = 0; j < half; ++j) {
+          const std::size_t at = (std::size_t(b) * S + i) * stride + col + std::size_t(h) * d + j;
+          const double phi = pos[i] * std::pow(theta, -2.0 * j / d);
+          y[at] = x[at] * std::cos(phi) - x[at + half] * std::sin(phi);
+          y[at + half] = x[at + half] * std::cos(phi) + x[at] * std::sin(phi);
+        }
+  return y;
+}
+
+// Grouped-query causal attention: qkv (B, S, C + 2·KV·d), query head h with key/value head h / (NH/KV).
+Vec ref_gqa_attention(const Vec& qkv, int B, int S, int C, int NH, int KV) {
+  const int d = C / NH, g = NH / KV;
+  const std::size_t W = std::size_t(C) + 2 * std::size_t(KV) * d;
+  const double sc = 1.0 / std::sqrt(static_cast<double>(d));
+  Vec out(std::size_t(B) * S * C, 0.0), p(S);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < NH; ++h)
+      for (int t = 0; t < S; ++t) {
+        const double* q = &qkv[(std::size_t(b) * S + t) * W + std::size_t(h) * d];
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int s = 0; s <= t; ++s) {
+          const double* k = &qkv[(std::size_t(b) * S + s) * W + C + std::size_t(h / g) * d];
+          double a = 0;
+          for (int i = 0; i < d; ++i) a += q[i] * k[i];
+          p[s] = a * sc;
+          mx = std::max(mx, p[s]);
+        }
+        double sum = 0;
+        for (int s = 0; s <= t; ++s) sum += (p[s] = std::exp(p[s] - mx));
+        double* o = &out[(std::size_t(b) * S + t) * C + std::size_t(h) * d];
+        for (int s = 0; s <= t; ++s) {
+          const double* v = &qkv[(std::size_t(b) * S + s) * W + C + std::size_t(KV) * d + std::size_t(h / g) * d];
+          for (int i = 0; i < d; ++i) o[i] += p[s] / sum * v[i];
+        }
+      }
+  return out;
+}
+
+TEST_F(CpuOps, RmsnormForward) {
+  std::mt19937 rng(121);
+  const int shapes[][2] = {{2 * 17, 72}, {1, 3}, {5, 1031}};
+  for (const auto& sh : shapes) {
+    const int N = sh[0], C = sh[1];
+    SCOPED_TRACE(shape_str("N=%d C=%d", N, C, 0));
+    FVec inp = rand_floats(rng, std::size_t(N) * C);
+    for (auto& x : inp) x = 0.5f + 2.0f * x;  // a non-zero mean: RMSNorm does not subtract it
+    const FVec w = rand_floats(rng, C, 0.5f, 1.5f);
+    float *d_out = dev.poisoned(inp.size()), *d_rstd = dev.poisoned(N);
+    be->rmsnorm_forward(d_out, d_rstd, dev.put(inp), dev.put(w, MemCategory::parameters), N, C);
+    Vec rstd;
+    const Vec ref = ref_rmsnorm(to_double(inp), to_double(w), N, C, &rstd);
+    EXPECT_TRUE(close(dev.get(d_out, ref.size()), ref, kFwdTol, "out"));
+    EXPECT_TRUE(close(dev.get(d_rstd, N), rstd, kFwdTol, "rstd"));
+  }
+}
+
+// As the LayerNorm's: the add, then the RMSNorm of the stored sum, bitwise; in place (out aliases a).
+TEST_F(CpuOps, ResidualRmsnormForward) {
+  std::mt19937 rng(122);
+  const int N = 13, C = 40;
+  const FVec a = rand_floats(rng, std::size_t(N) * C, -2.0f, 2.0f), b = rand_floats(rng, a.size(), -2.0f, 2.0f);
+  const FVec w = rand_floats(rng, C);
+  float *fused = dev.put(a), *norm = dev.poisoned(a.size()), *rstd = dev.poisoned(N);
+  const float *db = dev.put(b), *dw = dev.put(w);
+  be->residual_rmsnorm_forward(fused, norm, rstd, fused, db, dw, N, C);
+  float *sum = dev.poisoned(a.size()), *ref_norm = dev.poisoned(a.size()), *ref_rstd = dev.poisoned(N);
+  be->add(sum, dev.put(a), db, a.size());
+  be->rmsnorm_forward(ref_norm, ref_rstd, sum, dw, N, C);
+  EXPECT_EQ(dev.get(fused, a.size()), dev.get(sum, a.size()));
+  EXPECT_EQ(dev.get(norm, a.size()), dev.get(ref_norm, a.size()));
+  EXPECT_EQ(dev.get(rstd, N), dev.get(ref_rstd, N));
+}
+
+TEST_F(CpuOps, RmsnormBackward) {
+  std::mt19937 rng(123);
+  const int shapes[][2] = {{2 * 17, 72}, {1, 3}};
+  for (const auto& sh : shapes) {
+    const int N = sh[0], C = sh[1];
+    SCOPED_TRACE(shape_str("N=%d C=%d", N, C, 0));
+    const std::size_t n = std::size_t(N) * C;
+    FVec inp = rand_floats(rng, n);
+    for (auto& x : inp) x = 0.3f + 2.0f * x;
+    const FVec w = rand_floats(rng, C, 0.5f, 1.5f), dout = rand_floats(rng, n);
+    const FVec pre_dinp = rand_floats(rng, n), pre_dw = rand_floats(rng, C);  // both accumulate
+    Vec I = to_double(inp), W = to_double(w);
+    const Vec DO = to_double(dout);
+    auto L = [&] { return dot(DO, ref_rmsnorm(I, W, N, C)); };
+    const Vec fd_dinp = numeric_grad(I, L), fd_dw = numeric_grad(W, L);
+    Vec rstd;
+    ref_rmsnorm(I, W, N, C, &rstd);
+    const FVec frstd(rstd.begin(), rstd.end());
+    float* d_dinp = dev.put(pre_dinp, MemCategory::gradients);
+    float* d_dw = dev.put(pre_dw, MemCategory::gradients);
+    be->rmsnorm_backward(d_dinp, d_dw, dev.put(dout), dev.put(inp), dev.put(w, MemCategory::parameters),
+                         dev.put(frstd), N, C);
+    EXPECT_TRUE(close(delta(dev.get(d_dinp, n), pre_dinp), fd_dinp, kGradTol, "dinp increment vs FD"));
+    EXPECT_TRUE(close(delta(dev.get(d_dw, C), pre_dw), fd_dw, kGradTol, "dweight increment vs FD"));
+  }
+}
+
+// In place on a block of columns inside wider rows (the Q or K heads of a qkv buffer), at positions that
+// are not 0..S−1 (a context-parallel rank's); the backward is the forward's transpose: for L = dout·rope(x),
+// ∂L/∂x = rope_backward(dout), checked against finite differences; and backward undoes forward.
+TEST_F(CpuOps, RopeForwardAndBackward) {
+  std::mt19937 rng(124);
+  struct Case { int B, S, heads, d; std::size_t stride, col; double theta; };
+  const Case cases[] = {{2, 5, 3, 8, 40, 8, 10000.0}, {1, 3, 2, 2, 4, 0, 500000.0}, {3, 4, 1, 6, 6, 0, 10.0}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(shape_str("B=%d S=%d heads=%d d=%d", c.B, c.S, c.heads, c.d));
+    std::vector<int32_t> pos(c.S);
+    for (int i = 0; i < c.S; ++i) pos[i] = 7 * i + 3;
+    const std::size_t n = std::size_t(c.B) * c.S * c.stride;
+    const FVec x = rand_floats(rng, n, -2.0f, 2.0f), dout = rand_floats(rng, n);
+    const int32_t* d_pos = dev.put_ints(pos);
+    float* d_x = dev.put(x);
+    be->rope_forward(d_x + c.col, c.stride, d_pos, c.B, c.S, c.heads, c.d, c.theta);
+    const Vec ref = ref_rope(to_double(x), pos, c.B, c.S, c.heads, c.d, c.theta, c.stride, c.col);
+    const FVec got = dev.get(d_x, n);
+    EXPECT_TRUE(close(got, ref, kFwdTol, "rotated"));
+    for (std::size_t i = 0; i < n; ++i) {  // the other columns untouched
+      const std::size_t in_row = i % c.stride;
+      if (in_row < c.col || in_row >= c.col + std::size_t(c.heads) * c.d) {
+        ASSERT_EQ(got[i], x[i]) << i;
+      }
+    }
+    Vec X = to_double(x);
+    const Vec DO = to_double(dout);
+    const Vec fd = numeric_grad(X, [&] {
+      return dot(DO, ref_rope(X, pos, c.B, c.S, c.heads, c.d, c.theta, c.stride, c.col));
+    });
+    float* d_dx = dev.put(dout);
+    be->rope_backward(d_dx + c.col, c.stride, d_pos, c.B, c.S, c.heads, c.d, c.theta);
+    EXPECT_TRUE(close(dev.get(d_dx, n), fd, kGradTol, "rope_backward vs FD"));
+    be->rope_backward(d_x + c.col, c.stride, d_pos, c.B, c.S, c.heads, c.d, c.theta);
+    EXPECT_TRUE(close(dev.get(d_x, n), to_double(x), 1e-6, "forward then backward"));
+  }
+}
+
+TEST_F(CpuOps, SwigluForwardAndBackward) {
+  std::mt19937 rng(125);
+  const std::size_t n = 1031;
+  const FVec gate = rand_floats(rng, n, -6.0f, 6.0f), up = rand_floats(rng, n, -2.0f, 2.0f);
+  const FVec dout = rand_floats(rng, n);
+  float* d_out = dev.poisoned(n);
+  const float *d_gate = dev.put(gate), *d_up = dev.put(up);
+  be->swiglu_forward(d_out, d_gate, d_up, n);
+  Vec G = to_double(gate), U = to_double(up);
+  auto ref = [&] {
+    Vec y(n);
+    for (std::size_t i = 0; i < n; ++i) y[i] = G[i] / (1.0 + std::exp(-G[i])) * U[i];
+    return y;
+  };
+  EXPECT_TRUE(close(dev.get(d_out, n), ref(), kFwdTol, "out"));
+  const Vec DO = to_double(dout);
+  auto L = [&] { return dot(DO, ref()); };
+  const Vec fd_gate = numeric_grad(G, L), fd_up = numeric_grad(U, L);
+  float *d_dgate = dev.poisoned(n), *d_dup = dev.put(dout);  // dup aliases dout, as the model calls it
+  be->swiglu_backward(d_dgate, d_dup, d_dup, d_gate, d_up, n);
+  EXPECT_TRUE(close(dev.get(d_dgate, n), fd_gate, kGradTol, "dgate vs FD"));
+  EXPECT_TRUE(close(dev.get(d_dup, n), fd_up, kGradTol, "dup vs FD"));
+}
+
+struct GqaShape { int B, S, C, NH, KV; };
+const GqaShape kGqaShapes[] = {{2, 9, 24, 4, 2}, {1, 5, 24, 6, 1}, {2, 4, 12, 3, 3}, {1, 1, 8, 4, 2}};
+
+TEST_F(CpuOps, AttentionGqaForward) {
+  std::mt19937 rng(126);
+  for (const auto& sh : kGqaShapes) {
+    SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH) + " kv=" + std::to_string(sh.KV));
+    const int d = sh.C / sh.NH;
+    const FVec qkv = rand_floats(rng, std::size_t(sh.B) * sh.S * (sh.C + 2 * sh.KV * d), -2.0f, 2.0f);
+    const std::size_t n_out = std::size_t(sh.B) * sh.S * sh.C;
+    float* d_out = dev.poisoned(n_out);
+    be->attention_gqa_forward(d_out, dev.poisoned(be->attention_saved_floats(sh.B, sh.S, sh.NH)), dev.put(qkv),
+                              sh.B, sh.S, sh.C, sh.NH, sh.KV);
+    EXPECT_TRUE(close(dev.get(d_out, n_out), ref_gqa_attention(to_double(qkv), sh.B, sh.S, sh.C, sh.NH, sh.KV),
+                      kFwdTol, "out"));
+  }
+}
+
+// Against finite differences; with every key/value head's gradient the sum over its query heads.
+TEST_F(CpuOps, AttentionGqaBackward) {
+  std::mt19937 rng(127);
+  for (const auto& sh : kGqaShapes) {
+    SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH) + " kv=" + std::to_string(sh.KV));
+    const int d = sh.C / sh.NH;
+    const std::size_t n_qkv = std::size_t(sh.B) * sh.S * (sh.C + 2 * sh.KV * d);
+    const std::size_t n_out = std::size_t(sh.B) * sh.S * sh.C;
+    const FVec qkv = rand_floats(rng, n_qkv, -2.0f, 2.0f), dout = rand_floats(rng, n_out);
+    Vec Q = to_double(qkv);
+    const Vec DO = to_double(dout);
+    const Vec fd =
+        numeric_grad(Q, [&] { return dot(DO, ref_gqa_attention(Q, sh.B, sh.S, sh.C, sh.NH, sh.KV)); });
+    float *d_qkv = dev.put(qkv), *d_out = dev.poisoned(n_out);
+    float* d_saved = dev.poisoned(be->attention_saved_floats(sh.B, sh.S, sh.NH));
+    be->attention_gqa_forward(d_out, d_saved, d_qkv, sh.B, sh.S, sh.C, sh.NH, sh.KV);
+    float* d_dqkv = dev.poisoned(n_qkv, MemCategory::gradients);  // overwritten
+    be->attention_gqa_backward(d_dqkv, dev.poisoned(be->attention_scratch_floats(sh.B, sh.S, sh.NH)),
+                               dev.put(dout), d_out, d_qkv, d_saved, sh.B, sh.S, sh.C, sh.NH, sh.KV);
+    EXPECT_TRUE(close(dev.get(d_dqkv, n_qkv), fd, kGradTol, "dqkv vs finite differences"));
+  }
+}
+
+// kv = heads is multi-head attention, bitwise; a kv that does not divide the heads is refused.
+TEST_F(CpuOps, AttentionGqaWithAllHeadsIsMultiHeadAttention) {
+  std::mt19937 rng(128);
+  const int B = 2, S = 7, C = 24, NH = 4;
+  const std::size_t n_qkv = std::size_t(B) * S * 3 * C, n_out = std::size_t(B) * S * C;
+  const FVec qkv = rand_floats(rng, n_qkv, -2.0f, 2.0f), dout = rand_floats(rng, n_out);
+  const float *d_qkv = dev.put(qkv), *d_dout = dev.put(dout);
+  float *out1 = dev.poisoned(n_out), *out2 = dev.poisoned(n_out);
+  float *saved1 = dev.poisoned(be->attention_saved_floats(B, S, NH)), *saved2 = dev.poisoned(be->attention_saved_floats(B, S, NH));
+  be->attention_forward(out1, saved1, d_qkv, B, S, C, NH);
+  be->attention_gqa_forward(out2, saved2, d_qkv, B, S, C, NH, NH);
+  EXPECT_EQ(dev.get(out1, n_out), dev.get(out2, n_out));
+  float *g1 = dev.poisoned(n_qkv), *g2 = dev.poisoned(n_qkv);
+  be->attention_backward(g1, dev.poisoned(be->attention_scratch_floats(B, S, NH)), d_dout, out1, d_qkv, saved1, B, S,
+                         C, NH);
+  be->attention_gqa_backward(g2, dev.poisoned(be->attention_scratch_floats(B, S, NH)), d_dout, out2, d_qkv, saved2, B,
+                             S, C, NH, NH);
+  EXPECT_EQ(dev.get(g1, n_qkv), dev.get(g2, n_qkv));
+  EXPECT_THROW(be->attention_gqa_forward(out2, saved2, d_qkv, B, S, C, NH, 3), std::invalid_argument);
+}
+
+// =================================================================================================
 // gelu, add, accumulate, scale
 // =================================================================================================
 
@@ -2210,6 +2459,36 @@ std::vector<Vec> run_all_ops(Backend& be) {
   keep(ldx, nx);
   keep(ldw, C);
   keep(ldb, C);
+  // the llama block's ops: RMSNorm, rotary positions, SwiGLU, grouped-query attention (4 heads, 2 kv heads)
+  float *rms = dev.poisoned(nx), *rms_rstd = dev.poisoned(N);
+  be.rmsnorm_forward(rms, rms_rstd, d_x, d_lnw, N, C);
+  keep(rms, nx);
+  float *rdx = dev.put(FVec(nx, 0.0f)), *rdw = dev.put(FVec(C, 0.0f));
+  be.rmsnorm_backward(rdx, rdw, d_dx, d_x, d_lnw, rms_rstd, N, C);
+  keep(rdx, nx);
+  keep(rdw, C);
+  std::vector<int32_t> positions(S);
+  for (int i = 0; i < S; ++i) positions[i] = i;
+  float* roped = dev.put(x);
+  be.rope_forward(roped, C, dev.put_ints(positions), B, S, NH, C / NH, 10000.0);
+  keep(roped, nx);
+  float *sw = dev.poisoned(nx), *sw_dg = dev.poisoned(nx), *sw_du = dev.poisoned(nx);
+  be.swiglu_forward(sw, d_x, d_dx, nx);
+  be.swiglu_backward(sw_dg, sw_du, d_x, d_dx, d_x, nx);
+  keep(sw, nx);
+  keep(sw_dg, nx);
+  keep(sw_du, nx);
+  {
+    const int KV = 2;
+    const std::size_t ngqa = std::size_t(N) * (C + 2 * KV * (C / NH));  // the first rows of qkv serve
+    float *gout = dev.poisoned(nx), *gsaved = dev.poisoned(be.attention_saved_floats(B, S, NH));
+    be.attention_gqa_forward(gout, gsaved, d_qkv, B, S, C, NH, KV);
+    keep(gout, nx);
+    float* gdq = dev.poisoned(ngqa);
+    be.attention_gqa_backward(gdq, dev.poisoned(be.attention_scratch_floats(B, S, NH)), d_dx, gout, d_qkv, gsaved, B,
+                              S, C, NH, KV);
+    keep(gdq, ngqa);
+  }
   // attention
   float* att = dev.poisoned(nx);
   float* saved = dev.poisoned(be.attention_saved_floats(B, S, NH));
@@ -2340,7 +2619,9 @@ std::vector<Vec> run_all_ops(Backend& be) {
 const char* const kRunAllNames[] = {
     "matmul out",       "matmul dinp",    "matmul dweight", "matmul dbias",   "layernorm out",
     "layernorm mean",   "layernorm rstd", "layernorm dinp", "layernorm dweight",
-    "layernorm dbias",  "attention out",  "attention dqkv", "gelu out",       "gelu dinp",
+    "layernorm dbias",  "rmsnorm out",    "rmsnorm dinp",   "rmsnorm dweight", "rope out",
+    "swiglu out",       "swiglu dgate",   "swiglu dup",     "gqa attention out", "gqa attention dqkv",
+    "attention out",  "attention dqkv", "gelu out",       "gelu dinp",
     "embedding out",    "embedding dtok", "embedding dpos", "cross-entropy dlogits",
     "cross-entropy loss_sum", "sum_squares", "adamw params", "adamw m",     "adamw v",
     "moe router expert", "moe router gate", "moe router probs", "moe router dlogits", "moe slot",
