@@ -10,8 +10,14 @@ ArchSpec arch_from_model(const ModelConfig& m) {
   a.layers = m.layers;
   a.hidden = m.hidden;
   a.heads = m.heads;
-  a.kv_heads = m.heads;
+  a.kv_heads = m.kv();
   a.ffn = m.ffn;
+  if (m.llama()) {  // SPEC 2.5
+    a.gated_mlp = true;
+    a.learned_positions = false;
+    a.biases = false;
+    a.rms_norm = true;
+  }
   a.vocab = m.vocab;
   a.vocab_divisor = m.vocab_divisor;
   a.seq = m.seq;
@@ -43,7 +49,7 @@ std::vector<int64_t> unit_parameter_counts(const ArchSpec& a, int tp) {
   const int64_t bias = a.biases ? 1 : 0;
   std::vector<int64_t> units;
   units.push_back(Vl * h + (a.learned_positions ? S * h : 0));  // embed.tok (vocabulary-parallel, padded), embed.pos
-  const int64_t norms = 2 * (h + bias * h);                         // ln1, ln2: .g and .b
+  const int64_t norms = 2 * (h + bias * h);                         // ln1, ln2: .g (and .b)
   const int64_t qkv = a.qkv_width() / tp;
   const int64_t attention = h * qkv + bias * qkv + h / tp * h + bias * h;  // qkv column-, out row-parallel
   const int64_t mlp = dense_mlp_parameters(a, tp);
@@ -133,14 +139,18 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   const int64_t mlp_acts = p.mlp_activation_bytes >= 0 ? p.mlp_activation_bytes : e * (N * mlp_in + N * fl);
   // Its backward scratch: dfc1 (with sequence parallelism its input gradient goes to the backward's
   // (N, h) scratch, free while the MLP's backward runs).
-  const int64_t mlp_scratch = p.mlp_workspace_bytes >= 0 ? p.mlp_workspace_bytes : e * N * mlp_in;
-  // A block: LayerNorm statistics (4 per row), ln1 out, qkv, attention saved state, attention out,
-  // x_mid, ln2 out, the MLP's, x_out. Rows of the residual stream are split by sequence
-  // parallelism; the tensors between a column- and a row-parallel layer by the tp split.
-  const int64_t block_no_att = 4 * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + R * h) + mlp_acts;
+  // SwiGLU (gated): dgate and dup, and a buffer for the up branch's input gradient where it does not fit
+  // in dgate (f/tp < h).
+  const int64_t gated_extra = a.gated_mlp && fl < h ? e * N * h : 0;
+  const int64_t mlp_scratch = p.mlp_workspace_bytes >= 0 ? p.mlp_workspace_bytes : e * N * mlp_in + gated_extra;
+  // A block: norm statistics (LayerNorm's mean and rstd, RMSNorm's rstd: 4 or 2 per row), ln1 out, qkv,
+  // attention saved state, attention out, x_mid, ln2 out, the MLP's, x_out. Rows of the residual stream
+  // are split by sequence parallelism; the tensors between a column- and a row-parallel layer by the tp split.
+  const int64_t stats = a.rms_norm ? 1 : 2;  // per row of one norm
+  const int64_t block_no_att = 2 * stats * R * kStat + e * (R * h + N * qkv + N * hl + R * h + R * h + R * h) + mlp_acts;
   const int64_t block_full = block_no_att + att_saved;
   const int64_t block_out = R * h * e;
-  const int64_t head = last ? 2 * R * kStat + e * (R * h + N * Vl) : 0;  // lnf statistics, lnf out, logits (padded)
+  const int64_t head = last ? stats * R * kStat + e * (R * h + N * Vl) : 0;  // final norm's statistics and out, logits (padded)
 
   ActivationEstimate est;
   if (p.recompute == "full") {
@@ -169,7 +179,9 @@ ActivationEstimate predict_stage_activations(const MemoryPlan& p, int64_t blocks
   // forward inside backward: whichever is largest comes on top of what backward holds.
   const int64_t cp_positions = p.cp > 1 && first && a.learned_positions ? S * h * kStat : 0;  // fp32 rows
   const int64_t recomputed_forward = p.recompute == "full" ? p.attention_forward_bytes : 0;
-  est.workspace_bytes = kLoss + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv) +
+  // Rotary positions: the positions of this rank's tokens of a sequence (int32), held by the model.
+  const int64_t rope_positions = a.learned_positions ? 0 : S * kToken;
+  est.workspace_bytes = kLoss + rope_positions + e * (R * h + N * h + (p.sequence_parallel ? R * h : 0) + N * hl + N * qkv) +
                         att_scratch + p.attention_persistent_bytes +
                         std::max({mlp_scratch, cp_positions, recomputed_forward});
   return est;

@@ -34,6 +34,7 @@ struct ArchSpec {
   bool tied_embeddings = false;  // the head reuses embed.tok
   bool learned_positions = true; // embed.pos [S, h] (false: rotary, no parameters)
   bool biases = true;            // linear biases and LayerNorm .b (false: Llama-style)
+  bool rms_norm = false;         // RMSNorm (Llama): one fp32 statistic per row, not LayerNorm's two
   // Megatron's make-vocab-size-divisible-by: embed.tok and head.w (and the logits) are stored with
   // the vocabulary padded to a multiple of vocab_divisor · tp (ModelConfig::padded_vocab).
   int64_t vocab_divisor = 128;

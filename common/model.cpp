@@ -15,6 +15,7 @@ namespace {
 // A block unit's tensors: these eight, then the MLP part's (w + kMlp).
 enum BlockTensor { kLn1G, kLn1B, kQkvW, kQkvB, kOutW, kOutB, kLn2G, kLn2B, kMlp };
 enum DenseMlpTensor { kFc1W, kFc1B, kFc2W, kFc2B };
+enum SwiGluTensor { kGateW, kUpW, kDownW };
 enum EmbedTensor { kTok, kPos };
 enum HeadTensor { kLnfG, kLnfB, kHeadW };
 
@@ -33,10 +34,13 @@ std::pair<int64_t, int64_t> global_position(const TensorInfo& t, int64_t r, int6
     case TpSplit::columns: return {r, t.tp_rank * t.cols + c};
     case TpSplit::rows: return {t.tp_rank * t.rows + r, c};
     case TpSplit::qkv_columns: {
-      // Local columns are [Q | K | V] of this rank's heads: block b of width h/tp maps to columns
-      // b·h + tp_rank·h/tp + j of the global [Q | K | V].
-      const int64_t width = t.cols / 3, block = c / width, j = c % width;
-      return {r, block * (t.global_cols / 3) + t.tp_rank * width + j};
+      // Local columns are [Q | K | V] of this rank's query and key/value heads: each block's share of
+      // the global block, at tp_rank times its width.
+      const int64_t kv = t.kv_cols > 0 ? t.kv_cols : t.global_cols / 3, q = t.global_cols - 2 * kv;
+      const int64_t ql = q / t.tp_size, kl = kv / t.tp_size;
+      if (c < ql) return {r, t.tp_rank * ql + c};
+      if (c < ql + kl) return {r, q + t.tp_rank * kl + (c - ql)};
+      return {r, q + kv + t.tp_rank * kl + (c - ql - kl)};
     }
   }
   return {r, c};
@@ -54,9 +58,11 @@ uint64_t TensorInfo::global_index(int64_t r, int64_t c) const {
 }
 
 namespace {
+// The block's own MLP: SPEC 2's GELU MLP, or SPEC 2.5's SwiGLU (gate and up column-, down row-parallel).
 std::vector<TensorSpec> dense_mlp_tensors(const ModelConfig& m) {
   const int64_t h = m.hidden, f = m.ffn;
   using T = TpSplit;
+  if (m.llama()) return {{"mlp.gate.w", h, f, T::columns}, {"mlp.up.w", h, f, T::columns}, {"mlp.down.w", f, h, T::rows}};
   return {{"mlp.fc1.w", h, f, T::columns}, {"mlp.fc1.b", 1, f, T::columns},
           {"mlp.fc2.w", f, h, T::rows},    {"mlp.fc2.b", 1, h, T::none}};
 }
@@ -88,6 +94,7 @@ std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const
       t.tp_size = tp;
       t.tp_rank = tp_rank;
       t.expert = sp.expert;
+      t.kv_cols = sp.kv_cols;
       t.is_matrix = sp.rows > 1;
       t.offset = offset;
       offset += t.numel();
@@ -97,15 +104,32 @@ std::vector<UnitInfo> gpt_units(const ModelConfig& m, int tp, int tp_rank, const
     units.push_back(std::move(u));
   };
   using T = TpSplit;
-  std::vector<TensorSpec> block = {{"ln1.g", 1, h, T::none},          {"ln1.b", 1, h, T::none},
-                                   {"attn.qkv.w", h, 3 * h, T::qkv_columns}, {"attn.qkv.b", 1, 3 * h, T::qkv_columns},
-                                   {"attn.out.w", h, h, T::rows},      {"attn.out.b", 1, h, T::none},
-                                   {"ln2.g", 1, h, T::none},          {"ln2.b", 1, h, T::none}};
+  std::vector<TensorSpec> block;
+  if (m.llama()) {  // SPEC 2.5: no biases, RMSNorm's gains only, [Q | K | V] with kv key/value heads
+    const int64_t kv_cols = int64_t{m.kv()} * m.head_dim();
+    block = {{"ln1.g", 1, h, T::none},
+             {"attn.qkv.w", h, m.qkv_width(), T::qkv_columns, -1, 0, 0, kv_cols},
+             {"attn.out.w", h, h, T::rows},
+             {"ln2.g", 1, h, T::none}};
+  } else {
+    block = {{"ln1.g", 1, h, T::none},          {"ln1.b", 1, h, T::none},
+             {"attn.qkv.w", h, 3 * h, T::qkv_columns}, {"attn.qkv.b", 1, 3 * h, T::qkv_columns},
+             {"attn.out.w", h, h, T::rows},      {"attn.out.b", 1, h, T::none},
+             {"ln2.g", 1, h, T::none},          {"ln2.b", 1, h, T::none}};
+  }
   for (const TensorSpec& t : mlp ? mlp->tensors() : dense_mlp_tensors(m)) block.push_back(t);
-  add_unit("embed", "embed.", {{"tok", V, h, T::rows, -1, Vp, 0}, {"pos", S, h, T::none}});
+  if (m.llama()) {  // rotary positions: no position table
+    add_unit("embed", "embed.", {{"tok", V, h, T::rows, -1, Vp, 0}});
+  } else {
+    add_unit("embed", "embed.", {{"tok", V, h, T::rows, -1, Vp, 0}, {"pos", S, h, T::none}});
+  }
   for (int l = 0; l < m.layers; ++l) add_unit("block" + std::to_string(l), "block" + std::to_string(l) + ".", block);
-  add_unit("head", "",
-           {{"final_ln.g", 1, h, T::none}, {"final_ln.b", 1, h, T::none}, {"head.w", h, V, T::columns, -1, 0, Vp}});
+  if (m.llama()) {
+    add_unit("head", "", {{"final_ln.g", 1, h, T::none}, {"head.w", h, V, T::columns, -1, 0, Vp}});
+  } else {
+    add_unit("head", "",
+             {{"final_ln.g", 1, h, T::none}, {"final_ln.b", 1, h, T::none}, {"head.w", h, V, T::columns, -1, 0, Vp}});
+  }
   return units;
 }
 
@@ -249,6 +273,77 @@ class DenseMlp final : public MlpPart {
   int N_, fl_;
 };
 
+// The MLP of SPEC 2.5: (silu(u·gate.w) ⊙ (u·up.w))·down.w, gate and up column- and down row-parallel.
+class SwiGluMlp final : public MlpPart {
+ public:
+  SwiGluMlp(const ModelConfig& m, Backend& backend, const TpLayers& tp, int N, int tp_size)
+      : m_(m), be_(backend), tp_(tp), N_(N), fl_(m.ffn / tp_size) {}
+
+  std::vector<TensorSpec> tensors() const override { return dense_mlp_tensors(m_); }
+  int64_t global_parameters() const override { return spec_parameters(dense_mlp_tensors(m_)); }
+
+  struct Saved final : PartState {
+    explicit Saved(Backend& backend) : be(backend) {}
+    ~Saved() override {
+      be.free(act);
+      be.free(up);
+      be.free(gate);
+    }
+    Backend& be;
+    TensorPtr gate;  // (N, f/tp): u·gate.w
+    TensorPtr up;    // (N, f/tp): u·up.w
+    TensorPtr act;   // (N, f/tp): silu(gate) ⊙ up, down's input
+  };
+
+  std::unique_ptr<PartState> forward(int, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) override {
+    const std::size_t Nf = static_cast<std::size_t>(N_) * fl_;
+    auto s = std::make_unique<Saved>(be_);
+    s->gate = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
+    s->up = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
+    s->act = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::activations);
+    const ConstTensorPtr u_full = tp_.column_input(u);
+    be_.matmul_forward(s->gate, u_full, w[kGateW], nullptr, N_, m_.hidden, fl_);
+    be_.matmul_forward(s->up, u_full, w[kUpW], nullptr, N_, m_.hidden, fl_);
+    tp_.release_column_input(u_full, u);
+    be_.swiglu_forward(s->act, s->gate, s->up, Nf);
+    tp_.row_parallel_forward(out, s->act, w[kDownW], nullptr, fl_);
+    return s;
+  }
+
+  // Scratch: dgate and dup (N, f/tp) each; the up branch's input gradient goes where dgate was once the
+  // gate branch has used it (f/tp ≥ h), else to a buffer of its own.
+  void backward(int, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u, ConstTensorPtr dout,
+                TensorPtr du) override {
+    auto& s = static_cast<Saved&>(state);
+    const std::size_t Nf = static_cast<std::size_t>(N_) * fl_, Nh = static_cast<std::size_t>(N_) * m_.hidden;
+    TensorPtr dgate = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::workspace);
+    TensorPtr dup = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::workspace);
+    // d(act) = dout·down.wᵀ into dup (its own place until swiglu_backward), down.w's gradient
+    const ConstTensorPtr dy = tp_.row_parallel_output_grad(dout);
+    be_.matmul_backward(dup, g[kDownW], nullptr, dy, s.act, w[kDownW], N_, fl_, m_.hidden);
+    tp_.release_column_input(dy, dout);
+    be_.swiglu_backward(dgate, dup, dup, s.gate, s.up, Nf);  // dup: d(act) in, d(up) out
+    const ConstTensorPtr u_full = tp_.column_input(u);
+    TensorPtr du_full = tp_.full_grad(du);
+    be_.matmul_backward(du_full, g[kGateW], nullptr, dgate, u_full, w[kGateW], N_, m_.hidden, fl_);
+    TensorPtr du_up = Nf >= Nh ? dgate : be_.alloc_tensor(Nh, tp_.dtype(), MemCategory::workspace);
+    be_.matmul_backward(du_up, g[kUpW], nullptr, dup, u_full, w[kUpW], N_, m_.hidden, fl_);
+    be_.accumulate(du_full, du_up, Nh);
+    if (du_up != dgate) be_.free(du_up);
+    tp_.release_column_input(u_full, u);
+    tp_.column_input_grad(du_full, du);
+    tp_.release_full_grad(du_full, du);
+    be_.free(dup);
+    be_.free(dgate);
+  }
+
+ private:
+  const ModelConfig& m_;
+  Backend& be_;
+  const TpLayers& tp_;
+  int N_, fl_;
+};
+
 // The backend's fused (or plain) attention.
 class BackendAttention final : public AttentionCore {
  public:
@@ -258,12 +353,13 @@ class BackendAttention final : public AttentionCore {
   std::size_t scratch_floats(int B, int S, int heads) const override {
     return be_.attention_scratch_floats(B, S, heads);
   }
-  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) override {
-    be_.attention_forward(out, saved, qkv, B, S, C, heads);
+  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads,
+               int kv_heads) override {
+    be_.attention_gqa_forward(out, saved, qkv, B, S, C, heads, kv_heads);
   }
   void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
-                const float* saved, int B, int S, int C, int heads) override {
-    be_.attention_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads);
+                const float* saved, int B, int S, int C, int heads, int kv_heads) override {
+    be_.attention_gqa_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads, kv_heads);
   }
 
  private:
@@ -385,8 +481,14 @@ GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch,
   vocab_local_ = static_cast<int>(config.padded_vocab(tp_.size) / tp_.size);
   // The columns of this rank's vocabulary block that are not padding (0 for a block wholly past V).
   vocab_valid_ = std::clamp(config.vocab - tp_.rank * vocab_local_, 0, vocab_local_);
+  kv_heads_ = config.kv() / tp_.size;
+  qkv_local_ = (heads_ + 2 * kv_heads_) * config.head_dim();
   tp_layers_ = std::make_unique<TpLayers>(backend_, tp_, N_, rows_, config.hidden, dtype_);
-  if (parts.mlp == nullptr) own_mlp_ = std::make_unique<DenseMlp>(config_, backend_, *tp_layers_, N_, tp_.size);
+  if (parts.mlp == nullptr && config.llama()) {
+    own_mlp_ = std::make_unique<SwiGluMlp>(config_, backend_, *tp_layers_, N_, tp_.size);
+  } else if (parts.mlp == nullptr) {
+    own_mlp_ = std::make_unique<DenseMlp>(config_, backend_, *tp_layers_, N_, tp_.size);
+  }
   if (parts.attention == nullptr) own_attention_ = std::make_unique<BackendAttention>(backend_);
   mlp_ = parts.mlp ? parts.mlp : own_mlp_.get();
   attention_ = parts.attention ? parts.attention : own_attention_.get();
@@ -394,9 +496,20 @@ GptModel::GptModel(const ModelConfig& config, Backend& backend, int micro_batch,
   num_params_ = units_.back().offset + units_.back().numel;
   loss_sum_ = static_cast<double*>(backend_.alloc(sizeof(double), MemCategory::workspace));
   backend_.zero(loss_sum_, sizeof(double));
+  if (config.llama()) {  // rotary positions: where this rank's tokens sit in their sequence
+    std::vector<int32_t> positions;
+    for (const ContextParallel::Chunk& c : cp_.chunks(config.seq)) {
+      for (int i = 0; i < c.length; ++i) positions.push_back(static_cast<int32_t>(c.first + i));
+    }
+    positions_ = static_cast<int32_t*>(backend_.alloc(positions.size() * sizeof(int32_t), MemCategory::workspace));
+    backend_.upload(positions_, positions.data(), positions.size() * sizeof(int32_t));
+  }
 }
 
-GptModel::~GptModel() { backend_.free(loss_sum_); }
+GptModel::~GptModel() {
+  backend_.free(positions_);
+  backend_.free(loss_sum_);
+}
 
 std::vector<TensorPtr> GptModel::unit_tensors(ConstTensorPtr base, int unit) const {
   const TensorPtr first(const_cast<void*>(base.data()), base.dtype());
@@ -404,7 +517,41 @@ std::vector<TensorPtr> GptModel::unit_tensors(ConstTensorPtr base, int unit) con
   for (const TensorInfo& t : units_[unit].tensors) {
     out.push_back(first + static_cast<std::ptrdiff_t>(t.offset - units_[unit].offset));
   }
-  return out;
+  if (!config_.llama()) return out;
+  // The llama units in the gpt order: null where the gpt block has a bias, a LayerNorm bias or embed.pos.
+  const int L = config_.layers;
+  if (unit == 0) return {out[0], nullptr};                      // tok, (pos)
+  if (unit == L + 1) return {out[0], nullptr, out[1]};          // final_ln.g, (.b), head.w
+  std::vector<TensorPtr> block = {out[0], nullptr, out[1], nullptr, out[2], nullptr, out[3], nullptr};
+  block.insert(block.end(), out.begin() + 4, out.end());        // the MLP part's
+  return block;
+}
+
+void GptModel::norm_forward(TensorPtr out, float* mean, float* rstd, ConstTensorPtr x, ConstTensorPtr weight,
+                            ConstTensorPtr bias, int rows) {
+  if (config_.llama()) {
+    backend_.rmsnorm_forward(out, rstd, x, weight, rows, config_.hidden);
+  } else {
+    backend_.layernorm_forward(out, mean, rstd, x, weight, bias, rows, config_.hidden);
+  }
+}
+
+void GptModel::residual_norm_forward(TensorPtr out, TensorPtr norm_out, float* mean, float* rstd, ConstTensorPtr a,
+                                     ConstTensorPtr b, ConstTensorPtr weight, ConstTensorPtr bias, int rows) {
+  if (config_.llama()) {
+    backend_.residual_rmsnorm_forward(out, norm_out, rstd, a, b, weight, rows, config_.hidden);
+  } else {
+    backend_.residual_layernorm_forward(out, norm_out, mean, rstd, a, b, weight, bias, rows, config_.hidden);
+  }
+}
+
+void GptModel::norm_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout, ConstTensorPtr x,
+                             ConstTensorPtr weight, const float* mean, const float* rstd, int rows) {
+  if (config_.llama()) {
+    backend_.rmsnorm_backward(dinp, dweight, dout, x, weight, rstd, rows, config_.hidden);
+  } else {
+    backend_.layernorm_backward(dinp, dweight, dbias, dout, x, weight, mean, rstd, rows, config_.hidden);
+  }
 }
 
 TensorPtr GptModel::alloc_act(std::size_t count, MemCategory category) const {
@@ -444,10 +591,15 @@ void GptModel::attention_forward(const TensorPtr* w, ConstTensorPtr u, BlockActs
   Backend& be = backend_;
   // qkv = u·Wqkv + b, column-parallel: this rank's heads                                        (N, 3h/tp)
   const ConstTensorPtr u_full = tp_layers_->column_input(u);
-  be.matmul_forward(a.qkv, u_full, w[kQkvW], w[kQkvB], N, h, 3 * hl);
+  be.matmul_forward(a.qkv, u_full, w[kQkvW], w[kQkvB], N, h, qkv_local_);
   tp_layers_->release_column_input(u_full, u);
+  if (config_.llama()) {  // rotary positions on Q's and K's heads, in place (SPEC 2.5)
+    const int d = config_.head_dim();
+    be.rope_forward(a.qkv, qkv_local_, positions_, B, S, heads_, d, config_.rope_theta);
+    be.rope_forward(a.qkv + hl, qkv_local_, positions_, B, S, kv_heads_, d, config_.rope_theta);
+  }
   // o = causal softmax(Q Kᵀ/√d) V for this rank's heads                                        (N, h/tp)
-  attention_->forward(a.att_out, a.att, a.qkv, B, S, hl, heads_);
+  attention_->forward(a.att_out, a.att, a.qkv, B, S, hl, heads_, kv_heads_);
   // out = o·Wout + b: row-parallel, summed over the group
   tp_layers_->row_parallel_forward(out, a.att_out, w[kOutW], w[kOutB], hl);
 }
@@ -459,9 +611,14 @@ void GptModel::attention_backward(const TensorPtr* w, const TensorPtr* g, ConstT
   const ConstTensorPtr dy = tp_layers_->row_parallel_output_grad(dout);
   be.matmul_backward(sc.datt, g[kOutW], g[kOutB], dy, a.att_out, w[kOutW], N, hl, h);
   tp_layers_->release_column_input(dy, dout);
-  attention_->backward(sc.dqkv, sc.att, sc.datt, a.att_out, a.qkv, a.att, B, S, hl, heads_);
+  attention_->backward(sc.dqkv, sc.att, sc.datt, a.att_out, a.qkv, a.att, B, S, hl, heads_, kv_heads_);
+  if (config_.llama()) {  // the rotations' backward: dQ and dK rotated back
+    const int d = config_.head_dim();
+    be.rope_backward(sc.dqkv, qkv_local_, positions_, B, S, heads_, d, config_.rope_theta);
+    be.rope_backward(sc.dqkv + hl, qkv_local_, positions_, B, S, kv_heads_, d, config_.rope_theta);
+  }
   const ConstTensorPtr u_full = tp_layers_->column_input(u);
-  be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, u_full, w[kQkvW], N, h, 3 * hl);
+  be.matmul_backward(sc.dln, g[kQkvW], g[kQkvB], sc.dqkv, u_full, w[kQkvW], N, h, qkv_local_);
   tp_layers_->release_column_input(u_full, u);
   tp_layers_->column_input_grad(sc.dln, du);
 }
@@ -471,37 +628,36 @@ void GptModel::block_forward(int layer, const TensorPtr* w, ConstTensorPtr x_in,
   Backend& be = backend_;
   auto act = [&](std::size_t count) { return alloc_act(count); };
   auto stat = [&](std::size_t count) { return be.alloc_floats(count, MemCategory::activations); };
-  a.ln1_mean = stat(R);
+  const bool mean = !config_.llama();  // RMSNorm keeps no mean
+  a.ln1_mean = mean ? stat(R) : nullptr;
   a.ln1_rstd = stat(R);
   a.ln1_out = act(R * h);
-  a.qkv = act(3 * N * hl);
+  a.qkv = act(N * qkv_local_);
   a.att = stat(attention_->saved_floats(micro_batch_, seq_local_, heads_));
   a.att_out = act(N * hl);
   a.x_mid = act(R * h);
-  a.ln2_mean = stat(R);
+  a.ln2_mean = mean ? stat(R) : nullptr;
   a.ln2_rstd = stat(R);
   a.ln2_out = act(R * h);
   a.x_out = act(R * h);
-  // x_mid = x + attention(LayerNorm1(x))
-  be.layernorm_forward(a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in, w[kLn1G], w[kLn1B], rows_, config_.hidden);
+  // x_mid = x + attention(Norm1(x))
+  norm_forward(a.ln1_out, a.ln1_mean, a.ln1_rstd, x_in, w[kLn1G], w[kLn1B], rows_);
   attention_forward(w, a.ln1_out, a, a.x_mid);
-  // x_out = x_mid + mlp(LayerNorm2(x_mid)); the residual add and LayerNorm 2 in one pass
-  be.residual_layernorm_forward(a.x_mid, a.ln2_out, a.ln2_mean, a.ln2_rstd, a.x_mid, x_in, w[kLn2G], w[kLn2B], rows_,
-                                config_.hidden);
+  // x_out = x_mid + mlp(Norm2(x_mid)); the residual add and norm 2 in one pass
+  residual_norm_forward(a.x_mid, a.ln2_out, a.ln2_mean, a.ln2_rstd, a.x_mid, x_in, w[kLn2G], w[kLn2B], rows_);
   a.mlp = mlp_->forward(layer, w + kMlp, a.ln2_out, a.x_out);
   be.add(a.x_out, a.x_out, a.x_mid, R * h);
 }
 
 void GptModel::block_backward(int layer, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr x_in, BlockActs& a,
                               BackwardScratch& sc) {
-  Backend& be = backend_;
-  const int R = rows_, h = config_.hidden;
-  // dres = ∂x_out. MLP branch, then LayerNorm2's backward accumulates into dres: dres = ∂x_mid.
+  const int R = rows_;
+  // dres = ∂x_out. MLP branch, then norm 2's backward accumulates into dres: dres = ∂x_mid.
   mlp_->backward(layer, *a.mlp, w + kMlp, g + kMlp, a.ln2_out, sc.dres, sc.dln_rows);
-  be.layernorm_backward(sc.dres, g[kLn2G], g[kLn2B], sc.dln_rows, a.x_mid, w[kLn2G], a.ln2_mean, a.ln2_rstd, R, h);
-  // Attention branch, then LayerNorm1's backward: dres = ∂x_in.
+  norm_backward(sc.dres, g[kLn2G], g[kLn2B], sc.dln_rows, a.x_mid, w[kLn2G], a.ln2_mean, a.ln2_rstd, R);
+  // Attention branch, then norm 1's backward: dres = ∂x_in.
   attention_backward(w, g, a.ln1_out, a, sc.dres, sc.dln_rows, sc);
-  be.layernorm_backward(sc.dres, g[kLn1G], g[kLn1B], sc.dln_rows, x_in, w[kLn1G], a.ln1_mean, a.ln1_rstd, R, h);
+  norm_backward(sc.dres, g[kLn1G], g[kLn1B], sc.dln_rows, x_in, w[kLn1G], a.ln1_mean, a.ln1_rstd, R);
 }
 
 void GptModel::free_block(BlockActs& a) {
@@ -568,7 +724,8 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
     // by rank 0), then the parts are summed (g) or reduce-scattered onto the sequence shards.
     const std::vector<TensorPtr> emb = unit_tensors(hooks.unit_params(0), 0);
     // Context parallelism: the rows of this rank's positions, chunk by chunk.
-    TensorPtr pos_rows = cp_.active() ? alloc_act(static_cast<std::size_t>(S) * h, MemCategory::workspace) : nullptr;
+    TensorPtr pos_rows =
+        cp_.active() && emb[kPos] ? alloc_act(static_cast<std::size_t>(S) * h, MemCategory::workspace) : nullptr;
     if (pos_rows) {
       std::size_t at = 0;
       for (const ContextParallel::Chunk& c : cp_.chunks(config_.seq)) {
@@ -625,11 +782,11 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
   hooks.before_forward(head_unit);
   const std::vector<TensorPtr> hw = unit_tensors(hooks.unit_params(head_unit), head_unit);
   HeadActs& ha = mb->head;
-  ha.lnf_mean = stat(R);
+  ha.lnf_mean = config_.llama() ? nullptr : stat(R);
   ha.lnf_rstd = stat(R);
   ha.lnf_out = act(Rh);
   ha.logits = act(static_cast<std::size_t>(N) * Vl);
-  be.layernorm_forward(ha.lnf_out, ha.lnf_mean, ha.lnf_rstd, x, hw[kLnfG], hw[kLnfB], R, h);
+  norm_forward(ha.lnf_out, ha.lnf_mean, ha.lnf_rstd, x, hw[kLnfG], hw[kLnfB], R);
   {
     const ConstTensorPtr u = tp_layers_->column_input(ha.lnf_out);
     be.matmul_forward(ha.logits, u, hw[kHeadW], nullptr, N, h, Vl);  // (N, V/tp), column-parallel, no bias
@@ -662,7 +819,7 @@ void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorP
   tp_layers_->lend_full_grad(sc.dln);  // free while a part's backward runs: its input gradient's place
   TensorPtr dln_rows = sc.dln_rows;
   sc.datt = scratch(Nhl);
-  sc.dqkv = scratch(3 * Nhl);
+  sc.dqkv = scratch(static_cast<std::size_t>(N) * qkv_local_);
   sc.att = be.alloc_floats(attention_->scratch_floats(B, S, heads_), MemCategory::workspace);
   TensorPtr dres = sc.dres;
   ConstTensorPtr x = mb.blocks.empty() ? mb.x0 : mb.blocks.back().x_out;  // the head's input
@@ -677,7 +834,7 @@ void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorP
     tpl.release_column_input(u, ha.lnf_out);
     tpl.column_input_grad(sc.dln, dln_rows);
     be.zero(dres.data(), Rh * elem);
-    be.layernorm_backward(dres, g[kLnfG], g[kLnfB], dln_rows, x, w[kLnfG], ha.lnf_mean, ha.lnf_rstd, R, h);
+    norm_backward(dres, g[kLnfG], g[kLnfB], dln_rows, x, w[kLnfG], ha.lnf_mean, ha.lnf_rstd, R);
     for (TensorPtr p : {ha.logits, ha.lnf_out}) be.free(p);
     for (float* p : {ha.lnf_rstd, ha.lnf_mean}) be.free(p);
     hooks.after_backward(head_unit);
@@ -703,7 +860,7 @@ void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorP
       // Recompute only the attention scores and softmax (Korthikanti et al. 2022).
       ba.att = be.alloc_floats(attention_->saved_floats(B, S, heads_), MemCategory::activations);
       recomputed_out = act(Nhl);
-      attention_->forward(recomputed_out, ba.att, ba.qkv, B, S, hl, heads_);
+      attention_->forward(recomputed_out, ba.att, ba.qkv, B, S, hl, heads_, kv_heads_);
     }
     block_backward(l, w.data(), g.data(), x_in, ba, sc);
     be.free(recomputed_out);
@@ -718,7 +875,7 @@ void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorP
     // the token table's.
     const std::vector<TensorPtr> eg = unit_tensors(hooks.unit_grads(0), 0);
     const ConstTensorPtr dx0 = tpl.row_parallel_output_grad(dres);
-    if (cp_.active()) {  // the gradient of this rank's positions' rows (fp32), added to theirs and rounded once
+    if (cp_.active() && eg[kPos]) {  // the gradient of this rank's positions' rows (fp32), added to theirs and rounded once
       float* dpos = be.alloc_floats(static_cast<std::size_t>(S) * h, MemCategory::workspace);
       be.zero(dpos, sizeof(float) * S * h);
       be.embedding_backward(eg[kTok], dpos, dx0, mb.tokens, B, S, h);

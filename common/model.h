@@ -49,6 +49,9 @@ struct TensorInfo {
   int64_t padded_cols = 1;
   TpSplit split = TpSplit::none;
   int tp_size = 1, tp_rank = 0;
+  // qkv_columns: the global width of K (and of V) in [Q | K | V]; a third of the columns when 0 (multi-head
+  // attention), fewer with grouped-query attention (SPEC 2.5). Each tp rank holds its share of each block.
+  int64_t kv_cols = 0;
   // An expert's tensor (whole, held only by the expert-parallel rank that owns expert `expert`);
   // -1 for every other tensor.
   int expert = -1;
@@ -80,6 +83,7 @@ struct TensorSpec {
   TpSplit split = TpSplit::none;
   int expert = -1;
   int64_t padded_rows = 0, padded_cols = 0;  // the stored shape when padded (0: rows, cols)
+  int64_t kv_cols = 0;                       // qkv_columns with grouped-query attention (TensorInfo::kv_cols)
 };
 
 // What a part keeps from its forward for its backward (activations, freed with it).
@@ -111,18 +115,21 @@ class MlpPart {
                         ConstTensorPtr dout, TensorPtr du) = 0;
 };
 
-// The attention core of a block: o = causal softmax(Q Kᵀ/√d) V per head, from qkv (B, S, 3·C) of
-// this rank's heads (C = their width). The default runs the backend's attention; context parallelism
-// replaces it by one that exchanges keys and values.
+// The attention core of a block: o = causal softmax(Q Kᵀ/√d) V per head, from qkv (B, S, C + 2·kv·d)
+// of this rank's heads (C = their width; kv_heads key/value heads, each serving heads / kv_heads query
+// heads: SPEC 2.5's grouped-query attention, and kv_heads = heads for the gpt block, qkv (B, S, 3·C)).
+// The default runs the backend's attention; context parallelism replaces it by one that exchanges keys
+// and values.
 class AttentionCore {
  public:
   virtual ~AttentionCore() = default;
   virtual std::size_t saved_floats(int B, int S, int heads) const = 0;
   virtual bool keeps_probabilities() const = 0;
   virtual std::size_t scratch_floats(int B, int S, int heads) const = 0;
-  virtual void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) = 0;
+  virtual void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads,
+                       int kv_heads) = 0;
   virtual void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
-                        const float* saved, int B, int S, int C, int heads) = 0;
+                        const float* saved, int B, int S, int C, int heads, int kv_heads) = 0;
 };
 
 // The parts a strategy supplies (null: the default).
@@ -283,8 +290,17 @@ class GptModel {
   void attention_backward(const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u, BlockActs& a, ConstTensorPtr dout,
                           TensorPtr du, BackwardScratch& sc);
   void free_block(BlockActs& a);
+  // LayerNorm (gpt) or RMSNorm (llama: no bias, no mean: `mean` and `bias` null) over `rows` rows of h.
+  void norm_forward(TensorPtr out, float* mean, float* rstd, ConstTensorPtr x, ConstTensorPtr weight,
+                    ConstTensorPtr bias, int rows);
+  void residual_norm_forward(TensorPtr out, TensorPtr norm_out, float* mean, float* rstd, ConstTensorPtr a,
+                             ConstTensorPtr b, ConstTensorPtr weight, ConstTensorPtr bias, int rows);
+  void norm_backward(TensorPtr dinp, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout, ConstTensorPtr x,
+                     ConstTensorPtr weight, const float* mean, const float* rstd, int rows);
   void head_loss(TensorPtr logits, const int32_t* targets, float scale);
-  // Pointers to the tensors of a unit whose parameters (or gradients) start at base.
+  // Pointers to the tensors of a unit whose parameters (or gradients) start at base, in the gpt block's
+  // order (the Block-, Embed- and HeadTensor indices of model.cpp): the llama block's missing biases, bias
+  // gains and position table are null.
   std::vector<TensorPtr> unit_tensors(ConstTensorPtr base, int unit) const;
   // Activations in the model's dtype, and fp32 statistics (LayerNorm's mean and rstd).
   TensorPtr alloc_act(std::size_t count, MemCategory category = MemCategory::activations) const;
@@ -304,6 +320,9 @@ class GptModel {
   // (N / tp with sequence parallelism), and this rank's heads, their width and its vocabulary block.
   // vocab_local_ counts the block's padding, vocab_valid_ does not.
   int seq_local_, N_, rows_, heads_, hidden_local_, vocab_local_, vocab_valid_;
+  // This rank's key/value heads and the width of its [Q | K | V] (3·hidden_local_ for the gpt block).
+  int kv_heads_, qkv_local_;
+  int32_t* positions_ = nullptr;  // llama: the positions of this rank's tokens of a sequence (seq_local_)
   enum class Recompute { none, selective, full } recompute_;
   std::vector<UnitInfo> units_;
   std::size_t num_params_ = 0;

@@ -19,11 +19,18 @@ namespace {
 struct Preset {
   const char* name;
   int layers, hidden, heads, seq, vocab;
+  const char* arch = "gpt";
+  int kv_heads = 0;  // llama
+  int ffn = 0;       // 0: the arch's default (4h; llama: llama_default_ffn)
+  double rope_theta = 10000.0;
 };
 constexpr Preset kPresets[] = {
     {"tiny", 2, 64, 4, 32, 256},           {"small", 4, 256, 8, 128, 4096},
     {"gpt2-124m", 12, 768, 12, 1024, 50257}, {"gpt2-350m", 24, 1024, 16, 1024, 50257},
     {"gpt2-1.5b", 48, 1600, 25, 1024, 50257}, {"block-4k", 4, 4096, 32, 2048, 32000},
+    // SPEC 2.5's Llama-style block: a tiny one for tests, and Llama 3.2 1B's shape.
+    {"llama-tiny", 2, 64, 4, 32, 256, "llama", 2, 192},
+    {"llama3-1b", 16, 2048, 32, 2048, 128256, "llama", 8, 8192, 500000.0},
 };
 
 std::string join(const std::vector<std::string>& items, const char* sep) {
@@ -83,7 +90,11 @@ void check_derived_sizes(const Options& o) {
   }
   checked_product("the token embedding", {{"the padded vocabulary", Vp}, {"--hidden", h}});
   checked_product("the position embedding", {{"--seq", S}, {"--hidden", h}});
-  checked_product("the blocks' weights", {{"--layers", L}, {"--hidden", h}, {"4·--hidden + 2·--ffn", 4 * h + 2 * f}});
+  if (m.llama()) {  // qkv and out at most 4h columns; gate, up and down
+    checked_product("the blocks' weights", {{"--layers", L}, {"--hidden", h}, {"4·--hidden + 3·--ffn", 4 * h + 3 * f}});
+  } else {
+    checked_product("the blocks' weights", {{"--layers", L}, {"--hidden", h}, {"4·--hidden + 2·--ffn", 4 * h + 2 * f}});
+  }
   checked_product("the logits of a micro-batch", {{"--micro-batch", b}, {"--seq", S}, {"the padded vocabulary", Vp}});
   checked_product("the activations of a micro-batch", {{"--layers", L}, {"--micro-batch", b}, {"--seq", S},
                                                        {"16·--hidden + 2·--ffn", 16 * h + 2 * f}});
@@ -103,6 +114,10 @@ bool model_preset(const std::string& name, ModelConfig* out) {
   for (const Preset& p : kPresets) {
     if (name == p.name) {
       *out = ModelConfig{p.name, p.layers, p.hidden, p.heads, p.seq, p.vocab, 4 * p.hidden};
+      out->arch = p.arch;
+      out->kv_heads = p.kv_heads;
+      out->rope_theta = p.rope_theta;
+      if (out->llama()) out->ffn = p.ffn > 0 ? p.ffn : static_cast<int>(llama_default_ffn(p.hidden));
       return true;
     }
   }
@@ -144,7 +159,12 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--make-vocab-size-divisible-by", shape.vocab_divisor,
                  "store the vocabulary padded to a multiple of this × tp (Megatron-LM's option)")
       ->capture_default_str();
-  cli.add_option("--ffn", shape.ffn, "MLP width (default 4·hidden)");
+  cli.add_option("--ffn", shape.ffn, "MLP width (default 4·hidden; llama: the multiple of 64 at or above 8·hidden/3)");
+  std::string arch;
+  cli.add_option("--arch", arch, "gpt | llama: the block of SPEC 2 or 2.5 (default: the preset's, gpt)");
+  cli.add_option("--kv-heads", shape.kv_heads, "llama: key/value heads, dividing --heads (default --heads)");
+  double rope_theta = 0.0;
+  cli.add_option("--rope-theta", rope_theta, "llama: the base of the rotary angles (default 10000)");
   cli.add_option("--micro-batch", opt.micro_batch, "samples per micro-batch")->capture_default_str();
   cli.add_option("--global-batch", global_batch, "samples per step (default micro-batch · dp)");
   cli.add_option("--steps", opt.steps, "training steps")->capture_default_str();
@@ -214,11 +234,30 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     if (given("--seq")) m.seq = shape.seq;
     if (given("--vocab")) m.vocab = shape.vocab;
     m.vocab_divisor = shape.vocab_divisor;
+    if (given("--arch")) {
+      if (arch != "gpt" && arch != "llama") reject("--arch " + arch + " must be gpt or llama");
+      if (arch != m.arch) {  // the preset's kv heads and rotary base belong to its own block
+        m.kv_heads = 0;
+        m.rope_theta = 10000.0;
+      }
+      m.arch = arch;
+    }
+    if (!m.llama()) {
+      for (const char* name : {"--kv-heads", "--rope-theta"}) {
+        if (given(name)) reject(std::string(name) + " belongs to the llama block: add --arch llama");
+      }
+    }
+    if (given("--kv-heads")) m.kv_heads = shape.kv_heads;
+    if (given("--rope-theta")) m.rope_theta = rope_theta;
+    const int64_t preset_ffn = m.ffn;
+    const bool preset_width = !given("--hidden") && !given("--arch");
     if (given("--ffn")) {
       m.ffn = shape.ffn;
     } else if (m.hidden > INT_MAX / 4) {
       reject("--hidden " + std::to_string(m.hidden) + " is too large: the default --ffn 4 × hidden exceeds " +
              std::to_string(INT_MAX));
+    } else if (m.llama()) {  // a llama preset's own width, unless its shape changed
+      m.ffn = static_cast<int>(preset_width ? preset_ffn : llama_default_ffn(m.hidden));
     } else {
       m.ffn = 4 * m.hidden;
     }
@@ -229,6 +268,22 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     }
     if (m.hidden % m.heads != 0) {
       reject("--hidden " + std::to_string(m.hidden) + " is not divisible by --heads " + std::to_string(m.heads));
+    }
+    if (m.llama()) {
+      if (given("--kv-heads") && m.kv_heads < 1) {
+        reject("--kv-heads " + std::to_string(m.kv_heads) + " must be at least 1");
+      }
+      if (m.heads % m.kv() != 0) {
+        reject("--kv-heads " + std::to_string(m.kv()) + " must divide --heads " + std::to_string(m.heads) +
+               " (each key/value head serves heads / kv-heads query heads)");
+      }
+      if (m.head_dim() % 2 != 0) {
+        reject("--hidden " + std::to_string(m.hidden) + " / --heads " + std::to_string(m.heads) + " = head dimension " +
+               std::to_string(m.head_dim()) + ": rotary positions (--arch llama) need an even one");
+      }
+      if (!(m.rope_theta > 1.0 && std::isfinite(m.rope_theta))) {
+        reject("--rope-theta " + std::to_string(m.rope_theta) + " must be a finite number above 1");
+      }
     }
 
     // ---- schedule of steps --------------------------------------------------------------------------
@@ -252,6 +307,10 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     }
     if (backend == "cuda" && env.visible_gpus == 0) reject("--backend cuda needs a visible GPU, and none is");
     opt.backend = backend;
+    if (backend == "cuda" && m.llama()) {
+      reject("--arch llama runs on the CPU backend only: the CUDA backend has no RMSNorm, rotary or SwiGLU "
+             "kernels and no grouped-query attention yet (use --backend cpu)");
+    }
     // NCCL takes one GPU per rank: ranks that share a GPU communicate through MPI.
     const bool own_gpu = backend == "cuda" && env.distinct_gpus;
     if (comm.empty()) comm = own_gpu ? "nccl" : "mpi";
@@ -372,6 +431,9 @@ nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_
   c["vocab"] = o.model.vocab;
   c["make_vocab_size_divisible_by"] = o.model.vocab_divisor;
   c["ffn"] = o.model.ffn;
+  c["arch"] = o.model.arch;
+  c["kv_heads"] = o.model.kv();
+  c["rope_theta"] = o.model.rope_theta;
   c["micro_batch"] = o.micro_batch;
   c["global_batch"] = o.global_batch;
   c["grad_accum"] = o.grad_accum;

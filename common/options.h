@@ -29,9 +29,21 @@ struct ModelConfig {
   // padded to a multiple of vocab_divisor · tp (SPEC 2.1), so that the logits' GEMMs and each tensor-
   // parallel rank's block stay aligned. The padding is zero and masked out of the loss.
   int vocab_divisor = 128;
+  // The block (SPEC 2.5): "gpt" (section 2) or "llama" (RMSNorm, rotary positions, grouped-query
+  // attention with kv_heads key/value heads, a SiLU-gated MLP, no biases).
+  std::string arch = "gpt";
+  int kv_heads = 0;  // 0: heads (the gpt block always)
+  double rope_theta = 10000.0;
+  bool llama() const { return arch == "llama"; }
   int head_dim() const { return hidden / heads; }
+  int kv() const { return kv_heads > 0 ? kv_heads : heads; }
+  // Columns of attn.qkv.w: [Q | K | V], Q of all heads, K and V of the kv heads.
+  int64_t qkv_width() const { return int64_t{heads + 2 * kv()} * head_dim(); }
   int64_t padded_vocab(int tp = 1) const { return padded_vocab_size(vocab, vocab_divisor, tp); }
 };
+
+// The llama block's default MLP width (SPEC 2.5): the smallest multiple of 64 that is at least 8h/3.
+inline int64_t llama_default_ffn(int64_t hidden) { return (8 * hidden + 3 * 64 - 1) / (3 * 64) * 64; }
 
 // Looks up a preset of SPEC section 4; false when unknown.
 bool model_preset(const std::string& name, ModelConfig* out);

@@ -100,6 +100,11 @@ struct FlopModel {
 FlopModel model_flops(const Options& o, const MlpPart* mlp) {
   const double G = o.global_batch, S = o.model.seq, L = o.model.layers, h = o.model.hidden, V = o.model.vocab,
                f = o.model.ffn;
+  if (o.model.llama() && mlp == nullptr) {  // SPEC 2.5: [Q | K | V] of (a + 2·kv)·d columns, SwiGLU's three products
+    const double qkv = static_cast<double>(o.model.qkv_width());
+    return {6.0 * G * S * (L * (h * qkv + h * h + 3.0 * h * f + 2.0 * S * h) + h * V),
+            "6*G*S*(L*(h*(a+2*kv)*d + h^2 + 3*h*f + 2*S*h) + h*V)"};
+  }
   if (mlp != nullptr && !mlp->flops_term().empty()) {  // a replaced MLP: its own matrix products per token
     return {6.0 * G * S * (L * (4.0 * h * h + mlp->matmul_weights_per_token() + 2.0 * S * h) + h * V),
             "6*G*S*(L*(4h^2 + " + mlp->flops_term() + " + 2*S*h) + h*V)"};
@@ -193,8 +198,12 @@ void print_header(const Options& o, const Layout& layout, const SystemInfo& sys,
   const int64_t padded = o.model.padded_vocab(layout.tp);
   const std::string vocab = std::to_string(o.model.vocab) +
                             (padded != o.model.vocab ? " (stored padded to " + std::to_string(padded) + ")" : "");
-  std::printf("model %s: layers %d hidden %d heads %d seq %d vocab %s ffn %d, %.2fM parameters\n",
-              o.model.name.c_str(), o.model.layers, o.model.hidden, o.model.heads, o.model.seq, vocab.c_str(),
+  char block[96] = "";  // SPEC 2.5's block: its key/value heads and rotary base
+  if (o.model.llama()) {
+    std::snprintf(block, sizeof block, " (llama: kv heads %d, rope theta %g)", o.model.kv(), o.model.rope_theta);
+  }
+  std::printf("model %s%s: layers %d hidden %d heads %d seq %d vocab %s ffn %d, %.2fM parameters\n",
+              o.model.name.c_str(), block, o.model.layers, o.model.hidden, o.model.heads, o.model.seq, vocab.c_str(),
               o.model.ffn, num_params / 1e6);
   std::printf("batch: micro-batch %d × dp %d × grad-accum %d = global batch %d (%lld tokens); %d steps, %d warm-up\n",
               o.micro_batch, o.dp, o.grad_accum, o.global_batch, static_cast<long long>(o.tokens_per_step()), o.steps, o.warmup);
@@ -350,6 +359,9 @@ void write_dump(const Options& opt, const AppOptions& app_options, const GptMode
                      {"micro_batch", opt.micro_batch}, {"global_batch", opt.global_batch},
                      {"steps", static_cast<int64_t>(losses.size())}, {"seed", opt.seed},
                      {"lr", opt.lr},         {"clip", opt.clip}};
+  dump.attributes["arch"] = m.arch;  // SPEC 2.5's block for the reference: its key/value heads and rotary base
+  dump.attributes["kv_heads"] = m.kv();
+  dump.attributes["rope_theta"] = m.rope_theta;
   if (app_options.describe) {  // the app's own options (experts, top_k, ...) for the reference
     nlohmann::ordered_json extra;
     app_options.describe(extra);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 #include "common/timer.h"
 
@@ -85,7 +86,19 @@ const int32_t* ContextAttention::positions_of(int rank) {
   return positions_ + static_cast<std::size_t>(rank) * S;
 }
 
-void ContextAttention::forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) {
+namespace {
+void require_multi_head(int heads, int kv_heads) {
+  if (kv_heads != heads) {
+    throw std::invalid_argument("context parallelism exchanges multi-head keys and values: " +
+                                std::to_string(kv_heads) + " key/value heads for " + std::to_string(heads) +
+                                " heads is not supported");
+  }
+}
+}  // namespace
+
+void ContextAttention::forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads,
+                               int kv_heads) {
+  require_multi_head(heads, kv_heads);
   switch (algo_) {
     case CpAlgo::ring: ring_forward(out, saved, qkv, B, S, C, heads); break;
     case CpAlgo::allgather: allgather_forward(out, saved, qkv, B, S, C, heads); break;
@@ -94,7 +107,9 @@ void ContextAttention::forward(TensorPtr out, float* saved, ConstTensorPtr qkv, 
 }
 
 void ContextAttention::backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out,
-                                ConstTensorPtr qkv, const float* saved, int B, int S, int C, int heads) {
+                                ConstTensorPtr qkv, const float* saved, int B, int S, int C, int heads,
+                                int kv_heads) {
+  require_multi_head(heads, kv_heads);
   switch (algo_) {
     case CpAlgo::ring: ring_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
     case CpAlgo::allgather: allgather_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;

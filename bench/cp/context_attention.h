@@ -37,9 +37,11 @@ class ContextAttention final : public AttentionCore {
   std::size_t saved_floats(int B, int S, int heads) const override;
   bool keeps_probabilities() const override;
   std::size_t scratch_floats(int B, int S, int heads) const override;
-  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) override;
+  // kv_heads must equal heads: the exchanges move the multi-head [K | V] (the grouped-query attention of
+  // SPEC 2.5 is refused by the app's options for now).
+  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads, int kv_heads) override;
   void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
-                const float* saved, int B, int S, int C, int heads) override;
+                const float* saved, int B, int S, int C, int heads, int kv_heads) override;
 
   // Time of the core's attention arithmetic (block attention, merges and their backward; not its
   // communication, packing or waiting) since the last call: the measure of the causal load balance

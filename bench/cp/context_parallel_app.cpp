@@ -28,6 +28,10 @@ void validate_cp_options(CpOptions& s, const Options& o, int tp) {
   const int cp = s.cp;
   const std::string& layout_name = s.layout_name;
   if (cp < 1) throw ConfigError("--cp " + std::to_string(cp) + " must be at least 1");
+  if (cp > 1 && o.model.llama()) {
+    throw ConfigError("--arch llama trains at --cp 1 only so far: exchanging grouped key/value heads between "
+                      "context-parallel ranks is not implemented yet");
+  }
   if (!parse_cp_algo(s.algo_name, &s.algo)) {
     throw ConfigError("--cp-algo " + s.algo_name + " must be ring, allgather or alltoall");
   }

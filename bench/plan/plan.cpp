@@ -29,13 +29,13 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 struct PlannerPreset {
   const char* name;
   int64_t layers, hidden, heads, kv_heads, ffn, vocab, seq;
-  bool gated_mlp, tied_embeddings, learned_positions, biases;
+  bool gated_mlp, tied_embeddings, learned_positions, biases, rms_norm;
 };
 constexpr PlannerPreset kPlannerPresets[] = {
-    {"gpt3-175b", 96, 12288, 96, 96, 4 * 12288, 50257, 2048, false, true, true, true},
-    {"llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, true, false, false, false},
-    {"llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, true, false, false, false},
-    {"llama3-405b", 126, 16384, 128, 8, 53248, 128256, 8192, true, false, false, false},
+    {"gpt3-175b", 96, 12288, 96, 96, 4 * 12288, 50257, 2048, false, true, true, true, false},
+    {"llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, true, false, false, false, true},
+    {"llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, true, false, false, false, true},
+    {"llama3-405b", 126, 16384, 128, 8, 53248, 128256, 8192, true, false, false, false, true},
 };
 
 // SPEC section 6 peaks; links: NVLink 4 (H100, H200: 450 GB/s per direction) and NVLink 3 (A100:
@@ -528,6 +528,7 @@ bool arch_preset(const std::string& name, ArchSpec* out) {
     a.tied_embeddings = p.tied_embeddings;
     a.learned_positions = p.learned_positions;
     a.biases = p.biases;
+    a.rms_norm = p.rms_norm;
     *out = a;
     return true;
   }

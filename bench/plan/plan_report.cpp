@@ -508,6 +508,7 @@ nlohmann::ordered_json config_json(const PlanConfig& c) {
     j["tied_embeddings"] = a.tied_embeddings;
     j["learned_positions"] = a.learned_positions;
     j["biases"] = a.biases;
+    j["rms_norm"] = a.rms_norm;
   }
   j["app"] = c.app;
   j["shard"] = shard_strategy_name(c.memory.shard);
@@ -559,6 +560,7 @@ std::string describe_arch(const ArchSpec& a) {
   out += a.tied_embeddings ? ", tied embeddings" : ", untied head";
   out += a.learned_positions ? ", learned positions" : ", rotary positions";
   out += a.biases ? ", biases" : ", no biases";
+  out += a.rms_norm ? ", RMSNorm" : ", LayerNorm";
   return out;
 }
 

@@ -35,6 +35,11 @@ void validate_tp_options(const TpOptions& t, const Options& o, int cp) {
   const int tp = t.tp;
   if (tp < 1) throw ConfigError("--tp " + std::to_string(tp) + " must be at least 1");
   require_divisible("--heads", o.model.heads, tp);
+  if (o.model.llama() && o.model.kv() % tp != 0) {  // each rank holds kv/tp key/value heads, none replicated
+    throw ConfigError("--kv-heads " + std::to_string(o.model.kv()) + " is not divisible by --tp " + std::to_string(tp) +
+                      ": tensor parallelism splits the key/value heads over its ranks (replicating them is not "
+                      "implemented)");
+  }
   require_divisible("--ffn", o.model.ffn, tp);
   if (t.sequence_parallel) {
     // A rank's tokens of a micro-batch: each sequence's S / cp with context parallelism.

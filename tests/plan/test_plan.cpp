@@ -430,12 +430,13 @@ TEST(TensorParallel, SequenceParallelLowersActivations) {
   EXPECT_LT(bytes(r[1], MemCategory::activations), bytes(r[0], MemCategory::activations));
   EXPECT_EQ(r[1].model_state_bytes, r[0].model_state_bytes);
   // What sequence parallelism splits, per docs/memory-model.md: per block the four (N, h) tensors and
-  // the LayerNorm statistics (4 values per row), plus the embedding output, the final LayerNorm's
-  // output and statistics (2 per row). Each rank keeps N/t of the N rows.
+  // the norm statistics (Llama's RMSNorm: 2 values per row; a LayerNorm's would be 4), plus the embedding
+  // output, the final norm's output and statistics (1 per row). Each rank keeps N/t of the N rows.
   const ArchSpec& a = r[0].config.memory.arch;
+  ASSERT_TRUE(a.rms_norm);
   const int64_t N = a.seq, t = 8, e = 2, h = a.hidden;
   EXPECT_EQ(bytes(r[0], MemCategory::activations) - bytes(r[1], MemCategory::activations),
-            (N - N / t) * (a.layers * (4 * 4 + 4 * e * h) + 2 * e * h + 2 * 4));
+            (N - N / t) * (a.layers * (2 * 4 + 4 * e * h) + 2 * e * h + 1 * 4));
   // One (B·S, h) buffer for the gathered or reduce-scattered activations.
   EXPECT_EQ(bytes(r[0], MemCategory::comm_buffers), 0);
   EXPECT_EQ(bytes(r[1], MemCategory::comm_buffers), N * h * e);

@@ -947,3 +947,41 @@ def test_calibrated_hybrid_refuses_context_parallelism_and_searches_cp_1(tmp_pat
     # the calibration measured no send_recv across nodes: here every stage shares the node, so all are timed
     assert found["unplanned"] == 0
 
+
+
+# ---- the Llama-style block: the planner's llama3 presets, scaled down, against the apps ---------------------
+
+LLAMA_SHAPE = ["--layers", 4, "--hidden", 64, "--heads", 4, "--kv-heads", 2, "--seq", 32, "--vocab", 256, "--ffn", 192]
+
+
+@pytest.mark.parametrize("app, args", [
+    ("dp", ["--global-batch", 8]),
+    ("dp", ["--recompute", "selective"]),
+    ("fsdp", ["--shard", "FULL_SHARD"]),
+    ("fsdp", ["--shard", "SHARD_GRAD_OP", "--dtype", "bf16", "--recompute", "full"]),
+    ("pp", ["--pp", 2, "--schedule", "1f1b", "--global-batch", 8]),
+    ("tp", ["--tp", 2, "--sequence-parallel"]),
+], ids=["dp-accum2", "dp-selective", "fsdp-FULL_SHARD", "fsdp-SHARD_GRAD_OP-bf16-full", "pp2-1f1b", "tp2-sp"])
+def test_scaled_down_llama3_plan_equals_the_apps_measured_memory(tmp_path, app, args):
+    """The planner's llama3-8b preset (GQA, SwiGLU, RMSNorm, rotary positions, no biases, untied head) at
+    a tiny shape against a run of the same block (--arch llama) on 4 ranks: every category of every rank
+    measured equals the plan in bytes (peak_total: at most the plan)."""
+    path = tmp_path / f"{app}.h5"
+    apps = {"dp": DP_APP, "fsdp": FSDP_APP, "pp": PP_APP, "tp": TP_APP}
+    run_app(apps[app], "--arch", "llama", "--rope-theta", 500000, *LLAMA_SHAPE, "--steps", 1, "--warmup", 0,
+            "--out", path, "--quiet", *args)
+    (p,) = json_plans("--model", "llama3-8b", *LLAMA_SHAPE, "--app", app, "--gpus", 4, "--backend", "cpu", *args)
+    config = p["config"]
+    assert config["rms_norm"] and config["gated_mlp"] and not config["learned_positions"] and not config["biases"]
+    with h5py.File(path, "r") as f:
+        assert int(f["config"].attrs["kv_heads"]) == config["kv_heads"] == 2
+        for category in CATEGORIES + ["peak_total"]:
+            measured = list(f[f"memory/measured/{category}"][()])
+            if app == "pp":  # each rank's stage's
+                planned = [p["memory_per_stage"][r // config["dp"]][category] for r in range(4)]
+            else:
+                planned = [p["memory_per_rank"][category]] * 4
+            if category == "peak_total":
+                assert all(m <= q for m, q in zip(measured, planned)), (category, measured, planned)
+            else:
+                assert measured == planned, (category, measured, planned)

@@ -6,6 +6,7 @@
 FILE.h5 (written by the C++ side) holds the run's configuration as root attributes (layers, hidden,
 heads, seq, vocab, ffn, micro_batch, global_batch, steps, seed, lr, clip), `losses` and `grad_norms`
 [steps] (float64), and `grads/<parameter name>` (float32, the step-0 gradient before clipping).
+The Llama-style block (SPEC 2.5) by the optional root attributes arch ("llama"), kv_heads and rope_theta.
 The mixture-of-experts model (SPEC 9) is selected by the optional root attributes experts (> 0),
 top_k, capacity_factor and aux_loss (all four then required); without them, or with experts 0, the
 model is dense. `losses` is then the mean cross-entropy alone; grad_norms and grads include the
@@ -57,6 +58,11 @@ def read_dump(path):
                 raise ValueError(f"{path}: experts = {conf['experts']} but missing root attributes {missing}")
             conf["top_k"] = int(f.attrs["top_k"])
             conf.update({k: float(f.attrs[k]) for k in MOE_FLOAT_ATTRS})
+        # SPEC 2.5's block (optional: older dumps are of the gpt block)
+        arch = f.attrs.get("arch", "gpt")
+        conf["arch"] = arch.decode() if isinstance(arch, bytes) else str(arch)
+        conf["kv_heads"] = int(f.attrs.get("kv_heads", conf["heads"]))
+        conf["rope_theta"] = float(f.attrs.get("rope_theta", 10000.0))
         losses = np.asarray(f["losses"][...], dtype=np.float64)
         norms = np.asarray(f["grad_norms"][...], dtype=np.float64)
         grads = {name: np.asarray(ds[...], dtype=np.float32) for name, ds in f["grads"].items()}
@@ -145,9 +151,11 @@ def main():
             print(f"FAIL: bad MoE configuration in the dump: {moe_kw}")
             return 1
     cfg = gpt_ref.Config(layers=conf["layers"], hidden=conf["hidden"], heads=conf["heads"],
-                         seq=conf["seq"], vocab=conf["vocab"], ffn=conf["ffn"], seed=conf["seed"], **moe_kw)
+                         seq=conf["seq"], vocab=conf["vocab"], ffn=conf["ffn"], seed=conf["seed"], arch=conf["arch"],
+                         kv_heads=conf["kv_heads"], rope_theta=conf["rope_theta"], **moe_kw)
     moe_text = (f" E{cfg.experts} k{cfg.top_k} cf{cfg.capacity_factor:g} aux{cfg.aux_loss:g}" if moe else "")
-    print(f"config: L{cfg.layers} h{cfg.hidden} a{cfg.heads} S{cfg.seq} V{cfg.vocab} f{cfg.ffn}{moe_text} "
+    arch_text = f" llama kv{cfg.kv_heads} theta{cfg.rope_theta:g}" if cfg.arch == "llama" else ""
+    print(f"config: L{cfg.layers} h{cfg.hidden} a{cfg.heads} S{cfg.seq} V{cfg.vocab} f{cfg.ffn}{moe_text}{arch_text} "
           f"b{b} G{G} steps{steps} seed{cfg.seed} lr{conf['lr']} clip{conf['clip']}  rtol {args.rtol:g}")
 
     moe_res = None

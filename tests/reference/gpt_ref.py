@@ -94,11 +94,22 @@ class Config:
     top_k: int = 1
     capacity_factor: float = 0.0  # 0: no capacity limit
     aux_loss: float = 0.0  # coefficient of the load-balancing loss; 0: none
+    # The block (SPEC 2.5): "gpt" or "llama" (RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases).
+    arch: str = "gpt"
+    kv_heads: int = 0  # 0: heads
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
+        assert self.arch in ("gpt", "llama"), f"arch {self.arch!r} must be gpt or llama"
         if self.ffn == 0:
-            self.ffn = 4 * self.hidden
+            # llama: the smallest multiple of 64 that is at least 8h/3
+            self.ffn = -(-8 * self.hidden // (3 * 64)) * 64 if self.arch == "llama" else 4 * self.hidden
+        if self.kv_heads == 0:
+            self.kv_heads = self.heads
         assert self.hidden % self.heads == 0, "hidden must be divisible by heads"
+        assert self.heads % self.kv_heads == 0, "kv_heads must divide heads"
+        assert self.arch == "llama" or self.kv_heads == self.heads, "the gpt block has as many kv heads as heads"
+        assert self.arch == "gpt" or self.experts == 0, "the llama block has no mixture of experts here"
         assert self.experts >= 0, "experts must be >= 0"
         if self.experts > 0:
             assert 1 <= self.top_k <= self.experts, "top_k must be in 1..experts"
@@ -112,11 +123,35 @@ PRESETS = {
     "gpt2-124m": dict(layers=12, hidden=768, heads=12, seq=1024, vocab=50257),
     "gpt2-350m": dict(layers=24, hidden=1024, heads=16, seq=1024, vocab=50257),
     "block-4k": dict(layers=4, hidden=4096, heads=32, seq=2048, vocab=32000),
+    "llama-tiny": dict(layers=2, hidden=64, heads=4, seq=32, vocab=256, arch="llama", kv_heads=2, ffn=192),
 }
+
+
+def llama_param_specs(cfg):
+    """SPEC 2.5's parameters: no biases, RMSNorm gains, [Q | K | V] with kv_heads key/value heads."""
+    h, f, V, L = cfg.hidden, cfg.ffn, cfg.vocab, cfg.layers
+    d = h // cfg.heads
+    std, std_out = 0.02, 0.02 / math.sqrt(2 * L)
+    specs = [("embed.tok", (V, h), ("uniform", std))]
+    for l in range(L):
+        p = f"block{l}."
+        specs += [
+            (p + "ln1.g", (h,), ("ones",)),
+            (p + "attn.qkv.w", (h, (cfg.heads + 2 * cfg.kv_heads) * d), ("uniform", std)),
+            (p + "attn.out.w", (h, h), ("uniform", std_out)),
+            (p + "ln2.g", (h,), ("ones",)),
+            (p + "mlp.gate.w", (h, f), ("uniform", std)),
+            (p + "mlp.up.w", (h, f), ("uniform", std)),
+            (p + "mlp.down.w", (f, h), ("uniform", std_out)),
+        ]
+    specs += [("final_ln.g", (h,), ("ones",)), ("head.w", (h, V), ("uniform", std))]
+    return specs
 
 
 def param_specs(cfg):
     """Ordered list of (name, shape, init) where init is ('uniform', std), ('zeros',) or ('ones',)."""
+    if cfg.arch == "llama":
+        return llama_param_specs(cfg)
     h, f, V, S, L = cfg.hidden, cfg.ffn, cfg.vocab, cfg.seq, cfg.layers
     std, std_out = 0.02, 0.02 / math.sqrt(2 * L)
     specs = [("embed.tok", (V, h), ("uniform", std)), ("embed.pos", (S, h), ("uniform", std))]
@@ -228,6 +263,23 @@ def moe_block(P, prefix, u2d, cfg):
     return out, aux, kept, N * k - sum(kept)
 
 
+def rms_norm(x, g):
+    """SPEC 2.5: x / sqrt(mean(x²) + 1e-5) · g over the last dimension."""
+    return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + 1e-5) * g
+
+
+def rope(x, theta):
+    """SPEC 2.5's rotary positions on x [B, heads, S, d]: the pairs (i, i + d/2) of each head rotated by
+    position · theta^(−2i/d), the angle's cos and sin computed in float64 and rounded to x's dtype."""
+    S, d = x.shape[-2], x.shape[-1]
+    half = d // 2
+    angle = np.arange(S, dtype=np.float64)[:, None] * (float(theta) ** (-2.0 * np.arange(half) / d))[None, :]
+    cos = torch.from_numpy(np.cos(angle)).to(x.dtype).to(x.device)
+    sin = torch.from_numpy(np.sin(angle)).to(x.dtype).to(x.device)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class GPT:
     """The reference GPT. Parameters live in an OrderedDict keyed by the spec's names (which contain
     dots, so they cannot be nn.Module attributes); weights are [in, out] and y = x @ W + b."""
@@ -249,6 +301,8 @@ class GPT:
         B·S' tokens form one micro-batch (capacity, aux loss) and, when moe_records is a list, one
         (aux, kept[E], dropped) per layer is appended to it (see moe_block)."""
         cfg, P = self.cfg, self.params
+        if cfg.arch == "llama":
+            return self.llama_forward(tokens)
         B, S = tokens.shape
         h, a = cfg.hidden, cfg.heads
         d = h // a
@@ -276,6 +330,30 @@ class GPT:
                     moe_records.append((aux, kept, dropped))
         x = F.layer_norm(x, (h,), P["final_ln.g"], P["final_ln.b"], eps=1e-5)
         return x @ P["head.w"]  # no bias
+
+    def llama_forward(self, tokens):
+        """SPEC 2.5's block, written from its formula: logits [B, S', V]."""
+        cfg, P = self.cfg, self.params
+        B, S = tokens.shape
+        h, a, kv = cfg.hidden, cfg.heads, cfg.kv_heads
+        d = h // a
+        x = P["embed.tok"][tokens]  # no position table
+        causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).triu(1)
+        for l in range(cfg.layers):
+            p = f"block{l}."
+            qkv = rms_norm(x, P[p + "ln1.g"]) @ P[p + "attn.qkv.w"]  # [Q | K | V]: a, kv and kv heads of d
+            q, k, v = qkv.split([a * d, kv * d, kv * d], dim=-1)
+            q = rope(q.reshape(B, S, a, d).transpose(1, 2), cfg.rope_theta)
+            k = rope(k.reshape(B, S, kv, d).transpose(1, 2), cfg.rope_theta)
+            v = v.reshape(B, S, kv, d).transpose(1, 2)
+            # query head j attends with key/value head j // (a / kv)
+            k, v = k.repeat_interleave(a // kv, dim=1), v.repeat_interleave(a // kv, dim=1)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+            att = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
+            x = x + (att @ v).transpose(1, 2).reshape(B, S, h) @ P[p + "attn.out.w"]
+            u_ = rms_norm(x, P[p + "ln2.g"])
+            x = x + (F.silu(u_ @ P[p + "mlp.gate.w"]) * (u_ @ P[p + "mlp.up.w"])) @ P[p + "mlp.down.w"]
+        return rms_norm(x, P["final_ln.g"]) @ P["head.w"]
 
     def loss_sum(self, inputs, targets):
         """Sum (not mean) of the cross-entropy over every token of the micro-batch."""

@@ -151,14 +151,14 @@ class CountingAttention final : public AttentionCore {
   std::size_t saved_floats(int B, int S, int heads) const override { return be_.attention_saved_floats(B, S, heads); }
   bool keeps_probabilities() const override { return be_.attention_keeps_probabilities(); }
   std::size_t scratch_floats(int B, int S, int heads) const override { return be_.attention_scratch_floats(B, S, heads); }
-  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads) override {
+  void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads, int kv_heads) override {
     ++forwards;
-    be_.attention_forward(out, saved, qkv, B, S, C, heads);
+    be_.attention_gqa_forward(out, saved, qkv, B, S, C, heads, kv_heads);
   }
   void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv, const float* saved,
-                int B, int S, int C, int heads) override {
+                int B, int S, int C, int heads, int kv_heads) override {
     ++backwards;
-    be_.attention_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads);
+    be_.attention_gqa_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads, kv_heads);
   }
   int forwards = 0, backwards = 0;
 
