@@ -215,15 +215,27 @@ class TpLayers {
 
 namespace {
 
-// The MLP of SPEC section 2: gelu_tanh(u·fc1.w + fc1.b)·fc2.w + fc2.b, fc1 column- and fc2
-// row-parallel over the tp group.
-class DenseMlp final : public MlpPart {
+// The block's own MLP (dense_mlp_tensors), over the N tokens of a micro-batch, f/tp of its width on this
+// tp rank.
+class OwnMlp : public MlpPart {
  public:
-  DenseMlp(const ModelConfig& m, Backend& backend, const TpLayers& tp, int N, int tp_size)
+  OwnMlp(const ModelConfig& m, Backend& backend, const TpLayers& tp, int N, int tp_size)
       : m_(m), be_(backend), tp_(tp), N_(N), fl_(m.ffn / tp_size) {}
-
   std::vector<TensorSpec> tensors() const override { return dense_mlp_tensors(m_); }
   int64_t global_parameters() const override { return spec_parameters(dense_mlp_tensors(m_)); }
+
+ protected:
+  const ModelConfig& m_;
+  Backend& be_;
+  const TpLayers& tp_;
+  int N_, fl_;
+};
+
+// The MLP of SPEC section 2: gelu_tanh(u·fc1.w + fc1.b)·fc2.w + fc2.b, fc1 column- and fc2
+// row-parallel over the tp group.
+class DenseMlp final : public OwnMlp {
+ public:
+  using OwnMlp::OwnMlp;
 
   struct Saved final : PartState {
     explicit Saved(Backend& backend) : be(backend) {}
@@ -265,22 +277,12 @@ class DenseMlp final : public MlpPart {
     tp_.release_full_grad(du_full, du);
     be_.free(dfc);
   }
-
- private:
-  const ModelConfig& m_;
-  Backend& be_;
-  const TpLayers& tp_;
-  int N_, fl_;
 };
 
 // The MLP of SPEC 2.5: (silu(u·gate.w) ⊙ (u·up.w))·down.w, gate and up column- and down row-parallel.
-class SwiGluMlp final : public MlpPart {
+class SwiGluMlp final : public OwnMlp {
  public:
-  SwiGluMlp(const ModelConfig& m, Backend& backend, const TpLayers& tp, int N, int tp_size)
-      : m_(m), be_(backend), tp_(tp), N_(N), fl_(m.ffn / tp_size) {}
-
-  std::vector<TensorSpec> tensors() const override { return dense_mlp_tensors(m_); }
-  int64_t global_parameters() const override { return spec_parameters(dense_mlp_tensors(m_)); }
+  using OwnMlp::OwnMlp;
 
   struct Saved final : PartState {
     explicit Saved(Backend& backend) : be(backend) {}
@@ -336,12 +338,6 @@ class SwiGluMlp final : public MlpPart {
     be_.free(dup);
     be_.free(dgate);
   }
-
- private:
-  const ModelConfig& m_;
-  Backend& be_;
-  const TpLayers& tp_;
-  int N_, fl_;
 };
 
 // The backend's fused (or plain) attention.
