@@ -36,7 +36,7 @@ InitRule init_rule(const std::string& name, int num_layers) {
   const double residual = 0.02 / std::sqrt(2.0 * num_layers);
   if (ends_with(name, ".g")) return {InitKind::ones, 0.0};
   if (ends_with(name, ".b")) return {InitKind::zeros, 0.0};
-  if (ends_with(name, "attn.out.w") || ends_with(name, "fc2.w") || ends_with(name, "mlp.down.w")) {
+  if (ends_with(name, "attn.out.w") || ends_with(name, "fc2.w") || ends_with(name, ".down.w")) {
     return {InitKind::uniform, residual};  // the projections into the residual stream (SPEC 2.1, 2.5)
   }
   return {InitKind::uniform, base};  // embed.tok, embed.pos, qkv.w, fc1.w, head.w, router.w

@@ -100,10 +100,12 @@ struct FlopModel {
 FlopModel model_flops(const Options& o, const MlpPart* mlp) {
   const double G = o.global_batch, S = o.model.seq, L = o.model.layers, h = o.model.hidden, V = o.model.vocab,
                f = o.model.ffn;
-  if (o.model.llama() && mlp == nullptr) {  // SPEC 2.5: [Q | K | V] of (a + 2·kv)·d columns, SwiGLU's three products
+  if (o.model.llama()) {  // SPEC 2.5: [Q | K | V] of (a + 2·kv)·d columns; SwiGLU's three products, or the part's
     const double qkv = static_cast<double>(o.model.qkv_width());
-    return {6.0 * G * S * (L * (h * qkv + h * h + 3.0 * h * f + 2.0 * S * h) + h * V),
-            "6*G*S*(L*(h*(a+2*kv)*d + h^2 + 3*h*f + 2*S*h) + h*V)"};
+    const bool part = mlp != nullptr && !mlp->flops_term().empty();
+    const double mlp_weights = part ? mlp->matmul_weights_per_token() : 3.0 * h * f;
+    return {6.0 * G * S * (L * (h * qkv + h * h + mlp_weights + 2.0 * S * h) + h * V),
+            "6*G*S*(L*(h*(a+2*kv)*d + h^2 + " + (part ? mlp->flops_term() : std::string("3*h*f")) + " + 2*S*h) + h*V)"};
   }
   if (mlp != nullptr && !mlp->flops_term().empty()) {  // a replaced MLP: its own matrix products per token
     return {6.0 * G * S * (L * (4.0 * h * h + mlp->matmul_weights_per_token() + 2.0 * S * h) + h * V),

@@ -37,10 +37,6 @@ void validate_ep_options(const EpOptions& s, const Options& o) {
   const int ep = s.ep;
   const std::string E = std::to_string(moe.experts);
   if (moe.experts < 1) throw ConfigError("--experts " + E + " must be at least 1");
-  if (o.model.llama()) {
-    throw ConfigError("--arch llama has no mixture of experts yet: its experts would be SwiGLU MLPs, and parabench's "
-                      "are the GELU MLPs of SPEC 9");
-  }
   if (moe.top_k < 1 || moe.top_k > moe.experts) {
     throw ConfigError("--top-k " + std::to_string(moe.top_k) + " must be between 1 and --experts " + E);
   }

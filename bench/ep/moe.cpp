@@ -7,8 +7,10 @@
 
 namespace pb {
 namespace {
-// The router, then each local expert's four tensors.
-constexpr int kRouter = 0, kFc1W = 0, kFc1B = 1, kFc2W = 2, kFc2B = 3, kPerExpert = 4;
+// The router, then each local expert's tensors: SPEC 9's GELU MLP (four), or under --arch llama a SwiGLU
+// MLP without biases (three: SPEC 2.5).
+constexpr int kRouter = 0, kFc1W = 0, kFc1B = 1, kFc2W = 2, kFc2B = 3;
+constexpr int kGateW = 0, kUpW = 1, kDownW = 2;
 
 // The router's operands in fp32: the model's own in an fp32 run, else widened copies (exact) of the
 // input (N, h) and of the router's weight (h, E) in workspace, for the lifetime of the object.
@@ -49,7 +51,7 @@ int moe_capacity(const MoeOptions& moe, int64_t tokens) {
 struct MoeMlp::Saved final : PartState {
   explicit Saved(Backend& backend) : be(backend) {}
   ~Saved() override {
-    for (TensorPtr p : {combined, gelu_out, fc1_out, expert_in}) be.free(p);
+    for (TensorPtr p : {combined, up_out, gelu_out, fc1_out, expert_in}) be.free(p);
     for (void* p : {static_cast<void*>(counts), static_cast<void*>(slot), static_cast<void*>(expert),
                     static_cast<void*>(gate), static_cast<void*>(probs)}) {
       be.free(p);
@@ -62,8 +64,9 @@ struct MoeMlp::Saved final : PartState {
   int32_t* slot = nullptr;     // (N, k): slot in the expert's buffer, −1 dropped
   int32_t* counts = nullptr;   // (2E): kept, routed
   TensorPtr expert_in;         // (E/ep, ep·C, h): the local experts' input slots (the model's dtype, as below)
-  TensorPtr fc1_out;           // (E/ep, ep·C, f)
-  TensorPtr gelu_out;          // (E/ep, ep·C, f)
+  TensorPtr fc1_out;           // (E/ep, ep·C, f): fc1's output (SwiGLU: the gate's)
+  TensorPtr gelu_out;          // (E/ep, ep·C, f): the activation, fc2's (down's) input
+  TensorPtr up_out;            // (E/ep, ep·C, f): SwiGLU's up projection (null for GELU experts)
   TensorPtr combined;          // (E, C, h): every expert's output for this rank's slots
 };
 
@@ -78,6 +81,8 @@ MoeMlp::MoeMlp(const ModelConfig& model, const MoeOptions& moe, Backend& backend
   C_ = moe_capacity(moe, N_);
   h_ = model.hidden;
   f_ = model.ffn;
+  gated_ = model.llama();
+  per_expert_ = gated_ ? 3 : 4;
   recorded_.assign(model.layers, 0);
 }
 
@@ -92,6 +97,12 @@ std::vector<TensorSpec> MoeMlp::tensors() const {
   for (int i = 0; i < El_; ++i) {
     const int e = ep_.rank * El_ + i;  // ranks hold consecutive experts
     const std::string p = "moe.expert" + std::to_string(e) + ".";
+    if (gated_) {
+      t.push_back({p + "gate.w", h, f, TpSplit::none, e});
+      t.push_back({p + "up.w", h, f, TpSplit::none, e});
+      t.push_back({p + "down.w", f, h, TpSplit::none, e});
+      continue;
+    }
     t.push_back({p + "fc1.w", h, f, TpSplit::none, e});
     t.push_back({p + "fc1.b", 1, f, TpSplit::none, e});
     t.push_back({p + "fc2.w", f, h, TpSplit::none, e});
@@ -102,7 +113,7 @@ std::vector<TensorSpec> MoeMlp::tensors() const {
 
 int64_t MoeMlp::global_parameters() const {
   const int64_t h = h_, f = f_;
-  return h * E_ + E_ * (2 * h * f + f + h);
+  return h * E_ + E_ * (gated_ ? 3 * h * f : 2 * h * f + f + h);
 }
 
 void MoeMlp::to_experts(TensorPtr dst, ConstTensorPtr src) const {
@@ -140,6 +151,7 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const TensorPtr* w, ConstTensorP
   s->expert_in = act(slots * h_);
   s->fc1_out = act(slots * f_);
   s->gelu_out = act(slots * f_);
+  if (gated_) s->up_out = act(slots * f_);
   s->combined = act(slots * h_);
 
   // Route: logits (fp32, as Megatron's router: a bf16 logit would turn near-ties into ties) → top-k,
@@ -170,10 +182,18 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const TensorPtr* w, ConstTensorP
   // never combined and their gradients are zero).
   TensorPtr expert_out = ep_.active() ? alloc_act(slots * h_, MemCategory::comm_buffers) : s->combined;
   for (int i = 0; i < El_; ++i) {
-    const TensorPtr* we = w + 1 + kPerExpert * i;
+    const TensorPtr* we = w + 1 + per_expert_ * i;
     const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;
+    const std::size_t n = static_cast<std::size_t>(rows) * f_;
+    if (gated_) {  // silu(x·gate.w) ⊙ (x·up.w), then down.w
+      be_.matmul_forward(s->fc1_out + mid, s->expert_in + in, we[kGateW], nullptr, rows, h_, f_);
+      be_.matmul_forward(s->up_out + mid, s->expert_in + in, we[kUpW], nullptr, rows, h_, f_);
+      be_.swiglu_forward(s->gelu_out + mid, s->fc1_out + mid, s->up_out + mid, n);
+      be_.matmul_forward(expert_out + in, s->gelu_out + mid, we[kDownW], nullptr, rows, f_, h_);
+      continue;
+    }
     be_.matmul_forward(s->fc1_out + mid, s->expert_in + in, we[kFc1W], we[kFc1B], rows, h_, f_);
-    be_.gelu_forward(s->gelu_out + mid, s->fc1_out + mid, static_cast<std::size_t>(rows) * f_);
+    be_.gelu_forward(s->gelu_out + mid, s->fc1_out + mid, n);
     be_.matmul_forward(expert_out + in, s->gelu_out + mid, we[kFc2W], we[kFc2B], rows, f_, h_);
   }
 
@@ -221,17 +241,31 @@ void MoeMlp::backward(int layer, PartState& state, const TensorPtr* w, const Ten
     be_.free(recv);
   }
 
-  // The local experts' backward.
-  TensorPtr dfc = scratch(static_cast<std::size_t>(rows) * f_);
+  // The local experts' backward. Scratch: one expert's dfc1 (SwiGLU: its dgate and dup, and where f < h
+  // a buffer for the up branch's input gradient, which otherwise goes where dgate was).
+  const std::size_t n = static_cast<std::size_t>(rows) * f_, nh = static_cast<std::size_t>(rows) * h_;
+  TensorPtr dfc = scratch(n);
+  TensorPtr dup = gated_ ? scratch(n) : nullptr;
+  TensorPtr dx_up = gated_ ? (n >= nh ? dfc : scratch(nh)) : nullptr;
   TensorPtr dexpert_in = scratch(slots * h_);
   for (int i = 0; i < El_; ++i) {
-    const TensorPtr* we = w + 1 + kPerExpert * i;
-    const TensorPtr* ge = g + 1 + kPerExpert * i;
+    const TensorPtr* we = w + 1 + per_expert_ * i;
+    const TensorPtr* ge = g + 1 + per_expert_ * i;
     const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;
+    if (gated_) {
+      be_.matmul_backward(dup, ge[kDownW], nullptr, dexpert_out + in, s.gelu_out + mid, we[kDownW], rows, f_, h_);
+      be_.swiglu_backward(dfc, dup, dup, s.fc1_out + mid, s.up_out + mid, n);  // dfc: dgate
+      be_.matmul_backward(dexpert_in + in, ge[kGateW], nullptr, dfc, s.expert_in + in, we[kGateW], rows, h_, f_);
+      be_.matmul_backward(dx_up, ge[kUpW], nullptr, dup, s.expert_in + in, we[kUpW], rows, h_, f_);
+      be_.accumulate(dexpert_in + in, dx_up, nh);
+      continue;
+    }
     be_.matmul_backward(dfc, ge[kFc2W], ge[kFc2B], dexpert_out + in, s.gelu_out + mid, we[kFc2W], rows, f_, h_);
-    be_.gelu_backward(dfc, s.fc1_out + mid, dfc, static_cast<std::size_t>(rows) * f_);
+    be_.gelu_backward(dfc, s.fc1_out + mid, dfc, n);
     be_.matmul_backward(dexpert_in + in, ge[kFc1W], ge[kFc1B], dfc, s.expert_in + in, we[kFc1W], rows, h_, f_);
   }
+  if (dx_up != dfc) be_.free(dx_up);
+  be_.free(dup);
   be_.free(dfc);
   be_.free(dexpert_out);
 
@@ -279,7 +313,9 @@ void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep, int micro_
   // Kept per block: full softmax (N, E), gates (N, k), expert indices and slots (N, k), counts (2E),
   // the local experts' input slots, fc1 output and activation (ep·C rows each of E/ep experts: E·C),
   // and the combined expert outputs (E, C, h).
-  plan.mlp_activation_bytes = kStat * (N * E + N * k) + e * (2 * slots * h + 2 * slots * f) + kIndex * (2 * N * k + 2 * E);
+  // SwiGLU experts (gated) keep the gate's and the up projection's outputs and their product.
+  plan.mlp_activation_bytes =
+      kStat * (N * E + N * k) + e * (2 * slots * h + slots * (a.mlp_in_width() + f)) + kIndex * (2 * N * k + 2 * E);
   // Backward: the gates' gradient, then the larger of (the experts' output and input gradients and one
   // expert's dfc1) and (the router logits' gradient and its input gradient).
   // Held to the end: the step's routing counts (2E int32 per block and micro-batch) and the auxiliary
@@ -287,7 +323,10 @@ void plan_moe_memory(MemoryPlan& plan, const MoeOptions& moe, int ep, int micro_
   // The router computes in fp32 (its logits, their gradient and its input gradient), on widened copies of
   // its input and weight when the model is bf16.
   const int64_t widened = e == kStat ? 0 : kStat * (N * h + h * E);
-  plan.mlp_workspace_bytes = kStat * N * k + std::max(e * (2 * slots * h + ep * C * f), kStat * (N * E + N * h) + widened) +
+  // One expert's scratch: dfc1 (SwiGLU: dgate and dup, and its up branch's input gradient where f < h).
+  const int64_t expert_scratch = ep * C * (a.mlp_in_width() + (a.gated_mlp && f < h ? h : 0));
+  plan.mlp_workspace_bytes = kStat * N * k +
+                             std::max(e * (2 * slots * h + expert_scratch), kStat * (N * E + N * h) + widened) +
                              a.layers * micro_batches * 2 * E * kIndex + 8;
   // ep > 1: two (E, C, h) buffers around each all-to-all.
   plan.mlp_comm_bytes = ep > 1 ? 2 * slots * h * e : 0;

@@ -54,9 +54,10 @@ class MoeMlp final : public MlpPart {
 
   std::vector<TensorSpec> tensors() const override;
   int64_t global_parameters() const override;
-  std::string flops_term() const override { return "k*2*h*f + h*E"; }
+  // SwiGLU experts (--arch llama) have three products per token where GELU experts have two.
+  std::string flops_term() const override { return gated_ ? "k*3*h*f + h*E" : "k*2*h*f + h*E"; }
   double matmul_weights_per_token() const override {
-    return static_cast<double>(k_) * 2.0 * h_ * f_ + static_cast<double>(h_) * E_;
+    return static_cast<double>(k_) * (gated_ ? 3.0 : 2.0) * h_ * f_ + static_cast<double>(h_) * E_;
   }
   std::unique_ptr<PartState> forward(int layer, const TensorPtr* w, ConstTensorPtr u, TensorPtr out) override;
   void backward(int layer, PartState& state, const TensorPtr* w, const TensorPtr* g, ConstTensorPtr u,
@@ -83,6 +84,8 @@ class MoeMlp final : public MlpPart {
   Backend& be_;
   ExpertParallel ep_;
   int N_, E_, k_, El_, C_, h_, f_;
+  bool gated_ = false;  // SwiGLU experts (the llama block, SPEC 2.5), else SPEC 9's GELU experts
+  int per_expert_ = 4;  // tensors of one expert
   float loss_scale_;
   DType dtype_;
   int micro_batches_;

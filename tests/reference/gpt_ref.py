@@ -109,7 +109,6 @@ class Config:
         assert self.hidden % self.heads == 0, "hidden must be divisible by heads"
         assert self.heads % self.kv_heads == 0, "kv_heads must divide heads"
         assert self.arch == "llama" or self.kv_heads == self.heads, "the gpt block has as many kv heads as heads"
-        assert self.arch == "gpt" or self.experts == 0, "the llama block has no mixture of experts here"
         assert self.experts >= 0, "experts must be >= 0"
         if self.experts > 0:
             assert 1 <= self.top_k <= self.experts, "top_k must be in 1..experts"
@@ -140,10 +139,19 @@ def llama_param_specs(cfg):
             (p + "attn.qkv.w", (h, (cfg.heads + 2 * cfg.kv_heads) * d), ("uniform", std)),
             (p + "attn.out.w", (h, h), ("uniform", std_out)),
             (p + "ln2.g", (h,), ("ones",)),
-            (p + "mlp.gate.w", (h, f), ("uniform", std)),
-            (p + "mlp.up.w", (h, f), ("uniform", std)),
-            (p + "mlp.down.w", (f, h), ("uniform", std_out)),
         ]
+        if cfg.experts == 0:
+            specs += [
+                (p + "mlp.gate.w", (h, f), ("uniform", std)),
+                (p + "mlp.up.w", (h, f), ("uniform", std)),
+                (p + "mlp.down.w", (f, h), ("uniform", std_out)),
+            ]
+        else:  # SwiGLU experts, no biases
+            specs.append((p + "moe.router.w", (h, cfg.experts), ("uniform", std)))
+            for e in range(cfg.experts):
+                q = f"{p}moe.expert{e}."
+                specs += [(q + "gate.w", (h, f), ("uniform", std)), (q + "up.w", (h, f), ("uniform", std)),
+                          (q + "down.w", (f, h), ("uniform", std_out))]
     specs += [("final_ln.g", (h,), ("ones",)), ("head.w", (h, V), ("uniform", std))]
     return specs
 
@@ -253,7 +261,10 @@ def moe_block(P, prefix, u2d, cfg):
     out = torch.zeros_like(u2d)
     for e in range(E):
         q = f"{prefix}moe.expert{e}."
-        y = mlp(u2d, P[q + "fc1.w"], P[q + "fc1.b"], P[q + "fc2.w"], P[q + "fc2.b"])
+        if cfg.arch == "llama":  # SwiGLU experts (SPEC 2.5)
+            y = (F.silu(u2d @ P[q + "gate.w"]) * (u2d @ P[q + "up.w"])) @ P[q + "down.w"]
+        else:
+            y = mlp(u2d, P[q + "fc1.w"], P[q + "fc1.b"], P[q + "fc2.w"], P[q + "fc2.b"])
         out = out + weight[:, e : e + 1] * y
     aux = None
     if cfg.aux_loss > 0:
@@ -302,7 +313,7 @@ class GPT:
         (aux, kept[E], dropped) per layer is appended to it (see moe_block)."""
         cfg, P = self.cfg, self.params
         if cfg.arch == "llama":
-            return self.llama_forward(tokens)
+            return self.llama_forward(tokens, moe_records)
         B, S = tokens.shape
         h, a = cfg.hidden, cfg.heads
         d = h // a
@@ -331,8 +342,9 @@ class GPT:
         x = F.layer_norm(x, (h,), P["final_ln.g"], P["final_ln.b"], eps=1e-5)
         return x @ P["head.w"]  # no bias
 
-    def llama_forward(self, tokens):
-        """SPEC 2.5's block, written from its formula: logits [B, S', V]."""
+    def llama_forward(self, tokens, moe_records=None):
+        """SPEC 2.5's block, written from its formula: logits [B, S', V]; with experts, SwiGLU experts
+        (moe_block) in place of the MLP."""
         cfg, P = self.cfg, self.params
         B, S = tokens.shape
         h, a, kv = cfg.hidden, cfg.heads, cfg.kv_heads
@@ -352,7 +364,13 @@ class GPT:
             att = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
             x = x + (att @ v).transpose(1, 2).reshape(B, S, h) @ P[p + "attn.out.w"]
             u_ = rms_norm(x, P[p + "ln2.g"])
-            x = x + (F.silu(u_ @ P[p + "mlp.gate.w"]) * (u_ @ P[p + "mlp.up.w"])) @ P[p + "mlp.down.w"]
+            if cfg.experts == 0:
+                x = x + (F.silu(u_ @ P[p + "mlp.gate.w"]) * (u_ @ P[p + "mlp.up.w"])) @ P[p + "mlp.down.w"]
+            else:
+                out, aux, kept, dropped = moe_block(P, p, u_.reshape(B * S, h), cfg)
+                x = x + out.reshape(B, S, h)
+                if moe_records is not None:
+                    moe_records.append((aux, kept, dropped))
         return rms_norm(x, P["final_ln.g"]) @ P["head.w"]
 
     def loss_sum(self, inputs, targets):
