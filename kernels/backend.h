@@ -250,9 +250,12 @@ class Backend {
   //
   // out (B, Sq, C) = per head, softmax over the visible keys of q·kᵀ/√d, times v (overwritten; 0 for a
   // query that sees no key); lse (B, heads, Sq) = log Σ_visible exp(q·kᵀ/√d) (−inf when none).
+  // kv_heads (grouped-query attention, SPEC 2.5; 0: heads): k and v hold kv_heads heads of d columns, and
+  // query head j reads key/value head j / (heads / kv_heads).
   virtual void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k,
                                        ConstTensorPtr v, int q_stride, int kv_stride, const int32_t* pos_q,
-                                       const int32_t* pos_k, int B, int Sq, int Sk, int C, int heads) = 0;
+                                       const int32_t* pos_k, int B, int Sq, int Sk, int C, int heads,
+                                       int kv_heads = 0) = 0;
   // Merges a block's partial result (out_b, lse_b) into the running one (out, lse), per row and head:
   // with m = max(lse, lse_b), w = e^(lse − m), w_b = e^(lse_b − m): out = (w·out + w_b·out_b) / (w + w_b),
   // lse = m + log(w + w_b). A side at −inf contributes nothing; both at −inf leave out and lse unchanged.
@@ -268,10 +271,12 @@ class Backend {
   //   dq += (P ∘ (dP − delta))·k / √d,   dk += (P ∘ (dP − delta))ᵀ·q / √d,   dv += Pᵀ·dout
   // (all accumulate; dq rows q_stride apart as q, dk and dv kv_stride apart as k and v). The merge's
   // backward is in it: each block's share of the final softmax is P.
+  // With kv_heads < heads a key/value head's dk and dv add up its query heads' (as the forward).
   virtual void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout,
                                         const float* lse, const float* delta, ConstTensorPtr q, ConstTensorPtr k,
                                         ConstTensorPtr v, int q_stride, int kv_stride, const int32_t* pos_q,
-                                        const int32_t* pos_k, int B, int Sq, int Sk, int C, int heads) = 0;
+                                        const int32_t* pos_k, int B, int Sq, int Sk, int C, int heads,
+                                        int kv_heads = 0) = 0;
   // A 2-D copy: `rows` rows of `cols` elements from src (rows src_stride elements apart) to dst (dst_stride
   // apart), both of one dtype; both strides at least cols, and the regions do not overlap.
   virtual void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride,

@@ -43,8 +43,8 @@ class Stopwatch {
 }  // namespace
 
 ContextAttention::ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden,
-                                   DType dtype)
-    : be_(backend), cp_(cp), algo_(algo), seq_(seq), hidden_(hidden), dtype_(dtype) {}
+                                   int kv_hidden, DType dtype)
+    : be_(backend), cp_(cp), algo_(algo), seq_(seq), hidden_(hidden), kv_hidden_(kv_hidden), dtype_(dtype) {}
 
 ContextAttention::~ContextAttention() { be_.free(positions_); }
 
@@ -58,8 +58,8 @@ double ContextAttention::take_time_s() { return be_.take_span_seconds(); }
 
 std::size_t ContextAttention::saved_floats(int B, int S, int heads) const {
   if (algo_ != CpAlgo::alltoall) return static_cast<std::size_t>(B) * heads * S;
-  const std::size_t rows = static_cast<std::size_t>(B) * seq_, Cl = hidden_ / cp_.size;
-  return floats_of(rows * 4 * Cl) + be_.attention_saved_floats(B, seq_, heads / cp_.size);
+  return floats_of(static_cast<std::size_t>(B) * seq_ * full_width()) +
+         be_.attention_saved_floats(B, seq_, heads / cp_.size);
 }
 
 bool ContextAttention::keeps_probabilities() const {
@@ -68,8 +68,8 @@ bool ContextAttention::keeps_probabilities() const {
 
 std::size_t ContextAttention::scratch_floats(int B, int S, int heads) const {
   if (algo_ != CpAlgo::alltoall) return static_cast<std::size_t>(B) * heads * S;
-  const std::size_t rows = static_cast<std::size_t>(B) * seq_, Cl = hidden_ / cp_.size;
-  return floats_of(rows * 4 * Cl) + be_.attention_scratch_floats(B, seq_, heads / cp_.size);
+  return floats_of(static_cast<std::size_t>(B) * seq_ * full_width()) +
+         be_.attention_scratch_floats(B, seq_, heads / cp_.size);
 }
 
 const int32_t* ContextAttention::positions_of(int rank) {
@@ -86,46 +86,45 @@ const int32_t* ContextAttention::positions_of(int rank) {
   return positions_ + static_cast<std::size_t>(rank) * S;
 }
 
-namespace {
-void require_multi_head(int heads, int kv_heads) {
-  if (kv_heads != heads) {
-    throw std::invalid_argument("context parallelism exchanges multi-head keys and values: " +
-                                std::to_string(kv_heads) + " key/value heads for " + std::to_string(heads) +
-                                " heads is not supported");
+void ContextAttention::check_heads(int C, int heads, int kv_heads) const {
+  if (C != hidden_ || kv_heads < 1 || heads % kv_heads != 0 || C / heads * kv_heads != kv_hidden_) {
+    throw std::invalid_argument("ContextAttention: " + std::to_string(heads) + " heads and " + std::to_string(kv_heads) +
+                                " key/value heads of width " + std::to_string(C) + " do not match the core's " +
+                                std::to_string(hidden_) + " and " + std::to_string(kv_hidden_));
   }
 }
-}  // namespace
 
 void ContextAttention::forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads,
                                int kv_heads) {
-  require_multi_head(heads, kv_heads);
+  check_heads(C, heads, kv_heads);
   switch (algo_) {
-    case CpAlgo::ring: ring_forward(out, saved, qkv, B, S, C, heads); break;
-    case CpAlgo::allgather: allgather_forward(out, saved, qkv, B, S, C, heads); break;
-    case CpAlgo::alltoall: alltoall_forward(out, saved, qkv, B, S, C, heads); break;
+    case CpAlgo::ring: ring_forward(out, saved, qkv, B, S, C, heads, kv_heads); break;
+    case CpAlgo::allgather: allgather_forward(out, saved, qkv, B, S, C, heads, kv_heads); break;
+    case CpAlgo::alltoall: alltoall_forward(out, saved, qkv, B, S, C, heads, kv_heads); break;
   }
 }
 
 void ContextAttention::backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out,
                                 ConstTensorPtr qkv, const float* saved, int B, int S, int C, int heads,
                                 int kv_heads) {
-  require_multi_head(heads, kv_heads);
+  check_heads(C, heads, kv_heads);
   switch (algo_) {
-    case CpAlgo::ring: ring_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
-    case CpAlgo::allgather: allgather_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads); break;
-    case CpAlgo::alltoall: alltoall_backward(dqkv, scratch, dout, saved, B, S, C, heads); break;
+    case CpAlgo::ring: ring_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads, kv_heads); break;
+    case CpAlgo::allgather: allgather_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, heads, kv_heads); break;
+    case CpAlgo::alltoall: alltoall_backward(dqkv, scratch, dout, saved, B, S, C, heads, kv_heads); break;
   }
 }
 
 // ---- ring and allgather: blocks of keys, merged by log-sum-exp ------------------------------------------
 
 void ContextAttention::attend_block(TensorPtr out, float* lse, bool first, ConstTensorPtr q, ConstTensorPtr kv,
-                                    int origin, int B, int S, int C, int heads) {
+                                    int origin, int B, int S, int C, int heads, int kv_heads) {
   const int32_t* pos_q = positions_of(cp_.rank);
   const int32_t* pos_k = positions_of(origin);
+  const int Ckv = kv_hidden_, W = C + 2 * Ckv;
   if (first) {
     Stopwatch watch(be_);
-    be_.attention_block_forward(out, lse, q, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k, B, S, S, C, heads);
+    be_.attention_block_forward(out, lse, q, kv, kv + Ckv, W, 2 * Ckv, pos_q, pos_k, B, S, S, C, heads, kv_heads);
     return;
   }
   const std::size_t rows = static_cast<std::size_t>(B) * S;
@@ -133,23 +132,25 @@ void ContextAttention::attend_block(TensorPtr out, float* lse, bool first, Const
   float* lse_b = be_.alloc_floats(rows * heads, MemCategory::workspace);
   {
     Stopwatch watch(be_);
-    be_.attention_block_forward(out_b, lse_b, q, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k, B, S, S, C, heads);
+    be_.attention_block_forward(out_b, lse_b, q, kv, kv + Ckv, W, 2 * Ckv, pos_q, pos_k, B, S, S, C, heads, kv_heads);
     be_.attention_merge(out, lse, out_b, lse_b, B, S, C, heads);
   }
   be_.free(lse_b);
   be_.free(out_b);
 }
 
-void ContextAttention::ring_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads) {
+void ContextAttention::ring_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads,
+                                    int kv_heads) {
   const int n = cp_.size, next = (cp_.rank + 1) % n, prev = (cp_.rank + n - 1) % n;
-  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  const std::size_t KV = 2 * static_cast<std::size_t>(kv_hidden_), W = C + KV;  // K|V and Q|K|V widths
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * KV;
   TensorPtr cur = alloc_act(block, MemCategory::comm_buffers);  // K|V of the block in hand
   TensorPtr nxt = alloc_act(block, MemCategory::comm_buffers);  // the one arriving
-  be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  be_.copy_2d(cur, KV, qkv + C, W, rows, KV);
   for (int s = 0; s < n; ++s) {
     Request hop;
     if (s + 1 < n) hop = cp_.comm->send_recv_async(cur, next, nxt, prev, block, s);  // pass it on meanwhile
-    attend_block(out, lse, s == 0, qkv, cur, (cp_.rank + n - s) % n, B, S, C, heads);
+    attend_block(out, lse, s == 0, qkv, cur, (cp_.rank + n - s) % n, B, S, C, heads, kv_heads);
     if (s + 1 < n) {
       hop->wait();
       std::swap(cur, nxt);
@@ -160,17 +161,19 @@ void ContextAttention::ring_forward(TensorPtr out, float* lse, ConstTensorPtr qk
 }
 
 void ContextAttention::ring_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out,
-                                     ConstTensorPtr qkv, const float* lse, int B, int S, int C, int heads) {
+                                     ConstTensorPtr qkv, const float* lse, int B, int S, int C, int heads,
+                                     int kv_heads) {
   const int n = cp_.size, next = (cp_.rank + 1) % n, prev = (cp_.rank + n - 1) % n;
-  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C, elem = dtype_bytes(dtype_);
+  const std::size_t Ckv = kv_hidden_, KV = 2 * Ckv, W = C + KV;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * KV, elem = dtype_bytes(dtype_);
   const int32_t* pos_q = positions_of(cp_.rank);
-  be_.zero(dqkv.data(), rows * 3 * C * elem);
+  be_.zero(dqkv.data(), rows * W * elem);
   be_.attention_block_delta(delta, dout, out, B, S, C, heads);
   TensorPtr cur = alloc_act(block, MemCategory::comm_buffers);   // K|V of the block in hand
   TensorPtr nxt = alloc_act(block, MemCategory::comm_buffers);
   TensorPtr dcur = alloc_act(block, MemCategory::comm_buffers);  // its dK|dV, accumulating on the way
   TensorPtr dnxt = alloc_act(block, MemCategory::comm_buffers);
-  be_.copy_2d(cur, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  be_.copy_2d(cur, KV, qkv + C, W, rows, KV);
   be_.zero(dcur.data(), block * elem);
   for (int s = 0; s < n; ++s) {
     const int origin = (cp_.rank + n - s) % n;
@@ -179,8 +182,8 @@ void ContextAttention::ring_backward(TensorPtr dqkv, float* delta, ConstTensorPt
     const int32_t* pos_k = positions_of(origin);
     {
       Stopwatch watch(be_);
-      be_.attention_block_backward(dqkv, dcur, dcur + C, dout, lse, delta, qkv, cur, cur + C, 3 * C, 2 * C, pos_q,
-                                   pos_k, B, S, S, C, heads);
+      be_.attention_block_backward(dqkv, dcur, dcur + Ckv, dout, lse, delta, qkv, cur, cur + Ckv, W, KV, pos_q,
+                                   pos_k, B, S, S, C, heads, kv_heads);
     }
     // The block's gradient goes on with it (after the last block: home to its owner, the next rank).
     cp_.comm->send_recv_async(dcur, next, dnxt, prev, block, 2 * s + 1)->wait();
@@ -191,34 +194,37 @@ void ContextAttention::ring_backward(TensorPtr dqkv, float* delta, ConstTensorPt
     }
   }
   // dcur is this rank's own dK|dV now, complete.
-  be_.copy_2d(dqkv + C, 3 * C, dcur, 2 * C, rows, 2 * C);
+  be_.copy_2d(dqkv + C, W, dcur, KV, rows, KV);
   for (TensorPtr p : {dnxt, dcur, nxt, cur}) be_.free(p);
 }
 
 void ContextAttention::allgather_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C,
-                                         int heads) {
+                                         int heads, int kv_heads) {
   const int n = cp_.size;
-  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C;
+  const std::size_t KV = 2 * static_cast<std::size_t>(kv_hidden_), W = C + KV;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * KV;
   TensorPtr mine = alloc_act(block, MemCategory::comm_buffers);
   TensorPtr all = alloc_act(block * n, MemCategory::comm_buffers);  // every rank's K|V, rank-major
-  be_.copy_2d(mine, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  be_.copy_2d(mine, KV, qkv + C, W, rows, KV);
   cp_.comm->all_gather(mine, all, block);
   be_.free(mine);
-  for (int r = 0; r < n; ++r) attend_block(out, lse, r == 0, qkv, all + r * block, r, B, S, C, heads);
+  for (int r = 0; r < n; ++r) attend_block(out, lse, r == 0, qkv, all + r * block, r, B, S, C, heads, kv_heads);
   be_.free(all);
 }
 
 void ContextAttention::allgather_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out,
-                                          ConstTensorPtr qkv, const float* lse, int B, int S, int C, int heads) {
+                                          ConstTensorPtr qkv, const float* lse, int B, int S, int C, int heads,
+                                          int kv_heads) {
   const int n = cp_.size;
-  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * 2 * C, elem = dtype_bytes(dtype_);
+  const std::size_t Ckv = kv_hidden_, KV = 2 * Ckv, W = C + KV;
+  const std::size_t rows = static_cast<std::size_t>(B) * S, block = rows * KV, elem = dtype_bytes(dtype_);
   const int32_t* pos_q = positions_of(cp_.rank);
-  be_.zero(dqkv.data(), rows * 3 * C * elem);
+  be_.zero(dqkv.data(), rows * W * elem);
   be_.attention_block_delta(delta, dout, out, B, S, C, heads);
   // The keys and values are gathered again rather than kept from the forward.
   TensorPtr mine = alloc_act(block, MemCategory::comm_buffers);
   TensorPtr all = alloc_act(block * n, MemCategory::comm_buffers);
-  be_.copy_2d(mine, 2 * C, qkv + C, 3 * C, rows, 2 * C);
+  be_.copy_2d(mine, KV, qkv + C, W, rows, KV);
   cp_.comm->all_gather(mine, all, block);
   be_.free(mine);
   TensorPtr dall = alloc_act(block * n, MemCategory::comm_buffers);  // dK|dV of every rank's block
@@ -228,14 +234,14 @@ void ContextAttention::allgather_backward(TensorPtr dqkv, float* delta, ConstTen
     const TensorPtr dkv = dall + r * block;
     const int32_t* pos_k = positions_of(r);
     Stopwatch watch(be_);
-    be_.attention_block_backward(dqkv, dkv, dkv + C, dout, lse, delta, qkv, kv, kv + C, 3 * C, 2 * C, pos_q, pos_k,
-                                 B, S, S, C, heads);
+    be_.attention_block_backward(dqkv, dkv, dkv + Ckv, dout, lse, delta, qkv, kv, kv + Ckv, W, KV, pos_q, pos_k,
+                                 B, S, S, C, heads, kv_heads);
   }
   be_.free(all);
   TensorPtr dmine = alloc_act(block, MemCategory::comm_buffers);
   cp_.comm->reduce_scatter(dall, dmine, block);  // each block's gradient, summed over the ranks' queries
   be_.free(dall);
-  be_.copy_2d(dqkv + C, 3 * C, dmine, 2 * C, rows, 2 * C);
+  be_.copy_2d(dqkv + C, W, dmine, KV, rows, KV);
   be_.free(dmine);
 }
 
@@ -273,28 +279,29 @@ void ContextAttention::heads_to_sequence(TensorPtr send, ConstTensorPtr full, in
 }
 
 void ContextAttention::alltoall_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
-                                        int heads) {
-  const int n = cp_.size, Cl = C / n, Hl = heads / n;
+                                        int heads, int kv_heads) {
+  const int n = cp_.size, Cl = C / n, Hl = heads / n, Kl = kv_hidden_ / n, KVl = kv_heads / n;
+  const std::size_t W = C + 2 * static_cast<std::size_t>(kv_hidden_), Wl = Cl + 2 * static_cast<std::size_t>(Kl);
   const std::size_t rows = static_cast<std::size_t>(B) * S, full_rows = static_cast<std::size_t>(B) * seq_;
-  const TensorPtr qkv_full = in_floats(saved);                // (B, S_full, 3·Cl): this rank's heads' Q|K|V
-  const TensorPtr out_full = qkv_full + full_rows * 3 * Cl;   // (B, S_full, Cl)
-  float* att = saved + floats_of(full_rows * 4 * Cl);         // the backend attention's saved state (fp32)
-  // Q|K|V of this rank's tokens, head group r's columns to rank r.
-  TensorPtr send = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
+  const TensorPtr qkv_full = in_floats(saved);                // (B, S_full, Wl): this rank's heads' Q|K|V
+  const TensorPtr out_full = qkv_full + full_rows * Wl;       // (B, S_full, Cl)
+  float* att = saved + floats_of(full_rows * full_width());   // the backend attention's saved state (fp32)
+  // Q|K|V of this rank's tokens: head group r's query columns and key/value columns to rank r.
+  TensorPtr send = alloc_act(rows * W, MemCategory::comm_buffers);
   for (int r = 0; r < n; ++r) {
-    const TensorPtr dst = send + r * rows * 3 * Cl;
-    for (int part = 0; part < 3; ++part) {  // Q, K, V
-      be_.copy_2d(dst + part * Cl, 3 * Cl, qkv + part * C + r * Cl, 3 * C, rows, Cl);
-    }
+    const TensorPtr dst = send + r * rows * Wl;
+    be_.copy_2d(dst, Wl, qkv + r * Cl, W, rows, Cl);                                  // Q
+    be_.copy_2d(dst + Cl, Wl, qkv + C + r * Kl, W, rows, Kl);                         // K
+    be_.copy_2d(dst + Cl + Kl, Wl, qkv + C + kv_hidden_ + r * Kl, W, rows, Kl);       // V
   }
-  TensorPtr recv = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
-  cp_.comm->all_to_all(send, recv, rows * 3 * Cl);
+  TensorPtr recv = alloc_act(rows * W, MemCategory::comm_buffers);
+  cp_.comm->all_to_all(send, recv, rows * Wl);
   be_.free(send);
-  sequence_to_heads(qkv_full, recv, B, S, 3 * Cl);
+  sequence_to_heads(qkv_full, recv, B, S, static_cast<int>(Wl));
   be_.free(recv);
   {
     Stopwatch watch(be_);
-    be_.attention_forward(out_full, att, qkv_full, B, seq_, Cl, Hl);
+    be_.attention_gqa_forward(out_full, att, qkv_full, B, seq_, Cl, Hl, KVl);
   }
   // The outputs back to the tokens' ranks, every head group's columns side by side.
   TensorPtr send_out = alloc_act(rows * C, MemCategory::comm_buffers);
@@ -307,15 +314,16 @@ void ContextAttention::alltoall_forward(TensorPtr out, float* saved, ConstTensor
 }
 
 void ContextAttention::alltoall_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, const float* saved,
-                                         int B, int S, int C, int heads) {
-  const int n = cp_.size, Cl = C / n, Hl = heads / n;
+                                         int B, int S, int C, int heads, int kv_heads) {
+  const int n = cp_.size, Cl = C / n, Hl = heads / n, Kl = kv_hidden_ / n, KVl = kv_heads / n;
+  const std::size_t W = C + 2 * static_cast<std::size_t>(kv_hidden_), Wl = Cl + 2 * static_cast<std::size_t>(Kl);
   const std::size_t rows = static_cast<std::size_t>(B) * S, full_rows = static_cast<std::size_t>(B) * seq_;
   const ConstTensorPtr qkv_full = in_floats(const_cast<float*>(saved));
-  const ConstTensorPtr out_full = qkv_full + full_rows * 3 * Cl;
-  const float* att = saved + floats_of(full_rows * 4 * Cl);
+  const ConstTensorPtr out_full = qkv_full + full_rows * Wl;
+  const float* att = saved + floats_of(full_rows * full_width());
   const TensorPtr dout_full = in_floats(scratch);                 // (B, S_full, Cl)
-  const TensorPtr dqkv_full = dout_full + full_rows * Cl;          // (B, S_full, 3·Cl)
-  float* att_scratch = scratch + floats_of(full_rows * 4 * Cl);
+  const TensorPtr dqkv_full = dout_full + full_rows * Cl;          // (B, S_full, Wl)
+  float* att_scratch = scratch + floats_of(full_rows * full_width());
   TensorPtr send = alloc_act(rows * C, MemCategory::comm_buffers);
   for (int r = 0; r < n; ++r) be_.copy_2d(send + r * rows * Cl, Cl, dout + r * Cl, C, rows, Cl);
   TensorPtr recv = alloc_act(rows * C, MemCategory::comm_buffers);
@@ -325,16 +333,18 @@ void ContextAttention::alltoall_backward(TensorPtr dqkv, float* scratch, ConstTe
   be_.free(recv);
   {
     Stopwatch watch(be_);
-    be_.attention_backward(dqkv_full, att_scratch, dout_full, out_full, qkv_full, att, B, seq_, Cl, Hl);
+    be_.attention_gqa_backward(dqkv_full, att_scratch, dout_full, out_full, qkv_full, att, B, seq_, Cl, Hl, KVl);
   }
-  TensorPtr send_d = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
-  heads_to_sequence(send_d, dqkv_full, B, S, 3 * Cl);
-  TensorPtr recv_d = alloc_act(rows * 3 * C, MemCategory::comm_buffers);
-  cp_.comm->all_to_all(send_d, recv_d, rows * 3 * Cl);
+  TensorPtr send_d = alloc_act(rows * W, MemCategory::comm_buffers);
+  heads_to_sequence(send_d, dqkv_full, B, S, static_cast<int>(Wl));
+  TensorPtr recv_d = alloc_act(rows * W, MemCategory::comm_buffers);
+  cp_.comm->all_to_all(send_d, recv_d, rows * Wl);
   be_.free(send_d);
   for (int r = 0; r < n; ++r) {
-    const ConstTensorPtr src = recv_d + r * rows * 3 * Cl;
-    for (int part = 0; part < 3; ++part) be_.copy_2d(dqkv + part * C + r * Cl, 3 * C, src + part * Cl, 3 * Cl, rows, Cl);
+    const ConstTensorPtr src = recv_d + r * rows * Wl;
+    be_.copy_2d(dqkv + r * Cl, W, src, Wl, rows, Cl);
+    be_.copy_2d(dqkv + C + r * Kl, W, src + Cl, Wl, rows, Kl);
+    be_.copy_2d(dqkv + C + kv_hidden_ + r * Kl, W, src + Cl + Kl, Wl, rows, Kl);
   }
   be_.free(recv_d);
 }
@@ -346,18 +356,19 @@ void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
   // This rank's heads (tensor parallelism, plan.tp, splits them first) and their width.
   const int64_t e = plan.precision.act_bytes, S = a.seq / cp, B = plan.micro_batch, C = a.hidden / plan.tp,
                 H = a.heads / plan.tp;
+  const int64_t Ckv = a.kv_heads / plan.tp * a.head_dim();  // the width of K and of V (C: multi-head)
   const int64_t rows = B * S;
   constexpr int64_t kStat = 4;
   plan.cp = cp;
   if (cp == 1) return;  // the backend's attention
   if (algo == CpAlgo::alltoall) {
-    const int64_t Cl = C / cp, Hl = H / cp, full = B * a.seq;
+    const int64_t Hl = H / cp, full = B * a.seq, width = 2 * (C + Ckv) / cp;  // Q|K|V and out of a head group
     // the backend attention's probabilities or statistics: fp32 in every precision
     const int64_t backend = plan.attention_keeps_probabilities ? B * Hl * a.seq * a.seq * kStat : B * Hl * a.seq * kStat;
-    plan.attention_saved_bytes = full * 4 * Cl * e + backend;
-    plan.attention_scratch_bytes = full * 4 * Cl * e + backend;
-    // Two (S/cp, 3C) buffers around the Q|K|V and dQ|dK|dV exchanges.
-    plan.attention_comm_bytes = 2 * rows * 3 * C * e;
+    plan.attention_saved_bytes = full * width * e + backend;
+    plan.attention_scratch_bytes = full * width * e + backend;
+    // Two (S/cp, C + 2·Ckv) buffers around the Q|K|V and dQ|dK|dV exchanges.
+    plan.attention_comm_bytes = 2 * rows * (C + 2 * Ckv) * e;
     plan.attention_forward_comm_bytes = plan.attention_comm_bytes;
     return;
   }
@@ -366,11 +377,12 @@ void plan_cp_memory(MemoryPlan& plan, CpAlgo algo, int cp) {
   plan.attention_scratch_bytes = B * H * S * kStat;  // delta
   plan.attention_persistent_bytes = a.seq * 4;       // every rank's positions, int32
   plan.attention_forward_bytes = rows * C * e + B * H * S * kStat;  // a block's output and lse before the merge
-  // ring: backward's K|V and dK|dV, the block in hand and the one arriving (4 · (S/cp, 2C));
-  // allgather: every rank's K|V and their gradients (2 · (S, 2C)).
-  plan.attention_comm_bytes = algo == CpAlgo::ring ? 4 * rows * 2 * C * e : 2 * cp * rows * 2 * C * e;
+  // ring: backward's K|V and dK|dV, the block in hand and the one arriving (4 · (S/cp, 2·Ckv));
+  // allgather: every rank's K|V and their gradients (2 · (S, 2·Ckv)). Grouped-query attention moves a/kv
+  // times fewer bytes than multi-head.
+  plan.attention_comm_bytes = algo == CpAlgo::ring ? 4 * rows * 2 * Ckv * e : 2 * cp * rows * 2 * Ckv * e;
   // Forward: ring's block in hand and the one arriving; allgather's own K|V beside every rank's.
-  plan.attention_forward_comm_bytes = algo == CpAlgo::ring ? 2 * rows * 2 * C * e : (1 + cp) * rows * 2 * C * e;
+  plan.attention_forward_comm_bytes = algo == CpAlgo::ring ? 2 * rows * 2 * Ckv * e : (1 + cp) * rows * 2 * Ckv * e;
 }
 
 }  // namespace pb

@@ -29,16 +29,17 @@ const char* cp_algo_name(CpAlgo algo);
 
 class ContextAttention final : public AttentionCore {
  public:
-  // seq, hidden: the model's S and h (the core's C is h: context parallelism runs without tp); dtype: the
-  // model's (of Q, K, V, the output and everything exchanged).
-  ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden, DType dtype);
+  // seq, hidden: the model's S and this rank's width of Q (h, or h/tp: the core's C); kv_hidden: the width
+  // of K and of V (hidden, or kv heads × d with the grouped-query attention of SPEC 2.5, which is what
+  // the exchanges move); dtype: the model's (of Q, K, V, the output and everything exchanged).
+  ContextAttention(Backend& backend, const ContextParallel& cp, CpAlgo algo, int seq, int hidden, int kv_hidden,
+                   DType dtype);
   ~ContextAttention() override;
 
   std::size_t saved_floats(int B, int S, int heads) const override;
   bool keeps_probabilities() const override;
   std::size_t scratch_floats(int B, int S, int heads) const override;
-  // kv_heads must equal heads: the exchanges move the multi-head [K | V] (the grouped-query attention of
-  // SPEC 2.5 is refused by the app's options for now).
+  // kv_heads · C / heads must be the constructor's kv_hidden.
   void forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads, int kv_heads) override;
   void backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
                 const float* saved, int B, int S, int C, int heads, int kv_heads) override;
@@ -50,15 +51,20 @@ class ContextAttention final : public AttentionCore {
   double take_time_s();
 
  private:
-  void ring_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads);
+  void ring_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads, int kv_heads);
   void ring_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
-                     const float* lse, int B, int S, int C, int heads);
-  void allgather_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads);
+                     const float* lse, int B, int S, int C, int heads, int kv_heads);
+  void allgather_forward(TensorPtr out, float* lse, ConstTensorPtr qkv, int B, int S, int C, int heads, int kv_heads);
   void allgather_backward(TensorPtr dqkv, float* delta, ConstTensorPtr dout, ConstTensorPtr out, ConstTensorPtr qkv,
-                          const float* lse, int B, int S, int C, int heads);
-  void alltoall_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads);
+                          const float* lse, int B, int S, int C, int heads, int kv_heads);
+  void alltoall_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int heads, int kv_heads);
   void alltoall_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, const float* saved, int B, int S, int C,
-                         int heads);
+                         int heads, int kv_heads);
+  // forward's and backward's check of the model's heads against the core's widths (std::invalid_argument).
+  void check_heads(int C, int heads, int kv_heads) const;
+  // alltoall: elements per row of a whole sequence kept in the saved (and scratch) area: this rank's head
+  // group's Q|K|V and its output (dQ|dK|dV and dout): 2·C/cp + 2·kv_hidden/cp.
+  std::size_t full_width() const { return 2 * static_cast<std::size_t>(hidden_ + kv_hidden_) / cp_.size; }
   // Tensors in the model's dtype, and the floats that `count` of them take in the core's fp32 saved
   // and scratch areas (alltoall keeps Q|K|V and the output there, before the backend attention's state).
   TensorPtr alloc_act(std::size_t count, MemCategory category) const { return be_.alloc_tensor(count, dtype_, category); }
@@ -66,19 +72,20 @@ class ContextAttention final : public AttentionCore {
   TensorPtr in_floats(float* area) const { return TensorPtr(area, dtype_); }
   // Every rank's positions (cp · S/cp int32, rank-major) in backend memory, made on first use.
   const int32_t* positions_of(int rank);
-  // The block of rank `origin`'s keys and values (packed (B, S, 2C)) against this rank's queries,
-  // merged into (out, lse); the first block is written, not merged.
+  // The block of rank `origin`'s keys and values (packed (B, S, 2·kv_hidden)) against this rank's queries
+  // (rows of qkv, C + 2·kv_hidden apart), merged into (out, lse); the first block is written, not merged.
   void attend_block(TensorPtr out, float* lse, bool first, ConstTensorPtr q, ConstTensorPtr kv, int origin, int B,
-                    int S, int C, int heads);
+                    int S, int C, int heads, int kv_heads);
   // Ulysses: rows of this rank's tokens of all heads <-> rows of every rank's tokens of its heads, whole
-  // sequences in position order. width: elements per head group and row (Cl, or 3·Cl for Q|K|V).
+  // sequences in position order. width: elements per head group and row (Cl, or Cl + 2·kv_hidden/cp for
+  // Q|K|V).
   void sequence_to_heads(TensorPtr full, ConstTensorPtr recv, int B, int S, int width) const;
   void heads_to_sequence(TensorPtr send, ConstTensorPtr full, int B, int S, int width) const;
 
   Backend& be_;
   ContextParallel cp_;
   CpAlgo algo_;
-  int seq_, hidden_;  // the model's S (global) and h
+  int seq_, hidden_, kv_hidden_;  // the model's S (global), the widths of Q and of K (= V) on this rank
   DType dtype_;
   int32_t* positions_ = nullptr;
 };

@@ -28,10 +28,6 @@ void validate_cp_options(CpOptions& s, const Options& o, int tp) {
   const int cp = s.cp;
   const std::string& layout_name = s.layout_name;
   if (cp < 1) throw ConfigError("--cp " + std::to_string(cp) + " must be at least 1");
-  if (cp > 1 && o.model.llama()) {
-    throw ConfigError("--arch llama trains at --cp 1 only so far: exchanging grouped key/value heads between "
-                      "context-parallel ranks is not implemented yet");
-  }
   if (!parse_cp_algo(s.algo_name, &s.algo)) {
     throw ConfigError("--cp-algo " + s.algo_name + " must be ring, allgather or alltoall");
   }
@@ -55,14 +51,21 @@ void validate_cp_options(CpOptions& s, const Options& o, int tp) {
                       " is not divisible by --cp " + std::to_string(cp) + " (--cp-algo alltoall gives each rank " +
                       (tp > 1 ? "heads/tp/cp" : "heads/cp") + " heads)");
   }
+  // and their key/value heads too (grouped-query attention, SPEC 2.5)
+  if (s.algo == CpAlgo::alltoall && o.model.llama() && (o.model.kv() / tp) % cp != 0) {
+    throw ConfigError("--kv-heads " + std::to_string(o.model.kv()) + (tp > 1 ? " / --tp " + std::to_string(tp) : "") +
+                      " is not divisible by --cp " + std::to_string(cp) + " (--cp-algo alltoall gives each rank " +
+                      (tp > 1 ? "kv-heads/tp/cp" : "kv-heads/cp") + " key/value heads)");
+  }
 }
 
 std::unique_ptr<ContextAttention> make_context_attention(const CpOptions& s, const Options& o, Backend& backend,
                                                          const ModelParallel& mp) {
   if (!mp.cp.active()) return nullptr;
-  // The core sees this rank's heads: hidden / tp wide.
+  // The core sees this rank's heads: hidden / tp wide, and its key/value heads (SPEC 2.5: kv / tp of them).
+  const int kv_hidden = o.model.kv() / mp.tp.size * o.model.head_dim();
   return std::make_unique<ContextAttention>(backend, mp.cp, s.algo, o.model.seq, o.model.hidden / mp.tp.size,
-                                            precision_of(o).compute);
+                                            kv_hidden, precision_of(o).compute);
 }
 
 Communicator* make_data_ranks(ProcessGroups& g) {

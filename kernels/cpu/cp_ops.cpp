@@ -80,8 +80,8 @@ void add_row(TensorPtr dst, std::size_t offset, const float* src, int n) {
 template <typename O>
 void block_forward_kernel(O* out, float* lse, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v, int q_stride,
                           int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
-                          int heads) {
-  const int d = C / heads;
+                          int heads, int kv_heads) {
+  const int d = C / heads, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel
   {
@@ -92,8 +92,8 @@ void block_forward_kernel(O* out, float* lse, ConstTensorPtr q, ConstTensorPtr k
     for (int b = 0; b < B; ++b) {
       for (int h = 0; h < heads; ++h) {
         const Rows qs = fp32_rows(q, b, Sq, q_stride, h * d, d, q_rows);
-        const Rows ks = fp32_rows(k, b, Sk, kv_stride, h * d, d, k_rows);
-        const Rows vs = fp32_rows(v, b, Sk, kv_stride, h * d, d, v_rows);
+        const Rows ks = fp32_rows(k, b, Sk, kv_stride, h / group * d, d, k_rows);
+        const Rows vs = fp32_rows(v, b, Sk, kv_stride, h / group * d, d, v_rows);
         for (int i = 0; i < Sq; ++i) {
           const float* qi = qs[i];                           // (d)
           O* out_i = out + row_offset(b, Sq, i, C) + h * d;  // (d)
@@ -186,9 +186,10 @@ void delta_kernel(float* delta, const G* dout, const O* out, int B, int Sq, int 
 
 void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v,
                              int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq,
-                             int Sk, int C, int heads) {
+                             int Sk, int C, int heads, int kv_heads) {
   dispatch([&](auto o) {
-    block_forward_kernel(out.as<decltype(o)>(), lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk, C, heads);
+    block_forward_kernel(out.as<decltype(o)>(), lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk, C, heads,
+                         kv_heads);
   }, out.dtype());
 }
 
@@ -208,53 +209,56 @@ void attention_block_delta(float* delta, ConstTensorPtr dout, ConstTensorPtr out
 void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout, const float* lse,
                               const float* delta, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v, int q_stride,
                               int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
-                              int heads) {
-  const int d = C / heads;
+                              int heads, int kv_heads) {
+  const int d = C / heads, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel
   {
-    // this block's contributions, summed in query order and added to the gradients once
+    // this block's contributions, summed in query order (a key/value head's over its query heads, in head
+    // order, on one thread) and added to the gradients once
     std::vector<float> dk_acc(static_cast<std::size_t>(Sk) * d), dv_acc(dk_acc.size()), dq_acc(d);
     std::vector<float> q_rows, k_rows, v_rows, g_rows;  // bf16 inputs widened
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
-      for (int h = 0; h < heads; ++h) {
+      for (int kvh = 0; kvh < kv_heads; ++kvh) {
         std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-        const Rows qs = fp32_rows(q, b, Sq, q_stride, h * d, d, q_rows);
-        const Rows ks = fp32_rows(k, b, Sk, kv_stride, h * d, d, k_rows);
-        const Rows vs = fp32_rows(v, b, Sk, kv_stride, h * d, d, v_rows);
-        const Rows gs = fp32_rows(dout, b, Sq, C, h * d, d, g_rows);
-        for (int i = 0; i < Sq; ++i) {
-          const std::size_t s = stat_index(b, h, i, heads, Sq);
-          const float li = lse[s], di = delta[s];
-          if (li == -INFINITY) continue;  // the query sees no key in any block: P = 0
-          const float* qi = qs[i];  // (d)
-          const float* gi = gs[i];  // (d)
-          std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-          for (int j = 0; j < Sk; ++j) {
-            if (pos_k[j] > pos_q[i]) continue;  // masked: P = 0
-            const float* kj = ks[j];
-            const float* vj = vs[j];
-            // P = exp(q·k/√d − lse), this key's share of the final softmax; dP = dout·v
-            const float p = exp_approx(dot(qi, kj, d) * scale - li);
-            const float dp = dot(gi, vj, d);
-            // the softmax's backward: dScore = P·(dP − delta), times the 1/√d of the scores
-            const float ds = p * (dp - di) * scale;
-            float* dkj = dk_acc.data() + static_cast<std::size_t>(j) * d;
-            float* dvj = dv_acc.data() + static_cast<std::size_t>(j) * d;
+        const Rows ks = fp32_rows(k, b, Sk, kv_stride, kvh * d, d, k_rows);
+        const Rows vs = fp32_rows(v, b, Sk, kv_stride, kvh * d, d, v_rows);
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+          const Rows qs = fp32_rows(q, b, Sq, q_stride, h * d, d, q_rows);
+          const Rows gs = fp32_rows(dout, b, Sq, C, h * d, d, g_rows);
+          for (int i = 0; i < Sq; ++i) {
+            const std::size_t s = stat_index(b, h, i, heads, Sq);
+            const float li = lse[s], di = delta[s];
+            if (li == -INFINITY) continue;  // the query sees no key in any block: P = 0
+            const float* qi = qs[i];  // (d)
+            const float* gi = gs[i];  // (d)
+            std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+            for (int j = 0; j < Sk; ++j) {
+              if (pos_k[j] > pos_q[i]) continue;  // masked: P = 0
+              const float* kj = ks[j];
+              const float* vj = vs[j];
+              // P = exp(q·k/√d − lse), this key's share of the final softmax; dP = dout·v
+              const float p = exp_approx(dot(qi, kj, d) * scale - li);
+              const float dp = dot(gi, vj, d);
+              // the softmax's backward: dScore = P·(dP − delta), times the 1/√d of the scores
+              const float ds = p * (dp - di) * scale;
+              float* dkj = dk_acc.data() + static_cast<std::size_t>(j) * d;
+              float* dvj = dv_acc.data() + static_cast<std::size_t>(j) * d;
 #pragma omp simd
-            for (int c = 0; c < d; ++c) {
-              dq_acc[c] += ds * kj[c];
-              dkj[c] += ds * qi[c];
-              dvj[c] += p * gi[c];
+              for (int c = 0; c < d; ++c) {
+                dq_acc[c] += ds * kj[c];
+                dkj[c] += ds * qi[c];
+                dvj[c] += p * gi[c];
+              }
             }
+            add_row(dq, row_offset(b, Sq, i, q_stride) + h * d, dq_acc.data(), d);
           }
-          add_row(dq, row_offset(b, Sq, i, q_stride) + h * d, dq_acc.data(), d);
         }
         for (int j = 0; j < Sk; ++j) {
-          add_row(dk, row_offset(b, Sk, j, kv_stride) + h * d, dk_acc.data() + static_cast<std::size_t>(j) * d, d);
-          add_row(dv, row_offset(b, Sk, j, kv_stride) + h * d, dv_acc.data() + static_cast<std::size_t>(j) * d, d);
+          add_row(dk, row_offset(b, Sk, j, kv_stride) + kvh * d, dk_acc.data() + static_cast<std::size_t>(j) * d, d);
+          add_row(dv, row_offset(b, Sk, j, kv_stride) + kvh * d, dv_acc.data() + static_cast<std::size_t>(j) * d, d);
         }
       }
     }

@@ -997,8 +997,9 @@ class CpuBackend final : public Backend {
   // ---- context parallelism: kernels/cpu/cp_ops.cpp ----------------------------------------------
   void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v,
                                int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq,
-                               int Sk, int C, int heads) override {
-    cpu::attention_block_forward(out, lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk, C, heads);
+                               int Sk, int C, int heads, int kv_heads) override {
+    cpu::attention_block_forward(out, lse, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk, C, heads,
+                                 kv_heads > 0 ? kv_heads : heads);
   }
   void attention_merge(TensorPtr out, float* lse, ConstTensorPtr out_b, const float* lse_b, int B, int Sq, int C,
                        int heads) override {
@@ -1011,9 +1012,9 @@ class CpuBackend final : public Backend {
   void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout, const float* lse,
                                 const float* delta, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v, int q_stride,
                                 int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk,
-                                int C, int heads) override {
+                                int C, int heads, int kv_heads) override {
     cpu::attention_block_backward(dq, dk, dv, dout, lse, delta, q, k, v, q_stride, kv_stride, pos_q, pos_k, B, Sq, Sk,
-                                  C, heads);
+                                  C, heads, kv_heads > 0 ? kv_heads : heads);
   }
   void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride, std::size_t rows,
                std::size_t cols) override {

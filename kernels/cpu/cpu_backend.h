@@ -29,14 +29,14 @@ std::string cpu_model_name();
 namespace cpu {
 void attention_block_forward(TensorPtr out, float* lse, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v,
                              int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq,
-                             int Sk, int C, int heads);
+                             int Sk, int C, int heads, int kv_heads);
 void attention_merge(TensorPtr out, float* lse, ConstTensorPtr out_b, const float* lse_b, int B, int Sq, int C,
                      int heads);
 void attention_block_delta(float* delta, ConstTensorPtr dout, ConstTensorPtr out, int B, int Sq, int C, int heads);
 void attention_block_backward(TensorPtr dq, TensorPtr dk, TensorPtr dv, ConstTensorPtr dout, const float* lse,
                               const float* delta, ConstTensorPtr q, ConstTensorPtr k, ConstTensorPtr v, int q_stride,
                               int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk, int C,
-                              int heads);
+                              int heads, int kv_heads);
 void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride, std::size_t rows,
              std::size_t cols);
 

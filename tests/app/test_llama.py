@@ -1,12 +1,12 @@
 """SPEC 2.5's Llama-style block (--arch llama: RMSNorm, rotary positions, grouped-query attention, SwiGLU,
-no biases) in the apps that train it so far, on the CPU backend at context-parallel degree 1
-(tests/reference checks the single-rank run against PyTorch):
+no biases) in every app on the CPU backend (tests/reference checks the single-rank run against PyTorch):
 
 * parabench-dp (2 and 4 ranks, gradient accumulation, small buckets), parabench-fsdp (every sharding
   strategy on 4 ranks), parabench-pp (GPipe, 1F1B and the interleaved schedule), parabench-tp (tp 2,
   each rank one of the 2 key/value heads and its 2 query heads, with and without sequence parallelism,
   and with dp 2) and parabench-hybrid (pp 2 × FULL_SHARD over dp 2; tp 2 × pp 2 with sequence
-  parallelism) train the model of the single-rank run: each step's loss and the final parameter norm
+  parallelism; tp 2 × cp 2) and parabench-cp (ring, all-gather, all-to-all; with dp 2) train the model
+  of the single-rank run: each step's loss and the final parameter norm
   within a relative 1e-5 (SPEC 2.4 allows 1e-4); the same layout run twice is bitwise equal;
 * --recompute selective and full train it too;
 * measured memory agrees with the memory model per rank and category (llama's tensors: no biases or
@@ -14,8 +14,9 @@ no biases) in the apps that train it so far, on the CPU backend at context-paral
   activations and two scratch buffers, the rotary positions);
 * /config records arch, kv_heads and rope_theta, and the model FLOPs use llama's formula;
 * a mixture of SwiGLU experts (parabench-ep, hybrid --moe) trains the single-rank ep model;
-* what is not implemented yet is refused with exit 2 and a message that names it (key/value heads that
-  tp does not divide, cp > 1); bad llama options too.
+* context parallelism moves the K|V of the key/value heads only (half the bytes at a/kv = 2);
+* what is not implemented is refused with exit 2 and a message that names it (key/value heads that tp or
+  all-to-all's cp does not divide); bad llama options too.
 """
 
 import pytest
@@ -47,7 +48,11 @@ LAYOUTS = [
     ("tp2-sp", "tp", 2, 8, ["--tp", "2", "--sequence-parallel"]),
     ("tp2xdp2", "tp", 4, 4, ["--tp", "2"]),
     ("hybrid-tp2xpp2", "hybrid", 4, 4, ["--tp", "2", "--pp", "2", "--sequence-parallel"]),
-    ("cp-app-cp1", "cp", 1, 8, ["--cp", "1"]),
+    ("cp2-ring", "cp", 2, 8, ["--cp", "2", "--cp-algo", "ring"]),
+    ("cp2-allgather-contiguous", "cp", 2, 8, ["--cp", "2", "--cp-algo", "allgather", "--cp-layout", "contiguous"]),
+    ("cp2-alltoall", "cp", 2, 8, ["--cp", "2", "--cp-algo", "alltoall"]),
+    ("cp2xdp2-ring", "cp", 4, 4, ["--cp", "2"]),
+    ("hybrid-tp2xcp2", "hybrid", 4, 8, ["--tp", "2", "--cp", "2"]),
 ]
 IDS = [layout[0] for layout in LAYOUTS]
 
@@ -132,6 +137,19 @@ def test_swiglu_experts_match_the_single_rank_run(app, ranks, extra, cached_run)
     assert_memory_matches_prediction(run, run["command"])
 
 
+def test_context_parallelism_moves_the_key_value_heads_only(cached_run):
+    """ring over 2 ranks moves K|V of the key/value heads: a/kv = 2 times fewer bytes than the same model
+    with as many key/value heads as heads (send/recv per rank, over the same steps)."""
+    args = ["--micro-batch", 8, "--cp", "2", "--cp-algo", "ring"]
+    grouped = cached_run("cp", 2, [*COMMON, *args])
+    multi = list(COMMON)
+    multi[multi.index("--kv-heads") + 1] = "4"
+    full = cached_run("cp", 2, [*multi, *args])
+    assert int(full["config"]["kv_heads"]) == 4 and int(grouped["config"]["kv_heads"]) == 2
+    assert (full["bytes"]["send"] == 2 * grouped["bytes"]["send"]).all(), (full["bytes"]["send"], grouped["bytes"]["send"])
+    assert (grouped["bytes"]["send"] > 0).all()
+
+
 def test_model_flops_follow_the_llama_formula(reference):
     import h5py
 
@@ -144,7 +162,7 @@ def test_model_flops_follow_the_llama_formula(reference):
 
 @pytest.mark.parametrize("app, ranks, extra, names", [
     ("tp", 4, ["--tp", "4", "--kv-heads", "2"], ["--kv-heads 2", "--tp 4"]),
-    ("cp", 2, ["--cp", "2"], ["--arch llama", "--cp 1"]),
+    ("cp", 4, ["--cp", "4", "--cp-algo", "alltoall", "--kv-heads", "2"], ["--kv-heads 2", "--cp 4"]),
     ("dp", 1, ["--kv-heads", "3"], ["--kv-heads 3", "--heads 4"]),
     ("dp", 1, ["--kv-heads", "0"], ["--kv-heads 0"]),
     ("dp", 1, ["--rope-theta", "1"], ["--rope-theta"]),

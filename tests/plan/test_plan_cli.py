@@ -962,14 +962,16 @@ LLAMA_SHAPE = ["--layers", 4, "--hidden", 64, "--heads", 4, "--kv-heads", 2, "--
     ("pp", ["--pp", 2, "--schedule", "1f1b", "--global-batch", 8]),
     ("tp", ["--tp", 2, "--sequence-parallel"]),
     ("ep", ["--ep", 2, "--experts", 4, "--top-k", 2, "--capacity-factor", 1.5]),
+    ("cp", ["--cp", 2, "--cp-algo", "ring"]),
+    ("cp", ["--cp", 2, "--cp-algo", "alltoall"]),
 ], ids=["dp-accum2", "dp-selective", "fsdp-FULL_SHARD", "fsdp-SHARD_GRAD_OP-bf16-full", "pp2-1f1b", "tp2-sp",
-        "ep2-swiglu-experts"])
+        "ep2-swiglu-experts", "cp2-ring", "cp2-alltoall"])
 def test_scaled_down_llama3_plan_equals_the_apps_measured_memory(tmp_path, app, args):
     """The planner's llama3-8b preset (GQA, SwiGLU, RMSNorm, rotary positions, no biases, untied head) at
     a tiny shape against a run of the same block (--arch llama) on 4 ranks: every category of every rank
     measured equals the plan in bytes (peak_total: at most the plan)."""
     path = tmp_path / f"{app}.h5"
-    apps = {"dp": DP_APP, "fsdp": FSDP_APP, "pp": PP_APP, "tp": TP_APP, "ep": EP_APP}
+    apps = {"dp": DP_APP, "fsdp": FSDP_APP, "pp": PP_APP, "tp": TP_APP, "ep": EP_APP, "cp": CP_APP}
     run_app(apps[app], "--arch", "llama", "--rope-theta", 500000, *LLAMA_SHAPE, "--steps", 1, "--warmup", 0,
             "--out", path, "--quiet", *args)
     (p,) = json_plans("--model", "llama3-8b", *LLAMA_SHAPE, "--app", app, "--gpus", 4, "--backend", "cpu", *args)

@@ -2355,6 +2355,38 @@ TEST_F(CpuOps, AttentionBlockBackwardMatchesAttentionBackward) {
   }
 }
 
+// Grouped key/value heads (SPEC 2.5) in the block ops: one block over every key gives attention_gqa_forward's
+// output and, through delta and the block backward, attention_gqa_backward's dqkv (a key/value head's
+// gradient the sum over its query heads).
+TEST_F(CpuOps, AttentionBlockWithGroupedHeadsMatchesGqaAttention) {
+  std::mt19937 rng(99);
+  for (const auto& sh : kGqaShapes) {
+    SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH) + " kv=" + std::to_string(sh.KV));
+    const int d = sh.C / sh.NH, Ckv = sh.KV * d, W = sh.C + 2 * Ckv;
+    const std::size_t n_qkv = std::size_t(sh.B) * sh.S * W, n_out = std::size_t(sh.B) * sh.S * sh.C;
+    const std::size_t nstat = std::size_t(sh.B) * sh.NH * sh.S;
+    float* d_qkv = dev.put(rand_floats(rng, n_qkv, -2.0f, 2.0f));
+    float* d_dout = dev.put(rand_floats(rng, n_out));
+    float* d_out = dev.poisoned(n_out);
+    float* d_saved = dev.poisoned(be->attention_saved_floats(sh.B, sh.S, sh.NH));
+    be->attention_gqa_forward(d_out, d_saved, d_qkv, sh.B, sh.S, sh.C, sh.NH, sh.KV);
+    float* d_ref = dev.poisoned(n_qkv);
+    be->attention_gqa_backward(d_ref, dev.poisoned(be->attention_scratch_floats(sh.B, sh.S, sh.NH)), d_dout, d_out,
+                               d_qkv, d_saved, sh.B, sh.S, sh.C, sh.NH, sh.KV);
+    const int32_t* d_pos = dev.put_ints(positions({{0, sh.S - 1}}));
+    float *d_bout = dev.poisoned(n_out), *d_lse = dev.poisoned(nstat), *d_delta = dev.poisoned(nstat);
+    float* d_dqkv = dev.put(FVec(n_qkv, 0.0f));
+    be->attention_block_forward(d_bout, d_lse, d_qkv, d_qkv + sh.C, d_qkv + sh.C + Ckv, W, W, d_pos, d_pos, sh.B,
+                                sh.S, sh.S, sh.C, sh.NH, sh.KV);
+    EXPECT_TRUE(close(dev.get(d_bout, n_out), to_double(dev.get(d_out, n_out)), 1e-5, "out vs attention_gqa_forward"));
+    be->attention_block_delta(d_delta, d_dout, d_bout, sh.B, sh.S, sh.C, sh.NH);
+    be->attention_block_backward(d_dqkv, d_dqkv + sh.C, d_dqkv + sh.C + Ckv, d_dout, d_lse, d_delta, d_qkv,
+                                 d_qkv + sh.C, d_qkv + sh.C + Ckv, W, W, d_pos, d_pos, sh.B, sh.S, sh.S, sh.C, sh.NH,
+                                 sh.KV);
+    EXPECT_TRUE(close(dev.get(d_dqkv, n_qkv), to_double(dev.get(d_ref, n_qkv)), 1e-5, "dqkv vs attention_gqa_backward"));
+  }
+}
+
 // copy_2d: the copied rows and columns exactly; every other float of dst (between and after the rows, and
 // beyond `rows`) unchanged, NaN included.
 TEST_F(CpuOps, Copy2d) {
