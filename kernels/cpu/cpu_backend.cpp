@@ -169,32 +169,24 @@ void rmsnorm_backward_kernel(T* dinp, W* dweight, const T* dout, const T* inp, c
   }
 }
 
-// Rotary positions (SPEC 2.5), in place; sign −1 rotates back (the backward).
+// Rotary positions (SPEC 2.5), in place, with cos φ and sin φ of every (position, pair) from `cs` and `sn`
+// (S × d/2 each); sign −1 rotates back (the backward).
 template <typename T>
-void rope_kernel(T* x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d, double theta,
+void rope_kernel(T* x, std::size_t row_stride, const float* cs, const float* sn, int B, int S, int heads, int d,
                  float sign) {
   const int half = d / 2;
-  // cos and sin of every (position, pair), computed in double and rounded to fp32 once
-  std::vector<float> cs(static_cast<std::size_t>(S) * half), sn(cs.size());
-  for (int i = 0; i < S; ++i) {
-    for (int j = 0; j < half; ++j) {
-      const double angle = pos[i] * std::pow(theta, -2.0 * j / d);
-      cs[static_cast<std::size_t>(i) * half + j] = static_cast<float>(std::cos(angle));
-      sn[static_cast<std::size_t>(i) * half + j] = sign * static_cast<float>(std::sin(angle));
-    }
-  }
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < B; ++b) {
     for (int i = 0; i < S; ++i) {
       T* row = x + (static_cast<std::size_t>(b) * S + i) * row_stride;
-      const float* c = cs.data() + static_cast<std::size_t>(i) * half;
-      const float* s = sn.data() + static_cast<std::size_t>(i) * half;
+      const float* c = cs + static_cast<std::size_t>(i) * half;
+      const float* s = sn + static_cast<std::size_t>(i) * half;
       for (int h = 0; h < heads; ++h) {
         T* head = row + static_cast<std::size_t>(h) * d;
         for (int j = 0; j < half; ++j) {
-          const float x1 = load(head[j]), x2 = load(head[j + half]);
-          store(head[j], x1 * c[j] - x2 * s[j]);
-          store(head[j + half], x2 * c[j] + x1 * s[j]);
+          const float x1 = load(head[j]), x2 = load(head[j + half]), sj = sign * s[j];
+          store(head[j], x1 * c[j] - x2 * sj);
+          store(head[j + half], x2 * c[j] + x1 * sj);
         }
       }
     }
@@ -1101,11 +1093,42 @@ class CpuBackend final : public Backend {
   void rope(TensorPtr x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d, double theta,
             float sign) {
     if (d % 2 != 0) throw std::invalid_argument("rope: the head dimension " + std::to_string(d) + " is odd");
+    const RopeTable& table = rope_table(pos, S, d, theta);
     cpu::dispatch([&](auto e) {
       using T = decltype(e);
-      rope_kernel(x.as<T>(), row_stride, pos, B, S, heads, d, theta, sign);
+      rope_kernel(x.as<T>(), row_stride, table.cos.data(), table.sin.data(), B, S, heads, d, sign);
     }, x.dtype());
   }
+  // cos φ and sin φ of every (position, pair), computed in double and rounded to fp32 once, kept for the
+  // next call with the same positions, d and θ (every block's four calls per micro-batch use one table).
+  struct RopeTable {
+    std::vector<int32_t> pos;
+    int d = 0;
+    double theta = 0.0;
+    std::vector<float> cos, sin;
+  };
+  const RopeTable& rope_table(const int32_t* pos, int S, int d, double theta) {
+    RopeTable& t = rope_table_;
+    if (t.d == d && t.theta == theta && t.pos.size() == static_cast<std::size_t>(S) &&
+        std::equal(t.pos.begin(), t.pos.end(), pos)) {
+      return t;
+    }
+    const int half = d / 2;
+    t.pos.assign(pos, pos + S);
+    t.d = d;
+    t.theta = theta;
+    t.cos.resize(static_cast<std::size_t>(S) * half);
+    t.sin.resize(t.cos.size());
+    for (int i = 0; i < S; ++i) {
+      for (int j = 0; j < half; ++j) {
+        const double angle = pos[i] * std::pow(theta, -2.0 * j / d);
+        t.cos[static_cast<std::size_t>(i) * half + j] = static_cast<float>(std::cos(angle));
+        t.sin[static_cast<std::size_t>(i) * half + j] = static_cast<float>(std::sin(angle));
+      }
+    }
+    return t;
+  }
+  RopeTable rope_table_;
   // out (N, OC) = inp (N, C) · weight (C, OC), with the bias rows set first and accumulated onto
   template <typename T>
   void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int N, int C, int OC) {
