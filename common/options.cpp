@@ -307,10 +307,6 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     }
     if (backend == "cuda" && env.visible_gpus == 0) reject("--backend cuda needs a visible GPU, and none is");
     opt.backend = backend;
-    if (backend == "cuda" && m.llama()) {
-      reject("--arch llama runs on the CPU backend only: the CUDA backend has no RMSNorm, rotary or SwiGLU "
-             "kernels and no grouped-query attention yet (use --backend cpu)");
-    }
     // NCCL takes one GPU per rank: ranks that share a GPU communicate through MPI.
     const bool own_gpu = backend == "cuda" && env.distinct_gpus;
     if (comm.empty()) comm = own_gpu ? "nccl" : "mpi";

@@ -110,67 +110,42 @@ class Backend {
                                   int N, int C) = 0;
 
   // ---- the Llama-style block (SPEC 2.5) ---------------------------------------------------------
-  // A backend without these ops (the CUDA backend, so far) throws std::invalid_argument from them, and
-  // options refuse --arch llama on it before anything runs.
-  //
   // RMSNorm: out (N, C) = inp · rstd · weight with rstd = 1 / sqrt(mean(inp²) + 1e-5), saved (N).
-  virtual void rmsnorm_forward(TensorPtr /*out*/, float* /*rstd*/, ConstTensorPtr /*inp*/, ConstTensorPtr /*weight*/,
-                               int /*N*/, int /*C*/) {
-    unsupported("rmsnorm_forward");
-  }
+  virtual void rmsnorm_forward(TensorPtr out, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight, int N,
+                               int C) = 0;
   // The residual add and the RMSNorm that reads its sum (as residual_layernorm_forward): out (N, C) = a + b,
   // rounded once into out's dtype (out may alias a or b), then norm_out and rstd from the stored out.
-  virtual void residual_rmsnorm_forward(TensorPtr /*out*/, TensorPtr /*norm_out*/, float* /*rstd*/,
-                                        ConstTensorPtr /*a*/, ConstTensorPtr /*b*/, ConstTensorPtr /*weight*/,
-                                        int /*N*/, int /*C*/) {
-    unsupported("residual_rmsnorm_forward");
-  }
+  virtual void residual_rmsnorm_forward(TensorPtr out, TensorPtr norm_out, float* rstd, ConstTensorPtr a,
+                                        ConstTensorPtr b, ConstTensorPtr weight, int N, int C) = 0;
   // dinp (N, C) += ..., dweight (C) += ... (both accumulate, as layernorm_backward).
-  virtual void rmsnorm_backward(TensorPtr /*dinp*/, TensorPtr /*dweight*/, ConstTensorPtr /*dout*/,
-                                ConstTensorPtr /*inp*/, ConstTensorPtr /*weight*/, const float* /*rstd*/, int /*N*/,
-                                int /*C*/) {
-    unsupported("rmsnorm_backward");
-  }
+  virtual void rmsnorm_backward(TensorPtr dinp, TensorPtr dweight, ConstTensorPtr dout, ConstTensorPtr inp,
+                                ConstTensorPtr weight, const float* rstd, int N, int C) = 0;
   // Rotary positions, in place: `heads` heads of d columns each from x, in rows of (B, S) tokens
   // `row_stride` elements apart (row i of sample b at x + (b·S + i)·row_stride); in each head the pairs
   // (j, j + d/2) are rotated by φ = pos[i] · theta^(−2j/d): y_j = x_j·cos φ − x_{j+d/2}·sin φ,
   // y_{j+d/2} = x_{j+d/2}·cos φ + x_j·sin φ, with cos φ and sin φ computed in double and rounded to
   // fp32. pos (S, int32, backend memory) holds the tokens' positions in their sequence. rope_backward
-  // rotates by −φ: the gradient through a rotation is the rotation back.
-  virtual void rope_forward(TensorPtr /*x*/, std::size_t /*row_stride*/, const int32_t* /*pos*/, int /*B*/,
-                            int /*S*/, int /*heads*/, int /*d*/, double /*theta*/) {
-    unsupported("rope_forward");
-  }
-  virtual void rope_backward(TensorPtr /*dx*/, std::size_t /*row_stride*/, const int32_t* /*pos*/, int /*B*/,
-                             int /*S*/, int /*heads*/, int /*d*/, double /*theta*/) {
-    unsupported("rope_backward");
-  }
+  // rotates by −φ: the gradient through a rotation is the rotation back. An odd d: std::invalid_argument.
+  virtual void rope_forward(TensorPtr x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                            double theta) = 0;
+  virtual void rope_backward(TensorPtr dx, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                             double theta) = 0;
   // SwiGLU's gate, elementwise over n: out = silu(gate) · up, silu(z) = z / (1 + e^−z).
-  virtual void swiglu_forward(TensorPtr /*out*/, ConstTensorPtr /*gate*/, ConstTensorPtr /*up*/, std::size_t /*n*/) {
-    unsupported("swiglu_forward");
-  }
+  virtual void swiglu_forward(TensorPtr out, ConstTensorPtr gate, ConstTensorPtr up, std::size_t n) = 0;
   // dgate = dout · up · silu'(gate), dup = dout · silu(gate) (both overwritten; dup may alias dout).
-  virtual void swiglu_backward(TensorPtr /*dgate*/, TensorPtr /*dup*/, ConstTensorPtr /*dout*/,
-                               ConstTensorPtr /*gate*/, ConstTensorPtr /*up*/, std::size_t /*n*/) {
-    unsupported("swiglu_backward");
-  }
+  virtual void swiglu_backward(TensorPtr dgate, TensorPtr dup, ConstTensorPtr dout, ConstTensorPtr gate,
+                               ConstTensorPtr up, std::size_t n) = 0;
   // Grouped-query attention: qkv (B, S, C + 2·kv_heads·d), d = C / num_heads, holds [Q | K | V] with
-  // Q of num_heads heads and K and V of kv_heads heads (kv_heads divides num_heads); query head j
-  // attends with key/value head j / (num_heads / kv_heads). out (B, S, C). `saved` and `scratch` are
-  // sized as for attention_forward's num_heads heads. With kv_heads = num_heads it is attention_forward
-  // (and attention_backward), which is what a backend without its own grouped kernels runs.
+  // Q of num_heads heads and K and V of kv_heads heads (kv_heads divides num_heads, else
+  // std::invalid_argument); query head j attends with key/value head j / (num_heads / kv_heads). out
+  // (B, S, C). `saved` and `scratch` are sized as for attention_forward's num_heads heads. With kv_heads =
+  // num_heads it is attention_forward (and attention_backward).
   virtual void attention_gqa_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
-                                     int num_heads, int kv_heads) {
-    if (kv_heads != num_heads) unsupported("attention_gqa_forward with fewer key/value heads than heads");
-    attention_forward(out, saved, qkv, B, S, C, num_heads);
-  }
+                                     int num_heads, int kv_heads) = 0;
   // dqkv (B, S, C + 2·kv_heads·d) overwritten; a key/value head's gradient sums its query heads'.
   virtual void attention_gqa_backward(TensorPtr dqkv, float* scratch, ConstTensorPtr dout, ConstTensorPtr out,
                                       ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads,
-                                      int kv_heads) {
-    if (kv_heads != num_heads) unsupported("attention_gqa_backward with fewer key/value heads than heads");
-    attention_backward(dqkv, scratch, dout, out, qkv, saved, B, S, C, num_heads);
-  }
+                                      int kv_heads) = 0;
 
   // Causal multi-head attention. qkv (B, S, 3C) holds [Q | K | V]; head j owns columns j·d..j·d+d−1
   // of each block. out (B, S, C). `saved` keeps what backward needs; its size is backend-specific
@@ -369,9 +344,6 @@ class Backend {
                             int t, float grad_scale) = 0;
 
  protected:
-  [[noreturn]] void unsupported(const char* op) const {
-    throw std::invalid_argument(std::string(op) + ": not implemented by the " + name() + " backend");
-  }
   virtual void do_download(void* host_dst, const void* src, std::size_t bytes) = 0;
   virtual void do_synchronize() = 0;
   virtual void do_sum_squares(double* sums, int bins, const std::vector<SquaresPiece>& pieces) = 0;

@@ -451,9 +451,7 @@ class CudaBackend final : public Backend {
     const DType t =
         one_dtype("layernorm_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
     if (N == 0) return;
-    constexpr int kMaxChunks = 128;
-    const int rows_per_chunk = (N + kMaxChunks - 1) / kMaxChunks;
-    const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+    const auto [chunks, rows_per_chunk] = param_chunks(N);
     float* partial = scratch_floats(2 * static_cast<std::size_t>(chunks) * C);
     with_type(t, [&](auto e) {
       using T = decltype(e);
@@ -484,13 +482,25 @@ class CudaBackend final : public Backend {
 
   void attention_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C,
                          int num_heads) override {
+    attention_gqa_forward(out, saved, qkv, B, S, C, num_heads, num_heads);
+  }
+  void attention_backward(TensorPtr dqkv, float* scratch_d, ConstTensorPtr dout, ConstTensorPtr out,
+                          ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads) override {
+    attention_gqa_backward(dqkv, scratch_d, dout, out, qkv, saved, B, S, C, num_heads, num_heads);
+  }
+
+  // Grouped-query attention (SPEC 2.5): the fused kernels (kernels.cuh, QkvLayout) or cuDNN's, which take
+  // fewer key/value heads than query heads as they are.
+  void attention_gqa_forward(TensorPtr out, float* saved, ConstTensorPtr qkv, int B, int S, int C, int num_heads,
+                             int kv_heads) override {
     const DType t = one_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
     check_attention_shape(B, C, num_heads);
+    check_kv_heads("attention_forward", num_heads, kv_heads);
     if (B == 0 || S == 0) return;
 #ifdef PB_WITH_CUDNN
     if (cudnn_) {
       require_cudnn_dtype("attention_forward", t);
-      cudnn_->forward(out.data(), saved, qkv.data(), B, S, C, num_heads);
+      cudnn_->forward(out.data(), saved, qkv.data(), B, S, C, num_heads, kv_heads);
       return;
     }
 #endif
@@ -498,43 +508,120 @@ class CudaBackend final : public Backend {
     with_type(t, [&](auto e) {
       using T = decltype(e);
       attention_forward_kernel<T><<<grid, kAttWarps * 32, attention_row_smem(C / num_heads, false), stream_>>>(
-          out.as<T>(), saved, qkv.as<T>(), S, C, num_heads);
+          out.as<T>(), saved, qkv.as<T>(), S, C, num_heads, kv_heads);
     });
     PB_LAUNCH_CHECK();
   }
 
-  void attention_backward(TensorPtr dqkv, float* scratch_d, ConstTensorPtr dout, ConstTensorPtr out,
-                          ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads) override {
+  void attention_gqa_backward(TensorPtr dqkv, float* scratch_d, ConstTensorPtr dout, ConstTensorPtr out,
+                              ConstTensorPtr qkv, const float* saved, int B, int S, int C, int num_heads,
+                              int kv_heads) override {
     const DType t =
         one_dtype("attention_backward", {{"dqkv", dqkv}, {"dout", dout}, {"out", out}, {"qkv", qkv}});
     check_attention_shape(B, C, num_heads);
+    check_kv_heads("attention_backward", num_heads, kv_heads);
     if (B == 0 || S == 0) return;
 #ifdef PB_WITH_CUDNN
     if (cudnn_) {  // the log-sum-exp the forward saved; no scratch
       require_cudnn_dtype("attention_backward", t);
-      cudnn_->backward(dqkv.data(), dout.data(), out.data(), qkv.data(), saved, B, S, C, num_heads);
+      cudnn_->backward(dqkv.data(), dout.data(), out.data(), qkv.data(), saved, B, S, C, num_heads, kv_heads);
       return;
     }
 #endif
     const int d = C / num_heads;
     const std::size_t rows = static_cast<std::size_t>(B) * num_heads * S;
     const dim3 rows_grid((S + kAttRows - 1) / kAttRows, B * num_heads);
-    const dim3 keys_grid((S + kDkvKeys - 1) / kDkvKeys, B * num_heads);
+    const dim3 keys_grid((S + kDkvKeys - 1) / kDkvKeys, B * kv_heads);
     with_type(t, [&](auto e) {
       using T = decltype(e);
       attention_backward_dot_kernel<T, T><<<blocks_for(rows * 32), kThreads, 0, stream_>>>(
           scratch_d, dout.as<T>(), out.as<T>(), B, S, C, num_heads);
       PB_LAUNCH_CHECK();
       attention_backward_dq_kernel<T><<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
-          dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
+          dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads, kv_heads);
       PB_LAUNCH_CHECK();
       with_dkv_class(d, [&](auto half) {
         constexpr int kHalf = decltype(half)::value;
         attention_backward_dkv_kernel<T, kHalf><<<keys_grid, kDkvWarps * 32, attention_dkv_smem(d), stream_>>>(
-            dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads);
+            dqkv.as<T>(), dout.as<T>(), qkv.as<T>(), saved, scratch_d, S, C, num_heads, kv_heads);
       });
       PB_LAUNCH_CHECK();
     });
+  }
+
+  // ---- the Llama-style block (SPEC 2.5) ----------------------------------------------------------
+  void rmsnorm_forward(TensorPtr out, float* rstd, ConstTensorPtr inp, ConstTensorPtr weight, int N, int C) override {
+    const DType t = one_dtype("rmsnorm_forward", {{"out", out}, {"inp", inp}, {"weight", weight}});
+    if (N == 0) return;
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      rmsnorm_forward_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
+          out.as<T>(), rstd, inp.as<T>(), weight.as<T>(), N, C);
+    });
+    PB_LAUNCH_CHECK();
+  }
+  void residual_rmsnorm_forward(TensorPtr out, TensorPtr norm_out, float* rstd, ConstTensorPtr a, ConstTensorPtr b,
+                                ConstTensorPtr weight, int N, int C) override {
+    const DType t = one_dtype("residual_rmsnorm_forward",
+                              {{"out", out}, {"norm_out", norm_out}, {"a", a}, {"b", b}, {"weight", weight}});
+    if (N == 0) return;
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      residual_rmsnorm_forward_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
+          out.as<T>(), norm_out.as<T>(), rstd, a.as<T>(), b.as<T>(), weight.as<T>(), N, C);
+    });
+    PB_LAUNCH_CHECK();
+  }
+  // dinp, dout, inp and weight of one dtype; dweight fp32 or bf16.
+  void rmsnorm_backward(TensorPtr dinp, TensorPtr dweight, ConstTensorPtr dout, ConstTensorPtr inp,
+                        ConstTensorPtr weight, const float* rstd, int N, int C) override {
+    const DType t =
+        one_dtype("rmsnorm_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"weight", weight}});
+    if (N == 0) return;
+    const auto [chunks, rows_per_chunk] = param_chunks(N);
+    float* partial = scratch_floats(static_cast<std::size_t>(chunks) * C);
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      rmsnorm_backward_input_kernel<T><<<blocks_for(static_cast<std::size_t>(N) * 32), kThreads, 0, stream_>>>(
+          dinp.as<T>(), dout.as<T>(), inp.as<T>(), weight.as<T>(), rstd, N, C);
+      PB_LAUNCH_CHECK();
+      layernorm_param_partials_kernel<T><<<dim3(blocks_for(C), chunks), kThreads, 0, stream_>>>(
+          partial, dout.as<T>(), inp.as<T>(), /*mean=*/nullptr, rstd, N, C, rows_per_chunk);
+      PB_LAUNCH_CHECK();
+    });
+    with_type(dweight.dtype(), [&](auto w) {
+      using TW = decltype(w);
+      layernorm_param_finish_kernel<TW, float><<<blocks_for(C), kThreads, 0, stream_>>>(dweight.as<TW>(),
+                                                                                         /*dbias=*/nullptr, partial,
+                                                                                         chunks, C);
+    });
+    PB_LAUNCH_CHECK();
+  }
+  void rope_forward(TensorPtr x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                    double theta) override {
+    rope(x, row_stride, pos, B, S, heads, d, theta, 1.0f);
+  }
+  void rope_backward(TensorPtr dx, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                     double theta) override {
+    rope(dx, row_stride, pos, B, S, heads, d, theta, -1.0f);
+  }
+  void swiglu_forward(TensorPtr out, ConstTensorPtr gate, ConstTensorPtr up, std::size_t n) override {
+    with_type(one_dtype("swiglu_forward", {{"out", out}, {"gate", gate}, {"up", up}}), [&](auto e) {
+      using T = decltype(e);
+      swiglu_forward_kernel<T><<<blocks_for(n), kThreads, 0, stream_>>>(out.as<T>(), gate.as<T>(), up.as<T>(), n);
+    });
+    PB_LAUNCH_CHECK();
+  }
+  void swiglu_backward(TensorPtr dgate, TensorPtr dup, ConstTensorPtr dout, ConstTensorPtr gate, ConstTensorPtr up,
+                       std::size_t n) override {
+    const DType t = one_dtype("swiglu_backward",
+                              {{"dgate", dgate}, {"dup", dup}, {"dout", dout}, {"gate", gate}, {"up", up}});
+    with_type(t, [&](auto e) {
+      using T = decltype(e);
+      swiglu_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream_>>>(dgate.as<T>(), dup.as<T>(), dout.as<T>(),
+                                                                         gate.as<T>(), up.as<T>(), n);
+    });
+    PB_LAUNCH_CHECK();
   }
 
   // ---- elementwise -------------------------------------------------------------------------------
@@ -698,22 +785,26 @@ class CudaBackend final : public Backend {
                                int q_stride, int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq,
                                int Sk, int C, int heads, int kv_heads) override {
     check_attention_shape(B, C, heads);
-    require_multi_head("attention_block_forward", heads, kv_heads);
+    if (kv_heads == 0) kv_heads = heads;
+    check_kv_heads("attention_block_forward", heads, kv_heads);
     if (B == 0 || Sq == 0) return;
     const std::size_t q_rows = static_cast<std::size_t>(B) * Sq, kv_rows = static_cast<std::size_t>(B) * Sk;
+    const int ckv = C / heads * kv_heads;  // the key/value heads' columns
     if (!(q.dtype() == k.dtype() && k.dtype() == v.dtype())) {
-      float* staged = scratch_floats(static_cast<std::size_t>(C) * (q_rows + 2 * kv_rows));
+      float* staged = scratch_floats(static_cast<std::size_t>(C) * q_rows + 2 * static_cast<std::size_t>(ckv) * kv_rows);
       q = stage(staged, q, q_stride, q_rows, C);
-      k = stage(staged + q_rows * C, k, kv_stride, kv_rows, C);
-      v = stage(staged + (q_rows + kv_rows) * C, v, kv_stride, kv_rows, C);
-      q_stride = kv_stride = C;
+      k = stage(staged + q_rows * C, k, kv_stride, kv_rows, ckv);
+      v = stage(staged + q_rows * C + kv_rows * ckv, v, kv_stride, kv_rows, ckv);
+      q_stride = C;
+      kv_stride = ckv;
     }
     const dim3 grid((Sq + kAttRows - 1) / kAttRows, B * heads);
     with_types(out.dtype(), q.dtype(), [&](auto o, auto i) {
       using TO = decltype(o);
       using TI = decltype(i);
       attention_block_forward_kernel<TO, TI><<<grid, kAttWarps * 32, attention_row_smem(C / heads, false), stream_>>>(
-          out.as<TO>(), lse, q.as<TI>(), k.as<TI>(), v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+          out.as<TO>(), lse, q.as<TI>(), k.as<TI>(), v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads,
+          kv_heads);
     });
     PB_LAUNCH_CHECK();
   }
@@ -747,41 +838,43 @@ class CudaBackend final : public Backend {
                                 int kv_stride, const int32_t* pos_q, const int32_t* pos_k, int B, int Sq, int Sk,
                                 int C, int heads, int kv_heads) override {
     check_attention_shape(B, C, heads);
-    require_multi_head("attention_block_backward", heads, kv_heads);
+    if (kv_heads == 0) kv_heads = heads;
+    check_kv_heads("attention_block_backward", heads, kv_heads);
     if (B == 0 || Sq == 0 || Sk == 0) return;  // nothing to add
-    const int d = C / heads;
+    const int d = C / heads, ckv = d * kv_heads;  // ckv: the key/value heads' columns
     const std::size_t q_rows = static_cast<std::size_t>(B) * Sq, kv_rows = static_cast<std::size_t>(B) * Sk;
     const bool stage_inputs = !(q.dtype() == k.dtype() && k.dtype() == v.dtype() && v.dtype() == dout.dtype());
     const bool stage_dkv = dk.dtype() != dv.dtype();
-    const std::size_t cols = static_cast<std::size_t>(C);
+    const std::size_t cols = static_cast<std::size_t>(C), kv_cols = static_cast<std::size_t>(ckv);
     const std::size_t staged_floats =
-        cols * ((stage_inputs ? 2 * q_rows + 2 * kv_rows : 0) + (stage_dkv ? 2 * kv_rows : 0));
+        (stage_inputs ? 2 * q_rows * cols + 2 * kv_rows * kv_cols : 0) + (stage_dkv ? 2 * kv_rows * kv_cols : 0);
     float* staged = staged_floats > 0 ? scratch_floats(staged_floats) : nullptr;
     const int dq_stride = q_stride, dkv_stride = kv_stride;  // the gradients' own strides, whatever is staged
     if (stage_inputs) {
       q = stage(staged, q, q_stride, q_rows, C);
       dout = stage(staged + q_rows * cols, dout, C, q_rows, C);
-      k = stage(staged + 2 * q_rows * cols, k, kv_stride, kv_rows, C);
-      v = stage(staged + (2 * q_rows + kv_rows) * cols, v, kv_stride, kv_rows, C);
-      staged += (2 * q_rows + 2 * kv_rows) * cols;
-      q_stride = kv_stride = C;
+      k = stage(staged + 2 * q_rows * cols, k, kv_stride, kv_rows, ckv);
+      v = stage(staged + 2 * q_rows * cols + kv_rows * kv_cols, v, kv_stride, kv_rows, ckv);
+      staged += 2 * q_rows * cols + 2 * kv_rows * kv_cols;
+      q_stride = C;
+      kv_stride = ckv;
     }
     TensorPtr dk_run = dk, dv_run = dv;
     if (stage_dkv) {
-      dk_run = stage(staged, dk, dkv_stride, kv_rows, C);
-      dv_run = stage(staged + kv_rows * cols, dv, dkv_stride, kv_rows, C);
+      dk_run = stage(staged, dk, dkv_stride, kv_rows, ckv);
+      dv_run = stage(staged + kv_rows * kv_cols, dv, dkv_stride, kv_rows, ckv);
     }
-    const int dkv_run_stride = stage_dkv ? C : dkv_stride;
+    const int dkv_run_stride = stage_dkv ? ckv : dkv_stride;
     // two kernels, each gradient row with one writer: dq per query row, dk and dv per key row
     const dim3 rows_grid((Sq + kAttRows - 1) / kAttRows, B * heads);
-    const dim3 keys_grid((Sk + kDkvKeys - 1) / kDkvKeys, B * heads);
+    const dim3 keys_grid((Sk + kDkvKeys - 1) / kDkvKeys, B * kv_heads);
     with_types(dq.dtype(), q.dtype(), [&](auto o, auto i) {
       using TO = decltype(o);
       using TI = decltype(i);
       attention_block_backward_dq_kernel<TO, TI>
           <<<rows_grid, kAttWarps * 32, attention_row_smem(d, true), stream_>>>(
               dq.as<TO>(), dq_stride, dout.as<TI>(), lse, delta, q.as<TI>(), k.as<TI>(), v.as<TI>(), q_stride,
-              kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+              kv_stride, pos_q, pos_k, Sq, Sk, C, heads, kv_heads);
     });
     PB_LAUNCH_CHECK();
     with_types(dk_run.dtype(), q.dtype(), [&](auto o, auto i) {
@@ -792,13 +885,13 @@ class CudaBackend final : public Backend {
         const std::size_t smem = attention_dkv_smem(d);
         attention_block_backward_dkv_kernel<TO, TI, kHalf><<<keys_grid, kDkvWarps * 32, smem, stream_>>>(
             dk_run.as<TO>(), dv_run.as<TO>(), dkv_run_stride, dout.as<TI>(), lse, delta, q.as<TI>(), k.as<TI>(),
-            v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads);
+            v.as<TI>(), q_stride, kv_stride, pos_q, pos_k, Sq, Sk, C, heads, kv_heads);
       });
     });
     PB_LAUNCH_CHECK();
     if (stage_dkv) {
-      unstage(dk, dkv_stride, dk_run.as<float>(), kv_rows, C);
-      unstage(dv, dkv_stride, dv_run.as<float>(), kv_rows, C);
+      unstage(dk, dkv_stride, dk_run.as<float>(), kv_rows, ckv);
+      unstage(dv, dkv_stride, dv_run.as<float>(), kv_rows, ckv);
     }
   }
   void copy_2d(TensorPtr dst, std::size_t dst_stride, ConstTensorPtr src, std::size_t src_stride, std::size_t rows,
@@ -1169,12 +1262,30 @@ class CudaBackend final : public Backend {
     PB_LAUNCH_CHECK();
   }
 
-  // The grouped key/value heads of SPEC 2.5 have no CUDA kernels yet (options refuse --arch llama there).
-  static void require_multi_head(const char* op, int heads, int kv_heads) {
-    if (kv_heads != 0 && kv_heads != heads) {
-      throw std::invalid_argument(std::string(op) + ": grouped key/value heads (" + std::to_string(kv_heads) +
-                                  " for " + std::to_string(heads) + " heads) are not implemented by the cuda backend");
+  static void check_kv_heads(const char* op, int heads, int kv_heads) {
+    if (kv_heads < 1 || heads % kv_heads != 0) {
+      throw std::invalid_argument(std::string("cuda backend: ") + op + ": " + std::to_string(kv_heads) +
+                                  " key/value heads do not divide " + std::to_string(heads) + " heads");
     }
+  }
+  // LayerNorm's and RMSNorm's weight gradients sum their rows in chunks (at most 128, in order):
+  // {chunks, rows per chunk}.
+  static std::pair<int, int> param_chunks(int N) {
+    constexpr int kMaxChunks = 128;
+    const int rows_per_chunk = (N + kMaxChunks - 1) / kMaxChunks;
+    return {(N + rows_per_chunk - 1) / rows_per_chunk, rows_per_chunk};
+  }
+  void rope(TensorPtr x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d, double theta,
+            float sign) {
+    if (d % 2 != 0) throw std::invalid_argument("cuda backend: rope: the head dimension " + std::to_string(d) + " is odd");
+    const std::size_t threads = static_cast<std::size_t>(B) * S * (d / 2);
+    if (threads == 0 || heads == 0) return;
+    with_type(x.dtype(), [&](auto e) {
+      using T = decltype(e);
+      rope_kernel<T><<<blocks_for(threads), kThreads, 0, stream_>>>(x.as<T>(), row_stride, pos, B, S, heads, d, theta,
+                                                                    sign);
+    });
+    PB_LAUNCH_CHECK();
   }
   static void check_attention_shape(int B, int C, int heads) {
     if (C / heads > kCudaMaxHeadDim) {

@@ -23,9 +23,9 @@ namespace fe = cudnn_frontend;
 
 namespace {
 
-std::string shape_text(int B, int S, int C, int heads) {
+std::string shape_text(int B, int S, int C, int heads, int kv_heads) {
   return "B " + std::to_string(B) + ", S " + std::to_string(S) + ", hidden " + std::to_string(C) + ", heads " +
-         std::to_string(heads);
+         std::to_string(heads) + (kv_heads != heads ? ", key/value heads " + std::to_string(kv_heads) : "");
 }
 
 // RunError (exit 3) naming the step; a cuDNN problem on a cluster is never a reason not to run, so the
@@ -121,14 +121,15 @@ std::string CudnnAttention::version() {
          std::to_string(CUDNN_FRONTEND_MINOR_VERSION) + "." + std::to_string(CUDNN_FRONTEND_PATCH_VERSION) + ")";
 }
 
-CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, int heads) {
+CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, int heads, int kv_heads) {
   auto& plans = backward ? backward_plans_ : forward_plans_;
-  const Key key{B, S, C, heads};
+  const Key key{B, S, C, heads, kv_heads};
   auto hit = plans.find(key);
   if (hit != plans.end()) return *hit->second;
 
-  const std::string shape = shape_text(B, S, C, heads);
-  const int64_t H = heads, d = C / heads, Sl = S, Bl = B;
+  const std::string shape = shape_text(B, S, C, heads, kv_heads);
+  const int64_t H = heads, Hkv = kv_heads, d = C / heads, Sl = S, Bl = B;
+  const int64_t row = C + 2 * Hkv * d;  // a token's qkv values
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   auto handle = static_cast<cudnnHandle_t>(handle_);
 
@@ -139,9 +140,9 @@ CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, i
     g.set_io_data_type(fe::DataType_t::BFLOAT16)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
-    p->q = bhsd(g, "Q", Bl, H, Sl, d, 3 * C);
-    p->k = bhsd(g, "K", Bl, H, Sl, d, 3 * C);
-    p->v = bhsd(g, "V", Bl, H, Sl, d, 3 * C);
+    p->q = bhsd(g, "Q", Bl, H, Sl, d, row);
+    p->k = bhsd(g, "K", Bl, Hkv, Sl, d, row);
+    p->v = bhsd(g, "V", Bl, Hkv, Sl, d, row);
     if (!backward) {
       auto options = fe::graph::SDPA_attributes()
                          .set_name("parabench_attention")
@@ -169,7 +170,8 @@ CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, i
                          .set_diagonal_band_right_bound(0)
                          .set_deterministic_algorithm(deterministic);
       auto [dq, dk, dv] = g.sdpa_backward(p->q, p->k, p->v, p->o, p->d_o, p->stats, options);
-      for (const TensorRef& t : {dq, dk, dv}) t->set_output(true).set_dim({Bl, H, Sl, d}).set_stride({Sl * 3 * C, d, 3 * C, 1});
+      dq->set_output(true).set_dim({Bl, H, Sl, d}).set_stride({Sl * row, d, row, 1});
+      for (const TensorRef& t : {dk, dv}) t->set_output(true).set_dim({Bl, Hkv, Sl, d}).set_stride({Sl * row, d, row, 1});
       p->dq = dq;
       p->dk = dk;
       p->dv = dv;
@@ -209,28 +211,30 @@ CudnnAttention::Plan& CudnnAttention::plan(bool backward, int B, int S, int C, i
   return *plans.emplace(key, std::move(built)).first->second;
 }
 
-void CudnnAttention::forward(void* out, float* lse, const void* qkv, int B, int S, int C, int heads) {
-  Plan& p = plan(false, B, S, C, heads);
+void CudnnAttention::forward(void* out, float* lse, const void* qkv, int B, int S, int C, int heads, int kv_heads) {
+  Plan& p = plan(false, B, S, C, heads, kv_heads);
   auto* base = static_cast<uint16_t*>(const_cast<void*>(qkv));
+  const std::size_t v_col = static_cast<std::size_t>(C) + static_cast<std::size_t>(C / heads) * kv_heads;
   std::unordered_map<TensorRef, void*> pack = {
-      {p.q, base}, {p.k, base + C}, {p.v, base + 2 * C}, {p.o, out}, {p.stats, lse}};
+      {p.q, base}, {p.k, base + C}, {p.v, base + v_col}, {p.o, out}, {p.stats, lse}};
   void* workspace = p.workspace_bytes > 0 ? workspace_(static_cast<std::size_t>(p.workspace_bytes)) : nullptr;
   check_fe(p.graph.execute(static_cast<cudnnHandle_t>(handle_), pack, workspace), "the forward",
-           shape_text(B, S, C, heads));
+           shape_text(B, S, C, heads, kv_heads));
 }
 
 void CudnnAttention::backward(void* dqkv, const void* dout, const void* out, const void* qkv, const float* lse, int B,
-                              int S, int C, int heads) {
-  Plan& p = plan(true, B, S, C, heads);
+                              int S, int C, int heads, int kv_heads) {
+  Plan& p = plan(true, B, S, C, heads, kv_heads);
   auto* base = static_cast<uint16_t*>(const_cast<void*>(qkv));
   auto* dbase = static_cast<uint16_t*>(dqkv);
+  const std::size_t v_col = static_cast<std::size_t>(C) + static_cast<std::size_t>(C / heads) * kv_heads;
   std::unordered_map<TensorRef, void*> pack = {
-      {p.q, base},          {p.k, base + C},       {p.v, base + 2 * C},
+      {p.q, base},          {p.k, base + C},       {p.v, base + v_col},
       {p.o, const_cast<void*>(out)}, {p.d_o, const_cast<void*>(dout)}, {p.stats, const_cast<float*>(lse)},
-      {p.dq, dbase},        {p.dk, dbase + C},     {p.dv, dbase + 2 * C}};
+      {p.dq, dbase},        {p.dk, dbase + C},     {p.dv, dbase + v_col}};
   void* workspace = p.workspace_bytes > 0 ? workspace_(static_cast<std::size_t>(p.workspace_bytes)) : nullptr;
   check_fe(p.graph.execute(static_cast<cudnnHandle_t>(handle_), pack, workspace), "the backward",
-           shape_text(B, S, C, heads));
+           shape_text(B, S, C, heads, kv_heads));
 }
 
 }  // namespace pb

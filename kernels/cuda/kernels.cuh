@@ -265,6 +265,7 @@ __global__ void layernorm_backward_input_kernel(T* dinp, const T* dout, const T*
 }
 
 // Column sums over a chunk of rows: partial[chunk][c] = Σ dout·x̂, partial[chunks + chunk][c] = Σ dout (fp32).
+// RMSNorm's (mean null): x̂ = x·rstd, and no Σ dout (partial holds `chunks` rows).
 template <typename T>
 __global__ void layernorm_param_partials_kernel(float* partial, const T* dout, const T* inp, const float* mean,
                                                 const float* rstd, int N, int C, int rows_per_chunk) {
@@ -274,14 +275,15 @@ __global__ void layernorm_param_partials_kernel(float* partial, const T* dout, c
   float dw = 0.0f, db = 0.0f;
   for (int r = chunk * rows_per_chunk; r < r1; ++r) {
     const std::size_t i = static_cast<std::size_t>(r) * C + c;
-    dw += to_float(dout[i]) * (to_float(inp[i]) - mean[r]) * rstd[r];
+    dw += to_float(dout[i]) * (to_float(inp[i]) - (mean != nullptr ? mean[r] : 0.0f)) * rstd[r];
     db += to_float(dout[i]);
   }
   partial[static_cast<std::size_t>(chunk) * C + c] = dw;
-  partial[static_cast<std::size_t>(gridDim.y + chunk) * C + c] = db;
+  if (mean != nullptr) partial[static_cast<std::size_t>(gridDim.y + chunk) * C + c] = db;
 }
 
-// dweight, dbias (each fp32 or bf16) += the chunks' sums, added in fp32 and stored once.
+// dweight, dbias (each fp32 or bf16) += the chunks' sums, added in fp32 and stored once (RMSNorm's: dbias
+// null).
 template <typename TW, typename TB>
 __global__ void layernorm_param_finish_kernel(TW* dweight, TB* dbias, const float* partial, int chunks, int C) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -289,10 +291,110 @@ __global__ void layernorm_param_finish_kernel(TW* dweight, TB* dbias, const floa
   float dw = 0.0f, db = 0.0f;
   for (int k = 0; k < chunks; ++k) {  // chunks in order: deterministic
     dw += partial[static_cast<std::size_t>(k) * C + c];
-    db += partial[static_cast<std::size_t>(chunks + k) * C + c];
+    if (dbias != nullptr) db += partial[static_cast<std::size_t>(chunks + k) * C + c];
   }
   dweight[c] = from_float<TW>(to_float(dweight[c]) + dw);
-  dbias[c] = from_float<TB>(to_float(dbias[c]) + db);
+  if (dbias != nullptr) dbias[c] = from_float<TB>(to_float(dbias[c]) + db);
+}
+
+// ---- the Llama-style block (SPEC 2.5): RMSNorm, rotary positions, SwiGLU --------------------------------
+// RMSNorm, one warp per row as LayerNorm: once its lane's partial Σ x² is known, y = x · rstd · weight with
+// rstd = 1 / sqrt(mean(x²) + eps), and the row's rstd (lane 0). Its backward's dweight is LayerNorm's
+// param kernels with mean null.
+template <typename T>
+__device__ void rmsnorm_row(T* y, float* rstd, const T* x, const T* weight, int C, int row, int lane,
+                            float lane_squares) {
+  const float s = 1.0f / sqrtf(warp_sum(lane_squares) / C + kLayerNormEps);
+  for (int i = lane; i < C; i += 32) y[i] = from_float<T>(to_float(x[i]) * s * to_float(weight[i]));
+  if (lane == 0) rstd[row] = s;
+}
+
+template <typename T>
+__global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const T* x = inp + static_cast<std::size_t>(row) * C;
+  float squares = 0.0f;
+  for (int i = lane; i < C; i += 32) squares += to_float(x[i]) * to_float(x[i]);
+  rmsnorm_row(out + static_cast<std::size_t>(row) * C, rstd, x, weight, C, row, lane, squares);
+}
+
+// out = a + b (rounded once into T), then the RMSNorm of the stored out into norm_out (out may alias a or b).
+template <typename T>
+__global__ void residual_rmsnorm_forward_kernel(T* out, T* norm_out, float* rstd, const T* a, const T* b,
+                                                const T* weight, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const std::size_t off = static_cast<std::size_t>(row) * C;
+  T* x = out + off;
+  float squares = 0.0f;
+  for (int i = lane; i < C; i += 32) {
+    const T xi = from_float<T>(to_float(a[off + i]) + to_float(b[off + i]));
+    x[i] = xi;
+    squares += to_float(xi) * to_float(xi);
+  }
+  rmsnorm_row(norm_out + off, rstd, static_cast<const T*>(x), weight, C, row, lane, squares);
+}
+
+// dinp += rstd · (g − x̂ · mean(g·x̂)), g = dout·weight, x̂ = x·rstd (in bf16: added in fp32, rounded once).
+template <typename T>
+__global__ void rmsnorm_backward_input_kernel(T* dinp, const T* dout, const T* inp, const T* weight, const float* rstd,
+                                              int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const std::size_t off = static_cast<std::size_t>(row) * C;
+  const float s = rstd[row];
+  float gx_mean = 0.0f;
+  for (int i = lane; i < C; i += 32)
+    gx_mean += to_float(dout[off + i]) * to_float(weight[i]) * to_float(inp[off + i]) * s;
+  gx_mean = warp_sum(gx_mean) / C;
+  for (int i = lane; i < C; i += 32) {
+    dinp[off + i] = from_float<T>(to_float(dinp[off + i]) + s * (to_float(dout[off + i]) * to_float(weight[i]) -
+                                                                to_float(inp[off + i]) * s * gx_mean));
+  }
+}
+
+// Rotary positions, in place (kernels/backend.h, rope_forward): one thread per (token row n = b·S + i, pair
+// j < d/2), which computes φ = pos[i] · theta^(−2j/d) and cos φ, sin φ in double, rounded to fp32 (the CPU
+// backend's table), and rotates pair (j, j + d/2) of each of the row's `heads` heads; sign −1 rotates back.
+template <typename T>
+__global__ void rope_kernel(T* x, std::size_t row_stride, const int32_t* pos, int B, int S, int heads, int d,
+                            double theta, float sign) {
+  const int half = d / 2;
+  const std::size_t t = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (t >= static_cast<std::size_t>(B) * S * half) return;
+  const int j = static_cast<int>(t % half);
+  const std::size_t n = t / half;
+  const double angle = pos[n % S] * pow(theta, -2.0 * j / d);
+  const float c = static_cast<float>(cos(angle)), sn = sign * static_cast<float>(sin(angle));
+  T* row = x + n * row_stride;
+  for (int h = 0; h < heads; ++h) {
+    T* head = row + static_cast<std::size_t>(h) * d;
+    const float x1 = to_float(head[j]), x2 = to_float(head[j + half]);
+    head[j] = from_float<T>(x1 * c - x2 * sn);
+    head[j + half] = from_float<T>(x2 * c + x1 * sn);
+  }
+}
+
+// SwiGLU's gate: out = silu(gate) · up, silu(g) = g · σ(g).
+template <typename T>
+__global__ void swiglu_forward_kernel(T* out, const T* gate, const T* up, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float g = to_float(gate[i]);
+  out[i] = from_float<T>(g / (1.0f + expf(-g)) * to_float(up[i]));
+}
+
+// dgate = dout · up · silu'(gate), silu'(g) = σ(g)·(1 + g·(1 − σ(g))); dup = dout · silu(gate). dup may
+// alias dout: each thread reads its element before writing it.
+template <typename T>
+__global__ void swiglu_backward_kernel(T* dgate, T* dup, const T* dout, const T* gate, const T* up, std::size_t n) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float g = to_float(gate[i]), dy = to_float(dout[i]), u = to_float(up[i]);
+  const float sig = 1.0f / (1.0f + expf(-g));
+  dgate[i] = from_float<T>(dy * u * sig * (1.0f + g * (1.0f - sig)));
+  dup[i] = from_float<T>(dy * g * sig);
 }
 
 // ---- embedding -----------------------------------------------------------------------------------
@@ -781,42 +883,57 @@ __host__ __device__ inline int kv_col(int k, int d, int half_offset) {
   return half_offset == 0 || k < half ? k : half_offset + (k - half);
 }
 
-// Rows k0..k0+keys−1 of K and V (zeros beyond S) into shared memory as fp32, by every thread of the block;
-// value k of a row at kv_col(k, d, half_offset).
+// Rows k0..k0+keys−1 of one head's K and V (zeros beyond S) into shared memory as fp32, by every thread of
+// the block: row i of K at k + i·row_stride (V alike), value c of a row at kv_col(c, d, half_offset).
 template <typename T>
-__device__ void load_kv_tile(float* Ks, float* Vs, const T* base, int k0, int keys, int S, int C, int d,
-                             int stride, int half_offset = 0) {
-  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
+__device__ void load_kv_tile(float* Ks, float* Vs, const T* k, const T* v, int k0, int keys, int S,
+                             std::size_t row_stride, int d, int stride, int half_offset = 0) {
   for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
-    const int j = i / d, k = i % d, key = k0 + j;
+    const int j = i / d, c = i % d, key = k0 + j;
     float kv = 0.0f, vv = 0.0f;  // keys beyond S: zeros, never read past the tensor
     if (key < S) {
-      const T* row = base + static_cast<std::size_t>(key) * C3;
-      kv = to_float(row[C + k]);
-      vv = to_float(row[2 * C + k]);
+      const std::size_t row = static_cast<std::size_t>(key) * row_stride;
+      kv = to_float(k[row + c]);
+      vv = to_float(v[row + c]);
     }
-    Ks[j * stride + kv_col(k, d, half_offset)] = kv;
-    Vs[j * stride + kv_col(k, d, half_offset)] = vv;
+    Ks[j * stride + kv_col(c, d, half_offset)] = kv;
+    Vs[j * stride + kv_col(c, d, half_offset)] = vv;
   }
 }
 
-// out (B, S, C); lse (B, H, S) = max + log Σ exp of each query row's scaled scores. qkv and out of one
-// type; shared memory, scores and accumulators fp32.
+// Grouped-query attention (SPEC 2.5): a qkv row of C + 2·KvH·d values, [Q (H heads) | K (KvH heads) |
+// V (KvH heads)], query head h reading key/value head h / (H / KvH). With KvH = H it is the multi-head
+// layout (B, S, 3C). Offsets of a sample's first row.
+struct QkvLayout {
+  int d, group;           // head dimension, query heads per key/value head
+  std::size_t row;        // values per token: C + 2·KvH·d
+  std::size_t k, v;       // K and V of key/value head 0 within a row: C and C + KvH·d
+  __host__ __device__ QkvLayout(int C, int H, int KvH)
+      : d(C / H), group(H / KvH), row(static_cast<std::size_t>(C) + 2 * static_cast<std::size_t>(KvH) * (C / H)),
+        k(C), v(static_cast<std::size_t>(C) + static_cast<std::size_t>(KvH) * (C / H)) {}
+};
+
+// out (B, S, C); lse (B, H, S) = max + log Σ exp of each query row's scaled scores. qkv (QkvLayout, KvH
+// key/value heads) and out of one type; shared memory, scores and accumulators fp32. Grid
+// ((S + kAttRows − 1) / kAttRows, B·H).
 template <typename T>
-__global__ void attention_forward_kernel(T* out, float* lse, const T* qkv, int S, int C, int H) {
+__global__ void attention_forward_kernel(T* out, float* lse, const T* qkv, int S, int C, int H, int KvH) {
   PB_DYNAMIC_SHARED(smem);
-  const int d = C / H, stride = att_stride(d);
+  const QkvLayout L(C, H, KvH);
+  const int d = L.d, stride = att_stride(d);
   float* Ks = smem;
   float* Vs = Ks + kAttKeys * stride;
   float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const T* base = qkv + static_cast<std::size_t>(b) * S * L.row;
+  const T* qb = base + h * d;
+  const T* kb = base + L.k + static_cast<std::size_t>(h / L.group) * d;
+  const T* vb = base + L.v + static_cast<std::size_t>(h / L.group) * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
-    Qs[i] = t < S ? to_float(base[static_cast<std::size_t>(t) * C3 + i % d]) : 0.0f;
+    Qs[i] = t < S ? to_float(qb[static_cast<std::size_t>(t) * L.row + i % d]) : 0.0f;
   }
   float m[kAttRowsPerWarp], l[kAttRowsPerWarp], o[kAttRowsPerWarp][kAttDimsPerLane];
 #pragma unroll
@@ -829,7 +946,7 @@ __global__ void attention_forward_kernel(T* out, float* lse, const T* qkv, int S
   const int last_row = min(S - 1, q0 + kAttRows - 1);
   for (int k0 = 0; k0 <= last_row; k0 += kAttKeys) {
     __syncthreads();  // the previous tile is consumed (and Q is loaded)
-    load_kv_tile(Ks, Vs, base, k0, kAttKeys, S, C, d, stride);
+    load_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, S, L.row, d, stride);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kAttRowsPerWarp; ++r) {
@@ -889,32 +1006,36 @@ __global__ void attention_backward_dot_kernel(float* D, const TA* dout, const TB
   if (lane == 0) D[w] = acc;
 }
 
-// dQ of each query row: Σ_keys P·(dP − D)·scale · k. dqkv, dout and qkv of one type.
+// dQ of each query row: Σ_keys P·(dP − D)·scale · k. dqkv, dout and qkv of one type; the grid of the
+// forward.
 template <typename T>
 __global__ void attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D,
-                                             int S, int C, int H) {
+                                             int S, int C, int H, int KvH) {
   PB_DYNAMIC_SHARED(smem);
-  const int d = C / H, stride = att_stride(d);
+  const QkvLayout L(C, H, KvH);
+  const int d = L.d, stride = att_stride(d);
   float* Ks = smem;
   float* Vs = Ks + kAttKeys * stride;
   float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
   float* dOs = Qs + kAttRows * d;      // (kAttRows, d)
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
+  const T* base = qkv + static_cast<std::size_t>(b) * S * L.row;
+  const T* qb = base + h * d;
+  const T* kb = base + L.k + static_cast<std::size_t>(h / L.group) * d;
+  const T* vb = base + L.v + static_cast<std::size_t>(h / L.group) * d;
   const T* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
-    Qs[i] = t < S ? to_float(base[static_cast<std::size_t>(t) * C3 + i % d]) : 0.0f;
+    Qs[i] = t < S ? to_float(qb[static_cast<std::size_t>(t) * L.row + i % d]) : 0.0f;
     dOs[i] = t < S ? to_float(dbase[static_cast<std::size_t>(t) * C + i % d]) : 0.0f;
   }
   float dq[kAttRowsPerWarp][kAttDimsPerLane] = {};
   const int last_row = min(S - 1, q0 + kAttRows - 1);
   for (int k0 = 0; k0 <= last_row; k0 += kAttKeys) {
     __syncthreads();
-    load_kv_tile(Ks, Vs, base, k0, kAttKeys, S, C, d, stride);
+    load_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, S, L.row, d, stride);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kAttRowsPerWarp; ++r) {
@@ -949,7 +1070,7 @@ __global__ void attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qk
   for (int r = 0; r < kAttRowsPerWarp; ++r) {
     const int t = q0 + warp * kAttRowsPerWarp + r;
     if (t >= S) continue;
-    T* dqt = dqkv + (static_cast<std::size_t>(b) * S + t) * C3 + h * d;
+    T* dqt = dqkv + (static_cast<std::size_t>(b) * S + t) * L.row + h * d;
 #pragma unroll
     for (int k = 0; k < kAttDimsPerLane; ++k) {
       const int dim = lane + 32 * k;
@@ -964,7 +1085,9 @@ __global__ void attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qk
 // score and dP of each key as two half dot products joined by one shuffle. kHalf, the registers a lane
 // keeps for each of dK and dV, is the kernel's head-dimension class: kDkvHalfDim (d ≤ 128), or
 // kDkvHalfDimSmall for d ≤ 64 (GPT-2's heads), which needs half the registers, so more warps fit on
-// an SM (dkv_half_dim_class picks it).
+// an SM (dkv_half_dim_class picks it). With grouped key/value heads a block owns a key/value head and
+// walks the rows of each of its query heads in turn (grid ((S + kDkvKeys − 1) / kDkvKeys, B·KvH)), so a
+// key's dK and dV sum over its query heads in registers and are stored once.
 constexpr int kDkvKeysPerWarp = 16;
 constexpr int kDkvWarps = 4;
 constexpr int kDkvKeys = kDkvKeysPerWarp * kDkvWarps;
@@ -976,24 +1099,24 @@ __host__ __device__ inline int dkv_half_dim_class(int d) {
 
 template <typename T, int kHalf = kDkvHalfDim>
 __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D,
-                                              int S, int C, int H) {
+                                              int S, int C, int H, int KvH) {
   PB_DYNAMIC_SHARED(smem);
-  const int d = C / H, stride = dkv_smem_stride(d), half = (d + 1) / 2, half_offset = dkv_half_offset(d);
+  const QkvLayout L(C, H, KvH);
+  const int d = L.d, stride = dkv_smem_stride(d), half = (d + 1) / 2, half_offset = dkv_half_offset(d);
   float* Ks = smem;  // (kDkvKeys, stride), rows in the split layout (dkv_half_offset)
   float* Vs = Ks + kDkvKeys * stride;
   float* q = Vs + kDkvKeys * stride;  // (dkv_row(d)): the query row, split alike
   float* g = q + dkv_row(d);          // (dkv_row(d)): its output gradient
-  const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kDkvKeys;
+  const int bk = blockIdx.y, b = bk / KvH, hk = bk % KvH, k0 = blockIdx.x * kDkvKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
   const bool upper = lane >= kDkvKeysPerWarp;                                  // its half of the dimensions:
   const int lo = upper ? half : 0, hi = upper ? d : half, at = upper ? half_offset : 0;  // [lo, hi), at `at`
   const int warp_first_key = k0 + warp * kDkvKeysPerWarp;
-  const std::size_t C3 = 3 * static_cast<std::size_t>(C);
-  const T* base = qkv + static_cast<std::size_t>(b) * S * C3 + h * d;
-  const T* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
+  const T* base = qkv + static_cast<std::size_t>(b) * S * L.row;
+  const std::size_t k_col = L.k + static_cast<std::size_t>(hk) * d, v_col = L.v + static_cast<std::size_t>(hk) * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
-  load_kv_tile(Ks, Vs, base, k0, kDkvKeys, S, C, d, stride, half_offset);
+  load_kv_tile(Ks, Vs, base + k_col, base + v_col, k0, kDkvKeys, S, L.row, d, stride, half_offset);
   const float* kr = Ks + j * stride + at;
   const float* vr = Vs + j * stride + at;
   const float* qh = q + at;
@@ -1002,40 +1125,44 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
   float dk[kHalf], dv[kHalf];
 #pragma unroll
   for (int k = 0; k < kHalf; ++k) dk[k] = dv[k] = 0.0f;
-  for (int t = k0; t < S; ++t) {
-    __syncthreads();  // the tile is loaded; the previous row is consumed
-    for (int k = threadIdx.x; k < d; k += blockDim.x) {
-      q[kv_col(k, d, half_offset)] = to_float(base[static_cast<std::size_t>(t) * C3 + k]);
-      g[kv_col(k, d, half_offset)] = to_float(dbase[static_cast<std::size_t>(t) * C + k]);
-    }
-    __syncthreads();
-    if (t < warp_first_key) continue;  // none of this warp's keys is visible from row t (uniform)
-    float s = 0.0f, dp = 0.0f;
-    for (int k = 0; k < n; ++k) {
-      s += qh[k] * kr[k];
-      dp += gh[k] * vr[k];
-    }
-    s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
-    dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
-    if (key > t) continue;  // masked (also keys beyond S, since t < S)
-    const std::size_t stat = static_cast<std::size_t>(bh) * S + t;
-    const float p = expf(s * scale - lse[stat]);
-    const float ds = p * (dp - D[stat]) * scale;
+  for (int h = hk * L.group; h < (hk + 1) * L.group; ++h) {  // the query heads of this key/value head, in order
+    const T* qb = base + h * d;
+    const T* dbase = dout + static_cast<std::size_t>(b) * S * C + h * d;
+    const std::size_t stats = (static_cast<std::size_t>(b) * H + h) * S;
+    for (int t = k0; t < S; ++t) {
+      __syncthreads();  // the tile is loaded; the previous row is consumed
+      for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        q[kv_col(k, d, half_offset)] = to_float(qb[static_cast<std::size_t>(t) * L.row + k]);
+        g[kv_col(k, d, half_offset)] = to_float(dbase[static_cast<std::size_t>(t) * C + k]);
+      }
+      __syncthreads();
+      if (t < warp_first_key) continue;  // none of this warp's keys is visible from row t (uniform)
+      float s = 0.0f, dp = 0.0f;
+      for (int k = 0; k < n; ++k) {
+        s += qh[k] * kr[k];
+        dp += gh[k] * vr[k];
+      }
+      s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
+      dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
+      if (key > t) continue;  // masked (also keys beyond S, since t < S)
+      const float p = expf(s * scale - lse[stats + t]);
+      const float ds = p * (dp - D[stats + t]) * scale;
 #pragma unroll
-    for (int k = 0; k < kHalf; ++k) {
-      if (k < n) {
-        dv[k] += p * gh[k];
-        dk[k] += ds * qh[k];
+      for (int k = 0; k < kHalf; ++k) {
+        if (k < n) {
+          dv[k] += p * gh[k];
+          dk[k] += ds * qh[k];
+        }
       }
     }
   }
   if (key >= S) return;
-  T* row = dqkv + (static_cast<std::size_t>(b) * S + key) * C3 + h * d;
+  T* row = dqkv + (static_cast<std::size_t>(b) * S + key) * L.row;
 #pragma unroll
   for (int k = 0; k < kHalf; ++k) {
     if (lo + k < hi) {
-      row[C + lo + k] = from_float<T>(dk[k]);
-      row[2 * C + lo + k] = from_float<T>(dv[k]);
+      row[k_col + lo + k] = from_float<T>(dk[k]);
+      row[v_col + lo + k] = from_float<T>(dv[k]);
     }
   }
 }
@@ -1052,30 +1179,13 @@ __global__ void attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* q
 // are dq_stride and dkv_stride apart (q_stride and kv_stride in the Backend's call, other strides when
 // the backend stages an input in a packed fp32 copy).
 
-// Rows k0..k0+keys−1 of a block's K and V (zeros beyond Sk) into shared memory as fp32, by every thread of
-// the block.
-template <typename TI>
-__device__ void load_block_kv_tile(float* Ks, float* Vs, const TI* k, const TI* v, int k0, int keys, int Sk,
-                                   int kv_stride, int d, int stride, int half_offset = 0) {
-  for (int i = threadIdx.x; i < keys * d; i += blockDim.x) {
-    const int j = i / d, c = i % d, key = k0 + j;
-    float kv = 0.0f, vv = 0.0f;  // keys beyond Sk: zeros, never read past the block
-    if (key < Sk) {
-      const std::size_t row = static_cast<std::size_t>(key) * kv_stride;
-      kv = to_float(k[row + c]);
-      vv = to_float(v[row + c]);
-    }
-    Ks[j * stride + kv_col(c, d, half_offset)] = kv;
-    Vs[j * stride + kv_col(c, d, half_offset)] = vv;
-  }
-}
-
 // out (B, Sq, C) overwritten; lse (B, H, Sq) = max + log Σ exp of each query row's visible scaled scores.
-// Grid ((Sq + kAttRows − 1) / kAttRows, B·H), kAttWarps warps, attention_row_smem(d, false).
+// Grid ((Sq + kAttRows − 1) / kAttRows, B·H), kAttWarps warps, attention_row_smem(d, false). k and v
+// hold KvH heads of d values; query head h reads head h / (H / KvH) of them.
 template <typename TO, typename TI>
 __global__ void attention_block_forward_kernel(TO* out, float* lse, const TI* q, const TI* k, const TI* v,
                                                int q_stride, int kv_stride, const int32_t* pos_q,
-                                               const int32_t* pos_k, int Sq, int Sk, int C, int H) {
+                                               const int32_t* pos_k, int Sq, int Sk, int C, int H, int KvH) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d);
   float* Ks = smem;
@@ -1083,9 +1193,10 @@ __global__ void attention_block_forward_kernel(TO* out, float* lse, const TI* q,
   float* Qs = Vs + kAttKeys * stride;  // (kAttRows, d)
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int hk = h / (H / KvH);
   const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;  // sample b, head h
-  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + hk * d;
+  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + hk * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
     const int t = q0 + i / d;
@@ -1101,7 +1212,7 @@ __global__ void attention_block_forward_kernel(TO* out, float* lse, const TI* q,
   }
   for (int k0 = 0; k0 < Sk; k0 += kAttKeys) {
     __syncthreads();  // the previous tile is consumed (and Q is loaded)
-    load_block_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, Sk, kv_stride, d, stride);
+    load_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, Sk, kv_stride, d, stride);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kAttRowsPerWarp; ++r) {
@@ -1183,7 +1294,7 @@ template <typename TO, typename TI>
 __global__ void attention_block_backward_dq_kernel(TO* dq, int dq_stride, const TI* dout, const float* lse,
                                                    const float* delta, const TI* q, const TI* k, const TI* v,
                                                    int q_stride, int kv_stride, const int32_t* pos_q,
-                                                   const int32_t* pos_k, int Sq, int Sk, int C, int H) {
+                                                   const int32_t* pos_k, int Sq, int Sk, int C, int H, int KvH) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = att_stride(d);
   float* Ks = smem;
@@ -1192,9 +1303,10 @@ __global__ void attention_block_backward_dq_kernel(TO* dq, int dq_stride, const 
   float* dOs = Qs + kAttRows * d;      // (kAttRows, d)
   const int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * kAttRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int hk = h / (H / KvH);
   const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
-  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
+  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + hk * d;
+  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + hk * d;
   const TI* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   for (int i = threadIdx.x; i < kAttRows * d; i += blockDim.x) {
@@ -1205,7 +1317,7 @@ __global__ void attention_block_backward_dq_kernel(TO* dq, int dq_stride, const 
   float acc[kAttRowsPerWarp][kAttDimsPerLane] = {};
   for (int k0 = 0; k0 < Sk; k0 += kAttKeys) {
     __syncthreads();
-    load_block_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, Sk, kv_stride, d, stride);
+    load_kv_tile(Ks, Vs, kb, vb, k0, kAttKeys, Sk, kv_stride, d, stride);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kAttRowsPerWarp; ++r) {
@@ -1255,31 +1367,30 @@ __global__ void attention_block_backward_dq_kernel(TO* dq, int dq_stride, const 
 
 // dk += Σ_queries P·(dP − delta)·q / √d and dv += Σ_queries P·dout of a tile of kDkvKeys keys, the layout
 // of attention_backward_dkv_kernel (two lanes per key, each half of the head dimension); the block walks
-// every query row, since any may see its keys (dk and dv rows dkv_stride apart). Grid
-// ((Sk + kDkvKeys − 1) / kDkvKeys, B·H), kDkvWarps warps, attention_dkv_smem(d); kHalf as there.
+// every query row of each query head of its key/value head, since any may see its keys (dk and dv rows
+// dkv_stride apart). Grid ((Sk + kDkvKeys − 1) / kDkvKeys, B·KvH), kDkvWarps warps, attention_dkv_smem(d);
+// kHalf as there.
 template <typename TO, typename TI, int kHalf = kDkvHalfDim>
 __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stride, const TI* dout, const float* lse,
                                                     const float* delta, const TI* q, const TI* k, const TI* v,
                                                     int q_stride, int kv_stride, const int32_t* pos_q,
-                                                    const int32_t* pos_k, int Sq, int Sk, int C, int H) {
+                                                    const int32_t* pos_k, int Sq, int Sk, int C, int H, int KvH) {
   PB_DYNAMIC_SHARED(smem);
   const int d = C / H, stride = dkv_smem_stride(d), half = (d + 1) / 2, half_offset = dkv_half_offset(d);
   float* Ks = smem;  // (kDkvKeys, stride), rows in the split layout (dkv_half_offset)
   float* Vs = Ks + kDkvKeys * stride;
   float* qs = Vs + kDkvKeys * stride;  // (dkv_row(d)): the query row, split alike
   float* gs = qs + dkv_row(d);         // (dkv_row(d)): its output gradient
-  const int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * kDkvKeys;
+  const int bk = blockIdx.y, b = bk / KvH, hk = bk % KvH, group = H / KvH, k0 = blockIdx.x * kDkvKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = warp * kDkvKeysPerWarp + lane % kDkvKeysPerWarp, key = k0 + j;  // this lane's key
   const bool upper = lane >= kDkvKeysPerWarp;                                  // its half of the dimensions:
   const int lo = upper ? half : 0, hi = upper ? d : half, at = upper ? half_offset : 0;  // [lo, hi), at `at`
   const int n = hi - lo;
-  const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
-  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + h * d;
-  const TI* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
+  const TI* kb = k + static_cast<std::size_t>(b) * Sk * kv_stride + hk * d;
+  const TI* vb = v + static_cast<std::size_t>(b) * Sk * kv_stride + hk * d;
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
-  load_block_kv_tile(Ks, Vs, kb, vb, k0, kDkvKeys, Sk, kv_stride, d, stride, half_offset);
+  load_kv_tile(Ks, Vs, kb, vb, k0, kDkvKeys, Sk, kv_stride, d, stride, half_offset);
   const float* kr = Ks + j * stride + at;
   const float* vr = Vs + j * stride + at;
   const float* qh = qs + at;
@@ -1288,37 +1399,41 @@ __global__ void attention_block_backward_dkv_kernel(TO* dk, TO* dv, int dkv_stri
   float dk_acc[kHalf], dv_acc[kHalf];
 #pragma unroll
   for (int c = 0; c < kHalf; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
-  for (int t = 0; t < Sq; ++t) {
-    __syncthreads();  // the tile is loaded; the previous row is consumed
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-      qs[kv_col(c, d, half_offset)] = to_float(qb[static_cast<std::size_t>(t) * q_stride + c]);
-      gs[kv_col(c, d, half_offset)] = to_float(gb[static_cast<std::size_t>(t) * C + c]);
-    }
-    __syncthreads();
-    const std::size_t stat = static_cast<std::size_t>(bh) * Sq + t;
-    const float L = lse[stat];
-    const bool visible = key < Sk && my_pos <= pos_q[t] && L > -INFINITY;
-    if (warp_max(visible ? 1.0f : 0.0f) == 0.0f) continue;  // none of this warp's keys is visible (uniform)
-    float s = 0.0f, dp = 0.0f;
-    for (int c = 0; c < n; ++c) {
-      s += qh[c] * kr[c];
-      dp += gh[c] * vr[c];
-    }
-    s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
-    dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
-    if (!visible) continue;
-    const float p = expf(s * scale - L);
-    const float ds = p * (dp - delta[stat]) * scale;
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {  // the query heads of this key/value head, in order
+    const TI* qb = q + static_cast<std::size_t>(b) * Sq * q_stride + h * d;
+    const TI* gb = dout + static_cast<std::size_t>(b) * Sq * C + h * d;
+    const std::size_t stats = (static_cast<std::size_t>(b) * H + h) * Sq;
+    for (int t = 0; t < Sq; ++t) {
+      __syncthreads();  // the tile is loaded; the previous row is consumed
+      for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        qs[kv_col(c, d, half_offset)] = to_float(qb[static_cast<std::size_t>(t) * q_stride + c]);
+        gs[kv_col(c, d, half_offset)] = to_float(gb[static_cast<std::size_t>(t) * C + c]);
+      }
+      __syncthreads();
+      const float L = lse[stats + t];
+      const bool visible = key < Sk && my_pos <= pos_q[t] && L > -INFINITY;
+      if (warp_max(visible ? 1.0f : 0.0f) == 0.0f) continue;  // none of this warp's keys is visible (uniform)
+      float s = 0.0f, dp = 0.0f;
+      for (int c = 0; c < n; ++c) {
+        s += qh[c] * kr[c];
+        dp += gh[c] * vr[c];
+      }
+      s += __shfl_xor_sync(kFull, s, kDkvKeysPerWarp);  // the other half of the head dimension
+      dp += __shfl_xor_sync(kFull, dp, kDkvKeysPerWarp);
+      if (!visible) continue;
+      const float p = expf(s * scale - L);
+      const float ds = p * (dp - delta[stats + t]) * scale;
 #pragma unroll
-    for (int c = 0; c < kHalf; ++c) {
-      if (c < n) {
-        dv_acc[c] += p * gh[c];
-        dk_acc[c] += ds * qh[c];
+      for (int c = 0; c < kHalf; ++c) {
+        if (c < n) {
+          dv_acc[c] += p * gh[c];
+          dk_acc[c] += ds * qh[c];
+        }
       }
     }
   }
   if (key >= Sk) return;
-  const std::size_t row = (static_cast<std::size_t>(b) * Sk + key) * dkv_stride + h * d;
+  const std::size_t row = (static_cast<std::size_t>(b) * Sk + key) * dkv_stride + hk * d;
 #pragma unroll
   for (int c = 0; c < kHalf; ++c) {
     if (lo + c < hi) {

@@ -10,7 +10,8 @@
 #   4. the model in fp32 (rtol 1e-4) and in bf16 (rtol 1e-2; with --attention native and cudnn) against
 #      the PyTorch reference on the GPU,
 #      and the mixture-of-experts model (parabench-ep, one rank: 4 experts, top-2, capacity factor 1.0,
-#      auxiliary loss) in fp32 against the PyTorch MoE, routing statistics exactly (reference-moe);
+#      auxiliary loss) in fp32 against the PyTorch MoE, routing statistics exactly (reference-moe), and
+#      the Llama-style block (SPEC 2.5: 4 heads over 2 key/value heads) in fp32 (reference-llama);
 #   5. every app on the GPU against the single-rank loss curve: ranks sharing the GPU through
 #      --comm mpi, one rank through NCCL; parabench-ep against its own single-rank run, tokens per
 #      expert exactly (tests/gpu/test_gpu_apps.py);
@@ -135,6 +136,7 @@ stage reference-fp32-b 45 reference "$dp" fp32 1e-4 "${awkward[@]}"
 stage reference-bf16 45 reference "$dp" bf16 1e-2 "${tiny[@]}" --attention native
 stage reference-bf16-cudnn 45 reference "$dp" bf16 1e-2 "${tiny[@]}" --attention cudnn
 stage reference-moe 45 reference "$ep" fp32 1e-4 "${tiny[@]}" "${moe[@]}"
+stage reference-llama 45 reference "$dp" fp32 1e-4 "${tiny[@]}" --arch llama --kv-heads 2
 
 stage apps 120 env PB_BIN_DIR="$repo/build-cuda/bench" "$python" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_apps.py
 

@@ -231,29 +231,31 @@ class CudaOps : public ::testing::Test {
                        << "fp32 result, the first at " << first;
   }
 
-  // The fused attention of gpu_ on bf16 tensors against the CPU's fp32 attention on the same values,
-  // forward and backward, at each (B, S, C, heads); with `twice`, the backward again gives the same bits.
-  void check_bf16_attention(const std::vector<std::tuple<int, int, int, int>>& shapes, const std::string& tag,
-                            bool twice) {
-    for (auto [B, S, C, NH] : shapes) {
+  // The fused attention of gpu_ on tensors of dtype t against the CPU's fp32 attention on the same values,
+  // forward and backward, at each (B, S, C, heads, key/value heads) (grouped-query attention, SPEC 2.5, where
+  // the last two differ); with `twice`, the backward again gives the same bits.
+  void check_typed_attention(const std::vector<std::tuple<int, int, int, int, int>>& shapes, DType t,
+                             const std::string& tag, bool twice) {
+    for (auto [B, S, C, NH, KvH] : shapes) {
       const std::string shape = tag + "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) +
-                                " heads " + std::to_string(NH);
-      const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C;
-      Typed qkv = put_bf16(random(nqkv, -2.0f, 2.0f)), out = poisoned_typed(nout, DType::bf16);
+                                " heads " + std::to_string(NH) + " kv heads " + std::to_string(KvH);
+      const std::size_t width = C + 2 * std::size_t(KvH) * (C / NH);
+      const std::size_t nqkv = std::size_t(B) * S * width, nout = std::size_t(B) * S * C;
+      Typed qkv = put_typed(random(nqkv, -2.0f, 2.0f), t), out = poisoned_typed(nout, t);
       float* saved_cpu = cpu_->alloc_floats(cpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
       float* saved_gpu = gpu_->alloc_floats(gpu_->attention_saved_floats(B, S, NH), MemCategory::activations);
-      cpu_->attention_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH);
-      gpu_->attention_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH);
+      cpu_->attention_gqa_forward(out.cpu, saved_cpu, qkv.cpu, B, S, C, NH, KvH);
+      gpu_->attention_gqa_forward(out.gpu, saved_gpu, qkv.gpu, B, S, C, NH, KvH);
       expect_typed_close(out, "attention_forward " + shape);
-      Typed dout = put_bf16(random(nout)), dqkv = poisoned_typed(nqkv, DType::bf16);
+      Typed dout = put_typed(random(nout), t), dqkv = poisoned_typed(nqkv, t);
       float* scratch_cpu = cpu_->alloc_floats(cpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
       float* scratch_gpu = gpu_->alloc_floats(gpu_->attention_scratch_floats(B, S, NH), MemCategory::workspace);
-      cpu_->attention_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH);
-      gpu_->attention_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+      cpu_->attention_gqa_backward(dqkv.cpu, scratch_cpu, dout.cpu, out.cpu, qkv.cpu, saved_cpu, B, S, C, NH, KvH);
+      gpu_->attention_gqa_backward(dqkv.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH, KvH);
       expect_typed_close(dqkv, "attention_backward dqkv " + shape);
       if (!twice) continue;
-      Typed again = poisoned_typed(nqkv, DType::bf16);
-      gpu_->attention_backward(again.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH);
+      Typed again = poisoned_typed(nqkv, t);
+      gpu_->attention_gqa_backward(again.gpu, scratch_gpu, dout.gpu, out.gpu, qkv.gpu, saved_gpu, B, S, C, NH, KvH);
       EXPECT_EQ(get_typed(again.gpu, nqkv), get_typed(dqkv.gpu, nqkv)) << "attention_backward twice " << shape;
     }
   }
@@ -983,10 +985,84 @@ TEST_F(CudaOps, Bf16LayerNorm) {
 }
 
 TEST_F(CudaOps, Bf16FusedAttention) {
-  check_bf16_attention({{2, 70, 72, 3}, {1, 33, 128, 2}, {2, 130, 256, 2}, {1, 1, 16, 4}}, "", false);
+  check_typed_attention({{2, 70, 72, 3, 3}, {1, 33, 128, 2, 2}, {2, 130, 256, 2, 2}, {1, 1, 16, 4, 4}}, kBf16, "",
+                        false);
   Typed qkv = put_bf16(random(3 * 16)), out32 = poisoned_typed(16, kF32);
   float* saved = gpu_->alloc_floats(4, MemCategory::activations);
   EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 4), std::invalid_argument);
+}
+
+// ---- the Llama-style block (SPEC 2.5) -------------------------------------------------------------------
+// Grouped-query attention in parabench's fused kernels, fp32 and bf16: groups of 2, 3 and 4 (multi-query),
+// llama3-1b's heads; the backward twice gives the same bits.
+TEST_F(CudaOps, GroupedQueryAttention) {
+  for (DType t : {kF32, kBf16}) {
+    check_typed_attention({{2, 70, 64, 4, 2}, {1, 130, 96, 6, 2}, {1, 33, 128, 4, 1}, {1, 256, 2048, 32, 8}}, t, "",
+                          true);
+  }
+  Typed qkv = put_typed(random(4 * 16), kF32), out = poisoned_typed(16, kF32);
+  float* saved = gpu_->alloc_floats(4, MemCategory::activations);
+  EXPECT_THROW(gpu_->attention_gqa_forward(out.gpu, saved, qkv.gpu, 1, 1, 16, 4, 3), std::invalid_argument);
+}
+
+// RMSNorm (with the residual add), rotary positions and SwiGLU in fp32 and bf16, forward and backward,
+// against the CPU's fp32 ops on the same values.
+TEST_F(CudaOps, LlamaBlockOps) {
+  for (DType t : {kF32, kBf16}) {
+    for (auto [N, C] : {std::pair{34, 72}, std::pair{300, 2048}, std::pair{3, 5}}) {
+      const std::string shape = std::string(dtype_name(t)) + " " + std::to_string(N) + "x" + std::to_string(C);
+      const std::size_t n = std::size_t(N) * C;
+      Typed inp = put_typed(random(n, -3.0f, 3.0f), t), w = put_typed(random(C, 0.5f, 1.5f), t);
+      Typed out = poisoned_typed(n, t);
+      Twin rstd = poisoned(N);
+      cpu_->rmsnorm_forward(out.cpu, rstd.cpu, inp.cpu, w.cpu, N, C);
+      gpu_->rmsnorm_forward(out.gpu, rstd.gpu, inp.gpu, w.gpu, N, C);
+      expect_typed_close(out, "rmsnorm_forward out " + shape);
+      expect_close(rstd, "rmsnorm_forward rstd (fp32) " + shape);
+      Typed sum = put_typed(random(n, -3.0f, 3.0f), t), branch = put_typed(random(n, -3.0f, 3.0f), t);
+      Typed norm = poisoned_typed(n, t);
+      Twin r2 = poisoned(N);
+      cpu_->residual_rmsnorm_forward(sum.cpu, norm.cpu, r2.cpu, sum.cpu, branch.cpu, w.cpu, N, C);
+      gpu_->residual_rmsnorm_forward(sum.gpu, norm.gpu, r2.gpu, sum.gpu, branch.gpu, w.gpu, N, C);
+      expect_typed_close(sum, "residual_rmsnorm_forward out " + shape);
+      expect_typed_close(norm, "residual_rmsnorm_forward norm_out " + shape);
+      for (DType tw : {t, kF32}) {
+        const std::string what = shape + " dweight " + dtype_name(tw);
+        Typed dout = put_typed(random(n), t), dinp = put_typed(random(n), t), dw = put_typed(random(C), tw);
+        cpu_->rmsnorm_backward(dinp.cpu, dw.cpu, dout.cpu, inp.cpu, w.cpu, rstd.cpu, N, C);
+        gpu_->rmsnorm_backward(dinp.gpu, dw.gpu, dout.gpu, inp.gpu, w.gpu, rstd.gpu, N, C);
+        expect_typed_close(dinp, "rmsnorm_backward dinp " + what);
+        expect_typed_close(dw, "rmsnorm_backward dweight " + what);
+      }
+    }
+    // rotary positions on the K heads of a grouped qkv buffer, at context-parallel (unsorted) positions
+    const int B = 2, S = 13, H = 4, KvH = 2, d = 64, C = H * d, W = C + 2 * KvH * d;
+    const IntTwin pos = put_ints({0, 1, 2, 3, 40, 41, 42, 43, 8191, 8190, 9, 1000, 7});
+    Typed x = put_typed(random(std::size_t(B) * S * W, -2.0f, 2.0f), t);
+    auto at = [](const Typed& y, std::size_t offset) {  // (CPU, GPU) pointers `offset` elements in
+      return std::pair{y.cpu + offset, TensorPtr(static_cast<char*>(y.gpu.data()) + offset * dtype_bytes(y.gpu.dtype()),
+                                                 y.gpu.dtype())};
+    };
+    auto [xc, xg] = at(x, C);
+    cpu_->rope_forward(xc, W, pos.cpu, B, S, KvH, d, 500000.0);
+    gpu_->rope_forward(xg, W, pos.gpu, B, S, KvH, d, 500000.0);
+    expect_typed_close(x, std::string("rope_forward ") + dtype_name(t));
+    cpu_->rope_backward(xc, W, pos.cpu, B, S, KvH, d, 500000.0);
+    gpu_->rope_backward(xg, W, pos.gpu, B, S, KvH, d, 500000.0);
+    expect_typed_close(x, std::string("rope_backward ") + dtype_name(t));
+    EXPECT_THROW(gpu_->rope_forward(xg, W, pos.gpu, B, S, KvH, 63, 10000.0), std::invalid_argument);
+    // SwiGLU, the backward's dup in place of dout
+    const std::size_t n = 100003;
+    Typed gate = put_typed(random(n, -6.0f, 6.0f), t), up = put_typed(random(n, -2.0f, 2.0f), t);
+    Typed act = poisoned_typed(n, t), dgate = poisoned_typed(n, t), dup = put_typed(random(n), t);
+    cpu_->swiglu_forward(act.cpu, gate.cpu, up.cpu, n);
+    gpu_->swiglu_forward(act.gpu, gate.gpu, up.gpu, n);
+    expect_typed_close(act, std::string("swiglu_forward ") + dtype_name(t));
+    cpu_->swiglu_backward(dgate.cpu, dup.cpu, dup.cpu, gate.cpu, up.cpu, n);
+    gpu_->swiglu_backward(dgate.gpu, dup.gpu, dup.gpu, gate.gpu, up.gpu, n);
+    expect_typed_close(dgate, std::string("swiglu_backward dgate ") + dtype_name(t));
+    expect_typed_close(dup, std::string("swiglu_backward dup ") + dtype_name(t));
+  }
 }
 
 #ifdef PB_WITH_CUDNN
@@ -996,8 +1072,10 @@ TEST_F(CudaOps, Bf16FusedAttention) {
 // (the deterministic algorithm); fp32 tensors are refused.
 TEST_F(CudaOps, CudnnFusedAttention) {
   gpu_ = make_cuda_backend(0, /*bf16_matmul=*/false, /*cudnn_attention=*/true);
-  check_bf16_attention({{2, 70, 72, 3}, {1, 33, 128, 2}, {2, 130, 256, 2}, {1, 1, 16, 2}, {2, 1024, 768, 12}}, "cuDNN ",
-                       true);
+  check_typed_attention({{2, 70, 72, 3, 3}, {1, 33, 128, 2, 2}, {2, 130, 256, 2, 2}, {1, 1, 16, 2, 2},
+                         {2, 1024, 768, 12, 12}}, kBf16, "cuDNN ", true);
+  // grouped-query attention (SPEC 2.5): groups of 2 and 4, multi-query, and llama3-1b's heads (32 of 64 over 8)
+  check_typed_attention({{2, 130, 256, 4, 2}, {1, 70, 128, 4, 1}, {1, 512, 2048, 32, 8}}, kBf16, "cuDNN ", true);
   Typed qkv = put_typed(random(3 * 16), kF32), out32 = poisoned_typed(16, kF32);
   float* saved = gpu_->alloc_floats(4, MemCategory::activations);
   EXPECT_THROW(gpu_->attention_forward(out32.gpu, saved, qkv.gpu, 1, 1, 16, 2), std::invalid_argument);

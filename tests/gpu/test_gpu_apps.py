@@ -164,3 +164,54 @@ def test_bf16_storage_on_the_gpu(app, ranks, extra, cached_run):
         assert np.array_equal(run["measured"][cat], run["predicted"][cat]), (cat, run["command"])
     assert np.all(run["measured"]["master_parameters"] == 2 * run["measured"]["parameters"])
     np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-3, err_msg=run["command"])
+
+
+# ---- the Llama-style block (SPEC 2.5): RMSNorm, rotary positions, SwiGLU, 4 heads over 2 key/value heads ----
+LLAMA = ["--arch", "llama", "--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2", "--seq", "64",
+         "--vocab", "512", "--global-batch", "8", "--steps", "6", "--warmup", "1"]
+LLAMA_FP32 = [*LLAMA, "--backend", "cuda", "--dtype", "fp32"]
+LLAMA_LAYOUTS = [
+    ("dp", 1, ["--comm", "nccl", "--micro-batch", "4"]),
+    ("dp", 2, ["--comm", "mpi", "--micro-batch", "2"]),
+    ("fsdp", 2, ["--comm", "mpi", "--micro-batch", "2", "--shard", "FULL_SHARD"]),
+    ("tp", 2, ["--comm", "mpi", "--micro-batch", "4", "--tp", "2", "--sequence-parallel"]),
+    ("pp", 2, ["--comm", "mpi", "--micro-batch", "2", "--pp", "2", "--schedule", "1f1b"]),
+    ("cp", 2, ["--comm", "mpi", "--micro-batch", "4", "--cp", "2", "--cp-algo", "ring"]),
+    ("cp", 4, ["--comm", "mpi", "--micro-batch", "4", "--cp", "4", "--cp-algo", "allgather", "--cp-layout",
+               "contiguous"]),
+    ("cp", 2, ["--comm", "mpi", "--micro-batch", "4", "--cp", "2", "--cp-algo", "alltoall"]),
+]
+
+
+@pytest.fixture(scope="module")
+def llama_baseline(cached_run):
+    return cached_run("dp", 1, [*LLAMA_FP32, "--comm", "mpi", "--micro-batch", "8"], timeout=120)
+
+
+def test_llama_on_the_gpu_matches_the_cpu(cached_run, llama_baseline):
+    """The CUDA backend's llama kernels against the CPU backend's, whole run: 1e-4 (SPEC 2.5's reference
+    tolerance) on every loss and the final parameter norm."""
+    cpu = cached_run("dp", 1, [*LLAMA, "--backend", "cpu", "--dtype", "fp32", "--micro-batch", "8"], timeout=180)
+    assert llama_baseline["status"] == "complete" and cpu["status"] == "complete"
+    np.testing.assert_allclose(llama_baseline["loss"], cpu["loss"], rtol=1e-4, err_msg=llama_baseline["command"])
+    assert llama_baseline["param_norm"] == pytest.approx(cpu["param_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", LLAMA_LAYOUTS, ids=ident)
+def test_llama_matches_single_rank_loss_curve(cached_run, llama_baseline, layout):
+    app, ranks, extra = layout
+    run = cached_run(app, ranks, [*LLAMA_FP32, *extra], timeout=180)
+    assert run["status"] == "complete"
+    np.testing.assert_allclose(run["loss"], llama_baseline["loss"], rtol=RTOL, err_msg=run["command"])
+    assert run["param_norm"] == pytest.approx(llama_baseline["param_norm"], rel=RTOL), run["command"]
+    if ranks > 1:
+        assert_memory_matches_prediction(run, ident(layout))
+
+
+@pytest.mark.parametrize("attention", ["native", "cudnn"])
+def test_llama_bf16_attention_implementations(attention, cached_run, llama_baseline):
+    """Grouped-query attention in bf16 through parabench's kernels and cuDNN's: within 1e-2 of fp32."""
+    run = cached_run("dp", 1, [*LLAMA, "--backend", "cuda", "--dtype", "bf16", "--comm", "nccl", "--micro-batch", "8",
+                               "--attention", attention], timeout=120)
+    assert run["status"] == "complete", run["command"]
+    np.testing.assert_allclose(run["loss"], llama_baseline["loss"], rtol=1e-2, err_msg=run["command"])

@@ -213,12 +213,13 @@ auto block_dkv_kernel(int d) {
              : &k::attention_block_backward_dkv_kernel<TO, TI, k::kDkvHalfDim>;
 }
 
-// Forward and backward of the fused attention, with cuda_backend.cu's grids and shared memory.
-void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu) {
+// Forward and backward of the fused attention, with cuda_backend.cu's grids and shared memory, against the
+// CPU backend's grouped-query attention: H query heads and KvH key/value heads (KvH = H: multi-head).
+void check_attention(int B, int S, int C, int H, int KvH, std::mt19937& rng, Backend& cpu) {
   const std::string shape = "B" + std::to_string(B) + " S" + std::to_string(S) + " C" + std::to_string(C) + " heads " +
-                            std::to_string(H);
-  const int d = C / H;
-  const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C, rows = std::size_t(B) * H * S;
+                            std::to_string(H) + " kv heads " + std::to_string(KvH);
+  const int d = C / H, W = C + 2 * KvH * d;
+  const std::size_t nqkv = std::size_t(B) * S * W, nout = std::size_t(B) * S * C, rows = std::size_t(B) * H * S;
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
   FVec qkv(nqkv), dout(nout);
   for (float& x : qkv) x = u(rng);
@@ -227,34 +228,42 @@ void check_attention(int B, int S, int C, int H, std::mt19937& rng, Backend& cpu
   FVec out(nout, kNaN), lse(rows, kNaN), ref_out(nout), probs(cpu.attention_saved_floats(B, S, H));
   const dim3 rows_grid((S + k::kAttRows - 1) / k::kAttRows, B * H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_forward_kernel<float>,
-         out.data(), lse.data(), qkv.data(), S, C, H);
-  cpu.attention_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H);
+         out.data(), lse.data(), qkv.data(), S, C, H, KvH);
+  cpu.attention_gqa_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H, KvH);
   EXPECT_CLOSE(out, ref_out, "attention forward " + shape);
 
   FVec dqkv(nqkv, kNaN), D(rows, kNaN), ref_dqkv(nqkv), scratch(cpu.attention_scratch_floats(B, S, H));
   launch(dim3(blocks_for(rows * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel<float, float>, D.data(),
          dout.data(), out.data(), B, S, C, H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel<float>,
-         dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
-  const dim3 keys_grid((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H);
+         dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H, KvH);
+  const dim3 keys_grid((S + k::kDkvKeys - 1) / k::kDkvKeys, B * KvH);
   launch(keys_grid, dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d), dkv_kernel<float>(d), dqkv.data(),
-         dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
-  cpu.attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
-                         S, C, H);
+         dout.data(), qkv.data(), lse.data(), D.data(), S, C, H, KvH);
+  cpu.attention_gqa_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(),
+                             B, S, C, H, KvH);
   EXPECT_CLOSE(dqkv, ref_dqkv, "attention backward dqkv " + shape);
   if (k::dkv_half_dim_class(d) == k::kDkvHalfDimSmall) {  // the large class: the same sums in the same order
     FVec large = dqkv;
     launch(keys_grid, dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d), k::attention_backward_dkv_kernel<float>,
-           large.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H);
+           large.data(), dout.data(), qkv.data(), lse.data(), D.data(), S, C, H, KvH);
     EXPECT_EQ(large, dqkv) << "dK/dV of both head-dimension classes, " << shape;
   }
 }
 
 TEST_F(EmulatedKernels, FusedAttention) {
-  check_attention(2, 70, 72, 3, rng_, *cpu_);   // head dimension 24, S across tiles
-  check_attention(1, 33, 128, 2, rng_, *cpu_);  // 64
-  check_attention(1, 40, 256, 2, rng_, *cpu_);  // 128, the limit
-  check_attention(1, 1, 16, 4, rng_, *cpu_);    // one token
+  check_attention(2, 70, 72, 3, 3, rng_, *cpu_);   // head dimension 24, S across tiles
+  check_attention(1, 33, 128, 2, 2, rng_, *cpu_);  // 64
+  check_attention(1, 40, 256, 2, 2, rng_, *cpu_);  // 128, the limit
+  check_attention(1, 1, 16, 4, 4, rng_, *cpu_);    // one token
+}
+
+// Grouped-query attention (SPEC 2.5): query heads sharing key/value heads, in groups of 2, 3 and 4 (one
+// key/value head for all: multi-query), S across tiles and dK/dV blocks.
+TEST_F(EmulatedKernels, GroupedQueryAttention) {
+  check_attention(1, 40, 64, 4, 2, rng_, *cpu_);   // d 16, groups of 2
+  check_attention(1, 66, 48, 6, 2, rng_, *cpu_);   // d 8, groups of 3, two dK/dV blocks
+  check_attention(1, 20, 128, 4, 1, rng_, *cpu_);  // multi-query, d 32
 }
 
 // ---- context parallelism: attention by position over key blocks ----------------------------------------
@@ -264,7 +273,7 @@ TEST_F(EmulatedKernels, FusedAttention) {
 // gradient buffers start from the same random values (they accumulate) with a guard in their padding.
 struct BlockCase {
   const char* name;
-  int B, C, H;
+  int B, C, H, KvH;  // KvH key/value heads (H: multi-head)
   std::vector<int32_t> pos_q, pos_k, pos_k2;
   bool shared;
   int q_pad, kv_pad;
@@ -296,10 +305,11 @@ void expect_close_lse(const FVec& got, const FVec& ref, const std::string& what)
 
 void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu) {
   SCOPED_TRACE(cs.name);
-  const int B = cs.B, C = cs.C, H = cs.H, d = C / H;
+  const int B = cs.B, C = cs.C, H = cs.H, KvH = cs.KvH, d = C / H, Ckv = KvH * d;  // Ckv: K's (and V's) columns
   const int Sq = static_cast<int>(cs.pos_q.size()), Sk = static_cast<int>(cs.pos_k.size());
   const int Sk2 = static_cast<int>(cs.pos_k2.size());
-  const int qs = 3 * C + cs.q_pad, kvs = cs.shared ? qs : 2 * C + cs.kv_pad, kvs2 = 2 * C + cs.kv_pad;
+  const int W = C + 2 * Ckv;  // a qkv row
+  const int qs = W + cs.q_pad, kvs = cs.shared ? qs : 2 * Ckv + cs.kv_pad, kvs2 = 2 * Ckv + cs.kv_pad;
   const std::size_t nout = std::size_t(B) * Sq * C, nstat = std::size_t(B) * H * Sq;
   const float kGuard = 777.0f;
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
@@ -310,28 +320,28 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
       for (int c = 0; c < cols; ++c) buf[r * stride + c] = u(rng) / (fill == kGuard ? 2 : 1);
     return buf;
   };
-  FVec qbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, kNaN);
-  FVec kvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, kNaN);
-  const FVec kv2 = strided(std::size_t(B) * Sk2, kvs2, 2 * C, kNaN);
+  FVec qbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? W : C, kNaN);
+  FVec kvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * Ckv, kNaN);
+  const FVec kv2 = strided(std::size_t(B) * Sk2, kvs2, 2 * Ckv, kNaN);
   const float* q = qbuf.data();
   const float* k = cs.shared ? q + C : kvbuf.data();
-  const float* v = k + C;
+  const float* v = k + Ckv;
 
   // forward of block 1, overwriting out and lse
   FVec out(nout, kNaN), lse(nstat, kNaN), ref_out(nout, kNaN), ref_lse(nstat, kNaN);
   const dim3 rows_grid((Sq + k::kAttRows - 1) / k::kAttRows, B * H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false),
          k::attention_block_forward_kernel<float, float>, out.data(), lse.data(), q, k, v, qs, kvs, cs.pos_q.data(),
-         cs.pos_k.data(), Sq, Sk, C, H);
+         cs.pos_k.data(), Sq, Sk, C, H, KvH);
   cpu.attention_block_forward(ref_out.data(), ref_lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), B,
-                              Sq, Sk, C, H);
+                              Sq, Sk, C, H, KvH);
   EXPECT_CLOSE(out, ref_out, "block forward out");
   expect_close_lse(lse, ref_lse, "block forward lse");
 
   // block 2 (on the CPU), merged into block 1's result by the kernel and by the CPU
   FVec out2(nout, kNaN), lse2(nstat, kNaN);
-  cpu.attention_block_forward(out2.data(), lse2.data(), q, kv2.data(), kv2.data() + C, qs, kvs2, cs.pos_q.data(),
-                              cs.pos_k2.data(), B, Sq, Sk2, C, H);
+  cpu.attention_block_forward(out2.data(), lse2.data(), q, kv2.data(), kv2.data() + Ckv, qs, kvs2, cs.pos_q.data(),
+                              cs.pos_k2.data(), B, Sq, Sk2, C, H, KvH);
   // a side at −inf contributes nothing: its out is NaN here (kept only where both sides are −inf)
   auto is_neg_inf = [](float x) { return std::isinf(x) && x < 0; };
   for (int b = 0; b < B; ++b)
@@ -357,24 +367,24 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
   EXPECT_CLOSE(delta, ref_delta, "delta");
 
   // backward of block 1 from the CPU's final lse and delta, accumulating into dq and its dk, dv
-  FVec dqbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, kGuard);
-  FVec dkvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, kGuard);
+  FVec dqbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? W : C, kGuard);
+  FVec dkvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * Ckv, kGuard);
   FVec ref_dqbuf = dqbuf, ref_dkvbuf = dkvbuf;
   auto grads = [&](FVec& dqb, FVec& dkvb) {
     float* dq = dqb.data();
     float* dk = cs.shared ? dq + C : dkvb.data();
-    return std::tuple{dq, dk, dk + C};
+    return std::tuple{dq, dk, dk + Ckv};
   };
   auto [dq, dk, dv] = grads(dqbuf, dkvbuf);
   auto [ref_dq, ref_dk, ref_dv] = grads(ref_dqbuf, ref_dkvbuf);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true),
          k::attention_block_backward_dq_kernel<float, float>, dq, qs, dout.data(), ref_lse.data(), ref_delta.data(), q,
-         k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
-  launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
+         k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H, KvH);
+  launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * KvH), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
          block_dkv_kernel<float, float>(d), dk, dv, kvs, dout.data(), ref_lse.data(),
-         ref_delta.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+         ref_delta.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H, KvH);
   cpu.attention_block_backward(ref_dq, ref_dk, ref_dv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
-                               kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
+                               kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H, KvH);
   EXPECT_CLOSE(dqbuf, ref_dqbuf, "block backward dq (and the own block's dk, dv)");
   if (!cs.shared) {
     EXPECT_CLOSE(dkvbuf, ref_dkvbuf, "block backward dk, dv");
@@ -385,9 +395,9 @@ void check_block_attention(const BlockCase& cs, std::mt19937& rng, Backend& cpu)
       if (static_cast<int>(i % stride) >= cols && buf[i] != kGuard) return false;
     return true;
   };
-  EXPECT_TRUE(guard_kept(dqbuf, qs, cs.shared ? 3 * C : C)) << "dq padding written";
+  EXPECT_TRUE(guard_kept(dqbuf, qs, cs.shared ? W : C)) << "dq padding written";
   if (!cs.shared) {
-    EXPECT_TRUE(guard_kept(dkvbuf, kvs, 2 * C)) << "dk, dv padding written";
+    EXPECT_TRUE(guard_kept(dkvbuf, kvs, 2 * Ckv)) << "dk, dv padding written";
   }
 }
 
@@ -395,16 +405,22 @@ TEST_F(EmulatedKernels, ContextParallelAttention) {
   const BlockCase cases[] = {
       // zigzag halves of an 80-token sequence: block 1 the middle (the first 20 queries see nothing in it),
       // block 2 the queries' own positions; head dimension 24; rows and keys across tiles
-      {"zigzag, middle block, stride 3C and 2C", 2, 72, 3, join(span(0, 19), span(60, 79)), span(20, 59),
+      {"zigzag, middle block, stride 3C and 2C", 2, 72, 3, 3, join(span(0, 19), span(60, 79)), span(20, 59),
        join(span(0, 19), span(60, 79)), false, 0, 0},
       // the diagonal block in the qkv buffer (stride 3C), head dimension 64; block 2 in the future of all
-      {"zigzag diagonal, stride 3C", 1, 128, 2, join(span(0, 4), span(35, 39)), join(span(0, 4), span(35, 39)),
+      {"zigzag diagonal, stride 3C", 1, 128, 2, 2, join(span(0, 4), span(35, 39)), join(span(0, 4), span(35, 39)),
        span(40, 45), true, 0, 0},
       // head dimension 128 (the limit), 70 keys (two dK/dV blocks) in the past, unsorted; padded strides
-      {"past, unsorted, d = 128, padded strides", 1, 256, 2, {90, 75, 80, 99, 71, 72, 96, 85, 70},
+      {"past, unsorted, d = 128, padded strides", 1, 256, 2, 2, {90, 75, 80, 99, 71, 72, 96, 85, 70},
        join(span(35, 69), span(0, 34)), {95, 3, 71, 88}, false, 3, 5},
       // every key of block 1 in the future (out 0, lse −inf), block 2 too for some queries (both −inf)
-      {"future block, tiny head", 2, 16, 4, span(0, 4), span(5, 7), {2, 9}, false, 0, 0},
+      {"future block, tiny head", 2, 16, 4, 4, span(0, 4), span(5, 7), {2, 9}, false, 0, 0},
+      // grouped-query attention (SPEC 2.5): K|V of the kv heads only, in the qkv buffer (stride C + 2·kv·d)
+      // and packed (stride 2·kv·d); groups of 2 and 4 (multi-query), keys across two dK/dV blocks
+      {"grouped, zigzag middle block, packed", 1, 64, 4, 2, join(span(0, 9), span(70, 79)), span(10, 69),
+       join(span(0, 9), span(70, 79)), false, 0, 0},
+      {"grouped, diagonal in the qkv buffer", 1, 48, 6, 3, span(0, 33), span(0, 33), span(34, 40), true, 0, 0},
+      {"multi-query, past, padded strides", 1, 128, 4, 1, span(80, 90), span(0, 69), {95, 3}, false, 3, 5},
   };
   for (const BlockCase& cs : cases) check_block_attention(cs, rng_, *cpu_);
 }
@@ -876,6 +892,125 @@ void expect_typed_close(const std::vector<T>& got, const FVec& ref, const std::s
   EXPECT_LE(e, fp32 ? kTol : kBf16Tol) << what << " (" << (fp32 ? "fp32" : "bf16") << "): relative error " << e;
 }
 
+// ---- the Llama-style block (SPEC 2.5): RMSNorm, rotary positions and SwiGLU against the CPU backend -----
+// In T (float: to kTol; uint16_t, bf16: to kBf16Tol), on bf16 values so that both dtypes start from the
+// same inputs; statistics fp32.
+template <typename T>
+void check_rmsnorm(std::mt19937& rng, Backend& cpu) {
+  const int N = 37, C = 72;
+  const FVec x = random_bf16(rng, std::size_t(N) * C, -3.0f, 3.0f), w = random_bf16(rng, C, 0.5f, 1.5f);
+  const std::vector<T> xt = as_type<T>(x), wt = as_type<T>(w);
+  std::vector<T> out(x.size(), poison<T>());
+  FVec rstd(N, kNaN), ref_out(x.size()), ref_rstd(N);
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::rmsnorm_forward_kernel<T>, out.data(),
+         rstd.data(), xt.data(), wt.data(), N, C);
+  cpu.rmsnorm_forward(ref_out.data(), ref_rstd.data(), x.data(), w.data(), N, C);
+  expect_typed_close(out, ref_out, "rmsnorm forward");
+  EXPECT_CLOSE(rstd, ref_rstd, "rmsnorm rstd (fp32)");
+
+  // backward: dinp accumulates in T; dweight accumulates in bf16 and in fp32, from the same partial sums
+  const FVec dout = random_bf16(rng, x.size()), dinp0 = random_bf16(rng, x.size()), dw0 = random_bf16(rng, C);
+  const std::vector<T> doutt = as_type<T>(dout);
+  std::vector<T> dinp = as_type<T>(dinp0);
+  FVec ref_dinp = dinp0, ref_dw = dw0;
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::rmsnorm_backward_input_kernel<T>, dinp.data(),
+         doutt.data(), xt.data(), wt.data(), rstd.data(), N, C);
+  const int max_chunks = 8, rows_per_chunk = (N + max_chunks - 1) / max_chunks;
+  const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  FVec partial(std::size_t(chunks) * C + 1, kNaN);  // one more: RMSNorm's partials have no Σ dout rows
+  launch(dim3(blocks_for(C), chunks), dim3(kThreads), 0, k::layernorm_param_partials_kernel<T>, partial.data(),
+         doutt.data(), xt.data(), static_cast<const float*>(nullptr), rstd.data(), N, C, rows_per_chunk);
+  EXPECT_TRUE(std::isnan(partial.back())) << "rmsnorm partials past their chunks";
+  BVec dw_b = to_bf16(dw0);
+  FVec dw_f = dw0;
+  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel<uint16_t, float>, dw_b.data(),
+         static_cast<float*>(nullptr), partial.data(), chunks, C);
+  launch(dim3(blocks_for(C)), dim3(kThreads), 0, k::layernorm_param_finish_kernel<float, float>, dw_f.data(),
+         static_cast<float*>(nullptr), partial.data(), chunks, C);
+  cpu.rmsnorm_backward(ref_dinp.data(), ref_dw.data(), dout.data(), x.data(), w.data(), ref_rstd.data(), N, C);
+  expect_typed_close(dinp, ref_dinp, "rmsnorm backward dinp (accumulated)");
+  expect_typed_close(dw_b, ref_dw, "rmsnorm backward dweight in bf16");
+  expect_typed_close(dw_f, ref_dw, "rmsnorm backward dweight in fp32");
+
+  // the residual add and the RMSNorm of its sum, in place (out aliases a, as the model calls it)
+  const FVec b = random_bf16(rng, x.size(), -3.0f, 3.0f);
+  std::vector<T> sum = xt;
+  const std::vector<T> bt = as_type<T>(b);
+  std::vector<T> norm(x.size(), poison<T>());
+  FVec ref_sum(x.size()), ref_norm(x.size());
+  launch(dim3(blocks_for(std::size_t(N) * 32)), dim3(kThreads), 0, k::residual_rmsnorm_forward_kernel<T>, sum.data(),
+         norm.data(), rstd.data(), sum.data(), bt.data(), wt.data(), N, C);
+  cpu.residual_rmsnorm_forward(ref_sum.data(), ref_norm.data(), ref_rstd.data(), x.data(), b.data(), w.data(), N, C);
+  expect_typed_close(sum, ref_sum, "residual add (in place)");
+  expect_typed_close(norm, ref_norm, "residual rmsnorm out");
+  const double tol = std::is_same_v<T, float> ? kTol : kBf16Tol;
+  EXPECT_LE(rel_error(rstd, ref_rstd), tol) << "residual rmsnorm rstd";
+}
+
+// Rotary positions on the K heads of a qkv buffer (rows W apart, columns [C, C + kv·d) rotated): unsorted
+// positions as context parallelism gives them, Llama 3's theta; forward against the CPU's, the backward
+// of the result back to the input, columns outside the heads untouched.
+template <typename T>
+void check_rope(std::mt19937& rng, Backend& cpu) {
+  const int B = 2, S = 13, H = 4, KvH = 2, d = 16, C = H * d, W = C + 2 * KvH * d;
+  const double theta = 500000.0;
+  const std::vector<int32_t> pos = {0, 1, 2, 3, 40, 41, 42, 43, 4095, 4094, 9, 1000, 7};
+  const FVec x = random_bf16(rng, std::size_t(B) * S * W, -2.0f, 2.0f);
+  std::vector<T> y = as_type<T>(x);
+  FVec ref = x;
+  launch(dim3(blocks_for(std::size_t(B) * S * d / 2)), dim3(kThreads), 0, k::rope_kernel<T>, y.data() + C,
+         std::size_t(W), pos.data(), B, S, KvH, d, theta, 1.0f);
+  cpu.rope_forward(ref.data() + C, W, pos.data(), B, S, KvH, d, theta);
+  expect_typed_close(y, ref, "rope forward");
+  const std::vector<T> untouched = as_type<T>(x);
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const int col = static_cast<int>(i % W);
+    if (col < C || col >= C + KvH * d) {
+      ASSERT_EQ(std::memcmp(&y[i], &untouched[i], sizeof(T)), 0) << "column " << col;
+    }
+  }
+  std::vector<T> back = y;
+  launch(dim3(blocks_for(std::size_t(B) * S * d / 2)), dim3(kThreads), 0, k::rope_kernel<T>, back.data() + C,
+         std::size_t(W), pos.data(), B, S, KvH, d, theta, -1.0f);
+  FVec ref_back = ref;
+  cpu.rope_backward(ref_back.data() + C, W, pos.data(), B, S, KvH, d, theta);
+  expect_typed_close(back, ref_back, "rope backward");
+  const double tol = std::is_same_v<T, float> ? kTol : 2 * kBf16Tol;  // bf16: rounded after each rotation
+  EXPECT_LE(rel_error(to_f32(back), x), tol) << "rotated back";
+}
+
+template <typename T>
+void check_swiglu(std::mt19937& rng, Backend& cpu) {
+  const std::size_t n = 1000;
+  const FVec gate = random_bf16(rng, n, -6.0f, 6.0f), up = random_bf16(rng, n, -2.0f, 2.0f), dout = random_bf16(rng, n);
+  const std::vector<T> gt = as_type<T>(gate), ut = as_type<T>(up);
+  std::vector<T> out(n, poison<T>());
+  FVec ref_out(n);
+  launch(dim3(blocks_for(n)), dim3(kThreads), 0, k::swiglu_forward_kernel<T>, out.data(), gt.data(), ut.data(), n);
+  cpu.swiglu_forward(ref_out.data(), gate.data(), up.data(), n);
+  expect_typed_close(out, ref_out, "swiglu forward");
+  // dup aliasing dout, as the model calls it
+  std::vector<T> dgate(n, poison<T>()), dup = as_type<T>(dout);
+  FVec ref_dgate(n), ref_dup = dout;
+  launch(dim3(blocks_for(n)), dim3(kThreads), 0, k::swiglu_backward_kernel<T>, dgate.data(), dup.data(), dup.data(),
+         gt.data(), ut.data(), n);
+  cpu.swiglu_backward(ref_dgate.data(), ref_dup.data(), ref_dup.data(), gate.data(), up.data(), n);
+  expect_typed_close(dgate, ref_dgate, "swiglu backward dgate");
+  expect_typed_close(dup, ref_dup, "swiglu backward dup (in place of dout)");
+}
+
+TEST_F(EmulatedKernels, LlamaBlockOps) {
+  check_rmsnorm<float>(rng_, *cpu_);
+  check_rope<float>(rng_, *cpu_);
+  check_swiglu<float>(rng_, *cpu_);
+}
+
+TEST_F(EmulatedKernels, Bf16LlamaBlockOps) {
+  check_rmsnorm<uint16_t>(rng_, *cpu_);
+  check_rope<uint16_t>(rng_, *cpu_);
+  check_swiglu<uint16_t>(rng_, *cpu_);
+}
+
 // bf16: the sum rounded once into out (within one ulp of the fp32 sum), the LayerNorm of the rounded sum
 // to the bf16 tolerance of the CPU's fp32 op on the same values.
 TEST_F(EmulatedKernels, Bf16ResidualLayerNorm) {
@@ -938,43 +1073,48 @@ TEST_F(EmulatedKernels, Bf16LayerNorm) {
   expect_typed_close(db_f, ref_db, "layernorm backward dbias of bf16 activations");
 }
 
-// The fused attention in bf16 (qkv, out, dout, dqkv), its statistics fp32: one shape, head dimension 24, S
-// across a 32-key tile.
-TEST_F(EmulatedKernels, Bf16FusedAttention) {
-  const int B = 2, S = 37, C = 48, H = 2, d = C / H;
-  const std::size_t nqkv = std::size_t(B) * S * 3 * C, nout = std::size_t(B) * S * C, rows = std::size_t(B) * H * S;
-  const FVec qkv = random_bf16(rng_, nqkv, -2.0f, 2.0f), dout = random_bf16(rng_, nout);
+// The fused attention in bf16 (qkv, out, dout, dqkv), its statistics fp32: head dimension 24 with as many
+// key/value heads as heads, and 12 with 4 heads sharing 2 (SPEC 2.5); S across a 32-key tile.
+void check_attention_bf16(int H, int KvH, std::mt19937& rng, Backend& cpu) {
+  SCOPED_TRACE("heads " + std::to_string(H) + ", kv heads " + std::to_string(KvH));
+  const int B = 2, S = 37, C = 48, d = C / H, W = C + 2 * KvH * d;
+  const std::size_t nqkv = std::size_t(B) * S * W, nout = std::size_t(B) * S * C, rows = std::size_t(B) * H * S;
+  const FVec qkv = random_bf16(rng, nqkv, -2.0f, 2.0f), dout = random_bf16(rng, nout);
   const BVec qkvb = to_bf16(qkv), doutb = to_bf16(dout);
   BVec out(nout, kBf16NaN);
-  FVec lse(rows, kNaN), ref_out(nout), probs(cpu_->attention_saved_floats(B, S, H));
+  FVec lse(rows, kNaN), ref_out(nout), probs(cpu.attention_saved_floats(B, S, H));
   const dim3 rows_grid((S + k::kAttRows - 1) / k::kAttRows, B * H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false), k::attention_forward_kernel<uint16_t>,
-         out.data(), lse.data(), qkvb.data(), S, C, H);
-  cpu_->attention_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H);
+         out.data(), lse.data(), qkvb.data(), S, C, H, KvH);
+  cpu.attention_gqa_forward(ref_out.data(), probs.data(), qkv.data(), B, S, C, H, KvH);
   expect_typed_close(out, ref_out, "attention forward out");
   // the CPU's statistics: its context-parallel forward over every position of the sequence
   std::vector<int32_t> pos(S);
   for (int i = 0; i < S; ++i) pos[i] = i;
   FVec cp_out(nout), ref_lse(rows);
-  cpu_->attention_block_forward(cp_out.data(), ref_lse.data(), qkv.data(), qkv.data() + C, qkv.data() + 2 * C, 3 * C,
-                                3 * C, pos.data(), pos.data(), B, S, S, C, H);
+  cpu.attention_block_forward(cp_out.data(), ref_lse.data(), qkv.data(), qkv.data() + C, qkv.data() + C + KvH * d,
+                                W, W, pos.data(), pos.data(), B, S, S, C, H, KvH);
   EXPECT_CLOSE(lse, ref_lse, "attention forward lse (fp32)");
 
   // backward from the kernel's bf16 out (D = Σ dout·out of those values, fp32)
-  FVec D(rows, kNaN), ref_D(rows), scratch(cpu_->attention_scratch_floats(B, S, H)), ref_dqkv(nqkv);
+  FVec D(rows, kNaN), ref_D(rows), scratch(cpu.attention_scratch_floats(B, S, H)), ref_dqkv(nqkv);
   BVec dqkv(nqkv, kBf16NaN);
   launch(dim3(blocks_for(rows * 32)), dim3(kThreads), 0, k::attention_backward_dot_kernel<uint16_t, uint16_t>,
          D.data(), doutb.data(), out.data(), B, S, C, H);
-  cpu_->attention_block_delta(ref_D.data(), dout.data(), to_f32(out).data(), B, S, C, H);
+  cpu.attention_block_delta(ref_D.data(), dout.data(), to_f32(out).data(), B, S, C, H);
   EXPECT_CLOSE(D, ref_D, "attention backward D (fp32)");
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true), k::attention_backward_dq_kernel<uint16_t>,
-         dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S, C, H);
-  launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         dkv_kernel<uint16_t>(d), dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S,
-         C, H);
-  cpu_->attention_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(), B,
-                           S, C, H);
+         dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S, C, H, KvH);
+  launch(dim3((S + k::kDkvKeys - 1) / k::kDkvKeys, B * KvH), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
+         dkv_kernel<uint16_t>(d), dqkv.data(), doutb.data(), qkvb.data(), lse.data(), D.data(), S, C, H, KvH);
+  cpu.attention_gqa_backward(ref_dqkv.data(), scratch.data(), dout.data(), ref_out.data(), qkv.data(), probs.data(),
+                               B, S, C, H, KvH);
   expect_typed_close(dqkv, ref_dqkv, "attention backward dqkv");
+}
+
+TEST_F(EmulatedKernels, Bf16FusedAttention) {
+  check_attention_bf16(2, 2, rng_, *cpu_);
+  check_attention_bf16(4, 2, rng_, *cpu_);
 }
 
 // The context-parallel kernels on bf16 queries, keys, values and dout, the outputs (out; dq, dk, dv) in TO:
@@ -983,10 +1123,11 @@ TEST_F(EmulatedKernels, Bf16FusedAttention) {
 template <typename TO>
 void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend& cpu) {
   SCOPED_TRACE(std::string(cs.name) + (std::is_same_v<TO, float> ? ", fp32 outputs" : ", bf16 outputs"));
-  const int B = cs.B, C = cs.C, H = cs.H, d = C / H;
+  const int B = cs.B, C = cs.C, H = cs.H, KvH = cs.KvH, d = C / H, Ckv = KvH * d;  // Ckv: K's (and V's) columns
   const int Sq = static_cast<int>(cs.pos_q.size()), Sk = static_cast<int>(cs.pos_k.size());
   const int Sk2 = static_cast<int>(cs.pos_k2.size());
-  const int qs = 3 * C + cs.q_pad, kvs = cs.shared ? qs : 2 * C + cs.kv_pad, kvs2 = 2 * C + cs.kv_pad;
+  const int W = C + 2 * Ckv;  // a qkv row
+  const int qs = W + cs.q_pad, kvs = cs.shared ? qs : 2 * Ckv + cs.kv_pad, kvs2 = 2 * Ckv + cs.kv_pad;
   const std::size_t nout = std::size_t(B) * Sq * C, nstat = std::size_t(B) * H * Sq;
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
   auto strided = [&](std::size_t rows, int stride, int cols, float fill) {  // bf16 values in columns [0, cols)
@@ -995,32 +1136,32 @@ void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend&
       for (int c = 0; c < cols; ++c) buf[r * stride + c] = u(rng);
     return bf16_values(buf);
   };
-  const FVec qbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, kNaN);
-  const FVec kvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, kNaN);
-  const FVec kv2 = strided(std::size_t(B) * Sk2, kvs2, 2 * C, kNaN);
+  const FVec qbuf = strided(std::size_t(B) * Sq, qs, cs.shared ? W : C, kNaN);
+  const FVec kvbuf = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * Ckv, kNaN);
+  const FVec kv2 = strided(std::size_t(B) * Sk2, kvs2, 2 * Ckv, kNaN);
   const BVec qbuf_b = to_bf16(qbuf), kvbuf_b = to_bf16(kvbuf);  // NaN stays NaN
   const float* q = qbuf.data();
   const float* k = cs.shared ? q + C : kvbuf.data();
-  const float* v = k + C;
+  const float* v = k + Ckv;
   const uint16_t* qb = qbuf_b.data();
   const uint16_t* kb = cs.shared ? qb + C : kvbuf_b.data();
-  const uint16_t* vb = kb + C;
+  const uint16_t* vb = kb + Ckv;
 
   std::vector<TO> out(nout, poison<TO>());
   FVec lse(nstat, kNaN), ref_out(nout, kNaN), ref_lse(nstat, kNaN);
   const dim3 rows_grid((Sq + k::kAttRows - 1) / k::kAttRows, B * H);
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, false),
          k::attention_block_forward_kernel<TO, uint16_t>, out.data(), lse.data(), qb, kb, vb, qs, kvs,
-         cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
+         cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H, KvH);
   cpu.attention_block_forward(ref_out.data(), ref_lse.data(), q, k, v, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), B,
-                              Sq, Sk, C, H);
+                              Sq, Sk, C, H, KvH);
   expect_typed_close(out, ref_out, "block forward out");
   expect_close_lse(lse, ref_lse, "block forward lse (fp32)");
 
   // block 2 on the CPU, as bf16 values; merged into block 1's result held in TO (and its fp32 values on the CPU)
   FVec out2(nout, kNaN), lse2(nstat, kNaN);
-  cpu.attention_block_forward(out2.data(), lse2.data(), q, kv2.data(), kv2.data() + C, qs, kvs2, cs.pos_q.data(),
-                              cs.pos_k2.data(), B, Sq, Sk2, C, H);
+  cpu.attention_block_forward(out2.data(), lse2.data(), q, kv2.data(), kv2.data() + Ckv, qs, kvs2, cs.pos_q.data(),
+                              cs.pos_k2.data(), B, Sq, Sk2, C, H, KvH);
   FVec running = to_f32(as_type<TO>(ref_out));
   auto is_neg_inf = [](float x) { return std::isinf(x) && x < 0; };
   for (int b = 0; b < B; ++b)
@@ -1052,8 +1193,8 @@ void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend&
 
   // backward of block 1 from the CPU's lse and delta, accumulating into dq and its dk, dv (in TO) from
   // random starting values; the gradients' padding keeps its values
-  const FVec dq0 = strided(std::size_t(B) * Sq, qs, cs.shared ? 3 * C : C, 7.0f);
-  const FVec dkv0 = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * C, 7.0f);
+  const FVec dq0 = strided(std::size_t(B) * Sq, qs, cs.shared ? W : C, 7.0f);
+  const FVec dkv0 = cs.shared ? FVec() : strided(std::size_t(B) * Sk, kvs, 2 * Ckv, 7.0f);
   std::vector<TO> dqbuf = as_type<TO>(dq0), dkvbuf = as_type<TO>(dkv0);
   FVec ref_dqbuf = dq0, ref_dkvbuf = dkv0;
   TO* dq = dqbuf.data();
@@ -1062,12 +1203,12 @@ void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend&
   float* ref_dk = cs.shared ? ref_dq + C : ref_dkvbuf.data();
   launch(rows_grid, dim3(k::kAttWarps * 32), k::attention_row_smem(d, true),
          k::attention_block_backward_dq_kernel<TO, uint16_t>, dq, qs, dout_b.data(), ref_lse.data(), ref_delta.data(),
-         qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
-  launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * H), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
-         block_dkv_kernel<TO, uint16_t>(d), dk, dk + C, kvs, dout_b.data(), ref_lse.data(),
-         ref_delta.data(), qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H);
-  cpu.attention_block_backward(ref_dq, ref_dk, ref_dk + C, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v, qs,
-                               kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H);
+         qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H, KvH);
+  launch(dim3((Sk + k::kDkvKeys - 1) / k::kDkvKeys, B * KvH), dim3(k::kDkvWarps * 32), k::attention_dkv_smem(d),
+         block_dkv_kernel<TO, uint16_t>(d), dk, dk + Ckv, kvs, dout_b.data(), ref_lse.data(),
+         ref_delta.data(), qb, kb, vb, qs, kvs, cs.pos_q.data(), cs.pos_k.data(), Sq, Sk, C, H, KvH);
+  cpu.attention_block_backward(ref_dq, ref_dk, ref_dk + Ckv, dout.data(), ref_lse.data(), ref_delta.data(), q, k, v,
+                               qs, kvs, cs.pos_q.data(), cs.pos_k.data(), B, Sq, Sk, C, H, KvH);
   expect_typed_close(dqbuf, ref_dqbuf, "block backward dq (and the own block's dk, dv)");
   if (!cs.shared) expect_typed_close(dkvbuf, ref_dkvbuf, "block backward dk, dv");
   auto padding_kept = [&](const std::vector<TO>& buf, const FVec& start, int stride, int cols) {
@@ -1076,18 +1217,22 @@ void check_block_attention_bf16(const BlockCase& cs, std::mt19937& rng, Backend&
       if (static_cast<int>(i % stride) >= cols && std::memcmp(&buf[i], &initial[i], sizeof(TO)) != 0) return false;
     return true;
   };
-  EXPECT_TRUE(padding_kept(dqbuf, dq0, qs, cs.shared ? 3 * C : C)) << "dq padding written";
+  EXPECT_TRUE(padding_kept(dqbuf, dq0, qs, cs.shared ? W : C)) << "dq padding written";
   if (!cs.shared) {
-    EXPECT_TRUE(padding_kept(dkvbuf, dkv0, kvs, 2 * C)) << "dk, dv padding written";
+    EXPECT_TRUE(padding_kept(dkvbuf, dkv0, kvs, 2 * Ckv)) << "dk, dv padding written";
   }
 }
 
 TEST_F(EmulatedKernels, Bf16ContextParallelAttention) {
-  const BlockCase zigzag = {"zigzag, middle block, padded strides", 1, 48, 2, join(span(0, 9), span(30, 39)),
+  const BlockCase zigzag = {"zigzag, middle block, padded strides", 1, 48, 2, 2, join(span(0, 9), span(30, 39)),
                             span(10, 29), join(span(0, 9), span(30, 39)), false, 3, 5};
-  const BlockCase diagonal = {"diagonal in the qkv buffer, a future block", 2, 16, 4, span(0, 4), span(0, 4),
+  const BlockCase diagonal = {"diagonal in the qkv buffer, a future block", 2, 16, 4, 4, span(0, 4), span(0, 4),
                               {2, 9}, true, 0, 0};
-  for (const BlockCase* cs : {&zigzag, &diagonal}) {
+  const BlockCase grouped = {"grouped (4 heads, 2 kv), zigzag, padded", 1, 64, 4, 2, join(span(0, 9), span(30, 39)),
+                             span(10, 29), join(span(0, 9), span(30, 39)), false, 3, 5};
+  const BlockCase grouped_diagonal = {"grouped (4 heads, 1 kv), diagonal in the qkv buffer", 1, 32, 4, 1, span(0, 4),
+                                      span(0, 4), {2, 9}, true, 0, 0};
+  for (const BlockCase* cs : {&zigzag, &diagonal, &grouped, &grouped_diagonal}) {
     check_block_attention_bf16<uint16_t>(*cs, rng_, *cpu_);
     check_block_attention_bf16<float>(*cs, rng_, *cpu_);
   }

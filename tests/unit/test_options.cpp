@@ -41,6 +41,22 @@ TEST(Comm, NcclWhenEachRankSeesOnlyItsOwnGpu) {
   EXPECT_TRUE(parse({"--model", "tiny", "--comm", "nccl"}, gpu_node(4, 1, true), &given).run);
 }
 
+// The llama block (SPEC 2.5) runs on the CUDA backend too; its head dimension meets the CUDA limit.
+TEST(Arch, LlamaOnTheCudaBackend) {
+  Options opt;
+  const ParseResult r = parse({"--model", "llama-tiny"}, gpu_node(1, 1, true), &opt);
+  ASSERT_TRUE(r.run) << r.message;
+  EXPECT_EQ(opt.backend, "cuda");
+  EXPECT_TRUE(opt.model.llama());
+  EXPECT_EQ(opt.model.kv(), 2);
+  Options wide;
+  const ParseResult refused =
+      parse({"--arch", "llama", "--hidden", "1024", "--heads", "4", "--kv-heads", "2"}, gpu_node(1, 1, true), &wide);
+  EXPECT_FALSE(refused.run);
+  EXPECT_EQ(refused.exit_code, 2);
+  EXPECT_NE(refused.message.find("128"), std::string::npos) << refused.message;
+}
+
 TEST(Comm, NcclWhenEachRankSeesEveryGpuOfItsNode) {
   Options opt;
   ASSERT_TRUE(parse({"--model", "tiny"}, gpu_node(4, 4, true), &opt).run);
