@@ -36,6 +36,18 @@ inline double embedding_forward_bytes(double N, double positions, double C, doub
 inline double embedding_backward_bytes(double N, double positions, double C, double e) {
   return (3 * N * C + 2 * positions * C) * e + 4 * N;
 }
+// The Llama-style block (SPEC 2.5). RMSNorm: inp read, out written, weight read, rstd written.
+inline double rmsnorm_forward_bytes(double N, double C, double e) { return (2 * N * C + C) * e + N * 4; }
+// The residual add fused with RMSNorm: a and b read, out and norm_out written, weight read, rstd written.
+inline double residual_rmsnorm_forward_bytes(double N, double C, double e) { return (4 * N * C + C) * e + N * 4; }
+// dout and inp read, dinp read and written (accumulated), weight read, dweight read and written, rstd read.
+inline double rmsnorm_backward_bytes(double N, double C, double e) { return (4 * N * C + 3 * C) * e + N * 4; }
+// Rotary positions in place: `columns` values of each of N tokens read and written (the Q and K heads),
+// the int32 positions (T) read; cos and sin are computed, not read.
+inline double rope_bytes(double N, double T, double columns, double e) { return 2 * N * columns * e + 4 * T; }
+// SwiGLU: gate and up read, out written; its backward reads dout, gate and up and writes dgate and dup.
+inline double swiglu_forward_bytes(double n, double e) { return 3 * n * e; }
+inline double swiglu_backward_bytes(double n, double e) { return 5 * n * e; }
 // The fused softmax cross-entropy, forward and backward in one call: the logits read and overwritten by
 // dlogits, the int32 targets read (the 8-byte loss left out).
 inline double cross_entropy_bytes(double N, double V, double e) { return 2 * N * V * e + 4 * N; }

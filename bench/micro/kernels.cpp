@@ -3,7 +3,9 @@
 // attention, the GELU, a residual add and the residual add fused with the second LayerNorm, forward and
 // backward (two LayerNorms backward); once per step, the embedding,
 // the fused cross-entropy, and the optimizer's pass over the parameters (gradient zeroing, the
-// gradient norm, AdamW, and with bf16 the rounding of the master weights into the parameters).
+// gradient norm, AdamW, and with bf16 the rounding of the master weights into the parameters). The
+// llama presets (SPEC 2.5) add the kernels only their block has: RMSNorm (and with the residual add),
+// rotary positions, SwiGLU and the grouped-query attention.
 //
 // Each benchmark follows gemm.cpp: its tensors come from the backend (workspace), filled with a fixed
 // pseudo-random pattern in [−1, 1); one untimed call is checked where a check is cheap (a guard against
@@ -39,7 +41,7 @@ namespace pb {
 namespace {
 
 constexpr int kMicroBatch = 4;
-const char* const kModelPresets[] = {"small", "gpt2-124m"};
+const char* const kModelPresets[] = {"small", "gpt2-124m", "llama-tiny", "llama3-1b"};
 
 // A check passes when |got − want| ≤ tolerance · scale, the scale being the magnitude of the terms the
 // value is made of: room for fp32 arithmetic in any order and the backends' fast exp and tanh, and for
@@ -56,9 +58,14 @@ struct KernelShape {
   std::string preset;
   DType dtype = DType::f32;
   int B = 0, T = 0, C = 0, heads = 0, V = 0, F = 0;  // micro-batch, sequence, hidden, heads, vocabulary, MLP width
+  int kv_heads = 0;                                    // key/value heads (= heads for the gpt block)
+  bool llama = false;                                  // the block of SPEC 2.5
+  double rope_theta = 10000.0;
   int Vp = 0;  // the vocabulary as the model stores it (padded: ModelConfig::padded_vocab)
   std::size_t params = 0;                              // the preset's parameter count
   int N() const { return B * T; }                      // rows (tokens) of the micro-batch
+  int d() const { return C / heads; }                  // head dimension
+  int W() const { return C + 2 * kv_heads * d(); }     // a token's qkv values: [Q | K | V]
   double e() const { return static_cast<double>(dtype_bytes(dtype)); }  // bytes per element
   double tolerance() const { return dtype == DType::f32 ? kFp32Tolerance : kBf16Tolerance; }
 };
@@ -138,74 +145,83 @@ void time_calls(benchmark::State& state, Backend& backend, Call&& call) {
 
 // ---- the benchmarks: each sets up, warms up, checks and times; returns the failed check or "" --------
 
+// The attention of a preset: multi-head (gpt), grouped-query with kv_heads key/value heads (llama); qkv
+// (B, T, W) holds [Q | K | V].
 std::string attention_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
-  const int B = s.B, T = s.T, C = s.C, NH = s.heads;
-  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * 3 * C, 1), s.dtype);
-  BackendTensor qkv(backend, host_qkv.size(), s.dtype);           // (B, T, 3C)
+  const int B = s.B, T = s.T, C = s.C, NH = s.heads, KV = s.kv_heads, d = s.d(), group = NH / KV;
+  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * s.W(), 1), s.dtype);
+  BackendTensor qkv(backend, host_qkv.size(), s.dtype);           // (B, T, W)
   BackendTensor out(backend, std::size_t(B) * T * C, s.dtype);    // (B, T, C)
   BackendArray<float> saved(backend, backend.attention_saved_floats(B, T, NH));
   qkv.upload(host_qkv);
 
-  backend.attention_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH);
+  backend.attention_gqa_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH, KV);
   backend.synchronize();
-  // The first token sees only itself: its output is its value row, v = qkv[0, 2C..3C).
+  // The first token sees only itself: query head h's output is the value row of its key/value head.
   const std::vector<float> out_row0 = download_fp32(backend, out.get(), C);
   for (int j = 0; j < C; ++j) {
-    const std::string error = compare("out[0, 0, " + std::to_string(j) + "]", out_row0[j], host_qkv[2 * C + j], 1.0,
-                                      s.tolerance());
+    const float v = host_qkv[C + KV * d + (j / d) / group * d + j % d];
+    const std::string error = compare("out[0, 0, " + std::to_string(j) + "]", out_row0[j], v, 1.0, s.tolerance());
     if (!error.empty()) return error;
   }
-  time_calls(state, backend, [&] { backend.attention_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH); });
+  time_calls(state, backend,
+             [&] { backend.attention_gqa_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH, KV); });
   return "";
 }
 
 std::string attention_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
-  const int B = s.B, T = s.T, C = s.C, NH = s.heads, d = C / NH;
-  const std::size_t C3 = 3 * std::size_t(C);
-  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * C3, 1), s.dtype);
+  const int B = s.B, T = s.T, C = s.C, NH = s.heads, KV = s.kv_heads, d = s.d(), group = NH / KV;
+  const std::size_t W = s.W();
+  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * W, 1), s.dtype);
   const std::vector<float> host_dout = stored(pattern(std::size_t(B) * T * C, 2), s.dtype);
-  BackendTensor qkv(backend, host_qkv.size(), s.dtype);            // (B, T, 3C)
+  BackendTensor qkv(backend, host_qkv.size(), s.dtype);            // (B, T, W)
   BackendTensor out(backend, std::size_t(B) * T * C, s.dtype);     // (B, T, C)
   BackendTensor dout(backend, host_dout.size(), s.dtype);          // (B, T, C)
-  BackendTensor dqkv(backend, host_qkv.size(), s.dtype);           // (B, T, 3C)
+  BackendTensor dqkv(backend, host_qkv.size(), s.dtype);           // (B, T, W)
   BackendArray<float> saved(backend, backend.attention_saved_floats(B, T, NH));
   BackendArray<float> scratch(backend, backend.attention_scratch_floats(B, T, NH));
   qkv.upload(host_qkv);
   dout.upload(host_dout);
   dqkv.upload(pattern(host_qkv.size(), 3));  // not zeros: a backward that writes nothing is seen
-  backend.attention_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH);  // what backward reads
+  backend.attention_gqa_forward(out.get(), saved.get(), qkv.get(), B, T, C, NH, KV);  // what backward reads
 
-  backend.attention_backward(dqkv.get(), scratch.get(), dout.get(), out.get(), qkv.get(), saved.get(), B, T, C, NH);
+  backend.attention_gqa_backward(dqkv.get(), scratch.get(), dout.get(), out.get(), qkv.get(), saved.get(), B, T, C,
+                                 NH, KV);
   backend.synchronize();
   // Sample 0. Query 0 sees only key 0 (probability 1, whose softmax gradient is 0), so dq[0] = 0; key
-  // T−1 is seen only by query T−1, so dv[T−1] = P[T−1, T−1] · dout[T−1] per head, with P from the host.
+  // T−1 is seen only by query T−1, so dv[T−1] of a key/value head = Σ over its query heads h of
+  // P_h[T−1, T−1] · dout[T−1] of head h, with P from the host.
   const std::vector<float> dqkv_first = download_fp32(backend, dqkv.get(), C);
-  const std::vector<float> dqkv_last =
-      download_fp32(backend, dqkv.get() + static_cast<std::ptrdiff_t>((T - 1) * C3), C3);
-  const float* q_last = host_qkv.data() + (T - 1) * C3;
+  const std::vector<float> dqkv_last = download_fp32(backend, dqkv.get() + static_cast<std::ptrdiff_t>((T - 1) * W), W);
+  const float* q_last = host_qkv.data() + (T - 1) * W;
+  std::vector<double> dv_last(std::size_t(KV) * d, 0.0);
   for (int h = 0; h < NH; ++h) {
     std::vector<double> score(T);
     for (int t = 0; t < T; ++t) {
-      const float* k = host_qkv.data() + t * C3 + C;
+      const float* k = host_qkv.data() + t * W + C + (h / group) * d;
       double dot = 0.0;
-      for (int i = h * d; i < (h + 1) * d; ++i) dot += double(q_last[i]) * k[i];
+      for (int i = 0; i < d; ++i) dot += double(q_last[h * d + i]) * k[i];
       score[t] = dot / std::sqrt(double(d));
     }
     const double max_score = *std::max_element(score.begin(), score.end());
     double sum = 0.0;
     for (double x : score) sum += std::exp(x - max_score);
     const double p_last = std::exp(score[T - 1] - max_score) / sum;
-    for (int i = h * d; i < (h + 1) * d; ++i) {
-      std::string error = compare("dq[0, 0, " + std::to_string(i) + "]", dqkv_first[i], 0.0, 1.0, s.tolerance());
-      if (error.empty()) {
-        error = compare("dv[0, " + std::to_string(T - 1) + ", " + std::to_string(i) + "]", dqkv_last[2 * C + i],
-                        p_last * host_dout[std::size_t(T - 1) * C + i], 1.0, s.tolerance());
-      }
+    for (int i = 0; i < d; ++i) {
+      dv_last[(h / group) * d + i] += p_last * host_dout[std::size_t(T - 1) * C + h * d + i];
+      const std::string error =
+          compare("dq[0, 0, " + std::to_string(h * d + i) + "]", dqkv_first[h * d + i], 0.0, 1.0, s.tolerance());
       if (!error.empty()) return error;
     }
   }
+  for (std::size_t i = 0; i < dv_last.size(); ++i) {
+    const std::string error = compare("dv[0, " + std::to_string(T - 1) + ", " + std::to_string(i) + "]",
+                                      dqkv_last[C + KV * d + i], dv_last[i], group, s.tolerance());
+    if (!error.empty()) return error;
+  }
   time_calls(state, backend, [&] {
-    backend.attention_backward(dqkv.get(), scratch.get(), dout.get(), out.get(), qkv.get(), saved.get(), B, T, C, NH);
+    backend.attention_gqa_backward(dqkv.get(), scratch.get(), dout.get(), out.get(), qkv.get(), saved.get(), B, T, C,
+                                   NH, KV);
   });
   return "";
 }
@@ -225,6 +241,17 @@ std::string check_layernorm_row0(const Row& x, const std::vector<float>& weight,
   if (error.empty()) error = compare("rstd[0]", rstd0, r, r, kFp32Tolerance);
   for (int i = 0; i < C && error.empty(); ++i) {
     const double want = (x[i] - m) * r * weight[i] + bias[i];
+    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), tolerance);
+  }
+  return error;
+}
+
+// Row 0 of a residual add, out = a + b, against the sum in double; empty when it agrees.
+std::string check_sum_row0(const std::vector<float>& out_row0, const std::vector<float>& a, const std::vector<float>& b,
+                           int C, double tolerance) {
+  std::string error;
+  for (int i = 0; i < C && error.empty(); ++i) {
+    const double want = static_cast<double>(a[i]) + b[i];
     error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), tolerance);
   }
   return error;
@@ -278,11 +305,7 @@ std::string residual_layernorm_forward_benchmark(benchmark::State& state, Backen
   backend.synchronize();
   // Row 0 against the formula in double, on the sum as stored: out = a + b, then the LayerNorm of out.
   const std::vector<float> out_row0 = download_fp32(backend, x.get(), C);
-  std::string error;
-  for (int i = 0; i < C && error.empty(); ++i) {
-    const double want = static_cast<double>(host_a[i]) + host_b[i];
-    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), s.tolerance());
-  }
+  std::string error = check_sum_row0(out_row0, host_a, host_b, C, s.tolerance());
   if (error.empty()) {
     error = check_layernorm_row0(out_row0, host_weight, host_bias, mean.download(0), rstd.download(0),
                                  download_fp32(backend, ln_out.get(), C), C, s.tolerance());
@@ -342,6 +365,19 @@ std::string layernorm_backward_benchmark(benchmark::State& state, Backend& backe
 // The first elements of an elementwise kernel's output, checked.
 constexpr std::size_t kCheckedElements = 16;
 
+// "" when element i of `out` is want(i) to the shape's tolerance (times `scale`) for each of its first
+// kCheckedElements; else the first mismatch, named `name`[i].
+template <typename Want>
+std::string check_first_elements(Backend& backend, ConstTensorPtr out, const std::string& name, Want&& want,
+                                 double scale, const KernelShape& s) {
+  const std::vector<float> got = download_fp32(backend, out, kCheckedElements);
+  for (std::size_t i = 0; i < kCheckedElements; ++i) {
+    const std::string error = compare(name + "[" + std::to_string(i) + "]", got[i], want(i), scale, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  return "";
+}
+
 std::string gelu_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
   const std::size_t n = std::size_t(s.N()) * s.F;
   const std::vector<float> host_inp = stored(pattern(n, 1), s.dtype);
@@ -351,12 +387,9 @@ std::string gelu_forward_benchmark(benchmark::State& state, Backend& backend, co
 
   backend.gelu_forward(out.get(), inp.get(), n);
   backend.synchronize();
-  const std::vector<float> got = download_fp32(backend, out.get(), kCheckedElements);
-  for (std::size_t i = 0; i < kCheckedElements; ++i) {
-    const std::string error =
-        compare("gelu(" + std::to_string(host_inp[i]) + ")", got[i], gelu_reference(host_inp[i]), 1.0, s.tolerance());
-    if (!error.empty()) return error;
-  }
+  const std::string error = check_first_elements(
+      backend, out.get(), "out", [&](std::size_t i) { return gelu_reference(host_inp[i]); }, 1.0, s);
+  if (!error.empty()) return error;
   time_calls(state, backend, [&] { backend.gelu_forward(out.get(), inp.get(), n); });
   return "";
 }
@@ -375,12 +408,10 @@ std::string gelu_backward_benchmark(benchmark::State& state, Backend& backend, c
 
   backend.gelu_backward(dinp.get(), inp.get(), dout.get(), n);
   backend.synchronize();
-  const std::vector<float> got = download_fp32(backend, dinp.get(), kCheckedElements);
-  for (std::size_t i = 0; i < kCheckedElements; ++i) {
-    const std::string error = compare("dinp[" + std::to_string(i) + "]", got[i],
-                                      gelu_derivative_reference(host_inp[i]) * host_dout[i], 1.0, s.tolerance());
-    if (!error.empty()) return error;
-  }
+  const std::string error = check_first_elements(
+      backend, dinp.get(), "dinp",
+      [&](std::size_t i) { return gelu_derivative_reference(host_inp[i]) * host_dout[i]; }, 1.0, s);
+  if (!error.empty()) return error;
   time_calls(state, backend, [&] { backend.gelu_backward(dinp.get(), inp.get(), dout.get(), n); });
   return "";
 }
@@ -396,12 +427,9 @@ std::string add_benchmark(benchmark::State& state, Backend& backend, const Kerne
 
   backend.add(a.get(), a.get(), b.get(), n);
   backend.synchronize();
-  const std::vector<float> got = download_fp32(backend, a.get(), kCheckedElements);
-  for (std::size_t i = 0; i < kCheckedElements; ++i) {
-    const std::string error =
-        compare("out[" + std::to_string(i) + "]", got[i], double(host_a[i]) + host_b[i], 2.0, s.tolerance());
-    if (!error.empty()) return error;
-  }
+  const std::string error = check_first_elements(
+      backend, a.get(), "out", [&](std::size_t i) { return double(host_a[i]) + host_b[i]; }, 2.0, s);
+  if (!error.empty()) return error;
   // a grows by b per call: at most by one per call, far from overflow
   time_calls(state, backend, [&] { backend.add(a.get(), a.get(), b.get(), n); });
   return "";
@@ -579,6 +607,213 @@ std::string convert_benchmark(benchmark::State& state, Backend& backend, const K
   return "";
 }
 
+// ---- the Llama-style block (SPEC 2.5) ---------------------------------------------------------------
+// Row 0 of an RMSNorm against the formula in double on its input row x: x · rstd · weight, rstd =
+// 1/sqrt(mean(x²) + 1e-5); empty when it agrees.
+template <typename Row>
+std::string check_rmsnorm_row0(const Row& x, const std::vector<float>& weight, float rstd0,
+                               const std::vector<float>& out_row0, int C, double tolerance) {
+  double squares = 0.0;
+  for (int i = 0; i < C; ++i) squares += double(x[i]) * x[i];
+  const double r = 1.0 / std::sqrt(squares / C + 1e-5);
+  std::string error = compare("rstd[0]", rstd0, r, r, kFp32Tolerance);
+  for (int i = 0; i < C && error.empty(); ++i) {
+    const double want = x[i] * r * weight[i];
+    error = compare("out[0, " + std::to_string(i) + "]", out_row0[i], want, 1.0 + std::fabs(want), tolerance);
+  }
+  return error;
+}
+
+std::string rmsnorm_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int N = s.N(), C = s.C;
+  const std::vector<float> host_inp = stored(pattern(std::size_t(N) * C, 1), s.dtype);
+  const std::vector<float> host_weight = stored(pattern(C, 2), s.dtype);
+  BackendTensor inp(backend, host_inp.size(), s.dtype);   // (N, C)
+  BackendTensor weight(backend, C, s.dtype);              // (C)
+  BackendTensor out(backend, host_inp.size(), s.dtype);   // (N, C)
+  BackendArray<float> rstd(backend, N);
+  inp.upload(host_inp);
+  weight.upload(host_weight);
+
+  backend.rmsnorm_forward(out.get(), rstd.get(), inp.get(), weight.get(), N, C);
+  backend.synchronize();
+  const std::string error = check_rmsnorm_row0(host_inp, host_weight, rstd.download(0),
+                                                download_fp32(backend, out.get(), C), C, s.tolerance());
+  if (!error.empty()) return error;
+  time_calls(state, backend, [&] { backend.rmsnorm_forward(out.get(), rstd.get(), inp.get(), weight.get(), N, C); });
+  return "";
+}
+
+// The block's x_mid = x + attention and RMSNorm 2 in one call, in place as the model calls it.
+std::string residual_rmsnorm_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int N = s.N(), C = s.C;
+  const std::vector<float> host_a = stored(pattern(std::size_t(N) * C, 1), s.dtype);
+  const std::vector<float> host_b = stored(pattern(std::size_t(N) * C, 4), s.dtype);
+  const std::vector<float> host_weight = stored(pattern(C, 2), s.dtype);
+  BackendTensor x(backend, host_a.size(), s.dtype);         // (N, C): a, then out = a + b
+  BackendTensor b(backend, host_b.size(), s.dtype);         // (N, C)
+  BackendTensor weight(backend, C, s.dtype);                // (C)
+  BackendTensor norm_out(backend, host_a.size(), s.dtype);  // (N, C)
+  BackendArray<float> rstd(backend, N);
+  x.upload(host_a);
+  b.upload(host_b);
+  weight.upload(host_weight);
+
+  backend.residual_rmsnorm_forward(x.get(), norm_out.get(), rstd.get(), x.get(), b.get(), weight.get(), N, C);
+  backend.synchronize();
+  const std::vector<float> out_row0 = download_fp32(backend, x.get(), C);
+  std::string error = check_sum_row0(out_row0, host_a, host_b, C, s.tolerance());
+  if (error.empty()) {
+    error = check_rmsnorm_row0(out_row0, host_weight, rstd.download(0), download_fp32(backend, norm_out.get(), C), C,
+                               s.tolerance());
+  }
+  if (!error.empty()) return error;
+  // x grows by b per call: at most by one per call, far from overflow
+  time_calls(state, backend, [&] {
+    backend.residual_rmsnorm_forward(x.get(), norm_out.get(), rstd.get(), x.get(), b.get(), weight.get(), N, C);
+  });
+  return "";
+}
+
+std::string rmsnorm_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const int N = s.N(), C = s.C;
+  const std::size_t NC = std::size_t(N) * C;
+  const std::vector<float> host_inp = stored(pattern(NC, 1), s.dtype);
+  const std::vector<float> host_dout = stored(pattern(NC, 4), s.dtype);
+  BackendTensor inp(backend, NC, s.dtype);      // (N, C)
+  BackendTensor weight(backend, C, s.dtype);    // (C)
+  BackendTensor out(backend, NC, s.dtype);      // (N, C)
+  BackendTensor dout(backend, NC, s.dtype);     // (N, C)
+  BackendTensor dinp(backend, NC, s.dtype);     // (N, C), accumulated
+  BackendTensor dweight(backend, C, s.dtype);   // (C), accumulated
+  BackendArray<float> rstd(backend, N);
+  inp.upload(host_inp);
+  weight.upload(pattern(C, 2));
+  dout.upload(host_dout);
+  backend.zero(dinp.get().data(), NC * dtype_bytes(s.dtype));
+  backend.zero(dweight.get().data(), C * dtype_bytes(s.dtype));
+  backend.rmsnorm_forward(out.get(), rstd.get(), inp.get(), weight.get(), N, C);
+
+  backend.rmsnorm_backward(dinp.get(), dweight.get(), dout.get(), inp.get(), weight.get(), rstd.get(), N, C);
+  backend.synchronize();
+  // dweight (from zero) = Σ_n dout[n, :] · x[n, :] · rstd[n], rstd in double from the host. The gradients
+  // keep accumulating over the timed calls: their values grow by O(√N) per call, far from overflow.
+  const std::vector<float> got = download_fp32(backend, dweight.get(), C);
+  std::vector<double> r(N);
+  for (int n = 0; n < N; ++n) {
+    double squares = 0.0;
+    for (int c = 0; c < C; ++c) squares += double(host_inp[std::size_t(n) * C + c]) * host_inp[std::size_t(n) * C + c];
+    r[n] = 1.0 / std::sqrt(squares / C + 1e-5);
+  }
+  for (int c = 0; c < C; ++c) {
+    double want = 0.0, scale = 0.0;
+    for (int n = 0; n < N; ++n) {
+      const double term = double(host_dout[std::size_t(n) * C + c]) * host_inp[std::size_t(n) * C + c] * r[n];
+      want += term;
+      scale += std::fabs(term);
+    }
+    const std::string error = compare("dweight[" + std::to_string(c) + "]", got[c], want, scale, s.tolerance());
+    if (!error.empty()) return error;
+  }
+  time_calls(state, backend, [&] {
+    backend.rmsnorm_backward(dinp.get(), dweight.get(), dout.get(), inp.get(), weight.get(), rstd.get(), N, C);
+  });
+  return "";
+}
+
+// Rotary positions over the Q and K heads of a qkv buffer in one call (heads + kv_heads heads of d
+// columns, rows W apart): the model's two calls (Q, then K) at once. Positions 0..T−1; the rotation keeps
+// norms, so the timed calls, each rotating the same buffer again, stay in range.
+std::string rope_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s, bool backward) {
+  const int B = s.B, T = s.T, d = s.d(), rotated = s.heads + s.kv_heads;
+  const std::vector<float> host_qkv = stored(pattern(std::size_t(B) * T * s.W(), 1), s.dtype);
+  std::vector<int32_t> host_pos(T);
+  for (int i = 0; i < T; ++i) host_pos[i] = i;
+  BackendTensor qkv(backend, host_qkv.size(), s.dtype);  // (B, T, W)
+  BackendArray<int32_t> pos(backend, T);
+  qkv.upload(host_qkv);
+  pos.upload(host_pos);
+  auto call = [&] {
+    if (backward) {
+      backend.rope_backward(qkv.get(), s.W(), pos.get(), B, T, rotated, d, s.rope_theta);
+    } else {
+      backend.rope_forward(qkv.get(), s.W(), pos.get(), B, T, rotated, d, s.rope_theta);
+    }
+  };
+  call();
+  backend.synchronize();
+  // token 0 (position 0) unchanged; token 1's pair (0, d/2) of head 0 rotated by ±1 radian
+  const std::vector<float> got = download_fp32(backend, qkv.get(), 2 * std::size_t(s.W()));
+  std::string error;
+  for (int i = 0; i < rotated * d && error.empty(); ++i) {
+    error = compare("x[0, 0, " + std::to_string(i) + "]", got[i], host_qkv[i], 1.0, s.tolerance());
+  }
+  const double x1 = host_qkv[s.W()], x2 = host_qkv[s.W() + d / 2], sn = backward ? -std::sin(1.0) : std::sin(1.0);
+  if (error.empty()) error = compare("x[0, 1, 0]", got[s.W()], x1 * std::cos(1.0) - x2 * sn, 2.0, s.tolerance());
+  if (error.empty()) {
+    error = compare("x[0, 1, d/2]", got[s.W() + d / 2], x2 * std::cos(1.0) + x1 * sn, 2.0, s.tolerance());
+  }
+  if (!error.empty()) return error;
+  time_calls(state, backend, call);
+  return "";
+}
+std::string rope_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  return rope_benchmark(state, backend, s, false);
+}
+std::string rope_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  return rope_benchmark(state, backend, s, true);
+}
+
+double silu_reference(double g) { return g / (1.0 + std::exp(-g)); }
+
+std::string swiglu_forward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t n = std::size_t(s.N()) * s.F;
+  const std::vector<float> host_gate = stored(pattern(n, 1), s.dtype), host_up = stored(pattern(n, 2), s.dtype);
+  BackendTensor gate(backend, n, s.dtype);  // (N, F): x·gate.w
+  BackendTensor up(backend, n, s.dtype);    // (N, F): x·up.w
+  BackendTensor out(backend, n, s.dtype);   // (N, F)
+  gate.upload(host_gate);
+  up.upload(host_up);
+
+  backend.swiglu_forward(out.get(), gate.get(), up.get(), n);
+  backend.synchronize();
+  const std::string error = check_first_elements(
+      backend, out.get(), "out", [&](std::size_t i) { return silu_reference(host_gate[i]) * host_up[i]; }, 1.0, s);
+  if (!error.empty()) return error;
+  time_calls(state, backend, [&] { backend.swiglu_forward(out.get(), gate.get(), up.get(), n); });
+  return "";
+}
+
+std::string swiglu_backward_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t n = std::size_t(s.N()) * s.F;
+  const std::vector<float> host_gate = stored(pattern(n, 1), s.dtype), host_up = stored(pattern(n, 2), s.dtype);
+  const std::vector<float> host_dout = stored(pattern(n, 3), s.dtype);
+  BackendTensor gate(backend, n, s.dtype), up(backend, n, s.dtype), dout(backend, n, s.dtype);  // (N, F) each
+  // The model writes dup over dout (in place); separate outputs keep every call's input the same.
+  BackendTensor dgate(backend, n, s.dtype), dup(backend, n, s.dtype);
+  gate.upload(host_gate);
+  up.upload(host_up);
+  dout.upload(host_dout);
+
+  backend.swiglu_backward(dgate.get(), dup.get(), dout.get(), gate.get(), up.get(), n);
+  backend.synchronize();
+  std::string error = check_first_elements(
+      backend, dgate.get(), "dgate",
+      [&](std::size_t i) {
+        const double g = host_gate[i], sig = 1.0 / (1.0 + std::exp(-g));
+        return host_dout[i] * host_up[i] * sig * (1.0 + g * (1.0 - sig));
+      },
+      1.0, s);
+  if (error.empty()) {
+    error = check_first_elements(
+        backend, dup.get(), "dup", [&](std::size_t i) { return host_dout[i] * silu_reference(host_gate[i]); }, 1.0, s);
+  }
+  if (!error.empty()) return error;
+  time_calls(state, backend,
+             [&] { backend.swiglu_backward(dgate.get(), dup.get(), dout.get(), gate.get(), up.get(), n); });
+  return "";
+}
+
 // ---- registration --------------------------------------------------------------------------------
 
 using KernelBenchmark = std::string (*)(benchmark::State&, Backend&, const KernelShape&);
@@ -604,13 +839,17 @@ KernelShape kernel_shape(const std::string& preset, DType dtype) {
   s.V = m.vocab;
   s.Vp = static_cast<int>(m.padded_vocab());
   s.F = m.ffn;
+  s.kv_heads = m.kv();
+  s.llama = m.llama();
+  s.rope_theta = m.rope_theta;
   const std::vector<UnitInfo> units = gpt_units(m);
   s.params = units.back().offset + units.back().numel;  // as stored: with the vocabulary's padding
   return s;
 }
 
 // The kernels of one step at shape s. B micro-batch, T sequence, C hidden, NH heads, V vocabulary,
-// F MLP width (4C), N = B·T rows, P parameters, e bytes per element of the benchmark's dtype.
+// F MLP width (4C), N = B·T rows, P parameters, e bytes per element of the benchmark's dtype. A llama
+// preset: the kernels its block has and the gpt block has not (the rest are the gpt presets').
 std::vector<KernelCase> kernel_cases(const KernelShape& s) {
   const double B = s.B, T = s.T, C = s.C, F = s.F, N = s.N(), P = static_cast<double>(s.params), e = s.e();
   const std::string tc = "B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_C" + std::to_string(s.C);
@@ -618,6 +857,24 @@ std::vector<KernelCase> kernel_cases(const KernelShape& s) {
   const std::string params = "P" + std::to_string(s.params);
   using namespace kernel_cost;  // the formulas, with their reasons, in kernel_costs.h
   const std::string heads = "_NH" + std::to_string(s.heads);
+  if (s.llama) {
+    const std::string grouped = heads + "_KV" + std::to_string(s.kv_heads);
+    const double rotated = static_cast<double>(s.heads + s.kv_heads) * s.d();  // Q and K columns per token
+    return {
+        {"attention_forward", tc + grouped, attention_forward_flop(B, T, C), 0, attention_forward_benchmark},
+        {"attention_backward", tc + grouped, attention_backward_flop(B, T, C), 0, attention_backward_benchmark},
+        {"rmsnorm_forward", rows + std::to_string(s.C), 0, rmsnorm_forward_bytes(N, C, e), rmsnorm_forward_benchmark},
+        {"rmsnorm_backward", rows + std::to_string(s.C), 0, rmsnorm_backward_bytes(N, C, e),
+         rmsnorm_backward_benchmark},
+        {"residual_rmsnorm_forward", rows + std::to_string(s.C), 0, residual_rmsnorm_forward_bytes(N, C, e),
+         residual_rmsnorm_forward_benchmark},
+        {"rope_forward", tc + grouped, 0, rope_bytes(N, T, rotated, e), rope_forward_benchmark},
+        {"rope_backward", tc + grouped, 0, rope_bytes(N, T, rotated, e), rope_backward_benchmark},
+        {"swiglu_forward", rows + std::to_string(s.F), 0, swiglu_forward_bytes(N * F, e), swiglu_forward_benchmark},
+        {"swiglu_backward", rows + std::to_string(s.F), 0, swiglu_backward_bytes(N * F, e),
+         swiglu_backward_benchmark},
+    };
+  }
   std::vector<KernelCase> cases = {
       {"attention_forward", tc + heads, attention_forward_flop(B, T, C), 0, attention_forward_benchmark},
       {"attention_backward", tc + heads, attention_backward_flop(B, T, C), 0, attention_backward_benchmark},

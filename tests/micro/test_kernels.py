@@ -1,7 +1,8 @@
 """parabench-micro's kernel benchmarks (bench/micro/kernels.cpp): every kernel of a training step is
-registered for both model presets and both CPU dtypes, and the small preset's run on the CPU without
-errors, each with a time and its counter (GFLOP/s for attention, GB/s for the rest) equal to the cost
-formula of bench/micro/README.md over that time, and with its row in the result file's /micro/kernels.
+registered for the gpt presets and both CPU dtypes, the kernels of the Llama-style block (SPEC 2.5) for
+the llama presets, and the small and llama-tiny presets' run on the CPU without errors, each with a time
+and its counter (GFLOP/s for attention, GB/s for the rest) equal to the cost formula of
+bench/micro/README.md over that time, and with its row in the result file's /micro/kernels.
 
 Environment: PB_BIN_DIR, the folder of the built apps (default <repo>/build/bench).
 """
@@ -22,6 +23,8 @@ MICRO_BATCH = 4
 
 # SPEC section 4's presets: layers, hidden, heads, sequence, vocabulary (MLP width 4·hidden).
 PRESETS = {"small": (4, 256, 8, 128, 4096), "gpt2-124m": (12, 768, 12, 1024, 50257)}
+# SPEC 2.5's llama presets: hidden, heads, key/value heads, sequence, MLP width.
+LLAMA_PRESETS = {"llama-tiny": (64, 4, 2, 32, 192), "llama3-1b": (2048, 32, 8, 2048, 8192)}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -67,6 +70,33 @@ def kernels(preset, dtype):
             for (kernel, dims), (flop, nbytes) in costs.items()}
 
 
+def llama_kernels(preset, dtype):
+    """{name: (kernel, flop, bytes)} of a llama preset's kernels: those of its block that the gpt block has
+    not, the grouped-query attention counted as multi-head attention (the full T×T products)."""
+    C, NH, KV, T, F = LLAMA_PRESETS[preset]
+    B, e, d = MICRO_BATCH, ELEMENT_BYTES[dtype], C // NH
+    N = B * T
+    btc = f"B{B}_T{T}_C{C}_NH{NH}_KV{KV}"
+    rotated = (NH + KV) * d  # the Q and K columns of a token
+    costs = {
+        ("attention_forward", btc): (4 * B * T * T * C, 0),
+        ("attention_backward", btc): (8 * B * T * T * C, 0),
+        ("rmsnorm_forward", f"N{N}_C{C}"): (0, (2 * N * C + C) * e + 4 * N),
+        ("rmsnorm_backward", f"N{N}_C{C}"): (0, (4 * N * C + 3 * C) * e + 4 * N),
+        ("residual_rmsnorm_forward", f"N{N}_C{C}"): (0, (4 * N * C + C) * e + 4 * N),
+        ("rope_forward", btc): (0, 2 * N * rotated * e + 4 * T),
+        ("rope_backward", btc): (0, 2 * N * rotated * e + 4 * T),
+        ("swiglu_forward", f"N{N}_C{F}"): (0, 3 * N * F * e),
+        ("swiglu_backward", f"N{N}_C{F}"): (0, 5 * N * F * e),
+    }
+    return {f"kernel/cpu/{dtype}/{kernel}/{preset}/{dims}": (kernel, flop, nbytes)
+            for (kernel, dims), (flop, nbytes) in costs.items()}
+
+
+def kernels_of(preset, dtype):
+    return llama_kernels(preset, dtype) if preset in LLAMA_PRESETS else kernels(preset, dtype)
+
+
 def run(*args, cwd):
     if not MICRO.is_file():
         pytest.fail(f"{MICRO} does not exist: build it (cmake --build build --target parabench-micro) or set PB_BIN_DIR")
@@ -79,15 +109,17 @@ def run(*args, cwd):
 def test_every_kernel_registered_for_both_presets_and_dtypes(tmp_path):
     listed = {name.removesuffix("/manual_time")
               for name in run("--benchmark_list_tests", "--benchmark_filter=^kernel/cpu/", cwd=tmp_path).stdout.split()}
-    expected = {name for preset in PRESETS for dtype in ELEMENT_BYTES for name in kernels(preset, dtype)}
+    expected = {name for preset in [*PRESETS, *LLAMA_PRESETS] for dtype in ELEMENT_BYTES
+                for name in kernels_of(preset, dtype)}
     assert listed == expected
 
 
-def test_small_kernels_run_with_their_counters_and_rows(tmp_path):
+@pytest.mark.parametrize("preset", ["small", "llama-tiny"])
+def test_kernels_run_with_their_counters_and_rows(preset, tmp_path):
     out = tmp_path / "kernels.h5"
-    report = json.loads(run("--threads", "1", "--benchmark_filter=^kernel/cpu/.*/small/", "--benchmark_format=json",
+    report = json.loads(run("--threads", "1", f"--benchmark_filter=^kernel/cpu/.*/{preset}/", "--benchmark_format=json",
                             "--out", str(out), *FAST, cwd=tmp_path).stdout)
-    expected = {**kernels("small", "fp32"), **kernels("small", "bf16")}
+    expected = {**kernels_of(preset, "fp32"), **kernels_of(preset, "bf16")}
     runs = {bench["name"].removesuffix("/manual_time"): bench for bench in report["benchmarks"]}
     assert set(runs) == set(expected)
     for name, (kernel, flop, nbytes) in expected.items():
@@ -113,7 +145,7 @@ def test_small_kernels_run_with_their_counters_and_rows(tmp_path):
         kernel_col, shape_col, dims_col, error_col = text("kernel"), text("shape"), text("dims"), text("error")
         for name, (kernel, flop, nbytes) in expected.items():
             i = rows[name]
-            assert (kernel_col[i], shape_col[i], dims_col[i]) == (kernel, "small", name.split("/")[-1])
+            assert (kernel_col[i], shape_col[i], dims_col[i]) == (kernel, preset, name.split("/")[-1])
             assert error_col[i] == ""
             assert table["flop"][i] == flop and table["bytes"][i] == nbytes, name
             assert table["time_s"][i] > 0, name
