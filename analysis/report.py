@@ -12,7 +12,10 @@ a .csv beside it:
   1. a summary table per cluster and app (complete runs);
   2. the clusters side by side at equal configurations (same app, strategy, model shape, ranks,
      batch sizes, dtype, ...: every /config option but where and how the run was made), with each
-     cluster's ratio to the baseline cluster (default: the first by name);
+     cluster's ratio to the baseline cluster (default: the first by name); and their cost and energy:
+     the clusters of each such configuration ranked by tokens/s per GPU, tokens per joule (the
+     energy the runs measured, /energy) and cost per million tokens (the prices their cluster profiles
+     state, /system), each figure beside its inputs (cost_energy.csv);
   3. plots: memory by category per strategy and against micro-batch (stacked bars, measured beside
      predicted), memory per rank against sequence length for parabench-cp runs of one model at growing
      sequence length and cp (the sequence sweep), tokens/s and scaling efficiency against ranks, step
@@ -371,6 +374,7 @@ class Report:
         if self.inputs:  # else a report of --step-model alone
             self.summary()
             self.cross_cluster()
+            self.cost_and_energy()
             self.doc.heading(2, "3. Plots")
             self.memory_by_strategy()
             self.memory_by_micro_batch()
@@ -495,6 +499,88 @@ class Report:
         d.table(headers, rows, numeric=[3, 4, 5] + list(range(7, len(headers))))
         pd.DataFrame(csv).to_csv(self.out / "cross_cluster.csv", index=False)
         d.para(Markup("The same numbers, one row per configuration and cluster: `cross_cluster.csv`."))
+
+    def cost_and_energy(self):
+        """The clusters of each configuration that ran on two or more, ranked by tokens/s per GPU, tokens per
+        joule and cost per million tokens, with every input of each figure."""
+        d = self.doc
+        d.heading(3, "Cost and energy at equal configurations")
+        groups = [(key, g) for key, g in self.runs.groupby("key", sort=False) if g["cluster"].nunique() >= 2]
+        if not groups:
+            d.para("Needs a configuration with complete runs on two clusters or more.")
+            return
+        d.para("Per configuration that ran on two clusters or more, each cluster's medians over its runs. Tokens/s "
+               "per GPU: tokens/s over the run's GPUs (one per rank; none on the CPU backend). Tokens per joule: "
+               "over the energy the run measured (/energy: NVML on GPUs, RAPL for the CPU packages and DRAM; "
+               f"{DASH} where it found no counter). Cost per million tokens: the hardware's hourly price from the "
+               "cluster profile (per GPU-hour × GPUs, else per node-hour × nodes) plus, where the profile states an "
+               "electricity price and the run measured its energy, the energy's cost (price per kWh × the measured "
+               "power), over the tokens of an hour. Ranks: 1 is best (most tokens/s per GPU, most tokens per joule, "
+               "lowest cost); clusters whose prices are in different currencies get no cost rank.")
+        csv = []
+        ordered = sorted(groups, key=lambda kg: (kg[1].iloc[0]["app"], kg[1].iloc[0]["order"], kg[1].iloc[0]["model"],
+                                                 kg[1].iloc[0]["ranks"], kg[1].iloc[0]["micro_batch"]))
+        for _, g in ordered:
+            first = g.iloc[0]
+            rows = []
+            for cluster, c in g.groupby("cluster", sort=True):
+                tps = float(c["tokens_per_s"].median())
+                power = float((c["energy_j_per_step"] / c["step_time_s"]).median())
+                gpus, nodes = int(c["gpus"].iloc[0]), int(c["nodes"].iloc[0] or 1)
+                price_gpu, price_node = c["price_per_gpu_hour"].iloc[0], c["price_per_node_hour"].iloc[0]
+                price_kwh, currency = c["electricity_price_per_kwh"].iloc[0], c["currency"].iloc[0]
+                if gpus > 0 and not missing(price_gpu):
+                    hourly, hourly_text = price_gpu * gpus, f"{price_gpu:g}/GPU-h × {gpus} GPU"
+                elif not missing(price_node):
+                    hourly, hourly_text = price_node * nodes, f"{price_node:g}/node-h × {nodes} node"
+                else:
+                    hourly, hourly_text = math.nan, ""
+                if not missing(price_kwh) and not missing(power):
+                    power_cost, power_text = price_kwh * power / 1000.0, f"{price_kwh:g}/kWh × {power / 1000.0:.4g} kW"
+                else:
+                    power_cost, power_text = math.nan, ""
+                parts = [x for x in (hourly, power_cost) if not missing(x)]
+                per_hour = sum(parts) if parts else math.nan
+                cost = per_hour / (tps * 3600.0) * 1e6 if parts and tps > 0 else math.nan
+                rows.append({"cluster": cluster, "runs": len(c), "tokens_per_s": tps, "gpus": gpus, "nodes": nodes,
+                             "tokens_per_s_per_gpu": tps / gpus if gpus > 0 else math.nan,
+                             "energy_sources": ", ".join(sorted(set(" ".join(c["energy_sources"]).split()))),
+                             "power_w": power, "tokens_per_joule": float(c["tokens_per_joule"].median()),
+                             "hourly_price": hourly, "hourly_inputs": hourly_text, "electricity_per_hour": power_cost,
+                             "electricity_inputs": power_text, "cost_per_hour": per_hour,
+                             "cost_per_million_tokens": cost, "currency": currency})
+            currencies = {r["currency"] for r in rows if not missing(r["cost_per_million_tokens"])}
+            for metric, best_high, name in (("tokens_per_s_per_gpu", True, "rank_tokens_per_s_per_gpu"),
+                                            ("tokens_per_joule", True, "rank_tokens_per_joule"),
+                                            ("cost_per_million_tokens", False, "rank_cost")):
+                known = [r for r in rows if not missing(r[metric])]
+                if metric == "cost_per_million_tokens" and len(currencies) > 1:
+                    known = []
+                known.sort(key=lambda r: -r[metric] if best_high else r[metric])
+                for r in rows:
+                    r[name] = known.index(r) + 1 if r in known else math.nan
+            rows.sort(key=lambda r: (missing(r["rank_cost"]), r["rank_cost"] if not missing(r["rank_cost"]) else 0,
+                                     r["cluster"]))
+            d.para(Markup("**"), f"{first['app']} {first['strategy']}, {first['model']}, {first['ranks']} ranks, "
+                   f"micro-batch {first['micro_batch']}, global batch {first['global_batch']}, {first['dtype']}",
+                   Markup("**"))
+            rank = lambda x: DASH if missing(x) else str(int(x))
+            d.table(["cluster", "tokens/s", "GPUs", "tokens/s per GPU", "rank", "energy counters", "power W",
+                     "tokens per joule", "rank", "hourly price", "electricity", "cost per 1M tokens", "currency",
+                     "rank"],
+                    [[r["cluster"], fmt(r["tokens_per_s"], "rate"), r["gpus"], fmt(r["tokens_per_s_per_gpu"], "rate"),
+                      rank(r["rank_tokens_per_s_per_gpu"]), r["energy_sources"] or DASH, fmt(r["power_w"], "s"),
+                      fmt(r["tokens_per_joule"], "s"), rank(r["rank_tokens_per_joule"]), r["hourly_inputs"] or DASH,
+                      r["electricity_inputs"] or DASH, fmt(r["cost_per_million_tokens"], "s"), r["currency"] or DASH,
+                      rank(r["rank_cost"])] for r in rows],
+                    numeric=(1, 2, 3, 4, 6, 7, 8, 11, 13))
+            for r in rows:
+                csv.append({"app": first["app"], "strategy": first["strategy"], "model": first["model"],
+                            "ranks": first["ranks"], "micro_batch": first["micro_batch"],
+                            "global_batch": first["global_batch"], "dtype": first["dtype"], **r})
+        ranks = ("rank_tokens_per_s_per_gpu", "rank_tokens_per_joule", "rank_cost")
+        pd.DataFrame(csv).astype({r: "Int64" for r in ranks}).to_csv(self.out / "cost_energy.csv", index=False)
+        d.para(Markup("Every input and figure, one row per configuration and cluster: `cost_energy.csv`."))
 
     def memory_by_strategy(self):
         d = self.doc
@@ -1217,7 +1303,7 @@ class Output:
     here are removed again), and an earlier report there as it was. Errors end the report with one
     line on stderr, "report: error: --out DIR: <reason>", and exit code 1 (SystemExit)."""
 
-    REPORT_FILES = ("cross_cluster.csv", "report.html", "report.md")  # report.md last: it links the rest
+    REPORT_FILES = ("cost_energy.csv", "cross_cluster.csv", "report.html", "report.md")  # report.md last: it links the rest
 
     def __init__(self, path):
         self.path = Path(path)
@@ -1268,7 +1354,7 @@ class Output:
 
     def install(self):
         """Moves the staged report into DIR, replacing an earlier one: its plots/*.png and *.csv and
-        report files (cross_cluster.csv too when this report has none); nothing else there."""
+        report files (cross_cluster.csv and cost_energy.csv too when this report has none); nothing else there."""
         plots = self.path / "plots"
         try:
             plots.mkdir(exist_ok=True)

@@ -349,9 +349,17 @@ def _read(f, path):
         if "memory/measured" not in f or "memory/predicted" not in f:
             raise ResultError("status is complete but /memory/measured or /memory/predicted is missing")
     for key in ("step_time_s", "step_time_s_min", "step_time_s_max", "tokens_per_s", "tflops_per_rank", "mfu",
-                "final_loss", "moe_imbalance", "moe_dropped_fraction", "cp_attention_time_ratio"):
+                "final_loss", "moe_imbalance", "moe_dropped_fraction", "cp_attention_time_ratio",
+                "energy_j_per_step", "joules_per_token", "tokens_per_joule"):
         value = summary.get(key)
         run[key] = float(value) if value is not None else math.nan
+    # energy (SPEC 6 /energy: the sources with counters) and the profile's prices (/system; NaN: not stated)
+    run["energy_sources"] = summary.get("energy_sources", "") or ""
+    run["gpus"] = run["ranks"] if run["backend"] == "cuda" else 0
+    for key in ("price_per_gpu_hour", "price_per_node_hour", "electricity_price_per_kwh"):
+        value = system.get(key)
+        run[key] = float(value) if isinstance(value, (int, float)) else math.nan
+    run["currency"] = system.get("currency", "") or ""
     run["moe"] = read_moe(f) if config["app"] == "ep" else None
     # The layout sweep's points (jobs/lib/sweep.sh): the planner's rank and step time, from the tag.
     planned_rank = re.search(r"(?:^|\s)planned_rank=(\d+)(?:\s|$)", tag)

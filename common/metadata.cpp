@@ -6,10 +6,12 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <limits>
 #include <set>
 
 #include "common/errors.h"
@@ -166,6 +168,22 @@ int device_index_for(int local_rank, int visible_devices) {
   return visible_devices > 0 ? local_rank % visible_devices : -1;
 }
 
+namespace {
+
+// A price from the environment: NaN when unset or empty, else a number ≥ 0 (RunError, exit 2, otherwise).
+double price_from_env(const char* name) {
+  const std::string text = env_or(name, "");
+  if (text.empty()) return std::numeric_limits<double>::quiet_NaN();
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0' || !std::isfinite(value) || value < 0.0) {
+    throw RunError(kExitConfig, std::string(name) + "=" + text + " is not a price: a number ≥ 0 (the cluster profile's)");
+  }
+  return value;
+}
+
+}  // namespace
+
 SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int device_index) {
   SystemInfo s;
   s.cluster = cluster;
@@ -208,6 +226,10 @@ SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int d
   s.compiler = std::string("gcc ") + __VERSION__;
 #endif
   s.slurm_job_id = env_or("SLURM_JOB_ID", "");
+  s.price_per_gpu_hour = price_from_env("PB_PRICE_GPU_HOUR");
+  s.price_per_node_hour = price_from_env("PB_PRICE_NODE_HOUR");
+  s.electricity_price_per_kwh = price_from_env("PB_PRICE_KWH");
+  s.currency = env_or("PB_CURRENCY", "");
   s.slurm_partition = env_or("SLURM_JOB_PARTITION", "");
 
   static const char* kPrefixes[] = {"SLURM_", "NCCL_", "OMP_", "OPENBLAS_", "CUDA_VISIBLE_DEVICES="};

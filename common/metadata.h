@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,13 @@ struct SystemInfo {
   std::vector<int> local_ranks;          // per rank: its index among the ranks of its node
   std::vector<int> device_indices;       // per rank: the GPU it drives (device_index_for), -1 for none
   std::vector<std::string> environment;  // KEY=VALUE of SLURM_*, NCCL_*, OMP_*, OPENBLAS_*, CUDA_VISIBLE_DEVICES
+  // What the cluster profile says an hour of the hardware and a kWh cost (PB_PRICE_GPU_HOUR,
+  // PB_PRICE_NODE_HOUR, PB_PRICE_KWH, in PB_CURRENCY; jobs/clusters/*.env), NaN where it states none:
+  // the report's cost per million tokens.
+  double price_per_gpu_hour = std::numeric_limits<double>::quiet_NaN();
+  double price_per_node_hour = std::numeric_limits<double>::quiet_NaN();
+  double electricity_price_per_kwh = std::numeric_limits<double>::quiet_NaN();
+  std::string currency;
 };
 
 // Ranks sharing this rank's node (MPI_COMM_TYPE_SHARED) and this rank's index among them.
@@ -45,6 +53,7 @@ int device_index_for(int local_rank, int visible_devices);
 
 // Collective over `world`: gathers hostnames, local ranks and device indices (device_index: this rank's,
 // -1 for none) and counts nodes. The GPU fields stay empty: the runner fills them from the backend.
+// A price variable that is set but not a number ≥ 0 throws RunError (exit 2).
 SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int device_index = -1);
 
 // --cluster, else $PARABENCH_CLUSTER, else $SLURM_CLUSTER_NAME, else the host name.

@@ -274,7 +274,7 @@ void ResultWriter::guarded(const std::string& what, Fn&& fn) {
 }
 
 ResultWriter::ResultWriter(const ResultFileRequest& request)
-    : ranks_(request.ranks), capacity_(request.steps) {
+    : ranks_(request.ranks), capacity_(request.steps), series_(request.step_series) {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors are reported by the writer's checks
   const std::string& out = request.out;
   std::string base;
@@ -355,6 +355,13 @@ ResultWriter::ResultWriter(const ResultFileRequest& request)
         create_step_dataset(steps, "time_s", 2, capacity, static_cast<hsize_t>(ranks_), "s");
         set_scalar_attr<int64_t>(steps, "finished", H5T_NATIVE_INT64, 0);
         H5Gclose(steps);
+        for (const StepSeries& series : series_) {
+          const std::size_t slash = series.path.rfind('/');
+          hid_t parent = ensure_group(root, series.path.substr(0, slash));
+          create_step_dataset(parent, series.path.substr(slash + 1).c_str(), 2, capacity,
+                              static_cast<hsize_t>(series.columns), series.units.c_str());
+          H5Gclose(parent);
+        }
       }
     });
   } catch (...) {
@@ -443,6 +450,10 @@ void ResultWriter::write_system(const SystemInfo& s) {
   a["compiler"] = s.compiler;
   a["slurm_job_id"] = s.slurm_job_id;
   a["slurm_partition"] = s.slurm_partition;
+  a["price_per_gpu_hour"] = s.price_per_gpu_hour;
+  a["price_per_node_hour"] = s.price_per_node_hour;
+  a["electricity_price_per_kwh"] = s.electricity_price_per_kwh;
+  a["currency"] = s.currency;
   guarded("writing /system", [&](hid_t f) {
     hid_t g = ensure_group(f, "/system");
     for (const auto& [key, value] : a.items()) set_json_attr(g, key, value);
@@ -482,12 +493,27 @@ void ResultWriter::commit_header() {
                                    std::strerror(errno));
 }
 
-void ResultWriter::append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s) {
+void ResultWriter::append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s,
+                               const std::vector<std::vector<double>>& series_rows) {
   if (steps_ >= capacity_) throw RunError(kExitRuntime, "result file " + path_ + ": more steps than allocated");
+  if (series_rows.size() != series_.size()) {
+    throw std::invalid_argument("append_step: " + std::to_string(series_rows.size()) + " series rows for " +
+                                std::to_string(series_.size()) + " series");
+  }
+  for (std::size_t i = 0; i < series_.size(); ++i) {
+    if (static_cast<int64_t>(series_rows[i].size()) != series_[i].columns) {
+      throw std::invalid_argument("append_step: a row of " + std::to_string(series_rows[i].size()) + " values for " +
+                                  series_[i].path);
+    }
+  }
   guarded("writing step " + std::to_string(steps_ + 1), [&](hid_t f) {
     write_row(f, "/steps/loss", steps_, &loss, 1, 1);
     write_row(f, "/steps/grad_norm", steps_, &grad_norm, 1, 1);
     write_row(f, "/steps/time_s", steps_, rank_times_s.data(), static_cast<hsize_t>(ranks_), 2);
+    for (std::size_t i = 0; i < series_.size(); ++i) {
+      write_row(f, series_[i].path.c_str(), steps_, series_rows[i].data(), static_cast<hsize_t>(series_[i].columns),
+                2);
+    }
     hid_t g = PB_H5(H5Gopen2(f, "/steps", H5P_DEFAULT));
     set_scalar_attr<int64_t>(g, "finished", H5T_NATIVE_INT64, steps_ + 1);
     H5Gclose(g);
@@ -542,6 +568,9 @@ void ResultWriter::set_status(const std::string& status, const std::string& erro
       set_row_count(f, "/steps/loss", rows, 1);
       set_row_count(f, "/steps/grad_norm", rows, 1);
       set_row_count(f, "/steps/time_s", rows, static_cast<hsize_t>(ranks_));
+      for (const StepSeries& series : series_) {
+        set_row_count(f, series.path.c_str(), rows, static_cast<hsize_t>(series.columns));
+      }
     }
     set_string_attr(f, "status", status);
     set_string_attr(f, "error", error);

@@ -24,6 +24,14 @@ inline constexpr int kSchemaVersion = 1;
 // allocated at creation, and HDF5 chunks stay below 4 GiB.
 inline constexpr int64_t kMaxStepEntries = int64_t{1} << 27;
 
+// A per-step dataset beyond /steps: [steps, columns] of doubles at `path` ("/energy/nvml/joules"),
+// allocated with the others and written row by row by append_step.
+struct StepSeries {
+  std::string path;
+  int64_t columns = 1;
+  std::string units;
+};
+
 // Where a run writes its result file and how.
 struct ResultFileRequest {
   std::string out;       // a directory (a name <app>_<cluster>_<UTC time>_<job id>.h5 is made in it) or a .h5 path
@@ -31,6 +39,7 @@ struct ResultFileRequest {
   int ranks = 1;
   int64_t steps = 1;     // per-step datasets are allocated for this many steps (0: no per-step datasets)
   bool overwrite = false;  // an explicit .h5 path that exists may be replaced (not one a running run holds)
+  std::vector<StepSeries> step_series;  // more per-step datasets (only with steps > 0)
 };
 
 class ResultWriter {
@@ -54,8 +63,10 @@ class ResultWriter {
   // run writes (summary, memory, communication), so that a disk that fills during the run still takes
   // them. Throws RunError (disk full) before step 1.
   void commit_header();
-  // Appends one step: loss, grad_norm and each rank's wall time; flushes the file.
-  void append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s);
+  // Appends one step: loss, grad_norm, each rank's wall time and a row of each of the request's
+  // step_series (in its order, `columns` values each); flushes the file.
+  void append_step(double loss, double grad_norm, const std::vector<double>& rank_times_s,
+                   const std::vector<std::vector<double>>& series_rows = {});
   // Attributes of a group ("/summary"): numbers and strings.
   void write_attributes(const std::string& group, const nlohmann::ordered_json& attrs);
   // A [ranks] dataset with units, creating parent groups ("/memory/measured/parameters"); or of the
@@ -93,6 +104,7 @@ class ResultWriter {
   bool reserved_ = false;  // room past the end was reserved
   int ranks_;
   int64_t capacity_;     // steps the per-step datasets were allocated for
+  std::vector<StepSeries> series_;
   int64_t steps_ = 0;
   bool broken_ = false;
 };

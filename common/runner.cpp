@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "common/data.h"
+#include "common/energy.h"
 #include "common/errors.h"
 #include "common/metadata.h"
 #include "common/mpi_communicator.h"
@@ -387,6 +388,42 @@ void write_dump(const Options& opt, const AppOptions& app_options, const GptMode
   write_gradient_dump(opt.dump_gradients, dump);
 }
 
+// /energy/<source> of the result file: what each source reads, per column who reads it (−1: nobody)
+// and what; a source without a counter says why (its joules dataset is absent).
+void write_energy_sources(ResultWriter& writer, const std::vector<EnergySource>& sources) {
+  for (const EnergySource& s : sources) {
+    const std::string group = "/energy/" + s.name;
+    writer.write_attributes(group, {{"counter", s.counter},
+                                    {"columns", s.columns},
+                                    {"available", static_cast<int64_t>(s.available ? 1 : 0)},
+                                    {"reason", s.reason}});
+    std::vector<int64_t> read_by(s.read_by.begin(), s.read_by.end());
+    writer.write_i64(group + "/read_by", read_by, "1");
+    writer.write_strings(group + "/detail", s.detail);
+  }
+}
+
+// The energy lines of rank 0's summary.
+void print_energy(const std::vector<EnergySource>& sources, const nlohmann::ordered_json& e) {
+  if (e["energy_sources"].get<std::string>().empty()) {
+    std::printf("  %-22s", "energy");
+    for (const EnergySource& s : sources) std::printf(" %s: %s;", s.name.c_str(), s.reason.c_str());
+    std::printf("\n");
+    return;
+  }
+  std::printf("  %-22s %12.4f   (%s)\n", "energy per step (J)", e["energy_j_per_step"].get<double>(),
+              e["energy_sources"].get<std::string>().c_str());
+  for (const EnergySource& s : sources) {
+    if (!s.available) continue;
+    const std::string label = "power per " + std::string(s.name == "nvml" ? "GPU" : "node CPU") + " (W)";
+    std::printf("  %-22s %12.2f   (%s, %lld device(s))\n", label.c_str(),
+                e["power_" + s.name + "_w_per_device"].get<double>(), s.name.c_str(),
+                static_cast<long long>(e[s.name + "_devices"].get<int64_t>()));
+  }
+  std::printf("  %-22s %12.4g\n", "joules per token", e["joules_per_token"].get<double>());
+  std::printf("  %-22s %12.4g\n", "tokens per joule", e["tokens_per_joule"].get<double>());
+}
+
 // Every rank ends with rank 0's exit code, which can still change while rank 0 writes the summary.
 int rank0_exit_code(MpiCommunicator& world, int exit_code) {
   double code = world.rank() == 0 ? exit_code : -1.0;
@@ -490,6 +527,19 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     if (lead) std::fprintf(stderr, "parabench-%s: warning (--no-memory-check): %s\n", opt.app.c_str(), does_not_fit.c_str());
   }
 
+  // ---- the energy counters (common/energy.h): who reads which -------------------------------------
+  std::string gpu_bus_id;
+#ifdef PB_WITH_CUDA
+  if (device_index >= 0) gpu_bus_id = cuda_device_pci_bus_id(device_index);
+#endif
+  EnergyMeter energy(world, sys.hostnames, sys.local_ranks, gpu_bus_id, powercap_root());
+  std::vector<StepSeries> energy_series;
+  for (const EnergySource& source : energy.sources()) {
+    if (source.available) {
+      energy_series.push_back({"/energy/" + source.name + "/joules", static_cast<int64_t>(source.read_by.size()), "J"});
+    }
+  }
+
   // ---- the outputs of rank 0, created and checked before any step; every rank learns the verdict -----
   std::shared_ptr<ResultWriter> writer;
   std::unique_ptr<OutputFile> json_log, trace_file;
@@ -497,12 +547,13 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   int create_code = kExitComplete;
   if (lead) {
     try {
-      writer = std::make_shared<ResultWriter>(
-          ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size, opt.steps, opt.overwrite});
+      writer = std::make_shared<ResultWriter>(ResultFileRequest{opt.out, opt.app, opt.cluster, opt.world_size,
+                                                                opt.steps, opt.overwrite, energy_series});
       nlohmann::ordered_json config = describe_options(opt, app.options);
       config["padded_vocab"] = opt.model.padded_vocab(layout.tp);  // as embed.tok and head.w are stored
       writer->write_config(describe_precision(config, precision_of(opt), *backend), opt.argv);
       writer->write_system(sys);
+      write_energy_sources(*writer, energy.sources());
       writer->commit_header();
       json_log = std::make_unique<OutputFile>(
           "--json-log", opt.json_log,
@@ -545,6 +596,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const int b = opt.micro_batch, S = opt.model.seq;
   const float loss_scale = 1.0f / (static_cast<float>(opt.global_batch) * S);  // mean over G·S tokens
   std::vector<StepRecord> records;
+  std::vector<std::vector<std::vector<double>>> energy_rows(energy.sources().size());  // [source][step][column]
   std::vector<float> step0_grads;
   std::vector<double> dump_losses, dump_norms;
   std::string status = "complete", error;
@@ -555,6 +607,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     const double t_arrive = wall_time_s();
     world.barrier();  // steps start together, so a rank's time is its own work and waiting
     const double t0 = wall_time_s();
+    energy.start();
     trace.span(TraceTrack::idle, "step barrier", t_arrive, t0);
     const std::uint64_t waits_before = backend->host_waits();
     strategy->zero_grads();
@@ -596,11 +649,25 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     backend->synchronize();
     trace.span(TraceTrack::compute, "optimizer", t_opt, wall_time_s());
     const double elapsed = wall_time_s() - t0;
+    const std::vector<double> joules = energy.stop();
 
     StepRecord rec{loss, grad_norm, 0.0, std::vector<double>(opt.world_size),
                    static_cast<double>(backend->host_waits() - waits_before)};
-    world.all_gather_host(&elapsed, rec.rank_times.data(), sizeof(double));
+    // each rank's time and the joules of the counters it reads, in one message
+    std::vector<double> mine{elapsed};
+    mine.insert(mine.end(), joules.begin(), joules.end());
+    std::vector<double> all(mine.size() * opt.world_size);
+    world.all_gather_host(mine.data(), all.data(), mine.size() * sizeof(double));
+    for (int r = 0; r < opt.world_size; ++r) rec.rank_times[r] = all[r * mine.size()];
     rec.time_max_s = *std::max_element(rec.rank_times.begin(), rec.rank_times.end());
+    std::vector<std::vector<double>> series_rows;  // the sources with counters, as energy_series
+    for (std::size_t src = 0; src < energy.sources().size(); ++src) {
+      const EnergySource& source = energy.sources()[src];
+      std::vector<double> row;
+      for (int reader : source.read_by) row.push_back(reader >= 0 ? all[reader * mine.size() + 1 + src] : std::nan(""));
+      energy_rows[src].push_back(row);
+      if (source.available) series_rows.push_back(row);
+    }
     double maxima[2] = {static_cast<double>(backend->tracker().snapshot().peak_total), rec.host_waits};
     world.all_reduce_host(maxima, 2, HostReduce::max);
     const double peak = maxima[0];
@@ -609,7 +676,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 
     if (lead) {
       try {
-        writer->append_step(loss, grad_norm, rec.rank_times);
+        writer->append_step(loss, grad_norm, rec.rank_times, series_rows);
       } catch (const RunError& e) {
         if (write_error.empty()) write_error = e.what();
       }
@@ -658,18 +725,20 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   }
 
   // ---- summary over the measured steps (after warm-up; all finished steps if fewer) ---------------
-  std::vector<double> measured;
-  double host_waits = 0.0;  // the most in a measured step
+  std::vector<int> measured_steps;
   for (std::size_t i = 0; i < records.size(); ++i) {
-    if (static_cast<int>(i) < opt.warmup) continue;
+    if (static_cast<int>(i) >= opt.warmup) measured_steps.push_back(static_cast<int>(i));
+  }
+  if (measured_steps.empty()) {
+    for (std::size_t i = 0; i < records.size(); ++i) measured_steps.push_back(static_cast<int>(i));
+  }
+  std::vector<double> measured;
+  std::vector<std::vector<double>> rank_times;
+  double host_waits = 0.0;  // the most in a measured step
+  for (const StepRecord& r : records) rank_times.push_back(r.rank_times);
+  for (int i : measured_steps) {
     measured.push_back(records[i].time_max_s);
     host_waits = std::max(host_waits, records[i].host_waits);
-  }
-  if (measured.empty()) {
-    for (const StepRecord& r : records) {
-      measured.push_back(r.time_max_s);
-      host_waits = std::max(host_waits, r.host_waits);
-    }
   }
   const double step_time = median(measured);
   const double tokens_per_s = opt.tokens_per_step() / step_time;
@@ -759,6 +828,9 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   summary["deterministic"] = static_cast<int64_t>(1.0 - nondeterministic);
   summary["final_loss"] = records.empty() ? std::nan("") : records.back().loss;
   summary["final_param_norm"] = final_param_norm;
+  const nlohmann::ordered_json energy_figures =
+      energy_summary(energy.sources(), energy_rows, rank_times, measured_steps, static_cast<double>(opt.tokens_per_step()));
+  for (const auto& [key, value] : energy_figures.items()) summary[key] = value;
   nlohmann::ordered_json strategy_summary = nlohmann::ordered_json::object();
   strategy->summary_attributes(strategy_summary);
   for (const auto& [key, value] : strategy_summary.items()) summary[key] = value;
@@ -828,6 +900,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     std::printf("  %-22s %12.4f\n", "TFLOP/s per rank", tflops_per_rank);
     std::printf("  %-22s %12.4f\n", "MFU", mfu);
     std::printf("  %-22s %12.6f\n", "final loss", summary["final_loss"].get<double>());
+    print_energy(energy.sources(), energy_figures);
     for (const auto& [key, value] : strategy_summary.items()) {
       if (value.is_number()) std::printf("  %-22s %12.4f\n", key.c_str(), value.get<double>());
     }

@@ -277,7 +277,7 @@ int run(int argc, char** argv) {
   int code = pb::kExitComplete;
   if (lead && !listing) {
     try {
-      writer = std::make_unique<pb::ResultWriter>(pb::ResultFileRequest{o.out, "micro", o.cluster, size, 0, o.overwrite});
+      writer = std::make_unique<pb::ResultWriter>(pb::ResultFileRequest{o.out, "micro", o.cluster, size, 0, o.overwrite, {}});
       nlohmann::ordered_json config;
       config["app"] = "micro";
       config["world_size"] = size;

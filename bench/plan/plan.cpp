@@ -819,6 +819,9 @@ PlanResult evaluate(const PlanConfig& c) {
   r.exposed_comm_s = r.step_s - pipeline_s;
   r.tokens_per_s = static_cast<double>(c.global_batch) * m.arch.seq / r.step_s;
   r.mfu = r.model_flops_per_step / (r.step_s * c.ranks * c.peak_tflops * 1e12);
+  // Energy: every rank's device at --power-w for the whole step (a measured run's /summary power per device).
+  r.energy_j_per_step = c.power_w > 0 ? c.power_w * c.ranks * r.step_s : std::nan("");
+  r.joules_per_token = r.energy_j_per_step / r.tokens_per_s / r.step_s;
   return r;
 }
 

@@ -80,6 +80,7 @@ struct PlanConfig {
   double mfu = 0.4;           // assumed model-FLOPs utilisation
   double link_gbps = 0;       // > 0: every collective runs at this rate (--link-gbps)
   double gpu_memory_gib = 0;  // > 0: check the fit (--gpu-memory)
+  double power_w = 0;         // > 0: a device's (a rank's) average power during a step (--power-w): the energy
   // --calibration: a parabench-micro result whose measured rates time the step (else the peaks above).
   std::shared_ptr<const Calibration> calibration;
   // The sweep values that made this plan from the base command line, as KEY=VALUE.
@@ -146,6 +147,8 @@ struct PlanResult {
   double model_flops_per_step = 0;       // SPEC 6, generalised (model_flops_per_step below)
   double hardware_flops_per_step = 0;    // + what recomputation runs again (recompute_flops_per_step)
   double compute_s = 0, comm_s = 0, step_s = 0, tokens_per_s = 0;
+  // With --power-w: power_w × ranks × step_s, and per token; NaN without it.
+  double energy_j_per_step = 0, joules_per_token = 0;
   double blocking_comm_s = 0;            // the part of comm_s that no compute hides (tp's, ep's, cp's
                                          // collectives; cp ring: less what hides behind block attention)
   // pp: compute_s is the busiest stage's; the schedule leaves it idle bubble_fraction of the pipeline's

@@ -56,7 +56,7 @@ struct RawOptions {
   int64_t global_batch = 0;
   std::string recompute = "none", dtype, grad_dtype = "fp32", backend = "cuda";
   std::string gpu = "h100";
-  double peak_tflops = 0, mfu = 0.4, link_gbps = 0, gpu_memory = 0;
+  double peak_tflops = 0, mfu = 0.4, link_gbps = 0, gpu_memory = 0, power_w = 0;
   std::string calibration;    // a parabench-micro result file
   std::vector<std::string> sweep;
   std::string format = "table";
@@ -163,6 +163,9 @@ std::unique_ptr<CLI::App> make_cli(RawOptions& r) {
   cli->add_option("--link-gbps", r.link_gbps,
                   "per-rank bus bandwidth in Gbit/s for every collective (default: NVLink inside a node, the NIC across)");
   cli->add_option("--gpu-memory", r.gpu_memory, "GiB per GPU: check that peak_total fits");
+  cli->add_option("--power-w", r.power_w,
+                  "a device's average power during a step in W (a run's /summary power_nvml_w_per_device): the "
+                  "energy per step and per token beside the step time");
   cli->add_option("--calibration", r.calibration,
                   "a parabench-micro result file (.h5): time the step from its measured kernels and collectives "
                   "instead of --gpu's peaks and links (--app dp, fsdp, tp, pp, hybrid at cp 1)");
@@ -433,6 +436,8 @@ PlanConfig resolve(const CLI::App& cli, const RawOptions& r, const std::shared_p
   c.link_gbps = given("--link-gbps") ? r.link_gbps : 0.0;
   if (given("--gpu-memory")) require_positive_real("--gpu-memory", r.gpu_memory);
   c.gpu_memory_gib = given("--gpu-memory") ? r.gpu_memory : 0.0;
+  if (given("--power-w")) require_positive_real("--power-w", r.power_w);
+  c.power_w = given("--power-w") ? r.power_w : 0.0;
 
   // ---- an app planned from its own definition: its rules on the plan; its options as it describes them ----
   if (definition) {

@@ -343,6 +343,12 @@ std::string time_text(const PlanResult& r) {
   out += "  breakdown      compute " + seconds(r.compute_s) + " + exposed communication " + seconds(r.exposed_comm_s) +
          " + bubble " + seconds(r.bubble_s) + " = step " + seconds(r.step_s) + "; " +
          printf_string("%.4g", r.tokens_per_s) + " tokens/s; MFU " + mfu_text(r.mfu) + "\n";
+  if (c.power_w > 0) {
+    out += "  energy         " + printf_string("%.4g", r.energy_j_per_step) + " J per step (" +
+           printf_string("%g", c.power_w) + " W × " + std::to_string(c.ranks) + " devices × step " + seconds(r.step_s) +
+           "), " + printf_string("%.4g", r.joules_per_token) + " J per token, " +
+           printf_string("%.4g", 1.0 / r.joules_per_token) + " tokens per joule\n";
+  }
   return out;
 }
 
@@ -581,7 +587,8 @@ std::string render_csv(const std::vector<PlanResult>& results) {
                            "gpu_memory_bytes", "fits", "excess_bytes", "model_flops_per_step", "hardware_flops_per_step",
                            "peak_tflops", "mfu",
                            "compute_s", "comm_s", "blocking_comm_s", "step_s", "tokens_per_s", "time_source",
-                           "bubble_fraction", "bubble_s", "exposed_comm_s", "model_flops_utilization"}) {
+                           "bubble_fraction", "bubble_s", "exposed_comm_s", "model_flops_utilization", "power_w",
+                           "energy_j_per_step", "joules_per_token"}) {
     head.push_back(name);
   }
   std::ostringstream out;
@@ -628,6 +635,9 @@ std::string render_csv(const std::vector<PlanResult>& results) {
     row.push_back(number(r.has_time ? r.bubble_s : nan));
     row.push_back(number(r.has_time ? r.exposed_comm_s : nan));
     row.push_back(number(r.has_time ? r.mfu : nan));
+    row.push_back(number(c.power_w > 0 ? c.power_w : nan));
+    row.push_back(number(r.has_time ? r.energy_j_per_step : nan));
+    row.push_back(number(r.has_time ? r.joules_per_token : nan));
     for (std::size_t i = 0; i < row.size(); ++i) out << (i ? "," : "") << row[i];
     out << "\n";
   }
@@ -715,6 +725,13 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
                             {"overlap", c.overlap},
                             {"step_s", r.step_s},
                             {"tokens_per_s", r.tokens_per_s},
+                            {"power_w", c.power_w > 0 ? nlohmann::ordered_json(c.power_w) : nlohmann::ordered_json(nullptr)},
+                            {"energy_j_per_step", std::isfinite(r.energy_j_per_step)
+                                                      ? nlohmann::ordered_json(r.energy_j_per_step)
+                                                      : nlohmann::ordered_json(nullptr)},
+                            {"joules_per_token", std::isfinite(r.joules_per_token)
+                                                     ? nlohmann::ordered_json(r.joules_per_token)
+                                                     : nlohmann::ordered_json(nullptr)},
                             {"model_flops_utilization", std::isfinite(r.mfu) ? nlohmann::ordered_json(r.mfu)
                                                                              : nlohmann::ordered_json(nullptr)},
                             {"collectives", comm},

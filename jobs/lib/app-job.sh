@@ -52,6 +52,10 @@ fi
 cp "$profile" "$out/cluster.env"
 
 export HDF5_USE_FILE_LOCKING=FALSE  # parallel file systems often lack POSIX locks
+# The profile's prices reach the ranks, which record them in /system (the report's cost per million tokens).
+for var in PB_PRICE_GPU_HOUR PB_PRICE_NODE_HOUR PB_PRICE_KWH PB_CURRENCY; do
+  if [[ -n ${!var:-} ]]; then export "${var?}"; fi
+done
 if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
   export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun no longer inherits it from sbatch
 fi

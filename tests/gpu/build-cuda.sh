@@ -33,3 +33,21 @@ fi
 cmake --build --preset cuda -j "$(nproc)"
 cmake --preset cuda-nocudnn "${arch[@]}" >/dev/null
 cmake --build --preset cuda-nocudnn -j "$(nproc)" --target parabench-dp
+
+# The CUDA build's app runs where no GPU is (on the CPU backend), and its energy record says that no rank
+# drives a GPU: no NVML counter, not a zero (common/energy.h).
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+HDF5_USE_FILE_LOCKING=FALSE mpiexec -n 1 build-cuda/bench/dp/parabench-dp --model tiny --steps 3 --quiet \
+  --out "$work/nvml.h5" >/dev/null
+HDF5_USE_FILE_LOCKING=FALSE /usr/bin/python3 - "$work/nvml.h5" <<'PY'
+import sys
+
+import h5py
+
+with h5py.File(sys.argv[1], "r") as f:
+    nvml = f["energy/nvml"].attrs
+    assert nvml["available"] == 0 and nvml["reason"].startswith("no counter: "), dict(nvml)
+    assert "energy/nvml/joules" not in f
+    print("cuda build without a GPU: /energy/nvml says", nvml["reason"])
+PY

@@ -215,3 +215,20 @@ def test_llama_bf16_attention_implementations(attention, cached_run, llama_basel
                                "--attention", attention], timeout=120)
     assert run["status"] == "complete", run["command"]
     np.testing.assert_allclose(run["loss"], llama_baseline["loss"], rtol=1e-2, err_msg=run["command"])
+
+
+def test_gpu_energy_from_nvml_is_between_idle_and_the_boards_limit(cached_run):
+    """/energy/nvml on the GPU (common/energy.h): the rank's GPU read through NVML every step, and its
+    average power over the measured steps above an idle board's (50 W) and at most its power limit."""
+    import subprocess
+
+    run = cached_run("dp", 1, [*FP32, "--comm", "nccl", "--micro-batch", "8"], timeout=120)
+    with h5py.File(run["path"], "r") as f:
+        nvml = f["energy/nvml"].attrs
+        assert nvml["available"] == 1, dict(nvml)
+        joules = f["energy/nvml/joules"][()]
+        power = float(f["summary"].attrs["power_nvml_w_per_device"])
+    assert joules.shape == (6, 1) and np.all(joules[1:] > 0)
+    limit = float(subprocess.run(["nvidia-smi", "--query-gpu=power.limit", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, check=True).stdout.split()[0])
+    assert 50.0 < power <= limit * 1.05, (power, limit)

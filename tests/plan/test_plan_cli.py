@@ -764,6 +764,27 @@ def test_calibration_with_peak_gives_mfu(tmp_path):
     assert t["model_flops_utilization"] == pytest.approx(t["model_flops_per_step"] / (t["step_s"] * 0.1e12))
 
 
+def test_power_gives_energy_per_step_beside_the_calibrated_step_time(tmp_path):
+    """--power-w: every rank's device at that power for the whole step, as a measured run's /summary power
+    per device; the energy per step and per token in every format, nothing without it."""
+    cal = tmp_path / "micro.h5"
+    write_calibration(cal)
+    args = [*SMALL_MB4, "--app", "dp", "--gpus", 2, "--calibration", cal]
+    (p,) = json_plans(*args, "--power-w", 350)
+    t = p["time_estimate"]
+    tokens_per_step = t["tokens_per_s"] * t["step_s"]
+    assert t["power_w"] == 350
+    assert t["energy_j_per_step"] == pytest.approx(350 * 2 * t["step_s"], rel=1e-12)
+    assert t["joules_per_token"] == pytest.approx(t["energy_j_per_step"] / tokens_per_step, rel=1e-12)
+    (row,) = csv_rows(*args, "--power-w", 350)
+    assert float(row["energy_j_per_step"]) == pytest.approx(t["energy_j_per_step"], rel=1e-5)
+    assert f"(350 W × 2 devices × step" in ok(*args, "--power-w", 350).stdout
+    (plain,) = json_plans(*args)
+    assert plain["time_estimate"]["energy_j_per_step"] is None and plain["time_estimate"]["power_w"] is None
+    bad = plan(*args, "--power-w", 0)
+    assert bad.returncode == 2 and "--power-w" in bad.stderr
+
+
 def test_calibration_default_rate_for_a_missing_memory_bound_kernel_warns(tmp_path):
     cal = tmp_path / "micro.h5"
     write_calibration(cal, drop_kernels=("add",))
