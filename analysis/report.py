@@ -90,6 +90,12 @@ def missing(x):
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
+def known_median(series):
+    """The median of a column's known values; NaN (and no warning) when none is known."""
+    known = series.dropna()
+    return float(known.median()) if len(known) else math.nan
+
+
 def fmt(x, kind):
     if missing(x):
         return DASH
@@ -524,8 +530,8 @@ class Report:
             first = g.iloc[0]
             rows = []
             for cluster, c in g.groupby("cluster", sort=True):
-                tps = float(c["tokens_per_s"].median())
-                power = float((c["energy_j_per_step"] / c["step_time_s"]).median())
+                tps = known_median(c["tokens_per_s"])
+                power = known_median(c["energy_j_per_step"] / c["step_time_s"])
                 gpus, nodes = int(c["gpus"].iloc[0]), int(c["nodes"].iloc[0] or 1)
                 price_gpu, price_node = c["price_per_gpu_hour"].iloc[0], c["price_per_node_hour"].iloc[0]
                 price_kwh, currency = c["electricity_price_per_kwh"].iloc[0], c["currency"].iloc[0]
@@ -545,7 +551,7 @@ class Report:
                 rows.append({"cluster": cluster, "runs": len(c), "tokens_per_s": tps, "gpus": gpus, "nodes": nodes,
                              "tokens_per_s_per_gpu": tps / gpus if gpus > 0 else math.nan,
                              "energy_sources": ", ".join(sorted(set(" ".join(c["energy_sources"]).split()))),
-                             "power_w": power, "tokens_per_joule": float(c["tokens_per_joule"].median()),
+                             "power_w": power, "tokens_per_joule": known_median(c["tokens_per_joule"]),
                              "hourly_price": hourly, "hourly_inputs": hourly_text, "electricity_per_hour": power_cost,
                              "electricity_inputs": power_text, "cost_per_hour": per_hour,
                              "cost_per_million_tokens": cost, "currency": currency})
