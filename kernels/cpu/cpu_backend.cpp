@@ -219,24 +219,20 @@ void swiglu_backward_kernel(T* dgate, T* dup, const T* dout, const T* gate, cons
 // every sum in the same order; a bf16 output is summed in fp32 scratch and rounded once.
 
 // One (sample, head) of the forward: q, k, v (S, d) rows `in_stride` apart; P (S, S) the probabilities;
-// o (S, d) rows `o_stride` apart, overwritten.
+// o (S, d) rows `o_stride` apart, overwritten. The two products are sgemm calls (scores = q·kᵀ/√d over
+// every (query, key) pair, then o = P·v), the causal softmax a vectorised pass over each row's keys 0..t
+// between them: blocked products rather than a dot product per (query, key), at the price of the masked
+// half of the scores. Inside the backend's parallel loop over heads each call runs on its thread alone
+// (OpenBLAS does not nest threads), so the sums do not depend on the thread count.
 inline void attention_head_forward(float* o, std::size_t o_stride, float* P, const float* q, const float* k,
                                    const float* v, std::size_t in_stride, int S, int d, float scale) {
+  const int ld = static_cast<int>(in_stride);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, d, scale, q, ld, k, ld, 0.0f, P, S);
   for (int t = 0; t < S; ++t) {
-    const float* qt = q + t * in_stride;
     float* Pt = P + static_cast<std::size_t>(t) * S;
-    // scores of query t against keys 0..t, and their max
     float maxv = -INFINITY;
-    for (int t2 = 0; t2 <= t; ++t2) {
-      const float* kt = k + t2 * in_stride;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < d; ++i) dot += qt[i] * kt[i];
-      dot *= scale;
-      Pt[t2] = dot;
-      maxv = std::max(maxv, dot);
-    }
-    // softmax over 0..t; the masked part of the row is zero
+#pragma omp simd reduction(max : maxv)
+    for (int t2 = 0; t2 <= t; ++t2) maxv = std::max(maxv, Pt[t2]);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int t2 = 0; t2 <= t; ++t2) {
@@ -244,58 +240,36 @@ inline void attention_head_forward(float* o, std::size_t o_stride, float* P, con
       sum += Pt[t2];
     }
     const float inv = 1.0f / sum;
+#pragma omp simd
     for (int t2 = 0; t2 <= t; ++t2) Pt[t2] *= inv;
-    for (int t2 = t + 1; t2 < S; ++t2) Pt[t2] = 0.0f;
-    // o_t = Σ P[t, t2] · v_t2
-    float* ot = o + static_cast<std::size_t>(t) * o_stride;
-    for (int i = 0; i < d; ++i) ot[i] = 0.0f;
-    for (int t2 = 0; t2 <= t; ++t2) {
-      const float p = Pt[t2];
-      const float* vt = v + t2 * in_stride;
-      for (int i = 0; i < d; ++i) ot[i] += p * vt[i];
-    }
+    for (int t2 = t + 1; t2 < S; ++t2) Pt[t2] = 0.0f;  // the masked part of the row
   }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, d, S, 1.0f, P, S, v, ld, 0.0f, o,
+              static_cast<int>(o_stride));
 }
 
-// One (sample, head) of the backward: dq, dk, dv (S, d) rows `g_stride` apart, accumulated (zero on entry);
-// dS (S, S) scratch; dO (S, d) rows `do_stride` apart; q, k, v as the forward's.
+// One (sample, head) of the backward: dq, dk, dv (S, d) rows `g_stride` apart, accumulated; dS (S, S)
+// scratch; dO (S, d) rows `do_stride` apart; q, k, v as the forward's. Four sgemm calls around the
+// softmax's backward: dv += Pᵀ·dO, dP = dO·vᵀ, dScore = P ∘ (dP − Σ P·dP) / √d (0 above the diagonal),
+// dq += dScore·k, dk += dScoreᵀ·q.
 inline void attention_head_backward(float* dq, float* dk, float* dv, std::size_t g_stride, float* dS, const float* P,
                                     const float* dO, std::size_t do_stride, const float* q, const float* k,
                                     const float* v, std::size_t in_stride, int S, int d, float scale) {
+  const int ld = static_cast<int>(in_stride), lg = static_cast<int>(g_stride), ldo = static_cast<int>(do_stride);
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, d, S, 1.0f, P, S, dO, ldo, 1.0f, dv, lg);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, d, 1.0f, dO, ldo, v, ld, 0.0f, dS, S);
   for (int t = 0; t < S; ++t) {
     const float* Pt = P + static_cast<std::size_t>(t) * S;
-    const float* dot_ = dO + static_cast<std::size_t>(t) * do_stride;
     float* dSt = dS + static_cast<std::size_t>(t) * S;
-    // dP[t, t2] = dO_t · v_t2 ;  dV_t2 += P[t, t2] · dO_t
-    for (int t2 = 0; t2 <= t; ++t2) {
-      const float* vt = v + t2 * in_stride;
-      float* dvt = dv + t2 * g_stride;
-      float dp = 0.0f;
-#pragma omp simd reduction(+ : dp)
-      for (int i = 0; i < d; ++i) {
-        dp += dot_[i] * vt[i];
-        dvt[i] += Pt[t2] * dot_[i];
-      }
-      dSt[t2] = dp;
-    }
-    // softmax backward: dScore = P · (dP − Σ P·dP), times the 1/sqrt(d) scale
     float pdp = 0.0f;
 #pragma omp simd reduction(+ : pdp)
     for (int t2 = 0; t2 <= t; ++t2) pdp += Pt[t2] * dSt[t2];
+#pragma omp simd
     for (int t2 = 0; t2 <= t; ++t2) dSt[t2] = Pt[t2] * (dSt[t2] - pdp) * scale;
-    // dQ_t = Σ dScore[t, t2] k_t2 ;  dK_t2 += dScore[t, t2] q_t
-    const float* qt = q + t * in_stride;
-    float* dqt = dq + t * g_stride;
-    for (int t2 = 0; t2 <= t; ++t2) {
-      const float* kt = k + t2 * in_stride;
-      float* dkt = dk + t2 * g_stride;
-      const float g = dSt[t2];
-      for (int i = 0; i < d; ++i) {
-        dqt[i] += g * kt[i];
-        dkt[i] += g * qt[i];
-      }
-    }
+    for (int t2 = t + 1; t2 < S; ++t2) dSt[t2] = 0.0f;
   }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, d, S, 1.0f, dS, S, k, ld, 1.0f, dq, lg);
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, d, S, 1.0f, dS, S, q, ld, 1.0f, dk, lg);
 }
 
 // dst (S, parts·d, rows parts·d apart) = the `parts` column blocks of d (`part_stride` apart, from src) of
@@ -658,16 +632,23 @@ void cross_entropy_finish_kernel(T* logits, double* loss_sum, const int32_t* tar
 
 template <typename T>
 double sum_squares_kernel(const T* x, std::size_t n) {
-  // Fixed chunks summed in order, so the result does not depend on the thread count.
+  // Fixed chunks summed in order, so the result does not depend on the thread count. Within a chunk, 8
+  // independent lanes (element i in lane i mod 8, then the lanes pairwise): one add chain was bound by the
+  // latency of a double add, a quarter of the memory's rate; the lanes vectorise.
   constexpr std::size_t kChunk = 1 << 14;
+  constexpr int kLanes = 8;
   const std::size_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(chunks);
 #pragma omp parallel for schedule(static)
   for (std::size_t c = 0; c < chunks; ++c) {
     const std::size_t end = std::min(n, (c + 1) * kChunk);
-    double acc = 0.0;
-    for (std::size_t i = c * kChunk; i < end; ++i) acc += static_cast<double>(load(x[i])) * load(x[i]);
-    partial[c] = acc;
+    double lane[kLanes] = {};
+    std::size_t i = c * kChunk;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<double>(load(x[i + l])) * load(x[i + l]);
+    }
+    for (; i < end; ++i) lane[(i - c * kChunk) % kLanes] += static_cast<double>(load(x[i])) * load(x[i]);
+    partial[c] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
   }
   double total = 0.0;
   for (double p : partial) total += p;
