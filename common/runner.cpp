@@ -21,6 +21,7 @@
 #include "common/metadata.h"
 #include "common/mpi_communicator.h"
 #include "common/results.h"
+#include "common/step_rules.h"
 #include "common/timer.h"
 #include "kernels/cpu/cpu_backend.h"
 #ifdef PB_WITH_CUDA
@@ -616,10 +617,8 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     batches.count = opt.grad_accum;
     batches.loss_scale = loss_scale;
     batches.fill = [&](int micro, int32_t* tokens_out, int32_t* targets_out) {
-      // SPEC 2.3: sample k of the step goes to dp rank (k / b) mod dp in micro-step k / (b · dp).
-      const uint64_t first = static_cast<uint64_t>(step) * opt.global_batch +
-                             static_cast<uint64_t>(micro) * b * opt.dp + static_cast<uint64_t>(groups.coord.dp) * b;
-      data.samples(first, b, tokens_out, targets_out);
+      data.samples(first_sample(step, opt.global_batch, micro, b, opt.dp, groups.coord.dp), b, tokens_out,
+                   targets_out);
     };
     strategy->run_micro_batches(runtime, batches);
     const double t_sync = wall_time_s();
@@ -641,9 +640,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
       if (lead) std::fprintf(stderr, "parabench-%s: %s\n", opt.app.c_str(), error.c_str());
       break;
     }
-    // torch.nn.utils.clip_grad_norm_: scale by clip / (norm + 1e-6) when the norm exceeds clip.
-    const float grad_scale =
-        opt.clip > 0.0 && grad_norm > opt.clip ? static_cast<float>(opt.clip / (grad_norm + 1e-6)) : 1.0f;
+    const float grad_scale = clip_scale(grad_norm, opt.clip);
     const double t_opt = wall_time_s();
     strategy->optimizer_step(grad_scale, step + 1);
     backend->synchronize();
