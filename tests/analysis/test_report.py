@@ -215,6 +215,27 @@ def test_baseline_option(results, tmp_path):
     assert "--baseline gamma: no such cluster in the results (clusters: alpha, beta)" in done.stderr
 
 
+def test_default_baseline_is_the_first_cluster_with_complete_runs(results, tmp_path):
+    """A cluster that sorts first but ran nothing to completion (only a failed run, "aaa") is listed among
+    the runs that did not complete, and is not the baseline: the ratios are to alpha, the first cluster with
+    complete runs, and none of them is empty."""
+    root = tmp_path / "results"
+    shutil.copytree(results["alpha_dp_2"].parent.parent, root)
+    failed = root / "aaa" / "failed.h5"
+    failed.parent.mkdir()
+    shutil.copy(results["failed"], failed)
+    with h5py.File(failed, "r+") as f:
+        f["system"].attrs["cluster"] = "aaa"
+    done = report(root, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    rows = csv_rows(tmp_path / "out" / "cross_cluster.csv")
+    assert {r["cluster"] for r in rows} == {"alpha", "beta"}
+    assert all(r["tokens_per_s_ratio"] not in ("", "nan") for r in rows), rows
+    assert {float(r["tokens_per_s_ratio"]) for r in rows if r["cluster"] == "alpha"} == {1.0}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "beta / alpha tokens/s" in md and "/ aaa" not in md
+
+
 def png_size(path):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"

@@ -25,7 +25,7 @@ def dataset(group, name, data, units):
 
 
 def write_result(path, *, status="complete", schema_version=1, ranks=2, steps=10, warmup=2,
-                 finished_steps=None, summary=True, peak_total=(100 * MIB, 120 * MIB)):
+                 finished_steps=None, summary=True, peak_total=(100 * MIB, 120 * MIB), step_times=None):
     """A result file of a dp run of the tiny model; `finished_steps` < `steps` for a cut-off run."""
     finished = steps if finished_steps is None else finished_steps
     micro_batch, seq = 2, 32
@@ -51,8 +51,9 @@ def write_result(path, *, status="complete", schema_version=1, ranks=2, steps=10
         system.create_dataset("hostnames", data=["node1"] * ranks, dtype=h5py.string_dtype())
         system.create_dataset("environment", data=["OMP_NUM_THREADS=1"],
                               dtype=h5py.string_dtype())
-        step_times = np.array([[0.5 + 0.01 * s, 0.52 + 0.01 * s] + [0.4] * (ranks - 2)
-                               for s in range(finished)])
+        if step_times is None:
+            step_times = np.array([[0.5 + 0.01 * s, 0.52 + 0.01 * s] + [0.4] * (ranks - 2)
+                                   for s in range(finished)])
         steps_group = f.create_group("steps")
         dataset(steps_group, "loss", np.linspace(5.5, 3.0, finished), "1")
         dataset(steps_group, "grad_norm", np.full(finished, 0.7), "1")
@@ -138,6 +139,19 @@ def test_table_has_a_header_and_one_row_per_file(results):
     assert complete[1:8] == ["dp", "testbox", "complete", "2", "tiny", "2", "4"]
     assert complete[8:] == ["0.2500", "512.0", "0.002", "-", "120.0"]
     assert lines[2].split()[3] == "interrupted"
+
+
+def test_killed_run_step_time_is_the_median_of_the_slowest_rank_after_warm_up(tmp_path):
+    """Step times that tell the statistics apart (the linear ones above do not): two slow warm-up steps, a
+    spike, and the slowest rank changing from step to step. Median of the measured steps' slowest rank:
+    0.51 s; the mean would be 1.13, the median with the warm-up 0.71, rank 0's median 0.5."""
+    times = np.array([[0.9, 0.8], [0.9, 0.7], [0.5, 0.49], [0.45, 0.5], [3.0, 0.2], [0.5, 0.52]])
+    path = write_result(tmp_path / "spiky.h5", status="running", finished_steps=6, summary=False, step_times=times)
+    run = summarize("--csv", path)
+    assert run.returncode == 0, run.stderr
+    row = csv_rows(run.stdout)["spiky.h5"]
+    assert float(row["step_time_s"]) == pytest.approx(0.51)
+    assert float(row["tokens_per_s"]) == pytest.approx(4 * 32 / 0.51)
 
 
 def test_interrupted_and_killed_runs(results):
