@@ -322,10 +322,13 @@ MODEL_STATES = ["parameters", "master_parameters", "gradients", "optimizer_state
 OTHER_CATEGORIES = ["activations", "comm_buffers", "workspace", "peak_total"]
 
 
-def assert_memory_matches_prediction(run, what):
-    """SPEC 6 /memory: per rank and category, model states within 1% and the rest within 10%."""
+def assert_memory_matches_prediction(run, what, exact=("comm_buffers",)):
+    """SPEC 6 /memory: per rank and category, model states within 1% and the rest within 10%, but the
+    categories in `exact` to the byte (comm_buffers: every app's buffers are what the model counts, so a
+    buffer sized or filed wrongly shows; activations, workspace and peak_total depend on when tensors are
+    freed, and stay at 10%)."""
     for cat in MODEL_STATES + OTHER_CATEGORIES:
-        rtol = 0.01 if cat in MODEL_STATES else 0.10
+        rtol = 0.0 if cat in exact else 0.01 if cat in MODEL_STATES else 0.10
         measured, predicted = run["measured"][cat], run["predicted"][cat]
         assert measured.shape == predicted.shape == (int(run["config"]["world_size"]),), (what, cat)
         for rank, (m, p) in enumerate(zip(measured.tolist(), predicted.tolist())):
