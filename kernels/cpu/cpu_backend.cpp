@@ -194,7 +194,7 @@ void rope_kernel(T* x, std::size_t row_stride, const float* cs, const float* sn,
 }
 
 // SwiGLU: out = silu(g)·u with silu(g) = g·σ(g); its backward with silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
-// σ through exp_approx (fast_math.h), so that the loops vectorise as GELU's do.
+// σ through exp_approx (fast_math.h), as GELU's tanh, not libm's scalar expf.
 template <typename T>
 void swiglu_forward_kernel(T* out, const T* gate, const T* up, std::size_t n) {
 #pragma omp parallel for schedule(static)
