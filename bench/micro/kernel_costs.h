@@ -55,6 +55,9 @@ inline double cross_entropy_bytes(double N, double V, double e) { return 2 * N *
 inline double sum_squares_bytes(double P, double e) { return P * e; }
 // The gradients zeroed at the start of a step.
 inline double zero_bytes(double P, double e) { return P * e; }
+// y += x over a gradient buffer (fsdp adds each reduce-scattered block into its shard): y read and
+// written, x read.
+inline double accumulate_bytes(double n, double e) { return 3 * n * e; }
 // adamw_update: fp32 parameters (or master weights), m and v read and written, the gradients read.
 inline double adamw_bytes(double P, double grad_e) { return (24 + grad_e) * P; }
 // Mixed precision: the fp32 master weights read, rounded into the e-byte parameters.

@@ -554,6 +554,25 @@ std::string zero_benchmark(benchmark::State& state, Backend& backend, const Kern
   return "";
 }
 
+std::string accumulate_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
+  const std::size_t P = s.params;
+  const std::vector<float> host_y = stored(pattern(P, 1), s.dtype);
+  const std::vector<float> host_x = stored(pattern(P, 2), s.dtype);
+  BackendTensor y(backend, P, s.dtype);  // (P): a gradient shard, summed into
+  BackendTensor x(backend, P, s.dtype);  // (P): the reduce-scattered block added to it
+  y.upload(host_y);
+  x.upload(host_x);
+
+  backend.accumulate(y.get(), x.get(), P);
+  backend.synchronize();
+  const std::string error = check_first_elements(
+      backend, y.get(), "y", [&](std::size_t i) { return double(host_y[i]) + host_x[i]; }, 2.0, s);
+  if (!error.empty()) return error;
+  // y grows by x per call: at most by one per call, far from overflow
+  time_calls(state, backend, [&] { backend.accumulate(y.get(), x.get(), P); });
+  return "";
+}
+
 std::string adamw_benchmark(benchmark::State& state, Backend& backend, const KernelShape& s) {
   const std::size_t P = s.params;
   const std::vector<float> host_params = pattern(P, 1);
@@ -894,6 +913,8 @@ std::vector<KernelCase> kernel_cases(const KernelShape& s) {
        cross_entropy_bytes(N, s.Vp, e), cross_entropy_forward_backward_benchmark},
       {"sum_squares", params, 0, sum_squares_bytes(P, e), sum_squares_benchmark},
       {"zero", params, 0, zero_bytes(P, e), zero_benchmark},
+      // fsdp: each reduce-scattered gradient block added into the rank's shard
+      {"accumulate", params, 0, accumulate_bytes(P, e), accumulate_benchmark},
       // adamw_update in one call over every parameter (the apps update all their ranges in one call too)
       {"adamw", params, 0, adamw_bytes(P, e), adamw_benchmark},
   };

@@ -218,12 +218,13 @@ std::vector<MeasuredKernel> read_kernel_table(const Reader& reader, hid_t file, 
   return out;
 }
 
-MeasuredCollective read_collective(const Reader& reader, hid_t file, const std::string& op) {
+MeasuredCollective read_collective(const Reader& reader, hid_t file, const std::string& op, bool in_place_first) {
   const std::string where = "/micro/collectives/" + op;
   Handle group(H5Gopen2(file, where.c_str(), H5P_DEFAULT), H5Gclose);
   if (!group.ok()) reader.fail(where + " is not a group");
   MeasuredCollective t;
   t.op = op;
+  t.in_place = in_place_first;
   t.comm = reader.string_attribute(group.get(), "comm", where);
   t.dtype = reader.string_attribute(group.get(), "dtype", where);
   t.ranks = static_cast<int>(reader.number_attribute(group.get(), "ranks", where));
@@ -235,18 +236,19 @@ MeasuredCollective read_collective(const Reader& reader, hid_t file, const std::
   const auto time_s = reader.numbers(group.get(), where, "time_s", &rows);
   const auto busbw = reader.numbers(group.get(), where, "busbw", &rows);
   const auto errors = reader.numbers(group.get(), where, "errors", &rows);
-  // Per size, the in-place variant where both ran (the apps' all-reduces and gathers run in place).
+  // Per size, the preferred variant where both ran (the apps' all-reduces and most gathers run in place;
+  // fsdp's FULL_SHARD gathers into a buffer of their own), else the one that ran.
   std::map<int64_t, std::pair<double, double>> by_size;  // bytes -> (time, busbw)
-  std::map<int64_t, bool> from_in_place;
+  std::map<int64_t, bool> from_preferred;
   for (int64_t i = 0; i < rows; ++i) {
     const bool ok = errors[i] == 0 && std::isfinite(time_s[i]) && time_s[i] > 0 && std::isfinite(busbw[i]) &&
                     busbw[i] > 0 && bytes[i] > 0;
     if (!ok) continue;
     const auto size = static_cast<int64_t>(bytes[i]);
-    const bool place = in_place[i] != 0;
-    if (by_size.count(size) && from_in_place[size] && !place) continue;
+    const bool preferred = (in_place[i] != 0) == in_place_first;
+    if (by_size.count(size) && from_preferred[size] && !preferred) continue;
     by_size[size] = {time_s[i], busbw[i]};
-    from_in_place[size] = place;
+    from_preferred[size] = preferred;
   }
   for (const auto& [size, row] : by_size) {
     t.bytes.push_back(size);
@@ -317,8 +319,10 @@ Calibration read_calibration(const std::string& path) {
     for (hsize_t i = 0; i < count; ++i) {
       char name[256] = {};
       H5Gget_objname_by_idx(group.get(), i, name, sizeof(name));
-      MeasuredCollective t = read_collective(reader, file.get(), name);
+      MeasuredCollective t = read_collective(reader, file.get(), name, /*in_place_first=*/true);
       if (!t.bytes.empty()) cal.collectives[name] = std::move(t);
+      MeasuredCollective separate = read_collective(reader, file.get(), name, /*in_place_first=*/false);
+      if (!separate.bytes.empty()) cal.out_of_place[name] = std::move(separate);
     }
   }
   return cal;

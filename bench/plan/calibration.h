@@ -34,7 +34,8 @@ struct MeasuredCollective {
   std::string comm, dtype;
   int ranks = 0, nodes = 0;
   double busbw_factor = 1;
-  std::vector<int64_t> bytes;   // increasing, one entry per size (the in-place variant where there are two)
+  bool in_place = true;         // the variant the table prefers where a size has both
+  std::vector<int64_t> bytes;   // increasing, one entry per size (the preferred variant where there are two)
   std::vector<double> time_s, busbw;  // busbw in bytes/s
 };
 
@@ -44,7 +45,8 @@ struct Calibration {
   int world_size = 0, threads = 0;
   std::string comm;
   std::vector<MeasuredKernel> gemm, kernels;  // successful rows only
-  std::map<std::string, MeasuredCollective> collectives;  // by op
+  std::map<std::string, MeasuredCollective> collectives;  // by op: the in-place rows where a size has both
+  std::map<std::string, MeasuredCollective> out_of_place;  // by op: the out-of-place rows where a size has both
   // Backends and dtypes the GEMM rows measured, e.g. {"cpu/fp32", "cpu/bf16"}.
   std::vector<std::string> measured_precisions() const;
 };

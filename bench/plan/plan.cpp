@@ -53,10 +53,15 @@ bool group_inside_node(const PlanConfig& c, int group_ranks, int stride) {
   return static_cast<int64_t>(group_ranks) * stride <= c.gpus_per_node;
 }
 
-// The calibration's table for `op` over a group inside a node or across nodes; throws ConfigError when
-// the calibration did not measure it.
-const MeasuredCollective& calibrated_table(const PlanConfig& c, const std::string& op, bool inside_node) {
+// The calibration's table for `op` over a group inside a node or across nodes, of the in-place or
+// out-of-place variant where the calibration measured it; throws ConfigError when it did not measure the op.
+const MeasuredCollective& calibrated_table(const PlanConfig& c, const std::string& op, bool inside_node,
+                                           bool in_place) {
   const std::string table = op == "send_recv" ? (inside_node ? "send_recv_intra" : "send_recv_inter") : op;
+  if (!in_place) {
+    const auto separate = c.calibration->out_of_place.find(table);
+    if (separate != c.calibration->out_of_place.end()) return separate->second;
+  }
   const auto found = c.calibration->collectives.find(table);
   if (found == c.calibration->collectives.end()) {
     throw ConfigError("--calibration " + c.calibration->path + " has no /micro/collectives/" + table +
@@ -79,7 +84,7 @@ void time_collective(const PlanConfig& c, CommEstimate* e, int64_t message_bytes
   }
   const double factor = busbw_factor(e->op, e->ranks);
   if (c.calibration) {
-    const MeasuredCollective& table = calibrated_table(c, e->op, e->inside_node);
+    const MeasuredCollective& table = calibrated_table(c, e->op, e->inside_node, e->in_place);
     const double message = static_cast<double>(message_bytes > 0 ? std::min(message_bytes, e->bytes) : e->bytes);
     const double busbw = interpolate_busbw(table, message);
     const double messages = static_cast<double>(e->calls) * static_cast<double>(e->bytes) / message;
@@ -106,17 +111,27 @@ void time_collective(const PlanConfig& c, CommEstimate* e, int64_t message_bytes
   e->seconds = static_cast<double>(e->calls) * factor * static_cast<double>(e->bytes) / bytes_per_s;
 }
 
+// Whether a calibrated plan's non-blocking collectives advance while the rank computes: NCCL's run on
+// the GPU's own streams; MPI's advance only inside MPI calls (no progress thread), and a rank computing
+// a unit between launching the next unit's gather and waiting on it makes none, so the gather's whole
+// time is spent in the wait (measured: parabench-fsdp FULL_SHARD on 2 CPU ranks waits its gathers' full
+// time, bench/plan/README.md).
+bool progresses_while_computing(const PlanConfig& c) { return !(c.calibration && c.calibration->comm == "mpi"); }
+
 // One collective of `passes` calls (or whole-model passes) of `bytes` over `group_ranks` ranks
 // `stride` apart. message_bytes: the size of each call the app issues when a pass is several calls
-// (dp's buckets, fsdp's units); what a calibration's bandwidth is read at.
+// (dp's buckets, fsdp's units); what a calibration's bandwidth is read at. in_place: whether the app's
+// call sends from inside its receive buffer (CommEstimate::in_place).
 CommEstimate collective(const PlanConfig& c, const std::string& op, const std::string& what, int64_t bytes,
-                        int group_ranks, int stride, int64_t passes, int64_t message_bytes = 0) {
+                        int group_ranks, int stride, int64_t passes, int64_t message_bytes = 0,
+                        bool in_place = true) {
   CommEstimate e;
   e.op = op;
   e.what = what;
   e.bytes = bytes;
   e.ranks = group_ranks;
   e.calls = passes;
+  e.in_place = in_place;
   e.inside_node = group_inside_node(c, group_ranks, stride);
   time_collective(c, &e, message_bytes);
   return e;
@@ -381,19 +396,20 @@ std::vector<CommEstimate> data_collectives(const PlanConfig& c, std::vector<int6
                                per_unit(padded, p.grad_bytes, unit_count)));
       break;
     case ShardStrategy::full_shard:  // gathered for forward, and again for backward but the last unit
+      // (each into a unit buffer of its own: out of place)
       out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, group, stride, micro_steps,
-                               per_unit(padded, p.param_bytes, unit_count)));
+                               per_unit(padded, p.param_bytes, unit_count), false));
       out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, group, stride,
-                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
+                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1), false));
       out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, group, stride, micro_steps,
                                per_unit(padded, p.grad_bytes, unit_count)));
       break;
     case ShardStrategy::hybrid_shard: {  // FULL_SHARD inside a group, the shards all-reduced across groups
       const int shard_group = c.memory.shard_ranks, replicas = group / shard_group;
       out.push_back(collective(c, "all_gather", "parameters (forward)", padded * p.param_bytes, shard_group, stride, micro_steps,
-                               per_unit(padded, p.param_bytes, unit_count)));
+                               per_unit(padded, p.param_bytes, unit_count), false));
       out.push_back(collective(c, "all_gather", "parameters (backward)", (padded - last) * p.param_bytes, shard_group, stride,
-                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1)));
+                               micro_steps, per_unit(padded - last, p.param_bytes, unit_count - 1), false));
       out.push_back(collective(c, "reduce_scatter", "gradients", padded * p.grad_bytes, shard_group, stride, micro_steps,
                                per_unit(padded, p.grad_bytes, unit_count)));
       out.push_back(collective(c, "all_reduce", "gradient shards", padded / shard_group * p.grad_bytes, replicas, shard_group * stride, 1));
@@ -446,11 +462,12 @@ std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int stage) {
   for (std::size_t u = 0; u < units.size(); ++u) {
     if (std::find(held.begin(), held.end(), static_cast<int>(u)) == held.end()) units[u] = 0;
   }
-  const bool prefetched = m.shard == ShardStrategy::full_shard || m.shard == ShardStrategy::hybrid_shard;
+  const bool prefetched = (m.shard == ShardStrategy::full_shard || m.shard == ShardStrategy::hybrid_shard) &&
+                          progresses_while_computing(c);
   for (CommEstimate& e : data_collectives(c, units, c.dp * c.cp, t)) {
     e.what += c.cp > 1 ? " (dp × cp)" : " (dp)";
     // With a calibration, as the app runs them: tp's strategy all-reduces after the pipeline (or backward);
-    // fsdp's strategy waits on all but the prefetched gathers.
+    // fsdp's strategy waits on all but the prefetched gathers (and on those too through MPI).
     if (c.calibration && !(prefetched && e.op == "all_gather")) e.blocking = true;
     out.push_back(e);
   }
@@ -482,8 +499,10 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
     // As parabench-fsdp runs them (bench/fsdp/fully_sharded.cpp): the reduce-scatters, all-reduces and the
     // gathers after the optimizer step are called in place and wait; only FULL_SHARD's (and HYBRID_SHARD's)
     // gathers are prefetched, the next unit's while one computes, but the first unit of each micro-batch's
-    // forward, which nothing before it prefetches.
-    const bool prefetched = c.memory.shard == ShardStrategy::full_shard || c.memory.shard == ShardStrategy::hybrid_shard;
+    // forward, which nothing before it prefetches; and through MPI not even those (they wait too).
+    const bool prefetched =
+        (c.memory.shard == ShardStrategy::full_shard || c.memory.shard == ShardStrategy::hybrid_shard) &&
+        progresses_while_computing(c);
     for (CommEstimate& e : out) {
       if (!(prefetched && e.op == "all_gather")) {
         e.blocking = true;

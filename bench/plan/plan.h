@@ -125,6 +125,9 @@ struct CommEstimate {
   double exposed_s = 0;  // of an overlapped collective's `seconds`, what no compute hides (with a calibration,
                         // as the app runs: dp's last bucket, all-reduced once backward has ended; FULL_SHARD's
                         // first gather of each micro-batch, which nothing prefetched)
+  bool in_place = true;  // the app's buffers: all-reduces and gathers in place but FULL_SHARD's and
+                         // HYBRID_SHARD's gathers, into a unit buffer of their own (a calibration's rows of
+                         // that variant time it)
 };
 
 struct PlanResult {

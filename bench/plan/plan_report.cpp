@@ -325,16 +325,23 @@ std::string time_text(const PlanResult& r) {
   const std::string overlapped = c.calibration && c.app != "fsdp"
                                      ? "compute + the overlapped communication that backward does not hide"
                                      : "the larger of compute and the overlapped communication";
+  const std::string blocking_kind = c.is_moe()  ? "all-to-alls "
+                                    : c.is_cp() ? "cp exchanges "
+                                    : c.is_pp() ? "pipeline messages "
+                                    : c.app == "tp" ? "tp collectives "
+                                                    : "collectives ";
+  const bool any_overlapped = std::any_of(r.comm.begin(), r.comm.end(),
+                                          [](const CommEstimate& e) { return !e.blocking && e.seconds > 0; });
   std::string how;
   if (!c.overlap) {
     how = " (compute + communication, no overlap)";
+  } else if (!any_overlapped && r.blocking_comm_s > 0) {
+    how = " (compute + the blocking " + blocking_kind + seconds(r.blocking_comm_s) + ")";
   } else if (tail > 0) {
     how = " (" + overlapped + ", + what of it cannot overlap " + seconds(tail) +
           (r.blocking_comm_s > 0 ? " and the blocking collectives " + seconds(r.blocking_comm_s) : "") + ")";
   } else if (r.blocking_comm_s > 0) {
-    how = " (" + overlapped + ", + the blocking " +
-          (c.is_moe() ? "all-to-alls " : c.is_cp() ? "cp exchanges " : c.is_pp() ? "pipeline messages " : "tp collectives ") +
-          seconds(r.blocking_comm_s) + ")";
+    how = " (" + overlapped + ", + the blocking " + blocking_kind + seconds(r.blocking_comm_s) + ")";
   } else {
     how = c.calibration && c.app != "fsdp" ? " (" + overlapped + ")"
                                            : " (communication overlapped with compute: the larger of the two)";
@@ -702,7 +709,7 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
         comm.push_back({{"op", e.op}, {"what", e.what}, {"bytes", e.bytes}, {"ranks", e.ranks},
                         {"calls_per_step", e.calls}, {"inside_node", e.inside_node}, {"link_gbps", e.link_gbps},
                         {"measured", e.measured}, {"seconds", e.seconds}, {"blocking", e.blocking},
-                        {"hidden_s", e.hidden_s}, {"exposed_s", e.exposed_s}});
+                        {"hidden_s", e.hidden_s}, {"exposed_s", e.exposed_s}, {"in_place", e.in_place}});
       }
       nlohmann::ordered_json kernels = nlohmann::ordered_json::array();
       for (const KernelTime& k : r.kernels) {

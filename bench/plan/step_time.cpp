@@ -13,6 +13,7 @@
 
 #include "bench/micro/kernel_costs.h"
 #include "common/errors.h"
+#include "common/memory_model.h"
 
 namespace pb::plan {
 namespace {
@@ -141,6 +142,23 @@ std::vector<KernelCall> rank_step_kernels(const PlanConfig& c, const std::vector
            t > 1 ? "vocabulary-parallel cross-entropy (three passes)" : "softmax cross-entropy, forward and backward",
            kernel_cost::cross_entropy_bytes(N, Vl, e) + extra_read_bytes, micro, true);
     kernel("layernorm_backward", "final LayerNorm, backward", ln_backward_bytes, micro, true);
+  }
+  // FSDP with sharded gradients (SHARD_GRAD_OP, FULL_SHARD, HYBRID_SHARD; bench/fsdp/fully_sharded.cpp):
+  // per micro-batch and unit, the unit's whole gradient zeroed before its backward and, after the
+  // reduce-scatter, the rank's block added into its shard.
+  if (m.shard == ShardStrategy::shard_grad_op || m.shard == ShardStrategy::full_shard ||
+      m.shard == ShardStrategy::hybrid_shard) {
+    const std::vector<int64_t> unit_elements = unit_parameter_counts(m);
+    double whole = 0, shard = 0;
+    for (int u : units) {
+      const int64_t piece = shard_elements(unit_elements[u], m.shard_ranks);
+      whole += static_cast<double>(piece) * m.shard_ranks;
+      shard += static_cast<double>(piece);
+    }
+    kernel("zero", "unit gradients zeroed before their backward (sharded gradients)", kernel_cost::zero_bytes(whole, ge),
+           micro, true);
+    kernel("accumulate", "reduce-scattered gradient blocks added into the shard", kernel_cost::accumulate_bytes(shard, ge),
+           micro, true);
   }
   // Once per step: the gradients zeroed and their norm (every gradient the rank holds), AdamW over the
   // parameters it updates, and with bf16 parameters the master weights rounded into them.

@@ -5,7 +5,10 @@
    products and kernels (fp32, cpu) and the collectives the runs below issue, into one HDF5 file.
 2. Runs parabench-dp, parabench-fsdp --shard FULL_SHARD, parabench-tp --tp 2 and parabench-pp
    --schedule 1f1b on 2 ranks, --model small, 1 thread per rank, a few steps, and reads each run's
-   /summary step_time_s (the median over the steps after warm-up of the slowest rank's time).
+   /summary step_time_s (the median over the steps after warm-up of the slowest rank's time); --runs
+   rounds of the four (default 2), each app's measured step the lowest of its rounds: the calibration
+   times each kernel on an undisturbed machine, and a round that a neighbour slowed as a whole (a
+   median does not see that) measures the neighbour.
 3. Predicts each run with parabench-plan --calibration (the same options, --format json).
 4. Prints app, predicted, measured, their ratio and the prediction's compute, exposed communication and
    bubble; writes the table as CSV (app, config, predicted_step_s, measured_step_s, ratio, compute_s,
@@ -111,6 +114,8 @@ def main():
     parser.add_argument("--calibration", type=Path, help="an existing parabench-micro file instead of calibrating")
     parser.add_argument("--steps", type=int, default=7, help="steps per run (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps left out (default 2)")
+    parser.add_argument("--runs", type=int, default=2, help="rounds of the four runs; each app's measured step is "
+                        "the lowest of its rounds (default 2)")
     parser.add_argument("--min-time", default="0.1", help="parabench-micro's --benchmark_min_time (default 0.1)")
     parser.add_argument("--mpiexec", default=os.environ.get("PB_MPIEXEC", "mpiexec"))
     parser.add_argument("--max-other-cores", type=float, default=0.25,
@@ -129,16 +134,24 @@ def main():
         if not args.calibration:
             print(f"calibrating: parabench-micro on {RANKS} ranks, 1 thread each -> {calibration}", flush=True)
             calibrate(args.bin_dir, calibration, args.mpiexec, args.min_time)
+        if args.runs < 1:
+            parser.error(f"--runs {args.runs} must be at least 1")
+        runs = {app: [] for app, *_ in RUNS}
+        for round_ in range(args.runs):  # in rounds, so that a slow spell of the machine meets every app once
+            for app, binary, shared, _ in RUNS:
+                runs[app].append(measure(args.bin_dir, app, binary, shared, out_dir / f"{app}-{round_}.h5",
+                                         args.mpiexec, args.steps, args.warmup))
         rows = []
         for app, binary, shared, planner_only in RUNS:
-            measured = measure(args.bin_dir, app, binary, shared, out_dir / f"{app}.h5", args.mpiexec, args.steps,
-                               args.warmup)
+            measured = min(runs[app])
             t = predict(args.bin_dir, app, shared, planner_only, calibration)
             config = " ".join(["small", "mb4", f"ranks{RANKS}", *shared])
             rows.append({"app": app, "config": config, "predicted_step_s": t["step_s"], "measured_step_s": measured,
                          "ratio": t["step_s"] / measured, "compute_s": t["compute_s"],
                          "exposed_comm_s": t["exposed_comm_s"], "bubble_s": t["bubble_s"]})
-            print(f"  {app}: predicted {t['step_s']:.4f} s, measured {measured:.4f} s", flush=True)
+            rounds = ", ".join(f"{m:.4f}" for m in runs[app])
+            print(f"  {app}: predicted {t['step_s']:.4f} s, measured {measured:.4f} s (the lowest of {rounds})",
+                  flush=True)
 
         header = f"{'app':5} {'predicted_s':>11} {'measured_s':>10} {'ratio':>6} {'compute_s':>9} " \
                  f"{'exposed_comm_s':>14} {'bubble_s':>8}  config"

@@ -62,6 +62,7 @@ def kernels(preset, dtype):
         ("cross_entropy_forward_backward", f"N{N}_V{padded(V)}"): (0, 2 * N * padded(V) * e + 4 * N),
         ("sum_squares", f"P{P}"): (0, P * e),
         ("zero", f"P{P}"): (0, P * e),
+        ("accumulate", f"P{P}"): (0, 3 * P * e),
         ("adamw", f"P{P}"): (0, (24 + e) * P),
     }
     if dtype != "fp32":  # the master weights rounded into the parameters: mixed precision only

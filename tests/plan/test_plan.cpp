@@ -1108,7 +1108,7 @@ std::shared_ptr<const Calibration> uniform_calibration() {
   for (const char* k : {"layernorm_forward", "layernorm_backward", "residual_layernorm_forward", "gelu_forward",
                         "gelu_backward", "add",
                         "embedding_forward", "embedding_backward", "cross_entropy_forward_backward", "sum_squares",
-                        "zero", "adamw"}) {
+                        "zero", "accumulate", "adamw"}) {
     cal->kernels.push_back(kernel_row(k, 0, 1e6, 5e9));
   }
   for (const char* op : {"all_reduce", "all_gather", "reduce_scatter", "send_recv_intra"}) {
@@ -1178,6 +1178,50 @@ TEST(Calibration, CollectivesAtTheMeasuredBusBandwidthAndTheBreakdownAddsUp) {
     EXPECT_EQ(e.blocking, e.op == "reduce_scatter") << e.what;
     const double first = e.what == "parameters (forward)" ? 4.0 * fsdp_units[0] * 0.5 / 1e9 : 0.0;
     EXPECT_NEAR(e.exposed_s, first, 1e-12) << e.what;
+  }
+  // FULL_SHARD's gathers go into a unit buffer of their own: the calibration's out-of-place rows time them
+  // where it has some, and the zeroing and accumulation of the sharded gradients are kernels of the step.
+  {
+    PlanRequest request;
+    ASSERT_TRUE(parse_plan_request(words("--model small --app fsdp --gpus 2 --backend cpu --dtype fp32 "
+                                         "--micro-batch 4"), &request).run);
+    PlanConfig c = request.plans.front();
+    auto cal = std::make_shared<Calibration>(*uniform_calibration());
+    cal->out_of_place["all_gather"] = collective_table("all_gather", {1024, int64_t{1} << 30}, {5e8, 5e8});
+    c.calibration = cal;
+    const PlanResult separate = evaluate(c);
+    ASSERT_EQ(separate.comm.size(), fsdp.comm.size());
+    for (std::size_t i = 0; i < fsdp.comm.size(); ++i) {
+      const CommEstimate& e = separate.comm[i];
+      EXPECT_EQ(e.in_place, e.op != "all_gather") << e.what;
+      EXPECT_NEAR(e.seconds, fsdp.comm[i].seconds * (e.in_place ? 1.0 : 2.0), 1e-15) << e.what;
+      EXPECT_FALSE(e.blocking && e.op == "all_gather") << e.what;
+    }
+    // Through MPI (no progress while the rank computes) the prefetched gathers wait as the rest do.
+    cal->comm = "mpi";
+    const PlanResult mpi = evaluate(c);
+    double all = 0;
+    for (const CommEstimate& e : mpi.comm) {
+      EXPECT_TRUE(e.blocking) << e.what;
+      EXPECT_EQ(e.exposed_s, 0.0) << e.what;
+      all += e.seconds;
+    }
+    EXPECT_NEAR(mpi.step_s, mpi.compute_s + all, 1e-15);
+    double zeroed = 0, accumulated = 0;
+    for (const KernelTime& k : mpi.kernels) {
+      if (k.call.what.find("unit gradients zeroed") == 0) zeroed += k.call.work * k.call.calls;
+      if (k.call.kernel == "accumulate") accumulated += k.call.work * k.call.calls;
+    }
+    double whole = 0;
+    for (int64_t u : unit_parameter_counts(mpi.config.memory.arch)) whole += 2.0 * shard_elements(u, 2);
+    EXPECT_DOUBLE_EQ(zeroed, 4.0 * whole);             // every unit's whole fp32 gradient, once per micro-batch
+    EXPECT_DOUBLE_EQ(accumulated, 3.0 * 4.0 * whole / 2);  // y += x over the rank's shard
+  }
+  // NO_SHARD keeps whole gradients: no unit gradient to zero, nothing accumulated.
+  for (const KernelTime& k : calibrated("--model small --app fsdp --shard NO_SHARD --gpus 2 --backend cpu --dtype fp32 "
+                                        "--micro-batch 4").kernels) {
+    EXPECT_NE(k.call.kernel, "accumulate");
+    EXPECT_NE(k.call.what.find("unit gradients zeroed"), 0u);
   }
   // pp 2: the busiest stage's kernels, the bubble, the fill's and drain's messages.
   const PlanResult pp =

@@ -644,15 +644,17 @@ SMALL_GEMMS = [("small.qkv", 512, 256, 768), ("small.attn_out", 512, 256, 256), 
 MEMORY_BOUND = ["layernorm_forward", "layernorm_backward", "residual_layernorm_forward", "gelu_forward", "gelu_backward",
                 "add",
                 "embedding_forward", "embedding_backward", "cross_entropy_forward_backward", "sum_squares", "zero",
-                "adamw"]
+                "accumulate", "adamw"]
 GEMM_RATE, ATTENTION_RATE, BYTES_RATE, BUSBW = 4e10, 1e10, 5e9, 2e9
+SEPARATE_BUSBW = 1e9  # the gathers' out-of-place rows (into a buffer of their own), half the in-place rate
 
 
 def write_calibration(path, *, app="micro", status="complete", backend="cpu", dtypes=("fp32",), ops=None,
-                      drop_kernels=(), micro=True):
+                      drop_kernels=(), micro=True, comm="mpi"):
     """A parabench-micro result file as its reporter writes one (bench/micro/report.cpp), with uniform rates:
     every GEMM at GEMM_RATE FLOP/s, attention at ATTENTION_RATE, the memory-bound kernels at BYTES_RATE bytes/s,
-    every collective at BUSBW bytes/s of bus bandwidth (8 B to 32 MiB, 2 ranks)."""
+    every collective at BUSBW bytes/s of bus bandwidth in place (8 B to 32 MiB, 2 ranks), and all_gather also
+    out of place at SEPARATE_BUSBW, as parabench-micro times both."""
     ops = ["all_reduce", "all_gather", "reduce_scatter", "send_recv_intra"] if ops is None else ops
     text = h5py.string_dtype()
     with h5py.File(path, "w") as f:
@@ -660,7 +662,7 @@ def write_calibration(path, *, app="micro", status="complete", backend="cpu", dt
                         "created": "2026-12-02T00:00:00Z"})
         f.create_group("steps") if app != "micro" else None
         config = f.create_group("config")
-        config.attrs.update({"app": app, "world_size": 2, "threads": 1, "comm": "mpi", "ops": ",".join(ops),
+        config.attrs.update({"app": app, "world_size": 2, "threads": 1, "comm": comm, "ops": ",".join(ops),
                              "min_bytes": 8, "max_bytes": 1 << 25, "dtype": "fp32", "cluster": "test"})
         config.create_dataset("argv", data=["parabench-micro", "--out", str(path)], dtype=text)
         system = f.create_group("system")
@@ -708,10 +710,12 @@ def write_calibration(path, *, app="micro", status="complete", backend="cpu", dt
         for op in ops:
             g = f.create_group(f"micro/collectives/{op}")
             factor = {"all_reduce": 1.0, "all_gather": 0.5, "reduce_scatter": 0.5}.get(op, 1.0)
-            g.attrs.update({"comm": "mpi", "ranks": 2, "nodes": 1, "dtype": "fp32", "busbw_factor": factor})
+            g.attrs.update({"comm": comm, "ranks": 2, "nodes": 1, "dtype": "fp32", "busbw_factor": factor})
             sizes = [8 << (2 * i) for i in range(12)]  # 8 B ... 32 MiB
-            rows = [{"bytes": b, "count": b // 4, "in_place": 1, "time_s": b * factor / BUSBW, "algbw": BUSBW / factor,
-                     "busbw": BUSBW, "errors": 0, "error": ""} for b in sizes]
+            variants = [(0, SEPARATE_BUSBW), (1, BUSBW)] if op == "all_gather" else [(1, BUSBW)]
+            rows = [{"bytes": b, "count": b // 4, "in_place": place, "time_s": b * factor / busbw,
+                     "algbw": busbw / factor, "busbw": busbw, "errors": 0, "error": ""}
+                    for b in sizes for place, busbw in variants]
             columns(g, rows, [("bytes", "i8", "bytes"), ("count", "i8", "1"), ("in_place", "i8", "1"),
                               ("time_s", "f8", "s"), ("algbw", "f8", "bytes/s"), ("busbw", "f8", "bytes/s"),
                               ("errors", "i8", "1"), ("error", "str", "1")])
@@ -745,7 +749,8 @@ def test_calibrated_step_is_the_sum_of_measured_kernels_and_collectives(tmp_path
         assert forward and all(k["exact"] for k in forward), "micro-batch 4 is the shapes parabench-micro times"
     assert t["warnings"] == []
     for c in t["collectives"]:  # (a dp all-reduce over dp 1 moves nothing)
-        assert c["ranks"] == 1 or (c["measured"] and c["link_gbps"] == pytest.approx(BUSBW * 8 / 1e9))
+        busbw = BUSBW if c["in_place"] else SEPARATE_BUSBW
+        assert c["ranks"] == 1 or (c["measured"] and c["link_gbps"] == pytest.approx(busbw * 8 / 1e9))
     assert t["step_s"] == pytest.approx(t["compute_s"] + t["exposed_comm_s"] + t["bubble_s"])
     assert t["model_flops_utilization"] is None, "a CPU's peak is unknown"
     table = ok(*SMALL_MB4, "--app", app, *args, "--calibration", cal).stdout
