@@ -39,6 +39,7 @@ namespace {
 constexpr float kLayerNormEps = 1e-5f;
 
 using cpu::exp_approx;  // kernels/cpu/fast_math.h
+using cpu::max_of;
 using cpu::tanh_approx;
 using cpu::accumulator_row;  // kernels/cpu/bf16.h: the kernels over the element type
 using cpu::finish_row;
@@ -194,7 +195,7 @@ void rope_kernel(T* x, std::size_t row_stride, const float* cs, const float* sn,
 }
 
 // SwiGLU: out = silu(g)·u with silu(g) = g·σ(g); its backward with silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
-// σ through exp_approx (fast_math.h), as GELU's tanh, not libm's scalar expf.
+// σ through exp_approx (fast_math.h), so that the loops vectorise as GELU's do.
 template <typename T>
 void swiglu_forward_kernel(T* out, const T* gate, const T* up, std::size_t n) {
 #pragma omp parallel for schedule(static)
@@ -231,9 +232,7 @@ inline void attention_head_forward(float* o, std::size_t o_stride, float* P, con
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, d, scale, q, ld, k, ld, 0.0f, P, S);
   for (int t = 0; t < S; ++t) {
     float* Pt = P + static_cast<std::size_t>(t) * S;
-    float maxv = -INFINITY;
-#pragma omp simd reduction(max : maxv)
-    for (int t2 = 0; t2 <= t; ++t2) maxv = std::max(maxv, Pt[t2]);
+    const float maxv = max_of(Pt, t + 1);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int t2 = 0; t2 <= t; ++t2) {
@@ -551,8 +550,7 @@ void cross_entropy_forward_backward_kernel(T* logits, double* loss_sum, const in
       T* zrow = logits + static_cast<std::size_t>(n) * Vp;
       float* z = accumulator_row(zrow, row.data());
       if constexpr (!is_fp32<T>) cpu::fp32_row(zrow, V, z);  // bf16: the row widened, then as fp32
-      float maxv = z[0];
-      for (int i = 1; i < V; ++i) maxv = std::max(maxv, z[i]);
+      const float maxv = max_of(z, V);
       const int target = targets[n];
       const float target_shifted = z[target] - maxv;  // kept before exp can underflow it to 0
       float sum = 0.0f;
@@ -581,7 +579,11 @@ void cross_entropy_row_max_kernel(float* row_max, const T* logits, int N, int V,
   for (int n = 0; n < N; ++n) {
     const T* z = logits + static_cast<std::size_t>(n) * Vp;
     float m = -std::numeric_limits<float>::infinity();  // a block wholly in the padding: −∞
-    for (int i = 0; i < V; ++i) m = std::max(m, load(z[i]));
+    if constexpr (is_fp32<T>) {
+      m = max_of(z, V);
+    } else {
+      for (int i = 0; i < V; ++i) m = std::max(m, load(z[i]));
+    }
     row_max[n] = m;
   }
 }

@@ -55,6 +55,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/fast_math.h"
 
 namespace {
 
@@ -2661,6 +2662,22 @@ const char* const kRunAllNames[] = {
     "moe combine out",  "moe combine dbuf", "moe combine dgate", "cp block out",  "cp block lse",
     "cp merged out",    "cp merged lse",  "cp delta",       "cp dqkv",        "cp dkv",
     "cp copy_2d"};
+
+// max_of's 16 lanes give a left-to-right scan's maximum at every length and position of the largest
+// element, with negative values and signed zeros around it; −∞ for nothing.
+TEST(FastMath, MaxOfIsTheLargestElement) {
+  std::mt19937 rng(5);
+  EXPECT_EQ(pb::cpu::max_of(nullptr, 0), -INFINITY);
+  for (int n = 1; n <= 70; ++n) {
+    for (int at = 0; at < n; ++at) {
+      FVec x = rand_floats(rng, n, -5.0f, -1.0f);
+      x[at] = -0.5f;  // the largest, anywhere
+      if (n > 2) x[(at + 1) % n] = -0.0f, x[at] = 0.25f;
+      const float want = *std::max_element(x.begin(), x.end());
+      EXPECT_EQ(pb::cpu::max_of(x.data(), n), want) << "n " << n << ", largest at " << at;
+    }
+  }
+}
 
 TEST(CpuThreads, OneAndTwoThreadsAgreeAndRunsAreDeterministic) {
   // One backend at a time: a BLAS thread count may be process-wide.
