@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <sstream>
@@ -145,7 +146,7 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
 
   std::string model_name = "small";
   ModelConfig shape;  // explicit shape options; 0 = from preset
-  std::string backend, comm, dtype, attention;
+  std::string backend, comm, dtype, attention, cpu_gemm;
   int global_batch = 0, dp = 0, threads = 0;
   double peak = -1.0;
 
@@ -182,6 +183,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--attention", attention,
                  "native | cudnn: parabench's attention kernels or cuDNN's fused attention (default: cudnn for "
                  "cuda with bf16 where built with cuDNN)");
+  cli.add_option("--cpu-gemm", cpu_gemm,
+                 "onednn | openblas: the CPU backend's fp32 matrix products (default: onednn where built with it)");
   cli.add_option("--grad-dtype", opt.grad_dtype, "fp32 | bf16: parameter gradients (bf16 only with --dtype bf16)")
       ->capture_default_str();
   cli.add_option("--recompute", opt.recompute, "none | selective | full")->capture_default_str();
@@ -349,6 +352,18 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
              " / --heads " + std::to_string(m.heads) + " = " + std::to_string(head_dim) + "; use --attention native");
     }
     opt.attention = attention;
+    // The CPU's sgemm library: oneDNN's where the build has it, else OpenBLAS's; either stays selectable.
+    const std::vector<std::string>& gemms = env.cpu_gemm_libraries;
+    if (!given("--cpu-gemm")) cpu_gemm = backend == "cpu" ? gemms.front() : "none";
+    else if (backend != "cpu") reject("--cpu-gemm applies to --backend cpu (the CUDA backend's products run cuBLAS)");
+    if (backend == "cpu" && std::find(gemms.begin(), gemms.end(), cpu_gemm) == gemms.end()) {
+      if (cpu_gemm == "onednn") {
+        reject("--cpu-gemm onednn is not available: this build has no oneDNN (Debian: libdnnl-dev, which "
+               "scripts/setup.sh installs); use --cpu-gemm openblas");
+      }
+      reject("--cpu-gemm " + cpu_gemm + " must be onednn or openblas");
+    }
+    opt.cpu_gemm = cpu_gemm;
     if (opt.recompute != "none" && opt.recompute != "selective" && opt.recompute != "full") {
       reject("--recompute " + opt.recompute + " must be none, selective or full");
     }
@@ -443,6 +458,7 @@ nlohmann::ordered_json describe_options(const Options& o, const AppOptions& app_
   c["distributed_timeout_minutes"] = o.distributed_timeout_minutes;
   c["dtype"] = o.dtype;
   c["attention"] = o.attention;
+  c["cpu_gemm"] = o.cpu_gemm;
   c["grad_dtype"] = o.grad_dtype;
   c["recompute"] = o.recompute;
   c["dp"] = o.dp;

@@ -64,6 +64,7 @@ struct Options {
   double distributed_timeout_minutes = 10.0;  // a NCCL operation unfinished after this aborts the run
   std::string dtype;    // resolved: "fp32" or "bf16" (parameters and activations)
   std::string attention;  // resolved: "native" (parabench's kernels) or "cudnn" (cuDNN's fused attention)
+  std::string cpu_gemm;   // resolved: "onednn" or "openblas" (the CPU backend's fp32 products); "none" on cuda
   std::string grad_dtype = "fp32";  // parameter gradients: "fp32" or "bf16" (only with --dtype bf16)
   std::string recompute = "none";
   int dp = 0;           // 0 until resolved
@@ -116,6 +117,7 @@ struct Environment {
   bool distinct_gpus = false;  // the ranks of every node drive distinct GPUs (their PCI bus ids differ)
   int cuda_max_head_dim = 0;   // the CUDA attention's limit (kCudaMaxHeadDim)
   bool cudnn_built = false;    // the CUDA backend has cuDNN's fused attention (PB_WITH_CUDNN)
+  std::vector<std::string> cpu_gemm_libraries = {"openblas"};  // this build's, its default first
   int slurm_ntasks = 0;        // SLURM_NTASKS, 0 when unset
 };
 

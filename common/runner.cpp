@@ -155,7 +155,11 @@ std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
 #else
   (void)local_rank;
 #endif
-  return make_cpu_backend(opt.threads, opt.dtype == "bf16");
+  cpu::SgemmLibrary sgemm = cpu::default_sgemm_library();
+  if (!cpu::parse_sgemm_library(opt.cpu_gemm, &sgemm)) {  // options.cpp admits only this build's libraries
+    throw RunError(kExitConfig, "--cpu-gemm " + opt.cpu_gemm + ": not a library of this build");
+  }
+  return make_cpu_backend(opt.threads, opt.dtype == "bf16", sgemm);
 }
 
 // The communicator the process groups are split from, when it is not `world` itself: with the CUDA
@@ -972,6 +976,7 @@ int run_app(int argc, char** argv, const AppDefinition& app) {
     env.cores_per_rank = std::max(1, online_cores() / local.local_size);
     env.slurm_ntasks = std::atoi(env_or("SLURM_NTASKS", "0").c_str());
     env.ranks_per_node = local.local_size;
+    env.cpu_gemm_libraries = cpu::sgemm_libraries();
 #ifdef PB_WITH_CUDA
     env.cuda_built = true;
     env.visible_gpus = cuda_visible_device_count();

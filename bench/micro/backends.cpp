@@ -5,10 +5,10 @@
 
 namespace pb {
 
-std::vector<MicroBackend> make_micro_backends(int threads) {
+std::vector<MicroBackend> make_micro_backends(int threads, cpu::SgemmLibrary sgemm) {
   std::vector<MicroBackend> backends;
-  backends.push_back({"cpu", "fp32", false, make_cpu_backend(threads, /*bf16_matmul=*/false)});
-  backends.push_back({"cpu", "bf16", false, make_cpu_backend(threads, /*bf16_matmul=*/true)});
+  backends.push_back({"cpu", "fp32", false, make_cpu_backend(threads, /*bf16_matmul=*/false, sgemm)});
+  backends.push_back({"cpu", "bf16", false, make_cpu_backend(threads, /*bf16_matmul=*/true, sgemm)});
   return backends;
 }
 

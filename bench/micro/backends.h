@@ -9,6 +9,7 @@
 
 #include "common/communicator.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/sgemm.h"
 
 namespace pb {
 
@@ -23,8 +24,9 @@ struct MicroBackend {
   double peak_bytes_per_s = std::numeric_limits<double>::quiet_NaN();
 };
 
-// The CPU backend with `threads` compute threads in fp32 and bf16, then those of add_cuda_backends.
-std::vector<MicroBackend> make_micro_backends(int threads);
+// The CPU backend with `threads` compute threads and `sgemm` for its fp32 products, in fp32 and bf16; then
+// those of add_cuda_backends.
+std::vector<MicroBackend> make_micro_backends(int threads, cpu::SgemmLibrary sgemm);
 
 // Appends the CUDA backends (fp32, bf16) of this rank's device, node-local rank modulo the visible
 // devices as the apps choose it, when this build has the CUDA backend and a GPU is visible; returns

@@ -35,6 +35,7 @@ namespace {
 
 struct MicroOptions {
   int threads = 1;
+  std::string cpu_gemm;        // the CPU backend's fp32 products: onednn or openblas (default: this build's first)
   std::string ops = "all";
   std::string min_bytes = "8", max_bytes = "1G";
   std::string comm = "auto";   // auto: nccl where this build has it and every rank sees a GPU, else mpi
@@ -113,6 +114,9 @@ int parse_micro_options(int* argc, char** argv, bool lead, MicroOptions* o) {
   cli.add_flag("-h,--help", help, "this help, then Google Benchmark's flags");
   cli.add_option("--threads", o->threads, "compute threads of the CPU backend (default: the node's cores over its ranks, as the apps)")
       ->check(CLI::Range(1, 1 << 16));
+  cli.add_option("--cpu-gemm", o->cpu_gemm, "onednn | openblas: the CPU backend's fp32 matrix products, as the apps' "
+                 "--cpu-gemm (default: onednn where built with it)")
+      ->check(CLI::IsMember(pb::cpu::sgemm_libraries()));
   cli.add_option("--ops", o->ops, "collectives, comma-separated: " + [] {
     std::string names;
     for (const std::string& k : pb::collective_op_names()) names += (names.empty() ? "" : ",") + k;
@@ -241,7 +245,10 @@ int run(int argc, char** argv) {
   }
   o.cluster = pb::resolve_cluster_name(o.cluster);
 
-  std::vector<pb::MicroBackend> backends = pb::make_micro_backends(o.threads);
+  pb::cpu::SgemmLibrary sgemm = pb::cpu::default_sgemm_library();
+  if (!o.cpu_gemm.empty()) pb::cpu::parse_sgemm_library(o.cpu_gemm, &sgemm);  // checked by CLI11
+  o.cpu_gemm = pb::cpu::sgemm_library_name(sgemm);
+  std::vector<pb::MicroBackend> backends = pb::make_micro_backends(o.threads, sgemm);
   const std::string cuda = pb::add_cuda_backends(&backends, local.local_rank);
   pb::MpiCommunicator mpi_world(MPI_COMM_WORLD);
   // NCCL only where every rank has a GPU of its own (NCCL refuses two ranks on one GPU): the communicator
@@ -282,6 +289,7 @@ int run(int argc, char** argv) {
       config["app"] = "micro";
       config["world_size"] = size;
       config["threads"] = o.threads;
+      config["cpu_gemm"] = o.cpu_gemm;
       config["comm"] = world.name();
       std::string ops;
       for (const std::string& op : o.request.ops) ops += (ops.empty() ? "" : ",") + op;

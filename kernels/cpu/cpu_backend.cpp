@@ -1,5 +1,5 @@
-// CPU implementation of the Backend: OpenBLAS sgemm for the matrix products (oneDNN's bf16 matmul with
-// --dtype bf16), OpenMP for the rest.
+// CPU implementation of the Backend: oneDNN's or OpenBLAS's sgemm for the matrix products
+// (kernels/cpu/sgemm.h; oneDNN's bf16 matmul with --dtype bf16), OpenMP for the rest.
 //
 // Every op runs on fp32 and bf16 tensors (kernels/backend.h): each kernel is written once as a template
 // over its tensors' element types (kernels/cpu/bf16.h's load and store), and the override checks the
@@ -31,6 +31,7 @@
 #include "kernels/block_cache.h"
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/bf16_gemm.h"
+#include "kernels/cpu/sgemm.h"
 #include "kernels/cpu/fast_math.h"
 
 namespace pb {
@@ -226,10 +227,10 @@ void swiglu_backward_kernel(T* dgate, T* dup, const T* dout, const T* gate, cons
 // between them: blocked products rather than a dot product per (query, key), at the price of the masked
 // half of the scores. Inside the backend's parallel loop over heads each call runs on its thread alone
 // (OpenBLAS does not nest threads), so the sums do not depend on the thread count.
-inline void attention_head_forward(float* o, std::size_t o_stride, float* P, const float* q, const float* k,
-                                   const float* v, std::size_t in_stride, int S, int d, float scale) {
+inline void attention_head_forward(cpu::SgemmLibrary lib, float* o, std::size_t o_stride, float* P, const float* q,
+                                   const float* k, const float* v, std::size_t in_stride, int S, int d, float scale) {
   const int ld = static_cast<int>(in_stride);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, d, scale, q, ld, k, ld, 0.0f, P, S);
+  cpu::sgemm(lib, false, true, S, S, d, scale, q, ld, k, ld, 0.0f, P, S);
   for (int t = 0; t < S; ++t) {
     float* Pt = P + static_cast<std::size_t>(t) * S;
     const float maxv = max_of(Pt, t + 1);
@@ -244,20 +245,19 @@ inline void attention_head_forward(float* o, std::size_t o_stride, float* P, con
     for (int t2 = 0; t2 <= t; ++t2) Pt[t2] *= inv;
     for (int t2 = t + 1; t2 < S; ++t2) Pt[t2] = 0.0f;  // the masked part of the row
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, d, S, 1.0f, P, S, v, ld, 0.0f, o,
-              static_cast<int>(o_stride));
+  cpu::sgemm(lib, false, false, S, d, S, 1.0f, P, S, v, ld, 0.0f, o, static_cast<int>(o_stride));
 }
 
 // One (sample, head) of the backward: dq, dk, dv (S, d) rows `g_stride` apart, accumulated; dS (S, S)
 // scratch; dO (S, d) rows `do_stride` apart; q, k, v as the forward's. Four sgemm calls around the
 // softmax's backward: dv += Pᵀ·dO, dP = dO·vᵀ, dScore = P ∘ (dP − Σ P·dP) / √d (0 above the diagonal),
 // dq += dScore·k, dk += dScoreᵀ·q.
-inline void attention_head_backward(float* dq, float* dk, float* dv, std::size_t g_stride, float* dS, const float* P,
-                                    const float* dO, std::size_t do_stride, const float* q, const float* k,
-                                    const float* v, std::size_t in_stride, int S, int d, float scale) {
+inline void attention_head_backward(cpu::SgemmLibrary lib, float* dq, float* dk, float* dv, std::size_t g_stride,
+                                    float* dS, const float* P, const float* dO, std::size_t do_stride, const float* q,
+                                    const float* k, const float* v, std::size_t in_stride, int S, int d, float scale) {
   const int ld = static_cast<int>(in_stride), lg = static_cast<int>(g_stride), ldo = static_cast<int>(do_stride);
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, d, S, 1.0f, P, S, dO, ldo, 1.0f, dv, lg);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, d, 1.0f, dO, ldo, v, ld, 0.0f, dS, S);
+  cpu::sgemm(lib, true, false, S, d, S, 1.0f, P, S, dO, ldo, 1.0f, dv, lg);
+  cpu::sgemm(lib, false, true, S, S, d, 1.0f, dO, ldo, v, ld, 0.0f, dS, S);
   for (int t = 0; t < S; ++t) {
     const float* Pt = P + static_cast<std::size_t>(t) * S;
     float* dSt = dS + static_cast<std::size_t>(t) * S;
@@ -268,8 +268,8 @@ inline void attention_head_backward(float* dq, float* dk, float* dv, std::size_t
     for (int t2 = 0; t2 <= t; ++t2) dSt[t2] = Pt[t2] * (dSt[t2] - pdp) * scale;
     for (int t2 = t + 1; t2 < S; ++t2) dSt[t2] = 0.0f;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, d, S, 1.0f, dS, S, k, ld, 1.0f, dq, lg);
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, d, S, 1.0f, dS, S, q, ld, 1.0f, dk, lg);
+  cpu::sgemm(lib, false, false, S, d, S, 1.0f, dS, S, k, ld, 1.0f, dq, lg);
+  cpu::sgemm(lib, true, false, S, d, S, 1.0f, dS, S, q, ld, 1.0f, dk, lg);
 }
 
 // dst (S, parts·d, rows parts·d apart) = the `parts` column blocks of d (`part_stride` apart, from src) of
@@ -299,7 +299,8 @@ inline void round_head(uint16_t* dst, const float* src, int S, int parts, std::s
 // qkv rows are [Q | K | V] of W = C + 2·kv·d columns: query head h at column h·d, its key and value head
 // h / (a/kv) at C + (h / g)·d and C + kv·d + (h / g)·d (kv = a: the multi-head layout, W = 3C).
 template <typename T>
-void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, int C, int num_heads, int kv_heads) {
+void attention_forward_kernel(cpu::SgemmLibrary lib, T* out, float* saved, const T* qkv, int B, int S, int C,
+                              int num_heads, int kv_heads) {
   const int d = C / num_heads, group = num_heads / kv_heads;
   const std::size_t Ckv = static_cast<std::size_t>(kv_heads) * d, W = C + 2 * Ckv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -317,13 +318,13 @@ void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, 
         T* out_head = out + b * static_cast<std::size_t>(S) * C + h * d;           // (S, d), stride C
         float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;  // (S, S)
         if constexpr (is_fp32<T>) {
-          attention_head_forward(out_head, C, P, q, k, v, W, S, d, scale);
+          attention_head_forward(lib, out_head, C, P, q, k, v, W, S, d, scale);
         } else {
           widen_head(in.data(), q, S, 1, W, 0, d);
           widen_head(in.data() + static_cast<std::size_t>(S) * d, k, S, 1, W, 0, d);
           widen_head(in.data() + 2 * static_cast<std::size_t>(S) * d, v, S, 1, W, 0, d);
           const float* qf = in.data();
-          attention_head_forward(o.data(), d, P, qf, qf + static_cast<std::size_t>(S) * d,
+          attention_head_forward(lib, o.data(), d, P, qf, qf + static_cast<std::size_t>(S) * d,
                                  qf + 2 * static_cast<std::size_t>(S) * d, d, S, d, scale);
           round_head(out_head, o.data(), S, 1, C, 0, d);
         }
@@ -335,7 +336,8 @@ void attention_forward_kernel(T* out, float* saved, const T* qkv, int B, int S, 
 // A key/value head's gradient sums those of its group's query heads, in head order, on one thread: the
 // loop runs over (sample, key/value head), so the sums are deterministic.
 template <typename T>
-void attention_backward_kernel(T* dqkv, float* scratch, const T* dout, const T* qkv, const float* saved, int B, int S,
+void attention_backward_kernel(cpu::SgemmLibrary lib, T* dqkv, float* scratch, const T* dout, const T* qkv,
+                               const float* saved, int B, int S,
                                int C, int num_heads, int kv_heads) {
   const int d = C / num_heads, group = num_heads / kv_heads;
   const std::size_t Ckv = static_cast<std::size_t>(kv_heads) * d, W = C + 2 * Ckv;
@@ -368,13 +370,13 @@ void attention_backward_kernel(T* dqkv, float* scratch, const T* dout, const T* 
           const float* P = saved + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
           float* dS = scratch + (static_cast<std::size_t>(b) * num_heads + h) * S * S;
           if constexpr (is_fp32<T>) {
-            attention_head_backward(dq, dk, dv, W, dS, P, dO_head, C, q, k, v, W, S, d, scale);
+            attention_head_backward(lib, dq, dk, dv, W, dS, P, dO_head, C, q, k, v, W, S, d, scale);
           } else {
             widen_head(qf.data(), q, S, 1, W, 0, d);
             widen_head(dOf.data(), dO_head, S, 1, C, 0, d);
             std::fill(dqf.begin(), dqf.end(), 0.0f);
             // dq, dk, dv rows d apart (g_stride d), q, k, v rows d apart (in_stride d)
-            attention_head_backward(dqf.data(), dkf.data(), dvf.data(), d, dS, P, dOf.data(), d, qf.data(), kf.data(),
+            attention_head_backward(lib, dqf.data(), dkf.data(), dvf.data(), d, dS, P, dOf.data(), d, qf.data(), kf.data(),
                                     vf.data(), d, S, d, scale);
             round_head(dq, dqf.data(), S, 1, W, 0, d);
           }
@@ -697,9 +699,10 @@ void bias_gradient_kernel(Bi* dbias, const T* dout, int N, int OC) {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int threads, bool bf16_matmul)
+  CpuBackend(int threads, bool bf16_matmul, cpu::SgemmLibrary sgemm)
       : threads_(std::max(1, threads)),
         bf16_operands_(bf16_matmul),
+        sgemm_(sgemm),
         bf16_(bf16_matmul ? std::make_unique<cpu::Bf16Gemm>() : nullptr),
         blocks_(kAlignment, [](std::size_t bytes) {
           void* ptr = std::aligned_alloc(kAlignment, bytes);
@@ -713,7 +716,8 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
   std::string device_name() const override { return cpu_model_name(); }
   std::string matmul_precision() const override {
-    return bf16_operands_ ? "bf16 operands, fp32 accumulation: " + cpu::bf16_gemm_library() : "fp32";
+    return bf16_operands_ ? "bf16 operands, fp32 accumulation: " + cpu::bf16_gemm_library()
+                          : "fp32: " + cpu::sgemm_library_description(sgemm_);
   }
 
   // ---- memory ------------------------------------------------------------------------------------
@@ -811,7 +815,7 @@ class CpuBackend final : public Backend {
     const DType t = cpu::common_dtype("attention_forward", {{"out", out}, {"qkv", qkv}});
     cpu::dispatch([&](auto e) {
       using T = decltype(e);
-      attention_forward_kernel(out.as<T>(), saved, qkv.as<T>(), B, S, C, num_heads, kv_heads);
+      attention_forward_kernel(sgemm_, out.as<T>(), saved, qkv.as<T>(), B, S, C, num_heads, kv_heads);
     }, t);
   }
 
@@ -823,7 +827,7 @@ class CpuBackend final : public Backend {
                                       {{"dqkv", dqkv}, {"dout", dout}, {"out", out}, {"qkv", qkv}});
     cpu::dispatch([&](auto e) {
       using T = decltype(e);
-      attention_backward_kernel(dqkv.as<T>(), scratch, dout.as<T>(), qkv.as<T>(), saved, B, S, C, num_heads,
+      attention_backward_kernel(sgemm_, dqkv.as<T>(), scratch, dout.as<T>(), qkv.as<T>(), saved, B, S, C, num_heads,
                                 kv_heads);
     }, t);
   }
@@ -1193,8 +1197,7 @@ class CpuBackend final : public Backend {
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) {
     if (!bf16_operands_) {
-      cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
-                  1.0f, A, lda, B, ldb, beta, C, ldc);
+      cpu::sgemm(sgemm_, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
       return;
     }
     // the stored extent of each operand: its rows, ld apart, the last one only as long as needed
@@ -1219,6 +1222,7 @@ class CpuBackend final : public Backend {
 
   int threads_;
   bool bf16_operands_;                   // bf16_matmul: fp32 tensors' products round their operands
+  cpu::SgemmLibrary sgemm_;              // the fp32 products' library (kernels/cpu/sgemm.h)
   std::unique_ptr<cpu::Bf16Gemm> bf16_;  // the bf16 products (null until needed)
   std::vector<uint16_t> bf16_a_, bf16_b_;  // fp32 operands rounded (bf16_matmul)
   std::vector<float> product_;             // a bf16 destination's product in fp32
@@ -1239,8 +1243,8 @@ std::string cpu_model_name() {
   return "unknown CPU";
 }
 
-std::unique_ptr<Backend> make_cpu_backend(int threads, bool bf16_matmul) {
-  return std::make_unique<CpuBackend>(threads, bf16_matmul);
+std::unique_ptr<Backend> make_cpu_backend(int threads, bool bf16_matmul, cpu::SgemmLibrary sgemm) {
+  return std::make_unique<CpuBackend>(threads, bf16_matmul, sgemm);
 }
 
 }  // namespace pb

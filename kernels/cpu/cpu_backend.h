@@ -1,5 +1,5 @@
-// The CPU backend: OpenBLAS sgemm (or oneDNN's bf16 matmul) for the matrix products, OpenMP loops for
-// the rest.
+// The CPU backend: oneDNN's or OpenBLAS's sgemm (or oneDNN's bf16 matmul) for the matrix products,
+// OpenMP loops for the rest.
 #pragma once
 
 #include <cstddef>
@@ -8,14 +8,16 @@
 #include <string>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/sgemm.h"
 
 namespace pb {
 
 // threads: compute threads for BLAS and OpenMP (≥ 1). bf16_matmul: the matrix products of fp32 tensors
 // round their operands to bf16 and accumulate in fp32 (kernels/cpu/bf16_gemm.h). Every op also runs on
 // bf16 tensors (kernels/backend.h); their products take the bf16 operands as they are, whatever
-// bf16_matmul says.
-std::unique_ptr<Backend> make_cpu_backend(int threads, bool bf16_matmul = false);
+// bf16_matmul says. sgemm: the library of the fp32 products (and of the attention's per-head products).
+std::unique_ptr<Backend> make_cpu_backend(int threads, bool bf16_matmul = false,
+                                          cpu::SgemmLibrary sgemm = cpu::default_sgemm_library());
 
 // The host CPU's model name (/proc/cpuinfo), for the result file's /system.
 std::string cpu_model_name();

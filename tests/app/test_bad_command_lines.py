@@ -38,6 +38,8 @@ BAD = [
     ("comm-unknown", ["--comm", "gloo"], "--comm"),
     ("attention-cudnn-on-cpu", ["--attention", "cudnn"], "--attention"),
     ("attention-unknown", ["--attention", "flash"], "--attention"),
+    ("cpu-gemm-unknown", ["--cpu-gemm", "mkl"], "--cpu-gemm"),
+    ("cpu-gemm-empty", ["--cpu-gemm", ""], "--cpu-gemm"),
     ("distributed-timeout-zero", ["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes"),
     ("distributed-timeout-negative", ["--distributed-timeout-minutes", "-1"], "--distributed-timeout-minutes"),
     ("dtype-unknown", ["--dtype", "fp16"], "--dtype"),

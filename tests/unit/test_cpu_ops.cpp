@@ -483,9 +483,17 @@ Vec ref_moe_combine(const Vec& buf, const Vec& gate, const std::vector<int32_t>&
 
 // ---- fixture -----------------------------------------------------------------------------------
 
-class CpuOps : public ::testing::Test {
+// Every op on each sgemm library this build has (kernels/cpu/sgemm.h: the products and the attention's
+// per-head products run on it), against the same float64 references.
+pb::cpu::SgemmLibrary sgemm_library(const std::string& name) {
+  pb::cpu::SgemmLibrary library = pb::cpu::default_sgemm_library();
+  EXPECT_TRUE(pb::cpu::parse_sgemm_library(name, &library)) << name;
+  return library;
+}
+
+class CpuOps : public ::testing::TestWithParam<std::string> {
  protected:
-  std::unique_ptr<Backend> be = pb::make_cpu_backend(2);  // declared first: destroyed last
+  std::unique_ptr<Backend> be = pb::make_cpu_backend(2, false, sgemm_library(GetParam()));  // destroyed last
   Dev dev{*be};
 };
 
@@ -505,7 +513,7 @@ std::string shape_str(const char* fmt, int a, int b, int c, int d = 0) {
 // Memory, transfers and the tracker
 // =================================================================================================
 
-TEST_F(CpuOps, NameUploadDownloadCopyZero) {
+TEST_P(CpuOps, NameUploadDownloadCopyZero) {
   EXPECT_EQ(be->name(), "cpu");
   EXPECT_FALSE(be->device_name().empty());
 
@@ -531,7 +539,7 @@ TEST_F(CpuOps, NameUploadDownloadCopyZero) {
   be->synchronize();
 }
 
-TEST_F(CpuOps, MemoryTrackerCountsAllocations) {
+TEST_P(CpuOps, MemoryTrackerCountsAllocations) {
   pb::MemoryTracker& tr = be->tracker();
   const int64_t base_par = tr.current(MemCategory::parameters);
   const int64_t base_grad = tr.current(MemCategory::gradients);
@@ -575,7 +583,7 @@ TEST_F(CpuOps, MemoryTrackerCountsAllocations) {
 // matmul
 // =================================================================================================
 
-TEST_F(CpuOps, MatmulForward) {
+TEST_P(CpuOps, MatmulForward) {
   std::mt19937 rng(11);
   for (const auto& sh : kMatmulShapes) {
     for (bool with_bias : {true, false}) {
@@ -594,7 +602,7 @@ TEST_F(CpuOps, MatmulForward) {
   }
 }
 
-TEST_F(CpuOps, MatmulBackward) {
+TEST_P(CpuOps, MatmulBackward) {
   std::mt19937 rng(12);
   for (const auto& sh : kMatmulShapes) {
     SCOPED_TRACE(shape_str("N=%d C=%d OC=%d", sh.N, sh.C, sh.OC));
@@ -653,7 +661,7 @@ TEST_F(CpuOps, MatmulBackward) {
 // layernorm
 // =================================================================================================
 
-TEST_F(CpuOps, LayernormForward) {
+TEST_P(CpuOps, LayernormForward) {
   std::mt19937 rng(21);
   const int shapes[][2] = {{2 * 17, 72}, {1, 3}, {5, 1031}};
   for (const auto& sh : shapes) {
@@ -679,7 +687,7 @@ TEST_F(CpuOps, LayernormForward) {
 
 // The fused residual add and LayerNorm is the add, then the LayerNorm of the stored sum, bitwise; in place
 // (out aliases a) as the model calls it.
-TEST_F(CpuOps, ResidualLayernormForward) {
+TEST_P(CpuOps, ResidualLayernormForward) {
   std::mt19937 rng(75);
   const int N = 13, C = 40;
   const FVec a = rand_floats(rng, std::size_t(N) * C, -2.0f, 2.0f), b = rand_floats(rng, a.size(), -2.0f, 2.0f);
@@ -697,7 +705,7 @@ TEST_F(CpuOps, ResidualLayernormForward) {
   EXPECT_EQ(dev.get(rstd, N), dev.get(ref_rstd, N));
 }
 
-TEST_F(CpuOps, LayernormBackward) {
+TEST_P(CpuOps, LayernormBackward) {
   std::mt19937 rng(22);
   const int shapes[][2] = {{2 * 17, 72}, {1, 3}};
   for (const auto& sh : shapes) {
@@ -748,7 +756,7 @@ TEST_F(CpuOps, LayernormBackward) {
 // attention
 // =================================================================================================
 
-TEST_F(CpuOps, AttentionForward) {
+TEST_P(CpuOps, AttentionForward) {
   std::mt19937 rng(31);
   for (const auto& sh : kAttnShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH));
@@ -762,7 +770,7 @@ TEST_F(CpuOps, AttentionForward) {
   }
 }
 
-TEST_F(CpuOps, AttentionBackward) {
+TEST_P(CpuOps, AttentionBackward) {
   std::mt19937 rng(32);
   for (const auto& sh : kAttnShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH));
@@ -856,7 +864,7 @@ Vec ref_gqa_attention(const Vec& qkv, int B, int S, int C, int NH, int KV) {
   return out;
 }
 
-TEST_F(CpuOps, RmsnormForward) {
+TEST_P(CpuOps, RmsnormForward) {
   std::mt19937 rng(121);
   const int shapes[][2] = {{2 * 17, 72}, {1, 3}, {5, 1031}};
   for (const auto& sh : shapes) {
@@ -875,7 +883,7 @@ TEST_F(CpuOps, RmsnormForward) {
 }
 
 // As the LayerNorm's: the add, then the RMSNorm of the stored sum, bitwise; in place (out aliases a).
-TEST_F(CpuOps, ResidualRmsnormForward) {
+TEST_P(CpuOps, ResidualRmsnormForward) {
   std::mt19937 rng(122);
   const int N = 13, C = 40;
   const FVec a = rand_floats(rng, std::size_t(N) * C, -2.0f, 2.0f), b = rand_floats(rng, a.size(), -2.0f, 2.0f);
@@ -891,7 +899,7 @@ TEST_F(CpuOps, ResidualRmsnormForward) {
   EXPECT_EQ(dev.get(rstd, N), dev.get(ref_rstd, N));
 }
 
-TEST_F(CpuOps, RmsnormBackward) {
+TEST_P(CpuOps, RmsnormBackward) {
   std::mt19937 rng(123);
   const int shapes[][2] = {{2 * 17, 72}, {1, 3}};
   for (const auto& sh : shapes) {
@@ -921,7 +929,7 @@ TEST_F(CpuOps, RmsnormBackward) {
 // In place on a block of columns inside wider rows (the Q or K heads of a qkv buffer), at positions that
 // are not 0..S−1 (a context-parallel rank's); the backward is the forward's transpose: for L = dout·rope(x),
 // ∂L/∂x = rope_backward(dout), checked against finite differences; and backward undoes forward.
-TEST_F(CpuOps, RopeForwardAndBackward) {
+TEST_P(CpuOps, RopeForwardAndBackward) {
   std::mt19937 rng(124);
   struct Case { int B, S, heads, d; std::size_t stride, col; double theta; };
   const Case cases[] = {{2, 5, 3, 8, 40, 8, 10000.0}, {1, 3, 2, 2, 4, 0, 500000.0}, {3, 4, 1, 6, 6, 0, 10.0}};
@@ -956,7 +964,7 @@ TEST_F(CpuOps, RopeForwardAndBackward) {
   }
 }
 
-TEST_F(CpuOps, SwigluForwardAndBackward) {
+TEST_P(CpuOps, SwigluForwardAndBackward) {
   std::mt19937 rng(125);
   const std::size_t n = 1031;
   const FVec gate = rand_floats(rng, n, -6.0f, 6.0f), up = rand_floats(rng, n, -2.0f, 2.0f);
@@ -983,7 +991,7 @@ TEST_F(CpuOps, SwigluForwardAndBackward) {
 struct GqaShape { int B, S, C, NH, KV; };
 const GqaShape kGqaShapes[] = {{2, 9, 24, 4, 2}, {1, 5, 24, 6, 1}, {2, 4, 12, 3, 3}, {1, 1, 8, 4, 2}};
 
-TEST_F(CpuOps, AttentionGqaForward) {
+TEST_P(CpuOps, AttentionGqaForward) {
   std::mt19937 rng(126);
   for (const auto& sh : kGqaShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH) + " kv=" + std::to_string(sh.KV));
@@ -999,7 +1007,7 @@ TEST_F(CpuOps, AttentionGqaForward) {
 }
 
 // Against finite differences; with every key/value head's gradient the sum over its query heads.
-TEST_F(CpuOps, AttentionGqaBackward) {
+TEST_P(CpuOps, AttentionGqaBackward) {
   std::mt19937 rng(127);
   for (const auto& sh : kGqaShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH) + " kv=" + std::to_string(sh.KV));
@@ -1022,7 +1030,7 @@ TEST_F(CpuOps, AttentionGqaBackward) {
 }
 
 // kv = heads is multi-head attention, bitwise; a kv that does not divide the heads is refused.
-TEST_F(CpuOps, AttentionGqaWithAllHeadsIsMultiHeadAttention) {
+TEST_P(CpuOps, AttentionGqaWithAllHeadsIsMultiHeadAttention) {
   std::mt19937 rng(128);
   const int B = 2, S = 7, C = 24, NH = 4;
   const std::size_t n_qkv = std::size_t(B) * S * 3 * C, n_out = std::size_t(B) * S * C;
@@ -1046,7 +1054,7 @@ TEST_F(CpuOps, AttentionGqaWithAllHeadsIsMultiHeadAttention) {
 // gelu, add, accumulate, scale
 // =================================================================================================
 
-TEST_F(CpuOps, GeluForward) {
+TEST_P(CpuOps, GeluForward) {
   std::mt19937 rng(41);
   for (std::size_t n : {std::size_t(1031), std::size_t(1)}) {
     SCOPED_TRACE("n=" + std::to_string(n));
@@ -1059,7 +1067,7 @@ TEST_F(CpuOps, GeluForward) {
   }
 }
 
-TEST_F(CpuOps, GeluBackward) {
+TEST_P(CpuOps, GeluBackward) {
   std::mt19937 rng(42);
   const std::size_t n = 1031;
   const FVec x = rand_floats(rng, n, -5.0f, 5.0f), dout = rand_floats(rng, n);
@@ -1084,7 +1092,7 @@ TEST_F(CpuOps, GeluBackward) {
   EXPECT_TRUE(close(dev.get(d_dout, n), an, kGradTol, "in place (dinp == dout)"));
 }
 
-TEST_F(CpuOps, AddAccumulateScale) {
+TEST_P(CpuOps, AddAccumulateScale) {
   std::mt19937 rng(43);
   const std::size_t n = 1031;
   const FVec a = rand_floats(rng, n), b = rand_floats(rng, n);
@@ -1133,7 +1141,7 @@ std::vector<int32_t> tokens_with_repeats(std::mt19937& rng, const EmbShape& sh) 
   return t;
 }
 
-TEST_F(CpuOps, EmbeddingForward) {
+TEST_P(CpuOps, EmbeddingForward) {
   std::mt19937 rng(51);
   for (const auto& sh : kEmbShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d V=%d", sh.B, sh.S, sh.C, sh.V));
@@ -1149,7 +1157,7 @@ TEST_F(CpuOps, EmbeddingForward) {
   }
 }
 
-TEST_F(CpuOps, EmbeddingBackward) {
+TEST_P(CpuOps, EmbeddingBackward) {
   std::mt19937 rng(52);
   for (const auto& sh : kEmbShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d V=%d", sh.B, sh.S, sh.C, sh.V));
@@ -1232,7 +1240,7 @@ void check_cross_entropy(Backend& be, Dev& dev, const FVec& logits,
   }
 }
 
-TEST_F(CpuOps, CrossEntropyForwardBackward) {
+TEST_P(CpuOps, CrossEntropyForwardBackward) {
   std::mt19937 rng(61);
   struct Case { int N, V; float scale; };
   for (const Case& cs : {Case{2 * 17, 67, 1.0f / (2 * 17)}, Case{1, 67, 0.37f}, Case{3, 2, 1.0f}}) {
@@ -1243,7 +1251,7 @@ TEST_F(CpuOps, CrossEntropyForwardBackward) {
   }
 }
 
-TEST_F(CpuOps, CrossEntropyLargeLogitsAreStable) {
+TEST_P(CpuOps, CrossEntropyLargeLogitsAreStable) {
   std::mt19937 rng(62);
   const int N = 6, V = 67;
   FVec logits = rand_floats(rng, std::size_t(N) * V, -3.0f, 3.0f);
@@ -1259,7 +1267,7 @@ TEST_F(CpuOps, CrossEntropyLargeLogitsAreStable) {
 
 // A confidently wrong row whose target logit is far (> 88, where exp underflows in fp32) below the
 // maximum: CE = log Σ exp(z − max) − (z_target − max) ≈ 120 must stay finite.
-TEST_F(CpuOps, CrossEntropyHugeLogitGapIsFinite) {
+TEST_P(CpuOps, CrossEntropyHugeLogitGapIsFinite) {
   std::mt19937 rng(63);
   const int N = 3, V = 67;
   FVec logits = rand_floats(rng, std::size_t(N) * V, -3.0f, 3.0f);
@@ -1273,7 +1281,7 @@ TEST_F(CpuOps, CrossEntropyHugeLogitGapIsFinite) {
 // would dominate the softmax if read): the loss and the first V columns of dlogits are exactly those of
 // the unpadded rows, the padding's dlogits exactly 0; and the same through the vocabulary-parallel
 // steps with two blocks of Vp/2, the second partly or wholly padding.
-TEST_F(CpuOps, CrossEntropyIgnoresVocabularyPadding) {
+TEST_P(CpuOps, CrossEntropyIgnoresVocabularyPadding) {
   std::mt19937 rng(64);
   const int N = 5;
   const float scale = 1.0f / N;
@@ -1368,7 +1376,7 @@ TEST_F(CpuOps, CrossEntropyIgnoresVocabularyPadding) {
 // optimizer: sum_squares, AdamW
 // =================================================================================================
 
-TEST_F(CpuOps, SumSquares) {
+TEST_P(CpuOps, SumSquares) {
   std::mt19937 rng(71);
   for (std::size_t n : {std::size_t(100003), std::size_t(1), std::size_t(7)}) {
     SCOPED_TRACE("n=" + std::to_string(n));
@@ -1383,7 +1391,7 @@ TEST_F(CpuOps, SumSquares) {
 
 // The batched norm: each bin the in-order sum of its pieces' Σx², bitwise the single-piece sums added in
 // the same order; an empty piece adds nothing; a bin outside [0, bins) is refused.
-TEST_F(CpuOps, SumSquaresBinned) {
+TEST_P(CpuOps, SumSquaresBinned) {
   std::mt19937 rng(73);
   const FVec a = rand_floats(rng, 40000, -3.0f, 3.0f), b = rand_floats(rng, 17), c = rand_floats(rng, 5000);
   const float *da = dev.put(a), *db = dev.put(b), *dc = dev.put(c);
@@ -1401,7 +1409,7 @@ TEST_F(CpuOps, SumSquaresBinned) {
 
 // Host waits are counted by the interface: download, synchronize and each sum_squares call once (a
 // batched norm once, however many pieces); upload, copy and the ops not at all.
-TEST_F(CpuOps, HostWaitsCounted) {
+TEST_P(CpuOps, HostWaitsCounted) {
   const FVec x(64, 1.0f);
   float* d = dev.put(x);
   const std::uint64_t before = be->host_waits();
@@ -1420,7 +1428,7 @@ TEST_F(CpuOps, HostWaitsCounted) {
 
 // One multi-range update is the per-range updates, bitwise: ranges of the same flat buffers, each with its
 // weight decay, in any order, gaps left untouched.
-TEST_F(CpuOps, AdamwUpdateRanges) {
+TEST_P(CpuOps, AdamwUpdateRanges) {
   std::mt19937 rng(74);
   const std::size_t n = 3000;
   const FVec p = rand_floats(rng, n, -0.05f, 0.05f), g = rand_floats(rng, n), m = rand_floats(rng, n, -0.5f, 0.5f),
@@ -1440,7 +1448,7 @@ TEST_F(CpuOps, AdamwUpdateRanges) {
   for (std::size_t i = 700; i < 1000; ++i) ASSERT_EQ(got[i], p[i]) << "element " << i << " of a gap";
 }
 
-TEST_F(CpuOps, AdamwUpdate) {
+TEST_P(CpuOps, AdamwUpdate) {
   std::mt19937 rng(72);
   const std::size_t n = 1031;
   const float lr = 0.01f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
@@ -1528,7 +1536,7 @@ bool any_kept(const std::vector<int32_t>& slot, int n, int k) {
   return false;
 }
 
-TEST_F(CpuOps, MoeRouterForward) {
+TEST_P(CpuOps, MoeRouterForward) {
   std::mt19937 rng(81);
   for (const auto& sh : kMoeShapes) {
     SCOPED_TRACE(moe_str(sh));
@@ -1547,7 +1555,7 @@ TEST_F(CpuOps, MoeRouterForward) {
 
 // Equal logits: the lower expert index first, also where the tie straddles the k-th place; rows far
 // above and below 0 (exp over- and underflows in fp32 without the shift by the maximum).
-TEST_F(CpuOps, MoeRouterTiesAndLargeLogits) {
+TEST_P(CpuOps, MoeRouterTiesAndLargeLogits) {
   const int N = 6, E = 5;
   const FVec logits = {1, 3, 3, 0, 3,                  // three-way tie for first
                        0, 0, 0, 0, 0,                  // all equal
@@ -1574,7 +1582,7 @@ TEST_F(CpuOps, MoeRouterTiesAndLargeLogits) {
   }
 }
 
-TEST_F(CpuOps, MoeRouterBackward) {
+TEST_P(CpuOps, MoeRouterBackward) {
   std::mt19937 rng(82);
   for (const auto& sh : kMoeShapes) {
     SCOPED_TRACE(moe_str(sh));
@@ -1616,7 +1624,7 @@ TEST_F(CpuOps, MoeRouterBackward) {
   }
 }
 
-TEST_F(CpuOps, MoeAssignCapacity) {
+TEST_P(CpuOps, MoeAssignCapacity) {
   // By hand: E = 3, k = 2, capacity 2; expert 0 is routed four times, expert 1 three times.
   {
     const std::vector<int32_t> expert = {0, 1, 0, 2, 1, 0, 0, 1};
@@ -1653,7 +1661,7 @@ TEST_F(CpuOps, MoeAssignCapacity) {
   }
 }
 
-TEST_F(CpuOps, MoeAuxLoss) {
+TEST_P(CpuOps, MoeAuxLoss) {
   std::mt19937 rng(84);
   const float coef = 0.37f, grad_scale = 0.25f;
   for (const auto& sh : kMoeShapes) {
@@ -1708,7 +1716,7 @@ TEST_F(CpuOps, MoeAuxLoss) {
 // Dispatch and combine for every shape and capacity. The buffers hold C = capacity + 1 slots, so
 // every expert has slots that no assignment fills: dispatch must zero them, combine must not read
 // them (the expert outputs there are random, as an MLP's bias makes them).
-TEST_F(CpuOps, MoeDispatchCombineForward) {
+TEST_P(CpuOps, MoeDispatchCombineForward) {
   std::mt19937 rng(85);
   for (const auto& sh : kMoeShapes) {
     const RefRoute route = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k);
@@ -1741,7 +1749,7 @@ TEST_F(CpuOps, MoeDispatchCombineForward) {
   }
 }
 
-TEST_F(CpuOps, MoeDispatchBackward) {
+TEST_P(CpuOps, MoeDispatchBackward) {
   std::mt19937 rng(86);
   for (const auto& sh : kMoeShapes) {
     const RefRoute route = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k);
@@ -1774,7 +1782,7 @@ TEST_F(CpuOps, MoeDispatchBackward) {
   }
 }
 
-TEST_F(CpuOps, MoeCombineBackward) {
+TEST_P(CpuOps, MoeCombineBackward) {
   std::mt19937 rng(87);
   for (const auto& sh : kMoeShapes) {
     const RefRoute route = ref_moe_router(to_double(moe_logits(rng, sh.N, sh.E)), sh.N, sh.E, sh.k);
@@ -1957,7 +1965,7 @@ const CpCase kCpForwardCases[] = {
     {"one query, one key", 1, 8, 2, {4}, {4}, true, 0, 0},
 };
 
-TEST_F(CpuOps, AttentionBlockForward) {
+TEST_P(CpuOps, AttentionBlockForward) {
   std::mt19937 rng(91);
   for (const CpCase& cs : kCpForwardCases) {
     SCOPED_TRACE(cs.name);
@@ -2019,7 +2027,7 @@ void cp_forward(Backend& be, Dev& dev, float* out, float* lse, const float* q, i
 
 // Queries at zigzag positions of a 16-token sequence against every key, the keys split into blocks in
 // several ways and orders (one whose first block is invisible to some queries: the merge starts from −inf).
-TEST_F(CpuOps, AttentionMergeOverKeySplitsEqualsFullAttention) {
+TEST_P(CpuOps, AttentionMergeOverKeySplitsEqualsFullAttention) {
   std::mt19937 rng(92);
   const int S = 16;
   const std::vector<std::vector<std::vector<int32_t>>> splits = {
@@ -2064,7 +2072,7 @@ TEST_F(CpuOps, AttentionMergeOverKeySplitsEqualsFullAttention) {
 
 // Positions 0..S−1 and one block of every key: the backend's causal attention_forward; also with the keys
 // split in two and merged.
-TEST_F(CpuOps, AttentionBlockForwardMatchesAttentionForward) {
+TEST_P(CpuOps, AttentionBlockForwardMatchesAttentionForward) {
   std::mt19937 rng(93);
   for (const auto& sh : kAttnShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH));
@@ -2109,7 +2117,7 @@ TEST_F(CpuOps, AttentionBlockForwardMatchesAttentionForward) {
 // The merge's cases one by one, against the formula in double: both finite (close and 100 apart, large),
 // one side −inf (the other side's values exactly: the −inf side's out is NaN here and contributes nothing),
 // both −inf (out and lse unchanged, whatever out holds).
-TEST_F(CpuOps, AttentionMergeInfinities) {
+TEST_P(CpuOps, AttentionMergeInfinities) {
   const float inf = std::numeric_limits<float>::infinity();
   const int B = 2, Sq = 3, C = 10, NH = 2, d = C / NH;
   // (lse, lse_b) per (b, h, i) in (B, heads, Sq) order
@@ -2148,7 +2156,7 @@ TEST_F(CpuOps, AttentionMergeInfinities) {
       }
 }
 
-TEST_F(CpuOps, AttentionBlockDelta) {
+TEST_P(CpuOps, AttentionBlockDelta) {
   std::mt19937 rng(95);
   for (auto [B, Sq, C, NH] : {std::tuple{2, 17, 72, 3}, std::tuple{1, 1, 8, 2}, std::tuple{3, 5, 15, 5}}) {
     SCOPED_TRACE(shape_str("B=%d Sq=%d C=%d heads=%d", B, Sq, C, NH));
@@ -2192,7 +2200,7 @@ const CpBackwardCase kCpBackwardCases[] = {
      {positions({{4, 7}}), positions({{8, 11}})}, 0, 0},
 };
 
-TEST_F(CpuOps, AttentionBlockBackwardVsFiniteDifferences) {
+TEST_P(CpuOps, AttentionBlockBackwardVsFiniteDifferences) {
   std::mt19937 rng(96);
   const float kGuard = 777.0f;  // the gradient buffers' padding: never written
   for (const CpBackwardCase& cs : kCpBackwardCases) {
@@ -2325,7 +2333,7 @@ TEST_F(CpuOps, AttentionBlockBackwardVsFiniteDifferences) {
 
 // Positions 0..S−1 and one block of every key, q, k and v in the qkv buffer: the backend's
 // attention_backward, with dqkv starting from zeros (the block backward accumulates).
-TEST_F(CpuOps, AttentionBlockBackwardMatchesAttentionBackward) {
+TEST_P(CpuOps, AttentionBlockBackwardMatchesAttentionBackward) {
   std::mt19937 rng(97);
   for (const auto& sh : kAttnShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH));
@@ -2359,7 +2367,7 @@ TEST_F(CpuOps, AttentionBlockBackwardMatchesAttentionBackward) {
 // Grouped key/value heads (SPEC 2.5) in the block ops: one block over every key gives attention_gqa_forward's
 // output and, through delta and the block backward, attention_gqa_backward's dqkv (a key/value head's
 // gradient the sum over its query heads).
-TEST_F(CpuOps, AttentionBlockWithGroupedHeadsMatchesGqaAttention) {
+TEST_P(CpuOps, AttentionBlockWithGroupedHeadsMatchesGqaAttention) {
   std::mt19937 rng(99);
   for (const auto& sh : kGqaShapes) {
     SCOPED_TRACE(shape_str("B=%d S=%d C=%d heads=%d", sh.B, sh.S, sh.C, sh.NH) + " kv=" + std::to_string(sh.KV));
@@ -2390,7 +2398,7 @@ TEST_F(CpuOps, AttentionBlockWithGroupedHeadsMatchesGqaAttention) {
 
 // copy_2d: the copied rows and columns exactly; every other float of dst (between and after the rows, and
 // beyond `rows`) unchanged, NaN included.
-TEST_F(CpuOps, Copy2d) {
+TEST_P(CpuOps, Copy2d) {
   std::mt19937 rng(98);
   struct Copy {
     std::size_t rows, cols, src_stride, dst_stride;
@@ -2679,16 +2687,19 @@ TEST(FastMath, MaxOfIsTheLargestElement) {
   }
 }
 
-TEST(CpuThreads, OneAndTwoThreadsAgreeAndRunsAreDeterministic) {
+class CpuThreads : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CpuThreads, OneAndTwoThreadsAgreeAndRunsAreDeterministic) {
   // One backend at a time: a BLAS thread count may be process-wide.
+  const pb::cpu::SgemmLibrary library = sgemm_library(GetParam());
   std::vector<Vec> one_a, one_b, two_a, two_b;
   {
-    auto be = pb::make_cpu_backend(1);
+    auto be = pb::make_cpu_backend(1, false, library);
     one_a = run_all_ops(*be);
     one_b = run_all_ops(*be);
   }
   {
-    auto be = pb::make_cpu_backend(2);
+    auto be = pb::make_cpu_backend(2, false, library);
     two_a = run_all_ops(*be);
     two_b = run_all_ops(*be);
   }
@@ -2703,5 +2714,8 @@ TEST(CpuThreads, OneAndTwoThreadsAgreeAndRunsAreDeterministic) {
     EXPECT_TRUE(close(two_a[k], one_a[k], 1e-6, "threads=2 vs threads=1"));
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(SgemmLibraries, CpuOps, ::testing::ValuesIn(pb::cpu::sgemm_libraries()));
+INSTANTIATE_TEST_SUITE_P(SgemmLibraries, CpuThreads, ::testing::ValuesIn(pb::cpu::sgemm_libraries()));
 
 }  // namespace

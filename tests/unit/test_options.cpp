@@ -1,7 +1,8 @@
 // The backend and communicator parse_options resolves from what a rank sees (common/options.cpp, SPEC 4):
 // NCCL when every rank of a node drives a GPU of its own, whether each sees all of the node's GPUs or
 // only its own (srun --gpus-per-task, a per-rank CUDA_VISIBLE_DEVICES), and MPI when ranks share one;
-// the attention implementation (--attention) and the NCCL watchdog's --distributed-timeout-minutes.
+// the attention implementation (--attention), the CPU's sgemm library (--cpu-gemm) and the NCCL watchdog's
+// --distributed-timeout-minutes.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -142,6 +143,42 @@ TEST(Attention, CudnnRefusedWhereItCannotRun) {
     args.insert(args.end(), c.args.begin(), c.args.end());
     Options opt;
     const ParseResult r = parse(args, c.env, &opt);
+    EXPECT_FALSE(r.run) << c.says;
+    EXPECT_EQ(r.exit_code, 2) << c.says;
+    EXPECT_NE(r.message.find(c.says), std::string::npos) << r.message;
+  }
+}
+
+// --cpu-gemm: the build's first library by default on the CPU (oneDNN's where built with it), either
+// selectable; none on cuda, where asking for one is exit 2, as is a library the build lacks.
+TEST(CpuGemm, DefaultsToTheBuildsFirstLibraryAndRefusesWhatItLacks) {
+  Environment both;
+  both.cpu_gemm_libraries = {"onednn", "openblas"};
+  Options opt, asked, plain, gpu;
+  ASSERT_TRUE(parse({"--model", "tiny"}, both, &opt).run);
+  EXPECT_EQ(opt.cpu_gemm, "onednn");
+  ASSERT_TRUE(parse({"--model", "tiny", "--cpu-gemm", "openblas"}, both, &asked).run);
+  EXPECT_EQ(asked.cpu_gemm, "openblas");
+  ASSERT_TRUE(parse({"--model", "tiny"}, Environment{}, &plain).run);  // a build without oneDNN
+  EXPECT_EQ(plain.cpu_gemm, "openblas");
+  ASSERT_TRUE(parse({"--model", "tiny"}, gpu_node(1, 1, true), &gpu).run);
+  EXPECT_EQ(gpu.cpu_gemm, "none");
+  struct Case {
+    std::vector<std::string> args;
+    Environment env;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {{"--cpu-gemm", "onednn"}, Environment{}, "--cpu-gemm onednn is not available: this build has no oneDNN"},
+      {{"--cpu-gemm", "mkl"}, both, "--cpu-gemm mkl must be onednn or openblas"},
+      {{"--cpu-gemm", ""}, both, "--cpu-gemm  must be onednn or openblas"},
+      {{"--cpu-gemm", "openblas"}, gpu_node(1, 1, true), "--cpu-gemm applies to --backend cpu"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {"--model", "tiny"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    Options refused;
+    const ParseResult r = parse(args, c.env, &refused);
     EXPECT_FALSE(r.run) << c.says;
     EXPECT_EQ(r.exit_code, 2) << c.says;
     EXPECT_NE(r.message.find(c.says), std::string::npos) << r.message;
