@@ -5,11 +5,20 @@
 // row 0 of it against a double-precision reference, then times products one by one: wall time from
 // the call to the end of Backend::synchronize (a no-op on the CPU, the stream's end on a GPU), reported
 // through manual timing so that every backend is measured on the same clock.
+//
+// On the CPU the model presets' shapes are timed twice: with the operands in cache, as a benchmark that
+// repeats one call finds them, and cold (".../cold"): every cache line of inp, weight and out flushed
+// (clflush, untimed) before each call, as a training step meets them, each last touched kernels before.
+// The planner's calibrated step time takes the cold rows (bench/plan/README.md).
 #include "bench/micro/gemm.h"
 #include "bench/micro/registry.h"
 #include "bench/micro/tensors.h"
 
 #include <benchmark/benchmark.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -54,7 +63,27 @@ std::string check_row0(const std::vector<float>& out_row0, const std::vector<flo
   return "";
 }
 
-void gemm_forward_benchmark(benchmark::State& state, const MicroBackend& micro, const GemmShape& shape,
+// Whether this build can evict a host buffer from the caches (the cold variants run only where it can).
+constexpr bool kCanFlush =
+#if defined(__x86_64__)
+    true;
+#else
+    false;
+#endif
+
+// Every cache line of the host buffer [p, p + bytes) written back and evicted from every cache level.
+void flush_from_caches(const void* p, std::size_t bytes) {
+#if defined(__x86_64__)
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t i = 0; i < bytes; i += 64) _mm_clflush(c + i);
+  _mm_mfence();
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+void gemm_forward_benchmark(benchmark::State& state, const MicroBackend& micro, const GemmShape& shape, bool cold,
                             int* failed_checks) {
   Backend& backend = *micro.backend;
   const int N = shape.N, C = shape.C, OC = shape.OC;
@@ -79,7 +108,13 @@ void gemm_forward_benchmark(benchmark::State& state, const MicroBackend& micro, 
       return;
     }
 
+    const std::size_t element = dtype_bytes(dtype);
     for (auto _ : state) {
+      if (cold) {
+        flush_from_caches(inp.get().data(), std::size_t(N) * C * element);
+        flush_from_caches(weight.get().data(), std::size_t(C) * OC * element);
+        flush_from_caches(out.get().data(), std::size_t(N) * OC * element);
+      }
       const double start = wall_time_s();
       backend.matmul_forward(out.get(), inp.get(), weight.get(), nullptr, N, C, OC);
       backend.synchronize();
@@ -119,32 +154,48 @@ std::vector<GemmShape> gemm_shapes(bool accelerator) {
   return shapes;
 }
 
+namespace {
+
+// gemm/<backend>/<dtype>/<shape>/N<N>_C<C>_OC<OC>, and ".../cold" for the variant with flushed operands.
+void register_gemm_benchmark(const MicroBackend& micro, const GemmShape& shape, bool cold, int* failed_checks) {
+  const std::string dims =
+      "N" + std::to_string(shape.N) + "_C" + std::to_string(shape.C) + "_OC" + std::to_string(shape.OC);
+  const std::string name =
+      "gemm/" + micro.name + "/" + micro.dtype + "/" + shape.name + "/" + dims + (cold ? "/cold" : "");
+  MicroEntry entry;
+  entry.table = "gemm";
+  entry.backend = micro.name;
+  entry.dtype = micro.dtype;
+  entry.kernel = "matmul";
+  entry.shape = shape.name;
+  entry.dims = dims;
+  entry.label = micro.backend->matmul_precision();
+  entry.operands = cold ? "cold" : "cached";
+  entry.N = shape.N;
+  entry.C = shape.C;
+  entry.OC = shape.OC;
+  entry.flop = 2.0 * shape.N * shape.C * shape.OC;
+  entry.peak_flop_per_s = micro.peak_flop_per_s;
+  add_micro_entry(name, entry);
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [&micro, shape, cold, failed_checks](benchmark::State& state) {
+                                 gemm_forward_benchmark(state, micro, shape, cold, failed_checks);
+                               })
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
 void register_gemm_benchmarks(std::vector<MicroBackend>& backends, int* failed_checks) {
   for (const MicroBackend& micro : backends) {
     for (const GemmShape& shape : gemm_shapes(micro.accelerator)) {
-      const std::string name = "gemm/" + micro.name + "/" + micro.dtype + "/" + shape.name + "/N" +
-                               std::to_string(shape.N) + "_C" + std::to_string(shape.C) + "_OC" +
-                               std::to_string(shape.OC);
-      MicroEntry entry;
-      entry.table = "gemm";
-      entry.backend = micro.name;
-      entry.dtype = micro.dtype;
-      entry.kernel = "matmul";
-      entry.shape = shape.name;
-      entry.dims = "N" + std::to_string(shape.N) + "_C" + std::to_string(shape.C) + "_OC" + std::to_string(shape.OC);
-      entry.label = micro.backend->matmul_precision();
-      entry.N = shape.N;
-      entry.C = shape.C;
-      entry.OC = shape.OC;
-      entry.flop = 2.0 * shape.N * shape.C * shape.OC;
-      entry.peak_flop_per_s = micro.peak_flop_per_s;
-      add_micro_entry(name, entry);
-      benchmark::RegisterBenchmark(name.c_str(),
-                                   [&micro, shape, failed_checks](benchmark::State& state) {
-                                     gemm_forward_benchmark(state, micro, shape, failed_checks);
-                                   })
-          ->UseManualTime()
-          ->Unit(benchmark::kMillisecond);
+      register_gemm_benchmark(micro, shape, /*cold=*/false, failed_checks);
+      // Cold too: the model presets' shapes on the CPU (a GPU's operands come from its memory anyway at
+      // these sizes, and its caches are not the host's to flush).
+      if (!micro.accelerator && shape.name != "square" && kCanFlush) {
+        register_gemm_benchmark(micro, shape, /*cold=*/true, failed_checks);
+      }
     }
   }
 }

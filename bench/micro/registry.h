@@ -22,6 +22,10 @@ struct MicroEntry {
   std::string shape;    // "small.fc1", "square", "small" (kernels: the preset whose shape it is)
   std::string dims;     // the dimensions in words, "N512_C256_OC768", "B4_T128_C256_NH4"
   std::string label;    // gemm: Backend::matmul_precision(); else a note (empty)
+  // gemm: "cached" (the same operands call after call, in cache) or "cold" (flushed from every cache
+  // level before each call, as a training step meets its weights, inputs and outputs: each last
+  // touched kernels before)
+  std::string operands = "cached";
   int64_t N = 0, C = 0, OC = 0;  // gemm: out (N, OC) = inp (N, C) · weight (C, OC)
   // Per call. flop > 0: compute-bound, reported as flop/s; bytes > 0: bytes read and written
   // (kernels, reported as bytes/s), or the message size (collectives, nccl-tests' "size").

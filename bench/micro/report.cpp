@@ -213,6 +213,7 @@ void MicroReporter::write(ResultWriter& writer) const {
     };
     numbers("peak_fraction", "1", peak_fraction);
     if (table == "gemm") {
+      strings("operands", [](const MicroResult& r) { return r.entry.operands; });
       integers("N", "1", [](const MicroResult& r) { return r.entry.N; });
       integers("C", "1", [](const MicroResult& r) { return r.entry.C; });
       integers("OC", "1", [](const MicroResult& r) { return r.entry.OC; });

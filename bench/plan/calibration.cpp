@@ -180,8 +180,10 @@ std::vector<MeasuredKernel> read_kernel_table(const Reader& reader, hid_t file, 
   const auto peak_fraction = reader.numbers(group.get(), where, "peak_fraction", &rows);
   const auto error = reader.strings(group.get(), where, "error", &rows);
   std::vector<double> N, C, OC, bytes;
-  std::vector<std::string> kernel, dims;
+  std::vector<std::string> kernel, dims, operands;
   if (gemm) {
+    // "cached" or "cold" (parabench-micro's flushed variant); files before it have cached rows only
+    if (reader.exists(file, where + "/operands")) operands = reader.strings(group.get(), where, "operands", &rows);
     N = reader.numbers(group.get(), where, "N", &rows);
     C = reader.numbers(group.get(), where, "C", &rows);
     OC = reader.numbers(group.get(), where, "OC", &rows);
@@ -202,6 +204,7 @@ std::vector<MeasuredKernel> read_kernel_table(const Reader& reader, hid_t file, 
     k.peak_fraction = peak_fraction[i];
     if (gemm) {
       k.kernel = "matmul";
+      k.cold = !operands.empty() && operands[i] == "cold";
       k.N = static_cast<int64_t>(N[i]);
       k.C = static_cast<int64_t>(C[i]);
       k.OC = static_cast<int64_t>(OC[i]);
@@ -331,10 +334,14 @@ Calibration read_calibration(const std::string& path) {
 double gemm_seconds(const Calibration& cal, const std::string& backend, const std::string& dtype, int64_t N,
                     int64_t C, int64_t OC, RateSource* source) {
   const double flop = 2.0 * N * C * OC;
+  // The cold rows where the calibration has some (a step meets its operands out of cache), else the cached.
+  const bool cold = std::any_of(cal.gemm.begin(), cal.gemm.end(), [&](const MeasuredKernel& k) {
+    return k.backend == backend && k.dtype == dtype && k.cold;
+  });
   const MeasuredKernel* best = nullptr;
   double best_flop = 0, best_shape = 0;
   for (const MeasuredKernel& k : cal.gemm) {
-    if (k.backend != backend || k.dtype != dtype) continue;
+    if (k.backend != backend || k.dtype != dtype || k.cold != cold) continue;
     if (k.N == N && k.C == C && k.OC == OC) {
       best = &k;
       break;
@@ -357,6 +364,7 @@ double gemm_seconds(const Calibration& cal, const std::string& backend, const st
   }
   source->row = best->name;
   source->exact = best->N == N && best->C == C && best->OC == OC;
+  source->cold = best->cold;
   return flop * best->time_s / best->flop;
 }
 

@@ -20,6 +20,7 @@ struct MeasuredKernel {
   std::string kernel;           // "matmul", "attention_forward", "layernorm_backward", ...
   std::string shape, dims;      // "small.fc1", "small"; "N512_C256_OC1024", "B4_T128_C256_NH8"
   int64_t N = 0, C = 0, OC = 0; // matmul: out (N, OC) = inp (N, C) · weight (C, OC)
+  bool cold = false;            // matmul: timed with its operands flushed from the caches before each call
   double time_s = 0;            // per call
   double flop = 0, bytes = 0;   // per call; the rate is flop / time_s where flop > 0, else bytes / time_s
   double peak_fraction = 0;     // NaN where the device's peak is unknown
@@ -62,11 +63,12 @@ struct RateSource {
   std::string row;     // the benchmark name, or "default: ..." for a fallback
   bool exact = false;  // the row measured this very shape
   bool fallback = false;
+  bool cold = false;   // a matrix product's row timed with its operands out of cache
 };
 
-// Seconds of one matrix product out (N, OC) = inp (N, C) · weight (C, OC) on backend/dtype: the row of
-// the same (N, C, OC) where there is one, else the row nearest in FLOPs (log scale; ties by shape),
-// at its measured FLOP/s. Throws ConfigError when the calibration has no GEMM of backend/dtype.
+// Seconds of one matrix product out (N, OC) = inp (N, C) · weight (C, OC) on backend/dtype: among the
+// cold rows where the calibration has some (else the cached ones), the row of the same (N, C, OC) where
+// there is one, else the row nearest in FLOPs (log scale; ties by shape), at its measured FLOP/s. Throws ConfigError when the calibration has no GEMM of backend/dtype.
 double gemm_seconds(const Calibration& cal, const std::string& backend, const std::string& dtype, int64_t N,
                     int64_t C, int64_t OC, RateSource* source);
 

@@ -244,11 +244,13 @@ std::string time_source_text(const PlanConfig& c) {
 std::string calibrated_compute_text(const PlanResult& r) {
   double matmul = 0, attention = 0, other = 0, fallback = 0;
   int matmul_calls = 0, exact = 0;
+  bool cold = false;
   for (const KernelTime& k : r.kernels) {
     if (k.call.kernel == "matmul") {
       matmul += k.seconds;
       ++matmul_calls;
       exact += k.source.exact;
+      cold = cold || k.source.cold;
     } else if (k.call.kernel.rfind("attention", 0) == 0) {
       attention += k.seconds;
     } else {
@@ -260,7 +262,8 @@ std::string calibrated_compute_text(const PlanResult& r) {
   std::string out = "  compute        " + seconds(r.compute_s) + " per step" +
                     (c.is_pp() ? " on the busiest stage" : " on each rank") + ": matrix products " + seconds(matmul) +
                     " (" + std::to_string(exact) + " of " + std::to_string(matmul_calls) +
-                    " shapes measured exactly, the rest at the nearest measured), attention " + seconds(attention) +
+                    " shapes measured exactly, the rest at the nearest measured" +
+                    (cold ? "; operands out of cache" : "") + "), attention " + seconds(attention) +
                     ", other kernels " + seconds(other);
   if (fallback > 0) out += " (" + seconds(fallback) + " at the default rate: see the warnings)";
   return out + "\n";
@@ -714,7 +717,9 @@ std::string render_json(const PlanRequest& request, const std::vector<PlanResult
       nlohmann::ordered_json kernels = nlohmann::ordered_json::array();
       for (const KernelTime& k : r.kernels) {
         nlohmann::ordered_json kj = {{"kernel", k.call.kernel}, {"what", k.call.what}};
-        if (k.call.kernel == "matmul") kj.update({{"N", k.call.N}, {"C", k.call.C}, {"OC", k.call.OC}});
+        if (k.call.kernel == "matmul") {
+          kj.update({{"N", k.call.N}, {"C", k.call.C}, {"OC", k.call.OC}, {"operands_cold", k.source.cold}});
+        }
         kj.update({{"work", k.call.work}, {"calls_per_step", k.call.calls}, {"backward", k.call.backward},
                    {"seconds", k.seconds}, {"measured_row", k.source.row}, {"exact", k.source.exact},
                    {"default_rate", k.source.fallback}});

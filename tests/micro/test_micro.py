@@ -44,7 +44,10 @@ def test_names_carry_backend_dtype_shape_and_sizes():
                      "gemm/cpu/fp32/gpt2-124m.attn_out/N4096_C768_OC768", "gemm/cpu/bf16/square/N2048_C2048_OC2048"]:
         assert expected + "/manual_time" in names
     cpu_names = [n for n in names if n.startswith("gemm/cpu/")]
-    assert len(cpu_names) == 2 * (2 * 5 + 3)  # two dtypes × (two presets × five products + three squares)
+    # two dtypes × (two presets × five products, cached and cold, + three squares, cached)
+    assert len(cpu_names) == 2 * (2 * 5 * 2 + 3)
+    assert "gemm/cpu/fp32/small.qkv/N512_C256_OC768/cold/manual_time" in names
+    assert not any("square" in n and "/cold" in n for n in cpu_names)
     assert not any("N8192_C8192" in n for n in cpu_names)  # the largest square only on a GPU
 
 
@@ -54,8 +57,8 @@ def test_counter_label_and_context_in_json():
     report = json.loads(out)
     assert report["context"]["threads"] == "1"
     assert report["context"]["cuda"]
-    runs = {b["name"].split("/")[2]: b for b in report["benchmarks"]}
-    assert set(runs) == {"fp32", "bf16"}
+    runs = {b["name"].split("/")[2] + ("/cold" if "/cold/" in b["name"] else ""): b for b in report["benchmarks"]}
+    assert set(runs) == {"fp32", "bf16", "fp32/cold", "bf16/cold"}
     for bench in runs.values():
         assert not bench.get("error_occurred"), bench
         assert bench["GFLOP/s"] > 0
@@ -64,6 +67,8 @@ def test_counter_label_and_context_in_json():
         assert bench["GFLOP/s"] == pytest.approx(2e-9 * 512 * 256 * 256 / seconds, rel=1e-3)
     assert runs["fp32"]["label"].startswith("fp32: ")  # and the sgemm library that ran: oneDNN's or OpenBLAS's
     assert runs["bf16"]["label"].startswith("bf16 operands, fp32 accumulation")
+    for dtype in ("fp32", "bf16"):
+        assert runs[dtype + "/cold"]["label"] == runs[dtype]["label"]
 
 
 @pytest.mark.parametrize("args", [["--threads", "0"], ["--threads=two"], ["--threads"]])
@@ -83,11 +88,10 @@ def test_fp32_vs_bf16_table():
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("small.")]
-    assert len(rows) == 1
-    shape, fp32, bf16, ratio = rows[0]
-    assert shape == "small.qkv/N512_C256_OC768"
-    assert float(fp32) > 0 and float(bf16) > 0
-    assert float(ratio) == pytest.approx(float(bf16) / float(fp32), rel=0.02, abs=0.01)  # rounded columns
+    assert [row[0] for row in rows] == ["small.qkv/N512_C256_OC768", "small.qkv/N512_C256_OC768/cold"]
+    for shape, fp32, bf16, ratio in rows:
+        assert float(fp32) > 0 and float(bf16) > 0
+        assert float(ratio) == pytest.approx(float(bf16) / float(fp32), rel=0.02, abs=0.01)  # rounded columns
     assert re.search(r"median of 5 repetitions", result.stdout)
 
 
@@ -119,7 +123,9 @@ def test_result_file_holds_the_gemm_table_google_benchmark_reported(tmp_path):
         seconds = bench["real_time"] * {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[bench["time_unit"]]
         assert table["time_s"][i] == pytest.approx(seconds, rel=1e-6)
         n, c, oc = table["N"][i], table["C"][i], table["OC"][i]
-        assert name.endswith(f"/N{n}_C{c}_OC{oc}") and table["shape"][i] in name
+        cold = name.endswith("/cold")
+        assert table["operands"][i] == ("cold" if cold else "cached")
+        assert name.removesuffix("/cold").endswith(f"/N{n}_C{c}_OC{oc}") and table["shape"][i] in name
         assert table["flop"][i] == 2 * n * c * oc
         assert table["flop_per_s"][i] == pytest.approx(table["flop"][i] / table["time_s"][i], rel=1e-9)
         assert table["backend"][i] == "cpu" and table["dtype"][i] == "fp32" and table["error"][i] == ""
@@ -128,7 +134,7 @@ def test_result_file_holds_the_gemm_table_google_benchmark_reported(tmp_path):
 
 def test_repetitions_store_the_median():
     h5py = pytest.importorskip("h5py")
-    report = json.loads(run("--threads", "1", r"--benchmark_filter=^gemm/cpu/fp32/small\.attn_out/",
+    report = json.loads(run("--threads", "1", r"--benchmark_filter=^gemm/cpu/fp32/small\.attn_out/[^/]*/manual_time",
                             "--benchmark_repetitions=3", "--benchmark_format=json", "--ops", "none",
                             "--out", "m.h5", *FAST).stdout)
     times = sorted(b["real_time"] for b in report["benchmarks"] if b["run_type"] == "iteration")

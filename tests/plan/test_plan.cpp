@@ -1075,6 +1075,28 @@ TEST(Calibration, BusBandwidthIsInterpolatedLogLog) {
   EXPECT_DOUBLE_EQ(interpolate_busbw(t, 512), 0.5e8);                // below: the smallest size's time
 }
 
+TEST(Calibration, GemmTakesTheColdRowsWhereThereAreSome) {
+  // A step meets its operands out of cache: the cold rows time it, the cached ones only without them
+  // (a file of an older parabench-micro), and a cold row of another dtype changes nothing.
+  Calibration cal;
+  cal.path = "cal.h5";
+  MeasuredKernel cold = gemm_row(512, 256, 1024, 5e10);
+  cold.cold = true;
+  MeasuredKernel other = gemm_row(512, 256, 768, 1e10);
+  other.dtype = "bf16";
+  other.cold = true;
+  cal.gemm = {gemm_row(512, 256, 1024, 2e11), cold, gemm_row(512, 256, 768, 1e11), other};
+  RateSource source;
+  EXPECT_DOUBLE_EQ(gemm_seconds(cal, "cpu", "fp32", 512, 256, 1024, &source), 2.0 * 512 * 256 * 1024 / 5e10);
+  EXPECT_TRUE(source.exact && source.cold);
+  // the only cold fp32 row is the nearest for another shape too: cached rows are not mixed in
+  EXPECT_DOUBLE_EQ(gemm_seconds(cal, "cpu", "fp32", 512, 256, 768, &source), 2.0 * 512 * 256 * 768 / 5e10);
+  EXPECT_FALSE(source.exact);
+  cal.gemm = {gemm_row(512, 256, 1024, 2e11), other};
+  EXPECT_DOUBLE_EQ(gemm_seconds(cal, "cpu", "fp32", 512, 256, 1024, &source), 2.0 * 512 * 256 * 1024 / 2e11);
+  EXPECT_FALSE(source.cold);
+}
+
 TEST(Calibration, GemmTakesTheSameShapeElseTheNearestInFlops) {
   Calibration cal;
   cal.path = "cal.h5";

@@ -650,11 +650,13 @@ SEPARATE_BUSBW = 1e9  # the gathers' out-of-place rows (into a buffer of their o
 
 
 def write_calibration(path, *, app="micro", status="complete", backend="cpu", dtypes=("fp32",), ops=None,
-                      drop_kernels=(), micro=True, comm="mpi"):
+                      drop_kernels=(), micro=True, comm="mpi", cold_gemm_rate=None):
     """A parabench-micro result file as its reporter writes one (bench/micro/report.cpp), with uniform rates:
     every GEMM at GEMM_RATE FLOP/s, attention at ATTENTION_RATE, the memory-bound kernels at BYTES_RATE bytes/s,
     every collective at BUSBW bytes/s of bus bandwidth in place (8 B to 32 MiB, 2 ranks), and all_gather also
-    out of place at SEPARATE_BUSBW, as parabench-micro times both."""
+    out of place at SEPARATE_BUSBW, as parabench-micro times both. cold_gemm_rate: the GEMMs also with their
+    operands flushed from cache (parabench-micro's "/cold" rows, column `operands`), at that rate; without
+    it the table has no `operands` column, as a file of an older parabench-micro."""
     ops = ["all_reduce", "all_gather", "reduce_scatter", "send_recv_intra"] if ops is None else ops
     text = h5py.string_dtype()
     with h5py.File(path, "w") as f:
@@ -686,11 +688,16 @@ def write_calibration(path, *, app="micro", status="complete", backend="cpu", dt
         for dtype in dtypes:
             for shape, n, c, oc in SMALL_GEMMS:
                 flop = 2.0 * n * c * oc
-                gemm.append({"name": f"gemm/{backend}/{dtype}/{shape}/N{n}_C{c}_OC{oc}", "backend": backend,
-                             "dtype": dtype, "shape": shape, "label": "sgemm", "error": "", "time_s": flop / GEMM_RATE,
-                             "flop": flop, "flop_per_s": GEMM_RATE, "peak_fraction": float("nan"), "N": n, "C": c,
-                             "OC": oc})
-        columns(f.create_group("micro/gemm"), gemm, common + [("N", "i8", "1"), ("C", "i8", "1"), ("OC", "i8", "1")])
+                variants = [("", GEMM_RATE)] + ([("/cold", cold_gemm_rate)] if cold_gemm_rate else [])
+                for suffix, rate in variants:
+                    gemm.append({"name": f"gemm/{backend}/{dtype}/{shape}/N{n}_C{c}_OC{oc}{suffix}",
+                                 "backend": backend, "dtype": dtype, "shape": shape, "label": "sgemm", "error": "",
+                                 "time_s": flop / rate, "flop": flop, "flop_per_s": rate,
+                                 "peak_fraction": float("nan"), "N": n, "C": c, "OC": oc,
+                                 "operands": "cold" if suffix else "cached"})
+        operands = [("operands", "str", "1")] if cold_gemm_rate else []
+        columns(f.create_group("micro/gemm"), gemm,
+                common + operands + [("N", "i8", "1"), ("C", "i8", "1"), ("OC", "i8", "1")])
         kernels = []
         for dtype in dtypes:
             for kernel in ["attention_forward", "attention_backward"] + MEMORY_BOUND:
@@ -759,6 +766,25 @@ def test_calibrated_step_is_the_sum_of_measured_kernels_and_collectives(tmp_path
     (row,) = csv_rows(*SMALL_MB4, "--app", app, *args, "--calibration", cal)
     assert row["time_source"] == "calibration"
     assert float(row["step_s"]) == pytest.approx(t["step_s"], rel=1e-5)
+
+
+def test_calibrated_products_take_the_cold_rows(tmp_path):
+    """parabench-micro's cold GEMM rows (operands flushed from cache, as a step meets them) time the step's
+    products where the file has them; the cached rows only in a file without them."""
+    cold, cached = tmp_path / "cold.h5", tmp_path / "cached.h5"
+    write_calibration(cold, cold_gemm_rate=GEMM_RATE / 2)
+    write_calibration(cached)
+    (p,) = json_plans(*SMALL_MB4, "--app", "dp", "--gpus", 2, "--calibration", cold)
+    (q,) = json_plans(*SMALL_MB4, "--app", "dp", "--gpus", 2, "--calibration", cached)
+    products = [k for k in p["time_estimate"]["kernels"] if k["kernel"] == "matmul"]
+    assert products and all(k["operands_cold"] and k["measured_row"].endswith("/cold") for k in products)
+    for k in products:
+        assert k["seconds"] == pytest.approx(k["work"] * k["calls_per_step"] / (GEMM_RATE / 2))
+    assert not any(k.get("operands_cold") for k in q["time_estimate"]["kernels"])
+    matmul_s = sum(k["seconds"] for k in products)
+    assert p["time_estimate"]["compute_s"] - q["time_estimate"]["compute_s"] == pytest.approx(matmul_s / 2)
+    assert "operands out of cache" in ok(*SMALL_MB4, "--app", "dp", "--gpus", 2, "--calibration", cold).stdout
+    assert "operands out of cache" not in ok(*SMALL_MB4, "--app", "dp", "--gpus", 2, "--calibration", cached).stdout
 
 
 def test_calibration_with_peak_gives_mfu(tmp_path):
