@@ -497,7 +497,8 @@ def test_run_local_runs_micro_with_the_cpu_size_limit(tmp_path):
         config = f["config"].attrs
         assert (config["app"], config["world_size"], config["max_bytes"]) == ("micro", 2, 256 * 2 ** 20)
         assert list(f["micro/collectives/all_reduce/bytes"][()]) == [8, 16, 32]
-        assert f["micro/gemm/shape"].asstr()[()].tolist() == ["small.qkv"]
+        assert f["micro/gemm/shape"].asstr()[()].tolist() == ["small.qkv", "small.qkv"]
+        assert f["micro/gemm/operands"].asstr()[()].tolist() == ["cached", "cold"]
 
 
 def test_run_local_micro_sweep_and_its_report(tmp_path):

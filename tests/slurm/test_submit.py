@@ -280,5 +280,6 @@ def test_micro_sweep_runs_parabench_micro_on_the_node(sweeps):
         assert group.attrs["ranks"] == 4 and group.attrs["nodes"] == 1
         assert list(group["bytes"][()]) == [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
         assert not group["errors"][()].any()
-        assert f["micro/gemm/shape"].asstr()[()].tolist() == ["small.qkv"]
+        assert f["micro/gemm/shape"].asstr()[()].tolist() == ["small.qkv", "small.qkv"]
+        assert f["micro/gemm/operands"].asstr()[()].tolist() == ["cached", "cold"]
     assert re.search(r"^PARABENCH_RESULT app=micro ranks=4 .* status=complete ", out, re.M), out
