@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
+
+#include "common/timer.h"
 
 namespace pb {
 
@@ -75,6 +78,7 @@ FullyShardedDataParallel::FullyShardedDataParallel(Runtime& runtime, const FsdpO
   }
   gathered_.assign(layout_.size(), nullptr);
   gathering_.resize(layout_.size());
+  gather_issued_.resize(layout_.size());
   unit_grad_.assign(layout_.size(), nullptr);
 }
 
@@ -117,12 +121,23 @@ TensorPtr FullyShardedDataParallel::shard_grads(int u) {
 void FullyShardedDataParallel::gather(int u, bool async) {
   if (u < 0 || u >= static_cast<int>(layout_.size()) || !held_[u] || gathered_[u] != nullptr) return;
   const UnitLayout& l = layout_[u];
+  const double issued_s = wall_time_s();
   gathered_[u] = be_.alloc_tensor(l.shard * shard_size_, params_.dtype(), MemCategory::comm_buffers);
   if (async) {
     gathering_[u] = shard_group_->all_gather_async(params_ + l.shard_offset, gathered_[u], l.shard);
+    gather_issued_[u] = {issued_s, hook_};
   } else {
     shard_group_->all_gather(params_ + l.shard_offset, gathered_[u], l.shard);
+    trace_gather(u, {issued_s, hook_}, /*prefetch=*/false);
   }
+}
+
+void FullyShardedDataParallel::trace_gather(int u, const GatherIssue& issue, bool prefetch) {
+  // From the call to its completion; which hook issued it and whether ahead of its use (bench/fsdp/README.md,
+  // "Order of the gathers").
+  rt_.trace.span(TraceTrack::communication, "all_gather unit " + std::to_string(u), issue.issued_s, wall_time_s(),
+                 "{\"unit\": " + std::to_string(u) + ", \"prefetch\": " + (prefetch ? "true" : "false") +
+                     ", \"issued_in\": \"" + issue.hook + "\"}");
 }
 
 void FullyShardedDataParallel::wait_gathered(int u) {
@@ -130,13 +145,15 @@ void FullyShardedDataParallel::wait_gathered(int u) {
   if (gathering_[u]) {
     gathering_[u]->wait();
     gathering_[u].reset();
+    trace_gather(u, gather_issued_[u], /*prefetch=*/true);
   }
 }
 
 void FullyShardedDataParallel::release(int u) {
-  if (gathering_[u]) {
+  if (gathering_[u]) {  // a prefetch never waited on (not on the apps' paths)
     gathering_[u]->wait();
     gathering_[u].reset();
+    trace_gather(u, gather_issued_[u], /*prefetch=*/true);
   }
   be_.free(gathered_[u]);
   gathered_[u] = nullptr;
@@ -148,6 +165,7 @@ ConstTensorPtr FullyShardedDataParallel::unit_params(int u) {
 
 void FullyShardedDataParallel::before_forward(int u) {
   if (!params_sharded()) return;
+  hook_ = "before_forward " + std::to_string(u);
   const int last = last_held_;
   wait_gathered(u);
   // Prefetch the next unit to be used: the next in forward or, after the last unit (which stays
@@ -162,6 +180,7 @@ void FullyShardedDataParallel::after_forward(int u) {
 
 void FullyShardedDataParallel::before_backward(int u) {
   if (params_sharded()) {
+    hook_ = "before_backward " + std::to_string(u);
     wait_gathered(u);
     if (options_.prefetch) gather(u - 1, /*async=*/true);
   }

@@ -70,12 +70,18 @@ class FullyShardedDataParallel final : public Strategy {
   struct UnitLayout {
     std::size_t numel, shard, valid, full_offset, shard_offset;
   };
+  struct GatherIssue {  // a gather for the trace: when it was issued, and in which hook
+    double issued_s = 0;
+    std::string hook;
+  };
   bool params_sharded() const;
   bool grads_sharded() const;
   TensorPtr shard_params(int u);  // this rank's shard of the unit's parameters
   TensorPtr shard_grads(int u);   // this rank's shard of the unit's gradients
   float* shard_fp32_params(int u);  // this rank's shard of what the optimizer updates (master or parameters)
   void gather(int u, bool async);
+  // The trace's span of a gather that completed now ("all_gather unit u": unit, prefetch, issued_in).
+  void trace_gather(int u, const GatherIssue& issue, bool prefetch);
   void wait_gathered(int u);
   void release(int u);
   void reduce_scatter_into_shard(int u, ConstTensorPtr whole);
@@ -109,6 +115,8 @@ class FullyShardedDataParallel final : public Strategy {
   float* adam_v_ = nullptr;
   std::vector<TensorPtr> gathered_;   // FULL_SHARD: whole parameters of units in use
   std::vector<Request> gathering_;    // FULL_SHARD: gathers in flight
+  std::vector<GatherIssue> gather_issued_;  // FULL_SHARD: when and where each gather in flight was issued
+  std::string hook_;  // the hook running: "before_forward 3", "before_backward 2"
   std::vector<TensorPtr> unit_grad_;  // SHARD_GRAD_OP, FULL_SHARD: whole gradient during backward
   bool last_micro_batch_ = true;
 };

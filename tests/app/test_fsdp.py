@@ -7,7 +7,8 @@
   to about 2e-9);
 * /memory/measured agrees with /memory/predicted per rank and category (model states within 1%, the
   rest within 10%), and the sharded model states are exactly the padded shards of each unit;
-* /comm accounts exactly the collectives of the schedule in fully_sharded.cpp;
+* /comm accounts exactly the collectives of the schedule in fully_sharded.cpp, and the trace's gathers
+  come in the documented order, prefetched or not;
 * bad fsdp command lines exit 2 naming the option.
 
 The model has an awkward shape: no unit's parameter count is divisible by 4 (nor by 2 for the
@@ -233,6 +234,47 @@ def test_prefetch_holds_one_more_gathered_unit(shard, group, layout_run):
         for cat in MODEL_STATES + ["activations", "workspace"]:
             assert np.array_equal(without[kind][cat], with_prefetch[kind][cat]), (kind, cat)
     assert np.array_equal(without["loss"], with_prefetch["loss"]), "prefetching must not change the arithmetic"
+
+
+# ---- the order of the gathers (bench/fsdp/README.md, "Order of the gathers") ------------------------------
+
+def documented_gathers(units, prefetch):
+    """(unit, prefetched, issuing hook) of each parameter gather of one micro-batch, in the order issued, as
+    bench/fsdp/README.md states it: forward gathers unit u in before_forward u unless a prefetch did, and
+    prefetches the next unit (after the last, which stays gathered for its backward, the one before it);
+    backward gathers u in before_backward u unless a prefetch did, and prefetches u − 1."""
+    last = units - 1
+    if not prefetch:
+        return ([(u, False, f"before_forward {u}") for u in range(units)] +
+                [(u, False, f"before_backward {u}") for u in range(last - 1, -1, -1)])
+    return ([(0, False, "before_forward 0")] +
+            [(u + 1 if u < last else last - 1, True, f"before_forward {u}") for u in range(units)] +
+            [(u - 1, True, f"before_backward {u}") for u in range(last - 1, 0, -1)])
+
+
+@pytest.mark.parametrize("shard, group, micro, no_prefetch", [
+    ("FULL_SHARD", 0, 2, False), ("FULL_SHARD", 0, 2, True), ("FULL_SHARD", 0, 1, False), ("HYBRID_SHARD", 2, 2, False),
+], ids=["FULL_SHARD", "FULL_SHARD-no-prefetch", "FULL_SHARD-accum2", "HYBRID_SHARD"])
+def test_gathers_in_the_documented_order(shard, group, micro, no_prefetch, run_app, tmp_path):
+    """The trace's gather spans (--trace: "all_gather unit u", with the unit, whether it was prefetched and the
+    hook that issued it) on every rank, in the order issued, are the documented order, micro-batch after
+    micro-batch: the rule the memory model replays too (common/memory_model.cpp, predict_fsdp_comm_peak).
+    Nothing else observes it: the wrong unit prefetched after the last forward changes no loss, count,
+    byte or peak."""
+    import json
+    trace = tmp_path / "trace.json"
+    args = [*fsdp_args(shard, group, micro, no_prefetch), "--trace", trace, "--quiet", "--out", tmp_path / "run.h5"]
+    rc, out, err = run_app("fsdp", RANKS, args, timeout=90)
+    assert rc == 0, run_app.describe(run_app.command("fsdp", RANKS, args), rc, out, err)
+    events = json.loads(trace.read_text())["traceEvents"]
+    accum = GLOBAL_BATCH // (RANKS * micro)
+    want = documented_gathers(len(UNITS), not no_prefetch) * (STEPS * accum)
+    for rank in range(RANKS):
+        spans = sorted((e for e in events if e.get("ph") == "X" and e["pid"] == rank and
+                        e["name"].startswith("all_gather unit ")), key=lambda e: e["ts"])
+        got = [(e["args"]["unit"], e["args"]["prefetch"], e["args"]["issued_in"]) for e in spans]
+        assert [f"all_gather unit {e['args']['unit']}" for e in spans] == [e["name"] for e in spans]
+        assert got == want, f"rank {rank}: gathers issued\n{got[:9]}\nwant\n{want[:9]}"
 
 
 # ---- SPEC 6: /comm, the schedule of fully_sharded.cpp ---------------------------------------------------
