@@ -125,20 +125,14 @@ TEST(Attention, DefaultsToCudnnWhereItRuns) {
   EXPECT_EQ(cpu.attention, "native");
 }
 
-TEST(Attention, CudnnRefusedWhereItCannotRun) {
-  struct Case {
-    std::vector<std::string> args;
-    Environment env;
-    std::string says;
-  };
-  const std::vector<Case> cases = {
-      {{"--attention", "cudnn"}, Environment{}, "--attention cudnn needs --backend cuda"},
-      {{"--attention", "cudnn"}, cudnn_node(false), "this build has no cuDNN attention"},
-      {{"--attention", "cudnn", "--dtype", "fp32"}, cudnn_node(true), "--attention cudnn takes --dtype bf16"},
-      {{"--attention", "cudnn", "--hidden", "60", "--heads", "4"}, cudnn_node(true), "multiples of 8"},
-      {{"--attention", "flash"}, cudnn_node(true), "--attention flash must be native or cudnn"},
-  };
-  for (const Case& c : cases) {
+// Command lines after --model tiny that parse_options must refuse: exit 2, the message saying `says`.
+struct RefusedCase {
+  std::vector<std::string> args;
+  Environment env;
+  std::string says;
+};
+void expect_refused(const std::vector<RefusedCase>& cases) {
+  for (const RefusedCase& c : cases) {
     std::vector<std::string> args = {"--model", "tiny"};
     args.insert(args.end(), c.args.begin(), c.args.end());
     Options opt;
@@ -147,6 +141,17 @@ TEST(Attention, CudnnRefusedWhereItCannotRun) {
     EXPECT_EQ(r.exit_code, 2) << c.says;
     EXPECT_NE(r.message.find(c.says), std::string::npos) << r.message;
   }
+}
+
+TEST(Attention, CudnnRefusedWhereItCannotRun) {
+  const std::vector<RefusedCase> cases = {
+      {{"--attention", "cudnn"}, Environment{}, "--attention cudnn needs --backend cuda"},
+      {{"--attention", "cudnn"}, cudnn_node(false), "this build has no cuDNN attention"},
+      {{"--attention", "cudnn", "--dtype", "fp32"}, cudnn_node(true), "--attention cudnn takes --dtype bf16"},
+      {{"--attention", "cudnn", "--hidden", "60", "--heads", "4"}, cudnn_node(true), "multiples of 8"},
+      {{"--attention", "flash"}, cudnn_node(true), "--attention flash must be native or cudnn"},
+  };
+  expect_refused(cases);
 }
 
 // --cpu-gemm: the build's first library by default on the CPU (oneDNN's where built with it), either
@@ -163,26 +168,13 @@ TEST(CpuGemm, DefaultsToTheBuildsFirstLibraryAndRefusesWhatItLacks) {
   EXPECT_EQ(plain.cpu_gemm, "openblas");
   ASSERT_TRUE(parse({"--model", "tiny"}, gpu_node(1, 1, true), &gpu).run);
   EXPECT_EQ(gpu.cpu_gemm, "none");
-  struct Case {
-    std::vector<std::string> args;
-    Environment env;
-    std::string says;
-  };
-  const std::vector<Case> cases = {
+  const std::vector<RefusedCase> cases = {
       {{"--cpu-gemm", "onednn"}, Environment{}, "--cpu-gemm onednn is not available: this build has no oneDNN"},
       {{"--cpu-gemm", "mkl"}, both, "--cpu-gemm mkl must be onednn or openblas"},
       {{"--cpu-gemm", ""}, both, "--cpu-gemm  must be onednn or openblas"},
       {{"--cpu-gemm", "openblas"}, gpu_node(1, 1, true), "--cpu-gemm applies to --backend cpu"},
   };
-  for (const Case& c : cases) {
-    std::vector<std::string> args = {"--model", "tiny"};
-    args.insert(args.end(), c.args.begin(), c.args.end());
-    Options refused;
-    const ParseResult r = parse(args, c.env, &refused);
-    EXPECT_FALSE(r.run) << c.says;
-    EXPECT_EQ(r.exit_code, 2) << c.says;
-    EXPECT_NE(r.message.find(c.says), std::string::npos) << r.message;
-  }
+  expect_refused(cases);
 }
 
 TEST(Comm, DistributedTimeout) {
