@@ -135,6 +135,7 @@ void FullyShardedDataParallel::gather(int u, bool async) {
 void FullyShardedDataParallel::trace_gather(int u, const GatherIssue& issue, bool prefetch) {
   // From the call to its completion; which hook issued it and whether ahead of its use (bench/fsdp/README.md,
   // "Order of the gathers").
+  if (!rt_.trace.enabled()) return;
   rt_.trace.span(TraceTrack::communication, "all_gather unit " + std::to_string(u), issue.issued_s, wall_time_s(),
                  "{\"unit\": " + std::to_string(u) + ", \"prefetch\": " + (prefetch ? "true" : "false") +
                      ", \"issued_in\": \"" + issue.hook + "\"}");
@@ -165,7 +166,7 @@ ConstTensorPtr FullyShardedDataParallel::unit_params(int u) {
 
 void FullyShardedDataParallel::before_forward(int u) {
   if (!params_sharded()) return;
-  hook_ = "before_forward " + std::to_string(u);
+  if (rt_.trace.enabled()) hook_ = "before_forward " + std::to_string(u);  // for the trace's gather spans
   const int last = last_held_;
   wait_gathered(u);
   // Prefetch the next unit to be used: the next in forward or, after the last unit (which stays
@@ -180,7 +181,7 @@ void FullyShardedDataParallel::after_forward(int u) {
 
 void FullyShardedDataParallel::before_backward(int u) {
   if (params_sharded()) {
-    hook_ = "before_backward " + std::to_string(u);
+    if (rt_.trace.enabled()) hook_ = "before_backward " + std::to_string(u);  // for the trace's gather spans
     wait_gathered(u);
     if (options_.prefetch) gather(u - 1, /*async=*/true);
   }

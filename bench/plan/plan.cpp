@@ -118,6 +118,13 @@ void time_collective(const PlanConfig& c, CommEstimate* e, int64_t message_bytes
 // time, bench/plan/README.md).
 bool progresses_while_computing(const PlanConfig& c) { return !(c.calibration && c.calibration->comm == "mpi"); }
 
+// Whether FSDP's parameter gathers hide behind compute: FULL_SHARD's and HYBRID_SHARD's are prefetched
+// (bench/fsdp/fully_sharded.cpp), where the collectives progress while the rank computes.
+bool gathers_prefetched(const PlanConfig& c) {
+  const ShardStrategy s = c.memory.shard;
+  return (s == ShardStrategy::full_shard || s == ShardStrategy::hybrid_shard) && progresses_while_computing(c);
+}
+
 // One collective of `passes` calls (or whole-model passes) of `bytes` over `group_ranks` ranks
 // `stride` apart. message_bytes: the size of each call the app issues when a pass is several calls
 // (dp's buckets, fsdp's units); what a calibration's bandwidth is read at. in_place: whether the app's
@@ -462,8 +469,7 @@ std::vector<CommEstimate> hybrid_collectives(const PlanConfig& c, int stage) {
   for (std::size_t u = 0; u < units.size(); ++u) {
     if (std::find(held.begin(), held.end(), static_cast<int>(u)) == held.end()) units[u] = 0;
   }
-  const bool prefetched = (m.shard == ShardStrategy::full_shard || m.shard == ShardStrategy::hybrid_shard) &&
-                          progresses_while_computing(c);
+  const bool prefetched = gathers_prefetched(c);
   for (CommEstimate& e : data_collectives(c, units, c.dp * c.cp, t)) {
     e.what += c.cp > 1 ? " (dp × cp)" : " (dp)";
     // With a calibration, as the app runs them: tp's strategy all-reduces after the pipeline (or backward);
@@ -500,9 +506,7 @@ std::vector<CommEstimate> step_collectives(const PlanConfig& c, int64_t paramete
     // gathers after the optimizer step are called in place and wait; only FULL_SHARD's (and HYBRID_SHARD's)
     // gathers are prefetched, the next unit's while one computes, but the first unit of each micro-batch's
     // forward, which nothing before it prefetches; and through MPI not even those (they wait too).
-    const bool prefetched =
-        (c.memory.shard == ShardStrategy::full_shard || c.memory.shard == ShardStrategy::hybrid_shard) &&
-        progresses_while_computing(c);
+    const bool prefetched = gathers_prefetched(c);
     for (CommEstimate& e : out) {
       if (!(prefetched && e.op == "all_gather")) {
         e.blocking = true;
