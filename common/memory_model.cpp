@@ -217,7 +217,7 @@ int64_t predict_fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& 
     return peak;
   }
   std::vector<char> gathered(U, 0);
-  int64_t current = 0;
+  int64_t current = 0;  // the gathered units and, during a pass, the buffers beside them
   auto gather = [&](int u) {
     if (u < 0 || u >= U || !held[u] || gathered[u]) return;
     gathered[u] = 1;
@@ -230,23 +230,26 @@ int64_t predict_fsdp_comm_peak(const MemoryPlan& p, const std::vector<int64_t>& 
     current -= padded(u) * pb;
   };
   for (const UnitPass& pass : passes) {
+    current += pass.beside;
+    peak = std::max(peak, current);
     if (pass.forward) {
       for (int u = pass.first; u <= pass.last; ++u) {
         gather(u);
         if (p.prefetch) gather(u == last ? last - 1 : u + 1);
         if (u != last) release(u);
       }
-      continue;
+    } else {
+      for (int u = pass.last; u >= pass.first; --u) {
+        gather(u);
+        if (p.prefetch) gather(u - 1);
+        // The unit's whole gradient during its backward; after it, the unit's parameters are freed and
+        // the reduce-scatter output sits beside the whole gradient.
+        peak = std::max(peak, current + padded(u) * gb);
+        release(u);
+        peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
+      }
     }
-    for (int u = pass.last; u >= pass.first; --u) {
-      gather(u);
-      if (p.prefetch) gather(u - 1);
-      // The unit's whole gradient during its backward; after it, the unit's parameters are freed and
-      // the reduce-scatter output sits beside the whole gradient.
-      peak = std::max(peak, current + padded(u) * gb);
-      release(u);
-      peak = std::max(peak, current + padded(u) * gb + shard_elements(units[u], n) * gb);
-    }
+    current -= pass.beside;
   }
   return peak;
 }

@@ -131,10 +131,14 @@ MemoryEstimate predict_model_states(const std::vector<int64_t>& unit_params, con
 struct UnitPass {
   int first = 0, last = 0;
   bool forward = true;
+  int64_t beside = 0;  // other communication buffers live during the pass (a pipeline's boundaries), bytes
 };
 // FSDP's communication buffers at their peak (gathered parameters, a unit's whole gradient, the
 // reduce-scatter output) over a step's passes, as bench/fsdp/fully_sharded.cpp issues them; the units
-// held are those the passes cover. units: this rank's parameters of every unit of the model.
+// held are those the passes cover. units: this rank's parameters of every unit of the model. With
+// FULL_SHARD and HYBRID_SHARD each pass's `beside` bytes are added to the buffers of that pass (the
+// peak of the sum); the other strategies' buffers come after a unit's backward, outside the passes'
+// accounting, and `beside` is not added to them.
 int64_t predict_fsdp_comm_peak(const MemoryPlan& plan, const std::vector<int64_t>& units,
                                const std::vector<UnitPass>& passes);
 

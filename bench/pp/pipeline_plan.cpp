@@ -111,8 +111,11 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
   for (const PipelineStep& step : pipeline_schedule(o.schedule, o.stages, stage, m, o.chunks)) {
     const int k = step.chunk * o.stages + stage;
     const GptModel::Stage& s = chunk_units[step.chunk];
-    passes.push_back({s.first_unit, s.last_unit, step.forward});
     const ActivationEstimate& a = chunk_activations[step.chunk];
+    // The boundaries live while the pass runs, beside FSDP's gathered units and gradients (the extras of
+    // sequence parallelism, cp and the MLP part stay added to those at their own peak, below).
+    passes.push_back({s.first_unit, s.last_unit, step.forward,
+                      step.forward ? sending + posted + (k > 0 ? boundary : 0) : posted + (k > 0 ? boundary : 0)});
     if (step.forward) {
       comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0) + forward_extra);  // + the received input
       if (k < V - 1) posted += boundary;
@@ -130,9 +133,15 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
   }
   e[MemCategory::activations] = act_peak;
   e[MemCategory::workspace] = predict_activations(plan).workspace_bytes;  // every backward's scratch
-  // The sharded units' gathers and gradients at their own peak (an upper bound where it does not coincide
-  // with the boundaries').
-  if (plan.shard != ShardStrategy::no_shard) comm_peak += predict_fsdp_comm_peak(plan, unit_params, passes);
+  // The sharded units' buffers: FULL_SHARD's and HYBRID_SHARD's gathers and gradients beside the
+  // boundaries of their pass (the peak of the sum); the other strategies' at their own peak, added (an
+  // upper bound where it does not coincide with the boundaries'). The extras beside both stay added.
+  if (plan.shard == ShardStrategy::full_shard || plan.shard == ShardStrategy::hybrid_shard) {
+    const int64_t extra = std::max(forward_extra, backward_extra);
+    comm_peak = std::max(comm_peak, predict_fsdp_comm_peak(plan, unit_params, passes) + extra);
+  } else if (plan.shard != ShardStrategy::no_shard) {
+    comm_peak += predict_fsdp_comm_peak(plan, unit_params, passes);
+  }
   e[MemCategory::comm_buffers] = comm_peak;
   e.peak_total = 0;
   for (int64_t bytes : e.bytes) e.peak_total += bytes;  // an upper bound: the peaks may not coincide

@@ -322,19 +322,22 @@ MODEL_STATES = ["parameters", "master_parameters", "gradients", "optimizer_state
 OTHER_CATEGORIES = ["activations", "comm_buffers", "workspace", "peak_total"]
 
 
-def assert_memory_matches_prediction(run, what, exact=("comm_buffers",)):
-    """SPEC 6 /memory: per rank and category, model states within 1% and the rest within 10%, but the
-    categories in `exact` to the byte (comm_buffers: every app's buffers are what the model counts, so a
-    buffer sized or filed wrongly shows; activations, workspace and peak_total depend on when tensors are
-    freed, and stay at 10%)."""
+def assert_memory_matches_prediction(run, what, inexact=()):
+    """SPEC 6 /memory, per rank: every category to the byte (the memory model follows each app's
+    allocations, and tests/app/test_memory_log.py checks that each is filed under the right category), but
+    those in `inexact` within 10 %; peak_total, the sum of the categories' peaks (docs/memory-model.md
+    section 8), is an upper bound of the measured peak of the sum and at most 10 % above it."""
     for cat in MODEL_STATES + OTHER_CATEGORIES:
-        rtol = 0.0 if cat in exact else 0.01 if cat in MODEL_STATES else 0.10
         measured, predicted = run["measured"][cat], run["predicted"][cat]
         assert measured.shape == predicted.shape == (int(run["config"]["world_size"]),), (what, cat)
         for rank, (m, p) in enumerate(zip(measured.tolist(), predicted.tolist())):
-            assert abs(m - p) <= rtol * p, \
-                f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (off by more than {rtol:.0%})\n" \
-                f"{run['command']}"
+            if cat == "peak_total":
+                ok, rule = m <= p <= 1.10 * m, "at most 10 % above"
+            elif cat in inexact:
+                ok, rule = abs(m - p) <= 0.10 * p, "within 10 %"
+            else:
+                ok, rule = m == p, "exactly"
+            assert ok, f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (not {rule})\n{run['command']}"
 
 
 def finished_steps(path):

@@ -93,15 +93,9 @@ def test_matches_single_rank(layout_id, layout_run, reference):
     assert rel(run["param_norm"], reference["param_norm"]) <= RTOL, run["command"]
 
 
-# The one layout whose comm_buffers the memory model does not predict to the byte: pp 2 × FULL_SHARD in
-# parabench-hybrid, 4096 B (2 %) above the measurement on rank 0 (found when the check became exact, issue 22).
-COMM_BUFFERS_NOT_EXACT = {"hybrid-pp2-full-shard"}
-
-
 @pytest.mark.parametrize("layout_id", IDS)
 def test_memory_matches_prediction(layout_id, layout_run):
-    exact = () if layout_id in COMM_BUFFERS_NOT_EXACT else ("comm_buffers",)
-    assert_memory_matches_prediction(layout_run(layout_id), layout_id, exact=exact)
+    assert_memory_matches_prediction(layout_run(layout_id), layout_id)
 
 
 def test_the_same_layout_twice_is_bitwise_equal(run_app, tmp_path, layout_run):

@@ -170,12 +170,11 @@ def test_memory(h5, P):
     # fp32 dp: weights, gradients and AdamW m, v of the whole model on every rank
     assert np.all(p["parameters"] == 4 * P) and np.all(p["gradients"] == 4 * P)
     assert np.all(p["optimizer_states"] == 8 * P)
-    for cat, tol in [("parameters", 0.01), ("gradients", 0.01), ("optimizer_states", 0.01), ("activations", 0.10),
-                     ("workspace", 0.10), ("peak_total", 0.10)]:
-        rel = np.abs(m[cat] - p[cat]) / p[cat]
-        assert rel.max() <= tol, f"{cat}: measured {m[cat]} vs predicted {p[cat]}"
-    for cat in ("master_parameters", "comm_buffers"):  # none in fp32 dp (buckets are views of the gradients)
-        assert np.all(m[cat] == p[cat]), f"{cat}: measured {m[cat]} vs predicted {p[cat]}"
+    for cat in CATEGORIES[:-1]:  # to the byte; none of master_parameters and comm_buffers in fp32 dp (buckets
+        assert np.all(m[cat] == p[cat]), f"{cat}: measured {m[cat]} vs predicted {p[cat]}"  # view the gradients)
+    # the sum of the peaks (docs/memory-model.md 8): an upper bound of the peak of the sum, at most 10 % above
+    assert np.all(m["peak_total"] <= p["peak_total"]) and np.all(p["peak_total"] <= 1.10 * m["peak_total"]), \
+        f"peak_total: measured {m['peak_total']} vs predicted {p['peak_total']}"
     # the peak of the sum at any instant, never more than the sum of the peaks
     parts = sum(m[cat] for cat in CATEGORIES if cat != "peak_total")
     assert np.all(m["peak_total"] <= parts) and np.all(m["peak_total"] >= m["parameters"] + m["optimizer_states"])
