@@ -109,7 +109,7 @@ class Communicator {
   // Adds one call of `count` elements of `dtype` to op's account and returns it.
   CommOpStats& account(CommOp op, std::size_t count, DType dtype);
 
-  CommStats stats_{};
+  mutable CommStats stats_{};  // mutable: a decorator's settle() copies its inner communicator's
 };
 
 }  // namespace pb

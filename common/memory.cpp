@@ -24,15 +24,29 @@ std::array<MemCategory, kNumMemCategories> all_mem_categories() {
           MemCategory::workspace};
 }
 
-void MemoryTracker::on_alloc(MemCategory c, std::size_t bytes) {
+const char* memory_mark_name(MemoryMark m) {
+  switch (m) {
+    case MemoryMark::step_begin: return "step_begin";
+    case MemoryMark::forward_begin: return "forward_begin";
+    case MemoryMark::forward_end: return "forward_end";
+    case MemoryMark::backward_begin: return "backward_begin";
+    case MemoryMark::backward_end: return "backward_end";
+    case MemoryMark::optimizer_begin: return "optimizer_begin";
+    case MemoryMark::step_end: return "step_end";
+  }
+  return "unknown";
+}
+
+void MemoryTracker::on_alloc(MemCategory c, std::size_t bytes, const void* ptr) {
   const int i = static_cast<int>(c);
   current_[i] += static_cast<int64_t>(bytes);
   current_total_ += static_cast<int64_t>(bytes);
   snap_.peak[i] = std::max(snap_.peak[i], current_[i]);
   snap_.peak_total = std::max(snap_.peak_total, current_total_);
+  if (observer_ != nullptr) observer_->on_alloc(ptr, c, bytes);
 }
 
-void MemoryTracker::on_free(MemCategory c, std::size_t bytes) {
+void MemoryTracker::on_free(MemCategory c, std::size_t bytes, const void* ptr) {
   const int i = static_cast<int>(c);
   if (current_[i] < static_cast<int64_t>(bytes)) {
     throw std::logic_error(std::string("memory tracker: freeing more ") + mem_category_name(c) +
@@ -40,6 +54,7 @@ void MemoryTracker::on_free(MemCategory c, std::size_t bytes) {
   }
   current_[i] -= static_cast<int64_t>(bytes);
   current_total_ -= static_cast<int64_t>(bytes);
+  if (observer_ != nullptr) observer_->on_free(ptr, c, bytes);
 }
 
 }  // namespace pb

@@ -25,6 +25,29 @@ const char* mem_category_name(MemCategory c);
 // All categories in schema order, for loops.
 std::array<MemCategory, kNumMemCategories> all_mem_categories();
 
+// Where a run is, for a MemoryObserver: the harness marks its steps and optimizer, the model each
+// micro-batch's forward and backward (with pipelines, of one stage). Allocation lifetimes are read
+// against these marks (analysis/memory_log.py checks each category against its definition).
+enum class MemoryMark : int {
+  step_begin = 0,
+  forward_begin,
+  forward_end,
+  backward_begin,
+  backward_end,
+  optimizer_begin,
+  step_end,
+};
+const char* memory_mark_name(MemoryMark m);
+
+// Sees every allocation and free with its pointer, and the marks: --memory-log's recorder.
+class MemoryObserver {
+ public:
+  virtual ~MemoryObserver() = default;
+  virtual void on_alloc(const void* ptr, MemCategory c, std::size_t bytes) = 0;
+  virtual void on_free(const void* ptr, MemCategory c, std::size_t bytes) = 0;
+  virtual void on_mark(MemoryMark mark) = 0;
+};
+
 struct MemorySnapshot {
   std::array<int64_t, kNumMemCategories> peak{};  // peak bytes per category
   int64_t peak_total = 0;                        // peak of the sum at any instant
@@ -32,8 +55,14 @@ struct MemorySnapshot {
 
 class MemoryTracker {
  public:
-  void on_alloc(MemCategory c, std::size_t bytes);
-  void on_free(MemCategory c, std::size_t bytes);
+  // ptr: the block's address, for the observer only.
+  void on_alloc(MemCategory c, std::size_t bytes, const void* ptr = nullptr);
+  void on_free(MemCategory c, std::size_t bytes, const void* ptr = nullptr);
+  // Null: none (the default; then an allocation costs no more than the counting).
+  void set_observer(MemoryObserver* observer) { observer_ = observer; }
+  void mark(MemoryMark m) {
+    if (observer_ != nullptr) observer_->on_mark(m);
+  }
 
   int64_t current(MemCategory c) const { return current_[static_cast<int>(c)]; }
   int64_t current_total() const { return current_total_; }
@@ -43,6 +72,22 @@ class MemoryTracker {
   std::array<int64_t, kNumMemCategories> current_{};
   int64_t current_total_ = 0;
   MemorySnapshot snap_;
+  MemoryObserver* observer_ = nullptr;
+};
+
+// Marks `begin` now and `end` when the scope is left (also by an exception).
+class MemoryMarkScope {
+ public:
+  MemoryMarkScope(MemoryTracker& tracker, MemoryMark begin, MemoryMark end) : tracker_(tracker), end_(end) {
+    tracker_.mark(begin);
+  }
+  ~MemoryMarkScope() { tracker_.mark(end_); }
+  MemoryMarkScope(const MemoryMarkScope&) = delete;
+  MemoryMarkScope& operator=(const MemoryMarkScope&) = delete;
+
+ private:
+  MemoryTracker& tracker_;
+  MemoryMark end_;
 };
 
 }  // namespace pb

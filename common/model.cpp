@@ -685,6 +685,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
                                                         const int32_t* targets_host, ConstTensorPtr input, float scale,
                                                         UnitHooks& hooks) {
   Backend& be = backend_;
+  const MemoryMarkScope phase(be.tracker(), MemoryMark::forward_begin, MemoryMark::forward_end);
   const int L = config_.layers, B = micro_batch_, S = seq_local_, h = config_.hidden, Vl = vocab_local_, N = N_,
             R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;
@@ -796,6 +797,7 @@ std::unique_ptr<GptModel::MicroBatch> GptModel::forward(const Stage& stage_in, c
 void GptModel::backward(MicroBatch& micro_batch, ConstTensorPtr doutput, TensorPtr dinput, UnitHooks& hooks) {
   auto& mb = static_cast<MicroBatchState&>(micro_batch);
   Backend& be = backend_;
+  const MemoryMarkScope phase(be.tracker(), MemoryMark::backward_begin, MemoryMark::backward_end);
   const int L = config_.layers, B = micro_batch_, S = seq_local_, h = config_.hidden, hl = hidden_local_,
             Vl = vocab_local_, N = N_, R = rows_;
   const std::size_t Rh = static_cast<std::size_t>(R) * h, Nh = static_cast<std::size_t>(N) * h;

@@ -196,6 +196,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
   cli.add_option("--peak-tflops", peak, "per-rank peak TFLOP/s for MFU");
   cli.add_option("--trace", opt.trace, "write a Chrome trace JSON to this path");
   cli.add_option("--json-log", opt.json_log, "write one JSON object per step to this path");
+  cli.add_option("--memory-log", opt.memory_log,
+                 "write each rank's allocations, frees and communicator buffers, in order, to DIR/rank<r>.tsv");
   cli.add_option("--dump-gradients", opt.dump_gradients,
                  "for the reference tests: write losses and the step-0 gradients to this .h5 file");
   cli.add_flag("--dry-run", opt.dry_run, "validate, print the layout, the predicted memory and whether it fits, exit");
@@ -402,7 +404,8 @@ ParseResult parse_options(const std::string& app_name, int argc, char** argv, co
     opt.peak_tflops = given("--peak-tflops") ? peak : -1.0;
     opt.seed = parse_seed(seed);
     if (opt.out.empty()) reject("--out must not be empty");
-    for (const auto& [name, value] : {std::pair{"--out", &opt.out}, {"--trace", &opt.trace}, {"--json-log", &opt.json_log}}) {
+    for (const auto& [name, value] : {std::pair{"--out", &opt.out}, {"--trace", &opt.trace}, {"--json-log", &opt.json_log},
+                                    {"--memory-log", &opt.memory_log}}) {
       for (char c : *value) {
         if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) reject(std::string(name) + " must not contain control characters");
       }

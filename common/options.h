@@ -75,6 +75,7 @@ struct Options {
   double peak_tflops = -1.0;  // < 0: from the device table
   std::string trace;
   std::string json_log;
+  std::string memory_log;  // a directory: each rank's allocation history (common/memory_log.h)
   std::string dump_gradients;  // tests only: see write_gradient_dump
   bool dry_run = false;
   bool quiet = false;

@@ -19,6 +19,7 @@
 #include "common/data.h"
 #include "common/energy.h"
 #include "common/errors.h"
+#include "common/memory_log.h"
 #include "common/metadata.h"
 #include "common/mpi_communicator.h"
 #include "common/results.h"
@@ -176,6 +177,33 @@ std::unique_ptr<Backend> make_backend(const Options& opt, int local_rank) {
     throw RunError(kExitConfig, "--cpu-gemm " + opt.cpu_gemm + ": not a library of this build");
   }
   return make_cpu_backend(opt.threads, opt.dtype == "bf16", sgemm);
+}
+
+// --memory-log: every rank's history of its memory (common/memory_log.h), from the first allocation
+// on. Every rank opens its own file; when one cannot, the lowest such rank says why and every rank
+// returns exit 3 before any step.
+int open_memory_log(const Options& opt, MpiCommunicator& world, Backend& backend, std::unique_ptr<MemoryLog>* log) {
+  if (opt.memory_log.empty()) return kExitComplete;
+  std::string error;
+  try {
+    *log = std::make_unique<MemoryLog>(opt.memory_log, world.rank(), world.size(),
+                                       "app " + opt.app + ", backend " + opt.backend + ", dtype " + opt.dtype +
+                                           ", recompute " + opt.recompute + ", steps " + std::to_string(opt.steps) +
+                                           ", micro-batches per step " + std::to_string(opt.grad_accum));
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  double lowest_failed = error.empty() ? 0.0 : world.size() - world.rank();  // the max names the lowest rank
+  world.all_reduce_host(&lowest_failed, 1, HostReduce::max);
+  if (lowest_failed == 0.0) {
+    (*log)->observe(backend.tracker());
+    return kExitComplete;
+  }
+  if (world.size() - world.rank() == static_cast<int>(lowest_failed)) {
+    std::fprintf(stderr, "parabench-%s: error: %s (rank %d)\n", opt.app.c_str(), error.c_str(), world.rank());
+  }
+  log->reset();
+  return kExitRuntime;
 }
 
 // The communicator the process groups are split from, when it is not `world` itself: with the CUDA
@@ -487,10 +515,15 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 
   const NodeLocal local = node_local(world.handle());
   std::unique_ptr<Backend> backend = make_backend(opt, local.local_rank);
+  std::unique_ptr<MemoryLog> memory_log;
+  if (const int code = open_memory_log(opt, world, *backend, &memory_log); code != kExitComplete) return code;
   opt.peak_tflops = resolve_peak_tflops(opt, backend->device_name());
   const Layout layout = app.layout(opt);
   const std::unique_ptr<Communicator> device_world = make_device_world(opt, world, *backend);
-  ProcessGroups groups = make_process_groups(device_world ? *device_world : world, layout);
+  Communicator& group_base = device_world ? *device_world : world;
+  // With --memory-log, the groups log the buffers their calls are handed.
+  const std::unique_ptr<Communicator> logged_base = memory_log ? logging_communicator(group_base, *memory_log) : nullptr;
+  ProcessGroups groups = make_process_groups(logged_base ? *logged_base : group_base, layout);
   const ModelParallel mp = make_model_parallel(groups);
   const OwnedBlockParts owned_parts = app.block_parts ? app.block_parts(opt, *backend, mp) : OwnedBlockParts{};
   const BlockParts parts = owned_parts.view();
@@ -631,6 +664,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     energy.start();
     trace.span(TraceTrack::idle, "step barrier", t_arrive, t0);
     const std::uint64_t waits_before = backend->host_waits();
+    backend->tracker().mark(MemoryMark::step_begin);
     strategy->zero_grads();
     StepBatches batches;
     batches.step = step;
@@ -662,8 +696,10 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
     }
     const float grad_scale = clip_scale(grad_norm, opt.clip);
     const double t_opt = wall_time_s();
+    backend->tracker().mark(MemoryMark::optimizer_begin);
     strategy->optimizer_step(grad_scale, step + 1);
     backend->synchronize();
+    backend->tracker().mark(MemoryMark::step_end);
     trace.span(TraceTrack::compute, "optimizer", t_opt, wall_time_s());
     const double elapsed = wall_time_s() - t0;
     const std::vector<double> joules = energy.stop();

@@ -22,7 +22,7 @@ void* BlockCache::alloc(std::size_t bytes, MemCategory category) {
     ptr = allocate_(rounded);
   }
   live_[ptr] = Block{bytes, rounded, category};
-  tracker_.on_alloc(category, bytes);
+  tracker_.on_alloc(category, bytes, ptr);
   return ptr;
 }
 
@@ -30,7 +30,7 @@ void BlockCache::free(void* ptr) {
   if (ptr == nullptr) return;
   auto it = live_.find(ptr);
   if (it == live_.end()) throw std::logic_error("free of a pointer the backend did not allocate");
-  tracker_.on_free(it->second.category, it->second.bytes);
+  tracker_.on_free(it->second.category, it->second.bytes, ptr);
   cache_.emplace(it->second.rounded, ptr);
   live_.erase(it);
 }

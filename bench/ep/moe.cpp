@@ -179,8 +179,9 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const TensorPtr* w, ConstTensorP
   }
 
   // The local experts, each the model's MLP over its slots (empty slots hold zeros; their outputs are
-  // never combined and their gradients are zero).
-  TensorPtr expert_out = ep_.active() ? alloc_act(slots * h_, MemCategory::comm_buffers) : s->combined;
+  // never combined and their gradients are zero). With ep > 1 their outputs are scratch that the combine
+  // reorders into its send buffer (as the backward's dexpert_in).
+  TensorPtr expert_out = ep_.active() ? alloc_act(slots * h_, MemCategory::workspace) : s->combined;
   for (int i = 0; i < El_; ++i) {
     const TensorPtr* we = w + 1 + per_expert_ * i;
     const std::size_t in = static_cast<std::size_t>(i) * rows * h_, mid = static_cast<std::size_t>(i) * rows * f_;

@@ -2,7 +2,7 @@
 // NCCL when every rank of a node drives a GPU of its own, whether each sees all of the node's GPUs or
 // only its own (srun --gpus-per-task, a per-rank CUDA_VISIBLE_DEVICES), and MPI when ranks share one;
 // the attention implementation (--attention), the CPU's sgemm library (--cpu-gemm) and the NCCL watchdog's
-// --distributed-timeout-minutes.
+// --distributed-timeout-minutes; the output paths' characters.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -191,6 +191,24 @@ TEST(Comm, DistributedTimeout) {
     EXPECT_EQ(r.exit_code, 2) << bad;
     EXPECT_NE(r.message.find("must be positive"), std::string::npos) << r.message;
   }
+}
+
+// The outputs' paths: taken as given, control characters refused (they would be written into messages
+// and, for --memory-log, into file names).
+TEST(Outputs, PathsWithoutControlCharacters) {
+  Options opt;
+  ASSERT_TRUE(parse({"--model", "tiny", "--memory-log", "logs/mem", "--trace", "t.json"}, Environment{}, &opt).run);
+  EXPECT_EQ(opt.memory_log, "logs/mem");
+  EXPECT_EQ(opt.trace, "t.json");
+  Options none;
+  ASSERT_TRUE(parse({"--model", "tiny"}, Environment{}, &none).run);
+  EXPECT_TRUE(none.memory_log.empty());  // off unless asked
+  const std::vector<RefusedCase> cases = {
+      {{"--memory-log", "logs\nmem"}, Environment{}, "--memory-log must not contain control characters"},
+      {{"--trace", "t\x01.json"}, Environment{}, "--trace must not contain control characters"},
+      {{"--json-log", "j\x7f"}, Environment{}, "--json-log must not contain control characters"},
+  };
+  expect_refused(cases);
 }
 
 }  // namespace
