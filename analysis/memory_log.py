@@ -8,8 +8,8 @@ against its lifetime, as SPEC section 6 defines the categories:
   alive when that forward ends, and freed in a backward;
 - comm_buffers are handed to a communicator while they live;
 - workspace is scratch: freed before the phase that allocated it ends (the phases are the forward and
-  the backward of one micro-batch, the rest of the step, the optimizer), unless allocated outside the
-  steps and held for the run;
+  the backward of one micro-batch, the rest of the step, the optimizer), unless held from its allocation
+  (before the steps, or at its first use) to the end of the run;
 - and conversely a block allocated inside a step that a communicator receives into (or reduces in
   place) is a comm_buffer or an activation (an activation received from a pipeline neighbour, or
   completed by tensor parallelism's all-reduce in place).
