@@ -112,19 +112,21 @@ MemoryEstimate predict_pipeline_memory(const MemoryPlan& plan, const PipelineOpt
     const int k = step.chunk * o.stages + stage;
     const GptModel::Stage& s = chunk_units[step.chunk];
     const ActivationEstimate& a = chunk_activations[step.chunk];
-    // The boundaries live while the pass runs, beside FSDP's gathered units and gradients (the extras of
-    // sequence parallelism, cp and the MLP part stay added to those at their own peak, below).
-    passes.push_back({s.first_unit, s.last_unit, step.forward,
-                      step.forward ? sending + posted + (k > 0 ? boundary : 0) : posted + (k > 0 ? boundary : 0)});
+    // The boundaries live while the pass runs: the received input (forward) or the input gradient to send
+    // (backward) beside the posted gradient buffers, and in a forward the last input gradient still
+    // being sent. FSDP's gathered units and gradients come beside them (the extras of sequence
+    // parallelism, cp and the MLP part stay added to those at their own peak, below).
+    const int64_t boundaries = (step.forward ? sending : 0) + posted + (k > 0 ? boundary : 0);
+    passes.push_back({s.first_unit, s.last_unit, step.forward, boundaries});
     if (step.forward) {
-      comm_peak = std::max(comm_peak, sending + posted + (k > 0 ? boundary : 0) + forward_extra);  // + the received input
+      comm_peak = std::max(comm_peak, boundaries + forward_extra);
       if (k < V - 1) posted += boundary;
       comm_peak = std::max(comm_peak, sending + posted);
       live += a.forward_end_bytes;
       act_peak = std::max(act_peak, live);
     } else {
       sending = 0;  // waited for before the backward
-      comm_peak = std::max(comm_peak, posted + (k > 0 ? boundary : 0) + backward_extra);  // + the input gradient to send
+      comm_peak = std::max(comm_peak, boundaries + backward_extra);
       act_peak = std::max(act_peak, live + a.backward_extra_bytes);
       live -= a.forward_end_bytes;
       if (k < V - 1) posted -= boundary;
