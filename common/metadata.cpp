@@ -170,21 +170,42 @@ int device_index_for(int local_rank, int visible_devices) {
 
 namespace {
 
-// A price from the environment: NaN when unset or empty, else a number ≥ 0 (RunError, exit 2, otherwise).
-double price_from_env(const char* name) {
+// A price from the environment: NaN when unset or empty, else a number ≥ 0; otherwise `error` says why.
+double price_from_env(const char* name, std::string* error) {
   const std::string text = env_or(name, "");
   if (text.empty()) return std::numeric_limits<double>::quiet_NaN();
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
   if (end == text.c_str() || *end != '\0' || !std::isfinite(value) || value < 0.0) {
-    throw RunError(kExitConfig, std::string(name) + "=" + text + " is not a price: a number ≥ 0 (the cluster profile's)");
+    if (error->empty()) *error = std::string(name) + "=" + text + " is not a price: a number ≥ 0 (the cluster profile's)";
+    return std::numeric_limits<double>::quiet_NaN();
   }
   return value;
 }
 
 }  // namespace
 
-SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int device_index) {
+std::string read_prices(MPI_Comm world, Prices* prices) {
+  std::string error;
+  prices->per_gpu_hour = price_from_env("PB_PRICE_GPU_HOUR", &error);
+  prices->per_node_hour = price_from_env("PB_PRICE_NODE_HOUR", &error);
+  prices->electricity_per_kwh = price_from_env("PB_PRICE_KWH", &error);
+  prices->currency = env_or("PB_CURRENCY", "");
+  int rank = 0, size = 1;
+  PB_MPI_CHECK(MPI_Comm_rank(world, &rank));
+  PB_MPI_CHECK(MPI_Comm_size(world, &size));
+  int lowest_failed = error.empty() ? size : rank;
+  PB_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &lowest_failed, 1, MPI_INT, MPI_MIN, world));
+  if (lowest_failed == size) return "";
+  if (rank == lowest_failed && size > 1) error += " (rank " + std::to_string(rank) + ")";
+  int length = static_cast<int>(error.size());
+  PB_MPI_CHECK(MPI_Bcast(&length, 1, MPI_INT, lowest_failed, world));
+  error.resize(static_cast<std::size_t>(length));
+  PB_MPI_CHECK(MPI_Bcast(error.data(), length, MPI_CHAR, lowest_failed, world));
+  return error;
+}
+
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, const Prices& prices, int device_index) {
   SystemInfo s;
   s.cluster = cluster;
   PB_MPI_CHECK(MPI_Comm_size(world, &s.ranks));
@@ -226,10 +247,10 @@ SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int d
   s.compiler = std::string("gcc ") + __VERSION__;
 #endif
   s.slurm_job_id = env_or("SLURM_JOB_ID", "");
-  s.price_per_gpu_hour = price_from_env("PB_PRICE_GPU_HOUR");
-  s.price_per_node_hour = price_from_env("PB_PRICE_NODE_HOUR");
-  s.electricity_price_per_kwh = price_from_env("PB_PRICE_KWH");
-  s.currency = env_or("PB_CURRENCY", "");
+  s.price_per_gpu_hour = prices.per_gpu_hour;
+  s.price_per_node_hour = prices.per_node_hour;
+  s.electricity_price_per_kwh = prices.electricity_per_kwh;
+  s.currency = prices.currency;
   s.slurm_partition = env_or("SLURM_JOB_PARTITION", "");
 
   static const char* kPrefixes[] = {"SLURM_", "NCCL_", "OMP_", "OPENBLAS_", "CUDA_VISIBLE_DEVICES="};

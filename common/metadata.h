@@ -51,10 +51,24 @@ bool node_ranks_hold_distinct_devices(MPI_Comm world, const std::string& device_
 // CUDA_VISIBLE_DEVICES); -1 without GPUs.
 int device_index_for(int local_rank, int visible_devices);
 
+// The cluster profile's prices (jobs/clusters/*.env), as SystemInfo records them.
+struct Prices {
+  double per_gpu_hour = std::numeric_limits<double>::quiet_NaN();  // PB_PRICE_GPU_HOUR
+  double per_node_hour = std::numeric_limits<double>::quiet_NaN();  // PB_PRICE_NODE_HOUR
+  double electricity_per_kwh = std::numeric_limits<double>::quiet_NaN();  // PB_PRICE_KWH
+  std::string currency;  // PB_CURRENCY
+};
+
+// Collective over `world`, part of validating the configuration: every rank reads the prices from its
+// own environment (unset or empty: NaN, not stated; otherwise a number ≥ 0). Returns "" when every
+// rank's are valid; otherwise, on every rank, the message of the lowest rank whose are not, so that
+// the caller ends every rank with exit 2 and the same words rather than aborting the job.
+std::string read_prices(MPI_Comm world, Prices* prices);
+
 // Collective over `world`: gathers hostnames, local ranks and device indices (device_index: this rank's,
 // -1 for none) and counts nodes. The GPU fields stay empty: the runner fills them from the backend.
-// A price variable that is set but not a number ≥ 0 throws RunError (exit 2).
-SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, int device_index = -1);
+SystemInfo collect_system_info(MPI_Comm world, const std::string& cluster, const Prices& prices,
+                               int device_index = -1);
 
 // --cluster, else $PARABENCH_CLUSTER, else $SLURM_CLUSTER_NAME, else the host name.
 std::string resolve_cluster_name(const std::string& option);

@@ -513,6 +513,13 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
   const bool lead = world_rank == 0;
   const bool talk = lead && !opt.quiet;
 
+  // The cluster profile's prices are configuration: a bad one ends every rank with exit 2, before
+  // anything is allocated.
+  Prices prices;
+  if (const std::string error = read_prices(world.handle(), &prices); !error.empty()) {
+    if (lead) std::fprintf(stderr, "parabench-%s: error: %s\n", opt.app.c_str(), error.c_str());
+    return kExitConfig;
+  }
   const NodeLocal local = node_local(world.handle());
   std::unique_ptr<Backend> backend = make_backend(opt, local.local_rank);
   std::unique_ptr<MemoryLog> memory_log;
@@ -536,7 +543,7 @@ int train_and_report(const AppDefinition& app, Options& opt, MpiCommunicator& wo
 #ifdef PB_WITH_CUDA
   if (opt.backend == "cuda") device_index = device_index_for(local.local_rank, cuda_visible_device_count());
 #endif
-  SystemInfo sys = collect_system_info(world.handle(), opt.cluster, device_index);
+  SystemInfo sys = collect_system_info(world.handle(), opt.cluster, prices, device_index);
 #ifdef PB_WITH_CUDA
   if (opt.backend == "cuda") {
     std::size_t free_bytes = 0, total_bytes = 0;

@@ -244,6 +244,11 @@ int run(int argc, char** argv) {
     return pb::kExitConfig;
   }
   o.cluster = pb::resolve_cluster_name(o.cluster);
+  pb::Prices prices;
+  if (const std::string error = pb::read_prices(MPI_COMM_WORLD, &prices); !error.empty()) {
+    if (lead) std::fprintf(stderr, "parabench-micro: error: %s\n", error.c_str());
+    return pb::kExitConfig;
+  }
 
   pb::cpu::SgemmLibrary sgemm = pb::cpu::default_sgemm_library();
   if (!o.cpu_gemm.empty()) pb::cpu::parse_sgemm_library(o.cpu_gemm, &sgemm);  // checked by CLI11
@@ -280,7 +285,7 @@ int run(int argc, char** argv) {
   // The result file first: a bad --out is reported before any benchmark runs, and a job killed midway
   // leaves a file that says "running".
   std::unique_ptr<pb::ResultWriter> writer;
-  const pb::SystemInfo system = pb::collect_system_info(MPI_COMM_WORLD, o.cluster);
+  const pb::SystemInfo system = pb::collect_system_info(MPI_COMM_WORLD, o.cluster, prices);
   int code = pb::kExitComplete;
   if (lead && !listing) {
     try {

@@ -67,7 +67,26 @@ def test_prices_are_recorded_from_the_profile(tmp_path):
     bad = subprocess.run(["mpiexec", "-n", "1", str(BIN_DIR / "dp" / "parabench-dp"), *MODEL, "--out",
                           str(tmp_path / "q.h5")], env={**env, "PB_PRICE_KWH": "cheap"}, capture_output=True,
                          text=True, timeout=60)
-    assert bad.returncode == 2 and "PB_PRICE_KWH=cheap is not a price" in bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "PB_PRICE_KWH=cheap is not a price" in bad.stdout + bad.stderr, bad.stderr
+    assert "MPI_Abort" not in bad.stderr and not (tmp_path / "q.h5").exists()  # a configuration error, not an abort
+
+
+def test_a_bad_price_on_one_rank_ends_every_rank_with_exit_2(tmp_path):
+    # Rank 1 alone sees a bad price (an environment that differs per rank): the ranks agree on the
+    # verdict, every one ends with exit 2 and the message names rank 1; nothing waits, nothing aborts.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PB_PRICE", "PB_CURRENCY"))}
+    app = [str(BIN_DIR / "dp" / "parabench-dp"), *MODEL, "--out", str(tmp_path / "r.h5")]
+    bad = subprocess.run(["mpiexec", "-n", "1", *app, ":", "-n", "1", "env", "PB_PRICE_NODE_HOUR=nan", *app],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2, bad.stderr
+    assert "PB_PRICE_NODE_HOUR=nan is not a price" in bad.stderr and "(rank 1)" in bad.stderr, bad.stderr
+    assert bad.stderr.count("is not a price") == 1, bad.stderr  # said once, by rank 0
+    assert "MPI_Abort" not in bad.stderr and not (tmp_path / "r.h5").exists()
+    micro = subprocess.run(["mpiexec", "-n", "1", str(BIN_DIR / "micro" / "parabench-micro"), "--out",
+                            str(tmp_path / "m.h5")], env={**env, "PB_PRICE_GPU_HOUR": "-1"}, capture_output=True,
+                           text=True, timeout=60)
+    assert micro.returncode == 2 and "PB_PRICE_GPU_HOUR=-1 is not a price" in micro.stderr, micro.stderr
+    assert not (tmp_path / "m.h5").exists()
 
 
 def test_clusters_ranked_by_cost_energy_and_speed(report):
