@@ -496,6 +496,54 @@ __device__ SoftmaxStat block_softmax_stat(SoftmaxStat v) {
   return result;
 }
 
+// A row of logits read and written in 16-byte packs (8 bf16 or 4 fp32 values: one 128-bit load per
+// thread, where element-wise bf16 loads would fetch 2 bytes each) when the row starts at a 16-byte boundary
+// and its stride Vp holds whole packs, as the padded vocabulary's does (a multiple of 128); element by
+// element otherwise. Either way each thread visits its indices in ascending order, the block's threads
+// striding the row, so the result depends only on the shape and the layout, never on timing.
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kSize = 16 / static_cast<int>(sizeof(T));
+  T v[kSize];
+};
+template <typename T>
+__device__ inline bool packs_row(const T* row, int Vp) {
+  return Vp % Pack16<T>::kSize == 0 && reinterpret_cast<std::uintptr_t>(row) % 16 == 0;
+}
+// f(i, x) for every column i < n of the row, x its value in fp32.
+template <typename T, typename F>
+__device__ void for_each_in_row(const T* row, int n, int Vp, F&& f) {
+  constexpr int P = Pack16<T>::kSize;
+  if (packs_row(row, Vp)) {
+    const Pack16<T>* packs = reinterpret_cast<const Pack16<T>*>(row);
+    for (int p = threadIdx.x; p * P < n; p += blockDim.x) {
+      const Pack16<T> pack = packs[p];
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        if (p * P + k < n) f(p * P + k, to_float(pack.v[k]));
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) f(i, to_float(row[i]));
+  }
+}
+// row[i] = g(i, row[i]) for every column i < Vp (x and g's result in fp32, stored rounded to T).
+template <typename T, typename G>
+__device__ void rewrite_row(T* row, int Vp, G&& g) {
+  constexpr int P = Pack16<T>::kSize;
+  if (packs_row(row, Vp)) {
+    Pack16<T>* packs = reinterpret_cast<Pack16<T>*>(row);
+    for (int p = threadIdx.x; p * P < Vp; p += blockDim.x) {
+      Pack16<T> pack = packs[p];
+#pragma unroll
+      for (int k = 0; k < P; ++k) pack.v[k] = from_float<T>(g(p * P + k, to_float(pack.v[k])));
+      packs[p] = pack;
+    }
+  } else {
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) row[i] = from_float<T>(g(i, to_float(row[i])));
+  }
+}
+
 // The logits in either type, overwritten by their gradient in it; statistics and losses in fp32 (double).
 // Rows are Vp apart, their first V columns the vocabulary and the rest its padding (gradient 0).
 // Two passes over the row: the statistics in one (online), then the gradient.
@@ -504,23 +552,21 @@ __global__ void cross_entropy_kernel(T* logits, double* row_loss, const int32_t*
   T* z = logits + static_cast<std::size_t>(blockIdx.x) * Vp;
   const int target = targets[blockIdx.x];
   SoftmaxStat stat{-INFINITY, 0.0f};
-  for (int i = threadIdx.x; i < V; i += blockDim.x) stat = softmax_add(stat, to_float(z[i]));
+  for_each_in_row(z, V, Vp, [&](int, float x) { stat = softmax_add(stat, x); });
   stat = block_softmax_stat(stat);
   const float m = stat.m, sum = stat.s;
   const float target_shifted = to_float(z[target]) - m;  // read by every thread before the writes below
   __syncthreads();
   if (threadIdx.x == 0) row_loss[blockIdx.x] = log(static_cast<double>(sum)) - static_cast<double>(target_shifted);
   const float inv = scale / sum;
-  for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
-    z[i] = from_float<T>(i < V ? expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f) : 0.0f);
-  }
+  rewrite_row(z, Vp, [&](int i, float x) { return i < V ? expf(x - m) * inv - (i == target ? scale : 0.0f) : 0.0f; });
 }
 
 template <typename T>
 __global__ void cross_entropy_row_max_kernel(float* row_max, const T* logits, int V, int Vp) {
   const T* z = logits + static_cast<std::size_t>(blockIdx.x) * Vp;
   float m = -INFINITY;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(z[i]));
+  for_each_in_row(z, V, Vp, [&](int, float x) { m = fmaxf(m, x); });
   m = block_reduce<float, true>(m);
   if (threadIdx.x == 0) row_max[blockIdx.x] = m;
 }
@@ -532,7 +578,7 @@ __global__ void cross_entropy_partials_kernel(float* sums, const T* logits, cons
   const T* z = logits + static_cast<std::size_t>(n) * Vp;
   const float m = row_max[n];
   float sum = 0.0f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(to_float(z[i]) - m);
+  for_each_in_row(z, V, Vp, [&](int, float x) { sum += expf(x - m); });
   sum = block_reduce<float>(sum);
   if (threadIdx.x == 0) {
     sums[n] = sum;
@@ -548,9 +594,7 @@ __global__ void cross_entropy_finish_kernel(T* logits, double* row_loss, const i
   const float m = row_max[n], inv = scale / sums[n];
   const int target = targets[n];
   if (threadIdx.x == 0) row_loss[n] = log(static_cast<double>(sums[n])) - static_cast<double>(sums[N + n]);
-  for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
-    z[i] = from_float<T>(i < V ? expf(to_float(z[i]) - m) * inv - (i == target ? scale : 0.0f) : 0.0f);
-  }
+  rewrite_row(z, Vp, [&](int i, float x) { return i < V ? expf(x - m) * inv - (i == target ? scale : 0.0f) : 0.0f; });
 }
 
 // loss_sum[0] += scale · Σ row_loss, one block, fixed order.

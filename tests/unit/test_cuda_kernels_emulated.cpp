@@ -1451,6 +1451,80 @@ TEST_F(EmulatedKernels, Bf16CrossEntropy) {
   EXPECT_NEAR(loss2, ref_loss2, kTol * std::abs(ref_loss2)) << "cross-entropy finish loss (fp32)";
 }
 
+// The cross-entropy kernels read and write a row in 16-byte packs where it starts at a 16-byte boundary
+// and Vp holds whole packs (the padded vocabulary), element by element otherwise: both ways, in fp32 and
+// bf16, fused and in the vocabulary-parallel steps, against the CPU backend, the padding's gradient 0.
+template <typename T>
+void check_cross_entropy_row_access(std::mt19937& rng, Backend& cpu, bool packed) {
+  const int N = 4, V = 203, Vp = 256;  // a pack holds both the last columns of the vocabulary and padding
+  const float scale = 0.1f;
+  std::vector<int32_t> targets(N);
+  std::uniform_int_distribution<int32_t> t(0, V - 1);
+  for (int32_t& x : targets) x = t(rng);
+  FVec z = random_bf16(rng, std::size_t(N) * Vp, -6.0f, 6.0f);
+  for (int n = 0; n < N; ++n) std::fill_n(z.begin() + std::size_t(n) * Vp + V, Vp - V, 500.0f);  // never read
+  // The logits at a 16-byte boundary, or one element past it.
+  const std::size_t shift = packed ? 0 : 1;
+  const auto placed = [&](std::vector<T>& storage) {
+    storage.assign(z.size() + 16, poison<T>());
+    auto* base = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(storage.data()) + 15) / 16 * 16);
+    const std::vector<T> values = as_type<T>(z);
+    std::copy(values.begin(), values.end(), base + shift);
+    return base + shift;
+  };
+  const auto read = [&](const T* at) { return to_f32(std::vector<T>(at, at + z.size())); };
+  const std::string what = std::string(std::is_same_v<T, float> ? "fp32" : "bf16") + (packed ? " packed" : " element-wise");
+  std::vector<T> storage;
+  T* logits = placed(storage);
+  ASSERT_EQ(k::packs_row(logits, Vp), packed) << what;
+  std::vector<double> row_loss(N);
+  double loss = 0.0, ref_loss = 0.0;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_kernel<T>, logits, row_loss.data(), targets.data(), V, Vp, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss, row_loss.data(), N, scale);
+  FVec ref_logits = z;
+  cpu.cross_entropy_forward_backward(ref_logits.data(), &ref_loss, targets.data(), N, V, Vp, scale);
+  const FVec dlogits = read(logits);
+  expect_typed_close(std::vector<T>(logits, logits + z.size()), ref_logits, what + " fused dlogits");
+  EXPECT_NEAR(loss, ref_loss, kTol * std::abs(ref_loss)) << what << " fused loss";
+  for (int n = 0; n < N; ++n) {
+    for (int i = V; i < Vp; ++i) ASSERT_EQ(dlogits[std::size_t(n) * Vp + i], 0.0f) << what << " padding, row " << n;
+  }
+
+  targets[1] = -1;  // in another rank's block
+  logits = placed(storage);
+  FVec row_max(N, kNaN), sums(2 * N, kNaN), ref_max(N), ref_sums(2 * N), ref_logits2 = z;
+  double loss2 = 0.0, ref_loss2 = 0.0;
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_row_max_kernel<T>, row_max.data(), logits, V, Vp);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_partials_kernel<T>, sums.data(), logits, targets.data(),
+         row_max.data(), N, V, Vp);
+  launch(dim3(N), dim3(kThreads), 0, k::cross_entropy_finish_kernel<T>, logits, row_loss.data(), targets.data(),
+         row_max.data(), sums.data(), N, V, Vp, scale);
+  launch(dim3(1), dim3(1024), 0, k::sum_rows_kernel, &loss2, row_loss.data(), N, scale);
+  cpu.cross_entropy_row_max(ref_max.data(), z.data(), N, V, Vp);
+  cpu.cross_entropy_partials(ref_sums.data(), z.data(), targets.data(), ref_max.data(), N, V, Vp);
+  cpu.cross_entropy_finish(ref_logits2.data(), &ref_loss2, targets.data(), ref_max.data(), ref_sums.data(), N, V, Vp,
+                           scale);
+  EXPECT_CLOSE(row_max, ref_max, what + " row max");
+  EXPECT_CLOSE(sums, ref_sums, what + " partial sums");
+  expect_typed_close(std::vector<T>(logits, logits + z.size()), ref_logits2, what + " finish dlogits");
+  EXPECT_NEAR(loss2, ref_loss2, kTol * std::abs(ref_loss2)) << what << " finish loss";
+  // Nothing written outside the logits.
+  const std::size_t first = static_cast<std::size_t>(logits - storage.data());
+  for (std::size_t i = 0; i < storage.size(); ++i) {
+    const T p = poison<T>();
+    if (i < first || i >= first + z.size()) {
+      ASSERT_EQ(std::memcmp(&storage[i], &p, sizeof(T)), 0) << what << ": written outside the logits, at " << i;
+    }
+  }
+}
+
+TEST_F(EmulatedKernels, CrossEntropyRowsInPacksAndElementWise) {
+  for (const bool packed : {true, false}) {
+    check_cross_entropy_row_access<float>(rng_, *cpu_, packed);
+    check_cross_entropy_row_access<uint16_t>(rng_, *cpu_, packed);
+  }
+}
+
 // The mixture-of-experts kernels on bf16 logits, dlogits and token buffers (gates, probabilities and dgate
 // fp32), one shape with drops: the routing exact, the copies bit for bit.
 TEST_F(EmulatedKernels, Bf16MixtureOfExperts) {
