@@ -266,9 +266,8 @@ class DenseMlp final : public OwnMlp {
     const std::size_t Nf = static_cast<std::size_t>(N_) * fl_;
     TensorPtr dfc = be_.alloc_tensor(Nf, tp_.dtype(), MemCategory::workspace);
     const ConstTensorPtr dy = tp_.row_parallel_output_grad(dout);
-    be_.matmul_backward(dfc, g[kFc2W], g[kFc2B], dy, s.gelu_out, w[kFc2W], N_, fl_, m_.hidden);
+    be_.matmul_gelu_backward(dfc, g[kFc2W], g[kFc2B], dy, s.gelu_out, w[kFc2W], s.fc1_out, N_, fl_, m_.hidden);
     tp_.release_column_input(dy, dout);
-    be_.gelu_backward(dfc, s.fc1_out, dfc, Nf);
     const ConstTensorPtr u_full = tp_.column_input(u);
     TensorPtr du_full = tp_.full_grad(du);
     be_.matmul_backward(du_full, g[kFc1W], g[kFc1B], dfc, u_full, w[kFc1W], N_, m_.hidden, fl_);

@@ -174,6 +174,16 @@ class Backend {
   }
   // dinp = dout · gelu'(inp) (overwritten; dinp may alias dout).
   virtual void gelu_backward(TensorPtr dinp, ConstTensorPtr inp, ConstTensorPtr dout, std::size_t n) = 0;
+  // The backward of the MLP's fc2 and of fc1's activation together: fc2's parameter gradients as
+  // matmul_backward's (inp: fc2's input, the activation), and dpre (N, C) = (dout · weightᵀ) ⊙ gelu_tanh'(pre),
+  // the gradient at fc1's output. A backend may fuse the activation's gradient into the product (cuBLASLt's
+  // DGELU epilogue, which scales the fp32 sum before rounding); by default, the two ops.
+  virtual void matmul_gelu_backward(TensorPtr dpre, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout,
+                                    ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr pre, int N, int C,
+                                    int OC) {
+    matmul_backward(dpre, dweight, dbias, dout, inp, weight, N, C, OC);
+    gelu_backward(dpre, pre, dpre, static_cast<std::size_t>(N) * C);
+  }
 
   // out = a + b, elementwise (out may alias a or b).
   virtual void add(TensorPtr out, ConstTensorPtr a, ConstTensorPtr b, std::size_t n) = 0;

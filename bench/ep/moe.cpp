@@ -193,8 +193,7 @@ std::unique_ptr<PartState> MoeMlp::forward(int, const TensorPtr* w, ConstTensorP
       be_.matmul_forward(expert_out + in, s->gelu_out + mid, we[kDownW], nullptr, rows, f_, h_);
       continue;
     }
-    be_.matmul_forward(s->fc1_out + mid, s->expert_in + in, we[kFc1W], we[kFc1B], rows, h_, f_);
-    be_.gelu_forward(s->gelu_out + mid, s->fc1_out + mid, n);
+    be_.matmul_gelu_forward(s->gelu_out + mid, s->fc1_out + mid, s->expert_in + in, we[kFc1W], we[kFc1B], rows, h_, f_);
     be_.matmul_forward(expert_out + in, s->gelu_out + mid, we[kFc2W], we[kFc2B], rows, f_, h_);
   }
 
@@ -261,8 +260,8 @@ void MoeMlp::backward(int layer, PartState& state, const TensorPtr* w, const Ten
       be_.accumulate(dexpert_in + in, dx_up, nh);
       continue;
     }
-    be_.matmul_backward(dfc, ge[kFc2W], ge[kFc2B], dexpert_out + in, s.gelu_out + mid, we[kFc2W], rows, f_, h_);
-    be_.gelu_backward(dfc, s.fc1_out + mid, dfc, n);
+    be_.matmul_gelu_backward(dfc, ge[kFc2W], ge[kFc2B], dexpert_out + in, s.gelu_out + mid, we[kFc2W], s.fc1_out + mid,
+                             rows, f_, h_);
     be_.matmul_backward(dexpert_in + in, ge[kFc1W], ge[kFc1B], dfc, s.expert_in + in, we[kFc1W], rows, h_, f_);
   }
   if (dx_up != dfc) be_.free(dx_up);

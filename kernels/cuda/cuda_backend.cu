@@ -383,7 +383,9 @@ class CudaBackend final : public Backend {
     const DType t = one_dtype("matmul_forward", {{"out", out}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
     // bf16 tensors with a bias: one cuBLASLt product with the bias added in its epilogue (fp32, rounded
     // once, as below), no broadcast pass and no read of out.
-    if (t == DType::bf16 && bias && lt_matmul(out, nullptr, inp, weight, bias, N, C, OC)) return;
+    if (t == DType::bf16 && bias && lt_matmul({LtEpilogue::bias, OC, N, C, weight.data(), inp.data(), out.data(), bias.data(), nullptr})) {
+      return;
+    }
     if (bias) {
       with_type(t, [&](auto e) {
         using T = decltype(e);
@@ -414,8 +416,27 @@ class CudaBackend final : public Backend {
                            int N, int C, int OC) override {
     const DType t = one_dtype("matmul_gelu_forward",
                               {{"act", act}, {"pre", pre}, {"inp", inp}, {"weight", weight}, {"bias", bias}});
-    if (t == DType::bf16 && bias && lt_matmul(act, pre, inp, weight, bias, N, C, OC)) return;
+    if (t == DType::bf16 && bias &&
+        lt_matmul({LtEpilogue::gelu_aux_bias, OC, N, C, weight.data(), inp.data(), act.data(), bias.data(), pre.data()})) {
+      return;
+    }
     Backend::matmul_gelu_forward(act, pre, inp, weight, bias, N, C, OC);
+  }
+
+  // bf16: fc2's input gradient and GELU's backward in one cuBLASLt product (CUBLASLT_EPILOGUE_DGELU: the
+  // fp32 sum times gelu_tanh'(pre), rounded once), then fc2's parameter gradients as matmul_backward
+  // computes them. Otherwise, and where cuBLASLt has no algorithm for it, the product and a GELU pass.
+  void matmul_gelu_backward(TensorPtr dpre, TensorPtr dweight, TensorPtr dbias, ConstTensorPtr dout, ConstTensorPtr inp,
+                            ConstTensorPtr weight, ConstTensorPtr pre, int N, int C, int OC) override {
+    const DType t = one_dtype("matmul_gelu_backward",
+                              {{"dpre", dpre}, {"dout", dout}, {"inp", inp}, {"weight", weight}, {"pre", pre}});
+    // dpreᵀ (C, N) = weight (C, OC) · doutᵀ (OC, N), then ⊙ gelu'(preᵀ)
+    if (t == DType::bf16 &&
+        lt_matmul({LtEpilogue::dgelu, C, N, OC, weight.data(), dout.data(), dpre.data(), nullptr, pre.data()})) {
+      matmul_backward(nullptr, dweight, dbias, dout, inp, weight, N, C, OC);
+      return;
+    }
+    Backend::matmul_gelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, N, C, OC);
   }
 
   // ---- LayerNorm ---------------------------------------------------------------------------------
@@ -1106,49 +1127,63 @@ class CudaBackend final : public Backend {
 
   static cudaDataType_t cuda_type(DType t) { return t == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F; }
 
-  // outᵀ (OC, N) = weightᵀ (OC, C) · inpᵀ (C, N) + bias, bf16 operands and output, fp32 accumulation
-  // (CUBLAS_COMPUTE_32F), the bias (bf16) added to the fp32 sum in cuBLASLt's epilogue
-  // (CUBLASLT_EPILOGUE_BIAS) and rounded once: what the broadcast-and-β = 1 product computes. With gelu_pre,
-  // out = gelu_tanh(sum + bias) and gelu_pre = sum + bias, both rounded once from fp32
-  // (CUBLASLT_EPILOGUE_GELU_AUX_BIAS; its auxiliary output needs 16-byte alignment and a leading
-  // dimension divisible by 8). The algorithm is cuBLASLt's first heuristic choice for the shape, the
-  // epilogue and the operands' alignments, looked up once per shape and kept; false (the caller then
-  // takes the unfused path) when there is none.
-  bool lt_matmul(TensorPtr out, TensorPtr gelu_pre, ConstTensorPtr inp, ConstTensorPtr weight, ConstTensorPtr bias,
-                 int N, int C, int OC) {
-    if (N == 0 || C == 0 || OC == 0) return false;
-    const auto alignment = [](const void* p) {
-      const auto address = reinterpret_cast<std::uintptr_t>(p);
-      std::uint32_t a = 256;
-      while (a > 2 && address % a != 0) a /= 2;
-      return a;
-    };
-    const bool gelu = static_cast<bool>(gelu_pre);
-    if (gelu && (alignment(gelu_pre.data()) < 16 || OC % 8 != 0)) return false;
-    const LtKey key{N, C, OC, alignment(weight.data()), alignment(inp.data()), alignment(out.data()),
-                    alignment(bias.data()), gelu};
+  // cuBLASLt's products with an epilogue, bf16 operands and output, fp32 accumulation (CUBLAS_COMPUTE_32F),
+  // column-major: D (m, n; ld m) = op(A) · B, B (k, n; ld k).
+  // - bias: A (m, k; ld m), D = A·B + bias, the bias (bf16, one per row of D) added to the fp32 sum in the
+  //   epilogue and rounded once: what the broadcast-and-β = 1 product computes. matmul_forward's
+  //   outᵀ (OC, N) = weightᵀ (OC, C) · inpᵀ (C, N) + bias.
+  // - gelu_aux_bias: as bias, then D = gelu_tanh(sum + bias) and aux = sum + bias, both rounded once from
+  //   fp32 (CUBLASLT_EPILOGUE_GELU_AUX_BIAS): matmul_gelu_forward.
+  // - dgelu: A stored (k, m; ld k) and transposed, D = (Aᵀ·B) ⊙ gelu_tanh'(aux), the fp32 sum scaled
+  //   before rounding (CUBLASLT_EPILOGUE_DGELU): matmul_gelu_backward's dpreᵀ (C, N) = weight (C, OC) ·
+  //   doutᵀ (OC, N), aux = preᵀ.
+  // aux (bf16, laid out as D) needs 16-byte alignment and m divisible by 8; a bias not aligned to 16 bytes
+  // is not promised to work with the epilogue. The algorithm is cuBLASLt's first heuristic choice for the
+  // shape, the epilogue and the operands' alignments, looked up once per shape and kept; false (the
+  // caller then takes the unfused path) when there is none.
+  enum class LtEpilogue : int { bias, gelu_aux_bias, dgelu };
+  struct LtProduct {
+    LtEpilogue epilogue;
+    int m, n, k;
+    const void* a;
+    const void* b;
+    void* d;
+    const void* bias;  // bias and gelu_aux_bias
+    const void* aux;   // gelu_aux_bias (written) and dgelu (read)
+  };
+  static std::uint32_t alignment(const void* p) {
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    std::uint32_t a = 256;
+    while (a > 2 && address % a != 0) a /= 2;
+    return a;
+  }
+  bool lt_matmul(const LtProduct& p) {
+    if (p.m == 0 || p.n == 0 || p.k == 0) return false;
+    const bool with_bias = p.epilogue != LtEpilogue::dgelu;
+    const bool with_aux = p.epilogue != LtEpilogue::bias;
+    if (with_bias && alignment(p.bias) < 16) return false;
+    if (with_aux && (alignment(p.aux) < 16 || p.m % 8 != 0)) return false;
+    const LtKey key{static_cast<int>(p.epilogue), p.m, p.n, p.k, alignment(p.a), alignment(p.b), alignment(p.d)};
     auto hit = lt_plans_.find(key);
     if (hit == lt_plans_.end()) hit = lt_plans_.emplace(key, lt_plan(key)).first;
     LtPlan& plan = *hit->second;
     if (!plan.found) return false;
-    const void* bias_ptr = bias.data();
-    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,
-                                                   sizeof(bias_ptr)));
-    if (gelu) {
-      void* aux = gelu_pre.data();
-      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
-                                                     sizeof(aux)));
+    if (with_bias) {
+      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
+                                                     sizeof(p.bias)));
+    }
+    if (with_aux) {
+      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p.aux,
+                                                     sizeof(p.aux)));
     }
     const float alpha = 1.0f, beta = 0.0f;
     void* workspace = plan.workspace_bytes > 0 ? reserve(lt_workspace_, plan.workspace_bytes) : nullptr;
-    PB_CUBLAS_CHECK(cublasLtMatmul(cublaslt_, plan.desc, &alpha, weight.data(), plan.a, inp.data(), plan.b, &beta,
-                                   out.data(), plan.d, out.data(), plan.d, &plan.algo, workspace,
-                                   plan.workspace_bytes, stream_));
+    PB_CUBLAS_CHECK(cublasLtMatmul(cublaslt_, plan.desc, &alpha, p.a, plan.a, p.b, plan.b, &beta, p.d, plan.d, p.d,
+                                   plan.d, &plan.algo, workspace, plan.workspace_bytes, stream_));
     return true;
   }
-  // A product's shape (N, C, OC), the alignments in bytes of weight, inp, out and bias, and whether the
-  // epilogue applies GELU (keeping the pre-activation).
-  using LtKey = std::tuple<int, int, int, std::uint32_t, std::uint32_t, std::uint32_t, std::uint32_t, bool>;
+  // The epilogue, the shape (m, n, k) and the alignments in bytes of A, B and D.
+  using LtKey = std::tuple<int, int, int, int, std::uint32_t, std::uint32_t, std::uint32_t>;
   struct LtPlan {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
@@ -1164,39 +1199,48 @@ class CudaBackend final : public Backend {
   };
   static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // as PyTorch gives cuBLASLt on Hopper
   std::unique_ptr<LtPlan> lt_plan(const LtKey& key) {
-    const auto [N, C, OC, align_w, align_x, align_out, align_bias, gelu] = key;
+    const auto [epilogue_index, m, n, k, align_a, align_b, align_d] = key;
+    const auto epilogue = static_cast<LtEpilogue>(epilogue_index);
     auto plan = std::make_unique<LtPlan>();
     PB_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t no = CUBLAS_OP_N;
-    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &no, sizeof(no)));
-    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof(no)));
-    const cublasLtEpilogue_t epilogue = gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS;
-    PB_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-    const cudaDataType_t bias_type = CUDA_R_16BF;
-    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                                   sizeof(bias_type)));
-    if (gelu) {  // the pre-activation: bf16, laid out as D (column-major OC × N, ld OC)
-      const int64_t aux_ld = OC;
+    const bool transa = epilogue == LtEpilogue::dgelu;
+    const cublasOperation_t op_a = transa ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = CUBLAS_OP_N;
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    const cublasLtEpilogue_t lt_epilogue = epilogue == LtEpilogue::bias            ? CUBLASLT_EPILOGUE_BIAS
+                                           : epilogue == LtEpilogue::gelu_aux_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                                                                    : CUBLASLT_EPILOGUE_DGELU;
+    PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &lt_epilogue,
+                                                   sizeof(lt_epilogue)));
+    if (epilogue != LtEpilogue::dgelu) {
+      const cudaDataType_t bias_type = CUDA_R_16BF;
+      PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                     sizeof(bias_type)));
+    }
+    if (epilogue != LtEpilogue::bias) {  // the pre-activation: bf16, laid out as D (ld m)
+      const int64_t aux_ld = m;
       PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
                                                      sizeof(aux_ld)));
       const cudaDataType_t aux_type = CUDA_R_16BF;
       PB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE,
                                                      &aux_type, sizeof(aux_type)));
     }
-    // column-major: A = weightᵀ (OC, C), ld OC; B = inpᵀ (C, N), ld C; D = outᵀ (OC, N), ld OC
-    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, OC, C, OC));
-    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, C, N, C));
-    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_16BF, OC, N, OC));
+    if (transa) {
+      PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, k, m, k));
+    } else {
+      PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, m, k, m));
+    }
+    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, k, n, k));
+    PB_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_16BF, m, n, m));
     cublasLtMatmulPreference_t preference = nullptr;
     PB_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
     const std::size_t workspace = kLtWorkspaceBytes;
     PB_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                          &workspace, sizeof(workspace)));
-    for (const auto& [attribute, bytes] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_w},
-                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_x},
-                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_out},
-                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_out}}) {
+    for (const auto& [attribute, bytes] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a},
+                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b},
+                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d},
+                                           std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d}}) {
       PB_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, &bytes, sizeof(bytes)));
     }
     cublasLtMatmulHeuristicResult_t result{};
@@ -1204,8 +1248,7 @@ class CudaBackend final : public Backend {
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(cublaslt_, plan->desc, plan->a, plan->b, plan->d,
                                                                  plan->d, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
-    // A bias not aligned to 16 bytes is not promised to work with the epilogue: keep cublasGemmEx then.
-    if (status == CUBLAS_STATUS_SUCCESS && found > 0 && align_bias >= 16) {
+    if (status == CUBLAS_STATUS_SUCCESS && found > 0) {
       plan->algo = result.algo;
       plan->workspace_bytes = result.workspaceSize;
       plan->found = true;

@@ -875,6 +875,19 @@ TEST_F(CudaOps, Bf16TensorsMatmul) {
       gpu_->matmul_gelu_forward(act.gpu, pre.gpu, inp.gpu, w.gpu, b.gpu, N, C, OC);
       expect_typed_close(pre, "matmul_gelu_forward pre-activation " + shape);
       expect_typed_close(act, "matmul_gelu_forward GELU " + shape);
+      // fc2's backward with GELU's (inp as fc2's input, weight as fc2's, dpre the gradient at fc1's output):
+      // fused by cuBLASLt's DGELU epilogue where C allows (72 and 768: a multiple of 8), the two ops
+      // otherwise; fc2's parameter gradients accumulated as matmul_backward's.
+      {
+        Typed pre_in = put_bf16(random(std::size_t(N) * C, -3.0f, 3.0f)), dy = put_bf16(random(std::size_t(N) * OC));
+        Typed dpre = poisoned_typed(std::size_t(N) * C, kBf16);
+        Typed dw = put_typed(random(std::size_t(C) * OC), kF32), db = put_typed(random(OC), kF32);
+        cpu_->matmul_gelu_backward(dpre.cpu, dw.cpu, db.cpu, dy.cpu, inp.cpu, w.cpu, pre_in.cpu, N, C, OC);
+        gpu_->matmul_gelu_backward(dpre.gpu, dw.gpu, db.gpu, dy.gpu, inp.gpu, w.gpu, pre_in.gpu, N, C, OC);
+        expect_typed_close(dpre, "matmul_gelu_backward dpre " + shape);
+        expect_typed_close(dw, "matmul_gelu_backward dweight " + shape);
+        expect_typed_close(db, "matmul_gelu_backward dbias " + shape);
+      }
 
       // backward on bf16 activations; dweight and dbias (accumulated into) in each dtype, and one of each
       Typed dout = put_bf16(random(std::size_t(N) * OC));
