@@ -1,7 +1,8 @@
 // Exit codes of SPEC section 5 and the checks every library call goes through.
 //
 // A failed check prints rank, host, file:line, the call and the library's message, then aborts the
-// whole job with the code of its class (MPI_Abort), so no rank is left waiting in a collective.
+// whole job with the code of its class (MPI_Abort), so no rank is left waiting in a collective; a job
+// of one rank just exits with the code.
 #pragma once
 
 #include <functional>
@@ -32,7 +33,7 @@ struct RunError : std::runtime_error {
 };
 
 // Prints "[rank R on HOST] file:line: call failed: message", runs the abort hook (once), and aborts
-// the job with `code`.
+// the job with `code` (one rank: exits with it).
 [[noreturn]] void abort_job(ExitCode code, const char* file, int line, const std::string& call,
                             const std::string& message);
 
