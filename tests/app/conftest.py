@@ -341,6 +341,31 @@ def assert_memory_matches_prediction(run, what, inexact=()):
             assert ok, f"{what}: rank {rank} {cat} measured {m} B, predicted {p} B (not {rule})\n{run['command']}"
 
 
+
+def assert_memory_log_fits(logs, measured, ranks, app=None, steps=None):
+    """A run's --memory-log folder: one file per rank (rank<r>.tsv), every allocation within its
+    category's lifetime (analysis/memory_log.py states the rules), the header's app and every step logged
+    where given, and the log the tracker's own: replayed, each category peaks where the result file's
+    /memory/measured says, per rank and byte for byte."""
+    import sys
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from analysis import memory_log
+
+    files = memory_log.log_files([logs])
+    assert [f.name for f in files] == [f"rank{r}.tsv" for r in range(ranks)]
+    for rank, path in enumerate(files):
+        history = memory_log.read(path)
+        if app is not None:
+            assert history.header["app"] == app, path
+        if steps is not None:
+            assert history.ended_steps == steps, path
+        problems = memory_log.violations(history)
+        assert not problems, "\n".join(f"{path}:{line}: {text}" for line, text in problems)
+        peaks = {c: peak for c, (_, _, peak) in memory_log.summary(history).items()}
+        for c in MEMORY_CATEGORIES[:-1]:
+            assert peaks[c] == measured[c][rank], f"rank {rank} {c}: log {peaks[c]}, result {measured[c][rank]}"
+
 def finished_steps(path):
     """Steps a result file holds so far (its /steps attribute `finished`, SPEC section 6); 0 while the
     file does not exist or cannot be read (mid-write)."""

@@ -20,6 +20,7 @@ run_app = app_conftest.run_app
 cached_run = app_conftest.cached_run
 read_result = app_conftest.read_result
 assert_memory_matches_prediction = app_conftest.assert_memory_matches_prediction
+assert_memory_log_fits = app_conftest.assert_memory_log_fits
 
 
 def visible_gpus():

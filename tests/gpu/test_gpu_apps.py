@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_memory_matches_prediction, read_result
+from conftest import assert_memory_log_fits, assert_memory_matches_prediction, read_result
 
 MODEL = ["--layers", "4", "--hidden", "128", "--heads", "4", "--seq", "64", "--vocab", "512",
          "--global-batch", "8", "--steps", "6", "--warmup", "1", "--backend", "cuda"]
@@ -129,22 +129,12 @@ def test_every_allocation_fits_its_category_on_the_gpu(run_app, tmp_path):
     """--memory-log on the CUDA backend (its device blocks go through the same tracker): FULL_SHARD on two
     ranks sharing the GPU, each allocation's category checked against its lifetime (analysis/memory_log.py)
     and the log's peaks equal to /memory/measured."""
-    import sys
-    sys.path.insert(0, str(REPO))
-    from analysis import memory_log
-
     out, logs = tmp_path / "run.h5", tmp_path / "memory"
     args = [*FP32, "--comm", "mpi", "--micro-batch", "2", "--shard", "FULL_SHARD", "--out", out,
             "--memory-log", logs, "--quiet"]
     rc, stdout, stderr = run_app("fsdp", 2, args, timeout=180)
     assert rc == 0, run_app.describe(run_app.command("fsdp", 2, args), rc, stdout, stderr)
-    measured = read_result(out)["measured"]
-    for rank, path in enumerate(memory_log.log_files([logs])):
-        history = memory_log.read(path)
-        problems = memory_log.violations(history)
-        assert not problems, "\n".join(f"{path}:{line}: {text}" for line, text in problems)
-        for c, (_, _, peak) in memory_log.summary(history).items():
-            assert peak == measured[c][rank], (rank, c, peak, measured[c][rank])
+    assert_memory_log_fits(logs, read_result(out)["measured"], 2, app="fsdp")
 
 
 def test_same_layout_twice_is_bitwise_identical(cached_run, run_app, tmp_path):
